@@ -1,0 +1,54 @@
+"""``python -m smolvmm``: a thin command line over the public API.
+
+Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``--help`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "boot": ("smolvmm.cli_machine", "cold-boot a kernel (default: the built-in demo guest)"),
+    "build": ("smolvmm.cli_machine", "cold-boot, wait until ready, save a .smolmachine bundle"),
+    "run": ("smolvmm.cli_machine", "restore a .smolmachine bundle and carry on"),
+    "demo": ("smolvmm.cli_machine", "build (once) and run the built-in demo guest"),
+    "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
+    "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
+    "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolvmm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `python -m smolvmm APP.smolmachine` is short for `run APP.smolmachine`.
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["run", *argv]
+    if not argv or argv[0] not in COMMANDS:
+        _parser().parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
+    module.add_arguments(name, parser)
+    args = parser.parse_args(argv[1:])
+    from .errors import SmolvmmError
+
+    try:
+        return module.run(name, args)
+    except SmolvmmError as exc:
+        print(f"smolvmm: error: {exc}", file=sys.stderr)
+        return 2 if name == "verify" else 1
+    except KeyboardInterrupt:
+        return 130

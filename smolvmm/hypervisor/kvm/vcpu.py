@@ -1,0 +1,151 @@
+"""A KVM vCPU file descriptor: the shared kvm_run page, KVM_RUN, and per-vCPU x86_64 state."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from .bindings import ffi
+from .ioctls import Exit, Ioctl
+from .system import KvmError, ioctl
+from .vm import get_struct, set_struct
+
+
+class KvmVcpu:
+    """One vCPU. ``run`` must be called from the one thread that drives it."""
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.id = vcpu_id
+        self.page = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.kvm_run = ffi.from_buffer("struct kvm_run *", self.page)
+
+    def run(self) -> Exit:
+        """Enter the guest until the next exit. A signal or immediate_exit gives KVM_EXIT_INTR."""
+        try:
+            ioctl(self.fd, Ioctl.KVM_RUN)
+        except KvmError as exc:
+            if exc.errno in (errno.EINTR, errno.EAGAIN):
+                return Exit.KVM_EXIT_INTR
+            raise
+        return Exit(self.kvm_run.exit_reason)
+
+    def io_data(self) -> memoryview:
+        """The data bytes of the current KVM_EXIT_IO (size * count bytes inside the run page)."""
+        io = self.kvm_run.io
+        start = io.data_offset
+        return memoryview(self.page)[start : start + io.size * io.count]
+
+    # Whole-struct state, as the bytes of the KVM structure.
+    def get_regs(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_REGS, "struct kvm_regs")
+
+    def set_regs(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_REGS, "struct kvm_regs", data)
+
+    def get_sregs(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_SREGS, "struct kvm_sregs")
+
+    def set_sregs(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_SREGS, "struct kvm_sregs", data)
+
+    def get_fpu(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_FPU, "struct kvm_fpu")
+
+    def set_fpu(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_FPU, "struct kvm_fpu", data)
+
+    def get_lapic(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_LAPIC, "struct kvm_lapic_state")
+
+    def set_lapic(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_LAPIC, "struct kvm_lapic_state", data)
+
+    def get_xcrs(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_XCRS, "struct kvm_xcrs")
+
+    def set_xcrs(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_XCRS, "struct kvm_xcrs", data)
+
+    def get_debugregs(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_DEBUGREGS, "struct kvm_debugregs")
+
+    def set_debugregs(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_DEBUGREGS, "struct kvm_debugregs", data)
+
+    def get_vcpu_events(self) -> bytes:
+        return get_struct(self.fd, Ioctl.KVM_GET_VCPU_EVENTS, "struct kvm_vcpu_events")
+
+    def set_vcpu_events(self, data: bytes) -> None:
+        set_struct(self.fd, Ioctl.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events", data)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, Ioctl.KVM_GET_MP_STATE, state)
+        return state.mp_state
+
+    def set_mp_state(self, value: int) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": value}))
+
+    def get_xsave(self, size: int) -> bytes:
+        """The XSAVE area; ``size`` > 4096 uses KVM_GET_XSAVE2 (KVM_CAP_XSAVE2's value)."""
+        extra = max(0, (size - 4096) // 4)
+        area = ffi.new("struct kvm_xsave *", {"extra": extra})
+        ioctl(self.fd, Ioctl.KVM_GET_XSAVE2 if extra else Ioctl.KVM_GET_XSAVE, area)
+        return bytes(ffi.buffer(area, 4096 + 4 * extra))
+
+    def set_xsave(self, data: bytes) -> None:
+        extra = max(0, (len(data) - 4096) // 4)
+        area = ffi.new("struct kvm_xsave *", {"extra": extra})
+        ffi.buffer(area, len(data))[:] = data
+        ioctl(self.fd, Ioctl.KVM_SET_XSAVE, area)
+
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(index, value) for each MSR in ``indices`` that KVM could read."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        read = ioctl(self.fd, Ioctl.KVM_GET_MSRS, msrs)
+        return [(msrs.entries[i].index, msrs.entries[i].data) for i in range(read)]
+
+    def set_msrs(self, values: list[tuple[int, int]]) -> int:
+        """Write MSRs in order; returns how many KVM accepted (it stops at the first it refuses)."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
+        for i, (index, value) in enumerate(values):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = value
+        return ioctl(self.fd, Ioctl.KVM_SET_MSRS, msrs)
+
+    def set_cpuid(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        """KVM_SET_CPUID2 from (function, index, flags, eax, ebx, ecx, edx) tuples."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for i, (function, index, flags, eax, ebx, ecx, edx) in enumerate(entries):
+            e = cpuid.entries[i]
+            e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = function, index, flags, eax, ebx, ecx, edx
+        ioctl(self.fd, Ioctl.KVM_SET_CPUID2, cpuid)
+
+    def get_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": 256, "entries": 256})
+        ioctl(self.fd, Ioctl.KVM_GET_CPUID2, cpuid)
+        return [
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (cpuid.entries[i] for i in range(cpuid.nent))
+        ]
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, Ioctl.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest's kvmclock it was paused, so its soft-lockup watchdog does not fire."""
+        ioctl(self.fd, Ioctl.KVM_KVMCLOCK_CTRL)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.kvm_run
+            self.page.close()
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,237 @@
+"""Split virtqueues (virtio 1.x §2.7): descriptor chains, ring indices, notification suppression.
+
+Everything here is pure and synchronous: it reads and writes guest memory and nothing else,
+so property tests can drive it with arbitrary rings. Every guest-supplied address, length and
+index is checked; a malformed queue raises :class:`QueueError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ...errors import GuestError, GuestMemoryError
+from ...memory import GuestMemory
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueError(GuestError):
+    """The driver put something malformed in a virtqueue; the device needs a reset."""
+
+
+@dataclass(frozen=True)
+class DescriptorChain:
+    """One available buffer: its head index and its device-readable then device-writable parts.
+
+    Each part is a view into guest RAM that has already been bounds-checked.
+    """
+
+    head: int
+    readable: tuple[memoryview, ...]
+    writable: tuple[memoryview, ...]
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """The saved state of one virtqueue (plain data; see ``Queue.restore``)."""
+
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    next_avail: int
+    next_used: int
+    signalled_used: int
+    event_idx: bool
+
+
+def _checked_view(memory: GuestMemory, addr: int, length: int, what: str) -> memoryview:
+    try:
+        return memory.view(addr, length)
+    except GuestMemoryError as exc:
+        raise QueueError(f"{what} {addr:#x}+{length:#x} is outside guest RAM") from exc
+
+
+def parse_chain(
+    memory: GuestMemory, desc_addr: int, queue_size: int, head: int, indirect: bool
+) -> DescriptorChain:
+    """Walk the descriptor chain starting at ``head`` (§2.7.5) and return its buffers.
+
+    A chain may visit at most as many descriptors as its table holds (a longer walk is a loop),
+    readable descriptors must precede writable ones (§2.7.4.2), and an indirect table (§2.7.5.3)
+    may only be reached once and only when ``indirect`` (VIRTIO_F_INDIRECT_DESC) was negotiated.
+    """
+    if not 0 <= head < queue_size:
+        raise QueueError(f"descriptor head {head} is beyond the queue size {queue_size}")
+    table, table_size, index = desc_addr, queue_size, head
+    ttl = queue_size
+    in_indirect = False
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    while True:
+        if ttl == 0:
+            raise QueueError("descriptor chain is longer than its table (a loop?)")
+        ttl -= 1
+        addr, length, flags, next_index = _DESC.unpack(
+            _checked_view(memory, table + index * DESC_SIZE, DESC_SIZE, "descriptor")
+        )
+        if flags & DESC_F_INDIRECT:
+            if in_indirect:
+                raise QueueError("nested indirect descriptor table")
+            if not indirect:
+                raise QueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+            # §2.7.5.3.1: the driver must not set NEXT together with INDIRECT.
+            if flags & DESC_F_NEXT:
+                raise QueueError("indirect descriptor also has NEXT set")
+            if length == 0 or length % DESC_SIZE:
+                raise QueueError(f"indirect table length {length} is not a multiple of 16")
+            _checked_view(memory, addr, length, "indirect table")
+            table, table_size, index = addr, length // DESC_SIZE, 0
+            ttl = table_size
+            in_indirect = True
+            continue
+        view = _checked_view(memory, addr, length, "buffer")
+        if flags & DESC_F_WRITE:
+            writable.append(view)
+        elif writable:
+            raise QueueError("device-readable descriptor after a device-writable one")
+        else:
+            readable.append(view)
+        if not flags & DESC_F_NEXT:
+            return DescriptorChain(head, tuple(readable), tuple(writable))
+        if next_index >= table_size:
+            raise QueueError(f"next descriptor {next_index} is beyond its table ({table_size})")
+        index = next_index
+
+
+def _need_event(event: int, new: int, old: int) -> bool:
+    """§2.7.7.2 / §2.7.10: has ``event`` been passed going from ``old`` to ``new`` (mod 2^16)?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class Queue:
+    """One split virtqueue as the device sees it: addresses set by the driver, indices kept here."""
+
+    def __init__(self, max_size: int) -> None:
+        if not _is_power_of_two(max_size) or max_size > 32768:
+            raise ValueError(f"queue size {max_size} must be a power of two <= 32768")
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state after a device reset (§2.4)."""
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.next_avail = self.next_used = self.signalled_used = 0
+        self.event_idx = self.indirect = False
+
+    def validate(self, memory: GuestMemory) -> None:
+        """Check the size and that the three rings are aligned and inside guest RAM (§2.7)."""
+        if not _is_power_of_two(self.size) or self.size > self.max_size:
+            raise QueueError(f"queue size {self.size} is not a power of two <= {self.max_size}")
+        for addr, align, length, what in (
+            (self.desc_addr, 16, DESC_SIZE * self.size, "descriptor table"),
+            (self.avail_addr, 2, 6 + 2 * self.size, "available ring"),
+            (self.used_addr, 4, 6 + USED_ELEM_SIZE * self.size, "used ring"),
+        ):
+            if addr % align:
+                raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
+            _checked_view(memory, addr, length, what)
+
+    def activate(self, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:
+        """Validate the rings and fix the negotiated ring features for this driver session."""
+        self.validate(memory)
+        self.event_idx, self.indirect = event_idx, indirect
+
+    def _avail_idx(self, memory: GuestMemory) -> int:
+        return memory.read_u16(self.avail_addr + 2)
+
+    def pending(self, memory: GuestMemory) -> int:
+        """How many chains the driver made available that the device has not taken yet."""
+        count = (self._avail_idx(memory) - self.next_avail) & 0xFFFF
+        if count > self.size:
+            raise QueueError(f"available index ran {count} entries ahead of a {self.size}-entry queue")
+        return count
+
+    def pop(self, memory: GuestMemory) -> DescriptorChain | None:
+        """Take the next available chain, or None when the ring is empty."""
+        if not self.ready or self.pending(memory) == 0:
+            return None
+        slot = self.avail_addr + 4 + 2 * (self.next_avail % self.size)
+        head = memory.read_u16(slot)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return parse_chain(memory, self.desc_addr, self.size, head, self.indirect)
+
+    def undo_pop(self) -> None:
+        """Give back the chain the last ``pop`` took (the device could not use it yet)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
+    def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
+        """Return a chain to the driver: the used element first, then the index (§2.7.8)."""
+        slot = self.used_addr + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        _USED_ELEM.pack_into(memory.view(slot, USED_ELEM_SIZE), 0, head, length)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        memory.write_u16(self.used_addr + 2, self.next_used)
+
+    def enable_notification(self, memory: GuestMemory) -> bool:
+        """Ask the driver to notify on the next buffer; True if buffers are already waiting.
+
+        With VIRTIO_F_EVENT_IDX the device publishes avail_event (§2.7.10); without it the
+        device never sets VIRTQ_USED_F_NO_NOTIFY, so there is nothing to do.
+        """
+        if not self.ready:
+            return False
+        if self.event_idx:
+            memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+        return self.pending(memory) > 0
+
+    def needs_interrupt(self, memory: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt for the chains used since the last one (§2.7.7)."""
+        old, self.signalled_used = self.signalled_used, self.next_used
+        if old == self.next_used:
+            return False
+        if self.event_idx:
+            used_event = memory.read_u16(self.avail_addr + 4 + 2 * self.size)
+            return _need_event(used_event, self.next_used, old)
+        return not memory.read_u16(self.avail_addr) & AVAIL_F_NO_INTERRUPT
+
+    def save(self) -> QueueState:
+        return QueueState(
+            self.size, self.ready, self.desc_addr, self.avail_addr, self.used_addr,
+            self.next_avail, self.next_used, self.signalled_used, self.event_idx,
+        )
+
+    def restore(self, state: QueueState, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:
+        """Load saved state after checking it against the negotiated features and guest RAM."""
+        for name in ("next_avail", "next_used", "signalled_used"):
+            if not 0 <= getattr(state, name) <= 0xFFFF:
+                raise QueueError(f"saved queue {name} {getattr(state, name)} is not a 16-bit index")
+        if state.ready and state.event_idx != event_idx:
+            raise QueueError("saved queue event-idx setting disagrees with the negotiated features")
+        self.reset()
+        self.size, self.desc_addr = state.size, state.desc_addr
+        self.avail_addr, self.used_addr = state.avail_addr, state.used_addr
+        self.next_avail, self.next_used = state.next_avail, state.next_used
+        self.signalled_used = state.signalled_used
+        if not _is_power_of_two(self.size) or self.size > self.max_size:
+            raise QueueError(f"saved queue size {self.size} is not a power of two <= {self.max_size}")
+        if state.ready:
+            self.activate(memory, event_idx, indirect)
+            self.pending(memory)
+            if memory.read_u16(self.used_addr + 2) != self.next_used:
+                raise QueueError("saved next_used disagrees with the used ring in guest RAM")
+        self.ready = state.ready

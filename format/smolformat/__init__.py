@@ -1,0 +1,53 @@
+"""smolformat: the .smolmachine bundle format (spec/smolmachine.md), declared with construct.
+
+Writing::
+
+    digest = write_bundle(path, BundleContents(config=..., vcpus=[...], vm_state=..., devices=[...],
+                                               memory=[ram_view, ...], disks=["base.img"],
+                                               metadata=make_metadata("kvm-hardware")),
+                          memory_encoding="raw")   # or "zstd"
+
+Reading::
+
+    with open_bundle(path) as bundle:           # checks structure; never reads RAM or disks
+        bundle.config, bundle.vcpus, bundle.vm_state, bundle.devices, bundle.metadata
+        for gpa, length, file_offset in bundle.memory_extents():   # raw encoding
+            ...  # mmap(bundle.fileno(), length, MAP_FIXED|MAP_PRIVATE, offset=file_offset)
+        bundle.read_memory_into([ram_view, ...])                     # any encoding
+        bundle.disk(0).materialise("disk0.img"); bundle.kernel; bundle.initrd
+        bundle.verify()                                              # full hashing
+
+Structured values are construct Containers shaped like the declarations in ``config``,
+``devices``, ``x86_64`` and ``arm64``; x86_64 structs are byte-compatible with ``<linux/kvm.h>``.
+Every problem with a file raises ``FormatError`` with a stable ``code``.
+"""
+
+from . import arm64, x86_64
+from .config import Config, Metadata
+from .devices import DEVICE_KINDS, DeviceConfig, DeviceRecord
+from .errors import FormatError
+from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, open_bundle, verify_bundle
+from .repack import repack_bundle
+from .writer import BundleContents, make_metadata, write_bundle
+
+__all__ = [
+    "DEVICE_KINDS",
+    "Bundle",
+    "BundleContents",
+    "Config",
+    "DeviceConfig",
+    "DeviceRecord",
+    "DiskExtent",
+    "DiskImage",
+    "FormatError",
+    "MemoryExtent",
+    "Metadata",
+    "SectionInfo",
+    "arm64",
+    "make_metadata",
+    "open_bundle",
+    "repack_bundle",
+    "verify_bundle",
+    "write_bundle",
+    "x86_64",
+]

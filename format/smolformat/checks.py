@@ -1,0 +1,65 @@
+"""Rules that tie sections together (spec §6); the reader and the writer both apply them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .devices import DEVICE_KINDS
+from .errors import FormatError
+from .layout import PAGE_SIZE
+from .pages import Region
+from .payloads import ARCH_STATE
+
+
+def ram_regions(config: dict) -> list[Region]:
+    """The config's RAM regions, checked: page-aligned, non-empty, not overlapping."""
+    if config.arch not in ARCH_STATE:
+        raise FormatError("unknown-arch", f"unknown architecture code {int(config.arch)}")
+    if config.vcpu_count == 0:
+        raise FormatError("bad-config", "the machine has no vCPU")
+    regions = sorted((Region(r.gpa, r.size) for r in config.ram), key=lambda r: r.start)
+    if not regions:
+        raise FormatError("bad-config", "the machine has no RAM")
+    previous_end = 0
+    for region in regions:
+        if region.start % PAGE_SIZE or region.size % PAGE_SIZE or region.size == 0:
+            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} is not page-aligned")
+        if region.start < previous_end or region.end > 1 << 64:
+            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} overlaps or wraps")
+        previous_end = region.end
+    return regions
+
+
+def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
+    """There is exactly one vCPU state per vCPU id 0..vcpu_count-1."""
+    seen: set[int] = set()
+    for vcpu_id in ids:
+        if vcpu_id in seen:
+            raise FormatError("duplicate-vcpu", f"vCPU {vcpu_id} is saved twice")
+        seen.add(vcpu_id)
+    if seen != set(range(config.vcpu_count)):
+        raise FormatError("vcpu-mismatch", f"saved vCPUs {sorted(seen)} do not match vcpu_count {config.vcpu_count}")
+
+
+def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
+    """Device states match the configured devices one for one; returns the disk numbers used."""
+    for device in config.devices:
+        if device.kind not in DEVICE_KINDS:
+            raise FormatError("unknown-device-kind", f"unknown device kind code {int(device.kind)}")
+    if len(records) != len(config.devices):
+        raise FormatError("device-mismatch", f"{len(records)} device states for {len(config.devices)} devices")
+    counts: dict[str, int] = {}
+    disks: list[int] = []
+    for device, record in zip(config.devices, records):
+        instance = counts.get(device.kind, 0)
+        counts[device.kind] = instance + 1
+        if record.kind != device.kind or record.instance != instance:
+            raise FormatError(
+                "device-mismatch",
+                f"device state {record.kind}#{record.instance} does not match configured {device.kind}#{instance}",
+            )
+        if device.kind == "virtio-blk":
+            disks.append(device.params.disk)
+    if sorted(disks) != list(range(len(disks))):
+        raise FormatError("device-mismatch", f"block devices use disks {sorted(disks)}, not 0..{len(disks) - 1} once each")
+    return disks

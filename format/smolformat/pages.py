@@ -1,0 +1,286 @@
+"""Page images: guest RAM and base disks, stored as raw pages (mmap-able) or zstd chunks.
+
+An image is a list of regions ``(start, size)`` (guest RAM regions, or one region for a disk).
+Its *index* section lists extents ``(address, length, offset, stored)``; its *data* section holds
+the bytes. Ranges that no extent covers are zero.
+
+- raw: page-aligned pages; zero pages left out; a run of at least ``MIN_DEDUP_RUN`` pages equal to
+  pages already stored points at them instead of being stored again (single equal pages are stored,
+  so dedup never shatters a run into one mapping per page).
+- zstd: one independent frame per ``granule``-sized chunk of a region; all-zero chunks left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
+
+import zstandard
+from construct import Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
+
+from .errors import FormatError
+from .layout import PAGE_SIZE, Encoding
+from .limits import bounded
+
+MAX_EXTENTS = 1 << 24
+MIN_DEDUP_RUN = 16
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = PAGE_SIZE
+MAX_CHUNK_SIZE = 1 << 26
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+PageIndex = Struct(
+    "encoding" / Int16ul,
+    "granule" / Int32ul,
+    "extents" / PrefixedArray(
+        bounded(Int32ul, MAX_EXTENTS),
+        Struct("address" / Int64ul, "length" / Int64ul, "offset" / Int64ul, "stored" / Int64ul),
+    ),
+)
+
+
+class Extent(NamedTuple):
+    """``length`` bytes of the image at ``address``, stored at ``offset`` in the data section."""
+
+    address: int
+    length: int
+    offset: int
+    stored: int
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region of an image: guest RAM ``[start, start+size)`` or a disk ``[0, size)``."""
+
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def _round_up(value: int, granule: int) -> int:
+    return -(-value // granule) * granule
+
+
+class _ExtentList:
+    """Extents in address order, merged when both address and offset continue the last one."""
+
+    def __init__(self) -> None:
+        self.extents: list[Extent] = []
+
+    def add(self, address: int, length: int, offset: int) -> None:
+        last = self.extents[-1] if self.extents else None
+        if last and last.address + last.length == address and last.offset + last.stored == offset:
+            merged = last.length + length
+            self.extents[-1] = last._replace(length=merged, stored=_round_up(merged, PAGE_SIZE))
+        else:
+            self.extents.append(Extent(address, length, offset, _round_up(length, PAGE_SIZE)))
+
+
+class RawEncoder:
+    """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
+
+    ``read_back(offset, n)`` reads bytes already written, to confirm a dedup match byte for byte.
+    """
+
+    def __init__(self, out: BinaryIO, read_back: Callable[[int, int], bytes]) -> None:
+        self._out = out
+        self._read_back = read_back
+        self._written = 0
+        self._seen: dict[bytes, int] = {}
+        self._list = _ExtentList()
+
+    def add_region(self, start: int, data: memoryview) -> None:
+        """Encode one region: ``data`` is read page by page and never copied whole."""
+        size = len(data)
+        pending_new = -1  # first page of a run of new pages not yet written
+        run: list[tuple[int, int]] = []  # (page offset in region, stored offset) equal pages
+
+        def flush_new(end: int) -> None:
+            nonlocal pending_new
+            if pending_new < 0:
+                return
+            chunk = data[pending_new:end]
+            self._list.add(start + pending_new, len(chunk), self._written)
+            self._out.write(chunk)
+            self._written += len(chunk)
+            if len(chunk) % PAGE_SIZE:
+                padding = PAGE_SIZE - len(chunk) % PAGE_SIZE
+                self._out.write(bytes(padding))
+                self._written += padding
+            pending_new = -1
+
+        def flush_run() -> None:
+            nonlocal pending_new
+            if len(run) >= MIN_DEDUP_RUN:
+                first, stored_at = run[0]
+                self._list.add(start + first, len(run) * PAGE_SIZE, stored_at)
+            elif run:
+                pending_new = run[0][0]
+                flush_new(run[-1][0] + PAGE_SIZE)
+            run.clear()
+
+        for pos in range(0, size, PAGE_SIZE):
+            page = data[pos : pos + PAGE_SIZE]
+            raw = page.tobytes()
+            if raw == _ZERO_PAGE[: len(raw)]:
+                flush_new(pos)
+                flush_run()
+                continue
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            stored_at = self._seen.get(digest)
+            if stored_at is not None and len(raw) == PAGE_SIZE and self._read_back(stored_at, PAGE_SIZE) == raw:
+                flush_new(pos)
+                if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
+                    flush_run()
+                run.append((pos, stored_at))
+                continue
+            flush_run()
+            if pending_new < 0:
+                pending_new = pos
+            self._seen.setdefault(digest, self._written + (pos - pending_new))
+        flush_new(size)
+        flush_run()
+
+    def finish(self) -> list[Extent]:
+        """The extents written so far."""
+        return self._list.extents
+
+
+def _chunks(regions: Sequence[tuple[int, memoryview]], granule: int) -> Iterator[tuple[int, memoryview]]:
+    for start, data in regions:
+        for pos in range(0, len(data), granule):
+            yield start + pos, data[pos : pos + granule]
+
+
+def encode_zstd(
+    out: BinaryIO,
+    regions: Sequence[tuple[int, memoryview]],
+    granule: int,
+    level: int,
+    threads: int,
+) -> list[Extent]:
+    """Compress each ``granule`` chunk into its own frame, ``threads`` at a time, in address order."""
+    local = threading.local()
+
+    def compress(chunk: memoryview) -> bytes | None:
+        if chunk.tobytes() == bytes(len(chunk)):
+            return None
+        if not hasattr(local, "cctx"):
+            local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        return local.cctx.compress(chunk)
+
+    extents: list[Extent] = []
+    written = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        chunks = list(_chunks(regions, granule))
+        window = 4 * max(1, threads)
+        for first in range(0, len(chunks), window):
+            batch = chunks[first : first + window]
+            for (address, chunk), frame in zip(batch, pool.map(compress, [c for _, c in batch])):
+                if frame is None:
+                    continue
+                out.write(frame)
+                extents.append(Extent(address, len(chunk), written, len(frame)))
+                written += len(frame)
+    return extents
+
+
+def check_index(
+    index: dict,
+    encoding: Encoding,
+    regions: Sequence[Region],
+    data_length: int,
+    what: str,
+) -> list[Extent]:
+    """Validate a parsed PageIndex against its regions and data section; returns its extents.
+
+    ``what`` names the image ("ram" or "disk") in error codes: ``map-outside-ram`` etc.
+    """
+    if index.encoding != encoding:
+        raise FormatError("encoding-mismatch", f"{what} index says encoding {index.encoding}, data section {int(encoding)}")
+    granule = index.granule
+    if encoding == Encoding.RAW_PAGES and granule != PAGE_SIZE:
+        raise FormatError("bad-granule", f"{what} raw page size {granule} is not {PAGE_SIZE}")
+    if encoding == Encoding.ZSTD_CHUNKS and not (
+        MIN_CHUNK_SIZE <= granule <= MAX_CHUNK_SIZE and granule & (granule - 1) == 0
+    ):
+        raise FormatError("bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 64 MiB]")
+    ordered = sorted(regions, key=lambda r: r.start)
+    extents: list[Extent] = []
+    previous_end = 0
+    slot = 0
+    for item in index.extents:
+        extent = Extent(item.address, item.length, item.offset, item.stored)
+        if extent.length == 0 or extent.address < previous_end:
+            raise FormatError("map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps")
+        while slot < len(ordered) and ordered[slot].end <= extent.address:
+            slot += 1
+        region = ordered[slot] if slot < len(ordered) else None
+        if region is None or extent.address < region.start or extent.address + extent.length > region.end:
+            raise FormatError("map-outside-" + what, f"{what} extent {extent.address:#x}+{extent.length:#x} lies outside the {what}")
+        if extent.offset + extent.stored > data_length:
+            raise FormatError("map-outside-file", f"{what} extent at {extent.address:#x} points past its data section")
+        if encoding == Encoding.RAW_PAGES:
+            tail = extent.address + extent.length == region.end
+            if (
+                (extent.address - region.start) % PAGE_SIZE
+                or extent.offset % PAGE_SIZE
+                or (extent.length % PAGE_SIZE and not tail)
+                or extent.stored != _round_up(extent.length, PAGE_SIZE)
+            ):
+                raise FormatError("map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned")
+        elif (
+            (extent.address - region.start) % granule
+            or extent.length != min(granule, region.end - extent.address)
+            or extent.stored == 0
+        ):
+            raise FormatError("map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk")
+        previous_end = extent.address + extent.length
+        extents.append(extent)
+    return extents
+
+
+def decode_into(
+    fd: int,
+    data_offset: int,
+    encoding: Encoding,
+    extents: Sequence[Extent],
+    target: Callable[[int, int], memoryview],
+    threads: int,
+) -> None:
+    """Decode every extent into ``target(address, length)``; ranges without an extent are not touched."""
+    local = threading.local()
+
+    def decode(extent: Extent) -> None:
+        view = target(extent.address, extent.length)
+        if encoding == Encoding.RAW_PAGES:
+            got = os.preadv(fd, [view], data_offset + extent.offset)
+            if got != extent.length:
+                raise FormatError("truncated", f"short read at {data_offset + extent.offset:#x}")
+            return
+        frame = os.pread(fd, extent.stored, data_offset + extent.offset)
+        if not hasattr(local, "dctx"):
+            local.dctx = zstandard.ZstdDecompressor()
+        try:
+            plain = local.dctx.decompress(frame, max_output_size=extent.length)
+        except zstandard.ZstdError as exc:
+            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}") from exc
+        if len(plain) != extent.length:
+            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} decodes to {len(plain)} bytes, not {extent.length}")
+        view[:] = plain
+
+    if threads <= 1:
+        for extent in extents:
+            decode(extent)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(decode, extents):
+            pass

@@ -1,0 +1,52 @@
+"""Re-encoding a bundle (raw <-> zstd) without changing what it holds."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from pathlib import Path
+
+from .reader import open_bundle
+from .writer import BundleContents, write_bundle
+
+
+def repack_bundle(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    memory_encoding: str,
+    disk_encoding: str | None = None,
+    threads: int = 2,
+) -> bytes:
+    """Write ``source``'s contents to ``target`` in another encoding; returns the new digest.
+
+    RAM is decoded into anonymous mappings and disks into sparse temp files beside ``target``.
+    """
+    target_dir = Path(target).resolve().parent
+    with open_bundle(source) as bundle, tempfile.TemporaryDirectory(dir=target_dir, prefix=".repack.") as scratch:
+        memory = [mmap.mmap(-1, region.size) for region in bundle.config.ram]
+        try:
+            bundle.read_memory_into(memory, threads)
+            disks = []
+            for index in range(bundle.disk_count):
+                disk_path = Path(scratch) / f"disk{index}"
+                bundle.disk(index).materialise(disk_path, threads)
+                disks.append(disk_path)
+            contents = BundleContents(
+                config=bundle.config,
+                vcpus=bundle.vcpus,
+                vm_state=bundle.vm_state,
+                devices=bundle.devices,
+                memory=memory,
+                disks=disks,
+                kernel=bundle.kernel,
+                initrd=bundle.initrd,
+                metadata=bundle.metadata,
+            )
+            return write_bundle(
+                target, contents, memory_encoding=memory_encoding, disk_encoding=disk_encoding, threads=threads
+            )
+        finally:
+            for mapping in memory:
+                mapping.close()

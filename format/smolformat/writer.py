@@ -1,0 +1,274 @@
+"""Writing a bundle: atomically (temp file, fsync, rename), streaming RAM and disks.
+
+``write_bundle(path, BundleContents(...), memory_encoding="raw")`` returns the bundle digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checks
+from .layout import (
+    CHECKSUMMED_HEADER,
+    DIGEST_SIZE,
+    ENTRY_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    PAGE_SIZE,
+    SECTION_ALIGN,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+    Encoding,
+    Header,
+    SectionEntry,
+    SectionFlag,
+    SectionKind,
+)
+from .pages import DEFAULT_CHUNK_SIZE, Extent, PageIndex, RawEncoder, encode_zstd
+from .payloads import parser, payload
+
+ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
+
+_OPTIONAL_KINDS = {SectionKind.METADATA, SectionKind.KERNEL, SectionKind.INITRD, SectionKind.SIGNATURE}
+
+
+@dataclass
+class BundleContents:
+    """Everything a bundle holds; structured values are dicts shaped like the construct declarations.
+
+    ``memory`` has one buffer (memoryview, mmap, bytearray) per ``config["ram"]`` region, in order.
+    ``vcpus[i]`` is vCPU ``i``'s ``<arch>.VcpuState``; ``disks[i]`` is the path of base disk ``i``
+    (the ``disk`` parameter of a virtio-blk device).
+    """
+
+    config: Mapping[str, Any]
+    vcpus: Sequence[Mapping[str, Any]]
+    vm_state: Mapping[str, Any]
+    devices: Sequence[Mapping[str, Any]]
+    memory: Sequence[Any]
+    disks: Sequence[str | os.PathLike[str]] = ()
+    kernel: bytes | None = None
+    initrd: bytes | None = None
+    metadata: Mapping[str, Any] | None = field(default=None)
+
+
+def make_metadata(
+    hypervisor: str,
+    *,
+    creator: str = "smolvmm",
+    labels: Mapping[str, str] | None = None,
+    parent_digest: bytes = b"",
+) -> dict[str, Any]:
+    """A METADATA value stamped with the current time."""
+    return {
+        "creator": creator,
+        "created_unix_ns": time.time_ns(),
+        "hypervisor": hypervisor,
+        "parent_digest": parent_digest,
+        "labels": [{"key": k, "value": v} for k, v in (labels or {}).items()],
+    }
+
+
+class _Output:
+    """The temp file: unbuffered writes that feed the current section's digest."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.position = HEADER_SIZE
+        self.entries: list[dict[str, Any]] = []
+        self._hash: Any = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        while view:
+            done = os.pwrite(self.fd, view, self.position)
+            view = view[done:]
+            self.position += done
+        return len(data)
+
+    def read_back(self, section_offset: int, start: int, length: int) -> bytes:
+        return os.pread(self.fd, length, section_offset + start)
+
+    @contextmanager
+    def section(
+        self, kind: SectionKind, *, index: int = 0, encoding: Encoding = Encoding.STRUCT, align: int = SECTION_ALIGN
+    ) -> Iterator[dict[str, Any]]:
+        """Write one section at the next ``align`` boundary; the caller may set ``logical_length``."""
+        self.position = -(-self.position // align) * align
+        entry = {
+            "kind": kind,
+            "flags": 0 if kind in _OPTIONAL_KINDS else SectionFlag.REQUIRED,
+            "encoding": encoding,
+            "reserved0": 0,
+            "index": index,
+            "reserved1": 0,
+            "offset": self.position,
+            "logical_length": None,
+        }
+        self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        yield entry
+        entry["length"] = self.position - entry["offset"]
+        if entry["logical_length"] is None:
+            entry["logical_length"] = entry["length"]
+        entry["digest"] = self._hash.digest()
+        self.entries.append(entry)
+
+    def struct(self, kind: SectionKind, value: Any, *, arch: str = "", index: int = 0) -> Any:
+        """Build ``value``, write it, and return it parsed back (the checks run on parsed values)."""
+        data = payload(kind, arch).build(value)
+        with self.section(kind, index=index):
+            self.write(data)
+        return parser(kind, arch).parse(data)
+
+
+def _write_image(
+    out: _Output,
+    kinds: tuple[SectionKind, SectionKind],
+    index: int,
+    regions: Sequence[tuple[int, memoryview]],
+    encoding: Encoding,
+    chunk_size: int,
+    level: int,
+    threads: int,
+) -> None:
+    data_kind, index_kind = kinds
+    align = PAGE_SIZE if encoding == Encoding.RAW_PAGES else SECTION_ALIGN
+    extents: list[Extent]
+    with out.section(data_kind, index=index, encoding=encoding, align=align) as entry:
+        entry["logical_length"] = sum(len(data) for _, data in regions)
+        if encoding == Encoding.RAW_PAGES:
+            start = entry["offset"]
+            encoder = RawEncoder(out, lambda offset, n: out.read_back(start, offset, n))
+            for address, data in regions:
+                encoder.add_region(address, data)
+            extents = encoder.finish()
+        else:
+            extents = encode_zstd(out, regions, chunk_size, level, threads)
+    granule = PAGE_SIZE if encoding == Encoding.RAW_PAGES else chunk_size
+    index_value = {"encoding": encoding, "granule": granule, "extents": [e._asdict() for e in extents]}
+    out.struct(index_kind, index_value, index=index)
+
+
+@contextmanager
+def _mapped(path: str | os.PathLike[str]) -> Iterator[memoryview]:
+    """A read-only view of a whole file, paged in as it is read (empty files give an empty view)."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            yield memoryview(b"")
+            return
+        with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapping:
+            view = memoryview(mapping)
+            try:
+                yield view
+            finally:
+                view.release()
+
+
+def write_bundle(
+    path: str | os.PathLike[str],
+    contents: BundleContents,
+    *,
+    memory_encoding: str = "raw",
+    disk_encoding: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    zstd_level: int = 3,
+    threads: int = 2,
+) -> bytes:
+    """Write ``contents`` to ``path`` atomically; returns the bundle digest (its header checksum).
+
+    ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
+    defaults to ``memory_encoding``). Invalid contents raise ``FormatError`` before anything lands at
+    ``path``; on any exception the temp file is removed.
+    """
+    memory_enc = ENCODINGS[memory_encoding]
+    disk_enc = ENCODINGS[disk_encoding or memory_encoding]
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        out = _Output(fd)
+        config = out.struct(SectionKind.CONFIG, contents.config)
+        regions = checks.ram_regions(config)
+        if contents.metadata is not None:
+            out.struct(SectionKind.METADATA, contents.metadata)
+        out.struct(SectionKind.VM_STATE, contents.vm_state, arch=config.arch)
+        for vcpu_id, vcpu in enumerate(contents.vcpus):
+            out.struct(SectionKind.VCPU_STATE, vcpu, arch=config.arch, index=vcpu_id)
+        checks.check_vcpu_ids(config, range(len(contents.vcpus)))
+        devices = out.struct(SectionKind.DEVICES, list(contents.devices))
+        disk_ids = checks.check_devices(config, devices)
+        if len(disk_ids) != len(contents.disks):
+            raise ValueError(f"{len(disk_ids)} block devices but {len(contents.disks)} disks were given")
+        for kind, blob in ((SectionKind.KERNEL, contents.kernel), (SectionKind.INITRD, contents.initrd)):
+            if blob is not None:
+                with out.section(kind, encoding=Encoding.BYTES):
+                    out.write(blob)
+        if len(contents.memory) != len(regions):
+            raise ValueError(f"{len(contents.memory)} memory buffers for {len(regions)} RAM regions")
+        views = [(r.gpa, memoryview(buf).cast("B")) for r, buf in zip(config.ram, contents.memory)]
+        for (gpa, view), region in zip(views, config.ram):
+            if len(view) != region.size:
+                raise ValueError(f"memory buffer for {gpa:#x} has {len(view)} bytes, not {region.size}")
+        memory_kinds = (SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX)
+        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads)
+        for disk_id, disk_path in enumerate(contents.disks):
+            with _mapped(disk_path) as view:
+                disk_kinds = (SectionKind.DISK_DATA, SectionKind.DISK_INDEX)
+                _write_image(out, disk_kinds, disk_id, [(0, view)], disk_enc, chunk_size, zstd_level, threads)
+        digest = _finish(out)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return digest
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finish(out: _Output) -> bytes:
+    """Append the section table and write the header; returns the checksum."""
+    table_offset = -(-out.position // SECTION_ALIGN) * SECTION_ALIGN
+    table = b"".join(SectionEntry.build(entry) for entry in out.entries)
+    file_size = table_offset + len(table)
+    header = {
+        "magic": MAGIC,
+        "version_major": VERSION_MAJOR,
+        "version_minor": VERSION_MINOR,
+        "header_size": HEADER_SIZE,
+        "flags": 0,
+        "file_size": file_size,
+        "table_offset": table_offset,
+        "section_count": len(out.entries),
+        "entry_size": ENTRY_SIZE,
+        "reserved": bytes(48),
+        "checksum": bytes(DIGEST_SIZE),
+    }
+    unsummed = Header.build(header)[:CHECKSUMMED_HEADER]
+    checksum = hashlib.blake2b(unsummed + table, digest_size=DIGEST_SIZE).digest()
+    os.pwrite(out.fd, unsummed + checksum, 0)
+    os.pwrite(out.fd, table, table_offset)
+    os.ftruncate(out.fd, file_size)
+    return checksum
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,99 @@
+"""Debian packages: resolve a metapackage to a concrete package, download it, unpack it.
+
+Packages are fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``; nothing is
+installed into the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from smolvmm.errors import ImageError
+from smolvmm.images.cache import cache_root
+
+_updated = False
+
+
+def _run(*args: str, cwd: Path | None = None) -> str:
+    """Run an apt/dpkg tool; on failure raise ImageError carrying its last error line."""
+    if shutil.which(args[0]) is None:
+        raise ImageError(f"{args[0]} not found: smolvmm builds guest images from Debian packages (needs apt and dpkg)")
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise ImageError(f"{' '.join(args)} failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+    return result.stdout
+
+
+def _with_lists(*args: str, cwd: Path | None = None, expect_output: bool = True) -> str:
+    """Run an apt command; if it fails (or prints nothing when output is expected), run
+    ``apt-get update`` once per process and retry: a fresh host may have no package lists yet."""
+    global _updated
+    try:
+        output = _run(*args, cwd=cwd)
+        if output.strip() or not expect_output or _updated:
+            return output
+    except ImageError:
+        if _updated:
+            raise
+    _updated = True
+    _run("apt-get", "update", "-qq")
+    return _run(*args, cwd=cwd)
+
+
+@dataclass(frozen=True)
+class Package:
+    """A concrete Debian package at the version apt would pick now."""
+
+    name: str
+    version: str
+
+    @classmethod
+    def candidate(cls, name: str) -> Package:
+        """``name`` at apt's candidate version."""
+        for line in _with_lists("apt-cache", "show", "--no-all-versions", name).splitlines():
+            if line.startswith("Version:"):
+                return cls(name, line.split(":", 1)[1].strip())
+        raise ImageError(f"apt-cache show {name} printed no Version: is {name} in this host's apt sources?")
+
+    @property
+    def deb_name(self) -> str:
+        return f"{self.name}_{self.version.replace(':', '%3a')}.deb"
+
+    def download(self) -> Path:
+        """The package's .deb, from the cache or fetched with ``apt-get download``."""
+        debs = cache_root() / "debs"
+        target = debs / self.deb_name
+        if target.exists():
+            return target
+        debs.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=debs, prefix=".download-") as tmp:
+            os.chmod(tmp, 0o755)  # apt's _apt user may then write there instead of warning
+            spec = f"{self.name}={self.version}"
+            _with_lists("apt-get", "download", "-qq", spec, cwd=Path(tmp), expect_output=False)
+            fetched = list(Path(tmp).glob("*.deb"))
+            if len(fetched) != 1:
+                raise ImageError(f"apt-get download {self.name}={self.version} produced {len(fetched)} .deb files")
+            fetched[0].rename(target)
+        return target
+
+    def unpack(self, dest: Path) -> None:
+        """Extract the package's files into ``dest`` (``dpkg-deb -x``)."""
+        _run("dpkg-deb", "-x", str(self.download()), str(dest))
+
+
+def dependency_of(metapackage: str, prefix: str) -> str:
+    """The first dependency of ``metapackage`` whose name starts with ``prefix``.
+
+    ``dependency_of("linux-image-cloud-amd64", "linux-image-")`` -> ``linux-image-6.1.0-56-cloud-amd64``.
+    """
+    for line in _with_lists("apt-cache", "depends", metapackage).splitlines():
+        kind, _, name = line.strip().partition(": ")
+        if kind.endswith("Depends") and name.startswith(prefix):
+            return name
+    raise ImageError(f"apt-cache depends {metapackage} names no {prefix}* package")

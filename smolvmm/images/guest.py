@@ -1,0 +1,70 @@
+"""The default guest: Debian's cloud kernel with a busybox initramfs that loads the virtio drivers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from smolvmm.images import busybox
+from smolvmm.images.cache import cache_key, cached_build
+from smolvmm.images.debian import Package, dependency_of
+
+READY_MARKER = "smolvmm: guest ready"
+DEFAULT_CMDLINE = (
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce quiet"
+)
+# A prebuilt default guest directory (vmlinuz + initrd.img); the test plugin sets it for the
+# nested machine so the guest is not resolved with apt or rebuilt there.
+PREBUILT_ENV = "SMOLVMM_DEFAULT_GUEST"
+
+MODULES = [
+    "virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "ext4",
+]
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+""" + busybox.LOAD_MODULES + r"""
+load_modules
+if [ -b /dev/vda ]; then
+    mount -t ext4 /dev/vda /mnt || echo "smolvmm: could not mount /dev/vda on /mnt" >&2
+fi
+ip link set lo up
+for word in $(cat /proc/cmdline); do
+    case "$word" in smolvmm.ip=*) address="${word#smolvmm.ip=}" ;; esac
+done
+if [ -n "$address" ]; then
+    ip addr add "$address" dev eth0 && ip link set eth0 up || echo "smolvmm: could not configure eth0" >&2
+fi
+echo "$READY"
+setsid cttyhack sh
+poweroff -f
+""".replace("$READY", READY_MARKER)
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """What a VMM needs to boot a guest: kernel, initrd, command line, and the line that says it is up."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    ready_marker: str
+
+
+def default_guest() -> GuestImage:
+    """The default guest, built into the cache on first use (needs apt-get; downloads ~28 MB)."""
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    directory = Path(prebuilt) if prebuilt else _build()
+    return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, DEFAULT_CMDLINE, READY_MARKER)
+
+
+def _build() -> Path:
+    kernel = Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
+    tools = Package.candidate("busybox-static")
+    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [])
+    return cached_build("default-guest", key, lambda out: busybox.build(out, kernel, tools, MODULES, INIT))

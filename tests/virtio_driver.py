@@ -81,6 +81,7 @@ class Driver:
             self.sizes.append(qsize)
             self.write(0x038, qsize)
             base = RING_AREA * (index + 1)
+            self.memory.write(base, bytes(RING_AREA))  # fresh rings, as a real driver allocates
             for offset, addr in ((0x080, base), (0x090, base + 0x4000), (0x0A0, base + 0x8000)):
                 self.write(offset, addr & 0xFFFFFFFF)
                 self.write(offset + 4, addr >> 32)

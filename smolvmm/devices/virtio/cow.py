@@ -1,0 +1,219 @@
+"""A copy-on-write disk: a read-only base image plus an overlay file that takes every write.
+
+Overlay file layout (all little endian; design and crash guarantees in docs/devices.md):
+
+    0        header (4 KiB): magic, version, cluster size, disk size, base fingerprint
+    4096     cluster bitmap, one bit per cluster (1 = the cluster lives in the overlay),
+             padded to a multiple of 4 KiB
+    data     a sparse copy of the disk: disk offset X is at file offset data + X
+
+The bitmap on disk is only ever updated after the data it points at was made durable, so after
+a crash the overlay shows the disk as of the last FLUSH plus, possibly, later writes to clusters
+that were already in the overlay at that FLUSH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
+
+from ...errors import ImageError
+from .buffers import slice_views, total_length
+
+MAGIC = b"SMOLCOW\0"
+VERSION = 1
+CLUSTER_SIZE = 4096
+HEADER_SIZE = 4096
+FINGERPRINT_BYTES = 64 * 1024
+EXPORT_CHUNK = 1 << 20
+_HEADER = struct.Struct("<8sIIQ32s")
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _fingerprint(base_fd: int, size: int) -> bytes:
+    """Identifies the base an overlay belongs to: its size and a hash of its first 64 KiB."""
+    head = os.pread(base_fd, FINGERPRINT_BYTES, 0)
+    return hashlib.sha256(size.to_bytes(8, "little") + head).digest()
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    while views:
+        done = os.preadv(fd, views, offset)
+        if done == 0:
+            raise OSError(f"unexpected end of file at {offset}")
+        offset += done
+        views = slice_views(views, done, total_length(views) - done)
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    while views:
+        done = os.pwritev(fd, views, offset)
+        offset += done
+        views = slice_views(views, done, total_length(views) - done)
+
+
+class CowDisk:
+    """Reads and writes a disk of ``size`` bytes made of a base image and an overlay.
+
+    ``overlay`` None gives a temporary overlay that disappears when the disk is closed. A
+    read-only disk with no overlay reads the base alone; with one, it reads through it.
+    """
+
+    def __init__(self, base: str | os.PathLike[str], overlay: str | os.PathLike[str] | None, read_only: bool) -> None:
+        try:
+            self._base = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"cannot open disk image {os.fspath(base)}: {exc.strerror}") from exc
+        self.size = os.fstat(self._base).st_size
+        self.read_only = read_only
+        self._bitmap = bytearray(_round_up(_round_up(self.size, CLUSTER_SIZE) // CLUSTER_SIZE, 8 * 4096) // 8)
+        self._data_offset = HEADER_SIZE + len(self._bitmap)
+        self._dirty_pages: set[int] = set()
+        self._overlay: int | None = None
+        try:
+            self._overlay = self._open_overlay(overlay, _fingerprint(self._base, self.size))
+        except BaseException:
+            os.close(self._base)
+            raise
+
+    def _open_overlay(self, path: str | os.PathLike[str] | None, fingerprint: bytes) -> int | None:
+        if path is None:
+            if self.read_only:
+                return None
+            with tempfile.TemporaryFile() as unnamed:
+                fd = os.dup(unnamed.fileno())
+            self._format(fd, fingerprint)
+            return fd
+        flags = os.O_RDONLY if self.read_only else os.O_RDWR | os.O_CREAT
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ImageError(f"cannot open overlay {os.fspath(path)}: {exc.strerror}") from exc
+        try:
+            if os.fstat(fd).st_size == 0 and not self.read_only:
+                self._format(fd, fingerprint)
+                os.fdatasync(fd)
+            else:
+                self._load(fd, os.fspath(path), fingerprint)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _format(self, fd: int, fingerprint: bytes) -> None:
+        header = _HEADER.pack(MAGIC, VERSION, CLUSTER_SIZE, self.size, fingerprint)
+        os.pwrite(fd, header.ljust(HEADER_SIZE, b"\0") + self._bitmap, 0)
+        os.ftruncate(fd, self._data_offset + self.size)
+
+    def _load(self, fd: int, path: str, fingerprint: bytes) -> None:
+        raw = os.pread(fd, _HEADER.size, 0)
+        if len(raw) < _HEADER.size or raw[:8] != MAGIC:
+            raise ImageError(f"{path} is not a smolvmm overlay")
+        _, version, cluster, size, saved_fingerprint = _HEADER.unpack(raw)
+        if version != VERSION or cluster != CLUSTER_SIZE:
+            raise ImageError(f"{path}: unsupported overlay version {version} / cluster size {cluster}")
+        if size != self.size or saved_fingerprint != fingerprint:
+            raise ImageError(f"{path} is an overlay of a different base image")
+        bitmap = os.pread(fd, len(self._bitmap), HEADER_SIZE)
+        if len(bitmap) != len(self._bitmap):
+            raise ImageError(f"{path}: overlay cluster map is truncated")
+        self._bitmap[:] = bitmap
+
+    def _mapped(self, cluster: int) -> bool:
+        return bool(self._bitmap[cluster >> 3] >> (cluster & 7) & 1)
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """Split ``offset .. offset+length`` into (start, length, in_overlay) runs of clusters."""
+        if self._overlay is None:
+            yield offset, length, False
+            return
+        end = offset + length
+        start = offset
+        while start < end:
+            mapped = self._mapped(start // CLUSTER_SIZE)
+            stop = (start // CLUSTER_SIZE + 1) * CLUSTER_SIZE
+            while stop < end and self._mapped(stop // CLUSTER_SIZE) == mapped:
+                stop += CLUSTER_SIZE
+            stop = min(stop, end)
+            yield start, stop - start, mapped
+            start = stop
+
+    def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` with the disk bytes at ``offset``; the caller checked the bounds."""
+        for start, length, mapped in self._runs(offset, total_length(views)):
+            fd, at = (self._overlay, self._data_offset + start) if mapped else (self._base, start)
+            _preadv_all(fd, slice_views(views, start - offset, length), at)
+
+    def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Write ``views`` at ``offset`` into the overlay, copying up partial clusters from the base."""
+        if self.read_only or self._overlay is None:
+            raise OSError("write to a read-only disk")
+        for start, length, mapped in self._runs(offset, total_length(views)):
+            data = slice_views(views, start - offset, length)
+            if mapped:
+                _pwritev_all(self._overlay, data, self._data_offset + start)
+                continue
+            first = start // CLUSTER_SIZE * CLUSTER_SIZE
+            last = min(_round_up(start + length, CLUSTER_SIZE), self.size)
+            head = memoryview(os.pread(self._base, start - first, first))
+            tail = memoryview(os.pread(self._base, last - start - length, start + length))
+            _pwritev_all(self._overlay, [head, *data, tail], self._data_offset + first)
+            self._map(first // CLUSTER_SIZE, _round_up(last, CLUSTER_SIZE) // CLUSTER_SIZE)
+
+    def _map(self, first: int, end: int) -> None:
+        for cluster in range(first, end):
+            self._bitmap[cluster >> 3] |= 1 << (cluster & 7)
+            self._dirty_pages.add((cluster >> 3) // 4096)
+
+    def flush(self) -> None:
+        """Make every completed write durable: data first, then the cluster map that points at it."""
+        if self._overlay is None or self.read_only:
+            return
+        os.fdatasync(self._overlay)
+        if self._dirty_pages:
+            for page in sorted(self._dirty_pages):
+                chunk = self._bitmap[page * 4096 : (page + 1) * 4096]
+                os.pwrite(self._overlay, chunk, HEADER_SIZE + page * 4096)
+            self._dirty_pages.clear()
+            os.fdatasync(self._overlay)
+
+    def export(self, dest: str | os.PathLike[str] | BinaryIO) -> None:
+        """Write the current disk contents as a flat image, leaving holes where it is zero.
+
+        ``dest`` is a path (created or truncated) or a binary file object written from its
+        current position; a non-seekable one gets the zeros written out.
+        """
+        if isinstance(dest, (str, os.PathLike)):
+            with open(dest, "wb") as f:
+                self.export(f)
+            return
+        seekable = dest.seekable()
+        origin = dest.tell() if seekable else 0
+        chunk = bytearray(EXPORT_CHUNK)
+        zeros = bytes(EXPORT_CHUNK)
+        for offset in range(0, self.size, EXPORT_CHUNK):
+            view = memoryview(chunk)[: min(EXPORT_CHUNK, self.size - offset)]
+            self.read_into(offset, [view])
+            if seekable and view == zeros[: len(view)]:
+                continue
+            if seekable:
+                dest.seek(origin + offset)
+            dest.write(view)
+        if seekable and self.size:
+            dest.seek(origin + self.size)
+            dest.truncate()  # also extends the file over a trailing hole
+
+    def close(self) -> None:
+        """Persist the overlay's cluster map and close both files."""
+        if self._overlay is not None:
+            self.flush()
+            os.close(self._overlay)
+            self._overlay = None
+        os.close(self._base)

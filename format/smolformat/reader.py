@@ -95,7 +95,7 @@ def _not_a_bundle(fd: int, size: int, head: bytes) -> FormatError:
     tail = os.pread(fd, SMOLPACK_FOOTER_SIZE, max(0, size - SMOLPACK_FOOTER_SIZE))
     if SMOLPACK_MAGIC in tail:
         return FormatError("smolpack", "this is a smolvm SMOLPACK disk pack, not a smolvmm machine bundle")
-    if size < len(MAGIC) and MAGIC.startswith(head):
+    if 0 < size < len(MAGIC) and MAGIC.startswith(head):
         return FormatError("truncated", f"file ends after {size} bytes, inside the header")
     return FormatError("bad-magic", "not a .smolmachine bundle (bad magic)")
 

@@ -1,0 +1,48 @@
+"""Editing a bundle's frame and re-sealing it: the tool behind conformance vectors and tests.
+
+A *valid-looking* broken file (right checksum, wrong content) reaches the deeper checks, which is
+what vectors and fuzzing need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from .layout import CHECKSUMMED_HEADER, DIGEST_SIZE, ENTRY_SIZE, HEADER_SIZE, SECTION_ALIGN, Header, SectionEntry
+
+
+def parse_frame(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and section entries of a well-formed bundle, as plain dicts."""
+    header = dict(Header.parse(data[:HEADER_SIZE]))
+    start = header["table_offset"]
+    entries = [
+        {k: v for k, v in SectionEntry.parse(data[start + i * ENTRY_SIZE : start + (i + 1) * ENTRY_SIZE]).items() if k != "_io"}
+        for i in range(header["section_count"])
+    ]
+    return {k: v for k, v in header.items() if k != "_io"}, entries
+
+
+def section_digest(data: bytes) -> bytes:
+    """The digest of a section's bytes."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def build_frame(body: bytes, header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
+    """``body`` (header area + sections) with ``entries`` appended as the table, checksum re-sealed.
+
+    The header's table offset, section count, entry size and file size are set to match.
+    """
+    body = bytes(body) + bytes(-len(body) % SECTION_ALIGN)
+    table = b"".join(SectionEntry.build(entry) for entry in entries)
+    header = dict(header)
+    header.update(table_offset=len(body), section_count=len(entries), file_size=len(body) + len(table), entry_size=ENTRY_SIZE)
+    return reseal(Header.build(header) + body[HEADER_SIZE:] + table)
+
+
+def reseal(data: bytes) -> bytes:
+    """``data`` with its header checksum recomputed over the header and the table it points at."""
+    header = Header.parse(data[:HEADER_SIZE])
+    table = data[header.table_offset : header.table_offset + header.section_count * header.entry_size]
+    checksum = hashlib.blake2b(data[:CHECKSUMMED_HEADER] + table, digest_size=DIGEST_SIZE).digest()
+    return data[:CHECKSUMMED_HEADER] + checksum + data[HEADER_SIZE:]

@@ -1,0 +1,111 @@
+"""The guest console as an anyio byte stream, fed by the UART from vCPU threads."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import ByteStream
+
+from .eventfd import EventFd
+from .errors import GuestError
+
+MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
+
+
+class Console(ByteStream):
+    """Bytes the guest writes to its console, and a way to type into it.
+
+    ``receive()`` returns output in arrival order; ``wait_for`` consumes output up to a match.
+    Output nobody reads is kept up to 16 MiB (oldest dropped first).
+    """
+
+    def __init__(self, feed: Callable[[bytes], int]) -> None:
+        self._feed = feed
+        self._lock = threading.Lock()
+        self._buffer = bytearray()
+        self._ready = EventFd()
+        self.input_space = EventFd()
+        self._closed = False
+
+    # Producer side, called from vCPU threads.
+    def write_output(self, data: bytes) -> None:
+        with self._lock:
+            was_empty = not self._buffer
+            self._buffer += data
+            if len(self._buffer) > MAX_BUFFERED:
+                del self._buffer[: len(self._buffer) - MAX_BUFFERED]
+        if was_empty:
+            self._ready.signal()
+
+    def end_output(self) -> None:
+        """No more output will come (the machine stopped)."""
+        self._closed = True
+        self._ready.signal()
+
+    def _take(self, max_bytes: int) -> bytes:
+        with self._lock:
+            data = bytes(self._buffer[:max_bytes])
+            del self._buffer[:max_bytes]
+            return data
+
+    def _unread(self, data: bytes) -> None:
+        with self._lock:
+            self._buffer[:0] = data
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            data = self._take(max_bytes)
+            if data:
+                return data
+            if self._closed:
+                raise anyio.EndOfStream
+            await self._ready.wait()
+
+    async def send(self, item: bytes) -> None:
+        """Type ``item`` into the guest console, waiting while its receive FIFO is full."""
+        data = memoryview(item)
+        while data:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            accepted = self._feed(bytes(data))
+            data = data[accepted:]
+            if data:
+                await self.input_space.wait()
+
+    async def wait_for(self, pattern: bytes | str | re.Pattern[bytes], timeout: float | None = None) -> bytes:
+        """Consume output up to and including the first match of ``pattern``; returns those bytes.
+
+        Raises TimeoutError after ``timeout`` seconds and GuestError if the machine stops first;
+        in both cases the output read so far stays unread.
+        """
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        seen = bytearray()
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    match = regex.search(seen)
+                    if match:
+                        self._unread(bytes(seen[match.end() :]))
+                        return bytes(seen[: match.end()])
+                    try:
+                        seen += await self.receive()
+                    except anyio.EndOfStream:
+                        raise GuestError(f"the machine stopped before its console showed {regex.pattern!r}") from None
+        except BaseException:
+            self._unread(bytes(seen))
+            raise
+
+    async def send_eof(self) -> None:
+        """The console has no end-of-input: the guest keeps running."""
+
+    async def aclose(self) -> None:
+        self.end_output()
+
+    def close_fds(self) -> None:
+        self._ready.close()
+        self.input_space.close()

@@ -1,0 +1,108 @@
+"""A virtual machine's host-side parts: KVM objects, guest RAM, buses, devices and vCPUs.
+
+Everything here is synchronous and runs before the first KVM_RUN (``smolvmm.machine`` runs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .arch.x86_64 import acpi, boot, cpuid, layout, msrs, regs
+from .console import Console
+from .devices.acpi_power import AcpiSleepRegister
+from .devices.bus import Bus
+from .devices.i8042 import I8042
+from .devices.uart import Uart16550
+from .errors import ImageError
+from .eventfd import EventFd
+from .hypervisor.kvm.system import Kvm
+from .hypervisor.kvm.vcpu import KvmVcpu
+from .hypervisor.kvm.vm import KvmVm
+from .memory import GuestMemory
+from .vcpu import ExitReason, MachineExit, VcpuThread
+
+
+class VirtualMachine:
+    """One VM on KVM with its legacy devices; ``close()`` releases every fd and mapping."""
+
+    def __init__(self, memory: GuestMemory, vcpus: int, on_exit: Callable[[MachineExit], None]) -> None:
+        self._closers: list[Callable[[], None]] = []
+        self.kvm = Kvm()
+        self._closers.append(self.kvm.close)
+        self.vm = KvmVm(self.kvm.create_vm())
+        self._closers.append(self.vm.close)
+        self.vm.set_tss_address(layout.TSS_ADDR)
+        self.vm.set_identity_map_address(layout.IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+
+        self.memory = memory
+        self._closers.append(memory.close)
+        for slot, region in enumerate(memory.regions):
+            self.vm.set_memory_region(slot, region.gpa, region.size, region.host_address)
+
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.on_exit = on_exit
+        self.uart_irq = self.irq_eventfd(layout.COM1_IRQ)
+        self.console = Console(self._feed_console)
+        self._closers.append(self.console.close_fds)
+        self.uart = Uart16550(self.uart_irq.signal, self.console.write_output, self.console.input_space.signal)
+        self.pio.add(layout.COM1_PORT, 8, self.uart.read, self.uart.write)
+        i8042 = I8042(lambda: on_exit(MachineExit(ExitReason.REBOOT, "i8042 reset")))
+        self.pio.add(layout.I8042_PORT, 5, i8042.read, i8042.write)
+        power = AcpiSleepRegister(lambda: on_exit(MachineExit(ExitReason.POWEROFF, "ACPI S5")))
+        self.pio.add(layout.ACPI_SLEEP_PORT, 1, power.read, power.write)
+
+        mmap_size = self.kvm.vcpu_mmap_size()
+        self.vcpus: list[KvmVcpu] = []
+        for index in range(vcpus):
+            vcpu = KvmVcpu(self.vm.create_vcpu(index), index, mmap_size)
+            self._closers.append(vcpu.close)
+            self.vcpus.append(vcpu)
+        self.threads: list[VcpuThread] = []
+
+    def _feed_console(self, data: bytes) -> int:
+        return self.uart.feed(data)
+
+    def irq_eventfd(self, gsi: int) -> EventFd:
+        """An eventfd whose every write pulses ``gsi`` (a KVM irqfd)."""
+        eventfd = EventFd()
+        self.vm.irqfd(eventfd.fd, gsi)
+        self._closers.append(eventfd.close)
+        return eventfd
+
+    def setup_boot(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+        """Load a bzImage and put every vCPU in its boot state (BSP at the 64-bit entry)."""
+        try:
+            image = boot.parse_bzimage(kernel.read_bytes())
+            initrd_data = initrd.read_bytes() if initrd else None
+        except OSError as exc:
+            raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        rsdp, tables = acpi.build_tables(len(self.vcpus))
+        self.memory.write(layout.ACPI_TABLES_ADDR, tables)
+        entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
+        regs.write_boot_structures(self.memory)
+        supported = self.kvm.supported_cpuid()
+        for vcpu in self.vcpus:
+            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, vcpu.id, len(self.vcpus)))
+            vcpu.set_msrs(msrs.BOOT_MSRS)
+            vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
+            vcpu.set_fpu(regs.boot_fpu())
+        bsp = self.vcpus[0]
+        bsp.set_sregs(regs.boot_sregs(bsp.get_sregs()))
+        bsp.set_regs(regs.boot_regs(entry))
+
+    def start_vcpus(self, on_parked: Callable[[], None], on_done: Callable[[], None]) -> None:
+        self.threads = [VcpuThread(v, self.pio, self.mmio, self.on_exit, on_parked, on_done) for v in self.vcpus]
+        for thread in self.threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Release everything, newest first. vCPU threads must have been stopped."""
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except OSError:
+                pass

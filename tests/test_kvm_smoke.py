@@ -1,0 +1,17 @@
+"""KVM_RUN works on this host's /dev/kvm: a real-mode guest's port writes come back.
+
+Real mode needs no standard kernel, so this runs natively even on a PVM host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvm_smoke_guest import run_guest
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+def test_real_mode_guest_writes_to_port() -> None:
+    assert run_guest() == b"ok"

@@ -36,12 +36,12 @@ def _image(
 
 
 def test_parses_a_debian_style_header() -> None:
-    header = image.parse_image_header(_image())
+    header = image.parse_image(_image())
     assert header == image.ImageHeader(
         text_offset=0, image_size=0x2A3_0000, page_size=image.PageSize.SIZE_4K, anywhere=True, pe_offset=0x40
     )
-    assert image.parse_image_header(_image(flags=0b0110)).page_size == image.PageSize.SIZE_64K
-    assert image.parse_image_header(_image(flags=0)).anywhere is False
+    assert image.parse_image(_image(flags=0b0110)).page_size == image.PageSize.SIZE_64K
+    assert image.parse_image(_image(flags=0)).anywhere is False
 
 
 @pytest.mark.parametrize(
@@ -60,12 +60,12 @@ def test_parses_a_debian_style_header() -> None:
 )
 def test_rejects_bad_images_with_a_precise_message(data: bytes, message: str) -> None:
     with pytest.raises(ImageError, match=message):
-        image.parse_image_header(data, name="vmlinuz")
+        image.parse_image(data, name="vmlinuz")
 
 
 def test_placement_follows_the_boot_protocol() -> None:
     machine = layout.layout(1, 256 * MIB, 0)
-    header = image.parse_image_header(_image(text_offset=0x8_0000))
+    header = image.parse_image(_image(text_offset=0x8_0000))
     plan = boot.plan_boot(machine, header, initrd_size=5 * MIB + 123)
     assert plan.kernel == layout.RAM_START + 0x8_0000 and layout.RAM_START % (2 * MIB) == 0
     assert plan.kernel_end == plan.kernel + header.image_size
@@ -77,7 +77,7 @@ def test_placement_follows_the_boot_protocol() -> None:
 
 def test_ram_too_small_is_a_config_error() -> None:
     machine = layout.layout(1, 64 * MIB, 0)
-    header = image.parse_image_header(_image(image_size=40 * MIB))
+    header = image.parse_image(_image(image_size=40 * MIB))
     message = r"64 MiB of RAM cannot hold the kernel \(40 MiB running\), the initrd \(30 MiB\)"
     with pytest.raises(ConfigError, match=message):
         boot.plan_boot(machine, header, initrd_size=30 * MIB)
@@ -86,21 +86,21 @@ def test_ram_too_small_is_a_config_error() -> None:
 def test_load_writes_each_image_where_planned() -> None:
     machine = layout.layout(1, 64 * MIB, 0)
     kernel = _image()
-    plan = boot.plan_boot(machine, image.parse_image_header(kernel), initrd_size=3)
+    plan = boot.plan_boot(machine, image.parse_image(kernel), initrd_size=3)
     memory = GuestMemory.anonymous([(layout.RAM_START, machine.ram_size)])
-    boot.load(memory, plan, kernel, b"ird", b"\xd0\x0d\xfe\xed")
+    boot.load_linux(memory, plan, kernel, b"ird", b"\xd0\x0d\xfe\xed")
     assert memory.read(plan.kernel, len(kernel)) == kernel
     assert memory.read(plan.initrd, 3) == b"ird"
     assert memory.read(plan.dtb, 4) == b"\xd0\x0d\xfe\xed"
     with pytest.raises(ImageError, match="at most 2 MiB"):
-        boot.load(memory, plan, kernel, b"ird", bytes(2 * MIB + 1))
+        boot.load_linux(memory, plan, kernel, b"ird", bytes(2 * MIB + 1))
     with pytest.raises(ImageError, match="not the 3 planned"):
-        boot.load(memory, plan, kernel, b"initrd", b"")
+        boot.load_linux(memory, plan, kernel, b"initrd", b"")
 
 
 def test_boot_registers() -> None:
     machine = layout.layout(1, 64 * MIB, 0)
-    plan = boot.plan_boot(machine, image.parse_image_header(_image()), initrd_size=0)
+    plan = boot.plan_boot(machine, image.parse_image(_image()), initrd_size=0)
     values = boot.boot_registers(plan)
     assert values == {"x0": plan.dtb, "x1": 0, "x2": 0, "x3": 0, "pc": plan.kernel, "pstate": 0x3C5}
     assert set(values) <= set(regs.CORE), "boot registers are named as the one-reg table names them"

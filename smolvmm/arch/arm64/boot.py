@@ -56,7 +56,7 @@ def plan_boot(layout: Layout, header: ImageHeader, initrd_size: int) -> BootPlan
     return BootPlan(kernel, kernel_end, dtb, initrd, initrd_size)
 
 
-def load(memory: GuestMemory, plan: BootPlan, kernel: bytes, initrd: bytes, dtb: bytes) -> None:
+def load_linux(memory: GuestMemory, plan: BootPlan, kernel: bytes, initrd: bytes, dtb: bytes) -> None:
     """Write the images where ``plan`` says; the DTB is built after planning (it names the initrd)."""
     if len(kernel) > plan.kernel_end - plan.kernel:
         raise ImageError(f"kernel is {len(kernel)} bytes, larger than the {plan.kernel_end - plan.kernel} planned")

@@ -56,7 +56,7 @@ _OTHER_FORMATS = (
 )
 
 
-def parse_image_header(data: bytes, name: str = "kernel") -> ImageHeader:
+def parse_image(data: bytes, name: str = "kernel") -> ImageHeader:
     """Parse and check the header at the start of ``data``, or raise ImageError saying why not."""
     for prefix, what in _OTHER_FORMATS:
         if data.startswith(prefix):

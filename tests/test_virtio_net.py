@@ -1,0 +1,214 @@
+"""virtio-net over a real TAP device in a private network namespace (needs root)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import anyio
+import pytest
+from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
+
+from smolvmm.devices.virtio.net import F_CSUM, F_GUEST_CSUM, F_MAC, VirtioNet, random_mac
+from smolvmm.errors import ConfigError
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
+GUEST_MAC = bytes.fromhex("020000c0ffee")
+HDR = 12
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root")
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that joined network namespace ``name``; fds it opens stay there."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{name}") as ns:
+            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                errors.append(OSError(ctypes.get_errno(), "setns"))
+                return
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"smolvmm-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def ip(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(dst_mac: bytes, src_port: int, dst_port: int, payload: bytes) -> bytes:
+    """An Ethernet/IPv4/UDP frame from the guest to the host (UDP checksum 0: none)."""
+    udp = struct.pack("!HHHH", src_port, dst_port, 8 + len(payload), 0) + payload
+    ip_header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+        socket.inet_aton(GUEST_IP), socket.inet_aton(HOST_IP),
+    )
+    ip_header = ip_header[:10] + struct.pack("!H", checksum(ip_header)) + ip_header[12:]
+    return dst_mac + GUEST_MAC + b"\x08\x00" + ip_header + udp
+
+
+def attach(ns: str) -> tuple[Driver, bytes]:
+    """A net device on tap0 inside ``ns``, the tap configured; returns the driver and tap MAC."""
+    device = in_netns(ns, lambda: VirtioNet("tap0", GUEST_MAC))
+    ip(ns, "link", "set", "tap0", "up")
+    ip(ns, "addr", "add", f"{HOST_IP}/24", "dev", "tap0")
+    ip(ns, "neigh", "add", GUEST_IP, "lladdr", GUEST_MAC.hex(":"), "dev", "tap0")
+    tap_mac = bytes.fromhex(ip(ns, "-br", "link", "show", "tap0").split()[2].replace(":", ""))
+    return Driver(device), tap_mac
+
+
+def host_udp_socket(ns: str) -> socket.socket:
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((HOST_IP, 9999))
+        sock.setblocking(False)
+        return sock
+
+    return in_netns(ns, make)
+
+
+async def wait_frame(driver: Driver, buffers: dict[int, int], match: Callable[[bytes], bool]) -> bytes:
+    """Wait for a received frame (after its virtio header) that ``match`` accepts."""
+    with anyio.fail_after(3):
+        while True:
+            for head, length in await driver.wait_used(0):
+                frame = driver.memory.read(buffers[head], length)
+                assert frame[10:12] == b"\x01\x00"  # num_buffers
+                if match(frame[HDR:]):
+                    return frame[HDR:]
+
+
+@pytest.mark.anyio
+async def test_udp_crosses_the_device_both_ways(netns: str) -> None:
+    driver, tap_mac = attach(netns)
+    host = host_udp_socket(netns)
+    driver.start(RING_FEATURES | 1 << F_MAC | 1 << F_CSUM | 1 << F_GUEST_CSUM)
+    assert driver.transport.mmio_read(0x100, 4) | driver.transport.mmio_read(0x104, 2) << 32 == int.from_bytes(
+        GUEST_MAC, "little"
+    )
+    async with running(driver):
+        rx = {}
+        for _ in range(8):
+            gpa = driver.alloc(1526)
+            rx[driver.submit(0, [(gpa, 1526, True)])] = gpa
+        # guest -> host
+        frame = udp_frame(tap_mac, 5555, 9999, b"hello host")
+        tx = driver.alloc(HDR + len(frame), bytes(HDR) + frame)
+        driver.submit(1, [(tx, HDR, False), (tx + HDR, len(frame), False)])
+        await driver.wait_used(1)
+        with anyio.fail_after(3):
+            await anyio.wait_readable(host)
+        data, sender = host.recvfrom(100)
+        assert (data, sender) == (b"hello host", (GUEST_IP, 5555))
+        # host -> guest
+        host.sendto(b"hello guest", (GUEST_IP, 7777))
+        received = await wait_frame(driver, rx, lambda f: f[12:14] == b"\x08\x00" and f[23] == 17)
+        assert received[:6] == GUEST_MAC
+        assert received.endswith(b"hello guest")
+    host.close()
+    driver.transport.close()
+
+
+def echo(type_: int, ident: int, payload: bytes) -> bytes:
+    body = struct.pack("!BBHHH", type_, 0, 0, ident, 1) + payload
+    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+
+
+def swap_addresses(request: bytes) -> bytes:
+    """The IPv4 header of ``request`` turned around, checksum recomputed."""
+    header = bytearray(request[14:34])
+    header[12:16], header[16:20] = request[30:34], request[26:30]
+    header[10:12] = b"\0\0"
+    header[10:12] = struct.pack("!H", checksum(bytes(header)))
+    return bytes(header)
+
+
+@pytest.mark.anyio
+async def test_ping_from_host_is_answered_through_the_device(netns: str) -> None:
+    driver, tap_mac = attach(netns)
+    pinger = in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+    pinger.setblocking(False)
+    driver.start(RING_FEATURES | 1 << F_MAC)
+    async with running(driver):
+        rx = {}
+        for _ in range(8):
+            gpa = driver.alloc(1526)
+            rx[driver.submit(0, [(gpa, 1526, True)])] = gpa
+        pinger.sendto(echo(8, 0x5A5A, b"smolvmm ping"), (GUEST_IP, 0))
+        request = await wait_frame(driver, rx, lambda f: f[23] == 1 and f[34] == 8)
+        reply = tap_mac + GUEST_MAC + b"\x08\x00" + swap_addresses(request) + echo(0, 0x5A5A, b"smolvmm ping")
+        tx = driver.alloc(HDR + len(reply), bytes(HDR) + reply)
+        driver.submit(1, [(tx, HDR + len(reply), False)])
+        with anyio.fail_after(3):
+            while True:
+                await anyio.wait_readable(pinger)
+                packet = pinger.recv(1500)
+                if packet[20] == 0:
+                    break
+    assert packet[20:] == echo(0, 0x5A5A, b"smolvmm ping")
+    pinger.close()
+    driver.transport.close()
+
+
+@pytest.mark.anyio
+async def test_rx_waits_for_guest_buffers_without_spinning(netns: str) -> None:
+    driver, _ = attach(netns)
+    host = host_udp_socket(netns)
+    driver.start(RING_FEATURES | 1 << F_MAC)
+    async with running(driver):
+        for _ in range(3):
+            host.sendto(b"queued", (GUEST_IP, 7777))
+        before = os.times()
+        await anyio.sleep(0.3)
+        spent = os.times()
+        assert (spent.user + spent.system) - (before.user + before.system) < 0.15
+        gpa = driver.alloc(1526)
+        rx = {driver.submit(0, [(gpa, 1526, True)]): gpa}
+        assert (await wait_frame(driver, rx, lambda f: f.endswith(b"queued"))).endswith(b"queued")
+    host.close()
+    driver.transport.close()
+
+
+def test_bad_mac_and_tap_name_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        VirtioNet("tap0", b"\x01\x02\x03\x04\x05\x06")
+    with pytest.raises(ConfigError):
+        VirtioNet("x" * 20, None)
+    mac = random_mac()
+    assert mac[0] & 3 == 2

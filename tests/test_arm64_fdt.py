@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smolvmm.arch.arm64 import dtb, fdt, layout, regs
 
@@ -170,6 +172,7 @@ def test_phandle_references_resolve(tmp_path: Path) -> None:
     assert len(by_phandle) == len(fdt.Phandle)
     parent = by_phandle[tree["/"]["interrupt-parent"][0]]
     assert parent.get("interrupt-controller") is True and parent["#interrupt-cells"] == [3]
+    assert tree["/chosen"]["stdout-path"][0] in tree, "stdout-path names an existing node"
     for path, props in tree.items():
         if "interrupts" in props:
             assert len(props["interrupts"]) % 3 == 0, path
@@ -229,3 +232,51 @@ def test_value_helpers_bound_their_input() -> None:
         dtb.strings("a\0b")
     with pytest.raises(ValueError, match="MPIDRs"):
         fdt.machine_fdt(layout.layout(2, 512 << 20, 0), [0], "")
+
+
+_names = st.text("abcdefghijklmnopqrstuvwxyz0123456789,._+-", min_size=1, max_size=20).filter(
+    lambda name: name[0].isalpha()
+)
+_values = st.one_of(
+    # A non-ASCII first byte keeps dtc from guessing the cells are a string.
+    st.lists(st.integers(0, (1 << 32) - 1), min_size=1, max_size=6).map(
+        lambda v: ("cells", [v[0] | 0x8000_0000, *v[1:]])
+    ),
+    st.lists(st.text("abcdefghijklmnopqrstuvwxyz ,-/", min_size=1, max_size=12), min_size=1, max_size=3).map(
+        lambda v: ("strings", v)
+    ),
+    st.just(("empty", None)),
+)
+_nodes = st.recursive(
+    st.dictionaries(_names, _values, max_size=4).map(lambda props: (props, {})),
+    lambda children: st.tuples(
+        st.dictionaries(_names, _values, max_size=4), st.dictionaries(_names, children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _build(name: str, spec: tuple[dict, dict]) -> dtb.Node:
+    props, children = spec
+    encode = {"cells": lambda v: dtb.cells(*v), "strings": lambda v: dtb.strings(*v), "empty": lambda v: b""}
+    node = dtb.Node(name, {key: encode[kind](value) for key, (kind, value) in props.items()})
+    node.children = [_build(child, child_spec) for child, child_spec in children.items()]
+    return node
+
+
+def _expected(spec: tuple[dict, dict], path: str, tree: Tree) -> None:
+    props, children = spec
+    tree[path or "/"] = {key: True if kind == "empty" else value for key, (kind, value) in props.items()}
+    for child, child_spec in children.items():
+        _expected(child_spec, f"{path}/{child}", tree)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_nodes)
+def test_any_tree_reads_back_through_dtc(spec: tuple[dict, dict]) -> None:
+    """Random trees of cells, strings and empty properties: dtc prints back exactly what was encoded."""
+    result = subprocess.run(["dtc", "-I", "dtb", "-O", "dts"], input=dtb.encode(_build("", spec)), capture_output=True)
+    assert result.returncode == 0, result.stderr
+    expected: Tree = {}
+    _expected(spec, "", expected)
+    assert _parse(result.stdout.decode()) == expected

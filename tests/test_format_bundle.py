@@ -1,0 +1,143 @@
+"""Writing and reading whole bundles: contents survive, RAM maps from the file, failures leave nothing."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import smolformat.reader
+from smolformat import BundleContents, FormatError, make_metadata, open_bundle, repack_bundle, samples, write_bundle
+from smolformat.layout import PAGE_SIZE, SectionKind
+from smolformat.pages import MIN_DEDUP_RUN
+
+MIB = 1 << 20
+
+
+def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | None = None) -> BundleContents:
+    ram = [(0, 4 * MIB), (1 << 32, MIB)] if arch == "x86_64" else [(0x4000_0000, 4 * MIB)]
+    memory = memory or [samples.realistic_memory(size, seed=i) for i, (_, size) in enumerate(ram)]
+    disk = tmp_path / "base.img"
+    disk.write_bytes(random.Random(3).randbytes(70_000) + bytes(300_000) + b"tail")  # not a page multiple
+    device_config, states = samples.devices(1)
+    vcpu, vm = (samples.x86_64_vcpu, samples.x86_64_vm_state) if arch == "x86_64" else (samples.arm64_vcpu, samples.arm64_vm_state)
+    return BundleContents(
+        config=samples.machine_config(arch, ram, device_config, vcpus=2),
+        vcpus=[vcpu(0), vcpu(1)],
+        vm_state=vm(),
+        devices=states,
+        memory=memory,
+        disks=[disk],
+        kernel=b"bzImage" * 100,
+        initrd=b"070701" * 50,
+        metadata=make_metadata("kvm-pvm", labels={"app": "demo"}, parent_digest=bytes(32)),
+    )
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+@pytest.mark.parametrize("encoding", ["raw", "zstd"])
+def test_contents_survive_a_round_trip(tmp_path: Path, arch: str, encoding: str) -> None:
+    given = contents(tmp_path, arch)
+    path = tmp_path / "m.smolmachine"
+    digest = write_bundle(path, given, memory_encoding=encoding)
+    with open_bundle(path) as bundle:
+        assert bundle.digest == digest
+        assert bundle.memory_encoding == encoding
+        assert str(bundle.config.arch) == arch and bundle.config.vcpu_count == 2
+        assert [dict(label) for label in bundle.metadata.labels] == [{"key": "app", "value": "demo"}]
+        assert bundle.metadata.hypervisor == "kvm-pvm"
+        assert len(bundle.vcpus) == 2 and bundle.devices[3].state.device.serial == "disk0"
+        assert bundle.kernel == given.kernel and bundle.initrd == given.initrd
+        memory = [mmap.mmap(-1, len(m)) for m in given.memory]
+        bundle.read_memory_into(memory)
+        assert [m[:] for m in memory] == [bytes(m) for m in given.memory]
+        disk_copy = tmp_path / "copy.img"
+        bundle.disk(0).materialise(disk_copy)
+        assert disk_copy.read_bytes() == Path(given.disks[0]).read_bytes()
+        bundle.verify()
+
+
+def test_raw_memory_maps_straight_from_the_file(tmp_path: Path) -> None:
+    given = contents(tmp_path)
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, given, memory_encoding="raw")
+    with open_bundle(path) as bundle:
+        extents = bundle.memory_extents()
+        regions = {r.gpa: bytearray(r.size) for r in bundle.config.ram}  # zero: pages in no extent
+        for gpa, length, file_offset in extents:
+            assert file_offset % PAGE_SIZE == 0 and gpa % PAGE_SIZE == 0
+            with mmap.mmap(bundle.fileno(), length, flags=mmap.MAP_PRIVATE, offset=file_offset) as view:
+                base = max(r for r in regions if r <= gpa)
+                regions[base][gpa - base : gpa - base + length] = view[:]
+        assert [bytes(regions[r.gpa]) for r in bundle.config.ram] == [bytes(m) for m in given.memory]
+
+
+def test_zero_pages_are_left_out_and_equal_runs_stored_once(tmp_path: Path) -> None:
+    run = random.Random(5).randbytes(MIN_DEDUP_RUN * PAGE_SIZE)
+    memory = bytearray(4 * MIB)
+    memory[0 : len(run)] = run
+    memory[2 * MIB : 2 * MIB + len(run)] = run  # a copy of a whole run: points at the first
+    single = run[:PAGE_SIZE]
+    memory[3 * MIB : 3 * MIB + PAGE_SIZE] = single  # one equal page alone: stored again, no extra split
+    given = contents(tmp_path, "arm64", [memory])
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, given, memory_encoding="raw")
+    with open_bundle(path) as bundle:
+        data = next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA)
+        assert data.length == len(run) + PAGE_SIZE
+        extents = bundle.memory_extents()
+        assert len(extents) == 3
+        assert extents[0].file_offset == extents[1].file_offset
+
+
+def test_repack_is_lossless(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.smolmachine"
+    write_bundle(raw, contents(tmp_path), memory_encoding="raw")
+    repack_bundle(raw, tmp_path / "z.smolmachine", memory_encoding="zstd")
+    repack_bundle(tmp_path / "z.smolmachine", tmp_path / "back.smolmachine", memory_encoding="raw")
+    assert (tmp_path / "back.smolmachine").read_bytes() == raw.read_bytes()
+    assert (tmp_path / "z.smolmachine").stat().st_size < raw.stat().st_size
+
+
+def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    given = contents(tmp_path)
+    given.memory = [given.memory[0], bytearray(12)]  # wrong size, found after sections were written
+    with pytest.raises(ValueError):
+        write_bundle(tmp_path / "m.smolmachine", given)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img"]
+
+
+def test_the_writer_refuses_what_the_reader_would(tmp_path: Path) -> None:
+    given = contents(tmp_path)
+    given.vcpus = [given.vcpus[0]]
+    with pytest.raises(FormatError) as caught:
+        write_bundle(tmp_path / "m.smolmachine", given)
+    assert caught.value.code == "vcpu-mismatch"
+    assert not (tmp_path / "m.smolmachine").exists()
+
+
+def test_open_reads_no_bulk_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path), memory_encoding="raw")
+    read = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        read.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(smolformat.reader.os, "pread", counting_pread)
+    with open_bundle(path):
+        pass
+    assert sum(read) < 64 * 1024  # header, table, config, state and indexes only
+
+
+def test_zstd_memory_is_not_mappable(tmp_path: Path) -> None:
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path), memory_encoding="zstd")
+    with open_bundle(path) as bundle, pytest.raises(FormatError) as caught:
+        bundle.memory_extents()
+    assert caught.value.code == "wrong-encoding"

@@ -1,0 +1,130 @@
+"""Register-set and device declarations: layouts match the kernel headers, values round-trip."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from construct import Construct, Struct
+
+from smolformat import DEVICE_KINDS, DeviceConfig, DeviceRecord, arm64, samples, x86_64
+from smolformat.layout import ENTRY_SIZE, HEADER_SIZE, Header, SectionEntry, SectionKind
+from smolformat.payloads import parser, payload
+
+# construct name -> C struct name, for every x86_64 declaration byte-compatible with <linux/kvm.h>
+KVM_STRUCTS = {
+    "KvmRegs": "kvm_regs",
+    "KvmSegment": "kvm_segment",
+    "KvmDtable": "kvm_dtable",
+    "KvmSregs": "kvm_sregs",
+    "KvmFpu": "kvm_fpu",
+    "KvmXcr": "kvm_xcr",
+    "KvmXcrs": "kvm_xcrs",
+    "KvmMsrEntry": "kvm_msr_entry",
+    "KvmLapicState": "kvm_lapic_state",
+    "KvmVcpuEvents": "kvm_vcpu_events",
+    "KvmMpState": "kvm_mp_state",
+    "KvmDebugregs": "kvm_debugregs",
+    "KvmCpuidEntry2": "kvm_cpuid_entry2",
+    "KvmPicState": "kvm_pic_state",
+    "KvmIoapicState": "kvm_ioapic_state",
+    "KvmPitChannelState": "kvm_pit_channel_state",
+    "KvmPitState2": "kvm_pit_state2",
+    "KvmClockData": "kvm_clock_data",
+}
+
+
+def _offsets(construct: Struct) -> list[tuple[str, int]]:
+    offsets, at = [], 0
+    for sub in construct.subcons:
+        offsets.append((sub.name, at))
+        at += sub.sizeof()
+    return offsets
+
+
+@pytest.fixture(scope="module")
+def kernel_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """sizeof and offsetof of every declared field, as gcc sees <linux/kvm.h>."""
+    if not shutil.which("gcc") or not Path("/usr/include/linux/kvm.h").exists():
+        pytest.skip("needs gcc and the kernel headers")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for name, c_name in KVM_STRUCTS.items():
+        lines.append(f'printf("{name} %zu\\n", sizeof(struct {c_name}));')
+        for field, _ in _offsets(getattr(x86_64, name)):
+            lines.append(f'printf("{name}.{field} %zu\\n", offsetof(struct {c_name}, {field}));')
+    lines.append("return 0; }")
+    work = tmp_path_factory.mktemp("kvm_layout")
+    (work / "layout.c").write_text("\n".join(lines))
+    subprocess.run(["gcc", "-o", work / "layout", work / "layout.c"], check=True)
+    output = subprocess.run([work / "layout"], check=True, capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in (line.split() for line in output.splitlines())}
+
+
+@pytest.mark.parametrize("name", KVM_STRUCTS)
+def test_x86_64_struct_matches_kernel_header(name: str, kernel_layout: dict[str, int]) -> None:
+    construct = getattr(x86_64, name)
+    assert construct.sizeof() == kernel_layout[name]
+    for field, offset in _offsets(construct):
+        assert offset == kernel_layout[f"{name}.{field}"], field
+
+
+def test_arm64_core_registers_match_the_uapi_layout() -> None:
+    # arm64 <asm/kvm.h>: struct kvm_regs is 864 bytes, fp_regs at 336 (KVM_REG_ARM_CORE ids are offset/4)
+    assert arm64.KvmRegs.sizeof() == 864
+    assert dict(_offsets(arm64.KvmRegs))["fp_regs"] == 336
+    assert dict(_offsets(arm64.KvmRegs))["sp_el1"] == 272
+
+
+def test_frame_sizes() -> None:
+    assert Header.sizeof() == HEADER_SIZE
+    assert SectionEntry.sizeof() == ENTRY_SIZE
+
+
+@pytest.mark.parametrize("name", KVM_STRUCTS)
+def test_x86_64_struct_round_trips_bytes(name: str) -> None:
+    construct: Construct = getattr(x86_64, name)
+    data = random.Random(name).randbytes(construct.sizeof())
+    assert construct.build(construct.parse(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("kind", "arch", "value"),
+    [
+        (SectionKind.VCPU_STATE, "x86_64", samples.x86_64_vcpu(3)),
+        (SectionKind.VM_STATE, "x86_64", samples.x86_64_vm_state()),
+        (SectionKind.VCPU_STATE, "arm64", samples.arm64_vcpu(1)),
+        (SectionKind.VM_STATE, "arm64", samples.arm64_vm_state()),
+        (SectionKind.DEVICES, "", samples.devices(2)[1]),
+        (SectionKind.CONFIG, "", samples.machine_config("arm64", [(0x4000_0000, 1 << 30)], samples.devices(2)[0])),
+    ],
+    ids=["x86_64-vcpu", "x86_64-vm", "arm64-vcpu", "arm64-vm", "devices", "config"],
+)
+def test_section_payload_round_trips(kind: SectionKind, arch: str, value: object) -> None:
+    data = payload(kind, arch).build(value)
+    parsed = parser(kind, arch).parse(data)
+    assert parsed == payload(kind, arch).parse(data)
+    assert payload(kind, arch).build(parsed) == data
+
+
+def test_arm64_vector_registers_are_128_bit() -> None:
+    value = samples.arm64_vcpu(0)
+    value["core"]["fp_regs"]["vregs"][31] = (2**128 - 1).to_bytes(16, "little")
+    data = payload(SectionKind.VCPU_STATE, "arm64").build(value)
+    assert parser(SectionKind.VCPU_STATE, "arm64").parse(data).core.fp_regs.vregs[31] == b"\xff" * 16
+
+
+def test_every_device_kind_has_a_config_and_state_declaration() -> None:
+    device_config, states = samples.devices(1)
+    assert {d["kind"] for d in device_config} == {s["kind"] for s in states} == set(DEVICE_KINDS)
+    for config, state in zip(device_config, states):
+        assert DeviceConfig.build(config) and DeviceRecord.build(state)
+
+
+def test_xsave_larger_than_4096_is_kept() -> None:
+    value = samples.x86_64_vcpu(0)
+    value["xsave"] = bytes(range(256)) * 44  # 11264 bytes: an AMX-sized KVM_GET_XSAVE2 area
+    parsed = parser(SectionKind.VCPU_STATE, "x86_64").parse(payload(SectionKind.VCPU_STATE, "x86_64").build(value))
+    assert parsed.xsave == value["xsave"]

@@ -1,0 +1,139 @@
+"""Host ends of a virtio console: a pair of file descriptors, or a listening Unix socket.
+
+A port is anything with ``async receive(max_bytes) -> bytes`` (raising ``anyio.EndOfStream``
+when the host side is finished), ``async send(data)`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Protocol
+
+import anyio
+
+from ...errors import ConfigError
+
+
+class ConsolePort(Protocol):
+    """The host side of one console port."""
+
+    async def receive(self, max_bytes: int = 65536) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FdPort:
+    """Reads from ``read_fd`` and writes to ``write_fd`` (e.g. stdin/stdout), non-blocking.
+
+    The descriptors stay open on ``close()``, which only gives them back their blocking mode.
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._fds = (read_fd, write_fd)
+        self._blocking = tuple(os.get_blocking(fd) for fd in self._fds)
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            try:
+                data = os.read(self._fds[0], max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fds[0])
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fds[1], view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self._fds[1])
+
+    def close(self) -> None:
+        for fd, blocking in zip(self._fds, self._blocking):
+            os.set_blocking(fd, blocking)
+
+
+class UnixSocketPort:
+    """Listens on a Unix socket at ``path`` and talks to one client at a time.
+
+    Output while no client is connected is dropped (like a serial line with nothing plugged in);
+    a connected client that stops reading holds the guest's output back. When the client
+    hangs up the port accepts the next one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            if stat.S_ISSOCK(os.stat(self.path).st_mode):
+                os.unlink(self.path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(self.path)
+            self._listener.listen(1)
+        except OSError as exc:
+            self._listener.close()
+            raise ConfigError(f"cannot listen on console socket {self.path}: {exc.strerror}") from exc
+        self._listener.setblocking(False)
+        self._client: socket.socket | None = None
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            client = self._client or await self._accept()
+            try:
+                await anyio.wait_readable(client)
+                data = client.recv(max_bytes)
+            except BlockingIOError:
+                continue
+            except (OSError, anyio.ClosedResourceError):
+                data = b""
+            if data:
+                return data
+            self._drop(client)
+
+    async def _accept(self) -> socket.socket:
+        while True:
+            await anyio.wait_readable(self._listener)
+            try:
+                client, _ = self._listener.accept()
+            except BlockingIOError:
+                continue
+            client.setblocking(False)
+            self._client = client
+            return client
+
+    async def send(self, data: bytes) -> None:
+        client = self._client
+        view = memoryview(data)
+        try:
+            while client is not None and view:
+                try:
+                    view = view[client.send(view) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(client)
+        except (OSError, anyio.ClosedResourceError):
+            self._drop(client)
+
+    def _drop(self, client: socket.socket | None) -> None:
+        if client is not None and client is self._client:
+            self._client = None
+            anyio.notify_closing(client)
+            client.close()
+
+    def close(self) -> None:
+        self._drop(self._client)
+        self._listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

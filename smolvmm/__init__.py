@@ -1,1 +1,61 @@
-"""smolvmm: a virtual machine monitor whose machines start from a snapshot in a fraction of a second."""
+"""smolvmm: a virtual machine monitor whose machines start from a snapshot in a fraction of a second.
+
+The public API, re-exported here and imported on first use (so ``python -m smolvmm --help``
+and each CLI command pay only for what they touch)::
+
+    async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
+        await machine.console.wait_for("guest ready")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Machine": "smolvmm.machine",
+    "MachineConfig": "smolvmm.config",
+    "DiskConfig": "smolvmm.config",
+    "NetConfig": "smolvmm.config",
+    "parse_size": "smolvmm.config",
+    "ExitReason": "smolvmm.vcpu",
+    "MachineExit": "smolvmm.vcpu",
+    "Console": "smolvmm.console",
+    "SmolvmmError": "smolvmm.errors",
+    "ConfigError": "smolvmm.errors",
+    "HypervisorError": "smolvmm.errors",
+    "GuestError": "smolvmm.errors",
+    "GuestMemoryError": "smolvmm.errors",
+    "BundleError": "smolvmm.errors",
+    "ImageError": "smolvmm.errors",
+    "default_guest": "smolvmm.images.guest",
+    "GuestImage": "smolvmm.images.guest",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smolvmm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .config import DiskConfig, MachineConfig, NetConfig, parse_size
+    from .console import Console
+    from .errors import (
+        BundleError,
+        ConfigError,
+        GuestError,
+        GuestMemoryError,
+        HypervisorError,
+        ImageError,
+        SmolvmmError,
+    )
+    from .images.guest import GuestImage, default_guest
+    from .machine import Machine
+    from .vcpu import ExitReason, MachineExit

@@ -1,4 +1,4 @@
-"""``python -m smolvmm``: a thin command line over the public API.
+"""smolvmm: run virtual machines that start from a snapshot in a fraction of a second.
 
 Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so ``--help`` stays cheap.

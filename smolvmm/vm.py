@@ -62,6 +62,7 @@ class VirtualMachine:
             self._closers.append(vcpu.close)
             self.vcpus.append(vcpu)
         self.threads: list[VcpuThread] = []
+        self.virtio_slots: list[tuple[int, int, int]] = []  # (mmio base, size, gsi) per virtio device
 
     def _feed_console(self, data: bytes) -> int:
         return self.uart.feed(data)
@@ -80,7 +81,7 @@ class VirtualMachine:
             initrd_data = initrd.read_bytes() if initrd else None
         except OSError as exc:
             raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        rsdp, tables = acpi.build_tables(len(self.vcpus))
+        rsdp, tables = acpi.build_tables(len(self.vcpus), self.virtio_slots)
         self.memory.write(layout.ACPI_TABLES_ADDR, tables)
         entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
         regs.write_boot_structures(self.memory)

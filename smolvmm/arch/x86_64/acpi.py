@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from . import layout
+from . import aml, layout
 
 OEM_ID = b"SMOLVM"
 OEM_TABLE_ID = b"SMOLVMM "
@@ -41,10 +41,22 @@ def _gas(port: int) -> bytes:
     return struct.pack("<BBBBQ", GAS_SYSTEM_IO, 8, 0, 1, port)
 
 
-def dsdt() -> bytes:
-    # AML: Name (_S5_, Package (4) { 5, 0, 0, 0 })
-    aml = b"\x08_S5_\x12\x07\x04\x0a" + bytes([S5_SLEEP_TYPE]) + b"\x00\x00\x00"
-    return _table(b"DSDT", 2, aml)
+def virtio_mmio_device(index: int, base: int, size: int, gsi: int) -> bytes:
+    """A virtio-mmio transport as Linux's virtio_mmio driver finds it on ACPI systems (_HID LNRO0005)."""
+    return aml.device(
+        f"V{index:03X}",
+        aml.name("_HID", aml.string("LNRO0005")),
+        aml.name("_UID", aml.integer(index)),
+        aml.name("_CCA", aml.integer(1)),
+        aml.name("_CRS", aml.resource_template(aml.memory32_fixed(base, size), aml.interrupt(gsi))),
+    )
+
+
+def dsdt(devices: list[tuple[int, int, int]]) -> bytes:
+    """\\_S5 for poweroff and, under \\_SB, one node per virtio-mmio (base, size, gsi)."""
+    s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (S5_SLEEP_TYPE, 0, 0, 0))))
+    nodes = [virtio_mmio_device(i, base, size, gsi) for i, (base, size, gsi) in enumerate(devices)]
+    return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", *nodes))
 
 
 def fadt(dsdt_addr: int) -> bytes:
@@ -72,8 +84,13 @@ def madt(vcpus: int) -> bytes:
     return _table(b"APIC", 4, body)
 
 
-def build_tables(vcpus: int, base: int = layout.ACPI_TABLES_ADDR) -> tuple[int, bytes]:
-    """Lay out every table from ``base``; returns (RSDP address, bytes to write at ``base``)."""
+def build_tables(
+    vcpus: int, virtio: list[tuple[int, int, int]], base: int = layout.ACPI_TABLES_ADDR
+) -> tuple[int, bytes]:
+    """Lay out every table from ``base``; returns (RSDP address, bytes to write at ``base``).
+
+    ``virtio`` lists the (mmio base, size, gsi) of each virtio-mmio device.
+    """
     blob = bytearray()
 
     def place(table: bytes) -> int:
@@ -83,7 +100,7 @@ def build_tables(vcpus: int, base: int = layout.ACPI_TABLES_ADDR) -> tuple[int, 
         return address
 
     rsdp_addr = place(bytes(36))
-    dsdt_addr = place(dsdt())
+    dsdt_addr = place(dsdt(virtio))
     fadt_addr = place(fadt(dsdt_addr))
     madt_addr = place(madt(vcpus))
     xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))

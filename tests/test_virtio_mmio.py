@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import anyio
+
 import pytest
 from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
 
 from smolvmm.devices.virtio.device import F_VERSION_1
-from smolvmm.devices.virtio.mmio import MAGIC, STATUS_DRIVER_OK, STATUS_FEATURES_OK
+from smolvmm.devices.virtio.mmio import MAGIC, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError
 
@@ -141,3 +143,60 @@ def test_restore_rejects_invalid_queue_state(change: dict) -> None:
     queue = dataclasses.replace(state.queues[0], **change)
     with pytest.raises(BundleError):
         Driver(VirtioRng(), driver.memory).transport.restore_state(dataclasses.replace(state, queues=(queue,)))
+
+
+@pytest.mark.anyio
+async def test_event_idx_suppresses_interrupts_until_used_event() -> None:
+    driver = Driver(VirtioRng())
+    driver.start(RING_FEATURES)
+    size = driver.sizes[0]
+    driver.memory.write_u16(driver.avail_addr(0) + 4 + 2 * size, 4)  # used_event: after the 5th
+    async with running(driver):
+        for _ in range(3):
+            driver.submit(0, [(driver.alloc(8), 8, True)])
+            await driver.wait_used(0)
+        assert driver.interrupts() == 0
+        # avail_event tells the driver which index to notify at next (§2.7.10)
+        assert driver.memory.read_u16(driver.used_addr(0) + 4 + 8 * size) == 3
+        for _ in range(2):
+            driver.submit(0, [(driver.alloc(8), 8, True)])
+            await driver.wait_used(0)
+        assert driver.interrupts() == 1
+
+
+@pytest.mark.anyio
+async def test_no_interrupt_flag_without_event_idx() -> None:
+    driver = Driver(VirtioRng())
+    driver.start(1 << F_VERSION_1)
+    driver.memory.write_u16(driver.avail_addr(0), 1)  # VIRTQ_AVAIL_F_NO_INTERRUPT
+    async with running(driver):
+        driver.submit(0, [(driver.alloc(8), 8, True)])
+        await driver.wait_used(0)
+    assert driver.interrupts() == 0
+
+
+@pytest.mark.anyio
+async def test_indirect_descriptor_without_the_feature_needs_reset() -> None:
+    driver = Driver(VirtioRng())
+    driver.start(1 << F_VERSION_1)
+    async with running(driver):
+        driver.submit(0, [(driver.alloc(8), 8, True)], indirect=True)
+        with anyio.fail_after(3):
+            while not driver.read(0x070) & STATUS_NEEDS_RESET:
+                await anyio.sleep(0.001)
+    assert driver.read(0x060) & 2
+    assert driver.interrupts() == 1
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_task_leaves_no_taken_chain_unused() -> None:
+    driver = Driver(VirtioRng())
+    driver.start(RING_FEATURES)
+    size = driver.sizes[0]
+    for _ in range(size):
+        driver.submit(0, [(driver.alloc(4096), 4096, True)], kick=False)
+    driver.kick(0)
+    with anyio.move_on_after(0.002):
+        await driver.transport.run()
+    queue = driver.transport.save_state().queues[0]
+    assert queue.next_avail == queue.next_used == driver.used_idx(0)

@@ -8,6 +8,7 @@ index is checked; a malformed queue raises :class:`QueueError` and nothing else.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 from ...errors import GuestError, GuestMemoryError
@@ -21,6 +22,7 @@ DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_FENCE = threading.Lock()
 
 
 class QueueError(GuestError):
@@ -113,6 +115,16 @@ def parse_chain(
         index = next_index
 
 
+def _full_fence() -> None:
+    """Order the ring store before it against the ring load after it (§2.7.7.2, §2.7.10).
+
+    Python has no fence; taking an uncontended lock runs an atomic read-modify-write, which is
+    a full barrier on x86-64 (on arm64 glibc's acquire-only CAS would not be).
+    """
+    with _FENCE:
+        pass
+
+
 def _need_event(event: int, new: int, old: int) -> bool:
     """§2.7.7.2 / §2.7.10: has ``event`` been passed going from ``old`` to ``new`` (mod 2^16)?"""
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
@@ -197,6 +209,7 @@ class Queue:
             return False
         if self.event_idx:
             memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+        _full_fence()
         return self.pending(memory) > 0
 
     def needs_interrupt(self, memory: GuestMemory) -> bool:
@@ -204,6 +217,7 @@ class Queue:
         old, self.signalled_used = self.signalled_used, self.next_used
         if old == self.next_used:
             return False
+        _full_fence()
         if self.event_idx:
             used_event = memory.read_u16(self.avail_addr + 4 + 2 * self.size)
             return _need_event(used_event, self.next_used, old)

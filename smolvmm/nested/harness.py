@@ -1,0 +1,199 @@
+"""Run one command inside the nested KVM machine (QEMU TCG with emulated AMD-V) and report back.
+
+The command's stdout and stderr come back live through two virtio-serial ports, its exit status
+through a third; the kernel console goes to a log whose tail explains a failure of the machine itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smolvmm.errors import SmolvmmError
+from smolvmm.nested.image import FAILED, HOSTROOT_TAG, PORTS, nested_image
+
+HARNESS_FAILURE = 125
+QEMU = "qemu-system-x86_64"
+_FORWARDED = {"PATH", "HOME", "VIRTUAL_ENV", "XDG_CACHE_HOME", "TERM", "LANG", "LANGUAGE", "TZ", "USER", "CI"}
+_FORWARDED_PREFIXES = ("SMOLVMM_", "PYTHON", "LC_")
+_PR_SET_PDEATHSIG = 1
+
+
+class HarnessError(SmolvmmError):
+    """The nested machine itself failed; the message names the layer, ``console`` holds the log tail."""
+
+    def __init__(self, message: str, console: str = "") -> None:
+        super().__init__(message)
+        self.console = console
+
+
+@dataclass
+class Job:
+    """A command to run inside the nested machine."""
+
+    command: Sequence[str]
+    cwd: Path = field(default_factory=Path.cwd)
+    outs: Sequence[Path] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    timeout: float = 1800.0
+
+
+def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables that make sense inside the nested machine, marked with SMOLVMM_NESTED=1."""
+    kept = {k: v for k, v in env.items() if k in _FORWARDED or k.startswith(_FORWARDED_PREFIXES)}
+    return {**kept, "SMOLVMM_NESTED": "1"}
+
+
+def job_script(job: Job) -> str:
+    """The shell script the nested machine's init runs chrooted into the host root."""
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(forwarded_env(job.env).items())]
+    lines.append("[ -e /run/smolvmm/readonly ] && export PYTHONDONTWRITEBYTECODE=1")
+    lines.append(f"cd {shlex.quote(str(job.cwd))} || exit {HARNESS_FAILURE}")
+    lines.append("exec " + shlex.join(job.command))
+    return "\n".join(lines) + "\n"
+
+
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency in kHz (TCG's guest TSC runs at the host's rate)."""
+    sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+    if sysfs.exists():
+        return int(sysfs.read_text())
+    match = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    return round(float(match.group(1)) * 1000) if match else None
+
+
+def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]) -> list[str]:
+    """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, three ports."""
+    tsc = host_tsc_khz()
+    cmdline = "console=ttyS0 quiet panic=-1 mitigations=off" + (f" tsc_early_khz={tsc}" if tsc else "")
+    args = [
+        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "2",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} smolvmm.job={workdir}/job",
+        "-chardev", f"file,id=console,path={workdir}/console.log", "-serial", "chardev:console",
+        "-virtfs", f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-serial-pci",
+    ]
+    for index, out in enumerate(outs):
+        args += ["-virtfs", f"local,path={out},mount_tag=out{index},security_model=none,multidevs=remap"]
+    for port in PORTS:
+        args += ["-chardev", f"socket,id={port},path={workdir}/{port}"]
+        args += ["-device", f"virtserialport,chardev={port},name={port}"]
+    return args
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def _failure(workdir: Path, qemu_exit: int | None) -> HarnessError:
+    console = _tail(workdir / "console.log")
+    for line in reversed(console.splitlines()):
+        if FAILED in line:
+            return HarnessError(f"nested machine init: {line.split(FAILED, 1)[1].strip()}", console)
+        if "Kernel panic" in line:
+            return HarnessError(f"nested kernel panicked: {line.strip()}", console)
+    qemu_error = _tail(workdir / "qemu.stderr", 1)
+    if qemu_exit and qemu_error:
+        return HarnessError(f"QEMU exited with status {qemu_exit}: {qemu_error}", console)
+    return HarnessError("the nested machine stopped without reporting the command's exit status", console)
+
+
+def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
+    """Run ``job`` in a fresh nested machine, copying its output to the given fds; return its exit status.
+
+    Raises HarnessError when the machine rather than the command failed.
+    """
+    if shutil.which(QEMU) is None:
+        raise HarnessError(f"{QEMU} not found: apt-get install qemu-system-x86")
+    kernel, initrd = nested_image()
+    with tempfile.TemporaryDirectory(prefix="smolvmm-nested-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "job").mkdir()
+        (workdir / "job" / "job").write_text(job_script(job))
+        (workdir / "job" / "mounts").write_text("".join(f"out{i} {out}\n" for i, out in enumerate(job.outs)))
+        listeners = []
+        for port in PORTS:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(workdir / port))
+            listener.listen(1)
+            listeners.append(listener)
+        with open(workdir / "qemu.stderr", "wb") as qemu_stderr:
+            qemu = subprocess.Popen(
+                qemu_command(kernel, initrd, workdir, job.outs),
+                stdin=subprocess.DEVNULL, stdout=qemu_stderr, stderr=qemu_stderr,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        try:
+            status = _pump(qemu, listeners, {PORTS[0]: stdout, PORTS[1]: stderr}, job.timeout)
+            timed_out = qemu.poll() is None
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+            qemu.wait()
+            for listener in listeners:
+                listener.close()
+        if timed_out:
+            raise HarnessError(f"timed out after {job.timeout:g} s", _tail(workdir / "console.log"))
+        if status is None:
+            raise _failure(workdir, qemu.returncode)
+        return status
+
+
+def _pump(
+    qemu: subprocess.Popen[bytes], listeners: list[socket.socket], sinks: dict[str, int], timeout: float
+) -> int | None:
+    """Copy port data to ``sinks`` until QEMU exits; return the reported exit status, if any.
+
+    On timeout return None with QEMU still running.
+    """
+    deadline = time.monotonic() + timeout
+    status = b""
+    with selectors.DefaultSelector() as selector:
+        for port, listener in zip(PORTS, listeners):
+            selector.register(listener, selectors.EVENT_READ, (port, True))
+        while True:
+            exited = qemu.poll() is not None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not exited:
+                return None
+            events = selector.select(0 if exited else min(remaining, 0.5))
+            if exited and not events:
+                break
+            for key, _ in events:
+                port, listening = key.data
+                if listening:
+                    connection, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    selector.unregister(key.fileobj)
+                    selector.register(connection, selectors.EVENT_READ, (port, False))
+                    continue
+                data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                if not data:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()  # type: ignore[union-attr]
+                elif port in sinks:
+                    os.write(sinks[port], data)
+                else:
+                    status += data
+    text = status.decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None

@@ -248,6 +248,17 @@ def check_index(
     return extents
 
 
+def split_extents(extents: Sequence[Extent], encoding: Encoding, block: int) -> Iterator[Extent]:
+    """Raw extents cut into pieces of at most ``block`` bytes (a page multiple); zstd chunks as they are."""
+    for extent in extents:
+        if encoding != Encoding.RAW_PAGES or extent.length <= block:
+            yield extent
+            continue
+        for start in range(0, extent.length, block):
+            length = min(block, extent.length - start)
+            yield Extent(extent.address + start, length, extent.offset + start, _round_up(length, PAGE_SIZE))
+
+
 def decode_into(
     fd: int,
     data_offset: int,

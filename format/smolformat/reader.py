@@ -34,7 +34,7 @@ from .layout import (
     SectionFlag,
     SectionKind,
 )
-from .pages import Extent, Region, check_index, decode_into
+from .pages import Extent, Region, check_index, decode_into, split_extents
 from .payloads import parser
 
 _PARSE_ERRORS = (ConstructError, struct.error, ValueError, OverflowError, IndexError, KeyError, TypeError)
@@ -53,6 +53,9 @@ _REQUIRED = {SectionKind.CONFIG, SectionKind.VM_STATE, SectionKind.DEVICES, Sect
 _IMAGE_DATA = {SectionKind.MEMORY_DATA, SectionKind.DISK_DATA}
 _ENCODING_NAMES = {Encoding.RAW_PAGES: "raw", Encoding.ZSTD_CHUNKS: "zstd"}
 _HASH_BLOCK = 1 << 20
+_COPY_BLOCK = 1 << 20
+# STRUCT sections are read whole: none comes near this (a vCPU with a 1 MiB XSAVE area is the largest)
+MAX_STRUCT_SECTION = 64 << 20
 
 
 class SectionInfo(NamedTuple):
@@ -186,18 +189,18 @@ class DiskImage:
             lambda address, length: view[address : address + length], threads,
         )
 
-    def materialise(self, path: str | os.PathLike[str], threads: int = 2) -> None:
-        """Write the disk to a new sparse file at ``path``."""
+    def materialise(self, path: str | os.PathLike[str]) -> None:
+        """Write the disk to a new sparse file at ``path``, one chunk (at most 1 MiB raw) at a time."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, self.size)
-            for extent in self._extents:
-                chunk = bytearray(extent.length)
+            for piece in split_extents(self._extents, self._data.encoding, _COPY_BLOCK):
+                chunk = bytearray(piece.length)
                 decode_into(
-                    self._bundle.fileno(), self._data.offset, self._data.encoding, [extent],
+                    self._bundle.fileno(), self._data.offset, self._data.encoding, [piece],
                     lambda _address, _length: memoryview(chunk), 1,
                 )
-                os.pwrite(fd, chunk, extent.address)
+                os.pwrite(fd, chunk, piece.address)
         finally:
             os.close(fd)
 
@@ -268,6 +271,8 @@ class Bundle:
     def _parse(self, s: SectionInfo, arch: str = "") -> Any:
         if s.encoding != Encoding.STRUCT:
             raise FormatError("encoding-mismatch", f"section {_name(s)} must be STRUCT-encoded")
+        if s.length > MAX_STRUCT_SECTION:
+            raise FormatError("bad-section", f"section {_name(s)} is {s.length} bytes, more than any valid one")
         data = self._section_bytes(s)
         try:
             return parser(s.kind, arch).parse(data)

@@ -31,7 +31,7 @@ def repack_bundle(
             disks = []
             for index in range(bundle.disk_count):
                 disk_path = Path(scratch) / f"disk{index}"
-                bundle.disk(index).materialise(disk_path, threads)
+                bundle.disk(index).materialise(disk_path)
                 disks.append(disk_path)
             contents = BundleContents(
                 config=bundle.config,

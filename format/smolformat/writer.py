@@ -33,7 +33,7 @@ from .layout import (
     SectionFlag,
     SectionKind,
 )
-from .pages import DEFAULT_CHUNK_SIZE, Extent, PageIndex, RawEncoder, encode_zstd
+from .pages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Extent, PageIndex, RawEncoder, encode_zstd
 from .payloads import parser, payload
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
@@ -191,6 +191,8 @@ def write_bundle(
     defaults to ``memory_encoding``). Invalid contents raise ``FormatError`` before anything lands at
     ``path``; on any exception the temp file is removed.
     """
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
     memory_enc = ENCODINGS[memory_encoding]
     disk_enc = ENCODINGS[disk_encoding or memory_encoding]
     target = Path(path)

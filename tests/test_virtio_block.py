@@ -8,13 +8,27 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
 
-from smolvmm.devices.virtio.block import F_RO, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlock
+from smolvmm.devices.virtio.block import (
+    F_RO,
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    VirtioBlock,
+    parse_request,
+)
 from smolvmm.devices.virtio.cow import CLUSTER_SIZE, CowDisk
 from smolvmm.devices.virtio.mmio import STATUS_NEEDS_RESET
+from smolvmm.devices.virtio.queue import DescriptorChain, QueueError
 from smolvmm.devices.virtio.rng import VirtioRng
-from smolvmm.errors import ImageError
+from smolvmm.errors import BundleError, ImageError
 
 DISK_SIZE = 1 << 20
 
@@ -188,3 +202,30 @@ async def test_bad_chain_needs_reset_without_disturbing_another_device(base: Pat
             assert await rng.wait_used(0) == [(head, 16)]
         block.start(RING_FEATURES)  # a reset brings it back
         assert (await request(block, T_IN, 0, read=512))[0] == S_OK
+
+
+def test_restore_onto_another_disk_is_refused(base: Path, tmp_path: Path) -> None:
+    driver = Driver(VirtioBlock(base))
+    driver.start(RING_FEATURES)
+    state = driver.transport.save_state()
+    smaller = tmp_path / "small.img"
+    smaller.write_bytes(bytes(DISK_SIZE // 2))
+    with pytest.raises(BundleError, match="does not match"):
+        Driver(VirtioBlock(smaller), driver.memory).transport.restore_state(state)
+    with pytest.raises(BundleError, match="does not match"):
+        Driver(VirtioBlock(base, read_only=True), driver.memory).transport.restore_state(state)
+
+
+views = st.lists(st.binary(max_size=40).map(lambda b: memoryview(bytearray(b))), max_size=4).map(tuple)
+
+
+@settings(max_examples=500, deadline=None)
+@given(readable=views, writable=views)
+def test_any_chain_parses_to_a_request_or_queue_error(readable, writable) -> None:
+    try:
+        request = parse_request(DescriptorChain(0, readable, writable))
+    except QueueError:
+        assert not any(len(v) for v in writable)
+        return
+    assert len(request.status) == 1
+    assert sum(map(len, request.data)) <= sum(map(len, readable + writable))

@@ -103,15 +103,17 @@ def host_udp_socket(ns: str) -> socket.socket:
     return in_netns(ns, make)
 
 
-async def wait_frame(driver: Driver, buffers: dict[int, int], match: Callable[[bytes], bool]) -> bytes:
-    """Wait for a received frame (after its virtio header) that ``match`` accepts."""
+async def wait_frame(
+    driver: Driver, buffers: dict[int, int], match: Callable[[bytes], bool]
+) -> tuple[bytes, bytes]:
+    """Wait for a received frame that ``match`` accepts; returns its virtio header and the frame."""
     with anyio.fail_after(3):
         while True:
             for head, length in await driver.wait_used(0):
                 frame = driver.memory.read(buffers[head], length)
                 assert frame[10:12] == b"\x01\x00"  # num_buffers
                 if match(frame[HDR:]):
-                    return frame[HDR:]
+                    return frame[:HDR], frame[HDR:]
 
 
 @pytest.mark.anyio
@@ -138,7 +140,8 @@ async def test_udp_crosses_the_device_both_ways(netns: str) -> None:
         assert (data, sender) == (b"hello host", (GUEST_IP, 5555))
         # host -> guest
         host.sendto(b"hello guest", (GUEST_IP, 7777))
-        received = await wait_frame(driver, rx, lambda f: f[12:14] == b"\x08\x00" and f[23] == 17)
+        header, received = await wait_frame(driver, rx, lambda f: f[12:14] == b"\x08\x00" and f[23] == 17)
+        assert header[0] & 1  # VIRTIO_NET_HDR_F_NEEDS_CSUM: the checksum offload reached the guest
         assert received[:6] == GUEST_MAC
         assert received.endswith(b"hello guest")
     host.close()
@@ -171,7 +174,7 @@ async def test_ping_from_host_is_answered_through_the_device(netns: str) -> None
             gpa = driver.alloc(1526)
             rx[driver.submit(0, [(gpa, 1526, True)])] = gpa
         pinger.sendto(echo(8, 0x5A5A, b"smolvmm ping"), (GUEST_IP, 0))
-        request = await wait_frame(driver, rx, lambda f: f[23] == 1 and f[34] == 8)
+        _, request = await wait_frame(driver, rx, lambda f: f[23] == 1 and f[34] == 8)
         reply = tap_mac + GUEST_MAC + b"\x08\x00" + swap_addresses(request) + echo(0, 0x5A5A, b"smolvmm ping")
         tx = driver.alloc(HDR + len(reply), bytes(HDR) + reply)
         driver.submit(1, [(tx, HDR + len(reply), False)])
@@ -200,7 +203,8 @@ async def test_rx_waits_for_guest_buffers_without_spinning(netns: str) -> None:
         assert (spent.user + spent.system) - (before.user + before.system) < 0.15
         gpa = driver.alloc(1526)
         rx = {driver.submit(0, [(gpa, 1526, True)]): gpa}
-        assert (await wait_frame(driver, rx, lambda f: f.endswith(b"queued"))).endswith(b"queued")
+        header, _ = await wait_frame(driver, rx, lambda f: f.endswith(b"queued"))
+        assert header[0] == 0  # no GUEST_CSUM negotiated: the kernel checksummed it
     host.close()
     driver.transport.close()
 

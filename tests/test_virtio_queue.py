@@ -78,7 +78,8 @@ def test_random_rings_pop_chains_or_raise_queue_error(size, table, ring, avail_i
     memory.write(AVAIL, struct.pack("<HH", 0, avail_idx) + struct.pack(f"<{len(ring)}H", *ring))
     queue = Queue(16)
     queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr = size, DESC, AVAIL, USED
-    queue.activate(memory, event_idx=True, indirect=True)
+    queue.set_ring_features(event_idx=True, indirect=True)
+    queue.validate(memory)
     queue.ready = True
     queue.next_avail = next_avail
     try:

@@ -59,6 +59,11 @@ class MmioState:
     device: object
 
 
+def _ring_features(features: int) -> tuple[bool, bool]:
+    """(EVENT_IDX, INDIRECT_DESC) as accepted in ``features``."""
+    return bool(features >> F_RING_EVENT_IDX & 1), bool(features >> F_RING_INDIRECT_DESC & 1)
+
+
 class MmioTransport:
     """Registers, interrupts and the driver-session lifecycle of one virtio-mmio device."""
 
@@ -178,6 +183,9 @@ class MmioTransport:
             # §2.2.2: refuse FEATURES_OK when the driver accepted anything not offered.
             if self._driver_features & ~self._offered or not self._driver_features & bit(F_VERSION_1):
                 new &= ~STATUS_FEATURES_OK
+            else:
+                for queue in self._queues:
+                    queue.set_ring_features(*_ring_features(self._driver_features))
         if new & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
             new &= ~STATUS_DRIVER_OK
         starting = new & STATUS_DRIVER_OK and not self._status & STATUS_DRIVER_OK
@@ -235,8 +243,7 @@ class MmioTransport:
             features = self._driver_features
             for queue in self._queues:
                 if queue.ready:
-                    queue.activate(self.memory, bool(features >> F_RING_EVENT_IDX & 1),
-                                   bool(features >> F_RING_INDIRECT_DESC & 1))
+                    queue.validate(self.memory)
             self.device.activate(features)
             self._session = Session(
                 self.memory, features, self._queues, self.notify_fds, self._lock, self._interrupt
@@ -282,12 +289,11 @@ class MmioTransport:
             raise BundleError(f"saved virtio driver features {state.driver_features:#x} were never offered")
         if state.status & STATUS_FEATURES_OK and not state.driver_features & bit(F_VERSION_1):
             raise BundleError("saved virtio device negotiated features without VERSION_1")
-        event_idx = bool(state.driver_features >> F_RING_EVENT_IDX & 1)
-        indirect = bool(state.driver_features >> F_RING_INDIRECT_DESC & 1)
+        negotiated = state.driver_features if state.status & STATUS_FEATURES_OK else 0
         with self._lock:
             try:
                 for queue, saved in zip(self._queues, state.queues):
-                    queue.restore(saved, self.memory, event_idx, indirect)
+                    queue.restore(saved, self.memory, *_ring_features(negotiated))
             except QueueError as exc:
                 raise BundleError(f"saved virtqueue is invalid: {exc}") from exc
             self.device.restore_state(state.device)

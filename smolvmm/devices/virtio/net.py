@@ -74,9 +74,12 @@ class VirtioNet(VirtioDevice):
 
     def activate(self, features: int) -> None:
         offloads = 0
-        for feature, flag in ((F_GUEST_CSUM, TUN_F_CSUM), (F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6)):
-            if features & bit(feature):
-                offloads |= flag
+        # §5.1.3.1: the TSO features depend on GUEST_CSUM, and so does the kernel's TSO.
+        if features & bit(F_GUEST_CSUM):
+            offloads |= TUN_F_CSUM
+            for feature, flag in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6)):
+                if features & bit(feature):
+                    offloads |= flag
         self._tap.set_offloads(offloads)
 
     def reset(self) -> None:

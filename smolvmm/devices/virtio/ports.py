@@ -29,12 +29,14 @@ class ConsolePort(Protocol):
 class FdPort:
     """Reads from ``read_fd`` and writes to ``write_fd`` (e.g. stdin/stdout), non-blocking.
 
-    The descriptors stay open on ``close()``, which only gives them back their blocking mode.
+    A read error counts as the end of input; after a write error (the reader went away) output
+    is dropped. The descriptors stay open on ``close()``, which only restores their blocking mode.
     """
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._fds = (read_fd, write_fd)
         self._blocking = tuple(os.get_blocking(fd) for fd in self._fds)
+        self._broken = False
         for fd in self._fds:
             os.set_blocking(fd, False)
 
@@ -45,17 +47,21 @@ class FdPort:
             except BlockingIOError:
                 await anyio.wait_readable(self._fds[0])
                 continue
+            except OSError as exc:
+                raise anyio.EndOfStream from exc
             if not data:
                 raise anyio.EndOfStream
             return data
 
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
+        while view and not self._broken:
             try:
                 view = view[os.write(self._fds[1], view) :]
             except BlockingIOError:
                 await anyio.wait_writable(self._fds[1])
+            except OSError:
+                self._broken = True
 
     def close(self) -> None:
         for fd, blocking in zip(self._fds, self._blocking):

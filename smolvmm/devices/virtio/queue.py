@@ -164,9 +164,8 @@ class Queue:
                 raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
             _checked_view(memory, addr, length, what)
 
-    def activate(self, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:
-        """Validate the rings and fix the negotiated ring features for this driver session."""
-        self.validate(memory)
+    def set_ring_features(self, event_idx: bool, indirect: bool) -> None:
+        """Record the negotiated VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC (at FEATURES_OK)."""
         self.event_idx, self.indirect = event_idx, indirect
 
     def _avail_idx(self, memory: GuestMemory) -> int:
@@ -234,9 +233,10 @@ class Queue:
         for name in ("next_avail", "next_used", "signalled_used"):
             if not 0 <= getattr(state, name) <= 0xFFFF:
                 raise QueueError(f"saved queue {name} {getattr(state, name)} is not a 16-bit index")
-        if state.ready and state.event_idx != event_idx:
+        if state.event_idx != event_idx:
             raise QueueError("saved queue event-idx setting disagrees with the negotiated features")
         self.reset()
+        self.set_ring_features(event_idx, indirect)
         self.size, self.desc_addr = state.size, state.desc_addr
         self.avail_addr, self.used_addr = state.avail_addr, state.used_addr
         self.next_avail, self.next_used = state.next_avail, state.next_used
@@ -244,7 +244,7 @@ class Queue:
         if not _is_power_of_two(self.size) or self.size > self.max_size:
             raise QueueError(f"saved queue size {self.size} is not a power of two <= {self.max_size}")
         if state.ready:
-            self.activate(memory, event_idx, indirect)
+            self.validate(memory)
             self.pending(memory)
             if memory.read_u16(self.used_addr + 2) != self.next_used:
                 raise QueueError("saved next_used disagrees with the used ring in guest RAM")

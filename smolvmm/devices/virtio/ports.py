@@ -7,6 +7,7 @@ when the host side is finished), ``async send(data)`` and ``close()``.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import stat
 from typing import Protocol
@@ -27,45 +28,41 @@ class ConsolePort(Protocol):
 
 
 class FdPort:
-    """Reads from ``read_fd`` and writes to ``write_fd`` (e.g. stdin/stdout), non-blocking.
+    """Reads from ``read_fd`` and writes to ``write_fd`` (e.g. stdin/stdout).
 
-    A read error counts as the end of input; after a write error (the reader went away) output
-    is dropped. The descriptors stay open on ``close()``, which only restores their blocking mode.
+    The descriptors keep their blocking mode (a terminal's stdin and stdout often share one open
+    file, so making one non-blocking would change the other for the whole process): the port
+    waits until a descriptor is ready, then reads what is there or writes at most PIPE_BUF
+    bytes, which a ready pipe or terminal takes without blocking. A read error counts as the end
+    of input; after a write error (the reader went away) output is dropped. The descriptors
+    belong to the caller and stay open.
     """
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
-        self._fds = (read_fd, write_fd)
-        self._blocking = tuple(os.get_blocking(fd) for fd in self._fds)
+        self._read_fd, self._write_fd = read_fd, write_fd
         self._broken = False
-        for fd in self._fds:
-            os.set_blocking(fd, False)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        while True:
-            try:
-                data = os.read(self._fds[0], max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(self._fds[0])
-                continue
-            except OSError as exc:
-                raise anyio.EndOfStream from exc
-            if not data:
-                raise anyio.EndOfStream
-            return data
+        await anyio.wait_readable(self._read_fd)
+        try:
+            data = os.read(self._read_fd, max_bytes)
+        except OSError as exc:
+            raise anyio.EndOfStream from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
 
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
         while view and not self._broken:
+            await anyio.wait_writable(self._write_fd)
             try:
-                view = view[os.write(self._fds[1], view) :]
-            except BlockingIOError:
-                await anyio.wait_writable(self._fds[1])
+                view = view[os.write(self._write_fd, view[: select.PIPE_BUF]) :]
             except OSError:
                 self._broken = True
 
     def close(self) -> None:
-        for fd, blocking in zip(self._fds, self._blocking):
-            os.set_blocking(fd, blocking)
+        """Nothing to release: the descriptors are the caller's."""
 
 
 class UnixSocketPort:

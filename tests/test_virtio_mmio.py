@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 import anyio
-
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
 
 from smolvmm.devices.virtio.device import F_VERSION_1
-from smolvmm.devices.virtio.mmio import MAGIC, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
+from smolvmm.devices.virtio.mmio import (
+    MAGIC,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+    MmioState,
+)
+from smolvmm.devices.virtio.queue import QueueState
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError
 
@@ -200,3 +208,66 @@ async def test_cancelling_the_task_leaves_no_taken_chain_unused() -> None:
         await driver.transport.run()
     queue = driver.transport.save_state().queues[0]
     assert queue.next_avail == queue.next_used == driver.used_idx(0)
+
+
+register_ops = st.lists(
+    st.tuples(
+        st.booleans(),
+        st.one_of(st.integers(0, 0x1FF), st.sampled_from(list(range(0, 0x100, 4)))),
+        st.sampled_from([1, 2, 4, 8]),
+        st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 0xF, 0xFF, 0x1000, 1 << 31])),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=register_ops)
+def test_random_register_traffic_never_raises(ops) -> None:
+    driver = Driver(VirtioRng())
+    driver.negotiate()  # halfway through a bring-up, so random writes reach deeper states
+    for is_write, offset, size, value in ops:
+        if is_write:
+            driver.transport.mmio_write(offset, size, value)
+        else:
+            assert 0 <= driver.transport.mmio_read(offset, size) < 1 << (8 * size)
+
+    async def run_briefly() -> None:
+        with anyio.move_on_after(0.001):
+            await driver.transport.run()
+
+    anyio.run(run_briefly)
+    driver.transport.close()
+
+
+index = st.one_of(st.integers(0, 0xFFFF), st.integers(-(2**70), 2**70))
+queue_states = st.builds(
+    QueueState,
+    size=st.sampled_from([0, 1, 3, 64, 256, 512]),
+    ready=st.booleans(),
+    desc_addr=st.one_of(st.just(0x10000), index),
+    avail_addr=st.one_of(st.just(0x14000), index),
+    used_addr=st.one_of(st.just(0x18000), index),
+    next_avail=index,
+    next_used=index,
+    signalled_used=index,
+    event_idx=st.booleans(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    status=st.integers(0, 0xFF),
+    features=st.one_of(st.just(RING_FEATURES), st.integers(0, 2**64)),
+    queue=queue_states,
+)
+def test_restore_of_random_state_loads_or_raises_bundle_error(status, features, queue) -> None:
+    driver = Driver(VirtioRng())
+    state = MmioState(4, status, 0, 0, features, 0, 0, 0, (queue,), None)
+    try:
+        driver.transport.restore_state(state)
+    except BundleError:
+        return
+    finally:
+        driver.transport.close()
+    assert queue.size in (1, 64, 256) and 0 <= queue.next_avail <= 0xFFFF

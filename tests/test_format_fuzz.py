@@ -18,7 +18,7 @@ VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = [(VECTORS / f"valid-{name}.smolmachine").read_bytes() for name in ("x86_64-raw", "x86_64-zstd", "arm64-raw")]
 SCRATCH = Path(tempfile.mkdtemp(prefix="smolformat-fuzz-")) / "fuzz.smolmachine"
 MAX_DECODE = 1 << 20
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Where each entry field lies in a section table entry, and its width.
 ENTRY_FIELDS = {"kind": (0, 2), "flags": (2, 2), "encoding": (4, 2), "index": (8, 4), "offset": (16, 8),

@@ -272,21 +272,27 @@ def decode_into(
 
     def decode(extent: Extent) -> None:
         view = target(extent.address, extent.length)
+        position = data_offset + extent.offset
         if encoding == Encoding.RAW_PAGES:
-            got = os.preadv(fd, [view], data_offset + extent.offset)
-            if got != extent.length:
-                raise FormatError("truncated", f"short read at {data_offset + extent.offset:#x}")
+            while view:  # a single read stops short of 2 GiB
+                got = os.preadv(fd, [view], position)
+                if got == 0:
+                    raise FormatError("truncated", f"file ends at {position:#x}, inside guest data")
+                view, position = view[got:], position + got
             return
-        frame = os.pread(fd, extent.stored, data_offset + extent.offset)
         if not hasattr(local, "dctx"):
             local.dctx = zstandard.ZstdDecompressor()
+        frame = os.pread(fd, extent.stored, position)
+        got = 0
         try:
-            plain = local.dctx.decompress(frame, max_output_size=extent.length)
+            with local.dctx.stream_reader(frame, read_across_frames=False) as reader:
+                while got < extent.length and (n := reader.readinto(view[got:])):
+                    got += n
+                extra = reader.read(1)
         except zstandard.ZstdError as exc:
             raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}") from exc
-        if len(plain) != extent.length:
-            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} decodes to {len(plain)} bytes, not {extent.length}")
-        view[:] = plain
+        if got != extent.length or extra:
+            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes")
 
     if threads <= 1:
         for extent in extents:

@@ -115,14 +115,25 @@ def test_flush_is_the_durability_point(base: Path, tmp_path: Path) -> None:
     disk.write_from(0, [memoryview(b"\x11" * 512)])
     disk.flush()
     disk.write_from(CLUSTER_SIZE, [memoryview(b"\x22" * 512)])
-    # A reader that opens the overlay now sees what a restart after a crash would see.
-    crashed = CowDisk(base, overlay, read_only=True)
+    # A copy of the overlay file taken now is what a restart after a crash would find.
+    copy = tmp_path / "after-crash.overlay"
+    copy.write_bytes(overlay.read_bytes())
+    crashed = CowDisk(base, copy, read_only=True)
     seen = bytearray(2 * CLUSTER_SIZE)
     crashed.read_into(0, [memoryview(seen)])
     assert seen[:512] == b"\x11" * 512
     assert seen[CLUSTER_SIZE:] == base.read_bytes()[CLUSTER_SIZE : 2 * CLUSTER_SIZE]
     crashed.close()
     disk.close()
+
+
+def test_overlay_has_one_writer(base: Path, tmp_path: Path) -> None:
+    overlay = tmp_path / "busy.overlay"
+    first = CowDisk(base, overlay, read_only=False)
+    with pytest.raises(ImageError, match="in use"):
+        CowDisk(base, overlay, read_only=False)
+    first.close()
+    CowDisk(base, overlay, read_only=False).close()
 
 
 def test_overlay_of_another_base_is_refused(base: Path, tmp_path: Path) -> None:

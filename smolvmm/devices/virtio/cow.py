@@ -14,6 +14,7 @@ that were already in the overlay at that FLUSH.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import struct
@@ -71,7 +72,7 @@ class CowDisk:
             self._base = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise ImageError(f"cannot open disk image {os.fspath(base)}: {exc.strerror}") from exc
-        self.size = os.fstat(self._base).st_size
+        self.size = os.lseek(self._base, 0, os.SEEK_END)  # also right for block devices
         self.read_only = read_only
         self._bitmap = bytearray(_round_up(_round_up(self.size, CLUSTER_SIZE) // CLUSTER_SIZE, 8 * 4096) // 8)
         self._data_offset = HEADER_SIZE + len(self._bitmap)
@@ -97,6 +98,7 @@ class CowDisk:
         except OSError as exc:
             raise ImageError(f"cannot open overlay {os.fspath(path)}: {exc.strerror}") from exc
         try:
+            self._lock(fd, os.fspath(path))
             if os.fstat(fd).st_size == 0 and not self.read_only:
                 self._format(fd, fingerprint)
                 os.fdatasync(fd)
@@ -106,6 +108,13 @@ class CowDisk:
             os.close(fd)
             raise
         return fd
+
+    def _lock(self, fd: int, path: str) -> None:
+        """One writer per overlay, or any number of readers: two machines must not share it."""
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ImageError(f"overlay {path} is in use by another machine") from exc
 
     def _format(self, fd: int, fingerprint: bytes) -> None:
         header = _HEADER.pack(MAGIC, VERSION, CLUSTER_SIZE, self.size, fingerprint)

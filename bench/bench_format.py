@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from smolformat import BundleContents, make_metadata, open_bundle, samples, write_bundle
+from smolformat.pages import MIN_DEDUP_RUN
 
 MIB = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -92,6 +93,14 @@ def main() -> int:
         for name, path in (("raw", raw), ("zstd", zstd)):
             size = path.stat().st_size
             rows.append((f"{name} bundle size", f"{size / MIB:.1f} MiB (RAM/size {ram_size / size:.2f})"))
+        for min_run in (0, 1, 4, MIN_DEDUP_RUN):
+            variant = Path(scratch) / f"dedup{min_run}.smolmachine"
+            write_bundle(variant, contents, memory_encoding="raw", min_dedup_run=min_run)
+            with open_bundle(variant) as bundle:
+                extents = len(bundle.memory_extents())
+            label = "off" if min_run == 0 else f"runs >= {min_run} pages"
+            rows.append((f"raw, dedup {label}", f"{variant.stat().st_size / MIB:.1f} MiB, {extents} extents"))
+            variant.unlink()
         for threads in (1, 2):
             target = mmap.mmap(-1, ram_size)
             with open_bundle(zstd) as bundle:

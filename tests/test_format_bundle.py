@@ -141,3 +141,14 @@ def test_zstd_memory_is_not_mappable(tmp_path: Path) -> None:
     with open_bundle(path) as bundle, pytest.raises(FormatError) as caught:
         bundle.memory_extents()
     assert caught.value.code == "wrong-encoding"
+
+
+def test_dedup_can_be_turned_off(tmp_path: Path) -> None:
+    run = random.Random(6).randbytes(MIN_DEDUP_RUN * PAGE_SIZE)
+    memory = bytearray(4 * MIB)
+    memory[0 : len(run)] = memory[2 * MIB : 2 * MIB + len(run)] = run
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path, "arm64", [memory]), memory_encoding="raw", min_dedup_run=0)
+    with open_bundle(path) as bundle:
+        assert next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA).length == 2 * len(run)
+        assert len({e.file_offset for e in bundle.memory_extents()}) == 2

@@ -4,9 +4,9 @@ An image is a list of regions ``(start, size)`` (guest RAM regions, or one regio
 Its *index* section lists extents ``(address, length, offset, stored)``; its *data* section holds
 the bytes. Ranges that no extent covers are zero.
 
-- raw: page-aligned pages; zero pages left out; a run of at least ``MIN_DEDUP_RUN`` pages equal to
-  pages already stored points at them instead of being stored again (single equal pages are stored,
-  so dedup never shatters a run into one mapping per page).
+- raw: page-aligned pages; zero pages left out; a run of at least ``min_dedup_run`` (default
+  ``MIN_DEDUP_RUN``) pages equal to pages already stored points at them instead of being stored
+  again. Single equal pages are stored again, so dedup never shatters a run into one mapping per page.
 - zstd: one independent frame per ``granule``-sized chunk of a region; all-zero chunks left out.
 """
 
@@ -88,10 +88,12 @@ class RawEncoder:
     """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
 
     ``read_back(offset, n)`` reads bytes already written, to confirm a dedup match byte for byte.
+    ``min_dedup_run`` 0 turns deduplication off.
     """
 
-    def __init__(self, out: BinaryIO, read_back: Callable[[int, int], bytes]) -> None:
+    def __init__(self, out: BinaryIO, read_back: Callable[[int, int], bytes], min_dedup_run: int = MIN_DEDUP_RUN) -> None:
         self._out = out
+        self._min_run = min_dedup_run
         self._read_back = read_back
         self._written = 0
         self._seen: dict[bytes, int] = {}
@@ -119,7 +121,7 @@ class RawEncoder:
 
         def flush_run() -> None:
             nonlocal pending_new
-            if len(run) >= MIN_DEDUP_RUN:
+            if run and len(run) >= self._min_run:
                 first, stored_at = run[0]
                 self._list.add(start + first, len(run) * PAGE_SIZE, stored_at)
             elif run:
@@ -128,13 +130,12 @@ class RawEncoder:
             run.clear()
 
         for pos in range(0, size, PAGE_SIZE):
-            page = data[pos : pos + PAGE_SIZE]
-            raw = page.tobytes()
+            raw = data[pos : pos + PAGE_SIZE].tobytes()
             if raw == _ZERO_PAGE[: len(raw)]:
                 flush_new(pos)
                 flush_run()
                 continue
-            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            digest = hashlib.blake2b(raw, digest_size=16).digest() if self._min_run else b""
             stored_at = self._seen.get(digest)
             if stored_at is not None and len(raw) == PAGE_SIZE and self._read_back(stored_at, PAGE_SIZE) == raw:
                 flush_new(pos)
@@ -145,7 +146,8 @@ class RawEncoder:
             flush_run()
             if pending_new < 0:
                 pending_new = pos
-            self._seen.setdefault(digest, self._written + (pos - pending_new))
+            if self._min_run:
+                self._seen.setdefault(digest, self._written + (pos - pending_new))
         flush_new(size)
         flush_run()
 

@@ -33,7 +33,7 @@ from .layout import (
     SectionFlag,
     SectionKind,
 )
-from .pages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Extent, PageIndex, RawEncoder, encode_zstd
+from .pages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MIN_DEDUP_RUN, Extent, PageIndex, RawEncoder, encode_zstd
 from .payloads import parser, payload
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
@@ -140,6 +140,7 @@ def _write_image(
     chunk_size: int,
     level: int,
     threads: int,
+    min_dedup_run: int,
 ) -> None:
     data_kind, index_kind = kinds
     align = PAGE_SIZE if encoding == Encoding.RAW_PAGES else SECTION_ALIGN
@@ -148,7 +149,7 @@ def _write_image(
         entry["logical_length"] = sum(len(data) for _, data in regions)
         if encoding == Encoding.RAW_PAGES:
             start = entry["offset"]
-            encoder = RawEncoder(out, lambda offset, n: out.read_back(start, offset, n))
+            encoder = RawEncoder(out, lambda offset, n: out.read_back(start, offset, n), min_dedup_run)
             for address, data in regions:
                 encoder.add_region(address, data)
             extents = encoder.finish()
@@ -184,11 +185,13 @@ def write_bundle(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     zstd_level: int = 3,
     threads: int = 2,
+    min_dedup_run: int = MIN_DEDUP_RUN,
 ) -> bytes:
     """Write ``contents`` to ``path`` atomically; returns the bundle digest (its header checksum).
 
     ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
-    defaults to ``memory_encoding``). Invalid contents raise ``FormatError`` before anything lands at
+    defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
+    equal to stored ones only once (0: no deduplication). Invalid contents raise ``FormatError`` before anything lands at
     ``path``; on any exception the temp file is removed.
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
@@ -223,11 +226,11 @@ def write_bundle(
             if len(view) != region.size:
                 raise ValueError(f"memory buffer for {gpa:#x} has {len(view)} bytes, not {region.size}")
         memory_kinds = (SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX)
-        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads)
+        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads, min_dedup_run)
         for disk_id, disk_path in enumerate(contents.disks):
             with _mapped(disk_path) as view:
                 disk_kinds = (SectionKind.DISK_DATA, SectionKind.DISK_INDEX)
-                _write_image(out, disk_kinds, disk_id, [(0, view)], disk_enc, chunk_size, zstd_level, threads)
+                _write_image(out, disk_kinds, disk_id, [(0, view)], disk_enc, chunk_size, zstd_level, threads, min_dedup_run)
         digest = _finish(out)
         os.fsync(fd)
         os.close(fd)

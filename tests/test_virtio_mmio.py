@@ -250,7 +250,6 @@ queue_states = st.builds(
     used_addr=st.one_of(st.just(0x18000), index),
     next_avail=index,
     next_used=index,
-    signalled_used=index,
     event_idx=st.booleans(),
 )
 
@@ -263,7 +262,7 @@ queue_states = st.builds(
 )
 def test_restore_of_random_state_loads_or_raises_bundle_error(status, features, queue) -> None:
     driver = Driver(VirtioRng())
-    state = MmioState(4, status, 0, 0, features, 0, 0, 0, (queue,), None)
+    state = MmioState(4, status, RING_FEATURES, features, 0, 0, 0, 0, 0, (queue,), None)
     try:
         driver.transport.restore_state(state)
     except BundleError:

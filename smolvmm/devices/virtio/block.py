@@ -12,7 +12,6 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ...errors import BundleError
 from .buffers import gather, scatter, slice_views, total_length
 from .cow import CowDisk
 from .device import VirtioDevice, bit
@@ -56,10 +55,11 @@ class BlockRequest:
 
 @dataclass(frozen=True)
 class BlockState:
-    """What a saved block device must match on restore: the disk's size and writability."""
+    """What a restored block device must match: the guest-visible size, writability and serial."""
 
-    capacity: int
+    capacity_sectors: int
     read_only: bool
+    serial: str
 
 
 def parse_request(chain: DescriptorChain) -> BlockRequest:
@@ -152,11 +152,7 @@ class VirtioBlock(VirtioDevice):
         self._disk.export(dest)
 
     def save_state(self) -> BlockState:
-        return BlockState(self.capacity, self.read_only)
-
-    def restore_state(self, state: object) -> None:
-        if state != self.save_state():
-            raise BundleError(f"saved disk state {state} does not match this disk {self.save_state()}")
+        return BlockState(self.capacity, self.read_only, self._serial.decode("ascii"))
 
     def close(self) -> None:
         self._disk.close()

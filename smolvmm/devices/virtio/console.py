@@ -7,6 +7,7 @@ each port gets its own queues and interrupt.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import anyio
 
@@ -22,6 +23,13 @@ RECEIVE_CHUNK = 4096
 # stop a guest from making the host copy its whole RAM per descriptor.
 MAX_CHAIN_BYTES = 64 * 1024
 MAX_BATCH_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """A saved console: how many ports the guest saw (always 1 here)."""
+
+    ports: int
 
 
 class VirtioConsole(VirtioDevice):
@@ -78,6 +86,9 @@ class VirtioConsole(VirtioDevice):
     def reset(self) -> None:
         self._input = memoryview(b"")
         self._output = bytearray()
+
+    def save_state(self) -> ConsoleState:
+        return ConsoleState(ports=1)
 
     def close(self) -> None:
         self.port.close()

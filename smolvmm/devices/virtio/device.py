@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
+from ...errors import BundleError
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -53,7 +55,12 @@ class VirtioDevice(ABC):
         return None
 
     def restore_state(self, state: object) -> None:
-        """Check and load what ``save_state`` returned; the default has nothing to load."""
+        """Check ``state``. By default a device's state is the guest-visible configuration it was
+        built with, so only a state equal to what it would save itself is accepted."""
+        if state != self.save_state():
+            raise BundleError(
+                f"saved {type(self).__name__} state {state} does not match this device's {self.save_state()}"
+            )
 
     def close(self) -> None:
         """Release host resources (files, sockets)."""

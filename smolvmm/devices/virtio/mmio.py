@@ -49,9 +49,10 @@ class MmioState:
 
     device_id: int
     status: int
+    device_features: int
+    driver_features: int
     device_features_sel: int
     driver_features_sel: int
-    driver_features: int
     queue_sel: int
     interrupt_status: int
     config_generation: int
@@ -271,8 +272,8 @@ class MmioTransport:
         """Transport, queue and device state; take it while ``run()`` is stopped."""
         with self._lock:
             return MmioState(
-                self.device.device_id, self._status, self._device_features_sel,
-                self._driver_features_sel, self._driver_features, self._queue_sel,
+                self.device.device_id, self._status, self._offered, self._driver_features,
+                self._device_features_sel, self._driver_features_sel, self._queue_sel,
                 self._interrupt_status, self._config_generation,
                 tuple(q.save() for q in self._queues), self.device.save_state(),
             )
@@ -285,8 +286,8 @@ class MmioTransport:
             raise BundleError(f"saved virtio device has {len(state.queues)} queues, not {len(self._queues)}")
         if state.status & ~_STATUS_ALL or state.interrupt_status & ~3:
             raise BundleError(f"saved virtio status {state.status:#x} is invalid")
-        if state.driver_features & ~self._offered:
-            raise BundleError(f"saved virtio driver features {state.driver_features:#x} were never offered")
+        if state.driver_features & ~(self._offered & state.device_features):
+            raise BundleError(f"saved virtio driver features {state.driver_features:#x} are not all offered here")
         if state.status & STATUS_FEATURES_OK and not state.driver_features & bit(F_VERSION_1):
             raise BundleError("saved virtio device negotiated features without VERSION_1")
         negotiated = state.driver_features if state.status & STATUS_FEATURES_OK else 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from ...errors import BundleError, ConfigError
+from ...errors import ConfigError
 from .buffers import scatter
 from .device import VirtioDevice, bit
 from .queue import DescriptorChain
@@ -119,10 +119,6 @@ class VirtioNet(VirtioDevice):
 
     def save_state(self) -> NetState:
         return NetState(self.mac)
-
-    def restore_state(self, state: object) -> None:
-        if state != self.save_state():
-            raise BundleError(f"saved net state {state} does not match this device's MAC {self.mac.hex(':')}")
 
     def close(self) -> None:
         self._tap.close()

@@ -43,17 +43,20 @@ class DescriptorChain:
 
 @dataclass(frozen=True)
 class QueueState:
-    """The saved state of one virtqueue (plain data; see ``Queue.restore``)."""
+    """The saved state of one virtqueue (plain data; see ``Queue.restore``).
+
+    Interrupts are decided in the same step that writes used elements, so at a save point every
+    used element has been signalled (or suppressed) and ``next_used`` is all there is to keep.
+    """
 
     size: int
     ready: bool
+    event_idx: bool
     desc_addr: int
     avail_addr: int
     used_addr: int
     next_avail: int
     next_used: int
-    signalled_used: int
-    event_idx: bool
 
 
 def _checked_view(memory: GuestMemory, addr: int, length: int, what: str) -> memoryview:
@@ -224,13 +227,13 @@ class Queue:
 
     def save(self) -> QueueState:
         return QueueState(
-            self.size, self.ready, self.desc_addr, self.avail_addr, self.used_addr,
-            self.next_avail, self.next_used, self.signalled_used, self.event_idx,
+            self.size, self.ready, self.event_idx, self.desc_addr, self.avail_addr, self.used_addr,
+            self.next_avail, self.next_used,
         )
 
     def restore(self, state: QueueState, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:
         """Load saved state after checking it against the negotiated features and guest RAM."""
-        for name in ("next_avail", "next_used", "signalled_used"):
+        for name in ("next_avail", "next_used"):
             if not 0 <= getattr(state, name) <= 0xFFFF:
                 raise QueueError(f"saved queue {name} {getattr(state, name)} is not a 16-bit index")
         if state.event_idx != event_idx:
@@ -240,7 +243,7 @@ class Queue:
         self.size, self.desc_addr = state.size, state.desc_addr
         self.avail_addr, self.used_addr = state.avail_addr, state.used_addr
         self.next_avail, self.next_used = state.next_avail, state.next_used
-        self.signalled_used = state.signalled_used
+        self.signalled_used = state.next_used
         if not _is_power_of_two(self.size) or self.size > self.max_size:
             raise QueueError(f"saved queue size {self.size} is not a power of two <= {self.max_size}")
         if state.ready:

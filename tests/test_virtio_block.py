@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 from pathlib import Path
@@ -240,3 +241,21 @@ def test_any_chain_parses_to_a_request_or_queue_error(readable, writable) -> Non
         return
     assert len(request.status) == 1
     assert sum(map(len, request.data)) <= sum(map(len, readable + writable))
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_export_to_a_stream_keeps_the_trailing_hole(tmp_path: Path, seekable: bool) -> None:
+    class Stream(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 20)
+    disk = CowDisk(sparse, None, read_only=False)
+    disk.write_from(512, [memoryview(b"\x7f" * 512)])
+    out = Stream()
+    out.write(b"prefix")
+    disk.export(out)
+    disk.close()
+    assert out.getvalue() == b"prefix" + bytes(512) + b"\x7f" * 512 + bytes((3 << 20) - 1024)

@@ -211,13 +211,13 @@ class CowDisk:
             view = memoryview(chunk)[: min(EXPORT_CHUNK, self.size - offset)]
             self.read_into(offset, [view])
             if seekable and view == zeros[: len(view)]:
-                continue
+                if offset + len(view) < self.size:
+                    continue
+                # The final byte is written even when zero, so the image has its full length.
+                offset, view = self.size - 1, view[-1:]
             if seekable:
                 dest.seek(origin + offset)
             dest.write(view)
-        if seekable and self.size:
-            dest.seek(origin + self.size)
-            dest.truncate()  # also extends the file over a trailing hole
 
     def close(self) -> None:
         """Persist the overlay's cluster map and close both files."""

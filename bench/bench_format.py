@@ -23,7 +23,14 @@ from smolformat.pages import MIN_DEDUP_RUN
 MIB = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MAP_FIXED = 0x10
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -32,7 +39,9 @@ PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 def _contents(ram: bytearray) -> BundleContents:
     device_config, states = samples.devices(1)
     return BundleContents(
-        config=samples.machine_config("x86_64", [(0, len(ram))], device_config[:3] + device_config[4:], vcpus=2),
+        config=samples.machine_config(
+            "x86_64", [(0, len(ram))], device_config[:3] + device_config[4:], vcpus=2
+        ),
         vcpus=[samples.x86_64_vcpu(0), samples.x86_64_vcpu(1)],
         vm_state=samples.x86_64_vm_state(),
         devices=states[:3] + states[4:],
@@ -57,7 +66,9 @@ def _map_raw(path: Path, ram_size: int) -> tuple[float, int]:
         base = _libc.mmap(None, ram_size, PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         extents = bundle.memory_extents()
         for gpa, length, file_offset in extents:
-            got = _libc.mmap(base + gpa, length, PROT_RW, mmap.MAP_PRIVATE | MAP_FIXED, bundle.fileno(), file_offset)
+            got = _libc.mmap(
+                base + gpa, length, PROT_RW, mmap.MAP_PRIVATE | MAP_FIXED, bundle.fileno(), file_offset
+            )
             if got != base + gpa:
                 raise OSError(ctypes.get_errno(), "mmap failed")
         elapsed = time.perf_counter() - start
@@ -68,10 +79,12 @@ def _map_raw(path: Path, ram_size: int) -> tuple[float, int]:
 def _cold_open_ms(path: Path) -> float:
     """First open in a fresh interpreter (imports done, parsers not yet compiled)."""
     code = (
-        "import time, smolformat; t = time.perf_counter(); smolformat.open_bundle(%r).close(); "
-        "print((time.perf_counter() - t) * 1e3)" % str(path)
+        f"import time, smolformat; t = time.perf_counter(); smolformat.open_bundle({str(path)!r}).close(); "
+        "print((time.perf_counter() - t) * 1e3)"
     )
-    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    return float(
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    )
 
 
 def main() -> int:
@@ -83,13 +96,21 @@ def main() -> int:
     zero_page = bytes(4096)
     zero_pages = sum(1 for p in range(0, ram_size, 4096) if ram[p : p + 4096] == zero_page)
     nonzero = ram_size - zero_pages * 4096
-    rows: list[tuple[str, str]] = [("guest RAM", f"{args.ram_mib} MiB, {zero_pages * 100 // (ram_size // 4096)}% zero pages")]
+    rows: list[tuple[str, str]] = [
+        ("guest RAM", f"{args.ram_mib} MiB, {zero_pages * 100 // (ram_size // 4096)}% zero pages")
+    ]
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch:
         raw, zstd = Path(scratch) / "raw.smolmachine", Path(scratch) / "zstd.smolmachine"
         contents = _contents(ram)
-        rows.append(("write raw", f"{_timed(lambda: write_bundle(raw, contents, memory_encoding='raw')):.2f} s"))
-        rows.append(("write zstd (2 threads, level 3)",
-                     f"{_timed(lambda: write_bundle(zstd, contents, memory_encoding='zstd')):.2f} s"))
+        rows.append(
+            ("write raw", f"{_timed(lambda: write_bundle(raw, contents, memory_encoding='raw')):.2f} s")
+        )
+        rows.append(
+            (
+                "write zstd (2 threads, level 3)",
+                f"{_timed(lambda: write_bundle(zstd, contents, memory_encoding='zstd')):.2f} s",
+            )
+        )
         for name, path in (("raw", raw), ("zstd", zstd)):
             size = path.stat().st_size
             rows.append((f"{name} bundle size", f"{size / MIB:.1f} MiB (RAM/size {ram_size / size:.2f})"))
@@ -106,8 +127,12 @@ def main() -> int:
             with open_bundle(zstd) as bundle:
                 seconds = _timed(lambda: bundle.read_memory_into([target], threads), repeat=3)
             target.close()
-            rows.append((f"zstd decode, {threads} thread(s)",
-                         f"{ram_size / MIB / seconds:.0f} MiB/s of RAM, {nonzero / MIB / seconds:.0f} MiB/s non-zero"))
+            rows.append(
+                (
+                    f"zstd decode, {threads} thread(s)",
+                    f"{ram_size / MIB / seconds:.0f} MiB/s of RAM, {nonzero / MIB / seconds:.0f} MiB/s non-zero",
+                )
+            )
         target = mmap.mmap(-1, ram_size)
         with open_bundle(raw) as bundle:
             seconds = _timed(lambda: bundle.read_memory_into([target], 2), repeat=3)
@@ -119,7 +144,9 @@ def main() -> int:
             rows.append((f"open+parse {name}, warm (median of 50)", f"{warm:.2f} ms"))
             rows.append((f"open+parse {name}, cold (new process)", f"{_cold_open_ms(path):.1f} ms"))
         map_seconds, extents = _map_raw(raw, ram_size)
-        rows.append(("mmap raw memory (MAP_FIXED|MAP_PRIVATE)", f"{map_seconds * 1e3:.2f} ms for {extents} extents"))
+        rows.append(
+            ("mmap raw memory (MAP_FIXED|MAP_PRIVATE)", f"{map_seconds * 1e3:.2f} ms for {extents} extents")
+        )
     width = max(len(name) for name, _ in rows)
     print(f"{'measure':<{width}}  value")
     for name, value in rows:

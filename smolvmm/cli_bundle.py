@@ -15,10 +15,20 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """Declare the arguments of ``name`` (inspect, verify or pack)."""
     if name == "pack":
         encoding = parser.add_mutually_exclusive_group(required=True)
-        encoding.add_argument("--zstd", dest="encoding", action="store_const", const="zstd",
-                              help="zstd chunks: smallest, for shipping")
-        encoding.add_argument("--raw", dest="encoding", action="store_const", const="raw",
-                              help="raw pages: restore maps RAM straight from the file")
+        encoding.add_argument(
+            "--zstd",
+            dest="encoding",
+            action="store_const",
+            const="zstd",
+            help="zstd chunks: smallest, for shipping",
+        )
+        encoding.add_argument(
+            "--raw",
+            dest="encoding",
+            action="store_const",
+            const="raw",
+            help="raw pages: restore maps RAM straight from the file",
+        )
         parser.add_argument("--threads", type=int, default=2, help="compression/decoding threads")
         parser.add_argument("source", metavar="IN")
         parser.add_argument("target", metavar="OUT")
@@ -34,7 +44,9 @@ def run(name: str, args: argparse.Namespace) -> int:
 
     try:
         if name == "pack":
-            smolformat.repack_bundle(args.source, args.target, memory_encoding=args.encoding, threads=args.threads)
+            smolformat.repack_bundle(
+                args.source, args.target, memory_encoding=args.encoding, threads=args.threads
+            )
             print(f"{args.target}: packed ({args.encoding})")
         elif name == "verify":
             bundle = smolformat.verify_bundle(args.bundle)
@@ -56,17 +68,20 @@ def describe(bundle: Any) -> dict[str, Any]:
     meta = bundle.metadata
     return {
         "path": bundle.path,
-        "format_version": "%d.%d" % bundle.version,
+        "format_version": "{}.{}".format(*bundle.version),
         "digest": bundle.digest.hex(),
         "arch": str(config.arch),
         "vcpus": config.vcpu_count,
         "ram": [{"gpa": r.gpa, "size": r.size} for r in config.ram],
         "cmdline": config.cmdline,
         "devices": [
-            {"kind": str(d.kind), "bus": str(d.bus), "base": d.base, "size": d.size, "gsi": d.gsi} for d in config.devices
+            {"kind": str(d.kind), "bus": str(d.bus), "base": d.base, "size": d.size, "gsi": d.gsi}
+            for d in config.devices
         ],
         "memory_encoding": bundle.memory_encoding,
-        "metadata": None if meta is None else {
+        "metadata": None
+        if meta is None
+        else {
             "creator": meta.creator,
             "created_unix_ns": meta.created_unix_ns,
             "hypervisor": meta.hypervisor,
@@ -92,21 +107,25 @@ def _table(summary: dict[str, Any]) -> str:
     ram = sum(r["size"] for r in summary["ram"])
     lines = [
         f"{summary['path']}: smolmachine {summary['format_version']}, digest {summary['digest'][:16]}",
-        f"  arch {summary['arch']}, {summary['vcpus']} vCPUs, {ram / _MIB:.0f} MiB RAM in {len(summary['ram'])} regions, "
-        f"memory {summary['memory_encoding']}",
+        f"  arch {summary['arch']}, {summary['vcpus']} vCPUs, {ram / _MIB:.0f} MiB RAM"
+        f" in {len(summary['ram'])} regions, memory {summary['memory_encoding']}",
         f"  cmdline: {summary['cmdline']}",
     ]
     meta = summary["metadata"]
     if meta:
         labels = ", ".join(f"{k}={v}" for k, v in meta["labels"].items())
-        lines.append(f"  made by {meta['creator']} on {meta['hypervisor']}" + (f"; labels {labels}" if labels else ""))
+        lines.append(
+            f"  made by {meta['creator']} on {meta['hypervisor']}" + (f"; labels {labels}" if labels else "")
+        )
     lines.append("  devices:")
-    lines += [f"    {d['kind']:<15} {d['bus']} {d['base']:#x}+{d['size']:#x} gsi {d['gsi']}" for d in summary["devices"]]
-    lines.append(f"  {'section':<14}{'#':>3} {'encoding':<12}{'offset':>12}{'stored':>14}{'logical':>15}{'ratio':>10}")
+    lines += [
+        f"    {d['kind']:<15} {d['bus']} {d['base']:#x}+{d['size']:#x} gsi {d['gsi']}"
+        for d in summary["devices"]
+    ]
+    row = "  {:<14}{:>3} {:<12}{:>12}{:>14}{:>15}{:>10}"
+    lines.append(row.format("section", "#", "encoding", "offset", "stored", "logical", "ratio"))
     for s in summary["sections"]:
         ratio = "" if s["ratio"] is None else f"{s['ratio']:.2f}"
-        lines.append(
-            f"  {s['kind']:<14}{s['index']:>3} {s['encoding']:<12}{s['offset']:>12}{s['length']:>14}{s['logical_length']:>15}{ratio:>10}"
-        )
+        cells = (s["kind"], s["index"], s["encoding"], s["offset"], s["length"], s["logical_length"], ratio)
+        lines.append(row.format(*cells))
     return "\n".join(lines)
-

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from smolformat import BundleContents, write_bundle
-from smolformat import samples
+from smolformat import BundleContents, samples, write_bundle
 from smolformat.crafting import build_frame, parse_frame, reseal, section_digest
 from smolformat.layout import SectionFlag, SectionKind
 from smolformat.pages import PageIndex
@@ -24,8 +23,13 @@ from smolformat.pages import PageIndex
 VECTORS = Path(__file__).resolve().parent / "vectors"
 RAM = 32 * 1024
 DISK = 12 * 1024
-METADATA = {"creator": "spec/make_vectors.py", "created_unix_ns": 1_767_225_600_000_000_000, "hypervisor": "kvm-hardware",
-            "parent_digest": b"", "labels": [{"key": "purpose", "value": "conformance"}]}
+METADATA = {
+    "creator": "spec/make_vectors.py",
+    "created_unix_ns": 1_767_225_600_000_000_000,
+    "hypervisor": "kvm-hardware",
+    "parent_digest": b"",
+    "labels": [{"key": "purpose", "value": "conformance"}],
+}
 
 
 def _memory() -> bytearray:
@@ -39,9 +43,13 @@ def _memory() -> bytearray:
 
 def _bundle(arch: str, encoding: str, scratch: Path) -> bytes:
     disk = scratch / "disk.img"
-    disk.write_bytes(b"\xeb\x3c\x90MKFS" + bytes(5000) + b"ext4 superblock" + bytes(DISK - 5019))
+    disk.write_bytes(b"\xeb\x3c\x90MKFS" + bytes(5000) + b"ext4 superblock" + bytes(DISK - 5022))
     device_config, device_states = samples.devices(1)
-    vcpu, vm = (samples.x86_64_vcpu, samples.x86_64_vm_state) if arch == "x86_64" else (samples.arm64_vcpu, samples.arm64_vm_state)
+    vcpu, vm = (
+        (samples.x86_64_vcpu, samples.x86_64_vm_state)
+        if arch == "x86_64"
+        else (samples.arm64_vcpu, samples.arm64_vm_state)
+    )
     contents = BundleContents(
         config=samples.machine_config(arch, [(0, RAM)], device_config, vcpus=1),
         vcpus=[vcpu(0)],
@@ -71,8 +79,15 @@ def _append_section(data: bytes, entry: dict[str, Any], payload: bytes) -> bytes
     header, entries = parse_frame(data)
     body = data[: header["table_offset"]]
     body += bytes(-len(body) % 8)
-    entries.append({**entry, "offset": len(body), "length": len(payload), "logical_length": len(payload),
-                    "digest": section_digest(payload)})
+    entries.append(
+        {
+            **entry,
+            "offset": len(body),
+            "length": len(payload),
+            "logical_length": len(payload),
+            "digest": section_digest(payload),
+        }
+    )
     return build_frame(body + payload, header, entries)
 
 
@@ -83,14 +98,20 @@ def _rewrite_section(data: bytes, kind: SectionKind, change: Callable[[bytearray
     payload = bytearray(data[entry["offset"] : entry["offset"] + entry["length"]])
     change(payload)
     entry["digest"] = section_digest(bytes(payload))
-    body = data[: entry["offset"]] + bytes(payload) + data[entry["offset"] + entry["length"] : header["table_offset"]]
+    body = (
+        data[: entry["offset"]]
+        + bytes(payload)
+        + data[entry["offset"] + entry["length"] : header["table_offset"]]
+    )
     return build_frame(body, header, entries)
 
 
 def _edit_memory_index(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
     def change(payload: bytearray) -> None:
         index = PageIndex.parse(bytes(payload))
-        extents = [dict(address=e.address, length=e.length, offset=e.offset, stored=e.stored) for e in index.extents]
+        extents = [
+            dict(address=e.address, length=e.length, offset=e.offset, stored=e.stored) for e in index.extents
+        ]
         value = {"encoding": index.encoding, "granule": index.granule, "extents": extents}
         edit(value)
         payload[:] = PageIndex.build(value)
@@ -122,61 +143,166 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ("valid-x86_64-raw", x86_raw, "valid", "x86_64, raw pages"),
         ("valid-x86_64-zstd", x86_zstd, "valid", "x86_64, zstd chunks"),
         ("valid-arm64-raw", arm_raw, "valid", "arm64, raw pages"),
-        ("valid-minor-version", reseal(x86_raw[:10] + struct.pack("<H", 9) + x86_raw[12:]), "valid",
-         "a newer minor version of major 1 is read"),
-        ("valid-unknown-optional-section",
-         _append_section(x86_raw, {"kind": 200, "flags": 0, "encoding": 0, "reserved0": 0, "index": 0, "reserved1": 0},
-                         b"future optional data"), "valid", "an unknown optional section is skipped"),
-        ("unknown-required-section",
-         _append_section(x86_raw, {"kind": 200, "flags": int(SectionFlag.REQUIRED), "encoding": 0, "reserved0": 0,
-                                   "index": 0, "reserved1": 0}, b"future data"),
-         "unknown-required-section", "an unknown required section is refused"),
+        (
+            "valid-minor-version",
+            reseal(x86_raw[:10] + struct.pack("<H", 9) + x86_raw[12:]),
+            "valid",
+            "a newer minor version of major 1 is read",
+        ),
+        (
+            "valid-unknown-optional-section",
+            _append_section(
+                x86_raw,
+                {"kind": 200, "flags": 0, "encoding": 0, "reserved0": 0, "index": 0, "reserved1": 0},
+                b"future optional data",
+            ),
+            "valid",
+            "an unknown optional section is skipped",
+        ),
+        (
+            "unknown-required-section",
+            _append_section(
+                x86_raw,
+                {
+                    "kind": 200,
+                    "flags": int(SectionFlag.REQUIRED),
+                    "encoding": 0,
+                    "reserved0": 0,
+                    "index": 0,
+                    "reserved1": 0,
+                },
+                b"future data",
+            ),
+            "unknown-required-section",
+            "an unknown required section is refused",
+        ),
         ("empty", b"", "bad-magic", "an empty file"),
         ("bad-magic", _flip(x86_raw, 1), "bad-magic", "first bytes are not the magic"),
-        ("smolpack", b"\x28\xb5\x2f\xfd" + bytes(200) + b'{"version":1}'.ljust(56, b" ") + b"SMOLPACK",
-         "smolpack", "a smolvm SMOLPACK disk pack (footer magic at the end)"),
+        (
+            "smolpack",
+            b"\x28\xb5\x2f\xfd" + bytes(200) + b'{"version":1}'.ljust(56, b" ") + b"SMOLPACK",
+            "smolpack",
+            "a smolvm SMOLPACK disk pack (footer magic at the end)",
+        ),
         ("truncated-header", x86_raw[:100], "truncated", "file ends inside the header"),
-        ("unsupported-version", reseal(x86_raw[:8] + struct.pack("<H", 2) + x86_raw[10:]), "unsupported-version",
-         "major version 2"),
+        (
+            "unsupported-version",
+            reseal(x86_raw[:8] + struct.pack("<H", 2) + x86_raw[10:]),
+            "unsupported-version",
+            "major version 2",
+        ),
         ("trailing-data", x86_raw + b"\0" * 8, "trailing-data", "bytes after the section table"),
-        ("bad-checksum", _flip(x86_raw, header["table_offset"] + 20), "bad-checksum", "a table byte changed, not resealed"),
-        ("section-overlap", _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.METADATA).update(offset=config["offset"])),
-         "section-overlap", "metadata placed over config"),
-        ("section-outside-file",
-         _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(offset=header["table_offset"])),
-         "section-outside-file", "kernel section placed on the table"),
-        ("length-overflow", _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)),
-         "length-overflow", "offset + length wraps 64 bits"),
-        ("misaligned-raw-memory",
-         _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.MEMORY_DATA).update(offset=mem_data["offset"] + 8)),
-         "misaligned", "raw memory data not page-aligned"),
+        (
+            "bad-checksum",
+            _flip(x86_raw, header["table_offset"] + 20),
+            "bad-checksum",
+            "a table byte changed, not resealed",
+        ),
+        (
+            "section-overlap",
+            _edit_table(
+                x86_raw, lambda h, es: _find(es, SectionKind.METADATA).update(offset=config["offset"])
+            ),
+            "section-overlap",
+            "metadata placed over config",
+        ),
+        (
+            "section-outside-file",
+            _edit_table(
+                x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(offset=header["table_offset"])
+            ),
+            "section-outside-file",
+            "kernel section placed on the table",
+        ),
+        (
+            "length-overflow",
+            _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)),
+            "length-overflow",
+            "offset + length wraps 64 bits",
+        ),
+        (
+            "misaligned-raw-memory",
+            _edit_table(
+                x86_raw,
+                lambda h, es: _find(es, SectionKind.MEMORY_DATA).update(offset=mem_data["offset"] + 8),
+            ),
+            "misaligned",
+            "raw memory data not page-aligned",
+        ),
         ("bad-digest-config", _flip(x86_raw, config["offset"] + 10), "bad-digest", "config byte changed"),
-        ("bad-digest-memory", _flip(x86_raw, mem_data["offset"] + 100), "bad-digest",
-         "memory byte changed: open succeeds, verify fails"),
-        ("bad-section-config", _rewrite_section(x86_raw, SectionKind.CONFIG, _put(5, b"\xff\xff\xff\x7f")),
-         "bad-section", "config RAM region count far past the section"),
-        ("memory-map-outside-file",
-         _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(offset=mem_data["length"])),
-         "map-outside-file", "a memory extent points past its data section"),
-        ("memory-map-past-ram", _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(address=RAM)),
-         "map-outside-ram", "a memory extent lies past guest RAM"),
-        ("memory-map-overlap",
-         _edit_memory_index(x86_raw, lambda v: v["extents"][1].update(address=v["extents"][0]["address"])),
-         "map-overlap", "two memory extents cover the same guest page"),
-        ("duplicate-vcpu",
-         _append_section(x86_raw, {k: vcpu[k] for k in ("kind", "flags", "encoding", "reserved0", "index", "reserved1")},
-                         x86_raw[vcpu["offset"] : vcpu["offset"] + vcpu["length"]]),
-         "duplicate-vcpu", "vCPU 0 saved twice"),
-        ("vcpu-mismatch", _rewrite_section(x86_raw, SectionKind.CONFIG, _put(1, struct.pack("<I", 2))),
-         "vcpu-mismatch", "config says 2 vCPUs, one is saved"),
-        ("missing-memory", _edit_table(x86_raw, lambda h, es: es.remove(_find(es, SectionKind.MEMORY_INDEX))),
-         "missing-section", "no memory index"),
+        (
+            "bad-digest-memory",
+            _flip(x86_raw, mem_data["offset"] + 100),
+            "bad-digest",
+            "memory byte changed: open succeeds, verify fails",
+        ),
+        (
+            "bad-section-config",
+            _rewrite_section(x86_raw, SectionKind.CONFIG, _put(5, b"\xff\xff\xff\x7f")),
+            "bad-section",
+            "config RAM region count far past the section",
+        ),
+        (
+            "memory-map-outside-file",
+            _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(offset=mem_data["length"])),
+            "map-outside-file",
+            "a memory extent points past its data section",
+        ),
+        (
+            "memory-map-past-ram",
+            _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(address=RAM)),
+            "map-outside-ram",
+            "a memory extent lies past guest RAM",
+        ),
+        (
+            "memory-map-overlap",
+            _edit_memory_index(x86_raw, lambda v: v["extents"][1].update(address=v["extents"][0]["address"])),
+            "map-overlap",
+            "two memory extents cover the same guest page",
+        ),
+        (
+            "duplicate-vcpu",
+            _append_section(
+                x86_raw,
+                {k: vcpu[k] for k in ("kind", "flags", "encoding", "reserved0", "index", "reserved1")},
+                x86_raw[vcpu["offset"] : vcpu["offset"] + vcpu["length"]],
+            ),
+            "duplicate-vcpu",
+            "vCPU 0 saved twice",
+        ),
+        (
+            "vcpu-mismatch",
+            _rewrite_section(x86_raw, SectionKind.CONFIG, _put(1, struct.pack("<I", 2))),
+            "vcpu-mismatch",
+            "config says 2 vCPUs, one is saved",
+        ),
+        (
+            "missing-memory",
+            _edit_table(x86_raw, lambda h, es: es.remove(_find(es, SectionKind.MEMORY_INDEX))),
+            "missing-section",
+            "no memory index",
+        ),
     ]
-    out.append(("bad-chunk-zstd", _rewrite_section(x86_zstd, SectionKind.MEMORY_DATA, _put(6, b"\xff\xff\xff\xff")),
-                "bad-chunk", "a zstd frame that does not decode (digest resealed)"))
-    boundaries = sorted({b for e in entries for b in (e["offset"], e["offset"] + e["length"])} | {header["table_offset"]})
+    out.append(
+        (
+            "bad-chunk-zstd",
+            _rewrite_section(x86_zstd, SectionKind.MEMORY_DATA, _put(6, b"\xff\xff\xff\xff")),
+            "bad-chunk",
+            "a zstd frame that does not decode (digest resealed)",
+        )
+    )
+    boundaries = sorted(
+        {b for e in entries for b in (e["offset"], e["offset"] + e["length"])} | {header["table_offset"]}
+    )
     for boundary in boundaries:
-        out.append((f"truncated-at-{boundary}", x86_raw[:boundary], "truncated", f"file cut at section boundary {boundary}"))
+        out.append(
+            (
+                f"truncated-at-{boundary}",
+                x86_raw[:boundary],
+                "truncated",
+                f"file cut at section boundary {boundary}",
+            )
+        )
     return out
 
 
@@ -189,7 +315,9 @@ def main() -> int:
         for name, data, expect, description in vectors(Path(scratch)):
             (VECTORS / f"{name}.smolmachine").write_bytes(data)
             manifest.append({"file": f"{name}.smolmachine", "expect": expect, "description": description})
-    (VECTORS / "manifest.json").write_text(json.dumps({"format_version": "1.0", "vectors": manifest}, indent=1) + "\n")
+    (VECTORS / "manifest.json").write_text(
+        json.dumps({"format_version": "1.0", "vectors": manifest}, indent=1) + "\n"
+    )
     print(f"{len(manifest)} vectors in {VECTORS}")
     return 0
 

@@ -54,7 +54,11 @@ def test_smolpack_is_named(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
     zstd, raw = tmp_path / "z.smolmachine", tmp_path / "r.smolmachine"
-    for args in (["pack", "--zstd", str(VALID), str(zstd)], ["pack", "--raw", str(zstd), str(raw)], ["verify", str(raw)]):
+    for args in (
+        ["pack", "--zstd", str(VALID), str(zstd)],
+        ["pack", "--raw", str(zstd), str(raw)],
+        ["verify", str(raw)],
+    ):
         done = subprocess.run([sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     assert raw.read_bytes() == VALID.read_bytes()

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from smolformat import FormatError, open_bundle
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
@@ -32,7 +31,18 @@ def test_vector(vector: dict) -> None:
 def test_manifest_covers_the_required_cases() -> None:
     expected = {v["expect"] for v in MANIFEST}
     assert {
-        "valid", "truncated", "bad-magic", "smolpack", "unsupported-version", "section-overlap",
-        "section-outside-file", "length-overflow", "bad-checksum", "bad-digest", "map-outside-file",
-        "map-outside-ram", "duplicate-vcpu", "unknown-required-section",
+        "valid",
+        "truncated",
+        "bad-magic",
+        "smolpack",
+        "unsupported-version",
+        "section-overlap",
+        "section-outside-file",
+        "length-overflow",
+        "bad-checksum",
+        "bad-digest",
+        "map-outside-file",
+        "map-outside-ram",
+        "duplicate-vcpu",
+        "unknown-required-section",
     } <= expected

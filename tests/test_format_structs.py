@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from construct import Construct, Struct
-
 from smolformat import DEVICE_KINDS, DeviceConfig, DeviceRecord, arm64, samples, x86_64
 from smolformat.layout import ENTRY_SIZE, HEADER_SIZE, Header, SectionEntry, SectionKind
 from smolformat.payloads import parser, payload
@@ -98,7 +97,11 @@ def test_x86_64_struct_round_trips_bytes(name: str) -> None:
         (SectionKind.VCPU_STATE, "arm64", samples.arm64_vcpu(1)),
         (SectionKind.VM_STATE, "arm64", samples.arm64_vm_state()),
         (SectionKind.DEVICES, "", samples.devices(2)[1]),
-        (SectionKind.CONFIG, "", samples.machine_config("arm64", [(0x4000_0000, 1 << 30)], samples.devices(2)[0])),
+        (
+            SectionKind.CONFIG,
+            "",
+            samples.machine_config("arm64", [(0x4000_0000, 1 << 30)], samples.devices(2)[0]),
+        ),
     ],
     ids=["x86_64-vcpu", "x86_64-vm", "arm64-vcpu", "arm64-vm", "devices", "config"],
 )
@@ -126,5 +129,7 @@ def test_every_device_kind_has_a_config_and_state_declaration() -> None:
 def test_xsave_larger_than_4096_is_kept() -> None:
     value = samples.x86_64_vcpu(0)
     value["xsave"] = bytes(range(256)) * 44  # 11264 bytes: an AMX-sized KVM_GET_XSAVE2 area
-    parsed = parser(SectionKind.VCPU_STATE, "x86_64").parse(payload(SectionKind.VCPU_STATE, "x86_64").build(value))
+    parsed = parser(SectionKind.VCPU_STATE, "x86_64").parse(
+        payload(SectionKind.VCPU_STATE, "x86_64").build(value)
+    )
     assert parsed.xsave == value["xsave"]

@@ -23,9 +23,13 @@ def ram_regions(config: dict) -> list[Region]:
     previous_end = 0
     for region in regions:
         if region.start % PAGE_SIZE or region.size % PAGE_SIZE or region.size == 0:
-            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} is not page-aligned")
+            raise FormatError(
+                "bad-config", f"RAM region {region.start:#x}+{region.size:#x} is not page-aligned"
+            )
         if region.start < previous_end or region.end > 1 << 64:
-            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} overlaps or wraps")
+            raise FormatError(
+                "bad-config", f"RAM region {region.start:#x}+{region.size:#x} overlaps or wraps"
+            )
         previous_end = region.end
     return regions
 
@@ -38,7 +42,9 @@ def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
             raise FormatError("duplicate-vcpu", f"vCPU {vcpu_id} is saved twice")
         seen.add(vcpu_id)
     if seen != set(range(config.vcpu_count)):
-        raise FormatError("vcpu-mismatch", f"saved vCPUs {sorted(seen)} do not match vcpu_count {config.vcpu_count}")
+        raise FormatError(
+            "vcpu-mismatch", f"saved vCPUs {sorted(seen)} do not match vcpu_count {config.vcpu_count}"
+        )
 
 
 def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
@@ -47,7 +53,9 @@ def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
         if device.kind not in DEVICE_KINDS:
             raise FormatError("unknown-device-kind", f"unknown device kind code {int(device.kind)}")
     if len(records) != len(config.devices):
-        raise FormatError("device-mismatch", f"{len(records)} device states for {len(config.devices)} devices")
+        raise FormatError(
+            "device-mismatch", f"{len(records)} device states for {len(config.devices)} devices"
+        )
     counts: dict[str, int] = {}
     disks: list[int] = []
     for device, record in zip(config.devices, records):
@@ -61,5 +69,7 @@ def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
         if device.kind == "virtio-blk":
             disks.append(device.params.disk)
     if sorted(disks) != list(range(len(disks))):
-        raise FormatError("device-mismatch", f"block devices use disks {sorted(disks)}, not 0..{len(disks) - 1} once each")
+        raise FormatError(
+            "device-mismatch", f"block devices use disks {sorted(disks)}, not 0..{len(disks) - 1} once each"
+        )
     return disks

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from construct import Enum, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, PascalString, Prefixed, PrefixedArray, Struct
+from construct import (
+    Enum,
+    GreedyBytes,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    PascalString,
+    Prefixed,
+    PrefixedArray,
+    Struct,
+)
 
 from .devices import DeviceConfig
 from .limits import bounded

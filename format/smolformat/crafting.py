@@ -9,7 +9,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .layout import CHECKSUMMED_HEADER, DIGEST_SIZE, ENTRY_SIZE, HEADER_SIZE, SECTION_ALIGN, Header, SectionEntry
+from .layout import (
+    CHECKSUMMED_HEADER,
+    DIGEST_SIZE,
+    ENTRY_SIZE,
+    HEADER_SIZE,
+    SECTION_ALIGN,
+    Header,
+    SectionEntry,
+)
 
 
 def parse_frame(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -17,7 +25,13 @@ def parse_frame(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     header = dict(Header.parse(data[:HEADER_SIZE]))
     start = header["table_offset"]
     entries = [
-        {k: v for k, v in SectionEntry.parse(data[start + i * ENTRY_SIZE : start + (i + 1) * ENTRY_SIZE]).items() if k != "_io"}
+        {
+            k: v
+            for k, v in SectionEntry.parse(
+                data[start + i * ENTRY_SIZE : start + (i + 1) * ENTRY_SIZE]
+            ).items()
+            if k != "_io"
+        }
         for i in range(header["section_count"])
     ]
     return {k: v for k, v in header.items() if k != "_io"}, entries
@@ -36,7 +50,12 @@ def build_frame(body: bytes, header: dict[str, Any], entries: list[dict[str, Any
     body = bytes(body) + bytes(-len(body) % SECTION_ALIGN)
     table = b"".join(SectionEntry.build(entry) for entry in entries)
     header = dict(header)
-    header.update(table_offset=len(body), section_count=len(entries), file_size=len(body) + len(table), entry_size=ENTRY_SIZE)
+    header.update(
+        table_offset=len(body),
+        section_count=len(entries),
+        file_size=len(body) + len(table),
+        entry_size=ENTRY_SIZE,
+    )
     return reseal(Header.build(header) + body[HEADER_SIZE:] + table)
 
 

@@ -13,6 +13,7 @@ from construct import (
     Construct,
     Enum,
     Flag,
+    GreedyBytes,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -21,7 +22,6 @@ from construct import (
     Pass,
     Prefixed,
     PrefixedArray,
-    GreedyBytes,
     Struct,
     Switch,
     this,
@@ -132,7 +132,8 @@ DeviceConfig = Struct(
 DeviceRecord = Struct(
     "kind" / DeviceKindCode,
     "instance" / Int16ul,
-    "state" / Prefixed(
+    "state"
+    / Prefixed(
         bounded(Int32ul, 1 << 24),
         Switch(this.kind, {name: kind.state for name, kind in DEVICE_KINDS.items()}),
     ),

@@ -37,7 +37,8 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 PageIndex = Struct(
     "encoding" / Int16ul,
     "granule" / Int32ul,
-    "extents" / PrefixedArray(
+    "extents"
+    / PrefixedArray(
         bounded(Int32ul, MAX_EXTENTS),
         Struct("address" / Int64ul, "length" / Int64ul, "offset" / Int64ul, "stored" / Int64ul),
     ),
@@ -91,7 +92,9 @@ class RawEncoder:
     ``min_dedup_run`` 0 turns deduplication off.
     """
 
-    def __init__(self, out: BinaryIO, read_back: Callable[[int, int], bytes], min_dedup_run: int = MIN_DEDUP_RUN) -> None:
+    def __init__(
+        self, out: BinaryIO, read_back: Callable[[int, int], bytes], min_dedup_run: int = MIN_DEDUP_RUN
+    ) -> None:
         self._out = out
         self._min_run = min_dedup_run
         self._read_back = read_back
@@ -137,7 +140,11 @@ class RawEncoder:
                 continue
             digest = hashlib.blake2b(raw, digest_size=16).digest() if self._min_run else b""
             stored_at = self._seen.get(digest)
-            if stored_at is not None and len(raw) == PAGE_SIZE and self._read_back(stored_at, PAGE_SIZE) == raw:
+            if (
+                stored_at is not None
+                and len(raw) == PAGE_SIZE
+                and self._read_back(stored_at, PAGE_SIZE) == raw
+            ):
                 flush_new(pos)
                 if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
                     flush_run()
@@ -207,14 +214,18 @@ def check_index(
     ``what`` names the image ("ram" or "disk") in error codes: ``map-outside-ram`` etc.
     """
     if index.encoding != encoding:
-        raise FormatError("encoding-mismatch", f"{what} index says encoding {index.encoding}, data section {int(encoding)}")
+        raise FormatError(
+            "encoding-mismatch", f"{what} index says encoding {index.encoding}, data section {int(encoding)}"
+        )
     granule = index.granule
     if encoding == Encoding.RAW_PAGES and granule != PAGE_SIZE:
         raise FormatError("bad-granule", f"{what} raw page size {granule} is not {PAGE_SIZE}")
     if encoding == Encoding.ZSTD_CHUNKS and not (
         MIN_CHUNK_SIZE <= granule <= MAX_CHUNK_SIZE and granule & (granule - 1) == 0
     ):
-        raise FormatError("bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 64 MiB]")
+        raise FormatError(
+            "bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 64 MiB]"
+        )
     ordered = sorted(regions, key=lambda r: r.start)
     extents: list[Extent] = []
     previous_end = 0
@@ -222,14 +233,21 @@ def check_index(
     for item in index.extents:
         extent = Extent(item.address, item.length, item.offset, item.stored)
         if extent.length == 0 or extent.address < previous_end:
-            raise FormatError("map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps")
+            raise FormatError(
+                "map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps"
+            )
         while slot < len(ordered) and ordered[slot].end <= extent.address:
             slot += 1
         region = ordered[slot] if slot < len(ordered) else None
         if region is None or extent.address < region.start or extent.address + extent.length > region.end:
-            raise FormatError("map-outside-" + what, f"{what} extent {extent.address:#x}+{extent.length:#x} lies outside the {what}")
+            raise FormatError(
+                "map-outside-" + what,
+                f"{what} extent {extent.address:#x}+{extent.length:#x} lies outside the {what}",
+            )
         if extent.offset + extent.stored > data_length:
-            raise FormatError("map-outside-file", f"{what} extent at {extent.address:#x} points past its data section")
+            raise FormatError(
+                "map-outside-file", f"{what} extent at {extent.address:#x} points past its data section"
+            )
         if encoding == Encoding.RAW_PAGES:
             tail = extent.address + extent.length == region.end
             if (
@@ -238,13 +256,17 @@ def check_index(
                 or (extent.length % PAGE_SIZE and not tail)
                 or extent.stored != _round_up(extent.length, PAGE_SIZE)
             ):
-                raise FormatError("map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned")
+                raise FormatError(
+                    "map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned"
+                )
         elif (
             (extent.address - region.start) % granule
             or extent.length != min(granule, region.end - extent.address)
             or extent.stored == 0
         ):
-            raise FormatError("map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk")
+            raise FormatError(
+                "map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk"
+            )
         previous_end = extent.address + extent.length
         extents.append(extent)
     return extents
@@ -292,9 +314,13 @@ def decode_into(
                     got += n
                 extra = reader.read(1)
         except zstandard.ZstdError as exc:
-            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}") from exc
+            raise FormatError(
+                "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}"
+            ) from exc
         if got != extent.length or extra:
-            raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes")
+            raise FormatError(
+                "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes"
+            )
 
     if threads <= 1:
         for extent in extents:

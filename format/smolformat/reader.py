@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from construct import ConstructError
@@ -49,7 +49,13 @@ _SINGLETONS = {
     SectionKind.INITRD,
     SectionKind.SIGNATURE,
 }
-_REQUIRED = {SectionKind.CONFIG, SectionKind.VM_STATE, SectionKind.DEVICES, SectionKind.MEMORY_INDEX, SectionKind.MEMORY_DATA}
+_REQUIRED = {
+    SectionKind.CONFIG,
+    SectionKind.VM_STATE,
+    SectionKind.DEVICES,
+    SectionKind.MEMORY_INDEX,
+    SectionKind.MEMORY_DATA,
+}
 _IMAGE_DATA = {SectionKind.MEMORY_DATA, SectionKind.DISK_DATA}
 _ENCODING_NAMES = {Encoding.RAW_PAGES: "raw", Encoding.ZSTD_CHUNKS: "zstd"}
 _HASH_BLOCK = 1 << 20
@@ -114,10 +120,17 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     if header.version_major != VERSION_MAJOR:
         raise FormatError(
             "unsupported-version",
-            f"bundle format version {header.version_major}.{header.version_minor} is not supported (this reader: {VERSION_MAJOR}.x)",
+            f"bundle format version {header.version_major}.{header.version_minor} is not supported"
+            f" (this reader: {VERSION_MAJOR}.x)",
         )
-    if header.header_size != HEADER_SIZE or header.entry_size < ENTRY_SIZE or header.entry_size % SECTION_ALIGN:
-        raise FormatError("bad-header", f"header size {header.header_size} / entry size {header.entry_size} not supported")
+    if (
+        header.header_size != HEADER_SIZE
+        or header.entry_size < ENTRY_SIZE
+        or header.entry_size % SECTION_ALIGN
+    ):
+        raise FormatError(
+            "bad-header", f"header size {header.header_size} / entry size {header.entry_size} not supported"
+        )
     if size < header.file_size:
         raise FormatError("truncated", f"file has {size} bytes, its header says {header.file_size}")
     if size > header.file_size:
@@ -133,9 +146,20 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     for start in range(0, table_length, header.entry_size):
         entry = SectionEntry.parse(table[start : start + ENTRY_SIZE])
         kind = SectionKind(entry.kind) if entry.kind in SectionKind._value2member_map_ else entry.kind
-        encoding = Encoding(entry.encoding) if entry.encoding in Encoding._value2member_map_ else entry.encoding
+        encoding = (
+            Encoding(entry.encoding) if entry.encoding in Encoding._value2member_map_ else entry.encoding
+        )
         sections.append(
-            SectionInfo(kind, entry.flags, encoding, entry.index, entry.offset, entry.length, entry.logical_length, entry.digest)
+            SectionInfo(
+                kind,
+                entry.flags,
+                encoding,
+                entry.index,
+                entry.offset,
+                entry.length,
+                entry.logical_length,
+                entry.digest,
+            )
         )
     _check_placement(sections, header.table_offset)
     return header, checksum, sections
@@ -149,7 +173,9 @@ def _check_placement(sections: Sequence[SectionInfo], table_offset: int) -> None
             raise FormatError("section-outside-file", f"section {_name(s)} lies outside the file's data area")
         align = PAGE_SIZE if s.kind in _IMAGE_DATA and s.encoding == Encoding.RAW_PAGES else SECTION_ALIGN
         if s.offset % align:
-            raise FormatError("misaligned", f"section {_name(s)} at {s.offset:#x} is not {align}-byte aligned")
+            raise FormatError(
+                "misaligned", f"section {_name(s)} at {s.offset:#x} is not {align}-byte aligned"
+            )
     previous: SectionInfo | None = None
     for s in sorted(sections, key=lambda s: s.offset):
         if previous and s.offset < previous.offset + previous.length:
@@ -176,7 +202,10 @@ class DiskImage:
     def extents(self) -> list[DiskExtent]:
         """Where the disk's non-zero bytes lie in the bundle file (raw encoding only)."""
         if self._data.encoding != Encoding.RAW_PAGES:
-            raise FormatError("wrong-encoding", f"disk {self.index} is zstd-compressed; `smolvmm pack --raw` makes it mappable")
+            raise FormatError(
+                "wrong-encoding",
+                f"disk {self.index} is zstd-compressed; `smolvmm pack --raw` makes it mappable",
+            )
         return [DiskExtent(e.address, e.length, self._data.offset + e.offset) for e in self._extents]
 
     def read_into(self, buffer: Any, threads: int = 2) -> None:
@@ -185,8 +214,12 @@ class DiskImage:
         if len(view) != self.size:
             raise ValueError(f"buffer has {len(view)} bytes, disk {self.index} has {self.size}")
         decode_into(
-            self._bundle.fileno(), self._data.offset, self._data.encoding, self._extents,
-            lambda address, length: view[address : address + length], threads,
+            self._bundle.fileno(),
+            self._data.offset,
+            self._data.encoding,
+            self._extents,
+            lambda address, length: view[address : address + length],
+            threads,
         )
 
     def materialise(self, path: str | os.PathLike[str]) -> None:
@@ -197,8 +230,12 @@ class DiskImage:
             for piece in split_extents(self._extents, self._data.encoding, _COPY_BLOCK):
                 chunk = bytearray(piece.length)
                 decode_into(
-                    self._bundle.fileno(), self._data.offset, self._data.encoding, [piece],
-                    lambda _address, _length: memoryview(chunk), 1,
+                    self._bundle.fileno(),
+                    self._data.offset,
+                    self._data.encoding,
+                    [piece],
+                    lambda _address, _length: memoryview(chunk),
+                    1,
                 )
                 os.pwrite(fd, chunk, piece.address)
         finally:
@@ -229,7 +266,9 @@ class Bundle:
         for s in self.sections:
             if not isinstance(s.kind, SectionKind):
                 if s.flags & SectionFlag.REQUIRED:
-                    raise FormatError("unknown-required-section", f"required section {_name(s)} is unknown to this reader")
+                    raise FormatError(
+                        "unknown-required-section", f"required section {_name(s)} is unknown to this reader"
+                    )
                 continue
             same = by_kind.setdefault(s.kind, [])
             if any(other.index == s.index for other in same) or (s.kind in _SINGLETONS and same):
@@ -259,8 +298,12 @@ class Bundle:
             self._disks[s.index] = self._image(
                 SectionKind.DISK_DATA, SectionKind.DISK_INDEX, s.index, [Region(0, s.logical_length)], "disk"
             )
-        if len(by_kind.get(SectionKind.DISK_INDEX, [])) != len(self._disks) or sorted(disk_ids) != sorted(self._disks):
-            raise FormatError("missing-section", f"disk sections {sorted(self._disks)} do not match block devices' disks")
+        if len(by_kind.get(SectionKind.DISK_INDEX, [])) != len(self._disks) or sorted(disk_ids) != sorted(
+            self._disks
+        ):
+            raise FormatError(
+                "missing-section", f"disk sections {sorted(self._disks)} do not match block devices' disks"
+            )
 
     def _section_bytes(self, s: SectionInfo) -> bytes:
         data = _pread(self._fd, s.length, s.offset)
@@ -272,12 +315,16 @@ class Bundle:
         if s.encoding != Encoding.STRUCT:
             raise FormatError("encoding-mismatch", f"section {_name(s)} must be STRUCT-encoded")
         if s.length > MAX_STRUCT_SECTION:
-            raise FormatError("bad-section", f"section {_name(s)} is {s.length} bytes, more than any valid one")
+            raise FormatError(
+                "bad-section", f"section {_name(s)} is {s.length} bytes, more than any valid one"
+            )
         data = self._section_bytes(s)
         try:
             return parser(s.kind, arch).parse(data)
         except _PARSE_ERRORS as exc:
-            raise FormatError("bad-section", f"section {_name(s)} does not parse: {str(exc).splitlines()[-1]}") from exc
+            raise FormatError(
+                "bad-section", f"section {_name(s)} does not parse: {str(exc).splitlines()[-1]}"
+            ) from exc
 
     def _image(
         self, data_kind: SectionKind, index_kind: SectionKind, index: int, regions: list[Region], what: str
@@ -287,13 +334,15 @@ class Bundle:
         if data is None or index_section is None:
             raise FormatError("missing-section", f"{what} {index} lacks its data or index section")
         if data.encoding not in _ENCODING_NAMES:
-            raise FormatError("encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}")
+            raise FormatError(
+                "encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}"
+            )
         extents = check_index(self._parse(index_section), data.encoding, regions, data.length, what)
         return data, extents
 
     @property
     def memory_encoding(self) -> str:
-        """"raw" or "zstd"."""
+        """ "raw" or "zstd"."""
         return _ENCODING_NAMES[self._memory[0].encoding]
 
     def memory_extents(self) -> list[MemoryExtent]:
@@ -303,7 +352,9 @@ class Bundle:
         """
         data, extents = self._memory
         if data.encoding != Encoding.RAW_PAGES:
-            raise FormatError("wrong-encoding", "guest memory is zstd-compressed; `smolvmm pack --raw` makes it mappable")
+            raise FormatError(
+                "wrong-encoding", "guest memory is zstd-compressed; `smolvmm pack --raw` makes it mappable"
+            )
         return [MemoryExtent(e.address, e.length, data.offset + e.offset) for e in extents]
 
     def read_memory_into(self, memory: Sequence[Any], threads: int = 2) -> None:
@@ -363,7 +414,9 @@ class Bundle:
         for data, extents in images:
             if data.encoding == Encoding.ZSTD_CHUNKS:
                 scratch = bytearray(max((e.length for e in extents), default=0))
-                decode_into(self._fd, data.offset, data.encoding, extents, lambda _a, n: memoryview(scratch)[:n], 1)
+                decode_into(
+                    self._fd, data.offset, data.encoding, extents, lambda _a, n: memoryview(scratch)[:n], 1
+                )
 
     def fileno(self) -> int:
         """The open file descriptor, for mmap."""

@@ -24,7 +24,10 @@ def repack_bundle(
     RAM is decoded into anonymous mappings and disks into sparse temp files beside ``target``.
     """
     target_dir = Path(target).resolve().parent
-    with open_bundle(source) as bundle, tempfile.TemporaryDirectory(dir=target_dir, prefix=".repack.") as scratch:
+    with (
+        open_bundle(source) as bundle,
+        tempfile.TemporaryDirectory(dir=target_dir, prefix=".repack.") as scratch,
+    ):
         memory = [mmap.mmap(-1, region.size) for region in bundle.config.ram]
         try:
             bundle.read_memory_into(memory, threads)
@@ -45,7 +48,11 @@ def repack_bundle(
                 metadata=bundle.metadata,
             )
             return write_bundle(
-                target, contents, memory_encoding=memory_encoding, disk_encoding=disk_encoding, threads=threads
+                target,
+                contents,
+                memory_encoding=memory_encoding,
+                disk_encoding=disk_encoding,
+                threads=threads,
             )
         finally:
             for mapping in memory:

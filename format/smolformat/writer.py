@@ -33,7 +33,15 @@ from .layout import (
     SectionFlag,
     SectionKind,
 )
-from .pages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MIN_DEDUP_RUN, Extent, PageIndex, RawEncoder, encode_zstd
+from .pages import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    MIN_DEDUP_RUN,
+    Extent,
+    RawEncoder,
+    encode_zstd,
+)
 from .payloads import parser, payload
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
@@ -101,7 +109,12 @@ class _Output:
 
     @contextmanager
     def section(
-        self, kind: SectionKind, *, index: int = 0, encoding: Encoding = Encoding.STRUCT, align: int = SECTION_ALIGN
+        self,
+        kind: SectionKind,
+        *,
+        index: int = 0,
+        encoding: Encoding = Encoding.STRUCT,
+        align: int = SECTION_ALIGN,
     ) -> Iterator[dict[str, Any]]:
         """Write one section at the next ``align`` boundary; the caller may set ``logical_length``."""
         self.position = -(-self.position // align) * align
@@ -191,8 +204,8 @@ def write_bundle(
 
     ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
     defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
-    equal to stored ones only once (0: no deduplication). Invalid contents raise ``FormatError`` before anything lands at
-    ``path``; on any exception the temp file is removed.
+    equal to stored ones only once (0: no deduplication). Invalid contents raise ``FormatError``
+    before anything lands at ``path``; on any exception the temp file is removed.
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
@@ -230,7 +243,17 @@ def write_bundle(
         for disk_id, disk_path in enumerate(contents.disks):
             with _mapped(disk_path) as view:
                 disk_kinds = (SectionKind.DISK_DATA, SectionKind.DISK_INDEX)
-                _write_image(out, disk_kinds, disk_id, [(0, view)], disk_enc, chunk_size, zstd_level, threads, min_dedup_run)
+                _write_image(
+                    out,
+                    disk_kinds,
+                    disk_id,
+                    [(0, view)],
+                    disk_enc,
+                    chunk_size,
+                    zstd_level,
+                    threads,
+                    min_dedup_run,
+                )
         digest = _finish(out)
         os.fsync(fd)
         os.close(fd)

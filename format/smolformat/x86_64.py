@@ -10,6 +10,7 @@ from __future__ import annotations
 from construct import (
     Array,
     Bytes,
+    GreedyBytes,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -17,7 +18,6 @@ from construct import (
     Int64ul,
     Prefixed,
     PrefixedArray,
-    GreedyBytes,
     Struct,
 )
 

@@ -90,6 +90,7 @@ def test_random_rings_pop_chains_or_raise_queue_error(size, table, ring, avail_i
                 break
             check_chain(chain, size + 16)
             queue.add_used(memory, chain.head, 0)
+            queue.publish_used(memory)
     except QueueError:
         pass
 

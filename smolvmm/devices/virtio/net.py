@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass
 
 import anyio
@@ -18,7 +19,7 @@ from .buffers import scatter
 from .device import VirtioDevice, bit
 from .queue import DescriptorChain
 from .session import Session
-from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
+from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
 
 F_CSUM = 0
 F_GUEST_CSUM = 1
@@ -27,9 +28,12 @@ F_GUEST_TSO4 = 7
 F_GUEST_TSO6 = 8
 F_HOST_TSO4 = 11
 F_HOST_TSO6 = 12
+F_MRG_RXBUF = 15
 
 RX, TX = 0, 1
 NUM_BUFFERS_OFFSET = 10
+# The largest frame the tap hands over: a 64 KiB TSO segment, its headers and the vnet header.
+MAX_FRAME = VNET_HDR_SIZE + 65536 + 256
 _log = logging.getLogger(__name__)
 
 
@@ -57,9 +61,12 @@ class VirtioNet(VirtioDevice):
             raise ConfigError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         self.mac = mac or random_mac()
         self._tap = Tap(tap_name)
+        self._merge = False
+        self._frame = bytearray(MAX_FRAME)
+        self._frame_length = 0  # a received frame waiting in _frame for guest buffers
 
     def features(self) -> int:
-        offered = bit(F_CSUM) | bit(F_HOST_TSO4) | bit(F_HOST_TSO6) | bit(F_MAC)
+        offered = bit(F_CSUM) | bit(F_HOST_TSO4) | bit(F_HOST_TSO6) | bit(F_MAC) | bit(F_MRG_RXBUF)
         # The GUEST_* offloads need the kernel to hand us the same kind of frame.
         if self._tap.offloads & TUN_F_CSUM:
             offered |= bit(F_GUEST_CSUM)
@@ -73,6 +80,7 @@ class VirtioNet(VirtioDevice):
         return self.mac
 
     def activate(self, features: int) -> None:
+        self._merge = bool(features & bit(F_MRG_RXBUF))
         offloads = 0
         # §5.1.3.1: the TSO features depend on GUEST_CSUM, and so does the kernel's TSO.
         if features & bit(F_GUEST_CSUM):
@@ -84,6 +92,7 @@ class VirtioNet(VirtioDevice):
 
     def reset(self) -> None:
         self._tap.set_offloads(0)
+        self._frame_length = 0
 
     async def serve(self, session: Session) -> None:
         async with anyio.create_task_group() as tg:
@@ -95,8 +104,40 @@ class VirtioNet(VirtioDevice):
         # put frames in must not spin.
         while True:
             await session.wait_available(RX)
-            await anyio.wait_readable(self._tap.fd)
-            session.fill(RX, self._receive_frame)
+            if self._merge:
+                if not self._frame_length:
+                    await anyio.wait_readable(self._tap.fd)
+                if not self._receive_merged(session):
+                    await session.wait_for_more(RX)
+            else:
+                await anyio.wait_readable(self._tap.fd)
+                session.fill(RX, self._receive_frame)
+
+    def _receive_merged(self, session: Session) -> bool:
+        """Move frames into merged buffers until the tap is empty (True) or the ring too full."""
+        while True:
+            if not self._frame_length:
+                try:
+                    length = self._tap.read_into([memoryview(self._frame)])
+                except OSError as exc:
+                    _log.debug("virtio-net dropped a received frame: %s", exc)
+                    continue
+                if length is None:
+                    return True
+                self._frame_length = length
+            if not session.spread(RX, self._frame_length, self._scatter_frame):
+                return False
+            self._frame_length = 0
+
+    def _scatter_frame(self, chains: list[DescriptorChain]) -> list[int]:
+        # §5.1.6.4: with VIRTIO_NET_F_MRG_RXBUF a frame spans num_buffers chains.
+        struct.pack_into("<H", self._frame, NUM_BUFFERS_OFFSET, len(chains))
+        frame = memoryview(self._frame)[: self._frame_length]
+        lengths = []
+        for chain in chains:
+            lengths.append(scatter(chain.writable, 0, frame))
+            frame = frame[lengths[-1] :]
+        return lengths
 
     def _receive_frame(self, chain: DescriptorChain) -> int | None:
         try:

@@ -171,12 +171,13 @@ class Queue:
         """Record the negotiated VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC (at FEATURES_OK)."""
         self.event_idx, self.indirect = event_idx, indirect
 
-    def _avail_idx(self, memory: GuestMemory) -> int:
+    def avail_index(self, memory: GuestMemory) -> int:
+        """The driver's available index: how many chains it has made available, mod 2^16."""
         return memory.read_u16(self.avail_addr + 2)
 
     def pending(self, memory: GuestMemory) -> int:
         """How many chains the driver made available that the device has not taken yet."""
-        count = (self._avail_idx(memory) - self.next_avail) & 0xFFFF
+        count = (self.avail_index(memory) - self.next_avail) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index ran {count} entries ahead of a {self.size}-entry queue")
         return count
@@ -195,10 +196,13 @@ class Queue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
 
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
-        """Return a chain to the driver: the used element first, then the index (§2.7.8)."""
+        """Write the used element for a chain; the driver sees it after ``publish_used``."""
         slot = self.used_addr + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
         _USED_ELEM.pack_into(memory.view(slot, USED_ELEM_SIZE), 0, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
+
+    def publish_used(self, memory: GuestMemory) -> None:
+        """Expose the used elements written so far by storing the used index after them (§2.7.8)."""
         memory.write_u16(self.used_addr + 2, self.next_used)
 
     def enable_notification(self, memory: GuestMemory) -> bool:
@@ -213,6 +217,18 @@ class Queue:
             memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
         _full_fence()
         return self.pending(memory) > 0
+
+    def watch_avail(self, memory: GuestMemory) -> int:
+        """Ask to be notified when the driver goes beyond its current available index (returned).
+
+        Unlike ``enable_notification`` this asks for *new* chains even while some are waiting,
+        for a device that needs more room than the available chains hold.
+        """
+        seen = self.avail_index(memory)
+        if self.event_idx:
+            memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, seen)
+        _full_fence()
+        return seen
 
     def needs_interrupt(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the chains used since the last one (§2.7.7)."""

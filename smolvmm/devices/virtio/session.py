@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from ...memory import GuestMemory
+from .buffers import total_length
 from .queue import DescriptorChain, Queue
 
 Producer = Callable[[DescriptorChain], "int | None"]
@@ -67,10 +68,39 @@ class Session:
                     queue.undo_pop()
                     break
                 queue.add_used(self.memory, chain.head, length)
+                queue.publish_used(self.memory)
                 used += 1
             if used and queue.needs_interrupt(self.memory):
                 self._interrupt()
         return used
+
+    def spread(self, index: int, size: int, write: Callable[[list[DescriptorChain]], list[int]]) -> bool:
+        """Take enough chains for ``size`` bytes and have ``write`` fill them as one unit.
+
+        ``write`` returns the bytes it put in each chain; the used elements become visible to
+        the driver together (VIRTIO_NET_F_MRG_RXBUF, §5.1.6.4). Returns False, leaving the ring
+        as it was, when the available chains hold less than ``size`` bytes.
+        """
+        queue = self._queues[index]
+        with self._lock:
+            if self.closed:
+                return False
+            chains: list[DescriptorChain] = []
+            room = 0
+            while room < size:
+                chain = queue.pop(self.memory)
+                if chain is None:
+                    for _ in chains:
+                        queue.undo_pop()
+                    return False
+                chains.append(chain)
+                room += total_length(chain.writable)
+            for chain, length in zip(chains, write(chains)):
+                queue.add_used(self.memory, chain.head, length)
+            queue.publish_used(self.memory)
+            if queue.needs_interrupt(self.memory):
+                self._interrupt()
+        return True
 
     async def wait_available(self, index: int) -> None:
         """Return once queue ``index`` has a chain available, sleeping on its notify eventfd."""
@@ -78,6 +108,18 @@ class Session:
         while True:
             with self._lock:
                 if not self.closed and self._queues[index].enable_notification(self.memory):
+                    return
+            await anyio.wait_readable(fd)
+            drain_eventfd(fd)
+
+    async def wait_for_more(self, index: int) -> None:
+        """Return once the driver has made more chains available on queue ``index`` than now."""
+        queue, fd = self._queues[index], self._notify_fds[index]
+        with self._lock:
+            seen = queue.watch_avail(self.memory) if queue.ready else None
+        while True:
+            with self._lock:
+                if not self.closed and seen is not None and queue.avail_index(self.memory) != seen:
                     return
             await anyio.wait_readable(fd)
             drain_eventfd(fd)

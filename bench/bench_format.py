@@ -77,7 +77,7 @@ def _map_raw(path: Path, ram_size: int) -> tuple[float, int]:
 
 
 def _cold_open_ms(path: Path) -> float:
-    """First open in a fresh interpreter (imports done, parsers not yet compiled)."""
+    """First open in a fresh interpreter (imports done, nothing opened yet)."""
     code = (
         f"import time, smolformat; t = time.perf_counter(); smolformat.open_bundle({str(path)!r}).close(); "
         "print((time.perf_counter() - t) * 1e3)"

@@ -60,7 +60,7 @@ def test_contents_survive_a_round_trip(tmp_path: Path, arch: str, encoding: str)
         assert bundle.digest == digest
         assert bundle.memory_encoding == encoding
         assert str(bundle.config.arch) == arch and bundle.config.vcpu_count == 2
-        assert [dict(label) for label in bundle.metadata.labels] == [{"key": "app", "value": "demo"}]
+        assert [(label.key, label.value) for label in bundle.metadata.labels] == [("app", "demo")]
         assert bundle.metadata.hypervisor == "kvm-pvm"
         assert len(bundle.vcpus) == 2 and bundle.devices[3].state.device.serial == "disk0"
         assert bundle.kernel == given.kernel and bundle.initrd == given.initrd

@@ -8,10 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from construct import Construct, Struct
+from construct import StreamError
 from smolformat import DEVICE_KINDS, DeviceConfig, DeviceRecord, arm64, samples, x86_64
 from smolformat.layout import ENTRY_SIZE, HEADER_SIZE, Header, SectionEntry, SectionKind
-from smolformat.payloads import parser, payload
+from smolformat.packed import Packed
+from smolformat.payloads import payload
 
 # construct name -> C struct name, for every x86_64 declaration byte-compatible with <linux/kvm.h>
 KVM_STRUCTS = {
@@ -36,9 +37,9 @@ KVM_STRUCTS = {
 }
 
 
-def _offsets(construct: Struct) -> list[tuple[str, int]]:
+def _offsets(construct: Packed) -> list[tuple[str, int]]:
     offsets, at = [], 0
-    for sub in construct.subcons:
+    for sub in construct.declared.subcons:
         offsets.append((sub.name, at))
         at += sub.sizeof()
     return offsets
@@ -82,11 +83,33 @@ def test_frame_sizes() -> None:
     assert SectionEntry.sizeof() == ENTRY_SIZE
 
 
-@pytest.mark.parametrize("name", KVM_STRUCTS)
-def test_x86_64_struct_round_trips_bytes(name: str) -> None:
-    construct: Construct = getattr(x86_64, name)
+PACKED = [
+    (module.__name__.split(".")[-1], name)
+    for module in (x86_64, arm64)
+    for name, value in vars(module).items()
+    if isinstance(value, Packed)
+]
+
+
+@pytest.mark.parametrize(("module", "name"), PACKED, ids=[f"{m}.{n}" for m, n in PACKED])
+def test_packed_struct_is_its_declaration(module: str, name: str) -> None:
+    construct: Packed = getattr({"x86_64": x86_64, "arm64": arm64}[module], name)
     data = random.Random(name).randbytes(construct.sizeof())
-    assert construct.build(construct.parse(data)) == data
+    value = construct.parse(data)
+    assert value == construct.declared.parse(data)
+    assert construct.build(value) == data == construct.declared.build(value)
+    assert construct.sizeof() == construct.declared.sizeof()
+
+
+def test_packed_rejects_wrong_sizes() -> None:
+    value = x86_64.KvmFpu.parse(bytes(x86_64.KvmFpu.sizeof()))
+    value.xmm[0] = b"short"
+    with pytest.raises(StreamError):
+        x86_64.KvmFpu.build(value)
+    value = x86_64.KvmDebugregs.parse(bytes(x86_64.KvmDebugregs.sizeof()))
+    value.db = [1, 2, 3]
+    with pytest.raises(StreamError):
+        x86_64.KvmDebugregs.build(value)
 
 
 @pytest.mark.parametrize(
@@ -107,16 +130,14 @@ def test_x86_64_struct_round_trips_bytes(name: str) -> None:
 )
 def test_section_payload_round_trips(kind: SectionKind, arch: str, value: object) -> None:
     data = payload(kind, arch).build(value)
-    parsed = parser(kind, arch).parse(data)
-    assert parsed == payload(kind, arch).parse(data)
-    assert payload(kind, arch).build(parsed) == data
+    assert payload(kind, arch).build(payload(kind, arch).parse(data)) == data
 
 
 def test_arm64_vector_registers_are_128_bit() -> None:
     value = samples.arm64_vcpu(0)
     value["core"]["fp_regs"]["vregs"][31] = (2**128 - 1).to_bytes(16, "little")
     data = payload(SectionKind.VCPU_STATE, "arm64").build(value)
-    assert parser(SectionKind.VCPU_STATE, "arm64").parse(data).core.fp_regs.vregs[31] == b"\xff" * 16
+    assert payload(SectionKind.VCPU_STATE, "arm64").parse(data).core.fp_regs.vregs[31] == b"\xff" * 16
 
 
 def test_every_device_kind_has_a_config_and_state_declaration() -> None:
@@ -129,7 +150,7 @@ def test_every_device_kind_has_a_config_and_state_declaration() -> None:
 def test_xsave_larger_than_4096_is_kept() -> None:
     value = samples.x86_64_vcpu(0)
     value["xsave"] = bytes(range(256)) * 44  # 11264 bytes: an AMX-sized KVM_GET_XSAVE2 area
-    parsed = parser(SectionKind.VCPU_STATE, "x86_64").parse(
+    parsed = payload(SectionKind.VCPU_STATE, "x86_64").parse(
         payload(SectionKind.VCPU_STATE, "x86_64").build(value)
     )
     assert parsed.xsave == value["xsave"]

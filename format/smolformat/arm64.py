@@ -10,42 +10,49 @@ from __future__ import annotations
 from construct import Array, Bytes, Int8ul, Int32ul, Int64ul, PrefixedArray, Struct
 
 from .limits import bounded
+from .packed import Packed
 
 MAX_ONE_REGS = 4096
 MAX_GIC_REGS = 1 << 16
 MAX_TIMERS = 8
 
-UserPtRegs = Struct(
-    "regs" / Array(31, Int64ul),
-    "sp" / Int64ul,
-    "pc" / Int64ul,
-    "pstate" / Int64ul,
+UserPtRegs = Packed(
+    Struct(
+        "regs" / Array(31, Int64ul),
+        "sp" / Int64ul,
+        "pc" / Int64ul,
+        "pstate" / Int64ul,
+    )
 )
 
 # vregs are __uint128_t, kept as 16 little-endian bytes each; the struct is 16-byte aligned.
-UserFpsimdState = Struct(
-    "vregs" / Array(32, Bytes(16)),
-    "fpsr" / Int32ul,
-    "fpcr" / Int32ul,
-    "reserved" / Array(2, Int32ul),
+UserFpsimdState = Packed(
+    Struct(
+        "vregs" / Array(32, Bytes(16)),
+        "fpsr" / Int32ul,
+        "fpcr" / Int32ul,
+        "reserved" / Array(2, Int32ul),
+    )
 )
 
-KvmRegs = Struct(
-    "regs" / UserPtRegs,
-    "sp_el1" / Int64ul,
-    "elr_el1" / Int64ul,
-    "spsr" / Array(5, Int64ul),
-    "padding" / Bytes(8),
-    "fp_regs" / UserFpsimdState,
+KvmRegs = Packed(
+    Struct(
+        "regs" / UserPtRegs,
+        "sp_el1" / Int64ul,
+        "elr_el1" / Int64ul,
+        "spsr" / Array(5, Int64ul),
+        "padding" / Bytes(8),
+        "fp_regs" / UserFpsimdState,
+    )
 )
 
-OneReg = Struct("id" / Int64ul, "value" / Int64ul)
+OneReg = Packed(Struct("id" / Int64ul, "value" / Int64ul))
 
-GicReg = Struct("offset" / Int32ul, "value" / Int64ul)
+GicReg = Packed(Struct("offset" / Int32ul, "value" / Int64ul))
 
 TIMER_VIRTUAL = 0
 TIMER_PHYSICAL = 1
-ArchTimer = Struct("timer" / Int8ul, "cntvoff" / Int64ul, "ctl" / Int64ul, "cval" / Int64ul)
+ArchTimer = Packed(Struct("timer" / Int8ul, "cntvoff" / Int64ul, "ctl" / Int64ul, "cval" / Int64ul))
 
 VcpuState = Struct(
     "mp_state" / Int32ul,

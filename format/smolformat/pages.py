@@ -26,6 +26,7 @@ from construct import Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
 from .errors import FormatError
 from .layout import PAGE_SIZE, Encoding
 from .limits import bounded
+from .packed import Packed
 
 MAX_EXTENTS = 1 << 24
 MIN_DEDUP_RUN = 16
@@ -40,7 +41,7 @@ PageIndex = Struct(
     "extents"
     / PrefixedArray(
         bounded(Int32ul, MAX_EXTENTS),
-        Struct("address" / Int64ul, "length" / Int64ul, "offset" / Int64ul, "stored" / Int64ul),
+        Packed(Struct("address" / Int64ul, "length" / Int64ul, "offset" / Int64ul, "stored" / Int64ul)),
     ),
 )
 

@@ -36,9 +36,3 @@ def payload(kind: SectionKind, arch: str = "") -> Construct:
     else:
         declared = _COMMON[kind]
     return FocusedSeq("value", "value" / declared, Terminated)
-
-
-@cache
-def parser(kind: SectionKind, arch: str = "") -> Construct:
-    """``payload`` compiled, for parsing only (compiled construct mis-builds Enum-keyed Switches)."""
-    return payload(kind, arch).compile()

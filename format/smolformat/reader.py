@@ -35,7 +35,7 @@ from .layout import (
     SectionKind,
 )
 from .pages import Extent, Region, check_index, decode_into, split_extents
-from .payloads import parser
+from .payloads import payload
 
 _PARSE_ERRORS = (ConstructError, struct.error, ValueError, OverflowError, IndexError, KeyError, TypeError)
 _SINGLETONS = {
@@ -320,7 +320,7 @@ class Bundle:
             )
         data = self._section_bytes(s)
         try:
-            return parser(s.kind, arch).parse(data)
+            return payload(s.kind, arch).parse(data)
         except _PARSE_ERRORS as exc:
             raise FormatError(
                 "bad-section", f"section {_name(s)} does not parse: {str(exc).splitlines()[-1]}"

@@ -42,7 +42,7 @@ from .pages import (
     RawEncoder,
     encode_zstd,
 )
-from .payloads import parser, payload
+from .payloads import payload
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
 
@@ -138,10 +138,11 @@ class _Output:
 
     def struct(self, kind: SectionKind, value: Any, *, arch: str = "", index: int = 0) -> Any:
         """Build ``value``, write it, and return it parsed back (the checks run on parsed values)."""
-        data = payload(kind, arch).build(value)
+        construct = payload(kind, arch)
+        data = construct.build(value)
         with self.section(kind, index=index):
             self.write(data)
-        return parser(kind, arch).parse(data)
+        return construct.parse(data)
 
 
 def _write_image(

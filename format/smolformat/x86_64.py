@@ -22,6 +22,7 @@ from construct import (
 )
 
 from .limits import bounded
+from .packed import Packed
 
 KVM_NR_INTERRUPTS = 256
 KVM_MAX_XCRS = 16
@@ -41,115 +42,141 @@ def _u8s(*names: str) -> list:
     return [name / Int8ul for name in names]
 
 
-KvmRegs = Struct(
-    *_u64s("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
-    *_u64s("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"),
+KvmRegs = Packed(
+    Struct(
+        *_u64s("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
+        *_u64s("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"),
+    )
 )
 
-KvmSegment = Struct(
-    "base" / Int64ul,
-    "limit" / Int32ul,
-    "selector" / Int16ul,
-    *_u8s("type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable", "padding"),
+KvmSegment = Packed(
+    Struct(
+        "base" / Int64ul,
+        "limit" / Int32ul,
+        "selector" / Int16ul,
+        *_u8s("type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable", "padding"),
+    )
 )
 
-KvmDtable = Struct("base" / Int64ul, "limit" / Int16ul, "padding" / Array(3, Int16ul))
+KvmDtable = Packed(Struct("base" / Int64ul, "limit" / Int16ul, "padding" / Array(3, Int16ul)))
 
-KvmSregs = Struct(
-    *[name / KvmSegment for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
-    "gdt" / KvmDtable,
-    "idt" / KvmDtable,
-    *_u64s("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"),
-    "interrupt_bitmap" / Array((KVM_NR_INTERRUPTS + 63) // 64, Int64ul),
+KvmSregs = Packed(
+    Struct(
+        *[name / KvmSegment for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        "gdt" / KvmDtable,
+        "idt" / KvmDtable,
+        *_u64s("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"),
+        "interrupt_bitmap" / Array((KVM_NR_INTERRUPTS + 63) // 64, Int64ul),
+    )
 )
 
-KvmFpu = Struct(
-    "fpr" / Array(8, Bytes(16)),
-    "fcw" / Int16ul,
-    "fsw" / Int16ul,
-    "ftwx" / Int8ul,
-    "pad1" / Int8ul,
-    "last_opcode" / Int16ul,
-    "last_ip" / Int64ul,
-    "last_dp" / Int64ul,
-    "xmm" / Array(16, Bytes(16)),
-    "mxcsr" / Int32ul,
-    "pad2" / Int32ul,
+KvmFpu = Packed(
+    Struct(
+        "fpr" / Array(8, Bytes(16)),
+        "fcw" / Int16ul,
+        "fsw" / Int16ul,
+        "ftwx" / Int8ul,
+        "pad1" / Int8ul,
+        "last_opcode" / Int16ul,
+        "last_ip" / Int64ul,
+        "last_dp" / Int64ul,
+        "xmm" / Array(16, Bytes(16)),
+        "mxcsr" / Int32ul,
+        "pad2" / Int32ul,
+    )
 )
 
-KvmXcr = Struct("xcr" / Int32ul, "reserved" / Int32ul, "value" / Int64ul)
+KvmXcr = Packed(Struct("xcr" / Int32ul, "reserved" / Int32ul, "value" / Int64ul))
 
-KvmXcrs = Struct(
-    "nr_xcrs" / Int32ul,
-    "flags" / Int32ul,
-    "xcrs" / Array(KVM_MAX_XCRS, KvmXcr),
-    "padding" / Array(16, Int64ul),
+KvmXcrs = Packed(
+    Struct(
+        "nr_xcrs" / Int32ul,
+        "flags" / Int32ul,
+        "xcrs" / Array(KVM_MAX_XCRS, KvmXcr),
+        "padding" / Array(16, Int64ul),
+    )
 )
 
-KvmMsrEntry = Struct("index" / Int32ul, "reserved" / Int32ul, "data" / Int64ul)
+KvmMsrEntry = Packed(Struct("index" / Int32ul, "reserved" / Int32ul, "data" / Int64ul))
 
-KvmLapicState = Struct("regs" / Bytes(KVM_APIC_REG_SIZE))
+KvmLapicState = Packed(Struct("regs" / Bytes(KVM_APIC_REG_SIZE)))
 
-KvmVcpuEvents = Struct(
-    "exception" / Struct(*_u8s("injected", "nr", "has_error_code", "pending"), "error_code" / Int32ul),
-    "interrupt" / Struct(*_u8s("injected", "nr", "soft", "shadow")),
-    "nmi" / Struct(*_u8s("injected", "pending", "masked", "pad")),
-    "sipi_vector" / Int32ul,
-    "flags" / Int32ul,
-    "smi" / Struct(*_u8s("smm", "pending", "smm_inside_nmi", "latched_init")),
-    "triple_fault" / Struct(*_u8s("pending")),
-    "reserved" / Bytes(26),
-    "exception_has_payload" / Int8ul,
-    "exception_payload" / Int64ul,
+KvmVcpuEvents = Packed(
+    Struct(
+        "exception" / Struct(*_u8s("injected", "nr", "has_error_code", "pending"), "error_code" / Int32ul),
+        "interrupt" / Struct(*_u8s("injected", "nr", "soft", "shadow")),
+        "nmi" / Struct(*_u8s("injected", "pending", "masked", "pad")),
+        "sipi_vector" / Int32ul,
+        "flags" / Int32ul,
+        "smi" / Struct(*_u8s("smm", "pending", "smm_inside_nmi", "latched_init")),
+        "triple_fault" / Struct(*_u8s("pending")),
+        "reserved" / Bytes(26),
+        "exception_has_payload" / Int8ul,
+        "exception_payload" / Int64ul,
+    )
 )
 
-KvmMpState = Struct("mp_state" / Int32ul)
+KvmMpState = Packed(Struct("mp_state" / Int32ul))
 
-KvmDebugregs = Struct(
-    "db" / Array(4, Int64ul),
-    *_u64s("dr6", "dr7", "flags"),
-    "reserved" / Array(9, Int64ul),
+KvmDebugregs = Packed(
+    Struct(
+        "db" / Array(4, Int64ul),
+        *_u64s("dr6", "dr7", "flags"),
+        "reserved" / Array(9, Int64ul),
+    )
 )
 
-KvmCpuidEntry2 = Struct(
-    *[name / Int32ul for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")],
-    "padding" / Array(3, Int32ul),
+KvmCpuidEntry2 = Packed(
+    Struct(
+        *[name / Int32ul for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")],
+        "padding" / Array(3, Int32ul),
+    )
 )
 
-KvmPicState = Struct(
-    *_u8s("last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll"),
-    *_u8s("special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi"),
-    *_u8s("special_fully_nested_mode", "init4", "elcr", "elcr_mask"),
+KvmPicState = Packed(
+    Struct(
+        *_u8s("last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll"),
+        *_u8s("special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi"),
+        *_u8s("special_fully_nested_mode", "init4", "elcr", "elcr_mask"),
+    )
 )
 
 # redirtbl entries are the union's ``bits`` view: the bitfield view is the guest's business.
-KvmIoapicState = Struct(
-    "base_address" / Int64ul,
-    *[name / Int32ul for name in ("ioregsel", "id", "irr", "pad")],
-    "redirtbl" / Array(KVM_IOAPIC_NUM_PINS, Int64ul),
+KvmIoapicState = Packed(
+    Struct(
+        "base_address" / Int64ul,
+        *[name / Int32ul for name in ("ioregsel", "id", "irr", "pad")],
+        "redirtbl" / Array(KVM_IOAPIC_NUM_PINS, Int64ul),
+    )
 )
 
-KvmPitChannelState = Struct(
-    "count" / Int32ul,
-    "latched_count" / Int16ul,
-    *_u8s("count_latched", "status_latched", "status", "read_state", "write_state"),
-    *_u8s("write_latch", "rw_mode", "mode", "bcd", "gate"),
-    "count_load_time" / Int64sl,
+KvmPitChannelState = Packed(
+    Struct(
+        "count" / Int32ul,
+        "latched_count" / Int16ul,
+        *_u8s("count_latched", "status_latched", "status", "read_state", "write_state"),
+        *_u8s("write_latch", "rw_mode", "mode", "bcd", "gate"),
+        "count_load_time" / Int64sl,
+    )
 )
 
-KvmPitState2 = Struct(
-    "channels" / Array(3, KvmPitChannelState),
-    "flags" / Int32ul,
-    "reserved" / Array(9, Int32ul),
+KvmPitState2 = Packed(
+    Struct(
+        "channels" / Array(3, KvmPitChannelState),
+        "flags" / Int32ul,
+        "reserved" / Array(9, Int32ul),
+    )
 )
 
-KvmClockData = Struct(
-    "clock" / Int64ul,
-    "flags" / Int32ul,
-    "pad0" / Int32ul,
-    "realtime" / Int64ul,
-    "host_tsc" / Int64ul,
-    "pad" / Array(4, Int32ul),
+KvmClockData = Packed(
+    Struct(
+        "clock" / Int64ul,
+        "flags" / Int32ul,
+        "pad0" / Int32ul,
+        "realtime" / Int64ul,
+        "host_tsc" / Int64ul,
+        "pad" / Array(4, Int32ul),
+    )
 )
 
 # Ordered as Firecracker saves them; the restore order is the monitor's (see the spec).

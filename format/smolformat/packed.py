@@ -1,0 +1,113 @@
+"""``Packed(Struct(...))``: a fixed-size Struct parsed and built with one ``struct.Struct`` call.
+
+Same bytes and same values as the Struct it wraps; the declaration stays the single source.
+construct walks a Struct field by field, at about 2 us a field: a vCPU's ~1100 fields cost over
+2 ms. Supported fields: integers, fixed-length Bytes, nested fixed-size Structs, and fixed-count
+Arrays of those.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from construct import (
+    Array,
+    Bytes,
+    Construct,
+    Container,
+    FormatField,
+    ListContainer,
+    Renamed,
+    StreamError,
+    Struct,
+)
+from construct.core import stream_read, stream_write
+
+# A shape is a list of (name, field); a field is ("value", format), ("bytes", n), ("struct", shape)
+# or ("array", count, field).
+Shape = list[tuple[str, tuple]]
+
+
+def _field(subcon: Construct) -> tuple[tuple, str]:
+    """(field, struct format) for one subcon."""
+    if isinstance(subcon, Packed):
+        subcon = subcon.declared
+    if isinstance(subcon, FormatField):
+        return ("value",), subcon.fmtstr[1:]
+    if isinstance(subcon, Bytes) and isinstance(subcon.length, int):
+        return ("bytes", subcon.length), f"{subcon.length}s"
+    if isinstance(subcon, Struct):
+        shape, fmt = _shape(subcon)
+        return ("struct", shape), fmt
+    if isinstance(subcon, Array) and isinstance(subcon.count, int):
+        element, fmt = _field(subcon.subcon)
+        return ("array", subcon.count, element), fmt * subcon.count
+    raise TypeError(f"Packed cannot handle {subcon!r}")
+
+
+def _shape(declared: Struct) -> tuple[Shape, str]:
+    shape: Shape = []
+    fmt = ""
+    for subcon in declared.subcons:
+        if not isinstance(subcon, Renamed):
+            raise TypeError(f"Packed needs named fields, not {subcon!r}")
+        field, field_fmt = _field(subcon.subcon)
+        shape.append((subcon.name, field))
+        fmt += field_fmt
+    return shape, fmt
+
+
+def _group(field: tuple, values: Any) -> Any:
+    kind = field[0]
+    if kind in ("value", "bytes"):
+        return next(values)
+    if kind == "struct":
+        return Container((name, _group(sub, values)) for name, sub in field[1])
+    return ListContainer(_group(field[2], values) for _ in range(field[1]))
+
+
+def _flatten(field: tuple, value: Any, out: list[Any], name: str) -> None:
+    kind = field[0]
+    if kind == "value":
+        out.append(value)
+    elif kind == "bytes":
+        if len(value) != field[1]:
+            raise StreamError(f"{name} needs {field[1]} bytes, got {len(value)}")
+        out.append(value)
+    elif kind == "struct":
+        for sub_name, sub in field[1]:
+            _flatten(sub, value[sub_name], out, f"{name}.{sub_name}")
+    else:
+        if len(value) != field[1]:
+            raise StreamError(f"{name} needs {field[1]} elements, got {len(value)}")
+        for element in value:
+            _flatten(field[2], element, out, name)
+
+
+class Packed(Construct):
+    """``declared``, parsed and built in one ``struct`` call (see the module docstring)."""
+
+    def __init__(self, declared: Struct) -> None:
+        super().__init__()
+        self.declared = declared
+        shape, fmt = _shape(declared)
+        self._field = ("struct", shape)
+        self._struct = struct.Struct("<" + fmt)
+
+    def _parse(self, stream: Any, context: Any, path: str) -> Any:
+        values = self._struct.unpack(stream_read(stream, self._struct.size, path))
+        return _group(self._field, iter(values))
+
+    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
+        flat: list[Any] = []
+        _flatten(self._field, obj, flat, path)
+        try:
+            data = self._struct.pack(*flat)
+        except struct.error as exc:
+            raise StreamError(f"{path}: {exc}") from exc
+        stream_write(stream, data, self._struct.size, path)
+        return obj
+
+    def _sizeof(self, context: Any, path: str) -> int:
+        return self._struct.size

@@ -114,14 +114,15 @@ class VirtioNet(VirtioDevice):
                 session.fill(RX, self._receive_frame)
 
     def _receive_merged(self, session: Session) -> bool:
-        """Move frames into merged buffers until the tap is empty (True) or the ring too full."""
+        """Move frames into merged buffers; True once the tap has nothing to give, False when
+        the ring lacks room for the next frame."""
         while True:
             if not self._frame_length:
                 try:
                     length = self._tap.read_into([memoryview(self._frame)])
                 except OSError as exc:
                     _log.debug("virtio-net dropped a received frame: %s", exc)
-                    continue
+                    return True
                 if length is None:
                     return True
                 self._frame_length = length

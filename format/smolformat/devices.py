@@ -87,8 +87,8 @@ _kind(
     Pass,
     Struct(
         *[name / Int8ul for name in ("dll", "dlm", "ier", "iir", "fcr", "lcr", "mcr", "lsr", "msr", "scr")],
-        "thr_interrupt_pending" / Flag,
-        "rx_fifo" / Prefixed(bounded(Int32ul, MAX_FIFO), GreedyBytes),
+        "thre_pending" / Flag,
+        "rx" / Prefixed(bounded(Int32ul, MAX_FIFO), GreedyBytes),
     ),
 )
 _kind(

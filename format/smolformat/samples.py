@@ -136,8 +136,8 @@ def devices(disks: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
                 "lsr": 0x60,
                 "msr": 0xB0,
                 "scr": 0,
-                "thr_interrupt_pending": False,
-                "rx_fifo": b"ls\n",
+                "thre_pending": False,
+                "rx": b"ls\n",
             },
         },
         {

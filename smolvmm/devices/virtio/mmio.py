@@ -241,14 +241,11 @@ class MmioTransport:
             ready = self._status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK
             if not ready or self._session is not None:
                 return None
-            features = self._driver_features
             for queue in self._queues:
                 if queue.ready:
                     queue.validate(self.memory)
-            self.device.activate(features)
-            self._session = Session(
-                self.memory, features, self._queues, self.notify_fds, self._lock, self._interrupt
-            )
+            self.device.activate(self._driver_features)
+            self._session = Session(self.memory, self._queues, self.notify_fds, self._lock, self._interrupt)
             return self._session
 
     async def _wait_closed(self, session: Session) -> None:

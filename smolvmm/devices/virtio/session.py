@@ -33,22 +33,17 @@ class Session:
     def __init__(
         self,
         memory: GuestMemory,
-        features: int,
         queues: Sequence[Queue],
         notify_fds: Sequence[int],
         lock: threading.Lock,
         interrupt: Callable[[], None],
     ) -> None:
         self.memory = memory
-        self.features = features
         self.closed = False
         self._queues = queues
         self._notify_fds = notify_fds
         self._lock = lock
         self._interrupt = interrupt
-
-    def has(self, feature_bit: int) -> bool:
-        return bool(self.features >> feature_bit & 1)
 
     def fill(self, index: int, produce: Producer) -> int:
         """Hand available chains to ``produce`` until the ring is empty or it returns None.

@@ -60,7 +60,9 @@ def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
 def job_script(job: Job) -> str:
     """The shell script the nested machine's init runs chrooted into the host root."""
     lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(forwarded_env(job.env).items())]
-    lines.append("[ -e /run/smolvmm/readonly ] && export PYTHONDONTWRITEBYTECODE=1")
+    # On the overlay, bytecode lands in a tmpfs that is discarded: writing it only saves recompiling.
+    lines.append("if [ -e /run/smolvmm/readonly ]; then export PYTHONDONTWRITEBYTECODE=1;"
+                 " else unset PYTHONDONTWRITEBYTECODE; fi")
     lines.append(f"cd {shlex.quote(str(job.cwd))} || exit {HARNESS_FAILURE}")
     lines.append("exec " + shlex.join(job.command))
     return "\n".join(lines) + "\n"

@@ -15,7 +15,18 @@ import anyio
 import pytest
 from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
 
-from smolvmm.devices.virtio.net import F_CSUM, F_GUEST_CSUM, F_MAC, F_MRG_RXBUF, VirtioNet, random_mac
+from smolvmm.devices.virtio.net import (
+    F_CSUM,
+    F_GUEST_CSUM,
+    F_GUEST_TSO4,
+    F_HOST_TSO4,
+    F_MAC,
+    F_MRG_RXBUF,
+    MAX_FRAME,
+    VirtioNet,
+    random_mac,
+)
+from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, Tap
 from smolvmm.errors import ConfigError
 
 T = TypeVar("T")
@@ -50,13 +61,24 @@ def in_netns(name: str, fn: Callable[[], T]) -> T:
     return result[0]
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"smolvmm-test-{os.getpid()}"
+def namespace(role: str) -> Iterator[str]:
+    name = f"smolvmm-{role}-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
     yield name
     subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """The host side: where the device's tap lives."""
+    yield from namespace("host")
+
+
+@pytest.fixture
+def guest_netns() -> Iterator[str]:
+    """A stand-in for the guest's network stack, on the far side of the test driver."""
+    yield from namespace("guest")
 
 
 def ip(ns: str, *args: str) -> str:
@@ -252,4 +274,100 @@ async def test_mergeable_rx_buffers_carry_a_jumbo_frame(netns: str) -> None:
     assert count == 8  # 12 + 14 + 20 + 8 + 8000 = 8054 bytes in 1 KiB buffers
     assert frame[:6] == GUEST_MAC and frame.endswith(payload)
     host.close()
+    driver.transport.close()
+
+
+class KernelGuest:
+    """Plays a guest whose network stack is a real kernel: the driver relays the device's queues
+    to a second tap in another namespace, so TCP (with TSO and checksum offload) crosses the
+    device between two kernels."""
+
+    def __init__(self, driver: Driver, tap: Tap) -> None:
+        self.driver, self.tap = driver, tap
+        self.gso_received = self.gso_sent = 0
+
+    async def relay_rx(self) -> None:
+        buffers = {}
+        for _ in range(64):
+            gpa = self.driver.alloc(4096)
+            buffers[self.driver.submit(0, [(gpa, 4096, True)])] = gpa
+        used: list[tuple[int, int]] = []
+        while True:
+            used += await self.driver.wait_used(0, timeout=60)
+            while used:
+                count = struct.unpack("<H", self.driver.memory.read(buffers[used[0][0]] + 10, 2))[0]
+                if len(used) < count:
+                    break
+                frame, used = used[:count], used[count:]
+                data = b"".join(self.driver.memory.read(buffers[head], length) for head, length in frame)
+                self.gso_received += data[1] != 0  # gso_type: a TSO frame reached the guest whole
+                os.write(self.tap.fd, data)
+                for head, _ in frame:
+                    buffers[self.driver.submit(0, [(buffers[head], 4096, True)], kick=False)] = buffers[head]
+                self.driver.kick(0)
+
+    async def relay_tx(self) -> None:
+        slot = self.driver.alloc(MAX_FRAME)
+        while True:
+            await anyio.wait_readable(self.tap.fd)
+            length = self.tap.read_into([self.driver.memory.view(slot, MAX_FRAME)])
+            if length is None:
+                continue
+            self.gso_sent += self.driver.memory.read(slot + 1, 1) != b"\0"
+            self.driver.submit(1, [(slot, length, False)])
+            await self.driver.wait_used(1, timeout=60)
+
+
+def stream(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` while receiving as much from the peer (both ends do this); blocking."""
+    received = bytearray()
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    while len(received) < len(payload):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        received += chunk
+    sender.join()
+    return bytes(received)
+
+
+@pytest.mark.anyio
+async def test_tcp_with_offloads_between_two_kernels(netns: str, guest_netns: str) -> None:
+    driver, tap_mac = attach(netns)
+    guest_tap = in_netns(guest_netns, lambda: Tap("tap1"))
+    guest_tap.set_offloads(TUN_F_CSUM | TUN_F_TSO4)
+    for args in (
+        ("link", "set", "tap1", "address", GUEST_MAC.hex(":")),
+        ("link", "set", "tap1", "up"),
+        ("addr", "add", f"{GUEST_IP}/24", "dev", "tap1"),
+        ("neigh", "add", HOST_IP, "lladdr", tap_mac.hex(":"), "dev", "tap1"),
+    ):
+        ip(guest_netns, *args)
+    listener = in_netns(netns, lambda: socket.create_server((HOST_IP, 8080)))
+    client = in_netns(guest_netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    offloads = 1 << F_CSUM | 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO4 | 1 << F_HOST_TSO4 | 1 << F_MRG_RXBUF
+    driver.start(RING_FEATURES | 1 << F_MAC | offloads)
+    guest = KernelGuest(driver, guest_tap)
+    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
+    async with running(driver), anyio.create_task_group() as relays:
+        relays.start_soon(guest.relay_rx)
+        relays.start_soon(guest.relay_tx)
+        with anyio.fail_after(60):
+            await anyio.to_thread.run_sync(client.connect, (HOST_IP, 8080))
+            server, _ = await anyio.to_thread.run_sync(listener.accept)
+            async with anyio.create_task_group() as ends:
+                results = {}
+
+                async def run(name: str, sock: socket.socket, payload: bytes) -> None:
+                    results[name] = await anyio.to_thread.run_sync(stream, sock, payload)
+
+                ends.start_soon(run, "host", server, down)
+                ends.start_soon(run, "guest", client, up)
+        relays.cancel_scope.cancel()
+    assert results["host"] == up and results["guest"] == down
+    assert guest.gso_received and guest.gso_sent  # TSO frames crossed the device both ways
+    for sock in (server, client, listener):
+        sock.close()
+    guest_tap.close()
     driver.transport.close()

@@ -91,8 +91,9 @@ class Machine:
         await self._exited.wait()
         for thread in self._vm.threads:
             thread.stop()
-        while any(thread.alive for thread in self._vm.threads):
-            await self._threads_done.wait()
+        done = 0
+        while done < len(self._vm.threads):
+            done += await self._threads_done.wait()
         for thread in self._vm.threads:
             thread.join()
         self._devices_scope.cancel()

@@ -52,10 +52,20 @@ def virtio_mmio_device(index: int, base: int, size: int, gsi: int) -> bytes:
     )
 
 
+def com1() -> bytes:
+    """The 16550A, so the kernel maps its interrupt: hardware-reduced ACPI has no legacy ISA IRQs."""
+    return aml.device(
+        "COM1",
+        aml.name("_HID", aml.eisa_id("PNP0501")),
+        aml.name("_UID", aml.integer(1)),
+        aml.name("_CRS", aml.resource_template(aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ))),
+    )
+
+
 def dsdt(devices: list[tuple[int, int, int]]) -> bytes:
-    """\\_S5 for poweroff and, under \\_SB, one node per virtio-mmio (base, size, gsi)."""
+    """\\_S5 for poweroff and, under \\_SB, COM1 and one node per virtio-mmio (base, size, gsi)."""
     s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (S5_SLEEP_TYPE, 0, 0, 0))))
-    nodes = [virtio_mmio_device(i, base, size, gsi) for i, (base, size, gsi) in enumerate(devices)]
+    nodes = [com1()] + [virtio_mmio_device(i, base, size, gsi) for i, (base, size, gsi) in enumerate(devices)]
     return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", *nodes))
 
 

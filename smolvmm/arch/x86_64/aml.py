@@ -78,6 +78,25 @@ def notify(path: str, value: int) -> Term:
     return b"\x86" + name_string(path) + integer(value)
 
 
+def eisa_id(text: str) -> Term:
+    """EISAID("PNP0501"): three letters packed in five bits each, then four hex digits, as an integer."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    packed = (letters[0] << 10) | (letters[1] << 5) | letters[2]
+    product = int(text[3:], 16)
+    value = ((packed >> 8) | ((packed & 0xFF) << 8)) | (((product >> 8) | ((product & 0xFF) << 8)) << 16)
+    return integer(value)
+
+
+def io_port(base: int, length: int) -> bytes:
+    """IO (Decode16, base, base, 1, length) resource descriptor."""
+    return struct.pack("<BBHHBB", 0x47, 1, base, base, 1, length)
+
+
+def irq_no_flags(irq: int) -> bytes:
+    """IRQNoFlags () { irq }: an edge-triggered, active-high ISA interrupt."""
+    return struct.pack("<BH", 0x22, 1 << irq)
+
+
 def memory32_fixed(base: int, length: int) -> bytes:
     """Memory32Fixed (ReadWrite, base, length) resource descriptor."""
     return struct.pack("<BHBII", 0x86, 9, 1, base, length)

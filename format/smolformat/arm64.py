@@ -1,20 +1,20 @@
 """arm64 KVM state: core registers in the layout of arm64 ``struct kvm_regs``, the rest as lists.
 
 System registers are KVM one-reg ``(id, value)`` pairs (KVM_GET_ONE_REG ids); the vGICv3 state is
-lists of registers as read through the KVM_DEV_ARM_VGIC_GRP_* device attributes (see
-smolvmm/arch/arm64/gic.py for which, and in which order to restore them).
+``(offset, value)`` lists as read through the KVM_DEV_ARM_VGIC_GRP_* device attributes.
 ``VcpuState`` and ``VmState`` are the payloads of the VCPU_STATE and VM_STATE sections.
 """
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Int32ul, Int64ul, PrefixedArray, Struct
+from construct import Array, Bytes, Default, Int8ul, Int32ul, Int64ul, PrefixedArray, Struct
 
 from .limits import bounded
 from .packed import Packed
 
 MAX_ONE_REGS = 4096
 MAX_GIC_REGS = 1 << 16
+MAX_TIMERS = 8
 
 UserPtRegs = Packed(
     Struct(
@@ -48,36 +48,24 @@ KvmRegs = Packed(
 
 OneReg = Packed(Struct("id" / Int64ul, "value" / Int64ul))
 
-# A VGIC register: ``offset`` is the KVM device attribute without its MPIDR field (a register
-# offset for distributor/redistributor registers, the first INTID for line levels).
 GicReg = Packed(Struct("offset" / Int32ul, "value" / Int64ul))
 
-# A GIC CPU interface register: ``encoding`` is its sysreg encoding (the attribute's low 16 bits).
-GicSysreg = Packed(Struct("encoding" / Int32ul, "value" / Int64ul))
-
-# The EL1 virtual and physical timers. KVM (Linux 6.1) exposes no CNTVOFF register: the virtual
-# count stands for it (writing it back makes KVM set CNTVOFF = host counter - count).
-ArchTimerState = Packed(
-    Struct(
-        "virtual_count" / Int64ul,
-        "virtual_ctl" / Int64ul,
-        "virtual_cval" / Int64ul,
-        "physical_ctl" / Int64ul,
-        "physical_cval" / Int64ul,
-    )
-)
+TIMER_VIRTUAL = 0
+TIMER_PHYSICAL = 1
+ArchTimer = Packed(Struct("timer" / Int8ul, "cntvoff" / Int64ul, "ctl" / Int64ul, "cval" / Int64ul))
 
 VcpuState = Struct(
     "mp_state" / Int32ul,
     "core" / KvmRegs,
     "sys_regs" / PrefixedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
-    "timer" / ArchTimerState,
+    "timers" / PrefixedArray(bounded(Int8ul, MAX_TIMERS), ArchTimer),
     "gic_redistributor" / PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
-    "gic_cpu_sysregs" / PrefixedArray(bounded(Int32ul, MAX_ONE_REGS), GicSysreg),
+    "gic_cpu_sysregs" / PrefixedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
 )
 
 VmState = Struct(
     "gic_nr_irqs" / Int32ul,
     "gic_distributor" / PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
-    "gic_line_levels" / PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
+    # SPI line levels (KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO): offset = first INTID, value = 32-bit bitmap
+    "gic_line_levels" / Default(PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg), []),
 )

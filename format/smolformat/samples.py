@@ -63,15 +63,19 @@ def arm64_vcpu(vcpu_id: int, rng: random.Random | None = None) -> dict[str, Any]
         "mp_state": 0,
         "core": _random_value(arm64.KvmRegs, rng),
         "sys_regs": [{"id": 0x6030_0000_0013_0000 + i, "value": rng.getrandbits(64)} for i in range(120)],
-        "timer": {
-            "virtual_count": rng.getrandbits(64),
-            "virtual_ctl": 1,
-            "virtual_cval": rng.getrandbits(64),
-            "physical_ctl": 0,
-            "physical_cval": rng.getrandbits(64),
-        },
+        "timers": [
+            {
+                "timer": arm64.TIMER_VIRTUAL,
+                "cntvoff": rng.getrandbits(64),
+                "ctl": 1,
+                "cval": rng.getrandbits(64),
+            },
+            {"timer": arm64.TIMER_PHYSICAL, "cntvoff": 0, "ctl": 0, "cval": rng.getrandbits(64)},
+        ],
         "gic_redistributor": [{"offset": 0x10000 + 4 * i, "value": rng.getrandbits(32)} for i in range(64)],
-        "gic_cpu_sysregs": [{"encoding": 0xC660 + i, "value": rng.getrandbits(64)} for i in range(16)],
+        "gic_cpu_sysregs": [
+            {"id": 0x6030_0000_0013_C600 + i, "value": rng.getrandbits(64)} for i in range(16)
+        ],
     }
 
 

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except SmolvmmError as exc:
         print(f"nested-kvm: building the nested machine image failed: {exc}", file=sys.stderr)
         return HARNESS_FAILURE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

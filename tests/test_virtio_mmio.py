@@ -117,7 +117,7 @@ async def test_save_restore_round_trip() -> None:
     clone = Driver(VirtioRng(), driver.memory)
     clone.transport.restore_state(state)
     assert clone.transport.save_state() == state
-    clone.sizes, clone._next_desc, clone._seen_used = driver.sizes, [1], [1]
+    clone.adopt(driver)
     async with running(clone):
         head = clone.submit(0, [(clone.alloc(8), 8, True)])
         assert await clone.wait_used(0) == [(head, 8)]

@@ -94,6 +94,10 @@ class Driver:
         self.setup_queues(size)
         self.write(0x070, status | STATUS_DRIVER_OK)
 
+    def adopt(self, other: Driver) -> None:
+        """Continue the driver-side bookkeeping of ``other`` (same memory, e.g. after a restore)."""
+        self.sizes, self._next_desc, self._seen_used = other.sizes, other._next_desc, other._seen_used
+
     # rings
     def desc_addr(self, q: int) -> int:
         return RING_AREA * (q + 1)

@@ -234,6 +234,8 @@ class MmioTransport:
                     tg.cancel_scope.cancel()
             except* QueueError as group:
                 self._needs_reset(group.exceptions[0])
+            finally:
+                self._end_session(session)
             self.device.reset()
 
     def _start_session(self) -> Session | None:
@@ -247,6 +249,13 @@ class MmioTransport:
             self.device.activate(self._driver_features)
             self._session = Session(self.memory, self._queues, self.notify_fds, self._lock, self._interrupt)
             return self._session
+
+    def _end_session(self, session: Session) -> None:
+        """Forget ``session`` however it ended, so a restarted ``run()`` opens a new one."""
+        with self._lock:
+            session.closed = True
+            if self._session is session:
+                self._session = None
 
     async def _wait_closed(self, session: Session) -> None:
         while not session.closed:

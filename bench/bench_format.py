@@ -125,12 +125,15 @@ def main() -> int:
         for threads in (1, 2):
             target = mmap.mmap(-1, ram_size)
             with open_bundle(zstd) as bundle:
+                cpu_start = time.process_time()
                 seconds = _timed(lambda: bundle.read_memory_into([target], threads), repeat=3)
+                cpu_share = (time.process_time() - cpu_start) / 3 / seconds  # cores this process got
             target.close()
             rows.append(
                 (
                     f"zstd decode, {threads} thread(s)",
-                    f"{ram_size / MIB / seconds:.0f} MiB/s of RAM, {nonzero / MIB / seconds:.0f} MiB/s non-zero",
+                    f"{ram_size / MIB / seconds:.0f} MiB/s of RAM, {nonzero / MIB / seconds:.0f} MiB/s non-zero,"
+                    f" cpu/wall {cpu_share:.2f}",
                 )
             )
         target = mmap.mmap(-1, ram_size)

@@ -57,13 +57,14 @@ class VirtioConsole(VirtioDevice):
 
     async def _receive(self, session: Session) -> None:
         while True:
+            # Input left from before a pause goes first.
+            while self._input:
+                await session.wait_available(RX)
+                session.fill(RX, self._deliver)
             try:
                 self._input = memoryview(await self.port.receive(RECEIVE_CHUNK))
             except anyio.EndOfStream:
                 return  # the host closed its input; output keeps flowing
-            while self._input:
-                await session.wait_available(RX)
-                session.fill(RX, self._deliver)
 
     def _deliver(self, chain: DescriptorChain) -> int | None:
         if not self._input:

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from smolformat import BundleContents, samples, write_bundle
-from smolformat.crafting import build_frame, parse_frame, reseal, section_digest
+from smolformat.crafting import (
+    append_section,
+    edit_table,
+    find_entry,
+    parse_frame,
+    reseal,
+    rewrite_section,
+)
 from smolformat.layout import SectionFlag, SectionKind
 from smolformat.pages import PageIndex
 
@@ -65,47 +72,6 @@ def _bundle(arch: str, encoding: str, scratch: Path) -> bytes:
     return path.read_bytes()
 
 
-def _find(entries: list[dict[str, Any]], kind: SectionKind, index: int = 0) -> dict[str, Any]:
-    return next(e for e in entries if e["kind"] == kind and e["index"] == index)
-
-
-def _edit_table(data: bytes, edit: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> bytes:
-    header, entries = parse_frame(data)
-    edit(header, entries)
-    return build_frame(data[: header["table_offset"]], header, entries)
-
-
-def _append_section(data: bytes, entry: dict[str, Any], payload: bytes) -> bytes:
-    header, entries = parse_frame(data)
-    body = data[: header["table_offset"]]
-    body += bytes(-len(body) % 8)
-    entries.append(
-        {
-            **entry,
-            "offset": len(body),
-            "length": len(payload),
-            "logical_length": len(payload),
-            "digest": section_digest(payload),
-        }
-    )
-    return build_frame(body + payload, header, entries)
-
-
-def _rewrite_section(data: bytes, kind: SectionKind, change: Callable[[bytearray], None]) -> bytes:
-    """Change a section's bytes in place (same length) and give it a matching digest."""
-    header, entries = parse_frame(data)
-    entry = _find(entries, kind)
-    payload = bytearray(data[entry["offset"] : entry["offset"] + entry["length"]])
-    change(payload)
-    entry["digest"] = section_digest(bytes(payload))
-    body = (
-        data[: entry["offset"]]
-        + bytes(payload)
-        + data[entry["offset"] + entry["length"] : header["table_offset"]]
-    )
-    return build_frame(body, header, entries)
-
-
 def _edit_memory_index(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
     def change(payload: bytearray) -> None:
         index = PageIndex.parse(bytes(payload))
@@ -116,7 +82,7 @@ def _edit_memory_index(data: bytes, edit: Callable[[dict[str, Any]], None]) -> b
         edit(value)
         payload[:] = PageIndex.build(value)
 
-    return _rewrite_section(data, SectionKind.MEMORY_INDEX, change)
+    return rewrite_section(data, SectionKind.MEMORY_INDEX, change)
 
 
 def _put(at: int, value: bytes) -> Callable[[bytearray], None]:
@@ -136,9 +102,9 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
     x86_zstd = _bundle("x86_64", "zstd", scratch)
     arm_raw = _bundle("arm64", "raw", scratch)
     header, entries = parse_frame(x86_raw)
-    mem_data = _find(entries, SectionKind.MEMORY_DATA)
-    config = _find(entries, SectionKind.CONFIG)
-    vcpu = _find(entries, SectionKind.VCPU_STATE)
+    mem_data = find_entry(entries, SectionKind.MEMORY_DATA)
+    config = find_entry(entries, SectionKind.CONFIG)
+    vcpu = find_entry(entries, SectionKind.VCPU_STATE)
     out: list[tuple[str, bytes, str, str]] = [
         ("valid-x86_64-raw", x86_raw, "valid", "x86_64, raw pages"),
         ("valid-x86_64-zstd", x86_zstd, "valid", "x86_64, zstd chunks"),
@@ -151,7 +117,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "valid-unknown-optional-section",
-            _append_section(
+            append_section(
                 x86_raw,
                 {"kind": 200, "flags": 0, "encoding": 0, "reserved0": 0, "index": 0, "reserved1": 0},
                 b"future optional data",
@@ -161,7 +127,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "unknown-required-section",
-            _append_section(
+            append_section(
                 x86_raw,
                 {
                     "kind": 200,
@@ -200,31 +166,34 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "section-overlap",
-            _edit_table(
-                x86_raw, lambda h, es: _find(es, SectionKind.METADATA).update(offset=config["offset"])
+            edit_table(
+                x86_raw, lambda h, es: find_entry(es, SectionKind.METADATA).update(offset=config["offset"])
             ),
             "section-overlap",
             "metadata placed over config",
         ),
         (
             "section-outside-file",
-            _edit_table(
-                x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(offset=header["table_offset"])
+            edit_table(
+                x86_raw,
+                lambda h, es: find_entry(es, SectionKind.KERNEL).update(offset=header["table_offset"]),
             ),
             "section-outside-file",
             "kernel section placed on the table",
         ),
         (
             "length-overflow",
-            _edit_table(x86_raw, lambda h, es: _find(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)),
+            edit_table(
+                x86_raw, lambda h, es: find_entry(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)
+            ),
             "length-overflow",
             "offset + length wraps 64 bits",
         ),
         (
             "misaligned-raw-memory",
-            _edit_table(
+            edit_table(
                 x86_raw,
-                lambda h, es: _find(es, SectionKind.MEMORY_DATA).update(offset=mem_data["offset"] + 8),
+                lambda h, es: find_entry(es, SectionKind.MEMORY_DATA).update(offset=mem_data["offset"] + 8),
             ),
             "misaligned",
             "raw memory data not page-aligned",
@@ -238,7 +207,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "bad-section-config",
-            _rewrite_section(x86_raw, SectionKind.CONFIG, _put(5, b"\xff\xff\xff\x7f")),
+            rewrite_section(x86_raw, SectionKind.CONFIG, _put(5, b"\xff\xff\xff\x7f")),
             "bad-section",
             "config RAM region count far past the section",
         ),
@@ -262,7 +231,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "duplicate-vcpu",
-            _append_section(
+            append_section(
                 x86_raw,
                 {k: vcpu[k] for k in ("kind", "flags", "encoding", "reserved0", "index", "reserved1")},
                 x86_raw[vcpu["offset"] : vcpu["offset"] + vcpu["length"]],
@@ -272,13 +241,13 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "vcpu-mismatch",
-            _rewrite_section(x86_raw, SectionKind.CONFIG, _put(1, struct.pack("<I", 2))),
+            rewrite_section(x86_raw, SectionKind.CONFIG, _put(1, struct.pack("<I", 2))),
             "vcpu-mismatch",
             "config says 2 vCPUs, one is saved",
         ),
         (
             "missing-memory",
-            _edit_table(x86_raw, lambda h, es: es.remove(_find(es, SectionKind.MEMORY_INDEX))),
+            edit_table(x86_raw, lambda h, es: es.remove(find_entry(es, SectionKind.MEMORY_INDEX))),
             "missing-section",
             "no memory index",
         ),
@@ -286,7 +255,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
     out.append(
         (
             "bad-chunk-zstd",
-            _rewrite_section(x86_zstd, SectionKind.MEMORY_DATA, _put(6, b"\xff\xff\xff\xff")),
+            rewrite_section(x86_zstd, SectionKind.MEMORY_DATA, _put(6, b"\xff\xff\xff\xff")),
             "bad-chunk",
             "a zstd frame that does not decode (digest resealed)",
         )

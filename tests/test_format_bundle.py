@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,12 @@ from smolformat import (
     samples,
     write_bundle,
 )
+from smolformat.crafting import edit_table, find_entry, rewrite_section
 from smolformat.layout import PAGE_SIZE, SectionKind
 from smolformat.pages import MIN_DEDUP_RUN
 
 MIB = 1 << 20
+TIB = 1 << 40
 
 
 def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | None = None) -> BundleContents:
@@ -165,3 +168,28 @@ def test_dedup_can_be_turned_off(tmp_path: Path) -> None:
     with open_bundle(path) as bundle:
         assert next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA).length == 2 * len(run)
         assert len({e.file_offset for e in bundle.memory_extents()}) == 2
+
+
+def test_huge_claims_cost_nothing_to_open_and_verify(tmp_path: Path) -> None:
+    """A bundle claiming 1 TiB of RAM and a 4 EiB disk opens and verifies without allocating them."""
+    data = (Path(__file__).resolve().parent.parent / "spec/vectors/valid-x86_64-raw.smolmachine").read_bytes()
+    data = rewrite_section(
+        data, SectionKind.CONFIG, lambda config: config.__setitem__(slice(17, 25), TIB.to_bytes(8, "little"))
+    )
+
+    def claim(_header: dict, entries: list[dict]) -> None:
+        find_entry(entries, SectionKind.MEMORY_DATA)["logical_length"] = TIB
+        find_entry(entries, SectionKind.DISK_DATA)["logical_length"] = 1 << 62
+
+    path = tmp_path / "huge.smolmachine"
+    path.write_bytes(edit_table(data, claim))
+    tracemalloc.start()
+    try:
+        with open_bundle(path) as bundle:
+            bundle.verify()
+            assert bundle.config.ram[0].size == TIB and bundle.disk(0).size == 1 << 62
+            assert bundle.memory_extents()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MIB

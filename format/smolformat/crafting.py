@@ -7,6 +7,7 @@ what vectors and fuzzing need.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from .layout import (
@@ -17,6 +18,7 @@ from .layout import (
     SECTION_ALIGN,
     Header,
     SectionEntry,
+    SectionKind,
 )
 
 
@@ -65,3 +67,47 @@ def reseal(data: bytes) -> bytes:
     table = data[header.table_offset : header.table_offset + header.section_count * header.entry_size]
     checksum = hashlib.blake2b(data[:CHECKSUMMED_HEADER] + table, digest_size=DIGEST_SIZE).digest()
     return data[:CHECKSUMMED_HEADER] + checksum + data[HEADER_SIZE:]
+
+
+def find_entry(entries: list[dict[str, Any]], kind: SectionKind, index: int = 0) -> dict[str, Any]:
+    """The table entry of section ``kind`` number ``index``."""
+    return next(e for e in entries if e["kind"] == kind and e["index"] == index)
+
+
+def edit_table(data: bytes, edit: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> bytes:
+    """``data`` after ``edit(header, entries)`` changed its frame, re-sealed."""
+    header, entries = parse_frame(data)
+    edit(header, entries)
+    return build_frame(data[: header["table_offset"]], header, entries)
+
+
+def append_section(data: bytes, entry: dict[str, Any], payload: bytes) -> bytes:
+    """``data`` with one more section (``entry`` gives kind, flags, encoding, index)."""
+    header, entries = parse_frame(data)
+    body = data[: header["table_offset"]]
+    body += bytes(-len(body) % 8)
+    entries.append(
+        {
+            **entry,
+            "offset": len(body),
+            "length": len(payload),
+            "logical_length": len(payload),
+            "digest": section_digest(payload),
+        }
+    )
+    return build_frame(body + payload, header, entries)
+
+
+def rewrite_section(data: bytes, kind: SectionKind, change: Callable[[bytearray], None]) -> bytes:
+    """Change a section's bytes in place (same length) and give it a matching digest."""
+    header, entries = parse_frame(data)
+    entry = find_entry(entries, kind)
+    payload = bytearray(data[entry["offset"] : entry["offset"] + entry["length"]])
+    change(payload)
+    entry["digest"] = section_digest(bytes(payload))
+    body = (
+        data[: entry["offset"]]
+        + bytes(payload)
+        + data[entry["offset"] + entry["length"] : header["table_offset"]]
+    )
+    return build_frame(body, header, entries)

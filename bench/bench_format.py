@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolformat import BundleContents, make_metadata, open_bundle, samples, write_bundle
+from smolformat import BundleContents, make_metadata, open_bundle, samples, verify_bundle, write_bundle
 from smolformat.pages import MIN_DEDUP_RUN
 
 MIB = 1 << 20
@@ -146,6 +146,10 @@ def main() -> int:
             warm = _timed(lambda: open_bundle(path).close(), repeat=50) * 1e3
             rows.append((f"open+parse {name}, warm (median of 50)", f"{warm:.2f} ms"))
             rows.append((f"open+parse {name}, cold (new process)", f"{_cold_open_ms(path):.1f} ms"))
+        for name, path in (("raw", raw), ("zstd", zstd)):
+            rows.append(
+                (f"verify {name} (hash all, decode zstd)", f"{_timed(lambda: verify_bundle(path)):.2f} s")
+            )
         map_seconds, extents = _map_raw(raw, ram_size)
         rows.append(
             ("mmap raw memory (MAP_FIXED|MAP_PRIVATE)", f"{map_seconds * 1e3:.2f} ms for {extents} extents")

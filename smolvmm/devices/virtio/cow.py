@@ -138,10 +138,28 @@ class CowDisk:
     def _mapped(self, cluster: int) -> bool:
         return bool(self._bitmap[cluster >> 3] >> (cluster & 7) & 1)
 
+    def _uniform(self, first: int, last: int) -> bool | None:
+        """Whether clusters ``first..last`` all are (True) or all are not (False) in the overlay;
+        None when they are mixed. One big-integer test instead of a loop over the clusters."""
+        count = last - first + 1
+        bits = int.from_bytes(self._bitmap[first >> 3 : (last >> 3) + 1], "little") >> (first & 7)
+        bits &= (1 << count) - 1
+        if bits == 0:
+            return False
+        if bits == (1 << count) - 1:
+            return True
+        return None
+
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Split ``offset .. offset+length`` into (start, length, in_overlay) runs of clusters."""
         if self._overlay is None:
             yield offset, length, False
+            return
+        if length <= 0:
+            return
+        uniform = self._uniform(offset // CLUSTER_SIZE, (offset + length - 1) // CLUSTER_SIZE)
+        if uniform is not None:
+            yield offset, length, uniform
             return
         end = offset + length
         start = offset

@@ -72,6 +72,16 @@ def test_reset_clears_status_and_queues() -> None:
     assert driver.transport.save_state().queues[0].desc_addr == 0
 
 
+def test_queue_can_be_stopped_but_not_restarted_while_live() -> None:
+    driver = Driver(VirtioRng())
+    driver.start()
+    driver.write(0x030, 0)
+    driver.write(0x044, 0)
+    assert driver.read(0x044) == 0  # Linux checks this when it deletes a queue
+    driver.write(0x044, 1)
+    assert driver.read(0x044) == 0
+
+
 def test_queue_num_max_is_zero_for_absent_queue() -> None:
     driver = Driver(VirtioRng())
     driver.write(0x030, 5)

@@ -156,7 +156,9 @@ class MmioTransport:
                 self._queue_sel = value
             case 0x038 if configurable:
                 queue.size = value
-            case 0x044 if queue is not None and not self._status & STATUS_DRIVER_OK:
+            case 0x044 if queue is not None and not (value & 1 and self._status & STATUS_DRIVER_OK):
+                # A queue may be stopped at any time, but only enabled before DRIVER_OK, when
+                # the session start validates it.
                 queue.ready = bool(value & 1)
             case 0x064:
                 self._interrupt_status &= ~value

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import re
+
 from .arch.x86_64 import layout
 from .config import MachineConfig
+from .console import VirtioConsoleInput
+from .devices.virtio.block import VirtioBlock
+from .devices.virtio.device import VirtioDevice
+from .devices.virtio.net import VirtioNet
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.ports import UnixSocketPort
+from .devices.virtio.rng import VirtioRng
 from .memory import GuestMemory
 from .vm import VirtualMachine
 
@@ -25,16 +34,47 @@ def boot_files(config: MachineConfig) -> tuple[Path, Path | None, str]:
     return guest.kernel, guest.initrd, config.cmdline if config.cmdline is not None else guest.cmdline
 
 
+def virtio_devices(config: MachineConfig) -> list[VirtioDevice]:
+    """The configured virtio devices in slot order: disks first (so the first is /dev/vda), then
+    networks, the console socket, and an entropy source."""
+    devices: list[VirtioDevice] = []
+    try:
+        for index, disk in enumerate(config.disks):
+            devices.append(VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"))
+        for net in config.networks:
+            devices.append(VirtioNet(net.tap, net.mac))
+        if config.console_socket is not None:
+            devices.append(VirtioConsole(UnixSocketPort(config.console_socket)))
+        devices.append(VirtioRng())
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    return devices
+
+
+def with_console(cmdline: str, console: str) -> str:
+    """``cmdline`` with its console= replaced by hvc0 when the machine's console is virtio."""
+    if console == "serial":
+        return cmdline
+    return re.sub(r"\bconsole=\S+", "", cmdline).strip() + " console=hvc0"
+
+
 def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     kernel, initrd, cmdline = boot_files(config)
+    cmdline = with_console(cmdline, config.console)
     if config.extra_cmdline:
         cmdline = f"{cmdline} {config.extra_cmdline}"
     memory = GuestMemory.anonymous(layout.ram_regions(config.memory))
     machine: Machine | None = None
-    vm = VirtualMachine(memory, config.vcpus, lambda exit: machine._record_exit(exit) if machine else None)
+    console = VirtioConsoleInput() if config.console == "virtio" else None
+    vm = VirtualMachine(memory, config.vcpus, lambda exit: machine._record_exit(exit) if machine else None, console)
     try:
+        for device in virtio_devices(config):
+            vm.add_virtio(device)
         vm.setup_boot(kernel, initrd, cmdline)
-        machine = cls(vm, config, [])
+        tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
+        machine = cls(vm, config, tasks)
     except BaseException:
         vm.close()
         raise

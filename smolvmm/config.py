@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .errors import ConfigError
 
@@ -90,6 +91,7 @@ class MachineConfig:
     disks: tuple[DiskConfig, ...] = ()
     networks: tuple[NetConfig, ...] = ()
     console_socket: Path | None = None
+    console: Literal["serial", "virtio"] = "serial"
     extra_cmdline: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -105,5 +107,7 @@ class MachineConfig:
         for disk in self.disks:
             if not disk.path.is_file():
                 raise ConfigError(f"disk image {disk.path} does not exist or is not a file")
+        if self.console not in ("serial", "virtio"):
+            raise ConfigError(f"console must be 'serial' (ttyS0) or 'virtio' (hvc0), not {self.console!r}")
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("--initrd needs --kernel")

@@ -13,6 +13,7 @@ from .eventfd import EventFd
 from .errors import GuestError
 
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
+INPUT_BUFFER = 4096
 
 
 class Console(ByteStream):
@@ -109,3 +110,41 @@ class Console(ByteStream):
     def close_fds(self) -> None:
         self._ready.close()
         self.input_space.close()
+
+
+class VirtioConsoleInput:
+    """The host side of a virtio console port that is the machine's console (guest ``hvc0``).
+
+    Output from the guest goes to ``console``; input typed with ``console.send`` is queued here
+    (up to 4 KiB) until the device delivers it.
+    """
+
+    def __init__(self) -> None:
+        self.console = Console(self._queue)
+        self._lock = threading.Lock()
+        self._pending = bytearray()
+        self._ready = EventFd()
+
+    def _queue(self, data: bytes) -> int:
+        with self._lock:
+            accepted = data[: INPUT_BUFFER - len(self._pending)]
+            self._pending += accepted
+        if accepted:
+            self._ready.signal()
+        return len(accepted)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            with self._lock:
+                data = bytes(self._pending[:max_bytes])
+                del self._pending[:max_bytes]
+            if data:
+                self.console.input_space.signal()
+                return data
+            await self._ready.wait()
+
+    async def send(self, data: bytes) -> None:
+        self.console.write_output(data)
+
+    def close(self) -> None:
+        self._ready.close()

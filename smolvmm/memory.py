@@ -1,20 +1,49 @@
-"""Guest RAM: mmap-backed regions and bounds-checked guest-physical access.
+"""Guest RAM: host mappings per region, and bounds-checked guest-physical access.
 
 Every address and length here may come from the guest, so each access is checked
 against the regions before any host memory is touched; an access that is out of
 bounds, or that straddles two regions, raises GuestMemoryError.
+
+RAM is either fresh anonymous memory (a cold boot) or a bundle's pages mapped
+copy-on-write (``MAP_PRIVATE``) over an anonymous reservation (a restore): untouched
+pages are read from the bundle file's page cache, shared by every instance, and a
+guest write copies just that page.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
+import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import cffi
 
 from .errors import GuestMemoryError
 
 PAGE_SIZE = 4096
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    """
+)
+_libc = _ffi.dlopen(None)
+_MAP_FAILED = 2**64 - 1
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+def _map(address: int, length: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    result = int(_ffi.cast("uintptr_t", _libc.mmap(_ffi.cast("void *", address), length, _PROT_RW, flags, fd, offset)))
+    if result == _MAP_FAILED:
+        err = _ffi.errno
+        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return result
 
 
 @dataclass(frozen=True)
@@ -23,53 +52,70 @@ class Region:
 
     gpa: int
     size: int
-    mapping: mmap.mmap
+    host_address: int
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
-    @property
-    def host_address(self) -> int:
-        """Host virtual address of the region's first byte (for KVM and preadv)."""
-        return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
-
 
 class GuestMemory:
-    """The guest's physical memory as a set of non-overlapping regions."""
+    """The guest's physical memory as a set of non-overlapping regions; ``close()`` unmaps them."""
 
-    def __init__(self, regions: list[Region]) -> None:
-        ordered = sorted(regions, key=lambda r: r.gpa)
-        for a, b in zip(ordered, ordered[1:]):
-            if a.end > b.gpa:
-                raise ValueError(f"guest memory regions overlap at {b.gpa:#x}")
-        self.regions = ordered
-        self._views = [memoryview(r.mapping) for r in ordered]
+    def __init__(self, layout: list[tuple[int, int]]) -> None:
+        """Reserve zeroed anonymous memory for each (gpa, size) pair of ``layout``."""
+        ordered = sorted(layout)
+        for (gpa, size), (next_gpa, _) in zip(ordered, ordered[1:]):
+            if gpa + size > next_gpa:
+                raise ValueError(f"guest memory regions overlap at {next_gpa:#x}")
+        self.regions: list[Region] = []
+        self._views: list[memoryview] = []
+        try:
+            for gpa, size in ordered:
+                if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+                    raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
+                address = _map(0, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                self.regions.append(Region(gpa, size, address))
+                self._views.append(memoryview(_ffi.buffer(_ffi.cast("char *", address), size)))
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
         """Fresh zeroed memory for each (gpa, size) pair in ``layout``."""
-        regions = []
-        for gpa, size in layout:
-            if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
-                raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            regions.append(Region(gpa, size, mapping))
-        return cls(regions)
+        return cls(layout)
+
+    def map_file(self, fd: int, extents: Iterable[tuple[int, int, int]]) -> None:
+        """Map (gpa, length, file_offset) extents of ``fd`` copy-on-write over guest RAM."""
+        for gpa, length, offset in extents:
+            if gpa % PAGE_SIZE or length % PAGE_SIZE or offset % PAGE_SIZE:
+                raise GuestMemoryError(f"memory extent {gpa:#x}+{length:#x} is not page aligned")
+            region = self._region(gpa, length)
+            _map(region.host_address + gpa - region.gpa, length, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
 
     @property
     def size(self) -> int:
         """Total bytes of guest RAM."""
         return sum(r.size for r in self.regions)
 
+    def _region(self, gpa: int, length: int) -> Region:
+        if gpa >= 0 and length >= 0:
+            for region in self.regions:
+                if region.gpa <= gpa and gpa + length <= region.end:
+                    return region
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def region_view(self, index: int) -> memoryview:
+        """The whole of region ``index`` as a writable view."""
+        return self._views[index]
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``length`` bytes at ``gpa``, which must lie inside one region."""
-        if gpa < 0 or length < 0:
-            raise GuestMemoryError(f"invalid guest access {gpa:#x}+{length:#x}")
         for region, view in zip(self.regions, self._views):
             if region.gpa <= gpa < region.end or (length == 0 and gpa == region.end):
                 offset = gpa - region.gpa
-                if length > region.size - offset:
+                if length < 0 or length > region.size - offset:
                     break
                 return view[offset : offset + length]
         raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
@@ -99,9 +145,10 @@ class GuestMemory:
         struct.pack_into("<Q", self.view(gpa, 8), 0, value)
 
     def close(self) -> None:
-        """Release the views and unmap every region."""
+        """Unmap every region. Views handed out before must no longer be used."""
         for view in self._views:
             view.release()
         self._views = []
         for region in self.regions:
-            region.mapping.close()
+            _libc.munmap(_ffi.cast("void *", region.host_address), region.size)
+        self.regions = []

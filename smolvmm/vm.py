@@ -9,11 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arch.x86_64 import acpi, boot, cpuid, layout, msrs, regs
-from .console import Console
+from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
 from .devices.i8042 import I8042
 from .devices.uart import Uart16550
+from .devices.virtio.device import VirtioDevice
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
 from .errors import ImageError
 from .eventfd import EventFd
 from .hypervisor.kvm.system import Kvm
@@ -26,7 +29,13 @@ from .vcpu import ExitReason, MachineExit, VcpuThread
 class VirtualMachine:
     """One VM on KVM with its legacy devices; ``close()`` releases every fd and mapping."""
 
-    def __init__(self, memory: GuestMemory, vcpus: int, on_exit: Callable[[MachineExit], None]) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        vcpus: int,
+        on_exit: Callable[[MachineExit], None],
+        virtio_console: VirtioConsoleInput | None = None,
+    ) -> None:
         self._closers: list[Callable[[], None]] = []
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
@@ -46,7 +55,9 @@ class VirtualMachine:
         self.mmio = Bus("MMIO")
         self.on_exit = on_exit
         self.uart_irq = self.irq_eventfd(layout.COM1_IRQ)
-        self.console = Console(self._feed_console)
+        # The machine's console is the UART, or a virtio console port when the guest uses hvc0;
+        # either way the UART's output (early kernel messages) lands in it.
+        self.console = virtio_console.console if virtio_console else Console(self._feed_console)
         self._closers.append(self.console.close_fds)
         self.uart = Uart16550(self.uart_irq.signal, self.console.write_output, self.console.input_space.signal)
         self.pio.add(layout.COM1_PORT, 8, self.uart.read, self.uart.write)
@@ -63,6 +74,26 @@ class VirtualMachine:
             self.vcpus.append(vcpu)
         self.threads: list[VcpuThread] = []
         self.virtio_slots: list[tuple[int, int, int]] = []  # (mmio base, size, gsi) per virtio device
+        self.transports: list[MmioTransport] = []
+        if virtio_console is not None:
+            self.add_virtio(VirtioConsole(virtio_console))
+
+    def add_virtio(self, device: VirtioDevice) -> MmioTransport:
+        """Attach ``device`` behind a virtio-mmio transport in the next free slot (before boot)."""
+        try:
+            transport = MmioTransport(device, self.memory)
+        except BaseException:
+            device.close()
+            raise
+        self._closers.append(transport.close)
+        base, gsi = layout.virtio_slot(len(self.transports))
+        self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
+        self.vm.irqfd(transport.irq_fd, gsi)
+        for index, fd in enumerate(transport.notify_fds):
+            self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
+        self.transports.append(transport)
+        self.virtio_slots.append((base, MMIO_SIZE, gsi))
+        return transport
 
     def _feed_console(self, data: bytes) -> int:
         return self.uart.feed(data)

@@ -150,3 +150,14 @@ def test_ext4_image_holds_the_files(tmp_path: Path) -> None:
     assert disk.stat().st_size == 8 << 20
     shown = subprocess.run(["debugfs", "-R", "cat /greeting", str(disk)], capture_output=True, text=True)
     assert shown.stdout == "hello\n"
+
+
+def test_apt_cache_answers_are_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smolvmm.images import debian
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(debian, "_with_lists", lambda *args: calls.append(args) or "Version: 1.0\n")
+    assert debian.Package.candidate("busybox-static") == debian.Package("busybox-static", "1.0")
+    assert debian.Package.candidate("busybox-static").version == "1.0"
+    assert len(calls) == 1

@@ -6,6 +6,7 @@ installed into the host.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,6 +47,29 @@ def _with_lists(*args: str, cwd: Path | None = None, expect_output: bool = True)
     return _run(*args, cwd=cwd)
 
 
+def _apt_cache(*args: str) -> str:
+    """``apt-cache ARGS``, remembered in the cache until apt's package lists change (a query costs ~1 s)."""
+    lists = Path("/var/lib/apt/lists")
+    stamp = lists.stat().st_mtime_ns if lists.exists() else 0
+    memo_path = cache_root() / "apt-cache.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{stamp} {' '.join(args)}"
+    if key not in memo:
+        memo = {k: v for k, v in memo.items() if k.startswith(f"{stamp} ")}
+        memo[key] = _with_lists("apt-cache", *args)
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=memo_path.parent, delete=False) as tmp:
+                json.dump(memo, tmp)
+            os.replace(tmp.name, memo_path)
+        except OSError:
+            pass  # a read-only cache only costs the next query
+    return memo[key]
+
+
 @dataclass(frozen=True)
 class Package:
     """A concrete Debian package at the version apt would pick now."""
@@ -56,7 +80,7 @@ class Package:
     @classmethod
     def candidate(cls, name: str) -> Package:
         """``name`` at apt's candidate version."""
-        for line in _with_lists("apt-cache", "show", "--no-all-versions", name).splitlines():
+        for line in _apt_cache("show", "--no-all-versions", name).splitlines():
             if line.startswith("Version:"):
                 return cls(name, line.split(":", 1)[1].strip())
         raise ImageError(f"apt-cache show {name} printed no Version: is {name} in this host's apt sources?")
@@ -92,7 +116,7 @@ def dependency_of(metapackage: str, prefix: str) -> str:
 
     ``dependency_of("linux-image-cloud-amd64", "linux-image-")`` -> ``linux-image-6.1.0-56-cloud-amd64``.
     """
-    for line in _with_lists("apt-cache", "depends", metapackage).splitlines():
+    for line in _apt_cache("depends", metapackage).splitlines():
         kind, _, name = line.strip().partition(": ")
         if kind.endswith("Depends") and name.startswith(prefix):
             return name

@@ -34,20 +34,23 @@ def boot_files(config: MachineConfig) -> tuple[Path, Path | None, str]:
     return guest.kernel, guest.initrd, config.cmdline if config.cmdline is not None else guest.cmdline
 
 
-def virtio_devices(config: MachineConfig) -> list[VirtioDevice]:
-    """The configured virtio devices in slot order: disks first (so the first is /dev/vda), then
-    networks, the console socket, and an entropy source."""
-    devices: list[VirtioDevice] = []
+def virtio_devices(config: MachineConfig, main: VirtioConsoleInput | None) -> list[tuple[VirtioDevice, str | None]]:
+    """The configured virtio devices in slot order, each with its console role: the main console
+    first (so it is hvc0), then disks (the first is /dev/vda), networks, the console socket and
+    an entropy source."""
+    devices: list[tuple[VirtioDevice, str | None]] = []
     try:
+        if main is not None:
+            devices.append((VirtioConsole(main), "main"))
         for index, disk in enumerate(config.disks):
-            devices.append(VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"))
+            devices.append((VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"), None))
         for net in config.networks:
-            devices.append(VirtioNet(net.tap, net.mac))
+            devices.append((VirtioNet(net.tap, net.mac), None))
         if config.console_socket is not None:
-            devices.append(VirtioConsole(UnixSocketPort(config.console_socket)))
-        devices.append(VirtioRng())
+            devices.append((VirtioConsole(UnixSocketPort(config.console_socket)), "socket"))
+        devices.append((VirtioRng(), None))
     except BaseException:
-        for device in devices:
+        for device, _ in devices:
             device.close()
         raise
     return devices
@@ -70,8 +73,8 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     console = VirtioConsoleInput() if config.console == "virtio" else None
     vm = VirtualMachine(memory, config.vcpus, lambda exit: machine._record_exit(exit) if machine else None, console)
     try:
-        for device in virtio_devices(config):
-            vm.add_virtio(device)
+        for device, role in virtio_devices(config, console):
+            vm.add_virtio(device, role)
         vm.setup_boot(kernel, initrd, cmdline)
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(vm, config, tasks)

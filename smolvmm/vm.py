@@ -13,9 +13,8 @@ from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
 from .devices.i8042 import I8042
-from .devices.uart import Uart16550
+from .devices.uart import Uart16550, UartState
 from .devices.virtio.device import VirtioDevice
-from .devices.virtio.console import VirtioConsole
 from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
 from .errors import ImageError
 from .eventfd import EventFd
@@ -35,6 +34,7 @@ class VirtualMachine:
         vcpus: int,
         on_exit: Callable[[MachineExit], None],
         virtio_console: VirtioConsoleInput | None = None,
+        uart_state: UartState | None = None,
     ) -> None:
         self._closers: list[Callable[[], None]] = []
         self.kvm = Kvm()
@@ -59,7 +59,9 @@ class VirtualMachine:
         # either way the UART's output (early kernel messages) lands in it.
         self.console = virtio_console.console if virtio_console else Console(self._feed_console)
         self._closers.append(self.console.close_fds)
-        self.uart = Uart16550(self.uart_irq.signal, self.console.write_output, self.console.input_space.signal)
+        self.uart = Uart16550(
+            self.uart_irq.signal, self.console.write_output, self.console.input_space.signal, uart_state or UartState()
+        )
         self.pio.add(layout.COM1_PORT, 8, self.uart.read, self.uart.write)
         i8042 = I8042(lambda: on_exit(MachineExit(ExitReason.REBOOT, "i8042 reset")))
         self.pio.add(layout.I8042_PORT, 5, i8042.read, i8042.write)
@@ -75,11 +77,13 @@ class VirtualMachine:
         self.threads: list[VcpuThread] = []
         self.virtio_slots: list[tuple[int, int, int]] = []  # (mmio base, size, gsi) per virtio device
         self.transports: list[MmioTransport] = []
-        if virtio_console is not None:
-            self.add_virtio(VirtioConsole(virtio_console))
+        self.console_roles: list[str] = []  # per virtio console, in slot order: main, socket
 
-    def add_virtio(self, device: VirtioDevice) -> MmioTransport:
-        """Attach ``device`` behind a virtio-mmio transport in the next free slot (before boot)."""
+    def add_virtio(self, device: VirtioDevice, console_role: str | None = None) -> MmioTransport:
+        """Attach ``device`` behind a virtio-mmio transport in the next free slot (before boot).
+
+        A virtio console says what its host side is: ``main`` (the machine's console) or ``socket``.
+        """
         try:
             transport = MmioTransport(device, self.memory)
         except BaseException:
@@ -93,6 +97,8 @@ class VirtualMachine:
             self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
         self.transports.append(transport)
         self.virtio_slots.append((base, MMIO_SIZE, gsi))
+        if console_role is not None:
+            self.console_roles.append(console_role)
         return transport
 
     def _feed_console(self, data: bytes) -> int:

@@ -1,0 +1,178 @@
+"""Restoring a machine from a .smolmachine bundle, up to (not including) the first KVM_RUN.
+
+Guest RAM is the bundle's raw pages mapped ``MAP_PRIVATE`` (never read in whole), or a zstd
+bundle decoded into anonymous memory. Base disks are materialised once into the cache, keyed
+by the bundle's digest, and every instance writes to its own fresh overlay.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import smolformat
+
+from .arch.x86_64.state import restore_vcpu, restore_vm
+from .config import MachineConfig, NetConfig
+from .console import VirtioConsoleInput
+from .devices.records import uart_state, virtio_state
+from .devices.virtio.block import VirtioBlock
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.device import VirtioDevice
+from .devices.virtio.net import VirtioNet
+from .devices.virtio.ports import UnixSocketPort
+from .devices.virtio.rng import VirtioRng
+from .errors import BundleError, ConfigError
+from .images.cache import cache_root
+from .memory import GuestMemory
+from .snapshot import CONSOLE_ROLES_LABEL, hypervisor_flavour
+from .vcpu import MachineExit
+from .vm import VirtualMachine
+
+
+@dataclass
+class Timings:
+    """Milliseconds since the restore (or boot) began, per phase; printed by ``--timings``."""
+
+    start: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str) -> None:
+        self.phases.setdefault(phase, round((time.perf_counter() - self.start) * 1000, 3))
+
+
+@dataclass(frozen=True)
+class RestoreOverrides:
+    """What a restore may change: host-side resources, never guest-visible state."""
+
+    networks: tuple[NetConfig, ...] = ()
+    console_socket: Path | None = None
+    overlays: tuple[Path | None, ...] = ()
+
+
+def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
+    try:
+        return smolformat.open_bundle(path)
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def check_flavour(bundle: smolformat.Bundle) -> None:
+    """Refuse state saved under another hypervisor flavour (PVM vs hardware KVM differ in CPU state)."""
+    if bundle.config.arch != "x86_64":
+        raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
+    saved = bundle.metadata.hypervisor if bundle.metadata else ""
+    here = hypervisor_flavour()
+    if saved and saved != here:
+        raise BundleError(f"the bundle was saved under {saved} and this host is {here}: their CPU state is not compatible")
+
+
+def _base_disk(bundle: smolformat.Bundle, index: int) -> Path:
+    """The bundle's base disk ``index`` as a read-only file in the cache (materialised once)."""
+    directory = cache_root() / "bundle-disks" / bundle.digest.hex()
+    path = directory / f"disk{index}.img"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f".disk{index}.{os.getpid()}.tmp"
+        try:
+            bundle.disk(index).materialise(partial)
+            os.chmod(partial, 0o444)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
+def _devices(
+    bundle: smolformat.Bundle, overrides: RestoreOverrides, roles: list[str], main: VirtioConsoleInput | None
+) -> list[tuple[VirtioDevice, str | None]]:
+    """Fresh device objects for the bundle's virtio devices, in slot order, with console roles."""
+    devices: list[tuple[VirtioDevice, str | None]] = []
+    networks = list(overrides.networks)
+    roles = list(roles)
+    saved_nets = [d for d in bundle.config.devices if d.kind == "virtio-net"]
+    if len(networks) != len(saved_nets):
+        raise ConfigError(f"the bundle has {len(saved_nets)} network device(s): pass --net tap=NAME for each")
+    try:
+        for entry in bundle.config.devices:
+            if entry.bus != "mmio":
+                continue
+            if entry.kind == "virtio-blk":
+                index = entry.params.disk
+                overlay = overrides.overlays[index] if index < len(overrides.overlays) else None
+                device: VirtioDevice = VirtioBlock(_base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial)
+                devices.append((device, None))
+            elif entry.kind == "virtio-net":
+                net = networks.pop(0)
+                devices.append((VirtioNet(net.tap, net.mac or entry.params.mac), None))
+            elif entry.kind == "virtio-console":
+                role = roles.pop(0) if roles else "socket"
+                if role == "main" and main is not None:
+                    devices.append((VirtioConsole(main), role))
+                elif role == "socket" and overrides.console_socket is not None:
+                    devices.append((VirtioConsole(UnixSocketPort(overrides.console_socket)), role))
+                else:
+                    raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
+            elif entry.kind == "virtio-rng":
+                devices.append((VirtioRng(), None))
+            else:
+                raise BundleError(f"the bundle has a {entry.kind} device this monitor cannot restore")
+    except BaseException:
+        for device, _ in devices:
+            device.close()
+        raise
+    return devices
+
+
+def restore_vm_from(
+    path: str | os.PathLike[str],
+    overrides: RestoreOverrides,
+    on_exit: Callable[[MachineExit], None],
+    timings: Timings,
+) -> tuple[VirtualMachine, MachineConfig, str, bytes]:
+    """Rebuild a paused VM from ``path``; returns (vm, config, cmdline, bundle digest)."""
+    with open_bundle(path) as bundle:
+        check_flavour(bundle)
+        timings.mark("parse")
+        memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
+        try:
+            if bundle.memory_encoding == "raw":
+                memory.map_file(bundle.fileno(), bundle.memory_extents())
+            else:
+                bundle.read_memory_into([memory.region_view(i) for i in range(len(memory.regions))])
+        except BaseException:
+            memory.close()
+            raise
+        timings.mark("memory_map")
+        labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
+        roles = [r for r in labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
+        main = VirtioConsoleInput() if "main" in roles else None
+        uart = next((d for d in bundle.devices if d.kind == "uart16550"), None)
+        vm = VirtualMachine(
+            memory, bundle.config.vcpu_count, on_exit, main, uart_state(uart.state) if uart else None
+        )
+        try:
+            restore_vm(vm.vm, bundle.vm_state)
+            host_khz = vm.vcpus[0].get_tsc_khz()
+            for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True):
+                restore_vcpu(vcpu, state, host_khz)
+            timings.mark("vm_vcpu_state")
+            records = [d for d in bundle.devices if d.kind != "uart16550"]
+            for (device, role), record in zip(_devices(bundle, overrides, roles, main), records, strict=True):
+                transport = vm.add_virtio(device, role)
+                transport.restore_state(virtio_state(record.kind, record.state))
+            expected = [(d.base, d.size, d.gsi) for d in bundle.config.devices if d.bus == "mmio"]
+            if vm.virtio_slots != expected:
+                raise BundleError("the bundle's virtio devices are not at the addresses this monitor assigns")
+            timings.mark("devices")
+        except BaseException:
+            vm.close()
+            raise
+        config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
+        return vm, config, bundle.config.cmdline, bundle.digest

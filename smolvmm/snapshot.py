@@ -1,0 +1,105 @@
+"""Saving a paused machine into a .smolmachine bundle (the restore side is smolvmm.restore).
+
+The caller pauses the vCPUs and stops the device tasks first (``Machine.snapshot`` does), so
+every register, queue index and used ring is at rest while it is read here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import smolformat
+
+from .arch.x86_64 import layout
+from .arch.x86_64.state import save_vcpu, save_vm, saved_msr_indices
+from .devices.records import VIRTIO_KINDS, uart_record, virtio_record
+from .devices.virtio.block import VirtioBlock
+from .devices.virtio.net import VirtioNet
+from .errors import BundleError
+from .hostkvm import probe
+from .hypervisor.kvm.ioctls import Cap
+from .vm import VirtualMachine
+
+CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
+
+
+def hypervisor_flavour() -> str:
+    """What a bundle records as the hypervisor it was made on: kvm-hardware or kvm-pvm."""
+    return f"kvm-{probe().kind}"
+
+
+def xsave_size(vm: VirtualMachine) -> int:
+    return max(4096, vm.kvm.check_extension(Cap.KVM_CAP_XSAVE2))
+
+
+def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = [
+        {"kind": "uart16550", "bus": "pio", "base": layout.COM1_PORT, "size": 8, "gsi": layout.COM1_IRQ, "params": None}
+    ]
+    disk = 0
+    for transport, (base, size, gsi) in zip(vm.transports, vm.virtio_slots):
+        device = transport.device
+        kind = VIRTIO_KINDS[type(device)]
+        params: dict[str, Any] | None = None
+        if isinstance(device, VirtioBlock):
+            params = {"disk": disk, "read_only": device.read_only, "serial": device.save_state().serial}
+            disk += 1
+        elif isinstance(device, VirtioNet):
+            params = {"mac": device.mac}
+        devices.append({"kind": kind, "bus": "mmio", "base": base, "size": size, "gsi": gsi, "params": params})
+    return devices
+
+
+@contextlib.contextmanager
+def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict[str, str]) -> Iterator[Any]:
+    """The machine's contents as ``smolformat.BundleContents``; disks are folded into temporary
+    flat images (base + overlay) that exist until the block exits."""
+    with tempfile.TemporaryDirectory(prefix="smolvmm-snapshot-") as scratch:
+        disks: list[str] = []
+        for transport in vm.transports:
+            if isinstance(transport.device, VirtioBlock):
+                path = os.path.join(scratch, f"disk{len(disks)}.img")
+                transport.device.export(path)
+                disks.append(path)
+        msr_indices = saved_msr_indices(vm.kvm.msr_index_list())
+        size = xsave_size(vm)
+        records = [{"kind": "uart16550", "instance": 0, "state": uart_record(vm.uart.state())}]
+        counts: dict[str, int] = {}
+        for transport in vm.transports:
+            kind = VIRTIO_KINDS[type(transport.device)]
+            records.append({"kind": kind, "instance": counts.get(kind, 0), "state": virtio_record(transport.save_state())})
+            counts[kind] = counts.get(kind, 0) + 1
+        yield smolformat.BundleContents(
+            config={
+                "arch": "x86_64",
+                "vcpu_count": len(vm.vcpus),
+                "ram": [{"gpa": r.gpa, "size": r.size} for r in vm.memory.regions],
+                "cmdline": cmdline,
+                "devices": _device_config(vm),
+            },
+            vcpus=[save_vcpu(vcpu, msr_indices, size) for vcpu in vm.vcpus],
+            vm_state=save_vm(vm.vm),
+            devices=records,
+            memory=[vm.memory.region_view(i) for i in range(len(vm.memory.regions))],
+            disks=disks,
+            metadata=smolformat.make_metadata(
+                hypervisor_flavour(),
+                labels={**labels, CONSOLE_ROLES_LABEL: ",".join(vm.console_roles)},
+                parent_digest=parent_digest,
+            ),
+        )
+
+
+def write(path: str | os.PathLike[str], contents: Any, encoding: str) -> bytes:
+    """Write the bundle atomically; returns its digest."""
+    try:
+        return smolformat.write_bundle(Path(path), contents, memory_encoding=encoding)
+    except smolformat.FormatError as exc:
+        raise BundleError(f"cannot write {path}: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot write {path}: {exc.strerror}") from exc

@@ -54,7 +54,7 @@ class DelegatedItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, NestedFailure):
-            return f"(inside tools/nested-kvm)\n{excinfo.value}"
+            return str(excinfo.value)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> Any:
@@ -105,6 +105,8 @@ class NestedKvm:
                 self._run_nested()
         if nodeid in self.results:
             result = self.results[nodeid]
+            if result["outcome"] == "failed":
+                return "failed", f"(inside tools/nested-kvm)\n{result['text']}"
             return result["outcome"], result["text"]
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from smolvmm.hostkvm import probe
 from smolvmm.nested.harness import Job, forwarded_env, job_script
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
@@ -55,3 +57,26 @@ def test_job_script_quotes_and_forwards_a_sane_environment(tmp_path: Path) -> No
     result = subprocess.run(["sh", "-c", script.replace("exec ", "env; exec ")], capture_output=True, text=True)
     assert result.stdout.endswith("a b\nit's\n")
     assert "SMOLVMM_NESTED=1" in result.stdout and "SECRET_TOKEN" not in result.stdout
+
+
+def test_kvm_tests_fail_loudly_inside_a_machine_without_hardware_kvm(tmp_path: Path) -> None:
+    tests = Path(__file__).resolve().parent
+    (tmp_path / "conftest.py").write_text(
+        "from nested_plugin import NestedKvm\n\n"
+        "def pytest_configure(config):\n"
+        "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
+        "    config.pluginmanager.register(NestedKvm(config))\n"
+    )
+    (tmp_path / "test_inner.py").write_text(
+        "import pytest\n\n@pytest.mark.kvm\ndef test_needs_kvm():\n    pass\n\ndef test_plain():\n    pass\n"
+    )
+    env = {**os.environ, "SMOLVMM_NESTED": "1", "PYTHONPATH": str(tests)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rf", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    if probe().kind == "hardware":
+        assert result.returncode == 0, result.stdout
+    else:
+        assert result.returncode == 1 and "1 failed, 1 passed" in result.stdout, result.stdout
+        assert "kvm tests cannot run" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import termios
 import tty
@@ -49,8 +50,22 @@ def _config(args: argparse.Namespace) -> MachineConfig:
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name in ("boot", "build"):
         _add_machine_flags(parser)
-    if name == "boot":
-        parser.add_argument("--timings", action="store_true", help="print boot phases as JSON on stderr at exit")
+    if name == "build":
+        parser.add_argument("-o", "--output", type=Path, required=True, help="the .smolmachine file to write")
+        parser.add_argument("--ready-marker", help="console text that says the guest is ready (default: the demo guest's)")
+        parser.add_argument("--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)")
+        parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the ready marker (default 600)")
+    if name == "run":
+        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
+        parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                            help="TAP device (and optionally a new MAC) for each saved network device")
+        parser.add_argument("--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device")
+        parser.add_argument("--save", type=Path, metavar="OUT",
+                            help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
+        parser.add_argument("--prepare-only", action="store_true",
+                            help="do every restore step up to the first KVM_RUN, then tear down")
+    if name in ("boot", "run"):
+        parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
 
 
 def _warn_about_host() -> None:
@@ -120,14 +135,72 @@ async def console_session(machine: Machine, ready_marker: str | None) -> int:
     return 0
 
 
-async def _boot(config: MachineConfig) -> int:
+def _print_timings(machine: Machine, enabled: bool) -> None:
+    if enabled:
+        print(machine.timings.json(), file=sys.stderr)
+
+
+async def _boot(config: MachineConfig, timings: bool) -> int:
     marker = None if config.kernel else smolvmm.default_guest().ready_marker
     async with Machine.boot(config) as machine:
-        return await console_session(machine, marker)
+        status = await console_session(machine, marker)
+    _print_timings(machine, timings)
+    return status
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        print(f"smolvmm: {text}", file=sys.stderr)
+
+
+async def _build(config: MachineConfig, output: Path, marker: str | None, zstd: bool, timeout: float) -> int:
+    if marker is None:
+        if config.kernel is not None:
+            raise ConfigError("--ready-marker is needed with --kernel: say what the guest prints when it is ready")
+        marker = smolvmm.default_guest().ready_marker
+    _progress(f"booting, waiting for {marker!r}")
+    async with Machine.boot(config) as machine:
+        try:
+            await machine.console.wait_for(marker, timeout)
+        except TimeoutError:
+            raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
+        _progress(f"ready after {machine.timings.phases.get('first_kvm_run', 0) / 1000:.1f} s; saving {output}")
+        digest = await machine.snapshot(output, encoding="zstd" if zstd else "raw")
+    print(f"{output}: {digest.hex()[:16]}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if args.prepare_only:
+        timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)
+        print(timings.json(), file=sys.stderr)
+        return 0
+    async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
+        async with anyio.create_task_group() as tg:
+            if args.save is not None:
+                tg.start_soon(_save_on_signal, machine, args.save)
+            status = await console_session(machine, None)
+            tg.cancel_scope.cancel()
+    _print_timings(machine, args.timings)
+    return status
+
+
+async def _save_on_signal(machine: Machine, output: Path) -> None:
+    with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            digest = await machine.snapshot(output)
+            print(f"\r\nsmolvmm: saved {output} ({digest.hex()[:16]})\r", file=sys.stderr)
 
 
 def run(name: str, args: argparse.Namespace) -> int:
+    if name == "demo":
+        from smolvmm.cli_demo import demo
+
+        return demo()
     _warn_about_host()
     if name == "boot":
-        return anyio.run(_boot, _config(args), backend="trio")
-    raise ConfigError(f"unknown command {name}")
+        return anyio.run(_boot, _config(args), args.timings, backend="trio")
+    if name == "build":
+        return anyio.run(_build, _config(args), args.output, args.ready_marker, args.zstd, args.timeout, backend="trio")
+    return anyio.run(_run, args, backend="trio")

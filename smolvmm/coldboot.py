@@ -17,6 +17,7 @@ from .devices.virtio.console import VirtioConsole
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
 from .memory import GuestMemory
+from .timings import Timings
 from .vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def with_console(cmdline: str, console: str) -> str:
 
 
 def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
+    timings = Timings()
     kernel, initrd, cmdline = boot_files(config)
     cmdline = with_console(cmdline, config.console)
     if config.extra_cmdline:
@@ -76,8 +78,10 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
         for device, role in virtio_devices(config, console):
             vm.add_virtio(device, role)
         vm.setup_boot(kernel, initrd, cmdline)
+        timings.mark("load_kernel")
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
-        machine = cls(vm, config, tasks)
+        timings.mark("devices")
+        machine = cls(vm, config, tasks, cmdline, timings)
     except BaseException:
         vm.close()
         raise

@@ -30,9 +30,17 @@ class Console(ByteStream):
         self._ready = EventFd()
         self.input_space = EventFd()
         self._closed = False
+        self._first_output: Callable[[], None] | None = None
+
+    def on_first_output(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the producing thread) when the next output arrives."""
+        self._first_output = callback
 
     # Producer side, called from vCPU threads.
     def write_output(self, data: bytes) -> None:
+        if self._first_output is not None:
+            self._first_output, callback = None, self._first_output
+            callback()
         with self._lock:
             was_empty = not self._buffer
             self._buffer += data

@@ -8,16 +8,19 @@ outlives the ``async with`` block.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from .config import MachineConfig
+from .config import MachineConfig, NetConfig
 from .console import Console
 from .eventfd import EventFd
+from .timings import Timings
 from .vcpu import ExitReason, MachineExit, install_kick_handler
 from .vm import VirtualMachine
 
@@ -27,10 +30,21 @@ DeviceTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 class Machine:
     """A running machine. Create it with ``Machine.boot(config)`` or ``Machine.restore(path)``."""
 
-    def __init__(self, vm: VirtualMachine, config: MachineConfig, device_tasks: list[DeviceTask]) -> None:
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        config: MachineConfig,
+        device_tasks: list[DeviceTask],
+        cmdline: str,
+        timings: Timings,
+        parent_digest: bytes = b"",
+    ) -> None:
         self._vm = vm
         self.config = config
         self.console: Console = vm.console
+        self.timings = timings
+        self._cmdline = cmdline
+        self._parent_digest = parent_digest
         self._device_tasks = device_tasks
         self._exit: MachineExit | None = None
         self._exit_lock = threading.Lock()
@@ -39,7 +53,10 @@ class Machine:
         self._threads_done = EventFd()
         self._finished = anyio.Event()
         self._devices_scope = anyio.CancelScope()
+        self._devices_stopped = anyio.Event()
+        self._devices_restart = anyio.Event()
         self._paused = False
+        self._snapshot_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -59,6 +76,52 @@ class Machine:
         async with machine._running():
             yield machine
 
+    @classmethod
+    @asynccontextmanager
+    async def restore(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        networks: tuple[NetConfig, ...] = (),
+        console_socket: Path | None = None,
+        overlays: tuple[Path | None, ...] = (),
+    ) -> AsyncIterator[Machine]:
+        """Resume the machine saved in bundle ``path``; yields it running.
+
+        ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
+        device, ``console_socket`` the socket path of a saved console-socket device, and
+        ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
+        """
+        from .restore import RestoreOverrides, restore_vm_from
+
+        timings = Timings()
+        holder: list[Machine] = []
+        overrides = RestoreOverrides(networks, console_socket, overlays)
+        vm, config, cmdline, digest = restore_vm_from(
+            path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings
+        )
+        tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
+        machine = cls(vm, config, tasks, cmdline, timings, parent_digest=digest)
+        holder.append(machine)
+        async with machine._running():
+            yield machine
+
+    @classmethod
+    async def prepare_restore(
+        cls, path: str | os.PathLike[str], *, networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
+    ) -> Timings:
+        """Every step of a restore up to, not including, the first KVM_RUN, then tear down.
+
+        For measuring the host-side cost of a restore (it needs no guest that can run here).
+        """
+        from .restore import RestoreOverrides, restore_vm_from
+
+        timings = Timings()
+        vm, *_ = restore_vm_from(path, RestoreOverrides(networks, console_socket), lambda exit: None, timings)
+        vm.close()
+        timings.mark("teardown")
+        return timings
+
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[Machine]:
         try:
@@ -66,6 +129,8 @@ class Machine:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run_devices)
                 tg.start_soon(self._watch)
+                self.console.on_first_output(lambda: self.timings.mark("first_output"))
+                self.timings.mark("first_kvm_run")
                 self._vm.start_vcpus(self._parked.signal, self._threads_done.signal)
                 try:
                     yield self
@@ -76,10 +141,19 @@ class Machine:
             self._close()
 
     async def _run_devices(self) -> None:
-        with self._devices_scope:
-            async with anyio.create_task_group() as tg:
-                for name, run in self._device_tasks:
-                    tg.start_soon(self._guard_device, name, run)
+        """Run the device tasks; after a quiesce, wait to be restarted (or for the end)."""
+        while True:
+            with self._devices_scope:
+                async with anyio.create_task_group() as tg:
+                    for name, run in self._device_tasks:
+                        tg.start_soon(self._guard_device, name, run)
+            self._devices_stopped.set()
+            if self._exit is not None:
+                return
+            await self._devices_restart.wait()
+            self._devices_scope = anyio.CancelScope()
+            self._devices_stopped = anyio.Event()
+            self._devices_restart = anyio.Event()
 
     async def _guard_device(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
         try:
@@ -97,6 +171,7 @@ class Machine:
         for thread in self._vm.threads:
             thread.join()
         self._devices_scope.cancel()
+        self._devices_restart.set()
         self.console.end_output()
         self._finished.set()
 
@@ -112,14 +187,14 @@ class Machine:
         return await self.wait()
 
     async def pause(self) -> None:
-        """Take every vCPU out of the guest and park it."""
+        """Take every vCPU out of the guest and park it (devices keep running)."""
         if self._paused:
             return
         self._paused = True
         for thread in self._vm.threads:
             thread.pause()
         while not all(thread.parked or not thread.alive for thread in self._vm.threads):
-            with anyio.move_on_after(0.05):
+            with anyio.move_on_after(0.05):  # also notices a vCPU that ended instead of parking
                 await self._parked.wait()
 
     async def resume(self) -> None:
@@ -129,6 +204,30 @@ class Machine:
         self._paused = False
         for thread in self._vm.threads:
             thread.resume()
+
+    async def snapshot(
+        self, path: str | os.PathLike[str], *, encoding: str = "raw", labels: dict[str, str] | None = None
+    ) -> bytes:
+        """Save the running machine to bundle ``path`` (atomically) and carry on; returns its digest.
+
+        vCPUs are parked and device tasks stopped with every request completed while the state is
+        read; the bundle is written from a worker thread so the event loop keeps serving others.
+        """
+        from . import snapshot
+
+        async with self._snapshot_lock:
+            was_paused = self._paused
+            await self.pause()
+            self._devices_scope.cancel()
+            await self._devices_stopped.wait()
+            try:
+                with snapshot.capture(self._vm, self._cmdline, self._parent_digest, labels or {}) as contents:
+                    digest = await anyio.to_thread.run_sync(snapshot.write, path, contents, encoding)
+            finally:
+                self._devices_restart.set()
+                if not was_paused:
+                    await self.resume()
+        return digest
 
     def _close(self) -> None:
         self._vm.close()

@@ -8,9 +8,8 @@ by the bundle's digest, and every instance writes to its own fresh overlay.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,9 @@ from .errors import BundleError, ConfigError
 from .images.cache import cache_root
 from .memory import GuestMemory
 from .snapshot import CONSOLE_ROLES_LABEL, hypervisor_flavour
+from .timings import Timings
 from .vcpu import MachineExit
 from .vm import VirtualMachine
-
-
-@dataclass
-class Timings:
-    """Milliseconds since the restore (or boot) began, per phase; printed by ``--timings``."""
-
-    start: float = field(default_factory=time.perf_counter)
-    phases: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, phase: str) -> None:
-        self.phases.setdefault(phase, round((time.perf_counter() - self.start) * 1000, 3))
 
 
 @dataclass(frozen=True)

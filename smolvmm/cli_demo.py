@@ -1,0 +1,58 @@
+"""``python -m smolvmm demo``: build the demo guest's bundle once, then resume it.
+
+On a PVM host the demo runs inside the nested KVM machine (tools/nested-kvm), saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import anyio
+
+import smolvmm
+from smolvmm.hostkvm import probe
+
+DEMO_SCRIPT = (
+    "echo; echo \"hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)\"; "
+    "cat /proc/uptime; poweroff -f\n"
+)
+
+
+def demo_bundle() -> str:
+    """Where the demo bundle lives: beside the default guest image it was built from."""
+    guest = smolvmm.default_guest()
+    return os.path.join(os.path.dirname(guest.kernel), "demo.smolmachine")
+
+
+async def _ensure_bundle(path: str) -> None:
+    if os.path.exists(path):
+        return
+    print("smolvmm demo: building the demo bundle (boots the demo guest once)", file=sys.stderr)
+    async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
+        await machine.console.wait_for(smolvmm.default_guest().ready_marker, 600)
+        await machine.snapshot(path)
+
+
+async def _run(path: str, script: bytes | None) -> int:
+    from smolvmm.cli_machine import console_session
+
+    async with smolvmm.Machine.restore(path) as machine:
+        if script is not None:
+            await machine.console.send(script)
+        status = await console_session(machine, None)
+    print(machine.timings.json(), file=sys.stderr)
+    return status
+
+
+def demo() -> int:
+    host = probe()
+    if host.kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
+        print("smolvmm demo: this host's /dev/kvm is PVM; running the demo inside tools/nested-kvm", file=sys.stderr)
+        return subprocess.call([sys.executable, "-m", "smolvmm.nested", sys.executable, "-m", "smolvmm", "demo"])
+    path = demo_bundle()
+    anyio.run(_ensure_bundle, path, backend="trio")
+    print(f"smolvmm demo: resuming {path}", file=sys.stderr)
+    interactive = os.isatty(0)
+    return anyio.run(_run, path, None if interactive else DEMO_SCRIPT.encode(), backend="trio")

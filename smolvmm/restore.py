@@ -124,10 +124,16 @@ def restore_vm_from(
     overrides: RestoreOverrides,
     on_exit: Callable[[MachineExit], None],
     timings: Timings,
+    *,
+    same_flavour: bool = True,
 ) -> tuple[VirtualMachine, MachineConfig, str, bytes]:
-    """Rebuild a paused VM from ``path``; returns (vm, config, cmdline, bundle digest)."""
+    """Rebuild a paused VM from ``path``; returns (vm, config, cmdline, bundle digest).
+
+    ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
+    """
     with open_bundle(path) as bundle:
-        check_flavour(bundle)
+        if same_flavour:
+            check_flavour(bundle)
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
         try:
@@ -149,9 +155,13 @@ def restore_vm_from(
         try:
             restore_vm(vm.vm, bundle.vm_state)
             host_khz = vm.vcpus[0].get_tsc_khz()
-            for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True):
-                restore_vcpu(vcpu, state, host_khz)
+            refused = sum(
+                restore_vcpu(vcpu, state, host_khz, strict=same_flavour)
+                for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True)
+            )
             timings.mark("vm_vcpu_state")
+            if refused:
+                timings.note("msrs_refused", refused)
             records = [d for d in bundle.devices if d.kind != "uart16550"]
             for (device, role), record in zip(_devices(bundle, overrides, roles, main), records, strict=True):
                 transport = vm.add_virtio(device, role)

@@ -13,10 +13,15 @@ class Timings:
 
     start: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, int | str] = field(default_factory=dict)
 
     def mark(self, phase: str) -> None:
         """Record ``phase`` as finished now (the first time only)."""
         self.phases.setdefault(phase, round((time.perf_counter() - self.start) * 1000, 3))
 
+    def note(self, name: str, value: int | str) -> None:
+        """Something a reader of the timings must know (e.g. state skipped in a measured restore)."""
+        self.notes[name] = value
+
     def json(self) -> str:
-        return json.dumps({"phases_ms": self.phases})
+        return json.dumps({"phases_ms": self.phases, **self.notes})

@@ -59,8 +59,12 @@ def save_vcpu(vcpu: KvmVcpu, msr_indices: list[int], xsave_size: int) -> dict[st
     return state
 
 
-def restore_vcpu(vcpu: KvmVcpu, state: Any, host_tsc_khz: int) -> None:
-    """Put a saved ``VcpuState`` into a fresh vCPU."""
+def restore_vcpu(vcpu: KvmVcpu, state: Any, host_tsc_khz: int, *, strict: bool = True) -> int:
+    """Put a saved ``VcpuState`` into a fresh vCPU; returns how many MSRs KVM refused.
+
+    ``strict=False`` skips MSRs this host's KVM refuses instead of failing (for a restore that
+    is only measured, never run).
+    """
     saved_khz = state.tsc_khz
     if saved_khz and abs(saved_khz - host_tsc_khz) * 1_000_000 > TSC_TOLERANCE_PPM * saved_khz:
         try:
@@ -84,10 +88,17 @@ def restore_vcpu(vcpu: KvmVcpu, state: Any, host_tsc_khz: int) -> None:
     # Firecracker does).
     tsc = next((v for i, v in values if i == msrs.MSR_IA32_TSC), 0)
     values = [(i, tsc if i == msrs.MSR_IA32_TSC_DEADLINE and v == 0 else v) for i, v in values]
-    written = vcpu.set_msrs(values)
-    if written != len(values):
-        raise BundleError(f"KVM refused MSR {values[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
+    refused = 0
+    while values:
+        written = vcpu.set_msrs(values)
+        if written == len(values):
+            break
+        if strict:
+            raise BundleError(f"KVM refused MSR {values[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
+        refused += 1
+        values = values[written + 1 :]
     vcpu.set_vcpu_events(fmt.KvmVcpuEvents.build(state.vcpu_events))
+    return refused
 
 
 def save_vm(vm: KvmVm) -> dict[str, Any]:

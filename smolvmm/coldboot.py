@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import re
 
+from .agent import AgentPort
 from .arch.x86_64 import layout
 from .config import MachineConfig
 from .console import VirtioConsoleInput
@@ -35,14 +36,17 @@ def boot_files(config: MachineConfig) -> tuple[Path, Path | None, str]:
     return guest.kernel, guest.initrd, config.cmdline if config.cmdline is not None else guest.cmdline
 
 
-def virtio_devices(config: MachineConfig, main: VirtioConsoleInput | None) -> list[tuple[VirtioDevice, str | None]]:
+def virtio_devices(
+    config: MachineConfig, main: VirtioConsoleInput | None, agent: AgentPort
+) -> list[tuple[VirtioDevice, str | None]]:
     """The configured virtio devices in slot order, each with its console role: the main console
-    first (so it is hvc0), then disks (the first is /dev/vda), networks, the console socket and
-    an entropy source."""
+    first (so it is hvc0), the guest agent's console (next hvc), then disks (the first is
+    /dev/vda), networks, the console socket and an entropy source."""
     devices: list[tuple[VirtioDevice, str | None]] = []
     try:
         if main is not None:
             devices.append((VirtioConsole(main), "main"))
+        devices.append((VirtioConsole(agent), "agent"))
         for index, disk in enumerate(config.disks):
             devices.append((VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"), None))
         for net in config.networks:
@@ -68,20 +72,23 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     timings = Timings()
     kernel, initrd, cmdline = boot_files(config)
     cmdline = with_console(cmdline, config.console)
+    # The agent's console comes right after the main one: hvc1 when the console is virtio.
+    cmdline += f" smolvmm.agent=hvc{1 if config.console == 'virtio' else 0}"
     if config.extra_cmdline:
         cmdline = f"{cmdline} {config.extra_cmdline}"
     memory = GuestMemory.anonymous(layout.ram_regions(config.memory))
     machine: Machine | None = None
     console = VirtioConsoleInput() if config.console == "virtio" else None
+    agent = AgentPort()
     vm = VirtualMachine(memory, config.vcpus, lambda exit: machine._record_exit(exit) if machine else None, console)
     try:
-        for device, role in virtio_devices(config, console):
+        for device, role in virtio_devices(config, console, agent):
             vm.add_virtio(device, role)
         vm.setup_boot(kernel, initrd, cmdline)
         timings.mark("load_kernel")
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         timings.mark("devices")
-        machine = cls(vm, config, tasks, cmdline, timings)
+        machine = cls(vm, config, tasks, cmdline, timings, agent=agent)
     except BaseException:
         vm.close()
         raise

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from .agent import AGENT_LABEL, AgentPort
 from .config import MachineConfig, NetConfig
 from .console import Console
 from .eventfd import EventFd
@@ -38,8 +39,10 @@ class Machine:
         cmdline: str,
         timings: Timings,
         parent_digest: bytes = b"",
+        agent: AgentPort | None = None,
     ) -> None:
         self._vm = vm
+        self._agent = agent
         self.config = config
         self.console: Console = vm.console
         self.timings = timings
@@ -97,13 +100,18 @@ class Machine:
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
-        vm, config, cmdline, digest = restore_vm_from(
-            path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings
-        )
+        restored = restore_vm_from(path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
+        vm = restored.vm
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
-        machine = cls(vm, config, tasks, cmdline, timings, parent_digest=digest)
+        machine = cls(vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent)
         holder.append(machine)
         async with machine._running():
+            if restored.agent is not None and restored.labels.get(AGENT_LABEL) == "yes":
+                # Before anyone talks to the guest: set its clock and reseed its RNG (clone safety).
+                if await restored.agent.sync():
+                    timings.mark("agent_sync")
+                else:
+                    timings.note("agent", "no answer: guest clock and RNG not refreshed")
             yield machine
 
     @classmethod
@@ -119,8 +127,7 @@ class Machine:
 
         timings = Timings()
         overrides = RestoreOverrides(networks, console_socket)
-        vm, *_ = restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False)
-        vm.close()
+        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False).vm.close()
         timings.mark("teardown")
         return timings
 
@@ -218,12 +225,15 @@ class Machine:
         from . import snapshot
 
         async with self._snapshot_lock:
+            labels = dict(labels or {})
+            if self._agent is not None and not self._paused and await self._agent.sync():
+                labels[AGENT_LABEL] = "yes"  # the guest runs the agent: resumes will sync it
             was_paused = self._paused
             await self.pause()
             self._devices_scope.cancel()
             await self._devices_stopped.wait()
             try:
-                with snapshot.capture(self._vm, self._cmdline, self._parent_digest, labels or {}) as contents:
+                with snapshot.capture(self._vm, self._cmdline, self._parent_digest, labels) as contents:
                     digest = await anyio.to_thread.run_sync(snapshot.write, path, contents, encoding)
             finally:
                 self._devices_restart.set()

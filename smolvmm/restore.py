@@ -15,6 +15,7 @@ from typing import Any
 
 import smolformat
 
+from .agent import AgentPort
 from .arch.x86_64.state import restore_vcpu, restore_vm
 from .config import MachineConfig, NetConfig
 from .console import VirtioConsoleInput
@@ -32,6 +33,18 @@ from .snapshot import CONSOLE_ROLES_LABEL, hypervisor_flavour
 from .timings import Timings
 from .vcpu import MachineExit
 from .vm import VirtualMachine
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A VM rebuilt from a bundle, paused before its first KVM_RUN."""
+
+    vm: VirtualMachine
+    config: MachineConfig
+    cmdline: str
+    digest: bytes
+    labels: dict[str, str]
+    agent: AgentPort | None
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,11 @@ def _base_disk(bundle: smolformat.Bundle, index: int) -> Path:
 
 
 def _devices(
-    bundle: smolformat.Bundle, overrides: RestoreOverrides, roles: list[str], main: VirtioConsoleInput | None
+    bundle: smolformat.Bundle,
+    overrides: RestoreOverrides,
+    roles: list[str],
+    main: VirtioConsoleInput | None,
+    agent: AgentPort,
 ) -> list[tuple[VirtioDevice, str | None]]:
     """Fresh device objects for the bundle's virtio devices, in slot order, with console roles."""
     devices: list[tuple[VirtioDevice, str | None]] = []
@@ -104,6 +121,8 @@ def _devices(
                 role = roles.pop(0) if roles else "socket"
                 if role == "main" and main is not None:
                     devices.append((VirtioConsole(main), role))
+                elif role == "agent":
+                    devices.append((VirtioConsole(agent), role))
                 elif role == "socket" and overrides.console_socket is not None:
                     devices.append((VirtioConsole(UnixSocketPort(overrides.console_socket)), role))
                 else:
@@ -126,8 +145,8 @@ def restore_vm_from(
     timings: Timings,
     *,
     same_flavour: bool = True,
-) -> tuple[VirtualMachine, MachineConfig, str, bytes]:
-    """Rebuild a paused VM from ``path``; returns (vm, config, cmdline, bundle digest).
+) -> Restored:
+    """Rebuild a paused VM from ``path``.
 
     ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
     """
@@ -148,6 +167,7 @@ def restore_vm_from(
         labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
         roles = [r for r in labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
         main = VirtioConsoleInput() if "main" in roles else None
+        agent = AgentPort()
         uart = next((d for d in bundle.devices if d.kind == "uart16550"), None)
         vm = VirtualMachine(
             memory, bundle.config.vcpu_count, on_exit, main, uart_state(uart.state) if uart else None
@@ -163,7 +183,7 @@ def restore_vm_from(
             if refused:
                 timings.note("msrs_refused", refused)
             records = [d for d in bundle.devices if d.kind != "uart16550"]
-            for (device, role), record in zip(_devices(bundle, overrides, roles, main), records, strict=True):
+            for (device, role), record in zip(_devices(bundle, overrides, roles, main, agent), records, strict=True):
                 transport = vm.add_virtio(device, role)
                 transport.restore_state(virtio_state(record.kind, record.state))
             expected = [(d.base, d.size, d.gsi) for d in bundle.config.devices if d.bus == "mmio"]
@@ -174,4 +194,4 @@ def restore_vm_from(
             vm.close()
             raise
         config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
-        return vm, config, bundle.config.cmdline, bundle.digest
+        return Restored(vm, config, bundle.config.cmdline, bundle.digest, labels, agent if "agent" in roles else None)

@@ -30,8 +30,11 @@ load_modules() {
 """
 
 
-def build(out: Path, kernel: Package, busybox: Package, modules: list[str], init: str) -> None:
-    """Write ``out/vmlinuz`` and ``out/initrd.img``: busybox, ``modules`` with their dependencies, ``init``."""
+def build(
+    out: Path, kernel: Package, busybox: Package, modules: list[str], init: str, programs: dict[str, bytes] | None = None
+) -> None:
+    """Write ``out/vmlinuz`` and ``out/initrd.img``: busybox, ``modules`` with their dependencies, ``init``,
+    and ``programs`` (initramfs path -> executable)."""
     work = out / "unpacked"
     kernel.unpack(work)
     vmlinuz = sorted((work / "boot").glob("vmlinuz-*"))
@@ -48,5 +51,7 @@ def build(out: Path, kernel: Package, busybox: Package, modules: list[str], init
     busybox.unpack(work)
     image.file("bin/busybox", (work / "bin" / "busybox").read_bytes(), 0o755)
     shutil.rmtree(work)
+    for path, program in (programs or {}).items():
+        image.file(path, program, 0o755)
     image.file("init", init.encode(), 0o755)
     image.save(out / INITRD)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from smolvmm.images import busybox
+from smolvmm.images import agent, busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
 
@@ -40,6 +40,9 @@ done
 if [ -n "$address" ]; then
     ip addr add "$address" dev eth0 && ip link set eth0 up || echo "smolvmm: could not configure eth0" >&2
 fi
+for word in $(cat /proc/cmdline); do
+    case "$word" in smolvmm.agent=*) /bin/smolvmm-agent "/dev/${word#smolvmm.agent=}" & ;; esac
+done
 echo "$READY"
 setsid cttyhack sh
 poweroff -f
@@ -66,5 +69,9 @@ def default_guest() -> GuestImage:
 def _build() -> Path:
     kernel = Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
     tools = Package.candidate("busybox-static")
-    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [])
-    return cached_build("default-guest", key, lambda out: busybox.build(out, kernel, tools, MODULES, INIT))
+    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [agent.SOURCE])
+    return cached_build(
+        "default-guest",
+        key,
+        lambda out: busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent()}),
+    )

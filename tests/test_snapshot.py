@@ -1,0 +1,88 @@
+"""Snapshot and restore of the real default guest on real KVM (inside tools/nested-kvm on PVM hosts)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import smolformat
+from smolvmm import Machine
+from smolvmm.images import ext4_image
+from test_boot import GUEST_TIMEOUT, shell
+
+pytestmark = [pytest.mark.kvm]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the default guest, 2 vCPUs, 256 MiB, with an ext4 disk holding hello.txt."""
+    work = tmp_path_factory.mktemp("bundle")
+    (work / "files").mkdir()
+    (work / "files" / "hello.txt").write_text("hello from the base image\n")
+    disk = ext4_image(work / "base.img", work / "files", size_mib=32)
+    path = work / "app.smolmachine"
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--cpus", "2", "--mem", "256M", "--disk", str(disk)],
+        capture_output=True, timeout=GUEST_TIMEOUT * 2,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return path
+
+
+def test_cli_restore_answers_and_reports_timings(bundle: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", "--timings", str(bundle)],
+        input=b"echo restored-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"restored-42" in result.stdout
+    timings = re.search(rb'\{"phases_ms": \{.*\}\}', result.stderr)
+    assert timings, result.stderr
+    for phase in (b"parse", b"memory_map", b"vm_vcpu_state", b"devices", b"first_kvm_run", b"agent_sync"):
+        assert phase in timings.group(0)
+
+
+@pytest.mark.anyio
+async def test_clones_are_independent(bundle: Path) -> None:
+    base_digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    async with Machine.restore(bundle) as first, Machine.restore(bundle) as second:
+        uuids = [await shell(m, "cat /proc/sys/kernel/random/uuid") for m in (first, second)]
+        assert uuids[0] != uuids[1]
+        noise = [await shell(m, "head -c 16 /dev/urandom | od -An -tx1") for m in (first, second)]
+        assert noise[0] != noise[1]
+        for machine in (first, second):
+            assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2
+            assert await shell(machine, "nproc") == "2"
+            assert await shell(machine, "cat /mnt/hello.txt") == "hello from the base image"
+        await shell(first, "echo written-by-first > /mnt/first.txt && sync")
+        assert await shell(first, "cat /mnt/first.txt") == "written-by-first"
+        assert "No such file" in await shell(second, "cat /mnt/first.txt 2>&1")
+    async with Machine.restore(bundle) as later:
+        assert "No such file" in await shell(later, "cat /mnt/first.txt 2>&1")
+    assert hashlib.sha256(bundle.read_bytes()).hexdigest() == base_digest
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> None:
+    child = tmp_path / "child.smolmachine"
+    grandchild = tmp_path / "grandchild.smolmachine"
+    async with Machine.restore(bundle) as machine:
+        await shell(machine, "echo generation-1 > /tmp/gen && echo on-disk > /mnt/gen.txt && sync")
+        await machine.snapshot(child)
+        assert await shell(machine, "cat /tmp/gen") == "generation-1"  # it carries on after saving
+    async with Machine.restore(child) as machine:
+        assert await shell(machine, "cat /tmp/gen /mnt/gen.txt") == "generation-1\r\non-disk"
+        await shell(machine, "echo generation-2 >> /tmp/gen")
+        await machine.snapshot(grandchild)
+    async with Machine.restore(grandchild) as machine:
+        assert await shell(machine, "cat /tmp/gen") == "generation-1\r\ngeneration-2"
+        assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2
+    with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(child) as restored:
+        assert restored.metadata.parent_digest == parent.digest

@@ -88,7 +88,9 @@ class NestedKvm:
             return
         for index in kvm:
             original = items[index]
-            items[index] = DelegatedItem.from_parent(original.parent, name=original.name, plugin=self, original=original)
+            items[index] = DelegatedItem.from_parent(
+                original.parent, name=original.name, plugin=self, original=original
+            )
             self.nodeids.append(original.nodeid)
 
     @staticmethod

@@ -63,7 +63,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--save", type=Path, metavar="OUT",
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
-                            help="do every restore step up to the first KVM_RUN, then tear down")
+                            help="do every restore step up to the first guest entry, then tear down")
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
 

@@ -1,7 +1,7 @@
 """Machine: a running VM inside the caller's anyio event loop (trio or asyncio).
 
 Structure: one task group per machine holding a watcher task and the device tasks; one
-thread per vCPU, each blocked in KVM_RUN. The first exit (guest poweroff/reboot, a crash,
+thread per vCPU, each running the guest. The first exit (guest poweroff/reboot, a crash,
 or ``stop()``) stops every vCPU, cancels the device tasks and closes every fd, so nothing
 outlives the ``async with`` block.
 """
@@ -59,6 +59,7 @@ class Machine:
         self._devices_stopped = anyio.Event()
         self._devices_restart = anyio.Event()
         self._paused = False
+        self._sync_agent_on_resume = False
         self._snapshot_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
@@ -88,12 +89,15 @@ class Machine:
         networks: tuple[NetConfig, ...] = (),
         console_socket: Path | None = None,
         overlays: tuple[Path | None, ...] = (),
+        paused: bool = False,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
         ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
         device, ``console_socket`` the socket path of a saved console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
+        With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
+        is synced on that resume).
         """
         from .restore import RestoreOverrides, restore_vm_from
 
@@ -105,20 +109,17 @@ class Machine:
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent)
         holder.append(machine)
-        async with machine._running():
-            if restored.agent is not None and restored.labels.get(AGENT_LABEL) == "yes":
-                # Before anyone talks to the guest: set its clock and reseed its RNG (clone safety).
-                if await restored.agent.sync():
-                    timings.mark("agent_sync")
-                else:
-                    timings.note("agent", "no answer: guest clock and RNG not refreshed")
+        machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
+        async with machine._running(paused):
+            if not paused:
+                await machine._sync_agent()
             yield machine
 
     @classmethod
     async def prepare_restore(
         cls, path: str | os.PathLike[str], *, networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
     ) -> Timings:
-        """Every step of a restore up to, not including, the first KVM_RUN, then tear down.
+        """Every step of a restore up to, not including, the first guest entry, then tear down.
 
         For measuring the host-side cost of a restore: the guest never runs, so a bundle made
         under another hypervisor flavour (e.g. hardware KVM, measured on a PVM host) is accepted.
@@ -131,8 +132,19 @@ class Machine:
         timings.mark("teardown")
         return timings
 
+    async def _sync_agent(self) -> None:
+        """Before anyone talks to a resumed guest: set its clock and reseed its RNG (clone safety)."""
+        if self._agent is None or not self._sync_agent_on_resume:
+            return
+        self._sync_agent_on_resume = False
+        if await self._agent.sync():
+            self.timings.mark("agent_sync")
+        else:
+            self.timings.note("agent", "no answer: guest clock and RNG not refreshed")
+
     @asynccontextmanager
-    async def _running(self) -> AsyncIterator[Machine]:
+    async def _running(self, paused: bool = False) -> AsyncIterator[Machine]:
+        self._paused = paused
         try:
             install_kick_handler()
             async with anyio.create_task_group() as tg:
@@ -140,7 +152,7 @@ class Machine:
                 tg.start_soon(self._watch)
                 self.console.on_first_output(lambda: self.timings.mark("first_output"))
                 self.timings.mark("first_kvm_run")
-                self._vm.start_vcpus(self._parked.signal, self._threads_done.signal)
+                self._vm.start_vcpus(self._parked.signal, self._threads_done.signal, paused)
                 try:
                     yield self
                 finally:
@@ -213,6 +225,7 @@ class Machine:
         self._paused = False
         for thread in self._vm.threads:
             thread.resume()
+        await self._sync_agent()
 
     async def snapshot(
         self, path: str | os.PathLike[str], *, encoding: str = "raw", labels: dict[str, str] | None = None

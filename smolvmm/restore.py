@@ -1,4 +1,4 @@
-"""Restoring a machine from a .smolmachine bundle, up to (not including) the first KVM_RUN.
+"""Restoring a machine from a .smolmachine bundle, up to (not including) the first guest entry.
 
 Guest RAM is the bundle's raw pages mapped ``MAP_PRIVATE`` (never read in whole), or a zstd
 bundle decoded into anonymous memory. Base disks are materialised once into the cache, keyed
@@ -29,7 +29,7 @@ from .devices.virtio.rng import VirtioRng
 from .errors import BundleError, ConfigError
 from .images.cache import cache_root
 from .memory import GuestMemory
-from .snapshot import CONSOLE_ROLES_LABEL, hypervisor_flavour
+from .snapshot import CONSOLE_ROLES_LABEL
 from .timings import Timings
 from .vcpu import MachineExit
 from .vm import VirtualMachine
@@ -37,7 +37,7 @@ from .vm import VirtualMachine
 
 @dataclass(frozen=True)
 class Restored:
-    """A VM rebuilt from a bundle, paused before its first KVM_RUN."""
+    """A VM rebuilt from a bundle, paused before its first guest entry."""
 
     vm: VirtualMachine
     config: MachineConfig
@@ -65,12 +65,10 @@ def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
         raise BundleError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def check_flavour(bundle: smolformat.Bundle) -> None:
+def check_flavour(bundle: smolformat.Bundle, flavour: str) -> None:
     """Refuse state saved under another hypervisor flavour (PVM vs hardware KVM differ in CPU state)."""
-    if bundle.config.arch != "x86_64":
-        raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
     saved = bundle.metadata.hypervisor if bundle.metadata else ""
-    here = hypervisor_flavour()
+    here = flavour
     if saved and saved != here:
         raise BundleError(f"the bundle was saved under {saved} and this host is {here}: their CPU state is not compatible")
 
@@ -151,8 +149,8 @@ def restore_vm_from(
     ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
     """
     with open_bundle(path) as bundle:
-        if same_flavour:
-            check_flavour(bundle)
+        if bundle.config.arch != "x86_64":
+            raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
         try:
@@ -173,10 +171,11 @@ def restore_vm_from(
             memory, bundle.config.vcpu_count, on_exit, main, uart_state(uart.state) if uart else None
         )
         try:
+            if same_flavour:
+                check_flavour(bundle, vm.hypervisor.flavour)
             restore_vm(vm.vm, bundle.vm_state)
-            host_khz = vm.vcpus[0].get_tsc_khz()
             refused = sum(
-                restore_vcpu(vcpu, state, host_khz, strict=same_flavour)
+                restore_vcpu(vcpu, state, strict=same_flavour)
                 for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True)
             )
             timings.mark("vm_vcpu_state")

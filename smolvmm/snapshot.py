@@ -21,20 +21,9 @@ from .devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from .devices.virtio.block import VirtioBlock
 from .devices.virtio.net import VirtioNet
 from .errors import BundleError
-from .hostkvm import probe
-from .hypervisor.kvm.ioctls import Cap
 from .vm import VirtualMachine
 
 CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
-
-
-def hypervisor_flavour() -> str:
-    """What a bundle records as the hypervisor it was made on: kvm-hardware or kvm-pvm."""
-    return f"kvm-{probe().kind}"
-
-
-def xsave_size(vm: VirtualMachine) -> int:
-    return max(4096, vm.kvm.check_extension(Cap.KVM_CAP_XSAVE2))
 
 
 def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:
@@ -66,8 +55,8 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
                 path = os.path.join(scratch, f"disk{len(disks)}.img")
                 transport.device.export(path)
                 disks.append(path)
-        msr_indices = saved_msr_indices(vm.kvm.msr_index_list())
-        size = xsave_size(vm)
+        msr_indices = saved_msr_indices(vm.hypervisor.saved_msrs())
+        size = vm.hypervisor.xsave_size()
         records = [{"kind": "uart16550", "instance": 0, "state": uart_record(vm.uart.state())}]
         counts: dict[str, int] = {}
         for transport in vm.transports:
@@ -88,7 +77,7 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
             memory=[vm.memory.region_view(i) for i in range(len(vm.memory.regions))],
             disks=disks,
             metadata=smolformat.make_metadata(
-                hypervisor_flavour(),
+                vm.hypervisor.flavour,
                 labels={**labels, CONSOLE_ROLES_LABEL: ",".join(vm.console_roles)},
                 parent_digest=parent_digest,
             ),

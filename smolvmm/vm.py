@@ -1,6 +1,6 @@
 """A virtual machine's host-side parts: KVM objects, guest RAM, buses, devices and vCPUs.
 
-Everything here is synchronous and runs before the first KVM_RUN (``smolvmm.machine`` runs it).
+Everything here is synchronous and runs before the guest first runs (``smolvmm.machine`` runs it).
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .arch.x86_64 import acpi, boot, cpuid, layout, msrs, regs
+from .arch.x86_64 import acpi, boot, layout, regs
+from .arch.x86_64.state import boot_vcpu
 from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
@@ -18,9 +19,8 @@ from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
 from .errors import ImageError
 from .eventfd import EventFd
-from .hypervisor.kvm.system import Kvm
-from .hypervisor.kvm.vcpu import KvmVcpu
-from .hypervisor.kvm.vm import KvmVm
+from .hypervisor import open_hypervisor
+from .hypervisor.interface import Vcpu
 from .memory import GuestMemory
 from .vcpu import ExitReason, MachineExit, VcpuThread
 
@@ -36,20 +36,31 @@ class VirtualMachine:
         virtio_console: VirtioConsoleInput | None = None,
         uart_state: UartState | None = None,
     ) -> None:
-        self._closers: list[Callable[[], None]] = []
-        self.kvm = Kvm()
-        self._closers.append(self.kvm.close)
-        self.vm = KvmVm(self.kvm.create_vm())
-        self._closers.append(self.vm.close)
-        self.vm.set_tss_address(layout.TSS_ADDR)
-        self.vm.set_identity_map_address(layout.IDENTITY_MAP_ADDR)
-        self.vm.create_irqchip()
-        self.vm.create_pit()
-
+        self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
-        self._closers.append(memory.close)
-        for slot, region in enumerate(memory.regions):
-            self.vm.set_memory_region(slot, region.gpa, region.size, region.host_address)
+        try:
+            self.hypervisor = open_hypervisor()
+        except BaseException:
+            memory.close()
+            raise
+        self._closers.append(self.hypervisor.close)
+        try:
+            self._setup(vcpus, on_exit, virtio_console, uart_state)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self,
+        vcpus: int,
+        on_exit: Callable[[MachineExit], None],
+        virtio_console: VirtioConsoleInput | None,
+        uart_state: UartState | None,
+    ) -> None:
+        self.vm = self.hypervisor.create_vm()
+        self._closers.append(self.vm.close)
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.map_memory(slot, region.gpa, region.size, region.host_address)
 
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
@@ -68,10 +79,9 @@ class VirtualMachine:
         power = AcpiSleepRegister(lambda: on_exit(MachineExit(ExitReason.POWEROFF, "ACPI S5")))
         self.pio.add(layout.ACPI_SLEEP_PORT, 1, power.read, power.write)
 
-        mmap_size = self.kvm.vcpu_mmap_size()
-        self.vcpus: list[KvmVcpu] = []
+        self.vcpus: list[Vcpu] = []
         for index in range(vcpus):
-            vcpu = KvmVcpu(self.vm.create_vcpu(index), index, mmap_size)
+            vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu.close)
             self.vcpus.append(vcpu)
         self.threads: list[VcpuThread] = []
@@ -122,18 +132,15 @@ class VirtualMachine:
         self.memory.write(layout.ACPI_TABLES_ADDR, tables)
         entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
         regs.write_boot_structures(self.memory)
-        supported = self.kvm.supported_cpuid()
+        supported = self.hypervisor.supported_cpuid()
         for vcpu in self.vcpus:
-            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, vcpu.id, len(self.vcpus)))
-            vcpu.set_msrs(msrs.BOOT_MSRS)
-            vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
-            vcpu.set_fpu(regs.boot_fpu())
-        bsp = self.vcpus[0]
-        bsp.set_sregs(regs.boot_sregs(bsp.get_sregs()))
-        bsp.set_regs(regs.boot_regs(entry))
+            boot_vcpu(vcpu, supported, len(self.vcpus), entry)
 
-    def start_vcpus(self, on_parked: Callable[[], None], on_done: Callable[[], None]) -> None:
-        self.threads = [VcpuThread(v, self.pio, self.mmio, self.on_exit, on_parked, on_done) for v in self.vcpus]
+    def start_vcpus(self, on_parked: Callable[[], None], on_done: Callable[[], None], paused: bool = False) -> None:
+        """One thread per vCPU; with ``paused`` each parks before it first enters the guest."""
+        self.threads = [
+            VcpuThread(v, self.pio, self.mmio, self.on_exit, on_parked, on_done, paused) for v in self.vcpus
+        ]
         for thread in self.threads:
             thread.start()
 

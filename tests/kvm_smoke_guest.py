@@ -9,7 +9,6 @@ from __future__ import annotations
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import KVM_EXIT_IO_OUT, Exit
 from smolvmm.hypervisor.kvm.system import Kvm
-from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
 from smolvmm.hypervisor.kvm.vm import KvmVm
 from smolvmm.memory import GuestMemory
 
@@ -21,13 +20,13 @@ CODE = bytes.fromhex("baf803" "b06f" "ee" "b06b" "ee" "f4")
 def run_guest() -> bytes:
     """Run the program; returns the bytes it wrote to the port before halting."""
     kvm = Kvm()
-    vm = KvmVm(kvm.create_vm())
+    vm = KvmVm(kvm.create_vm(), kvm.vcpu_mmap_size())
     memory = GuestMemory.anonymous([(0, 0x10000)])
     vcpu = None
     try:
-        vm.set_memory_region(0, 0, 0x10000, memory.regions[0].host_address)
+        vm.map_memory(0, 0, 0x10000, memory.regions[0].host_address)
         memory.write(CODE_ADDR, CODE)
-        vcpu = KvmVcpu(vm.create_vcpu(0), 0, kvm.vcpu_mmap_size())
+        vcpu = vm.create_vcpu(0)
         sregs = ffi.new("struct kvm_sregs *")
         ffi.buffer(sregs)[:] = vcpu.get_sregs()
         sregs.cs.base, sregs.cs.selector = 0, 0
@@ -37,7 +36,7 @@ def run_guest() -> bytes:
         vcpu.set_regs(bytes(ffi.buffer(regs)))
         output = bytearray()
         for _ in range(10):
-            reason = vcpu.run()
+            reason = vcpu.run_once()
             if reason == Exit.KVM_EXIT_HLT:
                 return bytes(output)
             io = vcpu.kvm_run.io

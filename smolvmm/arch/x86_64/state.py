@@ -16,7 +16,8 @@ from ...errors import BundleError, HypervisorError
 from ...hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 from ...hypervisor.kvm.vcpu import KvmVcpu
 from ...hypervisor.kvm.vm import KvmVm
-from . import msrs
+from . import cpuid, msrs, regs
+from .cpuid import CpuidEntry
 
 TSC_TOLERANCE_PPM = 250
 KVM_CLOCK_REALTIME = 1 << 2
@@ -59,13 +60,25 @@ def save_vcpu(vcpu: KvmVcpu, msr_indices: list[int], xsave_size: int) -> dict[st
     return state
 
 
-def restore_vcpu(vcpu: KvmVcpu, state: Any, host_tsc_khz: int, *, strict: bool = True) -> int:
+def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[CpuidEntry], vcpus: int, entry: int) -> None:
+    """A fresh vCPU's boot state: CPUID, MSRs, LAPIC LINT pins, FPU; the BSP at the 64-bit entry."""
+    vcpu.set_cpuid(cpuid.vcpu_cpuid(supported_cpuid, vcpu.id, vcpus))
+    vcpu.set_msrs(msrs.BOOT_MSRS)
+    vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
+    vcpu.set_fpu(regs.boot_fpu())
+    if vcpu.id == 0:
+        vcpu.set_sregs(regs.boot_sregs(vcpu.get_sregs()))
+        vcpu.set_regs(regs.boot_regs(entry))
+
+
+def restore_vcpu(vcpu: KvmVcpu, state: Any, *, strict: bool = True) -> int:
     """Put a saved ``VcpuState`` into a fresh vCPU; returns how many MSRs KVM refused.
 
     ``strict=False`` skips MSRs this host's KVM refuses instead of failing (for a restore that
     is only measured, never run).
     """
     saved_khz = state.tsc_khz
+    host_tsc_khz = vcpu.get_tsc_khz()
     if saved_khz and abs(saved_khz - host_tsc_khz) * 1_000_000 > TSC_TOLERANCE_PPM * saved_khz:
         try:
             vcpu.set_tsc_khz(saved_khz)

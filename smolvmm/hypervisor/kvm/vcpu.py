@@ -6,10 +6,25 @@ import errno
 import mmap
 import os
 
+from ...devices.bus import Bus
+from ..interface import Stop, StopKind
 from .bindings import ffi
-from .ioctls import Exit, Ioctl
+from .ioctls import (
+    KVM_EXIT_IO_OUT,
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+    Exit,
+    Ioctl,
+)
 from .system import KvmError, ioctl
-from .vm import get_struct, set_struct
+from .state_io import get_struct, set_struct
+
+_SYSTEM_EVENTS = {
+    KVM_SYSTEM_EVENT_SHUTDOWN: Stop(StopKind.POWEROFF, "system event: shutdown"),
+    KVM_SYSTEM_EVENT_RESET: Stop(StopKind.RESET, "system event: reset"),
+    KVM_SYSTEM_EVENT_CRASH: Stop(StopKind.CRASH, "system event: guest crash"),
+}
 
 
 class KvmVcpu:
@@ -21,7 +36,7 @@ class KvmVcpu:
         self.page = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = ffi.from_buffer("struct kvm_run *", self.page)
 
-    def run(self) -> Exit:
+    def run_once(self) -> Exit:
         """Enter the guest until the next exit. A signal or immediate_exit gives KVM_EXIT_INTR."""
         try:
             ioctl(self.fd, Ioctl.KVM_RUN)
@@ -30,6 +45,61 @@ class KvmVcpu:
                 return Exit.KVM_EXIT_INTR
             raise
         return Exit(self.kvm_run.exit_reason)
+
+    def run(self, pio: Bus, mmio: Bus) -> Stop:
+        """Run the guest, serving port and MMIO exits inline, until something else stops it."""
+        run = self.kvm_run
+        while True:
+            reason = self.run_once()
+            if reason == Exit.KVM_EXIT_IO:
+                self._port_io(run.io, pio)
+            elif reason == Exit.KVM_EXIT_MMIO:
+                self._mmio_access(run.mmio, mmio)
+            elif reason == Exit.KVM_EXIT_INTR:
+                return Stop(StopKind.INTERRUPTED)
+            elif reason in (Exit.KVM_EXIT_HLT, Exit.KVM_EXIT_IRQ_WINDOW_OPEN):
+                continue
+            elif reason == Exit.KVM_EXIT_SHUTDOWN:
+                return Stop(StopKind.RESET, "triple fault")
+            elif reason == Exit.KVM_EXIT_SYSTEM_EVENT:
+                kind = run.system_event.type
+                return _SYSTEM_EVENTS.get(kind, Stop(StopKind.CRASH, f"system event {kind}"))
+            else:
+                return Stop(StopKind.CRASH, self._describe_failure(reason))
+
+    def interrupt(self) -> None:
+        self.kvm_run.immediate_exit = 1
+
+    def clear_interrupt(self) -> None:
+        self.kvm_run.immediate_exit = 0
+
+    def _port_io(self, io, pio: Bus) -> None:
+        data = self.io_data()
+        size = io.size
+        if io.direction == KVM_EXIT_IO_OUT:
+            for i in range(io.count):
+                pio.write(io.port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
+        else:
+            for i in range(io.count):
+                data[i * size : (i + 1) * size] = pio.read(io.port, size).to_bytes(size, "little")
+
+    def _mmio_access(self, access, mmio: Bus) -> None:
+        length = access.len
+        if length not in (1, 2, 4, 8):
+            return
+        buffer = ffi.buffer(access.data, length)
+        if access.is_write:
+            mmio.write(access.phys_addr, length, int.from_bytes(buffer[:], "little"))
+        else:
+            buffer[:] = mmio.read(access.phys_addr, length).to_bytes(length, "little")
+
+    def _describe_failure(self, reason: Exit) -> str:
+        run = self.kvm_run
+        if reason == Exit.KVM_EXIT_INTERNAL_ERROR:
+            return f"vCPU {self.id}: KVM internal error, suberror {run.internal.suberror}"
+        if reason == Exit.KVM_EXIT_FAIL_ENTRY:
+            return f"vCPU {self.id}: KVM entry failed, hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}"
+        return f"vCPU {self.id}: unexpected exit {reason.name}"
 
     def io_data(self) -> memoryview:
         """The data bytes of the current KVM_EXIT_IO (size * count bytes inside the run page)."""

@@ -10,40 +10,43 @@ from .ioctls import (
     KVM_PIT_SPEAKER_DUMMY,
     Ioctl,
 )
+from .state_io import get_struct, set_struct
 from .system import ioctl
+from .vcpu import KvmVcpu
 
 KVM_IOEVENTFD_FLAG_DEASSIGN = 4
 KVM_IRQFD_FLAG_DEASSIGN = 1
-
-
-def get_struct(fd: int, request: Ioctl, ctype: str, **init: int) -> bytes:
-    """Issue a GET ioctl into a fresh ``ctype`` and return its bytes."""
-    obj = ffi.new(f"{ctype} *", init or None)
-    ioctl(fd, request, obj)
-    return bytes(ffi.buffer(obj))
-
-
-def set_struct(fd: int, request: Ioctl, ctype: str, data: bytes) -> None:
-    """Issue a SET ioctl with ``data`` laid out as ``ctype``."""
-    obj = ffi.new(f"{ctype} *")
-    if len(data) != ffi.sizeof(obj[0]):
-        raise ValueError(f"{ctype} needs {ffi.sizeof(obj[0])} bytes, got {len(data)}")
-    ffi.buffer(obj)[:] = data
-    ioctl(fd, request, obj)
+KVM_MEM_LOG_DIRTY_PAGES = 1
+PAGE_SIZE = 4096
 
 
 class KvmVm:
-    """One VM: owns its fd until close()."""
+    """One VM: owns its fd until close(). ``vcpu_mmap_size`` sizes each vCPU's kvm_run page."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         self.fd = fd
+        self._vcpu_mmap_size = vcpu_mmap_size
 
-    def set_memory_region(self, slot: int, gpa: int, size: int, host_address: int, flags: int = 0) -> None:
+    def map_memory(self, slot: int, gpa: int, size: int, host_address: int, *, log_dirty: bool = False) -> None:
         region = ffi.new(
             "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_address},
+            {
+                "slot": slot,
+                "flags": KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": host_address,
+            },
         )
         ioctl(self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region)
+
+    def dirty_pages(self, slot: int, size: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""
+        pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": int(ffi.cast("uintptr_t", bitmap))})
+        ioctl(self.fd, Ioctl.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))[: (pages + 7) // 8]
 
     def set_tss_address(self, address: int) -> None:
         ioctl(self.fd, Ioctl.KVM_SET_TSS_ADDR, address)
@@ -99,8 +102,8 @@ class KvmVm:
     def set_clock(self, state: bytes) -> None:
         set_struct(self.fd, Ioctl.KVM_SET_CLOCK, "struct kvm_clock_data", state)
 
-    def create_vcpu(self, vcpu_id: int) -> int:
-        return ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, vcpu_id)
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        return KvmVcpu(ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, index), index, self._vcpu_mmap_size)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,61 @@
+"""Snapshot and restore mechanics on this host's own /dev/kvm, with no guest progress needed.
+
+The default guest is booted for an instant (on PVM it only gets into its decompressor),
+saved, and resumed: every ioctl of a save and a restore runs for real. A bundle that claims
+another hypervisor flavour is refused with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import smolformat
+from smolvmm import BundleError, ExitReason, Machine, MachineConfig
+from smolvmm.hostkvm import probe
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.smolmachine", tmp_path / "second.smolmachine"
+    async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20)) as machine:
+        digest = await machine.snapshot(first)
+        await machine.stop()
+    with smolformat.open_bundle(first) as bundle:
+        assert bundle.digest == digest
+        assert bundle.metadata.hypervisor == f"kvm-{probe().kind}"
+        assert [s.mp_state.mp_state for s in bundle.vcpus] == [0, 1]  # BSP runnable; the AP awaits INIT-SIPI
+        saved_rip = bundle.vcpus[0].regs.rip
+    async with Machine.restore(first, paused=True) as machine:
+        await machine.snapshot(second)
+        end = await machine.stop()
+    assert end.reason == ExitReason.STOPPED
+    with smolformat.open_bundle(first) as one, smolformat.open_bundle(second) as two:
+        assert two.metadata.parent_digest == digest
+        # Restored and saved again before running: every register reads back as it was saved.
+        for a, b in zip(one.vcpus, two.vcpus, strict=True):
+            for part in ("regs", "sregs", "fpu", "xcrs", "debugregs", "mp_state", "cpuid"):
+                assert a[part] == b[part], part
+            assert a.xsave == b.xsave
+        assert one.vm_state.ioapic == two.vm_state.ioapic and one.vm_state.pic_master == two.vm_state.pic_master
+
+    from smolvmm.snapshot import write
+
+    with smolformat.open_bundle(first) as bundle:
+        other = "kvm-hardware" if probe().kind == "pvm" else "kvm-pvm"
+        contents = smolformat.BundleContents(
+            config=bundle.config, vcpus=bundle.vcpus, vm_state=bundle.vm_state, devices=bundle.devices,
+            memory=[bytearray(r.size) for r in bundle.config.ram], disks=[],
+            metadata={**bundle.metadata, "hypervisor": other},
+        )
+        write(tmp_path / "other.smolmachine", contents, "raw")
+    with pytest.raises(BundleError, match=f"saved under {other} and this host is kvm-"):
+        async with Machine.restore(tmp_path / "other.smolmachine"):
+            pass

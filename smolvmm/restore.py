@@ -174,13 +174,13 @@ def restore_vm_from(
             if same_flavour:
                 check_flavour(bundle, vm.hypervisor.flavour)
             restore_vm(vm.vm, bundle.vm_state)
-            refused = sum(
-                restore_vcpu(vcpu, state, strict=same_flavour)
-                for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True)
+            host_msrs = None if same_flavour else vm.hypervisor.saved_msrs()
+            skipped = sum(
+                restore_vcpu(vcpu, state, host_msrs) for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True)
             )
             timings.mark("vm_vcpu_state")
-            if refused:
-                timings.note("msrs_refused", refused)
+            if skipped:
+                timings.note("msrs_skipped", skipped)
             records = [d for d in bundle.devices if d.kind != "uart16550"]
             for (device, role), record in zip(_devices(bundle, overrides, roles, main, agent), records, strict=True):
                 transport = vm.add_virtio(device, role)

@@ -71,11 +71,11 @@ def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[CpuidEntry], vcpus: int, entr
         vcpu.set_regs(regs.boot_regs(entry))
 
 
-def restore_vcpu(vcpu: KvmVcpu, state: Any, *, strict: bool = True) -> int:
-    """Put a saved ``VcpuState`` into a fresh vCPU; returns how many MSRs KVM refused.
+def restore_vcpu(vcpu: KvmVcpu, state: Any, host_msrs: list[int] | None = None) -> int:
+    """Put a saved ``VcpuState`` into a fresh vCPU; returns how many saved MSRs were skipped.
 
-    ``strict=False`` skips MSRs this host's KVM refuses instead of failing (for a restore that
-    is only measured, never run).
+    With ``host_msrs`` (for a restore that is only measured, never run), saved MSRs this host's
+    KVM does not list or refuses are skipped instead of failing the restore.
     """
     saved_khz = state.tsc_khz
     host_tsc_khz = vcpu.get_tsc_khz()
@@ -96,22 +96,26 @@ def restore_vcpu(vcpu: KvmVcpu, state: Any, *, strict: bool = True) -> int:
     vcpu.set_debugregs(fmt.KvmDebugregs.build(state.debugregs))
     vcpu.set_lapic(state.lapic.regs)
     values = [(m.index, m.data) for m in state.msrs]
+    saved = len(values)
+    if host_msrs is not None:
+        known = set(host_msrs)
+        values = [(i, v) for i, v in values if i in known]
     # A saved TSC deadline of 0 would leave the LAPIC timer disarmed for good if the guest was
     # between ticks; arming it at the restored TSC fires it at once and the guest re-arms (as
     # Firecracker does).
     tsc = next((v for i, v in values if i == msrs.MSR_IA32_TSC), 0)
     values = [(i, tsc if i == msrs.MSR_IA32_TSC_DEADLINE and v == 0 else v) for i, v in values]
-    refused = 0
+    applied = 0
     while values:
         written = vcpu.set_msrs(values)
+        applied += written
         if written == len(values):
             break
-        if strict:
+        if host_msrs is None:
             raise BundleError(f"KVM refused MSR {values[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
-        refused += 1
         values = values[written + 1 :]
     vcpu.set_vcpu_events(fmt.KvmVcpuEvents.build(state.vcpu_events))
-    return refused
+    return saved - applied
 
 
 def save_vm(vm: KvmVm) -> dict[str, Any]:

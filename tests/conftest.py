@@ -1,5 +1,9 @@
 """Suite-wide wiring: where ``@pytest.mark.kvm`` tests run (see nested_plugin)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from nested_plugin import NestedKvm
@@ -13,3 +17,21 @@ def pytest_configure(config: pytest.Config) -> None:
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """API tests run on both anyio backends."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the default guest, 2 vCPUs, 256 MiB, with an ext4 disk holding hello.txt (built once)."""
+    from smolvmm.images import ext4_image
+
+    work = tmp_path_factory.mktemp("bundle")
+    (work / "files").mkdir()
+    (work / "files" / "hello.txt").write_text("hello from the base image\n")
+    disk = ext4_image(work / "base.img", work / "files", size_mib=32)
+    path = work / "app.smolmachine"
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--cpus", "2", "--mem", "256M", "--disk", str(disk)],
+        capture_output=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return path

@@ -13,26 +13,9 @@ import pytest
 
 import smolformat
 from smolvmm import Machine
-from smolvmm.images import ext4_image
 from test_boot import GUEST_TIMEOUT, shell
 
 pytestmark = [pytest.mark.kvm]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of the default guest, 2 vCPUs, 256 MiB, with an ext4 disk holding hello.txt."""
-    work = tmp_path_factory.mktemp("bundle")
-    (work / "files").mkdir()
-    (work / "files" / "hello.txt").write_text("hello from the base image\n")
-    disk = ext4_image(work / "base.img", work / "files", size_mib=32)
-    path = work / "app.smolmachine"
-    result = subprocess.run(
-        [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--cpus", "2", "--mem", "256M", "--disk", str(disk)],
-        capture_output=True, timeout=GUEST_TIMEOUT * 2,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return path
 
 
 def test_cli_restore_answers_and_reports_timings(bundle: Path) -> None:

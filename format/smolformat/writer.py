@@ -216,6 +216,7 @@ def write_bundle(
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a bundle from being shared
         out = _Output(fd)
         config = out.struct(SectionKind.CONFIG, contents.config)
         regions = checks.ram_regions(config)
@@ -293,6 +294,12 @@ def _finish(out: _Output) -> bytes:
     os.pwrite(out.fd, table, table_offset)
     os.ftruncate(out.fd, file_size)
     return checksum
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

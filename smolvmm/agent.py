@@ -42,15 +42,17 @@ class AgentPort:
             except anyio.WouldBlock:
                 pass  # nobody is waiting for this many answers: drop the extra
 
-    async def sync(self, timeout: float = SYNC_TIMEOUT) -> bool:
-        """Send the clock and fresh entropy; True once the agent confirms, False on timeout."""
+    async def sync(self, macs: dict[str, bytes] | None = None, timeout: float = SYNC_TIMEOUT) -> bool:
+        """Send the clock, fresh entropy and new MACs (interface name -> address); True once the
+        agent confirms, False on timeout or if it reports a failure."""
         while True:  # drop stale answers
             try:
                 self._answer_reader.receive_nowait()
             except anyio.WouldBlock:
                 break
         now = time.time_ns()
-        line = f"sync {now // 1_000_000_000} {now % 1_000_000_000} {os.urandom(32).hex()}\n"
+        changes = "".join(f" {name}={mac.hex()}" for name, mac in (macs or {}).items())
+        line = f"sync {now // 1_000_000_000} {now % 1_000_000_000} {os.urandom(32).hex()}{changes}\n"
         with anyio.move_on_after(timeout):
             await self._outgoing.send(line.encode())
             return await self._answer_reader.receive() == "ok"

@@ -60,6 +60,7 @@ class Machine:
         self._devices_restart = anyio.Event()
         self._paused = False
         self._sync_agent_on_resume = False
+        self._new_macs: dict[str, bytes] = {}
         self._snapshot_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
@@ -110,6 +111,7 @@ class Machine:
         machine = cls(vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent)
         holder.append(machine)
         machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
+        machine._new_macs = restored.new_macs
         async with machine._running(paused):
             if not paused:
                 await machine._sync_agent()
@@ -137,7 +139,7 @@ class Machine:
         if self._agent is None or not self._sync_agent_on_resume:
             return
         self._sync_agent_on_resume = False
-        if await self._agent.sync():
+        if await self._agent.sync(self._new_macs):
             self.timings.mark("agent_sync")
         else:
             self.timings.note("agent", "no answer: guest clock and RNG not refreshed")

@@ -7,6 +7,7 @@ by the bundle's digest, and every instance writes to its own fresh overlay.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Restored:
     digest: bytes
     labels: dict[str, str]
     agent: AgentPort | None
+    new_macs: dict[str, bytes]  # guest interface name -> the MAC this instance was asked to use
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,15 @@ def restore_vm_from(
             if skipped:
                 timings.note("msrs_skipped", skipped)
             records = [d for d in bundle.devices if d.kind != "uart16550"]
+            new_macs: dict[str, bytes] = {}
             for (device, role), record in zip(_devices(bundle, overrides, roles, main, agent), records, strict=True):
                 transport = vm.add_virtio(device, role)
-                transport.restore_state(virtio_state(record.kind, record.state))
+                state = virtio_state(record.kind, record.state)
+                if isinstance(device, VirtioNet) and device.mac != state.device.mac:
+                    # A new MAC for this clone: the device reports it, the guest agent applies it.
+                    new_macs[f"eth{record.instance}"] = device.mac
+                    state = dataclasses.replace(state, device=dataclasses.replace(state.device, mac=device.mac))
+                transport.restore_state(state)
             expected = [(d.base, d.size, d.gsi) for d in bundle.config.devices if d.bus == "mmio"]
             if vm.virtio_slots != expected:
                 raise BundleError("the bundle's virtio devices are not at the addresses this monitor assigns")
@@ -193,4 +201,6 @@ def restore_vm_from(
             vm.close()
             raise
         config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
-        return Restored(vm, config, bundle.config.cmdline, bundle.digest, labels, agent if "agent" in roles else None)
+        return Restored(
+            vm, config, bundle.config.cmdline, bundle.digest, labels, agent if "agent" in roles else None, new_macs
+        )

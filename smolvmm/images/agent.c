@@ -4,19 +4,23 @@
  * A bundle resumes at the instant it was saved, and every instance resumes the same RNG
  * state. On each resume the monitor writes one line to the agent's virtio console port:
  *
- *     sync <unix seconds> <nanoseconds> <64 hex digits of fresh host entropy>\n
+ *     sync <unix seconds> <nanoseconds> <64 hex digits of fresh host entropy> [<ifname>=<12 hex digits>]...\n
  *
  * and the agent sets CLOCK_REALTIME, credits the entropy to the kernel's input pool
- * (RNDADDENTROPY), forces the CRNG to reseed from it (RNDRESEEDCRNG), and answers "ok\n".
+ * (RNDADDENTROPY), forces the CRNG to reseed from it (RNDRESEEDCRNG), gives each named network
+ * interface its new MAC address (a clone asked for its own), and answers "ok\n".
  * Usage: smolvmm-agent /dev/hvcN
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/random.h>
+#include <net/if.h>
+#include <net/if_arp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -30,7 +34,34 @@ static int hex_value(char c)
     return -1;
 }
 
-static int sync_guest(const char *line)
+static int parse_hex(const char *hex, unsigned char *out, size_t bytes)
+{
+    for (size_t i = 0; i < bytes; i++) {
+        int high = hex_value(hex[2 * i]), low = hex_value(hex[2 * i + 1]);
+        if (high < 0 || low < 0) return -1;
+        out[i] = (unsigned char)(high << 4 | low);
+    }
+    return hex[2 * bytes] == '\0' ? 0 : -1;
+}
+
+/* "eth0=525400123456": give eth0 that MAC address (virtio-net changes it live). */
+static int set_mac(const char *assignment)
+{
+    struct ifreq request;
+    const char *equals = strchr(assignment, '=');
+    if (equals == NULL || (size_t)(equals - assignment) >= IFNAMSIZ) return -1;
+    memset(&request, 0, sizeof request);
+    memcpy(request.ifr_name, assignment, (size_t)(equals - assignment));
+    request.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    if (parse_hex(equals + 1, (unsigned char *)request.ifr_hwaddr.sa_data, 6) != 0) return -1;
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -1;
+    int ok = ioctl(sock, SIOCSIFHWADDR, &request) == 0;
+    close(sock);
+    return ok ? 0 : -1;
+}
+
+static int sync_guest(char *line)
 {
     long long seconds;
     long nanoseconds;
@@ -40,13 +71,10 @@ static int sync_guest(const char *line)
         unsigned char bytes[ENTROPY_BYTES];
     } entropy;
 
-    if (sscanf(line, "sync %lld %ld %64s", &seconds, &nanoseconds, hex) != 3 || strlen(hex) != 2 * ENTROPY_BYTES)
+    int consumed = 0;
+    if (sscanf(line, "sync %lld %ld %64s%n", &seconds, &nanoseconds, hex, &consumed) != 3)
         return -1;
-    for (int i = 0; i < ENTROPY_BYTES; i++) {
-        int high = hex_value(hex[2 * i]), low = hex_value(hex[2 * i + 1]);
-        if (high < 0 || low < 0) return -1;
-        entropy.bytes[i] = (unsigned char)(high << 4 | low);
-    }
+    if (parse_hex(hex, entropy.bytes, ENTROPY_BYTES) != 0) return -1;
     struct timespec now = {.tv_sec = seconds, .tv_nsec = nanoseconds};
     if (clock_settime(CLOCK_REALTIME, &now) != 0) return -1;
     int random = open("/dev/urandom", O_RDWR | O_CLOEXEC);
@@ -55,6 +83,8 @@ static int sync_guest(const char *line)
     entropy.info.buf_size = ENTROPY_BYTES;
     int ok = ioctl(random, RNDADDENTROPY, &entropy) == 0 && ioctl(random, RNDRESEEDCRNG) == 0;
     close(random);
+    for (char *token = strtok(line + consumed, " "); token != NULL; token = strtok(NULL, " "))
+        if (set_mac(token) != 0) ok = 0;
     return ok ? 0 : -1;
 }
 

@@ -1,0 +1,391 @@
+"""Guest-booting benchmarks, smolvmm beside QEMU microvm: cold boot, save, restore, memory, disk and network.
+
+Needs a /dev/kvm that runs standard guests (on a PVM host, run it through ``tools/nested-kvm``, as
+``bench/run_all.py`` does) and root for the TAP device. Writes ``guest.json`` (updated after every
+measure) and the bundle it restored, ``restore.smolmachine``, into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anyio
+
+import smolvmm
+from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
+
+SMOLVMM = [sys.executable, "-m", "smolvmm"]
+NETNS = "smolbench"
+HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
+IO_MIB = 64
+TIMEOUT = 600.0
+SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
+
+
+class Bench:
+    """One benchmark run: where files go and the results so far (saved after each measure)."""
+
+    def __init__(self, out: Path, work: Path, runs: int, instances: int) -> None:
+        self.out, self.work, self.runs, self.instances = out, work, runs, instances
+        self.qemu = qemu_path()
+        self.guest = smolvmm.default_guest()
+        self.results: dict[str, object] = {"machine": machine_info(), "runs": runs, "qemu": self.qemu}
+        if self.qemu:
+            version = subprocess.run([self.qemu, "--version"], capture_output=True, text=True).stdout
+            self.results["qemu_version"] = version.splitlines()[0]
+
+    def measure(self, name: str, fn: Callable[[Bench], dict[str, object]]) -> None:
+        """Run one measure; a failure is recorded in the results and the run goes on."""
+        print(f"bench: {name}...", file=sys.stderr, flush=True)
+        began = time.monotonic()
+        try:
+            self.results[name] = fn(self)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other measures still run
+            self.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"bench: {name} took {time.monotonic() - began:.0f} s: {json.dumps(self.results[name])[:400]}",
+              file=sys.stderr, flush=True)
+        (self.out / "guest.json").write_text(json.dumps(self.results, indent=1))
+
+    def qemu_console(
+        self, monitor: Path, extra: Sequence[str] = (), cmdline: str | None = None, wrap: Sequence[str] = ()
+    ) -> Console:
+        g = self.guest
+        return Console([*wrap, *qemu_argv(self.qemu, g.kernel, g.initrd, cmdline or g.cmdline, monitor, extra)])
+
+    def marker(self) -> bytes:
+        return self.guest.ready_marker.encode()
+
+
+# --- cold boot ---------------------------------------------------------------------------------
+
+def cold_boot(b: Bench) -> dict[str, object]:
+    result: dict[str, object] = {}
+    smol = []
+    for _ in range(b.runs):
+        with Console([*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M"]) as vm:
+            smol.append(vm.wait_for(b.marker(), TIMEOUT))
+    result["smolvmm_s"] = summary(smol)
+    if b.qemu:
+        qemu = []
+        for i in range(b.runs):
+            with b.qemu_console(b.work / f"boot{i}.mon") as vm:
+                qemu.append(vm.wait_for(b.marker(), TIMEOUT))
+        result["qemu_s"] = summary(qemu)
+    return result
+
+
+# --- save --------------------------------------------------------------------------------------
+
+def _size(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"bytes": st.st_size, "allocated": st.st_blocks * 512}
+
+
+def save(b: Bench) -> dict[str, object]:
+    result: dict[str, object] = {}
+
+    async def smol_saves() -> list[float]:
+        times = []
+        async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2, memory=256 << 20)) as machine:
+            await machine.console.wait_for(b.guest.ready_marker, TIMEOUT)
+            await anyio.sleep(SETTLE_S)
+            for i in range(b.runs):
+                began = time.perf_counter()
+                await machine.snapshot(b.work / f"save{i}.smolmachine")
+                times.append(time.perf_counter() - began)
+        return times
+
+    result["smolvmm_s"] = summary(anyio.run(smol_saves, backend="trio"))
+    result["smolvmm_file"] = _size(b.work / "save0.smolmachine")
+    if b.qemu:
+        times = []
+        with b.qemu_console(b.work / "save.mon") as vm:
+            vm.wait_for(b.marker(), TIMEOUT)
+            time.sleep(SETTLE_S)
+            monitor = Monitor(b.work / "save.mon")
+            # QEMU caps migration at 32 MiB/s by default; a save to a local file is not meant to be throttled.
+            monitor("migrate_set_parameter max-bandwidth 100G")
+            for i in range(b.runs):
+                began = time.perf_counter()
+                monitor("stop")
+                monitor(f'migrate "exec:cat > {b.work}/save{i}.qemu"')
+                while "Migration status: completed" not in (status := monitor("info migrate")):
+                    if "failed" in status:
+                        raise RuntimeError(f"QEMU migration failed: {status}")
+                    time.sleep(0.002)
+                times.append(time.perf_counter() - began)
+                monitor("cont")
+            monitor.close()
+        result["qemu_s"] = summary(times)
+        result["qemu_file"] = _size(b.work / "save0.qemu")
+    return result
+
+
+# --- restore until the guest answers -----------------------------------------------------------
+
+ASK, ANSWER = "echo R$((40+2))R\n", b"R42R"
+
+
+def smol_restore(b: Bench) -> Console:
+    vm = Console([*SMOLVMM, "run", "--timings", str(b.work / "save0.smolmachine")])
+    vm.send(ASK)
+    return vm
+
+
+def qemu_restore(b: Bench, index: int) -> tuple[Console, float]:
+    """A QEMU restored from the saved file, continued; returns it and when ``cont`` was acknowledged."""
+    mon_path = b.work / f"restore{index}.mon"
+    vm = b.qemu_console(mon_path, ["-incoming", f"exec:cat {b.work}/save0.qemu"])
+    monitor = Monitor(mon_path)
+    while "inmigrate" in monitor("info status"):
+        time.sleep(0.001)
+    monitor("cont")
+    continued = time.perf_counter() - vm.start
+    monitor.close()
+    vm.send(ASK)
+    return vm, continued
+
+
+def restore(b: Bench) -> dict[str, object]:
+    result: dict[str, object] = {}
+    answers, phases = [], []
+    for _ in range(b.runs):
+        with smol_restore(b) as vm:
+            answers.append(vm.wait_for(ANSWER, TIMEOUT))
+            vm.send("poweroff -f\n")
+            vm.proc.wait(TIMEOUT)
+            vm.close()
+            lines = [line for line in bytes(vm.err).decode().splitlines() if line.startswith("{")]
+            if lines:
+                phases.append(json.loads(lines[-1]))
+    result["smolvmm_s"] = summary(answers)
+    result["smolvmm_timings"] = phases
+    if b.qemu:
+        answers, continued = [], []
+        for i in range(b.runs):
+            vm, cont = qemu_restore(b, i)
+            with vm:
+                answers.append(vm.wait_for(ANSWER, TIMEOUT))
+            continued.append(cont)
+        result["qemu_s"] = summary(answers)
+        result["qemu_cont_s"] = summary(continued)
+    shutil.copyfile(b.work / "save0.smolmachine", b.out / "restore.smolmachine")
+    return result
+
+
+def restore_api(b: Bench) -> dict[str, object]:
+    """``Machine.restore`` in a process that has already imported smolvmm (an embedder's pool)."""
+
+    async def once() -> float:
+        began = time.perf_counter()
+        async with smolvmm.Machine.restore(b.work / "save0.smolmachine") as machine:
+            await machine.console.send(ASK.encode())
+            await machine.console.wait_for(ANSWER, TIMEOUT)
+            answered = time.perf_counter() - began
+            await machine.stop()
+        return answered
+
+    return {"smolvmm_s": summary([anyio.run(once, backend="trio") for _ in range(b.runs)])}
+
+
+def python_startup(b: Bench) -> dict[str, object]:
+    """Wall time of the interpreter alone, of ``--help``, and of a host-side restore, as processes."""
+    commands = {
+        "python_c_pass": [sys.executable, "-c", "pass"],
+        "smolvmm_help": [*SMOLVMM, "--help"],
+        "prepare_only": [*SMOLVMM, "run", "--prepare-only", str(b.work / "save0.smolmachine")],
+    }
+    result: dict[str, object] = {}
+    for name, argv in commands.items():
+        times = []
+        for _ in range(b.runs):
+            began = time.perf_counter()
+            done = subprocess.run(argv, capture_output=True, text=True, check=True)
+            times.append(time.perf_counter() - began)
+        result[f"{name}_s"] = summary(times)
+        if name == "prepare_only":
+            result["prepare_only_timings"] = json.loads(done.stderr.strip().splitlines()[-1])
+    return result
+
+
+# --- host memory of restored instances ---------------------------------------------------------
+
+def memory(b: Bench) -> dict[str, object]:
+    result: dict[str, object] = {}
+    starters: dict[str, Callable[[int], Console]] = {"smolvmm": lambda i: smol_restore(b)}
+    if b.qemu:
+        starters["qemu"] = lambda i: qemu_restore(b, 100 + i)[0]
+    for name, start in starters.items():
+        for count in sorted({1, b.instances}):
+            vms: list[Console] = []
+            try:
+                for i in range(count):
+                    vms.append(start(i))
+                    vms[-1].wait_for(ANSWER, TIMEOUT)
+                time.sleep(1.0)
+                pss = [pss_kib(vm.proc.pid) for vm in vms]
+                result[f"{name}_{count}_pss_mib"] = round(sum(pss) / 1024, 1)
+            finally:
+                for vm in vms:
+                    vm.close()
+    return result
+
+
+# --- disk and network throughput ---------------------------------------------------------------
+
+def _round_trip(vm: Console, shell: str) -> float:
+    """Seconds from typing ``shell`` to its completion marker on the console."""
+    began = time.perf_counter()
+    vm.command(shell, TIMEOUT)
+    return time.perf_counter() - began
+
+
+def _timed_mib_s(vm: Console, shell: str, mib: int, idle: float) -> float:
+    """MiB/s of ``shell`` moving ``mib`` MiB, timed host-side less an idle command's round trip.
+
+    (Busybox's dd prints no rate and its date has no %N.)
+    """
+    return mib / (_round_trip(vm, shell) - idle)
+
+
+def _setns(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/run/netns/{name}") as ns:
+        if libc.setns(ns.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+
+
+class Receiver(threading.Thread):
+    """A TCP sink in the bench netns for ``count`` connections: MiB/s of each, first to last byte."""
+
+    def __init__(self, size: int, count: int) -> None:
+        super().__init__(daemon=True)
+        self.size, self.count, self.rates, self.ready, self.error = size, count, [], threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            _setns(NETNS)
+            with socket.create_server((HOST_IP, PORT)) as server:
+                server.settimeout(TIMEOUT)
+                self.ready.set()
+                buf = bytearray(1 << 20)
+                for _ in range(self.count):
+                    conn, _ = server.accept()
+                    with conn:
+                        got, first = 0, None
+                        while got < self.size and (n := conn.recv_into(buf)):
+                            first = first or time.perf_counter()
+                            got += n
+                        self.rates.append(got / (1 << 20) / (time.perf_counter() - first))
+        except Exception as exc:  # noqa: BLE001 - reported by the measure
+            self.error = exc
+            self.ready.set()
+
+
+def _guest_io(vm: Console, marker: bytes, runs: int) -> dict[str, object]:
+    vm.wait_for(marker, TIMEOUT)
+    time.sleep(SETTLE_S)
+    vm.command("stty cols 500 -echo", TIMEOUT)  # no wrapped lines, no echo to wait through
+    idle = statistics.median(_round_trip(vm, "true") for _ in range(5))
+    reads, writes = [], []
+    for _ in range(runs):
+        reads.append(_timed_mib_s(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={IO_MIB} iflag=direct", IO_MIB, idle))
+        writes.append(_timed_mib_s(
+            vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={IO_MIB} seek={IO_MIB} oflag=direct", IO_MIB, idle))
+    receiver = Receiver(IO_MIB << 20, runs)
+    receiver.start()
+    receiver.ready.wait()
+    if receiver.error:
+        raise receiver.error
+    for _ in range(runs):
+        vm.command(f"dd if=/dev/zero bs=1M count={IO_MIB} 2>/dev/null | nc {HOST_IP} {PORT}", TIMEOUT)
+    receiver.join(TIMEOUT)
+    if receiver.error:
+        raise receiver.error
+    return {"read_mib_s": summary(reads), "write_mib_s": summary(writes), "tcp_mib_s": summary(receiver.rates),
+            "console_round_trip_s": idle}
+
+
+def _host_io(image: Path) -> dict[str, object]:
+    reads, writes = [], []
+    for _ in range(3):
+        began = time.perf_counter()
+        with open(image, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+        reads.append(image.stat().st_size / (1 << 20) / (time.perf_counter() - began))
+        block = os.urandom(1 << 20)
+        began = time.perf_counter()
+        with open(image.with_suffix(".hostw"), "wb", buffering=0) as f:
+            for _ in range(IO_MIB):
+                f.write(block)
+            os.fsync(f.fileno())
+        writes.append(IO_MIB / (time.perf_counter() - began))
+        image.with_suffix(".hostw").unlink()
+    return {"read_mib_s": summary(reads), "write_mib_s": summary(writes)}
+
+
+def io(b: Bench) -> dict[str, object]:
+    image = b.work / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(IO_MIB << 20))
+        f.truncate(2 * IO_MIB << 20)
+    for args in (["netns", "add", NETNS], ["-n", NETNS, "link", "set", "lo", "up"],
+                 ["-n", NETNS, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+                 ["-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"], ["-n", NETNS, "link", "set", "tap0", "up"]):
+        subprocess.run(["ip", *args], check=True)
+    try:
+        result: dict[str, object] = {"host_file": _host_io(image)}
+        cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
+        wrap = ["ip", "netns", "exec", NETNS]
+        with Console([*wrap, *SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", "--disk", str(image),
+                      "--net", "tap=tap0", "--cmdline", cmdline]) as vm:
+            result["smolvmm"] = _guest_io(vm, b.marker(), b.runs)
+        if b.qemu:
+            copy = shutil.copyfile(image, b.work / "disk-qemu.img")
+            extra = ["-drive", f"id=d0,file={copy},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
+                     "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
+            with b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm:
+                result["qemu"] = _guest_io(vm, b.marker(), b.runs)
+        return result
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], check=False)
+
+
+MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
+    "cold_boot": cold_boot, "save": save, "restore": restore, "restore_api": restore_api,
+    "python_startup": python_startup, "io": io, "memory": memory,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for guest.json and the bundle")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measure (default 3)")
+    parser.add_argument("--instances", type=int, default=10, help="restored instances for the memory measure")
+    parser.add_argument("--only", action="append", choices=sorted(MEASURES), help="run only these (restore and memory need save)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
+        bench = Bench(args.out, Path(work), args.runs, args.instances)
+        for name, fn in MEASURES.items():
+            if args.only is None or name in args.only:
+                bench.measure(name, fn)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Shared pieces of the VMM benchmarks: a console-driven child process, QEMU's monitor, PSS, statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+QEMU_MISSING = "QEMU not found: apt-get install qemu-system-x86 to measure it side by side; running smolvmm only"
+
+
+def qemu_path() -> str | None:
+    """QEMU's binary, or None (after saying how to install it)."""
+    path = shutil.which(QEMU)
+    if path is None:
+        print(f"bench: {QEMU_MISSING}", flush=True)
+    return path
+
+
+def summary(values: Sequence[float]) -> dict[str, float | int]:
+    """min/median/max (and n) of ``values``."""
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def machine_info() -> dict[str, str | int]:
+    """CPU model, cores and kernel of the machine running this."""
+    model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "nested": os.environ.get("SMOLVMM_NESTED") == "1",
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size of process ``pid`` in KiB (shared pages divided among their users)."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return int(re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+class Console:
+    """A child process in its own process group whose stdout is the guest console, timestamped."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, env=env,
+        )
+        self.out = bytearray()
+        self.err = bytearray()
+        self._arrivals: list[tuple[int, float]] = []  # (end offset of a chunk, when it arrived)
+        self._pos = 0
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, sink: bytearray, timed: bool) -> None:
+        fd = stream.fileno()
+        while chunk := os.read(fd, 65536):
+            now = time.perf_counter()
+            with self._cond:
+                sink.extend(chunk)
+                if timed:
+                    self._arrivals.append((len(sink), now))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: bytes, timeout: float) -> float:
+        """Seconds from process start to the arrival of the first ``pattern`` after the last match."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                index = self.out.find(pattern, self._pos)
+                if index >= 0:
+                    end = index + len(pattern)
+                    self._pos = end
+                    arrived = next(t for offset, t in self._arrivals if offset >= end)
+                    return arrived - self.start
+                if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers[:1]):
+                    raise RuntimeError(f"{self.argv[0]} exited ({self.proc.returncode}) before {pattern!r}: {self.tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {pattern!r} from {self.argv[0]} within {timeout:g} s: {self.tail()}")
+                self._cond.wait(min(left, 1.0))
+
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def command(self, shell: str, timeout: float) -> bytes:
+        """Run ``shell`` in the guest shell; returns its console output (ends at an unforgeable marker)."""
+        with self._cond:
+            begin = len(self.out)
+        self.send(f"{shell}; echo END$((6*7))END\n")
+        self.wait_for(b"END42END", timeout)
+        with self._cond:
+            return bytes(self.out[begin : self._pos])
+
+    def tail(self) -> str:
+        text = (bytes(self.out[-600:]) + b" | stderr: " + bytes(self.err[-600:])).decode(errors="replace")
+        return text.replace("\r", "").replace("\n", " / ")
+
+    def close(self) -> None:
+        """Kill the whole process group and reap it."""
+        if self.proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+                try:
+                    self.proc.wait(3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.proc.wait()
+        for reader in self._readers:
+            reader.join(2)
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Monitor:
+    """QEMU's human monitor (HMP) on a Unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+        self.sock.settimeout(timeout)
+        self._read_prompt()
+
+    def _read_prompt(self) -> str:
+        data = b""
+        while not data.endswith(b"(qemu) "):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"QEMU monitor closed: {data[-300:]!r}")
+            data += chunk
+        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", data.decode(errors="replace"))
+
+    def __call__(self, command: str) -> str:
+        self.sock.sendall(command.encode() + b"\n")
+        return self._read_prompt()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def qemu_argv(qemu: str, kernel: Path, initrd: Path, cmdline: str, monitor: Path, extra: Sequence[str] = ()) -> list[str]:
+    """QEMU microvm (ACPI on, its default) with the same guest, 2 vCPUs, 256 MiB, serial on stdio."""
+    return [
+        qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", "2",
+        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+        "-monitor", f"unix:{monitor},server=on,wait=off",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline, *extra,
+    ]

@@ -62,6 +62,7 @@ class Machine:
         self._sync_agent_on_resume = False
         self._new_macs: dict[str, bytes] = {}
         self._snapshot_lock = anyio.Lock()
+        self._shutdown_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -158,8 +159,10 @@ class Machine:
                 try:
                     yield self
                 finally:
+                    # Not through the watcher: a cancelled caller's scope has cancelled it too.
+                    self._record_exit(MachineExit(ExitReason.STOPPED))
                     with anyio.CancelScope(shield=True):
-                        await self.stop()
+                        await self._shutdown()
         finally:
             self._close()
 
@@ -186,17 +189,24 @@ class Machine:
 
     async def _watch(self) -> None:
         await self._exited.wait()
-        for thread in self._vm.threads:
-            thread.stop()
-        done = 0
-        while done < len(self._vm.threads):
-            done += await self._threads_done.wait()
-        for thread in self._vm.threads:
-            thread.join()
-        self._devices_scope.cancel()
-        self._devices_restart.set()
-        self.console.end_output()
-        self._finished.set()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Stop and join every vCPU thread, then the device tasks (once; later calls wait for it)."""
+        async with self._shutdown_lock:
+            if self._finished.is_set():
+                return
+            for thread in self._vm.threads:
+                thread.stop()
+            done = 0
+            while done < len(self._vm.threads):
+                done += await self._threads_done.wait()
+            for thread in self._vm.threads:
+                thread.join()
+            self._devices_scope.cancel()
+            self._devices_restart.set()
+            self.console.end_output()
+            self._finished.set()
 
     async def wait(self) -> MachineExit:
         """Wait until the machine ends; says how (powered off, rebooted, crashed, stopped)."""

@@ -1,0 +1,39 @@
+"""Machine lifecycle on this host's own /dev/kvm, with no guest progress needed.
+
+On PVM hosts the demo guest never gets far (it triple-faults in early boot), so these tests
+check only what the monitor does: cancellation, cleanup, several machines in one event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import pytest
+
+from smolvmm import Machine, MachineConfig
+from test_boot import own_threads
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+]
+
+
+async def test_cancelling_the_enclosing_scope_stops_every_machine_promptly() -> None:
+    threads, fds = own_threads(), sorted(os.listdir("/proc/self/fd"))
+    machines: list[Machine] = []
+    with anyio.move_on_after(1) as scope:
+        async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20)) as first:
+            machines.append(first)
+            async with Machine.boot(MachineConfig(memory=64 << 20)) as second:
+                machines.append(second)
+                await anyio.sleep_forever()
+    cancelled_at = time.monotonic()
+    assert scope.cancelled_caught
+    for machine in machines:
+        await machine.wait()  # already ended: returns at once
+    assert time.monotonic() - cancelled_at < 1
+    assert own_threads() == threads
+    assert sorted(os.listdir("/proc/self/fd")) == fds

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio_driver import HEAP_START, RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
+from virtio_driver import HEAP_START, RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.block import (
     F_RO,

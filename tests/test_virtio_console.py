@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
+from virtio_driver import RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.console import RX, TX, VirtioConsole
 from smolvmm.devices.virtio.ports import FdPort, UnixSocketPort

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
+from virtio_driver import RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.device import F_VERSION_1
 from smolvmm.devices.virtio.mmio import (

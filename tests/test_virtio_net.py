@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import anyio
 import pytest
-from virtio_driver import RING_FEATURES, Driver, anyio_backend, running  # noqa: F401
+from virtio_driver import RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.net import (
     F_CSUM,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from virtio_driver import RING_FEATURES, Driver, anyio_backend  # noqa: F401
+from virtio_driver import RING_FEATURES, Driver
 
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole

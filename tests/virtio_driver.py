@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import pytest
 
 from smolvmm.devices.virtio.device import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VirtioDevice
 from smolvmm.devices.virtio.mmio import (
@@ -25,11 +24,6 @@ RAM_SIZE = 16 << 20
 RING_AREA = 0x10000  # one 64 KiB area per queue: descriptors, avail ring, used ring
 HEAP_START = 1 << 20
 Buffer = tuple[int, int, bool]  # (gpa, length, device-writable)
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 class Driver:

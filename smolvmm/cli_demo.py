@@ -47,11 +47,11 @@ async def _run(path: str, script: bytes | None) -> int:
 
 
 def demo() -> int:
-    host = probe()
-    if host.kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
+    path = demo_bundle()  # builds the demo guest image here, before any nested machine needs it
+    if probe().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
         print("smolvmm demo: this host's /dev/kvm is PVM; running the demo inside tools/nested-kvm", file=sys.stderr)
-        return subprocess.call([sys.executable, "-m", "smolvmm.nested", sys.executable, "-m", "smolvmm", "demo"])
-    path = demo_bundle()
+        nested = [sys.executable, "-m", "smolvmm.nested", "--out", os.path.dirname(path)]
+        return subprocess.call([*nested, sys.executable, "-m", "smolvmm", "demo"])
     anyio.run(_ensure_bundle, path, backend="trio")
     print(f"smolvmm demo: resuming {path}", file=sys.stderr)
     interactive = os.isatty(0)

@@ -16,6 +16,7 @@ RX_FIFO_SIZE = 64
 
 # Register offsets
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
+_PLAIN = {LCR: "lcr", MCR: "mcr", SCR: "scr"}  # registers that read back what was written
 IER_RDA, IER_THRE = 0x01, 0x02
 IIR_NONE, IIR_THRE, IIR_RDA, IIR_FIFO = 0x01, 0x02, 0x04, 0xC0
 FCR_ENABLE = 0x01
@@ -114,7 +115,7 @@ class Uart16550:
             elif offset == MSR:
                 value = self._msr()
             else:
-                value = self._regs[{LCR: "lcr", MCR: "mcr", SCR: "scr"}[offset]] if offset < 8 else 0xFF
+                value = self._regs[_PLAIN[offset]]
         if drained:
             self._rx_drained()
         return value
@@ -149,8 +150,8 @@ class Uart16550:
                 self._regs["fcr"] = value & 0xC9
                 if value & 0x02:
                     self._rx.clear()
-            elif offset in (LCR, MCR, SCR):
-                self._regs[{LCR: "lcr", MCR: "mcr", SCR: "scr"}[offset]] = value
+            elif offset in _PLAIN:
+                self._regs[_PLAIN[offset]] = value
         if transmit is not None:
             self._output(transmit)
         if raise_irq:

@@ -1,0 +1,46 @@
+"""The 16550A model, driven as Linux's 8250 driver drives it."""
+
+from __future__ import annotations
+
+from smolvmm.devices.uart import IER_DLM, IIR_FCR, LCR, LSR, MCR, MSR, RBR_THR_DLL, SCR, Uart16550
+
+
+def _uart() -> tuple[Uart16550, list[str], bytearray]:
+    events: list[str] = []
+    out = bytearray()
+    uart = Uart16550(lambda: events.append("irq"), out.extend, lambda: events.append("drained"))
+    return uart, events, out
+
+
+def test_probe_sees_a_16550a_with_fifo_scratch_and_loopback() -> None:
+    uart, _, _ = _uart()
+    uart.write(SCR, 1, 0xA5)
+    assert uart.read(SCR, 1) == 0xA5
+    uart.write(IIR_FCR, 1, 0x01)  # enable FIFOs
+    assert uart.read(IIR_FCR, 1) & 0xC0 == 0xC0
+    uart.write(MCR, 1, 0x10 | 0x0A)  # loopback with RTS and OUT2
+    assert uart.read(MSR, 1) & 0xF0 == 0x90
+    uart.write(LCR, 1, 0x80)  # DLAB: divisor latch
+    uart.write(RBR_THR_DLL, 1, 0x01)
+    assert uart.read(RBR_THR_DLL, 1) == 0x01
+
+
+def test_transmit_raises_thre_interrupts_and_output() -> None:
+    uart, events, out = _uart()
+    uart.write(LCR, 1, 0x03)
+    uart.write(IER_DLM, 1, 0x02)  # enabling THRE with THR empty interrupts at once
+    assert events == ["irq"] and uart.read(IIR_FCR, 1) & 0x0F == 0x02
+    assert uart.read(IIR_FCR, 1) & 0x0F == 0x01  # reading IIR cleared it
+    uart.write(RBR_THR_DLL, 1, ord("A"))
+    assert out == b"A" and events == ["irq", "irq"]
+    assert uart.read(LSR, 1) & 0x60 == 0x60
+
+
+def test_receive_fifo_bounds_and_interrupts() -> None:
+    uart, events, _ = _uart()
+    uart.write(IER_DLM, 1, 0x01)
+    assert uart.feed(b"x" * 100) == 64  # the FIFO holds 64 bytes; the rest waits
+    assert events == ["irq"] and uart.read(LSR, 1) & 1
+    assert bytes(uart.read(RBR_THR_DLL, 1) for _ in range(64)) == b"x" * 64
+    assert events[-1] == "drained" and not uart.read(LSR, 1) & 1
+    assert uart.read(RBR_THR_DLL, 1) == 0  # reading an empty FIFO is harmless

@@ -32,6 +32,7 @@ NETNS = "smolbench"
 HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
 IO_MIB = 64
 TIMEOUT = 600.0
+STEP_TIMEOUT = 120.0  # one short command (one run hung here once, nested; a timeout names it)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
 
 
@@ -94,6 +95,12 @@ def _size(path: Path) -> dict[str, int]:
     return {"bytes": st.st_size, "allocated": st.st_blocks * 512}
 
 
+def _keep_first(path: Path, index: int) -> None:
+    """Only the first save is kept (restores use it): the scratch directory is a tmpfs in the nested machine."""
+    if index:
+        path.unlink()
+
+
 def save(b: Bench) -> dict[str, object]:
     result: dict[str, object] = {}
 
@@ -106,6 +113,7 @@ def save(b: Bench) -> dict[str, object]:
                 began = time.perf_counter()
                 await machine.snapshot(b.work / f"save{i}.smolmachine")
                 times.append(time.perf_counter() - began)
+                _keep_first(b.work / f"save{i}.smolmachine", i)
         return times
 
     result["smolvmm_s"] = summary(anyio.run(smol_saves, backend="trio"))
@@ -127,6 +135,7 @@ def save(b: Bench) -> dict[str, object]:
                         raise RuntimeError(f"QEMU migration failed: {status}")
                     time.sleep(0.002)
                 times.append(time.perf_counter() - began)
+                _keep_first(b.work / f"save{i}.qemu", i)
                 monitor("cont")
             monitor.close()
         result["qemu_s"] = summary(times)
@@ -213,7 +222,7 @@ def python_startup(b: Bench) -> dict[str, object]:
         times = []
         for _ in range(b.runs):
             began = time.perf_counter()
-            done = subprocess.run(argv, capture_output=True, text=True, check=True)
+            done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=STEP_TIMEOUT)
             times.append(time.perf_counter() - began)
         result[f"{name}_s"] = summary(times)
         if name == "prepare_only":
@@ -236,6 +245,8 @@ def memory(b: Bench) -> dict[str, object]:
                     vms.append(start(i))
                     vms[-1].wait_for(ANSWER, TIMEOUT)
                 time.sleep(1.0)
+                if dead := [vm for vm in vms if vm.proc.poll() is not None]:
+                    raise RuntimeError(f"a restored {name} exited ({dead[0].proc.returncode}): {dead[0].tail()}")
                 pss = [pss_kib(vm.proc.pid) for vm in vms]
                 result[f"{name}_{count}_pss_mib"] = round(sum(pss) / 1024, 1)
             finally:
@@ -367,7 +378,7 @@ def io(b: Bench) -> dict[str, object]:
 
 MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "cold_boot": cold_boot, "save": save, "restore": restore, "restore_api": restore_api,
-    "python_startup": python_startup, "io": io, "memory": memory,
+    "io": io, "memory": memory, "python_startup": python_startup,
 }
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import smolvmm
+from common import qemu_path
 from smolvmm.hostkvm import probe
 
 BENCH = Path(__file__).resolve().parent
@@ -27,9 +28,12 @@ def run_guest_part(out: Path, runs: int, instances: int) -> None:
     command = [sys.executable, str(BENCH / "bench_guest.py"), "--out", str(out), "--runs", str(runs),
                "--instances", str(instances)]
     if host.kind == "none":
-        print(f"bench: no usable /dev/kvm ({host.detail}); skipping the guest benchmarks", file=sys.stderr)
+        print(f"bench: no usable /dev/kvm ({host.explanation}); skipping the guest benchmarks", file=sys.stderr)
         return
     if host.kind == "pvm":
+        if qemu_path() is None:  # the nested machine is QEMU too
+            print("bench: a PVM host needs QEMU for the nested machine; skipping the guest benchmarks", file=sys.stderr)
+            return
         command = [str(ROOT / "tools" / "nested-kvm"), "--out", str(out), "--timeout", "3600", "python", *command[1:]]
     # Resolve (and build once) the default guest here, so the nested machine needs no apt.
     env = {**os.environ, "SMOLVMM_DEFAULT_GUEST": str(smolvmm.default_guest().kernel.parent)}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -69,3 +71,37 @@ async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> N
         assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2
     with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(child) as restored:
         assert restored.metadata.parent_digest == parent.digest
+
+
+def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "changed.smolmachine"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "run", "--save", str(saved), str(bundle)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        process.stdin.write(b"echo changed-instance > /tmp/state; echo wrote-$((2+3))\n")
+        process.stdin.flush()
+        answer = b""
+        deadline = time.monotonic() + GUEST_TIMEOUT
+        while b"wrote-5" not in answer and time.monotonic() < deadline:
+            answer += os.read(process.stdout.fileno(), 4096)
+        assert b"wrote-5" in answer
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + GUEST_TIMEOUT
+        while not saved.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # the message follows the rename
+        process.stdin.write(b"poweroff -f\n")
+        process.stdin.close()
+        assert process.wait(GUEST_TIMEOUT) == 0
+        assert b"saved " + str(saved).encode() in process.stderr.read()
+    finally:
+        process.kill()
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", str(saved)],
+        input=b"cat /tmp/state\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+    )
+    assert result.returncode == 0 and b"changed-instance" in result.stdout
+    with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(saved) as child:
+        assert child.metadata.parent_digest == parent.digest

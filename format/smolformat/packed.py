@@ -8,6 +8,7 @@ Arrays of those.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -64,6 +65,8 @@ def _group(field: tuple, values: Any) -> Any:
         return next(values)
     if kind == "struct":
         return Container((name, _group(sub, values)) for name, sub in field[1])
+    if field[2][0] in ("value", "bytes"):  # an array of leaves (fpu registers, bitmaps): one slice
+        return ListContainer(itertools.islice(values, field[1]))
     return ListContainer(_group(field[2], values) for _ in range(field[1]))
 
 

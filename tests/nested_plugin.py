@@ -40,6 +40,9 @@ class DelegatedItem(pytest.Item):
         self.plugin = plugin
         self._reportinfo = original.reportinfo()
         self.own_markers = list(original.own_markers)
+        # The first delegated item runs the whole nested pytest, which has its own time limit
+        # and applies the per-test timeout inside: no per-test timeout out here.
+        self.add_marker(pytest.mark.timeout(0))
         self.keywords.update(original.keywords)
 
     def runtest(self) -> None:

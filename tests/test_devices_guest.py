@@ -62,6 +62,14 @@ async def booted(stack: AsyncExitStack, config: MachineConfig) -> Machine:
     return machine
 
 
+async def socket_wait_for(client: anyio.abc.ByteStream, received: bytes, text: bytes) -> bytes:
+    """Read the console socket until ``text`` and a line end arrive; everything read so far."""
+    with anyio.fail_after(GUEST_TIMEOUT):
+        while not re.search(re.escape(text) + rb"\r?\n", received):
+            received += await client.receive()
+    return received
+
+
 def devmem_writes(writes: list[tuple[int, int]]) -> str:
     return "; ".join(f"devmem {address:#x} 32 {value:#x}" for address, value in writes)
 
@@ -93,7 +101,8 @@ async def break_rng_queue(machine: Machine, base: int) -> int:
         (base + 0xA0, used), (base + 0xA4, 0), (base + 0x44, 1),        # rings, QueueReady
         (base + 0x70, 0xF), (base + 0x50, 0),                           # DRIVER_OK, notify queue 0
     ]))
-    return int(await shell(machine, f"sleep 1; devmem {base + 0x70:#x} 32"), 16)
+    poll = f"for i in $(seq 150); do s=$(devmem {base + 0x70:#x} 32); [ $((s & 0x40)) -ne 0 ] && break; sleep 0.2; done; echo $s"
+    return int(await shell(machine, poll), 16)
 
 
 async def test_disks_consoles_entropy_and_a_broken_device(tmp_path: Path) -> None:
@@ -233,14 +242,6 @@ async def host_ping(ns: str, count: int = 3) -> None:
                     packet, (source, _) = pinger.recvfrom(1500)
                     if source == GUEST_IP and packet[20:] == echo(0, 0x5A5A, payload):
                         break
-
-
-async def socket_wait_for(client: anyio.abc.ByteStream, received: bytes, text: bytes) -> bytes:
-    """Read the console socket until ``text`` and a line end arrive; everything read so far."""
-    with anyio.fail_after(GUEST_TIMEOUT):
-        while not re.search(re.escape(text) + rb"\r?\n", received):
-            received += await client.receive()
-    return received
 
 
 def receive_all(listener: socket.socket, size: int) -> tuple[str, int]:

@@ -8,6 +8,7 @@ measure) and the bundle it restored, ``restore.smolmachine``, into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -31,6 +32,7 @@ SMOLVMM = [sys.executable, "-m", "smolvmm"]
 NETNS = "smolbench"
 HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
 IO_MIB = 64
+IO_TIMEOUT = 180.0  # one dd or nc command (the guest's TCP runs at a few MiB/s nested)
 TIMEOUT = 600.0
 STEP_TIMEOUT = 120.0  # one short command (one run hung here once, nested; a timeout names it)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
@@ -49,13 +51,14 @@ class Bench:
             self.results["qemu_version"] = version.splitlines()[0]
 
     def measure(self, name: str, fn: Callable[[Bench], dict[str, object]]) -> None:
-        """Run one measure; a failure is recorded in the results and the run goes on."""
+        """Run one measure; a failure is recorded beside what it had measured and the run goes on."""
         print(f"bench: {name}...", file=sys.stderr, flush=True)
         began = time.monotonic()
+        self.results[name] = {}
         try:
             self.results[name] = fn(self)
         except Exception as exc:  # noqa: BLE001 - recorded, the other measures still run
-            self.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.results[name]["error"] = f"{type(exc).__name__}: {exc}"
         print(f"bench: {name} took {time.monotonic() - began:.0f} s: {json.dumps(self.results[name])[:400]}",
               file=sys.stderr, flush=True)
         (self.out / "guest.json").write_text(json.dumps(self.results, indent=1))
@@ -233,7 +236,7 @@ def python_startup(b: Bench) -> dict[str, object]:
 # --- host memory of restored instances ---------------------------------------------------------
 
 def memory(b: Bench) -> dict[str, object]:
-    result: dict[str, object] = {}
+    result = b.results["memory"]
     starters: dict[str, Callable[[int], Console]] = {"smolvmm": lambda i: smol_restore(b)}
     if b.qemu:
         starters["qemu"] = lambda i: qemu_restore(b, 100 + i)[0]
@@ -306,28 +309,39 @@ class Receiver(threading.Thread):
             self.ready.set()
 
 
-def _guest_io(vm: Console, marker: bytes, runs: int) -> dict[str, object]:
+def _guest_io(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
+    """Disk then network figures of a booted guest, into ``into`` as each is known."""
     vm.wait_for(marker, TIMEOUT)
     time.sleep(SETTLE_S)
     vm.command("stty cols 500 -echo", TIMEOUT)  # no wrapped lines, no echo to wait through
     idle = statistics.median(_round_trip(vm, "true") for _ in range(5))
+    into["console_round_trip_s"] = idle
     reads, writes = [], []
     for _ in range(runs):
         reads.append(_timed_mib_s(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={IO_MIB} iflag=direct", IO_MIB, idle))
         writes.append(_timed_mib_s(
             vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={IO_MIB} seek={IO_MIB} oflag=direct", IO_MIB, idle))
+    into["read_mib_s"], into["write_mib_s"] = summary(reads), summary(writes)
     receiver = Receiver(IO_MIB << 20, runs)
     receiver.start()
     receiver.ready.wait()
     if receiver.error:
         raise receiver.error
     for _ in range(runs):
-        vm.command(f"dd if=/dev/zero bs=1M count={IO_MIB} 2>/dev/null | nc {HOST_IP} {PORT}", TIMEOUT)
-    receiver.join(TIMEOUT)
+        vm.command(f"dd if=/dev/zero bs=1M count={IO_MIB} 2>/dev/null | nc {HOST_IP} {PORT}", IO_TIMEOUT)
+    receiver.join(IO_TIMEOUT)
     if receiver.error:
         raise receiver.error
-    return {"read_mib_s": summary(reads), "write_mib_s": summary(writes), "tcp_mib_s": summary(receiver.rates),
-            "console_round_trip_s": idle}
+    into["tcp_mib_s"] = summary(receiver.rates)
+
+
+@contextlib.contextmanager
+def _console_log(vm: Console, path: Path) -> Iterator[None]:
+    """Keep the whole guest console in ``path`` (a failure's cause is often far above its tail)."""
+    try:
+        yield
+    finally:
+        path.write_bytes(bytes(vm.out))
 
 
 def _host_io(image: Path) -> dict[str, object]:
@@ -359,18 +373,19 @@ def io(b: Bench) -> dict[str, object]:
                  ["-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"], ["-n", NETNS, "link", "set", "tap0", "up"]):
         subprocess.run(["ip", *args], check=True)
     try:
-        result: dict[str, object] = {"host_file": _host_io(image)}
+        result = b.results["io"]  # filled as it goes: a guest that fails keeps the other's figures
+        result["host_file"] = _host_io(image)
         cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
         wrap = ["ip", "netns", "exec", NETNS]
         with Console([*wrap, *SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", "--disk", str(image),
-                      "--net", "tap=tap0", "--cmdline", cmdline]) as vm:
-            result["smolvmm"] = _guest_io(vm, b.marker(), b.runs)
+                      "--net", "tap=tap0", "--cmdline", cmdline]) as vm, _console_log(vm, b.out / "io-smolvmm.log"):
+            _guest_io(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
         if b.qemu:
             copy = shutil.copyfile(image, b.work / "disk-qemu.img")
             extra = ["-drive", f"id=d0,file={copy},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
                      "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
-            with b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm:
-                result["qemu"] = _guest_io(vm, b.marker(), b.runs)
+            with b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm, _console_log(vm, b.out / "io-qemu.log"):
+                _guest_io(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
         return result
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], check=False)

@@ -259,11 +259,12 @@ def receive_all(listener: socket.socket, size: int) -> tuple[str, int]:
 
 def send_all(ns: str, payload: bytes) -> None:
     """Connect to the guest's listener (retrying until it listens) and send ``payload``."""
-    for _ in range(600):
+    deadline = time.monotonic() + GUEST_TIMEOUT
+    while time.monotonic() < deadline:
         with thread_in_netns(ns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         with sock:
-            sock.settimeout(GUEST_TIMEOUT)
+            sock.settimeout(max(deadline - time.monotonic(), 1))
             try:
                 sock.connect((GUEST_IP, 5002))
             except ConnectionRefusedError:

@@ -30,6 +30,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 """ + busybox.LOAD_MODULES + r"""
 load_modules
+# With console=hvc0 the console did not exist when the kernel started us; now it does.
+exec 0<>/dev/console 1>&0 2>&0
 if [ -b /dev/vda ]; then
     mount -t ext4 /dev/vda /mnt || echo "smolvmm: could not mount /dev/vda on /mnt" >&2
 fi

@@ -35,7 +35,6 @@ CLONE_NEWNET = 0x40000000
 HOST_IP, GUEST_IP = "10.0.0.1", "10.0.0.2"
 MIB = 1 << 20
 RNG_DEVICE_ID = 4
-SHELL_PROMPT = b"/ # "
 
 
 def sha256(path: Path) -> str:

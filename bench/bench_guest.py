@@ -34,7 +34,7 @@ HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
 IO_MIB = 64
 IO_TIMEOUT = 180.0  # one dd or nc command (the guest's TCP runs at a few MiB/s nested)
 TIMEOUT = 600.0
-STEP_TIMEOUT = 120.0  # one short command (one run hung here once, nested; a timeout names it)
+STEP_TIMEOUT = 120.0  # a short command or one clone's restore (nested runs hung there once each)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
 
 
@@ -246,7 +246,7 @@ def memory(b: Bench) -> dict[str, object]:
             try:
                 for i in range(count):
                     vms.append(start(i))
-                    vms[-1].wait_for(ANSWER, TIMEOUT)
+                    vms[-1].wait_for(ANSWER, STEP_TIMEOUT)
                 time.sleep(1.0)
                 if dead := [vm for vm in vms if vm.proc.poll() is not None]:
                     raise RuntimeError(f"a restored {name} exited ({dead[0].proc.returncode}): {dead[0].tail()}")

@@ -177,6 +177,8 @@ class Machine:
             if self._exit is not None:
                 return
             await self._devices_restart.wait()
+            if self._exit is not None:
+                return  # the machine ended while the devices were stopped: its shutdown saw the old scope
             self._devices_scope = anyio.CancelScope()
             self._devices_stopped = anyio.Event()
             self._devices_restart = anyio.Event()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -43,12 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
     module.add_arguments(name, parser)
     args = parser.parse_args(argv[1:])
-    from .errors import SmolvmmError
-
     try:
         return module.run(name, args)
-    except SmolvmmError as exc:
-        print(f"smolvmm: error: {exc}", file=sys.stderr)
-        return 2 if name == "verify" else 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) or os.environ.get("SMOLVMM_DEBUG"):
+            raise
+        print(f"smolvmm: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if name == "verify" else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first smolvmm error inside ``exc`` (task groups wrap them), else a short description.
+
+    A traceback is for developers: SMOLVMM_DEBUG=1 shows it.
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
+    from .errors import SmolvmmError
+
+    if isinstance(exc, SmolvmmError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc} (SMOLVMM_DEBUG=1 shows the traceback)"

@@ -106,7 +106,10 @@ async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | Non
 async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -> None:
     await ready.wait()
     while True:
-        await anyio.wait_readable(0)
+        try:
+            await anyio.wait_readable(0)
+        except PermissionError:
+            pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
         data = os.read(0, 4096)
         if not data:
             return  # EOF on stdin: the guest keeps running

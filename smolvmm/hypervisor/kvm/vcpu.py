@@ -209,10 +209,6 @@ class KvmVcpu:
     def set_tsc_khz(self, khz: int) -> None:
         ioctl(self.fd, Ioctl.KVM_SET_TSC_KHZ, khz)
 
-    def kvmclock_ctrl(self) -> None:
-        """Tell the guest's kvmclock it was paused, so its soft-lockup watchdog does not fire."""
-        ioctl(self.fd, Ioctl.KVM_KVMCLOCK_CTRL)
-
     def close(self) -> None:
         if self.fd >= 0:
             del self.kvm_run

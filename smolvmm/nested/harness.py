@@ -78,11 +78,16 @@ def host_tsc_khz() -> int | None:
 
 
 def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]) -> list[str]:
-    """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, three ports."""
+    """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, three ports.
+
+    One vCPU: with two (multi-threaded TCG), QEMU 7.2's emulation corrupts memory under load:
+    8 busy nested guests, smolvmm's or QEMU's own, triple-fault or panic the inner kernel
+    within minutes; with one, none did (see BENCHMARKS.md, "The nested machine").
+    """
     tsc = host_tsc_khz()
     cmdline = "console=ttyS0 quiet panic=-1 mitigations=off" + (f" tsc_early_khz={tsc}" if tsc else "")
     args = [
-        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "2",
+        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} smolvmm.job={workdir}/job",
         "-chardev", f"file,id=console,path={workdir}/console.log", "-serial", "chardev:console",

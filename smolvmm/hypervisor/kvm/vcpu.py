@@ -20,6 +20,8 @@ from .ioctls import (
 from .system import KvmError, ioctl
 from .state_io import get_struct, set_struct
 
+CR0_PG = 1 << 31
+
 _SYSTEM_EVENTS = {
     KVM_SYSTEM_EVENT_SHUTDOWN: Stop(StopKind.POWEROFF, "system event: shutdown"),
     KVM_SYSTEM_EVENT_RESET: Stop(StopKind.RESET, "system event: reset"),
@@ -60,7 +62,7 @@ class KvmVcpu:
             elif reason in (Exit.KVM_EXIT_HLT, Exit.KVM_EXIT_IRQ_WINDOW_OPEN):
                 continue
             elif reason == Exit.KVM_EXIT_SHUTDOWN:
-                return Stop(StopKind.RESET, "triple fault")
+                return Stop(StopKind.RESET, self._describe_triple_fault())
             elif reason == Exit.KVM_EXIT_SYSTEM_EVENT:
                 kind = run.system_event.type
                 return _SYSTEM_EVENTS.get(kind, Stop(StopKind.CRASH, f"system event {kind}"))
@@ -92,6 +94,15 @@ class KvmVcpu:
             mmio.write(access.phys_addr, length, int.from_bytes(buffer[:], "little"))
         else:
             buffer[:] = mmio.read(access.phys_addr, length).to_bytes(length, "little")
+
+    def _describe_triple_fault(self) -> str:
+        regs = ffi.new("struct kvm_regs *")
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, Ioctl.KVM_GET_REGS, regs)
+        ioctl(self.fd, Ioctl.KVM_GET_SREGS, sregs)
+        if not sregs.cr0 & CR0_PG:  # AMD resets the vCPU on shutdown: the faulting state is gone
+            return f"vCPU {self.id}: triple fault"
+        return f"vCPU {self.id}: triple fault at rip {regs.rip:#x} (rsp {regs.rsp:#x}, cr2 {sregs.cr2:#x})"
 
     def _describe_failure(self, reason: Exit) -> str:
         run = self.kvm_run

@@ -8,10 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from construct import StreamError
+from construct import Int32ul, PrefixedArray, StreamError, ValidationError
 from smolformat import DEVICE_KINDS, DeviceConfig, DeviceRecord, arm64, samples, x86_64
 from smolformat.layout import ENTRY_SIZE, HEADER_SIZE, Header, SectionEntry, SectionKind
-from smolformat.packed import Packed
+from smolformat.limits import bounded
+from smolformat.packed import Packed, PackedArray
 from smolformat.payloads import payload
 
 # construct name -> C struct name, for every x86_64 declaration byte-compatible with <linux/kvm.h>
@@ -110,6 +111,19 @@ def test_packed_rejects_wrong_sizes() -> None:
     value.db = [1, 2, 3]
     with pytest.raises(StreamError):
         x86_64.KvmDebugregs.build(value)
+
+
+@pytest.mark.parametrize("element", [x86_64.KvmCpuidEntry2, x86_64.KvmMsrEntry], ids=["nested", "flat"])
+def test_packed_array_is_a_prefixed_array(element: Packed) -> None:
+    fast, declared = PackedArray(bounded(Int32ul, 5), element), PrefixedArray(bounded(Int32ul, 5), element.declared)
+    data = (3).to_bytes(4, "little") + random.Random(3).randbytes(3 * element.sizeof())
+    value = fast.parse(data)
+    assert value == declared.parse(data) and len(value) == 3
+    assert fast.build(value) == data == declared.build(value)
+    with pytest.raises(StreamError):  # a count the data does not hold
+        fast.parse(data[:-1])
+    with pytest.raises(ValidationError):  # a count above the bound, even with the data there
+        fast.parse((6).to_bytes(4, "little") + bytes(6 * element.sizeof()))
 
 
 @pytest.mark.parametrize(

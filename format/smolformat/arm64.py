@@ -7,10 +7,10 @@ System registers are KVM one-reg ``(id, value)`` pairs (KVM_GET_ONE_REG ids); th
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Default, Int8ul, Int32ul, Int64ul, PrefixedArray, Struct
+from construct import Array, Bytes, Default, Int8ul, Int32ul, Int64ul, Struct
 
 from .limits import bounded
-from .packed import Packed
+from .packed import Packed, PackedArray
 
 MAX_ONE_REGS = 4096
 MAX_GIC_REGS = 1 << 16
@@ -57,15 +57,15 @@ ArchTimer = Packed(Struct("timer" / Int8ul, "cntvoff" / Int64ul, "ctl" / Int64ul
 VcpuState = Struct(
     "mp_state" / Int32ul,
     "core" / KvmRegs,
-    "sys_regs" / PrefixedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
-    "timers" / PrefixedArray(bounded(Int8ul, MAX_TIMERS), ArchTimer),
-    "gic_redistributor" / PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
-    "gic_cpu_sysregs" / PrefixedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
+    "sys_regs" / PackedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
+    "timers" / PackedArray(bounded(Int8ul, MAX_TIMERS), ArchTimer),
+    "gic_redistributor" / PackedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
+    "gic_cpu_sysregs" / PackedArray(bounded(Int32ul, MAX_ONE_REGS), OneReg),
 )
 
 VmState = Struct(
     "gic_nr_irqs" / Int32ul,
-    "gic_distributor" / PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
+    "gic_distributor" / PackedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg),
     # SPI line levels (KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO): offset = first INTID, value = 32-bit bitmap
-    "gic_line_levels" / Default(PrefixedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg), []),
+    "gic_line_levels" / Default(PackedArray(bounded(Int32ul, MAX_GIC_REGS), GicReg), []),
 )

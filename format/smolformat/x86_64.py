@@ -17,12 +17,11 @@ from construct import (
     Int64sl,
     Int64ul,
     Prefixed,
-    PrefixedArray,
     Struct,
 )
 
 from .limits import bounded
-from .packed import Packed
+from .packed import Packed, PackedArray
 
 KVM_NR_INTERRUPTS = 256
 KVM_MAX_XCRS = 16
@@ -190,8 +189,8 @@ VcpuState = Struct(
     "debugregs" / KvmDebugregs,
     "lapic" / KvmLapicState,
     "tsc_khz" / Int32ul,
-    "cpuid" / PrefixedArray(bounded(Int32ul, MAX_CPUID_ENTRIES), KvmCpuidEntry2),
-    "msrs" / PrefixedArray(bounded(Int32ul, MAX_MSRS), KvmMsrEntry),
+    "cpuid" / PackedArray(bounded(Int32ul, MAX_CPUID_ENTRIES), KvmCpuidEntry2),
+    "msrs" / PackedArray(bounded(Int32ul, MAX_MSRS), KvmMsrEntry),
     "vcpu_events" / KvmVcpuEvents,
 )
 

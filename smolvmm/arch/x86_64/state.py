@@ -8,6 +8,7 @@ MSRs), MSRs, VCPU_EVENTS.
 from __future__ import annotations
 
 import time
+from operator import itemgetter
 from typing import Any
 
 from smolformat import x86_64 as fmt
@@ -20,6 +21,8 @@ from . import cpuid, msrs, regs
 from .cpuid import CpuidEntry
 
 TSC_TOLERANCE_PPM = 250
+_CPUID_FIELDS = itemgetter("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+_MSR_FIELDS = itemgetter("index", "data")
 KVM_CLOCK_REALTIME = 1 << 2
 
 
@@ -87,7 +90,7 @@ def restore_vcpu(vcpu: KvmVcpu, state: Any, host_msrs: list[int] | None = None) 
                 f"the bundle's TSC runs at {saved_khz} kHz, this host's at {host_tsc_khz} kHz, "
                 f"and KVM cannot scale it ({exc})"
             ) from exc
-    vcpu.set_cpuid([(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in state.cpuid])
+    vcpu.set_cpuid(list(map(_CPUID_FIELDS, state.cpuid)))
     vcpu.set_mp_state(state.mp_state.mp_state)
     vcpu.set_regs(fmt.KvmRegs.build(state.regs))
     vcpu.set_sregs(fmt.KvmSregs.build(state.sregs))
@@ -95,7 +98,7 @@ def restore_vcpu(vcpu: KvmVcpu, state: Any, host_msrs: list[int] | None = None) 
     vcpu.set_xcrs(fmt.KvmXcrs.build(state.xcrs))
     vcpu.set_debugregs(fmt.KvmDebugregs.build(state.debugregs))
     vcpu.set_lapic(state.lapic.regs)
-    values = [(m.index, m.data) for m in state.msrs]
+    values = list(map(_MSR_FIELDS, state.msrs))
     saved = len(values)
     if host_msrs is not None:
         known = set(host_msrs)

@@ -68,7 +68,8 @@ def _bundle(arch: str, encoding: str, scratch: Path) -> bytes:
         metadata=METADATA,
     )
     path = scratch / f"{arch}-{encoding}.smolmachine"
-    write_bundle(path, contents, memory_encoding=encoding)
+    # Every zero page left out, so the small sample RAM keeps several extents for the map vectors.
+    write_bundle(path, contents, memory_encoding=encoding, min_zero_gap=1)
     return path.read_bytes()
 
 

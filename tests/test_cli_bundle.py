@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import smolformat
 
 from smolvmm.cli import main
 
@@ -52,16 +53,27 @@ def test_smolpack_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SMOLPACK disk pack" in capsys.readouterr().err
 
 
+def _ram(path: Path) -> bytes:
+    with smolformat.open_bundle(path) as bundle:
+        ram = bytearray(sum(region.size for region in bundle.config.ram))
+        bundle.read_memory_into([memoryview(ram)])
+    return bytes(ram)
+
+
 def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
-    zstd, raw = tmp_path / "z.smolmachine", tmp_path / "r.smolmachine"
+    zstd, raw, direct = tmp_path / "z.smolmachine", tmp_path / "r.smolmachine", tmp_path / "d.smolmachine"
     for args in (
         ["pack", "--zstd", str(VALID), str(zstd)],
         ["pack", "--raw", str(zstd), str(raw)],
+        ["pack", "--raw", str(VALID), str(direct)],
         ["verify", str(raw)],
     ):
         done = subprocess.run([sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-    assert raw.read_bytes() == VALID.read_bytes()
+    # The vector leaves every zero page out; the default writer stores short zero gaps, so compare
+    # what the bundle holds, and that the same input always gives the same bytes.
+    assert raw.read_bytes() == direct.read_bytes()
+    assert _ram(raw) == _ram(VALID) and any(_ram(VALID))
 
 
 def test_pack_needs_an_encoding(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from smolformat import (
 )
 from smolformat.crafting import edit_table, find_entry, rewrite_section
 from smolformat.layout import PAGE_SIZE, SectionKind
-from smolformat.pages import MIN_DEDUP_RUN
+from smolformat.pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
 
 MIB = 1 << 20
 TIB = 1 << 40
@@ -168,6 +168,26 @@ def test_dedup_can_be_turned_off(tmp_path: Path) -> None:
     with open_bundle(path) as bundle:
         assert next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA).length == 2 * len(run)
         assert len({e.file_offset for e in bundle.memory_extents()}) == 2
+
+
+def test_short_zero_gaps_are_stored_long_ones_left_out(tmp_path: Path) -> None:
+    page = b"\xa5" * PAGE_SIZE
+    memory = bytearray(4 * MIB)
+    for at in (0, 2, MIN_ZERO_GAP + 3):  # data, a 1-page gap, data, a MIN_ZERO_GAP-page gap, data
+        memory[at * PAGE_SIZE : (at + 1) * PAGE_SIZE] = page
+    last = (MIN_ZERO_GAP + 3) * PAGE_SIZE
+    for gap, expected in (
+        (MIN_ZERO_GAP, [(0, 3 * PAGE_SIZE), (last, PAGE_SIZE)]),
+        (1, [(0, PAGE_SIZE), (2 * PAGE_SIZE, PAGE_SIZE), (last, PAGE_SIZE)]),
+    ):
+        path = tmp_path / f"gap{gap}.smolmachine"
+        write_bundle(path, contents(tmp_path, "arm64", [memory]), memory_encoding="raw", min_zero_gap=gap)
+        with open_bundle(path) as bundle:
+            base = bundle.config.ram[0].gpa
+            assert [(e.guest_phys_addr - base, e.length) for e in bundle.memory_extents()] == expected
+            ram = bytearray(len(memory))
+            bundle.read_memory_into([memoryview(ram)])
+            assert ram == memory
 
 
 def test_huge_claims_cost_nothing_to_open_and_verify(tmp_path: Path) -> None:

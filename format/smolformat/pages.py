@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 import zstandard
-from construct import Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
+from construct import Int16ul, Int32ul, Int64ul, Struct
 
 from .errors import FormatError
 from .layout import PAGE_SIZE, Encoding
 from .limits import bounded
-from .packed import Packed
+from .packed import Packed, PackedArray
 
 MAX_EXTENTS = 1 << 24
 MIN_DEDUP_RUN = 16
+MIN_ZERO_GAP = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = PAGE_SIZE
 MAX_CHUNK_SIZE = 1 << 26
@@ -39,7 +40,7 @@ PageIndex = Struct(
     "encoding" / Int16ul,
     "granule" / Int32ul,
     "extents"
-    / PrefixedArray(
+    / PackedArray(
         bounded(Int32ul, MAX_EXTENTS),
         Packed(Struct("address" / Int64ul, "length" / Int64ul, "offset" / Int64ul, "stored" / Int64ul)),
     ),
@@ -90,14 +91,20 @@ class RawEncoder:
     """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
 
     ``read_back(offset, n)`` reads bytes already written, to confirm a dedup match byte for byte.
-    ``min_dedup_run`` 0 turns deduplication off.
+    ``min_dedup_run`` 0 turns deduplication off. Runs of fewer than ``min_zero_gap`` zero pages
+    between stored pages are stored too (1: every zero page is left out).
     """
 
     def __init__(
-        self, out: BinaryIO, read_back: Callable[[int, int], bytes], min_dedup_run: int = MIN_DEDUP_RUN
+        self,
+        out: BinaryIO,
+        read_back: Callable[[int, int], bytes],
+        min_dedup_run: int = MIN_DEDUP_RUN,
+        min_zero_gap: int = MIN_ZERO_GAP,
     ) -> None:
         self._out = out
         self._min_run = min_dedup_run
+        self._min_zero_gap = max(1, min_zero_gap)
         self._read_back = read_back
         self._written = 0
         self._seen: dict[bytes, int] = {}
@@ -133,12 +140,17 @@ class RawEncoder:
                 flush_new(run[-1][0] + PAGE_SIZE)
             run.clear()
 
+        zeros_from = -1  # first page of the current run of zero pages
         for pos in range(0, size, PAGE_SIZE):
             raw = data[pos : pos + PAGE_SIZE].tobytes()
             if raw == _ZERO_PAGE[: len(raw)]:
-                flush_new(pos)
+                if zeros_from < 0:
+                    zeros_from = pos
+                if pos - zeros_from >= (self._min_zero_gap - 1) * PAGE_SIZE:
+                    flush_new(zeros_from)
                 flush_run()
                 continue
+            zeros_from = -1
             digest = hashlib.blake2b(raw, digest_size=16).digest() if self._min_run else b""
             stored_at = self._seen.get(digest)
             if (
@@ -156,7 +168,7 @@ class RawEncoder:
                 pending_new = pos
             if self._min_run:
                 self._seen.setdefault(digest, self._written + (pos - pending_new))
-        flush_new(size)
+        flush_new(zeros_from if zeros_from >= 0 else size)
         flush_run()
 
     def finish(self) -> list[Extent]:

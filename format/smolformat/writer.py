@@ -38,6 +38,7 @@ from .pages import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     MIN_DEDUP_RUN,
+    MIN_ZERO_GAP,
     Extent,
     RawEncoder,
     encode_zstd,
@@ -155,6 +156,7 @@ def _write_image(
     level: int,
     threads: int,
     min_dedup_run: int,
+    min_zero_gap: int,
 ) -> None:
     data_kind, index_kind = kinds
     align = PAGE_SIZE if encoding == Encoding.RAW_PAGES else SECTION_ALIGN
@@ -163,7 +165,9 @@ def _write_image(
         entry["logical_length"] = sum(len(data) for _, data in regions)
         if encoding == Encoding.RAW_PAGES:
             start = entry["offset"]
-            encoder = RawEncoder(out, lambda offset, n: out.read_back(start, offset, n), min_dedup_run)
+            encoder = RawEncoder(
+                out, lambda offset, n: out.read_back(start, offset, n), min_dedup_run, min_zero_gap
+            )
             for address, data in regions:
                 encoder.add_region(address, data)
             extents = encoder.finish()
@@ -200,12 +204,14 @@ def write_bundle(
     zstd_level: int = 3,
     threads: int = 2,
     min_dedup_run: int = MIN_DEDUP_RUN,
+    min_zero_gap: int = MIN_ZERO_GAP,
 ) -> bytes:
     """Write ``contents`` to ``path`` atomically; returns the bundle digest (its header checksum).
 
     ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
     defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
-    equal to stored ones only once (0: no deduplication). Invalid contents raise ``FormatError``
+    equal to stored ones only once (0: no deduplication), and leave out runs of at least
+    ``min_zero_gap`` zero pages (shorter ones between data are stored: fewer mappings). Invalid contents raise ``FormatError``
     before anything lands at ``path``; on any exception the temp file is removed.
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
@@ -241,7 +247,8 @@ def write_bundle(
             if len(view) != region.size:
                 raise ValueError(f"memory buffer for {gpa:#x} has {len(view)} bytes, not {region.size}")
         memory_kinds = (SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX)
-        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads, min_dedup_run)
+        raw_policy = (min_dedup_run, min_zero_gap)
+        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads, *raw_policy)
         for disk_id, disk_path in enumerate(contents.disks):
             with _mapped(disk_path) as view:
                 disk_kinds = (SectionKind.DISK_DATA, SectionKind.DISK_INDEX)
@@ -254,7 +261,7 @@ def write_bundle(
                     chunk_size,
                     zstd_level,
                     threads,
-                    min_dedup_run,
+                    *raw_policy,
                 )
         digest = _finish(out)
         os.fsync(fd)

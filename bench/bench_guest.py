@@ -107,6 +107,8 @@ def _keep_first(path: Path, index: int) -> None:
 def save(b: Bench) -> dict[str, object]:
     result: dict[str, object] = {}
 
+    phases: list[dict[str, float]] = []
+
     async def smol_saves() -> list[float]:
         times = []
         async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2, memory=256 << 20)) as machine:
@@ -116,10 +118,16 @@ def save(b: Bench) -> dict[str, object]:
                 began = time.perf_counter()
                 await machine.snapshot(b.work / f"save{i}.smolmachine")
                 times.append(time.perf_counter() - began)
+                phases.append(machine.snapshot_timings.phases)
                 _keep_first(b.work / f"save{i}.smolmachine", i)
         return times
 
     result["smolvmm_s"] = summary(anyio.run(smol_saves, backend="trio"))
+    # Each phase's own length (ms), from the cumulative marks of every save.
+    names = list(phases[0])
+    result["smolvmm_phases_ms"] = {
+        name: summary([p[name] - (p[names[i - 1]] if i else 0.0) for p in phases]) for i, name in enumerate(names)
+    }
     result["smolvmm_file"] = _size(b.work / "save0.smolmachine")
     if b.qemu:
         times = []

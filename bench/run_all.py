@@ -96,6 +96,9 @@ def render_guest(g: dict) -> list[str]:
          ["QEMU HMP `stop` + `migrate \"exec:cat > FILE\"` (max-bandwidth lifted)", rng(save.get("qemu_s")),
           f"{save['qemu_file']['bytes'] * mib:.1f}" if "qemu_file" in save else "n/a", "1", "1"]])
         + error_of(save))
+    if save.get("smolvmm_phases_ms"):
+        parts.append("Where smolvmm's save goes (ms per phase, min / median / max):\n\n" + table(
+            ["phase", "ms"], [[f"`{name}`", rng(value, digits=1)] for name, value in save["smolvmm_phases_ms"].items()]))
     rest, api = g.get("restore", {}), g.get("restore_api", {})
     parts.append("### Restore until the guest answers `echo` (s, process start → the answer)\n\n" + table(
         ["VMM", "seconds", "ratio to QEMU"],

@@ -46,6 +46,7 @@ class Machine:
         self.config = config
         self.console: Console = vm.console
         self.timings = timings
+        self.snapshot_timings = Timings()
         self._cmdline = cmdline
         self._parent_digest = parent_digest
         self._device_tasks = device_tasks
@@ -248,24 +249,32 @@ class Machine:
 
         vCPUs are parked and device tasks stopped with every request completed while the state is
         read; the bundle is written from a worker thread so the event loop keeps serving others.
+        ``snapshot_timings`` then holds where the time went.
         """
         from . import snapshot
 
         async with self._snapshot_lock:
+            timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
             if self._agent is not None and not self._paused and await self._agent.sync():
                 labels[AGENT_LABEL] = "yes"  # the guest runs the agent: resumes will sync it
+            timings.mark("agent_sync")
             was_paused = self._paused
             await self.pause()
+            timings.mark("vcpus_parked")
             self._devices_scope.cancel()
             await self._devices_stopped.wait()
+            timings.mark("devices_stopped")
             try:
                 with snapshot.capture(self._vm, self._cmdline, self._parent_digest, labels) as contents:
+                    timings.mark("state_and_disks_captured")
                     digest = await anyio.to_thread.run_sync(snapshot.write, path, contents, encoding)
+                    timings.mark("bundle_written")
             finally:
                 self._devices_restart.set()
                 if not was_paused:
                     await self.resume()
+            timings.mark("resumed")
         return digest
 
     def _close(self) -> None:

@@ -62,6 +62,11 @@ async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> N
         await shell(machine, "echo generation-1 > /tmp/gen && echo on-disk > /mnt/gen.txt && sync")
         await machine.snapshot(child)
         assert await shell(machine, "cat /tmp/gen") == "generation-1"  # it carries on after saving
+        phases = machine.snapshot_timings.phases
+        assert list(phases) == [
+            "agent_sync", "vcpus_parked", "devices_stopped", "state_and_disks_captured", "bundle_written", "resumed"
+        ]
+        assert list(phases.values()) == sorted(phases.values())
     async with Machine.restore(child) as machine:
         assert await shell(machine, "cat /tmp/gen /mnt/gen.txt") == "generation-1\r\non-disk"
         await shell(machine, "echo generation-2 >> /tmp/gen")

@@ -76,6 +76,9 @@ async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> N
         assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2
     with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(child) as restored:
         assert restored.metadata.parent_digest == parent.digest
+        for vcpu in (*parent.vcpus, *restored.vcpus):  # only the leaves KVM holds, each once
+            leaves = [(entry.function, entry.index) for entry in vcpu.cpuid]
+            assert len(leaves) == len(set(leaves)) and len(leaves) < 256
 
 
 def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Path) -> None:

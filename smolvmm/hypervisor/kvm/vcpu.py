@@ -11,6 +11,7 @@ from ..interface import Stop, StopKind
 from .bindings import ffi
 from .ioctls import (
     KVM_EXIT_IO_OUT,
+    KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -21,6 +22,7 @@ from .system import KvmError, ioctl
 from .state_io import get_struct, set_struct
 
 CR0_PG = 1 << 31
+_UNWRITTEN = 0xFFFFFFFF
 
 _SYSTEM_EVENTS = {
     KVM_SYSTEM_EVENT_SHUTDOWN: Stop(StopKind.POWEROFF, "system event: shutdown"),
@@ -207,12 +209,21 @@ class KvmVcpu:
         ioctl(self.fd, Ioctl.KVM_SET_CPUID2, cpuid)
 
     def get_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
-        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": 256, "entries": 256})
+        """The vCPU's CPUID entries.
+
+        Before Linux 6.x KVM leaves ``nent`` as the caller passed it on success, so unwritten
+        entries are marked first and the written ones are those before the first mark.
+        """
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": KVM_MAX_CPUID_ENTRIES, "entries": KVM_MAX_CPUID_ENTRIES})
+        for i in range(KVM_MAX_CPUID_ENTRIES):
+            cpuid.entries[i].function = cpuid.entries[i].index = _UNWRITTEN
         ioctl(self.fd, Ioctl.KVM_GET_CPUID2, cpuid)
-        return [
-            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in (cpuid.entries[i] for i in range(cpuid.nent))
-        ]
+        entries = []
+        for e in (cpuid.entries[i] for i in range(cpuid.nent)):
+            if e.function == e.index == _UNWRITTEN:
+                break
+            entries.append((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx))
+        return entries
 
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, Ioctl.KVM_GET_TSC_KHZ)

@@ -18,18 +18,17 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import cffi
-
 from .errors import GuestMemoryError
+from .ffi import declare
 
 PAGE_SIZE = 4096
 
-_ffi = cffi.FFI()
-_ffi.cdef(
+_ffi = declare(
+    "mmap",
     """
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
     int munmap(void *addr, size_t length);
-    """
+    """,
 )
 _libc = _ffi.dlopen(None)
 _MAP_FAILED = 2**64 - 1

@@ -6,7 +6,7 @@ compiles a probe against the system headers and checks every size and field offs
 
 from __future__ import annotations
 
-import cffi
+from ...ffi import declare
 
 CDEF = """
 struct kvm_userspace_memory_region {
@@ -120,6 +120,5 @@ struct kvm_run {
 int ioctl(int fd, unsigned long request, ...);
 """
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+ffi = declare("kvm", CDEF)
 libc = ffi.dlopen(None)

@@ -35,6 +35,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = PAGE_SIZE
 MAX_CHUNK_SIZE = 1 << 26
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_BLOCK_SIZE = 16 * PAGE_SIZE
+_ZERO_BLOCK = bytes(_ZERO_BLOCK_SIZE)
 
 PageIndex = Struct(
     "encoding" / Int16ul,
@@ -141,12 +143,18 @@ class RawEncoder:
             run.clear()
 
         zeros_from = -1  # first page of the current run of zero pages
-        for pos in range(0, size, PAGE_SIZE):
+        pos = 0
+        while pos < size:
             raw = data[pos : pos + PAGE_SIZE].tobytes()
             if raw == _ZERO_PAGE[: len(raw)]:
+                # Most of a guest's RAM is zero: after a zero page, try a whole block at once.
+                end = pos + len(raw)
+                if size - pos >= _ZERO_BLOCK_SIZE and data[pos : pos + _ZERO_BLOCK_SIZE].tobytes() == _ZERO_BLOCK:
+                    end = pos + _ZERO_BLOCK_SIZE
                 if zeros_from < 0:
                     zeros_from = pos
-                if pos - zeros_from >= (self._min_zero_gap - 1) * PAGE_SIZE:
+                pos = end
+                if pos - zeros_from >= self._min_zero_gap * PAGE_SIZE:
                     flush_new(zeros_from)
                 flush_run()
                 continue
@@ -162,12 +170,14 @@ class RawEncoder:
                 if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
                     flush_run()
                 run.append((pos, stored_at))
+                pos += PAGE_SIZE
                 continue
             flush_run()
             if pending_new < 0:
                 pending_new = pos
             if self._min_run:
                 self._seen.setdefault(digest, self._written + (pos - pending_new))
+            pos += PAGE_SIZE
         flush_new(zeros_from if zeros_from >= 0 else size)
         flush_run()
 

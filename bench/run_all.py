@@ -127,7 +127,7 @@ def render_guest(g: dict) -> list[str]:
     rows = []
     for name in ("smolvmm", "qemu"):
         rows.append([name] + [f"{mem[f'{name}_{n}_pss_mib']:.1f}" if f"{name}_{n}_pss_mib" in mem else "n/a" for n in counts]
-                    + [f"{mem[f'smolvmm_{n}_pss_mib'] / mem[f'qemu_{n}_pss_mib']:.2f}"
+                    + [("1" if name == "qemu" else f"{mem[f'smolvmm_{n}_pss_mib'] / mem[f'qemu_{n}_pss_mib']:.2f}")
                        if f"qemu_{n}_pss_mib" in mem and f"smolvmm_{n}_pss_mib" in mem else "n/a" for n in counts])
     parts.append("### Host memory of restored instances (sum of PSS, MiB, after each answered `echo`)\n\n" + table(
         ["VMM", *(f"{n} instance(s)" for n in counts), *(f"ratio at {n}" for n in counts)], rows) + error_of(mem))

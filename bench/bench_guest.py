@@ -371,32 +371,41 @@ def _host_io(image: Path) -> dict[str, object]:
     return {"read_mib_s": summary(reads), "write_mib_s": summary(writes)}
 
 
-def io(b: Bench) -> dict[str, object]:
-    image = b.work / "disk.img"
-    with open(image, "wb") as f:
-        f.write(os.urandom(IO_MIB << 20))
-        f.truncate(2 * IO_MIB << 20)
+@contextlib.contextmanager
+def _bench_netns() -> Iterator[None]:
+    """A fresh namespace with the TAP device ``tap0`` at HOST_IP: each VMM gets its own, so nothing
+    one left behind (neighbour entries, sockets) can change the other's figures."""
     for args in (["netns", "add", NETNS], ["-n", NETNS, "link", "set", "lo", "up"],
                  ["-n", NETNS, "tuntap", "add", "dev", "tap0", "mode", "tap"],
                  ["-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"], ["-n", NETNS, "link", "set", "tap0", "up"]):
         subprocess.run(["ip", *args], check=True)
     try:
-        result = b.results["io"]  # filled as it goes: a guest that fails keeps the other's figures
-        result["host_file"] = _host_io(image)
-        cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
-        wrap = ["ip", "netns", "exec", NETNS]
-        with Console([*wrap, *SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", "--disk", str(image),
-                      "--net", "tap=tap0", "--cmdline", cmdline]) as vm, _console_log(vm, b.out / "io-smolvmm.log"):
-            _guest_io(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
-        if b.qemu:
-            copy = shutil.copyfile(image, b.work / "disk-qemu.img")
-            extra = ["-drive", f"id=d0,file={copy},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
-                     "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
-            with b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm, _console_log(vm, b.out / "io-qemu.log"):
-                _guest_io(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
-        return result
+        yield
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], check=False)
+
+
+def io(b: Bench) -> dict[str, object]:
+    image = b.work / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(IO_MIB << 20))
+        f.truncate(2 * IO_MIB << 20)
+    result = b.results["io"]  # filled as it goes: a guest that fails keeps the other's figures
+    result["host_file"] = _host_io(image)
+    cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
+    wrap = ["ip", "netns", "exec", NETNS]
+    with _bench_netns(), Console([*wrap, *SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", "--disk", str(image),
+                                  "--net", "tap=tap0", "--cmdline", cmdline]) as vm, \
+            _console_log(vm, b.out / "io-smolvmm.log"):
+        _guest_io(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+    if b.qemu:
+        copy = shutil.copyfile(image, b.work / "disk-qemu.img")
+        extra = ["-drive", f"id=d0,file={copy},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
+                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
+        with _bench_netns(), b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm, \
+                _console_log(vm, b.out / "io-qemu.log"):
+            _guest_io(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
+    return result
 
 
 MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {

@@ -12,7 +12,6 @@ the bytes. Ranges that no extent covers are zero.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -109,7 +108,7 @@ class RawEncoder:
         self._min_zero_gap = max(1, min_zero_gap)
         self._read_back = read_back
         self._written = 0
-        self._seen: dict[bytes, int] = {}
+        self._seen: dict[int, int] = {}
         self._list = _ExtentList()
 
     def add_region(self, start: int, data: memoryview) -> None:
@@ -159,7 +158,8 @@ class RawEncoder:
                 flush_run()
                 continue
             zeros_from = -1
-            digest = hashlib.blake2b(raw, digest_size=16).digest() if self._min_run else b""
+            # Only a lookup key: a candidate is confirmed byte for byte before it is shared.
+            digest = hash(raw) if self._min_run else 0
             stored_at = self._seen.get(digest)
             if (
                 stored_at is not None

@@ -23,6 +23,7 @@ class AgentPort:
         self._outgoing, self._pending = anyio.create_memory_object_stream[bytes](4)
         self._answers, self._answer_reader = anyio.create_memory_object_stream[str](4)
         self._received = bytearray()
+        self.answered = False  # the guest runs the agent: it has confirmed a sync
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
@@ -55,7 +56,9 @@ class AgentPort:
         line = f"sync {now // 1_000_000_000} {now % 1_000_000_000} {os.urandom(32).hex()}{changes}\n"
         with anyio.move_on_after(timeout):
             await self._outgoing.send(line.encode())
-            return await self._answer_reader.receive() == "ok"
+            if await self._answer_reader.receive() == "ok":
+                self.answered = True
+                return True
         return False
 
     def close(self) -> None:

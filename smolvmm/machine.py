@@ -223,7 +223,11 @@ class Machine:
         return await self.wait()
 
     async def pause(self) -> None:
-        """Take every vCPU out of the guest and park it (devices keep running)."""
+        """Take every vCPU out of the guest and park it (devices keep running).
+
+        The guest's clock stops with it: after ``resume`` its kernel sees no gap, and the guest
+        agent (where the guest has answered one) then sets its wall clock to the host's.
+        """
         if self._paused:
             return
         self._paused = True
@@ -232,12 +236,16 @@ class Machine:
         while not all(thread.parked or not thread.alive for thread in self._vm.threads):
             with anyio.move_on_after(0.05):  # also notices a vCPU that ended instead of parking
                 await self._parked.wait()
+        self._vm.hold_clock()
+        if self._agent is not None and self._agent.answered:
+            self._sync_agent_on_resume = True
 
     async def resume(self) -> None:
         """Let parked vCPUs run again."""
         if not self._paused:
             return
         self._paused = False
+        self._vm.release_clock()
         for thread in self._vm.threads:
             thread.resume()
         await self._sync_agent()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arch.x86_64 import acpi, boot, layout, regs
-from .arch.x86_64.state import boot_vcpu
+from .arch.x86_64.state import boot_vcpu, read_clock, set_clock_unadvanced
 from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
@@ -38,6 +38,7 @@ class VirtualMachine:
     ) -> None:
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
+        self._held_clock: bytes | None = None
         try:
             self.hypervisor = open_hypervisor()
         except BaseException:
@@ -143,6 +144,19 @@ class VirtualMachine:
         ]
         for thread in self.threads:
             thread.start()
+
+    def hold_clock(self) -> None:
+        """While every vCPU is parked: note the guest clock, so ``release_clock`` hides the pause."""
+        self._held_clock = read_clock(self.vm)
+
+    def release_clock(self) -> None:
+        """Before the vCPUs run again: the guest clock carries on from where ``hold_clock`` read it.
+
+        Otherwise a long pause looks to the guest like CPUs that stopped answering (RCU stall and
+        soft-lockup reports), as QEMU avoids the same way."""
+        if self._held_clock is not None:
+            set_clock_unadvanced(self.vm, self._held_clock)
+            self._held_clock = None
 
     def close(self) -> None:
         """Release everything, newest first. vCPU threads must have been stopped."""

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -47,6 +48,21 @@ async def test_pause_resume_and_wait(bundle: Path) -> None:
         await machine.console.wait_for(re.compile(rb"\nafter-pause\r?\n"), GUEST_TIMEOUT)
         await machine.console.send(b"poweroff -f\n")
         assert (await machine.wait()).reason == ExitReason.POWEROFF
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_long_pause_is_invisible_to_the_guest(bundle: Path) -> None:
+    async with Machine.restore(bundle) as machine:
+        # Processes starting and exiting keep RCU grace periods in flight, as on a busy guest.
+        await shell(machine, "(while :; do cat /proc/uptime > /dev/null; done) & echo started")
+        await machine.pause()
+        await anyio.sleep(25)  # past the guest kernel's RCU stall (21 s) and soft-lockup (20 s) limits
+        await machine.resume()
+        await anyio.sleep(2)
+        await shell(machine, "kill %1; echo stopped")
+        assert await shell(machine, "dmesg | grep -c -e 'rcu.*stall' -e 'soft lockup'") == "0"
+        assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2  # its wall clock caught up
 
 
 def test_pool_example_runs_eight_clones(bundle: Path) -> None:

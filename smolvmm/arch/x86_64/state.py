@@ -139,13 +139,24 @@ def _chip(data: bytes) -> bytes:
     return data.ljust(512, b"\0")
 
 
+def read_clock(vm: KvmVm) -> bytes:
+    """kvmclock as it reads now (a ``struct kvm_clock_data``), for ``set_clock_unadvanced``."""
+    return vm.get_clock()
+
+
+def set_clock_unadvanced(vm: KvmVm, clock: bytes) -> None:
+    """Make kvmclock carry on from ``clock``, whatever time has passed since it was read (no
+    KVM_CLOCK_REALTIME: KVM would add the elapsed time)."""
+    value = fmt.KvmClockData.parse(clock)
+    value.flags = 0
+    vm.set_clock(fmt.KvmClockData.build(value))
+
+
 def restore_vm(vm: KvmVm, state: Any) -> None:
     """Restore the VM-wide state. kvmclock resumes where it was saved: the guest sees no gap
     (its wall clock is set by the guest agent, see smolvmm.agent)."""
     vm.set_pit(fmt.KvmPitState2.build(state.pit))
-    clock = dict(state.clock)
-    clock["flags"] = 0
-    vm.set_clock(fmt.KvmClockData.build(clock))
+    set_clock_unadvanced(vm, fmt.KvmClockData.build(state.clock))
     vm.set_irqchip(KVM_IRQCHIP_PIC_MASTER, _chip(fmt.KvmPicState.build(state.pic_master)))
     vm.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, _chip(fmt.KvmPicState.build(state.pic_slave)))
     vm.set_irqchip(KVM_IRQCHIP_IOAPIC, _chip(fmt.KvmIoapicState.build(state.ioapic)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .arch.x86_64 import acpi, boot, layout, regs
 from .arch.x86_64.state import boot_vcpu, read_clock, set_clock_unadvanced
@@ -38,7 +39,7 @@ class VirtualMachine:
     ) -> None:
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
-        self._held_clock: bytes | None = None
+        self._held_clock: Any = None
         try:
             self.hypervisor = open_hypervisor()
         except BaseException:

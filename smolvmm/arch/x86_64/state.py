@@ -121,9 +121,20 @@ def restore_vcpu(vcpu: KvmVcpu, state: Any, host_msrs: list[int] | None = None) 
     return saved - applied
 
 
+def read_clock(vm: KvmVm) -> Any:
+    """kvmclock as it reads now, a ``smolformat.x86_64.KvmClockData`` value."""
+    return fmt.KvmClockData.parse(vm.get_clock())
+
+
+def set_clock_unadvanced(vm: KvmVm, clock: Any) -> None:
+    """Make kvmclock carry on from ``clock`` (a ``KvmClockData`` value), whatever time has passed
+    since it was read (no KVM_CLOCK_REALTIME: KVM would add the elapsed time)."""
+    vm.set_clock(fmt.KvmClockData.build({**clock, "flags": 0}))
+
+
 def save_vm(vm: KvmVm) -> dict[str, Any]:
     """The in-kernel PICs, IOAPIC, PIT and kvmclock as a ``smolformat.x86_64.VmState`` value."""
-    clock = fmt.KvmClockData.parse(vm.get_clock())
+    clock = read_clock(vm)
     if not clock.flags & KVM_CLOCK_REALTIME:
         clock.realtime = time.time_ns()  # so a restore knows when the clock was read
     return {
@@ -139,24 +150,11 @@ def _chip(data: bytes) -> bytes:
     return data.ljust(512, b"\0")
 
 
-def read_clock(vm: KvmVm) -> bytes:
-    """kvmclock as it reads now (a ``struct kvm_clock_data``), for ``set_clock_unadvanced``."""
-    return vm.get_clock()
-
-
-def set_clock_unadvanced(vm: KvmVm, clock: bytes) -> None:
-    """Make kvmclock carry on from ``clock``, whatever time has passed since it was read (no
-    KVM_CLOCK_REALTIME: KVM would add the elapsed time)."""
-    value = fmt.KvmClockData.parse(clock)
-    value.flags = 0
-    vm.set_clock(fmt.KvmClockData.build(value))
-
-
 def restore_vm(vm: KvmVm, state: Any) -> None:
     """Restore the VM-wide state. kvmclock resumes where it was saved: the guest sees no gap
     (its wall clock is set by the guest agent, see smolvmm.agent)."""
     vm.set_pit(fmt.KvmPitState2.build(state.pit))
-    set_clock_unadvanced(vm, fmt.KvmClockData.build(state.clock))
+    set_clock_unadvanced(vm, state.clock)
     vm.set_irqchip(KVM_IRQCHIP_PIC_MASTER, _chip(fmt.KvmPicState.build(state.pic_master)))
     vm.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, _chip(fmt.KvmPicState.build(state.pic_slave)))
     vm.set_irqchip(KVM_IRQCHIP_IOAPIC, _chip(fmt.KvmIoapicState.build(state.ioapic)))

@@ -211,8 +211,9 @@ def write_bundle(
     ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
     defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
     equal to stored ones only once (0: no deduplication), and leave out runs of at least
-    ``min_zero_gap`` zero pages (shorter ones between data are stored: fewer mappings). Invalid contents raise ``FormatError``
-    before anything lands at ``path``; on any exception the temp file is removed.
+    ``min_zero_gap`` zero pages (shorter ones between data are stored: fewer mappings). Invalid
+    contents raise ``FormatError`` before anything lands at ``path``; on any exception the temp
+    file is removed.
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
@@ -247,8 +248,9 @@ def write_bundle(
             if len(view) != region.size:
                 raise ValueError(f"memory buffer for {gpa:#x} has {len(view)} bytes, not {region.size}")
         memory_kinds = (SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX)
-        raw_policy = (min_dedup_run, min_zero_gap)
-        _write_image(out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads, *raw_policy)
+        _write_image(
+            out, memory_kinds, 0, views, memory_enc, chunk_size, zstd_level, threads, min_dedup_run, min_zero_gap
+        )
         for disk_id, disk_path in enumerate(contents.disks):
             with _mapped(disk_path) as view:
                 disk_kinds = (SectionKind.DISK_DATA, SectionKind.DISK_INDEX)
@@ -261,7 +263,8 @@ def write_bundle(
                     chunk_size,
                     zstd_level,
                     threads,
-                    *raw_policy,
+                    min_dedup_run,
+                    min_zero_gap,
                 )
         digest = _finish(out)
         os.fsync(fd)

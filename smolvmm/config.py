@@ -1,7 +1,12 @@
-"""Machine configuration: typed, validated, and parsed from the CLI's flag syntax."""
+"""Machine configuration: typed, validated, and parsed from the CLI's flag syntax.
+
+Every class checks its fields on construction and raises ConfigError with one line naming the
+field (``MachineConfig.vcpus must be ...``); path fields accept str or os.PathLike and hold a Path.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,26 +15,65 @@ from typing import Literal
 from .errors import ConfigError
 
 MIB = 1 << 20
+GIB = 1 << 30
+MEMORY_ALIGN = 2 * MIB
 MIN_MEMORY = 32 * MIB
-MAX_VCPUS = 254  # APIC ids fit in the MADT's one-byte field
+# Ends guest RAM (MEMORY + the 0.75 GiB MMIO gap) below 2**39, the narrowest physical address
+# width of current x86_64 hosts; the guest sees the host's width.
+MAX_MEMORY = 256 * GIB
+# CPUID leaf 4 holds cores per package - 1 in 6 bits (arch.x86_64.cpuid); the MADT's one-byte
+# APIC ids (0xFF is the broadcast id) would allow 255.
+MAX_VCPUS = 64
+IFNAMSIZ = 16  # Linux interface names, including the NUL
+SUN_PATH_SIZE = 108  # AF_UNIX socket paths, including the NUL
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def parse_size(text: str) -> int:
-    """'256M', '1G', '65536' -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.I)
-    if not match:
-        raise ConfigError(f"invalid size {text!r}: use a number with an optional K, M or G suffix")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    """'256M', '1G', '65536' -> bytes (binary units); ConfigError unless positive."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:([KMG])i?)?B?\s*", text, re.I) if isinstance(text, str) else None
+    if not match or not int(match.group(1)):
+        raise ConfigError(f"invalid size {text!r}: use a positive number with an optional K, M or G suffix")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
 
 
 def parse_mac(text: str) -> bytes:
+    """'52:54:00:12:34:56' -> 6 bytes (NetConfig checks that it is unicast)."""
     if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", text):
         raise ConfigError(f"invalid MAC address {text!r}: use six hex pairs like 52:54:00:12:34:56")
-    mac = bytes(int(part, 16) for part in text.split(":"))
-    if mac[0] & 1:
-        raise ConfigError(f"MAC address {text} is a multicast address")
-    return mac
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _invalid(name: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(f"{name} must be {expected}, not {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _path(name: str, value: object, optional: bool = False) -> Path | None:
+    """``value`` as a Path (None passes when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str) and os.fspath(value):
+        return Path(value)
+    raise _invalid(name, "a path (str or os.PathLike)" + (" or None" if optional else ""), value)
+
+
+def _check_text(name: str, value: object, optional: bool = False) -> None:
+    if not (value is None and optional or isinstance(value, str) and "\0" not in value):
+        raise _invalid(name, "a str without NUL characters" + (" or None" if optional else ""), value)
+
+
+def _items(name: str, value: object, kind: type) -> tuple:
+    """``value`` (a list or tuple of ``kind``) as a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise _invalid(name, f"a tuple of {kind.__name__}", value)
+    for index, item in enumerate(value):
+        if not isinstance(item, kind):
+            raise _invalid(f"{name}[{index}]", f"a {kind.__name__}", item)
+    return tuple(value)
 
 
 def _options(spec: str, what: str) -> tuple[str, dict[str, str]]:
@@ -37,6 +81,8 @@ def _options(spec: str, what: str) -> tuple[str, dict[str, str]]:
     options: dict[str, str] = {}
     for item in rest:
         key, _, value = item.partition("=")
+        if key.strip() in options:
+            raise ConfigError(f"repeated {what} option {key.strip()!r} in {spec!r}")
         options[key.strip()] = value.strip()
     if not first:
         raise ConfigError(f"empty {what} specification {spec!r}")
@@ -51,6 +97,12 @@ class DiskConfig:
     read_only: bool = False
     overlay: Path | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", _path("DiskConfig.path", self.path))
+        object.__setattr__(self, "overlay", _path("DiskConfig.overlay", self.overlay, optional=True))
+        if not isinstance(self.read_only, bool):
+            raise _invalid("DiskConfig.read_only", "True or False", self.read_only)
+
     @classmethod
     def parse(cls, spec: str) -> DiskConfig:
         """``PATH[,ro][,overlay=PATH]``"""
@@ -58,6 +110,10 @@ class DiskConfig:
         unknown = set(options) - {"ro", "overlay"}
         if unknown:
             raise ConfigError(f"unknown disk option {sorted(unknown)[0]!r} in {spec!r} (known: ro, overlay=PATH)")
+        if options.get("ro"):
+            raise ConfigError(f"disk option 'ro' takes no value, in {spec!r}")
+        if options.get("overlay") == "":
+            raise ConfigError(f"disk option 'overlay' needs a PATH, in {spec!r}")
         overlay = options.get("overlay")
         return cls(Path(path), "ro" in options, Path(overlay) if overlay else None)
 
@@ -68,6 +124,25 @@ class NetConfig:
 
     tap: str
     mac: bytes | None = None
+
+    def __post_init__(self) -> None:
+        tap = self.tap
+        if not (
+            isinstance(tap, str)
+            and 0 < len(os.fsencode(tap)) < IFNAMSIZ
+            and tap not in (".", "..")
+            and not re.search(r"[/:\s]", tap)
+        ):
+            raise _invalid("NetConfig.tap", "a Linux interface name: 1 to 15 bytes without '/', ':' or spaces", tap)
+        if self.mac is None:
+            return
+        if not isinstance(self.mac, bytes) or len(self.mac) != 6:
+            raise _invalid("NetConfig.mac", "6 bytes or None", self.mac)
+        if self.mac[0] & 1 or not any(self.mac):
+            kind = "multicast" if self.mac[0] & 1 else "all zero"
+            raise ConfigError(
+                f"NetConfig.mac must be a unicast address like 52:54:00:12:34:56, not {self.mac.hex(':')} ({kind})"
+            )
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
@@ -95,19 +170,27 @@ class MachineConfig:
     extra_cmdline: str = field(default="")
 
     def __post_init__(self) -> None:
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ConfigError(f"--cpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
-        if self.memory < MIN_MEMORY:
-            raise ConfigError(f"--mem must be at least {MIN_MEMORY // MIB} MiB")
-        if self.memory % (2 * MIB):
-            raise ConfigError("--mem must be a multiple of 2 MiB")
-        for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"{label} {path} does not exist or is not a file")
-        for disk in self.disks:
-            if not disk.path.is_file():
-                raise ConfigError(f"disk image {disk.path} does not exist or is not a file")
+        for name in ("kernel", "initrd", "console_socket"):
+            object.__setattr__(self, name, _path(f"MachineConfig.{name}", getattr(self, name), optional=True))
+        object.__setattr__(self, "disks", _items("MachineConfig.disks", self.disks, DiskConfig))
+        object.__setattr__(self, "networks", _items("MachineConfig.networks", self.networks, NetConfig))
+        _check_text("MachineConfig.cmdline", self.cmdline, optional=True)
+        _check_text("MachineConfig.extra_cmdline", self.extra_cmdline)
+        if not _is_int(self.vcpus) or not 1 <= self.vcpus <= MAX_VCPUS:
+            raise _invalid("MachineConfig.vcpus", f"an int from 1 to {MAX_VCPUS}", self.vcpus)
+        if not _is_int(self.memory) or self.memory % MEMORY_ALIGN or not MIN_MEMORY <= self.memory <= MAX_MEMORY:
+            limits = f"from {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // GIB} GiB"
+            raise _invalid("MachineConfig.memory", f"an int multiple of 2 MiB {limits}", self.memory)
         if self.console not in ("serial", "virtio"):
-            raise ConfigError(f"console must be 'serial' (ttyS0) or 'virtio' (hvc0), not {self.console!r}")
+            raise _invalid("MachineConfig.console", "'serial' (ttyS0) or 'virtio' (hvc0)", self.console)
+        if self.console_socket is not None and len(os.fsencode(self.console_socket)) >= SUN_PATH_SIZE:
+            raise _invalid(
+                "MachineConfig.console_socket", f"a path under {SUN_PATH_SIZE} bytes (AF_UNIX)", str(self.console_socket)
+            )
         if self.initrd is not None and self.kernel is None:
-            raise ConfigError("--initrd needs --kernel")
+            raise ConfigError("MachineConfig.initrd needs MachineConfig.kernel (the default guest brings its own)")
+        files = [("MachineConfig.kernel", self.kernel), ("MachineConfig.initrd", self.initrd)]
+        files += [(f"MachineConfig.disks[{i}].path", disk.path) for i, disk in enumerate(self.disks)]
+        for name, path in files:
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} {path} does not exist or is not a file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from smolformat import (
     samples,
     write_bundle,
 )
-from smolformat.crafting import edit_table, find_entry, rewrite_section
-from smolformat.layout import PAGE_SIZE, SectionKind
+from smolformat.config import MAX_DEVICES, MAX_VCPUS
+from smolformat.crafting import build_frame, edit_table, find_entry, parse_frame, rewrite_section, section_digest
+from smolformat.layout import MAX_SECTIONS, PAGE_SIZE, SectionKind
 from smolformat.pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
 
 MIB = 1 << 20
@@ -213,3 +215,28 @@ def test_huge_claims_cost_nothing_to_open_and_verify(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 * MIB
+
+
+def _with_vcpu_sections(count: int) -> bytes:
+    """The valid vector plus ``count`` more zero-length VCPU_STATE sections (ids 1..count)."""
+    data = (Path(__file__).resolve().parent.parent / "spec/vectors/valid-x86_64-raw.smolmachine").read_bytes()
+    header, entries = parse_frame(data)
+    empty = {"kind": SectionKind.VCPU_STATE, "flags": 1, "encoding": 0, "reserved0": 0, "reserved1": 0}
+    empty.update(offset=header["table_offset"], length=0, logical_length=0, digest=section_digest(b""))
+    entries += [{**empty, "index": i} for i in range(1, count + 1)]
+    return build_frame(data[: header["table_offset"]], header, entries)
+
+
+def test_the_section_count_is_capped_above_any_real_bundle() -> None:
+    assert MAX_SECTIONS >= MAX_VCPUS + 2 * MAX_DEVICES + len(smolformat.reader._SINGLETONS)
+
+
+@pytest.mark.parametrize(("extra", "code"), [(MAX_SECTIONS - 20, "vcpu-mismatch"), (MAX_SECTIONS, "bad-header")])
+def test_many_sections_are_refused_quickly_in_one_short_line(tmp_path: Path, extra: int, code: str) -> None:
+    path = tmp_path / "many.smolmachine"
+    path.write_bytes(_with_vcpu_sections(extra))
+    started = time.monotonic()
+    with pytest.raises(FormatError) as caught:
+        open_bundle(path)
+    assert time.monotonic() - started < 1
+    assert caught.value.code == code and len(str(caught.value)) < 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .devices import DEVICE_KINDS
-from .errors import FormatError
+from .errors import FormatError, brief
 from .layout import PAGE_SIZE
 from .pages import Region
 from .payloads import ARCH_STATE
@@ -43,7 +43,7 @@ def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
         seen.add(vcpu_id)
     if seen != set(range(config.vcpu_count)):
         raise FormatError(
-            "vcpu-mismatch", f"saved vCPUs {sorted(seen)} do not match vcpu_count {config.vcpu_count}"
+            "vcpu-mismatch", f"saved vCPUs {brief(seen)} do not match vcpu_count {config.vcpu_count}"
         )
 
 
@@ -70,6 +70,6 @@ def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
             disks.append(device.params.disk)
     if sorted(disks) != list(range(len(disks))):
         raise FormatError(
-            "device-mismatch", f"block devices use disks {sorted(disks)}, not 0..{len(disks) - 1} once each"
+            "device-mismatch", f"block devices use disks {brief(disks)}, not 0..{len(disks) - 1} once each"
         )
     return disks

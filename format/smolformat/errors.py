@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class FormatError(Exception):
     """A .smolmachine file is malformed, truncated, unsupported or fails its integrity checks.
@@ -14,3 +16,11 @@ class FormatError(Exception):
         super().__init__(f"{message} [{code}]")
         self.code = code
         self.message = message
+
+
+def brief(values: Iterable[int], limit: int = 8) -> str:
+    """Sorted ``values`` for a one-line message: at most ``limit`` of them, then how many in all."""
+    ordered = sorted(values)
+    if len(ordered) <= limit:
+        return str(ordered)
+    return "[" + ", ".join(map(str, ordered[:limit])) + f", ... ({len(ordered)} in all)]"

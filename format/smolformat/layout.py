@@ -16,6 +16,10 @@ ENTRY_SIZE = 72
 DIGEST_SIZE = 32
 PAGE_SIZE = 4096
 SECTION_ALIGN = 8
+# More entries than any bundle can hold: 1024 vCPU states (MAX_VCPUS), an index and a data
+# section for each of at most 1024 disks (MAX_DEVICES), 9 singleton kinds (3081 in all), and
+# room for the sections of later minor versions. Caps the table a reader reads and walks.
+MAX_SECTIONS = 4096
 # bytes of header covered by the checksum (everything before the checksum field)
 CHECKSUMMED_HEADER = HEADER_SIZE - DIGEST_SIZE
 

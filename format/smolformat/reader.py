@@ -16,13 +16,14 @@ from typing import Any, NamedTuple
 from construct import ConstructError
 
 from . import checks
-from .errors import FormatError
+from .errors import FormatError, brief
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
     ENTRY_SIZE,
     HEADER_SIZE,
     MAGIC,
+    MAX_SECTIONS,
     PAGE_SIZE,
     SECTION_ALIGN,
     SMOLPACK_FOOTER_SIZE,
@@ -130,6 +131,10 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     ):
         raise FormatError(
             "bad-header", f"header size {header.header_size} / entry size {header.entry_size} not supported"
+        )
+    if header.section_count > MAX_SECTIONS:
+        raise FormatError(
+            "bad-header", f"{header.section_count} sections: more than any bundle holds ({MAX_SECTIONS})"
         )
     if size < header.file_size:
         raise FormatError("truncated", f"file has {size} bytes, its header says {header.file_size}")
@@ -263,6 +268,7 @@ class Bundle:
         header, self.digest, self.sections = _read_table(self._fd)
         self.version = (header.version_major, header.version_minor)
         by_kind: dict[SectionKind, list[SectionInfo]] = {}
+        seen: set[tuple[SectionKind, int]] = set()
         for s in self.sections:
             if not isinstance(s.kind, SectionKind):
                 if s.flags & SectionFlag.REQUIRED:
@@ -271,9 +277,10 @@ class Bundle:
                     )
                 continue
             same = by_kind.setdefault(s.kind, [])
-            if any(other.index == s.index for other in same) or (s.kind in _SINGLETONS and same):
+            if (s.kind, s.index) in seen or (s.kind in _SINGLETONS and same):
                 code = "duplicate-vcpu" if s.kind == SectionKind.VCPU_STATE else "duplicate-section"
                 raise FormatError(code, f"section {_name(s)} appears twice")
+            seen.add((s.kind, s.index))
             same.append(s)
         for kind in _REQUIRED:
             if kind not in by_kind:
@@ -302,7 +309,7 @@ class Bundle:
             self._disks
         ):
             raise FormatError(
-                "missing-section", f"disk sections {sorted(self._disks)} do not match block devices' disks"
+                "missing-section", f"disk sections {brief(self._disks)} do not match block devices' disks"
             )
 
     def _section_bytes(self, s: SectionInfo) -> bytes:

@@ -17,7 +17,6 @@ from typing import Any
 import smolformat
 
 from .agent import AgentPort
-from .arch.x86_64.state import restore_vcpu, restore_vm
 from .config import MachineConfig, NetConfig
 from .console import VirtioConsoleInput
 from .devices.records import uart_state, virtio_state
@@ -175,11 +174,9 @@ def restore_vm_from(
         try:
             if same_flavour:
                 check_flavour(bundle, vm.hypervisor.flavour)
-            restore_vm(vm.vm, bundle.vm_state)
-            host_msrs = None if same_flavour else vm.hypervisor.saved_msrs()
-            skipped = sum(
-                restore_vcpu(vcpu, state, host_msrs) for vcpu, state in zip(vm.vcpus, bundle.vcpus, strict=True)
-            )
+            vm.vm.restore_state(bundle.vm_state)
+            pairs = zip(vm.vcpus, bundle.vcpus, strict=True)
+            skipped = sum(vcpu.restore_state(state, strict=same_flavour) for vcpu, state in pairs)
             timings.mark("vm_vcpu_state")
             if skipped:
                 timings.note("msrs_skipped", skipped)

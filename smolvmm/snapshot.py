@@ -16,7 +16,6 @@ from typing import Any
 import smolformat
 
 from .arch.x86_64 import layout
-from .arch.x86_64.state import save_vcpu, save_vm, saved_msr_indices
 from .devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from .devices.virtio.block import VirtioBlock
 from .devices.virtio.net import VirtioNet
@@ -55,8 +54,6 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
                 path = os.path.join(scratch, f"disk{len(disks)}.img")
                 transport.device.export(path)
                 disks.append(path)
-        msr_indices = saved_msr_indices(vm.hypervisor.saved_msrs())
-        size = vm.hypervisor.xsave_size()
         records = [{"kind": "uart16550", "instance": 0, "state": uart_record(vm.uart.state())}]
         counts: dict[str, int] = {}
         for transport in vm.transports:
@@ -71,8 +68,8 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
                 "cmdline": cmdline,
                 "devices": _device_config(vm),
             },
-            vcpus=[save_vcpu(vcpu, msr_indices, size) for vcpu in vm.vcpus],
-            vm_state=save_vm(vm.vm),
+            vcpus=[vcpu.save_state() for vcpu in vm.vcpus],
+            vm_state=vm.vm.save_state(),
             devices=records,
             memory=[vm.memory.region_view(i) for i in range(len(vm.memory.regions))],
             disks=disks,

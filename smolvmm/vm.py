@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .arch.x86_64 import acpi, boot, layout, regs
-from .arch.x86_64.state import boot_vcpu, read_clock, set_clock_unadvanced
 from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
@@ -18,10 +16,10 @@ from .devices.i8042 import I8042
 from .devices.uart import Uart16550, UartState
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
-from .errors import ImageError
+from .errors import HypervisorError, ImageError
 from .eventfd import EventFd
 from .hypervisor import open_hypervisor
-from .hypervisor.interface import Vcpu
+from .hypervisor.interface import Capabilities, Vcpu
 from .memory import GuestMemory
 from .vcpu import ExitReason, MachineExit, VcpuThread
 
@@ -39,7 +37,6 @@ class VirtualMachine:
     ) -> None:
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
-        self._held_clock: Any = None
         try:
             self.hypervisor = open_hypervisor()
         except BaseException:
@@ -59,6 +56,7 @@ class VirtualMachine:
         virtio_console: VirtioConsoleInput | None,
         uart_state: UartState | None,
     ) -> None:
+        _check_capabilities(self.hypervisor.flavour, self.hypervisor.capabilities)
         self.vm = self.hypervisor.create_vm()
         self._closers.append(self.vm.close)
         for slot, region in enumerate(self.memory.regions):
@@ -105,8 +103,9 @@ class VirtualMachine:
         base, gsi = layout.virtio_slot(len(self.transports))
         self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
         self.vm.irqfd(transport.irq_fd, gsi)
-        for index, fd in enumerate(transport.notify_fds):
-            self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
+        if self.hypervisor.capabilities.ioeventfd:  # else the notify write exits and the transport signals
+            for index, fd in enumerate(transport.notify_fds):
+                self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
         self.transports.append(transport)
         self.virtio_slots.append((base, MMIO_SIZE, gsi))
         if console_role is not None:
@@ -134,9 +133,8 @@ class VirtualMachine:
         self.memory.write(layout.ACPI_TABLES_ADDR, tables)
         entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
         regs.write_boot_structures(self.memory)
-        supported = self.hypervisor.supported_cpuid()
         for vcpu in self.vcpus:
-            boot_vcpu(vcpu, supported, len(self.vcpus), entry)
+            vcpu.set_boot_state(vcpus=len(self.vcpus), entry=entry, argument=layout.ZERO_PAGE_ADDR)
 
     def start_vcpus(self, on_parked: Callable[[], None], on_done: Callable[[], None], paused: bool = False) -> None:
         """One thread per vCPU; with ``paused`` each parks before it first enters the guest."""
@@ -148,16 +146,14 @@ class VirtualMachine:
 
     def hold_clock(self) -> None:
         """While every vCPU is parked: note the guest clock, so ``release_clock`` hides the pause."""
-        self._held_clock = read_clock(self.vm)
+        self.vm.hold_clock()
 
     def release_clock(self) -> None:
         """Before the vCPUs run again: the guest clock carries on from where ``hold_clock`` read it.
 
         Otherwise a long pause looks to the guest like CPUs that stopped answering (RCU stall and
         soft-lockup reports), as QEMU avoids the same way."""
-        if self._held_clock is not None:
-            set_clock_unadvanced(self.vm, self._held_clock)
-            self._held_clock = None
+        self.vm.release_clock()
 
     def close(self) -> None:
         """Release everything, newest first. vCPU threads must have been stopped."""
@@ -166,3 +162,10 @@ class VirtualMachine:
                 self._closers.pop()()
             except OSError:
                 pass
+
+
+def _check_capabilities(flavour: str, capabilities: Capabilities) -> None:
+    """Refuse a hypervisor without what the monitor relies on: it has no userspace interrupt
+    controller, and devices raise their interrupts through irqfds."""
+    if not (capabilities.irqchip and capabilities.irqfd):
+        raise HypervisorError(f"{flavour} has no in-kernel interrupt controller with irqfd, which smolvmm needs")

@@ -20,7 +20,7 @@ CODE = bytes.fromhex("baf803" "b06f" "ee" "b06b" "ee" "f4")
 def run_guest() -> bytes:
     """Run the program; returns the bytes it wrote to the port before halting."""
     kvm = Kvm()
-    vm = KvmVm(kvm.create_vm(), kvm.vcpu_mmap_size())
+    vm = KvmVm(kvm.create_vm(), kvm)
     memory = GuestMemory.anonymous([(0, 0x10000)])
     vcpu = None
     try:

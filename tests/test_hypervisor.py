@@ -1,4 +1,5 @@
-"""The hypervisor interface on the real KVM backend: a real-mode guest exercises every operation.
+"""The hypervisor interface on the real KVM backend: a real-mode guest runs through it, and its
+state goes out and back in through it.
 
 Real mode needs no standard kernel, so this runs natively on hardware KVM and on PVM alike.
 """
@@ -13,8 +14,7 @@ import pytest
 from smolvmm.devices.bus import Bus
 from smolvmm.hostkvm import probe
 from smolvmm.hypervisor import open_hypervisor
-from smolvmm.hypervisor.interface import StopKind
-from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.hypervisor.interface import Capabilities, StopKind
 from smolvmm.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
@@ -35,8 +35,7 @@ CODE = bytes.fromhex(
 def test_real_mode_guest_through_the_interface() -> None:
     hypervisor = open_hypervisor()
     assert hypervisor.flavour == f"kvm-{probe().kind}"
-    assert len(hypervisor.supported_cpuid()) > 10 and 0x10 in hypervisor.saved_msrs()  # the TSC
-    assert hypervisor.xsave_size() >= 4096
+    assert hypervisor.capabilities == Capabilities(ioeventfd=True, irqfd=True, irqchip=True)
     memory = GuestMemory.anonymous([(0, RAM)])
     vm = hypervisor.create_vm()
     vcpu = vm.create_vcpu(0)
@@ -46,13 +45,10 @@ def test_real_mode_guest_through_the_interface() -> None:
         vm.dirty_pages(0, RAM)  # clear the log
         memory.write(0x1000, CODE)
         vm.ioeventfd(notify, NOTIFY_ADDR, 2, 7)
-        sregs = ffi.new("struct kvm_sregs *")
-        ffi.buffer(sregs)[:] = vcpu.get_sregs()
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        vcpu.set_sregs(bytes(ffi.buffer(sregs)))
-        regs = ffi.new("struct kvm_regs *")
-        regs.rip, regs.rflags = 0x1000, 0x2
-        vcpu.set_regs(bytes(ffi.buffer(regs)))
+        state = vcpu.save_state()
+        state["sregs"]["cs"].update({"base": 0, "selector": 0})
+        state["regs"].update({"rip": 0x1000, "rflags": 0x2})
+        assert vcpu.restore_state(state) == 0
 
         seen: list[tuple[str, int, int]] = []
         pio, mmio = Bus("port I/O"), Bus("MMIO")
@@ -77,4 +73,40 @@ def test_real_mode_guest_through_the_interface() -> None:
         vcpu.close()
         vm.close()
         memory.close()
+        hypervisor.close()
+
+
+def test_state_goes_out_and_back_in_through_the_interface() -> None:
+    """A vCPU at its boot entry and a VM saved, restored into a fresh VM, and saved again read
+    back the same (the TSC and the clock run on)."""
+    hypervisor = open_hypervisor()
+    first = hypervisor.create_vm()
+    second = hypervisor.create_vm()
+    vcpus = [first.create_vcpu(0), second.create_vcpu(0)]
+    try:
+        vcpus[0].set_boot_state(vcpus=1, entry=0x10_0200, argument=0x7000)
+        saved, vm_saved = vcpus[0].save_state(), first.save_state()
+        assert (saved["regs"]["rip"], saved["regs"]["rsi"]) == (0x10_0200, 0x7000)
+        assert saved["sregs"]["efer"] & 0x500 == 0x500, "long mode enabled and active"
+        second.restore_state(vm_saved)
+        assert vcpus[1].restore_state(saved) == 0
+        again, vm_again = vcpus[1].save_state(), second.save_state()
+        ticking = {0x10}  # IA32_TSC
+        for part in saved:
+            if part == "msrs":
+                assert [m for m in saved[part] if m["index"] not in ticking] == [
+                    m for m in again[part] if m["index"] not in ticking
+                ]
+            else:
+                assert saved[part] == again[part], part
+        assert {k: vm_again[k] for k in ("pic_master", "pic_slave", "ioapic")} == {
+            k: vm_saved[k] for k in ("pic_master", "pic_slave", "ioapic")
+        }
+        second.hold_clock()
+        second.release_clock()
+    finally:
+        for vcpu in vcpus:
+            vcpu.close()
+        first.close()
+        second.close()
         hypervisor.close()

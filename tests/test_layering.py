@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smolvmm"
-KVM_STATE_CODE = ("hypervisor/kvm/", "arch/x86_64/state.py", "arch/x86_64/regs.py", "arch/arm64/")
+KVM_STATE_CODE = ("hypervisor/kvm/", "arch/x86_64/regs.py", "arch/arm64/")
 
 
 def _sources() -> list[tuple[str, str]]:

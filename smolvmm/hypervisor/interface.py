@@ -1,21 +1,24 @@
 """The narrow interface between the monitor and a hypervisor.
 
-The monitor (``smolvmm.vm``, ``smolvmm.vcpu``, ``smolvmm.machine``) sees only these
-operations; ``smolvmm.hypervisor.kvm`` implements them on Linux KVM, and
-docs/hypervisor-hvf.md says how macOS Hypervisor.framework would. Architecture state
-(registers, interrupt controllers, clocks) is read and written by the per-arch state code
-(``smolvmm.arch.<arch>.state``), which is written against one backend.
+The monitor (``smolvmm.vm``, ``smolvmm.vcpu``, ``smolvmm.machine``, ``smolvmm.snapshot``,
+``smolvmm.restore``) sees only these operations; ``smolvmm.hypervisor.kvm`` implements them on
+Linux KVM, and docs/hypervisor-hvf.md says how macOS Hypervisor.framework would. Architecture
+state (registers, interrupt controllers, timers, clocks) crosses the interface as the bundle
+format's records, so the monitor stores and restores it without knowing how the backend reads it.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..devices.bus import Bus
 
-CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
+StateRecord = Mapping[str, Any]
+"""A ``smolformat.<arch>.VcpuState`` or ``VmState`` value: the payload of a bundle's VCPU_STATE
+or VM_STATE section, as smolformat builds and parses it."""
 
 
 class StopKind(enum.Enum):
@@ -31,6 +34,15 @@ class StopKind(enum.Enum):
 class Stop:
     kind: StopKind
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the hypervisor does without a trip through the monitor."""
+
+    ioeventfd: bool  # ``Vm.ioeventfd``: a guest MMIO write signals an eventfd without an exit
+    irqfd: bool  # ``Vm.irqfd``: an eventfd write raises an interrupt line without the monitor
+    irqchip: bool  # the interrupt controllers are emulated by the hypervisor, their state in save_state
 
 
 class Vcpu(Protocol):
@@ -50,11 +62,27 @@ class Vcpu(Protocol):
     def clear_interrupt(self) -> None:
         """Let ``run`` enter the guest again."""
 
+    def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
+        """The state a directly loaded kernel starts in, for a machine of ``vcpus`` vCPUs.
+
+        vCPU 0 starts at ``entry`` with ``argument`` in the boot protocol's register (x86_64:
+        boot_params in rsi; arm64: the device tree in x0); the others wait for the guest to
+        start them (INIT-SIPI, PSCI CPU_ON).
+        """
+
+    def save_state(self) -> StateRecord:
+        """Every register of this vCPU (and its per-CPU interrupt controller and timer state)."""
+
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
+        """Load ``save_state``'s record into a vCPU that has not run; returns how many saved
+        registers were skipped. Without ``strict`` (a restore that is only measured, never run),
+        registers this host does not have are skipped instead of failing the restore."""
+
     def close(self) -> None: ...
 
 
 class Vm(Protocol):
-    """One virtual machine: memory slots, vCPUs, interrupt and notification plumbing."""
+    """One virtual machine: memory slots, vCPUs, interrupt and notification plumbing, VM-wide state."""
 
     def map_memory(self, slot: int, gpa: int, size: int, host_address: int, *, log_dirty: bool = False) -> None:
         """Back guest-physical ``[gpa, gpa + size)`` with host memory at ``host_address``."""
@@ -64,31 +92,39 @@ class Vm(Protocol):
 
     def create_vcpu(self, index: int) -> Vcpu: ...
 
+    def irq_line(self, gsi: int, level: int) -> None:
+        """Drive interrupt line ``gsi`` (x86_64: a GSI; arm64: an SPI) to ``level``."""
+
     def irqfd(self, eventfd: int, gsi: int) -> None:
-        """Each write to ``eventfd`` pulses interrupt line ``gsi`` without a trip through the monitor."""
+        """Each write to ``eventfd`` pulses line ``gsi`` (needs ``Capabilities.irqfd``)."""
 
     def ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None) -> None:
-        """A guest MMIO write of ``datamatch`` to ``address`` signals ``eventfd`` instead of exiting."""
+        """A guest MMIO write of ``datamatch`` to ``address`` signals ``eventfd`` instead of
+        exiting (needs ``Capabilities.ioeventfd``)."""
 
-    def irq_line(self, gsi: int, level: int) -> None: ...
+    def save_state(self) -> StateRecord:
+        """The VM-wide state: interrupt controllers, platform timers, the guest clock."""
+
+    def restore_state(self, state: StateRecord) -> None:
+        """Load ``save_state``'s record, before any vCPU runs; the guest clock carries on from it."""
+
+    def hold_clock(self) -> None:
+        """While every vCPU is parked: note the guest clock, so ``release_clock`` hides the pause."""
+
+    def release_clock(self) -> None:
+        """Before the vCPUs run again: the guest clock carries on from where ``hold_clock`` read it
+        (nothing if it was not held)."""
 
     def close(self) -> None: ...
 
 
 class Hypervisor(Protocol):
-    """An open hypervisor: what it is, what it supports, and VM creation."""
+    """An open hypervisor: what it is, what it does in the kernel, and VM creation."""
 
     flavour: str  # recorded in bundles, e.g. "kvm-hardware" or "kvm-pvm"
+    capabilities: Capabilities
 
     def create_vm(self) -> Vm:
-        """A new VM with the platform's in-kernel interrupt controllers and timers."""
-
-    def supported_cpuid(self) -> list[CpuidEntry]: ...
-
-    def saved_msrs(self) -> list[int]:
-        """The MSR indices a snapshot saves for each vCPU."""
-
-    def xsave_size(self) -> int:
-        """Bytes of a vCPU's extended (XSAVE) state."""
+        """A new VM with the platform's interrupt controllers and timers."""
 
     def close(self) -> None: ...

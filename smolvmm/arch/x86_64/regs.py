@@ -54,11 +54,11 @@ def boot_sregs(current: bytes) -> bytes:
     return bytes(ffi.buffer(sregs))
 
 
-def boot_regs(entry: int) -> bytes:
+def boot_regs(entry: int, boot_params: int) -> bytes:
     """General registers at the 64-bit entry: rip = entry, rsi = boot_params, interrupts off."""
     regs = ffi.new("struct kvm_regs *")
     regs.rip = entry
-    regs.rsi = layout.ZERO_PAGE_ADDR
+    regs.rsi = boot_params
     regs.rsp = regs.rbp = layout.BOOT_STACK_POINTER
     regs.rflags = 0x2
     return bytes(ffi.buffer(regs))

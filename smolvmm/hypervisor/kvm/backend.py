@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...hostkvm import probe
-from ..interface import CpuidEntry
+from ..interface import Capabilities
 from .ioctls import Cap
 from .system import Kvm
 from .vm import KvmVm
@@ -19,13 +19,16 @@ class KvmHypervisor:
     def __init__(self) -> None:
         self.kvm = Kvm()
         self.flavour = f"kvm-{probe().kind}"
-        self._mmap_size = self.kvm.vcpu_mmap_size()
-        self._cpuid: list[CpuidEntry] | None = None
-        self._msrs: list[int] | None = None
+        check = self.kvm.check_extension
+        self.capabilities = Capabilities(
+            ioeventfd=bool(check(Cap.KVM_CAP_IOEVENTFD)),
+            irqfd=bool(check(Cap.KVM_CAP_IRQFD)),
+            irqchip=bool(check(Cap.KVM_CAP_IRQCHIP)),
+        )
 
     def create_vm(self) -> KvmVm:
         """A VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT."""
-        vm = KvmVm(self.kvm.create_vm(), self._mmap_size)
+        vm = KvmVm(self.kvm.create_vm(), self.kvm)
         try:
             vm.set_tss_address(TSS_ADDR)
             vm.set_identity_map_address(IDENTITY_MAP_ADDR)
@@ -35,20 +38,6 @@ class KvmHypervisor:
             vm.close()
             raise
         return vm
-
-    def supported_cpuid(self) -> list[CpuidEntry]:
-        if self._cpuid is None:
-            self._cpuid = self.kvm.supported_cpuid()
-        return self._cpuid
-
-    def saved_msrs(self) -> list[int]:
-        """KVM_GET_MSR_INDEX_LIST: every MSR KVM saves and restores for a vCPU."""
-        if self._msrs is None:
-            self._msrs = self.kvm.msr_index_list()
-        return self._msrs
-
-    def xsave_size(self) -> int:
-        return max(4096, self.kvm.check_extension(Cap.KVM_CAP_XSAVE2))
 
     def close(self) -> None:
         self.kvm.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from functools import cached_property
 
 from ...errors import HypervisorError
 from .bindings import ffi, libc
@@ -50,6 +51,7 @@ class Kvm:
     def vcpu_mmap_size(self) -> int:
         return ioctl(self.fd, Ioctl.KVM_GET_VCPU_MMAP_SIZE)
 
+    @cached_property
     def supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """KVM_GET_SUPPORTED_CPUID as (function, index, flags, eax, ebx, ecx, edx) tuples."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": KVM_MAX_CPUID_ENTRIES, "entries": KVM_MAX_CPUID_ENTRIES})
@@ -59,6 +61,7 @@ class Kvm:
             for e in (cpuid.entries[i] for i in range(cpuid.nent))
         ]
 
+    @cached_property
     def msr_index_list(self) -> list[int]:
         """Every MSR KVM can save and restore for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
         probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
@@ -71,6 +74,11 @@ class Kvm:
         msrs = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
         ioctl(self.fd, Ioctl.KVM_GET_MSR_INDEX_LIST, msrs)
         return [msrs.indices[i] for i in range(msrs.nmsrs)]
+
+    @cached_property
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's value, at least the legacy 4096."""
+        return max(4096, self.check_extension(Cap.KVM_CAP_XSAVE2))
 
     def create_vm(self) -> int:
         """A new VM file descriptor."""

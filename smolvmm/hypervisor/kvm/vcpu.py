@@ -7,7 +7,8 @@ import mmap
 import os
 
 from ...devices.bus import Bus
-from ..interface import Stop, StopKind
+from ..interface import StateRecord, Stop, StopKind
+from . import x86_64
 from .bindings import ffi
 from .ioctls import (
     KVM_EXIT_IO_OUT,
@@ -18,8 +19,8 @@ from .ioctls import (
     Exit,
     Ioctl,
 )
-from .system import KvmError, ioctl
 from .state_io import get_struct, set_struct
+from .system import Kvm, KvmError, ioctl
 
 CR0_PG = 1 << 31
 _UNWRITTEN = 0xFFFFFFFF
@@ -32,11 +33,15 @@ _SYSTEM_EVENTS = {
 
 
 class KvmVcpu:
-    """One vCPU. ``run`` must be called from the one thread that drives it."""
+    """One vCPU. ``run`` must be called from the one thread that drives it.
 
-    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+    ``kvm`` is the /dev/kvm its VM came from: it says which CPUID and MSRs the host supports.
+    """
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int, kvm: Kvm) -> None:
         self.fd = fd
         self.id = vcpu_id
+        self._kvm = kvm
         self.page = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = ffi.from_buffer("struct kvm_run *", self.page)
 
@@ -76,6 +81,15 @@ class KvmVcpu:
 
     def clear_interrupt(self) -> None:
         self.kvm_run.immediate_exit = 0
+
+    def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
+        x86_64.boot_vcpu(self, self._kvm.supported_cpuid, vcpus, entry, argument)
+
+    def save_state(self) -> StateRecord:
+        return x86_64.save_vcpu(self, self._kvm.msr_index_list, self._kvm.xsave_size)
+
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
+        return x86_64.restore_vcpu(self, state, None if strict else self._kvm.msr_index_list)
 
     def _port_io(self, io, pio: Bus) -> None:
         data = self.io_data()

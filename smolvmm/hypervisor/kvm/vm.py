@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from ..interface import StateRecord
+from . import x86_64
 from .bindings import ffi
 from .ioctls import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
@@ -11,7 +14,7 @@ from .ioctls import (
     Ioctl,
 )
 from .state_io import get_struct, set_struct
-from .system import ioctl
+from .system import Kvm, ioctl
 from .vcpu import KvmVcpu
 
 KVM_IOEVENTFD_FLAG_DEASSIGN = 4
@@ -21,11 +24,13 @@ PAGE_SIZE = 4096
 
 
 class KvmVm:
-    """One VM: owns its fd until close(). ``vcpu_mmap_size`` sizes each vCPU's kvm_run page."""
+    """One VM of ``kvm``: owns its fd until close()."""
 
-    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
+    def __init__(self, fd: int, kvm: Kvm) -> None:
         self.fd = fd
-        self._vcpu_mmap_size = vcpu_mmap_size
+        self._kvm = kvm
+        self._vcpu_mmap_size = kvm.vcpu_mmap_size()
+        self._held_clock: Any = None
 
     def map_memory(self, slot: int, gpa: int, size: int, host_address: int, *, log_dirty: bool = False) -> None:
         region = ffi.new(
@@ -102,8 +107,22 @@ class KvmVm:
     def set_clock(self, state: bytes) -> None:
         set_struct(self.fd, Ioctl.KVM_SET_CLOCK, "struct kvm_clock_data", state)
 
+    def save_state(self) -> StateRecord:
+        return x86_64.save_vm(self)
+
+    def restore_state(self, state: StateRecord) -> None:
+        x86_64.restore_vm(self, state)
+
+    def hold_clock(self) -> None:
+        self._held_clock = x86_64.read_clock(self)
+
+    def release_clock(self) -> None:
+        if self._held_clock is not None:
+            x86_64.set_clock_unadvanced(self, self._held_clock)
+            self._held_clock = None
+
     def create_vcpu(self, index: int) -> KvmVcpu:
-        return KvmVcpu(ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, index), index, self._vcpu_mmap_size)
+        return KvmVcpu(ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, index), index, self._vcpu_mmap_size, self._kvm)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,153 @@
+"""x86_64 vCPU and VM state through KVM, as smolformat records it.
+
+Save order follows Firecracker (MP_STATE first: reading it can change the LAPIC; VCPU_EVENTS
+last). Restore: CPUID, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC (after SREGS, before
+MSRs), MSRs, VCPU_EVENTS.
+"""
+
+from __future__ import annotations
+
+import time
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+from smolformat import x86_64 as fmt
+
+from ...arch.x86_64 import cpuid, msrs, regs
+from ...arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
+from ...errors import BundleError, HypervisorError
+from ..interface import StateRecord
+from .ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+
+if TYPE_CHECKING:
+    from .vcpu import KvmVcpu
+    from .vm import KvmVm
+
+_CPUID_FIELDS = itemgetter("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+_MSR_FIELDS = itemgetter("index", "data")
+KVM_CLOCK_REALTIME = 1 << 2
+
+
+def read_msrs(vcpu: KvmVcpu, indices: list[int]) -> list[tuple[int, int]]:
+    """Every readable MSR of ``indices``; KVM_GET_MSRS stops at the first it cannot read, so skip it."""
+    values: list[tuple[int, int]] = []
+    remaining = list(indices)
+    while remaining:
+        read = vcpu.get_msrs(remaining)
+        values.extend(read)
+        remaining = remaining[len(read) + 1 :]
+    return values
+
+
+def save_vcpu(vcpu: KvmVcpu, supported_msrs: list[int], xsave_size: int) -> dict[str, Any]:
+    """One vCPU's state as a ``smolformat.x86_64.VcpuState`` value."""
+    state: dict[str, Any] = {"mp_state": {"mp_state": vcpu.get_mp_state()}}
+    state["regs"] = fmt.KvmRegs.parse(vcpu.get_regs())
+    state["sregs"] = fmt.KvmSregs.parse(vcpu.get_sregs())
+    state["fpu"] = fmt.KvmFpu.parse(vcpu.get_fpu())
+    state["xsave"] = vcpu.get_xsave(xsave_size)
+    state["xcrs"] = fmt.KvmXcrs.parse(vcpu.get_xcrs())
+    state["debugregs"] = fmt.KvmDebugregs.parse(vcpu.get_debugregs())
+    state["lapic"] = {"regs": vcpu.get_lapic()}
+    state["tsc_khz"] = vcpu.get_tsc_khz()
+    state["cpuid"] = [
+        {"function": f, "index": i, "flags": fl, "eax": a, "ebx": b, "ecx": c, "edx": d, "padding": [0, 0, 0]}
+        for f, i, fl, a, b, c, d in vcpu.get_cpuid()
+    ]
+    values = read_msrs(vcpu, saved_msr_indices(supported_msrs))
+    state["msrs"] = [{"index": i, "reserved": 0, "data": v} for i, v in values]
+    state["vcpu_events"] = fmt.KvmVcpuEvents.parse(vcpu.get_vcpu_events())
+    return state
+
+
+def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[cpuid.CpuidEntry], vcpus: int, entry: int, boot_params: int) -> None:
+    """A fresh vCPU's boot state: CPUID, MSRs, LAPIC LINT pins, FPU; the BSP at the 64-bit entry."""
+    vcpu.set_cpuid(cpuid.vcpu_cpuid(supported_cpuid, vcpu.id, vcpus))
+    vcpu.set_msrs(msrs.BOOT_MSRS)
+    vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
+    vcpu.set_fpu(regs.boot_fpu())
+    if vcpu.id == 0:
+        vcpu.set_sregs(regs.boot_sregs(vcpu.get_sregs()))
+        vcpu.set_regs(regs.boot_regs(entry, boot_params))
+
+
+def restore_vcpu(vcpu: KvmVcpu, state: StateRecord, host_msrs: list[int] | None = None) -> int:
+    """Put a saved ``VcpuState`` into a fresh vCPU; returns how many saved MSRs were skipped.
+
+    With ``host_msrs`` (for a restore that is only measured, never run), saved MSRs this host's
+    KVM does not list or refuses are skipped instead of failing the restore.
+    """
+    saved_khz = state["tsc_khz"]
+    host_tsc_khz = vcpu.get_tsc_khz()
+    if tsc_needs_scaling(saved_khz, host_tsc_khz):
+        try:
+            vcpu.set_tsc_khz(saved_khz)
+        except HypervisorError as exc:
+            raise BundleError(
+                f"the bundle's TSC runs at {saved_khz} kHz, this host's at {host_tsc_khz} kHz, "
+                f"and KVM cannot scale it ({exc})"
+            ) from exc
+    vcpu.set_cpuid(list(map(_CPUID_FIELDS, state["cpuid"])))
+    vcpu.set_mp_state(state["mp_state"]["mp_state"])
+    vcpu.set_regs(fmt.KvmRegs.build(state["regs"]))
+    vcpu.set_sregs(fmt.KvmSregs.build(state["sregs"]))
+    vcpu.set_xsave(state["xsave"])
+    vcpu.set_xcrs(fmt.KvmXcrs.build(state["xcrs"]))
+    vcpu.set_debugregs(fmt.KvmDebugregs.build(state["debugregs"]))
+    vcpu.set_lapic(state["lapic"]["regs"])
+    values = list(map(_MSR_FIELDS, state["msrs"]))
+    saved = len(values)
+    if host_msrs is not None:
+        known = set(host_msrs)
+        values = [(i, v) for i, v in values if i in known]
+    values = rearm_tsc_deadline(values)
+    applied = 0
+    while values:
+        written = vcpu.set_msrs(values)
+        applied += written
+        if written == len(values):
+            break
+        if host_msrs is None:
+            raise BundleError(f"KVM refused MSR {values[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
+        values = values[written + 1 :]
+    vcpu.set_vcpu_events(fmt.KvmVcpuEvents.build(state["vcpu_events"]))
+    return saved - applied
+
+
+def read_clock(vm: KvmVm) -> Any:
+    """kvmclock as it reads now, a ``smolformat.x86_64.KvmClockData`` value."""
+    return fmt.KvmClockData.parse(vm.get_clock())
+
+
+def set_clock_unadvanced(vm: KvmVm, clock: Any) -> None:
+    """Make kvmclock carry on from ``clock`` (a ``KvmClockData`` value), whatever time has passed
+    since it was read (no KVM_CLOCK_REALTIME: KVM would add the elapsed time)."""
+    vm.set_clock(fmt.KvmClockData.build({**clock, "flags": 0}))
+
+
+def save_vm(vm: KvmVm) -> dict[str, Any]:
+    """The in-kernel PICs, IOAPIC, PIT and kvmclock as a ``smolformat.x86_64.VmState`` value."""
+    clock = read_clock(vm)
+    if not clock.flags & KVM_CLOCK_REALTIME:
+        clock.realtime = time.time_ns()  # so a restore knows when the clock was read
+    return {
+        "pic_master": fmt.KvmPicState.parse(vm.get_irqchip(KVM_IRQCHIP_PIC_MASTER)[: fmt.KvmPicState.sizeof()]),
+        "pic_slave": fmt.KvmPicState.parse(vm.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)[: fmt.KvmPicState.sizeof()]),
+        "ioapic": fmt.KvmIoapicState.parse(vm.get_irqchip(KVM_IRQCHIP_IOAPIC)[: fmt.KvmIoapicState.sizeof()]),
+        "pit": fmt.KvmPitState2.parse(vm.get_pit()),
+        "clock": clock,
+    }
+
+
+def _chip(data: bytes) -> bytes:
+    return data.ljust(512, b"\0")
+
+
+def restore_vm(vm: KvmVm, state: StateRecord) -> None:
+    """Restore the VM-wide state. kvmclock resumes where it was saved: the guest sees no gap
+    (its wall clock is set by the guest agent, see smolvmm.agent)."""
+    vm.set_pit(fmt.KvmPitState2.build(state["pit"]))
+    set_clock_unadvanced(vm, state["clock"])
+    vm.set_irqchip(KVM_IRQCHIP_PIC_MASTER, _chip(fmt.KvmPicState.build(state["pic_master"])))
+    vm.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, _chip(fmt.KvmPicState.build(state["pic_slave"])))
+    vm.set_irqchip(KVM_IRQCHIP_IOAPIC, _chip(fmt.KvmIoapicState.build(state["ioapic"])))

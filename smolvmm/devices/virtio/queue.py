@@ -71,21 +71,25 @@ def parse_chain(
 ) -> DescriptorChain:
     """Walk the descriptor chain starting at ``head`` (§2.7.5) and return its buffers.
 
-    A chain may visit at most as many descriptors as its table holds (a longer walk is a loop),
-    readable descriptors must precede writable ones (§2.7.4.2), and an indirect table (§2.7.5.3)
-    may only be reached once and only when ``indirect`` (VIRTIO_F_INDIRECT_DESC) was negotiated.
+    A chain holds at most ``queue_size`` buffer descriptors, direct and indirect together (a
+    longer walk is a loop or a driver bug), readable descriptors must precede writable ones
+    (§2.7.4.2), and an indirect table (§2.7.5.3) may only be reached once and only when
+    ``indirect`` (VIRTIO_F_INDIRECT_DESC) was negotiated.
     """
     if not 0 <= head < queue_size:
         raise QueueError(f"descriptor head {head} is beyond the queue size {queue_size}")
     table, table_size, index = desc_addr, queue_size, head
+    # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue Size of the
+    # device", indirect descriptors included. The spec bounds the chain, not the indirect table
+    # (§2.7.5.3 only makes it len / 16 descriptors), so a larger table is accepted: it is checked
+    # as one range and never copied, and a walk reads at most queue_size + 2 descriptors. The
+    # descriptor pointing at the table does not count: Linux puts a whole queue's worth of
+    # entries in one table (virtio-blk: seg_max = queue size - 2, plus header and status).
     ttl = queue_size
     in_indirect = False
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     while True:
-        if ttl == 0:
-            raise QueueError("descriptor chain is longer than its table (a loop?)")
-        ttl -= 1
         addr, length, flags, next_index = _DESC.unpack(
             _checked_view(memory, table + index * DESC_SIZE, DESC_SIZE, "descriptor")
         )
@@ -101,9 +105,11 @@ def parse_chain(
                 raise QueueError(f"indirect table length {length} is not a multiple of 16")
             _checked_view(memory, addr, length, "indirect table")
             table, table_size, index = addr, length // DESC_SIZE, 0
-            ttl = table_size
             in_indirect = True
             continue
+        if ttl == 0:
+            raise QueueError(f"descriptor chain is longer than the queue size {queue_size} (a loop?)")
+        ttl -= 1
         view = _checked_view(memory, addr, length, "buffer")
         if flags & DESC_F_WRITE:
             writable.append(view)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arch.x86_64 import acpi, boot, layout, regs
+from .arch.x86_64.image import parse_bzimage
 from .console import Console, VirtioConsoleInput
 from .devices.acpi_power import AcpiSleepRegister
 from .devices.bus import Bus
@@ -125,7 +126,7 @@ class VirtualMachine:
     def setup_boot(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
         """Load a bzImage and put every vCPU in its boot state (BSP at the 64-bit entry)."""
         try:
-            image = boot.parse_bzimage(kernel.read_bytes())
+            image = parse_bzimage(kernel.read_bytes())
             initrd_data = initrd.read_bytes() if initrd else None
         except OSError as exc:
             raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None

@@ -7,16 +7,12 @@ The protected-mode kernel is copied to 1 MiB, the setup header is copied into a 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ...errors import ImageError
 from ...memory import PAGE_SIZE, GuestMemory
 from . import layout
+from .image import SETUP_HEADER_OFFSET, KernelImage
 
-SETUP_HEADER_OFFSET = 0x1F1
-HDRS_MAGIC = b"HdrS"
-MIN_PROTOCOL = 0x020C  # 2.12: xloadflags says whether a 64-bit entry point exists
-XLF_KERNEL_64 = 1 << 0
 LOADED_HIGH = 1 << 0
 CAN_USE_HEAP = 1 << 7
 E820_RAM = 1
@@ -26,60 +22,13 @@ E820_RESERVED = 2
 BP_ACPI_RSDP_ADDR = 0x070
 BP_E820_ENTRIES = 0x1E8
 BP_E820_TABLE = 0x2D0
-# setup header field offsets, relative to the start of the image / boot_params
-HDR_SETUP_SECTS = 0x1F1
-HDR_VERSION = 0x206
+# setup header fields the loader fills in, relative to the start of boot_params
 HDR_TYPE_OF_LOADER = 0x210
 HDR_LOADFLAGS = 0x211
 HDR_RAMDISK_IMAGE = 0x218
 HDR_RAMDISK_SIZE = 0x21C
 HDR_HEAP_END_PTR = 0x224
 HDR_CMD_LINE_PTR = 0x228
-HDR_INITRD_ADDR_MAX = 0x22C
-HDR_XLOADFLAGS = 0x236
-HDR_CMDLINE_SIZE = 0x238
-HDR_INIT_SIZE = 0x260
-
-
-@dataclass(frozen=True)
-class KernelImage:
-    """A parsed bzImage: its setup header bytes and the protected-mode kernel."""
-
-    setup_header: bytes
-    protected_mode: memoryview
-    version: int
-    init_size: int
-    initrd_addr_max: int
-    cmdline_size: int
-
-
-def parse_bzimage(image: bytes | memoryview) -> KernelImage:
-    """Check a bzImage and split it into its setup header and protected-mode kernel."""
-    data = memoryview(image)
-    if len(data) < 0x270:
-        raise ImageError(f"kernel image is too short ({len(data)} bytes) to be a bzImage")
-    if bytes(data[0x202:0x206]) != HDRS_MAGIC:
-        if bytes(data[:4]) == b"\x7fELF":
-            raise ImageError("kernel is an ELF vmlinux, not a bzImage: pass arch/x86/boot/bzImage")
-        raise ImageError("kernel is not a bzImage (no 'HdrS' setup header)")
-    version = struct.unpack_from("<H", data, HDR_VERSION)[0]
-    if version < MIN_PROTOCOL:
-        raise ImageError(f"kernel boot protocol {version >> 8}.{version & 0xFF} is too old (need 2.12)")
-    if not struct.unpack_from("<H", data, HDR_XLOADFLAGS)[0] & XLF_KERNEL_64:
-        raise ImageError("kernel has no 64-bit entry point (XLF_KERNEL_64 is clear)")
-    setup_sects = data[HDR_SETUP_SECTS] or 4
-    pm_offset = (setup_sects + 1) * 512
-    if pm_offset >= len(data):
-        raise ImageError("kernel image is truncated: no protected-mode code after the setup sectors")
-    header_end = 0x202 + data[0x201]
-    return KernelImage(
-        setup_header=bytes(data[SETUP_HEADER_OFFSET:header_end]),
-        protected_mode=data[pm_offset:],
-        version=version,
-        init_size=struct.unpack_from("<I", data, HDR_INIT_SIZE)[0],
-        initrd_addr_max=struct.unpack_from("<I", data, HDR_INITRD_ADDR_MAX)[0],
-        cmdline_size=struct.unpack_from("<I", data, HDR_CMDLINE_SIZE)[0],
-    )
 
 
 def e820_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

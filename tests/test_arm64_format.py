@@ -1,12 +1,16 @@
-"""An arm64 state built from smolvmm's register and VGIC lists round-trips through the bundle
-format's arm64 declarations (smolformat.arm64), and the format's ``struct kvm_regs`` layout puts
-every core register where its one-reg id says it is."""
+"""smolvmm's arm64 state objects (``arch/arm64/state.py``) round-trip through the bundle format's
+arm64 declarations (smolformat.arm64), and the format's ``struct kvm_regs`` layout puts every
+core register where its one-reg id says it is."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from smolformat import arm64 as fmt
 
-from smolvmm.arch.arm64 import gic, layout, regs, timer
+from smolvmm.arch.arm64 import gic, layout, regs, state, timer
 
 
 def _core_values() -> dict:
@@ -46,33 +50,69 @@ def test_format_kvm_regs_layout_matches_the_one_reg_offsets() -> None:
         assert int.from_bytes(blob[offset : offset + reg.size], "little") == expected[reg.name], reg.name
 
 
-def test_vcpu_and_vm_state_round_trip() -> None:
-    mpidr = regs.kvm_mpidr(17)
-    one_regs = [*regs.SYSTEM_REGISTERS, *timer.TIMER_REGISTERS, *regs.FIRMWARE_REGISTERS]
-    vcpu = {
-        "mp_state": regs.MpState.RUNNABLE,
-        "core": _core_values(),
-        "sys_regs": [{"id": reg.id, "value": n} for n, reg in enumerate(one_regs)],
-        "timers": [
-            {"timer": fmt.TIMER_VIRTUAL, "cntvoff": 7, "ctl": timer.CTL_ENABLE, "cval": 100},
-            {"timer": fmt.TIMER_PHYSICAL, "cntvoff": 0, "ctl": 0, "cval": 0},
-        ],
-        "gic_redistributor": [
-            {"offset": attr.attr & 0xFFFF_FFFF, "value": n} for n, attr in enumerate(gic.redistributor_attrs(mpidr))
-        ],
-        "gic_cpu_sysregs": [
-            {"id": attr.attr, "value": n} for n, attr in enumerate(gic.cpu_interface_attrs(mpidr, 7 << 8))
-        ],
-    }
-    parsed = fmt.VcpuState.parse(fmt.VcpuState.build(vcpu))
-    assert [r.id for r in parsed.sys_regs] == [reg.id for reg in one_regs]
-    offsets = [a.attr & 0xFFFF_FFFF for a in gic.redistributor_attrs(mpidr)]
-    assert [r.offset for r in parsed.gic_redistributor] == offsets
-    assert [r.id for r in parsed.gic_cpu_sysregs] == [a.attr for a in gic.cpu_interface_attrs(mpidr, 7 << 8)]
-    assert parsed.core.regs.pc == 0x2001 and parsed.core.fp_regs.vregs[31] == bytes([31]) * 16
+def _vcpu(index: int) -> state.VcpuState:
+    """vCPU ``index`` as the arm64 code lists it, every register holding a distinct value."""
+    mpidr = regs.kvm_mpidr(index)
+    icc_ctlr = 6 << gic.ICC_CTLR_PRIBITS_SHIFT  # 7 priority bits: four active-priority registers each
+    core = tuple((reg, (0x1111_2222_3333_4444 + n) % (1 << 8 * reg.size)) for n, reg in enumerate(regs.CORE_REGISTERS))
+    values = {regs.SYSTEM["MPIDR_EL1"]: mpidr}
+    cpu_attrs = gic.cpu_interface_attrs(mpidr, icc_ctlr)
+    return state.VcpuState(
+        mp_state=regs.MpState.STOPPED,
+        core=core,
+        sys_regs=tuple((reg, values.get(reg, 0x100 + n)) for n, reg in enumerate(_SAVED_ONE_REGS)),
+        timers=(
+            timer.TimerState(timer.Timer.VIRTUAL, 123_456_789, ctl=timer.CTL_ENABLE | timer.CTL_ISTATUS, cval=1 << 40),
+            timer.TimerState(timer.Timer.PHYSICAL, count=0, ctl=timer.CTL_IMASK, cval=7),
+        ),
+        redistributor=tuple((attr, 0x200 + n) for n, attr in enumerate(gic.redistributor_attrs(mpidr))),
+        cpu_interface=tuple(
+            (attr, icc_ctlr if attr.name == "ICC_CTLR_EL1" else 0x300 + n) for n, attr in enumerate(cpu_attrs)
+        ),
+    )
 
-    distributor = gic.distributor_attrs(gic.NR_IRQS_MAX)
-    vm = {"gic_nr_irqs": layout.NR_IRQS, "gic_distributor": [{"offset": a.attr, "value": 1} for a in distributor]}
-    parsed_vm = fmt.VmState.parse(fmt.VmState.build(vm))
-    assert parsed_vm.gic_nr_irqs == layout.NR_IRQS
-    assert [r.offset for r in parsed_vm.gic_distributor] == [a.attr for a in distributor]
+
+_SAVED_ONE_REGS = (*regs.SYSTEM_REGISTERS, *regs.FIRMWARE_REGISTERS)
+
+
+def test_timer_kinds_are_the_formats() -> None:
+    assert (timer.Timer.VIRTUAL, timer.Timer.PHYSICAL) == (fmt.TIMER_VIRTUAL, fmt.TIMER_PHYSICAL)
+
+
+@pytest.mark.parametrize("index", [0, 17])
+def test_vcpu_state_round_trips_through_the_format(index: int) -> None:
+    vcpu = _vcpu(index)
+    blob = fmt.VcpuState.build(vcpu.to_record())
+    parsed = fmt.VcpuState.parse(blob)
+    assert state.VcpuState.from_record(parsed) == vcpu
+    assert fmt.VcpuState.build(state.VcpuState.from_record(parsed).to_record()) == blob
+    core = dict(vcpu.core)
+    assert parsed.core.regs.pc == core[regs.CORE["pc"]] and parsed.core.sp_el1 == core[regs.CORE["sp_el1"]]
+    assert parsed.core.fp_regs.vregs[31] == core[regs.CORE["v31"]].to_bytes(16, "little")
+    assert parsed.timers[0].cntvoff == 123_456_789, "the record's cntvoff field holds the virtual count"
+    assert all(r.offset < gic.REDIST_SIZE for r in parsed.gic_redistributor), "offsets leave out the affinity"
+
+
+def test_vm_state_round_trips_through_the_format() -> None:
+    vm = state.VmState(
+        nr_irqs=layout.NR_IRQS,
+        distributor=tuple((attr, n) for n, attr in enumerate(gic.distributor_attrs(layout.NR_IRQS))),
+        line_levels=tuple((attr, 1 << n) for n, attr in enumerate(gic.line_level_attrs(layout.NR_IRQS))),
+    )
+    parsed = fmt.VmState.parse(fmt.VmState.build(vm.to_record()))
+    assert [r.offset for r in parsed.gic_line_levels] == [32, 64], "a line-level word's offset is its first INTID"
+    assert state.VmState.from_record(parsed) == vm
+
+
+def test_records_with_registers_smolvmm_does_not_save_are_refused() -> None:
+    record = _vcpu(1).to_record()
+    with pytest.raises(ValueError, match="system register 0x"):
+        timer_as_sysreg = {"id": timer.TIMER_CNT.id, "value": 0}  # timers have their own records
+        state.VcpuState.from_record({**record, "sys_regs": [*record["sys_regs"], timer_as_sysreg]})
+    with pytest.raises(ValueError, match="redistributor register 0x8"):
+        state.VcpuState.from_record({**record, "gic_redistributor": [{"offset": 0x8, "value": 0}]})
+    without_mpidr = [r for r in record["sys_regs"] if r["id"] != regs.SYSTEM["MPIDR_EL1"].id]
+    with pytest.raises(ValueError, match="no MPIDR_EL1"):
+        state.VcpuState.from_record({**record, "sys_regs": without_mpidr})
+    with pytest.raises(ValueError, match="physical timer"):
+        dataclasses.replace(_vcpu(1).timers[1], count=5)

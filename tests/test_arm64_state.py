@@ -70,17 +70,18 @@ def test_line_levels_and_irq_count_bounds() -> None:
 
 
 def test_timer_state_restore_order_and_validation() -> None:
-    state = timer.TimerState(
-        virtual_count=10, virtual_ctl=0b101, virtual_cval=20, physical_ctl=0b010, physical_cval=30
-    )
-    pairs = state.registers()
-    assert [reg for reg, _ in pairs][0] == timer.TIMER_CNT
+    virtual = timer.TimerState(timer.Timer.VIRTUAL, count=10, ctl=0b101, cval=20)
+    physical = timer.TimerState(timer.Timer.PHYSICAL, count=0, ctl=0b010, cval=30)
+    pairs = [*virtual.registers(), *physical.registers()]
+    assert [reg for reg, _ in pairs] == list(timer.TIMER_REGISTERS)
+    assert dict(pairs)[timer.TIMER_CNT] == 10
     assert dict(pairs)[timer.TIMER_CTL] == 0b001, "ISTATUS is read-only and not written back"
-    assert [reg for reg, _ in pairs][-1] == timer.PTIMER_CTL
     with pytest.raises(ValueError, match="reserved bits"):
-        timer.TimerState(0, 0b1000, 0, 0, 0)
+        timer.TimerState(timer.Timer.VIRTUAL, 0, 0b1000, 0)
     with pytest.raises(ValueError, match="64 bits"):
-        timer.TimerState(1 << 64, 0, 0, 0, 0)
+        timer.TimerState(timer.Timer.VIRTUAL, 1 << 64, 0, 0)
+    with pytest.raises(ValueError, match="host's"):
+        timer.TimerState(timer.Timer.PHYSICAL, 1, 0, 0)
 
 
 def test_layout_windows_do_not_overlap() -> None:

@@ -1,1 +1,2 @@
-"""arm64 guests: memory map, device tree, Image loading and the KVM vCPU/VGIC/timer state lists."""
+"""arm64 guests: memory map, device tree, Image loading, the KVM vCPU/VGIC/timer register lists and
+the state a snapshot holds."""

@@ -9,6 +9,7 @@ count and writing it back resumes guest time where it stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 from .regs import OneReg, sysreg
 
@@ -32,32 +33,39 @@ CTL_IMASK = 1 << 1
 CTL_ISTATUS = 1 << 2  # read-only: the condition is met
 
 
+class Timer(IntEnum):
+    """Which EL1 timer a record holds: the format's ``timer`` field."""
+
+    VIRTUAL = 0
+    PHYSICAL = 1
+
+
 @dataclass(frozen=True)
 class TimerState:
-    """One vCPU's EL1 timer state as a snapshot holds it."""
+    """One EL1 timer of a vCPU, as the format's timer record (timer, cntvoff, ctl, cval) holds it.
 
-    virtual_count: int  # CNTVCT_EL0 at save time; restoring it re-derives CNTVOFF
-    virtual_ctl: int
-    virtual_cval: int
-    physical_ctl: int
-    physical_cval: int
+    ``count`` is the virtual timer's CNTVCT_EL0 at save time, stored in the record's ``cntvoff``
+    field: writing it back makes KVM re-derive CNTVOFF. The physical timer's count is the host's,
+    so its record holds 0.
+    """
+
+    timer: Timer
+    count: int
+    ctl: int
+    cval: int
 
     def __post_init__(self) -> None:
-        for field in ("virtual_count", "virtual_cval", "physical_cval"):
+        for field in ("count", "cval"):
             if not 0 <= getattr(self, field) < 1 << 64:
                 raise ValueError(f"timer {field} does not fit in 64 bits")
-        for field in ("virtual_ctl", "physical_ctl"):
-            if getattr(self, field) & ~(CTL_ENABLE | CTL_IMASK | CTL_ISTATUS):
-                raise ValueError(f"timer {field} {getattr(self, field):#x} sets reserved bits")
+        if self.ctl & ~(CTL_ENABLE | CTL_IMASK | CTL_ISTATUS):
+            raise ValueError(f"timer control {self.ctl:#x} sets reserved bits")
+        if self.timer == Timer.PHYSICAL and self.count:
+            raise ValueError("the physical timer's count is the host's and is not saved")
 
     def registers(self) -> list[tuple[OneReg, int]]:
         """(register, value) pairs in restore order; ISTATUS is dropped (it is read-only)."""
-        writable = ~CTL_ISTATUS
-        values = {
-            TIMER_CNT: self.virtual_count,
-            TIMER_CVAL: self.virtual_cval,
-            TIMER_CTL: self.virtual_ctl & writable,
-            PTIMER_CVAL: self.physical_cval,
-            PTIMER_CTL: self.physical_ctl & writable,
-        }
-        return [(reg, values[reg]) for reg in TIMER_REGISTERS]
+        ctl = self.ctl & ~CTL_ISTATUS
+        if self.timer == Timer.VIRTUAL:
+            return [(TIMER_CNT, self.count), (TIMER_CVAL, self.cval), (TIMER_CTL, ctl)]
+        return [(PTIMER_CVAL, self.cval), (PTIMER_CTL, ctl)]

@@ -66,12 +66,23 @@ def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
         raise BundleError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def check_flavour(bundle: smolformat.Bundle, flavour: str) -> None:
-    """Refuse state saved under another hypervisor flavour (PVM vs hardware KVM differ in CPU state)."""
-    saved = bundle.metadata.hypervisor if bundle.metadata else ""
-    here = flavour
-    if saved and saved != here:
-        raise BundleError(f"the bundle was saved under {saved} and this host is {here}: their CPU state is not compatible")
+RESTORES_ON: dict[str, frozenset[str]] = {
+    "kvm-hardware": frozenset({"kvm-hardware"}),
+    "kvm-pvm": frozenset({"kvm-pvm"}),
+}
+"""The hypervisor flavours a bundle's state is known to run on, by the flavour that saved it
+(``METADATA.hypervisor``). Only the same flavour: PVM and hardware KVM differ in CPU state
+(MSRs, CPUID). A flavour not listed here, or none recorded, restores nowhere."""
+
+
+def check_flavour(saved: str, host: str) -> None:
+    """Refuse state saved under ``saved`` unless ``RESTORES_ON`` says it runs on ``host``."""
+    if host in RESTORES_ON.get(saved, ()):
+        return
+    if not saved:
+        raise BundleError(f"the bundle does not record the hypervisor that saved it, so it may not run on {host}")
+    why = "their CPU state is not compatible" if saved in RESTORES_ON else f"smolvmm does not know {saved}"
+    raise BundleError(f"the bundle was saved under {saved} and this host is {host}: {why}")
 
 
 def _base_disk(bundle: smolformat.Bundle, index: int) -> Path:
@@ -173,7 +184,7 @@ def restore_vm_from(
         )
         try:
             if same_flavour:
-                check_flavour(bundle, vm.hypervisor.flavour)
+                check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", vm.hypervisor.flavour)
             vm.vm.restore_state(bundle.vm_state)
             pairs = zip(vm.vcpus, bundle.vcpus, strict=True)
             skipped = sum(vcpu.restore_state(state, strict=same_flavour) for vcpu, state in pairs)

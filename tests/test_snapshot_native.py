@@ -2,7 +2,7 @@
 
 The default guest is booted for an instant (on PVM it only gets into its decompressor),
 saved, and resumed: every ioctl of a save and a restore runs for real. A bundle that claims
-another hypervisor flavour is refused with one clear line.
+another hypervisor flavour, or none, is refused with one clear line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import smolformat
 from smolvmm import BundleError, ExitReason, Machine, MachineConfig
 from smolvmm.hostkvm import probe
+from smolvmm.restore import check_flavour
 
 pytestmark = [
     pytest.mark.anyio,
@@ -48,14 +49,39 @@ async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path
 
     from smolvmm.snapshot import write
 
+    other = "kvm-hardware" if probe().kind == "pvm" else "kvm-pvm"
     with smolformat.open_bundle(first) as bundle:
-        other = "kvm-hardware" if probe().kind == "pvm" else "kvm-pvm"
-        contents = smolformat.BundleContents(
-            config=bundle.config, vcpus=bundle.vcpus, vm_state=bundle.vm_state, devices=bundle.devices,
-            memory=[bytearray(r.size) for r in bundle.config.ram], disks=[],
-            metadata={**bundle.metadata, "hypervisor": other},
-        )
-        write(tmp_path / "other.smolmachine", contents, "raw")
-    with pytest.raises(BundleError, match=f"saved under {other} and this host is kvm-"):
-        async with Machine.restore(tmp_path / "other.smolmachine"):
-            pass
+        for name, metadata in (("other", {**bundle.metadata, "hypervisor": other}), ("unrecorded", None)):
+            contents = smolformat.BundleContents(
+                config=bundle.config, vcpus=bundle.vcpus, vm_state=bundle.vm_state, devices=bundle.devices,
+                memory=[bytearray(r.size) for r in bundle.config.ram], disks=[], metadata=metadata,
+            )
+            write(tmp_path / f"{name}.smolmachine", contents, "raw")
+    for name, message in (
+        ("other", f"saved under {other} and this host is kvm-"),
+        ("unrecorded", "does not record the hypervisor that saved it"),
+    ):
+        with pytest.raises(BundleError, match=message) as refused:
+            async with Machine.restore(tmp_path / f"{name}.smolmachine"):
+                pass
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("saved", "host", "refusal"),
+    [
+        ("kvm-hardware", "kvm-hardware", None),
+        ("kvm-pvm", "kvm-pvm", None),
+        ("kvm-hardware", "kvm-pvm", "CPU state is not compatible"),
+        ("kvm-pvm", "kvm-hardware", "CPU state is not compatible"),
+        ("", "kvm-pvm", "does not record the hypervisor"),
+        ("hvf", "kvm-hardware", "smolvmm does not know hvf"),
+        ("kvm-none", "kvm-none", "smolvmm does not know kvm-none"),
+    ],
+)
+def test_a_bundle_restores_only_on_the_flavour_that_saved_it(saved: str, host: str, refusal: str | None) -> None:
+    if refusal is None:
+        check_flavour(saved, host)
+    else:
+        with pytest.raises(BundleError, match=refusal):
+            check_flavour(saved, host)

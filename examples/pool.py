@@ -46,5 +46,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         anyio.run(main, args.bundle, args.count, backend=args.backend)
-    except smolvmm.SmolvmmError as exc:
-        sys.exit(f"pool: {exc}")
+    except* smolvmm.SmolvmmError as group:  # one line for the first clone that failed
+        sys.exit(f"pool: {group.exceptions[0]}")

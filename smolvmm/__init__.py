@@ -26,20 +26,24 @@ _EXPORTS = {
     "HypervisorError": "smolvmm.errors",
     "GuestError": "smolvmm.errors",
     "GuestMemoryError": "smolvmm.errors",
+    "GuestTimeout": "smolvmm.errors",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
+    "HostKvm": "smolvmm.hostkvm",
+    "probe_host": "smolvmm.hostkvm:probe",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    where = _EXPORTS.get(name)
+    if where is None:
         raise AttributeError(f"module 'smolvmm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attribute = where.partition(":")
+    value = getattr(importlib.import_module(module), attribute or name)
     globals()[name] = value
     return value
 
@@ -47,11 +51,14 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .config import DiskConfig, MachineConfig, NetConfig, parse_size
     from .console import Console
+    from .hostkvm import HostKvm
+    from .hostkvm import probe as probe_host
     from .errors import (
         BundleError,
         ConfigError,
         GuestError,
         GuestMemoryError,
+        GuestTimeout,
         HypervisorError,
         ImageError,
         SmolvmmError,

@@ -10,7 +10,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from .eventfd import EventFd
-from .errors import GuestError
+from .errors import GuestError, GuestTimeout
 
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
 INPUT_BUFFER = 4096
@@ -87,8 +87,8 @@ class Console(ByteStream):
     async def wait_for(self, pattern: bytes | str | re.Pattern[bytes], timeout: float | None = None) -> bytes:
         """Consume output up to and including the first match of ``pattern``; returns those bytes.
 
-        Raises TimeoutError after ``timeout`` seconds and GuestError if the machine stops first;
-        in both cases the output read so far stays unread.
+        Raises GuestTimeout (a TimeoutError) after ``timeout`` seconds and GuestError if the
+        machine stops first; in both cases the output read so far stays unread.
         """
         if isinstance(pattern, str):
             pattern = pattern.encode()
@@ -105,6 +105,9 @@ class Console(ByteStream):
                         seen += await self.receive()
                     except anyio.EndOfStream:
                         raise GuestError(f"the machine stopped before its console showed {regex.pattern!r}") from None
+        except TimeoutError:
+            self._unread(bytes(seen))
+            raise GuestTimeout(f"the console did not show {regex.pattern!r} within {timeout:g} s") from None
         except BaseException:
             self._unread(bytes(seen))
             raise

@@ -20,6 +20,10 @@ class GuestError(SmolvmmError):
     """The guest did something the monitor cannot continue from (e.g. a KVM internal error)."""
 
 
+class GuestTimeout(GuestError, TimeoutError):
+    """The guest did not show what was awaited (e.g. a console pattern) in time."""
+
+
 class GuestMemoryError(GuestError):
     """A guest-physical access fell outside guest RAM."""
 

@@ -1,28 +1,31 @@
 """Machine: a running VM inside the caller's anyio event loop (trio or asyncio).
 
-Structure: one task group per machine holding a watcher task and the device tasks; one
-thread per vCPU, each running the guest. The first exit (guest poweroff/reboot, a crash,
-or ``stop()``) stops every vCPU, cancels the device tasks and closes every fd, so nothing
-outlives the ``async with`` block.
+Structure: one task group per machine holding a watcher task, one task per vCPU and one per
+device. A vCPU's task drives a thread of its own, which runs the guest (``KVM_RUN`` blocks),
+and joins it when it ends. The first exit (guest poweroff/reboot, a crash, or ``stop()``)
+stops every vCPU, cancels the device tasks and closes every fd, so nothing outlives the
+``async with`` block; an error inside the block reaches the caller as itself, not wrapped in
+an exception group.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from .agent import AGENT_LABEL, AgentPort
 from .config import MachineConfig, NetConfig
 from .console import Console
 from .eventfd import EventFd
 from .timings import Timings
-from .vcpu import ExitReason, MachineExit, install_kick_handler
+from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
 
 DeviceTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
@@ -54,7 +57,9 @@ class Machine:
         self._exit_lock = threading.Lock()
         self._exited = EventFd()
         self._parked = EventFd()
-        self._threads_done = EventFd()
+        self._vcpu_done = [EventFd() for _ in vm.vcpus]
+        self._vcpus_running = 0
+        self._vcpus_ended = anyio.Event()
         self._finished = anyio.Event()
         self._devices_scope = anyio.CancelScope()
         self._devices_stopped = anyio.Event()
@@ -151,21 +156,45 @@ class Machine:
         self._paused = paused
         try:
             install_kick_handler()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._run_devices)
-                tg.start_soon(self._watch)
-                self.console.on_first_output(lambda: self.timings.mark("first_output"))
-                self.timings.mark("first_kvm_run")
-                self._vm.start_vcpus(self._parked.signal, self._threads_done.signal, paused)
-                try:
-                    yield self
-                finally:
-                    # Not through the watcher: a cancelled caller's scope has cancelled it too.
-                    self._record_exit(MachineExit(ExitReason.STOPPED))
-                    with anyio.CancelScope(shield=True):
-                        await self._shutdown()
+            with _unwrapped_errors():
+                async with anyio.create_task_group() as tg:
+                    try:
+                        tg.start_soon(self._run_devices)
+                        tg.start_soon(self._watch)
+                        self.console.on_first_output(lambda: self.timings.mark("first_output"))
+                        threads = self._vm.vcpu_threads(self._parked.signal, [d.signal for d in self._vcpu_done], paused)
+                        self.timings.mark("first_kvm_run")
+                        for thread, done in zip(threads, self._vcpu_done):
+                            await tg.start(self._drive_vcpu, thread, done, name=f"vcpu{thread.vcpu.id}")
+                        yield self
+                    finally:
+                        # Not through the watcher: a cancelled caller's scope has cancelled it too.
+                        self._record_exit(MachineExit(ExitReason.STOPPED))
+                        with anyio.CancelScope(shield=True):
+                            await self._shutdown()
         finally:
             self._close()
+
+    async def _drive_vcpu(
+        self, thread: VcpuThread, done: EventFd, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One vCPU's task: start its thread and join it when it ends (stopping it first if cancelled)."""
+        thread.start()
+        self._vcpus_running += 1
+        task_status.started()
+        ended = False
+        try:
+            await done.wait()
+            ended = True
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not ended:
+                    thread.stop()
+                    await done.wait()
+                thread.join()
+                self._vcpus_running -= 1
+                if self._vcpus_running == 0:
+                    self._vcpus_ended.set()
 
     async def _run_devices(self) -> None:
         """Run the device tasks; after a quiesce, wait to be restarted (or for the end)."""
@@ -201,11 +230,8 @@ class Machine:
                 return
             for thread in self._vm.threads:
                 thread.stop()
-            done = 0
-            while done < len(self._vm.threads):
-                done += await self._threads_done.wait()
-            for thread in self._vm.threads:
-                thread.join()
+            if self._vcpus_running:
+                await self._vcpus_ended.wait()
             self._devices_scope.cancel()
             self._devices_restart.set()
             self.console.end_output()
@@ -287,5 +313,18 @@ class Machine:
 
     def _close(self) -> None:
         self._vm.close()
-        for eventfd in (self._exited, self._parked, self._threads_done):
+        for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()
+
+
+@contextmanager
+def _unwrapped_errors() -> Iterator[None]:
+    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        if isinstance(group, BaseExceptionGroup):
+            raise
+        raise group from None

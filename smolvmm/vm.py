@@ -137,13 +137,16 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.set_boot_state(vcpus=len(self.vcpus), entry=entry, argument=layout.ZERO_PAGE_ADDR)
 
-    def start_vcpus(self, on_parked: Callable[[], None], on_done: Callable[[], None], paused: bool = False) -> None:
-        """One thread per vCPU; with ``paused`` each parks before it first enters the guest."""
+    def vcpu_threads(
+        self, on_parked: Callable[[], None], on_done: list[Callable[[], None]], paused: bool = False
+    ) -> list[VcpuThread]:
+        """One thread per vCPU, not yet started, each calling its ``on_done`` as it ends; with
+        ``paused`` each parks before it first enters the guest."""
         self.threads = [
-            VcpuThread(v, self.pio, self.mmio, self.on_exit, on_parked, on_done, paused) for v in self.vcpus
+            VcpuThread(vcpu, self.pio, self.mmio, self.on_exit, on_parked, done, paused)
+            for vcpu, done in zip(self.vcpus, on_done, strict=True)
         ]
-        for thread in self.threads:
-            thread.start()
+        return self.threads
 
     def hold_clock(self) -> None:
         """While every vCPU is parked: note the guest clock, so ``release_clock`` hides the pause."""

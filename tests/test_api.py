@@ -12,7 +12,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+import smolvmm
 from smolvmm import ExitReason, Machine
+from smolvmm.devices.virtio.mmio import MmioTransport
+from smolvmm.devices.virtio.rng import VirtioRng
 from test_boot import GUEST_TIMEOUT, own_threads, shell
 
 pytestmark = [pytest.mark.kvm]
@@ -51,6 +54,17 @@ async def test_pause_resume_and_wait(bundle: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_machine_restored_paused_runs_only_after_resume(bundle: Path) -> None:
+    async with Machine.restore(bundle, paused=True) as machine:
+        await machine.console.send(b"echo after-$((40 + 2))\n")
+        with anyio.move_on_after(2):
+            await machine.console.wait_for(b"after-42")
+            pytest.fail("the guest answered before resume()")
+        await machine.resume()
+        await machine.console.wait_for(b"after-42", GUEST_TIMEOUT)
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_long_pause_is_invisible_to_the_guest(bundle: Path) -> None:
     async with Machine.restore(bundle) as machine:
@@ -65,7 +79,52 @@ async def test_a_long_pause_is_invisible_to_the_guest(bundle: Path) -> None:
         assert abs(int(await shell(machine, "date +%s")) - time.time()) < 2  # its wall clock caught up
 
 
-def test_pool_example_runs_eight_clones(bundle: Path) -> None:
+@pytest.mark.anyio
+async def test_errors_reach_the_caller_typed_and_unwrapped(bundle: Path) -> None:
+    with pytest.raises(smolvmm.GuestTimeout, match="did not show"):
+        async with Machine.restore(bundle) as machine:
+            await machine.console.wait_for("never printed", timeout=0.5)
+    with pytest.raises(smolvmm.BundleError):
+        async with Machine.restore(bundle.with_suffix(".absent")):
+            pass
+
+
+@pytest.mark.anyio
+async def test_a_failing_device_task_ends_only_its_machine_with_one_message(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve = MmioTransport.run
+
+    async def failing(transport: MmioTransport) -> None:
+        if isinstance(transport.device, VirtioRng):
+            raise RuntimeError("injected fault")
+        await serve(transport)
+
+    threads, fds = own_threads(), sorted(os.listdir("/proc/self/fd"))
+    async with Machine.restore(bundle) as healthy:
+        monkeypatch.setattr(MmioTransport, "run", failing)
+        async with Machine.restore(bundle) as broken:
+            with anyio.fail_after(GUEST_TIMEOUT):
+                ended = await broken.wait()
+        monkeypatch.undo()
+        assert ended.reason is ExitReason.CRASH
+        assert "injected fault" in ended.detail and "VirtioRng" in ended.detail and "\n" not in ended.detail
+        assert await shell(healthy, "echo still-running") == "still-running"
+    assert own_threads() == threads
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_demo_builds_its_bundle_and_resumes_it(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    bundle, result = demo_run
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"hello from a resumed smolvmm guest: 2 vCPUs, kernel \S+-cloud-amd64", result.stdout)
+    assert bundle.is_file()
+
+
+def test_pool_example_runs_eight_clones_of_the_demo_bundle(
+    demo_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    bundle, _ = demo_run
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), str(bundle), "8"], capture_output=True, text=True, timeout=GUEST_TIMEOUT * 2
     )
@@ -73,3 +132,9 @@ def test_pool_example_runs_eight_clones(bundle: Path) -> None:
     lines = result.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [[f"clone-{i}:", str(i * i)] for i in range(8)]
     assert len({line.split()[2] for line in lines}) == 8  # every clone drew its own UUID
+
+
+def test_pool_example_fails_with_one_line() -> None:
+    result = subprocess.run([sys.executable, str(EXAMPLE), "/nonexistent.smolmachine", "2"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("pool: cannot open /nonexistent.smolmachine") and result.stderr.count("\n") == 1

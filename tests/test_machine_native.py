@@ -37,3 +37,10 @@ async def test_cancelling_the_enclosing_scope_stops_every_machine_promptly() -> 
     assert time.monotonic() - cancelled_at < 1
     assert own_threads() == threads
     assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+
+async def test_an_error_in_the_block_reaches_the_caller_as_itself() -> None:
+    with pytest.raises(KeyError, match="from the caller"):
+        async with Machine.boot(MachineConfig(memory=64 << 20)):
+            raise KeyError("from the caller")

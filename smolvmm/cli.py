@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,8 +24,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smolvmm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="smolvmm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
+    parser = _Parser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
     module.add_arguments(name, parser)
     args = parser.parse_args(argv[1:])
     try:
@@ -62,7 +70,7 @@ def _one_line(exc: BaseException) -> str:
     """
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
-    from .errors import SmolvmmError
+    from smolvmm import SmolvmmError
 
     if isinstance(exc, SmolvmmError):
         return str(exc)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .errors import BundleError
+from smolvmm import BundleError
 
 _MIB = 1 << 20
 

@@ -12,7 +12,6 @@ import sys
 import anyio
 
 import smolvmm
-from smolvmm.hostkvm import probe
 
 DEMO_SCRIPT = (
     "echo; echo \"hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)\"; "
@@ -28,7 +27,13 @@ def demo_bundle() -> str:
 
 async def _ensure_bundle(path: str) -> None:
     if os.path.exists(path):
-        return
+        import smolformat
+
+        try:
+            smolformat.open_bundle(path).close()
+            return
+        except smolformat.FormatError as exc:  # e.g. made by an older smolvmm: build it again
+            print(f"smolvmm demo: rebuilding the demo bundle ({exc})", file=sys.stderr)
     print("smolvmm demo: building the demo bundle (boots the demo guest once)", file=sys.stderr)
     async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
         await machine.console.wait_for(smolvmm.default_guest().ready_marker, 600)
@@ -48,7 +53,7 @@ async def _run(path: str, script: bytes | None) -> int:
 
 def demo() -> int:
     path = demo_bundle()  # builds the demo guest image here, before any nested machine needs it
-    if probe().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
+    if smolvmm.probe_host().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
         print("smolvmm demo: this host's /dev/kvm is PVM; running the demo inside tools/nested-kvm", file=sys.stderr)
         nested = [sys.executable, "-m", "smolvmm.nested", "--out", os.path.dirname(path)]
         return subprocess.call([*nested, sys.executable, "-m", "smolvmm", "demo"])

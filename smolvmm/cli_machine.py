@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import termios
@@ -18,6 +19,14 @@ import smolvmm
 from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig, parse_size
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
+# MachineConfig fields as the flags that set them, for error messages.
+_FLAGS = {
+    "MachineConfig.kernel": "--kernel", "MachineConfig.initrd": "--initrd", "MachineConfig.cmdline": "--cmdline",
+    "MachineConfig.vcpus": "--cpus", "MachineConfig.memory": "--mem", "MachineConfig.disks": "--disk",
+    "MachineConfig.console_socket": "--console-socket", "MachineConfig.console": "--console",
+    "DiskConfig.path": "--disk", "DiskConfig.overlay": "--disk overlay", "DiskConfig.read_only": "--disk ro",
+    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac",
+}
 
 
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +41,26 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
                         help="virtio-net device on an existing TAP device (repeatable)")
     parser.add_argument("--console-socket", type=Path, metavar="PATH",
                         help="a virtio-console port reachable as a Unix socket at PATH")
+    parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                        help="the guest's console: the 16550 UART (ttyS0, default) or virtio-console (hvc0)")
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
-    return MachineConfig(
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=args.cmdline,
-        vcpus=args.cpus,
-        memory=parse_size(args.mem),
-        disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
-        networks=tuple(NetConfig.parse(spec) for spec in args.net),
-        console_socket=args.console_socket,
-    )
+    try:
+        return MachineConfig(
+            kernel=args.kernel,
+            initrd=args.initrd,
+            cmdline=args.cmdline,
+            vcpus=args.cpus,
+            memory=parse_size(args.mem),
+            disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
+            networks=tuple(NetConfig.parse(spec) for spec in args.net),
+            console_socket=args.console_socket,
+            console=args.console,
+        )
+    except ConfigError as exc:  # say which flag, as the user wrote it
+        flag = re.sub(r"\w+Config\.\w+(?:\[\d+\]\.path)?", lambda m: _FLAGS.get(m[0].split("[")[0], m[0]), str(exc))
+        raise ConfigError(flag) from None
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -69,12 +85,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _warn_about_host() -> None:
-    from smolvmm.hostkvm import probe
-
-    host = probe()
+    host = smolvmm.probe_host()
     if host.kind == "pvm":
-        print("smolvmm: warning: this host's /dev/kvm is PVM (kvm_pvm), which runs standard guest kernels"
-              " ~100x too slowly; run under tools/nested-kvm (see README)", file=sys.stderr)
+        print(f"smolvmm: warning: {host.explanation} (see README)", file=sys.stderr)
 
 
 @contextlib.contextmanager

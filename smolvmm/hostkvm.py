@@ -29,8 +29,9 @@ def probe(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/module")) 
     if (sys_module / "kvm_pvm").exists():
         return HostKvm(
             "pvm",
-            f"this host's {dev} is PVM (kvm_pvm): standard guest kernels run ~100x too slowly here;"
-            " running inside tools/nested-kvm",
+            f"this host's {dev} is PVM (kvm_pvm), a software KVM without VT-x/AMD-V: a standard guest"
+            " kernel's ring-0 code is emulated at ~2 M instructions/s and dies in early boot;"
+            " only tools/nested-kvm runs standard guests here",
         )
     loaded = [name for name in _HARDWARE_MODULES if (sys_module / name).exists()]
     if loaded:

@@ -27,9 +27,11 @@ def test_kind_follows_loaded_modules(tmp_path: Path, fake_dev: Path, modules: li
     assert "\n" not in result.explanation
 
 
-def test_pvm_explanation_names_the_harness(tmp_path: Path, fake_dev: Path) -> None:
+def test_pvm_explanation_says_why_and_names_the_harness(tmp_path: Path, fake_dev: Path) -> None:
     (tmp_path / "kvm_pvm").mkdir()
-    assert "tools/nested-kvm" in probe(fake_dev, tmp_path).explanation
+    explanation = probe(fake_dev, tmp_path).explanation
+    assert "without VT-x/AMD-V" in explanation and "emulated" in explanation
+    assert "tools/nested-kvm" in explanation
 
 
 def test_missing_device_is_none(tmp_path: Path) -> None:

@@ -54,7 +54,6 @@ async def test_clones_are_independent(bundle: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> None:
     child = tmp_path / "child.smolmachine"
     grandchild = tmp_path / "grandchild.smolmachine"

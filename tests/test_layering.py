@@ -6,22 +6,26 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smolvmm"
-KVM_STATE_CODE = ("hypervisor/kvm/", "arch/x86_64/regs.py", "arch/arm64/")
+# Where KVM names may appear: the backend, and the arm64 modules that list KVM's register ids.
+KVM_NAMES = ("hypervisor/kvm/", "arch/arm64/regs.py", "arch/arm64/gic.py", "arch/arm64/timer.py")
+# What may import the backend: the backend, the hypervisor opener, and x86_64/regs.py, which
+# builds the boot registers in KVM's struct layouts.
+KVM_IMPORTS = ("hypervisor/kvm/", "hypervisor/__init__.py", "arch/x86_64/regs.py")
 
 
 def _sources() -> list[tuple[str, str]]:
     return [(str(p.relative_to(PACKAGE)), p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))]
 
 
-def test_kvm_names_stay_in_the_backend_and_arch_state_code() -> None:
-    offenders = [name for name, text in _sources() if "KVM_" in text and not name.startswith(KVM_STATE_CODE)]
+def test_kvm_names_stay_in_the_backend_and_the_arm64_id_lists() -> None:
+    offenders = [name for name, text in _sources() if "KVM_" in text and not name.startswith(KVM_NAMES)]
     assert offenders == []
 
 
-def test_only_the_backend_and_arch_state_code_import_kvm_modules() -> None:
+def test_kvm_modules_are_imported_only_where_listed() -> None:
     offenders = []
     for name, text in _sources():
-        if name.startswith(KVM_STATE_CODE) or name == "hypervisor/__init__.py":
+        if name.startswith(KVM_IMPORTS):
             continue
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and node.module and "kvm" in node.module.split("."):

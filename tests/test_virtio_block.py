@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+import threading
 from pathlib import Path
 
 import anyio
@@ -27,7 +28,7 @@ from smolvmm.devices.virtio.block import (
     parse_request,
 )
 from smolvmm.devices.virtio.cow import CLUSTER_SIZE, CowDisk
-from smolvmm.devices.virtio.mmio import STATUS_NEEDS_RESET
+from smolvmm.devices.virtio.mmio import STATUS_DRIVER_OK, STATUS_NEEDS_RESET
 from smolvmm.devices.virtio.queue import DescriptorChain, QueueError
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError, ImageError
@@ -215,6 +216,81 @@ async def test_bad_chain_needs_reset_without_disturbing_another_device(base: Pat
             assert await rng.wait_used(0) == [(head, 16)]
         block.start(RING_FEATURES)  # a reset brings it back
         assert (await request(block, T_IN, 0, read=512))[0] == S_OK
+
+
+class StuckFlush:
+    """Patches CowDisk.flush to hang, like an fdatasync on a stalled disk, until ``release``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+        monkeypatch.setattr(CowDisk, "flush", self._flush)
+
+    def _flush(self) -> None:
+        self.entered.set()
+        assert self.gate.wait(10)
+
+    async def wait_entered(self) -> None:
+        with anyio.fail_after(3):
+            while not self.entered.is_set():
+                await anyio.sleep(0.001)
+
+
+def submit_flush(driver: Driver) -> tuple[int, int]:
+    """Post a FLUSH request without waiting; returns its head and the address of its status."""
+    status = driver.alloc(1, b"\xff")
+    header = driver.alloc(16, struct.pack("<IIQ", T_FLUSH, 0, 0))
+    return driver.submit(0, [(header, 16, False), (status, 1, True)]), status
+
+
+@pytest.mark.anyio
+async def test_a_stuck_flush_holds_up_only_its_own_device(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flush = StuckFlush(monkeypatch)
+    block, rng = Driver(VirtioBlock(base)), Driver(VirtioRng())
+    block.start(RING_FEATURES)
+    rng.start(RING_FEATURES)
+    async with running(block, rng):
+        head, status = submit_flush(block)
+        await flush.wait_entered()
+        for _ in range(3):  # the event loop and the other device carry on
+            rng_head = rng.submit(0, [(rng.alloc(16), 16, True)])
+            assert await rng.wait_used(0) == [(rng_head, 16)]
+        assert block.read(0x070) & STATUS_DRIVER_OK  # registers answer: no lock is held over I/O
+        assert block.take_used(0) == []
+        flush.gate.set()
+        assert await block.wait_used(0) == [(head, 1)]
+    assert block.memory.read(status, 1)[0] == S_OK
+
+
+@pytest.mark.anyio
+async def test_stopping_or_resetting_waits_for_the_request_in_flight(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flush = StuckFlush(monkeypatch)
+    driver = Driver(VirtioBlock(base))
+    driver.start(RING_FEATURES)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(driver.transport.run)
+        submit_flush(driver)
+        await flush.wait_entered()
+        tg.cancel_scope.cancel()  # a stop, or a snapshot's quiesce
+        threading.Timer(0.1, flush.gate.set).start()
+    assert flush.gate.is_set()
+    queue = driver.transport.save_state().queues[0]
+    assert queue.next_avail == queue.next_used == driver.used_idx(0) == 1
+
+    flush.entered.clear()
+    flush.gate.clear()
+    async with running(driver):
+        submit_flush(driver)
+        await flush.wait_entered()
+        # §2.4: the driver's reset (a vCPU's register write) returns after the request in flight,
+        # whose completion is then dropped: the driver has forgotten the ring.
+        reset = threading.Thread(target=driver.write, args=(0x070, 0))
+        reset.start()
+        reset.join(0.1)
+        assert reset.is_alive()
+        flush.gate.set()
+        reset.join(3)
+        assert not reset.is_alive()
+    assert driver.used_idx(0) == 1 and driver.read(0x070) == 0
 
 
 def test_restore_onto_another_disk_is_refused(base: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from smolvmm.devices.virtio.mmio import (
     STATUS_NEEDS_RESET,
     MmioState,
 )
-from smolvmm.devices.virtio.queue import QueueState
+from smolvmm.devices.virtio.queue import DescriptorChain, QueueState
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError
 
@@ -218,6 +218,31 @@ async def test_cancelling_the_task_leaves_no_taken_chain_unused() -> None:
         await driver.transport.run()
     queue = driver.transport.save_state().queues[0]
     assert queue.next_avail == queue.next_used == driver.used_idx(0)
+
+
+@pytest.mark.anyio
+async def test_a_driver_that_keeps_its_ring_full_gets_one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = Driver(VirtioRng())
+    driver.start(RING_FEATURES, size=8)
+    served_since_yield = most = 0
+
+    def refill(chain: DescriptorChain) -> int:
+        # The guest posts the buffer again as soon as the device takes it, from another vCPU.
+        nonlocal served_since_yield, most
+        served_since_yield += 1
+        most = max(most, served_since_yield)
+        if served_since_yield < 1000:  # without a bound the device would never stop
+            driver.publish(0, chain.head)
+        return 0
+
+    monkeypatch.setattr(VirtioRng, "_fill", staticmethod(refill))
+    driver.submit(0, [(driver.alloc(16), 16, True)])
+    async with running(driver):
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+            served_since_yield = 0
+    # A batch is at most the queue size; a scheduler may run the device twice in a row.
+    assert 0 < most <= 2 * 8
 
 
 register_ops = st.lists(

@@ -110,7 +110,9 @@ class VirtioBlock(VirtioDevice):
         return struct.pack("<QIIHBBI", self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE)
 
     async def serve(self, session: Session) -> None:
-        await session.process(0, self._handle)
+        # In a worker thread: a read that misses the page cache, or FLUSH's fdatasync, may block
+        # for as long as the host's storage takes; only this device waits for it.
+        await session.process_in_thread(0, self._handle)
 
     def _handle(self, chain: DescriptorChain) -> int:
         request = parse_request(chain)

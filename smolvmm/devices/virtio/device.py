@@ -25,8 +25,9 @@ class VirtioDevice(ABC):
 
     The transport calls ``activate`` and then runs ``serve`` when the driver sets DRIVER_OK,
     cancels ``serve`` and calls ``reset`` when the driver resets the device, and only ever does
-    so from the event-loop thread. ``serve`` must finish each request without awaiting, so
-    cancelling it at any await point leaves every taken chain completed in the used ring.
+    so from the event-loop thread. ``serve`` must finish each request without awaiting (or in
+    a thread that cancelling waits for: ``Session.process_in_thread``), so cancelling it at any
+    await point leaves every taken chain completed in the used ring.
     """
 
     device_id: ClassVar[int]

@@ -197,13 +197,16 @@ class MmioTransport:
             os.eventfd_write(self._wake_fd, 1)
 
     def _reset(self) -> None:
-        """§4.2.2.1: writing 0 to Status resets the device, including every queue."""
+        """§4.2.2.1: writing 0 to Status resets the device, including every queue.
+
+        Returns once a request in flight has finished (``Session.close``).
+        """
+        session, self._session = self._session, None
         self._clear_registers()
         for queue in self._queues:
             queue.reset()
-        if self._session is not None:
-            self._session.closed = True
-            self._session = None
+        if session is not None:
+            session.close()
             os.eventfd_write(self._wake_fd, 1)
 
     def _interrupt(self, bits: int = INT_USED_BUFFER) -> None:
@@ -216,8 +219,9 @@ class MmioTransport:
     async def run(self) -> None:
         """Serve driver sessions until cancelled; a malformed queue stops only this device.
 
-        Cancellation is safe at any time: requests are completed between awaits, so every
-        chain taken from a ring has its used element written when the task is cancelled.
+        Cancellation is safe at any time: requests are completed between awaits (or waited
+        for, when a device serves them in a thread), so every chain taken from a ring has its
+        used element written when the task is cancelled.
         """
         while True:
             try:

@@ -114,9 +114,9 @@ class VirtioNet(VirtioDevice):
                 session.fill(RX, self._receive_frame)
 
     def _receive_merged(self, session: Session) -> bool:
-        """Move frames into merged buffers; True once the tap has nothing to give, False when
-        the ring lacks room for the next frame."""
-        while True:
+        """Move up to a queue's worth of frames into merged buffers; True once the tap has
+        nothing to give or the batch is done, False when the ring lacks room for the next frame."""
+        for _ in range(self.queue_sizes[RX]):
             if not self._frame_length:
                 try:
                     length = self._tap.read_into([memoryview(self._frame)])
@@ -129,6 +129,7 @@ class VirtioNet(VirtioDevice):
             if not session.spread(RX, self._frame_length, self._scatter_frame):
                 return False
             self._frame_length = 0
+        return True
 
     def _scatter_frame(self, chains: list[DescriptorChain]) -> list[int]:
         # §5.1.6.4: with VIRTIO_NET_F_MRG_RXBUF a frame spans num_buffers chains.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -13,6 +14,7 @@ from .buffers import total_length
 from .queue import DescriptorChain, Queue
 
 Producer = Callable[[DescriptorChain], "int | None"]
+_EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
 def drain_eventfd(fd: int) -> None:
@@ -26,8 +28,8 @@ def drain_eventfd(fd: int) -> None:
 class Session:
     """The device task's handle on its queues, safe against concurrent register access.
 
-    All queue mutation happens under the transport's lock; a reset from a vCPU thread marks the
-    session closed under the same lock, after which it touches nothing.
+    All queue mutation happens under the transport's lock; a reset from a vCPU thread closes the
+    session under the same lock (``close``), after which it touches nothing.
     """
 
     def __init__(
@@ -43,29 +45,53 @@ class Session:
         self._queues = queues
         self._notify_fds = notify_fds
         self._lock = lock
+        self._idle = threading.Condition(lock)
+        self._busy = False  # a chain is out with ``produce``, outside the lock
         self._interrupt = interrupt
 
+    def close(self) -> None:
+        """Stop touching the queues; the caller holds the lock (a reset, from a vCPU thread).
+
+        Waits, with the lock released, for a request in flight: the device then writes no guest
+        buffer after the reset that the driver sees completed, as with a real device's reset.
+        """
+        self.closed = True
+        self._idle.wait_for(lambda: not self._busy)
+
     def fill(self, index: int, produce: Producer) -> int:
-        """Hand available chains to ``produce`` until the ring is empty or it returns None.
+        """Hand available chains to ``produce``, at most a queue's worth, until the ring is empty
+        or it returns None; returns how many it used.
 
         ``produce`` returns the number of bytes it wrote into the chain (the used length), or
-        None to leave the chain in the ring for later. Runs under the lock: ``produce`` must be
-        synchronous and quick. Interrupts the driver if it asked for it (§2.7.7).
+        None to leave the chain in the ring for later. It runs outside the lock, so it may take
+        its time (see ``process_in_thread``) without holding up the vCPUs' register accesses.
+        Interrupts the driver if it asked for it (§2.7.7).
         """
         queue = self._queues[index]
         used = 0
-        with self._lock:
-            if self.closed:
-                return 0
-            while (chain := queue.pop(self.memory)) is not None:
+        for _ in range(queue.size):
+            with self._lock:
+                chain = None if self.closed else queue.pop(self.memory)
+                if chain is None:
+                    break
+                self._busy = True
+            try:
                 length = produce(chain)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._idle.notify_all()
+            with self._lock:
+                if self.closed:
+                    break
                 if length is None:
                     queue.undo_pop()
                     break
                 queue.add_used(self.memory, chain.head, length)
                 queue.publish_used(self.memory)
-                used += 1
-            if used and queue.needs_interrupt(self.memory):
+            used += 1
+        with self._lock:
+            if used and not self.closed and queue.needs_interrupt(self.memory):
                 self._interrupt()
         return used
 
@@ -98,12 +124,18 @@ class Session:
         return True
 
     async def wait_available(self, index: int) -> None:
-        """Return once queue ``index`` has a chain available, sleeping on its notify eventfd."""
+        """Return once queue ``index`` has a chain available, sleeping on its notify eventfd.
+
+        Always yields to the event loop, so a driver that keeps its ring full gets one batch
+        (``fill``) at a time and the other tasks run in between.
+        """
         fd = self._notify_fds[index]
         while True:
             with self._lock:
-                if not self.closed and self._queues[index].enable_notification(self.memory):
-                    return
+                available = not self.closed and self._queues[index].enable_notification(self.memory)
+            if available:
+                await anyio.lowlevel.checkpoint()
+                return
             await anyio.wait_readable(fd)
             drain_eventfd(fd)
 
@@ -131,3 +163,46 @@ class Session:
             self.fill(index, handle)
             if after_batch is not None:
                 await after_batch()
+
+    async def process_in_thread(self, index: int, handle: Producer) -> None:
+        """Like ``process``, but in a thread of this session's own that sleeps on the queue's
+        notify eventfd, so ``handle`` may block on the host (disk I/O, fdatasync) without
+        stalling the event loop or any other device. Cancelling stops the thread after its
+        current batch and waits for it, so every chain taken is completed in the used ring."""
+        stop, done = os.eventfd(0, _EFD_FLAGS), os.eventfd(0, _EFD_FLAGS)
+        failure: list[Exception] = []
+        thread = threading.Thread(
+            target=self._serve, args=(index, handle, stop, done, failure), name="virtio-io", daemon=True
+        )
+        thread.start()
+        try:
+            await anyio.wait_readable(done)
+        finally:
+            os.eventfd_write(stop, 1)
+            with anyio.CancelScope(shield=True):
+                await anyio.wait_readable(done)
+            thread.join()
+            os.close(stop)
+            os.close(done)
+        raise failure[0]  # uncancelled, the thread only ends on an error
+
+    def _serve(self, index: int, handle: Producer, stop: int, done: int, failure: list[Exception]) -> None:
+        """The thread of ``process_in_thread``: batches until ``stop`` or an error, then ``done``."""
+        poll = select.poll()
+        poll.register(stop, select.POLLIN)
+        poll.register(self._notify_fds[index], select.POLLIN)
+        try:
+            while True:
+                with self._lock:
+                    available = not self.closed and self._queues[index].enable_notification(self.memory)
+                if available:
+                    self.fill(index, handle)
+                ready = dict(poll.poll(0 if available else None))
+                if stop in ready:
+                    return
+                if ready:
+                    drain_eventfd(self._notify_fds[index])
+        except Exception as exc:  # raised again in the device's task, e.g. QueueError: NEEDS_RESET
+            failure.append(exc)
+        finally:
+            os.eventfd_write(done, 1)

@@ -124,11 +124,30 @@ def parse_chain(
         index = next_index
 
 
-def _full_fence() -> None:
-    """Order the ring store before it against the ring load after it (§2.7.7.2, §2.7.10).
+# Memory ordering. The driver runs concurrently on other CPUs, so the device must see and make
+# its ring accesses in this order:
+#  1. load the available idx before the ring entries and descriptors it covers (the driver
+#     writes them, then a barrier, then idx: §2.7.13.3);
+#  2. store the buffer bytes and the used element before the used idx that publishes them
+#     (§2.7.8.2: "The device MUST set len prior to updating the used idx");
+#  3. store avail_event (or the used idx) before loading the available idx (or used_event and
+#     the avail flags) to decide whether to sleep (or interrupt) (§2.7.7.2, §2.7.10);
+#     otherwise a notification or an interrupt can be lost.
+# Each access to guest RAM here is a separate C call (struct, memoryview, a syscall such as
+# preadv), which neither the compiler nor the interpreter reorders, and the code issues them in
+# the order above; the CPU may still reorder them. On x86-64 (TSO) loads are not reordered with
+# loads, nor stores with stores, so 1 and 2 hold with no barrier, and only 3, a store before a
+# load, needs ``_full_fence``. That is an x86-64 argument: arm64 reorders all four kinds, so 1
+# would need a load barrier (dmb ishld), 2 a store barrier (dmb ishst) and 3 a dmb ish, which
+# Python cannot issue. virtio is wired only on x86-64 KVM (vm.py); see docs/devices.md.
 
-    Python has no fence; taking an uncontended lock runs an atomic read-modify-write, which is
-    a full barrier on x86-64 (on arm64 glibc's acquire-only CAS would not be).
+
+def _full_fence() -> None:
+    """Order the ring store before it against the ring load after it (rule 3 above).
+
+    Python has no fence. Taking an uncontended ``threading.Lock`` (a glibc semaphore) runs a
+    ``lock cmpxchg``, which is a full barrier on x86-64; on arm64 the lock's acquire and release
+    do not order an earlier store against a later load.
     """
     with _FENCE:
         pass
@@ -208,7 +227,8 @@ class Queue:
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def publish_used(self, memory: GuestMemory) -> None:
-        """Expose the used elements written so far by storing the used index after them (§2.7.8)."""
+        """Expose the used elements written so far by storing the used index after them (§2.7.8;
+        ordered after them by x86-64's TSO, see the memory-ordering note above)."""
         memory.write_u16(self.used_addr + 2, self.next_used)
 
     def enable_notification(self, memory: GuestMemory) -> bool:

@@ -32,7 +32,10 @@ MIN_DEDUP_RUN = 16
 MIN_ZERO_GAP = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = PAGE_SIZE
-MAX_CHUNK_SIZE = 1 << 26
+# 4x the default: a reader decodes a chunk (window included) within 4 MiB; zstd's default levels
+# find no matches farther back than 2-8 MiB, so larger chunks would not compress better.
+MAX_CHUNK_SIZE = 1 << 22
+_CHECK_BLOCK = 64 << 10
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_BLOCK_SIZE = 16 * PAGE_SIZE
 _ZERO_BLOCK = bytes(_ZERO_BLOCK_SIZE)
@@ -55,6 +58,14 @@ class Extent(NamedTuple):
     length: int
     offset: int
     stored: int
+
+
+class ImageMap(NamedTuple):
+    """A checked index: the data section's encoding, its granule, and the extents in address order."""
+
+    encoding: Encoding
+    granule: int
+    extents: list[Extent]
 
 
 @dataclass(frozen=True)
@@ -231,8 +242,8 @@ def check_index(
     regions: Sequence[Region],
     data_length: int,
     what: str,
-) -> list[Extent]:
-    """Validate a parsed PageIndex against its regions and data section; returns its extents.
+) -> ImageMap:
+    """Validate a parsed PageIndex against its regions and data section.
 
     ``what`` names the image ("ram" or "disk") in error codes: ``map-outside-ram`` etc.
     """
@@ -247,7 +258,7 @@ def check_index(
         MIN_CHUNK_SIZE <= granule <= MAX_CHUNK_SIZE and granule & (granule - 1) == 0
     ):
         raise FormatError(
-            "bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 64 MiB]"
+            "bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 4 MiB]"
         )
     ordered = sorted(regions, key=lambda r: r.start)
     extents: list[Extent] = []
@@ -292,13 +303,13 @@ def check_index(
             )
         previous_end = extent.address + extent.length
         extents.append(extent)
-    return extents
+    return ImageMap(encoding, granule, extents)
 
 
-def split_extents(extents: Sequence[Extent], encoding: Encoding, block: int) -> Iterator[Extent]:
+def split_extents(image: ImageMap, block: int) -> Iterator[Extent]:
     """Raw extents cut into pieces of at most ``block`` bytes (a page multiple); zstd chunks as they are."""
-    for extent in extents:
-        if encoding != Encoding.RAW_PAGES or extent.length <= block:
+    for extent in image.extents:
+        if image.encoding != Encoding.RAW_PAGES or extent.length <= block:
             yield extent
             continue
         for start in range(0, extent.length, block):
@@ -306,11 +317,33 @@ def split_extents(extents: Sequence[Extent], encoding: Encoding, block: int) -> 
             yield Extent(extent.address + start, length, extent.offset + start, _round_up(length, PAGE_SIZE))
 
 
+def _decode_frame(
+    dctx: zstandard.ZstdDecompressor, frame: bytes, extent: Extent, sink: Callable[[int], memoryview]
+) -> None:
+    """Decode one chunk's frame into ``sink(bytes done so far)``, piece by piece: exactly its length."""
+    done = 0
+    try:
+        with dctx.stream_reader(frame, read_across_frames=False) as reader:
+            while done < extent.length and (n := reader.readinto(sink(done))):
+                done += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}") from exc
+    if done != extent.length or extra:
+        raise FormatError(
+            "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes"
+        )
+
+
+def _decompressor(granule: int) -> zstandard.ZstdDecompressor:
+    # A frame may not ask for a window beyond its chunk: decoding memory stays within one granule.
+    return zstandard.ZstdDecompressor(max_window_size=granule)
+
+
 def decode_into(
     fd: int,
     data_offset: int,
-    encoding: Encoding,
-    extents: Sequence[Extent],
+    image: ImageMap,
     target: Callable[[int, int], memoryview],
     threads: int,
 ) -> None:
@@ -320,7 +353,7 @@ def decode_into(
     def decode(extent: Extent) -> None:
         view = target(extent.address, extent.length)
         position = data_offset + extent.offset
-        if encoding == Encoding.RAW_PAGES:
+        if image.encoding == Encoding.RAW_PAGES:
             while view:  # a single read stops short of 2 GiB
                 got = os.preadv(fd, [view], position)
                 if got == 0:
@@ -328,27 +361,22 @@ def decode_into(
                 view, position = view[got:], position + got
             return
         if not hasattr(local, "dctx"):
-            local.dctx = zstandard.ZstdDecompressor()
-        frame = os.pread(fd, extent.stored, position)
-        got = 0
-        try:
-            with local.dctx.stream_reader(frame, read_across_frames=False) as reader:
-                while got < extent.length and (n := reader.readinto(view[got:])):
-                    got += n
-                extra = reader.read(1)
-        except zstandard.ZstdError as exc:
-            raise FormatError(
-                "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}"
-            ) from exc
-        if got != extent.length or extra:
-            raise FormatError(
-                "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes"
-            )
+            local.dctx = _decompressor(image.granule)
+        _decode_frame(local.dctx, os.pread(fd, extent.stored, position), extent, lambda done: view[done:])
 
     if threads <= 1:
-        for extent in extents:
+        for extent in image.extents:
             decode(extent)
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in pool.map(decode, extents):
+        for _ in pool.map(decode, image.extents):
             pass
+
+
+def check_chunks(fd: int, data_offset: int, image: ImageMap) -> None:
+    """Decode every zstd chunk of ``image`` and drop the output: memory stays one small block."""
+    dctx = _decompressor(image.granule)
+    scratch = memoryview(bytearray(_CHECK_BLOCK))
+    for extent in image.extents:
+        frame = os.pread(fd, extent.stored, data_offset + extent.offset)
+        _decode_frame(dctx, frame, extent, lambda done: scratch[: extent.length - done])

@@ -35,7 +35,7 @@ from .layout import (
     SectionFlag,
     SectionKind,
 )
-from .pages import Extent, Region, check_index, decode_into, split_extents
+from .pages import ImageMap, Region, check_chunks, check_index, decode_into, split_extents
 from .payloads import payload
 
 _PARSE_ERRORS = (ConstructError, struct.error, ValueError, OverflowError, IndexError, KeyError, TypeError)
@@ -196,13 +196,13 @@ def _name(section: SectionInfo) -> str:
 class DiskImage:
     """Base disk ``index`` of a bundle: ``size`` bytes, stored raw or as zstd chunks."""
 
-    def __init__(self, bundle: Bundle, index: int, data: SectionInfo, extents: list[Extent]) -> None:
+    def __init__(self, bundle: Bundle, index: int, data: SectionInfo, image: ImageMap) -> None:
         self._bundle = bundle
         self.index = index
         self.size = data.logical_length
         self.encoding = _ENCODING_NAMES[data.encoding]
         self._data = data
-        self._extents = extents
+        self._image = image
 
     def extents(self) -> list[DiskExtent]:
         """Where the disk's non-zero bytes lie in the bundle file (raw encoding only)."""
@@ -211,7 +211,7 @@ class DiskImage:
                 "wrong-encoding",
                 f"disk {self.index} is zstd-compressed; `smolvmm pack --raw` makes it mappable",
             )
-        return [DiskExtent(e.address, e.length, self._data.offset + e.offset) for e in self._extents]
+        return [DiskExtent(e.address, e.length, self._data.offset + e.offset) for e in self._image.extents]
 
     def read_into(self, buffer: Any, threads: int = 2) -> None:
         """Decode the disk into ``buffer`` (``size`` bytes, zero-filled: zero ranges are skipped)."""
@@ -221,8 +221,7 @@ class DiskImage:
         decode_into(
             self._bundle.fileno(),
             self._data.offset,
-            self._data.encoding,
-            self._extents,
+            self._image,
             lambda address, length: view[address : address + length],
             threads,
         )
@@ -232,13 +231,12 @@ class DiskImage:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, self.size)
-            for piece in split_extents(self._extents, self._data.encoding, _COPY_BLOCK):
+            for piece in split_extents(self._image, _COPY_BLOCK):
                 chunk = bytearray(piece.length)
                 decode_into(
                     self._bundle.fileno(),
                     self._data.offset,
-                    self._data.encoding,
-                    [piece],
+                    self._image._replace(extents=[piece]),
                     lambda _address, _length: memoryview(chunk),
                     1,
                 )
@@ -300,7 +298,7 @@ class Bundle:
         self._memory = self._image(SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX, 0, regions, "ram")
         if self._memory[0].logical_length != sum(r.size for r in regions):
             raise FormatError("bad-section", "memory data size does not match the configured RAM")
-        self._disks: dict[int, tuple[SectionInfo, list[Extent]]] = {}
+        self._disks: dict[int, tuple[SectionInfo, ImageMap]] = {}
         for s in by_kind.get(SectionKind.DISK_DATA, []):
             self._disks[s.index] = self._image(
                 SectionKind.DISK_DATA, SectionKind.DISK_INDEX, s.index, [Region(0, s.logical_length)], "disk"
@@ -335,7 +333,7 @@ class Bundle:
 
     def _image(
         self, data_kind: SectionKind, index_kind: SectionKind, index: int, regions: list[Region], what: str
-    ) -> tuple[SectionInfo, list[Extent]]:
+    ) -> tuple[SectionInfo, ImageMap]:
         data = next((s for s in self._by_kind.get(data_kind, []) if s.index == index), None)
         index_section = next((s for s in self._by_kind.get(index_kind, []) if s.index == index), None)
         if data is None or index_section is None:
@@ -344,8 +342,7 @@ class Bundle:
             raise FormatError(
                 "encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}"
             )
-        extents = check_index(self._parse(index_section), data.encoding, regions, data.length, what)
-        return data, extents
+        return data, check_index(self._parse(index_section), data.encoding, regions, data.length, what)
 
     @property
     def memory_encoding(self) -> str:
@@ -357,12 +354,12 @@ class Bundle:
 
         Guest pages in no extent are zero. Raw encoding only.
         """
-        data, extents = self._memory
+        data, image = self._memory
         if data.encoding != Encoding.RAW_PAGES:
             raise FormatError(
                 "wrong-encoding", "guest memory is zstd-compressed; `smolvmm pack --raw` makes it mappable"
             )
-        return [MemoryExtent(e.address, e.length, data.offset + e.offset) for e in extents]
+        return [MemoryExtent(e.address, e.length, data.offset + e.offset) for e in image.extents]
 
     def read_memory_into(self, memory: Sequence[Any], threads: int = 2) -> None:
         """Decode guest RAM into ``memory``: one zero-filled writable buffer per ``config.ram`` region.
@@ -380,8 +377,8 @@ class Bundle:
                     return view[address - gpa : address - gpa + length]
             raise AssertionError("extent outside RAM passed the index checks")
 
-        data, extents = self._memory
-        decode_into(self._fd, data.offset, data.encoding, extents, target, threads)
+        data, image = self._memory
+        decode_into(self._fd, data.offset, image, target, threads)
 
     @property
     def disk_count(self) -> int:
@@ -392,8 +389,8 @@ class Bundle:
         """Base disk ``index`` (the ``disk`` parameter of a virtio-blk device)."""
         if index not in self._disks:
             raise IndexError(f"bundle has no disk {index}")
-        data, extents = self._disks[index]
-        return DiskImage(self, index, data, extents)
+        data, image = self._disks[index]
+        return DiskImage(self, index, data, image)
 
     def _blob(self, kind: SectionKind) -> bytes | None:
         found = self._by_kind.get(kind)
@@ -417,13 +414,9 @@ class Bundle:
                 digest.update(_pread(self._fd, min(_HASH_BLOCK, s.length - start), s.offset + start))
             if digest.digest() != s.digest:
                 raise FormatError("bad-digest", f"section {_name(s)} does not match its digest")
-        images = [self._memory, *self._disks.values()]
-        for data, extents in images:
-            if data.encoding == Encoding.ZSTD_CHUNKS:
-                scratch = bytearray(max((e.length for e in extents), default=0))
-                decode_into(
-                    self._fd, data.offset, data.encoding, extents, lambda _a, n: memoryview(scratch)[:n], 1
-                )
+        for data, image in [self._memory, *self._disks.values()]:
+            if image.encoding == Encoding.ZSTD_CHUNKS:
+                check_chunks(self._fd, data.offset, image)
 
     def fileno(self) -> int:
         """The open file descriptor, for mmap."""

@@ -216,7 +216,7 @@ def write_bundle(
     file is removed.
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
+        raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 4 MiB]")
     memory_enc = ENCODINGS[memory_encoding]
     disk_enc = ENCODINGS[disk_encoding or memory_encoding]
     target = Path(path)

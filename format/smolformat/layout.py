@@ -6,6 +6,8 @@ from enum import IntEnum, IntFlag
 
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
+from .packed import Packed
+
 MAGIC = b"\x89SMOLVMM"
 SMOLPACK_MAGIC = b"SMOLPACK"
 SMOLPACK_FOOTER_SIZE = 64
@@ -56,29 +58,33 @@ class Encoding(IntEnum):
     ZSTD_CHUNKS = 3
 
 
-Header = Struct(
-    "magic" / Bytes(8),
-    "version_major" / Int16ul,
-    "version_minor" / Int16ul,
-    "header_size" / Int32ul,
-    "flags" / Int64ul,
-    "file_size" / Int64ul,
-    "table_offset" / Int64ul,
-    "section_count" / Int32ul,
-    "entry_size" / Int32ul,
-    "reserved" / Bytes(48),
-    "checksum" / Bytes(DIGEST_SIZE),
+Header = Packed(
+    Struct(
+        "magic" / Bytes(8),
+        "version_major" / Int16ul,
+        "version_minor" / Int16ul,
+        "header_size" / Int32ul,
+        "flags" / Int64ul,
+        "file_size" / Int64ul,
+        "table_offset" / Int64ul,
+        "section_count" / Int32ul,
+        "entry_size" / Int32ul,
+        "reserved" / Bytes(48),
+        "checksum" / Bytes(DIGEST_SIZE),
+    )
 )
 
-SectionEntry = Struct(
-    "kind" / Int16ul,
-    "flags" / Int16ul,
-    "encoding" / Int16ul,
-    "reserved0" / Int16ul,
-    "index" / Int32ul,
-    "reserved1" / Int32ul,
-    "offset" / Int64ul,
-    "length" / Int64ul,
-    "logical_length" / Int64ul,
-    "digest" / Bytes(DIGEST_SIZE),
+SectionEntry = Packed(
+    Struct(
+        "kind" / Int16ul,
+        "flags" / Int16ul,
+        "encoding" / Int16ul,
+        "reserved0" / Int16ul,
+        "index" / Int32ul,
+        "reserved1" / Int32ul,
+        "offset" / Int64ul,
+        "length" / Int64ul,
+        "logical_length" / Int64ul,
+        "digest" / Bytes(DIGEST_SIZE),
+    )
 )

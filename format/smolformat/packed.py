@@ -101,10 +101,10 @@ class Packed(Construct):
         shape, fmt = _shape(declared)
         self._field = ("struct", shape)
         self._struct = struct.Struct("<" + fmt)
+        self.make = _element_maker(self)
 
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
-        values = self._struct.unpack(stream_read(stream, self._struct.size, path))
-        return _group(self._field, iter(values))
+        return self.make(self._struct.unpack(stream_read(stream, self._struct.size, path)))
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         flat: list[Any] = []
@@ -118,6 +118,10 @@ class Packed(Construct):
 
     def _sizeof(self, context: Any, path: str) -> int:
         return self._struct.size
+
+    def unpack_from(self, buffer: Any, offset: int = 0) -> Any:
+        """The value at ``offset`` in ``buffer``, without construct's per-parse set-up."""
+        return self.make(self._struct.unpack_from(buffer, offset))
 
     def group(self, values: tuple[Any, ...]) -> Any:
         """One element's Container from its unpacked values."""
@@ -153,13 +157,12 @@ class PackedArray(Construct):
         super().__init__()
         self.count = count
         self.element = element
-        self._make = _element_maker(element)
 
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
         count = self.count._parsereport(stream, context, path)
         layout = self.element._struct
         data = stream_read(stream, count * layout.size, path)
-        return ListContainer(map(self._make, layout.iter_unpack(data)))
+        return ListContainer(map(self.element.make, layout.iter_unpack(data)))
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         self.count._build(len(obj), stream, context, path)

@@ -149,7 +149,7 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
         raise FormatError("bad-checksum", "header or section table checksum mismatch")
     sections = []
     for start in range(0, table_length, header.entry_size):
-        entry = SectionEntry.parse(table[start : start + ENTRY_SIZE])
+        entry = SectionEntry.unpack_from(table, start)
         kind = SectionKind(entry.kind) if entry.kind in SectionKind._value2member_map_ else entry.kind
         encoding = (
             Encoding(entry.encoding) if entry.encoding in Encoding._value2member_map_ else entry.encoding

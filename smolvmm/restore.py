@@ -196,11 +196,14 @@ def restore_vm_from(
             for (device, role), record in zip(_devices(bundle, overrides, roles, main, agent), records, strict=True):
                 transport = vm.add_virtio(device, role)
                 state = virtio_state(record.kind, record.state)
-                if isinstance(device, VirtioNet) and device.mac != state.device.mac:
+                new_mac = isinstance(device, VirtioNet) and device.mac != state.device.mac
+                if new_mac:
                     # A new MAC for this clone: the device reports it, the guest agent applies it.
                     new_macs[f"eth{record.instance}"] = device.mac
                     state = dataclasses.replace(state, device=dataclasses.replace(state.device, mac=device.mac))
                 transport.restore_state(state)
+                if new_mac:
+                    transport.config_changed()
             expected = [(d.base, d.size, d.gsi) for d in bundle.config.devices if d.bus == "mmio"]
             if vm.virtio_slots != expected:
                 raise BundleError("the bundle's virtio devices are not at the addresses this monitor assigns")

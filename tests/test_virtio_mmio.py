@@ -133,6 +133,35 @@ async def test_save_restore_round_trip() -> None:
         assert await clone.wait_used(0) == [(head, 8)]
 
 
+class Configurable(VirtioRng):
+    """An rng with a one-byte configuration the test can change."""
+
+    value = 1
+
+    def config(self) -> bytes:
+        return bytes([self.value])
+
+
+def test_config_change_moves_the_generation_and_notifies_a_live_driver() -> None:
+    driver = Driver(Configurable())
+    device = driver.transport.device
+    assert isinstance(device, Configurable)
+    driver.negotiate()
+    device.value = 2
+    driver.transport.config_changed()  # no live driver yet: no notification
+    assert (driver.read(0x100) & 0xFF, driver.read(0x0FC), driver.read(0x060)) == (2, 1, 0)
+    assert driver.interrupts() == 0
+
+    driver.start()
+    state = driver.transport.save_state()
+    clone = Driver(Configurable(), driver.memory)
+    clone.transport.restore_state(state)  # a restored driver is live ...
+    assert clone.read(0x0FC) == 1
+    clone.transport.config_changed()  # ... so it hears of the change
+    assert (clone.read(0x0FC), clone.read(0x060)) == (2, 2)
+    assert clone.interrupts() == 1
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -209,6 +209,16 @@ class MmioTransport:
             session.close()
             os.eventfd_write(self._wake_fd, 1)
 
+    def config_changed(self) -> None:
+        """The device's configuration changed (e.g. a restored clone's new MAC): serve the new
+        one, change ConfigGeneration (§4.2.2.1, so a driver reading it sees the change) and, if a
+        driver is live, send a configuration change notification (§2.3; InterruptStatus bit 1)."""
+        with self._lock:
+            self._config = self.device.config()
+            self._config_generation = (self._config_generation + 1) & 0xFFFFFFFF
+            if self._status & STATUS_DRIVER_OK:
+                self._interrupt(INT_CONFIG_CHANGE)
+
     def _interrupt(self, bits: int = INT_USED_BUFFER) -> None:
         """Raise an interrupt; the caller holds the lock."""
         self._interrupt_status |= bits

@@ -240,3 +240,11 @@ def test_many_sections_are_refused_quickly_in_one_short_line(tmp_path: Path, ext
         open_bundle(path)
     assert time.monotonic() - started < 1
     assert caught.value.code == code and len(str(caught.value)) < 200
+
+
+def test_the_writer_refuses_a_parent_digest_that_is_not_a_digest(tmp_path: Path) -> None:
+    given = contents(tmp_path)
+    given.metadata = make_metadata("kvm-pvm", parent_digest=b"12345")
+    with pytest.raises(FormatError) as caught:
+        write_bundle(tmp_path / "m.smolmachine", given)
+    assert caught.value.code == "bad-section" and "metadata" in str(caught.value)

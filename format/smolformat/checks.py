@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .devices import DEVICE_KINDS
+from .devices import BUS_MMIO, BUS_PIO, DEVICE_KINDS
 from .errors import FormatError, brief
 from .layout import PAGE_SIZE
 from .pages import Region
@@ -49,9 +49,12 @@ def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
 
 def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
     """Device states match the configured devices one for one; returns the disk numbers used."""
-    for device in config.devices:
+    for device in [*config.devices, *records]:
         if device.kind not in DEVICE_KINDS:
             raise FormatError("unknown-device-kind", f"unknown device kind code {int(device.kind)}")
+    for device in config.devices:
+        if device.bus not in (BUS_PIO, BUS_MMIO):
+            raise FormatError("bad-config", f"device {device.kind} has unknown bus code {int(device.bus)}")
     if len(records) != len(config.devices):
         raise FormatError(
             "device-mismatch", f"{len(records)} device states for {len(config.devices)} devices"

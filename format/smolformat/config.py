@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from construct import (
     Enum,
+    ExprValidator,
     GreedyBytes,
     Int8ul,
     Int16ul,
@@ -16,6 +17,7 @@ from construct import (
 )
 
 from .devices import DeviceConfig
+from .layout import DIGEST_SIZE
 from .limits import bounded
 
 MAX_VCPUS = 1024
@@ -41,6 +43,8 @@ Metadata = Struct(
     "creator" / _Text,
     "created_unix_ns" / Int64ul,
     "hypervisor" / _Text,
-    "parent_digest" / Prefixed(bounded(Int8ul, 64), GreedyBytes),
+    # a bundle digest, or empty when there is no parent
+    "parent_digest"
+    / ExprValidator(Prefixed(Int8ul, GreedyBytes), lambda value, _ctx: len(value) in (0, DIGEST_SIZE)),
     "labels" / PrefixedArray(Int16ul, Struct("key" / _Text, "value" / _Text)),
 )

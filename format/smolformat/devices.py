@@ -12,18 +12,20 @@ from construct import (
     Bytes,
     Construct,
     Enum,
-    Flag,
+    FocusedSeq,
     GreedyBytes,
     Int8ul,
     Int16ul,
     Int32ul,
     Int64ul,
+    Mapping,
     PascalString,
     Pass,
     Prefixed,
     PrefixedArray,
     Struct,
     Switch,
+    Terminated,
     this,
 )
 
@@ -31,11 +33,15 @@ from .limits import bounded
 
 MAX_QUEUES = 1024
 MAX_FIFO = 1 << 16
+MAX_DEVICE_STATE = 1 << 24
+
+# A u8 that is 0 or 1: construct's Flag would read any other byte as True.
+Bool = Mapping(Int8ul, {False: 0, True: 1})
 
 VirtqueueState = Struct(
     "size" / Int16ul,
-    "ready" / Flag,
-    "event_idx" / Flag,
+    "ready" / Bool,
+    "event_idx" / Bool,
     "desc_addr" / Int64ul,
     "avail_addr" / Int64ul,
     "used_addr" / Int64ul,
@@ -87,7 +93,7 @@ _kind(
     Pass,
     Struct(
         *[name / Int8ul for name in ("dll", "dlm", "ier", "iir", "fcr", "lcr", "mcr", "lsr", "msr", "scr")],
-        "thre_pending" / Flag,
+        "thre_pending" / Bool,
         "rx" / Prefixed(bounded(Int32ul, MAX_FIFO), GreedyBytes),
     ),
 )
@@ -107,8 +113,8 @@ _kind("acpi-pm", 3, Pass, Struct("pm1_status" / Int16ul, "pm1_enable" / Int16ul,
 _kind(
     "virtio-blk",
     4,
-    Struct("disk" / Int32ul, "read_only" / Flag, "serial" / _Serial),
-    _virtio(Struct("capacity_sectors" / Int64ul, "read_only" / Flag, "serial" / _Serial)),
+    Struct("disk" / Int32ul, "read_only" / Bool, "serial" / _Serial),
+    _virtio(Struct("capacity_sectors" / Int64ul, "read_only" / Bool, "serial" / _Serial)),
 )
 _kind("virtio-net", 5, Struct("mac" / _Mac), _virtio(Struct("mac" / _Mac)))
 _kind("virtio-console", 6, Pass, _virtio(Struct("ports" / Int32ul)))
@@ -134,7 +140,11 @@ DeviceRecord = Struct(
     "instance" / Int16ul,
     "state"
     / Prefixed(
-        bounded(Int32ul, 1 << 24),
-        Switch(this.kind, {name: kind.state for name, kind in DEVICE_KINDS.items()}),
+        bounded(Int32ul, MAX_DEVICE_STATE),
+        Switch(
+            this.kind,
+            {name: FocusedSeq("state", "state" / kind.state, Terminated) for name, kind in DEVICE_KINDS.items()},
+            default=GreedyBytes,  # an unknown kind: refused by the checks, by name
+        ),
     ),
 )

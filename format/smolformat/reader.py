@@ -58,6 +58,7 @@ _REQUIRED = {
     SectionKind.MEMORY_DATA,
 }
 _IMAGE_DATA = {SectionKind.MEMORY_DATA, SectionKind.DISK_DATA}
+_BLOBS = {SectionKind.KERNEL, SectionKind.INITRD}
 _ENCODING_NAMES = {Encoding.RAW_PAGES: "raw", Encoding.ZSTD_CHUNKS: "zstd"}
 _HASH_BLOCK = 1 << 20
 _COPY_BLOCK = 1 << 20
@@ -143,6 +144,10 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     table_length = header.section_count * header.entry_size
     if header.table_offset < HEADER_SIZE or header.table_offset + table_length != size:
         raise FormatError("section-table-outside-file", "the section table does not end the file")
+    if header.table_offset % SECTION_ALIGN:
+        raise FormatError(
+            "misaligned", f"the section table at {header.table_offset:#x} is not {SECTION_ALIGN}-byte aligned"
+        )
     table = _pread(fd, table_length, header.table_offset)
     checksum = hashlib.blake2b(head[:CHECKSUMMED_HEADER] + table, digest_size=DIGEST_SIZE).digest()
     if checksum != header.checksum:
@@ -186,6 +191,18 @@ def _check_placement(sections: Sequence[SectionInfo], table_offset: int) -> None
         if previous and s.offset < previous.offset + previous.length:
             raise FormatError("section-overlap", f"sections {_name(previous)} and {_name(s)} overlap")
         previous = s
+
+
+def _check_known(s: SectionInfo) -> None:
+    """A known kind's entry is as §4.1 says: index, encoding of a blob, logical length."""
+    if s.kind in _SINGLETONS and s.index:
+        raise FormatError("bad-section", f"section {_name(s)}: there is one, with index 0")
+    if s.kind in _BLOBS and s.encoding != Encoding.BYTES:
+        raise FormatError("encoding-mismatch", f"section {_name(s)} must be BYTES-encoded")
+    if s.kind not in _IMAGE_DATA and s.kind != SectionKind.SIGNATURE and s.logical_length != s.length:
+        raise FormatError(
+            "bad-section", f"section {_name(s)} has logical length {s.logical_length}, not its length {s.length}"
+        )
 
 
 def _name(section: SectionInfo) -> str:
@@ -274,6 +291,7 @@ class Bundle:
                         "unknown-required-section", f"required section {_name(s)} is unknown to this reader"
                     )
                 continue
+            _check_known(s)
             same = by_kind.setdefault(s.kind, [])
             if (s.kind, s.index) in seen or (s.kind in _SINGLETONS and same):
                 code = "duplicate-vcpu" if s.kind == SectionKind.VCPU_STATE else "duplicate-section"

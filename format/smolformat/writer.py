@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from construct import ConstructError
+
 from . import checks
+from .errors import FormatError
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
@@ -140,7 +143,10 @@ class _Output:
     def struct(self, kind: SectionKind, value: Any, *, arch: str = "", index: int = 0) -> Any:
         """Build ``value``, write it, and return it parsed back (the checks run on parsed values)."""
         construct = payload(kind, arch)
-        data = construct.build(value)
+        try:
+            data = construct.build(value)
+        except ConstructError as exc:
+            raise FormatError("bad-section", f"cannot write {kind.name.lower()}: {str(exc).splitlines()[-1]}") from exc
         with self.section(kind, index=index):
             self.write(data)
         return construct.parse(data)

@@ -19,6 +19,7 @@ import smolvmm
 from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig, parse_size
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
+READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
 # MachineConfig fields as the flags that set them, for error messages.
 _FLAGS = {
     "MachineConfig.kernel": "--kernel", "MachineConfig.initrd": "--initrd", "MachineConfig.cmdline": "--cmdline",
@@ -33,8 +34,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", type=Path, help="bzImage to boot (default: the built-in demo guest)")
     parser.add_argument("--initrd", type=Path, help="initramfs to pass to the kernel")
     parser.add_argument("--cmdline", help="kernel command line (default: the demo guest's)")
-    parser.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
-    parser.add_argument("--mem", default="256M", help="guest RAM, e.g. 256M or 1G (default 256M)")
+    parser.add_argument("--cpus", type=int, help="number of vCPUs (default 1)")
+    parser.add_argument("--mem", help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,overlay=PATH]",
                         help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)")
     parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
@@ -46,15 +47,22 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
+    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if getattr(args, "bundle", None) is not None:
+        given = [flag for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
+                 ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value]
+        if given:
+            raise ConfigError(f"--bundle brings its own kernel, command line, vCPUs, RAM and disks: drop {', '.join(given)}")
+        return MachineConfig.from_bundle(args.bundle, networks=networks, console_socket=args.console_socket)
     try:
         return MachineConfig(
             kernel=args.kernel,
             initrd=args.initrd,
             cmdline=args.cmdline,
-            vcpus=args.cpus,
-            memory=parse_size(args.mem),
+            vcpus=args.cpus or 1,
+            memory=parse_size(args.mem or "256M"),
             disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
-            networks=tuple(NetConfig.parse(spec) for spec in args.net),
+            networks=networks,
             console_socket=args.console_socket,
             console=args.console,
         )
@@ -66,9 +74,15 @@ def _config(args: argparse.Namespace) -> MachineConfig:
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name in ("boot", "build"):
         _add_machine_flags(parser)
+        parser.add_argument("--ready-marker", help="console text that says the guest is ready; boot forwards stdin"
+                            " only after it (default: the demo guest's, or the one a --bundle was built with)")
+    if name == "boot":
+        parser.add_argument("--bundle", type=Path, metavar="BUNDLE",
+                            help="cold-boot BUNDLE's own kernel, initrd and disks (a bundle built with --bootable)")
     if name == "build":
         parser.add_argument("-o", "--output", type=Path, required=True, help="the .smolmachine file to write")
-        parser.add_argument("--ready-marker", help="console text that says the guest is ready (default: the demo guest's)")
+        parser.add_argument("--bootable", action="store_true",
+                            help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)")
         parser.add_argument("--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)")
         parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the ready marker (default 600)")
     if name == "run":
@@ -156,12 +170,24 @@ def _print_timings(machine: Machine, enabled: bool) -> None:
         print(machine.timings.json(), file=sys.stderr)
 
 
-async def _boot(config: MachineConfig, timings: bool) -> int:
-    marker = None if config.kernel else smolvmm.default_guest().ready_marker
+async def _boot(config: MachineConfig, marker: str | None, timings: bool) -> int:
     async with Machine.boot(config) as machine:
         status = await console_session(machine, marker)
     _print_timings(machine, timings)
     return status
+
+
+def _boot_marker(args: argparse.Namespace) -> str | None:
+    """What ``boot`` waits for before forwarding stdin: the flag's, a bundle's, or the demo guest's."""
+    if args.ready_marker is not None:
+        return args.ready_marker
+    if args.bundle is not None:
+        import smolformat
+
+        with smolformat.open_bundle(args.bundle) as bundle:
+            labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
+        return labels.get(READY_MARKER_LABEL)
+    return None if args.kernel else smolvmm.default_guest().ready_marker
 
 
 def _progress(text: str) -> None:
@@ -169,7 +195,7 @@ def _progress(text: str) -> None:
         print(f"smolvmm: {text}", file=sys.stderr)
 
 
-async def _build(config: MachineConfig, output: Path, marker: str | None, zstd: bool, timeout: float) -> int:
+async def _build(config: MachineConfig, output: Path, marker: str | None, bootable: bool, zstd: bool, timeout: float) -> int:
     if marker is None:
         if config.kernel is not None:
             raise ConfigError("--ready-marker is needed with --kernel: say what the guest prints when it is ready")
@@ -181,7 +207,8 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, zstd: 
         except TimeoutError:
             raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
         _progress(f"ready after {machine.timings.phases.get('first_kvm_run', 0) / 1000:.1f} s; saving {output}")
-        digest = await machine.snapshot(output, encoding="zstd" if zstd else "raw")
+        encoding = "zstd" if zstd else "raw"
+        digest = await machine.snapshot(output, encoding=encoding, labels={READY_MARKER_LABEL: marker}, bootable=bootable)
     print(f"{output}: {digest.hex()[:16]}")
     return 0
 
@@ -216,7 +243,8 @@ def run(name: str, args: argparse.Namespace) -> int:
         return demo()
     _warn_about_host()
     if name == "boot":
-        return anyio.run(_boot, _config(args), args.timings, backend="trio")
+        return anyio.run(_boot, _config(args), _boot_marker(args), args.timings, backend="trio")
     if name == "build":
-        return anyio.run(_build, _config(args), args.output, args.ready_marker, args.zstd, args.timeout, backend="trio")
+        build = (_config(args), args.output, args.ready_marker, args.bootable, args.zstd, args.timeout)
+        return anyio.run(_build, *build, backend="trio")
     return anyio.run(_run, args, backend="trio")

@@ -169,6 +169,17 @@ class MachineConfig:
     console: Literal["serial", "virtio"] = "serial"
     extra_cmdline: str = field(default="")
 
+    @classmethod
+    def from_bundle(
+        cls, path: str | os.PathLike[str], *, networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
+    ) -> MachineConfig:
+        """The configuration that cold-boots bundle ``path`` with its own kernel and initrd (saved
+        with ``snapshot(..., bootable=True)``): its vCPUs, RAM, command line, console and disks
+        (as saved, under a fresh overlay); ``networks`` and ``console_socket`` serve its devices."""
+        from .coldboot import config_from_bundle
+
+        return config_from_bundle(path, networks, console_socket)
+
     def __post_init__(self) -> None:
         for name in ("kernel", "initrd", "console_socket"):
             object.__setattr__(self, name, _path(f"MachineConfig.{name}", getattr(self, name), optional=True))

@@ -1,7 +1,7 @@
 """Machine: a running VM inside the caller's anyio event loop (trio or asyncio).
 
 Structure: one task group per machine holding a watcher task, one task per vCPU and one per
-device. A vCPU's task drives a thread of its own, which runs the guest (``KVM_RUN`` blocks),
+device. A vCPU's task drives a thread of its own, which runs the guest (the run call blocks),
 and joins it when it ends. The first exit (guest poweroff/reboot, a crash, or ``stop()``)
 stops every vCPU, cancels the device tasks and closes every fd, so nothing outlives the
 ``async with`` block; an error inside the block reaches the caller as itself, not wrapped in
@@ -10,6 +10,7 @@ an exception group.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -23,6 +24,7 @@ import anyio.abc
 from .agent import AGENT_LABEL, AgentPort
 from .config import MachineConfig, NetConfig
 from .console import Console
+from .errors import ConfigError
 from .eventfd import EventFd
 from .timings import Timings
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
@@ -68,6 +70,8 @@ class Machine:
         self._sync_agent_on_resume = False
         self._new_macs: dict[str, bytes] = {}
         self._snapshot_lock = anyio.Lock()
+        # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
+        self._boot_files: Callable[[], tuple[bytes, bytes | None]] | None = None
         self._shutdown_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
@@ -82,9 +86,11 @@ class Machine:
     @asynccontextmanager
     async def boot(cls, config: MachineConfig) -> AsyncIterator[Machine]:
         """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine."""
-        from .coldboot import create_for_boot
+        from .coldboot import boot_files, create_for_boot
 
         machine = create_for_boot(cls, config)
+        kernel, initrd, _ = boot_files(config)
+        machine._boot_files = lambda: (kernel.read_bytes(), initrd.read_bytes() if initrd else None)
         async with machine._running():
             yield machine
 
@@ -117,6 +123,7 @@ class Machine:
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent)
         holder.append(machine)
+        machine._boot_files = lambda: _bundle_boot_files(path)
         machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
@@ -277,16 +284,28 @@ class Machine:
         await self._sync_agent()
 
     async def snapshot(
-        self, path: str | os.PathLike[str], *, encoding: str = "raw", labels: dict[str, str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        encoding: str = "raw",
+        labels: dict[str, str] | None = None,
+        bootable: bool = False,
     ) -> bytes:
         """Save the running machine to bundle ``path`` (atomically) and carry on; returns its digest.
 
         vCPUs are parked and device tasks stopped with every request completed while the state is
         read; the bundle is written from a worker thread so the event loop keeps serving others.
+        With ``bootable`` the bundle also carries the kernel and initrd, so that it can be
+        cold-booted (``MachineConfig.from_bundle``) where its saved state cannot run.
         ``snapshot_timings`` then holds where the time went.
         """
         from . import snapshot
 
+        boot_files: tuple[bytes, bytes | None] = (b"", None)
+        if bootable:
+            if self._boot_files is None:
+                raise ConfigError("this machine does not know the kernel it was booted from")
+            boot_files = await anyio.to_thread.run_sync(self._boot_files)
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
@@ -301,6 +320,8 @@ class Machine:
             timings.mark("devices_stopped")
             try:
                 with snapshot.capture(self._vm, self._cmdline, self._parent_digest, labels) as contents:
+                    if bootable:
+                        contents = dataclasses.replace(contents, kernel=boot_files[0], initrd=boot_files[1])
                     timings.mark("state_and_disks_captured")
                     digest = await anyio.to_thread.run_sync(snapshot.write, path, contents, encoding)
                     timings.mark("bundle_written")
@@ -328,3 +349,14 @@ def _unwrapped_errors() -> Iterator[None]:
         if isinstance(group, BaseExceptionGroup):
             raise
         raise group from None
+
+
+def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    """The kernel and initrd a bootable bundle carries, for saving its machine bootable again."""
+    from .restore import open_bundle
+
+    with open_bundle(path) as bundle:
+        kernel = bundle.kernel
+        if kernel is None:
+            raise ConfigError(f"this machine was restored from {path}, which has no kernel: it cannot be saved bootable")
+        return kernel, bundle.initrd

@@ -27,7 +27,7 @@ from .devices.virtio.net import VirtioNet
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
 from .errors import BundleError, ConfigError
-from .images.cache import cache_root
+from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .snapshot import CONSOLE_ROLES_LABEL
 from .timings import Timings
@@ -85,20 +85,10 @@ def check_flavour(saved: str, host: str) -> None:
     raise BundleError(f"the bundle was saved under {saved} and this host is {host}: {why}")
 
 
-def _base_disk(bundle: smolformat.Bundle, index: int) -> Path:
+def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
     """The bundle's base disk ``index`` as a read-only file in the cache (materialised once)."""
-    directory = cache_root() / "bundle-disks" / bundle.digest.hex()
-    path = directory / f"disk{index}.img"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".disk{index}.{os.getpid()}.tmp"
-        try:
-            bundle.disk(index).materialise(partial)
-            os.chmod(partial, 0o444)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-    return path
+    path = cache_root() / "bundle-disks" / bundle.digest.hex() / f"disk{index}.img"
+    return cached_file(path, bundle.disk(index).materialise)
 
 
 def _devices(
@@ -122,7 +112,7 @@ def _devices(
             if entry.kind == "virtio-blk":
                 index = entry.params.disk
                 overlay = overrides.overlays[index] if index < len(overrides.overlays) else None
-                device: VirtioDevice = VirtioBlock(_base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial)
+                device: VirtioDevice = VirtioBlock(base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial)
                 devices.append((device, None))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)

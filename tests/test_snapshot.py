@@ -112,3 +112,32 @@ def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Pa
     assert result.returncode == 0 and b"changed-instance" in result.stdout
     with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(saved) as child:
         assert child.metadata.parent_digest == parent.digest
+
+
+def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path, tmp_path: Path) -> None:
+    from smolvmm.images import ext4_image
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "hello.txt").write_text("hello from the saved disk\n")
+    disk = ext4_image(tmp_path / "base.img", tmp_path / "files", size_mib=16)
+    bootable = tmp_path / "bootable.smolmachine"
+    build = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", "--bootable", "-o", str(bootable), "--disk", str(disk)],
+        capture_output=True, text=True, timeout=GUEST_TIMEOUT,
+    )
+    assert build.returncode == 0, build.stderr
+    script = "cat /mnt/hello.txt; echo booted-$((6 * 7)); poweroff -f\n"
+    boot = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "boot", "--bundle", str(bootable)],
+        input=script, capture_output=True, text=True, timeout=GUEST_TIMEOUT,
+    )
+    assert boot.returncode == 0, boot.stderr
+    assert "smolvmm: guest ready" in boot.stdout  # printed by the guest's init: it booted afresh
+    assert re.search(r"^hello from the saved disk\r?$", boot.stdout, re.M)
+    assert re.search(r"^booted-42\r?$", boot.stdout, re.M)
+
+    plain = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "boot", "--bundle", str(bundle)], capture_output=True, text=True
+    )
+    assert plain.returncode == 1
+    assert plain.stderr.splitlines()[-1].endswith("has no kernel to cold-boot (save it with `build --bootable`)")

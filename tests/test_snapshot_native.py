@@ -85,3 +85,36 @@ def test_a_bundle_restores_only_on_the_flavour_that_saved_it(saved: str, host: s
     else:
         with pytest.raises(BundleError, match=refusal):
             check_flavour(saved, host)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_config(tmp_path: Path) -> None:
+    from smolvmm import ConfigError, default_guest
+
+    plain, bootable, again = (tmp_path / f"{name}.smolmachine" for name in ("plain", "bootable", "again"))
+    async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20, console="virtio")) as machine:
+        await machine.snapshot(plain)
+        await machine.snapshot(bootable, bootable=True)
+        await machine.stop()
+    guest = default_guest()
+    with smolformat.open_bundle(plain) as bundle:
+        assert bundle.kernel is None and bundle.initrd is None
+    with smolformat.open_bundle(bootable) as bundle:
+        assert bundle.kernel == guest.kernel.read_bytes() and bundle.initrd == guest.initrd.read_bytes()
+    config = MachineConfig.from_bundle(bootable)
+    assert (config.vcpus, config.memory, config.console) == (2, 64 << 20, "virtio")
+    assert config.kernel.read_bytes() == guest.kernel.read_bytes() and config.kernel != guest.kernel
+    assert "console=hvc0" in config.cmdline and "smolvmm.agent" not in config.cmdline
+    with pytest.raises(BundleError, match="has no kernel to cold-boot"):
+        MachineConfig.from_bundle(plain)
+
+    # A machine resumed from a bootable bundle can be saved bootable again; one from a plain one cannot.
+    async with Machine.restore(bootable, paused=True) as machine:
+        await machine.snapshot(again, bootable=True)
+        await machine.stop()
+    with smolformat.open_bundle(again) as bundle:
+        assert bundle.kernel == guest.kernel.read_bytes()
+    async with Machine.restore(plain, paused=True) as machine:
+        with pytest.raises(ConfigError, match="which has no kernel"):
+            await machine.snapshot(again, bootable=True)
+        await machine.stop()

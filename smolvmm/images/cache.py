@@ -53,3 +53,17 @@ def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """The read-only file ``path``, made by ``write(tmp)`` and renamed into place if absent."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            write(partial)
+            os.chmod(partial, 0o444)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path

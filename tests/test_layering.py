@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smolvmm"
@@ -40,3 +41,24 @@ def test_the_format_package_imports_nothing_from_the_monitor() -> None:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.split(".")[0] == "smolvmm" for n in names), path
+
+
+def test_the_cli_uses_only_the_public_api() -> None:
+    """cli*.py import smolvmm's exports (and the CLI's own modules), smolformat, anyio and the standard library."""
+    import smolvmm
+
+    allowed = {"smolvmm", "smolformat", "anyio", *sys.stdlib_module_names}
+    offenders = []
+    for path in sorted(PACKAGE.glob("cli*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level or (module.startswith("smolvmm.") and not module.startswith("smolvmm.cli")):
+                    offenders.append(f"{path.name}: from {'.' * node.level}{module}")
+                elif module == "smolvmm":
+                    offenders += [f"{path.name}: {a.name}" for a in node.names if a.name not in smolvmm.__all__]
+                elif module.split(".")[0] not in allowed:
+                    offenders.append(f"{path.name}: from {module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] not in allowed]
+    assert offenders == []

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import smolformat
@@ -53,11 +54,30 @@ def test_smolpack_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SMOLPACK disk pack" in capsys.readouterr().err
 
 
-def _ram(path: Path) -> bytes:
+def _held(path: Path) -> dict[str, Any]:
+    """Everything a bundle holds, decoded: what a lossless pack keeps (only encodings may change)."""
     with smolformat.open_bundle(path) as bundle:
         ram = bytearray(sum(region.size for region in bundle.config.ram))
         bundle.read_memory_into([memoryview(ram)])
-    return bytes(ram)
+        disks = []
+        for index in range(bundle.disk_count):
+            disk = bytearray(bundle.disk(index).size)
+            bundle.disk(index).read_into(disk)
+            disks.append(bytes(disk))
+        return {
+            "config": bundle.config,
+            "metadata": bundle.metadata,
+            "vcpus": bundle.vcpus,
+            "vm_state": bundle.vm_state,
+            "devices": bundle.devices,
+            "ram": bytes(ram),
+            "disks": disks,
+            "kernel": bundle.kernel,
+            "initrd": bundle.initrd,
+            "unknown": [
+                (s.kind, s.flags, s.encoding, s.index, s.logical_length, data) for s, data in bundle.unknown_sections()
+            ],
+        }
 
 
 def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
@@ -73,7 +93,21 @@ def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
     # The vector leaves every zero page out; the default writer stores short zero gaps, so compare
     # what the bundle holds, and that the same input always gives the same bytes.
     assert raw.read_bytes() == direct.read_bytes()
-    assert _ram(raw) == _ram(VALID) and any(_ram(VALID))
+    assert _held(raw) == _held(VALID) and any(_held(VALID)["ram"])
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["valid-x86_64-raw", "valid-x86_64-zstd", "valid-arm64-raw", "valid-unknown-optional-section", "valid-minor-version"],
+)
+def test_pack_keeps_every_section(tmp_path: Path, source: str) -> None:
+    given, zstd, raw = VECTORS / f"{source}.smolmachine", tmp_path / "z.smolmachine", tmp_path / "r.smolmachine"
+    assert main(["pack", "--zstd", str(given), str(zstd)]) == 0
+    assert main(["pack", "--raw", str(zstd), str(raw)]) == 0
+    held = _held(given)
+    assert _held(zstd) == held and _held(raw) == held
+    assert held["kernel"] and held["disks"] and held["metadata"]
+    assert bool(held["unknown"]) == (source == "valid-unknown-optional-section")
 
 
 def test_pack_needs_an_encoding(tmp_path: Path) -> None:

@@ -267,7 +267,7 @@ class Bundle:
 
     Parsed at open: ``config``, ``metadata`` (or None), ``vcpus`` (by vCPU id), ``vm_state``,
     ``devices``, ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
-    ``disk(i)``, ``kernel``, ``initrd``, ``verify()``.
+    ``disk(i)``, ``kernel``, ``initrd``, ``unknown_sections()``, ``verify()``.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -409,6 +409,10 @@ class Bundle:
             raise IndexError(f"bundle has no disk {index}")
         data, image = self._disks[index]
         return DiskImage(self, index, data, image)
+
+    def unknown_sections(self) -> list[tuple[SectionInfo, bytes]]:
+        """The optional sections of kinds this reader does not know, with their bytes (digest checked)."""
+        return [(s, self._section_bytes(s)) for s in self.sections if not isinstance(s.kind, SectionKind)]
 
     def _blob(self, kind: SectionKind) -> bytes | None:
         found = self._by_kind.get(kind)

@@ -22,6 +22,8 @@ def repack_bundle(
     """Write ``source``'s contents to ``target`` in another encoding; returns the new digest.
 
     RAM is decoded into anonymous mappings and disks into sparse temp files beside ``target``.
+    Sections of unknown kinds are carried over unchanged; a SIGNATURE is not (it signs the old
+    digest).
     """
     target_dir = Path(target).resolve().parent
     with (
@@ -46,6 +48,7 @@ def repack_bundle(
                 kernel=bundle.kernel,
                 initrd=bundle.initrd,
                 metadata=bundle.metadata,
+                unknown_sections=bundle.unknown_sections(),
             )
             return write_bundle(
                 target,

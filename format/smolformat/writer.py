@@ -47,6 +47,7 @@ from .pages import (
     encode_zstd,
 )
 from .payloads import payload
+from .reader import SectionInfo
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
 
@@ -59,7 +60,8 @@ class BundleContents:
 
     ``memory`` has one buffer (memoryview, mmap, bytearray) per ``config["ram"]`` region, in order.
     ``vcpus[i]`` is vCPU ``i``'s ``<arch>.VcpuState``; ``disks[i]`` is the path of base disk ``i``
-    (the ``disk`` parameter of a virtio-blk device).
+    (the ``disk`` parameter of a virtio-blk device). ``unknown_sections`` are carried over from a
+    bundle of a later minor version (``Bundle.unknown_sections()``), unchanged.
     """
 
     config: Mapping[str, Any]
@@ -71,6 +73,7 @@ class BundleContents:
     kernel: bytes | None = None
     initrd: bytes | None = None
     metadata: Mapping[str, Any] | None = field(default=None)
+    unknown_sections: Sequence[tuple[SectionInfo, bytes]] = ()
 
 
 def make_metadata(
@@ -114,13 +117,14 @@ class _Output:
     @contextmanager
     def section(
         self,
-        kind: SectionKind,
+        kind: SectionKind | int,
         *,
         index: int = 0,
-        encoding: Encoding = Encoding.STRUCT,
+        encoding: Encoding | int = Encoding.STRUCT,
         align: int = SECTION_ALIGN,
     ) -> Iterator[dict[str, Any]]:
-        """Write one section at the next ``align`` boundary; the caller may set ``logical_length``."""
+        """Write one section at the next ``align`` boundary; the caller may set ``logical_length``
+        and ``flags``."""
         self.position = -(-self.position // align) * align
         entry = {
             "kind": kind,
@@ -247,6 +251,11 @@ def write_bundle(
             if blob is not None:
                 with out.section(kind, encoding=Encoding.BYTES):
                     out.write(blob)
+        for info, data in contents.unknown_sections:
+            # Page-aligned: a later version may map such a section, as it does RAW_PAGES data.
+            with out.section(info.kind, index=info.index, encoding=info.encoding, align=PAGE_SIZE) as entry:
+                entry.update(flags=info.flags, logical_length=info.logical_length)
+                out.write(data)
         if len(contents.memory) != len(regions):
             raise ValueError(f"{len(contents.memory)} memory buffers for {len(regions)} RAM regions")
         views = [(r.gpa, memoryview(buf).cast("B")) for r, buf in zip(config.ram, contents.memory)]

@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import smolformat.pages
 import smolformat.reader
 from smolformat import (
     BundleContents,
@@ -93,22 +94,44 @@ def test_raw_memory_maps_straight_from_the_file(tmp_path: Path) -> None:
         assert [bytes(regions[r.gpa]) for r in bundle.config.ram] == [bytes(m) for m in given.memory]
 
 
-def test_zero_pages_are_left_out_and_equal_runs_stored_once(tmp_path: Path) -> None:
-    run = random.Random(5).randbytes(MIN_DEDUP_RUN * PAGE_SIZE)
+def _stored_pages(memory: bytearray, tmp_path: Path, **options: int) -> tuple[int, list]:
+    """(pages in MEMORY_DATA, memory extents) of ``memory`` written raw; checks it reads back."""
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path, "arm64", [memory]), memory_encoding="raw", **options)
+    with open_bundle(path) as bundle:
+        ram = bytearray(len(memory))
+        bundle.read_memory_into([memoryview(ram)])
+        assert ram == memory
+        data = next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA)
+        return data.length // PAGE_SIZE, bundle.memory_extents()
+
+
+def test_zero_pages_are_left_out_and_identical_pages_stored_once(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    run = rng.randbytes(16 * PAGE_SIZE)
+    x, y = rng.randbytes(PAGE_SIZE), rng.randbytes(PAGE_SIZE)
     memory = bytearray(4 * MIB)
     memory[0 : len(run)] = run
-    memory[2 * MIB : 2 * MIB + len(run)] = run  # a copy of a whole run: points at the first
-    single = run[:PAGE_SIZE]
-    memory[3 * MIB : 3 * MIB + PAGE_SIZE] = single  # one equal page alone: stored again, no extra split
-    given = contents(tmp_path, "arm64", [memory])
-    path = tmp_path / "m.smolmachine"
-    write_bundle(path, given, memory_encoding="raw")
-    with open_bundle(path) as bundle:
-        data = next(s for s in bundle.sections if s.kind == SectionKind.MEMORY_DATA)
-        assert data.length == len(run) + PAGE_SIZE
-        extents = bundle.memory_extents()
-        assert len(extents) == 3
-        assert extents[0].file_offset == extents[1].file_offset
+    memory[MIB : MIB + 3 * PAGE_SIZE] = x + y + x  # a repeat inside a run not yet written
+    memory[2 * MIB : 2 * MIB + len(run)] = run  # a copy of a whole run: one extent onto the first
+    memory[3 * MIB : 3 * MIB + PAGE_SIZE] = run[:PAGE_SIZE]  # one equal page alone
+    pages, extents = _stored_pages(memory, tmp_path)
+    assert pages == 16 + 2
+    run_at, xy, x_again, run_again, single = extents
+    assert x_again.file_offset == xy.file_offset and xy.length == 2 * PAGE_SIZE
+    assert run_again.file_offset == single.file_offset == run_at.file_offset
+    # Deduplicating only long runs (a restore-speed choice) stores the single page and the x again.
+    assert _stored_pages(memory, tmp_path, min_dedup_run=MIN_DEDUP_RUN + 15)[0] == 16 + 4
+
+
+def test_dedup_stops_where_a_restore_would_map_too_much(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = random.Random(7).randbytes(PAGE_SIZE)
+    memory = bytearray(4 * MIB)
+    for n in range(0, 64, 2):  # the same page every other page: one mapping per copy
+        memory[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] = page
+    monkeypatch.setattr(smolformat.pages, "DEDUP_EXTENTS", 8)
+    pages, extents = _stored_pages(memory, tmp_path, min_zero_gap=1)
+    assert len(extents) == 32 and pages == 32 - 7
 
 
 def test_repack_is_lossless(tmp_path: Path) -> None:
@@ -173,10 +196,9 @@ def test_dedup_can_be_turned_off(tmp_path: Path) -> None:
 
 
 def test_short_zero_gaps_are_stored_long_ones_left_out(tmp_path: Path) -> None:
-    page = b"\xa5" * PAGE_SIZE
     memory = bytearray(4 * MIB)
     for at in (0, 2, MIN_ZERO_GAP + 3):  # data, a 1-page gap, data, a MIN_ZERO_GAP-page gap, data
-        memory[at * PAGE_SIZE : (at + 1) * PAGE_SIZE] = page
+        memory[at * PAGE_SIZE : (at + 1) * PAGE_SIZE] = bytes([at + 1]) * PAGE_SIZE
     last = (MIN_ZERO_GAP + 3) * PAGE_SIZE
     for gap, expected in (
         (MIN_ZERO_GAP, [(0, 3 * PAGE_SIZE), (last, PAGE_SIZE)]),

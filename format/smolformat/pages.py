@@ -4,9 +4,10 @@ An image is a list of regions ``(start, size)`` (guest RAM regions, or one regio
 Its *index* section lists extents ``(address, length, offset, stored)``; its *data* section holds
 the bytes. Ranges that no extent covers are zero.
 
-- raw: page-aligned pages; zero pages left out; a run of at least ``min_dedup_run`` (default
-  ``MIN_DEDUP_RUN``) pages equal to pages already stored points at them instead of being stored
-  again. Single equal pages are stored again, so dedup never shatters a run into one mapping per page.
+- raw: page-aligned pages; runs of at least ``min_zero_gap`` zero pages left out (shorter ones
+  between stored pages are stored: fewer, longer mappings); a page equal to one already stored
+  points at it (identical pages stored once) while the image has fewer than ``DEDUP_EXTENTS``
+  extents, so that a restore's mappings stay far below Linux's default vm.max_map_count (65530).
 - zstd: one independent frame per ``granule``-sized chunk of a region; all-zero chunks left out.
 """
 
@@ -28,7 +29,8 @@ from .limits import bounded
 from .packed import Packed, PackedArray
 
 MAX_EXTENTS = 1 << 24
-MIN_DEDUP_RUN = 16
+MIN_DEDUP_RUN = 1
+DEDUP_EXTENTS = 16384
 MIN_ZERO_GAP = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = PAGE_SIZE
@@ -103,8 +105,9 @@ class RawEncoder:
     """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
 
     ``read_back(offset, n)`` reads bytes already written, to confirm a dedup match byte for byte.
-    ``min_dedup_run`` 0 turns deduplication off. Runs of fewer than ``min_zero_gap`` zero pages
-    between stored pages are stored too (1: every zero page is left out).
+    Runs of fewer than ``min_dedup_run`` pages equal to stored ones are stored again (0 turns
+    deduplication off). Runs of fewer than ``min_zero_gap`` zero pages between stored pages are
+    stored too (1: every zero page is left out).
     """
 
     def __init__(
@@ -142,6 +145,13 @@ class RawEncoder:
                 self._written += padding
             pending_new = -1
 
+        def stored(at: int) -> bytes:
+            # A page of the run not yet written is still in ``data``.
+            if pending_new >= 0 and at >= self._written:
+                first = pending_new + at - self._written
+                return data[first : first + PAGE_SIZE].tobytes()
+            return self._read_back(at, PAGE_SIZE)
+
         def flush_run() -> None:
             nonlocal pending_new
             if run and len(run) >= self._min_run:
@@ -175,7 +185,8 @@ class RawEncoder:
             if (
                 stored_at is not None
                 and len(raw) == PAGE_SIZE
-                and self._read_back(stored_at, PAGE_SIZE) == raw
+                and len(self._list.extents) < DEDUP_EXTENTS
+                and stored(stored_at) == raw
             ):
                 flush_new(pos)
                 if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):

@@ -220,8 +220,9 @@ def write_bundle(
 
     ``memory_encoding``/``disk_encoding`` are "raw" (mmap-able) or "zstd" (``disk_encoding``
     defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
-    equal to stored ones only once (0: no deduplication), and leave out runs of at least
-    ``min_zero_gap`` zero pages (shorter ones between data are stored: fewer mappings). Invalid
+    equal to stored ones only once (the default 1: every identical page; 0: no deduplication), and
+    leave out runs of at least ``min_zero_gap`` zero pages (shorter ones between data are stored:
+    fewer mappings). Invalid
     contents raise ``FormatError`` before anything lands at ``path``; on any exception the temp
     file is removed.
     """

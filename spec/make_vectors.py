@@ -1,7 +1,8 @@
 """Generate the conformance vectors in spec/vectors/ and their manifest.json.
 
-Run: ``python spec/make_vectors.py``. Output is deterministic. Each vector's expected outcome is
-that of opening the file and then verifying it: "valid", or the FormatError code raised first.
+Run: ``python spec/make_vectors.py [DIRECTORY]``. Output is deterministic (tests/test_conformance.py
+checks that a run reproduces spec/vectors byte for byte). Each vector's expected outcome is that of
+opening the file and then verifying it: "valid", or the FormatError code raised first.
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from smolformat import BundleContents, samples, write_bundle
+import zstandard
+from smolformat import BundleContents, arm64, samples, write_bundle
+from smolformat.config import Config, Metadata
 from smolformat.crafting import (
     append_section,
+    build_frame,
     edit_table,
     find_entry,
     parse_frame,
+    replace_section,
     reseal,
     rewrite_section,
 )
-from smolformat.layout import SectionFlag, SectionKind
-from smolformat.pages import PageIndex
+from smolformat.layout import MAX_SECTIONS, SectionFlag, SectionKind
+from smolformat.pages import MAX_CHUNK_SIZE, PageIndex
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
+Vector = tuple[str, bytes, str, str]  # file name, bytes, expected outcome, description
 RAM = 32 * 1024
 DISK = 12 * 1024
 METADATA = {
@@ -73,7 +79,9 @@ def _bundle(arch: str, encoding: str, scratch: Path) -> bytes:
     return path.read_bytes()
 
 
-def _edit_memory_index(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+def _edit_index(
+    data: bytes, edit: Callable[[dict[str, Any]], None], kind: SectionKind = SectionKind.MEMORY_INDEX
+) -> bytes:
     def change(payload: bytearray) -> None:
         index = PageIndex.parse(bytes(payload))
         extents = [
@@ -83,7 +91,7 @@ def _edit_memory_index(data: bytes, edit: Callable[[dict[str, Any]], None]) -> b
         edit(value)
         payload[:] = PageIndex.build(value)
 
-    return rewrite_section(data, SectionKind.MEMORY_INDEX, change)
+    return rewrite_section(data, kind, change)
 
 
 def _put(at: int, value: bytes) -> Callable[[bytearray], None]:
@@ -97,7 +105,7 @@ def _flip(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
 
 
-def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
+def vectors(scratch: Path) -> list[Vector]:
     """(file name, bytes, expected outcome, description) for every vector."""
     x86_raw = _bundle("x86_64", "raw", scratch)
     x86_zstd = _bundle("x86_64", "zstd", scratch)
@@ -106,7 +114,7 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
     mem_data = find_entry(entries, SectionKind.MEMORY_DATA)
     config = find_entry(entries, SectionKind.CONFIG)
     vcpu = find_entry(entries, SectionKind.VCPU_STATE)
-    out: list[tuple[str, bytes, str, str]] = [
+    out: list[Vector] = [
         ("valid-x86_64-raw", x86_raw, "valid", "x86_64, raw pages"),
         ("valid-x86_64-zstd", x86_zstd, "valid", "x86_64, zstd chunks"),
         ("valid-arm64-raw", arm_raw, "valid", "arm64, raw pages"),
@@ -214,19 +222,19 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
         ),
         (
             "memory-map-outside-file",
-            _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(offset=mem_data["length"])),
+            _edit_index(x86_raw, lambda v: v["extents"][-1].update(offset=mem_data["length"])),
             "map-outside-file",
             "a memory extent points past its data section",
         ),
         (
             "memory-map-past-ram",
-            _edit_memory_index(x86_raw, lambda v: v["extents"][-1].update(address=RAM)),
+            _edit_index(x86_raw, lambda v: v["extents"][-1].update(address=RAM)),
             "map-outside-ram",
             "a memory extent lies past guest RAM",
         ),
         (
             "memory-map-overlap",
-            _edit_memory_index(x86_raw, lambda v: v["extents"][1].update(address=v["extents"][0]["address"])),
+            _edit_index(x86_raw, lambda v: v["extents"][1].update(address=v["extents"][0]["address"])),
             "map-overlap",
             "two memory extents cover the same guest page",
         ),
@@ -261,34 +269,242 @@ def vectors(scratch: Path) -> list[tuple[str, bytes, str, str]]:
             "a zstd frame that does not decode (digest resealed)",
         )
     )
-    boundaries = sorted(
-        {b for e in entries for b in (e["offset"], e["offset"] + e["length"])} | {header["table_offset"]}
-    )
-    for boundary in boundaries:
-        out.append(
-            (
-                f"truncated-at-{boundary}",
-                x86_raw[:boundary],
-                "truncated",
-                f"file cut at section boundary {boundary}",
-            )
-        )
+    out += _frame_vectors(x86_raw)
+    out += _content_vectors(x86_raw, x86_zstd, arm_raw)
+    out += _truncations(x86_raw)
     return out
 
 
-def main() -> int:
-    VECTORS.mkdir(exist_ok=True)
-    for old in VECTORS.glob("*.smolmachine"):
+def _header_field(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    """``data`` with the header field at ``at`` (a ``struct`` format) set to ``value``, resealed."""
+    return reseal(data[:at] + struct.pack(fmt, value) + data[at + struct.calcsize(fmt) :])
+
+
+def _frame_vectors(x86_raw: bytes) -> list[Vector]:
+    """The header and the section table."""
+    table = parse_frame(x86_raw)[0]["table_offset"]
+    moved = x86_raw[:table] + bytes(4) + x86_raw[table:]
+    return [
+        ("bad-header", _header_field(x86_raw, 12, "<I", 64), "bad-header", "header_size is not 128"),
+        (
+            "too-many-sections",
+            _header_field(x86_raw, 40, "<I", MAX_SECTIONS + 1),
+            "bad-header",
+            "section_count above the cap of 4096",
+        ),
+        (
+            "section-table-outside-file",
+            _header_field(x86_raw, 32, "<Q", table - 8),
+            "section-table-outside-file",
+            "the table would not end the file",
+        ),
+        (
+            "misaligned-table",
+            _header_field(_header_field(moved, 32, "<Q", table + 4), 24, "<Q", len(moved)),
+            "misaligned",
+            "the table starts 4 bytes past a multiple of 8",
+        ),
+        (
+            "config-index",
+            edit_table(x86_raw, lambda h, es: find_entry(es, SectionKind.CONFIG).update(index=1)),
+            "bad-section",
+            "the config section has index 1",
+        ),
+        (
+            "metadata-logical-length",
+            edit_table(x86_raw, lambda h, es: find_entry(es, SectionKind.METADATA).update(logical_length=1)),
+            "bad-section",
+            "a struct section whose logical length is not its length",
+        ),
+        (
+            "kernel-not-bytes",
+            edit_table(x86_raw, lambda h, es: find_entry(es, SectionKind.KERNEL).update(encoding=0)),
+            "encoding-mismatch",
+            "the kernel says STRUCT encoding",
+        ),
+        (
+            "duplicate-section",
+            append_section(
+                x86_raw,
+                {"kind": SectionKind.METADATA, "flags": 0, "encoding": 0, "reserved0": 0, "index": 0, "reserved1": 0},
+                Metadata.build(METADATA),
+            ),
+            "duplicate-section",
+            "two metadata sections",
+        ),
+    ]
+
+
+def _first_device_at(data: bytes) -> int:
+    """Offset in the config payload of the first DeviceConfig."""
+    header, entries = parse_frame(data)
+    entry = find_entry(entries, SectionKind.CONFIG)
+    config = Config.parse(data[entry["offset"] : entry["offset"] + entry["length"]])
+    return 1 + 4 + 4 + 16 * len(config.ram) + 4 + len(config.cmdline.encode()) + 4
+
+
+def _wide_window(data: bytes) -> bytes:
+    """The zstd bundle with its one RAM chunk compressed again in a frame whose window is twice the
+    granule: the frame decodes to the same bytes, but a reader may not need that much memory."""
+    header, entries = parse_frame(data)
+    memory = find_entry(entries, SectionKind.MEMORY_DATA)
+    index_entry = find_entry(entries, SectionKind.MEMORY_INDEX)
+    index = PageIndex.parse(data[index_entry["offset"] : index_entry["offset"] + index_entry["length"]])
+    (extent,) = index.extents
+    start = memory["offset"] + extent.offset
+    chunk = zstandard.ZstdDecompressor().decompress(data[start : start + extent.stored])
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=index.granule.bit_length())
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown: no shrink
+    frame = stream.compress(chunk) + stream.flush()
+    assert zstandard.get_frame_parameters(frame).window_size > index.granule
+    data = replace_section(data, SectionKind.MEMORY_DATA, frame)
+    data = edit_table(
+        data, lambda h, es: find_entry(es, SectionKind.MEMORY_DATA).update(logical_length=memory["logical_length"])
+    )
+    return _edit_index(data, lambda v: v["extents"][0].update(offset=0, stored=len(frame)))
+
+
+def _content_vectors(x86_raw: bytes, x86_zstd: bytes, arm_raw: bytes) -> list[Vector]:
+    """The payloads of the sections and how they fit together."""
+    device = _first_device_at(x86_raw)
+    metadata = Metadata.build(METADATA)
+    parent_at = 2 + len(METADATA["creator"]) + 8 + 2 + len(METADATA["hypervisor"])
+    header, entries = parse_frame(arm_raw)
+    vcpu = find_entry(entries, SectionKind.VCPU_STATE)
+    arm_vcpu = arm64.VcpuState.parse(arm_raw[vcpu["offset"] : vcpu["offset"] + vcpu["length"]])
+    timers_at = 4 + 864 + 4 + 16 * len(arm_vcpu.sys_regs)  # mp_state, core, sys_regs
+    return [
+        (
+            "config-ram-misaligned",
+            rewrite_section(x86_raw, SectionKind.CONFIG, _put(17, struct.pack("<Q", RAM + 1))),
+            "bad-config",
+            "a RAM region size that is not a multiple of 4096",
+        ),
+        (
+            "config-unknown-bus",
+            rewrite_section(x86_raw, SectionKind.CONFIG, _put(device + 2, b"\x07")),
+            "bad-config",
+            "a device on bus 7",
+        ),
+        (
+            "unknown-device-kind",
+            rewrite_section(x86_raw, SectionKind.CONFIG, _put(device, struct.pack("<H", 99))),
+            "unknown-device-kind",
+            "the uart's kind code is 99",
+        ),
+        (
+            "device-mismatch",
+            rewrite_section(x86_raw, SectionKind.DEVICES, _put(6, struct.pack("<H", 1))),
+            "device-mismatch",
+            "the uart's state says instance 1",
+        ),
+        (
+            "device-bool",
+            # count u32, then the uart: kind u16, instance u16, length u32, 10 registers, thre_pending
+            rewrite_section(x86_raw, SectionKind.DEVICES, _put(22, b"\x02")),
+            "bad-section",
+            "a bool field holding 2",
+        ),
+        (
+            "parent-digest-length",
+            replace_section(
+                x86_raw,
+                SectionKind.METADATA,
+                metadata[:parent_at] + b"\x05" + b"12345" + metadata[parent_at + 1 :],
+            ),
+            "bad-section",
+            "a parent digest of 5 bytes",
+        ),
+        (
+            "memory-index-encoding",
+            _edit_index(x86_raw, lambda v: v.update(encoding=3)),
+            "encoding-mismatch",
+            "the memory index says zstd, the data section raw",
+        ),
+        ("bad-granule", _edit_index(x86_raw, lambda v: v.update(granule=8192)), "bad-granule", "raw pages of 8 KiB"),
+        (
+            "memory-map-misaligned",
+            _edit_index(x86_raw, lambda v: v["extents"][0].update(offset=8)),
+            "map-misaligned",
+            "a raw memory extent 8 bytes into a page",
+        ),
+        (
+            "disk-map-outside-disk",
+            _edit_index(x86_raw, lambda v: v["extents"][-1].update(address=DISK), SectionKind.DISK_INDEX),
+            "map-outside-disk",
+            "a disk extent past the disk's end",
+        ),
+        (
+            "zstd-chunk-over-cap",
+            _edit_index(x86_zstd, lambda v: v.update(granule=MAX_CHUNK_SIZE * 2)),
+            "bad-granule",
+            "8 MiB zstd chunks, above the cap of 4 MiB",
+        ),
+        ("zstd-wide-window", _wide_window(x86_zstd), "bad-chunk", "a zstd frame whose window exceeds the chunk size"),
+        (
+            "unknown-arch",
+            rewrite_section(arm_raw, SectionKind.CONFIG, _put(0, b"\x07")),
+            "unknown-arch",
+            "an arm64 bundle whose arch code is 7",
+        ),
+        (
+            "arm64-timers-over-cap",
+            rewrite_section(arm_raw, SectionKind.VCPU_STATE, _put(timers_at, b"\x09")),
+            "bad-section",
+            "an arm64 vCPU with 9 timers (at most 8)",
+        ),
+    ]
+
+
+def _truncations(x86_raw: bytes) -> list[Vector]:
+    """A file cut at every section boundary (the size check), inside the magic, and cut with its
+    table written again (what a writer killed mid-way and a careless repair could leave)."""
+    header, entries = parse_frame(x86_raw)
+    boundaries = sorted(
+        {b for e in entries for b in (e["offset"], e["offset"] + e["length"])} | {header["table_offset"]}
+    )
+    out = [
+        (f"truncated-at-{boundary}", x86_raw[:boundary], "truncated", f"file cut at section boundary {boundary}")
+        for boundary in boundaries
+    ]
+    cut = find_entry(entries, SectionKind.MEMORY_DATA)["offset"]
+    kept = [e for e in entries if e["offset"] + e["length"] <= cut]
+    return out + [
+        ("truncated-in-magic", x86_raw[:4], "truncated", "file cut inside the magic"),
+        (
+            "truncated-table-rewritten",
+            build_frame(x86_raw[:cut], header, entries),
+            "section-outside-file",
+            "cut before guest RAM, every entry kept: sections reach past the new table",
+        ),
+        (
+            "truncated-entries-dropped",
+            build_frame(x86_raw[:cut], header, kept),
+            "missing-section",
+            "cut before guest RAM, the entries of the lost sections dropped",
+        ),
+    ]
+
+
+def write_vectors(directory: Path) -> int:
+    """Write every vector and manifest.json into ``directory`` (old vectors removed); returns the count."""
+    directory.mkdir(exist_ok=True)
+    for old in directory.glob("*.smolmachine"):
         old.unlink()
     manifest = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, data, expect, description in vectors(Path(scratch)):
-            (VECTORS / f"{name}.smolmachine").write_bytes(data)
+            (directory / f"{name}.smolmachine").write_bytes(data)
             manifest.append({"file": f"{name}.smolmachine", "expect": expect, "description": description})
-    (VECTORS / "manifest.json").write_text(
+    (directory / "manifest.json").write_text(
         json.dumps({"format_version": "1.0", "vectors": manifest}, indent=1) + "\n"
     )
-    print(f"{len(manifest)} vectors in {VECTORS}")
+    return len(manifest)
+
+
+def main() -> int:
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else VECTORS
+    print(f"{write_vectors(directory)} vectors in {directory}")
     return 0
 
 

@@ -111,3 +111,15 @@ def rewrite_section(data: bytes, kind: SectionKind, change: Callable[[bytearray]
         + data[entry["offset"] + entry["length"] : header["table_offset"]]
     )
     return build_frame(body, header, entries)
+
+
+def replace_section(data: bytes, kind: SectionKind, payload: bytes) -> bytes:
+    """``data`` with section ``kind`` holding ``payload``, of any length: its old bytes are zeroed and
+    the section moves after the others (``logical_length`` becomes the new length)."""
+    header, entries = parse_frame(data)
+    old = find_entry(entries, kind)
+    entries.remove(old)
+    body = bytearray(data[: header["table_offset"]])
+    body[old["offset"] : old["offset"] + old["length"]] = bytes(old["length"])
+    fields = ("kind", "flags", "encoding", "reserved0", "index", "reserved1")
+    return append_section(build_frame(bytes(body), header, entries), {k: old[k] for k in fields}, payload)

@@ -196,7 +196,7 @@ def _check_placement(sections: Sequence[SectionInfo], table_offset: int) -> None
 def _check_known(s: SectionInfo) -> None:
     """A known kind's entry is as §4.1 says: index, encoding of a blob, logical length."""
     if s.kind in _SINGLETONS and s.index:
-        raise FormatError("bad-section", f"section {_name(s)}: there is one, with index 0")
+        raise FormatError("bad-section", f"section {_name(s)} must have index 0: there is one of its kind")
     if s.kind in _BLOBS and s.encoding != Encoding.BYTES:
         raise FormatError("encoding-mismatch", f"section {_name(s)} must be BYTES-encoded")
     if s.kind not in _IMAGE_DATA and s.kind != SectionKind.SIGNATURE and s.logical_length != s.length:

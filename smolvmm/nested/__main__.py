@@ -1,4 +1,5 @@
-"""``python -m smolvmm.nested [--out DIR]... [--timeout SEC] CMD [ARGS...]`` (what tools/nested-kvm runs)."""
+"""``python -m smolvmm.nested [--arm64] [--out DIR]... [--timeout SEC] CMD [ARGS...]``
+(what tools/nested-kvm and, with --arm64, tools/arm64-kvm run)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 from smolvmm.errors import SmolvmmError
+from smolvmm.nested import arm64
 from smolvmm.nested.harness import HARNESS_FAILURE, HarnessError, Job, run
 
 
@@ -17,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run CMD as root inside a nested machine with a hardware-like /dev/kvm "
         "(QEMU TCG + emulated AMD-V), in this directory, with the host root visible read-only.",
     )
+    parser.add_argument("--arm64", action="store_true",
+                        help="use the emulated arm64 machine instead (QEMU TCG at EL2: arm64 KVM, arm64 Python)")
     parser.add_argument("--out", action="append", type=Path, default=[], metavar="DIR",
                         help="make DIR writable inside; what is written there appears on the host (repeatable)")
     parser.add_argument("--timeout", type=float, default=1800.0, metavar="SEC",
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        return run(Job(args.command, outs=outs, timeout=args.timeout))
+        return (arm64.run if args.arm64 else run)(Job(args.command, outs=outs, timeout=args.timeout))
     except HarnessError as exc:
         print(f"nested-kvm: {exc}", file=sys.stderr)
         if exc.console:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +90,13 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
         QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} smolvmm.job={workdir}/job",
+    ]
+    return args + job_devices(workdir, outs)
+
+
+def job_devices(workdir: Path, outs: Sequence[Path]) -> list[str]:
+    """QEMU arguments for the job protocol: console log, host root and ``outs`` over 9p, the three ports."""
+    args = [
         "-chardev", f"file,id=console,path={workdir}/console.log", "-serial", "chardev:console",
         "-virtfs", f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-serial-pci",
@@ -134,6 +141,16 @@ def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
     if shutil.which(QEMU) is None:
         raise HarnessError(f"{QEMU} not found: apt-get install qemu-system-x86")
     kernel, initrd = nested_image()
+    return run_machine(job, lambda workdir: qemu_command(kernel, initrd, workdir, job.outs), stdout, stderr)
+
+
+def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1, stderr: int = 2) -> int:
+    """Run ``job`` in the QEMU machine ``command(workdir)`` describes; return the job's exit status.
+
+    The machine's init follows this module's protocol: it reads ``<workdir>/job/{job,mounts}`` from
+    the host root shared over 9p, reports through the three PORTS and marks its own failures
+    with FAILED on the console, which ``command`` must send to ``<workdir>/console.log``.
+    """
     with tempfile.TemporaryDirectory(prefix="smolvmm-nested-") as tmp:
         workdir = Path(tmp)
         (workdir / "job").mkdir()
@@ -147,7 +164,7 @@ def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
             listeners.append(listener)
         with open(workdir / "qemu.stderr", "wb") as qemu_stderr:
             qemu = subprocess.Popen(
-                qemu_command(kernel, initrd, workdir, job.outs),
+                command(workdir),
                 stdin=subprocess.DEVNULL, stdout=qemu_stderr, stderr=qemu_stderr,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )

@@ -21,9 +21,9 @@ PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status")
 HOSTROOT_TAG = "hostroot"
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 
-INIT = r"""#!/bin/busybox sh
+_INIT_START = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=@PATH@
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -33,11 +33,46 @@ fail() {
 }
 @LOAD_MODULES@
 load_modules
-[ -c /dev/kvm ] || fail "kvm_amd did not give /dev/kvm (no nested SVM?)"
+[ -c /dev/kvm ] || fail "@NO_KVM@"
 for word in $(cat /proc/cmdline); do
     case "$word" in smolvmm.job=*) job="${word#smolvmm.job=}" ;; esac
 done
-mkdir -p /lower /upper /newroot
+"""
+
+_INIT_FINISH = r"""for port in /sys/class/virtio-ports/*; do
+    case "$(cat "$port/name")" in
+        smolvmm.stdout) stdout="/dev/${port##*/}" ;;
+        smolvmm.stderr) stderr="/dev/${port##*/}" ;;
+        smolvmm.status) status="/dev/${port##*/}" ;;
+    esac
+done
+[ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] || fail "virtio-serial ports missing"
+env -i @RUN@ /run/smolvmm/job </dev/null >"$stdout" 2>"$stderr"
+echo "$?" >"$status"
+sync
+poweroff -f
+"""
+
+
+def init_script(path: str, no_kvm: str, body: str, run: str) -> str:
+    """A machine's /init for the harness's job protocol.
+
+    It mounts the kernel filesystems, loads the listed modules, fails with ``no_kvm`` unless
+    /dev/kvm exists and sets ``$job`` from the command line; then runs ``body`` (shell that mounts
+    the host root, copies the job to /run/smolvmm/job and mounts the ``--out`` directories), and
+    finally ``env -i <run> /run/smolvmm/job`` with its output on the three ports, and powers off.
+    """
+    replacements = {
+        "@PATH@": path, "@NO_KVM@": no_kvm, "@RUN@": run, "@LOAD_MODULES@": busybox.LOAD_MODULES,
+        "@FAILED@": FAILED, "@NINEP@": NINEP, "@HOSTROOT@": HOSTROOT_TAG,
+    }
+    script = _INIT_START + body + _INIT_FINISH
+    for marker, value in replacements.items():
+        script = script.replace(marker, value)
+    return script
+
+
+INIT = init_script("/bin", "kvm_amd did not give /dev/kvm (no nested SVM?)", r"""mkdir -p /lower /upper /newroot
 mount -t 9p -o @NINEP@,ro,cache=loose @HOSTROOT@ /lower || fail "could not mount the host root over 9p"
 mkdir -p /job && cp "/lower$job/"* /job/ || fail "job $job not readable through 9p"
 mount -t tmpfs -o mode=0755 tmpfs /upper && mkdir /upper/data /upper/work
@@ -59,21 +94,7 @@ mkdir -p /newroot/run/smolvmm && cp /job/job /newroot/run/smolvmm/job
 while read -r tag path; do
     mkdir -p "/newroot$path" && mount -t 9p -o @NINEP@ "$tag" "/newroot$path" || fail "could not mount --out $path"
 done < /job/mounts
-for port in /sys/class/virtio-ports/*; do
-    case "$(cat "$port/name")" in
-        smolvmm.stdout) stdout="/dev/${port##*/}" ;;
-        smolvmm.stderr) stderr="/dev/${port##*/}" ;;
-        smolvmm.status) status="/dev/${port##*/}" ;;
-    esac
-done
-[ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] || fail "virtio-serial ports missing"
-env -i chroot /newroot /bin/sh /run/smolvmm/job </dev/null >"$stdout" 2>"$stderr"
-echo "$?" >"$status"
-sync
-poweroff -f
-""".replace("@LOAD_MODULES@", busybox.LOAD_MODULES).replace("@FAILED@", FAILED).replace(
-    "@NINEP@", NINEP
-).replace("@HOSTROOT@", HOSTROOT_TAG)
+""", "chroot /newroot /bin/sh")
 
 
 def nested_image() -> tuple[Path, Path]:

@@ -29,6 +29,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
             const="raw",
             help="raw pages: restore maps RAM straight from the file",
         )
+        parser.add_argument("--smallest", action="store_true",
+                            help="with --raw: leave out every zero page and store every repeated page once"
+                                 " (a smaller file, but many more mappings: a slower restore)")
         parser.add_argument("--threads", type=int, default=2, help="compression/decoding threads")
         parser.add_argument("source", metavar="IN")
         parser.add_argument("target", metavar="OUT")
@@ -44,8 +47,9 @@ def run(name: str, args: argparse.Namespace) -> int:
 
     try:
         if name == "pack":
+            finest = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
             smolformat.repack_bundle(
-                args.source, args.target, memory_encoding=args.encoding, threads=args.threads
+                args.source, args.target, memory_encoding=args.encoding, threads=args.threads, **finest
             )
             print(f"{args.target}: packed ({args.encoding})")
         elif name == "verify":

@@ -75,7 +75,7 @@ def _bundle(arch: str, encoding: str, scratch: Path) -> bytes:
     )
     path = scratch / f"{arch}-{encoding}.smolmachine"
     # Every zero page left out, so the small sample RAM keeps several extents for the map vectors.
-    write_bundle(path, contents, memory_encoding=encoding, min_zero_gap=1)
+    write_bundle(path, contents, memory_encoding=encoding, min_dedup_run=1, min_zero_gap=1)
     return path.read_bytes()
 
 

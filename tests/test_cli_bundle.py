@@ -94,6 +94,10 @@ def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
     # what the bundle holds, and that the same input always gives the same bytes.
     assert raw.read_bytes() == direct.read_bytes()
     assert _held(raw) == _held(VALID) and any(_held(VALID)["ram"])
+    # --smallest stores what the vector's writer did (every zero page out, every repeat once).
+    smallest = tmp_path / "s.smolmachine"
+    assert main(["pack", "--raw", "--smallest", str(zstd), str(smallest)]) == 0
+    assert smallest.read_bytes() == VALID.read_bytes() and smallest.stat().st_size < raw.stat().st_size
 
 
 @pytest.mark.parametrize(

@@ -115,13 +115,15 @@ def test_zero_pages_are_left_out_and_identical_pages_stored_once(tmp_path: Path)
     memory[MIB : MIB + 3 * PAGE_SIZE] = x + y + x  # a repeat inside a run not yet written
     memory[2 * MIB : 2 * MIB + len(run)] = run  # a copy of a whole run: one extent onto the first
     memory[3 * MIB : 3 * MIB + PAGE_SIZE] = run[:PAGE_SIZE]  # one equal page alone
-    pages, extents = _stored_pages(memory, tmp_path)
+    pages, extents = _stored_pages(memory, tmp_path, min_dedup_run=1)
     assert pages == 16 + 2
     run_at, xy, x_again, run_again, single = extents
     assert x_again.file_offset == xy.file_offset and xy.length == 2 * PAGE_SIZE
     assert run_again.file_offset == single.file_offset == run_at.file_offset
-    # Deduplicating only long runs (a restore-speed choice) stores the single page and the x again.
-    assert _stored_pages(memory, tmp_path, min_dedup_run=MIN_DEDUP_RUN + 15)[0] == 16 + 4
+    # The default deduplicates only runs of 16 pages (a restore-speed choice): the single page
+    # and the x are stored again, the copy of the whole run is not.
+    assert MIN_DEDUP_RUN == 16
+    assert _stored_pages(memory, tmp_path)[0] == 16 + 4
 
 
 def test_dedup_stops_where_a_restore_would_map_too_much(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +132,7 @@ def test_dedup_stops_where_a_restore_would_map_too_much(tmp_path: Path, monkeypa
     for n in range(0, 64, 2):  # the same page every other page: one mapping per copy
         memory[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] = page
     monkeypatch.setattr(smolformat.pages, "DEDUP_EXTENTS", 8)
-    pages, extents = _stored_pages(memory, tmp_path, min_zero_gap=1)
+    pages, extents = _stored_pages(memory, tmp_path, min_dedup_run=1, min_zero_gap=1)
     assert len(extents) == 32 and pages == 32 - 7
 
 

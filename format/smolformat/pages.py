@@ -5,9 +5,13 @@ Its *index* section lists extents ``(address, length, offset, stored)``; its *da
 the bytes. Ranges that no extent covers are zero.
 
 - raw: page-aligned pages; runs of at least ``min_zero_gap`` zero pages left out (shorter ones
-  between stored pages are stored: fewer, longer mappings); a page equal to one already stored
-  points at it (identical pages stored once) while the image has fewer than ``DEDUP_EXTENTS``
-  extents, so that a restore's mappings stay far below Linux's default vm.max_map_count (65530).
+  between stored pages are stored: fewer, longer mappings); a run of at least ``min_dedup_run``
+  pages equal to ones already stored points at them (stored once) while the image has fewer than
+  ``DEDUP_EXTENTS`` extents, so that a restore's mappings stay far below Linux's default
+  vm.max_map_count (65530). Both default to 16, for restore speed: every extent is one mmap, and
+  with ``min_dedup_run=1`` a real 256 MiB snapshot shrank 81.8 -> 63.7 MiB but its mappings grew
+  97 -> 4762 and mapping them took 22.4 ms instead of 0.5 ms (BENCHMARKS.md). 1 and 1 give
+  the smallest raw file (``pack --raw --smallest``).
 - zstd: one independent frame per ``granule``-sized chunk of a region; all-zero chunks left out.
 """
 
@@ -29,7 +33,7 @@ from .limits import bounded
 from .packed import Packed, PackedArray
 
 MAX_EXTENTS = 1 << 24
-MIN_DEDUP_RUN = 1
+MIN_DEDUP_RUN = 16
 DEDUP_EXTENTS = 16384
 MIN_ZERO_GAP = 16
 DEFAULT_CHUNK_SIZE = 1 << 20

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
 from .reader import open_bundle
 from .writer import BundleContents, write_bundle
 
@@ -18,6 +19,8 @@ def repack_bundle(
     memory_encoding: str,
     disk_encoding: str | None = None,
     threads: int = 2,
+    min_dedup_run: int = MIN_DEDUP_RUN,
+    min_zero_gap: int = MIN_ZERO_GAP,
 ) -> bytes:
     """Write ``source``'s contents to ``target`` in another encoding; returns the new digest.
 
@@ -56,6 +59,8 @@ def repack_bundle(
                 memory_encoding=memory_encoding,
                 disk_encoding=disk_encoding,
                 threads=threads,
+                min_dedup_run=min_dedup_run,
+                min_zero_gap=min_zero_gap,
             )
         finally:
             for mapping in memory:

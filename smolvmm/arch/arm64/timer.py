@@ -22,7 +22,13 @@ TIMER_CVAL = sysreg("CNTV_CVAL_EL0", 3, 3, 14, 0, 2)
 PTIMER_CTL = sysreg("CNTP_CTL_EL0", 3, 3, 14, 2, 1)
 PTIMER_CVAL = sysreg("CNTP_CVAL_EL0", 3, 3, 14, 2, 2)
 
-TIMER_REGISTERS: tuple[OneReg, ...] = (TIMER_CNT, TIMER_CVAL, TIMER_CTL, PTIMER_CVAL, PTIMER_CTL)
+VIRTUAL_TIMER_REGISTERS: tuple[OneReg, ...] = (TIMER_CNT, TIMER_CVAL, TIMER_CTL)
+PHYSICAL_TIMER_REGISTERS: tuple[OneReg, ...] = (PTIMER_CVAL, PTIMER_CTL)
+"""KVM exposes these from Linux 6.4 on; 6.1's KVM_GET_REG_LIST omits them and reading them fails
+with ENOENT (seen on Debian's 6.1 arm64 kernel, tests/test_arm64_kvm_real.py). A save holds a
+PHYSICAL timer record only where the hypervisor lists them; before 6.4 KVM itself keeps the
+physical timer and no VMM can carry it across a snapshot."""
+TIMER_REGISTERS: tuple[OneReg, ...] = VIRTUAL_TIMER_REGISTERS + PHYSICAL_TIMER_REGISTERS
 """Restore order: the count first (it fixes CNTVOFF), then compare values, then the control
 registers, so no timer is enabled against a stale offset. The physical count is the host's and
 is not restored."""

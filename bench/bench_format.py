@@ -1,163 +1,198 @@
-"""Benchmark the .smolmachine format on synthetic guest RAM; prints a table.
+"""Benchmark the .smolmachine format on a snapshot's guest RAM; prints Markdown tables.
 
-Run: ``python bench/bench_format.py [--ram-mib 256]``. RAM content is ``smolformat.samples.realistic_memory``:
-zero runs, duplicated runs (page-cache-like), text/code-like pages, random pages.
+Run: ``python bench/bench_format.py [--bundle PATH | --synthetic MIB] [--repeat 5]``. The RAM comes from
+the demo bundle (``python -m smolvmm demo`` makes it) or ``--bundle``, read through ``open_bundle``;
+``--synthetic`` uses ``smolformat.samples.realistic_memory`` instead, for a host that cannot boot a guest.
+The bundles written hold that RAM beside sample vCPU, VM and device state (tens of KiB). Writes, decodes
+and maps go through smolformat's writer and reader and smolvmm's ``GuestMemory``, as a snapshot and a
+restore do. Timings are the median and the best of ``--repeat`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import mmap
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from smolformat import BundleContents, make_metadata, open_bundle, samples, verify_bundle, write_bundle
-from smolformat.pages import MIN_DEDUP_RUN
+from common import machine_info
+from smolformat import BundleContents, FormatError, make_metadata, open_bundle, samples, write_bundle
+from smolformat.layout import SectionKind
+from smolformat.pages import DEFAULT_CHUNK_SIZE
+from smolformat.payloads import payload
+from smolvmm.cli_demo import demo_bundle
+from smolvmm.memory import GuestMemory
 
 MIB = 1 << 20
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FIXED = 0x10
-PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+PAGE = 4096
 
 
-def _contents(ram: bytearray) -> BundleContents:
-    device_config, states = samples.devices(1)
+def _contents(layout: list[tuple[int, int]], memory: Sequence[Any]) -> BundleContents:
+    """A bundle of ``memory`` (one buffer per ``layout`` region) with sample vCPU, VM and device state."""
+    device_config, states = samples.devices(1)  # without its block device (index 3): no disk comes along
     return BundleContents(
-        config=samples.machine_config(
-            "x86_64", [(0, len(ram))], device_config[:3] + device_config[4:], vcpus=2
-        ),
+        config=samples.machine_config("x86_64", layout, device_config[:3] + device_config[4:]),
         vcpus=[samples.x86_64_vcpu(0), samples.x86_64_vcpu(1)],
         vm_state=samples.x86_64_vm_state(),
         devices=states[:3] + states[4:],
-        memory=[ram],
+        memory=memory,
         metadata=make_metadata("kvm-hardware"),
     )
 
 
-def _timed(action, repeat: int = 1) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _map_raw(path: Path, ram_size: int) -> tuple[float, int]:
-    """Reserve guest RAM, then MAP_FIXED|MAP_PRIVATE every extent from the bundle: (seconds, extents)."""
+def _section(path: Path, kind: SectionKind) -> bytes:
+    """The stored bytes of the first section of ``kind`` in ``path``."""
     with open_bundle(path) as bundle:
-        start = time.perf_counter()
-        base = _libc.mmap(None, ram_size, PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        extents = bundle.memory_extents()
-        for gpa, length, file_offset in extents:
-            got = _libc.mmap(
-                base + gpa, length, PROT_RW, mmap.MAP_PRIVATE | MAP_FIXED, bundle.fileno(), file_offset
-            )
-            if got != base + gpa:
-                raise OSError(ctypes.get_errno(), "mmap failed")
-        elapsed = time.perf_counter() - start
-        _libc.munmap(base, ram_size)
-    return elapsed, len(extents)
+        found = next(s for s in bundle.sections if s.kind == kind)
+        return os.pread(bundle.fileno(), found.length, found.offset)
 
 
-def _cold_open_ms(path: Path) -> float:
-    """First open in a fresh interpreter (imports done, nothing opened yet)."""
-    code = (
-        f"import time, smolformat; t = time.perf_counter(); smolformat.open_bundle({str(path)!r}).close(); "
-        "print((time.perf_counter() - t) * 1e3)"
+def _timed(action: Callable[[], object]) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one call of ``action``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Median and min."""
+    return statistics.median(values), min(values)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+# name: (memory_encoding, other write_bundle arguments, label)
+VARIANTS = {
+    "raw": ("raw", {}, "raw, default dedup and zero gaps"),
+    "raw-smallest": (
+        "raw",
+        {"min_dedup_run": 1, "min_zero_gap": 1},
+        "raw, `pack --raw --smallest` (min_dedup_run=1, min_zero_gap=1)",
+    ),
+    "zstd": ("zstd", {}, f"zstd, level 3, {DEFAULT_CHUNK_SIZE // MIB} MiB chunks, 2 threads"),
+}
+
+
+def measure(
+    layout: list[tuple[int, int]], memory: Sequence[Any], scratch: Path, repeat: int
+) -> tuple[str, list[str]]:
+    """A note on ``memory`` (guest RAM laid out as ``layout``), and Markdown tables: sizes, then timings."""
+    contents = _contents(layout, memory)
+    ram_size = sum(size for _, size in layout)
+    zero_page = bytes(PAGE)
+    zero_pages = sum(
+        view[p : p + PAGE] == zero_page for view in map(memoryview, memory) for p in range(0, len(view), PAGE)
     )
-    return float(
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    sizes = ["| bundle | RAM section MiB | RAM / section | extents |", "|---|---|---|---|"]
+    rows = ["| measure | median | best |", "|---|---|---|"]
+    paths = {name: scratch / f"{name}.smolmachine" for name in VARIANTS}
+    extents = {}
+    for name, (encoding, options, label) in VARIANTS.items():
+        write = partial(write_bundle, paths[name], contents, memory_encoding=encoding, **options)
+        walls = [_timed(write)[0] for _ in range(repeat)]
+        rows.append(_row(f"write ({label}), fsync included", *(f"{s:.2f} s" for s in _stats(walls))))
+        stored = len(_section(paths[name], SectionKind.MEMORY_DATA))
+        index = payload(SectionKind.MEMORY_INDEX).parse(_section(paths[name], SectionKind.MEMORY_INDEX))
+        extents[name] = index.extents
+        sizes.append(_row(label, f"{stored / MIB:.1f}", f"{ram_size / stored:.2f}", str(len(extents[name]))))
+    decoded = sum(chunk.length for chunk in extents["zstd"])  # non-zero chunks only
+
+    with open_bundle(paths["zstd"]) as bundle:
+        for threads in (1, 2):
+            walls, shares = [], []
+            for _ in range(repeat):
+                guest = GuestMemory.anonymous(layout)
+                views = [guest.region_view(i) for i in range(len(layout))]
+                wall, cpu = _timed(lambda: bundle.read_memory_into(views, threads))
+                guest.close()
+                walls.append(wall)
+                shares.append(cpu / wall)
+            median, best = (f"{_ms(s)} = {decoded / MIB / s:,.0f} MiB/s" for s in _stats(walls))
+            label = f"zstd: decode all RAM into fresh guest memory, {threads} thread(s)"
+            rows.append(_row(label, f"{median}, CPU/wall {statistics.median(shares):.2f}", best))
+
+    for name in ("raw", "raw-smallest"):
+        opens, maps = [], []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            bundle = open_bundle(paths[name])
+            opened = time.perf_counter()
+            guest = GuestMemory.anonymous(layout)
+            guest.map_file(bundle.fileno(), bundle.memory_extents())
+            opens.append(opened - start)
+            maps.append(time.perf_counter() - opened)
+            bundle.close()
+            guest.close()
+        both = [o + m for o, m in zip(opens, maps)]
+        cells = (
+            f"{_ms(b)} (open {_ms(o)}, map {_ms(m)})" for b, o, m in zip(_stats(both), _stats(opens), _stats(maps))
+        )
+        rows.append(_row(f"{VARIANTS[name][2]}: open + reserve RAM + mmap {len(extents[name])} extents", *cells))
+    note = (
+        f"{ram_size / MIB:.0f} MiB of RAM, {zero_pages * PAGE * 100 // ram_size}% zero pages; zstd decodes"
+        f" {len(extents['zstd'])} non-zero chunks, {decoded / MIB:.0f} MiB (all-zero chunks are skipped)"
     )
+    return note, [*sizes, "", *rows]
+
+
+def _snapshot_ram(source: Path) -> tuple[list[tuple[int, int]], GuestMemory]:
+    """The RAM layout of bundle ``source`` and its RAM, decoded by the reader into fresh guest memory."""
+    with open_bundle(source) as bundle:
+        layout = [(r.gpa, r.size) for r in bundle.config.ram]
+        ram = GuestMemory.anonymous(layout)
+        bundle.read_memory_into([ram.region_view(i) for i in range(len(layout))])
+    return layout, ram
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ram-mib", type=int, default=256)
+    source_group = parser.add_mutually_exclusive_group()
+    source_group.add_argument("--bundle", type=Path, help="snapshot to take RAM from (default: the demo bundle)")
+    source_group.add_argument("--synthetic", type=int, metavar="MIB", help="synthetic RAM of MIB MiB instead")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per timing (default 5)")
     args = parser.parse_args()
-    ram_size = args.ram_mib * MIB
-    ram = samples.realistic_memory(ram_size)
-    zero_page = bytes(4096)
-    zero_pages = sum(1 for p in range(0, ram_size, 4096) if ram[p : p + 4096] == zero_page)
-    nonzero = ram_size - zero_pages * 4096
-    rows: list[tuple[str, str]] = [
-        ("guest RAM", f"{args.ram_mib} MiB, {zero_pages * 100 // (ram_size // 4096)}% zero pages")
-    ]
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch:
-        raw, zstd = Path(scratch) / "raw.smolmachine", Path(scratch) / "zstd.smolmachine"
-        contents = _contents(ram)
-        rows.append(
-            ("write raw", f"{_timed(lambda: write_bundle(raw, contents, memory_encoding='raw')):.2f} s")
-        )
-        rows.append(
-            (
-                "write zstd (2 threads, level 3)",
-                f"{_timed(lambda: write_bundle(zstd, contents, memory_encoding='zstd')):.2f} s",
-            )
-        )
-        for name, path in (("raw", raw), ("zstd", zstd)):
-            size = path.stat().st_size
-            rows.append((f"{name} bundle size", f"{size / MIB:.1f} MiB (RAM/size {ram_size / size:.2f})"))
-        for min_run in (0, 1, 4, MIN_DEDUP_RUN):
-            variant = Path(scratch) / f"dedup{min_run}.smolmachine"
-            write_bundle(variant, contents, memory_encoding="raw", min_dedup_run=min_run)
-            with open_bundle(variant) as bundle:
-                extents = len(bundle.memory_extents())
-            label = "off" if min_run == 0 else f"runs >= {min_run} pages"
-            rows.append((f"raw, dedup {label}", f"{variant.stat().st_size / MIB:.1f} MiB, {extents} extents"))
-            variant.unlink()
-        for threads in (1, 2):
-            target = mmap.mmap(-1, ram_size)
-            with open_bundle(zstd) as bundle:
-                cpu_start = time.process_time()
-                seconds = _timed(lambda: bundle.read_memory_into([target], threads), repeat=3)
-                cpu_share = (time.process_time() - cpu_start) / 3 / seconds  # cores this process got
-            target.close()
-            rows.append(
-                (
-                    f"zstd decode, {threads} thread(s)",
-                    f"{ram_size / MIB / seconds:.0f} MiB/s of RAM, {nonzero / MIB / seconds:.0f} MiB/s non-zero,"
-                    f" cpu/wall {cpu_share:.2f}",
-                )
-            )
-        target = mmap.mmap(-1, ram_size)
-        with open_bundle(raw) as bundle:
-            seconds = _timed(lambda: bundle.read_memory_into([target], 2), repeat=3)
-        target.close()
-        rows.append(("raw copy into RAM (preadv)", f"{ram_size / MIB / seconds:.0f} MiB/s of RAM"))
-        open_bundle(raw).close()
-        for name, path in (("raw", raw), ("zstd", zstd)):
-            warm = _timed(lambda: open_bundle(path).close(), repeat=50) * 1e3
-            rows.append((f"open+parse {name}, warm (median of 50)", f"{warm:.2f} ms"))
-            rows.append((f"open+parse {name}, cold (new process)", f"{_cold_open_ms(path):.1f} ms"))
-        for name, path in (("raw", raw), ("zstd", zstd)):
-            rows.append(
-                (f"verify {name} (hash all, decode zstd)", f"{_timed(lambda: verify_bundle(path)):.2f} s")
-            )
-        map_seconds, extents = _map_raw(raw, ram_size)
-        rows.append(
-            ("mmap raw memory (MAP_FIXED|MAP_PRIVATE)", f"{map_seconds * 1e3:.2f} ms for {extents} extents")
-        )
-    width = max(len(name) for name, _ in rows)
-    print(f"{'measure':<{width}}  value")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    with ExitStack() as stack:
+        if args.synthetic is not None:
+            layout = [(0, args.synthetic * MIB)]
+            memory: list[Any] = [samples.realistic_memory(args.synthetic * MIB)]
+            what = "synthetic RAM (`samples.realistic_memory`)"
+        else:
+            source = args.bundle or Path(demo_bundle())
+            if not source.exists():
+                hint = "; run `python -m smolvmm demo` first" if args.bundle is None else ""
+                print(f"bench_format: no bundle at {source}{hint}", file=sys.stderr)
+                return 1
+            try:
+                layout, ram = _snapshot_ram(source)
+            except FormatError as exc:
+                print(f"bench_format: {source}: {exc}", file=sys.stderr)
+                return 1
+            stack.callback(ram.close)
+            memory = [ram.region_view(i) for i in range(len(layout))]
+            what = f"`{source}`"
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-format.")))
+        note, tables = measure(layout, memory, scratch, args.repeat)
+    machine = machine_info()
+    print(f"{what}: {note}.")
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']} after the"
+        f" run; {args.repeat} runs per timing. Decode MiB/s = MiB that zstd produced / time; CPU/wall = process"
+        " CPU time / wall time (2.00: both cores busy).\n"
+    )
+    print("\n".join(tables))
     return 0
 
 

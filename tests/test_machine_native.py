@@ -25,9 +25,9 @@ async def test_cancelling_the_enclosing_scope_stops_every_machine_promptly() -> 
     threads, fds = own_threads(), sorted(os.listdir("/proc/self/fd"))
     machines: list[Machine] = []
     with anyio.move_on_after(1) as scope:
-        async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20)) as first:
+        async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20)) as first:
             machines.append(first)
-            async with Machine.boot(MachineConfig(memory=64 << 20)) as second:
+            async with Machine.boot(MachineConfig(memory=128 << 20)) as second:
                 machines.append(second)
                 await anyio.sleep_forever()
     cancelled_at = time.monotonic()
@@ -42,5 +42,5 @@ async def test_cancelling_the_enclosing_scope_stops_every_machine_promptly() -> 
 
 async def test_an_error_in_the_block_reaches_the_caller_as_itself() -> None:
     with pytest.raises(KeyError, match="from the caller"):
-        async with Machine.boot(MachineConfig(memory=64 << 20)):
+        async with Machine.boot(MachineConfig(memory=128 << 20)):
             raise KeyError("from the caller")

@@ -26,7 +26,7 @@ pytestmark = [
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path) -> None:
     first, second = tmp_path / "first.smolmachine", tmp_path / "second.smolmachine"
-    async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20)) as machine:
+    async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20)) as machine:
         digest = await machine.snapshot(first)
         await machine.stop()
     with smolformat.open_bundle(first) as bundle:
@@ -92,7 +92,7 @@ async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_conf
     from smolvmm import ConfigError, default_guest
 
     plain, bootable, again = (tmp_path / f"{name}.smolmachine" for name in ("plain", "bootable", "again"))
-    async with Machine.boot(MachineConfig(vcpus=2, memory=64 << 20, console="virtio")) as machine:
+    async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20, console="virtio")) as machine:
         await machine.snapshot(plain)
         await machine.snapshot(bootable, bootable=True)
         await machine.stop()
@@ -102,7 +102,7 @@ async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_conf
     with smolformat.open_bundle(bootable) as bundle:
         assert bundle.kernel == guest.kernel.read_bytes() and bundle.initrd == guest.initrd.read_bytes()
     config = MachineConfig.from_bundle(bootable)
-    assert (config.vcpus, config.memory, config.console) == (2, 64 << 20, "virtio")
+    assert (config.vcpus, config.memory, config.console) == (2, 128 << 20, "virtio")
     assert config.kernel.read_bytes() == guest.kernel.read_bytes() and config.kernel != guest.kernel
     assert "console=hvc0" in config.cmdline and "smolvmm.agent" not in config.cmdline
     with pytest.raises(BundleError, match="has no kernel to cold-boot"):

@@ -384,9 +384,6 @@ def test_lapic_lint_pins_as_a_pc_leaves_them() -> None:
     assert struct.unpack_from("<I", lapic, 0x360)[0] == 0x0001_0400  # NMI (4)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="bug: load_linux sizes the kernel from 1 MiB, not from its runtime start"
-)
 def test_small_ram_is_refused_unless_the_kernel_window_fits() -> None:
     """boot.rst (init_size): a relocatable kernel first moves to align_up(max(load, pref_address),
     kernel_alignment) and needs init_size bytes there. RAM too small for that must be refused,

@@ -50,8 +50,9 @@ def load_linux(
 ) -> int:
     """Place kernel, command line, initrd and boot_params in guest RAM; returns the 64-bit entry point."""
     low_ram_end = memory.regions[0].end
-    if layout.KERNEL_LOAD_ADDR + max(len(kernel.protected_mode), kernel.init_size) > low_ram_end:
-        raise ImageError("guest RAM is too small for this kernel")
+    kernel_end = kernel.end(layout.KERNEL_LOAD_ADDR)
+    if kernel_end > low_ram_end:
+        raise ImageError(f"guest RAM is too small for this kernel: it needs {kernel_end >> 20} MiB below 4 GiB")
     memory.write(layout.KERNEL_LOAD_ADDR, kernel.protected_mode)
 
     encoded = cmdline.encode() + b"\0"
@@ -71,7 +72,6 @@ def load_linux(
     if initrd is not None and len(initrd):
         top = min(low_ram_end, kernel.initrd_addr_max + 1, layout.MMIO_GAP_START)
         address = (top - len(initrd)) & ~(PAGE_SIZE - 1)
-        kernel_end = layout.KERNEL_LOAD_ADDR + max(len(kernel.protected_mode), kernel.init_size)
         if address < kernel_end:
             raise ImageError(f"initrd of {len(initrd)} bytes does not fit in guest RAM beside the kernel")
         memory.write(address, initrd)

@@ -21,8 +21,10 @@ XLF_KERNEL_64 = 1 << 0
 HDR_SETUP_SECTS = 0x1F1
 HDR_VERSION = 0x206
 HDR_INITRD_ADDR_MAX = 0x22C
+HDR_KERNEL_ALIGNMENT = 0x230
 HDR_XLOADFLAGS = 0x236
 HDR_CMDLINE_SIZE = 0x238
+HDR_PREF_ADDRESS = 0x258
 HDR_INIT_SIZE = 0x260
 
 
@@ -36,6 +38,16 @@ class KernelImage:
     init_size: int
     initrd_addr_max: int
     cmdline_size: int
+    pref_address: int
+    kernel_alignment: int
+
+    def end(self, load_address: int) -> int:
+        """Where the kernel's memory ends when loaded at ``load_address``: it first moves to
+        align_up(max(load address, pref_address), kernel_alignment) and needs ``init_size``
+        bytes from there (boot.rst, ``init_size``), beside its own image at the load address."""
+        alignment = max(self.kernel_alignment, 1)
+        start = -(-max(load_address, self.pref_address) // alignment) * alignment
+        return max(load_address + len(self.protected_mode), start + self.init_size)
 
 
 def parse_bzimage(image: bytes | memoryview) -> KernelImage:
@@ -64,4 +76,6 @@ def parse_bzimage(image: bytes | memoryview) -> KernelImage:
         init_size=struct.unpack_from("<I", data, HDR_INIT_SIZE)[0],
         initrd_addr_max=struct.unpack_from("<I", data, HDR_INITRD_ADDR_MAX)[0],
         cmdline_size=struct.unpack_from("<I", data, HDR_CMDLINE_SIZE)[0],
+        pref_address=struct.unpack_from("<Q", data, HDR_PREF_ADDRESS)[0],
+        kernel_alignment=struct.unpack_from("<I", data, HDR_KERNEL_ALIGNMENT)[0],
     )

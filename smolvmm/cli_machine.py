@@ -185,7 +185,7 @@ def _boot_marker(args: argparse.Namespace) -> str | None:
         import smolformat
 
         with smolformat.open_bundle(args.bundle) as bundle:
-            labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
+            labels = bundle.labels
         return labels.get(READY_MARKER_LABEL)
     return None if args.kernel else smolvmm.default_guest().ready_marker
 

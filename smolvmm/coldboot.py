@@ -18,7 +18,7 @@ from .devices.virtio.net import VirtioNet
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .timings import Timings
@@ -91,7 +91,10 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
         timings.mark("load_kernel")
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         timings.mark("devices")
-        machine = cls(vm, config, tasks, cmdline, timings, agent=agent)
+        def read_boot_files() -> tuple[bytes, bytes | None]:
+            return kernel.read_bytes(), initrd.read_bytes() if initrd else None
+
+        machine = cls(vm, config, tasks, cmdline, timings, agent=agent, boot_files=read_boot_files)
     except BaseException:
         vm.close()
         raise
@@ -118,14 +121,14 @@ def config_from_bundle(
             raise BundleError(f"{path} has no kernel to cold-boot (save it with `build --bootable`)")
         directory = cache_root() / "bundle-boot" / bundle.digest.hex()
         initrd = bundle.initrd
-        labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
+        labels = bundle.labels
         roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
         devices = bundle.config.devices
         saved_nets = sum(1 for d in devices if d.kind == "virtio-net")
         if len(networks) != saved_nets:
-            raise BundleError(f"the bundle has {saved_nets} network device(s): pass --net tap=NAME for each")
+            raise ConfigError(f"the bundle has {saved_nets} network device(s): pass --net tap=NAME for each")
         if "socket" in roles and console_socket is None:
-            raise BundleError("the bundle has a console socket device: pass --console-socket PATH")
+            raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
         disks = tuple(
             DiskConfig(base_disk(bundle, d.params.disk), read_only=d.params.read_only)
             for d in devices if d.kind == "virtio-blk"

@@ -45,6 +45,7 @@ class Machine:
         timings: Timings,
         parent_digest: bytes = b"",
         agent: AgentPort | None = None,
+        boot_files: Callable[[], tuple[bytes, bytes | None]] | None = None,
     ) -> None:
         self._vm = vm
         self._agent = agent
@@ -60,8 +61,7 @@ class Machine:
         self._exited = EventFd()
         self._parked = EventFd()
         self._vcpu_done = [EventFd() for _ in vm.vcpus]
-        self._vcpus_running = 0
-        self._vcpus_ended = anyio.Event()
+        self._vcpus_joined: list[anyio.Event] = []  # one per vCPU task started, set when its thread is joined
         self._finished = anyio.Event()
         self._devices_scope = anyio.CancelScope()
         self._devices_stopped = anyio.Event()
@@ -71,7 +71,7 @@ class Machine:
         self._new_macs: dict[str, bytes] = {}
         self._snapshot_lock = anyio.Lock()
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
-        self._boot_files: Callable[[], tuple[bytes, bytes | None]] | None = None
+        self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
 
     def _record_exit(self, exit: MachineExit) -> None:
@@ -86,11 +86,9 @@ class Machine:
     @asynccontextmanager
     async def boot(cls, config: MachineConfig) -> AsyncIterator[Machine]:
         """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine."""
-        from .coldboot import boot_files, create_for_boot
+        from .coldboot import create_for_boot
 
         machine = create_for_boot(cls, config)
-        kernel, initrd, _ = boot_files(config)
-        machine._boot_files = lambda: (kernel.read_bytes(), initrd.read_bytes() if initrd else None)
         async with machine._running():
             yield machine
 
@@ -121,9 +119,11 @@ class Machine:
         restored = restore_vm_from(path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
         vm = restored.vm
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
-        machine = cls(vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent)
+        machine = cls(
+            vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent,
+            boot_files=lambda: _bundle_boot_files(path),
+        )
         holder.append(machine)
-        machine._boot_files = lambda: _bundle_boot_files(path)
         machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
@@ -186,8 +186,9 @@ class Machine:
         self, thread: VcpuThread, done: EventFd, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """One vCPU's task: start its thread and join it when it ends (stopping it first if cancelled)."""
+        joined = anyio.Event()
+        self._vcpus_joined.append(joined)
         thread.start()
-        self._vcpus_running += 1
         task_status.started()
         ended = False
         try:
@@ -199,9 +200,7 @@ class Machine:
                     thread.stop()
                     await done.wait()
                 thread.join()
-                self._vcpus_running -= 1
-                if self._vcpus_running == 0:
-                    self._vcpus_ended.set()
+                joined.set()
 
     async def _run_devices(self) -> None:
         """Run the device tasks; after a quiesce, wait to be restarted (or for the end)."""
@@ -237,8 +236,8 @@ class Machine:
                 return
             for thread in self._vm.threads:
                 thread.stop()
-            if self._vcpus_running:
-                await self._vcpus_ended.wait()
+            for joined in self._vcpus_joined:
+                await joined.wait()
             self._devices_scope.cancel()
             self._devices_restart.set()
             self.console.end_output()
@@ -348,7 +347,7 @@ def _unwrapped_errors() -> Iterator[None]:
             group = group.exceptions[0]
         if isinstance(group, BaseExceptionGroup):
             raise
-        raise group from None
+        raise group from group.__cause__
 
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:

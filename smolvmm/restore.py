@@ -164,7 +164,7 @@ def restore_vm_from(
             memory.close()
             raise
         timings.mark("memory_map")
-        labels = {label.key: label.value for label in bundle.metadata.labels} if bundle.metadata else {}
+        labels = bundle.labels
         roles = [r for r in labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
         main = VirtioConsoleInput() if "main" in roles else None
         agent = AgentPort()

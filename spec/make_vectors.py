@@ -30,7 +30,7 @@ from smolformat.crafting import (
     rewrite_section,
 )
 from smolformat.layout import MAX_SECTIONS, SectionFlag, SectionKind
-from smolformat.pages import MAX_CHUNK_SIZE, PageIndex
+from smolformat.pages import MAX_CHUNK_SIZE, PageIndex, zstd_bound
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 Vector = tuple[str, bytes, str, str]  # file name, bytes, expected outcome, description
@@ -343,6 +343,21 @@ def _first_device_at(data: bytes) -> int:
     return 1 + 4 + 4 + 16 * len(config.ram) + 4 + len(config.cmdline.encode()) + 4
 
 
+def _oversized_chunk(data: bytes) -> bytes:
+    """The zstd bundle with zeros after its one RAM frame, counted in the chunk's ``stored``: past
+    the most a frame of the chunk's length can take, so the reader refuses it before reading it."""
+    _, entries = parse_frame(data)
+    memory, index_entry = find_entry(entries, SectionKind.MEMORY_DATA), find_entry(entries, SectionKind.MEMORY_INDEX)
+    (extent,) = PageIndex.parse(data[index_entry["offset"] : index_entry["offset"] + index_entry["length"]]).extents
+    stored = zstd_bound(extent.length) + 1
+    frame = data[memory["offset"] : memory["offset"] + memory["length"]]
+    data = replace_section(data, SectionKind.MEMORY_DATA, frame + bytes(stored - len(frame)))
+    data = edit_table(
+        data, lambda h, es: find_entry(es, SectionKind.MEMORY_DATA).update(logical_length=memory["logical_length"])
+    )
+    return _edit_index(data, lambda v: v["extents"][0].update(stored=stored))
+
+
 def _wide_window(data: bytes) -> bytes:
     """The zstd bundle with its one RAM chunk compressed again in a frame whose window is twice the
     granule: the frame decodes to the same bytes, but a reader may not need that much memory."""
@@ -441,6 +456,12 @@ def _content_vectors(x86_raw: bytes, x86_zstd: bytes, arm_raw: bytes) -> list[Ve
             "8 MiB zstd chunks, above the cap of 4 MiB",
         ),
         ("zstd-wide-window", _wide_window(x86_zstd), "bad-chunk", "a zstd frame whose window exceeds the chunk size"),
+        (
+            "zstd-chunk-over-bound",
+            _oversized_chunk(x86_zstd),
+            "bad-chunk",
+            "a zstd chunk claiming more bytes than any frame of its length can take",
+        ),
         (
             "unknown-arch",
             rewrite_section(arm_raw, SectionKind.CONFIG, _put(0, b"\x07")),

@@ -316,9 +316,21 @@ def check_index(
             raise FormatError(
                 "map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk"
             )
+        elif extent.stored > zstd_bound(extent.length):
+            raise FormatError(
+                "bad-chunk",
+                f"{what} zstd chunk at {extent.address:#x} claims {extent.stored} bytes, more than a frame"
+                f" of {extent.length} bytes can take",
+            )
         previous_end = extent.address + extent.length
         extents.append(extent)
     return ImageMap(encoding, granule, extents)
+
+
+def zstd_bound(length: int) -> int:
+    """The most bytes one zstd frame of ``length`` bytes can take (zstd's ZSTD_COMPRESSBOUND)."""
+    small = (128 << 10) - length >> 11 if length < 128 << 10 else 0
+    return length + (length >> 8) + small
 
 
 def split_extents(image: ImageMap, block: int) -> Iterator[Extent]:

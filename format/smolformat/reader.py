@@ -265,8 +265,8 @@ class DiskImage:
 class Bundle:
     """An open .smolmachine file. Use as a context manager (it holds the file descriptor).
 
-    Parsed at open: ``config``, ``metadata`` (or None), ``vcpus`` (by vCPU id), ``vm_state``,
-    ``devices``, ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
+    Parsed at open: ``config``, ``metadata`` (or None; ``labels`` as a dict), ``vcpus`` (by vCPU
+    id), ``vm_state``, ``devices``, ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
     ``disk(i)``, ``kernel``, ``initrd``, ``unknown_sections()``, ``verify()``.
     """
 
@@ -292,12 +292,11 @@ class Bundle:
                     )
                 continue
             _check_known(s)
-            same = by_kind.setdefault(s.kind, [])
-            if (s.kind, s.index) in seen or (s.kind in _SINGLETONS and same):
+            if (s.kind, s.index) in seen:  # singletons all have index 0 (_check_known)
                 code = "duplicate-vcpu" if s.kind == SectionKind.VCPU_STATE else "duplicate-section"
                 raise FormatError(code, f"section {_name(s)} appears twice")
             seen.add((s.kind, s.index))
-            same.append(s)
+            by_kind.setdefault(s.kind, []).append(s)
         for kind in _REQUIRED:
             if kind not in by_kind:
                 raise FormatError("missing-section", f"the bundle has no {kind.name.lower()} section")
@@ -417,6 +416,11 @@ class Bundle:
     def _blob(self, kind: SectionKind) -> bytes | None:
         found = self._by_kind.get(kind)
         return self._section_bytes(found[0]) if found else None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The METADATA labels as a dict (empty without METADATA)."""
+        return {label.key: label.value for label in self.metadata.labels} if self.metadata else {}
 
     @property
     def kernel(self) -> bytes | None:

@@ -44,6 +44,10 @@ for dir in /host/*; do
     name="/${dir#/host/}"
     [ -d "$dir" ] && [ ! -L "$dir" ] && [ ! -e "$name" ] && mkdir "$name" && mount --bind "$dir" "$name"
 done
+read -r cwd < /job/cwd
+if [ ! -d "$cwd" ]; then  # e.g. a checkout under /tmp, which the userland has of its own
+    mkdir -p "$cwd" && mount --bind "/host$cwd" "$cwd" || fail "could not bind the working directory $cwd"
+fi
 mkdir -p /dev/pts /dev/shm /run/smolvmm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm

@@ -147,7 +147,7 @@ def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
 def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1, stderr: int = 2) -> int:
     """Run ``job`` in the QEMU machine ``command(workdir)`` describes; return the job's exit status.
 
-    The machine's init follows this module's protocol: it reads ``<workdir>/job/{job,mounts}`` from
+    The machine's init follows this module's protocol: it reads ``<workdir>/job/{job,mounts,cwd}`` from
     the host root shared over 9p, reports through the three PORTS and marks its own failures
     with FAILED on the console, which ``command`` must send to ``<workdir>/console.log``.
     """
@@ -156,6 +156,7 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
         (workdir / "job").mkdir()
         (workdir / "job" / "job").write_text(job_script(job))
         (workdir / "job" / "mounts").write_text("".join(f"out{i} {out}\n" for i, out in enumerate(job.outs)))
+        (workdir / "job" / "cwd").write_text(f"{job.cwd}\n")
         listeners = []
         for port in PORTS:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

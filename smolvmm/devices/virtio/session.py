@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
+from ...eventfd import EventFd
 from ...memory import GuestMemory
 from .buffers import total_length
 from .queue import DescriptorChain, Queue
 
 Producer = Callable[[DescriptorChain], "int | None"]
-_EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
 def drain_eventfd(fd: int) -> None:
@@ -169,24 +169,26 @@ class Session:
         notify eventfd, so ``handle`` may block on the host (disk I/O, fdatasync) without
         stalling the event loop or any other device. Cancelling stops the thread after its
         current batch and waits for it, so every chain taken is completed in the used ring."""
-        stop, done = os.eventfd(0, _EFD_FLAGS), os.eventfd(0, _EFD_FLAGS)
+        stop, done = EventFd(), EventFd()
         failure: list[Exception] = []
-        thread = threading.Thread(
-            target=self._serve, args=(index, handle, stop, done, failure), name="virtio-io", daemon=True
-        )
-        thread.start()
         try:
-            await anyio.wait_readable(done)
+            thread = threading.Thread(
+                target=self._serve, args=(index, handle, stop.fd, done, failure), name="virtio-io", daemon=True
+            )
+            thread.start()
+            try:
+                await anyio.wait_readable(done.fd)
+            finally:
+                stop.signal()
+                with anyio.CancelScope(shield=True):
+                    await anyio.wait_readable(done.fd)
+                thread.join()
         finally:
-            os.eventfd_write(stop, 1)
-            with anyio.CancelScope(shield=True):
-                await anyio.wait_readable(done)
-            thread.join()
-            os.close(stop)
-            os.close(done)
+            stop.close()
+            done.close()
         raise failure[0]  # uncancelled, the thread only ends on an error
 
-    def _serve(self, index: int, handle: Producer, stop: int, done: int, failure: list[Exception]) -> None:
+    def _serve(self, index: int, handle: Producer, stop: int, done: EventFd, failure: list[Exception]) -> None:
         """The thread of ``process_in_thread``: batches until ``stop`` or an error, then ``done``."""
         poll = select.poll()
         poll.register(stop, select.POLLIN)
@@ -205,4 +207,4 @@ class Session:
         except Exception as exc:  # raised again in the device's task, e.g. QueueError: NEEDS_RESET
             failure.append(exc)
         finally:
-            os.eventfd_write(done, 1)
+            done.signal()

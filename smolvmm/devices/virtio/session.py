@@ -77,12 +77,15 @@ class Session:
                 self._busy = True
             try:
                 length = produce(chain)
-            finally:
+            except BaseException:
                 with self._lock:
                     self._busy = False
                     self._idle.notify_all()
+                raise
             with self._lock:
-                if self.closed:
+                self._busy = False
+                if self.closed:  # a reset is waiting in close() for this chain to be done
+                    self._idle.notify_all()
                     break
                 if length is None:
                     queue.undo_pop()

@@ -145,6 +145,14 @@ def test_repack_is_lossless(tmp_path: Path) -> None:
     assert (tmp_path / "z.smolmachine").stat().st_size < raw.stat().st_size
 
 
+def test_a_short_batched_write_is_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    given = contents(tmp_path)
+    write_bundle(tmp_path / "whole.smolmachine", given, memory_encoding="raw")
+    monkeypatch.setattr(os, "pwritev", lambda fd, views, at: os.pwrite(fd, views[0][: len(views[0]) // 2], at))
+    write_bundle(tmp_path / "short.smolmachine", given, memory_encoding="raw")
+    assert (tmp_path / "short.smolmachine").read_bytes() == (tmp_path / "whole.smolmachine").read_bytes()
+
+
 def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     given = contents(tmp_path)
     given.memory = [given.memory[0], bytearray(12)]  # wrong size, found after sections were written

@@ -130,7 +130,7 @@ class RawEncoder:
         self._list = _ExtentList()
 
     def add_region(self, start: int, data: memoryview) -> None:
-        """Encode one region: ``data`` is read page by page and never copied whole."""
+        """Encode one region: ``data`` is read a block at a time and never copied whole."""
         size = len(data)
         pending_new = -1  # first page of a run of new pages not yet written
         run: list[tuple[int, int]] = []  # (page offset in region, stored offset) equal pages
@@ -167,43 +167,49 @@ class RawEncoder:
             run.clear()
 
         zeros_from = -1  # first page of the current run of zero pages
-        pos = 0
-        while pos < size:
-            raw = data[pos : pos + PAGE_SIZE].tobytes()
-            if raw == _ZERO_PAGE[: len(raw)]:
-                # Most of a guest's RAM is zero: after a zero page, try a whole block at once.
-                end = pos + len(raw)
-                if size - pos >= _ZERO_BLOCK_SIZE and data[pos : pos + _ZERO_BLOCK_SIZE].tobytes() == _ZERO_BLOCK:
-                    end = pos + _ZERO_BLOCK_SIZE
-                if zeros_from < 0:
-                    zeros_from = pos
-                pos = end
-                if pos - zeros_from >= self._min_zero_gap * PAGE_SIZE:
-                    flush_new(zeros_from)
-                flush_run()
-                continue
-            zeros_from = -1
-            # Only a lookup key: a candidate is confirmed byte for byte before it is shared.
-            digest = hash(raw) if self._min_run else 0
-            stored_at = self._seen.get(digest)
-            if (
-                stored_at is not None
-                and len(raw) == PAGE_SIZE
-                and len(self._list.extents) < DEDUP_EXTENTS
-                and stored(stored_at) == raw
-            ):
-                flush_new(pos)
-                if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
-                    flush_run()
-                run.append((pos, stored_at))
-                pos += PAGE_SIZE
-                continue
+
+        def zero_pages(at: int, end: int) -> None:
+            nonlocal zeros_from
+            if zeros_from < 0:
+                zeros_from = at
+            if end - zeros_from >= min_zero_gap:
+                flush_new(zeros_from)
             flush_run()
-            if pending_new < 0:
-                pending_new = pos
-            if self._min_run:
-                self._seen.setdefault(digest, self._written + (pos - pending_new))
-            pos += PAGE_SIZE
+
+        min_zero_gap = self._min_zero_gap * PAGE_SIZE
+        seen = self._seen
+        # Most of a guest's RAM is zero: a block at a time, page by page only inside non-zero blocks.
+        for block_at in range(0, size, _ZERO_BLOCK_SIZE):
+            block = data[block_at : block_at + _ZERO_BLOCK_SIZE].tobytes()
+            if block == _ZERO_BLOCK[: len(block)]:
+                zero_pages(block_at, block_at + len(block))
+                continue
+            for offset in range(0, len(block), PAGE_SIZE):
+                pos = block_at + offset
+                raw = block[offset : offset + PAGE_SIZE]
+                if raw == _ZERO_PAGE[: len(raw)]:
+                    zero_pages(pos, pos + len(raw))
+                    continue
+                zeros_from = -1
+                # Only a lookup key: a candidate is confirmed byte for byte before it is shared.
+                digest = hash(raw) if self._min_run else 0
+                stored_at = seen.get(digest)
+                if (
+                    stored_at is not None
+                    and len(raw) == PAGE_SIZE
+                    and len(self._list.extents) < DEDUP_EXTENTS
+                    and stored(stored_at) == raw
+                ):
+                    flush_new(pos)
+                    if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
+                        flush_run()
+                    run.append((pos, stored_at))
+                    continue
+                flush_run()
+                if pending_new < 0:
+                    pending_new = pos
+                if self._min_run:
+                    seen.setdefault(digest, self._written + (pos - pending_new))
         flush_new(zeros_from if zeros_from >= 0 else size)
         flush_run()
 

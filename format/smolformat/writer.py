@@ -51,6 +51,11 @@ from .reader import SectionInfo
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
 
+# Pieces shorter than _SHORT_PIECE are gathered, up to _BATCH_PIECES (16 MiB at most) per pwritev call.
+# A longer piece is worth a call on its own and goes out at once: zstd frames then go out while the
+# compressing threads work on the next chunks (gathered 8 MiB at a time, a zstd write took ~10 % longer).
+_SHORT_PIECE = 64 << 10
+_BATCH_PIECES = 256
 _OPTIONAL_KINDS = {SectionKind.METADATA, SectionKind.KERNEL, SectionKind.INITRD, SectionKind.SIGNATURE}
 
 
@@ -94,24 +99,51 @@ def make_metadata(
 
 
 class _Output:
-    """The temp file: unbuffered writes that feed the current section's digest."""
+    """The temp file: writes gathered into batches, each hashed into its section's digest and written
+    with one ``pwritev`` call.
+
+    A raw image arrives as thousands of pieces: on ext4, 85 MiB in 16 KiB pieces took 47 ms to write
+    and 39 ms to fsync with a call per piece, 17 and 25 ms with a call per batch of 512.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.position = HEADER_SIZE
         self.entries: list[dict[str, Any]] = []
         self._hash: Any = None
+        self._batch: list[memoryview] = []
+        self._batch_at = HEADER_SIZE  # where the batch's first byte goes
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        while view:
-            done = os.pwrite(self.fd, view, self.position)
-            view = view[done:]
-            self.position += done
+        if not self._batch:
+            self._batch_at = self.position
+        self._batch.append(view)
+        self.position += len(view)
+        if len(view) >= _SHORT_PIECE or len(self._batch) >= _BATCH_PIECES:
+            self.flush()
         return len(data)
 
+    def flush(self) -> None:
+        """Hash and write the batch."""
+        views, at = self._batch, self._batch_at
+        self._batch = []
+        if not views:
+            return
+        for view in views:
+            self._hash.update(view)
+        written = os.pwritev(self.fd, views, at)
+        for view in views:
+            skip = min(written, len(view))
+            written -= skip
+            view, at = view[skip:], at + skip
+            while view:  # only after a short pwritev
+                done = os.pwrite(self.fd, view, at)
+                view, at = view[done:], at + done
+
     def read_back(self, section_offset: int, start: int, length: int) -> bytes:
+        if self._batch and section_offset + start + length > self._batch_at:
+            self.flush()
         return os.pread(self.fd, length, section_offset + start)
 
     @contextmanager
@@ -137,7 +169,12 @@ class _Output:
             "logical_length": None,
         }
         self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        yield entry
+        try:
+            yield entry
+        except BaseException:
+            self._batch = []  # it may hold views of a disk's mapping, which must close
+            raise
+        self.flush()
         entry["length"] = self.position - entry["offset"]
         if entry["logical_length"] is None:
             entry["logical_length"] = entry["length"]

@@ -61,8 +61,9 @@ def run(name: str, args: argparse.Namespace) -> int:
             print(json.dumps(summary, indent=2) if args.json else _table(summary))
     except smolformat.FormatError as exc:
         raise BundleError(f"{getattr(args, 'bundle', None) or args.source}: {exc}") from exc
-    except OSError as exc:
-        raise BundleError(str(exc)) from exc
+    except OSError as exc:  # e.g. a full disk: the target is written atomically, so nothing is left
+        where = exc.filename or (args.target if name == "pack" else args.bundle)
+        raise BundleError(f"{where}: {exc.strerror or exc}") from exc
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 
 import pytest
 import smolformat
+from smolformat import write_bundle
+from test_format_bundle import contents
 
 from smolvmm.cli import main
 
@@ -118,3 +122,24 @@ def test_pack_needs_an_encoding(tmp_path: Path) -> None:
     shutil.copy(VALID, tmp_path / "in.smolmachine")
     with pytest.raises(SystemExit):
         main(["pack", str(tmp_path / "in.smolmachine"), str(tmp_path / "out.smolmachine")])
+
+
+def test_pack_onto_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A file-size limit stands in for a full disk: writes past 2 MiB fail (EFBIG), in the middle
+    of writing RAM that is still mapped."""
+    source = tmp_path / "source.smolmachine"
+    write_bundle(source, contents(tmp_path), memory_encoding="zstd")
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    target = tmp_path / "out" / "packed.smolmachine"
+    target.parent.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "pack", "--raw", str(source), str(target)],
+        capture_output=True, text=True, preexec_fn=limit_file_size,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"smolvmm: error: {target}: File too large"), done.stderr
+    assert list(target.parent.iterdir()) == []

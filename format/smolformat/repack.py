@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
 from .reader import open_bundle
-from .writer import BundleContents, write_bundle
+from .writer import BundleContents, close_mapping, write_bundle
 
 
 def repack_bundle(
@@ -64,4 +64,4 @@ def repack_bundle(
             )
         finally:
             for mapping in memory:
-                mapping.close()
+                close_mapping(mapping)

@@ -233,12 +233,22 @@ def _mapped(path: str | os.PathLike[str]) -> Iterator[memoryview]:
         if size == 0:
             yield memoryview(b"")
             return
-        with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapping:
-            view = memoryview(mapping)
-            try:
-                yield view
-            finally:
-                view.release()
+        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            view.release()
+            close_mapping(mapping)
+
+
+def close_mapping(mapping: mmap.mmap) -> None:
+    """Unmap now; or, while a failed write's traceback still holds views into it (a full disk),
+    when those go, so that the write's own error is what the caller sees."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
 
 
 def write_bundle(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import smolformat
 from smolformat import write_bundle
-from test_format_bundle import contents
 
 from smolvmm.cli import main
+from test_format_bundle import contents
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = VECTORS / "valid-x86_64-raw.smolmachine"

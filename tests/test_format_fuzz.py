@@ -40,7 +40,7 @@ MAX_DECODE = 1 << 20
 PEAK_PER_FILE_BYTE = 16
 PEAK_CONSTANT = 1 << 20
 FUZZ = settings(
-    max_examples=1000, deadline=timedelta(milliseconds=500), suppress_health_check=[HealthCheck.too_slow]
+    max_examples=1000, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow]
 )
 
 # Where each entry field lies in a section table entry, and its width.
@@ -239,7 +239,7 @@ def test_consistent_huge_claims(name: str, size: int, granule: int, stretch: boo
     exercise(_rewrite_index(data, SectionKind.MEMORY_INDEX, index))
 
 
-@settings(max_examples=40, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=BASES,
     count=st.one_of(st.integers(0, 64), st.integers(MAX_SECTIONS - 16, MAX_SECTIONS + 16)),

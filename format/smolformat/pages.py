@@ -108,25 +108,25 @@ class _ExtentList:
 class RawEncoder:
     """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
 
-    ``read_back(offset, n)`` reads bytes already written, to confirm a dedup match byte for byte.
-    Runs of fewer than ``min_dedup_run`` pages equal to stored ones are stored again (0 turns
-    deduplication off). Runs of fewer than ``min_zero_gap`` zero pages between stored pages are
-    stored too (1: every zero page is left out).
+    ``out.write`` may keep the views it is given until later, and a dedup match is confirmed byte
+    for byte against the page it was stored from: the regions must not change until the image is
+    written (a paused guest's RAM, a read-only disk). Runs of fewer than ``min_dedup_run`` pages
+    equal to stored ones are stored again (0 turns deduplication off). Runs of fewer than
+    ``min_zero_gap`` zero pages between stored pages are stored too (1: every zero page is left out).
     """
 
     def __init__(
         self,
         out: BinaryIO,
-        read_back: Callable[[int, int], bytes],
         min_dedup_run: int = MIN_DEDUP_RUN,
         min_zero_gap: int = MIN_ZERO_GAP,
     ) -> None:
         self._out = out
         self._min_run = min_dedup_run
         self._min_zero_gap = max(1, min_zero_gap)
-        self._read_back = read_back
         self._written = 0
-        self._seen: dict[int, int] = {}
+        # A page's hash -> where it is stored, and the region and offset it was stored from.
+        self._seen: dict[int, tuple[int, memoryview, int]] = {}
         self._list = _ExtentList()
 
     def add_region(self, start: int, data: memoryview) -> None:
@@ -148,13 +148,6 @@ class RawEncoder:
                 self._out.write(bytes(padding))
                 self._written += padding
             pending_new = -1
-
-        def stored(at: int) -> bytes:
-            # A page of the run not yet written is still in ``data``.
-            if pending_new >= 0 and at >= self._written:
-                first = pending_new + at - self._written
-                return data[first : first + PAGE_SIZE].tobytes()
-            return self._read_back(at, PAGE_SIZE)
 
         def flush_run() -> None:
             nonlocal pending_new
@@ -193,13 +186,14 @@ class RawEncoder:
                 zeros_from = -1
                 # Only a lookup key: a candidate is confirmed byte for byte before it is shared.
                 digest = hash(raw) if self._min_run else 0
-                stored_at = seen.get(digest)
+                found = seen.get(digest)
                 if (
-                    stored_at is not None
+                    found is not None
                     and len(raw) == PAGE_SIZE
                     and len(self._list.extents) < DEDUP_EXTENTS
-                    and stored(stored_at) == raw
+                    and found[1][found[2] : found[2] + PAGE_SIZE].tobytes() == raw
                 ):
+                    stored_at = found[0]
                     flush_new(pos)
                     if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
                         flush_run()
@@ -209,7 +203,7 @@ class RawEncoder:
                 if pending_new < 0:
                     pending_new = pos
                 if self._min_run:
-                    seen.setdefault(digest, self._written + (pos - pending_new))
+                    seen.setdefault(digest, (self._written + (pos - pending_new), data, pos))
         flush_new(zeros_from if zeros_from >= 0 else size)
         flush_run()
 

@@ -141,11 +141,6 @@ class _Output:
                 done = os.pwrite(self.fd, view, at)
                 view, at = view[done:], at + done
 
-    def read_back(self, section_offset: int, start: int, length: int) -> bytes:
-        if self._batch and section_offset + start + length > self._batch_at:
-            self.flush()
-        return os.pread(self.fd, length, section_offset + start)
-
     @contextmanager
     def section(
         self,
@@ -211,10 +206,7 @@ def _write_image(
     with out.section(data_kind, index=index, encoding=encoding, align=align) as entry:
         entry["logical_length"] = sum(len(data) for _, data in regions)
         if encoding == Encoding.RAW_PAGES:
-            start = entry["offset"]
-            encoder = RawEncoder(
-                out, lambda offset, n: out.read_back(start, offset, n), min_dedup_run, min_zero_gap
-            )
+            encoder = RawEncoder(out, min_dedup_run, min_zero_gap)
             for address, data in regions:
                 encoder.add_region(address, data)
             extents = encoder.finish()

@@ -33,7 +33,7 @@ def boot_files(config: MachineConfig) -> tuple[Path, Path | None, str]:
     if config.kernel is not None:
         cmdline = config.cmdline if config.cmdline is not None else "console=ttyS0 reboot=k panic=-1"
         return config.kernel, config.initrd, cmdline
-    from .images import default_guest
+    from .images.guest import default_guest
 
     guest = default_guest()
     return guest.kernel, guest.initrd, config.cmdline if config.cmdline is not None else guest.cmdline

@@ -27,7 +27,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of the default guest, 2 vCPUs, 256 MiB, with an ext4 disk holding hello.txt (built once)."""
-    from smolvmm.images import ext4_image
+    from smolvmm.images.disk import ext4_image
 
     work = tmp_path_factory.mktemp("bundle")
     (work / "files").mkdir()

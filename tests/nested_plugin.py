@@ -20,7 +20,7 @@ import pytest
 
 from smolvmm.errors import SmolvmmError
 from smolvmm.hostkvm import probe
-from smolvmm.images import default_guest
+from smolvmm.images.guest import default_guest
 from smolvmm.images.guest import PREBUILT_ENV
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"

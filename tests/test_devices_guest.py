@@ -24,7 +24,7 @@ import pytest
 import smolvmm
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig
 from smolvmm.arch.x86_64.layout import virtio_slot
-from smolvmm.images import ext4_image
+from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import DEFAULT_CMDLINE
 from test_boot import GUEST_TIMEOUT, shell
 from test_virtio_net import echo

@@ -115,7 +115,7 @@ def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Pa
 
 
 def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path, tmp_path: Path) -> None:
-    from smolvmm.images import ext4_image
+    from smolvmm.images.disk import ext4_image
 
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "hello.txt").write_text("hello from the saved disk\n")

@@ -22,12 +22,17 @@ Structured values are construct Containers shaped like the declarations in ``con
 Every problem with a file raises ``FormatError`` with a stable ``code``.
 """
 
-from . import arm64, x86_64
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 from .config import Config, Metadata
 from .devices import DEVICE_KINDS, DeviceConfig, DeviceRecord
 from .errors import FormatError
 from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, open_bundle, verify_bundle
 from .repack import repack_bundle
+from .payloads import ARCHES
 from .writer import BundleContents, make_metadata, write_bundle
 
 __all__ = [
@@ -51,3 +56,10 @@ __all__ = [
     "write_bundle",
     "x86_64",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # ``smolformat.arm64`` and ``smolformat.x86_64`` are imported on first use (see payloads.payload).
+    if name in ARCHES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

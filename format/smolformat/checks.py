@@ -8,12 +8,12 @@ from .devices import BUS_MMIO, BUS_PIO, DEVICE_KINDS
 from .errors import FormatError, brief
 from .layout import PAGE_SIZE
 from .pages import Region
-from .payloads import ARCH_STATE
+from .payloads import ARCHES
 
 
 def ram_regions(config: dict) -> list[Region]:
     """The config's RAM regions, checked: page-aligned, non-empty, not overlapping."""
-    if config.arch not in ARCH_STATE:
+    if config.arch not in ARCHES:
         raise FormatError("unknown-arch", f"unknown architecture code {int(config.arch)}")
     if config.vcpu_count == 0:
         raise FormatError("bad-config", "the machine has no vCPU")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from functools import cache
 
 from construct import Construct, FocusedSeq, Int32ul, PrefixedArray, Terminated
 
-from . import arm64, x86_64
 from .config import MAX_DEVICES, Config, Metadata
 from .devices import DeviceRecord
 from .layout import SectionKind
 from .limits import bounded
 from .pages import PageIndex
 
-ARCH_STATE = {"x86_64": x86_64, "arm64": arm64}
+ARCHES = ("x86_64", "arm64")  # each names the module that declares its vCPU and VM state
 
 Devices = PrefixedArray(bounded(Int32ul, MAX_DEVICES), DeviceRecord)
 
@@ -29,10 +29,12 @@ _COMMON: dict[SectionKind, Construct] = {
 @cache
 def payload(kind: SectionKind, arch: str = "") -> Construct:
     """The declared construct for a section kind, which must consume the whole section."""
-    if kind == SectionKind.VCPU_STATE:
-        declared = ARCH_STATE[arch].VcpuState
-    elif kind == SectionKind.VM_STATE:
-        declared = ARCH_STATE[arch].VmState
+    if kind in (SectionKind.VCPU_STATE, SectionKind.VM_STATE):
+        if arch not in ARCHES:
+            raise KeyError(arch)
+        # Imported on first use: an arch's declarations take ~10 ms to build, a restore needs one.
+        state = importlib.import_module(f"{__package__}.{arch}")
+        declared = state.VcpuState if kind == SectionKind.VCPU_STATE else state.VmState
     else:
         declared = _COMMON[kind]
     return FocusedSeq("value", "value" / declared, Terminated)

@@ -1,6 +1,2 @@
-"""Guest images built from Debian packages and cached under ``$XDG_CACHE_HOME/smolvmm``."""
-
-from smolvmm.images.disk import ext4_image
-from smolvmm.images.guest import GuestImage, default_guest
-
-__all__ = ["GuestImage", "default_guest", "ext4_image"]
+"""Guest images built from Debian packages and cached under ``$XDG_CACHE_HOME/smolvmm``: ``guest``
+(the default guest), ``disk`` (ext4 images), ``cache`` (where they live)."""

@@ -191,7 +191,7 @@ class MachineConfig:
             raise _invalid("MachineConfig.vcpus", f"an int from 1 to {MAX_VCPUS}", self.vcpus)
         if not _is_int(self.memory) or self.memory % MEMORY_ALIGN or not MIN_MEMORY <= self.memory <= MAX_MEMORY:
             limits = f"from {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // GIB} GiB"
-            raise _invalid("MachineConfig.memory", f"an int multiple of 2 MiB {limits}", self.memory)
+            raise _invalid("MachineConfig.memory", f"a number of bytes, a multiple of 2 MiB {limits}", self.memory)
         if self.console not in ("serial", "virtio"):
             raise _invalid("MachineConfig.console", "'serial' (ttyS0) or 'virtio' (hvc0)", self.console)
         if self.console_socket is not None and len(os.fsencode(self.console_socket)) >= SUN_PATH_SIZE:

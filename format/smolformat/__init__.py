@@ -30,9 +30,9 @@ from types import ModuleType
 from .config import Config, Metadata
 from .devices import DEVICE_KINDS, DeviceConfig, DeviceRecord
 from .errors import FormatError
+from .payloads import ARCHES
 from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, open_bundle, verify_bundle
 from .repack import repack_bundle
-from .payloads import ARCHES
 from .writer import BundleContents, make_metadata, write_bundle
 
 __all__ = [

@@ -106,7 +106,7 @@ class _ExtentList:
 
 
 class RawEncoder:
-    """Writes pages to ``out`` (unbuffered, positioned at the page-aligned data start).
+    """Writes pages to ``out`` (positioned at the page-aligned data start).
 
     ``out.write`` may keep the views it is given until later, and a dedup match is confirmed byte
     for byte against the page it was stored from: the regions must not change until the image is

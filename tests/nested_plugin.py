@@ -20,8 +20,7 @@ import pytest
 
 from smolvmm.errors import SmolvmmError
 from smolvmm.hostkvm import probe
-from smolvmm.images.guest import default_guest
-from smolvmm.images.guest import PREBUILT_ENV
+from smolvmm.images.guest import PREBUILT_ENV, default_guest
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 NESTED_TIMEOUT = 2400

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from smolvmm.errors import ImageError
-from smolvmm.images.disk import ext4_image
-from smolvmm.images.guest import default_guest
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.cpio import Initramfs
+from smolvmm.images.disk import ext4_image
+from smolvmm.images.guest import default_guest
 from smolvmm.images.kmod import ModuleTree, modinfo, module_name
 
 

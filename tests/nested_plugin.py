@@ -2,17 +2,22 @@
 
 On a PVM host the selected kvm tests run in one nested pytest the first time one of them is due;
 each outer kvm item then reports its nested counterpart's outcome, so every test counts once.
+When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
+outcome, the one running at the time included, run once more in a fresh nested machine; the
+terminal summary lists every such retry, and the evidence of the failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,73 @@ import pytest
 from smolvmm.errors import SmolvmmError
 from smolvmm.hostkvm import probe
 from smolvmm.images.guest import PREBUILT_ENV, default_guest
+from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 NESTED_TIMEOUT = 2400
+"""The nested pytest's overall bound (host clock), well above the per-test timeout (pyproject: 900 s)."""
 _TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
+_ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
+
+Results = dict[str, dict[str, str]]
+
+
+@dataclass
+class NestedRun:
+    """One nested pytest: the tests it ran, those that finished, the one running when it ended, how it ended."""
+
+    number: int
+    nodeids: list[str]
+    status: int = 0
+    results: Results = field(default_factory=dict)
+    running: str | None = None
+    failure: str = ""
+    """Why the tests without an outcome have none (empty when every test finished)."""
+    evidence: Path | None = None
+
+    @property
+    def machine_failed(self) -> bool:
+        return self.status in (NESTED_FROZE, HARNESS_FAILURE)
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [nodeid for nodeid in self.nodeids if nodeid not in self.results or nodeid == self.running]
+
+    def cause(self) -> str:
+        """The harness's one line on how the machine ended (or the nested pytest's exit status)."""
+        return self.failure.splitlines()[0] if self.failure else f"nested pytest exited with status {self.status}"
+
+
+def combine(first: NestedRun, retry: NestedRun | None) -> tuple[Results, list[str]]:
+    """Each test's outcome over a nested run and its retry, and the summary lines that say what was retried."""
+    results = dict(first.results)
+    for nodeid in first.unfinished:
+        results[nodeid] = {"outcome": "failed", "text": first.failure}
+    if retry is None:
+        return results, []
+    where = f" (evidence: {first.evidence})" if first.evidence else ""
+    during = "" if first.running else " (between tests)"
+    lines = [f"nested run {first.number}{during}: {first.cause()}{where}",
+             f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine (run {retry.number}):"]
+    for nodeid in retry.nodeids:
+        result = retry.results.get(nodeid) or {"outcome": "failed", "text": retry.failure}
+        froze = nodeid == first.running
+        first_time = f"this test was running when nested run {first.number} ended: {first.failure}"
+        if froze and nodeid not in retry.results:
+            again = "again: " + retry.cause() if nodeid == retry.running else "no outcome on the retry either"
+            verdict = f"failed twice (the nested machine stopped while it ran, {again})"
+            result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}"}
+        elif froze and result["outcome"] == "failed":
+            verdict = "failed twice"
+            result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine:\n{result['text']}"}
+        else:
+            verdict = f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
+        lines.append(f"  {nodeid}{' (running when the machine stopped)' if froze else ''}: {verdict}")
+        results[nodeid] = result
+    if retry.machine_failed:
+        where = f" (evidence: {retry.evidence})" if retry.evidence else ""
+        lines.append(f"nested run {retry.number}: {retry.cause()}{where}; not retried again")
+    return results, lines
 
 
 class NestedFailure(Exception):
@@ -70,10 +138,12 @@ class NestedKvm:
         self.config = config
         self.host = probe()
         self.inside = os.environ.get("SMOLVMM_NESTED") == "1"
-        self.results: dict[str, dict[str, str]] = {}
+        self.results: Results = {}
+        self.running: str | None = None
         self.nodeids: list[str] = []
         self.ran = False
         self.harness_error = ""
+        self.retries: list[str] = []
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -106,7 +176,7 @@ class NestedKvm:
             self.ran = True
             capture = self.config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled():
-                self._run_nested()
+                self._run_all()
         if nodeid in self.results:
             result = self.results[nodeid]
             if result["outcome"] == "failed":
@@ -114,38 +184,81 @@ class NestedKvm:
             return result["outcome"], result["text"]
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 
-    def _run_nested(self) -> None:
-        writer = self.config.get_terminal_writer()
-        writer.line()
-        writer.sep("-", f"{len(self.nodeids)} kvm tests inside tools/nested-kvm ({self.host.explanation})")
+    def _run_all(self) -> None:
+        """The nested run, and one retry of the tests without an outcome if the machine froze or failed."""
         try:
             guest = default_guest()
         except SmolvmmError as exc:
             self.harness_error = f"building the default guest image on the host failed: {exc}"
             return
-        out = Path(tempfile.mkdtemp(prefix="smolvmm-kvm-tests-"))
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
+        first = self._run_nested(NestedRun(1, self.nodeids), guest.kernel.parent, directory)
+        retry = None
+        if first.machine_failed and first.unfinished:
+            retry = self._run_nested(NestedRun(2, first.unfinished), guest.kernel.parent, directory)
+        self.results, self.retries = combine(first, retry)
+
+    def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path) -> NestedRun:
+        writer = self.config.get_terminal_writer()
+        writer.line()
+        what = self.host.explanation if run.number == 1 else "a retry in a fresh nested machine"
+        writer.sep("-", f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})")
+        out = directory / f"run-{run.number}"
+        out.mkdir()
         results = out / "results.json"
-        env = {**os.environ, PREBUILT_ENV: str(guest.kernel.parent), RESULTS_ENV: str(results)}
-        command = [str(_TOOL), "--out", str(out), "--timeout", str(NESTED_TIMEOUT),
-                   sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *self.nodeids]
+        evidence = directory / f"run-{run.number}-evidence.log"
+        env = {**os.environ, PREBUILT_ENV: str(prebuilt), RESULTS_ENV: str(results)}
+        command = [str(_TOOL), "--out", str(out), "--timeout", str(NESTED_TIMEOUT), "--evidence", str(evidence),
+                   sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *run.nodeids]
         process = subprocess.Popen(command, cwd=self.config.rootpath, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
         tail: list[str] = []
         for line in process.stdout:
             writer.write(line, flush=True)
-            tail = (tail + [line.rstrip()])[-15:]
-        status = process.wait()
-        writer.sep("-", f"nested pytest exit status {status}")
+            tail = (tail + [line.rstrip()])[-80:]
+        run.status = process.wait()
+        writer.sep("-", f"nested pytest exit status {run.status}")
         if results.exists():
-            self.results = json.loads(results.read_text())
-        shutil.rmtree(out, ignore_errors=True)
-        layer = "the nested machine failed" if status == 125 else f"nested pytest exited with status {status}"
-        self.harness_error = f"{layer}; its last output:\n" + "\n".join(tail)
+            recorded = json.loads(results.read_text())
+            run.results, run.running = recorded["results"], recorded["running"]
+        if not run.unfinished:
+            return run
+        run.evidence = evidence if evidence.exists() else None
+        # The harness's own report (it may follow a test's progress dots on one line) ends the output.
+        harness = [index for index, line in enumerate(tail) if "nested-kvm: " in line]
+        if harness:
+            run.failure = "\n".join(tail[harness[-1]:]).rpartition("nested-kvm: ")[2]
+        else:
+            run.failure = f"nested pytest exited with status {run.status}; its last output:\n" + "\n".join(tail[-15:])
+        return run
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """Every retry of kvm tests in a fresh nested machine, never hidden."""
+        if self.retries:
+            terminalreporter.write_sep("=", "kvm tests retried after the nested machine stopped")
+            for line in self.retries:
+                terminalreporter.write_line(line)
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        """Inside the nested machine: say which test runs (the harness names it if the machine freezes)."""
+        if not self.inside:
+            return
+        if os.environ.get(_ACTIVITY_ENV):
+            with contextlib.suppress(OSError):
+                Path(os.environ[_ACTIVITY_ENV]).write_text(nodeid + "\n")
+        self.running = nodeid
+        self._save()
+
+    def pytest_runtest_logfinish(self) -> None:
+        if self.inside:
+            self.running = None
+            self._save()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Inside the nested machine: record each test's outcome for the outer run."""
-        if not (self.inside and os.environ.get(RESULTS_ENV)):
+        if not self.inside:
             return
         recorded = self.results.get(report.nodeid)
         if recorded and recorded["outcome"] == "failed":
@@ -162,7 +275,10 @@ class NestedKvm:
         elif report.when == "call":
             self.results[report.nodeid] = {"outcome": "passed", "text": ""}
 
-    def pytest_sessionfinish(self) -> None:
+    def _save(self) -> None:
+        """Write the outcomes so far and the test running to $SMOLVMM_NESTED_RESULTS (atomically)."""
         path = os.environ.get(RESULTS_ENV)
-        if self.inside and path:
-            Path(path).write_text(json.dumps(self.results))
+        if path:
+            partial = Path(f"{path}.partial")
+            partial.write_text(json.dumps({"results": self.results, "running": self.running}))
+            partial.replace(path)

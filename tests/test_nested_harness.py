@@ -1,12 +1,16 @@
-"""tools/nested-kvm from the host: exit status, separate live streams, --out write-back, nested KVM.
+"""tools/nested-kvm from the host: exit status, separate live streams, --out write-back, nested KVM,
+the watchdog that finds a frozen nested machine, and the test plugin's retry after one.
 
-Each call boots the nested machine (seconds under TCG), so the checks share two boots.
+Each call boots the nested machine (seconds under TCG), so the checks share few boots.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from nested_plugin import NestedRun, combine
 from smolvmm.hostkvm import probe
-from smolvmm.nested.harness import Job, forwarded_env, job_script
+from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
+from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 needs_qemu = pytest.mark.skipif(
@@ -54,12 +60,13 @@ def test_failing_command_status_comes_back() -> None:
     assert nested("false").returncode == 1
 
 
-def qemu_pids() -> set[int]:
-    """Processes running the nested machine's QEMU."""
+def qemu_pids(marker: str = "smolvmm-nested-") -> set[int]:
+    """Processes running a nested machine's QEMU (those whose command line holds ``marker``)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"smolvmm-nested-" in (entry / "cmdline").read_bytes():
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            if cmdline.startswith(b"qemu-system-") and marker.encode() in cmdline:
                 pids.add(int(entry.name))
         except OSError:
             pass
@@ -89,7 +96,7 @@ def test_no_qemu_outlives_a_timeout_or_a_killed_harness() -> None:
 def test_job_script_quotes_and_forwards_a_sane_environment(tmp_path: Path) -> None:
     env = {"PATH": "/bin", "PYTHONPATH": "/x", "SMOLVMM_X": "1", "SECRET_TOKEN": "no", "LC_ALL": "C"}
     assert forwarded_env(env) == {"PATH": "/bin", "PYTHONPATH": "/x", "SMOLVMM_X": "1", "LC_ALL": "C",
-                                  "SMOLVMM_NESTED": "1"}
+                                  "SMOLVMM_NESTED": "1", "SMOLVMM_NESTED_ACTIVITY": "/run/smolvmm/activity"}
     script = job_script(Job(["printf", "%s\n", "a b", "it's"], cwd=tmp_path, env=env))
     result = subprocess.run(["sh", "-c", script.replace("exec ", "env; exec ")], capture_output=True, text=True)
     assert result.stdout.endswith("a b\nit's\n")
@@ -142,3 +149,140 @@ def test_on_hardware_kvm_kvm_tests_run_directly(tmp_path: Path) -> None:
     result = run_plugin(tmp_path, "hardware", CI="true")
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout
     assert "nested" not in result.stdout
+
+
+def stop_qemu(marker: str) -> int:
+    """SIGSTOP the one nested QEMU whose command line holds ``marker``: the machine freezes, as QEMU 7.2's can."""
+    (pid,) = qemu_pids(marker)
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+@needs_qemu
+def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_path: Path) -> None:
+    env = {**os.environ, WATCHDOG_ENV: "10", "TMPDIR": str(tmp_path)}  # TMPDIR: this test's QEMU holds tmp_path
+    script = 'echo step-42 > "$SMOLVMM_NESTED_ACTIVITY"; sleep 3; echo started; sleep 600'
+    harness = subprocess.Popen([str(TOOL), "--evidence", str(tmp_path / "evidence.log"), "sh", "-c", script],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert harness.stdout is not None and harness.stdout.readline() == "started\n"
+        qemu = stop_qemu(str(tmp_path))
+        _, stderr = harness.communicate(timeout=10 + 60)
+    finally:
+        harness.kill()
+    assert harness.returncode == NESTED_FROZE, stderr
+    line = stderr.splitlines()[0]
+    silent = re.fullmatch(r"nested-kvm: the nested machine froze, not the command: no heartbeat for (\d+) s "
+                          r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped \(state T; .*\); it was running: step-42", line)
+    assert silent and 10 <= int(silent[1]) < 30, line
+    assert re.search(rf"^{qemu} qemu-system-x86 state=T ", stderr, re.MULTILINE), stderr
+    assert f"--- all the evidence: {tmp_path / 'evidence.log'} ---" in stderr
+    evidence = (tmp_path / "evidence.log").read_text()
+    assert "State:\tT (stopped)" in evidence and "the job's last activity: step-42" in evidence
+    assert "--- QEMU monitor: info registers ---" in evidence and "--- nested console (last 200 lines) ---" in evidence
+    assert qemu_pids(str(tmp_path)) == set()
+
+
+def test_the_watchdog_bound_comes_from_the_environment() -> None:
+    assert watchdog_bound({}) == 60
+    assert watchdog_bound({WATCHDOG_ENV: "12.5"}) == 12.5
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        with pytest.raises(ValueError, match="SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0"):
+            watchdog_bound({WATCHDOG_ENV: bad})
+    result = subprocess.run([str(TOOL), "true"], capture_output=True, text=True, env={**os.environ, WATCHDOG_ENV: "x"})
+    assert result.returncode == 2 and "SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0, not 'x'" in result.stderr
+
+
+def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:
+    heartbeat = Heartbeat(60, os.getpid())
+    heartbeat.feed(b"beat \nbeat tests/a.py::")
+    assert (heartbeat.beats, heartbeat.activity) == (1, "")
+    heartbeat.feed(b"test_x\nnoise\nbeat tests/a.py::test_y\n")
+    assert (heartbeat.beats, heartbeat.activity) == (3, "tests/a.py::test_y")
+    heartbeat.feed(b"x" * 100_000)
+    assert len(heartbeat._partial) <= 4096 and not heartbeat.frozen()
+
+
+def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:
+    run = NestedRun(number, nodeids, status, {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}, running)
+    if run.unfinished:
+        run.failure = f"the machine of run {number} froze\nconsole..."
+        run.evidence = Path(f"/out/run-{number}-evidence.log")
+    return run
+
+
+def test_a_retry_reports_the_frozen_test_and_reruns_the_rest() -> None:
+    tests = ["t::a", "t::b", "t::c"]
+    first = ran(1, tests, NESTED_FROZE, {"t::a": "passed"}, running="t::b")
+    assert first.unfinished == ["t::b", "t::c"]
+    results, lines = combine(first, ran(2, ["t::b", "t::c"], 0, {"t::b": "passed", "t::c": "failed"}))
+    assert [results[n]["outcome"] for n in tests] == ["passed", "passed", "failed"]
+    assert lines == [
+        "nested run 1: the machine of run 1 froze (evidence: /out/run-1-evidence.log)",
+        "  2 kvm tests without an outcome ran again in a fresh nested machine (run 2):",
+        "  t::b (running when the machine stopped): passed on the retry",
+        "  t::c: failed on the retry",
+    ]
+    results, lines = combine(first, ran(2, ["t::b", "t::c"], 1, {"t::b": "failed", "t::c": "passed"}))
+    assert lines[2] == "  t::b (running when the machine stopped): failed twice"
+    assert results["t::b"]["outcome"] == "failed" and results["t::b"]["text"].startswith(
+        "this test was running when nested run 1 ended: the machine of run 1 froze\nconsole...")
+    assert results["t::b"]["text"].endswith("and on the retry in a fresh machine:\nt::b failed")
+
+
+def test_a_test_that_stops_the_machine_twice_fails() -> None:
+    first = ran(1, ["t::a", "t::b"], NESTED_FROZE, {}, running="t::a")
+    results, lines = combine(first, ran(2, ["t::a", "t::b"], NESTED_FROZE, {}, running="t::a"))
+    assert results["t::a"]["outcome"] == results["t::b"]["outcome"] == "failed"
+    assert lines[2] == "  t::a (running when the machine stopped): failed twice (the nested machine stopped while it ran, " \
+        "again: the machine of run 2 froze)"
+    assert lines[3:] == ["  t::b: no outcome on the retry either",
+                         "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log); not retried again"]
+    assert combine(first, None) == ({n: {"outcome": "failed", "text": first.failure} for n in ("t::a", "t::b")}, [])
+
+
+@needs_qemu
+def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path: Path) -> None:
+    """Three kvm tests on a (faked) PVM host; the nested QEMU is stopped while the second runs."""
+    (tmp_path / "conftest.py").write_text(
+        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.hostkvm import HostKvm\n\n"
+        "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
+        "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
+        "def pytest_configure(config):\n"
+        "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
+        "    config.pluginmanager.register(NestedKvm(config))\n"
+    )
+    (tmp_path / "test_inner.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.kvm\ndef test_first():\n    pass\n\n"
+        "@pytest.mark.kvm\ndef test_freezes():\n    time.sleep(10)  # the outer test stops the machine meanwhile\n\n"
+        "@pytest.mark.kvm\ndef test_after():\n    pass\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}
+    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), **{WATCHDOG_ENV: "10"})
+    base = tmp_path / "base"
+    outer = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfs", f"--basetemp={base}", "test_inner.py"],
+        cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        run_1 = base / "nested-kvm0" / "run-1"
+        results = run_1 / "results.json"
+        while not (results.exists() and json.loads(results.read_text())["running"] == "test_inner.py::test_freezes"):
+            assert outer.poll() is None, outer.communicate()[0]
+            time.sleep(0.2)
+        time.sleep(4)  # a heartbeat (one a second) carries the test's name out before the machine stops
+        stop_qemu(str(run_1))
+        output, _ = outer.communicate(timeout=600)
+    finally:
+        outer.kill()
+    assert outer.returncode == 0 and "3 passed" in output, output
+    evidence = base / "nested-kvm0" / "run-1-evidence.log"
+    summary = output[output.index("kvm tests retried after the nested machine stopped"):]
+    assert re.search(r"\nnested run 1: the nested machine froze, not the command: no heartbeat for \d+ s "
+                     r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_freezes "
+                     rf"\(evidence: {re.escape(str(evidence))}\)\n", summary), summary
+    assert "\n  2 kvm tests without an outcome ran again in a fresh nested machine (run 2):\n" \
+        "  test_inner.py::test_freezes (running when the machine stopped): passed on the retry\n" \
+        "  test_inner.py::test_after: passed on the retry\n" in summary, summary
+    assert "test_inner.py::test_freezes" in evidence.read_text()

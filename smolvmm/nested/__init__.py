@@ -3,6 +3,6 @@
 Used on PVM hosts, where /dev/kvm cannot run standard guest kernels; see ``tools/nested-kvm``.
 """
 
-from smolvmm.nested.harness import HARNESS_FAILURE, HarnessError, Job, run
+from smolvmm.nested.harness import HARNESS_FAILURE, NESTED_FROZE, HarnessError, Job, NestedMachineFroze, run
 
-__all__ = ["HARNESS_FAILURE", "HarnessError", "Job", "run"]
+__all__ = ["HARNESS_FAILURE", "NESTED_FROZE", "HarnessError", "Job", "NestedMachineFroze", "run"]

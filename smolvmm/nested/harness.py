@@ -1,7 +1,8 @@
 """Run one command inside the nested KVM machine (QEMU TCG with emulated AMD-V) and report back.
 
 The command's stdout and stderr come back live through two virtio-serial ports, its exit status
-through a third; the kernel console goes to a log whose tail explains a failure of the machine itself.
+through a third, the machine's heartbeat through a fourth (see ``watchdog``); the kernel console goes
+to a log whose tail explains a failure of the machine itself.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolvmm.errors import SmolvmmError
-from smolvmm.nested.image import FAILED, HOSTROOT_TAG, PORTS, nested_image
+from smolvmm.nested.image import FAILED, HEARTBEAT, HOSTROOT_TAG, PORTS, nested_image
+from smolvmm.nested.watchdog import ACTIVITY_ENV, ACTIVITY_PATH, Heartbeat, evidence, tail, threads, watchdog_bound
 
 HARNESS_FAILURE = 125
+NESTED_FROZE = 124
+"""The exit status of tools/nested-kvm when its watchdog found the nested machine frozen."""
 QEMU = "qemu-system-x86_64"
 _FORWARDED = {"PATH", "HOME", "VIRTUAL_ENV", "XDG_CACHE_HOME", "TERM", "LANG", "LANGUAGE", "TZ", "USER", "CI"}
 _FORWARDED_PREFIXES = ("SMOLVMM_", "PYTHON", "LC_")
@@ -33,11 +37,24 @@ _PR_SET_PDEATHSIG = 1
 
 
 class HarnessError(SmolvmmError):
-    """The nested machine itself failed; the message names the layer, ``console`` holds the log tail."""
+    """The nested machine itself failed; the message names the layer, ``console`` holds the log tail,
+    ``evidence`` all the host could gather about the failure (for a log file)."""
 
-    def __init__(self, message: str, console: str = "") -> None:
+    def __init__(self, message: str, console: str = "", evidence: str = "") -> None:
         super().__init__(message)
         self.console = console
+        self.evidence = evidence or f"{message}\n--- nested console (tail) ---\n{console}\n"
+
+
+class NestedMachineFroze(HarnessError):
+    """The watchdog's heartbeat stopped: the nested machine froze (its kernel or QEMU), not the command.
+
+    ``threads`` says what each QEMU thread was doing when it was killed.
+    """
+
+    def __init__(self, message: str, console: str, evidence: str, threads: str) -> None:
+        super().__init__(message, console, evidence)
+        self.threads = threads
 
 
 @dataclass
@@ -49,12 +66,15 @@ class Job:
     outs: Sequence[Path] = ()
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     timeout: float = 1800.0
+    watchdog: float = field(default_factory=watchdog_bound)
+    """Seconds without a heartbeat after which the machine counts as frozen (``$SMOLVMM_NESTED_WATCHDOG``)."""
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The variables that make sense inside the nested machine, marked with SMOLVMM_NESTED=1."""
+    """The variables that make sense inside the nested machine, marked with SMOLVMM_NESTED=1, and
+    $SMOLVMM_NESTED_ACTIVITY: the file whose first line each heartbeat reports (e.g. the test running)."""
     kept = {k: v for k, v in env.items() if k in _FORWARDED or k.startswith(_FORWARDED_PREFIXES)}
-    return {**kept, "SMOLVMM_NESTED": "1"}
+    return {**kept, "SMOLVMM_NESTED": "1", ACTIVITY_ENV: ACTIVITY_PATH}
 
 
 def job_script(job: Job) -> str:
@@ -78,14 +98,17 @@ def host_tsc_khz() -> int | None:
 
 
 def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]) -> list[str]:
-    """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, three ports.
+    """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, four ports.
 
     One vCPU: with two (multi-threaded TCG), QEMU 7.2's emulation corrupts memory under load:
     8 busy nested guests, smolvmm's or QEMU's own, triple-fault or panic the inner kernel
     within minutes; with one, none did (see BENCHMARKS.md, "The nested machine").
+    The inner kernel's lockup detectors panic (which ends QEMU: -no-reboot) so that a stuck
+    kernel leaves its reason on the console instead of a silent freeze.
     """
     tsc = host_tsc_khz()
-    cmdline = "console=ttyS0 quiet panic=-1 mitigations=off" + (f" tsc_early_khz={tsc}" if tsc else "")
+    cmdline = ("console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
+               " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else ""))
     args = [
         QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -95,9 +118,11 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
 
 
 def job_devices(workdir: Path, outs: Sequence[Path]) -> list[str]:
-    """QEMU arguments for the job protocol: console log, host root and ``outs`` over 9p, the three ports."""
+    """QEMU arguments for the job protocol: console log, host root and ``outs`` over 9p, the four ports,
+    and a human monitor on ``<workdir>/monitor`` for the watchdog's evidence."""
     args = [
         "-chardev", f"file,id=console,path={workdir}/console.log", "-serial", "chardev:console",
+        "-chardev", f"socket,id=monitor,path={workdir}/monitor,server=on,wait=off", "-mon", "chardev=monitor",
         "-virtfs", f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-serial-pci",
     ]
@@ -113,24 +138,22 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
 def _failure(workdir: Path, qemu_exit: int | None) -> HarnessError:
-    console = _tail(workdir / "console.log")
+    console = tail(workdir / "console.log")
+    message = "the nested machine stopped without reporting the command's exit status"
+    qemu_error = tail(workdir / "qemu.stderr", 1)
+    if qemu_exit and qemu_error:
+        message = f"QEMU exited with status {qemu_exit}: {qemu_error}"
     for line in reversed(console.splitlines()):
         if FAILED in line:
-            return HarnessError(f"nested machine init: {line.split(FAILED, 1)[1].strip()}", console)
+            message = f"nested machine init: {line.split(FAILED, 1)[1].strip()}"
+            break
         if "Kernel panic" in line:
-            return HarnessError(f"nested kernel panicked: {line.strip()}", console)
-    qemu_error = _tail(workdir / "qemu.stderr", 1)
-    if qemu_exit and qemu_error:
-        return HarnessError(f"QEMU exited with status {qemu_exit}: {qemu_error}", console)
-    return HarnessError("the nested machine stopped without reporting the command's exit status", console)
+            message = f"nested kernel panicked: {line.strip()}"
+            break
+    report = (f"{message}\n--- QEMU's stderr ---\n{tail(workdir / 'qemu.stderr')}\n"
+              f"--- nested console (last 200 lines) ---\n{tail(workdir / 'console.log', 200)}\n")
+    return HarnessError(message, console, report)
 
 
 def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
@@ -148,8 +171,9 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
     """Run ``job`` in the QEMU machine ``command(workdir)`` describes; return the job's exit status.
 
     The machine's init follows this module's protocol: it reads ``<workdir>/job/{job,mounts,cwd}`` from
-    the host root shared over 9p, reports through the three PORTS and marks its own failures
+    the host root shared over 9p, reports through the four PORTS and marks its own failures
     with FAILED on the console, which ``command`` must send to ``<workdir>/console.log``.
+    Raises NestedMachineFroze when the heartbeat stops for ``job.watchdog`` seconds.
     """
     with tempfile.TemporaryDirectory(prefix="smolvmm-nested-") as tmp:
         workdir = Path(tmp)
@@ -169,28 +193,37 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
                 stdin=subprocess.DEVNULL, stdout=qemu_stderr, stderr=qemu_stderr,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
+        heartbeat = Heartbeat(job.watchdog, qemu.pid)
         try:
-            status = _pump(qemu, listeners, {PORTS[0]: stdout, PORTS[1]: stderr}, job.timeout)
-            timed_out = qemu.poll() is None
+            status, stopped = _pump(qemu, listeners, {PORTS[0]: stdout, PORTS[1]: stderr}, job.timeout, heartbeat)
+            if stopped:
+                message = heartbeat.headline() if stopped == "froze" else f"timed out after {job.timeout:g} s"
+                report = evidence(message, qemu.pid, workdir / "console.log", workdir / "monitor", heartbeat)
+                running = threads(qemu.pid)
         finally:
             if qemu.poll() is None:
                 qemu.kill()
             qemu.wait()
             for listener in listeners:
                 listener.close()
-        if timed_out:
-            raise HarnessError(f"timed out after {job.timeout:g} s", _tail(workdir / "console.log"))
+        console = tail(workdir / "console.log")
+        if stopped == "froze":
+            raise NestedMachineFroze(message, console, report, running)
+        if stopped:
+            raise HarnessError(message, console, report)
         if status is None:
             raise _failure(workdir, qemu.returncode)
         return status
 
 
 def _pump(
-    qemu: subprocess.Popen[bytes], listeners: list[socket.socket], sinks: dict[str, int], timeout: float
-) -> int | None:
-    """Copy port data to ``sinks`` until QEMU exits; return the reported exit status, if any.
+    qemu: subprocess.Popen[bytes], listeners: list[socket.socket], sinks: dict[str, int], timeout: float,
+    heartbeat: Heartbeat,
+) -> tuple[int | None, str]:
+    """Copy port data to ``sinks`` and beats to ``heartbeat`` until QEMU exits; return the reported exit
+    status, if any, and "".
 
-    On timeout return None with QEMU still running.
+    On timeout return (None, "timed out"), when the heartbeat stops (None, "froze"), QEMU still running.
     """
     deadline = time.monotonic() + timeout
     status = b""
@@ -201,7 +234,9 @@ def _pump(
             exited = qemu.poll() is not None
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not exited:
-                return None
+                return None, "timed out"
+            if heartbeat.frozen() and not exited:
+                return None, "froze"
             events = selector.select(0 if exited else min(remaining, 0.5))
             if exited and not events:
                 break
@@ -218,7 +253,9 @@ def _pump(
                     key.fileobj.close()  # type: ignore[union-attr]
                 elif port in sinks:
                     os.write(sinks[port], data)
+                elif port == HEARTBEAT:
+                    heartbeat.feed(data)
                 else:
-                    status += data
+                    status += data[:64]
     text = status.decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
+    return (int(text) if text.isdigit() else None), ""

@@ -1,8 +1,9 @@
 """The nested machine's image: Debian's generic kernel (it has 9p) and an init that runs one job.
 
-The init mounts the host root read-only over 9p, overlays a tmpfs on it so writes succeed and are
-discarded, loads kvm_amd (nested SVM), runs the job chrooted into that root with its stdout, stderr
-and exit status going to three virtio-serial ports, and powers off.
+The init loads kvm_amd (nested SVM), starts the heartbeat (a line on its own virtio-serial port every
+second, see ``watchdog``), mounts the host root read-only over 9p, overlays a tmpfs on it so writes
+succeed and are discarded, runs the job chrooted into that root with its stdout, stderr and exit
+status going to three more virtio-serial ports, and powers off.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from pathlib import Path
 from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
+from smolvmm.nested.watchdog import ACTIVITY_PATH
 
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "veth", "overlay"]
 
 # Console lines the harness looks for.
 FAILED = "smolvmm-nested: failed:"
-PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status")
+HEARTBEAT = "smolvmm.heartbeat"
+PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status", HEARTBEAT)
 HOSTROOT_TAG = "hostroot"
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 
@@ -33,38 +36,51 @@ fail() {
 }
 @LOAD_MODULES@
 load_modules
+for port in /sys/class/virtio-ports/*; do
+    case "$(cat "$port/name")" in
+        smolvmm.stdout) stdout="/dev/${port##*/}" ;;
+        smolvmm.stderr) stderr="/dev/${port##*/}" ;;
+        smolvmm.status) status="/dev/${port##*/}" ;;
+        @HEARTBEAT@) heartbeat="/dev/${port##*/}" ;;
+    esac
+done
+[ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] && [ -n "$heartbeat" ] || fail "virtio-serial ports missing"
+beat() {
+    while :; do
+        activity=
+        read -r activity 2>/dev/null <"$1"
+        echo "beat $activity"
+        sleep 1
+    done
+}
+beat "@JOBROOT@@ACTIVITY@" >"$heartbeat" 2>/dev/null &
+echo -1000 >"/proc/$!/oom_score_adj"
 [ -c /dev/kvm ] || fail "@NO_KVM@"
 for word in $(cat /proc/cmdline); do
     case "$word" in smolvmm.job=*) job="${word#smolvmm.job=}" ;; esac
 done
 """
 
-_INIT_FINISH = r"""for port in /sys/class/virtio-ports/*; do
-    case "$(cat "$port/name")" in
-        smolvmm.stdout) stdout="/dev/${port##*/}" ;;
-        smolvmm.stderr) stderr="/dev/${port##*/}" ;;
-        smolvmm.status) status="/dev/${port##*/}" ;;
-    esac
-done
-[ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] || fail "virtio-serial ports missing"
-env -i @RUN@ /run/smolvmm/job </dev/null >"$stdout" 2>"$stderr"
+_INIT_FINISH = r"""env -i @RUN@ /run/smolvmm/job </dev/null >"$stdout" 2>"$stderr"
 echo "$?" >"$status"
 sync
 poweroff -f
 """
 
 
-def init_script(path: str, no_kvm: str, body: str, run: str) -> str:
+def init_script(path: str, no_kvm: str, body: str, run: str, job_root: str = "") -> str:
     """A machine's /init for the harness's job protocol.
 
-    It mounts the kernel filesystems, loads the listed modules, fails with ``no_kvm`` unless
-    /dev/kvm exists and sets ``$job`` from the command line; then runs ``body`` (shell that mounts
-    the host root, copies the job to /run/smolvmm/job and mounts the ``--out`` directories), and
-    finally ``env -i <run> /run/smolvmm/job`` with its output on the three ports, and powers off.
+    It mounts the kernel filesystems, loads the listed modules, starts the heartbeat (reporting the
+    job's activity file, which it finds under ``job_root``), fails with ``no_kvm`` unless /dev/kvm
+    exists and sets ``$job`` from the command line; then runs ``body`` (shell that mounts the host
+    root, copies the job to /run/smolvmm/job and mounts the ``--out`` directories), and finally
+    ``env -i <run> /run/smolvmm/job`` with its output on the ports, and powers off.
     """
     replacements = {
         "@PATH@": path, "@NO_KVM@": no_kvm, "@RUN@": run, "@LOAD_MODULES@": busybox.LOAD_MODULES,
-        "@FAILED@": FAILED, "@NINEP@": NINEP, "@HOSTROOT@": HOSTROOT_TAG,
+        "@FAILED@": FAILED, "@NINEP@": NINEP, "@HOSTROOT@": HOSTROOT_TAG, "@HEARTBEAT@": HEARTBEAT,
+        "@JOBROOT@": job_root, "@ACTIVITY@": ACTIVITY_PATH,
     }
     script = _INIT_START + body + _INIT_FINISH
     for marker, value in replacements.items():
@@ -94,7 +110,7 @@ mkdir -p /newroot/run/smolvmm && cp /job/job /newroot/run/smolvmm/job
 while read -r tag path; do
     mkdir -p "/newroot$path" && mount -t 9p -o @NINEP@ "$tag" "/newroot$path" || fail "could not mount --out $path"
 done < /job/mounts
-""", "chroot /newroot /bin/sh")
+""", "chroot /newroot /bin/sh", "/newroot")
 
 
 def nested_image() -> tuple[Path, Path]:

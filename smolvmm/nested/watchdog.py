@@ -1,0 +1,184 @@
+"""The nested machine's watchdog: its heartbeat, timed with the host's clock, and what QEMU was doing.
+
+The machine's init writes ``beat <activity>`` on the heartbeat port every second of the nested
+machine's own time, ``<activity>`` being the first line of the file the job may write to
+(``$SMOLVMM_NESTED_ACTIVITY``, e.g. the test running). When the beats stop for ``bound`` seconds of
+the host's monotonic clock (the first one, which waits for the kernel to boot, ``BOOT_ALLOWANCE``
+seconds more), the nested kernel has stopped (or QEMU has), whatever the inner clocks say; the
+harness then gathers evidence with :func:`evidence` and kills QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+WATCHDOG_ENV = "SMOLVMM_NESTED_WATCHDOG"
+WATCHDOG_DEFAULT = 60.0
+BOOT_ALLOWANCE = 60.0
+"""Seconds the first heartbeat may take beyond the bound: the kernel boots first, slowly under TCG on a busy host."""
+ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
+ACTIVITY_PATH = "/run/smolvmm/activity"
+"""Where, inside the nested machine, a job writes what it is doing (its first line rides on each beat)."""
+_MAX_LINE = 4096
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def watchdog_bound(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds without a heartbeat after which the machine counts as frozen (``$SMOLVMM_NESTED_WATCHDOG``)."""
+    text = env.get(WATCHDOG_ENV, "")
+    if not text:
+        return WATCHDOG_DEFAULT
+    try:
+        bound = float(text)
+    except ValueError:
+        bound = 0.0
+    if not 0 < bound < float("inf"):
+        raise ValueError(f"{WATCHDOG_ENV} must be a number of seconds > 0, not {text!r}")
+    return bound
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A sample of a QEMU process's progress from /proc (absent fields: the process is gone)."""
+
+    state: str = "?"
+    cpu: float = 0.0
+    io_syscalls: int = 0
+
+
+def progress(pid: int) -> Progress:
+    """``pid``'s scheduler state, CPU time (user + system, all threads) and read/write system calls so far."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return Progress()
+    fields = stat[stat.rindex(")") + 2:].split()
+    syscalls = sum(int(n) for n in re.findall(r"^sysc[rw]: (\d+)$", io, re.MULTILINE))
+    return Progress(fields[0], (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, syscalls)
+
+
+@dataclass
+class Heartbeat:
+    """The heartbeat port's beats, with the host's monotonic time of the last one (QEMU's start counts as one)."""
+
+    bound: float
+    pid: int
+    last: float = field(default_factory=time.monotonic)
+    beats: int = 0
+    activity: str = ""
+    at_last: Progress = field(default_factory=Progress)
+    _partial: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.at_last = progress(self.pid)
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes read from the heartbeat port."""
+        *lines, partial = (self._partial + data).split(b"\n")
+        self._partial = partial[-_MAX_LINE:]
+        for line in lines:
+            if line.startswith(b"beat"):
+                self.beats += 1
+                self.last = time.monotonic()
+                self.activity = line[5:_MAX_LINE].decode(errors="replace").strip()
+                self.at_last = progress(self.pid)
+
+    def silent_for(self) -> float:
+        """Host seconds since the last beat."""
+        return time.monotonic() - self.last
+
+    def frozen(self) -> bool:
+        return self.silent_for() >= self.bound + (0 if self.beats else BOOT_ALLOWANCE)
+
+    def qemu_summary(self) -> str:
+        """What QEMU did since the last beat, in a few words."""
+        now = progress(self.pid)
+        cpu, syscalls = now.cpu - self.at_last.cpu, now.io_syscalls - self.at_last.io_syscalls
+        doing = {"T": "stopped", "t": "stopped", "R": "running", "D": "blocked in the host kernel"}.get(now.state, "idle")
+        return f"QEMU {doing} (state {now.state}; {cpu:.1f} s of CPU and {syscalls} read/write system calls since)"
+
+    def headline(self) -> str:
+        """The one line that says the machine froze, for how long, and what the job was doing."""
+        running = self.activity or "(the job had not reported what it was doing)"
+        since = "" if self.beats else " since QEMU started"
+        return (f"the nested machine froze, not the command: no heartbeat for {self.silent_for():.0f} s{since} "
+                f"({WATCHDOG_ENV}={self.bound:g}); {self.qemu_summary()}; it was running: {running}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError as exc:
+        return f"({exc.strerror})"
+
+
+def threads(pid: int) -> str:
+    """One line per QEMU thread: id, name, state, CPU seconds, kernel wait channel, system call."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
+        stat = _read(task / "stat")
+        fields = stat[stat.rfind(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS if len(fields) > 12 else 0.0
+        state = fields[0] if fields else "?"
+        syscall = _read(task / "syscall").split(" ", 1)[0]
+        lines.append(f"{task.name} {_read(task / 'comm')} state={state} cpu={cpu:.1f}s "
+                     f"wchan={_read(task / 'wchan') or '-'} syscall={syscall}")
+    return "\n".join(lines)
+
+
+def monitor(path: Path, command: str, timeout: float = 3.0) -> str:
+    """``command``'s answer from QEMU's human monitor at ``path``, or why there was none."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            received = b""
+            deadline = time.monotonic() + timeout
+            sent = False
+            while time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+                if received.endswith(b"(qemu) "):
+                    if sent:
+                        break
+                    sock.sendall(command.encode() + b"\n")
+                    sent, received = True, b""
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", received.decode(errors="replace"))
+            return text.removesuffix("(qemu) ").strip() if sent else "(the monitor did not answer)"
+    except OSError as exc:
+        return f"(the monitor did not answer: {exc})"
+
+
+def evidence(headline: str, pid: int, console: Path, monitor_socket: Path, heartbeat: Heartbeat) -> str:
+    """Everything the host can learn about a stopped nested machine whose QEMU ``pid`` still runs."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    proc = Path(f"/proc/{pid}")
+    parts = [
+        f"{when}: {headline}",
+        f"heartbeats received: {heartbeat.beats}; the job's last activity: {heartbeat.activity or '(none reported)'}",
+        f"--- QEMU (pid {pid}) threads ---\n{threads(pid)}",
+        f"--- /proc/{pid}/stat ---\n{_read(proc / 'stat')}",
+        f"--- /proc/{pid}/wchan ---\n{_read(proc / 'wchan')}",
+        f"--- /proc/{pid}/status ---\n{_read(proc / 'status')}",
+        f"--- QEMU monitor: info registers ---\n{monitor(monitor_socket, 'info registers')}",
+        f"--- nested console (last 200 lines) ---\n{tail(console, 200)}",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a text file ("" if it does not exist)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

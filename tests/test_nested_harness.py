@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from nested_plugin import NestedRun, combine
+from nested_plugin import NESTED_TIMEOUT, NestedRun, combine
 from smolvmm.hostkvm import probe
 from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
 from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
@@ -286,3 +287,10 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
         "  test_inner.py::test_freezes (running when the machine stopped): passed on the retry\n" \
         "  test_inner.py::test_after: passed on the retry\n" in summary, summary
     assert "test_inner.py::test_freezes" in evidence.read_text()
+
+
+def test_each_kvm_test_times_out_inside_before_the_nested_run_does() -> None:
+    """A hung test fails by itself (pytest-timeout inside), leaving time for the rest of the nested run."""
+    options = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    per_test = options["tool"]["pytest"]["ini_options"]["timeout"]
+    assert 0 < 2 * per_test < NESTED_TIMEOUT

@@ -12,6 +12,7 @@ lists and empty dpkg status), so the host's apt state is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from smolvmm.images.cache import cache_key, cache_root, cached_build
 from smolvmm.images.cpio import Initramfs
 from smolvmm.images.debian import Package, _run
 from smolvmm.nested.harness import HarnessError, Job, job_devices, run_machine
-from smolvmm.nested.image import init_script
+from smolvmm.nested.image import INIT_SOURCES, init_script
 
 QEMU = "qemu-system-aarch64"
 SOURCE = "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main"
@@ -139,7 +140,7 @@ def arm64_image() -> tuple[Path, Path]:
     tools = next(package for package in closure(["busybox-static"]) if package.name == "busybox-static")
     userland = closure(USERLAND)
     inputs = [f"{p.name}={p.version}" for p in (kernel, tools, *userland)]
-    key = cache_key(inputs, [Path(__file__)])
+    key = cache_key(inputs, [Path(__file__), *INIT_SOURCES])
     directory = cached_build("arm64-machine", key, lambda out: _build(out, kernel, tools, userland))
     return directory / busybox.KERNEL, directory / busybox.INITRD
 
@@ -168,5 +169,5 @@ def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
         raise HarnessError(f"{QEMU} not found: apt-get install qemu-system-arm")
     kernel, initrd = arm64_image()
     env = {name: value for name, value in job.env.items() if name != "VIRTUAL_ENV"}
-    job = Job(job.command, job.cwd, job.outs, {**env, "PATH": PATH}, job.timeout)
+    job = dataclasses.replace(job, env={**env, "PATH": PATH})
     return run_machine(job, lambda workdir: qemu_command(kernel, initrd, workdir, job.outs), stdout, stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
+from smolvmm.nested import watchdog
 from smolvmm.nested.watchdog import ACTIVITY_PATH
 
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "veth", "overlay"]
@@ -22,6 +23,8 @@ FAILED = "smolvmm-nested: failed:"
 HEARTBEAT = "smolvmm.heartbeat"
 PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status", HEARTBEAT)
 HOSTROOT_TAG = "hostroot"
+INIT_SOURCES = (Path(__file__), Path(watchdog.__file__))
+"""The modules whose text makes up an init script: a change to either rebuilds the images."""
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 
 _INIT_START = r"""#!/bin/busybox sh
@@ -36,15 +39,20 @@ fail() {
 }
 @LOAD_MODULES@
 load_modules
-for port in /sys/class/virtio-ports/*; do
-    case "$(cat "$port/name")" in
-        smolvmm.stdout) stdout="/dev/${port##*/}" ;;
-        smolvmm.stderr) stderr="/dev/${port##*/}" ;;
-        smolvmm.status) status="/dev/${port##*/}" ;;
-        @HEARTBEAT@) heartbeat="/dev/${port##*/}" ;;
-    esac
+for attempt in $(seq 100); do  # the ports may appear a moment after the modules load (arm64)
+    for port in /sys/class/virtio-ports/*; do
+        case "$(cat "$port/name" 2>/dev/null)" in
+            smolvmm.stdout) stdout="/dev/${port##*/}" ;;
+            smolvmm.stderr) stderr="/dev/${port##*/}" ;;
+            smolvmm.status) status="/dev/${port##*/}" ;;
+            @HEARTBEAT@) heartbeat="/dev/${port##*/}" ;;
+        esac
+    done
+    [ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] && [ -n "$heartbeat" ] && break
+    sleep 0.1
 done
-[ -n "$stdout" ] && [ -n "$stderr" ] && [ -n "$status" ] && [ -n "$heartbeat" ] || fail "virtio-serial ports missing"
+[ -n "$heartbeat" ] && [ -c "$stdout" ] && [ -c "$stderr" ] && [ -c "$status" ] && [ -c "$heartbeat" ] \
+    || fail "virtio-serial ports missing"
 beat() {
     while :; do
         activity=
@@ -117,6 +125,6 @@ def nested_image() -> tuple[Path, Path]:
     """(kernel, initrd) of the nested machine, built into the image cache on first use."""
     kernel = Package.candidate(dependency_of("linux-image-amd64", "linux-image-") + "-unsigned")
     tools = Package.candidate("busybox-static")
-    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [Path(__file__)])
+    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], list(INIT_SOURCES))
     directory = cached_build("nested-machine", key, lambda out: busybox.build(out, kernel, tools, MODULES, INIT))
     return directory / busybox.KERNEL, directory / busybox.INITRD

@@ -153,8 +153,10 @@ def monitor(path: Path, command: str, timeout: float = 3.0) -> str:
                         break
                     sock.sendall(command.encode() + b"\n")
                     sent, received = True, b""
+            if not sent:
+                return "(the monitor did not answer)"
             text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", received.decode(errors="replace"))
-            return text.removesuffix("(qemu) ").strip() if sent else "(the monitor did not answer)"
+            return text.partition("\n")[2].removesuffix("(qemu) ").strip()  # after the echo of the command
     except OSError as exc:
         return f"(the monitor did not answer: {exc})"
 

@@ -25,7 +25,7 @@ from smolvmm.images.cache import cache_key, cache_root, cached_build
 from smolvmm.images.cpio import Initramfs
 from smolvmm.images.debian import Package, _run
 from smolvmm.nested.harness import HarnessError, Job, job_devices, run_machine
-from smolvmm.nested.image import INIT_SOURCES, init_script
+from smolvmm.nested.image import INIT_SOURCE, init_script
 
 QEMU = "qemu-system-aarch64"
 SOURCE = "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main"
@@ -140,7 +140,7 @@ def arm64_image() -> tuple[Path, Path]:
     tools = next(package for package in closure(["busybox-static"]) if package.name == "busybox-static")
     userland = closure(USERLAND)
     inputs = [f"{p.name}={p.version}" for p in (kernel, tools, *userland)]
-    key = cache_key(inputs, [Path(__file__), *INIT_SOURCES])
+    key = cache_key(inputs, [Path(__file__), INIT_SOURCE])
     directory = cached_build("arm64-machine", key, lambda out: _build(out, kernel, tools, userland))
     return directory / busybox.KERNEL, directory / busybox.INITRD
 

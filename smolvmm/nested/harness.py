@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolvmm.errors import SmolvmmError
-from smolvmm.nested.image import FAILED, HEARTBEAT, HOSTROOT_TAG, PORTS, nested_image
-from smolvmm.nested.watchdog import ACTIVITY_ENV, ACTIVITY_PATH, Heartbeat, evidence, tail, threads, watchdog_bound
+from smolvmm.nested.image import ACTIVITY_PATH, FAILED, HEARTBEAT, HOSTROOT_TAG, PORTS, nested_image
+from smolvmm.nested.watchdog import ACTIVITY_ENV, Heartbeat, evidence, tail, threads, watchdog_bound
 
 HARNESS_FAILURE = 125
 NESTED_FROZE = 124

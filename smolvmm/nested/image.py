@@ -13,8 +13,6 @@ from pathlib import Path
 from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
-from smolvmm.nested import watchdog
-from smolvmm.nested.watchdog import ACTIVITY_PATH
 
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "veth", "overlay"]
 
@@ -23,8 +21,10 @@ FAILED = "smolvmm-nested: failed:"
 HEARTBEAT = "smolvmm.heartbeat"
 PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status", HEARTBEAT)
 HOSTROOT_TAG = "hostroot"
-INIT_SOURCES = (Path(__file__), Path(watchdog.__file__))
-"""The modules whose text makes up an init script: a change to either rebuilds the images."""
+ACTIVITY_PATH = "/run/smolvmm/activity"
+"""Where, inside the machine, a job writes what it is doing: each heartbeat carries the first line."""
+INIT_SOURCE = Path(__file__)
+"""This module, whose text makes up the machines' init: the image cache keys cover it."""
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 
 _INIT_START = r"""#!/bin/busybox sh
@@ -125,6 +125,6 @@ def nested_image() -> tuple[Path, Path]:
     """(kernel, initrd) of the nested machine, built into the image cache on first use."""
     kernel = Package.candidate(dependency_of("linux-image-amd64", "linux-image-") + "-unsigned")
     tools = Package.candidate("busybox-static")
-    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], list(INIT_SOURCES))
+    key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [INIT_SOURCE])
     directory = cached_build("nested-machine", key, lambda out: busybox.build(out, kernel, tools, MODULES, INIT))
     return directory / busybox.KERNEL, directory / busybox.INITRD

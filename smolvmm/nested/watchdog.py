@@ -24,8 +24,7 @@ WATCHDOG_DEFAULT = 60.0
 BOOT_ALLOWANCE = 60.0
 """Seconds the first heartbeat may take beyond the bound: the kernel boots first, slowly under TCG on a busy host."""
 ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
-ACTIVITY_PATH = "/run/smolvmm/activity"
-"""Where, inside the nested machine, a job writes what it is doing (its first line rides on each beat)."""
+"""Names, inside the nested machine, the file where a job writes what it is doing (image.ACTIVITY_PATH)."""
 _MAX_LINE = 4096
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -67,15 +66,16 @@ def progress(pid: int) -> Progress:
 
 @dataclass
 class Heartbeat:
-    """The heartbeat port's beats, with the host's monotonic time of the last one (QEMU's start counts as one)."""
+    """QEMU ``pid``'s heartbeat port: how many beats, the host's monotonic time of the last one (at first,
+    QEMU's start), the job's activity it carried and QEMU's progress then."""
 
     bound: float
     pid: int
     last: float = field(default_factory=time.monotonic)
     beats: int = 0
     activity: str = ""
-    at_last: Progress = field(default_factory=Progress)
-    _partial: bytes = b""
+    at_last: Progress = field(init=False)
+    _partial: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.at_last = progress(self.pid)
@@ -88,7 +88,8 @@ class Heartbeat:
             if line.startswith(b"beat"):
                 self.beats += 1
                 self.last = time.monotonic()
-                self.activity = line[5:_MAX_LINE].decode(errors="replace").strip()
+                text = line[5:_MAX_LINE].decode(errors="replace").strip()
+                self.activity = "".join(c if c.isprintable() else "?" for c in text)  # the guest wrote it
                 self.at_last = progress(self.pid)
 
     def silent_for(self) -> float:
@@ -96,6 +97,7 @@ class Heartbeat:
         return time.monotonic() - self.last
 
     def frozen(self) -> bool:
+        """No beat for the bound (the first beat, which waits for the boot: BOOT_ALLOWANCE more)."""
         return self.silent_for() >= self.bound + (0 if self.beats else BOOT_ALLOWANCE)
 
     def qemu_summary(self) -> str:

@@ -168,6 +168,12 @@ def vectors(scratch: Path) -> list[Vector]:
         ),
         ("trailing-data", x86_raw + b"\0" * 8, "trailing-data", "bytes after the section table"),
         (
+            "nonzero-gap",
+            _flip(x86_raw, mem_data["offset"] - 1),
+            "nonzero-gap",
+            "a byte of the zero padding before guest RAM changed",
+        ),
+        (
             "bad-checksum",
             _flip(x86_raw, header["table_offset"] + 20),
             "bad-checksum",

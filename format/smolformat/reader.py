@@ -281,6 +281,7 @@ class Bundle:
 
     def _open(self) -> None:
         header, self.digest, self.sections = _read_table(self._fd)
+        self._table_offset = header.table_offset
         self.version = (header.version_major, header.version_minor)
         by_kind: dict[SectionKind, list[SectionInfo]] = {}
         seen: set[tuple[SectionKind, int]] = set()
@@ -433,7 +434,9 @@ class Bundle:
         return self._blob(SectionKind.INITRD)
 
     def verify(self) -> None:
-        """Hash every section against its digest and decode every zstd chunk; raises FormatError."""
+        """Hash every section against its digest, check that the bytes between sections are zero
+        and decode every zstd chunk; raises FormatError."""
+        self._check_gaps()
         for s in sorted(self.sections, key=lambda s: s.offset):
             digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
             for start in range(0, s.length, _HASH_BLOCK):
@@ -443,6 +446,21 @@ class Bundle:
         for data, image in [self._memory, *self._disks.values()]:
             if image.encoding == Encoding.ZSTD_CHUNKS:
                 check_chunks(self._fd, data.offset, image)
+
+    def _check_gaps(self) -> None:
+        """Every byte between the header and the table that no section holds is zero (spec §2)."""
+        end = HEADER_SIZE
+        ranges = []
+        for s in sorted(self.sections, key=lambda s: s.offset):
+            ranges.append((end, s.offset))
+            end = s.offset + s.length
+        ranges.append((end, self._table_offset))
+        for start, stop in ranges:
+            for at in range(start, stop, _HASH_BLOCK):
+                block = _pread(self._fd, min(_HASH_BLOCK, stop - at), at)
+                if block.count(0) != len(block):
+                    first = at + next(i for i, byte in enumerate(block) if byte)
+                    raise FormatError("nonzero-gap", f"byte {first:#x}, outside every section, is not zero")
 
     def fileno(self) -> int:
         """The open file descriptor, for mmap."""

@@ -33,6 +33,9 @@ _EXPORTS = {
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
+    "generate_signing_key": "smolvmm.signing",
+    "sign_bundle": "smolvmm.signing",
+    "verify_signed_bundle": "smolvmm.signing",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -65,4 +68,5 @@ if TYPE_CHECKING:
     )
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
+    from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
     from .vcpu import ExitReason, MachineExit

@@ -94,6 +94,10 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
                             help="do every restore step up to the first guest entry, then tear down")
+        parser.add_argument("--require-signature", action="store_true",
+                            help="refuse a bundle whose content no key of --trusted-keys signed (`smolvmm sign`)")
+        parser.add_argument("--trusted-keys", metavar="DIR",
+                            help="directory of trusted Ed25519 public keys (*.pub, PEM); implies --require-signature")
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
 
@@ -215,11 +219,14 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, bootab
 
 async def _run(args: argparse.Namespace) -> int:
     networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if args.require_signature and args.trusted_keys is None:
+        raise ConfigError("--require-signature needs --trusted-keys DIR: the public keys a signature may be by")
+    restore_args = {"networks": networks, "console_socket": args.console_socket, "trusted_keys": args.trusted_keys}
     if args.prepare_only:
-        timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)
+        timings = await Machine.prepare_restore(args.bundle, **restore_args)
         print(timings.json(), file=sys.stderr)
         return 0
-    async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
+    async with Machine.restore(args.bundle, **restore_args) as machine:
         async with anyio.create_task_group() as tg:
             if args.save is not None:
                 tg.start_soon(_save_on_signal, machine, args.save)

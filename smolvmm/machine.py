@@ -102,6 +102,7 @@ class Machine:
         console_socket: Path | None = None,
         overlays: tuple[Path | None, ...] = (),
         paused: bool = False,
+        trusted_keys: str | os.PathLike[str] | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
@@ -109,14 +110,19 @@ class Machine:
         device, ``console_socket`` the socket path of a saved console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
-        is synced on that resume).
+        is synced on that resume). With ``trusted_keys`` (a directory of ``*.pub`` Ed25519
+        keys), a bundle that no trusted key signed, or whose content changed since, is refused
+        with a BundleError before anything is created.
         """
         from .restore import RestoreOverrides, restore_vm_from
 
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
-        restored = restore_vm_from(path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
+        restored = restore_vm_from(
+            path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings,
+            trusted_keys=_trusted(trusted_keys),
+        )
         vm = restored.vm
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(
@@ -133,7 +139,12 @@ class Machine:
 
     @classmethod
     async def prepare_restore(
-        cls, path: str | os.PathLike[str], *, networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        networks: tuple[NetConfig, ...] = (),
+        console_socket: Path | None = None,
+        trusted_keys: str | os.PathLike[str] | None = None,
     ) -> Timings:
         """Every step of a restore up to, not including, the first guest entry, then tear down.
 
@@ -144,7 +155,8 @@ class Machine:
 
         timings = Timings()
         overrides = RestoreOverrides(networks, console_socket)
-        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False).vm.close()
+        trusted = _trusted(trusted_keys)
+        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False, trusted_keys=trusted).vm.close()
         timings.mark("teardown")
         return timings
 
@@ -359,3 +371,12 @@ def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | Non
         if kernel is None:
             raise ConfigError(f"this machine was restored from {path}, which has no kernel: it cannot be saved bootable")
         return kernel, bundle.initrd
+
+
+def _trusted(directory: str | os.PathLike[str] | None) -> Any:
+    """The trusted public keys of ``directory`` (None: no signature required)."""
+    if directory is None:
+        return None
+    from .signing import load_trusted_keys
+
+    return load_trusted_keys(directory)

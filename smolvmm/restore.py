@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import smolformat
 
@@ -33,6 +33,9 @@ from .snapshot import CONSOLE_ROLES_LABEL
 from .timings import Timings
 from .vcpu import MachineExit
 from .vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from .signing import TrustedKeys
 
 
 @dataclass(frozen=True)
@@ -145,12 +148,19 @@ def restore_vm_from(
     timings: Timings,
     *,
     same_flavour: bool = True,
+    trusted_keys: TrustedKeys | None = None,
 ) -> Restored:
     """Rebuild a paused VM from ``path``.
 
     ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
+    With ``trusted_keys``, a bundle whose content no trusted key signed is refused first.
     """
     with open_bundle(path) as bundle:
+        if trusted_keys is not None:
+            from .signing import check_signature  # cryptography is imported only for signed restores
+
+            check_signature(bundle, trusted_keys)
+            timings.mark("signature")
         if bundle.config.arch != "x86_64":
             raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
         saved_devices = boundary.admit_devices(bundle.config.devices, bundle.devices)

@@ -266,7 +266,7 @@ class Bundle:
     """An open .smolmachine file. Use as a context manager (it holds the file descriptor).
 
     Parsed at open: ``config``, ``metadata`` (or None; ``labels`` as a dict), ``vcpus`` (by vCPU
-    id), ``vm_state``, ``devices``, ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
+    id), ``vm_state``, ``devices``, ``signatures`` (empty if unsigned), ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
     ``disk(i)``, ``kernel``, ``initrd``, ``unknown_sections()``, ``verify()``.
     """
 
@@ -312,6 +312,8 @@ class Bundle:
         checks.check_vcpu_ids(self.config, (s.index for s in vcpu_sections))
         self.vcpus = [self._parse(s, arch) for s in vcpu_sections]
         self.devices = self._parse(by_kind[SectionKind.DEVICES][0])
+        signature = by_kind.get(SectionKind.SIGNATURE)
+        self.signatures = list(self._parse(signature[0])) if signature else []
         disk_ids = checks.check_devices(self.config, self.devices)
         self._memory = self._image(SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX, 0, regions, "ram")
         if self._memory[0].logical_length != sum(r.size for r in regions):

@@ -26,7 +26,7 @@ from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, HypervisorError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .snapshot import CONSOLE_ROLES_LABEL
@@ -200,9 +200,12 @@ def restore_vm_from(
                 transport.check_state(state)
                 transports.append((transport, state, new_mac))
             timings.mark("devices")
-            vm.vm.restore_state(vm_state)
-            pairs = zip(vm.vcpus, vcpu_states, strict=True)
-            skipped = sum(vcpu.restore_state(s.state, strict=same_flavour) + s.dropped for vcpu, s in pairs)
+            try:
+                vm.vm.restore_state(vm_state)
+                pairs = zip(vm.vcpus, vcpu_states, strict=True)
+                skipped = sum(vcpu.restore_state(s.state, strict=same_flavour) + s.dropped for vcpu, s in pairs)
+            except HypervisorError as exc:  # a value the boundary admitted but the hypervisor checks further
+                raise BundleError(f"{path}: this host's hypervisor refused the saved state: {exc}") from exc
             for transport, state, new_mac in transports:
                 transport.restore_state(state)
                 if new_mac:
@@ -212,6 +215,7 @@ def restore_vm_from(
                 timings.note("msrs_skipped", skipped)
         except BaseException:
             vm.close()
+            agent.close()  # if no console device took it yet (closing twice is harmless)
             raise
         config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
         return Restored(

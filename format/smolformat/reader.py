@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from construct import ConstructError
@@ -248,18 +248,19 @@ class DiskImage:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, self.size)
-            for piece in split_extents(self._image, _COPY_BLOCK):
-                chunk = bytearray(piece.length)
-                decode_into(
-                    self._bundle.fileno(),
-                    self._data.offset,
-                    self._image._replace(extents=[piece]),
-                    lambda _address, _length: memoryview(chunk),
-                    1,
-                )
-                os.pwrite(fd, chunk, piece.address)
+            for address, chunk in stored_pieces(self._bundle.fileno(), self._data, self._image):
+                os.pwrite(fd, chunk, address)
         finally:
             os.close(fd)
+
+
+def stored_pieces(fd: int, data: SectionInfo, image: ImageMap) -> Iterator[tuple[int, bytearray]]:
+    """(address, bytes) of every stored piece of an image, decoded, in address order: a zstd chunk
+    or at most 1 MiB of raw pages. Image bytes outside them are zero."""
+    for piece in split_extents(image, _COPY_BLOCK):
+        chunk = bytearray(piece.length)
+        decode_into(fd, data.offset, image._replace(extents=[piece]), lambda _address, _length: memoryview(chunk), 1)
+        yield piece.address, chunk
 
 
 class Bundle:
@@ -411,6 +412,12 @@ class Bundle:
             raise IndexError(f"bundle has no disk {index}")
         data, image = self._disks[index]
         return DiskImage(self, index, data, image)
+
+    def image_pieces(self, section: SectionInfo) -> Iterator[tuple[int, bytearray]]:
+        """The stored pieces of guest RAM (``section`` is MEMORY_DATA) or of a disk (its DISK_DATA),
+        decoded: see ``stored_pieces``."""
+        data, image = self._memory if section.kind == SectionKind.MEMORY_DATA else self._disks[section.index]
+        return stored_pieces(self._fd, data, image)
 
     def unknown_sections(self) -> list[tuple[SectionInfo, bytes]]:
         """The optional sections of kinds this reader does not know, with their bytes (digest checked)."""

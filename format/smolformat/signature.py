@@ -1,8 +1,8 @@
 """The SIGNATURE section (spec §4.2): what a signature signs, and adding one to a bundle.
 
 A signature signs the bundle's *content*, not its byte layout: the digest of every section
-whose bytes a re-encoding keeps, and for guest RAM and each disk the digest of the image itself
-(every byte, decoded). So ``repack_bundle`` (``smolvmm pack --raw/--zstd``) keeps it valid. This
+whose bytes a re-encoding keeps, and for guest RAM and each disk a digest of the image itself
+(its nonzero pages, decoded, with their addresses). So ``repack_bundle`` (``smolvmm pack --raw/--zstd``) keeps it valid. This
 module computes the signed message and writes signed files; the cryptography (Ed25519) is the
 caller's, so the format package needs no crypto library.
 """
@@ -10,11 +10,10 @@ caller's, so the format package needs no crypto library.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from .layout import (
     DIGEST_SIZE,
     ENTRY_SIZE,
     HEADER_SIZE,
+    PAGE_SIZE,
     SECTION_ALIGN,
     Encoding,
     Header,
@@ -38,45 +38,24 @@ ED25519 = 1
 # content can never be taken for a signature over anything else.
 CONTEXT = b"smolmachine content v1\n"
 _ENTRY = struct.Struct("<HIQ32s")  # kind, index, logical_length, digest
+_ADDRESS = struct.Struct("<Q")
 _UNSIGNED = {SectionKind.SIGNATURE, SectionKind.MEMORY_INDEX, SectionKind.DISK_INDEX}
-_BLOCK = 1 << 20
 
 
-def _image_digest(views: Iterator[memoryview]) -> bytes:
+def _image_digest(bundle: Bundle, section: SectionInfo) -> bytes:
+    """``digest()`` over every page of the image that holds a nonzero byte, in address order: its
+    address (u64) then its bytes (spec §4.2). Zero pages cost nothing, so neither do sparse images."""
     digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    for view in views:
-        for start in range(0, len(view), _BLOCK):
-            digest.update(view[start : start + _BLOCK])
+    for address, chunk in bundle.image_pieces(section):
+        for start in range(0, len(chunk), PAGE_SIZE):
+            end = min(start + PAGE_SIZE, len(chunk))
+            if chunk.count(0, start, end) != end - start:
+                digest.update(_ADDRESS.pack(address + start))
+                digest.update(memoryview(chunk)[start:end])
     return digest.digest()
 
 
-def _decoded(size: int, fill: Any) -> Iterator[memoryview]:
-    """An anonymous mapping of ``size`` bytes filled by ``fill(mapping)``, as one view."""
-    if size == 0:
-        yield memoryview(b"")
-        return
-    mapping = mmap.mmap(-1, size)
-    try:
-        fill(mapping)
-        with memoryview(mapping) as view:
-            yield view
-    finally:
-        mapping.close()
-
-
-def _ram_views(bundle: Bundle, threads: int) -> Iterator[memoryview]:
-    mappings = [mmap.mmap(-1, region.size) for region in bundle.config.ram]
-    try:
-        bundle.read_memory_into(mappings, threads)
-        for mapping in mappings:
-            with memoryview(mapping) as view:
-                yield view
-    finally:
-        for mapping in mappings:
-            mapping.close()
-
-
-def content_digests(bundle: Bundle, threads: int = 2) -> list[tuple[int, int, int, bytes]]:
+def content_digests(bundle: Bundle) -> list[tuple[int, int, int, bytes]]:
     """(kind, index, logical_length, digest) of everything a signature covers, in (kind, index)
     order: each section's digest, but guest RAM's and each disk's image digest in place of their
     data sections' (index sections are left out: they describe the layout). Decodes every image."""
@@ -84,20 +63,14 @@ def content_digests(bundle: Bundle, threads: int = 2) -> list[tuple[int, int, in
     for s in bundle.sections:
         if s.kind in _UNSIGNED:
             continue
-        if s.kind == SectionKind.MEMORY_DATA:
-            digest = _image_digest(_ram_views(bundle, threads))
-        elif s.kind == SectionKind.DISK_DATA:
-            disk = bundle.disk(s.index)
-            digest = _image_digest(_decoded(disk.size, lambda m, disk=disk: disk.read_into(m, threads)))
-        else:
-            digest = s.digest
+        digest = _image_digest(bundle, s) if s.kind in (SectionKind.MEMORY_DATA, SectionKind.DISK_DATA) else s.digest
         entries.append((int(s.kind), s.index, s.logical_length, digest))
     return sorted(entries)
 
 
-def signed_message(bundle: Bundle, threads: int = 2) -> bytes:
+def signed_message(bundle: Bundle) -> bytes:
     """The bytes an Ed25519 signature of the bundle signs (spec §4.2)."""
-    entries = content_digests(bundle, threads)
+    entries = content_digests(bundle)
     return CONTEXT + struct.pack("<I", len(entries)) + b"".join(_ENTRY.pack(*e) for e in entries)
 
 

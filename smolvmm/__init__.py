@@ -36,6 +36,7 @@ _EXPORTS = {
     "generate_signing_key": "smolvmm.signing",
     "sign_bundle": "smolvmm.signing",
     "verify_signed_bundle": "smolvmm.signing",
+    "Jail": "smolvmm.jail",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
         SmolvmmError,
     )
     from .images.guest import GuestImage, default_guest
+    from .jail import Jail
     from .machine import Machine
     from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
     from .vcpu import ExitReason, MachineExit

@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -29,6 +29,9 @@ from .eventfd import EventFd
 from .timings import Timings
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from .jail import Jail
 
 DeviceTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 
@@ -73,6 +76,7 @@ class Machine:
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
+        self._jail: tuple[Jail, bool] | None = None  # (user, keeps host network), entered before vCPUs run
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -84,11 +88,16 @@ class Machine:
 
     @classmethod
     @asynccontextmanager
-    async def boot(cls, config: MachineConfig) -> AsyncIterator[Machine]:
-        """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine."""
+    async def boot(cls, config: MachineConfig, *, jail: Jail | None = None) -> AsyncIterator[Machine]:
+        """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine.
+
+        With ``jail``, the monitor process enters the jail (``smolvmm.jail``) as that user once
+        the machine is assembled, before the guest runs: it cannot be undone for the process.
+        """
         from .coldboot import create_for_boot
 
         machine = create_for_boot(cls, config)
+        machine._jail = (jail, bool(config.networks)) if jail else None
         async with machine._running():
             yield machine
 
@@ -103,6 +112,7 @@ class Machine:
         overlays: tuple[Path | None, ...] = (),
         paused: bool = False,
         trusted_keys: str | os.PathLike[str] | None = None,
+        jail: Jail | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
@@ -112,7 +122,7 @@ class Machine:
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
         is synced on that resume). With ``trusted_keys`` (a directory of ``*.pub`` Ed25519
         keys), a bundle that no trusted key signed, or whose content changed since, is refused
-        with a BundleError before anything is created.
+        with a BundleError before anything is created. ``jail`` is as for ``boot``.
         """
         from .restore import RestoreOverrides, restore_vm_from
 
@@ -130,6 +140,7 @@ class Machine:
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
+        machine._jail = (jail, bool(networks)) if jail else None
         machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
@@ -174,6 +185,11 @@ class Machine:
     async def _running(self, paused: bool = False) -> AsyncIterator[Machine]:
         self._paused = paused
         try:
+            if self._jail is not None:
+                from .jail import enter
+
+                user, network = self._jail
+                self.timings.note("jail", enter(user, network=network))
             install_kick_handler()
             with _unwrapped_errors():
                 async with anyio.create_task_group() as tg:

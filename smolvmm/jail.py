@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import pkgutil
 import pwd
 import resource
 import tempfile
@@ -92,10 +93,13 @@ DENIED_SYSCALLS = (
 )
 """The system calls the jailed monitor may not make (EPERM): none is on its path."""
 
-# Imported before the host's files disappear: what the running monitor may import lazily.
-PRELOAD = (
-    "smolvmm.errors", "smolvmm.timings", "json", "traceback", "linecache", "tokenize",
-    "encodings.idna", "anyio.to_thread", "anyio.abc", "smolvmm.snapshot", "smolvmm.devices.records",
+# Imported before the host's files disappear, since the running monitor imports lazily: these
+# packages whole (but their tests and plugins), and these modules of the standard library.
+PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
+PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "nested", "images", "cli_demo")
+PRELOAD_MODULES = (
+    "json", "traceback", "linecache", "tokenize", "encodings.idna", "concurrent.futures.thread",
+    "asyncio", "selectors", "signal", "tempfile", "shutil",
 )
 
 
@@ -179,6 +183,20 @@ def _seccomp_filter() -> Any:
     return ctx
 
 
+def _preload() -> None:
+    for name in PRELOAD_MODULES:
+        importlib.import_module(name)
+    for package_name in PRELOAD_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.walk_packages(getattr(package, "__path__", []), f"{package_name}."):
+            if set(module.name.split(".")) & set(PRELOAD_SKIP):
+                continue
+            try:
+                importlib.import_module(module.name)
+            except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
+                pass
+
+
 def _open_fds() -> int:
     return max(int(fd) for fd in os.listdir("/proc/self/fd"))
 
@@ -196,8 +214,7 @@ def enter(jail: Jail, *, network: bool) -> str:
     device is in use). Returns one line describing the jail. Must run before any other thread."""
     if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
         raise HypervisorError("cannot enter the jail: the monitor already runs other threads")
-    for module in PRELOAD:
-        importlib.import_module(module)
+    _preload()
     libc = _libc()
     ctx = _seccomp_filter()
     highest_fd, size = _open_fds(), _vm_size()

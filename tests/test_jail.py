@@ -130,8 +130,11 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
         output = b""
         deadline = time.monotonic() + GUEST_TIMEOUT
         while b"jailed-42" not in output and time.monotonic() < deadline:
-            output += os.read(monitor.stdout.fileno(), 4096)
-        assert b"jailed-42" in output
+            chunk = os.read(monitor.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            output += chunk
+        assert b"jailed-42" in output, monitor.stderr.read().decode(errors="replace") if not chunk else output
         status = _proc_status(monitor.pid)
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2" and status["Uid"].split()[0] != "0"
         assert os.listdir(f"/proc/{monitor.pid}/root") == [str(out).split("/")[1]]

@@ -2,9 +2,9 @@
 
 A signature signs the bundle's *content*, not its byte layout: the digest of every section
 whose bytes a re-encoding keeps, and for guest RAM and each disk a digest of the image itself
-(its nonzero pages, decoded, with their addresses). So ``repack_bundle`` (``smolvmm pack --raw/--zstd``) keeps it valid. This
-module computes the signed message and writes signed files; the cryptography (Ed25519) is the
-caller's, so the format package needs no crypto library.
+(its nonzero pages, decoded, with their addresses). So ``repack_bundle`` (``smolvmm pack
+--raw/--zstd``) keeps it valid. This module computes the signed message and writes signed
+files; the cryptography (Ed25519) is the caller's, so the format package needs no crypto library.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ DENIED_SYSCALLS = (
 # Imported before the host's files disappear, since the running monitor imports lazily: these
 # packages whole (but their tests and plugins), and these modules of the standard library.
 PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
-PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "nested", "images", "cli_demo")
+PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "images", "arm64")
 PRELOAD_MODULES = (
     "json", "traceback", "linecache", "tokenize", "encodings.idna", "concurrent.futures.thread",
     "asyncio", "selectors", "signal", "tempfile", "shutil",

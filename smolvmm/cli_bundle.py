@@ -58,9 +58,11 @@ def run(name: str, args: argparse.Namespace) -> int:
             print(f"{args.target}: packed ({args.encoding})")
         elif name == "verify":
             bundle = smolformat.verify_bundle(args.bundle)
-            signed = ""
+            signed = f", {len(bundle.signatures)} signature(s) not checked: --trusted-keys DIR checks them"
             if args.trusted_keys is not None:
                 signed = f", signed by {smolvmm.verify_signed_bundle(args.bundle, args.trusted_keys)}"
+            elif not bundle.signatures:
+                signed = ", unsigned"
             print(f"{args.bundle}: ok ({len(bundle.sections)} sections, digest {bundle.digest.hex()[:16]}{signed})")
         else:
             with smolformat.open_bundle(args.bundle) as bundle:
@@ -91,6 +93,7 @@ def describe(bundle: Any) -> dict[str, Any]:
             for d in config.devices
         ],
         "memory_encoding": bundle.memory_encoding,
+        "signatures": [{"algorithm": r.algorithm, "public_key": r.public_key.hex()} for r in bundle.signatures],
         "metadata": None
         if meta is None
         else {

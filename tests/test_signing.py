@@ -68,6 +68,11 @@ def test_sign_then_verify_and_pack_keeps_the_signature(
 ) -> None:
     assert main(["verify", "--trusted-keys", str(keys[0]), str(signed)]) == 0
     assert "signed by me.pub" in capsys.readouterr().out
+    assert main(["verify", str(signed)]) == 0
+    assert "1 signature(s) not checked" in capsys.readouterr().out
+    assert main(["inspect", "--json", str(signed)]) == 0
+    (record,) = json.loads(capsys.readouterr().out)["signatures"]
+    assert record["algorithm"] == 1 and (keys[0] / "me.pub").exists() and len(record["public_key"]) == 64
     assert not list(tmp_path.glob(".*.tmp"))
     zstd, raw = tmp_path / "z.smolmachine", tmp_path / "r.smolmachine"
     assert main(["pack", "--zstd", str(signed), str(zstd)]) == 0

@@ -33,6 +33,10 @@ _EXPORTS = {
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
+    "generate_signing_key": "smolvmm.signing",
+    "sign_bundle": "smolvmm.signing",
+    "verify_signed_bundle": "smolvmm.signing",
+    "Jail": "smolvmm.jail",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -64,5 +68,7 @@ if TYPE_CHECKING:
         SmolvmmError,
     )
     from .images.guest import GuestImage, default_guest
+    from .jail import Jail
     from .machine import Machine
+    from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
     from .vcpu import ExitReason, MachineExit

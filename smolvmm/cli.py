@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
+    "keygen": ("smolvmm.cli_sign", "make an Ed25519 key pair for signing bundles"),
+    "sign": ("smolvmm.cli_sign", "sign a bundle's content with a private key"),
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+import smolvmm
 from smolvmm import BundleError
 
 _MIB = 1 << 20
@@ -39,6 +40,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE")
     if name == "inspect":
         parser.add_argument("--json", action="store_true", help="print one JSON document")
+    if name == "verify":
+        parser.add_argument("--trusted-keys", metavar="DIR",
+                            help="also require a valid signature by one of the Ed25519 public keys (*.pub, PEM) in DIR")
 
 
 def run(name: str, args: argparse.Namespace) -> int:
@@ -54,7 +58,12 @@ def run(name: str, args: argparse.Namespace) -> int:
             print(f"{args.target}: packed ({args.encoding})")
         elif name == "verify":
             bundle = smolformat.verify_bundle(args.bundle)
-            print(f"{args.bundle}: ok ({len(bundle.sections)} sections, digest {bundle.digest.hex()[:16]})")
+            signed = f", {len(bundle.signatures)} signature(s) not checked: --trusted-keys DIR checks them"
+            if args.trusted_keys is not None:
+                signed = f", signed by {smolvmm.verify_signed_bundle(args.bundle, args.trusted_keys)}"
+            elif not bundle.signatures:
+                signed = ", unsigned"
+            print(f"{args.bundle}: ok ({len(bundle.sections)} sections, digest {bundle.digest.hex()[:16]}{signed})")
         else:
             with smolformat.open_bundle(args.bundle) as bundle:
                 summary = describe(bundle)
@@ -84,6 +93,7 @@ def describe(bundle: Any) -> dict[str, Any]:
             for d in config.devices
         ],
         "memory_encoding": bundle.memory_encoding,
+        "signatures": [{"algorithm": r.algorithm, "public_key": r.public_key.hex()} for r in bundle.signatures],
         "metadata": None
         if meta is None
         else {

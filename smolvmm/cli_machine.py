@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 
 import smolvmm
-from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig, parse_size
+from smolvmm import ConfigError, DiskConfig, ExitReason, Jail, Machine, MachineConfig, NetConfig, parse_size
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
@@ -94,8 +94,18 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
                             help="do every restore step up to the first guest entry, then tear down")
+        parser.add_argument("--require-signature", action="store_true",
+                            help="refuse a bundle whose content no key of --trusted-keys signed (`smolvmm sign`)")
+        parser.add_argument("--trusted-keys", metavar="DIR",
+                            help="directory of trusted Ed25519 public keys (*.pub, PEM); implies --require-signature")
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
+        parser.add_argument("--jail", action="store_true",
+                            help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
+                                 " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
+                                 " privileges, resource limits, a seccomp filter (needs root; see docs/THREAT_MODEL.md)")
+        parser.add_argument("--jail-user", metavar="USER|UID[:GID]",
+                            help="who the jailed monitor runs as (default: nobody)")
 
 
 def _warn_about_host() -> None:
@@ -170,8 +180,18 @@ def _print_timings(machine: Machine, enabled: bool) -> None:
         print(machine.timings.json(), file=sys.stderr)
 
 
-async def _boot(config: MachineConfig, marker: str | None, timings: bool) -> int:
-    async with Machine.boot(config) as machine:
+def _jail(args: argparse.Namespace) -> Jail | None:
+    if not args.jail:
+        if args.jail_user:
+            raise ConfigError("--jail-user needs --jail")
+        return None
+    save = getattr(args, "save", None)
+    # --save's directory stays visible (and must be writable by the jail's user)
+    return Jail.parse(args.jail_user, (str(save.resolve().parent),) if save else ())
+
+
+async def _boot(config: MachineConfig, marker: str | None, timings: bool, jail: Jail | None) -> int:
+    async with Machine.boot(config, jail=jail) as machine:
         status = await console_session(machine, marker)
     _print_timings(machine, timings)
     return status
@@ -215,11 +235,14 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, bootab
 
 async def _run(args: argparse.Namespace) -> int:
     networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if args.require_signature and args.trusted_keys is None:
+        raise ConfigError("--require-signature needs --trusted-keys DIR: the public keys a signature may be by")
+    restore_args = {"networks": networks, "console_socket": args.console_socket, "trusted_keys": args.trusted_keys}
     if args.prepare_only:
-        timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)
+        timings = await Machine.prepare_restore(args.bundle, **restore_args)
         print(timings.json(), file=sys.stderr)
         return 0
-    async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
+    async with Machine.restore(args.bundle, **restore_args, jail=_jail(args)) as machine:
         async with anyio.create_task_group() as tg:
             if args.save is not None:
                 tg.start_soon(_save_on_signal, machine, args.save)
@@ -243,7 +266,7 @@ def run(name: str, args: argparse.Namespace) -> int:
         return demo()
     _warn_about_host()
     if name == "boot":
-        return anyio.run(_boot, _config(args), _boot_marker(args), args.timings, backend="trio")
+        return anyio.run(_boot, _config(args), _boot_marker(args), args.timings, _jail(args), backend="trio")
     if name == "build":
         build = (_config(args), args.output, args.ready_marker, args.bootable, args.zstd, args.timeout)
         return anyio.run(_build, *build, backend="trio")

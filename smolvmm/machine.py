@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -29,6 +29,9 @@ from .eventfd import EventFd
 from .timings import Timings
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from .jail import Jail
 
 DeviceTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 
@@ -73,6 +76,7 @@ class Machine:
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
+        self._jail: tuple[Jail, bool] | None = None  # (user, keeps host network), entered before vCPUs run
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -84,11 +88,16 @@ class Machine:
 
     @classmethod
     @asynccontextmanager
-    async def boot(cls, config: MachineConfig) -> AsyncIterator[Machine]:
-        """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine."""
+    async def boot(cls, config: MachineConfig, *, jail: Jail | None = None) -> AsyncIterator[Machine]:
+        """Cold-boot ``config`` (the default guest where kernel is None); yields the running machine.
+
+        With ``jail``, the monitor process enters the jail (``smolvmm.jail``) as that user once
+        the machine is assembled, before the guest runs: it cannot be undone for the process.
+        """
         from .coldboot import create_for_boot
 
         machine = create_for_boot(cls, config)
+        machine._jail = (jail, bool(config.networks)) if jail else None
         async with machine._running():
             yield machine
 
@@ -102,6 +111,8 @@ class Machine:
         console_socket: Path | None = None,
         overlays: tuple[Path | None, ...] = (),
         paused: bool = False,
+        trusted_keys: str | os.PathLike[str] | None = None,
+        jail: Jail | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
@@ -109,14 +120,19 @@ class Machine:
         device, ``console_socket`` the socket path of a saved console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
-        is synced on that resume).
+        is synced on that resume). With ``trusted_keys`` (a directory of ``*.pub`` Ed25519
+        keys), a bundle that no trusted key signed, or whose content changed since, is refused
+        with a BundleError before anything is created. ``jail`` is as for ``boot``.
         """
         from .restore import RestoreOverrides, restore_vm_from
 
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
-        restored = restore_vm_from(path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
+        restored = restore_vm_from(
+            path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings,
+            trusted_keys=_trusted(trusted_keys),
+        )
         vm = restored.vm
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(
@@ -124,6 +140,7 @@ class Machine:
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
+        machine._jail = (jail, bool(networks)) if jail else None
         machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
@@ -133,7 +150,12 @@ class Machine:
 
     @classmethod
     async def prepare_restore(
-        cls, path: str | os.PathLike[str], *, networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        networks: tuple[NetConfig, ...] = (),
+        console_socket: Path | None = None,
+        trusted_keys: str | os.PathLike[str] | None = None,
     ) -> Timings:
         """Every step of a restore up to, not including, the first guest entry, then tear down.
 
@@ -144,7 +166,8 @@ class Machine:
 
         timings = Timings()
         overrides = RestoreOverrides(networks, console_socket)
-        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False).vm.close()
+        trusted = _trusted(trusted_keys)
+        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False, trusted_keys=trusted).vm.close()
         timings.mark("teardown")
         return timings
 
@@ -162,6 +185,11 @@ class Machine:
     async def _running(self, paused: bool = False) -> AsyncIterator[Machine]:
         self._paused = paused
         try:
+            if self._jail is not None:
+                from .jail import enter
+
+                user, network = self._jail
+                self.timings.note("jail", enter(user, network=network))
             install_kick_handler()
             with _unwrapped_errors():
                 async with anyio.create_task_group() as tg:
@@ -359,3 +387,12 @@ def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | Non
         if kernel is None:
             raise ConfigError(f"this machine was restored from {path}, which has no kernel: it cannot be saved bootable")
         return kernel, bundle.initrd
+
+
+def _trusted(directory: str | os.PathLike[str] | None) -> Any:
+    """The trusted public keys of ``directory`` (None: no signature required)."""
+    if directory is None:
+        return None
+    from .signing import load_trusted_keys
+
+    return load_trusted_keys(directory)

@@ -12,27 +12,30 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import smolformat
 
+from . import boundary
 from .agent import AgentPort
 from .config import MachineConfig, NetConfig
 from .console import VirtioConsoleInput
-from .devices.records import uart_state, virtio_state
 from .devices.virtio.block import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, HypervisorError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .snapshot import CONSOLE_ROLES_LABEL
 from .timings import Timings
 from .vcpu import MachineExit
 from .vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from .signing import TrustedKeys
 
 
 @dataclass(frozen=True)
@@ -145,14 +148,22 @@ def restore_vm_from(
     timings: Timings,
     *,
     same_flavour: bool = True,
+    trusted_keys: TrustedKeys | None = None,
 ) -> Restored:
     """Rebuild a paused VM from ``path``.
 
     ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
+    With ``trusted_keys``, a bundle whose content no trusted key signed is refused first.
     """
     with open_bundle(path) as bundle:
+        if trusted_keys is not None:
+            from .signing import check_signature  # cryptography is imported only for signed restores
+
+            check_signature(bundle, trusted_keys)
+            timings.mark("signature")
         if bundle.config.arch != "x86_64":
             raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
+        saved_devices = boundary.admit_devices(bundle.config.devices, bundle.devices)
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
         try:
@@ -168,38 +179,43 @@ def restore_vm_from(
         roles = [r for r in labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
         main = VirtioConsoleInput() if "main" in roles else None
         agent = AgentPort()
-        uart = next((d for d in bundle.devices if d.kind == "uart16550"), None)
-        vm = VirtualMachine(
-            memory, bundle.config.vcpu_count, on_exit, main, uart_state(uart.state) if uart else None
-        )
+        vm = VirtualMachine(memory, bundle.config.vcpu_count, on_exit, main, saved_devices.uart)
         try:
             if same_flavour:
                 check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", vm.hypervisor.flavour)
-            vm.vm.restore_state(bundle.vm_state)
-            pairs = zip(vm.vcpus, bundle.vcpus, strict=True)
-            skipped = sum(vcpu.restore_state(state, strict=same_flavour) for vcpu, state in pairs)
-            timings.mark("vm_vcpu_state")
-            if skipped:
-                timings.note("msrs_skipped", skipped)
-            records = [d for d in bundle.devices if d.kind != "uart16550"]
+            # Everything from the bundle is admitted before any of it reaches an ioctl or a device.
+            offer = vm.hypervisor.offer
+            vm_state = boundary.admit_vm(bundle.vm_state)
+            vcpu_states = [boundary.admit_vcpu(s, i, offer, strict=same_flavour) for i, s in enumerate(bundle.vcpus)]
             new_macs: dict[str, bytes] = {}
-            for (device, role), record in zip(_devices(bundle, overrides, roles, main, agent), records, strict=True):
+            transports = []
+            devices = _devices(bundle, overrides, roles, main, agent)
+            for (device, role), (_, instance, state) in zip(devices, saved_devices.virtio, strict=True):
                 transport = vm.add_virtio(device, role)
-                state = virtio_state(record.kind, record.state)
                 new_mac = isinstance(device, VirtioNet) and device.mac != state.device.mac
                 if new_mac:
                     # A new MAC for this clone: the device reports it, the guest agent applies it.
-                    new_macs[f"eth{record.instance}"] = device.mac
+                    new_macs[f"eth{instance}"] = device.mac
                     state = dataclasses.replace(state, device=dataclasses.replace(state.device, mac=device.mac))
+                transport.check_state(state)
+                transports.append((transport, state, new_mac))
+            timings.mark("devices")
+            try:
+                vm.vm.restore_state(vm_state)
+                pairs = zip(vm.vcpus, vcpu_states, strict=True)
+                skipped = sum(vcpu.restore_state(s.state, strict=same_flavour) + s.dropped for vcpu, s in pairs)
+            except HypervisorError as exc:  # a value the boundary admitted but the hypervisor checks further
+                raise BundleError(f"{path}: this host's hypervisor refused the saved state: {exc}") from exc
+            for transport, state, new_mac in transports:
                 transport.restore_state(state)
                 if new_mac:
                     transport.config_changed()
-            expected = [(d.base, d.size, d.gsi) for d in bundle.config.devices if d.bus == "mmio"]
-            if vm.virtio_slots != expected:
-                raise BundleError("the bundle's virtio devices are not at the addresses this monitor assigns")
-            timings.mark("devices")
+            timings.mark("vm_vcpu_state")
+            if skipped:
+                timings.note("msrs_skipped", skipped)
         except BaseException:
             vm.close()
+            agent.close()  # if no console device took it yet (closing twice is harmless)
             raise
         config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
         return Restored(

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from smolformat import BundleContents, arm64, samples, write_bundle
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from smolformat import BundleContents, arm64, open_bundle, repack_bundle, samples, write_bundle
 from smolformat.config import Config, Metadata
 from smolformat.crafting import (
     append_section,
@@ -31,8 +33,13 @@ from smolformat.crafting import (
 )
 from smolformat.layout import MAX_SECTIONS, SectionFlag, SectionKind
 from smolformat.pages import MAX_CHUNK_SIZE, PageIndex, zstd_bound
+from smolformat.signature import ED25519, signed_message, write_signed
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
+# The Ed25519 key (RFC 8032 seed) that signs the signature vectors: published, so it signs nothing else.
+TEST_KEY_SEED = b"smolmachine conformance test key"
+# Signature vectors: whether the test key's signature matches the content (spec §4.2).
+SIGNED = {"signed-x86_64-raw": True, "signed-x86_64-zstd": True, "signed-content-changed": False}
 Vector = tuple[str, bytes, str, str]  # file name, bytes, expected outcome, description
 RAM = 32 * 1024
 DISK = 12 * 1024
@@ -168,6 +175,12 @@ def vectors(scratch: Path) -> list[Vector]:
         ),
         ("trailing-data", x86_raw + b"\0" * 8, "trailing-data", "bytes after the section table"),
         (
+            "nonzero-gap",
+            _flip(x86_raw, mem_data["offset"] - 1),
+            "nonzero-gap",
+            "a byte of the zero padding before guest RAM changed",
+        ),
+        (
             "bad-checksum",
             _flip(x86_raw, header["table_offset"] + 20),
             "bad-checksum",
@@ -271,6 +284,7 @@ def vectors(scratch: Path) -> list[Vector]:
     )
     out += _frame_vectors(x86_raw)
     out += _content_vectors(x86_raw, x86_zstd, arm_raw)
+    out += _signature_vectors(x86_raw, scratch)
     out += _truncations(x86_raw)
     return out
 
@@ -507,6 +521,51 @@ def _truncations(x86_raw: bytes) -> list[Vector]:
     ]
 
 
+def conformance_public_key() -> bytes:
+    """The raw public key of TEST_KEY_SEED."""
+    return Ed25519PrivateKey.from_private_bytes(TEST_KEY_SEED).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _signature_vectors(x86_raw: bytes, scratch: Path) -> list[Vector]:
+    """Bundles signed by the test key, one re-encoded after signing, one changed after signing."""
+    path = scratch / "signed.smolmachine"
+    path.write_bytes(x86_raw)
+    with open_bundle(path) as bundle:
+        message = signed_message(bundle)
+    key = Ed25519PrivateKey.from_private_bytes(TEST_KEY_SEED)
+    write_signed(path, path, [{"algorithm": ED25519, "public_key": conformance_public_key(), "signature": key.sign(message)}])
+    signed = path.read_bytes()
+    repack_bundle(path, scratch / "signed-zstd.smolmachine", memory_encoding="zstd")
+
+    def flip_first_byte(payload: bytearray) -> None:
+        payload[0] ^= 1
+
+    def too_many(payload: bytearray) -> None:
+        payload[0] = 17
+
+    return [
+        ("signed-x86_64-raw", signed, "valid", "signed by the test key"),
+        (
+            "signed-x86_64-zstd",
+            (scratch / "signed-zstd.smolmachine").read_bytes(),
+            "valid",
+            "the signed bundle re-encoded as zstd: the signature still matches",
+        ),
+        (
+            "signed-content-changed",
+            rewrite_section(signed, SectionKind.MEMORY_DATA, flip_first_byte),
+            "valid",
+            "a RAM byte changed and its digest resealed: a valid file whose signature no longer matches",
+        ),
+        (
+            "signature-malformed",
+            rewrite_section(signed, SectionKind.SIGNATURE, too_many),
+            "bad-section",
+            "a signature list longer than 16",
+        ),
+    ]
+
+
 def write_vectors(directory: Path) -> int:
     """Write every vector and manifest.json into ``directory`` (old vectors removed); returns the count."""
     directory.mkdir(exist_ok=True)
@@ -516,7 +575,10 @@ def write_vectors(directory: Path) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, data, expect, description in vectors(Path(scratch)):
             (directory / f"{name}.smolmachine").write_bytes(data)
-            manifest.append({"file": f"{name}.smolmachine", "expect": expect, "description": description})
+            entry = {"file": f"{name}.smolmachine", "expect": expect, "description": description}
+            if name in SIGNED:
+                entry["signature"] = {"public_key": conformance_public_key().hex(), "valid": SIGNED[name]}
+            manifest.append(entry)
     (directory / "manifest.json").write_text(
         json.dumps({"format_version": "1.0", "vectors": manifest}, indent=1) + "\n"
     )

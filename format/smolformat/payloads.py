@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from construct import Construct, FocusedSeq, Int32ul, PrefixedArray, Terminated
+from construct import Bytes, Construct, FocusedSeq, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct, Terminated
 
 from .config import MAX_DEVICES, Config, Metadata
 from .devices import DeviceRecord
@@ -17,12 +17,18 @@ ARCHES = ("x86_64", "arm64")  # each names the module that declares its vCPU and
 
 Devices = PrefixedArray(bounded(Int32ul, MAX_DEVICES), DeviceRecord)
 
+MAX_SIGNATURES = 16
+# One signature of the bundle's content (spec §4.2); algorithm 1 is Ed25519.
+SignatureRecord = Struct("algorithm" / Int16ul, "public_key" / Bytes(32), "signature" / Bytes(64))
+Signatures = PrefixedArray(bounded(Int8ul, MAX_SIGNATURES), SignatureRecord)
+
 _COMMON: dict[SectionKind, Construct] = {
     SectionKind.CONFIG: Config,
     SectionKind.METADATA: Metadata,
     SectionKind.DEVICES: Devices,
     SectionKind.MEMORY_INDEX: PageIndex,
     SectionKind.DISK_INDEX: PageIndex,
+    SectionKind.SIGNATURE: Signatures,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from construct import ConstructError
@@ -248,25 +248,26 @@ class DiskImage:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, self.size)
-            for piece in split_extents(self._image, _COPY_BLOCK):
-                chunk = bytearray(piece.length)
-                decode_into(
-                    self._bundle.fileno(),
-                    self._data.offset,
-                    self._image._replace(extents=[piece]),
-                    lambda _address, _length: memoryview(chunk),
-                    1,
-                )
-                os.pwrite(fd, chunk, piece.address)
+            for address, chunk in stored_pieces(self._bundle.fileno(), self._data, self._image):
+                os.pwrite(fd, chunk, address)
         finally:
             os.close(fd)
+
+
+def stored_pieces(fd: int, data: SectionInfo, image: ImageMap) -> Iterator[tuple[int, bytearray]]:
+    """(address, bytes) of every stored piece of an image, decoded, in address order: a zstd chunk
+    or at most 1 MiB of raw pages. Image bytes outside them are zero."""
+    for piece in split_extents(image, _COPY_BLOCK):
+        chunk = bytearray(piece.length)
+        decode_into(fd, data.offset, image._replace(extents=[piece]), lambda _address, _length: memoryview(chunk), 1)
+        yield piece.address, chunk
 
 
 class Bundle:
     """An open .smolmachine file. Use as a context manager (it holds the file descriptor).
 
     Parsed at open: ``config``, ``metadata`` (or None; ``labels`` as a dict), ``vcpus`` (by vCPU
-    id), ``vm_state``, ``devices``, ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
+    id), ``vm_state``, ``devices``, ``signatures`` (empty if unsigned), ``sections``, ``digest``. On demand: ``memory_extents()``, ``read_memory_into()``,
     ``disk(i)``, ``kernel``, ``initrd``, ``unknown_sections()``, ``verify()``.
     """
 
@@ -281,6 +282,7 @@ class Bundle:
 
     def _open(self) -> None:
         header, self.digest, self.sections = _read_table(self._fd)
+        self._table_offset = header.table_offset
         self.version = (header.version_major, header.version_minor)
         by_kind: dict[SectionKind, list[SectionInfo]] = {}
         seen: set[tuple[SectionKind, int]] = set()
@@ -311,6 +313,8 @@ class Bundle:
         checks.check_vcpu_ids(self.config, (s.index for s in vcpu_sections))
         self.vcpus = [self._parse(s, arch) for s in vcpu_sections]
         self.devices = self._parse(by_kind[SectionKind.DEVICES][0])
+        signature = by_kind.get(SectionKind.SIGNATURE)
+        self.signatures = list(self._parse(signature[0])) if signature else []
         disk_ids = checks.check_devices(self.config, self.devices)
         self._memory = self._image(SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX, 0, regions, "ram")
         if self._memory[0].logical_length != sum(r.size for r in regions):
@@ -409,6 +413,12 @@ class Bundle:
         data, image = self._disks[index]
         return DiskImage(self, index, data, image)
 
+    def image_pieces(self, section: SectionInfo) -> Iterator[tuple[int, bytearray]]:
+        """The stored pieces of guest RAM (``section`` is MEMORY_DATA) or of a disk (its DISK_DATA),
+        decoded: see ``stored_pieces``."""
+        data, image = self._memory if section.kind == SectionKind.MEMORY_DATA else self._disks[section.index]
+        return stored_pieces(self._fd, data, image)
+
     def unknown_sections(self) -> list[tuple[SectionInfo, bytes]]:
         """The optional sections of kinds this reader does not know, with their bytes (digest checked)."""
         return [(s, self._section_bytes(s)) for s in self.sections if not isinstance(s.kind, SectionKind)]
@@ -433,7 +443,9 @@ class Bundle:
         return self._blob(SectionKind.INITRD)
 
     def verify(self) -> None:
-        """Hash every section against its digest and decode every zstd chunk; raises FormatError."""
+        """Hash every section against its digest, check that the bytes between sections are zero
+        and decode every zstd chunk; raises FormatError."""
+        self._check_gaps()
         for s in sorted(self.sections, key=lambda s: s.offset):
             digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
             for start in range(0, s.length, _HASH_BLOCK):
@@ -443,6 +455,21 @@ class Bundle:
         for data, image in [self._memory, *self._disks.values()]:
             if image.encoding == Encoding.ZSTD_CHUNKS:
                 check_chunks(self._fd, data.offset, image)
+
+    def _check_gaps(self) -> None:
+        """Every byte between the header and the table that no section holds is zero (spec §2)."""
+        end = HEADER_SIZE
+        ranges = []
+        for s in sorted(self.sections, key=lambda s: s.offset):
+            ranges.append((end, s.offset))
+            end = s.offset + s.length
+        ranges.append((end, self._table_offset))
+        for start, stop in ranges:
+            for at in range(start, stop, _HASH_BLOCK):
+                block = _pread(self._fd, min(_HASH_BLOCK, stop - at), at)
+                if block.count(0) != len(block):
+                    first = at + next(i for i, byte in enumerate(block) if byte)
+                    raise FormatError("nonzero-gap", f"byte {first:#x}, outside every section, is not zero")
 
     def fileno(self) -> int:
         """The open file descriptor, for mmap."""

@@ -25,8 +25,8 @@ def repack_bundle(
     """Write ``source``'s contents to ``target`` in another encoding; returns the new digest.
 
     RAM is decoded into anonymous mappings and disks into sparse temp files beside ``target``.
-    Sections of unknown kinds are carried over unchanged; a SIGNATURE is not (it signs the old
-    digest).
+    Sections of unknown kinds and the SIGNATURE are carried over unchanged: a signature signs
+    the content, which a re-encoding keeps.
     """
     target_dir = Path(target).resolve().parent
     with (
@@ -52,6 +52,7 @@ def repack_bundle(
                 initrd=bundle.initrd,
                 metadata=bundle.metadata,
                 unknown_sections=bundle.unknown_sections(),
+                signatures=bundle.signatures,
             )
             return write_bundle(
                 target,

@@ -66,7 +66,8 @@ class BundleContents:
     ``memory`` has one buffer (memoryview, mmap, bytearray) per ``config["ram"]`` region, in order.
     ``vcpus[i]`` is vCPU ``i``'s ``<arch>.VcpuState``; ``disks[i]`` is the path of base disk ``i``
     (the ``disk`` parameter of a virtio-blk device). ``unknown_sections`` are carried over from a
-    bundle of a later minor version (``Bundle.unknown_sections()``), unchanged.
+    bundle of a later minor version (``Bundle.unknown_sections()``), unchanged; ``signatures`` (a
+    SIGNATURE section, written when not empty) from a signed bundle, whose content they sign.
     """
 
     config: Mapping[str, Any]
@@ -79,6 +80,7 @@ class BundleContents:
     initrd: bytes | None = None
     metadata: Mapping[str, Any] | None = field(default=None)
     unknown_sections: Sequence[tuple[SectionInfo, bytes]] = ()
+    signatures: Sequence[Mapping[str, Any]] = ()
 
 
 def make_metadata(
@@ -291,6 +293,8 @@ def write_bundle(
             if blob is not None:
                 with out.section(kind, encoding=Encoding.BYTES):
                     out.write(blob)
+        if contents.signatures:
+            out.struct(SectionKind.SIGNATURE, list(contents.signatures))
         for info, data in contents.unknown_sections:
             # Page-aligned: a later version may map such a section, as it does RAW_PAGES data.
             with out.section(info.kind, index=info.index, encoding=info.encoding, align=PAGE_SIZE) as entry:

@@ -45,6 +45,17 @@ class Capabilities:
     irqchip: bool  # the interrupt controllers are emulated by the hypervisor, their state in save_state
 
 
+@dataclass(frozen=True)
+class HostOffer:
+    """What this host's hypervisor takes as saved x86_64 vCPU state: the XSAVE area's exact
+    size, the CPUID leaves (function, index) -> (eax, ebx, ecx, edx) it supports, and the MSRs
+    it can save and restore. ``smolvmm.boundary`` checks a bundle's state against it."""
+
+    xsave_size: int
+    cpuid: Mapping[tuple[int, int], tuple[int, int, int, int]]
+    msrs: frozenset[int]
+
+
 class Vcpu(Protocol):
     """One virtual CPU, driven by exactly one thread."""
 
@@ -123,6 +134,10 @@ class Hypervisor(Protocol):
 
     flavour: str  # recorded in bundles, e.g. "kvm-hardware" or "kvm-pvm"
     capabilities: Capabilities
+
+    @property
+    def offer(self) -> HostOffer:
+        """What saved vCPU state this host's hypervisor takes (see ``HostOffer``)."""
 
     def create_vm(self) -> Vm:
         """A new VM with the platform's interrupt controllers and timers."""

@@ -300,8 +300,9 @@ class MmioTransport:
                 tuple(q.save() for q in self._queues), self.device.save_state(),
             )
 
-    def restore_state(self, state: MmioState) -> None:
-        """Check ``state`` against this device and guest RAM, then load it (before ``run()``)."""
+    def check_state(self, state: MmioState) -> None:
+        """Refuse (BundleError) a saved ``state`` this device could not take, changing nothing:
+        another device, other queue counts or sizes, features not offered, rings outside guest RAM."""
         if state.device_id != self.device.device_id:
             raise BundleError(f"saved virtio device {state.device_id} restored onto a {self.device.device_id}")
         if len(state.queues) != len(self._queues):
@@ -312,14 +313,23 @@ class MmioTransport:
             raise BundleError(f"saved virtio driver features {state.driver_features:#x} are not all offered here")
         if state.status & STATUS_FEATURES_OK and not state.driver_features & bit(F_VERSION_1):
             raise BundleError("saved virtio device negotiated features without VERSION_1")
-        negotiated = state.driver_features if state.status & STATUS_FEATURES_OK else 0
+        try:
+            for queue, saved in zip(self._queues, state.queues):
+                Queue(queue.max_size).restore(saved, self.memory, *_ring_features(self._negotiated(state)))
+        except QueueError as exc:
+            raise BundleError(f"saved virtqueue is invalid: {exc}") from exc
+        self.device.restore_state(state.device)
+
+    @staticmethod
+    def _negotiated(state: MmioState) -> int:
+        return state.driver_features if state.status & STATUS_FEATURES_OK else 0
+
+    def restore_state(self, state: MmioState) -> None:
+        """Check ``state`` against this device and guest RAM (``check_state``), then load it (before ``run()``)."""
+        self.check_state(state)
         with self._lock:
-            try:
-                for queue, saved in zip(self._queues, state.queues):
-                    queue.restore(saved, self.memory, *_ring_features(negotiated))
-            except QueueError as exc:
-                raise BundleError(f"saved virtqueue is invalid: {exc}") from exc
-            self.device.restore_state(state.device)
+            for queue, saved in zip(self._queues, state.queues):
+                queue.restore(saved, self.memory, *_ring_features(self._negotiated(state)))
             self._status = state.status
             self._device_features_sel = state.device_features_sel
             self._driver_features_sel = state.driver_features_sel

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...hostkvm import probe
-from ..interface import Capabilities
+from ..interface import Capabilities, HostOffer
 from .ioctls import Cap
 from .system import Kvm
 from .vm import KvmVm
@@ -25,6 +25,13 @@ class KvmHypervisor:
             irqfd=bool(check(Cap.KVM_CAP_IRQFD)),
             irqchip=bool(check(Cap.KVM_CAP_IRQCHIP)),
         )
+
+    @property
+    def offer(self) -> HostOffer:
+        """KVM_CAP_XSAVE2's XSAVE size, KVM_GET_SUPPORTED_CPUID and KVM_GET_MSR_INDEX_LIST."""
+        kvm = self.kvm
+        cpuid = {(f, i): (a, b, c, d) for f, i, _flags, a, b, c, d in kvm.supported_cpuid}
+        return HostOffer(kvm.xsave_size, cpuid, frozenset(kvm.msr_index_list))
 
     def create_vm(self) -> KvmVm:
         """A VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT."""

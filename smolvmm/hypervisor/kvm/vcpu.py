@@ -193,7 +193,10 @@ class KvmVcpu:
         return bytes(ffi.buffer(area, 4096 + 4 * extra))
 
     def set_xsave(self, data: bytes) -> None:
-        extra = max(0, (len(data) - 4096) // 4)
+        """Load an XSAVE area of exactly this host's size (``Kvm.xsave_size``): KVM reads that many."""
+        if len(data) != self._kvm.xsave_size:
+            raise ValueError(f"XSAVE area of {len(data)} bytes; KVM takes {self._kvm.xsave_size}")
+        extra = (len(data) - 4096) // 4
         area = ffi.new("struct kvm_xsave *", {"extra": extra})
         ffi.buffer(area, len(data))[:] = data
         ioctl(self.fd, Ioctl.KVM_SET_XSAVE, area)

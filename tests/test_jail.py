@@ -1,0 +1,155 @@
+"""The jailed monitor (``--jail``, smolvmm.jail): what the process can still do and what it cannot.
+
+The jail cannot be undone for a process, so each test jails a child process and looks at it
+from outside too (/proc/PID: credentials, no_new_privs, seccomp, its root). The native test runs
+the real machine on this host's /dev/kvm (on PVM the guest only gets into its decompressor); the
+kvm test resumes the real guest inside tools/nested-kvm, jailed, and saves it from the jail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import smolformat
+
+from smolvmm.jail import DENIED_SYSCALLS, Jail
+from test_boot import GUEST_TIMEOUT
+
+needs_root_and_kvm = pytest.mark.skipif(
+    os.geteuid() != 0 or (not os.path.exists("/dev/kvm") and not os.environ.get("CI")), reason="needs root and /dev/kvm"
+)
+
+CHILD = textwrap.dedent(
+    """
+    import ctypes, errno, json, os, sys
+    import anyio
+    from smolvmm import Jail, Machine, MachineConfig
+
+    def attempt(call):
+        try:
+            call()
+            return "allowed"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    def ptrace():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.ptrace(16, os.getppid(), 0, 0) != 0:  # PTRACE_ATTACH to the test process
+            raise OSError(ctypes.get_errno(), "ptrace")
+
+    async def main():
+        jail = Jail.parse(None, (sys.argv[1],))
+        async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20), jail=jail) as machine:
+            report = {
+                "jail": machine.timings.notes["jail"], "uid": os.getuid(), "gid": os.getgid(),
+                "root": sorted(os.listdir("/")), "shadow": attempt(lambda: open("/etc/shadow")),
+                "exec": attempt(lambda: os.execv("/bin/sh", ["sh"])), "ptrace": attempt(ptrace),
+                "write_root": attempt(lambda: open("/escape", "w")),
+            }
+            await machine.snapshot(os.path.join(sys.argv[1], "jailed.smolmachine"))
+            print(json.dumps(report), flush=True)
+            sys.stdin.readline()  # the test looks at /proc/PID meanwhile
+            await machine.stop()
+
+    anyio.run(main, backend="trio")
+    """
+)
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+@needs_root_and_kvm
+def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here
+    tmp_path.chmod(0o755)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = child.stdout.readline()
+        assert line, child.stderr.read()
+        report = json.loads(line)
+        status = _proc_status(child.pid)
+        jail_root = sorted(os.listdir(f"/proc/{child.pid}/root"))
+        other_namespace = os.readlink(f"/proc/{child.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        other_network = os.readlink(f"/proc/{child.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=120) == 0, child.stderr.read()
+    finally:
+        child.kill()
+    nobody = Jail.parse(None)
+    assert report["uid"] == nobody.uid and report["gid"] == nobody.gid
+    assert report["root"] == jail_root == [str(out).split("/")[1]]  # only the path to the writable directory
+    assert report["shadow"] == "ENOENT" and report["exec"] == "EPERM" and report["ptrace"] == "EPERM"
+    assert report["write_root"] == "EROFS"
+    assert f"seccomp denies {len(DENIED_SYSCALLS)} calls" in report["jail"] and "no network" in report["jail"]
+    assert status["Uid"].split() == [str(nobody.uid)] * 4 and status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert status["CapEff"] == "0000000000000000"
+    assert other_namespace and other_network
+    smolformat.verify_bundle(out / "jailed.smolmachine")  # saved from inside the jail
+
+
+def test_jail_users_parse_and_root_is_refused() -> None:
+    assert Jail.parse("1234:5678") == Jail(1234, 5678)
+    assert Jail.parse("4321") == Jail(4321, 4321)
+    for spec in ("0", "root", "1000:0", "no-such-user-here"):
+        with pytest.raises(Exception, match=r"--jail-user"):
+            Jail.parse(spec)
+
+
+@pytest.mark.kvm
+def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    tmp_path.chmod(0o755)
+    saved = out / "saved.smolmachine"
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "run", "--jail", "--timings", "--save", str(saved), str(bundle)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        monitor.stdin.write(b"echo jailed-$((6*7)) > /tmp/mark; cat /tmp/mark\n")
+        monitor.stdin.flush()
+        output = b""
+        deadline = time.monotonic() + GUEST_TIMEOUT
+        while b"jailed-42" not in output and time.monotonic() < deadline:
+            chunk = os.read(monitor.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            output += chunk
+        assert b"jailed-42" in output, monitor.stderr.read().decode(errors="replace") if not chunk else output
+        status = _proc_status(monitor.pid)
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2" and status["Uid"].split()[0] != "0"
+        assert os.listdir(f"/proc/{monitor.pid}/root") == [str(out).split("/")[1]]
+        monitor.send_signal(signal.SIGUSR1)
+        while not saved.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        monitor.stdin.write(b"poweroff -f\n")
+        monitor.stdin.close()
+        assert monitor.wait(timeout=GUEST_TIMEOUT) == 0, monitor.stderr.read().decode(errors="replace")
+    finally:
+        monitor.kill()
+    stderr = monitor.stderr.read().decode(errors="replace")
+    assert re.search(r'"jail": "jailed: uid \d+', stderr), stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", str(saved)],
+        input=b"cat /tmp/mark\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+    )
+    assert again.returncode == 0 and b"jailed-42" in again.stdout, again.stderr.decode(errors="replace")

@@ -33,6 +33,8 @@ _EXPORTS = {
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
+    "ProgressBar": "smolvmm.progress",
+    "report_progress": "smolvmm.progress",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -65,4 +67,5 @@ if TYPE_CHECKING:
     )
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
+    from .progress import ProgressBar, report_progress
     from .vcpu import ExitReason, MachineExit

@@ -14,6 +14,7 @@ import sys
 from typing import NoReturn
 
 import smolvmm.cli_output as cli_output
+import smolvmm.cli_progress as cli_progress
 import smolvmm.cli_status as cli_status
 
 # name -> (module, one-line help)
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(name, parser)
     args = parser.parse_args(argv[1:])
     try:
-        return module.run(name, args)
+        with cli_progress.shown():
+            return module.run(name, args)
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):

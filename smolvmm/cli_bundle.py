@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import smolvmm.cli_output as cli_output
+import smolvmm.cli_progress as cli_progress
 from smolvmm.cli_args import positive_int
 from smolvmm import BundleError, ConfigError, SmolvmmError
 
@@ -71,9 +72,14 @@ def run(name: str, args: argparse.Namespace) -> int:
         if os.path.isdir(args.target):
             raise ConfigError(f"{args.target} is a directory: name the file to write")
         finest = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
-        with _errors(args.source, args.target):
+        with _errors(args.source, args.target), cli_progress.steps() as shown:
+
+            def report(step: str, done: int, total: int | None) -> None:
+                if shown is not None:
+                    shown(f"reading {args.source}" if step == "read" else f"writing {args.target}", done, total)
+
             smolformat.repack_bundle(
-                args.source, args.target, memory_encoding=args.encoding, threads=args.threads, **finest
+                args.source, args.target, memory_encoding=args.encoding, threads=args.threads, progress=report, **finest
             )
         cli_output.result(f"{args.target}: packed ({args.encoding})")
     elif name == "verify":
@@ -92,8 +98,9 @@ def _verify(path: str, as_json: bool) -> int:
     import smolformat
 
     try:
-        with _errors(path):
-            bundle = smolformat.verify_bundle(path)
+        with _errors(path), cli_progress.steps() as shown:
+            bundle = smolformat.verify_bundle(path, None if shown is None else lambda done, total: shown(
+                f"verifying {path}", done, total))
     except SmolvmmError as exc:
         if as_json:
             cause = exc.__cause__

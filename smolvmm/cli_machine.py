@@ -19,6 +19,7 @@ import anyio
 
 import smolvmm
 import smolvmm.cli_output as cli_output
+import smolvmm.cli_progress as cli_progress
 import smolvmm.cli_status as cli_status
 from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig
 from smolvmm.cli_args import positive_float, positive_int, size
@@ -258,11 +259,20 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
 
 
 async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
-    """Wait until the guest prints ``marker``; returns the ms since the boot began."""
-    try:
-        await machine.console.wait_for(marker, timeout)
-    except TimeoutError:
-        raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
+    """Wait until the guest prints ``marker``, showing on a terminal the time so far and the
+    console's last line; returns the ms since the boot began."""
+    deadline = time.monotonic() + timeout
+    line_or_marker = re.compile(re.escape(marker.encode()) + rb"|\n")
+    with cli_progress.bar(f"booting, waiting for {marker!r}") as shown:
+        while True:
+            try:
+                seen = await machine.console.wait_for(line_or_marker, max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
+            if seen.endswith(marker.encode()):
+                break
+            if shown is not None and seen.strip():
+                shown.status(seen.decode(errors="replace"))
     return round((time.perf_counter() - machine.timings.start) * 1000, 3)
 
 

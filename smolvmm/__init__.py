@@ -34,6 +34,10 @@ _EXPORTS = {
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
     "ProgressBar": "smolvmm.progress",
+    "CacheEntry": "smolvmm.images.cache",
+    "cache_entries": "smolvmm.images.cache",
+    "cache_root": "smolvmm.images.cache",
+    "prune_cache": "smolvmm.images.cache",
     "report_progress": "smolvmm.progress",
 }
 
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
         ImageError,
         SmolvmmError,
     )
+    from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
     from .progress import ProgressBar, report_progress

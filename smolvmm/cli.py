@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
+    "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
 }
 
 
@@ -36,15 +37,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"smolvmm {version('smolvmm')}"
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "smolvmm (not installed: version unknown)"
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smolvmm",
@@ -52,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=cli_status.TABLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"smolvmm {cli_output.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

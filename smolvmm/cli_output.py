@@ -14,6 +14,17 @@ _RED = "\x1b[31m"
 _RESET = "\x1b[0m"
 
 
+def version() -> str:
+    """The installed smolvmm's version ("unknown" in a source tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("smolvmm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def is_terminal(stream: TextIO) -> bool:
     """Whether ``stream`` is a terminal a person watches (so progress and colour belong there)."""
     try:

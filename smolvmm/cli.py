@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
+    "cache": ("smolvmm.cli_cache", "list the cache (guest images, packages, disks) or prune what is stale"),
     "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
 }
 

@@ -19,6 +19,7 @@ from typing import Any
 import smolvmm
 import smolvmm.cli_output as cli_output
 import smolvmm.cli_status as cli_status
+from smolvmm.cli_output import size
 
 README_PVM = "README, 'PVM hosts and the nested machine'"
 KVM = "/dev/kvm"
@@ -143,8 +144,8 @@ def _text(report: dict[str, Any]) -> str:
     lines.append("tools     " + (", ".join(f"{t['name']} ({t['package']})" for t in present) or "none found"))
     lines += [f"          missing {t['name']}: apt-get install {t['package']} (for {t['for']})" for t in missing]
     cache = report["cache"]
-    stale = f", {_size(cache['stale_bytes'])} of it stale (smolvmm cache prune)" if cache["stale_bytes"] else ""
-    lines.append(f"cache     {cache['path']}: {_size(cache['bytes'])}{stale}")
+    stale = f", {size(cache['stale_bytes'])} of it stale (smolvmm cache prune)" if cache["stale_bytes"] else ""
+    lines.append(f"cache     {cache['path']}: {size(cache['bytes'])}{stale}")
     nested = report["nested"]
     lines.append("nested    " + ("can run (tools/nested-kvm CMD runs CMD where standard guests boot)" if nested["can_run"]
                                  else f"cannot run: apt-get install {' '.join(nested['missing'])}"))
@@ -160,9 +161,3 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"verdict   not ready: {why}")
     return "\n".join(lines)
 
-
-def _size(count: int) -> str:
-    if count < 1024:
-        return f"{count} bytes"
-    exponent = min(3, (count.bit_length() - 1) // 10)
-    return f"{count / (1 << 10 * exponent):.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"

@@ -25,6 +25,14 @@ def version() -> str:
         return "unknown"
 
 
+def size(count: int) -> str:
+    """``count`` bytes for people: 512 bytes, 8.0 KiB, 1.5 GiB."""
+    if count < 1024:
+        return f"{count} bytes"
+    exponent = min(3, (count.bit_length() - 1) // 10)
+    return f"{count / (1 << 10 * exponent):.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
+
+
 def is_terminal(stream: TextIO) -> bool:
     """Whether ``stream`` is a terminal a person watches (so progress and colour belong there)."""
     try:

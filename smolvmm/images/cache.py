@@ -80,7 +80,7 @@ _SUPERSEDED_BY_NAME = {  # one current entry per name: the newest; older ones ha
     "ffi": r"(?P<name>_smolvmm_ffi_.+)_[0-9a-f]{16}\.py",
 }
 _PER_BUNDLE = ("bundle-disks", "bundle-boot")  # keyed by a bundle's digest: stale once unused for a while
-UNUSED_DAYS = 7
+UNUSED_DAYS = 7  # `smolvmm cache prune --help` says "a week"
 _PARTIAL_HOURS = 1  # dot-named leftovers of an interrupted build or download, once surely not in progress
 
 
@@ -168,9 +168,10 @@ def _mtime(path: Path) -> float:
 
 
 def _last_used(path: Path) -> float:
-    """The latest access or change of anything under ``path``."""
+    """The latest read or write of a file under ``path`` (directories' access times move whenever
+    they are listed, by this very module too)."""
     try:
-        stats = [path.stat(), *(p.stat() for p in path.rglob("*"))]
+        stats = [path.stat(), *(p.stat() for p in path.rglob("*") if p.is_file())]
     except OSError:
         return time.time()  # changing under us: in use
-    return max(max(s.st_atime, s.st_mtime) for s in stats)
+    return max(stats[0].st_mtime, *(max(s.st_atime, s.st_mtime) for s in stats[1:]))

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
     "cache": ("smolvmm.cli_cache", "list the cache (guest images, packages, disks) or prune what is stale"),
+    "ps": ("smolvmm.cli_ps", "list the machines this user's smolvmm processes run"),
+    "stop": ("smolvmm.cli_ps", "stop a machine that ps lists"),
     "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
 }
 

@@ -13,7 +13,7 @@ import sys
 import anyio
 
 import smolvmm
-from smolvmm.cli_machine import console_session, report_timings, wait_ready
+from smolvmm.cli_machine import report_timings, serve, wait_ready
 
 DEMO_SCRIPT = (
     "echo; echo \"hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)\"; "
@@ -46,7 +46,7 @@ async def _run(path: str, script: bytes | None) -> int:
     async with smolvmm.Machine.restore(path) as machine:
         if script is not None:
             await machine.console.send(script)
-        status = await console_session(machine, None)
+        status = await serve(machine, "run", f"the demo ({path})", None)
     report_timings(machine.timings, as_json=False)
     return status
 

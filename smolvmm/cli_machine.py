@@ -20,6 +20,7 @@ import anyio
 import smolvmm
 import smolvmm.cli_output as cli_output
 import smolvmm.cli_progress as cli_progress
+import smolvmm.cli_ps as cli_ps
 import smolvmm.cli_status as cli_status
 from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig
 from smolvmm.cli_args import positive_float, positive_int, size
@@ -196,10 +197,33 @@ def report_timings(timings: _Timings, as_json: bool) -> None:
         cli_output.message(f"timings (ms since start): {phases}{notes}")
 
 
+async def serve(machine: Machine, command: str, what: str, marker: str | None, save: Path | None = None) -> int:
+    """The console session, with the machine listed by ``smolvmm ps`` and ended by ``smolvmm stop``
+    (SIGTERM), and with ``save``, saved to it on SIGUSR1; returns the exit status."""
+    with cli_ps.registered(command, what) as machine_id:
+        if cli_output.is_terminal(sys.stderr):
+            cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, machine)
+            if save is not None:
+                tg.start_soon(_save_on_signal, machine, save)
+            status = await console_session(machine, marker)
+            tg.cancel_scope.cancel()
+    return status
+
+
+async def _stop_on_signal(machine: Machine) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for _ in signals:
+            await machine.stop()
+            return
+
+
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
     async with Machine.boot(config) as machine:
         _note_pvm_host()
-        status = await console_session(machine, marker)
+        what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
+        status = await serve(machine, "boot", what, marker)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
@@ -284,11 +308,7 @@ async def _run(args: argparse.Namespace) -> int:
         return cli_status.OK
     async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
         _note_pvm_host()
-        async with anyio.create_task_group() as tg:
-            if args.save is not None:
-                tg.start_soon(_save_on_signal, machine, args.save)
-            status = await console_session(machine, None)
-            tg.cancel_scope.cancel()
+        status = await serve(machine, "run", str(args.bundle), None, args.save)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status

@@ -13,9 +13,7 @@ import os
 import sys
 from typing import NoReturn
 
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_progress as cli_progress
-import smolvmm.cli_status as cli_status
+from smolvmm import cli_output, cli_progress, cli_status
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

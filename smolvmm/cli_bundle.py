@@ -8,10 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_progress as cli_progress
+from smolvmm import BundleError, ConfigError, SmolvmmError, cli_output, cli_progress
 from smolvmm.cli_args import positive_int
-from smolvmm import BundleError, ConfigError, SmolvmmError
 
 _MIB = 1 << 20
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 import smolvmm
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_status as cli_status
+from smolvmm import cli_output, cli_status
 from smolvmm.cli_output import size
 
 

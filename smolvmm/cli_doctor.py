@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import smolvmm
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_status as cli_status
+from smolvmm import cli_output, cli_status
 from smolvmm.cli_output import size
 
 README_PVM = "README, 'PVM hosts and the nested machine'"

@@ -18,11 +18,18 @@ from typing import Protocol
 import anyio
 
 import smolvmm
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_progress as cli_progress
-import smolvmm.cli_ps as cli_ps
-import smolvmm.cli_status as cli_status
-from smolvmm import ConfigError, DiskConfig, ExitReason, Machine, MachineConfig, NetConfig
+from smolvmm import (
+    ConfigError,
+    DiskConfig,
+    ExitReason,
+    Machine,
+    MachineConfig,
+    NetConfig,
+    cli_output,
+    cli_progress,
+    cli_ps,
+    cli_status,
+)
 from smolvmm.cli_args import positive_float, positive_int, size
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import smolvmm
-import smolvmm.cli_output as cli_output
-import smolvmm.cli_status as cli_status
+from smolvmm import cli_output, cli_status
 from smolvmm.cli_args import positive_float
 
 

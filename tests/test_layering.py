@@ -56,8 +56,9 @@ def test_the_cli_uses_only_the_public_api() -> None:
                 module = node.module or ""
                 if node.level or (module.startswith("smolvmm.") and not module.startswith("smolvmm.cli")):
                     offenders.append(f"{path.name}: from {'.' * node.level}{module}")
-                elif module == "smolvmm":
-                    offenders += [f"{path.name}: {a.name}" for a in node.names if a.name not in smolvmm.__all__]
+                elif module == "smolvmm":  # the public API, or the CLI's own modules
+                    offenders += [f"{path.name}: {a.name}" for a in node.names
+                                  if a.name not in smolvmm.__all__ and not a.name.startswith("cli")]
                 elif module.split(".")[0] not in allowed:
                     offenders.append(f"{path.name}: from {module}")
             elif isinstance(node, ast.Import):

@@ -50,8 +50,10 @@ def _started(pid: int) -> str | None:
 
 @contextlib.contextmanager
 def registered(command: str, what: str) -> Iterator[str]:
-    """List this process's machine (``command`` boot/run, ``what`` it runs) until the block ends; yields its id."""
-    directory = runtime_dir()
+    """List this process's machine (``command`` boot/run, ``what`` it runs) until the block ends; yields its id.
+
+    Where no entry can be written (a read-only or foreign runtime directory) the machine runs
+    anyway, unlisted, and a note says why."""
     machine_id = secrets.token_hex(4)
     entry = {
         "id": machine_id,
@@ -61,14 +63,20 @@ def registered(command: str, what: str) -> Iterator[str]:
         "what": what,
         "started_unix": time.time(),
     }
-    path = directory / f"{machine_id}.json"
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".", suffix=".tmp", delete=False) as tmp:
-        json.dump(entry, tmp)
-    os.replace(tmp.name, path)
+    path: Path | None = None
+    try:
+        directory = runtime_dir()
+        with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".", suffix=".tmp", delete=False) as tmp:
+            json.dump(entry, tmp)
+        path = directory / f"{machine_id}.json"
+        os.replace(tmp.name, path)
+    except (OSError, smolvmm.SmolvmmError) as exc:
+        cli_output.message(f"note: smolvmm ps will not list this machine: {getattr(exc, 'strerror', None) or exc}")
     try:
         yield machine_id
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def running() -> list[dict[str, Any]]:

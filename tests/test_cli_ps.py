@@ -118,3 +118,13 @@ def test_a_restored_machine_is_listed_and_stopped(bundle: Path, tmp_path: Path) 
     finally:
         machine.kill()
     assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+
+
+def test_a_machine_that_cannot_be_listed_still_runs(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o755)  # not private: refused as a runtime directory
+    (tmp_path / "run" / "smolvmm").mkdir(mode=0o755)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    script = "from smolvmm.cli_ps import registered\nwith registered('run', 'x') as machine_id: print(machine_id)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and len(done.stdout.strip()) == 8
+    assert done.stderr.startswith("smolvmm: note: smolvmm ps will not list this machine: ") and "private" in done.stderr

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("smolvmm.cli_cache", "list the cache (guest images, packages, disks) or prune what is stale"),
     "ps": ("smolvmm.cli_ps", "list the machines this user's smolvmm processes run"),
     "stop": ("smolvmm.cli_ps", "stop a machine that ps lists"),
+    "attach": ("smolvmm.cli_detach", "connect to the console of a machine started with run --detach"),
     "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
 }
 

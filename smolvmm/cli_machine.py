@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import signal
 import sys
-import termios
 import time
-import tty
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -21,10 +16,10 @@ import smolvmm
 from smolvmm import (
     ConfigError,
     DiskConfig,
-    ExitReason,
     Machine,
     MachineConfig,
     NetConfig,
+    cli_detach,
     cli_output,
     cli_progress,
     cli_ps,
@@ -32,7 +27,6 @@ from smolvmm import (
 )
 from smolvmm.cli_args import positive_float, positive_int, size
 
-ESCAPE_KEY = b"\x1d"  # Ctrl-]
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
 # MachineConfig fields as the flags that set them, for error messages.
 _FLAGS = {
@@ -111,6 +105,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
                             help="do every restore step up to the first guest entry, then tear down")
+        parser.add_argument("--detach", action="store_true",
+                            help="run in the background and print the machine's id (smolvmm attach ID, stop ID)")
+        parser.add_argument("--detached-as", metavar="ID", help=argparse.SUPPRESS)  # what --detach starts
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="at exit, print how long each phase took (ms)")
         parser.add_argument("--json", action="store_true",
@@ -124,20 +121,6 @@ def _note_pvm_host() -> None:
             "note: this host's /dev/kvm is PVM, on which standard guest kernels die in early boot;"
             " see README, 'PVM hosts and the nested machine'"
         )
-
-
-@contextlib.contextmanager
-def _raw_terminal() -> Iterator[bool]:
-    """Raw mode on a TTY stdin (restored on exit); yields whether stdin is a TTY."""
-    if not os.isatty(0):
-        yield False
-        return
-    saved = termios.tcgetattr(0)
-    tty.setraw(0)
-    try:
-        yield True
-    finally:
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | None) -> None:
@@ -155,14 +138,10 @@ async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | Non
 async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -> None:
     await ready.wait()
     while True:
-        try:
-            await anyio.wait_readable(0)
-        except PermissionError:
-            pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
-        data = os.read(0, 4096)
+        data = await cli_output.read_stdin()
         if not data:
             return  # EOF on stdin: the guest keeps running
-        if interactive and ESCAPE_KEY in data:
+        if interactive and cli_output.ESCAPE_KEY in data:
             await machine.stop()
             return
         await machine.console.send(data)
@@ -171,7 +150,7 @@ async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -
 async def console_session(machine: Machine, ready_marker: str | None) -> int:
     """Connect the machine's console to stdin/stdout until it ends; returns the exit status."""
     ready = anyio.Event()
-    with _raw_terminal() as interactive:
+    with cli_output.raw_terminal() as interactive:
         if interactive or not ready_marker:
             ready.set()
         if interactive:
@@ -181,10 +160,7 @@ async def console_session(machine: Machine, ready_marker: str | None) -> int:
             await _pump_output(machine, ready, ready_marker.encode() if ready_marker else None)
             tg.cancel_scope.cancel()
         end = await machine.wait()
-    if end.reason == ExitReason.CRASH:
-        cli_output.error(f"the machine crashed: {end.detail}")
-        return cli_status.GUEST_CRASHED
-    return cli_status.OK
+    return cli_status.for_exit(end)
 
 
 class _Timings(Protocol):
@@ -204,18 +180,28 @@ def report_timings(timings: _Timings, as_json: bool) -> None:
         cli_output.message(f"timings (ms since start): {phases}{notes}")
 
 
-async def serve(machine: Machine, command: str, what: str, marker: str | None, save: Path | None = None) -> int:
-    """The console session, with the machine listed by ``smolvmm ps`` and ended by ``smolvmm stop``
-    (SIGTERM), and with ``save``, saved to it on SIGUSR1; returns the exit status."""
-    with cli_ps.registered(command, what) as machine_id:
+async def serve(
+    machine: Machine, command: str, what: str, marker: str | None, save: Path | None = None, detached_as: str | None = None
+) -> int:
+    """The console session (on stdin/stdout, or ``detached_as`` a console socket), with the machine
+    listed by ``smolvmm ps`` and ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
+    it on SIGUSR1; returns the exit status."""
+    console = cli_detach.console_path(detached_as) if detached_as else None
+    with cli_ps.registered(command, what, detached_as, console) as machine_id:
         if cli_output.is_terminal(sys.stderr):
             cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, machine)
             if save is not None:
                 tg.start_soon(_save_on_signal, machine, save)
-            status = await console_session(machine, marker)
+            if console is None:
+                status = await console_session(machine, marker)
+            else:
+                await cli_detach.serve_console(machine, console)
+                status = cli_status.for_exit(await machine.wait())
             tg.cancel_scope.cancel()
+    if console is not None and status == cli_status.OK:
+        cli_detach.log_path(machine_id).unlink(missing_ok=True)  # kept only to explain a failure
     return status
 
 
@@ -315,7 +301,7 @@ async def _run(args: argparse.Namespace) -> int:
         return cli_status.OK
     async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
         _note_pvm_host()
-        status = await serve(machine, "run", str(args.bundle), None, args.save)
+        status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
@@ -333,4 +319,9 @@ def run(name: str, args: argparse.Namespace) -> int:
         return anyio.run(_boot, _config(args), _boot_marker(args), args, backend="trio")
     if name == "build":
         return anyio.run(_build, _config(args), args, backend="trio")
+    if args.detach:
+        if args.prepare_only or args.timings:
+            raise ConfigError("--detach runs the machine in the background: it cannot be combined with"
+                              " --prepare-only or --timings")
+        return cli_detach.start(args)
     return anyio.run(_run, args, backend="trio")

@@ -5,11 +5,18 @@ Colour only on a terminal, and never with ``NO_COLOR`` set (https://no-color.org
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import termios
+import tty
+from collections.abc import Iterator
 from typing import Any, TextIO
 
+import anyio
+
+ESCAPE_KEY = b"\x1d"  # Ctrl-]: leaves a console (boot and run stop the machine; attach detaches)
 _RED = "\x1b[31m"
 _RESET = "\x1b[0m"
 
@@ -65,6 +72,29 @@ def error(text: str) -> None:
     """One line saying why a command failed: stderr."""
     label = f"{_RED}error{_RESET}" if colour(sys.stderr) else "error"
     print(f"smolvmm: {label}: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def raw_terminal() -> Iterator[bool]:
+    """Raw mode on a TTY stdin (restored on exit); yields whether stdin is a TTY."""
+    if not os.isatty(0):
+        yield False
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield True
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+async def read_stdin() -> bytes:
+    """The next bytes of stdin (b"" at its end), waiting without blocking the event loop."""
+    try:
+        await anyio.wait_readable(0)
+    except PermissionError:
+        pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
+    return os.read(0, 4096)
 
 
 def discard_stdout() -> None:

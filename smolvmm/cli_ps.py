@@ -48,13 +48,18 @@ def _started(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def new_id() -> str:
+    """A fresh machine id: 8 hex digits."""
+    return secrets.token_hex(4)
+
+
 @contextlib.contextmanager
-def registered(command: str, what: str) -> Iterator[str]:
+def registered(command: str, what: str, machine_id: str | None = None, console: Path | None = None) -> Iterator[str]:
     """List this process's machine (``command`` boot/run, ``what`` it runs) until the block ends; yields its id.
 
     Where no entry can be written (a read-only or foreign runtime directory) the machine runs
     anyway, unlisted, and a note says why."""
-    machine_id = secrets.token_hex(4)
+    machine_id = machine_id or new_id()
     entry = {
         "id": machine_id,
         "pid": os.getpid(),
@@ -62,6 +67,7 @@ def registered(command: str, what: str) -> Iterator[str]:
         "command": command,
         "what": what,
         "started_unix": time.time(),
+        "console": None if console is None else str(console),
     }
     path: Path | None = None
     try:
@@ -92,7 +98,8 @@ def running() -> list[dict[str, Any]]:
         if alive:
             entries.append(entry)
         else:
-            path.unlink(missing_ok=True)
+            for leftover in (path, path.with_suffix(".console"), path.with_suffix(".log")):
+                leftover.unlink(missing_ok=True)
     return sorted(entries, key=lambda e: e["started_unix"])
 
 
@@ -117,11 +124,17 @@ def run(name: str, args: argparse.Namespace) -> int:
                      for e in entries]
             cli_output.result("\n".join(rows))
         return cli_status.OK
-    matches = [e for e in entries if e["id"].startswith(args.id)]
+    return _stop(lookup(args.id, entries), args.timeout)
+
+
+def lookup(machine_id: str, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The running machine whose id starts with ``machine_id``; ConfigError unless exactly one does."""
+    entries = running() if entries is None else entries
+    matches = [e for e in entries if e["id"].startswith(machine_id)]
     if len(matches) != 1:
         known = ", ".join(e["id"] for e in entries) or "none is running"
-        raise smolvmm.ConfigError(f"{'no' if not matches else 'more than one'} machine {args.id!r} (smolvmm ps: {known})")
-    return _stop(matches[0], args.timeout)
+        raise smolvmm.ConfigError(f"{'no' if not matches else 'more than one'} machine {machine_id!r} (smolvmm ps: {known})")
+    return matches[0]
 
 
 def _stop(entry: dict[str, Any], timeout: float) -> int:

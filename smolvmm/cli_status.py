@@ -26,6 +26,16 @@ exit status:
   N    run BUNDLE -- CMD: CMD's own exit status; 128+N when signal N killed it"""
 
 
+def for_exit(end: smolvmm.MachineExit) -> int:
+    """The status for how a machine ended (a crash also gets its one line on stderr)."""
+    if end.reason == smolvmm.ExitReason.CRASH:
+        from smolvmm import cli_output
+
+        cli_output.error(f"the machine crashed: {end.detail}")
+        return GUEST_CRASHED
+    return OK
+
+
 def for_error(exc: BaseException) -> int:
     """The status for an error that ended a command."""
     if isinstance(exc, smolvmm.ConfigError):

@@ -61,6 +61,16 @@ def test_ps_lists_a_running_machine_and_stop_ends_it(env: dict[str, str], tmp_pa
     assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
 
 
+def test_attach_needs_a_detached_machine(env: dict[str, str]) -> None:
+    process, machine_id = stand_in(env)
+    try:
+        done = smolvmm(env, "attach", machine_id)
+        assert done.returncode == 2 and "was not started with `run --detach`" in done.stderr
+        assert smolvmm(env, "attach", "nothing").returncode == 2
+    finally:
+        process.kill()
+
+
 def test_stop_kills_what_does_not_stop_in_time(env: dict[str, str]) -> None:
     process, machine_id = stand_in(env, "stubborn")
     try:
@@ -128,3 +138,24 @@ def test_a_machine_that_cannot_be_listed_still_runs(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and len(done.stdout.strip()) == 8
     assert done.stderr.startswith("smolvmm: note: smolvmm ps will not list this machine: ") and "private" in done.stderr
+
+
+@pytest.mark.kvm
+def test_a_detached_machine_runs_in_the_background_and_is_attached_to(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    started = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--detach", str(bundle)], capture_output=True,
+                             text=True, env=env, timeout=GUEST_TIMEOUT)
+    assert started.returncode == 0, started.stderr
+    machine_id = started.stdout.strip()
+    try:
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert listed["id"] == machine_id and listed["console"].endswith(f"{machine_id}.console")
+        attached = subprocess.run([sys.executable, "-m", "smolvmm", "attach", machine_id[:4]],
+                                  input="echo detached-$((6*7))\npoweroff -f\n", capture_output=True, text=True,
+                                  env=env, timeout=GUEST_TIMEOUT)
+        assert attached.returncode == 0 and "detached-42" in attached.stdout, attached.stderr
+        assert json.loads(smolvmm(env, "ps", "--json").stdout) == []  # it powered off, and unlisted itself
+    finally:
+        smolvmm(env, "stop", machine_id)
+    assert sorted(p.name for p in (tmp_path / "run" / "smolvmm").iterdir()) == []

@@ -9,6 +9,7 @@ lasted a while, so quick steps show nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import smolvmm
 from smolvmm.cli_output import is_terminal
 
-DELAY = 0.5  # seconds: work that ends sooner shows nothing
+DELAY_ENV = "SMOLVMM_PROGRESS_DELAY"  # seconds before a bar shows (default 0.5; 0 shows every bar at once)
 _TICK = 0.25  # seconds between redraws, so elapsed time moves while nothing else does
 
 
@@ -36,7 +37,7 @@ class Bar:
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            delay=DELAY,
+            delay=_delay(),
             mininterval=_TICK,
             dynamic_ncols=True,
             bar_format=None if self._sized else "{desc} [{elapsed}]{postfix}",
@@ -71,7 +72,15 @@ class Bar:
 
     def _tick(self) -> None:
         while not self._stop.wait(_TICK):
-            self._bar.update(0)  # redraws once DELAY has passed, and keeps the bar's own timing
+            self._bar.update(0)  # redraws once the delay has passed, and keeps the bar's own timing
+
+
+def _delay() -> float:
+    """How long work runs before its bar shows: quick steps print nothing."""
+    try:
+        return max(0.0, float(os.environ.get(DELAY_ENV, "0.5")))
+    except ValueError:
+        return 0.5
 
 
 @contextlib.contextmanager

@@ -14,8 +14,6 @@ import tty
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-import anyio
-
 ESCAPE_KEY = b"\x1d"  # Ctrl-]: leaves a console (boot and run stop the machine; attach detaches)
 _RED = "\x1b[31m"
 _RESET = "\x1b[0m"
@@ -90,6 +88,8 @@ def raw_terminal() -> Iterator[bool]:
 
 async def read_stdin() -> bytes:
     """The next bytes of stdin (b"" at its end), waiting without blocking the event loop."""
+    import anyio  # here, so that --help and --version import no event loop
+
     try:
         await anyio.wait_readable(0)
     except PermissionError:

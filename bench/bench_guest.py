@@ -161,7 +161,7 @@ ASK, ANSWER = "echo R$((40+2))R\n", b"R42R"
 
 
 def smol_restore(b: Bench) -> Console:
-    vm = Console([*SMOLVMM, "run", "--timings", str(b.work / "save0.smolmachine")])
+    vm = Console([*SMOLVMM, "run", "--timings", "--json", str(b.work / "save0.smolmachine")])
     vm.send(ASK)
     return vm
 
@@ -189,7 +189,7 @@ def restore(b: Bench) -> dict[str, object]:
             vm.send("poweroff -f\n")
             vm.proc.wait(TIMEOUT)
             vm.close()
-            lines = [line for line in bytes(vm.err).decode().splitlines() if line.startswith("{")]
+            lines = [line for line in bytes(vm.out).decode(errors="replace").splitlines() if line.startswith("{")]
             if lines:
                 phases.append(json.loads(lines[-1]))
     result["smolvmm_s"] = summary(answers)
@@ -227,7 +227,7 @@ def python_startup(b: Bench) -> dict[str, object]:
     commands = {
         "python_c_pass": [sys.executable, "-c", "pass"],
         "smolvmm_help": [*SMOLVMM, "--help"],
-        "prepare_only": [*SMOLVMM, "run", "--prepare-only", str(b.work / "save0.smolmachine")],
+        "prepare_only": [*SMOLVMM, "run", "--prepare-only", "--json", str(b.work / "save0.smolmachine")],
     }
     result: dict[str, object] = {}
     for name, argv in commands.items():
@@ -238,7 +238,7 @@ def python_startup(b: Bench) -> dict[str, object]:
             times.append(time.perf_counter() - began)
         result[f"{name}_s"] = summary(times)
         if name == "prepare_only":
-            result["prepare_only_timings"] = json.loads(done.stderr.strip().splitlines()[-1])
+            result["prepare_only_timings"] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 

@@ -37,9 +37,9 @@ def prepare_only(bundle: Path, runs: int) -> dict[str, object]:
     times = []
     for _ in range(runs):
         began = time.perf_counter()
-        done = subprocess.run([*SMOLVMM, "run", "--prepare-only", str(bundle)], capture_output=True, text=True, check=True)
+        done = subprocess.run([*SMOLVMM, "run", "--prepare-only", "--json", str(bundle)], capture_output=True, text=True, check=True)
         times.append(time.perf_counter() - began)
-        report = json.loads(done.stderr.strip().splitlines()[-1])
+        report = json.loads(done.stdout.strip().splitlines()[-1])
         for phase, ms in report["phases_ms"].items():
             phases.setdefault(phase, []).append(ms)
     return {"phases_ms": {phase: summary(values) for phase, values in phases.items()}, "process_s": summary(times),

@@ -37,6 +37,12 @@ _EXPORTS = {
     "sign_bundle": "smolvmm.signing",
     "verify_signed_bundle": "smolvmm.signing",
     "Jail": "smolvmm.jail",
+    "ProgressBar": "smolvmm.progress",
+    "CacheEntry": "smolvmm.images.cache",
+    "cache_entries": "smolvmm.images.cache",
+    "cache_root": "smolvmm.images.cache",
+    "prune_cache": "smolvmm.images.cache",
+    "report_progress": "smolvmm.progress",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -67,8 +73,10 @@ if TYPE_CHECKING:
         ImageError,
         SmolvmmError,
     )
+    from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .jail import Jail
     from .machine import Machine
+    from .progress import ProgressBar, report_progress
     from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
     from .vcpu import ExitReason, MachineExit

@@ -7,22 +7,30 @@ modules are imported only when their subcommand runs, so ``--help`` stays cheap.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
 from typing import NoReturn
+
+from smolvmm import cli_output, cli_progress, cli_status
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "boot": ("smolvmm.cli_machine", "cold-boot a kernel (default: the built-in demo guest)"),
     "build": ("smolvmm.cli_machine", "cold-boot, wait until ready, save a .smolmachine bundle"),
     "run": ("smolvmm.cli_machine", "restore a .smolmachine bundle and carry on"),
-    "demo": ("smolvmm.cli_machine", "build (once) and run the built-in demo guest"),
+    "demo": ("smolvmm.cli_demo", "build (once) and run the built-in demo guest"),
     "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
     "keygen": ("smolvmm.cli_sign", "make an Ed25519 key pair for signing bundles"),
     "sign": ("smolvmm.cli_sign", "sign a bundle's content with a private key"),
+    "cache": ("smolvmm.cli_cache", "list the cache (guest images, packages, disks) or prune what is stale"),
+    "ps": ("smolvmm.cli_ps", "list the machines this user's smolvmm processes run"),
+    "stop": ("smolvmm.cli_ps", "stop a machine that ps lists"),
+    "attach": ("smolvmm.cli_detach", "connect to the console of a machine started with run --detach"),
+    "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
 }
 
 
@@ -34,7 +42,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="smolvmm", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="smolvmm",
+        description=__doc__.splitlines()[0],
+        epilog=cli_status.TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"smolvmm {cli_output.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -43,35 +57,54 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # `python -m smolvmm APP.smolmachine` is short for `run APP.smolmachine`.
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        if typo := _typo(argv[0]):
+            _parser().error(f"no command {argv[0]!r}: did you mean {typo!r}?")
+        # `python -m smolvmm APP.smolmachine` is short for `run APP.smolmachine`.
         argv = ["run", *argv]
     if not argv or argv[0] not in COMMANDS:
         _parser().parse_args(argv or ["--help"])
-        return 2
+        return cli_status.USAGE
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
     parser = _Parser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
     module.add_arguments(name, parser)
     args = parser.parse_args(argv[1:])
     try:
-        return module.run(name, args)
-    except KeyboardInterrupt:
-        return 130
+        with cli_progress.shown():
+            return module.run(name, args)
     except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return cli_status.INTERRUPTED
+        if isinstance(leaf, BrokenPipeError):
+            cli_output.discard_stdout()
+            return cli_status.BROKEN_PIPE
         if isinstance(exc, SystemExit) or os.environ.get("SMOLVMM_DEBUG"):
             raise
-        print(f"smolvmm: error: {_one_line(exc)}", file=sys.stderr)
-        return 2 if name == "verify" else 1
+        cli_output.error(_one_line(leaf))
+        return cli_status.for_error(leaf)
+
+
+def _typo(word: str) -> str | None:
+    """The command ``word`` was probably meant to be, unless it may name a bundle (a path, a file
+    name, a registry reference)."""
+    if any(c in word for c in "/:.") or os.path.exists(word):
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first error inside ``exc`` (task groups wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
+    return exc
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first smolvmm error inside ``exc`` (task groups wrap them), else a short description.
-
-    A traceback is for developers: SMOLVMM_DEBUG=1 shows it.
-    """
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
+    """A smolvmm error's own line, else a short description: a traceback is for developers
+    (SMOLVMM_DEBUG=1 shows it)."""
     from smolvmm import SmolvmmError
 
     if isinstance(exc, SmolvmmError):

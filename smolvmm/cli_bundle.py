@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import smolvmm
-from smolvmm import BundleError
+from smolvmm import BundleError, ConfigError, SmolvmmError, cli_output, cli_progress
+from smolvmm.cli_args import positive_int
 
 _MIB = 1 << 20
 
@@ -33,46 +36,93 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--smallest", action="store_true",
                             help="with --raw: leave out every zero page and store every repeated page once"
                                  " (a smaller file, but many more mappings: a slower restore)")
-        parser.add_argument("--threads", type=int, default=2, help="compression/decoding threads")
+        parser.add_argument("--threads", type=positive_int, default=2, help="compression/decoding threads")
         parser.add_argument("source", metavar="IN")
         parser.add_argument("target", metavar="OUT")
         return
     parser.add_argument("bundle", metavar="BUNDLE")
-    if name == "inspect":
-        parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     if name == "verify":
         parser.add_argument("--trusted-keys", metavar="DIR",
                             help="also require a valid signature by one of the Ed25519 public keys (*.pub, PEM) in DIR")
 
 
-def run(name: str, args: argparse.Namespace) -> int:
-    """Run ``name``; a bad bundle raises BundleError (one line, exit 2 for verify)."""
+@contextlib.contextmanager
+def _errors(source: str, target: str | None = None) -> Iterator[None]:
+    """A bad or unreadable bundle as BundleError naming ``source``; a failed write as SmolvmmError
+    naming ``target`` (not the temp files it is written through: those are our business)."""
     import smolformat
 
     try:
-        if name == "pack":
-            finest = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
-            smolformat.repack_bundle(
-                args.source, args.target, memory_encoding=args.encoding, threads=args.threads, **finest
-            )
-            print(f"{args.target}: packed ({args.encoding})")
-        elif name == "verify":
-            bundle = smolformat.verify_bundle(args.bundle)
-            signed = f", {len(bundle.signatures)} signature(s) not checked: --trusted-keys DIR checks them"
-            if args.trusted_keys is not None:
-                signed = f", signed by {smolvmm.verify_signed_bundle(args.bundle, args.trusted_keys)}"
-            elif not bundle.signatures:
-                signed = ", unsigned"
-            print(f"{args.bundle}: ok ({len(bundle.sections)} sections, digest {bundle.digest.hex()[:16]}{signed})")
-        else:
-            with smolformat.open_bundle(args.bundle) as bundle:
-                summary = describe(bundle)
-            print(json.dumps(summary, indent=2) if args.json else _table(summary))
+        yield
     except smolformat.FormatError as exc:
-        raise BundleError(f"{getattr(args, 'bundle', None) or args.source}: {exc}") from exc
-    except OSError as exc:  # e.g. a full disk: the target is written atomically, so nothing is left
-        where = exc.filename or (args.target if name == "pack" else args.bundle)
-        raise BundleError(f"{where}: {exc.strerror or exc}") from exc
+        raise BundleError(f"{source}: {exc}") from exc
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if target is None or exc.filename == source:
+            raise BundleError(f"{source}: {exc.strerror or exc}") from exc
+        # e.g. a full disk: the target is written atomically, so nothing is left
+        raise SmolvmmError(f"{target}: {exc.strerror or exc}") from exc
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    """Run ``name``: a bad bundle raises BundleError, any other failure a SmolvmmError (one line)."""
+    import smolformat
+
+    if name == "pack":
+        if os.path.isdir(args.target):
+            raise ConfigError(f"{args.target} is a directory: name the file to write")
+        finest = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
+        with _errors(args.source, args.target), cli_progress.steps() as shown:
+
+            def report(step: str, done: int, total: int | None) -> None:
+                if shown is not None:
+                    shown(f"reading {args.source}" if step == "read" else f"writing {args.target}", done, total)
+
+            smolformat.repack_bundle(
+                args.source, args.target, memory_encoding=args.encoding, threads=args.threads, progress=report, **finest
+            )
+        cli_output.result(f"{args.target}: packed ({args.encoding})")
+    elif name == "verify":
+        return _verify(args.bundle, args.json, args.trusted_keys)
+    else:
+        with _errors(args.bundle), smolformat.open_bundle(args.bundle) as bundle:
+            summary = describe(bundle)
+        if args.json:
+            cli_output.result_json(summary)
+        else:
+            cli_output.result(_table(summary))
+    return 0
+
+
+def _verify(path: str, as_json: bool, trusted_keys: str | None) -> int:
+    import smolformat
+
+    signer = None
+    try:
+        with _errors(path), cli_progress.steps() as shown:
+            bundle = smolformat.verify_bundle(path, None if shown is None else lambda done, total: shown(
+                f"verifying {path}", done, total))
+        if trusted_keys is not None:
+            signer = smolvmm.verify_signed_bundle(path, trusted_keys)
+    except SmolvmmError as exc:
+        if as_json:
+            cause = exc.__cause__
+            code = cause.code if isinstance(cause, smolformat.FormatError) else None
+            cli_output.result_json({"path": path, "ok": False, "error": str(exc), "code": code})
+        raise
+    if as_json:
+        cli_output.result_json({"path": path, "ok": True, "sections": len(bundle.sections), "digest": bundle.digest.hex(),
+                                "signatures": len(bundle.signatures), "signed_by": signer})
+        return 0
+    if signer is not None:
+        signed = f", signed by {signer}"
+    elif bundle.signatures:
+        signed = f", {len(bundle.signatures)} signature(s) not checked: --trusted-keys DIR checks them"
+    else:
+        signed = ", unsigned"
+    cli_output.result(f"{path}: ok ({len(bundle.sections)} sections, digest {bundle.digest.hex()[:16]}{signed})")
     return 0
 
 
@@ -116,6 +166,18 @@ def describe(bundle: Any) -> dict[str, Any]:
             for s in bundle.sections
         ],
     }
+
+
+def sizes(bundle: Any) -> dict[str, Any]:
+    """Guest RAM and each disk: bytes held (logical) and bytes stored in the file."""
+    def held(kind: str) -> list[dict[str, int]]:
+        return [
+            {"logical": s["logical_length"], "stored": s["length"]}
+            for s in describe(bundle)["sections"] if s["kind"] == kind
+        ]
+
+    ram = held("memory_data")
+    return {"ram": ram[0] if ram else None, "disks": held("disk_data")}
 
 
 def _table(summary: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ On a PVM host the demo runs inside the nested KVM machine (tools/nested-kvm), sa
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import anyio
 
 import smolvmm
+from smolvmm.cli_machine import report_timings, serve, wait_ready
 
 DEMO_SCRIPT = (
     "echo; echo \"hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)\"; "
@@ -36,19 +38,26 @@ async def _ensure_bundle(path: str) -> None:
             print(f"smolvmm demo: rebuilding the demo bundle ({exc})", file=sys.stderr)
     print("smolvmm demo: building the demo bundle (boots the demo guest once)", file=sys.stderr)
     async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
-        await machine.console.wait_for(smolvmm.default_guest().ready_marker, 600)
+        await wait_ready(machine, smolvmm.default_guest().ready_marker, 600)
         await machine.snapshot(path)
 
 
 async def _run(path: str, script: bytes | None) -> int:
-    from smolvmm.cli_machine import console_session
-
     async with smolvmm.Machine.restore(path) as machine:
         if script is not None:
             await machine.console.send(script)
-        status = await console_session(machine, None)
-    print(machine.timings.json(), file=sys.stderr)
+        status = await serve(machine, "run", f"the demo ({path})", None)
+    report_timings(machine.timings, as_json=False)
     return status
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    """``demo`` takes no arguments."""
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    """Build the demo bundle if needed, then resume it."""
+    return demo()
 
 
 def demo() -> int:

@@ -1,24 +1,33 @@
-"""CLI commands that run machines: ``boot``, ``build``, ``run`` and ``demo``; only the public API is used."""
+"""CLI commands that run machines: ``boot``, ``build`` and ``run``; only the public API is used."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import signal
 import sys
-import termios
-import tty
-from collections.abc import Iterator
+import time
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
 import smolvmm
-from smolvmm import ConfigError, DiskConfig, ExitReason, Jail, Machine, MachineConfig, NetConfig, parse_size
+from smolvmm import (
+    ConfigError,
+    DiskConfig,
+    Jail,
+    Machine,
+    MachineConfig,
+    NetConfig,
+    cli_detach,
+    cli_output,
+    cli_progress,
+    cli_ps,
+    cli_status,
+)
+from smolvmm.cli_args import positive_float, positive_int, size
 
-ESCAPE_KEY = b"\x1d"  # Ctrl-]
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
 # MachineConfig fields as the flags that set them, for error messages.
 _FLAGS = {
@@ -34,8 +43,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", type=Path, help="bzImage to boot (default: the built-in demo guest)")
     parser.add_argument("--initrd", type=Path, help="initramfs to pass to the kernel")
     parser.add_argument("--cmdline", help="kernel command line (default: the demo guest's)")
-    parser.add_argument("--cpus", type=int, help="number of vCPUs (default 1)")
-    parser.add_argument("--mem", help="guest RAM, e.g. 256M or 1G (default 256M)")
+    parser.add_argument("--cpus", type=positive_int, help="number of vCPUs (default 1)")
+    parser.add_argument("--mem", type=size, help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,overlay=PATH]",
                         help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)")
     parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
@@ -50,7 +59,7 @@ def _config(args: argparse.Namespace) -> MachineConfig:
     networks = tuple(NetConfig.parse(spec) for spec in args.net)
     if getattr(args, "bundle", None) is not None:
         given = [flag for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
-                 ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value]
+                 ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value is not None and value != []]
         if given:
             raise ConfigError(f"--bundle brings its own kernel, command line, vCPUs, RAM and disks: drop {', '.join(given)}")
         return MachineConfig.from_bundle(args.bundle, networks=networks, console_socket=args.console_socket)
@@ -59,8 +68,8 @@ def _config(args: argparse.Namespace) -> MachineConfig:
             kernel=args.kernel,
             initrd=args.initrd,
             cmdline=args.cmdline,
-            vcpus=args.cpus or 1,
-            memory=parse_size(args.mem or "256M"),
+            vcpus=1 if args.cpus is None else args.cpus,
+            memory=256 << 20 if args.mem is None else args.mem,
             disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
             networks=networks,
             console_socket=args.console_socket,
@@ -84,7 +93,10 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--bootable", action="store_true",
                             help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)")
         parser.add_argument("--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)")
-        parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the ready marker (default 600)")
+        parser.add_argument("--timeout", type=positive_float, default=600,
+                            help="seconds to wait for the ready marker (default 600)")
+        parser.add_argument("--json", action="store_true",
+                            help="print the bundle's path, digest, sizes and timings as JSON on stdout")
     if name == "run":
         parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
         parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
@@ -98,8 +110,13 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="refuse a bundle whose content no key of --trusted-keys signed (`smolvmm sign`)")
         parser.add_argument("--trusted-keys", metavar="DIR",
                             help="directory of trusted Ed25519 public keys (*.pub, PEM); implies --require-signature")
+        parser.add_argument("--detach", action="store_true",
+                            help="run in the background and print the machine's id (smolvmm attach ID, stop ID)")
+        parser.add_argument("--detached-as", metavar="ID", help=argparse.SUPPRESS)  # what --detach starts
     if name in ("boot", "run"):
-        parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
+        parser.add_argument("--timings", action="store_true", help="at exit, print how long each phase took (ms)")
+        parser.add_argument("--json", action="store_true",
+                            help="print --timings/--prepare-only as one JSON line on stdout (else a line on stderr)")
         parser.add_argument("--jail", action="store_true",
                             help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
                                  " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
@@ -108,24 +125,13 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="who the jailed monitor runs as (default: nobody)")
 
 
-def _warn_about_host() -> None:
-    host = smolvmm.probe_host()
-    if host.kind == "pvm":
-        print(f"smolvmm: warning: {host.explanation} (see README)", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _raw_terminal() -> Iterator[bool]:
-    """Raw mode on a TTY stdin (restored on exit); yields whether stdin is a TTY."""
-    if not os.isatty(0):
-        yield False
-        return
-    saved = termios.tcgetattr(0)
-    tty.setraw(0)
-    try:
-        yield True
-    finally:
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+def _note_pvm_host() -> None:
+    """Say once, as a guest starts, that standard guests cannot run on a PVM host, and where to read why."""
+    if smolvmm.probe_host().kind == "pvm":
+        cli_output.message(
+            "note: this host's /dev/kvm is PVM, on which standard guest kernels die in early boot;"
+            " see README, 'PVM hosts and the nested machine'"
+        )
 
 
 async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | None) -> None:
@@ -143,14 +149,10 @@ async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | Non
 async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -> None:
     await ready.wait()
     while True:
-        try:
-            await anyio.wait_readable(0)
-        except PermissionError:
-            pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
-        data = os.read(0, 4096)
+        data = await cli_output.read_stdin()
         if not data:
             return  # EOF on stdin: the guest keeps running
-        if interactive and ESCAPE_KEY in data:
+        if interactive and cli_output.ESCAPE_KEY in data:
             await machine.stop()
             return
         await machine.console.send(data)
@@ -159,7 +161,7 @@ async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -
 async def console_session(machine: Machine, ready_marker: str | None) -> int:
     """Connect the machine's console to stdin/stdout until it ends; returns the exit status."""
     ready = anyio.Event()
-    with _raw_terminal() as interactive:
+    with cli_output.raw_terminal() as interactive:
         if interactive or not ready_marker:
             ready.set()
         if interactive:
@@ -169,15 +171,14 @@ async def console_session(machine: Machine, ready_marker: str | None) -> int:
             await _pump_output(machine, ready, ready_marker.encode() if ready_marker else None)
             tg.cancel_scope.cancel()
         end = await machine.wait()
-    if end.reason == ExitReason.CRASH:
-        print(f"smolvmm: error: the machine crashed: {end.detail}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_status.for_exit(end)
 
 
-def _print_timings(machine: Machine, enabled: bool) -> None:
-    if enabled:
-        print(machine.timings.json(), file=sys.stderr)
+class _Timings(Protocol):
+    phases: dict[str, float]
+    notes: dict[str, int | str]
+
+    def json(self) -> str: ...
 
 
 def _jail(args: argparse.Namespace) -> Jail | None:
@@ -190,10 +191,55 @@ def _jail(args: argparse.Namespace) -> Jail | None:
     return Jail.parse(args.jail_user, (str(save.resolve().parent),) if save else ())
 
 
-async def _boot(config: MachineConfig, marker: str | None, timings: bool, jail: Jail | None) -> int:
-    async with Machine.boot(config, jail=jail) as machine:
-        status = await console_session(machine, marker)
-    _print_timings(machine, timings)
+def report_timings(timings: _Timings, as_json: bool) -> None:
+    """``--timings``: the phases as one JSON line on stdout with ``--json``, else one line on stderr."""
+    if as_json:
+        cli_output.result(timings.json())
+    else:
+        phases = ", ".join(f"{phase} {ms:.1f}" for phase, ms in timings.phases.items())
+        notes = "".join(f"; {name}: {value}" for name, value in timings.notes.items())
+        cli_output.message(f"timings (ms since start): {phases}{notes}")
+
+
+async def serve(
+    machine: Machine, command: str, what: str, marker: str | None, save: Path | None = None, detached_as: str | None = None
+) -> int:
+    """The console session (on stdin/stdout, or ``detached_as`` a console socket), with the machine
+    listed by ``smolvmm ps`` and ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
+    it on SIGUSR1; returns the exit status."""
+    console = cli_detach.console_path(detached_as) if detached_as else None
+    with cli_ps.registered(command, what, detached_as, console) as machine_id:
+        if cli_output.is_terminal(sys.stderr):
+            cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, machine)
+            if save is not None:
+                tg.start_soon(_save_on_signal, machine, save)
+            if console is None:
+                status = await console_session(machine, marker)
+            else:
+                await cli_detach.serve_console(machine, console)
+                status = cli_status.for_exit(await machine.wait())
+            tg.cancel_scope.cancel()
+    if console is not None and status == cli_status.OK:
+        cli_detach.log_path(machine_id).unlink(missing_ok=True)  # kept only to explain a failure
+    return status
+
+
+async def _stop_on_signal(machine: Machine) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for _ in signals:
+            await machine.stop()
+            return
+
+
+async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
+    async with Machine.boot(config, jail=_jail(args)) as machine:
+        _note_pvm_host()
+        what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
+        status = await serve(machine, "boot", what, marker)
+    if args.timings:
+        report_timings(machine.timings, args.json)
     return status
 
 
@@ -210,27 +256,62 @@ def _boot_marker(args: argparse.Namespace) -> str | None:
     return None if args.kernel else smolvmm.default_guest().ready_marker
 
 
-def _progress(text: str) -> None:
-    if sys.stderr.isatty():
-        print(f"smolvmm: {text}", file=sys.stderr)
-
-
-async def _build(config: MachineConfig, output: Path, marker: str | None, bootable: bool, zstd: bool, timeout: float) -> int:
+async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
+    output, marker = args.output, args.ready_marker
     if marker is None:
         if config.kernel is not None:
             raise ConfigError("--ready-marker is needed with --kernel: say what the guest prints when it is ready")
         marker = smolvmm.default_guest().ready_marker
-    _progress(f"booting, waiting for {marker!r}")
+    if output.is_dir():
+        raise ConfigError(f"-o {output} is a directory: name the .smolmachine file to write")
+    if not output.parent.is_dir():
+        raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
-        try:
-            await machine.console.wait_for(marker, timeout)
-        except TimeoutError:
-            raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
-        _progress(f"ready after {machine.timings.phases.get('first_kvm_run', 0) / 1000:.1f} s; saving {output}")
-        encoding = "zstd" if zstd else "raw"
-        digest = await machine.snapshot(output, encoding=encoding, labels={READY_MARKER_LABEL: marker}, bootable=bootable)
-    print(f"{output}: {digest.hex()[:16]}")
-    return 0
+        _note_pvm_host()
+        ready_ms = await wait_ready(machine, marker, args.timeout)
+        encoding = "zstd" if args.zstd else "raw"
+        labels = {READY_MARKER_LABEL: marker}
+        digest = await machine.snapshot(output, encoding=encoding, labels=labels, bootable=args.bootable)
+    if not args.json:
+        cli_output.result(f"{output}: {digest.hex()[:16]}")
+        return cli_status.OK
+    import smolformat
+
+    from smolvmm.cli_bundle import sizes
+
+    with smolformat.open_bundle(output) as bundle:
+        stored = sizes(bundle)
+    cli_output.result_json({
+        "path": str(output),
+        "digest": digest.hex(),
+        "encoding": encoding,
+        "bootable": args.bootable,
+        "sizes": {"file": output.stat().st_size, **stored},
+        "timings_ms": {
+            "boot": machine.timings.phases,
+            "ready": ready_ms,
+            "save": machine.snapshot_timings.phases,
+        },
+    })
+    return cli_status.OK
+
+
+async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
+    """Wait until the guest prints ``marker``, showing on a terminal the time so far and the
+    console's last line; returns the ms since the boot began."""
+    deadline = time.monotonic() + timeout
+    line_or_marker = re.compile(re.escape(marker.encode()) + rb"|\n")
+    with cli_progress.bar(f"booting, waiting for {marker!r}") as shown:
+        while True:
+            try:
+                seen = await machine.console.wait_for(line_or_marker, max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
+            if seen.endswith(marker.encode()):
+                break
+            if shown is not None and seen.strip():
+                shown.status(seen.decode(errors="replace"))
+    return round((time.perf_counter() - machine.timings.start) * 1000, 3)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -240,15 +321,13 @@ async def _run(args: argparse.Namespace) -> int:
     restore_args = {"networks": networks, "console_socket": args.console_socket, "trusted_keys": args.trusted_keys}
     if args.prepare_only:
         timings = await Machine.prepare_restore(args.bundle, **restore_args)
-        print(timings.json(), file=sys.stderr)
-        return 0
+        report_timings(timings, args.json)
+        return cli_status.OK
     async with Machine.restore(args.bundle, **restore_args, jail=_jail(args)) as machine:
-        async with anyio.create_task_group() as tg:
-            if args.save is not None:
-                tg.start_soon(_save_on_signal, machine, args.save)
-            status = await console_session(machine, None)
-            tg.cancel_scope.cancel()
-    _print_timings(machine, args.timings)
+        _note_pvm_host()
+        status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
+    if args.timings:
+        report_timings(machine.timings, args.json)
     return status
 
 
@@ -260,14 +339,13 @@ async def _save_on_signal(machine: Machine, output: Path) -> None:
 
 
 def run(name: str, args: argparse.Namespace) -> int:
-    if name == "demo":
-        from smolvmm.cli_demo import demo
-
-        return demo()
-    _warn_about_host()
     if name == "boot":
-        return anyio.run(_boot, _config(args), _boot_marker(args), args.timings, _jail(args), backend="trio")
+        return anyio.run(_boot, _config(args), _boot_marker(args), args, backend="trio")
     if name == "build":
-        build = (_config(args), args.output, args.ready_marker, args.bootable, args.zstd, args.timeout)
-        return anyio.run(_build, *build, backend="trio")
+        return anyio.run(_build, _config(args), args, backend="trio")
+    if args.detach:
+        if args.prepare_only or args.timings:
+            raise ConfigError("--detach runs the machine in the background: it cannot be combined with"
+                              " --prepare-only or --timings")
+        return cli_detach.start(args)
     return anyio.run(_run, args, backend="trio")

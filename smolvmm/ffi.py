@@ -35,7 +35,7 @@ def declare(name: str, cdef: str) -> Any:
             path.parent.mkdir(parents=True, exist_ok=True)
             builder = cffi.FFI()
             builder.cdef(cdef)
-            builder.set_source(module_name, None)
+            builder.set_source(module_name, None, compiler_verbose=False)  # no "generating ..." on stdout
             fd, partial = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             os.close(fd)
             try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import smolformat
 
+from . import progress
 from .arch.x86_64 import layout
 from .devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from .devices.virtio.block import VirtioBlock
@@ -84,7 +85,8 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
 def write(path: str | os.PathLike[str], contents: Any, encoding: str) -> bytes:
     """Write the bundle atomically; returns its digest."""
     try:
-        return smolformat.write_bundle(Path(path), contents, memory_encoding=encoding)
+        with progress.task(f"saving {path}") as saving:
+            return smolformat.write_bundle(Path(path), contents, memory_encoding=encoding, progress=saving.update)
     except smolformat.FormatError as exc:
         raise BundleError(f"cannot write {path}: {exc}") from exc
     except OSError as exc:

@@ -43,13 +43,13 @@ def test_verify_ok(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("vector", ["bad-digest-memory", "smolpack", "truncated-header", "empty"])
 def test_verify_names_the_problem_in_one_line(vector: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["verify", str(VECTORS / f"{vector}.smolmachine")]) == 2
+    assert main(["verify", str(VECTORS / f"{vector}.smolmachine")]) == 3  # bad bundle, not a usage error (2)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("smolvmm: error: ")
 
 
 def test_verify_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["verify", str(tmp_path / "nope.smolmachine")]) == 2
+    assert main(["verify", str(tmp_path / "nope.smolmachine")]) == 3
     assert "No such file" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -22,13 +23,13 @@ pytestmark = [pytest.mark.kvm]
 
 def test_cli_restore_answers_and_reports_timings(bundle: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "smolvmm", "run", "--timings", str(bundle)],
+        [sys.executable, "-m", "smolvmm", "run", "--timings", "--json", str(bundle)],
         input=b"echo restored-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"restored-42" in result.stdout
-    timings = re.search(rb'\{"phases_ms": \{.*\}\}', result.stderr)
-    assert timings, result.stderr
+    timings = re.search(rb'\{"phases_ms": \{.*\}\}\n\Z', result.stdout)  # the last line on stdout
+    assert timings, result.stdout
     for phase in (b"parse", b"memory_map", b"vm_vcpu_state", b"devices", b"first_kvm_run", b"agent_sync"):
         assert phase in timings.group(0)
 
@@ -122,10 +123,17 @@ def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path,
     disk = ext4_image(tmp_path / "base.img", tmp_path / "files", size_mib=16)
     bootable = tmp_path / "bootable.smolmachine"
     build = subprocess.run(
-        [sys.executable, "-m", "smolvmm", "build", "--bootable", "-o", str(bootable), "--disk", str(disk)],
+        [sys.executable, "-m", "smolvmm", "build", "--bootable", "--json", "-o", str(bootable), "--disk", str(disk)],
         capture_output=True, text=True, timeout=GUEST_TIMEOUT,
     )
     assert build.returncode == 0, build.stderr
+    built = json.loads(build.stdout)  # build --json: the bundle's path, digest, sizes and timings
+    with smolformat.open_bundle(bootable) as saved:
+        assert built["digest"] == saved.digest.hex() and built["path"] == str(bootable)
+    assert built["sizes"]["file"] == bootable.stat().st_size and built["sizes"]["ram"]["logical"] == 256 << 20
+    assert len(built["sizes"]["disks"]) == 1 and built["sizes"]["disks"][0]["logical"] == 16 << 20
+    assert built["timings_ms"]["ready"] > built["timings_ms"]["boot"]["first_kvm_run"] > 0
+    assert built["timings_ms"]["save"]["bundle_written"] > 0
     script = "cat /mnt/hello.txt; echo booted-$((6 * 7)); poweroff -f\n"
     boot = subprocess.run(
         [sys.executable, "-m", "smolvmm", "boot", "--bundle", str(bootable)],
@@ -139,5 +147,5 @@ def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path,
     plain = subprocess.run(
         [sys.executable, "-m", "smolvmm", "boot", "--bundle", str(bundle)], capture_output=True, text=True
     )
-    assert plain.returncode == 1
+    assert plain.returncode == 3  # a bundle that lacks what the command needs
     assert plain.stderr.splitlines()[-1].endswith("has no kernel to cold-boot (save it with `build --bootable`)")

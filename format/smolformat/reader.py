@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from construct import ConstructError
@@ -442,19 +442,32 @@ class Bundle:
         """The initrd for a cold boot, if the bundle has one (digest checked)."""
         return self._blob(SectionKind.INITRD)
 
-    def verify(self) -> None:
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Hash every section against its digest, check that the bytes between sections are zero
-        and decode every zstd chunk; raises FormatError."""
+        and decode every zstd chunk; raises FormatError.
+
+        ``progress(done, total)`` is called as bytes are checked (zstd data counts twice: hashed,
+        then decoded)."""
         self._check_gaps()
+        compressed = [(data, image) for data, image in [self._memory, *self._disks.values()]
+                      if image.encoding == Encoding.ZSTD_CHUNKS]
+        total = sum(s.length for s in self.sections) + sum(data.length for data, _ in compressed)
+        done = 0
         for s in sorted(self.sections, key=lambda s: s.offset):
             digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
             for start in range(0, s.length, _HASH_BLOCK):
-                digest.update(_pread(self._fd, min(_HASH_BLOCK, s.length - start), s.offset + start))
+                block = _pread(self._fd, min(_HASH_BLOCK, s.length - start), s.offset + start)
+                digest.update(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
             if digest.digest() != s.digest:
                 raise FormatError("bad-digest", f"section {_name(s)} does not match its digest")
-        for data, image in [self._memory, *self._disks.values()]:
-            if image.encoding == Encoding.ZSTD_CHUNKS:
-                check_chunks(self._fd, data.offset, image)
+        for data, image in compressed:
+            check_chunks(self._fd, data.offset, image)
+            done += data.length
+            if progress is not None:
+                progress(done, total)
 
     def _check_gaps(self) -> None:
         """Every byte between the header and the table that no section holds is zero (spec §2)."""
@@ -493,8 +506,8 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     return Bundle(path)
 
 
-def verify_bundle(path: str | os.PathLike[str]) -> Bundle:
+def verify_bundle(path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None) -> Bundle:
     """Open a bundle and run every integrity check (``Bundle.verify``); returns it closed."""
     with open_bundle(path) as bundle:
-        bundle.verify()
+        bundle.verify(progress)
     return bundle

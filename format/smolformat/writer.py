@@ -10,7 +10,7 @@ import mmap
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +108,9 @@ class _Output:
     and 39 ms to fsync with a call per piece, 17 and 25 ms with a call per batch of 512.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
         self.fd = fd
+        self._progress = progress
         self.position = HEADER_SIZE
         self.entries: list[dict[str, Any]] = []
         self._hash: Any = None
@@ -135,6 +136,8 @@ class _Output:
         for view in views:
             self._hash.update(view)
         written = os.pwritev(self.fd, views, at)
+        if self._progress is not None:
+            self._progress(self.position - HEADER_SIZE)
         for view in views:
             skip = min(written, len(view))
             written -= skip
@@ -256,6 +259,7 @@ def write_bundle(
     threads: int = 2,
     min_dedup_run: int = MIN_DEDUP_RUN,
     min_zero_gap: int = MIN_ZERO_GAP,
+    progress: Callable[[int], None] | None = None,
 ) -> bytes:
     """Write ``contents`` to ``path`` atomically; returns the bundle digest (its header checksum).
 
@@ -263,7 +267,7 @@ def write_bundle(
     defaults to ``memory_encoding``). Raw images store a run of at least ``min_dedup_run`` pages
     equal to stored ones only once (the default 1: every identical page; 0: no deduplication), and
     leave out runs of at least ``min_zero_gap`` zero pages (shorter ones between data are stored:
-    fewer mappings). Invalid
+    fewer mappings). ``progress`` is called with the bytes written so far, now and then. Invalid
     contents raise ``FormatError`` before anything lands at ``path``; on any exception the temp
     file is removed.
     """
@@ -276,7 +280,7 @@ def write_bundle(
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a bundle from being shared
-        out = _Output(fd)
+        out = _Output(fd, progress)
         config = out.struct(SectionKind.CONFIG, contents.config)
         regions = checks.ram_regions(config)
         if contents.metadata is not None:

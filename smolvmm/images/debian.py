@@ -11,40 +11,54 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from smolvmm import progress
 from smolvmm.errors import ImageError
 from smolvmm.images.cache import cache_root
 
 _updated = False
+_POLL = 0.25  # seconds between looks at a running apt command (its download's size)
 
 
-def _run(*args: str, cwd: Path | None = None) -> str:
-    """Run an apt/dpkg tool; on failure raise ImageError carrying its last error line."""
+def _run(*args: str, cwd: Path | None = None, meanwhile: Callable[[], None] | None = None) -> str:
+    """Run an apt/dpkg tool, calling ``meanwhile`` every quarter second while it runs; on failure
+    raise ImageError carrying its last error line."""
     if shutil.which(args[0]) is None:
         raise ImageError(f"{args[0]} not found: smolvmm builds guest images from Debian packages (needs apt and dpkg)")
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise ImageError(f"{' '.join(args)} failed: {lines[-1] if lines else f'exit {result.returncode}'}")
-    return result.stdout
+    with subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=_POLL)
+                break
+            except subprocess.TimeoutExpired:  # retrying communicate loses no output
+                if meanwhile is not None:
+                    meanwhile()
+    if process.returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        raise ImageError(f"{' '.join(args)} failed: {lines[-1] if lines else f'exit {process.returncode}'}")
+    return stdout
 
 
-def _with_lists(*args: str, cwd: Path | None = None, expect_output: bool = True) -> str:
+def _with_lists(
+    *args: str, cwd: Path | None = None, expect_output: bool = True, meanwhile: Callable[[], None] | None = None
+) -> str:
     """Run an apt command; if it fails (or prints nothing when output is expected), run
     ``apt-get update`` once per process and retry: a fresh host may have no package lists yet."""
     global _updated
     try:
-        output = _run(*args, cwd=cwd)
+        output = _run(*args, cwd=cwd, meanwhile=meanwhile)
         if output.strip() or not expect_output or _updated:
             return output
     except ImageError:
         if _updated:
             raise
     _updated = True
-    _run("apt-get", "update", "-qq")
-    return _run(*args, cwd=cwd)
+    with progress.task("updating apt's package lists"):
+        _run("apt-get", "update", "-qq")
+    return _run(*args, cwd=cwd, meanwhile=meanwhile)
 
 
 def _apt_cache(*args: str) -> str:
@@ -76,14 +90,18 @@ class Package:
 
     name: str
     version: str
+    size: int | None = field(default=None, compare=False)  # of the .deb, as the archive states it
 
     @classmethod
     def candidate(cls, name: str) -> Package:
         """``name`` at apt's candidate version."""
-        for line in _apt_cache("show", "--no-all-versions", name).splitlines():
-            if line.startswith("Version:"):
-                return cls(name, line.split(":", 1)[1].strip())
-        raise ImageError(f"apt-cache show {name} printed no Version: is {name} in this host's apt sources?")
+        fields = dict(
+            line.split(":", 1) for line in _apt_cache("show", "--no-all-versions", name).splitlines() if ":" in line
+        )
+        if "Version" not in fields:
+            raise ImageError(f"apt-cache show {name} printed no Version: is {name} in this host's apt sources?")
+        size = fields.get("Size", "").strip()
+        return cls(name, fields["Version"].strip(), int(size) if size.isdigit() else None)
 
     @property
     def deb_name(self) -> str:
@@ -99,7 +117,12 @@ class Package:
         with tempfile.TemporaryDirectory(dir=debs, prefix=".download-") as tmp:
             os.chmod(tmp, 0o755)  # apt's _apt user may then write there instead of warning
             spec = f"{self.name}={self.version}"
-            _with_lists("apt-get", "download", "-qq", spec, cwd=Path(tmp), expect_output=False)
+            with progress.task(f"downloading {self.name}", self.size) as shown:
+
+                def fetched() -> None:
+                    shown.update(_bytes_under(Path(tmp)))
+
+                _with_lists("apt-get", "download", "-qq", spec, cwd=Path(tmp), expect_output=False, meanwhile=fetched)
             fetched = list(Path(tmp).glob("*.deb"))
             if len(fetched) != 1:
                 raise ImageError(f"apt-get download {self.name}={self.version} produced {len(fetched)} .deb files")
@@ -109,6 +132,17 @@ class Package:
     def unpack(self, dest: Path) -> None:
         """Extract the package's files into ``dest`` (``dpkg-deb -x``)."""
         _run("dpkg-deb", "-x", str(self.download()), str(dest))
+
+
+def _bytes_under(directory: Path) -> int:
+    """The size of the files under ``directory`` now (apt renames them as it goes)."""
+    total = 0
+    for path in directory.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            pass
+    return total
 
 
 def dependency_of(metapackage: str, prefix: str) -> str:

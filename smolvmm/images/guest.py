@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from smolvmm import progress
 from smolvmm.images import agent, busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
@@ -69,11 +70,15 @@ def default_guest() -> GuestImage:
 
 
 def _build() -> Path:
-    kernel = Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
-    tools = Package.candidate("busybox-static")
+    with progress.task("looking up the default guest's Debian packages"):
+        kernel = Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
+        tools = Package.candidate("busybox-static")
     key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [agent.SOURCE])
-    return cached_build(
-        "default-guest",
-        key,
-        lambda out: busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent()}),
-    )
+
+    def build(out: Path) -> None:
+        kernel.download()
+        tools.download()
+        with progress.task("building the default guest (kernel modules, busybox, agent, initramfs)"):
+            busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent()})
+
+    return cached_build("default-guest", key, build)

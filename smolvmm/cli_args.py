@@ -1,0 +1,37 @@
+"""Argument types shared by the CLI's commands: a bad value is a usage error (exit 2) before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+
+import smolvmm
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def size(text: str) -> int:
+    """A size in bytes such as 256M or 1G (``smolvmm.parse_size``)."""
+    try:
+        return smolvmm.parse_size(text)
+    except smolvmm.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

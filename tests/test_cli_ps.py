@@ -1,0 +1,161 @@
+"""``smolvmm ps`` and ``smolvmm stop``: the runtime directory, stale entries, stopping; natively with
+stand-in processes that register as a machine does, and once with a real restored machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_boot import GUEST_TIMEOUT
+
+# A stand-in for a running smolvmm: registered as a machine, ends on SIGTERM unless told to ignore it.
+STAND_IN = """
+import signal, sys, time
+from smolvmm.cli_ps import registered
+stopping = []
+signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == "stubborn" else lambda *_: stopping.append(1))
+with registered("run", "app.smolmachine") as machine_id:
+    print(machine_id, flush=True)
+    while not stopping:
+        time.sleep(0.05)
+"""
+
+
+def smolvmm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "run").mkdir(mode=0o700)
+    return {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+
+
+def stand_in(env: dict[str, str], kind: str = "polite") -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([sys.executable, "-c", STAND_IN, kind], stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+def test_ps_lists_a_running_machine_and_stop_ends_it(env: dict[str, str], tmp_path: Path) -> None:
+    process, machine_id = stand_in(env)
+    try:
+        listed = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert [(e["id"], e["pid"], e["command"], e["what"]) for e in listed] == [
+            (machine_id, process.pid, "run", "app.smolmachine")]
+        table = smolvmm(env, "ps").stdout.splitlines()
+        assert table[0].split() == ["ID", "PID", "COMMAND", "UP", "WHAT"]
+        assert table[1].split()[:3] == [machine_id, str(process.pid), "run"]
+        stopped = smolvmm(env, "stop", machine_id[:5])  # a unique prefix will do
+        assert stopped.returncode == 0 and stopped.stdout == f"{machine_id}: stopped\n", stopped.stderr
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+    assert list((tmp_path / "run" / "smolvmm").iterdir()) == []  # the entry went with its machine
+    assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+
+
+def test_attach_needs_a_detached_machine(env: dict[str, str]) -> None:
+    process, machine_id = stand_in(env)
+    try:
+        done = smolvmm(env, "attach", machine_id)
+        assert done.returncode == 2 and "was not started with `run --detach`" in done.stderr
+        assert smolvmm(env, "attach", "nothing").returncode == 2
+    finally:
+        process.kill()
+
+
+def test_stop_kills_what_does_not_stop_in_time(env: dict[str, str]) -> None:
+    process, machine_id = stand_in(env, "stubborn")
+    try:
+        done = smolvmm(env, "stop", "--timeout", "0.5", machine_id)
+        assert done.returncode == 1 and "killed" in done.stdout
+        assert process.wait(10) == -9
+    finally:
+        process.kill()
+
+
+def test_stale_entries_are_ignored_and_removed(env: dict[str, str], tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    directory = tmp_path / "run" / "smolvmm"
+    directory.mkdir(mode=0o700)
+    entry = {"id": "deadbeef", "pid": int(dead.stdout), "pid_started": "1", "command": "run", "what": "x",
+             "started_unix": 0}
+    (directory / "deadbeef.json").write_text(json.dumps(entry))
+    (directory / "mine.json").write_text(json.dumps({**entry, "id": "mine", "pid": os.getpid()}))  # a reused pid
+    assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+    assert list(directory.iterdir()) == []
+    done = smolvmm(env, "stop", "deadbeef")
+    assert done.returncode == 2 and "no machine 'deadbeef'" in done.stderr
+
+
+def test_without_xdg_runtime_dir_a_private_directory_in_tmp(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"TMPDIR": str(tmp_path)}
+    assert smolvmm(env, "ps").returncode == 0
+    made = tmp_path / f"smolvmm-{os.getuid()}"
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    made.chmod(0o755)  # someone else could read it: refused
+    done = smolvmm(env, "ps")
+    assert done.returncode == 1 and "is not a private directory" in done.stderr
+
+
+@pytest.mark.kvm
+def test_a_restored_machine_is_listed_and_stopped(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    machine = subprocess.Popen([sys.executable, "-m", "smolvmm", "run", str(bundle)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert machine.stdin is not None and machine.stdout is not None
+        machine.stdin.write(b"echo up-$((6*7))\n")
+        machine.stdin.flush()
+        seen = b""
+        while b"up-42" not in seen:
+            chunk = os.read(machine.stdout.fileno(), 4096)
+            assert chunk, seen
+            seen += chunk
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert listed["pid"] == machine.pid and listed["what"] == str(bundle)
+        stopped = smolvmm(env, "stop", listed["id"])
+        assert stopped.returncode == 0, stopped.stderr
+        assert machine.wait(GUEST_TIMEOUT) == 0
+    finally:
+        machine.kill()
+    assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+
+
+def test_a_machine_that_cannot_be_listed_still_runs(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o755)  # not private: refused as a runtime directory
+    (tmp_path / "run" / "smolvmm").mkdir(mode=0o755)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    script = "from smolvmm.cli_ps import registered\nwith registered('run', 'x') as machine_id: print(machine_id)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and len(done.stdout.strip()) == 8
+    assert done.stderr.startswith("smolvmm: note: smolvmm ps will not list this machine: ") and "private" in done.stderr
+
+
+@pytest.mark.kvm
+def test_a_detached_machine_runs_in_the_background_and_is_attached_to(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    started = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--detach", str(bundle)], capture_output=True,
+                             text=True, env=env, timeout=GUEST_TIMEOUT)
+    assert started.returncode == 0, started.stderr
+    machine_id = started.stdout.strip()
+    try:
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert listed["id"] == machine_id and listed["console"].endswith(f"{machine_id}.console")
+        attached = subprocess.run([sys.executable, "-m", "smolvmm", "attach", machine_id[:4]],
+                                  input="echo detached-$((6*7))\npoweroff -f\n", capture_output=True, text=True,
+                                  env=env, timeout=GUEST_TIMEOUT)
+        assert attached.returncode == 0 and "detached-42" in attached.stdout, attached.stderr
+        assert json.loads(smolvmm(env, "ps", "--json").stdout) == []  # it powered off, and unlisted itself
+    finally:
+        smolvmm(env, "stop", machine_id)
+    assert sorted(p.name for p in (tmp_path / "run" / "smolvmm").iterdir()) == []

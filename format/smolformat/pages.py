@@ -25,9 +25,8 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-import zstandard
 from construct import Int16ul, Int32ul, Int64ul, Struct
 
 from .errors import FormatError
@@ -35,6 +34,9 @@ from .layout import PAGE_SIZE, Encoding
 from .limits import bounded
 from .packed import Packed, PackedArray
 from .pagescan import DUP, NEW, ZERO, PageScanner
+
+if TYPE_CHECKING:
+    import zstandard  # imported where a zstd image is written or read: a raw restore never needs it
 
 MAX_EXTENTS = 1 << 24
 MIN_DEDUP_RUN = 16
@@ -284,6 +286,8 @@ def encode_zstd(
     threads: int,
 ) -> list[Extent]:
     """Compress each ``granule`` chunk into its own frame, ``threads`` at a time, in address order."""
+    import zstandard
+
     local = threading.local()
 
     def compress(chunk: memoryview) -> bytes | None:
@@ -406,6 +410,8 @@ def _decode_frame(
     dctx: zstandard.ZstdDecompressor, frame: bytes, extent: Extent, sink: Callable[[int], memoryview]
 ) -> None:
     """Decode one chunk's frame into ``sink(bytes done so far)``, piece by piece: exactly its length."""
+    import zstandard
+
     done = 0
     try:
         with dctx.stream_reader(frame, read_across_frames=False) as reader:
@@ -421,6 +427,8 @@ def _decode_frame(
 
 
 def _decompressor(granule: int) -> zstandard.ZstdDecompressor:
+    import zstandard
+
     # A frame may not ask for a window beyond its chunk: decoding memory stays within one granule.
     return zstandard.ZstdDecompressor(max_window_size=granule)
 

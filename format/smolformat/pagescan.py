@@ -19,12 +19,8 @@ scanner is used (several times slower).
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
 import sys
-import sysconfig
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Any
@@ -167,6 +163,8 @@ def _cache_dir() -> Path:
 
 
 def _build(path: Path, module_name: str) -> None:
+    import tempfile
+
     builder = cffi.FFI()
     builder.cdef(_CDEF)
     builder.set_source(module_name, _SOURCE, extra_compile_args=["-O2"])
@@ -177,6 +175,10 @@ def _build(path: Path, module_name: str) -> None:
 
 def _load_native() -> Any | None:
     """The compiled module, built into the cache first if needed; None where it cannot be built."""
+    import importlib.machinery
+    import importlib.util
+    import sysconfig
+
     abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = hashlib.sha256(f"{cffi.__version__}\0{sys.version}\0{_CDEF}\0{_SOURCE}".encode()).hexdigest()[:16]
     module_name = f"_smolformat_pagescan_{key}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -40,6 +38,8 @@ def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
     final = images / f"{name}-{key}"
     if final.is_dir():
         return final
+    import shutil
+    import tempfile
     images.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=images, prefix=f".{name}-"))
     try:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import random
 import shutil
 
 import pytest
 from smolformat.layout import PAGE_SIZE
 from smolformat.pages import RawEncoder
-from smolformat.pagescan import DUP, NEW, ZERO, PageScanner, _untouched_pagemap, native_module
+from smolformat.pagescan import DUP, NEW, ZERO, PageScanner, _anonymous_ranges, _untouched_pagemap, native_module
 
 PAGES = 600
 
@@ -81,12 +82,20 @@ def test_encoders_write_the_same_bytes(native: None, options: dict[str, int]) ->
     assert len(outputs[0][1]) > 10
 
 
+def _pagemap(view: memoryview):
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        return _untouched_pagemap(native_module().ffi, view, _anonymous_ranges(), fd)
+    finally:
+        os.close(fd)
+
+
 def _anonymous_pages_kept(memory: mmap.mmap) -> tuple[list[int], list[int]]:
     view = memoryview(memory)
     for page in (3, 4, 40):
         view[page * PAGE_SIZE] = 7
     _ = view[10 * PAGE_SIZE]  # read, not written: the shared zero page, present
-    entries = _untouched_pagemap(native_module().ffi, view)
+    entries = _pagemap(view)
     assert entries is not None
     untouched = [page for page in range(64) if not entries[page] >> 62]
     kinds, _ = PageScanner(dedup=True).classify(view, 0)
@@ -103,7 +112,7 @@ def test_untouched_anonymous_pages_are_zero_without_reading(native: None) -> Non
 
 def _file_pages(memory: mmap.mmap) -> tuple[bool, bytes, list[int]]:
     view = memoryview(memory)
-    entries = _untouched_pagemap(native_module().ffi, view)
+    entries = _pagemap(view)
     all_read = entries is not None and all(entries[page] == 2**64 - 1 for page in range(16))
     kinds, refs = PageScanner(dedup=True).classify(view, 0)
     return all_read, kinds, [refs[page] for page in range(1, 8)]

@@ -269,6 +269,7 @@ class RawEncoder:
 
     def finish(self) -> list[Extent]:
         """The extents written so far."""
+        self._scanner.close()
         return self._list.extents
 
 

@@ -210,41 +210,42 @@ def native_module() -> Any | None:
     return _native
 
 
-def _untouched_pagemap(ffi: Any, view: memoryview) -> Any | None:
-    """For each page of ``view``: its /proc/self/pagemap entry where it lies in a private anonymous
-    mapping, else all ones (must be read); None when the kernel cannot tell (not Linux, no access)."""
+def _anonymous_ranges() -> list[tuple[int, int]]:
+    """The private anonymous mappings of this process, (start, end), from /proc/self/maps."""
+    ranges = []
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if fields[4] == b"0" and fields[1][3:4] == b"p":
+                start, end = (int(x, 16) for x in fields[0].split(b"-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _untouched_pagemap(ffi: Any, view: memoryview, anonymous: list[tuple[int, int]], pagemap_fd: int) -> Any | None:
+    """For each page of ``view``: its /proc/self/pagemap entry where it lies in one of the private
+    anonymous mappings ``anonymous``, else all ones (must be read); None when the kernel cannot tell."""
     address = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
     size = len(view)
     if address % PAGE_SIZE or size < PAGE_SIZE:
         return None
     pages = size // PAGE_SIZE
     entries = bytearray(b"\xff" * (8 * (-(-size // PAGE_SIZE))))
+    target = memoryview(entries)
     try:
-        with open("/proc/self/maps", "rb") as maps:
-            anonymous = []
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                start, end = (int(x, 16) for x in fields[0].split(b"-"))
-                if end > address and start < address + size and fields[4] == b"0" and fields[1][3:4] == b"p":
-                    anonymous.append((max(start, address), min(end, address + pages * PAGE_SIZE)))
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        target = memoryview(entries)
         for start, end in anonymous:
-            first = (start - address) // PAGE_SIZE
-            piece = target[8 * first : 8 * ((end - address) // PAGE_SIZE)]
+            start, end = max(start, address), min(end, address + pages * PAGE_SIZE)
+            if start >= end:
+                continue
+            piece = target[8 * ((start - address) // PAGE_SIZE) : 8 * ((end - address) // PAGE_SIZE)]
             position = start // PAGE_SIZE * 8
             while piece:
-                got = os.preadv(fd, [piece], position)
+                got = os.preadv(pagemap_fd, [piece], position)
                 if got <= 0:
                     return None
                 piece, position = piece[got:], position + got
     except OSError:
         return None
-    finally:
-        os.close(fd)
     return ffi.from_buffer("uint64_t[]", entries)
 
 
@@ -257,12 +258,29 @@ class PageScanner:
         self._module = native_module() if native else None
         self._table: Any = None
         self._seen: dict[int, tuple[int, memoryview]] = {}
+        # The scanned views do not move while the scanner lives: the mappings are read once.
+        self._anonymous: list[tuple[int, int]] = []
+        self._pagemap = -1
         if self._module is not None:
             ffi, lib = self._module.ffi, self._module.lib
             table = lib.smol_table_new(int.from_bytes(os.urandom(8), "little"))
             if table == ffi.NULL:
                 raise MemoryError("no memory for the page table")
             self._table = ffi.gc(table, lib.smol_table_free)
+            try:
+                self._anonymous = _anonymous_ranges()
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:  # not Linux, or no access: every page is read
+                self._anonymous = []
+
+    def close(self) -> None:
+        """Release the pagemap file (the scanner stays usable, reading every page)."""
+        if self._pagemap >= 0:
+            os.close(self._pagemap)
+            self._pagemap = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def native(self) -> bool:
@@ -279,7 +297,7 @@ class PageScanner:
         ffi, lib = self._module.ffi, self._module.lib
         kinds = bytearray(pages)
         if pages:
-            pagemap = _untouched_pagemap(ffi, view)
+            pagemap = _untouched_pagemap(ffi, view, self._anonymous, self._pagemap) if self._pagemap >= 0 else None
             status = lib.smol_classify(
                 self._table,
                 ffi.from_buffer(view),

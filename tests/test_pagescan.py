@@ -128,3 +128,17 @@ def test_pages_of_a_file_mapping_are_read_even_when_not_present(native: None, tm
     assert all_read
     assert list(kinds) == [NEW] + [DUP] * 7 + [ZERO] * 8
     assert refs == [0] * 7
+
+
+def test_every_repeat_is_found_among_many_distinct_pages(native: None) -> None:
+    """Found by the compiled scanner whatever the probe sequence: 12,288 distinct pages, then each again."""
+    rng = random.Random(5)
+    distinct = 12288
+    memory = bytearray(rng.randbytes(distinct * PAGE_SIZE) + bytes(distinct * PAGE_SIZE))
+    order = list(range(distinct))
+    rng.shuffle(order)
+    for slot, page in enumerate(order):
+        memory[(distinct + slot) * PAGE_SIZE : (distinct + slot + 1) * PAGE_SIZE] = memory[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+    kinds, refs = PageScanner(dedup=True).classify(memoryview(memory), 0)
+    assert kinds == bytes([NEW]) * distinct + bytes([DUP]) * distinct
+    assert [refs[distinct + slot] for slot in range(distinct)] == order

@@ -49,9 +49,9 @@ _SOURCE = r"""
 #define WORDS (PAGE / 8)
 
 struct slot { uint64_t hash; int64_t page; const uint8_t *data; };
-/* Guest pages are untrusted: a random seed keeps their hashes from being chosen, and a page
-   looks at no more than MAX_PROBES slots (past them it is stored, not shared). */
-#define MAX_PROBES 16
+/* Guest pages are untrusted: a random seed keeps their hashes from being chosen, and a page is
+   compared with at most MAX_COLLISIONS others of the same hash (past them it is stored, not shared). */
+#define MAX_COLLISIONS 16
 typedef struct smol_table { struct slot *slots; size_t mask; size_t used; uint64_t seed; } smol_table;
 
 static int table_init(smol_table *t, size_t capacity) {
@@ -118,11 +118,12 @@ static int grow(smol_table *t) {
 static int64_t find_or_add(smol_table *t, const uint8_t *p, int64_t page) {
     uint64_t h = page_hash(p, t->seed);
     size_t j = h & t->mask;
-    for (int probes = 0;; j = (j + 1) & t->mask) {
+    for (int collisions = 0;; j = (j + 1) & t->mask) {
         struct slot *s = &t->slots[j];
         if (s->page < 0) break;
-        if (s->hash == h && memcmp(s->data, p, PAGE) == 0) return s->page;
-        if (++probes == MAX_PROBES) return -1;
+        if (s->hash != h) continue;
+        if (memcmp(s->data, p, PAGE) == 0) return s->page;
+        if (++collisions == MAX_COLLISIONS) return -1;
     }
     t->slots[j] = (struct slot){h, page, p};
     t->used++;

@@ -67,6 +67,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), min(values)
 
 
+def _wall_cpu(times: list[tuple[float, float]]) -> tuple[str, str]:
+    """Median and best wall ms of ``times`` (wall, CPU), the median with its median process CPU ms."""
+    walls = [wall for wall, _ in times]
+    cpu = statistics.median(cpu for _, cpu in times)
+    return f"{statistics.median(walls) * 1e3:.0f} ms (CPU {cpu * 1e3:.0f} ms)", f"{min(walls) * 1e3:.0f} ms"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
@@ -104,19 +111,19 @@ def measure(
     non_zero = b"".join(
         page for view in map(memoryview, memory) for p in range(0, len(view), PAGE) if (page := view[p : p + PAGE]) != zero_page
     )
-    floor = [_timed(partial(_write_floor, scratch / "floor.bin", non_zero))[0] for _ in range(repeat)]
-    floor_median = statistics.median(floor)
+    floor = [_timed(partial(_write_floor, scratch / "floor.bin", non_zero)) for _ in range(repeat)]
+    floor_median = statistics.median(wall for wall, _ in floor)
     label = f"write floor: `write` + `fsync` of the {len(non_zero) / MIB:.1f} MiB of non-zero pages, same directory"
-    rows.append(_row(label, *(f"{s * 1e3:.0f} ms" for s in _stats(floor)), "1"))
-    digest = [_timed(partial(hashlib.blake2b, non_zero, digest_size=32))[0] for _ in range(repeat)]
-    rows.append(_row("BLAKE2b-256 of those bytes (the section digest's cost)", *(f"{s * 1e3:.0f} ms" for s in _stats(digest)),
-                     f"{statistics.median(digest) / floor_median:.2f}"))
+    rows.append(_row(label, *_wall_cpu(floor), "1"))
+    digest = [_timed(partial(hashlib.blake2b, non_zero, digest_size=32)) for _ in range(repeat)]
+    rows.append(_row("BLAKE2b-256 of those bytes (the section digest's cost)", *_wall_cpu(digest),
+                     f"{statistics.median(wall for wall, _ in digest) / floor_median:.2f}"))
     del non_zero
     for name, (encoding, options, label) in VARIANTS.items():
         write = partial(write_bundle, paths[name], contents, memory_encoding=encoding, **options)
-        walls = [_timed(write)[0] for _ in range(repeat)]
-        cells = (f"{s * 1e3:.0f} ms" for s in _stats(walls))
-        rows.append(_row(f"write ({label}), fsync included", *cells, f"{statistics.median(walls) / floor_median:.2f}"))
+        times = [_timed(write) for _ in range(repeat)]
+        ratio = statistics.median(wall for wall, _ in times) / floor_median
+        rows.append(_row(f"write ({label}), fsync included", *_wall_cpu(times), f"{ratio:.2f}"))
         stored = len(_section(paths[name], SectionKind.MEMORY_DATA))
         index = payload(SectionKind.MEMORY_INDEX).parse(_section(paths[name], SectionKind.MEMORY_INDEX))
         extents[name] = index.extents
@@ -229,7 +236,7 @@ def main() -> int:
     print(
         f"{machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']} after the"
         f" run; {args.repeat} runs per timing. Decode MiB/s = MiB that zstd produced / time; CPU/wall = process"
-        " CPU time / wall time (2.00: both cores busy).\n"
+        " CPU time / wall time (2.00: both cores busy); CPU: process CPU time (all threads, kernel included).\n"
     )
     print("\n".join(tables))
     return 0

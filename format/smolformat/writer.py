@@ -212,6 +212,11 @@ class _Output:
 
 
 def _update(digest: Any, views: list[memoryview]) -> None:
+    if len(views) > 1 and sum(map(len, views)) < len(views) * _SHORT_PIECE:
+        # Many short pieces (pages stored one by one): one copy, then one update that releases the GIL
+        # once, instead of a GIL hand-over per piece with the thread that classifies and writes.
+        digest.update(b"".join(views))
+        return
     for view in views:
         digest.update(view)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -15,10 +14,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench_imports import profile
 from common import machine_info, summary
 
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
-IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)$")
 
 
 def wall(argv: Sequence[str], runs: int) -> tuple[dict[str, float | int], subprocess.CompletedProcess[str]]:
@@ -50,18 +49,11 @@ def import_profile(argv: Sequence[str], runs: int) -> dict[str, object]:
     """``python -X importtime``: total import ms (sum of top-level cumulative times) and the heaviest packages."""
     totals = []
     for _ in range(runs):
-        done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, check=True)
-        top: dict[str, int] = {}
-        loaded: set[str] = set()
-        for line in done.stderr.splitlines():
-            if match := IMPORT_LINE.match(line):
-                loaded.add(match.group(4))
-                if not match.group(3):
-                    top[match.group(4)] = int(match.group(2))
-        totals.append(sum(top.values()) / 1000)
+        total, top, loaded = profile(argv)
+        totals.append(total)
     heaviest = sorted(top.items(), key=lambda item: -item[1])[:8]
     watched = ["anyio", "trio", "cffi", "construct", "zstandard", "smolvmm.vm", "smolvmm.hypervisor.kvm"]
-    return {"total_ms": summary(totals), "heaviest_ms": {name: us / 1000 for name, us in heaviest},
+    return {"total_ms": summary(totals), "heaviest_ms": dict(heaviest),
             "modules": len(loaded), "loads": {name: name in loaded for name in watched}}
 
 

@@ -47,6 +47,27 @@ def run_native_part(out: Path, runs: int) -> None:
         return
     subprocess.run([sys.executable, str(BENCH / "bench_native.py"), "--bundle", str(bundle), "--out", str(out),
                     "--runs", str(runs)], cwd=ROOT, check=True)
+    for name, argv in MARKDOWN_BENCHES.items():  # each prints its own tables, with the reference of the same run
+        argv = [str(bundle) if arg == "BUNDLE" else str(out / "plots") if arg == "PLOTS" else arg for arg in argv]
+        done = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=ROOT, check=True,
+                              capture_output=True, text=True)
+        (out / f"{name}.md").write_text(done.stdout)
+
+
+# Benchmarks that print Markdown: their titles, and their scripts and arguments (BUNDLE: the guest
+# part's bundle; PLOTS: the plots directory under --out)
+MARKDOWN_TITLES = {
+    "imports": "Start-up imports against `import trio, anyio, cffi, construct, zstandard`",
+    "restore_floor": "Host-side restore against the bare-ioctl floor",
+    "format": "Save (the bundle writer) against the write floor, on the saved guest's RAM",
+    "scaling": "How save and host-side restore grow with guest RAM (synthetic)",
+}
+MARKDOWN_BENCHES = {
+    "imports": ["bench_imports.py", "--bundle", "BUNDLE"],
+    "restore_floor": ["bench_restore_floor.py", "--bundle", "BUNDLE"],
+    "format": ["bench_format.py", "--bundle", "BUNDLE"],
+    "scaling": ["bench_scaling.py", "--out", "PLOTS"],
+}
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -181,6 +202,9 @@ def render(out: Path) -> str:
         parts += render_guest(json.loads((out / "guest.json").read_text()))
     if (out / "native.json").exists():
         parts += render_native(json.loads((out / "native.json").read_text()))
+    for name, title in MARKDOWN_TITLES.items():
+        if (out / f"{name}.md").exists():
+            parts.append(f"### {title}\n\n" + (out / f"{name}.md").read_text().strip())
     return "\n\n".join(parts) + "\n"
 
 

@@ -61,12 +61,14 @@ def run(name: str, args: argparse.Namespace) -> int:
 
 
 def demo() -> int:
+    from smolvmm.cli_machine import BACKEND
+
     path = demo_bundle()  # builds the demo guest image here, before any nested machine needs it
     if smolvmm.probe_host().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
         print("smolvmm demo: this host's /dev/kvm is PVM; running the demo inside tools/nested-kvm", file=sys.stderr)
         nested = [sys.executable, "-m", "smolvmm.nested", "--out", os.path.dirname(path)]
         return subprocess.call([*nested, sys.executable, "-m", "smolvmm", "demo"])
-    anyio.run(_ensure_bundle, path, backend="trio")
+    anyio.run(_ensure_bundle, path, backend=BACKEND)
     print(f"smolvmm demo: resuming {path}", file=sys.stderr)
     interactive = os.isatty(0)
-    return anyio.run(_run, path, None if interactive else DEMO_SCRIPT.encode(), backend="trio")
+    return anyio.run(_run, path, None if interactive else DEMO_SCRIPT.encode(), backend=BACKEND)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from typing import Any
 
 import cffi
@@ -32,6 +31,8 @@ def declare(name: str, cdef: str) -> Any:
     path = cache_root() / "ffi" / f"{module_name}.py"
     if not path.exists():
         try:
+            import tempfile  # only the first process writes the cache
+
             path.parent.mkdir(parents=True, exist_ok=True)
             builder = cffi.FFI()
             builder.cdef(cdef)

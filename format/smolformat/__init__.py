@@ -25,15 +25,42 @@ Every problem with a file raises ``FormatError`` with a stable ``code``.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, Metadata
-from .devices import DEVICE_KINDS, DeviceConfig, DeviceRecord
-from .errors import FormatError
-from .payloads import ARCHES
-from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, open_bundle, verify_bundle
-from .repack import repack_bundle
-from .writer import BundleContents, make_metadata, write_bundle
+
+def _import_lazily(name: str) -> None:
+    """Put ``name`` in sys.modules as a module that loads on first attribute access."""
+    if name in sys.modules or (spec := importlib.util.find_spec(name)) is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+
+
+# construct imports pdb (for its Debugger) at start-up: ~10 % of a restore's imports, for nothing.
+_import_lazily("pdb")
+
+from .config import Config, Metadata  # noqa: E402
+from .devices import DEVICE_KINDS, DeviceConfig, DeviceRecord  # noqa: E402
+from .errors import FormatError  # noqa: E402
+from .payloads import ARCHES  # noqa: E402
+from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, open_bundle, verify_bundle  # noqa: E402
+
+if TYPE_CHECKING:
+    from .repack import repack_bundle
+    from .writer import BundleContents, make_metadata, write_bundle
+
+# Writing is imported on first use: a restore only reads.
+_LAZY = {
+    "repack_bundle": "repack",
+    "BundleContents": "writer",
+    "make_metadata": "writer",
+    "write_bundle": "writer",
+}
 
 __all__ = [
     "DEVICE_KINDS",
@@ -58,8 +85,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> ModuleType:
+def __getattr__(name: str) -> Any:
     # ``smolformat.arm64`` and ``smolformat.x86_64`` are imported on first use (see payloads.payload).
     if name in ARCHES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

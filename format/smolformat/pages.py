@@ -17,20 +17,26 @@ the bytes. Ranges that no extent covers are zero.
 
 from __future__ import annotations
 
+import bisect
 import os
+import re
 import threading
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-import zstandard
 from construct import Int16ul, Int32ul, Int64ul, Struct
 
 from .errors import FormatError
 from .layout import PAGE_SIZE, Encoding
 from .limits import bounded
 from .packed import Packed, PackedArray
+from .pagescan import DUP, NEW, ZERO, PageScanner
+
+if TYPE_CHECKING:
+    import zstandard  # imported where a zstd image is written or read: a raw restore never needs it
 
 MAX_EXTENTS = 1 << 24
 MIN_DEDUP_RUN = 16
@@ -42,9 +48,8 @@ MIN_CHUNK_SIZE = PAGE_SIZE
 # find no matches farther back than 2-8 MiB, so larger chunks would not compress better.
 MAX_CHUNK_SIZE = 1 << 22
 _CHECK_BLOCK = 64 << 10
-_ZERO_PAGE = bytes(PAGE_SIZE)
-_ZERO_BLOCK_SIZE = 16 * PAGE_SIZE
-_ZERO_BLOCK = bytes(_ZERO_BLOCK_SIZE)
+_SCAN_PAGES = 4096  # 16 MiB
+_SEGMENTS = re.compile(rb"\x00+|\x01+|\x02", re.DOTALL)
 
 PageIndex = Struct(
     "encoding" / Int16ul,
@@ -94,15 +99,31 @@ class _ExtentList:
     """Extents in address order, merged when both address and offset continue the last one."""
 
     def __init__(self) -> None:
-        self.extents: list[Extent] = []
+        self._addresses: list[int] = []
+        self._lengths: list[int] = []
+        self._offsets: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._addresses)
 
     def add(self, address: int, length: int, offset: int) -> None:
-        last = self.extents[-1] if self.extents else None
-        if last and last.address + last.length == address and last.offset + last.stored == offset:
-            merged = last.length + length
-            self.extents[-1] = last._replace(length=merged, stored=_round_up(merged, PAGE_SIZE))
+        if (
+            self._addresses
+            and self._addresses[-1] + self._lengths[-1] == address
+            and self._offsets[-1] + _round_up(self._lengths[-1], PAGE_SIZE) == offset
+        ):
+            self._lengths[-1] += length
         else:
-            self.extents.append(Extent(address, length, offset, _round_up(length, PAGE_SIZE)))
+            self._addresses.append(address)
+            self._lengths.append(length)
+            self._offsets.append(offset)
+
+    @property
+    def extents(self) -> list[Extent]:
+        return [
+            Extent(address, length, offset, _round_up(length, PAGE_SIZE))
+            for address, length, offset in zip(self._addresses, self._lengths, self._offsets)
+        ]
 
 
 class RawEncoder:
@@ -113,6 +134,8 @@ class RawEncoder:
     written (a paused guest's RAM, a read-only disk). Runs of fewer than ``min_dedup_run`` pages
     equal to stored ones are stored again (0 turns deduplication off). Runs of fewer than
     ``min_zero_gap`` zero pages between stored pages are stored too (1: every zero page is left out).
+    Pages are classified by ``pagescan`` (natively where it can), ``_SCAN_PAGES`` at a time so that
+    writing (and the section digest) starts early.
     """
 
     def __init__(
@@ -120,31 +143,65 @@ class RawEncoder:
         out: BinaryIO,
         min_dedup_run: int = MIN_DEDUP_RUN,
         min_zero_gap: int = MIN_ZERO_GAP,
+        *,
+        native: bool = True,
     ) -> None:
         self._out = out
         self._min_run = min_dedup_run
         self._min_zero_gap = max(1, min_zero_gap)
         self._written = 0
-        # A page's hash -> where it is stored, and the region and offset it was stored from.
-        self._seen: dict[int, tuple[int, memoryview, int]] = {}
+        self._scanner = PageScanner(dedup=min_dedup_run > 0, native=native)
+        self._pages = 0  # pages classified so far, over every region
+        # Runs of pages stored as the first of their contents: first page number, stored offset.
+        self._new_starts: list[int] = []
+        self._new_offsets: list[int] = []
         self._list = _ExtentList()
 
+    def _stored_at(self, page: int) -> int:
+        """Where page number ``page``, the first of its contents, is stored."""
+        run = bisect.bisect_right(self._new_starts, page) - 1
+        return self._new_offsets[run] + (page - self._new_starts[run]) * PAGE_SIZE
+
+    def _shareable_run(self, kinds: bytes, refs: array[int], index: int, stored_at: int) -> int:
+        """How many pages from ``index`` (a DUP) on would share one run of stored pages (counted up to
+        ``min_dedup_run``)."""
+        length = 1
+        while (
+            length < self._min_run
+            and index + length < len(kinds)
+            and kinds[index + length] == DUP
+            and self._stored_at(refs[index + length]) == stored_at + length * PAGE_SIZE
+        ):
+            length += 1
+        return length
+
     def add_region(self, start: int, data: memoryview) -> None:
-        """Encode one region: ``data`` is read a block at a time and never copied whole."""
+        """Encode one region: ``data`` is never copied whole."""
         size = len(data)
         pending_new = -1  # first page of a run of new pages not yet written
         run: list[tuple[int, int]] = []  # (page offset in region, stored offset) equal pages
+
+        held = [0, 0]  # data[held[0]:held[1]] is stored but not yet written: adjacent pieces go as one
+
+        def write_held() -> None:
+            if held[1] > held[0]:
+                self._out.write(data[held[0] : held[1]])
+            held[:] = [0, 0]
 
         def flush_new(end: int) -> None:
             nonlocal pending_new
             if pending_new < 0:
                 return
-            chunk = data[pending_new:end]
-            self._list.add(start + pending_new, len(chunk), self._written)
-            self._out.write(chunk)
-            self._written += len(chunk)
-            if len(chunk) % PAGE_SIZE:
-                padding = PAGE_SIZE - len(chunk) % PAGE_SIZE
+            length = end - pending_new
+            self._list.add(start + pending_new, length, self._written)
+            if held[1] != pending_new:
+                write_held()
+                held[0] = pending_new
+            held[1] = end
+            self._written += length
+            if length % PAGE_SIZE:
+                write_held()
+                padding = PAGE_SIZE - length % PAGE_SIZE
                 self._out.write(bytes(padding))
                 self._written += padding
             pending_new = -1
@@ -160,40 +217,41 @@ class RawEncoder:
             run.clear()
 
         zeros_from = -1  # first page of the current run of zero pages
-
-        def zero_pages(at: int, end: int) -> None:
-            nonlocal zeros_from
-            if zeros_from < 0:
-                zeros_from = at
-            if end - zeros_from >= min_zero_gap:
-                flush_new(zeros_from)
-            flush_run()
-
         min_zero_gap = self._min_zero_gap * PAGE_SIZE
-        seen = self._seen
-        # Most of a guest's RAM is zero: a block at a time, page by page only inside non-zero blocks.
-        for block_at in range(0, size, _ZERO_BLOCK_SIZE):
-            block = data[block_at : block_at + _ZERO_BLOCK_SIZE].tobytes()
-            if block == _ZERO_BLOCK[: len(block)]:
-                zero_pages(block_at, block_at + len(block))
-                continue
-            for offset in range(0, len(block), PAGE_SIZE):
-                pos = block_at + offset
-                raw = block[offset : offset + PAGE_SIZE]
-                if raw == _ZERO_PAGE[: len(raw)]:
-                    zero_pages(pos, pos + len(raw))
+        # Each segment is a run of zero pages, a run of new pages, or one page equal to an earlier one:
+        # handling a run at once does what handling its pages one by one would.
+        for scan_at in range(0, size, _SCAN_PAGES * PAGE_SIZE):
+            kinds, refs = self._scanner.classify(data[scan_at : scan_at + _SCAN_PAGES * PAGE_SIZE], self._pages)
+            first_page = self._pages
+            self._pages += len(kinds)
+            skip_to = 0
+            for segment in _SEGMENTS.finditer(kinds):
+                kind, index = kinds[segment.start()], segment.start()
+                if index < skip_to:
+                    continue
+                pos = scan_at + index * PAGE_SIZE
+                if kind == ZERO:
+                    if zeros_from < 0:
+                        zeros_from = pos
+                    if min(scan_at + segment.end() * PAGE_SIZE, size) - zeros_from >= min_zero_gap:
+                        flush_new(zeros_from)
+                    flush_run()
                     continue
                 zeros_from = -1
-                # Only a lookup key: a candidate is confirmed byte for byte before it is shared.
-                digest = hash(raw) if self._min_run else 0
-                found = seen.get(digest)
-                if (
-                    found is not None
-                    and len(raw) == PAGE_SIZE
-                    and len(self._list.extents) < DEDUP_EXTENTS
-                    and found[1][found[2] : found[2] + PAGE_SIZE].tobytes() == raw
-                ):
-                    stored_at = found[0]
+                if kind == DUP and len(self._list) < DEDUP_EXTENTS:
+                    stored_at = self._stored_at(refs[index])
+                    # A run too short to share, seen whole inside this scan, is stored again: written
+                    # with the new pages before it (the same bytes and extents as writing them one
+                    # after the other, page by page). Not where the one extent that write may add
+                    # reaches DEDUP_EXTENTS, which would stop sharing within the run.
+                    if not run and len(self._list) + 1 < DEDUP_EXTENTS:
+                        length = self._shareable_run(kinds, refs, index, stored_at)
+                        if length < self._min_run and index + length < len(kinds):
+                            if pending_new < 0:
+                                pending_new = pos
+                            flush_new(pos + length * PAGE_SIZE)
+                            skip_to = index + length
+                            continue
                     flush_new(pos)
                     if run and not (run[-1][0] + PAGE_SIZE == pos and run[-1][1] + PAGE_SIZE == stored_at):
                         flush_run()
@@ -202,13 +260,16 @@ class RawEncoder:
                 flush_run()
                 if pending_new < 0:
                     pending_new = pos
-                if self._min_run:
-                    seen.setdefault(digest, (self._written + (pos - pending_new), data, pos))
+                if kind == NEW:
+                    self._new_starts.append(first_page + index)
+                    self._new_offsets.append(self._written + (pos - pending_new))
         flush_new(zeros_from if zeros_from >= 0 else size)
         flush_run()
+        write_held()
 
     def finish(self) -> list[Extent]:
         """The extents written so far."""
+        self._scanner.close()
         return self._list.extents
 
 
@@ -226,6 +287,8 @@ def encode_zstd(
     threads: int,
 ) -> list[Extent]:
     """Compress each ``granule`` chunk into its own frame, ``threads`` at a time, in address order."""
+    import zstandard
+
     local = threading.local()
 
     def compress(chunk: memoryview) -> bytes | None:
@@ -348,6 +411,8 @@ def _decode_frame(
     dctx: zstandard.ZstdDecompressor, frame: bytes, extent: Extent, sink: Callable[[int], memoryview]
 ) -> None:
     """Decode one chunk's frame into ``sink(bytes done so far)``, piece by piece: exactly its length."""
+    import zstandard
+
     done = 0
     try:
         with dctx.stream_reader(frame, read_across_frames=False) as reader:
@@ -363,6 +428,8 @@ def _decode_frame(
 
 
 def _decompressor(granule: int) -> zstandard.ZstdDecompressor:
+    import zstandard
+
     # A frame may not ask for a window beyond its chunk: decoding memory stays within one granule.
     return zstandard.ZstdDecompressor(max_window_size=granule)
 

@@ -1,0 +1,39 @@
+"""What a CLI restore imports: only what a restore uses (how long that takes is bench/bench_imports.py's)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smolvmm import Machine, MachineConfig
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+
+IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", re.MULTILINE)
+
+
+def _imports(*argv: str) -> set[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(IMPORTED.findall(done.stderr))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cli_restore_imports_only_what_a_restore_uses(tmp_path: Path) -> None:
+    bundle = tmp_path / "app.smolmachine"
+    async with Machine.boot(MachineConfig(vcpus=1, memory=128 << 20)) as machine:
+        await machine.snapshot(bundle)
+        await machine.stop()
+    loaded = _imports("-m", "smolvmm", "run", "--prepare-only", str(bundle))
+    assert {"smolvmm.restore", "smolvmm.hypervisor.kvm.backend", "smolformat.reader", "anyio"} <= loaded
+    # trio is for trio programs (the CLI drives its machine on asyncio); pdb came in through construct;
+    # a raw bundle needs neither zstd nor the writer, and nothing is compiled.
+    unwanted = {"trio", "pdb", "zstandard", "smolformat.writer", "cffi.recompiler", "setuptools"}
+    assert loaded & unwanted == set()

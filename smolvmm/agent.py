@@ -146,7 +146,7 @@ class AgentPort:
             self._ready.set()
         call = self._calls.get(frame.id)
         if call is None:
-            self.dropped += 1
+            self.dropped += frame.type != Type.READY  # READY comes unasked when the agent starts
             return
         call.deliver(frame)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import anyio.abc
 from .agent import AGENT_LABEL, LABEL_V2, AgentPort, Identity
 from .config import MachineConfig, NetConfig
 from .console import Console
-from .errors import AgentError, ConfigError
+from .errors import AgentError, ConfigError, unwrapped_errors
 from .eventfd import EventFd
 from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from .guest_files import GuestFiles
@@ -183,7 +183,7 @@ class Machine:
         self._paused = paused
         try:
             install_kick_handler()
-            with _unwrapped_errors():
+            with unwrapped_errors():
                 async with anyio.create_task_group() as tg:
                     try:
                         tg.start_soon(self._run_devices)
@@ -395,19 +395,6 @@ class Machine:
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()
-
-
-@contextmanager
-def _unwrapped_errors() -> Iterator[None]:
-    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        if isinstance(group, BaseExceptionGroup):
-            raise
-        raise group from group.__cause__
 
 
 def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:

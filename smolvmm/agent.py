@@ -112,6 +112,8 @@ class AgentPort:
         self._scrub_needed = False
         self._delivered = False  # the agent holds self.identity
         self._delivering = anyio.Lock()
+        self._thawed = anyio.Event()  # unset from a scrub until the next sync: secrets stay out
+        self._thawed.set()
         # protocol 1: answer lines
         self._line = bytearray()
         self._answers, self._answer_reader = anyio.create_memory_object_stream[str](4)
@@ -190,6 +192,7 @@ class AgentPort:
         """A new request id once the agent is ready and holds the identity, released on exit."""
         await self.wait_ready()
         if not self._delivered:
+            await self._thawed.wait()
             async with self._delivering:
                 if not self._delivered and not await self._simple(Type.SETUP, self._setup_payload(), SYNC_TIMEOUT):
                     raise AgentError(self._broken or "the guest agent did not take its environment and hostname")
@@ -233,6 +236,7 @@ class AgentPort:
         if self.protocol == 1:
             return await self._sync_lines(seconds, nanoseconds, macs or {}, timeout)
         try:
+            self._thawed.set()  # after a snapshot, the secrets go back in (here, or on the next call)
             payload = protocol.sync_payload(seconds, nanoseconds, os.urandom(protocol.ENTROPY_BYTES), macs or {})
             ok = await self._simple(Type.SYNC, payload, timeout)
             if ok:
@@ -248,11 +252,18 @@ class AgentPort:
         i = self.identity
         return protocol.setup_payload(i.hostname, i.machine_id, i.env, i.secrets)
 
+    @property
+    def holds_secrets(self) -> bool:
+        """The agent may hold secrets that a snapshot must not contain."""
+        return self._scrub_needed
+
     async def scrub(self, timeout: float = SYNC_TIMEOUT) -> bool:
         """Before a snapshot: have the agent overwrite the secrets it holds, then overwrite the
-        guest kernel's receive buffers that carried them with padding. True if nothing is left."""
+        guest kernel's receive buffers that carried them with padding. True if nothing is left.
+        Until the next ``sync`` no call hands the secrets back."""
         if not self._scrub_needed:
             return True
+        self._thawed = anyio.Event()
         try:
             if not await self._simple(Type.SCRUB, b"", timeout):
                 return False

@@ -325,6 +325,8 @@ class Machine:
             if self._boot_files is None:
                 raise ConfigError("this machine does not know the kernel it was booted from")
             boot_files = await anyio.to_thread.run_sync(self._boot_files)
+        if self._paused and self._agent is not None and self._agent.holds_secrets:
+            raise AgentError("resume this machine before saving it: its agent holds secrets it must overwrite first")
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
@@ -401,7 +403,10 @@ def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostna
     """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
     from .agent_protocol import setup_payload
 
-    identity = Identity(dict(env or {}), dict(secrets or {}), hostname or f"smolvmm-{os.urandom(4).hex()}", os.urandom(16).hex())
+    hostname = hostname or f"smolvmm-{os.urandom(4).hex()}"
+    identity = Identity(dict(env or {}), dict(secrets or {}), hostname, os.urandom(16).hex())
+    if not 0 < len(identity.hostname.encode()) <= 64 or any(c.isspace() for c in identity.hostname):
+        raise ConfigError(f"hostname {identity.hostname!r}: 1 to 64 bytes, no spaces")
     try:
         setup_payload(identity.hostname, identity.machine_id, identity.env, identity.secrets)
     except ValueError as exc:

@@ -71,7 +71,10 @@ class Call:
         self._held += protocol.HEADER.size + len(frame.payload)
         if self._held > CALL_BUDGET:
             raise ProtocolError(f"request {self.id} was sent more than {CALL_BUDGET} unread bytes")
-        self._frames.send_nowait(frame)
+        try:
+            self._frames.send_nowait(frame)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._held -= protocol.HEADER.size + len(frame.payload)  # the call has given up: dropped
 
     def fail(self, reason: str) -> None:
         self._error = reason

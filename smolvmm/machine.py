@@ -21,10 +21,10 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, LABEL_V2, AgentPort, Identity
+from .agent import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
 from .config import MachineConfig, NetConfig
 from .console import Console
-from .errors import AgentError, ConfigError, unwrapped_errors
+from .errors import AgentError, AgentTooOld, ConfigError, unwrapped_errors
 from .eventfd import EventFd
 from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from .guest_files import GuestFiles
@@ -145,6 +145,9 @@ class Machine:
         if restored.agent is not None:
             restored.agent.protocol = 1 if label == "yes" else 2
             restored.agent.identity = identity
+        if label == "yes" and (env or secrets or hostname):
+            machine._close()
+            raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
             if not paused:

@@ -151,3 +151,15 @@ async def test_protocol_1_agent_is_too_old(anyio_backend: str) -> None:
     with pytest.raises(smolvmm.AgentTooOld, match="rebuild"):
         async with port.call():
             pass
+
+
+@pytest.mark.anyio
+async def test_frames_for_a_call_that_gave_up_are_dropped(anyio_backend: str) -> None:
+    port = AgentPort()
+    await port.send(protocol.encode(Type.READY, 0, protocol.u32(2)))
+    port._delivered = True
+    async with port.call() as call:
+        call.fail("abandoned")
+        await port.send(protocol.encode(Type.STDOUT, call.id, b"late"))  # must not raise into the device
+        with pytest.raises(smolvmm.AgentError, match="abandoned"):
+            await call.receive()

@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = _Parser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
     module.add_arguments(name, parser)
+    command: list[str] | None = None
+    if name == "run" and "--" in argv:  # `run [FLAGS] BUNDLE [FLAGS] -- CMD...`: flags may follow BUNDLE
+        command, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     args = parser.parse_args(argv[1:])
+    if command is not None:
+        args.command = command
     try:
         with cli_progress.shown():
             return module.run(name, args)

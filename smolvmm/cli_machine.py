@@ -116,6 +116,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--detach", action="store_true",
                             help="run in the background and print the machine's id (smolvmm attach ID, stop ID)")
         parser.add_argument("--detached-as", metavar="ID", help=argparse.SUPPRESS)  # what --detach starts
+        import smolvmm.cli_exec as cli_exec
+
+        cli_exec.add_arguments(parser)
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="at exit, print how long each phase took (ms)")
         parser.add_argument("--json", action="store_true",
@@ -326,7 +329,12 @@ async def _run(args: argparse.Namespace) -> int:
         timings = await Machine.prepare_restore(args.bundle, **restore_args)
         report_timings(timings, args.json)
         return cli_status.OK
-    async with Machine.restore(args.bundle, **restore_args, jail=_jail(args)) as machine:
+    import smolvmm.cli_exec as cli_exec
+
+    if args.command:
+        return await cli_exec.run_command(args, restore_args, _jail(args))
+    env, secrets = cli_exec.identity(args)
+    async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=_jail(args)) as machine:
         _note_pvm_host()
         status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
     if args.timings:

@@ -86,7 +86,7 @@ def raw_terminal() -> Iterator[bool]:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-async def read_stdin() -> bytes:
+async def read_stdin(max_bytes: int = 4096) -> bytes:
     """The next bytes of stdin (b"" at its end), waiting without blocking the event loop."""
     import anyio  # here, so that --help and --version import no event loop
 
@@ -94,7 +94,7 @@ async def read_stdin() -> bytes:
         await anyio.wait_readable(0)
     except PermissionError:
         pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
-    return os.read(0, 4096)
+    return os.read(0, max_bytes)
 
 
 def discard_stdout() -> None:

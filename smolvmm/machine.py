@@ -13,19 +13,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, AgentPort
+from .agent import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
 from .config import MachineConfig, NetConfig
 from .console import Console
-from .errors import ConfigError
+from .errors import AgentError, AgentTooOld, ConfigError, unwrapped_errors
 from .eventfd import EventFd
+from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
+from .guest_files import GuestFiles
 from .timings import Timings
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
@@ -77,6 +79,8 @@ class Machine:
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
         self._jail: tuple[Jail, bool] | None = None  # (user, keeps host network), entered before vCPUs run
+        self.files = GuestFiles(self._agent_port)
+        """Files inside the guest: ``write``, ``read``, ``upload``, ``download``."""
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -98,6 +102,8 @@ class Machine:
 
         machine = create_for_boot(cls, config)
         machine._jail = (jail, bool(config.networks)) if jail else None
+        if machine._agent is not None:
+            machine._agent.identity = _identity(config.env, config.secrets, None)
         async with machine._running():
             yield machine
 
@@ -113,8 +119,17 @@ class Machine:
         paused: bool = False,
         trusted_keys: str | os.PathLike[str] | None = None,
         jail: Jail | None = None,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        hostname: str | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
+
+        Every ``exec`` then sees ``env`` and ``secrets`` as environment variables (a call's own
+        ``env`` wins). Secrets reach the guest only through its agent after the resume, are held
+        only in the agent's memory, and are overwritten there before any snapshot, so bundles
+        saved from this machine do not contain them. The guest is given ``hostname`` (default
+        ``smolvmm-`` and 8 random hex digits) and a fresh /etc/machine-id.
 
         ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
         device, ``console_socket`` the socket path of a saved console-socket device, and
@@ -126,6 +141,7 @@ class Machine:
         """
         from .restore import RestoreOverrides, restore_vm_from
 
+        identity = _identity(env, secrets, hostname)
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
@@ -141,7 +157,14 @@ class Machine:
         )
         holder.append(machine)
         machine._jail = (jail, bool(networks)) if jail else None
-        machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
+        label = restored.labels.get(AGENT_LABEL)
+        machine._sync_agent_on_resume = label in ("yes", LABEL_V2)
+        if restored.agent is not None:
+            restored.agent.protocol = 1 if label == "yes" else 2
+            restored.agent.identity = identity
+        if label == "yes" and (env or secrets or hostname):
+            machine._close()
+            raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
             if not paused:
@@ -191,7 +214,7 @@ class Machine:
                 user, network = self._jail
                 self.timings.note("jail", enter(user, network=network))
             install_kick_handler()
-            with _unwrapped_errors():
+            with unwrapped_errors():
                 async with anyio.create_task_group() as tg:
                     try:
                         tg.start_soon(self._run_devices)
@@ -333,12 +356,18 @@ class Machine:
             if self._boot_files is None:
                 raise ConfigError("this machine does not know the kernel it was booted from")
             boot_files = await anyio.to_thread.run_sync(self._boot_files)
+        if self._paused and self._agent is not None and self._agent.holds_secrets:
+            raise AgentError("resume this machine before saving it: its agent holds secrets it must overwrite first")
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
             if self._agent is not None and not self._paused and await self._agent.sync():
-                labels[AGENT_LABEL] = "yes"  # the guest runs the agent: resumes will sync it
+                # the guest runs the agent: resumes will sync it, in the protocol it speaks
+                labels[AGENT_LABEL] = "yes" if self._agent.protocol == 1 else LABEL_V2
             timings.mark("agent_sync")
+            if self._agent is not None and not self._paused and not await self._agent.scrub():
+                raise AgentError("the guest agent did not confirm it overwrote its secrets: not saving them")
+            timings.mark("agent_scrubbed")
             was_paused = self._paused
             await self.pause()
             timings.mark("vcpus_parked")
@@ -359,23 +388,61 @@ class Machine:
             timings.mark("resumed")
         return digest
 
+    def _agent_port(self) -> AgentPort:
+        if self._agent is None:
+            raise AgentError("this machine has no guest agent port (it was booted without one)")
+        return self._agent
+
+    async def exec(
+        self,
+        cmd: str | list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` in the guest and return its ``ExecResult`` once it ends.
+
+        ``cmd`` is an argv list (no shell) or a string run by ``/bin/sh -c``. The process gets
+        the machine's env and secrets plus ``env``, starts in ``cwd`` and reads ``stdin``. A
+        nonzero exit is a result; killed by signal N, ``exit_code`` is 128+N and ``signal`` N.
+        After ``timeout`` seconds its process group is killed and ``GuestTimeout`` raised (the
+        machine stays usable). More than ``max_output`` bytes (default 16 MiB) on stdout or
+        stderr kills it and raises ``OutputLimitError``; stream big output with ``process``.
+        An agent too old for exec raises ``AgentTooOld``.
+        """
+        return await run(self._agent_port(), cmd, env, cwd, stdin, timeout, max_output)
+
+    @asynccontextmanager
+    async def process(
+        self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> AsyncIterator[Process]:
+        """Start ``cmd`` in the guest and stream it: ``stdin.send``/``stdin.aclose``, ``async for``
+        over ``stdout``/``stderr``, ``wait()``, ``kill()``. Leaving the block kills it if it runs."""
+        async with open_process(self._agent_port(), cmd, env, cwd) as process:
+            yield process
+
     def _close(self) -> None:
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()
 
 
-@contextmanager
-def _unwrapped_errors() -> Iterator[None]:
-    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
+def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:
+    """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
+    from .agent_protocol import setup_payload
+
+    hostname = hostname or f"smolvmm-{os.urandom(4).hex()}"
+    identity = Identity(dict(env or {}), dict(secrets or {}), hostname, os.urandom(16).hex())
+    if not 0 < len(identity.hostname.encode()) <= 64 or any(c.isspace() for c in identity.hostname):
+        raise ConfigError(f"hostname {identity.hostname!r}: 1 to 64 bytes, no spaces")
     try:
-        yield
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        if isinstance(group, BaseExceptionGroup):
-            raise
-        raise group from group.__cause__
+        setup_payload(identity.hostname, identity.machine_id, identity.env, identity.secrets)
+    except ValueError as exc:
+        raise ConfigError(f"env/secrets: {exc}") from None
+    return identity
 
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:

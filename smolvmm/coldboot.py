@@ -15,6 +15,7 @@ from .console import VirtioConsoleInput
 from .devices.virtio.block import VirtioBlock
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
+from .devices.virtio.tap import Tap
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
@@ -53,7 +54,7 @@ def virtio_devices(
         for index, disk in enumerate(config.disks):
             devices.append((VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"), None))
         for net in config.networks:
-            devices.append((VirtioNet(net.tap, net.mac), None))
+            devices.append((VirtioNet(Tap(net.tap), net.mac), None))
         if config.console_socket is not None:
             devices.append((VirtioConsole(UnixSocketPort(config.console_socket)), "socket"))
         devices.append((VirtioRng(), None))

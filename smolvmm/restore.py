@@ -24,6 +24,7 @@ from .devices.virtio.block import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
+from .devices.virtio.tap import Tap
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
 from .errors import BundleError, ConfigError
@@ -116,7 +117,7 @@ def _devices(
                 devices.append((device, None))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)
-                devices.append((VirtioNet(net.tap, net.mac or entry.params.mac), None))
+                devices.append((VirtioNet(Tap(net.tap), net.mac or entry.params.mac), None))
             elif entry.kind == "virtio-console":
                 role = roles.pop(0) if roles else "socket"
                 if role == "main" and main is not None:

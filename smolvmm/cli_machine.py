@@ -26,8 +26,12 @@ _FLAGS = {
     "MachineConfig.vcpus": "--cpus", "MachineConfig.memory": "--mem", "MachineConfig.disks": "--disk",
     "MachineConfig.console_socket": "--console-socket", "MachineConfig.console": "--console",
     "DiskConfig.path": "--disk", "DiskConfig.overlay": "--disk overlay", "DiskConfig.read_only": "--disk ro",
-    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac",
+    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac", "NetConfig.forwards": "--net forward",
 }
+
+
+_NET_HELP = ("a network card: user networking through a passt of its own (no root), forwarding host ports to"
+             " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address")
 
 
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +42,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem", help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,overlay=PATH]",
                         help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)")
-    parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                        help="virtio-net device on an existing TAP device (repeatable)")
+    parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME|none",
+                        help=_NET_HELP + " (repeatable; default: none for the demo guest)")
     parser.add_argument("--console-socket", type=Path, metavar="PATH",
                         help="a virtio-console port reachable as a Unix socket at PATH")
     parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
@@ -47,7 +51,7 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
-    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    networks = NetConfig.parse_flags(args.net)
     if getattr(args, "bundle", None) is not None:
         given = [flag for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
                  ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value]
@@ -87,8 +91,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the ready marker (default 600)")
     if name == "run":
         parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
-        parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                            help="TAP device (and optionally a new MAC) for each saved network device")
+        parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
+                            help="the wire for each saved network card: " + _NET_HELP
+                            + " (default: a passt of its own for each card saved on user networking)")
         parser.add_argument("--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device")
         parser.add_argument("--save", type=Path, metavar="OUT",
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
@@ -170,8 +175,14 @@ def _print_timings(machine: Machine, enabled: bool) -> None:
         print(machine.timings.json(), file=sys.stderr)
 
 
+def _report_forwards(machine: Machine) -> None:
+    for forward in machine.forwards:
+        print(f"smolvmm: forwarding host port {forward.host}/{forward.protocol} to guest port {forward.guest}", file=sys.stderr)
+
+
 async def _boot(config: MachineConfig, marker: str | None, timings: bool) -> int:
     async with Machine.boot(config) as machine:
+        _report_forwards(machine)
         status = await console_session(machine, marker)
     _print_timings(machine, timings)
     return status
@@ -202,6 +213,7 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, bootab
         marker = smolvmm.default_guest().ready_marker
     _progress(f"booting, waiting for {marker!r}")
     async with Machine.boot(config) as machine:
+        _report_forwards(machine)
         try:
             await machine.console.wait_for(marker, timeout)
         except TimeoutError:
@@ -214,12 +226,15 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, bootab
 
 
 async def _run(args: argparse.Namespace) -> int:
-    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if "none" in args.net:
+        raise ConfigError("--net none is for boot and build: a restored machine keeps the network cards it was saved with")
+    networks = NetConfig.parse_flags(args.net)
     if args.prepare_only:
         timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)
         print(timings.json(), file=sys.stderr)
         return 0
     async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
+        _report_forwards(machine)
         async with anyio.create_task_group() as tg:
             if args.save is not None:
                 tg.start_soon(_save_on_signal, machine, args.save)

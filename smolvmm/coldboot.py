@@ -15,7 +15,6 @@ from .console import VirtioConsoleInput
 from .devices.virtio.block import VirtioBlock
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
-from .devices.virtio.tap import Tap
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
@@ -23,6 +22,7 @@ from .errors import BundleError, ConfigError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .timings import Timings
+from .usernet import open_backend
 from .vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def virtio_devices(
         for index, disk in enumerate(config.disks):
             devices.append((VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"), None))
         for net in config.networks:
-            devices.append((VirtioNet(Tap(net.tap), net.mac), None))
+            devices.append((VirtioNet(open_backend(net), net.mac), None))
         if config.console_socket is not None:
             devices.append((VirtioConsole(UnixSocketPort(config.console_socket)), "socket"))
         devices.append((VirtioRng(), None))
@@ -111,7 +111,7 @@ def config_from_bundle(
 
     The kernel, initrd and disks are written once into the cache, keyed by the bundle's digest.
     """
-    from .restore import base_disk, open_bundle
+    from .restore import base_disk, networks_for, open_bundle
     from .snapshot import CONSOLE_ROLES_LABEL
 
     with open_bundle(path) as bundle:
@@ -125,9 +125,7 @@ def config_from_bundle(
         labels = bundle.labels
         roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
         devices = bundle.config.devices
-        saved_nets = sum(1 for d in devices if d.kind == "virtio-net")
-        if len(networks) != saved_nets:
-            raise ConfigError(f"the bundle has {saved_nets} network device(s): pass --net tap=NAME for each")
+        networks = networks_for(labels, sum(1 for d in devices if d.kind == "virtio-net"), networks)
         if "socket" in roles and console_socket is None:
             raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
         disks = tuple(

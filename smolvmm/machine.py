@@ -22,11 +22,13 @@ import anyio
 import anyio.abc
 
 from .agent import AGENT_LABEL, AgentPort
-from .config import MachineConfig, NetConfig
+from .config import MachineConfig, NetConfig, PortForward
 from .console import Console
+from .devices.virtio.net import VirtioNet
 from .errors import ConfigError
 from .eventfd import EventFd
 from .timings import Timings
+from .usernet import PasstBackend
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
 
@@ -53,6 +55,15 @@ class Machine:
         self.console: Console = vm.console
         self.timings = timings
         self.snapshot_timings = Timings()
+        self.forwards: tuple[PortForward, ...] = tuple(
+            forward
+            for transport in vm.transports
+            if isinstance(transport.device, VirtioNet) and isinstance(transport.device.backend, PasstBackend)
+            for forward in transport.device.backend.forwards
+        )
+        """The host ports forwarded to the guest (user networking), with the ports picked for 0."""
+        if self.forwards:
+            timings.note("forwards", " ".join(map(str, self.forwards)))
         self._cmdline = cmdline
         self._parent_digest = parent_digest
         self._device_tasks = device_tasks
@@ -105,8 +116,9 @@ class Machine:
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
-        ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
-        device, ``console_socket`` the socket path of a saved console-socket device, and
+        ``networks`` gives the wire (TAP device or user networking with its forwards, and
+        optionally a new MAC) for each saved network device; where none are given, each card
+        saved on user networking gets a passt of its own, ``console_socket`` the socket path of a saved console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
         is synced on that resume).

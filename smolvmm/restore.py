@@ -24,14 +24,14 @@ from .devices.virtio.block import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.net import VirtioNet
-from .devices.virtio.tap import Tap
 from .devices.virtio.ports import UnixSocketPort
 from .devices.virtio.rng import VirtioRng
 from .errors import BundleError, ConfigError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
-from .snapshot import CONSOLE_ROLES_LABEL
+from .snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from .timings import Timings
+from .usernet import open_backend
 from .vcpu import MachineExit
 from .vm import VirtualMachine
 
@@ -92,6 +92,19 @@ def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
     return cached_file(path, bundle.disk(index).materialise)
 
 
+def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
+    """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
+    are given, a user network (its own passt, no forwards) for each card saved on one."""
+    if given:
+        if len(given) != saved:
+            raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
+        return given
+    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
+    if saved and (len(modes) != saved or set(modes) != {"user"}):
+        raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
+    return (NetConfig(),) * saved
+
+
 def _devices(
     bundle: smolformat.Bundle,
     overrides: RestoreOverrides,
@@ -101,11 +114,9 @@ def _devices(
 ) -> list[tuple[VirtioDevice, str | None]]:
     """Fresh device objects for the bundle's virtio devices, in slot order, with console roles."""
     devices: list[tuple[VirtioDevice, str | None]] = []
-    networks = list(overrides.networks)
+    saved_nets = sum(1 for d in bundle.config.devices if d.kind == "virtio-net")
+    networks = list(networks_for(bundle.labels, saved_nets, overrides.networks))
     roles = list(roles)
-    saved_nets = [d for d in bundle.config.devices if d.kind == "virtio-net"]
-    if len(networks) != len(saved_nets):
-        raise ConfigError(f"the bundle has {len(saved_nets)} network device(s): pass --net tap=NAME for each")
     try:
         for entry in bundle.config.devices:
             if entry.bus != "mmio":
@@ -117,7 +128,7 @@ def _devices(
                 devices.append((device, None))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)
-                devices.append((VirtioNet(Tap(net.tap), net.mac or entry.params.mac), None))
+                devices.append((VirtioNet(open_backend(net), net.mac or entry.params.mac), None))
             elif entry.kind == "virtio-console":
                 role = roles.pop(0) if roles else "socket"
                 if role == "main" and main is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import anyio
 
@@ -19,6 +20,8 @@ VNET_HDR_SIZE = 12
 class NetBackend(ABC):
     """One network card's host side; non-blocking, used from the device's task only."""
 
+    mode: ClassVar[str]
+    """What kind of wire: "tap", "user" (passt), "stream" (another peer); saved with a bundle."""
     takes_offloads: bool = False
     """Whether it takes frames with partial checksums and TSO frames from the guest."""
     offloads: int = 0

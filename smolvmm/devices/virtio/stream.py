@@ -31,6 +31,8 @@ class StreamBackend(NetBackend):
     """Frames over connected stream socket ``sock`` (owned from here on), each at most ``max_frame``
     bytes of Ethernet frame."""
 
+    mode = "stream"
+
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         sock.setblocking(False)
         self._sock = sock

@@ -27,6 +27,7 @@ IFNAMSIZ = 16
 class Tap(NetBackend):
     """A non-blocking TAP file descriptor whose frames carry a 12-byte virtio-net header."""
 
+    mode = "tap"
     takes_offloads = True
 
     def __init__(self, name: str) -> None:

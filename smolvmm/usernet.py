@@ -1,0 +1,141 @@
+"""User-mode networking: one passt process per network card, no root, no daemon.
+
+passt (Debian package ``passt``) gets one end of a socketpair (``-F``) and speaks the stream
+framing on it; the device's backend holds the other end. That socket is passt's lifeline: when
+the machine closes it, or the monitor dies however it dies (SIGKILL included), the kernel closes
+it and passt exits, so no passt outlives its machine. (PR_SET_PDEATHSIG would not do: passt
+changes its credentials when started as root, which clears it.) ``close`` also stops and reaps it.
+
+The host ports of the forwards are checked (and picked, for port 0) here before passt starts, so
+a port in use is one clear error, not a passt that silently forwards nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .config import NetConfig, PortForward
+from .devices.virtio.backend import VNET_HDR_SIZE, NetBackend
+from .devices.virtio.net import MAX_FRAME
+from .devices.virtio.stream import StreamBackend
+from .devices.virtio.tap import Tap
+from .errors import ConfigError
+
+START_TIMEOUT = 30.0  # seconds for passt to bind its ports (the nested test machine is slow)
+_NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
+
+
+def open_backend(net: NetConfig) -> NetBackend:
+    """The host side of network card ``net``: its TAP device, or a passt of its own."""
+    if net.tap is not None:
+        return Tap(net.tap)
+    return PasstBackend(net.forwards)
+
+
+class PasstBackend(StreamBackend):
+    """A stream backend whose peer is a passt started for it, with ``forwards`` bound on the host."""
+
+    mode = "user"
+
+    def __init__(self, forwards: tuple[PortForward, ...]) -> None:
+        binary = shutil.which("passt")
+        if binary is None:
+            raise ConfigError("user networking needs passt, which is not installed: apt-get install passt (Debian package passt)")
+        self.forwards = tuple(_resolve(forward) for forward in forwards)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._runtime = Path(tempfile.mkdtemp(prefix="smolvmm-passt-"))
+        self._process: subprocess.Popen[bytes] | None = None
+        try:
+            super().__init__(ours, MAX_FRAME - VNET_HDR_SIZE)
+            self._process = self._spawn(binary, theirs)
+        except BaseException:
+            ours.close()
+            self._cleanup()
+            raise
+        finally:
+            theirs.close()
+
+    def _spawn(self, binary: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
+        pidfile = self._runtime / "passt.pid"
+        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()), "--pid", str(pidfile)]
+        for protocol, flag in (("tcp", "-t"), ("udp", "-u")):
+            ports = ",".join(f"{f.host}:{f.guest}" for f in self.forwards if f.protocol == protocol)
+            args += [flag, ports or "none"]
+        if os.geteuid() == 0:
+            # passt leaves root for "nobody" before it writes its pid file: let it write there.
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self._runtime, nobody.pw_uid, nobody.pw_gid)
+        log = tempfile.TemporaryFile(dir=self._runtime)
+        with log:
+            process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(theirs.fileno(),)
+            )
+            deadline = time.monotonic() + START_TIMEOUT
+            delay = 0.0005
+            # The pid file is written once passt has bound the forwarded ports and is serving.
+            while not (pidfile.exists() and pidfile.stat().st_size):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    _stop(process)
+                    log.seek(0)
+                    lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+                    said = next((line for line in reversed(lines) if not line.startswith(_NOISE)), "no message")
+                    why = "did not start in time" if process.returncode is None or process.returncode < 0 else "failed"
+                    raise ConfigError(f"passt {why}: {said.strip()} (user networking needs a host interface with a default route)")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+        return process
+
+    def close(self) -> None:
+        super().close()
+        if self._process is not None:
+            _stop(self._process)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End passt (it exits by itself once its socket closes) and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _resolve(forward: PortForward) -> PortForward:
+    """``forward`` with a free host port picked for 0, after checking that its host port is free."""
+    kind = socket.SOCK_STREAM if forward.protocol == "tcp" else socket.SOCK_DGRAM
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6 and Path("/proc/net/if_inet6").exists():
+        families.append((socket.AF_INET6, "::"))
+    port = forward.host
+    for family, address in families:
+        with socket.socket(family, kind) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as passt binds
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"host port {port}/{forward.protocol} is in use: forward another (forward=0:{forward.guest} picks a free one)"
+                    ) from None
+                if exc.errno == errno.EACCES:
+                    raise ConfigError(f"host port {port}/{forward.protocol} needs privileges: forward a port above 1023") from None
+                raise ConfigError(f"cannot use host port {port}/{forward.protocol}: {exc.strerror}") from None
+            port = probe.getsockname()[1]
+    return PortForward(port, forward.guest, forward.protocol)

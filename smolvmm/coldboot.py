@@ -78,6 +78,9 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     cmdline = with_console(cmdline, config.console)
     # The agent's console comes right after the main one: hvc1 when the console is virtio.
     cmdline += f" smolvmm.agent=hvc{1 if config.console == 'virtio' else 0}"
+    dhcp = [f"eth{index}" for index, net in enumerate(config.networks) if net.mode == "user"]
+    if dhcp:  # the guest asks passt for its address (a TAP network is the user's to address)
+        cmdline += f" smolvmm.dhcp={','.join(dhcp)}"
     if config.extra_cmdline:
         cmdline = f"{cmdline} {config.extra_cmdline}"
     memory = GuestMemory.anonymous(layout.ram_regions(config.memory))
@@ -132,7 +135,7 @@ def config_from_bundle(
             DiskConfig(base_disk(bundle, d.params.disk), read_only=d.params.read_only)
             for d in devices if d.kind == "virtio-blk"
         )
-        cmdline = re.sub(r"\s*\bsmolvmm\.agent=\S+", "", bundle.config.cmdline)  # added again by the boot
+        cmdline = re.sub(r"\s*\bsmolvmm\.(?:agent|dhcp)=\S+", "", bundle.config.cmdline)  # added again by the boot
         return MachineConfig(
             kernel=cached_file(directory / "vmlinuz", lambda partial: partial.write_bytes(kernel)),
             initrd=cached_file(directory / "initrd.img", lambda partial: partial.write_bytes(initrd)) if initrd else None,

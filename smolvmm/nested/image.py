@@ -94,7 +94,11 @@ mkdir -p /newroot/run/smolvmm && cp /job/job /newroot/run/smolvmm/job
 while read -r tag path; do
     mkdir -p "/newroot$path" && mount -t 9p -o @NINEP@ "$tag" "/newroot$path" || fail "could not mount --out $path"
 done < /job/mounts
-""", "chroot /newroot /bin/sh")
+# Put the new root over / and enter it as switch_root does: a job under a plain chroot may not
+# create user namespaces (EPERM), which passt's sandbox (user networking) needs. The redirections
+# to the ports still resolve in the initramfs, whose root this shell keeps.
+cd /newroot && mount --move . / || fail "could not move the new root over /"
+""", "chroot . /bin/sh")
 
 
 def nested_image() -> tuple[Path, Path]:

@@ -1,0 +1,186 @@
+"""User networking with real guests (nested KVM): port forwards into the guest, the guest reaching
+the host's loopback through its gateway, four clones each with their own passt and ports, and a
+flooding guest that slows only itself.
+
+The nested machine has no network interface: the module moves the test process into a network
+namespace of its own with one interface holding an address and a default route (a tap nobody
+reads), which is all passt needs; every connection stays on this namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from smolvmm import Machine, NetConfig, PortForward
+from test_boot import GUEST_TIMEOUT, shell
+
+pytestmark = [pytest.mark.kvm]
+CLONE_NEWNET = 0x40000000
+HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
+
+
+@pytest.fixture(scope="module")
+def host_netns() -> Iterator[None]:
+    """This thread (the one the tests and their event loops run on, and spawn passt from) in a
+    fresh network namespace: loopback plus wire0 with an address and a default route."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    try:
+        for command in (
+            "link set lo up",
+            "tuntap add dev wire0 mode tap",
+            f"addr add {HOST_ADDRESS}/24 dev wire0",
+            "link set wire0 up",
+            f"route add default via {GATEWAY} dev wire0 onlink",
+        ):
+            subprocess.run(["ip", *command.split()], check=True)
+        yield
+    finally:
+        libc.setns(original, CLONE_NEWNET)
+        os.close(original)
+
+
+@pytest.fixture(scope="module")
+def web_bundle(host_netns: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default guest built with ``--net user``: it took its address by DHCP from passt."""
+    path = tmp_path_factory.mktemp("usernet") / "web.smolmachine"
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--net", "user"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_server(host_netns: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """An HTTP server on this namespace's 127.0.0.1 (a free port), serving 'from the host'."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text("page from the host\n")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import http.server, socketserver, sys\n"
+         "s = socketserver.TCPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n"
+         "print(s.server_address[1], flush=True); s.serve_forever()"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert server.stdout is not None
+    yield int(server.stdout.readline())
+    server.kill()
+    server.wait()
+
+
+async def http_get(port: int) -> str:
+    """The body of GET / from 127.0.0.1:``port`` (in this namespace)."""
+    with anyio.fail_after(GUEST_TIMEOUT):
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            response = b""
+            try:
+                while True:
+                    response += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    return response.decode(errors="replace").split("\r\n\r\n", 1)[-1]
+
+
+def passt_processes() -> list[str]:
+    names = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/comm") as comm:
+                names.append(comm.read().strip())
+        except FileNotFoundError:
+            continue
+    return [name for name in names if name.startswith("passt")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # the CLI runs its own event loop
+async def test_run_forwards_a_host_port_to_the_guest_and_the_guest_reaches_the_host(
+    web_bundle: Path, host_server: int
+) -> None:
+    command = [sys.executable, "-m", "smolvmm", "run", "--timings", "--net", "user,forward=18080:80", str(web_bundle)]
+    async with await anyio.open_process(command) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        script = (
+            "mkdir -p /www; echo page from the guest > /www/index.html; httpd -p 80 -h /www; "
+            "ip -4 addr show eth0; ip route; "
+            f"echo fetched: $(wget -q -O - http://{GATEWAY}:{host_server}/); echo SETUP-''DONE\n"
+        )
+        await process.stdin.send(script.encode())
+        output = b""
+        with anyio.fail_after(GUEST_TIMEOUT):
+            while b"SETUP-DONE" not in output:
+                output += await process.stdout.receive()
+        text = output.decode(errors="replace")
+        assert f"inet {HOST_ADDRESS}/24" in text  # DHCP: the host's own address
+        assert f"default via {GATEWAY} dev eth0" in text  # ... and the host's gateway
+        assert "fetched: page from the host" in text  # the gateway address is the host's loopback
+        assert await http_get(18080) == "page from the guest\n"
+        await process.stdin.send(b"poweroff -f\n")
+        stderr = b""
+        async for chunk in process.stderr:
+            stderr += chunk
+        assert await process.wait() == 0
+    assert "smolvmm: forwarding host port 18080/tcp to guest port 80" in stderr.decode()
+    assert '"forwards": "18080:80/tcp"' in stderr.decode()  # the --timings JSON line
+    assert passt_processes() == []
+
+
+@pytest.mark.anyio
+async def test_four_clones_each_forward_their_own_port_and_answer_with_their_own_hostname(
+    web_bundle: Path, host_server: int
+) -> None:
+    network = (NetConfig(forwards=(PortForward(0, 80),)),)
+    async with (
+        Machine.restore(web_bundle, networks=network) as one,
+        Machine.restore(web_bundle, networks=network) as two,
+        Machine.restore(web_bundle, networks=network) as three,
+        Machine.restore(web_bundle, networks=network) as four,
+    ):
+        clones = [one, two, three, four]
+        ports = [clone.forwards[0].host for clone in clones]
+        assert len(set(ports)) == 4 and all(ports)
+        assert len(passt_processes()) == 4
+        for index, clone in enumerate(clones):
+            fetched = await shell(
+                clone,
+                f"hostname clone-{index}; mkdir -p /www; hostname > /www/index.html; httpd -p 80 -h /www; "
+                f"wget -q -O - http://{GATEWAY}:{host_server}/",
+            )
+            assert fetched == "page from the host"  # TCP out of a fresh clone works at once
+        for index, port in enumerate(ports):
+            assert await http_get(port) == f"clone-{index}\n"
+    assert passt_processes() == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) -> None:
+    async with Machine.restore(web_bundle) as flooder, Machine.restore(web_bundle) as quiet:
+        def sent() -> str:
+            return "cat /sys/class/net/eth0/statistics/tx_packets"
+
+        before = int(await shell(flooder, sent()))
+        # Small UDP datagrams out through passt (to an address beyond the namespace's unread tap),
+        # as fast as the guest makes them, in the background.
+        await shell(flooder, f"(dd if=/dev/zero bs=16 2>/dev/null | nc -u 198.51.100.1 9 >/dev/null 2>&1 &) ; echo flooding")
+        answered = 0
+        for round_ in range(20):
+            assert await shell(quiet, f"echo round-{round_}") == f"round-{round_}"
+            answered += 1
+        flooded = int(await shell(flooder, sent())) - before
+        assert answered == 20
+        assert flooded > 1000, flooded  # the flood ran all the while the quiet machine answered
+        assert re.fullmatch(r"\d+", await shell(flooder, "pidof nc"))  # and still runs

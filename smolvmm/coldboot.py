@@ -22,7 +22,7 @@ from .errors import BundleError, ConfigError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .timings import Timings
-from .usernet import open_backend
+from .usernet import DHCP_ARG, open_backend
 from .vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     cmdline += f" smolvmm.agent=hvc{1 if config.console == 'virtio' else 0}"
     dhcp = [f"eth{index}" for index, net in enumerate(config.networks) if net.mode == "user"]
     if dhcp:  # the guest asks passt for its address (a TAP network is the user's to address)
-        cmdline += f" smolvmm.dhcp={','.join(dhcp)}"
+        cmdline += f" {DHCP_ARG}={','.join(dhcp)}"
     if config.extra_cmdline:
         cmdline = f"{cmdline} {config.extra_cmdline}"
     memory = GuestMemory.anonymous(layout.ram_regions(config.memory))

@@ -3,6 +3,22 @@
 A user sees ``str(exc)`` as one line; a developer sees the chain (``raise ... from``).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def unwrapped_errors() -> Iterator[None]:
+    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        if isinstance(group, BaseExceptionGroup):
+            raise
+        raise group from group.__cause__
+
 
 class SmolvmmError(Exception):
     """Base of every error smolvmm raises on purpose."""
@@ -21,7 +37,23 @@ class GuestError(SmolvmmError):
 
 
 class GuestTimeout(GuestError, TimeoutError):
-    """The guest did not show what was awaited (e.g. a console pattern) in time."""
+    """The guest did not show what was awaited (e.g. a console pattern, an exec's exit) in time."""
+
+
+class AgentError(GuestError):
+    """The guest agent is unreachable or broke its protocol; the machine's agent calls fail."""
+
+
+class AgentTooOld(AgentError):
+    """The guest's agent predates protocol 2 (exec, files): its bundle must be rebuilt."""
+
+
+class GuestFileError(GuestError):
+    """A file operation failed inside the guest; the message is the guest's (path: reason)."""
+
+
+class OutputLimitError(GuestError):
+    """A command's output or a file read went past the caller's byte limit and was refused."""
 
 
 class GuestMemoryError(GuestError):

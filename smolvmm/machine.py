@@ -13,22 +13,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, AgentPort
+from .agent import AGENT_LABEL, LABEL_V2, AgentPort, Identity
 from .config import MachineConfig, NetConfig, PortForward
 from .console import Console
 from .devices.virtio.net import VirtioNet
-from .errors import ConfigError
+from .errors import AgentError, ConfigError, GuestError, unwrapped_errors
 from .eventfd import EventFd
+from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
+from .guest_files import GuestFiles
 from .timings import Timings
-from .usernet import PasstBackend
+from .usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
 
@@ -80,10 +82,13 @@ class Machine:
         self._paused = False
         self._sync_agent_on_resume = False
         self._new_macs: dict[str, bytes] = {}
+        self._renew_dhcp: tuple[str, ...] = ()  # a restored clone's user-mode interfaces, to renew
         self._snapshot_lock = anyio.Lock()
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
+        self.files = GuestFiles(self._agent_port)
+        """Files inside the guest: ``write``, ``read``, ``upload``, ``download``."""
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -100,6 +105,8 @@ class Machine:
         from .coldboot import create_for_boot
 
         machine = create_for_boot(cls, config)
+        if machine._agent is not None:
+            machine._agent.identity = _identity(config.env, config.secrets, None)
         async with machine._running():
             yield machine
 
@@ -113,18 +120,29 @@ class Machine:
         console_socket: Path | None = None,
         overlays: tuple[Path | None, ...] = (),
         paused: bool = False,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        hostname: str | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
 
+        Every ``exec`` then sees ``env`` and ``secrets`` as environment variables (a call's own
+        ``env`` wins). Secrets reach the guest only through its agent after the resume, are held
+        only in the agent's memory, and are overwritten there before any snapshot, so bundles
+        saved from this machine do not contain them. The guest is given ``hostname`` (default
+        ``smolvmm-`` and 8 random hex digits) and a fresh /etc/machine-id.
+
         ``networks`` gives the wire (TAP device or user networking with its forwards, and
-        optionally a new MAC) for each saved network device; where none are given, each card
-        saved on user networking gets a passt of its own, ``console_socket`` the socket path of a saved console-socket device, and
+        optionally a new MAC) for each saved network device (by default, a passt of its own for
+        each card saved on user networking), ``console_socket`` the socket path of a saved
+        console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
         is synced on that resume).
         """
         from .restore import RestoreOverrides, restore_vm_from
 
+        identity = _identity(env, secrets, hostname)
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
@@ -136,8 +154,13 @@ class Machine:
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
-        machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
+        label = restored.labels.get(AGENT_LABEL)
+        machine._sync_agent_on_resume = label in ("yes", LABEL_V2)
+        if restored.agent is not None:
+            restored.agent.protocol = 1 if label == "yes" else 2
+            restored.agent.identity = identity
         machine._new_macs = restored.new_macs
+        machine._renew_dhcp = dhcp_interfaces(restored.cmdline)
         async with machine._running(paused):
             if not paused:
                 await machine._sync_agent()
@@ -167,15 +190,38 @@ class Machine:
         self._sync_agent_on_resume = False
         if await self._agent.sync(self._new_macs):
             self.timings.mark("agent_sync")
+            await self._renew_networks()
         else:
             self.timings.note("agent", "no answer: guest clock and RNG not refreshed")
+
+    async def _renew_networks(self) -> None:
+        """A restored clone's user networks are a new passt's, maybe on another host: the guest
+        takes each link down and up (dropping routes and neighbours of the old one) and takes its
+        lease again, before anyone uses the machine."""
+        interfaces, self._renew_dhcp = self._renew_dhcp, ()
+        if not interfaces or self._agent is None or self._agent.protocol < 2:
+            return
+        script = "; ".join(
+            f"ip link set {name} down && ip link set {name} up && "
+            f"udhcpc -i {name} -s {DHCP_SCRIPT} -n -q -t 5 -T 1 >/dev/null 2>&1"
+            for name in interfaces
+        )
+        try:
+            result = await self.exec(f"[ -x {DHCP_SCRIPT} ] || exit 0; {script}", timeout=RENEW_TIMEOUT)
+        except GuestError as exc:
+            self.timings.note("network", f"not renewed: {exc}")
+            return
+        if result.exit_code:
+            self.timings.note("network", f"not renewed: the guest's udhcpc exited with {result.exit_code}")
+        else:
+            self.timings.mark("network_renewed")
 
     @asynccontextmanager
     async def _running(self, paused: bool = False) -> AsyncIterator[Machine]:
         self._paused = paused
         try:
             install_kick_handler()
-            with _unwrapped_errors():
+            with unwrapped_errors():
                 async with anyio.create_task_group() as tg:
                     try:
                         tg.start_soon(self._run_devices)
@@ -317,12 +363,18 @@ class Machine:
             if self._boot_files is None:
                 raise ConfigError("this machine does not know the kernel it was booted from")
             boot_files = await anyio.to_thread.run_sync(self._boot_files)
+        if self._paused and self._agent is not None and self._agent.holds_secrets:
+            raise AgentError("resume this machine before saving it: its agent holds secrets it must overwrite first")
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
             if self._agent is not None and not self._paused and await self._agent.sync():
-                labels[AGENT_LABEL] = "yes"  # the guest runs the agent: resumes will sync it
+                # the guest runs the agent: resumes will sync it, in the protocol it speaks
+                labels[AGENT_LABEL] = "yes" if self._agent.protocol == 1 else LABEL_V2
             timings.mark("agent_sync")
+            if self._agent is not None and not self._paused and not await self._agent.scrub():
+                raise AgentError("the guest agent did not confirm it overwrote its secrets: not saving them")
+            timings.mark("agent_scrubbed")
             was_paused = self._paused
             await self.pause()
             timings.mark("vcpus_parked")
@@ -343,23 +395,61 @@ class Machine:
             timings.mark("resumed")
         return digest
 
+    def _agent_port(self) -> AgentPort:
+        if self._agent is None:
+            raise AgentError("this machine has no guest agent port (it was booted without one)")
+        return self._agent
+
+    async def exec(
+        self,
+        cmd: str | list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` in the guest and return its ``ExecResult`` once it ends.
+
+        ``cmd`` is an argv list (no shell) or a string run by ``/bin/sh -c``. The process gets
+        the machine's env and secrets plus ``env``, starts in ``cwd`` and reads ``stdin``. A
+        nonzero exit is a result; killed by signal N, ``exit_code`` is 128+N and ``signal`` N.
+        After ``timeout`` seconds its process group is killed and ``GuestTimeout`` raised (the
+        machine stays usable). More than ``max_output`` bytes (default 16 MiB) on stdout or
+        stderr kills it and raises ``OutputLimitError``; stream big output with ``process``.
+        An agent too old for exec raises ``AgentTooOld``.
+        """
+        return await run(self._agent_port(), cmd, env, cwd, stdin, timeout, max_output)
+
+    @asynccontextmanager
+    async def process(
+        self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> AsyncIterator[Process]:
+        """Start ``cmd`` in the guest and stream it: ``stdin.send``/``stdin.aclose``, ``async for``
+        over ``stdout``/``stderr``, ``wait()``, ``kill()``. Leaving the block kills it if it runs."""
+        async with open_process(self._agent_port(), cmd, env, cwd) as process:
+            yield process
+
     def _close(self) -> None:
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()
 
 
-@contextmanager
-def _unwrapped_errors() -> Iterator[None]:
-    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
+def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:
+    """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
+    from .agent_protocol import setup_payload
+
+    hostname = hostname or f"smolvmm-{os.urandom(4).hex()}"
+    identity = Identity(dict(env or {}), dict(secrets or {}), hostname, os.urandom(16).hex())
+    if not 0 < len(identity.hostname.encode()) <= 64 or any(c.isspace() for c in identity.hostname):
+        raise ConfigError(f"hostname {identity.hostname!r}: 1 to 64 bytes, no spaces")
     try:
-        yield
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        if isinstance(group, BaseExceptionGroup):
-            raise
-        raise group from group.__cause__
+        setup_payload(identity.hostname, identity.machine_id, identity.env, identity.secrets)
+    except ValueError as exc:
+        raise ConfigError(f"env/secrets: {exc}") from None
+    return identity
 
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:

@@ -95,11 +95,17 @@ def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
 def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
     """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
     are given, a user network (its own passt, no forwards) for each card saved on one."""
+    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
     if given:
         if len(given) != saved:
             raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
+        for index, (net, mode) in enumerate(zip(given, modes)):
+            if mode == "tap" and net.mode == "user":
+                raise ConfigError(
+                    f"network device {index} was saved on a TAP device whose checksum and TSO offloads the guest "
+                    "uses; user networking cannot take them: pass --net tap=NAME for it"
+                )
         return given
-    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
     if saved and (len(modes) != saved or set(modes) != {"user"}):
         raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
     return (NetConfig(),) * saved

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -29,8 +30,21 @@ from .devices.virtio.stream import StreamBackend
 from .devices.virtio.tap import Tap
 from .errors import ConfigError
 
+# The guest's side (the demo guest honours it): smolvmm.dhcp=eth0,... on the kernel command line
+# names the user-mode interfaces, and udhcpc applies a lease with this hook.
+DHCP_ARG = "smolvmm.dhcp"
+DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
+RENEW_TIMEOUT = 30.0
 START_TIMEOUT = 30.0  # seconds for passt to bind its ports (the nested test machine is slow)
 _NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
+
+
+def dhcp_interfaces(cmdline: str) -> tuple[str, ...]:
+    """The interfaces a guest booted with ``cmdline`` takes a DHCP lease on (from passt)."""
+    for word in cmdline.split():
+        if word.startswith(DHCP_ARG + "="):
+            return tuple(name for name in word.partition("=")[2].split(",") if re.fullmatch(r"eth\d{1,3}", name))
+    return ()
 
 
 def open_backend(net: NetConfig) -> NetBackend:

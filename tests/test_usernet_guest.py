@@ -163,6 +163,7 @@ async def test_four_clones_each_forward_their_own_port_and_answer_with_their_own
             assert fetched == "page from the host"  # TCP out of a fresh clone works at once
         for index, port in enumerate(ports):
             assert await http_get(port) == f"clone-{index}\n"
+        assert all("network_renewed" in clone.timings.phases for clone in clones)
     assert passt_processes() == []
 
 
@@ -191,3 +192,26 @@ async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) 
         assert re.fullmatch(r"\d+", await shell(flooder, "pidof nc"))  # and still runs
     sink.kill()
     sink.wait()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_clone_on_a_host_with_other_addresses_takes_them_before_it_is_handed_over(
+    web_bundle: Path, host_server: int
+) -> None:
+    moved = {"address": "10.0.3.15", "gateway": "10.0.3.1"}
+    readdress(moved["address"], moved["gateway"])
+    try:
+        async with Machine.restore(web_bundle) as clone:
+            assert "network_renewed" in clone.timings.phases
+            assert f"inet {moved['address']}/24" in await shell(clone, "ip -4 addr show eth0")
+            fetched = await shell(clone, f"wget -q -O - http://{moved['gateway']}:{host_server}/")
+            assert fetched == "page from the host"  # the new gateway is this host's loopback
+    finally:
+        readdress(HOST_ADDRESS, GATEWAY)
+
+
+def readdress(address: str, gateway: str) -> None:
+    """Give this namespace's wire0 another address and default route (a host on another network)."""
+    for command in ("addr flush dev wire0", f"addr add {address}/24 dev wire0", f"route add default via {gateway} dev wire0 onlink"):
+        subprocess.run(["ip", *command.split()], check=True)

@@ -57,12 +57,12 @@ class Machine:
         self.console: Console = vm.console
         self.timings = timings
         self.snapshot_timings = Timings()
-        self.forwards: tuple[PortForward, ...] = tuple(
-            forward
+        self._passts = [
+            transport.device.backend
             for transport in vm.transports
             if isinstance(transport.device, VirtioNet) and isinstance(transport.device.backend, PasstBackend)
-            for forward in transport.device.backend.forwards
-        )
+        ]
+        self.forwards: tuple[PortForward, ...] = tuple(forward for passt in self._passts for forward in passt.forwards)
         """The host ports forwarded to the guest (user networking), with the ports picked for 0."""
         if self.forwards:
             timings.note("forwards", " ".join(map(str, self.forwards)))
@@ -108,6 +108,7 @@ class Machine:
         if machine._agent is not None:
             machine._agent.identity = _identity(config.env, config.secrets, None)
         async with machine._running():
+            await machine._networks_started()
             yield machine
 
     @classmethod
@@ -162,8 +163,10 @@ class Machine:
         machine._new_macs = restored.new_macs
         machine._renew_dhcp = dhcp_interfaces(restored.cmdline)
         async with machine._running(paused):
-            if not paused:
-                await machine._sync_agent()
+            async with anyio.create_task_group() as tg:  # passt starts while the agent syncs
+                tg.start_soon(machine._networks_started)
+                if not paused:
+                    tg.start_soon(machine._sync_agent)
             yield machine
 
     @classmethod
@@ -182,6 +185,13 @@ class Machine:
         restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False).vm.close()
         timings.mark("teardown")
         return timings
+
+    async def _networks_started(self) -> None:
+        """Wait until every passt of this machine serves its forwards."""
+        for passt in self._passts:
+            await passt.wait_started()
+        if self._passts:
+            self.timings.mark("passt_started")
 
     async def _sync_agent(self) -> None:
         """Before anyone talks to a resumed guest: set its clock and reseed its RNG (clone safety)."""

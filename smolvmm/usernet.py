@@ -7,7 +7,9 @@ it and passt exits, so no passt outlives its machine. (PR_SET_PDEATHSIG would no
 changes its credentials when started as root, which clears it.) ``close`` also stops and reaps it.
 
 The host ports of the forwards are checked (and picked, for port 0) here before passt starts, so
-a port in use is one clear error, not a passt that silently forwards nothing.
+a port in use is one clear error, not a passt that silently forwards nothing. passt starts while
+the machine restores (``wait_started`` waits for it): frames the guest sends meanwhile wait in
+the socket.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+from typing import IO
+
+import anyio
 
 from .config import NetConfig, PortForward
 from .devices.virtio.backend import VNET_HDR_SIZE, NetBackend
@@ -67,6 +71,7 @@ class PasstBackend(StreamBackend):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._runtime = Path(tempfile.mkdtemp(prefix="smolvmm-passt-"))
         self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
         try:
             super().__init__(ours, MAX_FRAME - VNET_HDR_SIZE)
             self._process = self._spawn(binary, theirs)
@@ -78,8 +83,7 @@ class PasstBackend(StreamBackend):
             theirs.close()
 
     def _spawn(self, binary: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
-        pidfile = self._runtime / "passt.pid"
-        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()), "--pid", str(pidfile)]
+        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()), "--pid", str(self._pidfile)]
         for protocol, flag in (("tcp", "-t"), ("udp", "-u")):
             ports = ",".join(f"{f.host}:{f.guest}" for f in self.forwards if f.protocol == protocol)
             args += [flag, ports or "none"]
@@ -87,25 +91,34 @@ class PasstBackend(StreamBackend):
             # passt leaves root for "nobody" before it writes its pid file: let it write there.
             nobody = pwd.getpwnam("nobody")
             os.chown(self._runtime, nobody.pw_uid, nobody.pw_gid)
-        log = tempfile.TemporaryFile(dir=self._runtime)
-        with log:
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(theirs.fileno(),)
-            )
-            deadline = time.monotonic() + START_TIMEOUT
-            delay = 0.0005
-            # The pid file is written once passt has bound the forwarded ports and is serving.
-            while not (pidfile.exists() and pidfile.stat().st_size):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    _stop(process)
-                    log.seek(0)
-                    lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
-                    said = next((line for line in reversed(lines) if not line.startswith(_NOISE)), "no message")
-                    why = "did not start in time" if process.returncode is None or process.returncode < 0 else "failed"
-                    raise ConfigError(f"passt {why}: {said.strip()} (user networking needs a host interface with a default route)")
-                time.sleep(delay)
+        self._log = tempfile.TemporaryFile(dir=self._runtime)
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, pass_fds=(theirs.fileno(),)
+        )
+
+    @property
+    def _pidfile(self) -> Path:
+        return self._runtime / "passt.pid"
+
+    async def wait_started(self) -> None:
+        """Return once passt has bound the forwarded ports and serves (it then writes its pid
+        file); ConfigError with passt's own words if it fails or takes over START_TIMEOUT."""
+        assert self._process is not None and self._log is not None
+        delay = 0.0005
+        with anyio.move_on_after(START_TIMEOUT):
+            while not (self._pidfile.exists() and self._pidfile.stat().st_size):
+                if self._process.poll() is not None:
+                    break
+                await anyio.sleep(delay)
                 delay = min(delay * 2, 0.02)
-        return process
+            else:
+                return
+        _stop(self._process)
+        self._log.seek(0)
+        lines = [line for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        said = next((line for line in reversed(lines) if not line.startswith(_NOISE)), "no message")
+        why = "failed" if self._process.returncode and self._process.returncode > 0 else "did not start in time"
+        raise ConfigError(f"passt {why}: {said.strip()} (user networking needs a host interface with a default route)")
 
     def close(self) -> None:
         super().close()
@@ -114,6 +127,8 @@ class PasstBackend(StreamBackend):
         self._cleanup()
 
     def _cleanup(self) -> None:
+        if self._log is not None:
+            self._log.close()
         shutil.rmtree(self._runtime, ignore_errors=True)
 
 

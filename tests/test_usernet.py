@@ -94,6 +94,7 @@ async def test_passt_binds_the_forwards_and_offers_the_guest_the_host_address(ne
     try:
         tcp, udp = backend.forwards
         assert tcp.host and udp.host and (tcp.guest, tcp.protocol, udp.protocol) == (80, "tcp", "udp")
+        await backend.wait_started()
         assert len(passt_children()) == 1
         with pytest.raises(ConfigError, match=f"host port {tcp.host}/tcp is in use"):
             in_netns(netns, lambda: PasstBackend((PortForward(tcp.host, 80),)))  # passt holds it
@@ -180,3 +181,17 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
         NetConfig.parse_flags(["none", "user"])
     with pytest.raises(ConfigError, match="need user networking"):
         NetConfig("tap0", forwards=(PortForward(1, 2),))
+
+
+@pytest.mark.anyio
+async def test_a_host_without_a_default_route_is_one_error_in_passts_words() -> None:
+    name = f"smolvmm-noroute-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        backend = in_netns(name, lambda: PasstBackend(()))
+        with pytest.raises(ConfigError, match=r"^passt failed: .*needs a host interface with a default route"):
+            await backend.wait_started()
+        backend.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert passt_children() == []

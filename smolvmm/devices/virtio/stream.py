@@ -2,9 +2,11 @@
 every Ethernet frame is preceded by its length as 4 bytes, big endian; no virtio-net header.
 
 Both directions are bounded and never block: received bytes collect in a fixed buffer that
-holds at least one largest frame, and a frame the socket took only part of waits, with a
-bounded amount of later frames, for ``serve`` to send when the socket is writable; beyond that
-bound frames are dropped. A length above the largest frame is the peer's fault: that frame is
+holds at least one largest frame, and frames the full socket did not take wait, whole and up to
+a bound, for ``serve`` to send when the socket is writable; beyond that bound frames are dropped.
+Each frame goes out in a send call of its own: on a Unix socket a frame below half the send
+buffer is then taken whole or not at all, so the peer never sees half a frame (passt before
+2024 lost its place in the stream on one). A length above the largest frame is the peer's fault: that frame is
 skipped without being buffered, and the stream stays in step.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
 
 import anyio
@@ -40,7 +43,8 @@ class StreamBackend(NetBackend):
         self._in = bytearray(max(RECEIVE_BUFFER, LENGTH.size + max_frame))
         self._start = self._end = 0  # unparsed received bytes are _in[_start:_end]
         self._skip = 0  # bytes of a refused frame still to throw away
-        self._out = bytearray()  # bytes of frames the socket has not taken yet
+        self._out: deque[memoryview] = deque()  # framed frames the socket has not taken yet
+        self._out_bytes = 0
         self._out_waiting = anyio.Event()
         self._closed_by_peer = False
         self.dropped = 0  # frames to the peer dropped because the backlog was full
@@ -122,32 +126,36 @@ class StreamBackend(NetBackend):
         if length <= 0:
             return
         frame = slice_views(views, VNET_HDR_SIZE, length)
-        if self._out:
-            if len(self._out) + LENGTH.size + length > SEND_BACKLOG:
-                self.dropped += 1
-                return
-            self._out += LENGTH.pack(length)
-            for view in frame:
-                self._out += view
-            self._flush()
-            return
         prefix = LENGTH.pack(length)
-        try:
-            sent = self._sock.sendmsg([prefix, *frame])
-        except BlockingIOError:
-            sent = 0
-        if sent < LENGTH.size + length:
-            # Keep the rest: the peer must see whole frames, so what is started is finished.
-            rest = memoryview(b"".join([prefix, *frame]))[sent:]
-            self._out += rest
-            self._out_waiting.set()
+        sent = 0
+        if not self._out:
+            try:
+                sent = self._sock.sendmsg([prefix, *frame])
+            except BlockingIOError:
+                pass
+            if sent == LENGTH.size + length:
+                return
+        elif self._out_bytes + LENGTH.size + length > SEND_BACKLOG:
+            self.dropped += 1
+            return
+        # Keep the rest, in order: what is started is finished, so the peer sees whole frames.
+        rest = memoryview(b"".join([prefix, *frame]))[sent:]
+        self._out.append(rest)
+        self._out_bytes += len(rest)
+        self._out_waiting.set()
 
     def _flush(self) -> None:
-        try:
-            sent = self._sock.send(self._out)
-        except BlockingIOError:
-            return
-        del self._out[:sent]
+        """Send waiting frames, one per call, until the socket is full."""
+        while self._out:
+            try:
+                sent = self._sock.send(self._out[0])
+            except BlockingIOError:
+                return
+            self._out_bytes -= sent
+            if sent < len(self._out[0]):
+                self._out[0] = self._out[0][sent:]
+                return
+            self._out.popleft()
 
     async def serve(self) -> None:
         while True:
@@ -159,6 +167,7 @@ class StreamBackend(NetBackend):
             except OSError as exc:  # the peer went away: the link goes silent, the machine runs on
                 _log.warning("network stream closed: %s", exc)
                 self._out.clear()
+                self._out_bytes = 0
                 await anyio.sleep_forever()
             self._out_waiting = anyio.Event()
 

@@ -39,7 +39,9 @@ from .errors import ConfigError
 DHCP_ARG = "smolvmm.dhcp"
 DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
 RENEW_TIMEOUT = 30.0
-START_TIMEOUT = 30.0  # seconds for passt to bind its ports (the nested test machine is slow)
+START_TIMEOUT = 30.0
+SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>  # seconds for passt to bind its ports (the nested test machine is slow)
 _NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
 
 
@@ -69,6 +71,8 @@ class PasstBackend(StreamBackend):
             raise ConfigError("user networking needs passt, which is not installed: apt-get install passt (Debian package passt)")
         self.forwards = tuple(_resolve(forward) for forward in forwards)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            _deep_send_buffer(end)
         self._runtime = Path(tempfile.mkdtemp(prefix="smolvmm-passt-"))
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -130,6 +134,15 @@ class PasstBackend(StreamBackend):
         if self._log is not None:
             self._log.close()
         shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+def _deep_send_buffer(end: socket.socket) -> None:
+    """Let the socket hold SOCKET_BUFFER bytes of frames (beyond net.core.wmem_max where allowed):
+    the passt in Debian 12 drops the rest of a frame it could send only in part to a slow reader."""
+    try:
+        end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+    except PermissionError:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

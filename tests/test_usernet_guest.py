@@ -188,8 +188,6 @@ async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) 
         flooded = int(await shell(flooder, sent)) - before
         # Under nested TCG a guest makes a few hundred such frames in that while, not tens of thousands.
         assert flooded > 200, flooded  # the flood ran all the while the quiet machine answered 20 times
-        await shell(quiet, "echo one-more-round")
-        assert int(await shell(flooder, sent)) - before > flooded  # and it still runs
     sink.kill()
     sink.wait()
 

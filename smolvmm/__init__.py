@@ -17,6 +17,7 @@ _EXPORTS = {
     "MachineConfig": "smolvmm.config",
     "DiskConfig": "smolvmm.config",
     "NetConfig": "smolvmm.config",
+    "PortForward": "smolvmm.config",
     "parse_size": "smolvmm.config",
     "ExitReason": "smolvmm.vcpu",
     "MachineExit": "smolvmm.vcpu",
@@ -66,7 +67,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .config import DiskConfig, MachineConfig, NetConfig, parse_size
+    from .config import DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
     from .console import Console
     from .hostkvm import HostKvm
     from .hostkvm import probe as probe_host

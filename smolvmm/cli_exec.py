@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from smolvmm import ConfigError, Jail, Machine, Process, cli_output
+from smolvmm.cli_machine import report_forwards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +89,7 @@ async def run_command(args: argparse.Namespace, restore_args: dict[str, Any], ja
         if not Path(host).is_file():
             raise ConfigError(f"--copy-in {host}: no such file")
     async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+        report_forwards(machine)
         for host, guest in copy_in:
             await machine.files.upload(host, guest)
         async with machine.process(args.command) as process:

@@ -38,8 +38,12 @@ _FLAGS = {
     "MachineConfig.vcpus": "--cpus", "MachineConfig.memory": "--mem", "MachineConfig.disks": "--disk",
     "MachineConfig.console_socket": "--console-socket", "MachineConfig.console": "--console",
     "DiskConfig.path": "--disk", "DiskConfig.overlay": "--disk overlay", "DiskConfig.read_only": "--disk ro",
-    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac",
+    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac", "NetConfig.forwards": "--net forward",
 }
+
+
+_NET_HELP = ("a network card: user networking through a passt of its own (no root), forwarding host ports to"
+             " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address")
 
 
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +54,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem", type=size, help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,overlay=PATH]",
                         help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)")
-    parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                        help="virtio-net device on an existing TAP device (repeatable)")
+    parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME|none",
+                        help=_NET_HELP + " (repeatable; default: none for the demo guest)")
     parser.add_argument("--console-socket", type=Path, metavar="PATH",
                         help="a virtio-console port reachable as a Unix socket at PATH")
     parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
@@ -59,7 +63,7 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
-    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    networks = NetConfig.parse_flags(args.net)
     if getattr(args, "bundle", None) is not None:
         given = [flag for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
                  ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value is not None and value != []]
@@ -102,8 +106,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="print the bundle's path, digest, sizes and timings as JSON on stdout")
     if name == "run":
         parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
-        parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                            help="TAP device (and optionally a new MAC) for each saved network device")
+        parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
+                            help="the wire for each saved network card: " + _NET_HELP
+                            + " (default: a passt of its own for each card saved on user networking)")
         parser.add_argument("--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device")
         parser.add_argument("--save", type=Path, metavar="OUT",
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
@@ -239,9 +244,16 @@ async def _stop_on_signal(machine: Machine) -> None:
             return
 
 
+def report_forwards(machine: Machine) -> None:
+    """One line on stderr per port forward, with the host port actually bound."""
+    for forward in machine.forwards:
+        cli_output.message(f"forwarding host port {forward.host}/{forward.protocol} to guest port {forward.guest}")
+
+
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
     async with Machine.boot(config, jail=_jail(args)) as machine:
         _note_pvm_host()
+        report_forwards(machine)
         what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
         status = await serve(machine, "boot", what, marker)
     if args.timings:
@@ -274,6 +286,7 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
         _note_pvm_host()
+        report_forwards(machine)
         ready_ms = await wait_ready(machine, marker, args.timeout)
         encoding = "zstd" if args.zstd else "raw"
         labels = {READY_MARKER_LABEL: marker}
@@ -321,7 +334,9 @@ async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    networks = tuple(NetConfig.parse(spec) for spec in args.net)
+    if "none" in args.net:
+        raise ConfigError("--net none is for boot and build: a restored machine keeps the network cards it was saved with")
+    networks = NetConfig.parse_flags(args.net)
     if args.require_signature and args.trusted_keys is None:
         raise ConfigError("--require-signature needs --trusted-keys DIR: the public keys a signature may be by")
     restore_args = {"networks": networks, "console_socket": args.console_socket, "trusted_keys": args.trusted_keys}
@@ -336,6 +351,7 @@ async def _run(args: argparse.Namespace) -> int:
     env, secrets = cli_exec.identity(args)
     async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=_jail(args)) as machine:
         _note_pvm_host()
+        report_forwards(machine)
         status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
     if args.timings:
         report_timings(machine.timings, args.json)

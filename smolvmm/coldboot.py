@@ -22,6 +22,7 @@ from .errors import BundleError, ConfigError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
 from .timings import Timings
+from .usernet import DHCP_ARG, open_backend
 from .vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def virtio_devices(
         for index, disk in enumerate(config.disks):
             devices.append((VirtioBlock(disk.path, disk.read_only, disk.overlay, serial=f"smolvmm-disk{index}"), None))
         for net in config.networks:
-            devices.append((VirtioNet(net.tap, net.mac), None))
+            devices.append((VirtioNet(open_backend(net), net.mac), None))
         if config.console_socket is not None:
             devices.append((VirtioConsole(UnixSocketPort(config.console_socket)), "socket"))
         devices.append((VirtioRng(), None))
@@ -77,6 +78,9 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
     cmdline = with_console(cmdline, config.console)
     # The agent's console comes right after the main one: hvc1 when the console is virtio.
     cmdline += f" smolvmm.agent=hvc{1 if config.console == 'virtio' else 0}"
+    dhcp = [f"eth{index}" for index, net in enumerate(config.networks) if net.mode == "user"]
+    if dhcp:  # the guest asks passt for its address (a TAP network is the user's to address)
+        cmdline += f" {DHCP_ARG}={','.join(dhcp)}"
     if config.extra_cmdline:
         cmdline = f"{cmdline} {config.extra_cmdline}"
     memory = GuestMemory.anonymous(layout.ram_regions(config.memory))
@@ -110,7 +114,7 @@ def config_from_bundle(
 
     The kernel, initrd and disks are written once into the cache, keyed by the bundle's digest.
     """
-    from .restore import base_disk, open_bundle
+    from .restore import base_disk, networks_for, open_bundle
     from .snapshot import CONSOLE_ROLES_LABEL
 
     with open_bundle(path) as bundle:
@@ -124,16 +128,14 @@ def config_from_bundle(
         labels = bundle.labels
         roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
         devices = bundle.config.devices
-        saved_nets = sum(1 for d in devices if d.kind == "virtio-net")
-        if len(networks) != saved_nets:
-            raise ConfigError(f"the bundle has {saved_nets} network device(s): pass --net tap=NAME for each")
+        networks = networks_for(labels, sum(1 for d in devices if d.kind == "virtio-net"), networks)
         if "socket" in roles and console_socket is None:
             raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
         disks = tuple(
             DiskConfig(base_disk(bundle, d.params.disk), read_only=d.params.read_only)
             for d in devices if d.kind == "virtio-blk"
         )
-        cmdline = re.sub(r"\s*\bsmolvmm\.agent=\S+", "", bundle.config.cmdline)  # added again by the boot
+        cmdline = re.sub(r"\s*\bsmolvmm\.(?:agent|dhcp)=\S+", "", bundle.config.cmdline)  # added again by the boot
         return MachineConfig(
             kernel=cached_file(directory / "vmlinuz", lambda partial: partial.write_bytes(kernel)),
             initrd=cached_file(directory / "initrd.img", lambda partial: partial.write_bytes(initrd)) if initrd else None,

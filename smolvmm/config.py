@@ -119,21 +119,75 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
-class NetConfig:
-    """A virtio-net device backed by host TAP device ``tap``; a random MAC when ``mac`` is None."""
+class PortForward:
+    """Host port ``host`` forwarded to guest port ``guest`` over ``protocol`` (user networking).
 
-    tap: str
+    ``host`` 0 asks for a free port, picked when the machine starts (``Machine.forwards`` says
+    which). The host side listens on all the host's addresses, as ``docker run -p`` does.
+    """
+
+    host: int
+    guest: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.host) or not 0 <= self.host <= 65535:
+            raise _invalid("PortForward.host", "a port from 0 (pick a free one) to 65535", self.host)
+        if not _is_int(self.guest) or not 1 <= self.guest <= 65535:
+            raise _invalid("PortForward.guest", "a port from 1 to 65535", self.guest)
+        if self.protocol not in ("tcp", "udp"):
+            raise _invalid("PortForward.protocol", "'tcp' or 'udp'", self.protocol)
+
+    @classmethod
+    def parse(cls, spec: str) -> PortForward:
+        """``HOST:GUEST[/udp]`` (or ``/tcp``, the default)."""
+        match = re.fullmatch(r"(\d{1,5}):(\d{1,5})(?:/(tcp|udp))?", spec.strip())
+        if not match:
+            raise ConfigError(f"invalid port forward {spec!r}: use HOST:GUEST or HOST:GUEST/udp, e.g. 8080:80 (HOST 0 picks a free port)")
+        protocol: Literal["tcp", "udp"] = "udp" if match.group(3) == "udp" else "tcp"
+        return cls(int(match.group(1)), int(match.group(2)), protocol)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.guest}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net device. With ``tap`` its wire is that existing host TAP device; without
+    (``NetConfig()``, ``mode`` "user") smolvmm starts a passt of its own for this machine:
+    user-mode networking, no root, with ``forwards`` from host ports to guest ports.
+
+    The guest's view of user networking: DHCP gives it the host's own address and netmask, the
+    host's default gateway as its gateway and the host's DNS servers; connections to the gateway
+    address reach the host's loopback (127.0.0.1), everything else leaves through the host's
+    sockets as the host's own traffic; nothing outside reaches the guest except ``forwards``.
+    A random MAC when ``mac`` is None.
+    """
+
+    tap: str | None = None
     mac: bytes | None = None
+    forwards: tuple[PortForward, ...] = ()
+
+    @property
+    def mode(self) -> Literal["tap", "user"]:
+        return "user" if self.tap is None else "tap"
 
     def __post_init__(self) -> None:
         tap = self.tap
-        if not (
+        if tap is not None and not (
             isinstance(tap, str)
             and 0 < len(os.fsencode(tap)) < IFNAMSIZ
             and tap not in (".", "..")
             and not re.search(r"[/:\s]", tap)
         ):
             raise _invalid("NetConfig.tap", "a Linux interface name: 1 to 15 bytes without '/', ':' or spaces", tap)
+        object.__setattr__(self, "forwards", _items("NetConfig.forwards", self.forwards, PortForward))
+        if tap is not None and self.forwards:
+            raise ConfigError("NetConfig.forwards need user networking (no tap): a TAP device is reached directly")
+        taken = [(f.host, f.protocol) for f in self.forwards if f.host]
+        for port, protocol in taken:
+            if taken.count((port, protocol)) > 1:
+                raise ConfigError(f"NetConfig.forwards use host port {port}/{protocol} twice")
         if self.mac is None:
             return
         if not isinstance(self.mac, bytes) or len(self.mac) != 6:
@@ -146,12 +200,41 @@ class NetConfig:
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
-        """``tap=NAME[,mac=MAC]``"""
+        """``user[,forward=HOST:GUEST[/udp]]...[,mac=MAC]`` or ``tap=NAME[,mac=MAC]``."""
+        first, *rest = spec.split(",")
+        if first.strip() == "user":
+            forwards, mac = [], None
+            for item in rest:
+                key, _, value = item.partition("=")
+                if key.strip() == "forward":
+                    forwards.append(PortForward.parse(value))
+                elif key.strip() == "mac" and mac is None:
+                    mac = parse_mac(value.strip())
+                else:
+                    raise ConfigError(f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]...[,mac=MAC]")
+            return cls(None, mac, tuple(forwards))
         _, options = _options("net," + spec, "network")
         unknown = set(options) - {"tap", "mac"}
         if unknown or not options.get("tap"):
-            raise ConfigError(f"invalid network {spec!r}: use tap=NAME[,mac=MAC]")
+            raise ConfigError(f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]..., tap=NAME[,mac=MAC] or none")
         return cls(options["tap"], parse_mac(options["mac"]) if "mac" in options else None)
+
+    @classmethod
+    def parse_flags(cls, specs: list[str], image: bool = False) -> tuple[NetConfig, ...]:
+        """The CLI's ``--net`` flags: ``()`` for ``--net none``; with no flags the default, which
+        is ``IMAGE_NETWORKS`` for a machine built from an image and no network otherwise."""
+        if not specs:
+            return IMAGE_NETWORKS if image else ()
+        if "none" in (spec.strip() for spec in specs):
+            if len(specs) > 1:
+                raise ConfigError("--net none cannot be combined with other --net flags")
+            return ()
+        return tuple(cls.parse(spec) for spec in specs)
+
+
+IMAGE_NETWORKS: tuple[NetConfig, ...] = (NetConfig(),)
+"""The networks of a machine built from an image when the user names none: user networking,
+as ``docker run`` has a network by default (the demo guest and ``--kernel`` keep none)."""
 
 
 @dataclass(frozen=True)

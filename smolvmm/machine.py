@@ -22,13 +22,15 @@ import anyio
 import anyio.abc
 
 from .agent import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
-from .config import MachineConfig, NetConfig
+from .config import MachineConfig, NetConfig, PortForward
 from .console import Console
-from .errors import AgentError, AgentTooOld, ConfigError, unwrapped_errors
+from .devices.virtio.net import VirtioNet
+from .errors import AgentError, AgentTooOld, ConfigError, GuestError, unwrapped_errors
 from .eventfd import EventFd
 from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from .guest_files import GuestFiles
 from .timings import Timings
+from .usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
 
@@ -58,6 +60,15 @@ class Machine:
         self.console: Console = vm.console
         self.timings = timings
         self.snapshot_timings = Timings()
+        self._passts = [
+            transport.device.backend
+            for transport in vm.transports
+            if isinstance(transport.device, VirtioNet) and isinstance(transport.device.backend, PasstBackend)
+        ]
+        self.forwards: tuple[PortForward, ...] = tuple(forward for passt in self._passts for forward in passt.forwards)
+        """The host ports forwarded to the guest (user networking), with the ports picked for 0."""
+        if self.forwards:
+            timings.note("forwards", " ".join(map(str, self.forwards)))
         self._cmdline = cmdline
         self._parent_digest = parent_digest
         self._device_tasks = device_tasks
@@ -74,6 +85,7 @@ class Machine:
         self._paused = False
         self._sync_agent_on_resume = False
         self._new_macs: dict[str, bytes] = {}
+        self._renew_dhcp: tuple[str, ...] = ()  # a restored clone's user-mode interfaces, to renew
         self._snapshot_lock = anyio.Lock()
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
         self._boot_files = boot_files
@@ -105,6 +117,7 @@ class Machine:
         if machine._agent is not None:
             machine._agent.identity = _identity(config.env, config.secrets, None)
         async with machine._running():
+            await machine._networks_started()
             yield machine
 
     @classmethod
@@ -131,8 +144,10 @@ class Machine:
         saved from this machine do not contain them. The guest is given ``hostname`` (default
         ``smolvmm-`` and 8 random hex digits) and a fresh /etc/machine-id.
 
-        ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
-        device, ``console_socket`` the socket path of a saved console-socket device, and
+        ``networks`` gives the wire (TAP device or user networking with its forwards, and
+        optionally a new MAC) for each saved network device (by default, a passt of its own for
+        each card saved on user networking), ``console_socket`` the socket path of a saved
+        console-socket device, and
         ``overlays`` an overlay file per disk (a fresh temporary one where None or absent).
         With ``paused`` the vCPUs wait for ``resume()`` before they run (and the guest agent
         is synced on that resume). With ``trusted_keys`` (a directory of ``*.pub`` Ed25519
@@ -166,9 +181,12 @@ class Machine:
             machine._close()
             raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
+        machine._renew_dhcp = dhcp_interfaces(restored.cmdline)
         async with machine._running(paused):
-            if not paused:
-                await machine._sync_agent()
+            async with anyio.create_task_group() as tg:  # passt starts while the agent syncs
+                tg.start_soon(machine._networks_started)
+                if not paused:
+                    tg.start_soon(machine._sync_agent)
             yield machine
 
     @classmethod
@@ -194,6 +212,13 @@ class Machine:
         timings.mark("teardown")
         return timings
 
+    async def _networks_started(self) -> None:
+        """Wait until every passt of this machine serves its forwards."""
+        for passt in self._passts:
+            await passt.wait_started()
+        if self._passts:
+            self.timings.mark("passt_started")
+
     async def _sync_agent(self) -> None:
         """Before anyone talks to a resumed guest: set its clock and reseed its RNG (clone safety)."""
         if self._agent is None or not self._sync_agent_on_resume:
@@ -201,8 +226,31 @@ class Machine:
         self._sync_agent_on_resume = False
         if await self._agent.sync(self._new_macs):
             self.timings.mark("agent_sync")
+            await self._renew_networks()
         else:
             self.timings.note("agent", "no answer: guest clock and RNG not refreshed")
+
+    async def _renew_networks(self) -> None:
+        """A restored clone's user networks are a new passt's, maybe on another host: the guest
+        takes each link down and up (dropping routes and neighbours of the old one) and takes its
+        lease again, before anyone uses the machine."""
+        interfaces, self._renew_dhcp = self._renew_dhcp, ()
+        if not interfaces or self._agent is None or self._agent.protocol < 2:
+            return
+        script = "; ".join(
+            f"ip link set {name} down && ip link set {name} up && "
+            f"udhcpc -i {name} -s {DHCP_SCRIPT} -n -q -t 5 -T 1 >/dev/null 2>&1"
+            for name in interfaces
+        )
+        try:
+            result = await self.exec(f"[ -x {DHCP_SCRIPT} ] || exit 0; {script}", timeout=RENEW_TIMEOUT)
+        except GuestError as exc:
+            self.timings.note("network", f"not renewed: {exc}")
+            return
+        if result.exit_code:
+            self.timings.note("network", f"not renewed: the guest's udhcpc exited with {result.exit_code}")
+        else:
+            self.timings.mark("network_renewed")
 
     @asynccontextmanager
     async def _running(self, paused: bool = False) -> AsyncIterator[Machine]:

@@ -29,8 +29,9 @@ from .devices.virtio.rng import VirtioRng
 from .errors import BundleError, ConfigError, HypervisorError
 from .images.cache import cache_root, cached_file
 from .memory import GuestMemory
-from .snapshot import CONSOLE_ROLES_LABEL
+from .snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from .timings import Timings
+from .usernet import open_backend
 from .vcpu import MachineExit
 from .vm import VirtualMachine
 
@@ -94,6 +95,25 @@ def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
     return cached_file(path, bundle.disk(index).materialise)
 
 
+def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
+    """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
+    are given, a user network (its own passt, no forwards) for each card saved on one."""
+    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
+    if given:
+        if len(given) != saved:
+            raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
+        for index, (net, mode) in enumerate(zip(given, modes)):
+            if mode == "tap" and net.mode == "user":
+                raise ConfigError(
+                    f"network device {index} was saved on a TAP device whose checksum and TSO offloads the guest "
+                    "uses; user networking cannot take them: pass --net tap=NAME for it"
+                )
+        return given
+    if saved and (len(modes) != saved or set(modes) != {"user"}):
+        raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
+    return (NetConfig(),) * saved
+
+
 def _devices(
     bundle: smolformat.Bundle,
     overrides: RestoreOverrides,
@@ -103,11 +123,9 @@ def _devices(
 ) -> list[tuple[VirtioDevice, str | None]]:
     """Fresh device objects for the bundle's virtio devices, in slot order, with console roles."""
     devices: list[tuple[VirtioDevice, str | None]] = []
-    networks = list(overrides.networks)
+    saved_nets = sum(1 for d in bundle.config.devices if d.kind == "virtio-net")
+    networks = list(networks_for(bundle.labels, saved_nets, overrides.networks))
     roles = list(roles)
-    saved_nets = [d for d in bundle.config.devices if d.kind == "virtio-net"]
-    if len(networks) != len(saved_nets):
-        raise ConfigError(f"the bundle has {len(saved_nets)} network device(s): pass --net tap=NAME for each")
     try:
         for entry in bundle.config.devices:
             if entry.bus != "mmio":
@@ -119,7 +137,7 @@ def _devices(
                 devices.append((device, None))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)
-                devices.append((VirtioNet(net.tap, net.mac or entry.params.mac), None))
+                devices.append((VirtioNet(open_backend(net), net.mac or entry.params.mac), None))
             elif entry.kind == "virtio-console":
                 role = roles.pop(0) if roles else "socket"
                 if role == "main" and main is not None:

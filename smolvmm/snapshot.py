@@ -24,6 +24,7 @@ from .errors import BundleError
 from .vm import VirtualMachine
 
 CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
+NET_MODES_LABEL = "smolvmm.net-modes"  # each network card's wire ("tap", "user"), in order
 
 
 def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:
@@ -76,7 +77,13 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
             disks=disks,
             metadata=smolformat.make_metadata(
                 vm.hypervisor.flavour,
-                labels={**labels, CONSOLE_ROLES_LABEL: ",".join(vm.console_roles)},
+                labels={
+                    **labels,
+                    CONSOLE_ROLES_LABEL: ",".join(vm.console_roles),
+                    NET_MODES_LABEL: ",".join(
+                        t.device.backend.mode for t in vm.transports if isinstance(t.device, VirtioNet)
+                    ),
+                },
                 parent_digest=parent_digest,
             ),
         )

@@ -85,7 +85,7 @@ def test_paths_and_sequences_are_normalised(tmp_path: Path) -> None:
         (lambda: NetConfig("tap/0"), "NetConfig.tap"),
         (lambda: NetConfig("tap 0"), "NetConfig.tap"),
         (lambda: NetConfig(".."), "NetConfig.tap"),
-        (lambda: NetConfig(None), "NetConfig.tap"),
+        (lambda: NetConfig(42), "NetConfig.tap"),  # type: ignore[arg-type]
         (lambda: NetConfig("t0", b"\x01" * 6), "NetConfig.mac"),
         (lambda: NetConfig("t0", b"\xff" * 6), "NetConfig.mac"),
         (lambda: NetConfig("t0", bytes(6)), "NetConfig.mac"),

@@ -27,6 +27,7 @@ from smolvmm.devices.virtio.net import (
     random_mac,
 )
 from smolvmm.devices.virtio.session import Session
+from smolvmm.devices.virtio.stream import StreamBackend
 from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, Tap
 from smolvmm.errors import ConfigError
 
@@ -108,7 +109,7 @@ def udp_frame(dst_mac: bytes, src_port: int, dst_port: int, payload: bytes) -> b
 
 def attach(ns: str) -> tuple[Driver, bytes]:
     """A net device on tap0 inside ``ns``, the tap configured; returns the driver and tap MAC."""
-    device = in_netns(ns, lambda: VirtioNet("tap0", GUEST_MAC))
+    device = in_netns(ns, lambda: VirtioNet(Tap("tap0"), GUEST_MAC))
     ip(ns, "link", "set", "tap0", "up")
     ip(ns, "addr", "add", f"{HOST_IP}/24", "dev", "tap0")
     ip(ns, "neigh", "add", GUEST_IP, "lladdr", GUEST_MAC.hex(":"), "dev", "tap0")
@@ -248,9 +249,9 @@ async def test_rx_waits_for_guest_buffers_without_spinning(netns: str, monkeypat
 
 def test_bad_mac_and_tap_name_are_config_errors() -> None:
     with pytest.raises(ConfigError):
-        VirtioNet("tap0", b"\x01\x02\x03\x04\x05\x06")
+        VirtioNet(StreamBackend(socket.socketpair()[0], 1514), b"\x01\x02\x03\x04\x05\x06")
     with pytest.raises(ConfigError):
-        VirtioNet("x" * 20, None)
+        Tap("x" * 20)
     mac = random_mac()
     assert mac[0] & 3 == 2
 

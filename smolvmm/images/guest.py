@@ -44,12 +44,44 @@ if [ -n "$address" ]; then
     ip addr add "$address" dev eth0 && ip link set eth0 up || echo "smolvmm: could not configure eth0" >&2
 fi
 for word in $(cat /proc/cmdline); do
+    case "$word" in smolvmm.dhcp=*)
+        for interface in $(echo "${word#smolvmm.dhcp=}" | tr , ' '); do
+            ip link set "$interface" up
+            udhcpc -i "$interface" -s /etc/smolvmm/udhcpc.script -n -q -t 10 -T 1 >/dev/null 2>&1 ||
+                echo "smolvmm: no DHCP answer on $interface" >&2
+        done ;;
+    esac
+done
+for word in $(cat /proc/cmdline); do
     case "$word" in smolvmm.agent=*) /bin/smolvmm-agent "/dev/${word#smolvmm.agent=}" & ;; esac
 done
 echo "$READY"
 setsid cttyhack sh
 poweroff -f
 """.replace("$READY", READY_MARKER)
+
+
+# udhcpc's hook (busybox passes the lease in the environment): address, MTU, default route, DNS.
+UDHCPC_SCRIPT = r"""#!/bin/sh
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up ;;
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+    for gateway in $router; do
+        ip route replace default via "$gateway" dev "$interface"
+        break
+    done
+    : > /etc/resolv.conf
+    for server in $dns; do echo "nameserver $server" >> /etc/resolv.conf; done
+    [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf ;;
+esac
+exit 0
+"""
+UDHCPC_SCRIPT_PATH = "etc/smolvmm/udhcpc.script"
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,6 @@ def _build() -> Path:
         kernel.download()
         tools.download()
         with progress.task("building the default guest (kernel modules, busybox, agent, initramfs)"):
-            busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent()})
+            busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent(), UDHCPC_SCRIPT_PATH: UDHCPC_SCRIPT.encode()})
 
     return cached_build("default-guest", key, build)

@@ -118,7 +118,13 @@ mkdir -p /newroot/run/smolvmm && cp /job/job /newroot/run/smolvmm/job
 while read -r tag path; do
     mkdir -p "/newroot$path" && mount -t 9p -o @NINEP@ "$tag" "/newroot$path" || fail "could not mount --out $path"
 done < /job/mounts
-""", "chroot /newroot /bin/sh", "/newroot")
+# Put the new root over / and enter it as switch_root does: a job under a plain chroot may not
+# create user namespaces (EPERM), which passt's sandbox (user networking) needs. This shell and the
+# heartbeat keep the initramfs as their root: the redirections to the ports still resolve there,
+# and the job's /run is bound at the initramfs's /run for the heartbeat to read the activity.
+mkdir -p /run && mount --bind /newroot/run /run || fail "could not bind the job's /run"
+cd /newroot && mount --move . / || fail "could not move the new root over /"
+""", "chroot . /bin/sh")
 
 
 def nested_image() -> tuple[Path, Path]:

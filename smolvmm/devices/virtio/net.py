@@ -1,8 +1,9 @@
-"""virtio-net (virtio 1.x §5.1) over a host TAP interface.
+"""virtio-net (virtio 1.x §5.1) over a host backend: a TAP interface or passt's stream socket.
 
-Frames move straight between the TAP file descriptor and guest RAM with readv/writev; the
+With TAP, frames move straight between the file descriptor and guest RAM with readv/writev; the
 virtio_net_hdr_v1 the guest and the kernel exchange is the same 12 bytes on both sides, so
-checksum and TSO offloads pass through untouched.
+checksum and TSO offloads pass through untouched. A backend without offloads (a stream) gets
+only complete frames and is offered none of the offload features.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import anyio
 
 from ...errors import ConfigError
+from .backend import VNET_HDR_SIZE, NetBackend
 from .buffers import scatter
 from .device import VirtioDevice, bit
 from .queue import DescriptorChain
 from .session import Session
-from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
+from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 
 F_CSUM = 0
 F_GUEST_CSUM = 1
@@ -32,7 +34,7 @@ F_MRG_RXBUF = 15
 
 RX, TX = 0, 1
 NUM_BUFFERS_OFFSET = 10
-# The largest frame the tap hands over: a 64 KiB TSO segment, its headers and the vnet header.
+# The largest frame a backend hands over: a 64 KiB TSO segment, its headers and the vnet header.
 MAX_FRAME = VNET_HDR_SIZE + 65536 + 256
 _log = logging.getLogger(__name__)
 
@@ -51,28 +53,33 @@ def random_mac() -> bytes:
 
 
 class VirtioNet(VirtioDevice):
-    """A network card whose wire is the host TAP interface ``tap_name``."""
+    """A network card whose wire is ``backend`` (owned from here on: closed with the device)."""
 
     device_id = 1
     queue_sizes = (256, 256)
 
-    def __init__(self, tap_name: str, mac: bytes | None = None) -> None:
+    def __init__(self, backend: NetBackend, mac: bytes | None = None) -> None:
         if mac is not None and (len(mac) != 6 or mac[0] & 1):
+            backend.close()
             raise ConfigError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         self.mac = mac or random_mac()
-        self._tap = Tap(tap_name)
+        self.backend = backend
         self._merge = False
         self._frame = bytearray(MAX_FRAME)
         self._frame_length = 0  # a received frame waiting in _frame for guest buffers
 
     def features(self) -> int:
-        offered = bit(F_CSUM) | bit(F_HOST_TSO4) | bit(F_HOST_TSO6) | bit(F_MAC) | bit(F_MRG_RXBUF)
-        # The GUEST_* offloads need the kernel to hand us the same kind of frame.
-        if self._tap.offloads & TUN_F_CSUM:
+        offered = bit(F_MAC) | bit(F_MRG_RXBUF)
+        offloads = self.backend.offloads
+        # The HOST_* offloads need a backend that takes partial checksums and TSO frames (the
+        # kernel's tap does), the GUEST_* ones a backend that hands us the same kind of frame.
+        if self.backend.takes_offloads:
+            offered |= bit(F_CSUM) | bit(F_HOST_TSO4) | bit(F_HOST_TSO6)
+        if offloads & TUN_F_CSUM:
             offered |= bit(F_GUEST_CSUM)
-        if self._tap.offloads & TUN_F_TSO4:
+        if offloads & TUN_F_TSO4:
             offered |= bit(F_GUEST_TSO4)
-        if self._tap.offloads & TUN_F_TSO6:
+        if offloads & TUN_F_TSO6:
             offered |= bit(F_GUEST_TSO6)
         return offered
 
@@ -88,38 +95,39 @@ class VirtioNet(VirtioDevice):
             for feature, flag in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6)):
                 if features & bit(feature):
                     offloads |= flag
-        self._tap.set_offloads(offloads)
+        self.backend.set_offloads(offloads)
 
     def reset(self) -> None:
-        self._tap.set_offloads(0)
+        self.backend.set_offloads(0)
         self._frame_length = 0
 
     async def serve(self, session: Session) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._receive, session)
+            tg.start_soon(self.backend.serve)
             await session.process(TX, self._transmit)
 
     async def _receive(self, session: Session) -> None:
-        # Wait for guest buffers before waiting for frames: a readable TAP with no buffers to
-        # put frames in must not spin.
+        # Wait for guest buffers before waiting for frames: a readable backend with no buffers
+        # to put frames in must not spin.
         while True:
             await session.wait_available(RX)
             if self._merge:
                 if not self._frame_length:
-                    await anyio.wait_readable(self._tap.fd)
+                    await self.backend.wait_readable()
                 if not self._receive_merged(session):
                     await session.wait_for_more(RX)
             else:
-                await anyio.wait_readable(self._tap.fd)
+                await self.backend.wait_readable()
                 session.fill(RX, self._receive_frame)
 
     def _receive_merged(self, session: Session) -> bool:
-        """Move up to a queue's worth of frames into merged buffers; True once the tap has
+        """Move up to a queue's worth of frames into merged buffers; True once the backend has
         nothing to give or the batch is done, False when the ring lacks room for the next frame."""
         for _ in range(self.queue_sizes[RX]):
             if not self._frame_length:
                 try:
-                    length = self._tap.read_into([memoryview(self._frame)])
+                    length = self.backend.read_into([memoryview(self._frame)])
                 except OSError as exc:
                     _log.debug("virtio-net dropped a received frame: %s", exc)
                     return True
@@ -143,7 +151,7 @@ class VirtioNet(VirtioDevice):
 
     def _receive_frame(self, chain: DescriptorChain) -> int | None:
         try:
-            length = self._tap.read_into(chain.writable)
+            length = self.backend.read_into(chain.writable)
         except OSError as exc:
             _log.debug("virtio-net dropped a received frame: %s", exc)
             return 0
@@ -155,7 +163,7 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self, chain: DescriptorChain) -> int:
         try:
-            self._tap.write_from(chain.readable)
+            self.backend.write_from(chain.readable)
         except OSError as exc:
             _log.debug("virtio-net dropped a transmitted frame: %s", exc)
         return 0
@@ -164,4 +172,4 @@ class VirtioNet(VirtioDevice):
         return NetState(self.mac)
 
     def close(self) -> None:
-        self._tap.close()
+        self.backend.close()

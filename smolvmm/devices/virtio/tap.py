@@ -7,7 +7,10 @@ import os
 import struct
 from collections.abc import Sequence
 
+import anyio
+
 from ...errors import ConfigError
+from .backend import VNET_HDR_SIZE, NetBackend
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -20,12 +23,12 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 IFNAMSIZ = 16
 
-# virtio_net_hdr_v1 (§5.1.6): the legacy 10-byte header plus num_buffers.
-VNET_HDR_SIZE = 12
 
-
-class Tap:
+class Tap(NetBackend):
     """A non-blocking TAP file descriptor whose frames carry a 12-byte virtio-net header."""
+
+    mode = "tap"
+    takes_offloads = True
 
     def __init__(self, name: str) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ:
@@ -58,6 +61,9 @@ class Tap:
     def set_offloads(self, flags: int) -> None:
         """Which partial checksums and TSO frames the kernel may hand us (TUNSETOFFLOAD)."""
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+
+    async def wait_readable(self) -> None:
+        await anyio.wait_readable(self.fd)
 
     def read_into(self, views: Sequence[memoryview]) -> int | None:
         """Read one frame (header first) into ``views``; None when no frame is waiting."""

@@ -1,0 +1,197 @@
+"""User networking natively: a real passt in a network namespace the test makes (an interface with
+a default route, which passt takes its addresses from), spoken to as the guest would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from smolvmm.config import NetConfig, PortForward
+from smolvmm.errors import ConfigError
+from smolvmm.usernet import PasstBackend
+from test_virtio_net import in_netns
+
+HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
+GUEST_MAC = bytes.fromhex("020000c0ffee")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),
+    pytest.mark.skipif(not any(os.access(f"{d}/passt", os.X_OK) for d in os.get_exec_path()), reason="passt missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """A namespace whose only interface has an address and a default route (a tap nobody reads:
+    nothing leaves the machine)."""
+    name = f"smolvmm-passt-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for command in (
+            "link set lo up",
+            "tuntap add dev wire0 mode tap",
+            f"addr add {HOST_ADDRESS}/24 dev wire0",
+            "link set wire0 up",
+            f"route add default via {GATEWAY} dev wire0 onlink",
+        ):
+            subprocess.run(["ip", "-n", name, *command.split()], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def passt_children() -> list[int]:
+    """The passt processes this test process started that are still alive."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as comm:
+                name = comm.read().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if name.startswith("passt") and int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def dhcp_discover() -> bytes:
+    bootp = struct.pack("!BBBBIHH4s4s4s4s16s192sI", 1, 1, 6, 0, 0x5A5A, 0, 0x8000, bytes(4), bytes(4), bytes(4),
+                        bytes(4), GUEST_MAC, bytes(192), 0x63825363)
+    bootp += bytes([53, 1, 1, 55, 3, 1, 3, 6, 255])
+    udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes(4), b"\xff" * 4)
+    total = sum(struct.unpack("!10H", ip))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip = ip[:10] + struct.pack("!H", ~total & 0xFFFF) + ip[12:]
+    return b"\xff" * 6 + GUEST_MAC + b"\x08\x00" + ip + udp
+
+
+def dhcp_options(frame: bytes) -> dict[int, bytes]:
+    options, at = {}, 14 + 20 + 8 + 240
+    while at < len(frame) and frame[at] != 255:
+        if frame[at] == 0:
+            at += 1
+            continue
+        options[frame[at]] = frame[at + 2 : at + 2 + frame[at + 1]]
+        at += 2 + frame[at + 1]
+    return options
+
+
+@pytest.mark.anyio
+async def test_passt_binds_the_forwards_and_offers_the_guest_the_host_address(netns: str) -> None:
+    backend = in_netns(netns, lambda: PasstBackend((PortForward(0, 80), PortForward(0, 5353, "udp"))))
+    try:
+        tcp, udp = backend.forwards
+        assert tcp.host and udp.host and (tcp.guest, tcp.protocol, udp.protocol) == (80, "tcp", "udp")
+        await backend.wait_started()
+        assert len(passt_children()) == 1
+        with pytest.raises(ConfigError, match=f"host port {tcp.host}/tcp is in use"):
+            in_netns(netns, lambda: PasstBackend((PortForward(tcp.host, 80),)))  # passt holds it
+        frame = dhcp_discover()
+        backend.write_from([memoryview(bytes(12) + frame)])
+        reply = bytearray(2048)
+        with anyio.fail_after(10):
+            while True:
+                await backend.wait_readable()
+                length = backend.read_into([memoryview(reply)])
+                if length and reply[12 + 23] == 17 and reply[12 + 36 : 12 + 38] == b"\x00\x44":
+                    break
+        offer = bytes(reply[12:length])
+        assert offer[:6] in (GUEST_MAC, b"\xff" * 6)
+        assert socket.inet_ntoa(offer[14 + 20 + 8 + 16 : 14 + 20 + 8 + 20]) == HOST_ADDRESS  # yiaddr
+        options = dhcp_options(offer)
+        assert options[53] == b"\x02"  # DHCPOFFER
+        assert socket.inet_ntoa(options[3][:4]) == GATEWAY  # the router: the host's gateway
+    finally:
+        backend.close()
+    assert passt_children() == []  # closed with its backend, and reaped
+
+
+def test_a_port_in_use_is_one_error_and_leaves_nothing_running(netns: str) -> None:
+    def busy_port() -> socket.socket:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        return listener
+
+    listener = in_netns(netns, busy_port)
+    port = listener.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"^host port {port}/tcp is in use: .*forward=0:80 picks a free one"):
+        in_netns(netns, lambda: PasstBackend((PortForward(8080, 81), PortForward(port, 80))))
+    listener.close()
+    assert passt_children() == []
+
+
+def test_passt_missing_names_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="apt-get install passt"):
+        PasstBackend(())
+
+
+def test_no_passt_outlives_a_killed_monitor(netns: str) -> None:
+    monitor = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import sys, time; from smolvmm.usernet import PasstBackend; b = PasstBackend(()); "
+         "print(b._process.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )
+    assert monitor.stdout is not None
+    passt = int(monitor.stdout.readline())
+    assert os.path.exists(f"/proc/{passt}")
+    monitor.send_signal(signal.SIGKILL)  # no close(), no finally: only the kernel cleans up
+    monitor.wait()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{passt}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{passt}")
+
+
+def test_net_flags_parse_to_user_and_tap_networks() -> None:
+    assert NetConfig.parse_flags([]) == ()
+    assert NetConfig.parse_flags([], image=True) == (NetConfig(),)
+    assert NetConfig.parse_flags(["none"], image=True) == ()
+    user = NetConfig.parse("user,forward=18080:80,forward=0:53/udp,mac=52:54:00:12:34:56")
+    assert user.mode == "user" and user.mac == bytes.fromhex("525400123456")
+    assert user.forwards == (PortForward(18080, 80), PortForward(0, 53, "udp"))
+    assert [str(f) for f in user.forwards] == ["18080:80/tcp", "0:53/udp"]
+    assert NetConfig.parse("tap=tap0").mode == "tap"
+    for bad, message in (
+        ("user,forward=80", "invalid port forward '80'"),
+        ("user,forward=70000:80", "PortForward.host must be a port from 0"),
+        ("user,forward=80:0", "PortForward.guest must be a port from 1"),
+        ("user,forward=8080:80/sctp", "invalid port forward"),
+        ("user,forward=8080:80,forward=8080:81", "host port 8080/tcp twice"),
+        ("user,speed=10", "invalid network"),
+        ("bridge", "invalid network"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            NetConfig.parse(bad)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        NetConfig.parse_flags(["none", "user"])
+    with pytest.raises(ConfigError, match="need user networking"):
+        NetConfig("tap0", forwards=(PortForward(1, 2),))
+
+
+@pytest.mark.anyio
+async def test_a_host_without_a_default_route_is_one_error_in_passts_words() -> None:
+    name = f"smolvmm-noroute-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        backend = in_netns(name, lambda: PasstBackend(()))
+        with pytest.raises(ConfigError, match=r"^passt failed: .*needs a host interface with a default route"):
+            await backend.wait_started()
+        backend.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert passt_children() == []

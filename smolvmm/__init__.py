@@ -29,6 +29,13 @@ _EXPORTS = {
     "GuestTimeout": "smolvmm.errors",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
+    "ImageRecipe": "smolvmm.imagebuild",
+    "ReadyCondition": "smolvmm.imagebuild",
+    "build_image": "smolvmm.imagebuild",
+    "bundle_image_config": "smolvmm.imagebuild",
+    "run_image_command": "smolvmm.imagebuild",
+    "ImageConfig": "smolvmm.oci.imageconfig",
+    "load_smolfile": "smolvmm.smolfile",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
@@ -63,6 +70,9 @@ if TYPE_CHECKING:
         ImageError,
         SmolvmmError,
     )
+    from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, run_image_command
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
+    from .oci.imageconfig import ImageConfig
+    from .smolfile import load_smolfile
     from .vcpu import ExitReason, MachineExit

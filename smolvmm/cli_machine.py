@@ -80,6 +80,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--bundle", type=Path, metavar="BUNDLE",
                             help="cold-boot BUNDLE's own kernel, initrd and disks (a bundle built with --bootable)")
     if name == "build":
+        from smolvmm.cli_image import add_build_arguments
+
+        add_build_arguments(parser)
         parser.add_argument("-o", "--output", type=Path, required=True, help="the .smolmachine file to write")
         parser.add_argument("--bootable", action="store_true",
                             help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)")
@@ -94,6 +97,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
                             help="do every restore step up to the first guest entry, then tear down")
+        parser.add_argument("command", nargs="*", metavar="-- CMD",
+                            help="for a bundle built from an image: run CMD instead of its Entrypoint and Cmd")
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
 
@@ -245,6 +250,17 @@ def run(name: str, args: argparse.Namespace) -> int:
     if name == "boot":
         return anyio.run(_boot, _config(args), _boot_marker(args), args.timings, backend="trio")
     if name == "build":
+        from smolvmm.cli_image import build_from_image, image_build_requested
+
+        if image_build_requested(args):
+            return build_from_image(args)
         build = (_config(args), args.output, args.ready_marker, args.bootable, args.zstd, args.timeout)
         return anyio.run(_build, *build, backend="trio")
+    from smolvmm.cli_image import image_config, run_image
+
+    config = None if args.prepare_only else image_config(args.bundle)
+    if config is not None:
+        return run_image(args, config)
+    if args.command:
+        raise ConfigError(f"{args.bundle} was not built from an image: a command after -- needs one")
     return anyio.run(_run, args, backend="trio")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import anyio
 
 from .errors import GuestError
-from .images.imageroot import BUSYBOX
+from .images.imageroot import BUSYBOX, RUNAS
 from .machine import Machine
 
 MAX_LINE = 3500  # a tty's canonical line holds 4095 bytes
@@ -33,14 +33,16 @@ def _line(script: str) -> bytes:
     return line.encode()
 
 
-def command_script(argv: list[str], env: dict[str, str], cwd: str, shell: bool = False) -> str:
+def command_script(argv: list[str], env: dict[str, str], cwd: str, user: str = "", shell: bool = False) -> str:
     """The shell text that runs ``argv`` (or, with ``shell``, the script ``argv[0]`` in the image's
-    /bin/sh, busybox's when it has none) with exactly ``env`` in ``cwd``."""
+    /bin/sh, busybox's when it has none) with exactly ``env`` in ``cwd``, as ``user`` (the image's
+    User syntax) when given."""
     assignments = " ".join(shlex.quote(f"{name}={value}") for name, value in env.items())
     cd = f"cd {shlex.quote(cwd)} && " if cwd else ""
+    runas = f"{RUNAS} {shlex.quote(user)} " if user else ""
     if shell:
-        return f'{_SHELL}; ({cd}exec {BUSYBOX} env -i {assignments} $S -c {shlex.quote(argv[0])}) </dev/null'
-    return f"({cd}exec {BUSYBOX} env -i {assignments} {shlex.join(argv)}) </dev/null"
+        return f'{_SHELL}; ({cd}exec {BUSYBOX} env -i {assignments} {runas}$S -c {shlex.quote(argv[0])}) </dev/null'
+    return f"({cd}exec {BUSYBOX} env -i {assignments} {runas}{shlex.join(argv)}) </dev/null"
 
 
 async def console_run(machine: Machine, script: str, output: Callable[[bytes], None] | None = None,

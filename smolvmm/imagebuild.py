@@ -109,9 +109,10 @@ async def _copy_file(machine: Machine, source: Path, target: str, timeout: float
 
 def _ready_script(ready: ReadyCondition, config: ImageConfig) -> str:
     if ready.kind == "port":
-        port = f":{int(ready.value):04X} 00000000:0000 0A"  # /proc/net/tcp: local port, any remote, LISTEN
-        return f"until {BUSYBOX} grep -qsi '{port}' /proc/net/tcp /proc/net/tcp6; do {BUSYBOX} sleep 0.1; done"
-    check = command_script([ready.value], config.environment(), config.workdir, shell=True)
+        # /proc/net/tcp{,6}: local address:port (hex), remote address:0, state 0A (LISTEN)
+        port = f":{int(ready.value):04X} [0-9A-F]+:0000 0A"
+        return f"until {BUSYBOX} grep -qsiE '{port}' /proc/net/tcp /proc/net/tcp6; do {BUSYBOX} sleep 0.1; done"
+    check = command_script([ready.value], config.environment(), config.workdir, config.user, shell=True)
     return f"until {check} >/dev/null 2>&1; do {BUSYBOX} sleep 0.2; done"
 
 
@@ -164,7 +165,7 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
             for number, step in enumerate(recipe.steps, 1):
                 say(f"step {number}/{len(recipe.steps)}: {step}")
                 await _run_checked(machine, f"build step {number} ({step})",
-                                   command_script([step], env, cwd, shell=True), recipe.timeout, show)
+                                   command_script([step], env, cwd, config.user, shell=True), recipe.timeout, show)
             seen = bytearray()
 
             def keep(data: bytes) -> None:
@@ -175,7 +176,7 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
             for command in recipe.warm:
                 say(f"warming: {command}")
                 await _run_checked(machine, f"warm-up command ({command})",
-                                   command_script([command], env, cwd, shell=True), recipe.timeout, keep)
+                                   command_script([command], env, cwd, config.user, shell=True), recipe.timeout, keep)
             if recipe.ready is not None:
                 say(f"waiting until ready ({recipe.ready.kind} {recipe.ready.value})")
                 try:
@@ -201,8 +202,7 @@ def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
 async def run_image_command(machine: Machine, config: ImageConfig, command: list[str] | None,
                             output: Callable[[bytes], None]) -> int:
     """Run ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine with the
-    image's Env and WorkingDir; returns its exit status. (User is not applied yet: the console
-    channel runs as root.)"""
+    image's Env, WorkingDir and User; returns its exit status."""
     argv = config.command(command)
-    return await console_run(machine, command_script(argv, config.environment(), config.workdir), output)
+    return await console_run(machine, command_script(argv, config.environment(), config.workdir, config.user), output)
 

@@ -21,6 +21,8 @@ from smolvmm.images.guest import DEFAULT_CMDLINE, MODULES, GuestImage, kernel_pa
 READY_MARKER = "smolvmm: image ready"
 TOOLS = "/run/smolvmm"  # in the guest, after the switch: busybox, tini, the agent, stage2
 BUSYBOX = f"{TOOLS}/busybox"
+RUNAS = f"{TOOLS}/smolvmm-runas"  # runas.c: switches to the image's User
+RUNAS_SOURCE = Path(__file__).with_name("runas.c")
 # A prebuilt image-root guest directory (the test plugin sets it for the nested machine).
 PREBUILT_IMAGE_ENV = "SMOLVMM_IMAGE_GUEST"
 
@@ -41,7 +43,7 @@ for point in proc sys dev run tmp; do
 done
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
 mkdir /newroot/run/smolvmm
-cp /bin/busybox /bin/tini /bin/smolvmm-agent /etc/smolvmm/stage2 /newroot/run/smolvmm/
+cp /bin/busybox /bin/tini /bin/smolvmm-agent /bin/smolvmm-runas /etc/smolvmm/stage2 /newroot/run/smolvmm/
 for point in dev proc sys; do mount --move "/$point" "/newroot/$point"; done
 exec switch_root /newroot /run/smolvmm/tini -- /run/smolvmm/busybox sh /run/smolvmm/stage2
 """
@@ -87,9 +89,10 @@ def _build() -> Path:
         programs = {
             agent.GUEST_PATH: agent.build_agent(),
             "bin/tini": (work / "usr/bin/tini-static").read_bytes(),
+            "bin/smolvmm-runas": agent.build_agent(RUNAS_SOURCE),
             "etc/smolvmm/stage2": STAGE2.encode(),
         }
         busybox.build(out, kernel, tools, MODULES, INIT, programs)
         shutil.rmtree(work)
 
-    return cached_build("image-guest", cache_key(inputs, [agent.SOURCE]), build)
+    return cached_build("image-guest", cache_key(inputs, [agent.SOURCE, RUNAS_SOURCE]), build)

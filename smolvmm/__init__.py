@@ -27,6 +27,13 @@ _EXPORTS = {
     "GuestError": "smolvmm.errors",
     "GuestMemoryError": "smolvmm.errors",
     "GuestTimeout": "smolvmm.errors",
+    "AgentError": "smolvmm.errors",
+    "AgentTooOld": "smolvmm.errors",
+    "GuestFileError": "smolvmm.errors",
+    "OutputLimitError": "smolvmm.errors",
+    "ExecResult": "smolvmm.guest_exec",
+    "Process": "smolvmm.guest_exec",
+    "GuestFiles": "smolvmm.guest_files",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
     "ImageRecipe": "smolvmm.imagebuild",
@@ -61,15 +68,21 @@ if TYPE_CHECKING:
     from .hostkvm import HostKvm
     from .hostkvm import probe as probe_host
     from .errors import (
+        AgentError,
+        AgentTooOld,
         BundleError,
         ConfigError,
         GuestError,
+        GuestFileError,
         GuestMemoryError,
         GuestTimeout,
         HypervisorError,
         ImageError,
+        OutputLimitError,
         SmolvmmError,
     )
+    from .guest_exec import ExecResult, Process
+    from .guest_files import GuestFiles
     from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, run_image_command
     from .images.guest import GuestImage, default_guest
     from .machine import Machine

@@ -168,6 +168,9 @@ class MachineConfig:
     console_socket: Path | None = None
     console: Literal["serial", "virtio"] = "serial"
     extra_cmdline: str = field(default="")
+    # Every exec's environment, and secrets handed over only through the guest agent (see Machine.restore).
+    env: dict[str, str] = field(default_factory=dict, hash=False)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False, hash=False)
 
     @classmethod
     def from_bundle(

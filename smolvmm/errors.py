@@ -21,7 +21,23 @@ class GuestError(SmolvmmError):
 
 
 class GuestTimeout(GuestError, TimeoutError):
-    """The guest did not show what was awaited (e.g. a console pattern) in time."""
+    """The guest did not show what was awaited (e.g. a console pattern, an exec's exit) in time."""
+
+
+class AgentError(GuestError):
+    """The guest agent is unreachable or broke its protocol; the machine's agent calls fail."""
+
+
+class AgentTooOld(AgentError):
+    """The guest's agent predates protocol 2 (exec, files): its bundle must be rebuilt."""
+
+
+class GuestFileError(GuestError):
+    """A file operation failed inside the guest; the message is the guest's (path: reason)."""
+
+
+class OutputLimitError(GuestError):
+    """A command's output or a file read went past the caller's byte limit and was refused."""
 
 
 class GuestMemoryError(GuestError):

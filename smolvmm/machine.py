@@ -21,11 +21,13 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, AgentPort
+from .agent import AGENT_LABEL, LABEL_V2, AgentPort, Identity
 from .config import MachineConfig, NetConfig
 from .console import Console
-from .errors import ConfigError
+from .errors import AgentError, ConfigError
 from .eventfd import EventFd
+from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
+from .guest_files import GuestFiles
 from .timings import Timings
 from .vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
 from .vm import VirtualMachine
@@ -73,6 +75,8 @@ class Machine:
         # Reads the kernel and initrd this machine can be cold-booted from, where it knows them.
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
+        self.files = GuestFiles(self._agent_port)
+        """Files inside the guest: ``write``, ``read``, ``upload``, ``download``."""
 
     def _record_exit(self, exit: MachineExit) -> None:
         """From any thread: the first exit wins and wakes the watcher."""
@@ -89,6 +93,8 @@ class Machine:
         from .coldboot import create_for_boot
 
         machine = create_for_boot(cls, config)
+        if machine._agent is not None:
+            machine._agent.identity = _identity(config.env, config.secrets, None)
         async with machine._running():
             yield machine
 
@@ -102,8 +108,17 @@ class Machine:
         console_socket: Path | None = None,
         overlays: tuple[Path | None, ...] = (),
         paused: bool = False,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        hostname: str | None = None,
     ) -> AsyncIterator[Machine]:
         """Resume the machine saved in bundle ``path``; yields it running.
+
+        Every ``exec`` then sees ``env`` and ``secrets`` as environment variables (a call's own
+        ``env`` wins). Secrets reach the guest only through its agent after the resume, are held
+        only in the agent's memory, and are overwritten there before any snapshot, so bundles
+        saved from this machine do not contain them. The guest is given ``hostname`` (default
+        ``smolvmm-`` and 8 random hex digits) and a fresh /etc/machine-id.
 
         ``networks`` gives the TAP device (and optionally a new MAC) for each saved network
         device, ``console_socket`` the socket path of a saved console-socket device, and
@@ -113,6 +128,7 @@ class Machine:
         """
         from .restore import RestoreOverrides, restore_vm_from
 
+        identity = _identity(env, secrets, hostname)
         timings = Timings()
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
@@ -124,7 +140,11 @@ class Machine:
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
-        machine._sync_agent_on_resume = restored.labels.get(AGENT_LABEL) == "yes"
+        label = restored.labels.get(AGENT_LABEL)
+        machine._sync_agent_on_resume = label in ("yes", LABEL_V2)
+        if restored.agent is not None:
+            restored.agent.protocol = 1 if label == "yes" else 2
+            restored.agent.identity = identity
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
             if not paused:
@@ -309,8 +329,12 @@ class Machine:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
             if self._agent is not None and not self._paused and await self._agent.sync():
-                labels[AGENT_LABEL] = "yes"  # the guest runs the agent: resumes will sync it
+                # the guest runs the agent: resumes will sync it, in the protocol it speaks
+                labels[AGENT_LABEL] = "yes" if self._agent.protocol == 1 else LABEL_V2
             timings.mark("agent_sync")
+            if self._agent is not None and not self._paused and not await self._agent.scrub():
+                raise AgentError("the guest agent did not confirm it overwrote its secrets: not saving them")
+            timings.mark("agent_scrubbed")
             was_paused = self._paused
             await self.pause()
             timings.mark("vcpus_parked")
@@ -331,6 +355,42 @@ class Machine:
             timings.mark("resumed")
         return digest
 
+    def _agent_port(self) -> AgentPort:
+        if self._agent is None:
+            raise AgentError("this machine has no guest agent port (it was booted without one)")
+        return self._agent
+
+    async def exec(
+        self,
+        cmd: str | list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` in the guest and return its ``ExecResult`` once it ends.
+
+        ``cmd`` is an argv list (no shell) or a string run by ``/bin/sh -c``. The process gets
+        the machine's env and secrets plus ``env``, starts in ``cwd`` and reads ``stdin``. A
+        nonzero exit is a result; killed by signal N, ``exit_code`` is 128+N and ``signal`` N.
+        After ``timeout`` seconds its process group is killed and ``GuestTimeout`` raised (the
+        machine stays usable). More than ``max_output`` bytes (default 16 MiB) on stdout or
+        stderr kills it and raises ``OutputLimitError``; stream big output with ``process``.
+        An agent too old for exec raises ``AgentTooOld``.
+        """
+        return await run(self._agent_port(), cmd, env, cwd, stdin, timeout, max_output)
+
+    @asynccontextmanager
+    async def process(
+        self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> AsyncIterator[Process]:
+        """Start ``cmd`` in the guest and stream it: ``stdin.send``/``stdin.aclose``, ``async for``
+        over ``stdout``/``stderr``, ``wait()``, ``kill()``. Leaving the block kills it if it runs."""
+        async with open_process(self._agent_port(), cmd, env, cwd) as process:
+            yield process
+
     def _close(self) -> None:
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
@@ -348,6 +408,18 @@ def _unwrapped_errors() -> Iterator[None]:
         if isinstance(group, BaseExceptionGroup):
             raise
         raise group from group.__cause__
+
+
+def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:
+    """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
+    from .agent_protocol import setup_payload
+
+    identity = Identity(dict(env or {}), dict(secrets or {}), hostname or f"smolvmm-{os.urandom(4).hex()}", os.urandom(16).hex())
+    try:
+        setup_payload(identity.hostname, identity.machine_id, identity.env, identity.secrets)
+    except ValueError as exc:
+        raise ConfigError(f"env/secrets: {exc}") from None
+    return identity
 
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:

@@ -12,7 +12,7 @@ from smolvmm.images.debian import Package, dependency_of
 
 READY_MARKER = "smolvmm: guest ready"
 DEFAULT_CMDLINE = (
-    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce quiet"
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce init_on_free=1 quiet"
 )
 # A prebuilt default guest directory (vmlinuz + initrd.img); the test plugin sets it for the
 # nested machine so the guest is not resolved with apt or rebuilt there.

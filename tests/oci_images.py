@@ -22,7 +22,8 @@ from pathlib import Path
 
 from smolvmm.images.cache import cache_root
 
-MMDEBSTRAP = ["mmdebstrap", "--mode=root", "--variant=minbase", "--include=python3-minimal", "--quiet", "bookworm"]
+# python3 beside python3-minimal: its standard library has http.server, which the warm-up test serves with
+MMDEBSTRAP = ["mmdebstrap", "--mode=root", "--variant=minbase", "--include=python3-minimal,python3", "--quiet", "bookworm"]
 TAG = "app"
 DOOMED = "etc/smolvmm-doomed"  # added by layer 2, deleted by layer 3
 ENV = "GREETING=hello from the image"

@@ -141,9 +141,8 @@ class _Applier:
         self.root, self.budget, self.as_root = root, budget, as_root
         self.owners_skipped = False
 
-    def apply(self, layer: Layer, progress: Callable[[str], None] | None) -> None:
+    def apply(self, layer: Layer) -> None:
         where = f"layer {layer.name}"
-        self.budget.take(where, 0)
         raw = layer.open()
         hashing = _Hashing(raw) if layer.diff_id else None
         stream = _decompressed(hashing or raw)  # type: ignore[arg-type]
@@ -248,7 +247,7 @@ def apply_layers(root: Path, layers: tuple[Layer, ...] | list[Layer], budget: Bu
     for number, layer in enumerate(layers):
         if progress:
             progress(f"unpacking layer {number + 1}/{len(layers)}")
-        applier.apply(layer, progress)
+        applier.apply(layer)
     if applier.owners_skipped:
         budget.notes.append("owners other than root were not kept: unpacking needs root (run as root)")
     return budget.notes

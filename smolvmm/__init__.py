@@ -40,7 +40,7 @@ _EXPORTS = {
     "ReadyCondition": "smolvmm.imagebuild",
     "build_image": "smolvmm.imagebuild",
     "bundle_image_config": "smolvmm.imagebuild",
-    "run_image_command": "smolvmm.imagebuild",
+    "image_process": "smolvmm.imagebuild",
     "ImageConfig": "smolvmm.oci.imageconfig",
     "load_smolfile": "smolvmm.smolfile",
     "default_guest": "smolvmm.images.guest",
@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     )
     from .guest_exec import ExecResult, Process
     from .guest_files import GuestFiles
-    from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, run_image_command
+    from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, image_process
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
     from .oci.imageconfig import ImageConfig

@@ -12,7 +12,8 @@ import base64
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,8 @@ import anyio
 from .config import MIB, DiskConfig, MachineConfig
 from .console_exec import BUSYBOX, command_script, console_run
 from .errors import ConfigError, GuestError, ImageError
-from .images.imageroot import image_guest
+from .guest_exec import Process
+from .images.imageroot import RUNAS, image_guest
 from .machine import Machine
 from .oci.imageconfig import LABEL, ImageConfig
 from .oci.rootdisk import DEFAULT_HEADROOM, root_disk
@@ -199,10 +201,12 @@ def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
     return None if text is None else ImageConfig.from_json(text)
 
 
-async def run_image_command(machine: Machine, config: ImageConfig, command: list[str] | None,
-                            output: Callable[[bytes], None]) -> int:
-    """Run ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine with the
-    image's Env, WorkingDir and User; returns its exit status."""
+@asynccontextmanager
+async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None) -> AsyncIterator[Process]:
+    """Start ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine through
+    its agent, with the image's Env, WorkingDir and User; yields the running ``Process``."""
     argv = config.command(command)
-    return await console_run(machine, command_script(argv, config.environment(), config.workdir, config.user), output)
-
+    if config.user:
+        argv = [RUNAS, config.user, *argv]
+    async with machine.process(argv, env=config.environment(), cwd=config.workdir or None) as process:
+        yield process

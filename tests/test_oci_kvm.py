@@ -79,5 +79,8 @@ def test_the_image_env_workdir_layers_and_warm_server_hold_in_the_clone(app: Pat
 def test_run_without_a_command_runs_the_image_cmd_and_returns_exit_statuses(app: Path) -> None:
     result = smolvmm("run", str(app))
     assert (result.returncode, result.stdout) == (0, f"cmd ran in {oci_images.WORKDIR} hello from the image\n")
-    failed = smolvmm("run", str(app), "--", "sh", "-c", "echo to stderr >&2; exit 3")
-    assert (failed.returncode, failed.stdout) == (3, "to stderr\n")
+    failed = smolvmm("run", str(app), "--", "sh", "-c", "echo out; echo to stderr >&2; exit 3")
+    assert (failed.returncode, failed.stdout) == (3, "out\n") and "to stderr\n" in failed.stderr
+    fed = subprocess.run([sys.executable, "-m", "smolvmm", "run", str(app), "--", "wc", "-c"], input="four",
+                         capture_output=True, text=True, timeout=900)
+    assert (fed.returncode, fed.stdout.strip()) == (0, "4")  # stdin reaches the command

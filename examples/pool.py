@@ -2,15 +2,15 @@
 
     python examples/pool.py app.smolmachine 8
 
-Every clone resumes from the same bundle (sharing its pages), gets a fresh clock and RNG, runs
-one command, prints what it said, and is stopped. This is the pattern Firecracker-based
-sandbox services build by hand.
+Every clone resumes from the same bundle (sharing its pages), gets a fresh clock and RNG and
+its own environment, runs one command through the guest agent (``Machine.exec``: its own
+stdout, stderr and exit code), prints what it said, and is stopped. This is the pattern
+Firecracker-based sandbox services build by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import anyio
@@ -19,14 +19,12 @@ import smolvmm
 
 
 async def run_in_clone(bundle: str, index: int, results: dict[int, str]) -> None:
-    command = f"echo clone-{index}: $(( {index} * {index} )) $(cat /proc/sys/kernel/random/uuid)"
-    token = os.urandom(4).hex()
-    async with smolvmm.Machine.restore(bundle) as machine:
-        # The quotes keep the end marker out of the terminal's echo of the typed line.
-        await machine.console.send(f"{command}; echo END-{token[:4]}''{token[4:]}\n".encode())
-        output = await machine.console.wait_for(f"END-{token}", timeout=120)
-    line = next(part for part in output.decode(errors="replace").splitlines() if part.startswith(f"clone-{index}:"))
-    results[index] = line
+    command = "echo clone-$N: $(( N * N )) $(cat /proc/sys/kernel/random/uuid)"
+    async with smolvmm.Machine.restore(bundle, env={"N": str(index)}) as machine:
+        result = await machine.exec(command, timeout=120)
+    if result.exit_code != 0:
+        raise smolvmm.GuestError(f"clone {index}: exit status {result.exit_code}: {result.stderr.decode(errors='replace')}")
+    results[index] = result.stdout.decode(errors="replace").strip()
 
 
 async def main(bundle: str, count: int) -> None:

@@ -71,7 +71,10 @@ class Call:
         self._held += protocol.HEADER.size + len(frame.payload)
         if self._held > CALL_BUDGET:
             raise ProtocolError(f"request {self.id} was sent more than {CALL_BUDGET} unread bytes")
-        self._frames.send_nowait(frame)
+        try:
+            self._frames.send_nowait(frame)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._held -= protocol.HEADER.size + len(frame.payload)  # the call has given up: dropped
 
     def fail(self, reason: str) -> None:
         self._error = reason
@@ -112,6 +115,8 @@ class AgentPort:
         self._scrub_needed = False
         self._delivered = False  # the agent holds self.identity
         self._delivering = anyio.Lock()
+        self._thawed = anyio.Event()  # unset from a scrub until the next sync: secrets stay out
+        self._thawed.set()
         # protocol 1: answer lines
         self._line = bytearray()
         self._answers, self._answer_reader = anyio.create_memory_object_stream[str](4)
@@ -146,7 +151,7 @@ class AgentPort:
             self._ready.set()
         call = self._calls.get(frame.id)
         if call is None:
-            self.dropped += 1
+            self.dropped += frame.type != Type.READY  # READY comes unasked when the agent starts
             return
         call.deliver(frame)
 
@@ -190,6 +195,7 @@ class AgentPort:
         """A new request id once the agent is ready and holds the identity, released on exit."""
         await self.wait_ready()
         if not self._delivered:
+            await self._thawed.wait()
             async with self._delivering:
                 if not self._delivered and not await self._simple(Type.SETUP, self._setup_payload(), SYNC_TIMEOUT):
                     raise AgentError(self._broken or "the guest agent did not take its environment and hostname")
@@ -233,6 +239,7 @@ class AgentPort:
         if self.protocol == 1:
             return await self._sync_lines(seconds, nanoseconds, macs or {}, timeout)
         try:
+            self._thawed.set()  # after a snapshot, the secrets go back in (here, or on the next call)
             payload = protocol.sync_payload(seconds, nanoseconds, os.urandom(protocol.ENTROPY_BYTES), macs or {})
             ok = await self._simple(Type.SYNC, payload, timeout)
             if ok:
@@ -248,11 +255,18 @@ class AgentPort:
         i = self.identity
         return protocol.setup_payload(i.hostname, i.machine_id, i.env, i.secrets)
 
+    @property
+    def holds_secrets(self) -> bool:
+        """The agent may hold secrets that a snapshot must not contain."""
+        return self._scrub_needed
+
     async def scrub(self, timeout: float = SYNC_TIMEOUT) -> bool:
         """Before a snapshot: have the agent overwrite the secrets it holds, then overwrite the
-        guest kernel's receive buffers that carried them with padding. True if nothing is left."""
+        guest kernel's receive buffers that carried them with padding. True if nothing is left.
+        Until the next ``sync`` no call hands the secrets back."""
         if not self._scrub_needed:
             return True
+        self._thawed = anyio.Event()
         try:
             if not await self._simple(Type.SCRUB, b"", timeout):
                 return False

@@ -155,7 +155,8 @@ def exec_payload(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
 def setup_payload(hostname: str, machine_id: str, env: dict[str, str], secrets: dict[str, str]) -> bytes:
     """SETUP's payload; raises ValueError if it does not fit one frame or holds a NUL."""
     environment, hidden = _assignments(env), _assignments(secrets)
-    payload = struct.pack("<II", len(environment), len(hidden)) + _strings([hostname, machine_id]) + environment + hidden
+    names = _strings([hostname, machine_id])
+    payload = struct.pack("<II", len(environment), len(hidden)) + names + environment + hidden
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"env and secrets take {len(payload)} bytes (the limit is {MAX_PAYLOAD})")
     return payload

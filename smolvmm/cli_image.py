@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -87,50 +86,26 @@ def image_config(bundle: Path) -> smolvmm.ImageConfig | None:
     return smolvmm.bundle_image_config(labels)
 
 
-async def _forward_stdin(process: smolvmm.Process) -> None:
-    """Host stdin to the process until EOF (then its stdin is closed) or its end."""
-    while True:
-        try:
-            await anyio.wait_readable(0)
-        except PermissionError:
-            pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
-        data = os.read(0, 65536)
-        try:
-            if not data:
-                await process.stdin.aclose()
-                return
-            await process.stdin.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return
-
-
-async def _copy_out(stream: smolvmm.Process, out: object) -> None:
-    async for chunk in stream:  # type: ignore[attr-defined]
-        out.write(chunk)  # type: ignore[attr-defined]
-        out.flush()  # type: ignore[attr-defined]
-
-
 def run_image(args: argparse.Namespace, config: smolvmm.ImageConfig) -> int:
-    """Restore an image bundle and run its command (or ``args.command``) with stdio on the host's;
-    returns its exit status (128+N when killed by signal N)."""
+    """Restore an image bundle and run its command (or ``args.command``) with the image's Env,
+    WorkingDir and User, as ``run -- CMD`` does (cli_exec: --env, --secret-env, --copy-in/out,
+    stdio on the host's); returns its exit status (128+N when killed by signal N)."""
+    from smolvmm.cli_exec import _pair, attach, identity
+
+    env, secrets = identity(args)
+    copy_in = [_pair(spec, "--copy-in") for spec in args.copy_in]
+    copy_out = [_pair(spec, "--copy-out") for spec in args.copy_out]
+    networks = tuple(smolvmm.NetConfig.parse(spec) for spec in args.net)
 
     async def main() -> int:
-        networks = tuple(smolvmm.NetConfig.parse(spec) for spec in args.net)
-        async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
-            async with smolvmm.image_process(machine, config, args.command or None) as process:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_copy_out, process.stdout, sys.stdout.buffer)
-                    tg.start_soon(_copy_out, process.stderr, sys.stderr.buffer)
-                    feeder = anyio.CancelScope()
-
-                    async def feed() -> None:
-                        with feeder:
-                            await _forward_stdin(process)
-
-                    tg.start_soon(feed)
-                    status = await process.wait()
-                    feeder.cancel()
-            await machine.stop()
+        async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket, env=env,
+                                   secrets=secrets) as machine:
+            for host, guest in copy_in:
+                await machine.files.upload(host, guest)
+            async with smolvmm.image_process(machine, config, args.command or None, env) as process:
+                status = await attach(process)
+            for guest, host in copy_out:
+                await machine.files.download(guest, host)
         return status
 
     return anyio.run(main, backend="trio")

@@ -97,8 +97,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
         parser.add_argument("--prepare-only", action="store_true",
                             help="do every restore step up to the first guest entry, then tear down")
-        parser.add_argument("command", nargs="*", metavar="-- CMD",
-                            help="for a bundle built from an image: run CMD instead of its Entrypoint and Cmd")
+        import smolvmm.cli_exec as cli_exec
+
+        cli_exec.add_arguments(parser)
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="print the phases in ms as one JSON line on stderr at exit")
 
@@ -136,13 +137,11 @@ async def _pump_output(machine: Machine, ready: anyio.Event, marker: bytes | Non
 
 
 async def _pump_input(machine: Machine, ready: anyio.Event, interactive: bool) -> None:
+    import smolvmm.cli_exec as cli_exec
+
     await ready.wait()
     while True:
-        try:
-            await anyio.wait_readable(0)
-        except PermissionError:
-            pass  # a regular file or /dev/null: epoll refuses it, and reading it never blocks
-        data = os.read(0, 4096)
+        data = await cli_exec.read_stdin(4096)
         if not data:
             return  # EOF on stdin: the guest keeps running
         if interactive and ESCAPE_KEY in data:
@@ -224,7 +223,13 @@ async def _run(args: argparse.Namespace) -> int:
         timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)
         print(timings.json(), file=sys.stderr)
         return 0
-    async with Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket) as machine:
+    import smolvmm.cli_exec as cli_exec
+
+    if args.command:
+        return await cli_exec.run_command(args, networks)
+    env, secrets = cli_exec.identity(args)
+    restore = Machine.restore(args.bundle, networks=networks, console_socket=args.console_socket, env=env, secrets=secrets)
+    async with restore as machine:
         async with anyio.create_task_group() as tg:
             if args.save is not None:
                 tg.start_soon(_save_on_signal, machine, args.save)
@@ -261,6 +266,4 @@ def run(name: str, args: argparse.Namespace) -> int:
     config = None if args.prepare_only else image_config(args.bundle)
     if config is not None:
         return run_image(args, config)
-    if args.command:
-        raise ConfigError(f"{args.bundle} was not built from an image: a command after -- needs one")
     return anyio.run(_run, args, backend="trio")

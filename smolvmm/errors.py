@@ -3,6 +3,22 @@
 A user sees ``str(exc)`` as one line; a developer sees the chain (``raise ... from``).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def unwrapped_errors() -> Iterator[None]:
+    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        if isinstance(group, BaseExceptionGroup):
+            raise
+        raise group from group.__cause__
+
 
 class SmolvmmError(Exception):
     """Base of every error smolvmm raises on purpose."""

@@ -19,7 +19,7 @@ import anyio
 from . import agent_protocol as protocol
 from .agent import AgentPort, Call
 from .agent_protocol import ProtocolError, Type
-from .errors import AgentError, ConfigError, GuestTimeout, OutputLimitError
+from .errors import AgentError, ConfigError, GuestTimeout, OutputLimitError, unwrapped_errors
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 KILL_GRACE = 30.0  # how long a killed process may take to report its end
@@ -186,13 +186,14 @@ async def open_process(
         if frame.type != Type.STARTED:
             raise AgentError(f"the guest agent answered exec with frame type {frame.type}")
         process = Process(call, protocol.decode_u32(frame.payload))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(process._route)
-            try:
-                yield process
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await _finish(process)
+        with unwrapped_errors():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(process._route)
+                try:
+                    yield process
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await _finish(process)
 
 
 async def _finish(process: Process) -> None:
@@ -254,16 +255,12 @@ async def run(
             except anyio.BrokenResourceError:
                 pass  # it ended without reading all of its input
 
-        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(collect, "stdout", process.stdout)
-                    tg.start_soon(collect, "stderr", process.stderr)
-                    tg.start_soon(feed)
-                    await process.wait()
-            except BaseExceptionGroup as group:
-                first = group.exceptions[0]
-                raise first from first.__cause__
+        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope, unwrapped_errors():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect, "stdout", process.stdout)
+                tg.start_soon(collect, "stderr", process.stderr)
+                tg.start_soon(feed)
+                await process.wait()
         if scope.cancelled_caught:
             raise GuestTimeout(f"{argv_of(cmd)[0]!r} did not finish within {timeout:g} s: it was killed")
     assert process.exit_code is not None

@@ -51,7 +51,9 @@ class GuestFiles:
         await self._write(path, mode, chunks())
 
     async def upload(self, host_path: str | os.PathLike[str], guest_path: str, mode: int | None = None) -> None:
-        """Copy host file ``host_path`` to ``guest_path``, streaming (any size); ``mode`` defaults to the host file's."""
+        """Copy host file ``host_path`` to ``guest_path``, streaming (any size).
+
+        ``mode`` defaults to the host file's permission bits."""
         source = await anyio.open_file(host_path, "rb")
         async with source:
             if mode is None:

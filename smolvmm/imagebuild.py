@@ -202,11 +202,13 @@ def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
 
 
 @asynccontextmanager
-async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None) -> AsyncIterator[Process]:
+async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None,
+                        env: dict[str, str] | None = None) -> AsyncIterator[Process]:
     """Start ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine through
-    its agent, with the image's Env, WorkingDir and User; yields the running ``Process``."""
+    its agent, with the image's Env (``env``, e.g. the clone's, wins), WorkingDir and User; yields
+    the running ``Process``."""
     argv = config.command(command)
     if config.user:
         argv = [RUNAS, config.user, *argv]
-    async with machine.process(argv, env=config.environment(), cwd=config.workdir or None) as process:
+    async with machine.process(argv, env=config.environment(env), cwd=config.workdir or None) as process:
         yield process

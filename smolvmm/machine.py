@@ -13,18 +13,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, LABEL_V2, AgentPort, Identity
+from .agent import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
 from .config import MachineConfig, NetConfig
 from .console import Console
-from .errors import AgentError, ConfigError
+from .errors import AgentError, AgentTooOld, ConfigError, unwrapped_errors
 from .eventfd import EventFd
 from .guest_exec import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from .guest_files import GuestFiles
@@ -145,6 +145,9 @@ class Machine:
         if restored.agent is not None:
             restored.agent.protocol = 1 if label == "yes" else 2
             restored.agent.identity = identity
+        if label == "yes" and (env or secrets or hostname):
+            machine._close()
+            raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
         async with machine._running(paused):
             if not paused:
@@ -183,7 +186,7 @@ class Machine:
         self._paused = paused
         try:
             install_kick_handler()
-            with _unwrapped_errors():
+            with unwrapped_errors():
                 async with anyio.create_task_group() as tg:
                     try:
                         tg.start_soon(self._run_devices)
@@ -325,6 +328,8 @@ class Machine:
             if self._boot_files is None:
                 raise ConfigError("this machine does not know the kernel it was booted from")
             boot_files = await anyio.to_thread.run_sync(self._boot_files)
+        if self._paused and self._agent is not None and self._agent.holds_secrets:
+            raise AgentError("resume this machine before saving it: its agent holds secrets it must overwrite first")
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
@@ -397,24 +402,14 @@ class Machine:
             eventfd.close()
 
 
-@contextmanager
-def _unwrapped_errors() -> Iterator[None]:
-    """Re-raise the one error of an exception group as itself (a task group wraps even one)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]
-        if isinstance(group, BaseExceptionGroup):
-            raise
-        raise group from group.__cause__
-
-
 def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:
     """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
     from .agent_protocol import setup_payload
 
-    identity = Identity(dict(env or {}), dict(secrets or {}), hostname or f"smolvmm-{os.urandom(4).hex()}", os.urandom(16).hex())
+    hostname = hostname or f"smolvmm-{os.urandom(4).hex()}"
+    identity = Identity(dict(env or {}), dict(secrets or {}), hostname, os.urandom(16).hex())
+    if not 0 < len(identity.hostname.encode()) <= 64 or any(c.isspace() for c in identity.hostname):
+        raise ConfigError(f"hostname {identity.hostname!r}: 1 to 64 bytes, no spaces")
     try:
         setup_payload(identity.hostname, identity.machine_id, identity.env, identity.secrets)
     except ValueError as exc:

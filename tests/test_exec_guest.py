@@ -7,7 +7,9 @@ their own machines (clones at once, secrets, a hostile agent) restore them thems
 import hashlib
 import os
 import signal
-from collections.abc import AsyncIterator
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -15,9 +17,10 @@ import pytest
 
 import smolvmm
 
-pytestmark = [pytest.mark.kvm, pytest.mark.anyio]
+pytestmark = pytest.mark.kvm
 
 
+@pytest.mark.anyio
 async def test_exec_basics(bundle: Path, anyio_backend: str) -> None:
     async with smolvmm.Machine.restore(bundle, env={"GREETING": "hello"}, hostname="clone-a") as machine:
         for code in (0, 1, 42):
@@ -33,3 +36,156 @@ async def test_exec_basics(bundle: Path, anyio_backend: str) -> None:
         assert (await machine.exec(["pwd"], cwd="/proc")).stdout == b"/proc\n"
         missing = await machine.exec(["no-such-command"])
         assert missing.exit_code == 127 and b"no-such-command" in missing.stderr
+
+
+@pytest.mark.anyio
+async def test_exec_streams_limits_timeout_and_concurrency(bundle: Path, anyio_backend: str) -> None:
+    async with smolvmm.Machine.restore(bundle) as machine:
+        digest = await machine.exec("head -c 4194304 /dev/urandom > /tmp/random && sha256sum /tmp/random")
+        result = await machine.exec(["cat", "/tmp/random"])
+        assert len(result.stdout) == 4 * 1024 * 1024
+        assert hashlib.sha256(result.stdout).hexdigest() == digest.stdout.split()[0].decode()
+
+        with pytest.raises(smolvmm.OutputLimitError, match="more than 65536 bytes to stdout"):
+            await machine.exec(["cat", "/tmp/random"], max_output=65536)
+
+        with pytest.raises(smolvmm.GuestTimeout) as timeout:
+            await machine.exec("sleep 1000 & sleep 1001; echo never", timeout=3)
+        assert isinstance(timeout.value, TimeoutError)
+        ps = await machine.exec(["ps"])
+        assert b"sleep 100" not in ps.stdout  # the whole process group was killed
+
+        answers: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            answers[i] = (await machine.exec(["sh", "-c", f"echo {i}; echo e{i} >&2"])).stdout
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+        assert answers == {i: f"{i}\n".encode() for i in range(20)}
+
+        async with machine.process(["sh", "-c", "while read line; do echo got $line; done; exit 5"]) as process:
+            await process.stdin.send(b"a\nb\n")
+            await process.stdin.aclose()
+            out = b"".join([chunk async for chunk in process.stdout])
+            assert await process.wait() == 5
+        assert out == b"got a\ngot b\n"
+        async with machine.process(["sleep", "1000"]) as process:
+            await process.kill(signal.SIGTERM)
+            assert await process.wait() == 128 + signal.SIGTERM and process.signal == signal.SIGTERM
+        assert (await machine.exec(["true"])).exit_code == 0
+
+
+@pytest.mark.anyio
+async def test_files(bundle: Path, anyio_backend: str, tmp_path: Path) -> None:
+    async with smolvmm.Machine.restore(bundle) as machine:
+        await machine.files.write("/tmp/small", b"\0binary\xff", mode=0o600)
+        assert await machine.files.read("/tmp/small") == b"\0binary\xff"
+        assert (await machine.exec(["stat", "-c", "%a", "/tmp/small"])).stdout == b"600\n"
+        with pytest.raises(smolvmm.GuestFileError, match="/nope/x: No such file or directory"):
+            await machine.files.read("/nope/x")
+        with pytest.raises(smolvmm.GuestFileError, match="/nope/x: No such file or directory"):
+            await machine.files.write("/nope/x", b"data")
+        with pytest.raises(smolvmm.GuestFileError, match="Is a directory"):
+            await machine.files.read("/tmp")
+
+        # 16 MiB in, 2 MiB out: the issue's 256 MiB would take most of an hour in the emulated nested
+        # machine, where guest-to-host console output crawls (~30 KB/s, see BENCHMARKS.md).
+        source = tmp_path / "big"
+        with source.open("wb") as out:
+            for _ in range(16):
+                out.write(os.urandom(1024 * 1024))
+        await machine.files.upload(source, "/tmp/big")
+        guest_digest = (await machine.exec(["sha256sum", "/tmp/big"])).stdout.split()[0].decode()
+        assert guest_digest == hashlib.sha256(source.read_bytes()).hexdigest()
+        made = await machine.exec("head -c 2097152 /tmp/big > /tmp/part && sha256sum /tmp/part")
+        await machine.files.download("/tmp/part", tmp_path / "back")
+        assert hashlib.sha256((tmp_path / "back").read_bytes()).hexdigest() == made.stdout.split()[0].decode()
+        await machine.exec(["rm", "/tmp/big"])
+
+
+@pytest.mark.anyio
+async def test_exec_in_eight_clones_at_once(bundle: Path, anyio_backend: str) -> None:
+    identities: dict[int, tuple[bytes, bytes]] = {}
+
+    async def clone(i: int) -> None:
+        async with smolvmm.Machine.restore(bundle, env={"CLONE": str(i)}) as machine:
+            result = await machine.exec("echo $CLONE; hostname; cat /etc/machine-id")
+            assert result.exit_code == 0, result.stderr
+            number, hostname, machine_id = result.stdout.split()
+            assert number == str(i).encode()
+            identities[i] = (hostname, machine_id)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(clone, i)
+    assert len({hostname for hostname, _ in identities.values()}) == 8
+    assert len({machine_id for _, machine_id in identities.values()}) == 8
+
+
+@pytest.mark.anyio
+async def test_secrets_are_absent_from_a_snapshot(bundle: Path, anyio_backend: str, tmp_path: Path) -> None:
+    secret = "s3cr3t-" + os.urandom(12).hex()
+    saved = tmp_path / "with-secret.smolmachine"
+    async with smolvmm.Machine.restore(bundle, secrets={"TOKEN": secret}, env={"PLAIN": "visible"}) as machine:
+        assert (await machine.exec("echo $TOKEN $PLAIN")).stdout == f"{secret} visible\n".encode()
+        await machine.snapshot(saved, encoding="raw")
+        # the secret is back in the agent once the machine carries on
+        assert (await machine.exec(["printenv", "TOKEN"])).stdout == f"{secret}\n".encode()
+    data = saved.read_bytes()
+    assert secret.encode() not in data and secret.encode("utf-16-le") not in data
+    async with smolvmm.Machine.restore(saved) as clone:
+        result = await clone.exec("echo ${TOKEN:-unset}")
+        assert result.stdout == b"unset\n"
+
+
+HOSTILE = r"""
+port=/dev/$(sed -n 's/.*smolvmm.agent=\([^ ]*\).*/\1/p' /proc/cmdline)
+kill -STOP $(pidof smolvmm-agent)
+cat /tmp/flood > $port
+cat /tmp/huge > $port
+"""
+
+
+@pytest.mark.anyio
+async def test_a_hostile_agent_fails_only_its_own_machine(bundle: Path, anyio_backend: str) -> None:
+    # Frames for ids nobody asked about (1 MiB: guest output is slow nested; the memory bound under
+    # a big flood is shown natively, test_agent_protocol.py), then a header claiming 4 GiB.
+    unknown = b"".join(struct.pack("<HHII", 0x5356, 68, 0xFFFF0000 + i, 65536) + bytes(65536) for i in range(16))
+    huge = struct.pack("<HHII", 0x5356, 68, 1, 0xFFFFFFFF) + os.urandom(4096)
+    async with smolvmm.Machine.restore(bundle) as victim, smolvmm.Machine.restore(bundle) as bystander:
+        await victim.files.write("/tmp/flood", unknown)
+        await victim.files.write("/tmp/huge", huge)
+        async with victim.process(["sleep", "1000"]) as pending:
+            async with victim.process(["sh", "-c", HOSTILE]):
+                with pytest.raises(smolvmm.AgentError, match="frame of 4294967295 bytes"):
+                    await pending.wait()
+        assert victim._agent is not None and victim._agent.dropped >= 16
+        with pytest.raises(smolvmm.AgentError, match="broke protocol 2"):
+            await victim.exec(["true"])
+        assert (await bystander.exec("echo fine")).stdout == b"fine\n"
+        await victim.stop()
+        assert (await bystander.exec("echo still fine")).stdout == b"still fine\n"
+
+
+def test_cli_runs_a_command_in_a_clone(bundle: Path, tmp_path: Path) -> None:
+    must_show = [sys.executable, "-m", "smolvmm", "run", "--env", "GREETING=hello", str(bundle),
+                 "--", "sh", "-c", 'echo "out $GREETING"; echo err >&2; exit 3']
+    result = subprocess.run(must_show, capture_output=True, timeout=600)
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out hello\n", b"err\n")
+
+    (tmp_path / "in.txt").write_bytes(b"lower case\n")
+    script = "tr a-z A-Z < /tmp/in.txt > /tmp/out.txt; echo $TOKEN; cat; kill -TERM $$"
+    command = [sys.executable, "-m", "smolvmm", str(bundle), "--secret-env", "TOKEN",
+               "--copy-in", f"{tmp_path / 'in.txt'}:/tmp/in.txt", "--copy-out", f"/tmp/out.txt:{tmp_path / 'out.txt'}",
+               "--", "sh", "-c", script]
+    result = subprocess.run(command, input=b"from stdin\n", capture_output=True, timeout=600,
+                            env={**os.environ, "TOKEN": "tok"})
+    assert (result.returncode, result.stdout) == (128 + signal.SIGTERM, b"tok\nfrom stdin\n"), result.stderr
+    assert (tmp_path / "out.txt").read_bytes() == b"LOWER CASE\n"
+
+    missing = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--secret-env", "NOT_SET_ANYWHERE", str(bundle),
+                              "--", "true"],
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "NOT_SET_ANYWHERE" in missing.stderr

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -211,3 +213,17 @@ def test_image_config_defaults_and_commands() -> None:
         ImageConfig().command()
     with pytest.raises(ImageError, match="Env"):
         ImageConfig.from_image({"config": {"Env": "PATH=/x"}})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "oci:/nonexistent:app"], "is not an OCI image layout"),
+    (["--image", "podman:x"], "unknown image source 'podman:x'"),
+    (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port"),
+])
+def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    output = tmp_path / "app.smolmachine"
+    result = subprocess.run([sys.executable, "-m", "smolvmm", "build", *args, "-o", str(output)],
+                            capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("smolvmm: error:")]
+    assert result.returncode == 1 and len(errors) == 1 and message in errors[0]
+    assert not output.exists()

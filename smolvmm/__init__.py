@@ -37,6 +37,13 @@ _EXPORTS = {
     "GuestFiles": "smolvmm.guest_files",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
+    "ImageRecipe": "smolvmm.imagebuild",
+    "ReadyCondition": "smolvmm.imagebuild",
+    "build_image": "smolvmm.imagebuild",
+    "bundle_image_config": "smolvmm.imagebuild",
+    "image_process": "smolvmm.imagebuild",
+    "ImageConfig": "smolvmm.oci.imageconfig",
+    "load_smolfile": "smolvmm.smolfile",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
@@ -87,10 +94,13 @@ if TYPE_CHECKING:
     )
     from .guest_exec import ExecResult, Process
     from .guest_files import GuestFiles
+    from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, image_process
     from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .jail import Jail
     from .machine import Machine
+    from .oci.imageconfig import ImageConfig
     from .progress import ProgressBar, report_progress
     from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
+    from .smolfile import load_smolfile
     from .vcpu import ExitReason, MachineExit

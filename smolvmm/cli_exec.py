@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from smolvmm import ConfigError, Jail, Machine, Process, cli_output
+from smolvmm import ConfigError, ImageConfig, Jail, Machine, Process, cli_output, image_process
 from smolvmm.cli_machine import report_forwards
 
 
@@ -79,9 +79,24 @@ async def _pump_in(process: Process) -> None:
         pass  # the command ended first, or there is no stdin
 
 
-async def run_command(args: argparse.Namespace, restore_args: dict[str, Any], jail: Jail | None) -> int:
+async def attach(process: Process) -> int:
+    """Our stdin to the process, its stdout and stderr to ours, until it ends; its exit status."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_pump_in, process)
+        async with anyio.create_task_group() as outputs:
+            outputs.start_soon(_pump_out, process.stdout, sys.stdout.fileno())
+            outputs.start_soon(_pump_out, process.stderr, sys.stderr.fileno())
+        status = await process.wait()
+        tg.cancel_scope.cancel()
+    return status
+
+
+async def run_command(
+    args: argparse.Namespace, restore_args: dict[str, Any], jail: Jail | None, image: ImageConfig | None = None
+) -> int:
     """Resume a clone of ``args.bundle`` (with ``restore_args`` and ``jail`` as for
-    ``Machine.restore``), run ``args.command`` in it; returns its exit status."""
+    ``Machine.restore``), run ``args.command`` in it, or in a bundle built from ``image`` the
+    image's own command (with its Env, WorkingDir and User); returns the exit status."""
     env, secrets = identity(args)
     copy_in = [_pair(spec, "--copy-in") for spec in args.copy_in]
     copy_out = [_pair(spec, "--copy-out") for spec in args.copy_out]
@@ -92,14 +107,12 @@ async def run_command(args: argparse.Namespace, restore_args: dict[str, Any], ja
         report_forwards(machine)
         for host, guest in copy_in:
             await machine.files.upload(host, guest)
-        async with machine.process(args.command) as process:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_pump_in, process)
-                async with anyio.create_task_group() as outputs:
-                    outputs.start_soon(_pump_out, process.stdout, sys.stdout.fileno())
-                    outputs.start_soon(_pump_out, process.stderr, sys.stderr.fileno())
-                status = await process.wait()
-                tg.cancel_scope.cancel()
+        if image is None:
+            process = machine.process(args.command)
+        else:
+            process = image_process(machine, image, args.command or None, env)
+        async with process as started:
+            status = await attach(started)
         for guest, host in copy_out:
             await machine.files.download(guest, host)
     return status

@@ -96,6 +96,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--bundle", type=Path, metavar="BUNDLE",
                             help="cold-boot BUNDLE's own kernel, initrd and disks (a bundle built with --bootable)")
     if name == "build":
+        from smolvmm.cli_image import add_build_arguments
+
+        add_build_arguments(parser)
         parser.add_argument("-o", "--output", type=Path, required=True, help="the .smolmachine file to write")
         parser.add_argument("--bootable", action="store_true",
                             help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)")
@@ -346,8 +349,11 @@ async def _run(args: argparse.Namespace) -> int:
         return cli_status.OK
     import smolvmm.cli_exec as cli_exec
 
-    if args.command:
-        return await cli_exec.run_command(args, restore_args, _jail(args))
+    from smolvmm.cli_image import image_config
+
+    image = image_config(args.bundle)
+    if args.command or image is not None:
+        return await cli_exec.run_command(args, restore_args, _jail(args), image)
     env, secrets = cli_exec.identity(args)
     async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=_jail(args)) as machine:
         _note_pvm_host()
@@ -369,6 +375,10 @@ def run(name: str, args: argparse.Namespace) -> int:
     if name == "boot":
         return anyio.run(_boot, _config(args), _boot_marker(args), args, backend=BACKEND)
     if name == "build":
+        from smolvmm.cli_image import build_from_image, image_build_requested
+
+        if image_build_requested(args):
+            return build_from_image(args)
         return anyio.run(_build, _config(args), args, backend=BACKEND)
     if args.detach:
         if args.prepare_only or args.timings:

@@ -101,9 +101,14 @@ def default_guest() -> GuestImage:
     return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, DEFAULT_CMDLINE, READY_MARKER)
 
 
+def kernel_package() -> Package:
+    """The Debian cloud kernel package apt would pick now (the default guest's and the image guest's)."""
+    return Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
+
+
 def _build() -> Path:
     with progress.task("looking up the default guest's Debian packages"):
-        kernel = Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
+        kernel = kernel_package()
         tools = Package.candidate("busybox-static")
     key = cache_key([f"{kernel.name}={kernel.version}", f"{tools.name}={tools.version}"], [agent.SOURCE])
 

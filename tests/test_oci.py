@@ -1,0 +1,229 @@
+"""Image sources and layer application: faithful unpacking, and hostile images refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from smolvmm.errors import ImageError
+from smolvmm.oci.imageconfig import DEFAULT_PATH, ImageConfig
+from smolvmm.oci.layers import Budget, apply_layers
+from smolvmm.oci.registry import Reference
+from smolvmm.oci.source import Layer, open_source, split_reference
+
+
+
+def make_tar(*entries: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
+    """A PAX tar of ``entries``: (name, data) for a file, or a prepared TarInfo."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in entries:
+            if isinstance(entry, tarfile.TarInfo):
+                archive.addfile(entry)
+            else:
+                info = tarfile.TarInfo(entry[0])
+                info.size, info.mode = len(entry[1]), 0o644
+                archive.addfile(info, io.BytesIO(entry[1]))
+    return buffer.getvalue()
+
+
+def info(name: str, kind: bytes, **fields: object) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.mode = 0o755 if kind == tarfile.DIRTYPE else 0o777 if kind == tarfile.SYMTYPE else 0o644
+    for key, value in fields.items():
+        setattr(member, key, value)
+    return member
+
+
+def layer(data: bytes, name: str = "test") -> Layer:
+    return Layer(name, len(data), lambda: io.BytesIO(data))
+
+
+def apply(root: Path, *tars: bytes, budget: int = 1 << 30) -> list[str]:
+    return apply_layers(root, [layer(data, str(n)) for n, data in enumerate(tars)], Budget(budget))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The build directory's root; a sibling ``outside`` directory must stay empty."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"
+
+
+def outside_is_untouched(root: Path) -> bool:
+    return list((root.parent / "outside").iterdir()) == [] and sorted(p.name for p in root.parent.iterdir()) == [
+        "outside", "root"]
+
+
+def test_layers_apply_in_order_with_whiteouts_opaque_dirs_links_and_metadata(root: Path) -> None:
+    lower = make_tar(
+        info("usr", tarfile.DIRTYPE), info("usr/lib", tarfile.DIRTYPE), info("lib", tarfile.SYMTYPE, linkname="usr/lib"),
+        ("usr/lib/keep.so", b"keep"), ("etc/doomed", b"doomed"), info("etc/old", tarfile.DIRTYPE),
+        ("etc/old/a", b"a"), ("etc/old/b", b"b"), ("data/secret", b"s3cret"),
+        info("data/secret", tarfile.REGTYPE, size=0),  # replaced below by a later entry of the same layer
+    )
+    upper = make_tar(
+        info("etc/.wh.doomed", tarfile.REGTYPE),
+        ("etc/old/new", b"new"), info("etc/old/.wh..wh..opq", tarfile.REGTYPE),
+        ("lib/through-symlink.so", b"in usr/lib"),  # merged /usr: written through lib -> usr/lib
+        info("srv", tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001),
+        info("srv/run.sh", tarfile.REGTYPE, mode=0o4755, uid=1000, gid=1001, mtime=1_600_000_000),
+        info("srv/link", tarfile.LNKTYPE, linkname="srv/run.sh"),
+        info("srv/fifo", tarfile.FIFOTYPE),
+        info("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3),
+    )
+    notes = apply(root, lower, upper)
+    assert not (root / "etc/doomed").exists()
+    assert sorted(os.listdir(root / "etc/old")) == ["new"]  # opaque: lower a, b gone; this layer's new kept
+    assert (root / "usr/lib/through-symlink.so").read_bytes() == b"in usr/lib"
+    assert (root / "lib").is_symlink() and (root / "usr/lib/keep.so").read_bytes() == b"keep"
+    run = (root / "srv/run.sh").stat()
+    assert stat.S_IMODE(run.st_mode) == 0o4755 and (run.st_uid, run.st_gid) == (1000, 1001)
+    assert run.st_mtime == 1_600_000_000 and run.st_nlink == 2
+    assert (root / "srv/link").stat().st_ino == run.st_ino
+    assert stat.S_IMODE((root / "srv").stat().st_mode) == 0o750
+    assert stat.S_ISFIFO((root / "srv/fifo").lstat().st_mode)
+    assert not (root / "dev/null").exists() and any("device node dev/null" in note for note in notes)
+    assert (root / "data/secret").read_bytes() == b""
+
+
+def test_xattrs_are_kept(root: Path) -> None:
+    member = info("file", tarfile.REGTYPE, pax_headers={"SCHILY.xattr.user.smolvmm": "yes"})
+    notes = apply(root, make_tar(member))
+    try:
+        assert os.getxattr(root / "file", "user.smolvmm") == b"yes"
+    except OSError:  # a filesystem without user xattrs: then a note says so
+        assert any("xattr user.smolvmm" in note for note in notes)
+
+
+HOSTILE = {
+    "dot-dot": [("../outside/pwned", b"x")],
+    "absolute": [("/tmp/pwned", b"x")],
+    "symlink-relative": [info("escape", tarfile.SYMTYPE, linkname="../../outside"), ("escape/pwned", b"x")],
+    "symlink-absolute": [info("escape", tarfile.SYMTYPE, linkname="/outside-abs"), ("escape/pwned", b"x")],
+    "symlink-chain": [info("a", tarfile.SYMTYPE, linkname="b/../.."), info("b", tarfile.DIRTYPE),
+                      ("a/outside/pwned", b"x")],
+    "hardlink-out": [info("pw", tarfile.LNKTYPE, linkname="../outside/target")],
+    "hardlink-through-symlink": [info("up", tarfile.SYMTYPE, linkname=".."), info("pw", tarfile.LNKTYPE,
+                                                                                   linkname="up/outside/target")],
+    "tar-bomb": [info("bomb", tarfile.REGTYPE, size=1 << 40)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_layers_are_refused_in_one_line_and_nothing_escapes(root: Path, case: str) -> None:
+    entries = HOSTILE[case]
+    data = make_tar(*entries) if case != "tar-bomb" else make_tar(*entries)[:4096]  # header only: bytes never sent
+    with pytest.raises(ImageError) as raised:
+        apply(root, data, budget=1 << 30)
+    assert "\n" not in str(raised.value) and str(raised.value).startswith("layer 0")
+    assert outside_is_untouched(root)
+
+
+def test_a_layer_past_the_budget_stops_before_writing_it(root: Path) -> None:
+    with pytest.raises(ImageError, match="tar bomb"):
+        apply(root, make_tar(("small", b"x" * 10), ("big", b"y" * 100)), budget=50)
+    assert not (root / "big").exists()
+
+
+def _blob(layout: Path, data: bytes, media: str) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs/sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs/sha256" / digest).write_bytes(data)
+    return {"mediaType": media, "digest": f"sha256:{digest}", "size": len(data)}
+
+
+def make_layout(layout: Path, layers: list[bytes], config: dict, platform: str | None = None) -> None:
+    config_doc = {"architecture": "amd64", "os": "linux", "config": config,
+                  "rootfs": {"type": "layers", "diff_ids": []}}
+    manifest = {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": _blob(layout, json.dumps(config_doc).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [_blob(layout, data, "application/vnd.oci.image.layer.v1.tar") for data in layers],
+    }
+    entry = _blob(layout, json.dumps(manifest).encode(), manifest["mediaType"])
+    entry["annotations"] = {"org.opencontainers.image.ref.name": "v1"}
+    if platform:
+        entry["platform"] = dict(zip(("os", "architecture"), platform.split("/")))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+
+
+def test_an_oci_layout_gives_its_config_and_verified_layers(tmp_path: Path) -> None:
+    make_layout(tmp_path, [make_tar(("hello", b"hi"))], {"Env": ["A=1"], "WorkingDir": "/w", "Cmd": ["sh"]})
+    with open_source(f"oci:{tmp_path}:v1", tmp_path) as image:
+        assert image.config == ImageConfig(env=("A=1",), workdir="/w", cmd=("sh",))
+        assert len(image.layers) == 1 and image.key.startswith("sha256:")
+    with pytest.raises(ImageError, match="no image tagged 'v2'"):
+        with open_source(f"oci:{tmp_path}:v2", tmp_path):
+            pass
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_blob_is_refused(tmp_path: Path, damage: str) -> None:
+    layer_data = make_tar(("hello", b"hi" * 100))
+    make_layout(tmp_path, [layer_data], {})
+    blob = tmp_path / "blobs/sha256" / hashlib.sha256(layer_data).hexdigest()
+    blob.write_bytes(layer_data[:-1] + b"!" if damage == "flip" else layer_data[:100])
+    expected = "does not match its digest" if damage == "flip" else "truncated or altered"
+    with pytest.raises(ImageError, match=expected):
+        with open_source(f"oci:{tmp_path}", tmp_path):
+            pass
+
+
+def test_a_manifest_list_without_linux_amd64_says_what_it_has(tmp_path: Path) -> None:
+    make_layout(tmp_path, [make_tar(("x", b"x"))], {}, platform="linux/arm64")
+    with pytest.raises(ImageError, match=r"no linux/amd64 image \(platforms: linux/arm64\)"):
+        with open_source(f"oci:{tmp_path}", tmp_path):
+            pass
+
+
+def test_source_names_and_references() -> None:
+    assert split_reference("/a/b:tag") == ("/a/b", "tag")
+    assert split_reference("/a/b") == ("/a/b", None)
+    assert Reference.parse("//127.0.0.1:5000/team/app:v2") == Reference("127.0.0.1:5000", "team/app", "v2")
+    assert Reference.parse("//debian") == Reference("registry-1.docker.io", "library/debian", "latest")
+    digest = "sha256:" + "a" * 64
+    assert Reference.parse(f"//ghcr.io/o/r@{digest}").reference == digest
+    for bad in ("//ghcr.io/o/R", "//ghcr.io/o/r@sha256:12", "ghcr.io/o/r"):
+        with pytest.raises(ImageError):
+            Reference.parse(bad)
+    with pytest.raises(ImageError, match="unknown image source"):
+        with open_source("podman:x", Path(".")):
+            pass
+
+
+def test_image_config_defaults_and_commands() -> None:
+    config = ImageConfig.from_image({"config": {"Env": ["B=2"], "Entrypoint": ["/e"], "Cmd": ["c"]}})
+    assert config.environment()["PATH"] == DEFAULT_PATH and config.environment()["B"] == "2"
+    assert config.command() == ["/e", "c"] and config.command(["ls"]) == ["ls"]
+    assert ImageConfig.from_json(config.to_json()) == config
+    with pytest.raises(ImageError, match="no Entrypoint or Cmd"):
+        ImageConfig().command()
+    with pytest.raises(ImageError, match="Env"):
+        ImageConfig.from_image({"config": {"Env": "PATH=/x"}})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "oci:/nonexistent:app"], "is not an OCI image layout"),
+    (["--image", "podman:x"], "unknown image source 'podman:x'"),
+    (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port"),
+])
+def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    output = tmp_path / "app.smolmachine"
+    result = subprocess.run([sys.executable, "-m", "smolvmm", "build", *args, "-o", str(output)],
+                            capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("smolvmm: error:")]
+    assert result.returncode == 1 and len(errors) == 1 and message in errors[0]
+    assert not output.exists()

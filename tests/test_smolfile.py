@@ -1,0 +1,51 @@
+"""The Smolfile: the example parses; every mistake is one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smolvmm import ConfigError, ImageRecipe, ReadyCondition, load_smolfile
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smolfile" / "Smolfile"
+
+
+def test_the_example_smolfile_gives_its_recipe() -> None:
+    recipe = load_smolfile(EXAMPLE)
+    assert recipe.image == "docker://127.0.0.1:5000/debian-python:bookworm"
+    assert (recipe.vcpus, recipe.memory, recipe.disk_headroom) == (1, 512 << 20, 256 << 20)
+    assert recipe.env == {"GREETING": "hello from the Smolfile"} and recipe.workdir == "/srv/www"
+    assert recipe.files == ((EXAMPLE.parent / "hello.txt", "/srv/www/hello.txt"),)
+    assert recipe.cmd == ("python3", "-m", "http.server", "8000") and len(recipe.steps) == 1
+    assert recipe.ready == ReadyCondition("port", "8000")
+    assert load_smolfile(EXAMPLE, vcpus=2).vcpus == 2  # flags win
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('image = "oci:x"\ncolour = "red"', "unknown key 'colour'"),
+    ('cpus = 2', "'image' is required"),
+    ('image = "oci:x"\ncpus = "two"', "'cpus' must be an integer"),
+    ('image = "oci:x"\nenv = { A = 1 }', "'env' must be a table of strings"),
+    ('image = "oci:x"\nrun = "make"', "'run' must be a list of strings"),
+    ('image = "oci:x"\nmemory = "lots"', "'memory': invalid size"),
+    ('image = "oci:x"\n[ready]\nport = 1\nexec = "true"', "exactly one of"),
+    ('image = "oci:x"\n[ready]\nport = 70000', "'ready.port'"),
+    ('image = "oci:x"\n[ready]\nwhen = "now"', "unknown key 'ready.when'"),
+    ('image = "oci:x"\n[[copy]]\nfrom = "missing.txt"\nto = "/x"', "'copy[0].from' 'missing.txt' is not a file"),
+    ('image = "oci:x"\n[[copy]]\nfrom = "Smolfile"\nto = "x"', "'copy[0].to' must be an absolute guest path"),
+    ('image = "oci:x"\n[[copy]]\nsrc = "a"', "unknown key 'copy[0].src'"),
+    ('image = [', "not valid TOML"),
+])
+def test_each_mistake_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    smolfile = tmp_path / "Smolfile"
+    smolfile.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_smolfile(smolfile)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert str(raised.value).startswith(f"Smolfile {smolfile}")
+
+
+def test_a_recipe_keeps_its_defaults() -> None:
+    recipe = ImageRecipe("oci:x")
+    assert recipe.ready is None and recipe.steps == () and recipe.memory == 512 << 20

@@ -29,6 +29,11 @@ _EXPORTS = {
     "GuestTimeout": "smolvmm.errors",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
+    "RegistryError": "smolvmm.errors",
+    "push": "smolvmm.registry.transfer",
+    "pull": "smolvmm.registry.transfer",
+    "PushResult": "smolvmm.registry.transfer",
+    "PullResult": "smolvmm.registry.transfer",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
@@ -61,8 +66,10 @@ if TYPE_CHECKING:
         GuestTimeout,
         HypervisorError,
         ImageError,
+        RegistryError,
         SmolvmmError,
     )
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
+    from .registry.transfer import PullResult, PushResult, pull, push
     from .vcpu import ExitReason, MachineExit

@@ -34,6 +34,8 @@ _EXPORTS = {
     "pull": "smolvmm.registry.transfer",
     "PushResult": "smolvmm.registry.transfer",
     "PullResult": "smolvmm.registry.transfer",
+    "Transfer": "smolvmm.registry.transfer",
+    "Reference": "smolvmm.registry.reference",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
@@ -71,5 +73,6 @@ if TYPE_CHECKING:
     )
     from .images.guest import GuestImage, default_guest
     from .machine import Machine
-    from .registry.transfer import PullResult, PushResult, pull, push
+    from .registry.reference import Reference
+    from .registry.transfer import PullResult, PushResult, Transfer, pull, push
     from .vcpu import ExitReason, MachineExit

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("smolvmm.cli_bundle", "describe a bundle's sections"),
     "verify": ("smolvmm.cli_bundle", "check a bundle's structure and digests"),
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
+    "push": ("smolvmm.cli_registry", "push a bundle to an OCI registry (REGISTRY/REPO:TAG)"),
+    "pull": ("smolvmm.cli_registry", "pull a bundle from an OCI registry into a file"),
 }
 
 

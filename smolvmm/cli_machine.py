@@ -86,7 +86,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)")
         parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the ready marker (default 600)")
     if name == "run":
-        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
+        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume, or REGISTRY/REPO:TAG to pull and resume")
+        parser.add_argument("--insecure", action="store_true", help="with a REF: allow plain HTTP to a registry that is not on loopback")
         parser.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                             help="TAP device (and optionally a new MAC) for each saved network device")
         parser.add_argument("--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device")
@@ -214,6 +215,9 @@ async def _build(config: MachineConfig, output: Path, marker: str | None, bootab
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from smolvmm.cli_registry import resolve_bundle
+
+    args.bundle = await resolve_bundle(args.bundle, args.insecure)
     networks = tuple(NetConfig.parse(spec) for spec in args.net)
     if args.prepare_only:
         timings = await Machine.prepare_restore(args.bundle, networks=networks, console_socket=args.console_socket)

@@ -67,6 +67,7 @@ class RegistryServer:
 def registry_server(workdir: Path, users: dict[str, str] | None = None) -> Iterator[RegistryServer]:
     """Start a registry (with htpasswd basic auth for ``users`` if given); stop it on exit."""
     htpasswd = None
+    workdir.mkdir(parents=True, exist_ok=True)
     if users:
         htpasswd = workdir / "htpasswd"
         for number, (user, password) in enumerate(users.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+
+def _loopback_up() -> None:
+    """Bring ``lo`` up where it is down (the nested KVM machine starts with it down)."""
+    flags = Path("/sys/class/net/lo/flags")
+    if flags.exists() and not int(flags.read_text(), 16) & 1 and os.geteuid() == 0:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 def _free_port() -> int:
@@ -27,6 +35,7 @@ class RegistryServer:
     def __init__(self, workdir: Path, htpasswd: Path | None = None) -> None:
         self.storage = workdir / "storage"
         self.storage.mkdir(parents=True)
+        _loopback_up()
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
         auth = f"auth:\n  htpasswd:\n    realm: smolvmm-test\n    path: {htpasswd}\n" if htpasswd else ""

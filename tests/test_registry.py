@@ -23,7 +23,7 @@ from smolformat.layout import PAGE_SIZE
 from smolvmm.registry import artifact, client
 from smolvmm.registry.reference import Reference
 
-from registry_server import REGISTRY_BINARY, RegistryServer, registry_server
+from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
 
 MIB = 1 << 20
 pytestmark = pytest.mark.skipif(not os.path.exists(REGISTRY_BINARY), reason="docker-registry is not installed (tools/setup)")
@@ -236,6 +236,23 @@ def test_basic_auth_from_the_docker_config_and_a_credential_helper(bundles: tupl
         pulled = cli("pull", ref, "-o", str(out), env=env)
         assert pulled.returncode == 0, pulled.stderr
         assert out.read_bytes() == first.read_bytes()
+
+
+@pytest.mark.anyio
+async def test_bearer_tokens_from_the_registrys_challenge(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    with token_registry_server(tmp_path / "tokenreg", users={"bob": "hunter2"}) as server:
+        ref = f"{server.address}/tokens/app:v1"
+        with pytest.raises(smolvmm.RegistryError, match="refused the credentials .*none in the docker config"):
+            await smolvmm.push(first, ref)
+        docker = cache.parent / "docker"
+        docker.mkdir()
+        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "Ym9iOmh1bnRlcjI="}}}))  # bob:hunter2
+        await smolvmm.push(first, ref)
+        mounted = await smolvmm.push(first, f"{server.address}/tokens/mounted:v1")  # a mount needs pull on the source too
+        assert mounted.transfer.moved < 4096
+        pulled = await smolvmm.pull(ref, tmp_path / "t.smolmachine")
+        assert pulled.path.read_bytes() == first.read_bytes()
 
 
 class _CuttingProxy:

@@ -34,6 +34,7 @@ MAX_CHUNK = 16 << 20
 MAX_MANIFEST = 4 << 20
 MAX_CONFIG = 1 << 20
 MAX_LAYERS = 65536
+MAX_STATE = 1 << 30  # the state layer holds STRUCT sections and indexes: megabytes, not gigabytes
 _SMALL_UNKNOWN = 1 << 20
 
 
@@ -212,7 +213,7 @@ def parse_manifest(data: bytes, reference: str) -> Artifact:
     config = _descriptor(value["config"], "config", MAX_CONFIG)
     if not isinstance(layers[0], dict) or layers[0].get("mediaType") != STATE_TYPE:
         raise RegistryError(f"{reference}: the manifest's first layer is not the state layer")
-    state = _descriptor(layers[0], "state layer", 1 << 62)
+    state = _descriptor(layers[0], "state layer", MAX_STATE)
     chunks = []
     end = 0
     for number, layer in enumerate(layers[1:], 1):

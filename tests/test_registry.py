@@ -422,3 +422,26 @@ def test_manifests_are_checked_before_anything_is_fetched(change, message: str) 
     change(manifest)
     with pytest.raises(smolvmm.RegistryError, match=message):
         artifact.parse_manifest(json.dumps(manifest).encode(), "r")
+
+
+def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smolvmm.registry.auth import credentials, parse_challenge
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    assert credentials("ghcr.io") is None  # no config at all
+    (tmp_path / "config.json").write_text(json.dumps({
+        "auths": {"https://index.example": {"auth": "dTpw"}, "ghcr.io": {"identitytoken": "tok"}},
+        "credsStore": "absent-helper",
+    }))
+    assert credentials("index.example") == ("u", "p")
+    assert credentials("ghcr.io") == ("<token>", "tok")
+    with pytest.raises(smolvmm.RegistryError, match="docker-credential-absent-helper, which is not installed"):
+        credentials("other.example")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(smolvmm.RegistryError, match="cannot read"):
+        credentials("ghcr.io")
+    scheme, params = parse_challenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"')
+    assert scheme == "bearer" and params == {
+        "realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull",
+    }
+    assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})

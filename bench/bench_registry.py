@@ -1,11 +1,12 @@
 """Push and pull MiB/s to a local registry, beside ``skopeo copy`` of an OCI layout of the same size.
 
-Run: ``python bench/bench_registry.py [--bundle PATH | --synthetic MIB] [--repeat 3]``. Starts Debian's
+Run: ``python bench/bench_registry.py [--bundle PATH [--second PATH] | --synthetic MIB] [--repeat 3]``. Starts Debian's
 docker-registry on 127.0.0.1 (as the tests do), then per repeat, each into a fresh repository and an
 empty local store: ``smolvmm.push`` of the bundle, ``smolvmm.pull`` of it to a file (fetch, assemble,
 verify), and ``skopeo copy`` of an OCI image layout whose layers have the same sizes as the bundle's
 blobs (random bytes in gzip, so that skopeo sends them as they are) to and from the same registry.
-Also a second save of the same synthetic guest: what its push and pull move. Prints Markdown.
+Also a second save of the same guest (``--second``, a later save of ``--bundle``'s guest; else a
+synthetic small change to the synthetic RAM): what its push and pull move. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import random
 import shutil
 import statistics
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -60,15 +61,16 @@ def _oci_layout(directory: Path, sizes: list[int]) -> int:
     return sum(layer["size"] for layer in layers)
 
 
-def _timed(call) -> float:  # noqa: ANN001
+def _timed(call, *args, **kwargs) -> float:  # noqa: ANN001, ANN002, ANN003
     start = time.perf_counter()
-    call()
+    call(*args, **kwargs)
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="a bundle to push (default: a synthetic one)")
+    parser.add_argument("--second", type=Path, help="a later save of --bundle's guest (default: a synthetic one)")
     parser.add_argument("--synthetic", type=int, default=256, metavar="MIB", help="synthetic guest RAM (default 256)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -91,29 +93,31 @@ def main() -> None:
             for run in range(args.repeat):
                 store = BlobStore(work / f"store{run}")
                 ref = f"{registry.address}/bench/run{run}:v1"
-                results["push"].append(_timed(lambda: anyio.run(lambda: smolvmm.push(bundle, ref, store=store))))
+                results["push"].append(_timed(anyio.run, partial(smolvmm.push, bundle, ref, store=store)))
                 pull_store = BlobStore(work / f"pull-store{run}")
                 out = work / f"pulled{run}.smolmachine"
-                results["pull"].append(_timed(lambda: anyio.run(lambda: smolvmm.pull(ref, out, store=pull_store))))
+                results["pull"].append(_timed(anyio.run, partial(smolvmm.pull, ref, out, store=pull_store)))
                 assert out.read_bytes() == bundle.read_bytes()
                 out.unlink()
                 dest = f"docker://{registry.address}/bench/skopeo{run}:v1"
-                results["skopeo push"].append(_timed(lambda: subprocess.run(
-                    ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:bench", dest], check=True)))
+                results["skopeo push"].append(_timed(subprocess.run, [
+                    "skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:bench", dest], check=True))
                 back = work / f"back{run}"
-                results["skopeo pull"].append(_timed(lambda: subprocess.run(
-                    ["skopeo", "copy", "-q", "--src-tls-verify=false", dest, f"oci:{back}:bench"], check=True)))
+                results["skopeo pull"].append(_timed(subprocess.run, [
+                    "skopeo", "copy", "-q", "--src-tls-verify=false", dest, f"oci:{back}:bench"], check=True))
                 shutil.rmtree(back)
             second = None
+            later = args.second
             if memory is not None:
                 later = work / "second.smolmachine"
                 make_bundle(later, second_save(memory), vcpu_seed=2)
+            if later is not None:
                 store = BlobStore(work / "store-gen")
                 ref = f"{registry.address}/bench/generations"
-                anyio.run(lambda: smolvmm.push(bundle, f"{ref}:one", store=store))
-                pushed = anyio.run(lambda: smolvmm.push(later, f"{ref}:two", store=store))
-                anyio.run(lambda: smolvmm.pull(f"{ref}:one", work / "one.smolmachine", store=store))
-                pulled = anyio.run(lambda: smolvmm.pull(f"{ref}:two", work / "two.smolmachine", store=store))
+                anyio.run(partial(smolvmm.push, bundle, f"{ref}:one", store=store))
+                pushed = anyio.run(partial(smolvmm.push, later, f"{ref}:two", store=store))
+                anyio.run(partial(smolvmm.pull, f"{ref}:one", work / "one.smolmachine", store=store))
+                pulled = anyio.run(partial(smolvmm.pull, f"{ref}:two", work / "two.smolmachine", store=store))
                 second = (later.stat().st_size, pushed.transfer.moved, pulled.transfer.moved)
     print(f"machine: {machine_info()}")
     print(f"bundle: {bundle if args.bundle else f'synthetic {args.synthetic} MiB RAM'}, {size / MIB:.1f} MiB,"

@@ -66,7 +66,7 @@ class RegistryServer:
                 break  # 401 with auth on: it is up
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"docker-registry did not start: {(workdir / 'registry.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"docker-registry did not start: {(workdir / 'registry.log').read_text()[-2000:]}") from None
                 time.sleep(0.05)
 
     def blob_file(self, digest: str) -> Path:

@@ -56,7 +56,7 @@ def second_save(memory: bytearray) -> bytearray:
         at = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
         later[at : at + 64] = rng.randbytes(64)
     zero_run = next(
-        at for at in range(4 * MIB, len(memory), 2 * MIB) if not any(memory[at : at + 2 * MIB])
+        at for at in range(4 * MIB, len(memory) - 2 * MIB + 1, 2 * MIB) if not any(memory[at : at + 2 * MIB])
     )
     later[zero_run : zero_run + 512 * 1024] = rng.randbytes(512 * 1024)
     return later

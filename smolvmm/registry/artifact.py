@@ -93,7 +93,7 @@ def _pieces(start: int, length: int, cuts: Sequence[int], section: str) -> list[
     """The section ``[start, start+length)`` cut at ``cuts`` (relative), oversized pieces cut again."""
     bounds = sorted({0, length, *(c for c in cuts if 0 < c < length)})
     chunks = []
-    for begin, end in zip(bounds, bounds[1:]):
+    for begin, end in zip(bounds, bounds[1:], strict=False):
         if end - begin > OVERSIZED:
             for at in range(begin, end, BLOB_CUT):
                 chunks.append(Chunk(start + at, min(BLOB_CUT, end - at), section))

@@ -22,6 +22,7 @@ from smolformat import BundleContents, make_metadata, open_bundle, samples, writ
 from smolformat.layout import PAGE_SIZE
 from smolvmm.registry import artifact, client
 from smolvmm.registry.reference import Reference
+from smolvmm.registry.store import BlobStore
 
 from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
 
@@ -155,6 +156,12 @@ async def test_a_second_save_moves_under_a_tenth_of_its_bytes(registry: Registry
     assert got_two.transfer.moved < size / 10, got_two.transfer
     assert (tmp_path / "two.smolmachine").read_bytes() == second.read_bytes()
     assert os.fspath(got_two) == str(tmp_path / "two.smolmachine")  # what Machine.restore takes
+    layers = json.loads(registry.blob_file(two.digest).read_bytes())["layers"]
+    assert {layer["mediaType"] for layer in layers} >= {artifact.PATCH_TYPE, artifact.BASE_TYPE, artifact.CHUNK_TYPE}
+    # Without the first save's chunks at hand, a pull fetches the patches' bases too.
+    fresh = await smolvmm.pull(f"{ref}:two", tmp_path / "fresh.smolmachine", store=BlobStore(tmp_path / "fresh-store"))
+    assert fresh.path.read_bytes() == second.read_bytes()
+    assert fresh.transfer.present == 0
 
 
 @pytest.mark.anyio
@@ -406,22 +413,53 @@ def test_cuts_follow_guest_addresses_not_file_offsets(tmp_path: Path) -> None:
         (lambda m: m["layers"][1].update(size=artifact.MAX_CHUNK + 1), "bad size"),
         (lambda m: m["layers"][1].update(digest="sha256:xyz"), "no sha256 digest"),
         (lambda m: m["layers"][2]["annotations"].update({artifact.OFFSET_KEY: "0"}), "overlaps"),
-        (lambda m: m["layers"][1].pop("annotations"), "no file offset"),
+        (lambda m: m["layers"][1].pop("annotations"), "no dev.smolvmm.offset"),
+        (lambda m: m["layers"][2]["annotations"].update({artifact.LENGTH_KEY: str(artifact.MAX_CHUNK + 1)}), "more than"),
+        (lambda m: m["layers"][2]["annotations"].pop(artifact.BASE_KEY), "no chunk or base"),
+        (lambda m: m["layers"].pop(), "not among the manifest's base layers"),
+        (lambda m: m["layers"].insert(1, m["layers"].pop()), "not a chunk or patch in its place"),
+        (lambda m: m["layers"][0].update(size=artifact.MAX_STATE + 1), "bad size"),
         (lambda m: m.update(layers=[]), "1 to"),
     ],
 )
 def test_manifests_are_checked_before_anything_is_fetched(change, message: str) -> None:  # noqa: ANN001
-    chunks = [(artifact.Chunk(0, 10, "ram"), "sha256:" + "1" * 64), (artifact.Chunk(10, 5, "ram"), "sha256:" + "2" * 64)]
+    digest = {n: "sha256:" + str(n) * 64 for n in range(1, 7)}
+    layers = [
+        artifact.chunk_layer(artifact.Chunk(0, 10, "ram", "ram/0"), digest[1]),
+        artifact.patch_layer(artifact.Chunk(10, 8192, "ram", "ram/1"), digest[2], digest[5], 100, digest[6]),
+    ]
     good = artifact.manifest_blob(
-        artifact.descriptor(artifact.CONFIG_TYPE, "sha256:" + "3" * 64, 10),
-        artifact.descriptor(artifact.STATE_TYPE, "sha256:" + "4" * 64, 7),
-        chunks,
+        artifact.descriptor(artifact.CONFIG_TYPE, digest[3], 10),
+        artifact.descriptor(artifact.STATE_TYPE, digest[4], 7),
+        layers,
+        {digest[6]: 4096},
     )
-    assert len(artifact.parse_manifest(good, "r").chunks) == 2
+    parsed = artifact.parse_manifest(good, "r")
+    assert [(p.digest, p.size, p.offset, p.base) for p in parsed.pieces] == [
+        (digest[1], 10, 0, None), (digest[2], 8192, 10, digest[6]),
+    ]
+    assert parsed.bases == {digest[6]: 4096}
     manifest = json.loads(good)
     change(manifest)
     with pytest.raises(smolvmm.RegistryError, match=message):
         artifact.parse_manifest(json.dumps(manifest).encode(), "r")
+
+
+def test_patches_rebuild_a_chunk_from_its_base_and_refuse_bad_input() -> None:
+    rng = random.Random(4)
+    base = rng.randbytes(64 * PAGE_SIZE)
+    later = bytearray(base)
+    later[5 * PAGE_SIZE : 5 * PAGE_SIZE + 8] = b"changed!"  # one page rewritten
+    later[:0] = bytes(PAGE_SIZE)  # a page added in front: every other page moves
+    patch = artifact.make_patch(bytes(later), artifact.page_hashes(base))
+    assert patch is not None and len(patch) < 3 * PAGE_SIZE
+    assert artifact.apply_patch(patch, base, len(later), "p") == later
+    assert artifact.make_patch(rng.randbytes(8 * PAGE_SIZE), artifact.page_hashes(base)) is None  # all new: no patch
+    for broken in (patch[:-1], patch[:8] + b"\xff" + patch[9:], b"SMPATCH2" + patch[8:], patch[:12] + (0).to_bytes(4, "little") + patch[16:]):
+        with pytest.raises(smolvmm.RegistryError, match="malformed"):
+            artifact.apply_patch(broken, base, len(later), "p")
+    with pytest.raises(smolvmm.RegistryError, match="malformed"):
+        artifact.apply_patch(patch, base[: 10 * PAGE_SIZE], len(later), "p")  # an index past a short base
 
 
 def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,10 @@
 ``blobs/sha256/HEX``: blobs whose digest was checked as they arrived, renamed into place whole, so
 a killed pull keeps every blob it finished and loses only the ones in flight (``.HEX.PID.part``,
 removed by the next store user once PID is gone). ``bundles/HEX.smolmachine``: bundles assembled
-for ``run REF``, by manifest digest. ``repositories.json``: per registry, the repository last used,
-a source for cross-repository mounts.
+for ``run REF``, by manifest digest. ``pages/HEX``: the page hashes of raw chunks pushed or pulled,
+which a later push's patches match against. ``repositories.json``: per registry, the repository
+last used (a source for cross-repository mounts), and per repository the manifest moved last (the
+base of the next push's patches).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import RegistryError
 from ..images.cache import cache_root
@@ -33,9 +35,10 @@ class BlobStore:
         self.root = root or cache_root() / "oci"
         self.blobs = self.root / "blobs" / "sha256"
         self.bundles = self.root / "bundles"
+        self.pages = self.root / "pages"
         try:
-            self.blobs.mkdir(parents=True, exist_ok=True)
-            self.bundles.mkdir(parents=True, exist_ok=True)
+            for directory in (self.blobs, self.bundles, self.pages):
+                directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise disk_error(exc, self.root) from None
         self._remove_orphans()
@@ -77,31 +80,56 @@ class BlobStore:
         """Where ``run REF`` keeps the bundle assembled from manifest ``manifest_digest``."""
         return self.bundles / (manifest_digest.removeprefix("sha256:") + ".smolmachine")
 
-    def _repositories_file(self) -> Path:
-        return self.root / "repositories.json"
+    def save_pages(self, digest: str, hashes: list[bytes]) -> None:
+        """Keep the page hashes of raw chunk ``digest`` (a later push patches against them)."""
+        path = self.pages / digest.removeprefix("sha256:")
+        if not path.exists():
+            with contextlib.suppress(OSError):
+                _write_atomically(path, b"".join(hashes))
+
+    def page_hashes(self, digest: str) -> list[bytes] | None:
+        """The page hashes of chunk ``digest``, if this store saw it."""
+        try:
+            data = (self.pages / digest.removeprefix("sha256:")).read_bytes()
+        except OSError:
+            return None
+        return [data[at : at + 16] for at in range(0, len(data), 16)]
+
+    def _known(self) -> dict[str, Any]:
+        try:
+            known = json.loads((self.root / "repositories.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
 
     def last_repository(self, registry: str) -> str | None:
         """The repository of ``registry`` used last, if any."""
-        try:
-            value = json.loads(self._repositories_file().read_text()).get(registry)
-        except (OSError, ValueError, AttributeError):
-            return None
+        value = (self._known().get("last") or {}).get(registry)
         return value if isinstance(value, str) else None
 
-    def remember_repository(self, registry: str, repository: str) -> None:
-        """Note ``repository`` as the last one used on ``registry`` (best effort: a cache)."""
-        path = self._repositories_file()
-        try:
-            known = json.loads(path.read_text())
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
-        known[registry] = repository
+    def last_manifest(self, registry: str, repository: str) -> str | None:
+        """The digest of the manifest pushed to or pulled from ``registry/repository`` last, if any."""
+        value = (self._known().get("manifests") or {}).get(f"{registry}/{repository}")
+        return value if isinstance(value, str) else None
+
+    def remember(self, registry: str, repository: str, manifest: str) -> None:
+        """Note ``manifest`` as the last one moved through ``registry/repository`` (best effort: a cache)."""
+        known = self._known()
+        known.setdefault("last", {})[registry] = repository
+        known.setdefault("manifests", {})[f"{registry}/{repository}"] = manifest
         with contextlib.suppress(OSError):
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".repositories.", suffix=".tmp")
-            with os.fdopen(fd, "w") as file:
-                json.dump(known, file)
-            os.replace(tmp, path)
+            _write_atomically(self.root / "repositories.json", json.dumps(known).encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

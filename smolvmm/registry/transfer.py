@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,14 @@ def _digest_of(fd: int, ranges: list[tuple[int, int]]) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
+def _chunk_digest(fd: int, chunk: artifact.Chunk) -> tuple[str, list[bytes] | None]:
+    """A chunk's sha256 and, for raw pages in a window, its page hashes."""
+    if chunk.window is None or chunk.size % artifact.PAGE:
+        return _digest_of(fd, [(chunk.offset, chunk.size)]), None
+    data = _read(fd, [(chunk.offset, chunk.size)])
+    return "sha256:" + hashlib.sha256(data).hexdigest(), artifact.page_hashes(data)
+
+
 def _plan(path: Path) -> artifact.Plan:
     try:
         with smolformat.open_bundle(path) as bundle:
@@ -105,6 +114,24 @@ def _plan(path: Path) -> artifact.Plan:
         raise BundleError(f"{path}: {exc}") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def _base_windows(client: RegistryClient, ref: Reference, store: BlobStore) -> dict[str, tuple[str, int]]:
+    """Per window, the full chunk (digest, size) of the manifest moved last through this repository:
+    what this push's chunks may be patches against. Empty when there is none (or it is gone)."""
+    last = store.last_manifest(ref.registry, ref.repository)
+    if last is None:
+        return {}
+    try:
+        data, _ = await client.get_manifest(ref.with_digest(last), artifact.MAX_MANIFEST)
+        base = artifact.parse_manifest(data, str(ref.with_digest(last)))
+    except RegistryError:
+        return {}
+    windows = {}
+    for piece in base.pieces:
+        if piece.window:
+            windows[piece.window] = (piece.base, base.bases[piece.base]) if piece.base else (piece.digest, piece.size)
+    return windows
 
 
 async def push(
@@ -117,9 +144,10 @@ async def push(
 ) -> PushResult:
     """Push the bundle file at ``bundle`` to ``reference`` (``REGISTRY/REPO:TAG``).
 
-    Only blobs the repository lacks are sent (``HEAD`` first; a cross-repository mount from the
-    repository of that registry used last, where the registry allows it). ``progress`` is called
-    as bytes move.
+    Only what the repository lacks is sent (``HEAD`` first; a cross-repository mount from the
+    repository of that registry used last, where the registry allows it), and a chunk of raw pages
+    that differs in a few pages from the same window of the manifest moved last through this
+    repository goes up as a patch against it. ``progress`` is called as bytes move.
     """
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
     path = Path(bundle)
@@ -128,19 +156,19 @@ async def push(
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         state_ranges = plan.state_ranges()
-        pieces: dict[str, list[tuple[int, int]]] = {}
-        chunk_digests: list[tuple[artifact.Chunk, str]] = []
         state_digest = await anyio.to_thread.run_sync(_digest_of, fd, state_ranges)
-        pieces[state_digest] = state_ranges
+        state_size = sum(size for _, size in state_ranges)
+        chunk_digests: list[tuple[artifact.Chunk, str]] = []
+        unique: dict[str, tuple[artifact.Chunk, list[bytes] | None]] = {}
         for chunk in plan.chunks:
-            digest = await anyio.to_thread.run_sync(_digest_of, fd, [(chunk.offset, chunk.size)])
-            pieces.setdefault(digest, [(chunk.offset, chunk.size)])
+            digest, hashes = await anyio.to_thread.run_sync(_chunk_digest, fd, chunk)
+            unique.setdefault(digest, (chunk, hashes))
             chunk_digests.append((chunk, digest))
         config = artifact.config_blob(plan.facts)
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-        state_size = sum(size for _, size in state_ranges)
-        blob_bytes = sum(size for ranges in pieces.values() for _, size in ranges)
-        transfer = Transfer(total=blob_bytes + len(config), blobs=len(pieces) + 1)
+        transfer = Transfer(
+            total=state_size + sum(c.size for c, _ in unique.values()) + len(config), blobs=len(unique) + 2
+        )
         counters = Counters()
 
         def moved() -> None:
@@ -151,36 +179,58 @@ async def push(
         counters.on_change = moved
         mount_from = store.last_repository(ref.registry)
         mount_from = mount_from if mount_from != ref.repository else None
+        patched: dict[str, tuple[str, int, str]] = {}  # chunk digest -> patch digest, patch size, base
+        bases: dict[str, int] = {}
         async with RegistryClient(ref.registry, insecure=insecure, loopback=ref.is_loopback, counters=counters) as client:
+            windows = await _base_windows(client, ref, store)
 
-            def send(digest: str, ranges: list[tuple[int, int]]) -> Callable[[], Awaitable[None]]:
+            async def send(digest: str, data_of: Callable[[], bytes], size: int) -> None:
+                """Upload a blob the repository may lack; counts what was already there."""
+                if await client.has_blob(ref.repository, digest):
+                    transfer.present += size
+                    transfer.blobs_present += 1
+                    return moved()
+                session = await client.start_upload(ref.repository, digest, mount_from)
+                if session is None:  # mounted
+                    transfer.present += size
+                    transfer.blobs_present += 1
+                    return moved()
+                await client.upload(ref.repository, digest, await anyio.to_thread.run_sync(data_of), session)
+
+            def chunk_job(digest: str, chunk: artifact.Chunk, hashes: list[bytes] | None) -> Callable[[], Awaitable[None]]:
                 async def job() -> None:
-                    size = sum(s for _, s in ranges)
-                    if await client.has_blob(ref.repository, digest):
-                        transfer.present += size
-                        transfer.blobs_present += 1
-                        return moved()
-                    session = await client.start_upload(ref.repository, digest, mount_from)
-                    if session is None:  # mounted
-                        transfer.present += size
-                        transfer.blobs_present += 1
-                        return moved()
-                    data = await anyio.to_thread.run_sync(_read, fd, ranges)
-                    await client.upload(ref.repository, digest, data, session)
+                    if hashes is not None:
+                        store.save_pages(digest, hashes)
+                    base = windows.get(chunk.window or "")
+                    base_hashes = store.page_hashes(base[0]) if base else None
+                    if base and base_hashes and not await client.has_blob(ref.repository, digest):
+                        data = await anyio.to_thread.run_sync(_read, fd, [(chunk.offset, chunk.size)])
+                        patch = artifact.make_patch(data, base_hashes)
+                        if patch is not None:
+                            patch_digest = "sha256:" + hashlib.sha256(patch).hexdigest()
+                            patched[digest] = (patch_digest, len(patch), base[0])
+                            bases[base[0]] = base[1]
+                            transfer.present += chunk.size - len(patch)
+                            return await send(patch_digest, lambda: patch, len(patch))
+                    await send(digest, partial(_read, fd, [(chunk.offset, chunk.size)]), chunk.size)
 
                 return job
 
-            await _bounded(send(d, r) for d, r in pieces.items())
-            if await client.has_blob(ref.repository, config_digest):
-                transfer.present += len(config)
-                transfer.blobs_present += 1
-            else:
-                session = await client.start_upload(ref.repository, config_digest, None)
-                await client.upload(ref.repository, config_digest, config, session or "")
+            jobs = [chunk_job(d, c, h) for d, (c, h) in unique.items()]
+            jobs.append(partial(send, state_digest, partial(_read, fd, state_ranges), state_size))
+            jobs.append(partial(send, config_digest, lambda: config, len(config)))
+            await _bounded(jobs)
+            layers = []
+            for chunk, digest in chunk_digests:
+                if digest in patched:
+                    layers.append(artifact.patch_layer(chunk, digest, *patched[digest]))
+                else:
+                    layers.append(artifact.chunk_layer(chunk, digest))
             manifest = artifact.manifest_blob(
                 artifact.descriptor(artifact.CONFIG_TYPE, config_digest, len(config)),
                 artifact.descriptor(artifact.STATE_TYPE, state_digest, state_size),
-                chunk_digests,
+                layers,
+                bases,
             )
             digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
             if ref.digest and ref.digest != digest:
@@ -188,7 +238,7 @@ async def push(
             await client.put_manifest(ref.repository, ref.tag or digest, manifest)
     finally:
         os.close(fd)
-    store.remember_repository(ref.registry, ref.repository)
+    store.remember(ref.registry, ref.repository, digest)
     return PushResult(str(ref), digest, transfer)
 
 
@@ -201,10 +251,10 @@ def _assemble(store: BlobStore, art: artifact.Artifact, facts: dict[str, Any], t
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, open(store.path(art.state.digest), "rb") as state:
-            for chunk in art.chunks:
-                _copy(state, out, chunk.offset - out.tell())
-                with open(store.path(chunk.digest), "rb") as piece:
-                    _copy(piece, out, chunk.size)
+            for piece in art.pieces:
+                _copy(state, out, piece.offset - out.tell())
+                with open(store.path(piece.digest), "rb") as stored:
+                    _copy(stored, out, piece.size)
             _copy(state, out, facts["fileSize"] - out.tell())
             out.flush()
             os.fchmod(out.fileno(), 0o644)
@@ -269,26 +319,48 @@ async def pull(
         expected = bytes.fromhex(facts["bundleDigest"].removeprefix("blake2b-256:"))
         if output is None and target.exists():
             return PullResult(target, digest, expected, transfer)
-        blobs = {b.digest: b.size for b in (art.state, *art.chunks)}
-        transfer.blobs = len(blobs) + 1
-        transfer.total = sum(blobs.values()) + art.config.size
-        missing = {}
-        for blob_digest, size in blobs.items():
-            if store.has(blob_digest, size):
-                transfer.present += size
-                transfer.blobs_present += 1
-            else:
-                missing[blob_digest] = size
+        pieces = {p.digest: p for p in art.pieces}
+        transfer.blobs = len(pieces) + 2
+        transfer.total = art.state.size + sum(p.size for p in pieces.values()) + art.config.size
+        missing = [p for p in pieces.values() if not store.has(p.digest, p.size)]
+        if not store.has(art.state.digest, art.state.size):
+            missing.append(artifact.Piece(art.state.digest, art.state.size, -1))
+        transfer.blobs_present = transfer.blobs - 1 - len(missing)
+        transfer.present = transfer.total - art.config.size - sum(p.size for p in missing)
         moved()
 
-        def fetch(blob_digest: str, size: int) -> Callable[[], Awaitable[None]]:
-            async def job() -> None:
-                with store.writing(blob_digest) as file:
-                    await client.fetch_blob(ref.repository, blob_digest, size, file.write)
+        async def fetch(digest: str, size: int) -> None:
+            if not store.has(digest, size):
+                with store.writing(digest) as file:
+                    await client.fetch_blob(ref.repository, digest, size, file.write)
 
-            return job
+        # The bases the missing patches need first (several patches may share one), then the rest.
+        needed = {p.base: art.bases[p.base] for p in missing if p.base is not None}
+        bases_at_hand = {d for d, size in needed.items() if store.has(d, size)}
+        await _bounded(partial(fetch, d, s) for d, s in needed.items())
 
-        await _bounded(fetch(d, s) for d, s in missing.items())
+        async def make(piece: artifact.Piece) -> None:
+            if piece.patch is None:
+                await fetch(piece.digest, piece.size)
+            else:
+                patch = await client.fetch_small(ref.repository, piece.patch.digest, piece.patch.size)
+                if piece.base in bases_at_hand:
+                    transfer.present += piece.size - piece.patch.size
+                await anyio.to_thread.run_sync(_apply, store, piece, patch)
+            if piece.window is not None and piece.size % artifact.PAGE == 0:
+                store.save_pages(piece.digest, artifact.page_hashes(store.path(piece.digest).read_bytes()))
+
+        await _bounded(partial(make, p) for p in missing)
     bundle_digest = await anyio.to_thread.run_sync(_assemble, store, art, facts, target)
-    store.remember_repository(ref.registry, ref.repository)
+    store.remember(ref.registry, ref.repository, digest)
     return PullResult(target, digest, bundle_digest, transfer)
+
+
+def _apply(store: BlobStore, piece: artifact.Piece, patch: bytes) -> None:
+    """Make a piece from its patch and its base (in the store), check its digest, store it."""
+    assert piece.base is not None
+    data = artifact.apply_patch(patch, store.path(piece.base).read_bytes(), piece.size, piece.patch.digest if piece.patch else "")
+    if "sha256:" + hashlib.sha256(data).hexdigest() != piece.digest:
+        raise RegistryError(f"patch {piece.patch.digest if piece.patch else ''} does not make chunk {piece.digest}")
+    with store.writing(piece.digest) as file:
+        file.write(data)

@@ -165,6 +165,18 @@ async def test_a_second_save_moves_under_a_tenth_of_its_bytes(registry: Registry
 
 
 @pytest.mark.anyio
+async def test_a_save_of_a_pulled_machine_goes_up_as_patches(registry: RegistryServer, bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    """Pull on one host, save again there, push: the patches match the chunks the pull stored."""
+    first, second = bundles
+    ref = f"{registry.address}/hosts/{os.getpid()}-{random.randrange(1 << 30)}"
+    await smolvmm.push(first, f"{ref}:one", store=BlobStore(tmp_path / "builder"))
+    other_host = BlobStore(tmp_path / "other-host")
+    await smolvmm.pull(f"{ref}:one", tmp_path / "one.smolmachine", store=other_host)
+    pushed = await smolvmm.push(second, f"{ref}:two", store=other_host)
+    assert pushed.transfer.moved < second.stat().st_size / 10, pushed.transfer
+
+
+@pytest.mark.anyio
 async def test_a_push_to_another_repository_mounts_instead_of_uploading(
     registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,8 @@
 ``blobs/sha256/HEX``: blobs whose digest was checked as they arrived, renamed into place whole, so
 a killed pull keeps every blob it finished and loses only the ones in flight (``.HEX.PID.part``,
 removed by the next store user once PID is gone). ``bundles/HEX.smolmachine``: bundles assembled
-for ``run REF``, by manifest digest. ``pages/HEX``: the page hashes of raw chunks pushed or pulled,
-which a later push's patches match against. ``repositories.json``: per registry, the repository
+for ``run REF``, by manifest digest. ``pages/HEX``: the page hashes of raw chunks pushed (or
+pulled, made when first needed), which a later push's patches match against. ``repositories.json``: per registry, the repository
 last used (a source for cross-repository mounts), and per repository the manifest moved last (the
 base of the next push's patches).
 """
@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from ..errors import RegistryError
 from ..images.cache import cache_root
+from .artifact import PAGE, page_hashes
 
 
 def disk_error(exc: OSError, path: Path | str) -> RegistryError:
@@ -87,12 +88,17 @@ class BlobStore:
             with contextlib.suppress(OSError):
                 _write_atomically(path, b"".join(hashes))
 
-    def page_hashes(self, digest: str) -> list[bytes] | None:
-        """The page hashes of chunk ``digest``, if this store saw it."""
+    def page_hashes(self, digest: str, size: int) -> list[bytes] | None:
+        """The page hashes of chunk ``digest``: kept when it was pushed, or made from the blob when
+        it was pulled; None when this store never saw it."""
         try:
             data = (self.pages / digest.removeprefix("sha256:")).read_bytes()
         except OSError:
-            return None
+            if not self.has(digest, size) or size % PAGE:
+                return None
+            hashes = page_hashes(self.path(digest).read_bytes())
+            self.save_pages(digest, hashes)
+            return hashes
         return [data[at : at + 16] for at in range(0, len(data), 16)]
 
     def _known(self) -> dict[str, Any]:

@@ -202,7 +202,7 @@ async def push(
                     if hashes is not None:
                         store.save_pages(digest, hashes)
                     base = windows.get(chunk.window or "")
-                    base_hashes = store.page_hashes(base[0]) if base else None
+                    base_hashes = await anyio.to_thread.run_sync(store.page_hashes, *base) if base else None
                     if base and base_hashes and not await client.has_blob(ref.repository, digest):
                         data = await anyio.to_thread.run_sync(_read, fd, [(chunk.offset, chunk.size)])
                         patch = artifact.make_patch(data, base_hashes)
@@ -340,15 +340,13 @@ async def pull(
         await _bounded(partial(fetch, d, s) for d, s in needed.items())
 
         async def make(piece: artifact.Piece) -> None:
-            if piece.patch is None:
+            if piece.patch is None or piece.base is None:
                 await fetch(piece.digest, piece.size)
             else:
                 patch = await client.fetch_small(ref.repository, piece.patch.digest, piece.patch.size)
                 if piece.base in bases_at_hand:
                     transfer.present += piece.size - piece.patch.size
-                await anyio.to_thread.run_sync(_apply, store, piece, patch)
-            if piece.window is not None and piece.size % artifact.PAGE == 0:
-                store.save_pages(piece.digest, artifact.page_hashes(store.path(piece.digest).read_bytes()))
+                await anyio.to_thread.run_sync(_apply, store, piece, piece.patch.digest, piece.base, patch)
 
         await _bounded(partial(make, p) for p in missing)
     bundle_digest = await anyio.to_thread.run_sync(_assemble, store, art, facts, target)
@@ -356,11 +354,11 @@ async def pull(
     return PullResult(target, digest, bundle_digest, transfer)
 
 
-def _apply(store: BlobStore, piece: artifact.Piece, patch: bytes) -> None:
+def _apply(store: BlobStore, piece: artifact.Piece, patch_digest: str, base: str, patch: bytes) -> None:
     """Make a piece from its patch and its base (in the store), check its digest, store it."""
-    assert piece.base is not None
-    data = artifact.apply_patch(patch, store.path(piece.base).read_bytes(), piece.size, piece.patch.digest if piece.patch else "")
+    data = artifact.apply_patch(patch, store.path(base).read_bytes(), piece.size, patch_digest)
     if "sha256:" + hashlib.sha256(data).hexdigest() != piece.digest:
-        raise RegistryError(f"patch {piece.patch.digest if piece.patch else ''} does not make chunk {piece.digest}")
+        raise RegistryError(f"patch {patch_digest} does not make chunk {piece.digest}: the registry's copy is wrong")
     with store.writing(piece.digest) as file:
         file.write(data)
+

@@ -34,10 +34,15 @@ def progress_printer(verb: str) -> Callable[[smolvmm.Transfer], None] | None:
     if not sys.stderr.isatty():
         return None
 
+    shown = ""
+
     def show(transfer: smolvmm.Transfer) -> None:
+        nonlocal shown
         to_move = transfer.total - transfer.present
-        print(f"\rsmolvmm: {verb} {_mib(transfer.moved)} of {_mib(to_move)} MiB"
-              f" ({_mib(transfer.present)} MiB already there)", end="", file=sys.stderr, flush=True)
+        text = f"\rsmolvmm: {verb} {_mib(transfer.moved)} of {_mib(to_move)} MiB ({_mib(transfer.present)} MiB already there)"
+        if text != shown:  # at most one update per 0.1 MiB
+            print(text, end="", file=sys.stderr, flush=True)
+            shown = text
 
     return show
 

@@ -495,3 +495,39 @@ def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: py
         "realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull",
     }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+
+
+@pytest.mark.anyio
+async def test_plain_http_only_for_loopback_or_insecure(registry: RegistryServer) -> None:
+    ref = Reference.parse(f"{registry.address}/nobody/here:v1")
+    async with client.RegistryClient(registry.address, loopback=False) as strict:  # as for a remote host
+        with pytest.raises(smolvmm.RegistryError, match="plain HTTP is used only for loopback registries or with --insecure"):
+            await strict.get_manifest(ref, 1024)
+    async with client.RegistryClient(registry.address, insecure=True) as insecure:
+        with pytest.raises(smolvmm.RegistryError, match="unknown reference"):
+            await insecure.get_manifest(ref, 1024)
+
+
+def test_progress_on_a_terminal(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    import pty
+
+    first, _ = bundles
+    ref = f"{registry.address}/progress/app:v1"
+    for args in (["push", str(first), ref], ["push", str(first), ref], ["pull", ref, "-o", str(tmp_path / "p.smolmachine")]):
+        leader, follower = pty.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "smolvmm", *args], stderr=follower, stdout=subprocess.DEVNULL)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not piece:
+                break
+            shown += piece
+        os.close(leader)
+        assert process.wait(timeout=300) == 0
+        last = shown.decode().replace("\r", "\n").strip().splitlines()[-1]
+        assert "MiB already there" in last and ("sent" in last or "fetched" in last), shown
+    assert last.startswith("smolvmm: fetched ")

@@ -112,6 +112,12 @@ def test_cli_push_then_pull_gives_the_same_bytes(registry: RegistryServer, bundl
     by_digest = cli("pull", pushed.stdout.strip().replace(":v1@", "@"), "-o", str(tmp_path / "again.smolmachine"))
     assert by_digest.returncode == 0, by_digest.stderr
     assert (tmp_path / "again.smolmachine").read_bytes() == first.read_bytes()
+    # Into the store (as `run REF` does); by digest, a second time needs no registry at all.
+    by_digest_ref = pushed.stdout.strip().replace(":v1@", "@")
+    stored = anyio.run(smolvmm.pull, by_digest_ref)
+    assert stored.path.read_bytes() == first.read_bytes()
+    offline = anyio.run(smolvmm.pull, by_digest_ref.replace(registry.address, "127.0.0.1:1"))
+    assert offline.path == stored.path and offline.transfer.moved == 0 and offline.bundle_digest == stored.bundle_digest
 
 
 def test_the_manifest_is_an_oci_artifact_of_our_type(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path) -> None:

@@ -44,6 +44,13 @@ _EXPORTS = {
     "image_process": "smolvmm.imagebuild",
     "ImageConfig": "smolvmm.oci.imageconfig",
     "load_smolfile": "smolvmm.smolfile",
+    "RegistryError": "smolvmm.errors",
+    "push": "smolvmm.registry.transfer",
+    "pull": "smolvmm.registry.transfer",
+    "PushResult": "smolvmm.registry.transfer",
+    "PullResult": "smolvmm.registry.transfer",
+    "Transfer": "smolvmm.registry.transfer",
+    "Reference": "smolvmm.registry.reference",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
     "HostKvm": "smolvmm.hostkvm",
@@ -90,6 +97,7 @@ if TYPE_CHECKING:
         HypervisorError,
         ImageError,
         OutputLimitError,
+        RegistryError,
         SmolvmmError,
     )
     from .guest_exec import ExecResult, Process
@@ -101,6 +109,8 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .oci.imageconfig import ImageConfig
     from .progress import ProgressBar, report_progress
+    from .registry.reference import Reference
+    from .registry.transfer import PullResult, PushResult, Transfer, pull, push
     from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
     from .smolfile import load_smolfile
     from .vcpu import ExitReason, MachineExit

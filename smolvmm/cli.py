@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("smolvmm.cli_ps", "stop a machine that ps lists"),
     "attach": ("smolvmm.cli_detach", "connect to the console of a machine started with run --detach"),
     "doctor": ("smolvmm.cli_doctor", "say whether this host can run smolvmm's machines, and what is missing"),
+    "push": ("smolvmm.cli_registry", "push a bundle to an OCI registry (REGISTRY/REPO:TAG)"),
+    "pull": ("smolvmm.cli_registry", "pull a bundle from an OCI registry into a file"),
 }
 
 

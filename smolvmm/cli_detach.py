@@ -34,6 +34,7 @@ def start(args: argparse.Namespace) -> int:
     flags += [f"--console-socket={args.console_socket}"] if args.console_socket else []
     flags += [f"--save={args.save}"] if args.save else []
     flags += [f"--trusted-keys={args.trusted_keys}"] if args.trusted_keys else []
+    flags += ["--insecure"] if args.insecure else []
     flags += ["--jail"] if args.jail else []
     flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
     argv = [sys.executable, "-m", "smolvmm", "run", f"--detached-as={machine_id}", *flags, "--", str(args.bundle)]

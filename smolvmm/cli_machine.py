@@ -108,7 +108,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true",
                             help="print the bundle's path, digest, sizes and timings as JSON on stdout")
     if name == "run":
-        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume")
+        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume, or REGISTRY/REPO:TAG to pull and resume")
+        parser.add_argument("--insecure", action="store_true", help="with a REF: allow plain HTTP to a registry that is not on loopback")
         parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
                             help="the wire for each saved network card: " + _NET_HELP
                             + " (default: a passt of its own for each card saved on user networking)")
@@ -337,6 +338,9 @@ async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from smolvmm.cli_registry import resolve_bundle
+
+    args.bundle = await resolve_bundle(args.bundle, args.insecure)
     if "none" in args.net:
         raise ConfigError("--net none is for boot and build: a restored machine keeps the network cards it was saved with")
     networks = NetConfig.parse_flags(args.net)

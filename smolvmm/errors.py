@@ -66,3 +66,7 @@ class BundleError(SmolvmmError):
 
 class ImageError(SmolvmmError):
     """A kernel, initrd or disk image is missing or invalid, or could not be built."""
+
+
+class RegistryError(SmolvmmError):
+    """A registry refused or failed a push or pull, or sent something that does not check out."""

@@ -401,6 +401,10 @@ class Bundle:
         data, image = self._memory
         decode_into(self._fd, data.offset, image, target, threads)
 
+    def images(self) -> list[tuple[SectionInfo, ImageMap]]:
+        """Every image's data section and checked index: guest RAM first, then disks by number."""
+        return [self._memory, *(self._disks[i] for i in sorted(self._disks))]
+
     @property
     def disk_count(self) -> int:
         """How many base disks the bundle holds."""

@@ -1,0 +1,539 @@
+"""Bundles through a real OCI registry (Debian's docker-registry on 127.0.0.1): push, pull, run by reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import smolvmm
+from smolformat import BundleContents, make_metadata, open_bundle, samples, write_bundle
+from smolformat.layout import PAGE_SIZE
+from smolvmm.registry import artifact, client
+from smolvmm.registry.reference import Reference
+from smolvmm.registry.store import BlobStore
+
+from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
+
+MIB = 1 << 20
+pytestmark = pytest.mark.skipif(not os.path.exists(REGISTRY_BINARY), reason="docker-registry is not installed (tools/setup)")
+
+
+def make_bundle(path: Path, memory: bytearray, vcpu_seed: int = 0) -> bytes:
+    """A bundle written natively through the format writer: 2 vCPUs, ``memory`` as its RAM, an 7 MiB disk."""
+    disk = path.parent / "base.img"
+    if not disk.exists():
+        disk.write_bytes(random.Random(3).randbytes(6 * MIB) + bytes(MIB))
+    device_config, states = samples.devices(1)
+    contents = BundleContents(
+        config=samples.machine_config("x86_64", [(0, len(memory))], device_config, vcpus=2),
+        vcpus=[samples.x86_64_vcpu(0, random.Random(vcpu_seed)), samples.x86_64_vcpu(1, random.Random(vcpu_seed + 1))],
+        vm_state=samples.x86_64_vm_state(random.Random(vcpu_seed)),
+        devices=states,
+        memory=[memory],
+        disks=[disk],
+        metadata=make_metadata("kvm-pvm"),
+    )
+    return write_bundle(path, contents)
+
+
+def second_save(memory: bytearray) -> bytearray:
+    """The same guest a few seconds on: kernel data pages rewritten in one 2 MiB window, and the page
+    cache grown by 512 KiB into what was zero (so every later page moves in the file)."""
+    later = bytearray(memory)
+    rng = random.Random(99)
+    for page in rng.sample(range(16 * MIB // PAGE_SIZE, 18 * MIB // PAGE_SIZE), 40):
+        at = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
+        later[at : at + 64] = rng.randbytes(64)
+    zero_run = next(
+        at for at in range(4 * MIB, len(memory) - 2 * MIB + 1, 2 * MIB) if not any(memory[at : at + 2 * MIB])
+    )
+    later[zero_run : zero_run + 512 * 1024] = rng.randbytes(512 * 1024)
+    return later
+
+
+@pytest.fixture(scope="module")
+def memory() -> bytearray:
+    return samples.realistic_memory(96 * MIB, seed=7)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, memory: bytearray) -> tuple[Path, Path]:
+    """Two saves of one guest, a few seconds apart."""
+    work = tmp_path_factory.mktemp("bundles")
+    make_bundle(work / "first.smolmachine", memory, vcpu_seed=1)
+    make_bundle(work / "second.smolmachine", second_save(memory), vcpu_seed=2)
+    return work / "first.smolmachine", work / "second.smolmachine"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    with registry_server(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh XDG_CACHE_HOME (an empty local store) and no docker config."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    return tmp_path / "cache"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True, timeout=300, env=env or os.environ.copy()
+    )
+
+
+def test_cli_push_then_pull_gives_the_same_bytes(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    ref = f"{registry.address}/team/app:v1"
+    pushed = cli("push", str(first), ref)
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.startswith(f"{ref}@sha256:") and pushed.stderr == ""  # quiet off a terminal
+    out = tmp_path / "pulled.smolmachine"
+    pulled = cli("pull", ref, "-o", str(out))
+    assert pulled.returncode == 0, pulled.stderr
+    assert out.read_bytes() == first.read_bytes()
+    with open_bundle(out) as a, open_bundle(first) as b:
+        assert a.digest == b.digest
+    by_digest = cli("pull", pushed.stdout.strip().replace(":v1@", "@"), "-o", str(tmp_path / "again.smolmachine"))
+    assert by_digest.returncode == 0, by_digest.stderr
+    assert (tmp_path / "again.smolmachine").read_bytes() == first.read_bytes()
+    # Into the store (as `run REF` does); by digest, a second time needs no registry at all.
+    by_digest_ref = pushed.stdout.strip().replace(":v1@", "@")
+    stored = anyio.run(smolvmm.pull, by_digest_ref)
+    assert stored.path.read_bytes() == first.read_bytes()
+    offline = anyio.run(smolvmm.pull, by_digest_ref.replace(registry.address, "127.0.0.1:1"))
+    assert offline.path == stored.path and offline.transfer.moved == 0 and offline.bundle_digest == stored.bundle_digest
+
+
+def test_the_manifest_is_an_oci_artifact_of_our_type(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path) -> None:
+    first, _ = bundles
+
+    async def main() -> dict:
+        result = await smolvmm.push(first, f"{registry.address}/team/shape:v1")
+        async with client.RegistryClient(registry.address, loopback=True) as registry_client:
+            data, digest = await registry_client.get_manifest(Reference.parse(f"{registry.address}/team/shape:v1"), 1 << 22)
+            assert digest == result.digest
+            manifest = json.loads(data)
+            config = json.loads(await registry_client.fetch_small("team/shape", manifest["config"]["digest"], manifest["config"]["size"]))
+        return {"manifest": manifest, "config": config}
+
+    got = anyio.run(main)
+    manifest, config = got["manifest"], got["config"]
+    assert manifest["artifactType"] == "application/vnd.smolvmm.machine.v1"
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert manifest["layers"][0]["mediaType"] == artifact.STATE_TYPE
+    chunks = manifest["layers"][1:]
+    assert all(c["size"] <= artifact.MAX_CHUNK for c in chunks)
+    assert {c["annotations"]["dev.smolvmm.section"] for c in chunks} == {"ram", "disk0"}
+    with open_bundle(first) as bundle:
+        assert config["bundleDigest"] == "blake2b-256:" + bundle.digest.hex()
+        assert config["fileSize"] == first.stat().st_size
+        assert (config["arch"], config["vcpus"], config["ram"], config["hypervisor"]) == ("x86_64", 2, 96 * MIB, "kvm-pvm")
+
+
+@pytest.mark.anyio
+async def test_a_second_save_moves_under_a_tenth_of_its_bytes(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, second = bundles
+    ref = f"{registry.address}/gens/{os.getpid()}-{random.randrange(1 << 30)}"
+    one = await smolvmm.push(first, f"{ref}:one")
+    assert one.transfer.moved >= one.transfer.total * 0.99
+    two = await smolvmm.push(second, f"{ref}:two")
+    size = second.stat().st_size
+    assert two.transfer.moved < size / 10, two.transfer
+    assert two.transfer.present > size * 0.85
+    got_one = await smolvmm.pull(f"{ref}:one", tmp_path / "one.smolmachine")
+    got_two = await smolvmm.pull(f"{ref}:two", tmp_path / "two.smolmachine")
+    assert got_one.transfer.moved >= first.stat().st_size * 0.99
+    assert got_two.transfer.moved < size / 10, got_two.transfer
+    assert (tmp_path / "two.smolmachine").read_bytes() == second.read_bytes()
+    assert os.fspath(got_two) == str(tmp_path / "two.smolmachine")  # what Machine.restore takes
+    layers = json.loads(registry.blob_file(two.digest).read_bytes())["layers"]
+    assert {layer["mediaType"] for layer in layers} >= {artifact.PATCH_TYPE, artifact.BASE_TYPE, artifact.CHUNK_TYPE}
+    # Without the first save's chunks at hand, a pull fetches the patches' bases too.
+    fresh = await smolvmm.pull(f"{ref}:two", tmp_path / "fresh.smolmachine", store=BlobStore(tmp_path / "fresh-store"))
+    assert fresh.path.read_bytes() == second.read_bytes()
+    assert fresh.transfer.present == 0
+
+
+@pytest.mark.anyio
+async def test_a_save_of_a_pulled_machine_goes_up_as_patches(registry: RegistryServer, bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    """Pull on one host, save again there, push: the patches match the chunks the pull stored."""
+    first, second = bundles
+    ref = f"{registry.address}/hosts/{os.getpid()}-{random.randrange(1 << 30)}"
+    await smolvmm.push(first, f"{ref}:one", store=BlobStore(tmp_path / "builder"))
+    other_host = BlobStore(tmp_path / "other-host")
+    await smolvmm.pull(f"{ref}:one", tmp_path / "one.smolmachine", store=other_host)
+    pushed = await smolvmm.push(second, f"{ref}:two", store=other_host)
+    assert pushed.transfer.moved < second.stat().st_size / 10, pushed.transfer
+
+
+@pytest.mark.anyio
+async def test_a_push_to_another_repository_mounts_instead_of_uploading(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = bundles
+    monkeypatch.setattr(client, "UPLOAD_CHUNK", 256 * 1024)  # chunked PATCH uploads for everything above
+    tag = f"{os.getpid()}-{random.randrange(1 << 30)}"
+    source = await smolvmm.push(first, f"{registry.address}/mount/source-{tag}:v1")
+    assert source.transfer.moved >= source.transfer.total * 0.99
+    mounted = await smolvmm.push(first, f"{registry.address}/mount/target-{tag}:v1")
+    assert mounted.transfer.moved < 4096 and mounted.transfer.present >= mounted.transfer.total - 4096
+    pulled = await smolvmm.pull(f"{registry.address}/mount/target-{tag}:v1", tmp_path / "m.smolmachine")
+    assert pulled.path.read_bytes() == first.read_bytes()
+
+
+def test_a_tampered_blob_fails_the_pull_naming_its_digest(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    with registry_server(tmp_path / "tampered-registry") as registry:
+        _check_tampered_pull(registry, first, tmp_path)
+
+
+def _check_tampered_pull(registry: RegistryServer, first: Path, tmp_path: Path) -> None:
+    ref = f"{registry.address}/tamper/app:v1"
+    result = anyio.run(smolvmm.push, first, ref)
+    victim = _chunk_digests(registry, ref, result.digest)[3]
+    blob = registry.blob_file(victim)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "tampered.smolmachine"
+    pulled = cli("pull", ref, "-o", str(out))
+    assert pulled.returncode == 1
+    assert len(pulled.stderr.strip().splitlines()) == 1 and victim in pulled.stderr, pulled.stderr
+    assert "does not match its digest" in pulled.stderr
+    assert not out.exists() and not list(tmp_path.glob(".tampered*"))
+
+
+def _chunk_digests(registry: RegistryServer, ref: str, digest: str) -> list[str]:
+    manifest = json.loads(registry.blob_file(digest).read_bytes())
+    return [layer["digest"] for layer in manifest["layers"][1:]]
+
+
+def test_unknown_reference_and_bad_references(registry: RegistryServer, cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.smolmachine"
+    missing = cli("pull", f"{registry.address}/nobody/here:v9", "-o", str(out))
+    assert missing.returncode == 1 and "unknown reference" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not out.exists()
+    bad = cli("pull", "not a reference", "-o", str(out))
+    assert bad.returncode == 1 and "bad reference" in bad.stderr and not out.exists()
+    absent = cli("pull", f"{registry.address}/nobody/here@sha256:" + "0" * 64, "-o", str(out))
+    assert absent.returncode == 1 and "unknown reference" in absent.stderr
+
+
+def test_basic_auth_from_the_docker_config_and_a_credential_helper(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    with registry_server(tmp_path / "authreg", users={"alice": "s3cret"}) as server:
+        ref = f"{server.address}/private/app:v1"
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        no_login = cli("push", str(first), ref)
+        assert no_login.returncode == 1 and "asks for a login" in no_login.stderr
+        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "YWxpY2U6d3Jvbmc="}}}))  # alice:wrong
+        refused = cli("push", str(first), ref)
+        assert refused.returncode == 1 and "refused the credentials" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "YWxpY2U6czNjcmV0"}}}))  # alice:s3cret
+        pushed = cli("push", str(first), ref)
+        assert pushed.returncode == 0, pushed.stderr
+        helpers = tmp_path / "bin"
+        helpers.mkdir()
+        helper = helpers / "docker-credential-smolvmmtest"
+        helper.write_text('#!/bin/sh\nread server\necho "{\\"Username\\":\\"alice\\",\\"Secret\\":\\"s3cret\\"}"\n')
+        helper.chmod(0o755)
+        (docker / "config.json").write_text(json.dumps({"credHelpers": {server.address: "smolvmmtest"}}))
+        env = {**os.environ, "PATH": f"{helpers}:{os.environ['PATH']}"}
+        out = tmp_path / "private.smolmachine"
+        pulled = cli("pull", ref, "-o", str(out), env=env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert out.read_bytes() == first.read_bytes()
+
+
+@pytest.mark.anyio
+async def test_bearer_tokens_from_the_registrys_challenge(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    with token_registry_server(tmp_path / "tokenreg", users={"bob": "hunter2"}) as server:
+        ref = f"{server.address}/tokens/app:v1"
+        with pytest.raises(smolvmm.RegistryError, match="refused the credentials .*none in the docker config"):
+            await smolvmm.push(first, ref)
+        docker = cache.parent / "docker"
+        docker.mkdir()
+        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "Ym9iOmh1bnRlcjI="}}}))  # bob:hunter2
+        await smolvmm.push(first, ref)
+        mounted = await smolvmm.push(first, f"{server.address}/tokens/mounted:v1")  # a mount needs pull on the source too
+        assert mounted.transfer.moved < 4096
+        pulled = await smolvmm.pull(ref, tmp_path / "t.smolmachine")
+        assert pulled.path.read_bytes() == first.read_bytes()
+
+
+class _CuttingProxy:
+    """A TCP proxy to the registry that, after ``budget`` bytes from it, drops every connection
+    and stops listening: a registry that disappears in the middle of a pull."""
+
+    def __init__(self, target: str, budget: int, delay: float = 0.0) -> None:
+        host, port = target.split(":")
+        self.target = (host, int(port))
+        self.budget = budget
+        self.delay = delay  # seconds per piece from the registry: a slow link
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [conn, upstream]
+            threading.Thread(target=self._pump, args=(conn, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if counted:
+                    with self.lock:
+                        self.budget -= len(data)
+                        cut = self.budget < 0
+                    if cut:
+                        return self.cut()
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+def test_a_registry_that_disappears_mid_pull(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    anyio.run(smolvmm.push, first, f"{registry.address}/vanish/app:v1")
+    proxy = _CuttingProxy(registry.address, budget=first.stat().st_size // 2)
+    out = tmp_path / "vanished.smolmachine"
+    pulled = cli("pull", f"{proxy.address}/vanish/app:v1", "-o", str(out))
+    assert pulled.returncode == 1
+    assert len(pulled.stderr.strip().splitlines()) == 1
+    assert "lost the connection" in pulled.stderr or "cannot reach" in pulled.stderr, pulled.stderr
+    assert not out.exists() and not list(tmp_path.glob(".vanished*"))
+
+
+def test_a_killed_pull_resumes_and_verifies(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    ref = f"{registry.address}/killed/app:v1"
+    anyio.run(smolvmm.push, first, ref)
+    # Through a slow link (a proxy that never cuts), so that the kill lands in the middle of the pull.
+    slow = _CuttingProxy(registry.address, budget=1 << 62, delay=0.005)
+    blobs = cache / "smolvmm" / "oci" / "blobs" / "sha256"
+    out = tmp_path / "k.smolmachine"
+    process = subprocess.Popen([sys.executable, "-m", "smolvmm", "pull", f"{slow.address}/killed/app:v1", "-o", str(out)])
+    while process.poll() is None and len([p for p in blobs.glob("*") if not p.name.startswith(".")]) < 6:
+        time.sleep(0.01)  # wait for some finished blobs (counted, not timed)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if process.returncode != -signal.SIGKILL:
+        pytest.fail(f"the pull ended before it was killed ({process.returncode}): the bundle is too small to catch it")
+    assert not out.exists()
+    kept = [p for p in blobs.glob("*") if not p.name.startswith(".")]
+    assert kept
+
+    async def again() -> smolvmm.PullResult:
+        return await smolvmm.pull(ref, out)
+
+    result = anyio.run(again)
+    assert result.transfer.present >= sum(p.stat().st_size for p in kept)
+    assert result.transfer.moved + result.transfer.present == result.transfer.total
+    assert out.read_bytes() == first.read_bytes()
+
+
+def test_a_full_disk_leaves_nothing_under_the_final_name(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    first, _ = bundles
+    ref = f"{registry.address}/full/app:v1"
+    anyio.run(smolvmm.push, first, ref)
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = small / "full.smolmachine"
+        pulled = cli("pull", ref, "-o", str(out))
+        assert pulled.returncode == 1
+        assert len(pulled.stderr.strip().splitlines()) == 1 and "No space left on device" in pulled.stderr, pulled.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+# Pure parts
+
+
+def test_references_parse_strictly() -> None:
+    ref = Reference.parse("127.0.0.1:5000/team/app:v1")
+    assert (ref.registry, ref.repository, ref.tag, ref.digest, ref.is_loopback) == ("127.0.0.1:5000", "team/app", "v1", None, True)
+    digest = "sha256:" + "ab" * 32
+    assert Reference.parse(f"ghcr.io/a/b@{digest}").manifest_reference == digest
+    assert Reference.parse("registry.example/app").tag == "latest"
+    assert not Reference.parse("registry.example/app").is_loopback
+    assert Reference.parse("localhost/app:x").is_loopback
+    for bad in ("app:v1", "team/app:v1", "ghcr.io/Team/app", "ghcr.io/a/b@sha256:12", "ghcr.io/a:b c", "ghcr.io/" + "a" * 300):
+        with pytest.raises(smolvmm.ConfigError):
+            Reference.parse(bad)
+
+
+def test_cuts_follow_guest_addresses_not_file_offsets(tmp_path: Path) -> None:
+    memory = samples.realistic_memory(24 * MIB, seed=3)
+    make_bundle(tmp_path / "a.smolmachine", memory)
+    grown = bytearray(memory)
+    grown[: 64 * PAGE_SIZE] = random.Random(1).randbytes(64 * PAGE_SIZE)  # pages that move all later ones
+    make_bundle(tmp_path / "b.smolmachine", grown)
+
+    def ram_chunks(path: Path) -> list[bytes]:
+        with open_bundle(path) as bundle:
+            plan = artifact.plan(bundle, path.stat().st_size)
+        data = path.read_bytes()
+        return [data[c.offset : c.offset + c.size] for c in plan.chunks if c.section == "ram"]
+
+    a, b = ram_chunks(tmp_path / "a.smolmachine"), ram_chunks(tmp_path / "b.smolmachine")
+    assert a[0] != b[0] and a[1:] == b[1:]
+    assert all(len(c) <= artifact.WINDOW + PAGE_SIZE for c in a)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(artifactType="application/vnd.smolmachines.smolmachine.v1"), "not a smolvmm machine"),
+        (lambda m: m["layers"][1].update(size=artifact.MAX_CHUNK + 1), "bad size"),
+        (lambda m: m["layers"][1].update(digest="sha256:xyz"), "no sha256 digest"),
+        (lambda m: m["layers"][2]["annotations"].update({artifact.OFFSET_KEY: "0"}), "overlaps"),
+        (lambda m: m["layers"][1].pop("annotations"), "no dev.smolvmm.offset"),
+        (lambda m: m["layers"][2]["annotations"].update({artifact.LENGTH_KEY: str(artifact.MAX_CHUNK + 1)}), "more than"),
+        (lambda m: m["layers"][2]["annotations"].pop(artifact.BASE_KEY), "no chunk or base"),
+        (lambda m: m["layers"].pop(), "not among the manifest's base layers"),
+        (lambda m: m["layers"].insert(1, m["layers"].pop()), "not a chunk or patch in its place"),
+        (lambda m: m["layers"][0].update(size=artifact.MAX_STATE + 1), "bad size"),
+        (lambda m: m.update(layers=[]), "1 to"),
+    ],
+)
+def test_manifests_are_checked_before_anything_is_fetched(change, message: str) -> None:  # noqa: ANN001
+    digest = {n: "sha256:" + str(n) * 64 for n in range(1, 7)}
+    layers = [
+        artifact.chunk_layer(artifact.Chunk(0, 10, "ram", "ram/0"), digest[1]),
+        artifact.patch_layer(artifact.Chunk(10, 8192, "ram", "ram/1"), digest[2], digest[5], 100, digest[6]),
+    ]
+    good = artifact.manifest_blob(
+        artifact.descriptor(artifact.CONFIG_TYPE, digest[3], 10),
+        artifact.descriptor(artifact.STATE_TYPE, digest[4], 7),
+        layers,
+        {digest[6]: 4096},
+    )
+    parsed = artifact.parse_manifest(good, "r")
+    assert [(p.digest, p.size, p.offset, p.base) for p in parsed.pieces] == [
+        (digest[1], 10, 0, None), (digest[2], 8192, 10, digest[6]),
+    ]
+    assert parsed.bases == {digest[6]: 4096}
+    manifest = json.loads(good)
+    change(manifest)
+    with pytest.raises(smolvmm.RegistryError, match=message):
+        artifact.parse_manifest(json.dumps(manifest).encode(), "r")
+
+
+def test_patches_rebuild_a_chunk_from_its_base_and_refuse_bad_input() -> None:
+    rng = random.Random(4)
+    base = rng.randbytes(64 * PAGE_SIZE)
+    later = bytearray(base)
+    later[5 * PAGE_SIZE : 5 * PAGE_SIZE + 8] = b"changed!"  # one page rewritten
+    later[:0] = bytes(PAGE_SIZE)  # a page added in front: every other page moves
+    patch = artifact.make_patch(bytes(later), artifact.page_hashes(base))
+    assert patch is not None and len(patch) < 3 * PAGE_SIZE
+    assert artifact.apply_patch(patch, base, len(later), "p") == later
+    assert artifact.make_patch(rng.randbytes(8 * PAGE_SIZE), artifact.page_hashes(base)) is None  # all new: no patch
+    for broken in (patch[:-1], patch[:8] + b"\xff" + patch[9:], b"SMPATCH2" + patch[8:], patch[:12] + (0).to_bytes(4, "little") + patch[16:]):
+        with pytest.raises(smolvmm.RegistryError, match="malformed"):
+            artifact.apply_patch(broken, base, len(later), "p")
+    with pytest.raises(smolvmm.RegistryError, match="malformed"):
+        artifact.apply_patch(patch, base[: 10 * PAGE_SIZE], len(later), "p")  # an index past a short base
+
+
+def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smolvmm.registry.auth import credentials, parse_challenge
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    assert credentials("ghcr.io") is None  # no config at all
+    (tmp_path / "config.json").write_text(json.dumps({
+        "auths": {"https://index.example": {"auth": "dTpw"}, "ghcr.io": {"identitytoken": "tok"}},
+        "credsStore": "absent-helper",
+    }))
+    assert credentials("index.example") == ("u", "p")
+    assert credentials("ghcr.io") == ("<token>", "tok")
+    with pytest.raises(smolvmm.RegistryError, match="docker-credential-absent-helper, which is not installed"):
+        credentials("other.example")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(smolvmm.RegistryError, match="cannot read"):
+        credentials("ghcr.io")
+    scheme, params = parse_challenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"')
+    assert scheme == "bearer" and params == {
+        "realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull",
+    }
+    assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+
+
+@pytest.mark.anyio
+async def test_plain_http_only_for_loopback_or_insecure(registry: RegistryServer) -> None:
+    ref = Reference.parse(f"{registry.address}/nobody/here:v1")
+    async with client.RegistryClient(registry.address, loopback=False) as strict:  # as for a remote host
+        with pytest.raises(smolvmm.RegistryError, match="plain HTTP is used only for loopback registries or with --insecure"):
+            await strict.get_manifest(ref, 1024)
+    async with client.RegistryClient(registry.address, insecure=True) as insecure:
+        with pytest.raises(smolvmm.RegistryError, match="unknown reference"):
+            await insecure.get_manifest(ref, 1024)
+
+
+def test_progress_on_a_terminal(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+    import pty
+
+    first, _ = bundles
+    ref = f"{registry.address}/progress/app:v1"
+    for args in (["push", str(first), ref], ["push", str(first), ref], ["pull", ref, "-o", str(tmp_path / "p.smolmachine")]):
+        leader, follower = pty.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "smolvmm", *args], stderr=follower, stdout=subprocess.DEVNULL)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not piece:
+                break
+            shown += piece
+        os.close(leader)
+        assert process.wait(timeout=300) == 0
+        last = shown.decode().replace("\r", "\n").strip().splitlines()[-1]
+        assert "MiB already there" in last and ("sent" in last or "fetched" in last), shown
+    assert last.startswith("smolvmm: fetched ")

@@ -40,8 +40,8 @@ _EXPORTS = {
     "ImageRecipe": "smolvmm.imagebuild",
     "ReadyCondition": "smolvmm.imagebuild",
     "build_image": "smolvmm.imagebuild",
-    "bundle_image_config": "smolvmm.imagebuild",
-    "image_process": "smolvmm.imagebuild",
+    "bundle_image_config": "smolvmm.imagerun",
+    "image_process": "smolvmm.imagerun",
     "ImageConfig": "smolvmm.oci.imageconfig",
     "load_smolfile": "smolvmm.smolfile",
     "RegistryError": "smolvmm.errors",
@@ -102,7 +102,8 @@ if TYPE_CHECKING:
     )
     from .guest_exec import ExecResult, Process
     from .guest_files import GuestFiles
-    from .imagebuild import ImageRecipe, ReadyCondition, build_image, bundle_image_config, image_process
+    from .imagebuild import ImageRecipe, ReadyCondition, build_image
+    from .imagerun import bundle_image_config, image_process
     from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .jail import Jail

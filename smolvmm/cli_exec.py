@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import smolformat
 
+import smolvmm
 from smolvmm import ConfigError, ImageConfig, Jail, Machine, Process, cli_output, image_process
 from smolvmm.cli_machine import report_forwards
 
@@ -57,6 +59,18 @@ def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
             raise ConfigError(f"--secret-env {name}: {name} is not set in this environment")
         secrets[name] = os.environ[name]
     return env, secrets
+
+
+def image_config(bundle: Path) -> smolvmm.ImageConfig | None:
+    """The image config of ``bundle``, or None when it was not built from an image."""
+    try:
+        with smolformat.open_bundle(bundle) as opened:
+            labels = opened.labels
+    except smolformat.FormatError as exc:
+        raise smolvmm.BundleError(f"{bundle}: {exc}") from exc
+    except OSError as exc:
+        raise smolvmm.BundleError(f"cannot open {bundle}: {exc.strerror or exc}") from exc
+    return smolvmm.bundle_image_config(labels)
 
 
 async def _pump_out(output: AsyncIterator[bytes], fd: int) -> None:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import anyio
-import smolformat
 
 import smolvmm
 from smolvmm import ConfigError, ImageRecipe, ReadyCondition, cli_output, cli_status, parse_size
@@ -74,15 +73,3 @@ def build_from_image(args: argparse.Namespace) -> int:
     else:
         cli_output.result(f"{args.output}: {digest.hex()[:16]}")
     return cli_status.OK
-
-
-def image_config(bundle: Path) -> smolvmm.ImageConfig | None:
-    """The image config of ``bundle``, or None when it was not built from an image."""
-    try:
-        with smolformat.open_bundle(bundle) as opened:
-            labels = opened.labels
-    except smolformat.FormatError as exc:
-        raise smolvmm.BundleError(f"{bundle}: {exc}") from exc
-    except OSError as exc:
-        raise smolvmm.BundleError(f"{bundle}: {exc.strerror or exc}") from exc
-    return smolvmm.bundle_image_config(labels)

@@ -353,9 +353,7 @@ async def _run(args: argparse.Namespace) -> int:
         return cli_status.OK
     import smolvmm.cli_exec as cli_exec
 
-    from smolvmm.cli_image import image_config
-
-    image = image_config(args.bundle)
+    image = cli_exec.image_config(args.bundle)
     if args.command or image is not None:
         return await cli_exec.run_command(args, restore_args, _jail(args), image)
     env, secrets = cli_exec.identity(args)

@@ -23,8 +23,7 @@ import anyio
 from .config import MIB, DiskConfig, MachineConfig
 from .console_exec import BUSYBOX, command_script, console_run
 from .errors import ConfigError, GuestError, ImageError
-from .guest_exec import Process
-from .images.imageroot import RUNAS, image_guest
+from .images.imageroot import image_guest
 from .machine import Machine
 from .oci.imageconfig import LABEL, ImageConfig
 from .oci.rootdisk import DEFAULT_HEADROOM, root_disk
@@ -193,22 +192,3 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
             await _run_checked(machine, "sync", f"{BUSYBOX} sync", recipe.timeout, None)
             say(f"saving {output}")
             return await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})
-
-
-def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
-    """The image config a bundle was built with (from its labels), or None for other bundles."""
-    text = labels.get(LABEL)
-    return None if text is None else ImageConfig.from_json(text)
-
-
-@asynccontextmanager
-async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None,
-                        env: dict[str, str] | None = None) -> AsyncIterator[Process]:
-    """Start ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine through
-    its agent, with the image's Env (``env``, e.g. the clone's, wins), WorkingDir and User; yields
-    the running ``Process``."""
-    argv = config.command(command)
-    if config.user:
-        argv = [RUNAS, config.user, *argv]
-    async with machine.process(argv, env=config.environment(env), cwd=config.workdir or None) as process:
-        yield process

@@ -195,6 +195,9 @@ def _preload() -> None:
                 importlib.import_module(module.name)
             except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
                 pass
+    from smolformat.pagescan import native_module
+
+    native_module()  # the snapshot writer's page scanner: a C extension, loaded (built) on first use
 
 
 def _open_fds() -> int:

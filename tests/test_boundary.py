@@ -219,6 +219,6 @@ def test_verify_refuses_a_changed_byte_between_sections(tmp_path: Path, capsys: 
     data[memory["offset"] - 100] = 0x41
     path = tmp_path / "gap.smolmachine"
     path.write_bytes(bytes(data))
-    assert main(["verify", str(path)]) == 2
+    assert main(["verify", str(path)]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not zero [nonzero-gap]" in err

@@ -230,7 +230,7 @@ def test_unknown_reference_and_bad_references(registry: RegistryServer, cache: P
     assert missing.returncode == 1 and "unknown reference" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not out.exists()
     bad = cli("pull", "not a reference", "-o", str(out))
-    assert bad.returncode == 1 and "bad reference" in bad.stderr and not out.exists()
+    assert bad.returncode == 2 and "bad reference" in bad.stderr and not out.exists()
     absent = cli("pull", f"{registry.address}/nobody/here@sha256:" + "0" * 64, "-o", str(out))
     assert absent.returncode == 1 and "unknown reference" in absent.stderr
 

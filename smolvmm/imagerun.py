@@ -1,0 +1,30 @@
+"""Running a bundle built from an image: its image config (a bundle label) and its command."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from .guest_exec import Process
+from .images.imageroot import RUNAS
+from .machine import Machine
+from .oci.imageconfig import LABEL, ImageConfig
+
+
+def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
+    """The image config a bundle was built with (from its labels), or None for other bundles."""
+    text = labels.get(LABEL)
+    return None if text is None else ImageConfig.from_json(text)
+
+
+@asynccontextmanager
+async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None,
+                        env: dict[str, str] | None = None) -> AsyncIterator[Process]:
+    """Start ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine through
+    its agent, with the image's Env (``env``, e.g. the clone's, wins), WorkingDir and User; yields
+    the running ``Process``."""
+    argv = config.command(command)
+    if config.user:
+        argv = [RUNAS, config.user, *argv]
+    async with machine.process(argv, env=config.environment(env), cwd=config.workdir or None) as process:
+        yield process

@@ -4,7 +4,6 @@ port's handling of untrusted guest bytes (budgets, unknown ids, garbage failing 
 import struct
 import tracemalloc
 
-import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

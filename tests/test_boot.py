@@ -36,6 +36,13 @@ async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) 
     return text.split(f"BEGIN-{token}", 2)[-1].rsplit(f"END-{token}", 1)[0].strip()
 
 
+async def assert_clock_is_the_hosts(machine: Machine) -> None:
+    """The guest's wall clock reads the host's time (to the second), however long the call takes."""
+    before = int(time.time())
+    guest = int(await shell(machine, "date +%s"))
+    assert before - 1 <= guest <= int(time.time()) + 1
+
+
 async def test_two_vcpus_boot_answer_and_power_off() -> None:
     ready_marker = smolvmm.default_guest().ready_marker
     threads = own_threads()

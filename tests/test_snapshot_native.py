@@ -33,7 +33,6 @@ async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path
         assert bundle.digest == digest
         assert bundle.metadata.hypervisor == f"kvm-{probe().kind}"
         assert [s.mp_state.mp_state for s in bundle.vcpus] == [0, 1]  # BSP runnable; the AP awaits INIT-SIPI
-        saved_rip = bundle.vcpus[0].regs.rip
     async with Machine.restore(first, paused=True) as machine:
         await machine.snapshot(second)
         end = await machine.stop()

@@ -35,9 +35,13 @@ def start(args: argparse.Namespace) -> int:
     flags += [f"--save={args.save}"] if args.save else []
     flags += [f"--trusted-keys={args.trusted_keys}"] if args.trusted_keys else []
     flags += ["--insecure"] if args.insecure else []
+    flags += [f"--env={spec}" for spec in args.env] + [f"--secret-env={name}" for name in args.secret_env]
     flags += ["--jail"] if args.jail else []
     flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
-    argv = [sys.executable, "-m", "smolvmm", "run", f"--detached-as={machine_id}", *flags, "--", str(args.bundle)]
+    bundle = str(args.bundle)
+    # after --, run takes a command to run in the clone: a bundle named like a flag gets ./ instead
+    bundle = f"./{bundle}" if bundle.startswith("-") else bundle
+    argv = [sys.executable, "-m", "smolvmm", "run", f"--detached-as={machine_id}", *flags, bundle]
     with open(log, "wb") as errors:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                  start_new_session=True)

@@ -383,8 +383,8 @@ def run(name: str, args: argparse.Namespace) -> int:
             return build_from_image(args)
         return anyio.run(_build, _config(args), args, backend=BACKEND)
     if args.detach:
-        if args.prepare_only or args.timings:
+        if args.prepare_only or args.timings or args.command or args.copy_in or args.copy_out:
             raise ConfigError("--detach runs the machine in the background: it cannot be combined with"
-                              " --prepare-only or --timings")
+                              " --prepare-only, --timings, --copy-in/--copy-out or a command (-- CMD)")
         return cli_detach.start(args)
     return anyio.run(_run, args, backend=BACKEND)

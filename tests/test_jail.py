@@ -147,7 +147,7 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
     finally:
         monitor.kill()
     stderr = monitor.stderr.read().decode(errors="replace")
-    assert re.search(r'"jail": "jailed: uid \d+', stderr), stderr
+    assert re.search(r"jail: jailed: uid \d+", stderr), stderr
     again = subprocess.run(
         [sys.executable, "-m", "smolvmm", "run", str(saved)],
         input=b"cat /tmp/mark\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,

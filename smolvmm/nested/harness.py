@@ -102,6 +102,8 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
     One vCPU: with two (multi-threaded TCG), QEMU 7.2's emulation corrupts memory under load:
     8 busy nested guests, smolvmm's or QEMU's own, triple-fault or panic the inner kernel
     within minutes; with one, none did (see BENCHMARKS.md, "The nested machine").
+    6 GiB of RAM: the job's writes (the tests' bundles, images, registry blobs) live in the tmpfs
+    under the overlay, which takes at most half of it; 2 GiB ran out of space in the suite.
     The inner kernel's lockup detectors panic (which ends QEMU: -no-reboot) so that a stuck
     kernel leaves its reason on the console instead of a silent freeze.
     """
@@ -109,7 +111,7 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
     cmdline = ("console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
                " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else ""))
     args = [
-        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "2048", "-smp", "1",
+        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "6144", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} smolvmm.job={workdir}/job",
     ]

@@ -103,6 +103,10 @@ class RegistryClient:
         realm = challenge.get("realm")
         if not realm:
             raise RegistryError(f"{self.registry} asks for a bearer token but names no realm")
+        scheme = realm.partition("://")[0].lower()
+        if scheme != "https" and not (scheme == "http" and self.plain_http_allowed):
+            raise RegistryError(f"{self.registry} names a token service that is not https ({realm[:100]!r});"
+                                " plain HTTP is used only for loopback registries or with --insecure")
         params: list[tuple[str, str]] = [("scope", s) for s in scopes]
         if challenge.get("service"):
             params.append(("service", challenge["service"]))

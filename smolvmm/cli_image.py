@@ -24,7 +24,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a command run in the guest before the snapshot (repeatable; end a server with &)")
     parser.add_argument("--ready-port", metavar="PORT", help="save once a TCP port listens in the guest")
     parser.add_argument("--ready-exec", metavar="CMD", help="save once CMD succeeds in the guest")
-    parser.add_argument("--insecure", action="store_true", help="allow plain HTTP to a docker:// registry")
+    parser.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS to a docker:// registry")
 
 
 def image_build_requested(args: argparse.Namespace) -> bool:

@@ -17,7 +17,8 @@ import pytest
 from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import DEFAULT_PATH, ImageConfig
 from smolvmm.oci.layers import Budget, apply_layers
-from smolvmm.oci.registry import Reference
+from smolvmm.oci.registry import parse_reference
+from smolvmm.registry.reference import Reference
 from smolvmm.oci.source import Layer, open_source, split_reference
 
 
@@ -192,13 +193,14 @@ def test_a_manifest_list_without_linux_amd64_says_what_it_has(tmp_path: Path) ->
 def test_source_names_and_references() -> None:
     assert split_reference("/a/b:tag") == ("/a/b", "tag")
     assert split_reference("/a/b") == ("/a/b", None)
-    assert Reference.parse("//127.0.0.1:5000/team/app:v2") == Reference("127.0.0.1:5000", "team/app", "v2")
-    assert Reference.parse("//debian") == Reference("registry-1.docker.io", "library/debian", "latest")
+    assert parse_reference("//127.0.0.1:5000/team/app:v2") == Reference("127.0.0.1:5000", "team/app", "v2")
+    assert parse_reference("//debian") == Reference("registry-1.docker.io", "library/debian", "latest")
+    assert parse_reference("//user/app:1") == Reference("registry-1.docker.io", "user/app", "1")
     digest = "sha256:" + "a" * 64
-    assert Reference.parse(f"//ghcr.io/o/r@{digest}").reference == digest
+    assert parse_reference(f"//ghcr.io/o/r@{digest}").manifest_reference == digest
     for bad in ("//ghcr.io/o/R", "//ghcr.io/o/r@sha256:12", "ghcr.io/o/r"):
         with pytest.raises(ImageError):
-            Reference.parse(bad)
+            parse_reference(bad)
     with pytest.raises(ImageError, match="unknown image source"):
         with open_source("podman:x", Path(".")):
             pass

@@ -3,6 +3,7 @@ archive (skopeo), and Debian's docker-registry on loopback; each unpacked into a
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -15,6 +16,8 @@ import oci_images
 from smolvmm.errors import ImageError
 from smolvmm.oci.rootdisk import root_disk
 from smolvmm.oci.source import open_source
+
+from registry_server import token_registry_server
 
 
 def debugfs(disk: Path, request: str) -> str:
@@ -57,6 +60,23 @@ def test_docker_transport_pulls_from_a_registry(registry: oci_images.Registry, l
     with pytest.raises(ImageError, match="HTTP 404"):
         with open_source(f"docker://{registry.address}/team/app:missing", tmp_path):
             pass
+
+
+def test_docker_transport_answers_a_bearer_token_challenge(layout: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    docker = tmp_path / "docker"
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    with token_registry_server(tmp_path / "tokenreg", users={"bob": "hunter2"}) as server:
+        name = f"docker://{server.address}/private/app:v1"
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "bob:hunter2",
+                        f"oci:{layout}:{oci_images.TAG}", name], check=True, capture_output=True)
+        with pytest.raises(ImageError, match="refused the credentials .*none in the docker config"):
+            with open_source(name, tmp_path / "refused"):
+                pass
+        docker.mkdir()
+        login = base64.b64encode(b"bob:hunter2").decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": login}}}))
+        _check_image(name, tmp_path)
 
 
 def test_a_tampered_docker_archive_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

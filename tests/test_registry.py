@@ -486,10 +486,12 @@ def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
     assert credentials("ghcr.io") is None  # no config at all
     (tmp_path / "config.json").write_text(json.dumps({
-        "auths": {"https://index.example": {"auth": "dTpw"}, "ghcr.io": {"identitytoken": "tok"}},
+        "auths": {"https://index.example": {"auth": "dTpw"}, "ghcr.io": {"identitytoken": "tok"},
+                  "https://index.docker.io/v1/": {"auth": "aHViOnB3"}},
         "credsStore": "absent-helper",
     }))
     assert credentials("index.example") == ("u", "p")
+    assert credentials("registry-1.docker.io") == ("hub", "pw")  # docker login's key for Docker Hub
     assert credentials("ghcr.io") == ("<token>", "tok")
     with pytest.raises(smolvmm.RegistryError, match="docker-credential-absent-helper, which is not installed"):
         credentials("other.example")
@@ -501,6 +503,13 @@ def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: py
         "realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull",
     }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+
+
+@pytest.mark.anyio
+async def test_a_token_service_over_plain_http_only_where_plain_http_is_allowed() -> None:
+    async with client.RegistryClient("registry.example") as remote:  # no request is sent: refused before
+        with pytest.raises(smolvmm.RegistryError, match="names a token service that is not https"):
+            await remote._token({"realm": "http://auth.example/token"}, ("repository:a/b:pull",))
 
 
 @pytest.mark.anyio

@@ -290,18 +290,3 @@ def _rootfs(path: Path) -> Image:
         raise ImageError(f"{where} is neither a directory nor a tar archive")
     return Image(key, ImageConfig(), (Layer(str(path), info.st_size, lambda: open(path, "rb")),))
 
-
-def copy_limited(where: str, source: IO[bytes], target: IO[bytes], descriptor: Descriptor) -> None:
-    """Copy at most ``descriptor.size`` bytes, then check size and digest (a pull's blobs)."""
-    digest, written = hashlib.sha256(), 0
-    while chunk := source.read(min(_CHUNK, descriptor.size - written + 1)):
-        written += len(chunk)
-        if written > descriptor.size:
-            raise ImageError(f"{where} is longer than its descriptor's {descriptor.size} bytes")
-        digest.update(chunk)
-        target.write(chunk)
-    if written != descriptor.size:
-        raise ImageError(f"{where} ended after {written} of {descriptor.size} bytes (truncated)")
-    if "sha256:" + digest.hexdigest() != descriptor.digest:
-        raise ImageError(f"{where} does not match its digest {descriptor.digest}")
-

@@ -15,6 +15,7 @@ from ..errors import RegistryError
 _PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 _HELPER_TIMEOUT = 30
 _MAX_CONFIG = 1 << 20
+_ALIASES = {"registry-1.docker.io": ("https://index.docker.io/v1/", "index.docker.io", "docker.io")}  # docker login's keys
 
 
 def docker_config_path() -> Path:
@@ -58,7 +59,8 @@ def credentials(registry: str) -> tuple[str, str] | None:
     if isinstance(helpers, dict) and isinstance(helpers.get(registry), str):
         return _helper(helpers[registry], registry)
     auths = config.get("auths") or {}
-    for key in (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v2/", f"https://{registry}/v1/"):
+    keys = (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v2/", f"https://{registry}/v1/")
+    for key in keys + _ALIASES.get(registry, ()):
         entry = auths.get(key) if isinstance(auths, dict) else None
         if isinstance(entry, dict) and entry.get("auth"):
             try:

@@ -103,6 +103,10 @@ class RegistryClient:
         realm = challenge.get("realm")
         if not realm:
             raise RegistryError(f"{self.registry} asks for a bearer token but names no realm")
+        scheme = realm.partition("://")[0].lower()
+        if scheme != "https" and not (scheme == "http" and self.plain_http_allowed):
+            raise RegistryError(f"{self.registry} names a token service that is not https ({realm[:100]!r});"
+                                " plain HTTP is used only for loopback registries or with --insecure")
         params: list[tuple[str, str]] = [("scope", s) for s in scopes]
         if challenge.get("service"):
             params.append(("service", challenge["service"]))
@@ -263,20 +267,21 @@ class RegistryClient:
 
     # Manifests
 
-    async def get_manifest(self, ref: Reference, limit: int) -> tuple[bytes, str]:
-        """The manifest ``ref`` names and its sha256 digest (checked against ``ref``'s digest, if any)."""
+    async def get_manifest(self, ref: Reference, limit: int, accept: str = MANIFEST_ACCEPT) -> tuple[bytes, str]:
+        """The manifest ``ref`` names (of a media type ``accept`` lists) and its sha256 digest
+        (checked against ``ref``'s digest, if any)."""
         doing = f"fetching the manifest of {ref}"
         response = await self.request(
             "GET",
             f"/v2/{ref.repository}/manifests/{ref.manifest_reference}",
             _pull(ref.repository),
             doing=doing,
-            headers={"Accept": MANIFEST_ACCEPT},
+            headers={"Accept": accept},
             stream=True,
         )
         try:
             if response.status_code == 404:
-                raise RegistryError(f"{ref}: no such machine in the registry (unknown reference)")
+                raise RegistryError(f"{ref}: not in the registry (HTTP 404, unknown reference)")
             self._check(response, (200,), doing)
             data = b""
             try:

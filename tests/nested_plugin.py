@@ -3,8 +3,9 @@
 On a PVM host the selected kvm tests run in one nested pytest the first time one of them is due;
 each outer kvm item then reports its nested counterpart's outcome, so every test counts once.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
-outcome, the one running at the time included, run once more in a fresh nested machine; the
-terminal summary lists every such retry, and the evidence of the failure is kept in a log file.
+outcome, the one running at the time included, run in a fresh nested machine; a test that was
+running when two machines stopped fails. The terminal summary lists every such retry, and the
+evidence of each failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
 """
 
@@ -31,6 +32,9 @@ from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 NESTED_TIMEOUT = 2400
 """The nested pytest's overall bound (host clock), well above the per-test timeout (pyproject: 900 s)."""
+MAX_RUNS = 4
+"""Nested machines one session may use: the first and up to three fresh ones after machines froze
+(QEMU 7.2's emulation freezes a machine now and then: BENCHMARKS.md, "The nested machine")."""
 _TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 _ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
 
@@ -63,35 +67,51 @@ class NestedRun:
         return self.failure.splitlines()[0] if self.failure else f"nested pytest exited with status {self.status}"
 
 
-def combine(first: NestedRun, retry: NestedRun | None) -> tuple[Results, list[str]]:
-    """Each test's outcome over a nested run and its retry, and the summary lines that say what was retried."""
+def next_tests(runs: list[NestedRun]) -> list[str]:
+    """What a fresh machine runs after ``runs``: the tests without an outcome yet, but none that was
+    running when two machines stopped (a test that stops every machine it runs in fails)."""
+    last = runs[-1]
+    if not last.machine_failed or len(runs) >= MAX_RUNS:
+        return []
+    return [nodeid for nodeid in last.unfinished if _stopped_while_running(runs, nodeid) < 2]
+
+
+def _stopped_while_running(runs: list[NestedRun], nodeid: str) -> int:
+    return sum(run.machine_failed and run.running == nodeid for run in runs)
+
+
+def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
+    """Each test's outcome over the nested runs (the first, then retries in fresh machines), and the
+    summary lines that say what was retried."""
+    first = runs[0]
     results = dict(first.results)
     for nodeid in first.unfinished:
         results[nodeid] = {"outcome": "failed", "text": first.failure}
-    if retry is None:
-        return results, []
-    where = f" (evidence: {first.evidence})" if first.evidence else ""
-    during = "" if first.running else " (between tests)"
-    lines = [f"nested run {first.number}{during}: {first.cause()}{where}",
-             f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine (run {retry.number}):"]
-    for nodeid in retry.nodeids:
-        result = retry.results.get(nodeid) or {"outcome": "failed", "text": retry.failure}
-        froze = nodeid == first.running
-        first_time = f"this test was running when nested run {first.number} ended: {first.failure}"
-        if froze and nodeid not in retry.results:
-            again = "again: " + retry.cause() if nodeid == retry.running else "no outcome on the retry either"
-            verdict = f"failed twice (the nested machine stopped while it ran, {again})"
-            result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}"}
-        elif froze and result["outcome"] == "failed":
-            verdict = "failed twice"
-            result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine:\n{result['text']}"}
-        else:
-            verdict = f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
-        lines.append(f"  {nodeid}{' (running when the machine stopped)' if froze else ''}: {verdict}")
-        results[nodeid] = result
-    if retry.machine_failed:
-        where = f" (evidence: {retry.evidence})" if retry.evidence else ""
-        lines.append(f"nested run {retry.number}: {retry.cause()}{where}; not retried again")
+    lines: list[str] = []
+    for before, retry in zip(runs, runs[1:]):
+        where = f" (evidence: {before.evidence})" if before.evidence else ""
+        during = "" if before.running else " (between tests)"
+        lines += [f"nested run {before.number}{during}: {before.cause()}{where}",
+                  f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine"
+                  f" (run {retry.number}):"]
+        for nodeid in retry.nodeids:
+            result = retry.results.get(nodeid) or {"outcome": "failed", "text": retry.failure}
+            froze = nodeid == before.running
+            first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
+            if froze and nodeid == retry.running and nodeid not in retry.results:
+                verdict = f"failed twice (the nested machine stopped while it ran, again: {retry.cause()})"
+                result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}"}
+            elif froze and result["outcome"] == "failed" and nodeid in retry.results:
+                verdict = "failed twice"
+                result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine:\n{result['text']}"}
+            else:
+                verdict = f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
+            lines.append(f"  {nodeid}{' (running when the machine stopped)' if froze else ''}: {verdict}")
+            results[nodeid] = result
+    last = runs[-1]
+    if len(runs) > 1 and last.machine_failed and last.unfinished:
+        where = f" (evidence: {last.evidence})" if last.evidence else ""
+        lines.append(f"nested run {last.number}: {last.cause()}{where}; not retried again")
     return results, lines
 
 
@@ -185,7 +205,8 @@ class NestedKvm:
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 
     def _run_all(self) -> None:
-        """The nested run, and one retry of the tests without an outcome if the machine froze or failed."""
+        """The nested run, and after a machine that froze or failed, the tests without an outcome
+        in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
         try:
             guest = default_guest()
         except SmolvmmError as exc:
@@ -193,11 +214,10 @@ class NestedKvm:
             return
         factory = getattr(self.config, "_tmp_path_factory", None)
         directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
-        first = self._run_nested(NestedRun(1, self.nodeids), guest.kernel.parent, directory)
-        retry = None
-        if first.machine_failed and first.unfinished:
-            retry = self._run_nested(NestedRun(2, first.unfinished), guest.kernel.parent, directory)
-        self.results, self.retries = combine(first, retry)
+        runs = [self._run_nested(NestedRun(1, self.nodeids), guest.kernel.parent, directory)]
+        while retry := next_tests(runs):
+            runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), guest.kernel.parent, directory))
+        self.results, self.retries = combine(runs)
 
     def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path) -> NestedRun:
         writer = self.config.get_terminal_writer()

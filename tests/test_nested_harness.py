@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nested_plugin import NESTED_TIMEOUT, NestedRun, combine
+from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, NestedRun, combine, next_tests
 from smolvmm.hostkvm import probe
 from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
 from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
@@ -217,7 +217,8 @@ def test_a_retry_reports_the_frozen_test_and_reruns_the_rest() -> None:
     tests = ["t::a", "t::b", "t::c"]
     first = ran(1, tests, NESTED_FROZE, {"t::a": "passed"}, running="t::b")
     assert first.unfinished == ["t::b", "t::c"]
-    results, lines = combine(first, ran(2, ["t::b", "t::c"], 0, {"t::b": "passed", "t::c": "failed"}))
+    assert next_tests([first]) == ["t::b", "t::c"]
+    results, lines = combine([first, ran(2, ["t::b", "t::c"], 0, {"t::b": "passed", "t::c": "failed"})])
     assert [results[n]["outcome"] for n in tests] == ["passed", "passed", "failed"]
     assert lines == [
         "nested run 1: the machine of run 1 froze (evidence: /out/run-1-evidence.log)",
@@ -225,7 +226,7 @@ def test_a_retry_reports_the_frozen_test_and_reruns_the_rest() -> None:
         "  t::b (running when the machine stopped): passed on the retry",
         "  t::c: failed on the retry",
     ]
-    results, lines = combine(first, ran(2, ["t::b", "t::c"], 1, {"t::b": "failed", "t::c": "passed"}))
+    results, lines = combine([first, ran(2, ["t::b", "t::c"], 1, {"t::b": "failed", "t::c": "passed"})])
     assert lines[2] == "  t::b (running when the machine stopped): failed twice"
     assert results["t::b"]["outcome"] == "failed" and results["t::b"]["text"].startswith(
         "this test was running when nested run 1 ended: the machine of run 1 froze\nconsole...")
@@ -234,13 +235,33 @@ def test_a_retry_reports_the_frozen_test_and_reruns_the_rest() -> None:
 
 def test_a_test_that_stops_the_machine_twice_fails() -> None:
     first = ran(1, ["t::a", "t::b"], NESTED_FROZE, {}, running="t::a")
-    results, lines = combine(first, ran(2, ["t::a", "t::b"], NESTED_FROZE, {}, running="t::a"))
+    second = ran(2, ["t::a", "t::b"], NESTED_FROZE, {}, running="t::a")
+    assert next_tests([first, second]) == ["t::b"]  # t::a stopped two machines: it is not run a third time
+    results, lines = combine([first, second])
     assert results["t::a"]["outcome"] == results["t::b"]["outcome"] == "failed"
     assert lines[2] == "  t::a (running when the machine stopped): failed twice (the nested machine stopped while it ran, " \
         "again: the machine of run 2 froze)"
     assert lines[3:] == ["  t::b: no outcome on the retry either",
                          "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log); not retried again"]
-    assert combine(first, None) == ({n: {"outcome": "failed", "text": first.failure} for n in ("t::a", "t::b")}, [])
+    third = ran(3, ["t::b"], 0, {"t::b": "passed"})
+    results, lines = combine([first, second, third])
+    assert results["t::a"]["outcome"] == "failed" and results["t::b"]["outcome"] == "passed"
+    assert lines[4:] == ["nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)",
+                         "  1 kvm tests without an outcome ran again in a fresh nested machine (run 3):",
+                         "  t::b: passed on the retry"]
+    assert combine([first]) == ({n: {"outcome": "failed", "text": first.failure} for n in ("t::a", "t::b")}, [])
+
+
+def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> None:
+    tests = [f"t::{n}" for n in range(MAX_RUNS + 1)]
+    runs = [ran(1, tests, NESTED_FROZE, {}, running=tests[0])]
+    while retry := next_tests(runs):
+        number = len(runs) + 1  # each machine passes the test that stopped the last one, then stops on the next
+        runs.append(ran(number, retry, NESTED_FROZE, {retry[0]: "passed"}, running=retry[1]))
+    assert len(runs) == MAX_RUNS
+    results, lines = combine(runs)
+    assert [results[t]["outcome"] for t in tests[: MAX_RUNS - 1]] == ["passed"] * (MAX_RUNS - 1)
+    assert lines[-1].endswith("; not retried again") and results[tests[-1]]["outcome"] == "failed"
 
 
 @needs_qemu

@@ -159,6 +159,7 @@ class AgentPort:
         self._broken = reason
         for call in self._calls.values():
             call.fail(reason)
+        self._ready.set()  # wakes wait_ready, which then reports the failure
 
     def close(self) -> None:
         self._fail("the machine has stopped")
@@ -187,6 +188,8 @@ class AgentPort:
             async with self._open_call() as call:
                 await call.send(Type.HELLO)
                 await self._ready.wait()
+                if self._broken is not None:
+                    raise AgentError(self._broken)
                 return
         raise AgentError(f"the guest agent did not answer within {timeout:g} s (does the guest run smolvmm-agent?)")
 

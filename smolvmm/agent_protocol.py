@@ -3,7 +3,8 @@
 A frame is a 12-byte little-endian header (u16 magic ``MAGIC``, u16 type, u32 request id,
 u32 payload length at most ``MAX_PAYLOAD``) followed by the payload. Every byte from the guest
 is untrusted: ``FrameParser`` holds at most one frame's worth of input, refuses a bad magic or
-an oversized length, and payload decoders check lengths before they unpack.
+an oversized length once the first frame has arrived, and payload decoders check lengths
+before they unpack.
 
 Payloads (strings are NUL-terminated, numbers little-endian):
 
@@ -34,6 +35,7 @@ HEADER = struct.Struct("<HHII")
 MAX_PAYLOAD = 65536
 WINDOW = 256 * 1024
 ENTROPY_BYTES = 32
+MAX_SKIPPED = 65536
 
 
 class Type(enum.IntEnum):
@@ -86,17 +88,24 @@ def encode(type: Type, id: int, payload: bytes = b"") -> bytes:
 class FrameParser:
     """Splits guest bytes into frames, holding at most one frame (header + ``MAX_PAYLOAD``).
 
-    ``feed`` returns the frames completed so far; after a ``ProtocolError`` it refuses all
-    further input (a stream that lost its framing cannot be resynchronised safely).
+    Bytes before the first frame with a good header are skipped, up to ``MAX_SKIPPED`` of them:
+    a restored machine's channel can begin with the tail of a frame the guest sent before the
+    snapshot. From the first frame on, ``feed`` returns the frames completed so far, and after
+    a ``ProtocolError`` it refuses all further input (a stream that lost its framing cannot be
+    resynchronised safely).
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._broken: str | None = None
+        self._synced = False
+        self.skipped = 0
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._broken is not None:
             raise ProtocolError(self._broken)
+        if not self._synced:
+            data = self._sync(data)
         frames: list[Frame] = []
         view = memoryview(data)
         while view:
@@ -122,6 +131,30 @@ class FrameParser:
                 frames.append(Frame(type, id, bytes(self._buffer[HEADER.size :])))
                 self._buffer = bytearray()
         return frames
+
+    def _sync(self, data: bytes) -> bytes:
+        """Before the first good header: drop what precedes one; returns the bytes to parse."""
+        pending = self._buffer + data
+        self._buffer = bytearray()
+        magic = HEADER.pack(MAGIC, 0, 0, 0)[:2]
+        start = 0
+        while True:
+            start = pending.find(magic, start)
+            if start < 0:
+                start = max(len(pending) - 1, 0)  # the last byte may begin a magic
+                break
+            if len(pending) - start < HEADER.size or HEADER.unpack_from(pending, start)[3] <= MAX_PAYLOAD:
+                self._synced = len(pending) - start >= HEADER.size
+                break
+            start += 1
+        self.skipped += start
+        if self.skipped > MAX_SKIPPED:
+            self._broken = f"no frame in the first {MAX_SKIPPED} bytes"
+            raise ProtocolError(self._broken)
+        if self._synced:
+            return bytes(pending[start:])
+        self._buffer = bytearray(pending[start:])
+        return b""
 
 
 def _strings(items: list[str] | tuple[str, ...]) -> bytes:

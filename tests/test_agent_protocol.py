@@ -26,13 +26,31 @@ def test_frames_round_trip_split_anywhere() -> None:
 
 def test_bad_magic_and_huge_length_break_the_parser_for_good() -> None:
     parser = FrameParser()
+    assert parser.feed(protocol.encode(Type.OK, 1)) == [Frame(Type.OK, 1, b"")]
     with pytest.raises(ProtocolError, match="magic"):
         parser.feed(b"garbage garbage garbage")
     with pytest.raises(ProtocolError, match="magic"):
         parser.feed(protocol.encode(Type.OK, 1))  # no resynchronising after garbage
     parser = FrameParser()
+    parser.feed(protocol.encode(Type.OK, 1))
     with pytest.raises(ProtocolError, match="4294967295 bytes"):
         parser.feed(struct.pack("<HHII", protocol.MAGIC, Type.STDOUT, 1, 0xFFFFFFFF))
+
+
+def test_bytes_before_the_first_frame_are_skipped_within_a_bound() -> None:
+    """A restored channel may begin with the tail of a frame sent before the snapshot."""
+    tail = b"\x01\x02" + protocol.encode(Type.STDOUT, 3, b"lost")[5:]
+    huge = struct.pack("<HHII", protocol.MAGIC, Type.STDOUT, 1, 0xFFFFFFFF)  # a magic, then no real header
+    wire = tail + huge + protocol.encode(Type.READY, 0, protocol.u32(2)) + protocol.encode(Type.OK, 5)
+    for step in (1, 3, 7, len(wire)):
+        parser = FrameParser()
+        out = [f for start in range(0, len(wire), step) for f in parser.feed(wire[start : start + step])]
+        assert out == [Frame(Type.READY, 0, protocol.u32(2)), Frame(Type.OK, 5, b"")]
+        assert parser.skipped == len(tail) + len(huge)
+    parser = FrameParser()
+    with pytest.raises(ProtocolError, match="no frame in the first 65536 bytes"):
+        for _ in range(20):
+            parser.feed(bytes(4096))
 
 
 def test_encode_refuses_oversized_payload() -> None:

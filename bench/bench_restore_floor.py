@@ -3,7 +3,7 @@
 Run: ``python bench/bench_restore_floor.py [--bundle PATH] [--runs 15]`` on a host with /dev/kvm (PVM
 included: nothing enters the guest). Alternating, each in a fresh process:
 
-- **smolvmm**: ``python -m smolvmm run --prepare-only BUNDLE``, its ``devices`` phase: ms from the
+- **smolvmm**: ``python -m smolvmm run --prepare-only --json BUNDLE``, its ``devices`` phase: ms from the
   start of the restore (bundle opened) until every register, device and eventfd is in place, i.e.
   just before the first ``KVM_RUN``.
 - **floor** (``--floor BUNDLE``, this file): every state blob is built from the bundle *before* the
@@ -225,9 +225,9 @@ def main() -> int:
         return 1
     smolvmm_ms, floor_ms = [], []
     for _ in range(args.runs):
-        done = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--prepare-only", str(bundle)],
+        done = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--prepare-only", "--json", str(bundle)],
                               capture_output=True, text=True, check=True)
-        smolvmm_ms.append(json.loads(done.stderr.strip().splitlines()[-1])["phases_ms"]["devices"])
+        smolvmm_ms.append(json.loads(done.stdout.strip().splitlines()[-1])["phases_ms"]["devices"])  # --json: on stdout
         done = subprocess.run([sys.executable, __file__, "--floor", str(bundle)], capture_output=True, text=True, check=True)
         floor_ms.append(float(done.stdout))
     machine = machine_info()

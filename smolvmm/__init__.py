@@ -40,7 +40,7 @@ _EXPORTS = {
     "ImageRecipe": "smolvmm.imagebuild",
     "ReadyCondition": "smolvmm.imagebuild",
     "build_image": "smolvmm.imagebuild",
-    "bundle_image_config": "smolvmm.imagerun",
+    "bundle_image_config": "smolvmm.oci.imageconfig",
     "image_process": "smolvmm.imagerun",
     "ImageConfig": "smolvmm.oci.imageconfig",
     "load_smolfile": "smolvmm.smolfile",
@@ -103,12 +103,12 @@ if TYPE_CHECKING:
     from .guest_exec import ExecResult, Process
     from .guest_files import GuestFiles
     from .imagebuild import ImageRecipe, ReadyCondition, build_image
-    from .imagerun import bundle_image_config, image_process
+    from .imagerun import image_process
     from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .jail import Jail
     from .machine import Machine
-    from .oci.imageconfig import ImageConfig
+    from .oci.imageconfig import ImageConfig, bundle_image_config
     from .progress import ProgressBar, report_progress
     from .registry.reference import Reference
     from .registry.transfer import PullResult, PushResult, Transfer, pull, push

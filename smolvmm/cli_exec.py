@@ -13,14 +13,17 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import smolformat
 
-import smolvmm
-from smolvmm import ConfigError, ImageConfig, Jail, Machine, Process, cli_output, image_process
+from smolvmm import BundleError, ConfigError, Machine, Process, cli_output
 from smolvmm.cli_machine import report_forwards
+from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
+
+if TYPE_CHECKING:
+    from smolvmm.jail import Jail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,16 +64,16 @@ def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     return env, secrets
 
 
-def image_config(bundle: Path) -> smolvmm.ImageConfig | None:
+def image_config(bundle: Path) -> ImageConfig | None:
     """The image config of ``bundle``, or None when it was not built from an image."""
     try:
         with smolformat.open_bundle(bundle) as opened:
             labels = opened.labels
     except smolformat.FormatError as exc:
-        raise smolvmm.BundleError(f"{bundle}: {exc}") from exc
+        raise BundleError(f"{bundle}: {exc}") from exc
     except OSError as exc:
-        raise smolvmm.BundleError(f"cannot open {bundle}: {exc.strerror or exc}") from exc
-    return smolvmm.bundle_image_config(labels)
+        raise BundleError(f"cannot open {bundle}: {exc.strerror or exc}") from exc
+    return bundle_image_config(labels)
 
 
 async def _pump_out(output: AsyncIterator[bytes], fd: int) -> None:
@@ -124,6 +127,8 @@ async def run_command(
         if image is None:
             process = machine.process(args.command)
         else:
+            from smolvmm.imagerun import image_process
+
             process = image_process(machine, image, args.command or None, env)
         async with process as started:
             status = await attach(started)

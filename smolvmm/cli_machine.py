@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -16,7 +16,6 @@ import smolvmm
 from smolvmm import (
     ConfigError,
     DiskConfig,
-    Jail,
     Machine,
     MachineConfig,
     NetConfig,
@@ -27,6 +26,9 @@ from smolvmm import (
     cli_status,
 )
 from smolvmm.cli_args import positive_float, positive_int, size
+
+if TYPE_CHECKING:
+    from smolvmm.jail import Jail
 
 # The CLI drives its machine on asyncio: anyio already pays for much of it, while importing trio
 # took ~40 % of a `run`'s imports. The library runs on both backends.
@@ -201,6 +203,8 @@ def _jail(args: argparse.Namespace) -> Jail | None:
         if args.jail_user:
             raise ConfigError("--jail-user needs --jail")
         return None
+    from smolvmm.jail import Jail
+
     save = getattr(args, "save", None)
     # --save's directory stays visible (and must be writable by the jail's user)
     return Jail.parse(args.jail_user, (str(save.resolve().parent),) if save else ())

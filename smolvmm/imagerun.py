@@ -1,4 +1,4 @@
-"""Running a bundle built from an image: its image config (a bundle label) and its command."""
+"""Running a bundle built from an image: its command, with the image's Env, WorkingDir and User."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ from contextlib import asynccontextmanager
 from .guest_exec import Process
 from .images.imageroot import RUNAS
 from .machine import Machine
-from .oci.imageconfig import LABEL, ImageConfig
-
-
-def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
-    """The image config a bundle was built with (from its labels), or None for other bundles."""
-    text = labels.get(LABEL)
-    return None if text is None else ImageConfig.from_json(text)
+from .oci.imageconfig import ImageConfig
 
 
 @asynccontextmanager

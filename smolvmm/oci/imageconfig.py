@@ -96,3 +96,9 @@ class ImageConfig:
         except ValueError as exc:
             raise ImageError(f"the bundle's image config is not JSON: {exc}") from None
         return cls.from_image({"config": document})
+
+
+def bundle_image_config(labels: dict[str, str]) -> ImageConfig | None:
+    """The image config a bundle was built with (from its labels), or None for other bundles."""
+    text = labels.get(LABEL)
+    return None if text is None else ImageConfig.from_json(text)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from .agent import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
+from .agent import AGENT_LABEL, LABEL_V2, SYNC_TIMEOUT, TOO_OLD, AgentPort, Identity
 from .config import MachineConfig, NetConfig, PortForward
 from .console import Console
 from .devices.virtio.net import VirtioNet
@@ -84,6 +84,7 @@ class Machine:
         self._devices_restart = anyio.Event()
         self._paused = False
         self._sync_agent_on_resume = False
+        self._agent_absent = False  # a snapshot found no agent answering: later ones do not wait
         self._new_macs: dict[str, bytes] = {}
         self._renew_dhcp: tuple[str, ...] = ()  # a restored clone's user-mode interfaces, to renew
         self._snapshot_lock = anyio.Lock()
@@ -409,9 +410,10 @@ class Machine:
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})
-            if self._agent is not None and not self._paused and await self._agent.sync():
+            port = None if self._paused else self._agent
+            if port is not None and await self._agent_started() and await port.sync():
                 # the guest runs the agent: resumes will sync it, in the protocol it speaks
-                labels[AGENT_LABEL] = "yes" if self._agent.protocol == 1 else LABEL_V2
+                labels[AGENT_LABEL] = "yes" if port.protocol == 1 else LABEL_V2
             timings.mark("agent_sync")
             if self._agent is not None and not self._paused and not await self._agent.scrub():
                 raise AgentError("the guest agent did not confirm it overwrote its secrets: not saving them")
@@ -435,6 +437,22 @@ class Machine:
                     await self.resume()
             timings.mark("resumed")
         return digest
+
+    async def _agent_started(self) -> bool:
+        """Before a snapshot's sync: whether the guest runs an agent, letting one that has not
+        announced itself yet start (a guest starts it as it gets ready, and what is sent before
+        it opens its port is lost). A guest without one costs this wait once."""
+        assert self._agent is not None
+        if self._agent_absent:
+            return False
+        try:
+            await self._agent.wait_ready(SYNC_TIMEOUT)
+        except AgentTooOld:
+            return True  # protocol 1 announces nothing: its sync says
+        except AgentError:
+            self._agent_absent = True
+            return False
+        return True
 
     def _agent_port(self) -> AgentPort:
         if self._agent is None:

@@ -64,7 +64,8 @@ async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> N
         assert await shell(machine, "cat /tmp/gen") == "generation-1"  # it carries on after saving
         phases = machine.snapshot_timings.phases
         assert list(phases) == [
-            "agent_sync", "vcpus_parked", "devices_stopped", "state_and_disks_captured", "bundle_written", "resumed"
+            "agent_sync", "agent_scrubbed", "vcpus_parked", "devices_stopped", "state_and_disks_captured",
+            "bundle_written", "resumed",
         ]
         assert list(phases.values()) == sorted(phases.values())
     async with Machine.restore(child) as machine:

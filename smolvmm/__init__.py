@@ -53,6 +53,8 @@ _EXPORTS = {
     "Reference": "smolvmm.registry.reference",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
+    "minimal_kernel": "smolvmm.kernel.build",
+    "BuiltKernel": "smolvmm.kernel.build",
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
     "generate_signing_key": "smolvmm.signing",
@@ -107,6 +109,7 @@ if TYPE_CHECKING:
     from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
     from .images.guest import GuestImage, default_guest
     from .jail import Jail
+    from .kernel.build import BuiltKernel, minimal_kernel
     from .machine import Machine
     from .oci.imageconfig import ImageConfig
     from .progress import ProgressBar, report_progress

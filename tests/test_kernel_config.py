@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm import progress
-from smolvmm.errors import ImageError
+from smolvmm import MINIMAL_KERNEL, MachineConfig, progress
+from smolvmm.errors import ConfigError, ImageError
+from smolvmm.images import busybox
 from smolvmm.kernel import build, config
 
 
@@ -75,3 +76,28 @@ def test_a_failed_step_is_one_line_naming_it_and_the_log(tmp_path: Path, monkeyp
         build._run(progress.Task(None), "make bzImage", "sh", "-c", script, cwd=tmp_path)
     assert str(caught.value) == f"make bzImage failed (exit 2): kernel/fork.c:1: error: boom (log: {build.log_path()})"
     assert "$ sh -c" in build.log_path().read_text()
+
+
+def test_machine_config_takes_the_minimal_kernel_by_name(tmp_path: Path) -> None:
+    assert MachineConfig(kernel=MINIMAL_KERNEL).kernel == "minimal"
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"")
+    with pytest.raises(ConfigError, match="initrd does not go with kernel='minimal'"):
+        MachineConfig(kernel=MINIMAL_KERNEL, initrd=initrd)
+    with pytest.raises(ConfigError, match="MachineConfig.kernel minimal2 does not exist"):
+        MachineConfig(kernel="minimal2")
+
+
+class _Busybox:
+    """A stand-in for the busybox-static package: its unpack writes bin/busybox."""
+
+    def unpack(self, dest: Path) -> None:
+        (dest / "bin").mkdir(parents=True)
+        (dest / "bin" / "busybox").write_bytes(b"\x7fELF busybox")
+
+
+def test_an_initramfs_for_a_kernel_with_everything_built_in_loads_no_modules(tmp_path: Path) -> None:
+    busybox.build(tmp_path, None, _Busybox(), [], "#!/bin/busybox sh\n")  # type: ignore[arg-type]
+    archive = (tmp_path / busybox.INITRD).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busybox.INITRD]  # no vmlinuz, no scratch left
+    assert b"etc/smolvmm/modules\0" in archive and b"bin/busybox\0" in archive and b"lib/modules" not in archive

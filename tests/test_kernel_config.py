@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from smolvmm import MINIMAL_KERNEL, MachineConfig, progress
+from smolvmm.config import MAX_VCPUS
 from smolvmm.errors import ConfigError, ImageError
 from smolvmm.images import busybox
 from smolvmm.kernel import build, config
@@ -101,3 +102,7 @@ def test_an_initramfs_for_a_kernel_with_everything_built_in_loads_no_modules(tmp
     archive = (tmp_path / busybox.INITRD).read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == [busybox.INITRD]  # no vmlinuz, no scratch left
     assert b"etc/smolvmm/modules\0" in archive and b"bin/busybox\0" in archive and b"lib/modules" not in archive
+
+
+def test_the_kernel_takes_as_many_vcpus_as_a_machine_may_have() -> None:
+    assert config.parse(config.FRAGMENT.read_text())["CONFIG_NR_CPUS"] == str(MAX_VCPUS)

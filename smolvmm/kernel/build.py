@@ -1,5 +1,6 @@
-"""The minimal guest kernel: Debian's kernel source, ``make tinyconfig`` plus the project's fragment,
-built niced into the cache (keyed by the source version and the fragment), checked against the fragment.
+"""The minimal guest kernel: Debian's kernel source, ``make tinyconfig`` with the project's fragment
+merged over it (allnoconfig), built niced into the cache (keyed by the source version and the
+fragment), checked against the fragment.
 """
 
 from __future__ import annotations
@@ -87,12 +88,12 @@ def _build(out: Path, package: Package, fragment: bytes, jobs: int) -> None:
         _run(shown, "tar", "tar", "-xf", str(tarballs[0]), "--strip-components=1", cwd=source)
         shutil.rmtree(out / "deb")
         (out / "fragment.config").write_bytes(fragment)
-        make = ("make", f"ARCH={MAKE_ARCH}")
-        _run(shown, "make tinyconfig", *make, "tinyconfig", cwd=source)
-        merge = ("scripts/kconfig/merge_config.sh", "-m", ".config", str(out / "fragment.config"))
+        _run(shown, "make tinyconfig", "make", "tinyconfig", cwd=source)
+        # -n: allnoconfig over tinyconfig + fragment, so what the fragment makes visible starts off
+        # (olddefconfig would turn on every default: IPv6, wireless, PS/2 mice, ...).
+        merge = ("scripts/kconfig/merge_config.sh", "-n", ".config", str(out / "fragment.config"))
         _run(shown, "merge_config.sh", *merge, cwd=source)
-        _run(shown, "make olddefconfig", *make, "olddefconfig", cwd=source)
-        _run(shown, f"make {TARGET}", *make, f"-j{jobs}", TARGET, cwd=source)
+        _run(shown, f"make {TARGET}", "make", f"-j{jobs}", TARGET, cwd=source)
         built = (source / ".config").read_text()
         absent = config.missing(config.parse(fragment.decode()), config.parse(built))
         if absent:
@@ -113,7 +114,12 @@ def _run(shown: progress.Task, label: str, *command: str, cwd: Path) -> None:
         sink.flush()
         start = sink.tell()
         process = subprocess.Popen(
-            [*NICE, *command], cwd=cwd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
+            [*NICE, *command],
+            cwd=cwd,
+            env={**os.environ, "ARCH": MAKE_ARCH},  # merge_config.sh runs make itself
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
         try:
             while process.poll() is None:

@@ -106,3 +106,9 @@ def test_an_initramfs_for_a_kernel_with_everything_built_in_loads_no_modules(tmp
 
 def test_the_kernel_takes_as_many_vcpus_as_a_machine_may_have() -> None:
     assert config.parse(config.FRAGMENT.read_text())["CONFIG_NR_CPUS"] == str(MAX_VCPUS)
+
+
+def test_a_build_without_its_tools_says_which_are_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build.shutil, "which", lambda tool: None if tool in ("flex", "bison") else f"/usr/bin/{tool}")
+    with pytest.raises(ImageError, match=r"^building the kernel needs flex, bison \(tools/setup installs"):
+        build._build(tmp_path, None, b"", 1)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Machine": "smolvmm.machine",
     "MachineConfig": "smolvmm.config",
+    "MINIMAL_KERNEL": "smolvmm.config",
     "DiskConfig": "smolvmm.config",
     "NetConfig": "smolvmm.config",
     "PortForward": "smolvmm.config",
@@ -53,6 +54,9 @@ _EXPORTS = {
     "Reference": "smolvmm.registry.reference",
     "default_guest": "smolvmm.images.guest",
     "GuestImage": "smolvmm.images.guest",
+    "minimal_guest": "smolvmm.images.guest",
+    "minimal_kernel": "smolvmm.kernel.build",
+    "BuiltKernel": "smolvmm.kernel.build",
     "HostKvm": "smolvmm.hostkvm",
     "probe_host": "smolvmm.hostkvm:probe",
     "generate_signing_key": "smolvmm.signing",
@@ -81,7 +85,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .config import DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
+    from .config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
     from .console import Console
     from .hostkvm import HostKvm
     from .hostkvm import probe as probe_host
@@ -105,8 +109,9 @@ if TYPE_CHECKING:
     from .imagebuild import ImageRecipe, ReadyCondition, build_image
     from .imagerun import image_process
     from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
-    from .images.guest import GuestImage, default_guest
+    from .images.guest import GuestImage, default_guest, minimal_guest
     from .jail import Jail
+    from .kernel.build import BuiltKernel, minimal_kernel
     from .machine import Machine
     from .oci.imageconfig import ImageConfig, bundle_image_config
     from .progress import ProgressBar, report_progress

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("smolvmm.cli_bundle", "re-encode a bundle (raw for mmap, zstd for shipping)"),
     "keygen": ("smolvmm.cli_sign", "make an Ed25519 key pair for signing bundles"),
     "sign": ("smolvmm.cli_sign", "sign a bundle's content with a private key"),
+    "kernel": ("smolvmm.cli_kernel", "build the minimal guest kernel (--kernel minimal) from Debian's source"),
     "cache": ("smolvmm.cli_cache", "list the cache (guest images, packages, disks) or prune what is stale"),
     "ps": ("smolvmm.cli_ps", "list the machines this user's smolvmm processes run"),
     "stop": ("smolvmm.cli_ps", "stop a machine that ps lists"),

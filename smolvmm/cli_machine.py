@@ -16,6 +16,7 @@ import smolvmm
 from smolvmm import (
     ConfigError,
     DiskConfig,
+    MINIMAL_KERNEL,
     Machine,
     MachineConfig,
     NetConfig,
@@ -49,7 +50,9 @@ _NET_HELP = ("a network card: user networking through a passt of its own (no roo
 
 
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", type=Path, help="bzImage to boot (default: the built-in demo guest)")
+    parser.add_argument("--kernel", type=_kernel, metavar="BZIMAGE|minimal",
+                        help="bzImage to boot, or 'minimal': the demo guest on the minimal kernel (smolvmm kernel"
+                        " build) (default: the built-in demo guest)")
     parser.add_argument("--initrd", type=Path, help="initramfs to pass to the kernel")
     parser.add_argument("--cmdline", help="kernel command line (default: the demo guest's)")
     parser.add_argument("--cpus", type=positive_int, help="number of vCPUs (default 1)")
@@ -62,6 +65,18 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
                         help="a virtio-console port reachable as a Unix socket at PATH")
     parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
                         help="the guest's console: the 16550 UART (ttyS0, default) or virtio-console (hvc0)")
+
+
+def _kernel(text: str) -> Path | str:
+    """``--kernel``: a bzImage's path, or the word ``minimal``."""
+    return text if text == MINIMAL_KERNEL else Path(text)
+
+
+def _guest_marker(kernel: Path | str | None) -> str | None:
+    """The ready line of the demo guest on the default or minimal kernel; None for the user's own kernel."""
+    if isinstance(kernel, Path):
+        return None
+    return (smolvmm.default_guest() if kernel is None else smolvmm.minimal_guest()).ready_marker
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
@@ -279,15 +294,15 @@ def _boot_marker(args: argparse.Namespace) -> str | None:
         with smolformat.open_bundle(args.bundle) as bundle:
             labels = bundle.labels
         return labels.get(READY_MARKER_LABEL)
-    return None if args.kernel else smolvmm.default_guest().ready_marker
+    return _guest_marker(args.kernel)
 
 
 async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
     output, marker = args.output, args.ready_marker
     if marker is None:
-        if config.kernel is not None:
+        marker = _guest_marker(config.kernel)
+        if marker is None:
             raise ConfigError("--ready-marker is needed with --kernel: say what the guest prints when it is ready")
-        marker = smolvmm.default_guest().ready_marker
     if output.is_dir():
         raise ConfigError(f"-o {output} is a directory: name the .smolmachine file to write")
     if not output.parent.is_dir():

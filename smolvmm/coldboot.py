@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 
 
 def boot_files(config: MachineConfig) -> tuple[Path, Path | None, str]:
-    """(kernel, initrd, cmdline): the config's own, or the default guest's (built on first use)."""
-    if config.kernel is not None:
+    """(kernel, initrd, cmdline): the config's own, or the default or minimal guest's (built on first use)."""
+    if isinstance(config.kernel, Path):
         cmdline = config.cmdline if config.cmdline is not None else "console=ttyS0 reboot=k panic=-1"
         return config.kernel, config.initrd, cmdline
-    from .images.guest import default_guest
+    from .images.guest import default_guest, minimal_guest
 
-    guest = default_guest()
+    guest = default_guest() if config.kernel is None else minimal_guest()
     return guest.kernel, guest.initrd, config.cmdline if config.cmdline is not None else guest.cmdline
 
 

@@ -232,6 +232,9 @@ class NetConfig:
         return tuple(cls.parse(spec) for spec in specs)
 
 
+MINIMAL_KERNEL = "minimal"
+"""``MachineConfig(kernel=MINIMAL_KERNEL)``: the minimal guest kernel built from Debian's source."""
+
 IMAGE_NETWORKS: tuple[NetConfig, ...] = (NetConfig(),)
 """The networks of a machine built from an image when the user names none: user networking,
 as ``docker run`` has a network by default (the demo guest and ``--kernel`` keep none)."""
@@ -239,9 +242,10 @@ as ``docker run`` has a network by default (the demo guest and ``--kernel`` keep
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """What to boot: kernel, initrd and command line (the default guest's when None), vCPUs, RAM, devices."""
+    """What to boot: kernel, initrd and command line (the default guest's when None; the minimal
+    guest's, ``smolvmm kernel build``, with ``kernel="minimal"``), vCPUs, RAM, devices."""
 
-    kernel: Path | None = None
+    kernel: Path | Literal["minimal"] | None = None
     initrd: Path | None = None
     cmdline: str | None = None
     vcpus: int = 1
@@ -268,7 +272,8 @@ class MachineConfig:
 
     def __post_init__(self) -> None:
         for name in ("kernel", "initrd", "console_socket"):
-            object.__setattr__(self, name, _path(f"MachineConfig.{name}", getattr(self, name), optional=True))
+            if not (name == "kernel" and self.kernel == MINIMAL_KERNEL):
+                object.__setattr__(self, name, _path(f"MachineConfig.{name}", getattr(self, name), optional=True))
         object.__setattr__(self, "disks", _items("MachineConfig.disks", self.disks, DiskConfig))
         object.__setattr__(self, "networks", _items("MachineConfig.networks", self.networks, NetConfig))
         _check_text("MachineConfig.cmdline", self.cmdline, optional=True)
@@ -286,7 +291,10 @@ class MachineConfig:
             )
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("MachineConfig.initrd needs MachineConfig.kernel (the default guest brings its own)")
-        files = [("MachineConfig.kernel", self.kernel), ("MachineConfig.initrd", self.initrd)]
+        if self.initrd is not None and self.kernel == MINIMAL_KERNEL:
+            raise ConfigError("MachineConfig.initrd does not go with kernel='minimal' (it brings its own initramfs)")
+        files = [("MachineConfig.kernel", self.kernel if self.kernel != MINIMAL_KERNEL else None),
+                 ("MachineConfig.initrd", self.initrd)]
         files += [(f"MachineConfig.disks[{i}].path", disk.path) for i, disk in enumerate(self.disks)]
         for name, path in files:
             if path is not None and not path.is_file():

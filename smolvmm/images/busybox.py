@@ -31,23 +31,31 @@ load_modules() {
 
 
 def build(
-    out: Path, kernel: Package, busybox: Package, modules: list[str], init: str, programs: dict[str, bytes] | None = None
+    out: Path,
+    kernel: Package | None,
+    busybox: Package,
+    modules: list[str],
+    init: str,
+    programs: dict[str, bytes] | None = None,
 ) -> None:
-    """Write ``out/vmlinuz`` and ``out/initrd.img``: busybox, ``modules`` with their dependencies, ``init``,
-    and ``programs`` (initramfs path -> executable)."""
-    work = out / "unpacked"
-    kernel.unpack(work)
-    vmlinuz = sorted((work / "boot").glob("vmlinuz-*"))
-    if len(vmlinuz) != 1:
-        raise ImageError(f"{kernel.name} {kernel.version} holds {len(vmlinuz)} boot/vmlinuz-* files, expected 1")
-    vmlinuz[0].rename(out / KERNEL)
+    """Write ``out/initrd.img``: busybox, ``modules`` of ``kernel`` with their dependencies, ``init``,
+    and ``programs`` (initramfs path -> executable); and ``kernel``'s image as ``out/vmlinuz``.
+    Without a kernel package (a kernel with everything built in) the initramfs loads no modules."""
     image = Initramfs()
     for directory in ("dev", "proc", "sys", "tmp", "mnt", "run"):
         image.directory(directory)
     image.char_device("dev/console", 5, 1)
-    loaded = ModuleTree(work).add_to(image, modules)
+    work = out / "unpacked"
+    loaded: list[tuple[str, str]] = []
+    if kernel is not None:
+        kernel.unpack(work)
+        vmlinuz = sorted((work / "boot").glob("vmlinuz-*"))
+        if len(vmlinuz) != 1:
+            raise ImageError(f"{kernel.name} {kernel.version} holds {len(vmlinuz)} boot/vmlinuz-* files, expected 1")
+        vmlinuz[0].rename(out / KERNEL)
+        loaded = ModuleTree(work).add_to(image, modules)
+        shutil.rmtree(work)
     image.file("etc/smolvmm/modules", "".join(f"{name} {path}\n" for name, path in loaded).encode())
-    shutil.rmtree(work)
     busybox.unpack(work)
     image.file("bin/busybox", (work / "bin" / "busybox").read_bytes(), 0o755)
     shutil.rmtree(work)

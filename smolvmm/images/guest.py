@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,14 +11,18 @@ from smolvmm import progress
 from smolvmm.images import agent, busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
+from smolvmm.kernel.build import minimal_kernel
 
 READY_MARKER = "smolvmm: guest ready"
 DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce init_on_free=1 quiet"
 )
+# The default command line without the i8042.* words: the minimal kernel has no i8042 driver to take them.
+MINIMAL_CMDLINE = " ".join(word for word in DEFAULT_CMDLINE.split() if not word.startswith("i8042."))
 # A prebuilt default guest directory (vmlinuz + initrd.img); the test plugin sets it for the
 # nested machine so the guest is not resolved with apt or rebuilt there.
 PREBUILT_ENV = "SMOLVMM_DEFAULT_GUEST"
+PREBUILT_MINIMAL_ENV = "SMOLVMM_MINIMAL_GUEST"  # the same for the minimal guest (kernel="minimal")
 
 MODULES = [
     "virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "ext4",
@@ -101,9 +106,22 @@ def default_guest() -> GuestImage:
     return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, DEFAULT_CMDLINE, READY_MARKER)
 
 
+def minimal_guest() -> GuestImage:
+    """The default guest's userland, with no modules to load, on the minimal kernel (both built
+    into the cache on first use: ``smolvmm kernel build``)."""
+    prebuilt = os.environ.get(PREBUILT_MINIMAL_ENV)
+    directory = Path(prebuilt) if prebuilt else _build_minimal()
+    return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, MINIMAL_CMDLINE, READY_MARKER)
+
+
 def kernel_package() -> Package:
     """The Debian cloud kernel package apt would pick now (the default guest's and the image guest's)."""
     return Package.candidate(dependency_of("linux-image-cloud-amd64", "linux-image-"))
+
+
+def _programs() -> dict[str, bytes]:
+    """What the guest's initramfs holds besides busybox: the agent and the DHCP hook."""
+    return {agent.GUEST_PATH: agent.build_agent(), UDHCPC_SCRIPT_PATH: UDHCPC_SCRIPT.encode()}
 
 
 def _build() -> Path:
@@ -116,6 +134,21 @@ def _build() -> Path:
         kernel.download()
         tools.download()
         with progress.task("building the default guest (kernel modules, busybox, agent, initramfs)"):
-            busybox.build(out, kernel, tools, MODULES, INIT, {agent.GUEST_PATH: agent.build_agent(), UDHCPC_SCRIPT_PATH: UDHCPC_SCRIPT.encode()})
+            busybox.build(out, kernel, tools, MODULES, INIT, _programs())
 
     return cached_build("default-guest", key, build)
+
+
+def _build_minimal() -> Path:
+    kernel = minimal_kernel()
+    with progress.task("looking up the minimal guest's Debian packages"):
+        tools = Package.candidate("busybox-static")
+    key = cache_key([str(kernel.kernel), f"{tools.name}={tools.version}"], [agent.SOURCE])
+
+    def build(out: Path) -> None:
+        tools.download()
+        with progress.task("building the minimal guest (busybox, agent, initramfs)"):
+            busybox.build(out, None, tools, [], INIT, _programs())
+        shutil.copyfile(kernel.kernel, out / busybox.KERNEL)
+
+    return cached_build("minimal-guest", key, build)

@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,26 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
     return results, lines
 
 
+_HOST_WORK: list[threading.Thread] = []
+_HOST_WORK_FAILED: list[str] = []
+
+
+def prepare_on_host(work: Callable[[], None]) -> None:
+    """Start ``work`` in a thread at once: it builds, where apt and the cache are writable, what a
+    module's kvm tests need inside tools/nested-kvm (which sees the cache read-only), while the
+    tests that need no nested machine run; the nested run waits for it."""
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported before the nested run, whose tests then fail
+            _HOST_WORK_FAILED.append(f"{work.__module__}.{work.__name__}: {exc}")
+
+    thread = threading.Thread(target=run, name=f"prepare {work.__module__}", daemon=True)
+    thread.start()
+    _HOST_WORK.append(thread)
+
+
 class NestedFailure(Exception):
     """A kvm test failed inside the nested machine (or the machine failed); the text says how."""
 
@@ -184,6 +206,9 @@ class NestedKvm:
                 original.parent, name=original.name, plugin=self, original=original
             )
             self.nodeids.append(original.nodeid)
+        # The nested run comes last, so that what kvm tests need built on the host
+        # (prepare_on_host) is built while the other tests run.
+        items[:] = [i for i in items if not isinstance(i, DelegatedItem)] + [i for i in items if isinstance(i, DelegatedItem)]
 
     @staticmethod
     def _skip_all(items: list[pytest.Item], indexes: list[int], reason: str) -> None:
@@ -212,6 +237,10 @@ class NestedKvm:
         except SmolvmmError as exc:
             self.harness_error = f"building the default guest image on the host failed: {exc}"
             return
+        for thread in _HOST_WORK:
+            thread.join()
+        for failure in _HOST_WORK_FAILED:
+            self.config.get_terminal_writer().line(f"preparing kvm tests on the host failed: {failure}")
         factory = getattr(self.config, "_tmp_path_factory", None)
         directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
         runs = [self._run_nested(NestedRun(1, self.nodeids), guest.kernel.parent, directory)]

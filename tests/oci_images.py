@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,18 +40,22 @@ def _key(*inputs: str, source: bool = True) -> str:
     return digest.hexdigest()[:16]
 
 
+_MAKING = threading.Lock()  # tests and a kvm module's host preparation (a thread) may ask at once
+
+
 def _cached(name: str, make) -> Path:  # type: ignore[no-untyped-def]
     """``test-images/NAME``, made by ``make(tmp)`` and renamed into place once."""
     final = cache_root() / "test-images" / name
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
-    try:
-        make(scratch / name)
-        os.replace(scratch / name, final)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _MAKING:
+        if final.exists():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
+        try:
+            make(scratch / name)
+            os.replace(scratch / name, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return final
 
 

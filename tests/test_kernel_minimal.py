@@ -14,14 +14,20 @@ from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConf
 from smolvmm.hostkvm import probe
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, READY_MARKER, minimal_guest
+from nested_plugin import prepare_on_host
 from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 pytestmark = [pytest.mark.kvm]
 
-if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
-    # Build the kernel and its initramfs here, where apt and the cache are writable, before the kvm
-    # tests run inside tools/nested-kvm (which sees them read-only).
+
+
+def _build_on_the_host() -> None:
+    """The kernel and its initramfs, built on the host for the nested machine (a cold cache: minutes)."""
     os.environ[PREBUILT_MINIMAL_ENV] = str(minimal_guest().kernel.parent)
+
+
+if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
+    prepare_on_host(_build_on_the_host)
 
 
 def test_cli_boot_minimal_answers_and_powers_off() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import oci_images
+from nested_plugin import prepare_on_host
 from smolvmm.hostkvm import probe
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
 from smolvmm.oci.rootdisk import root_disk
@@ -33,7 +34,7 @@ def _prepare_on_the_host() -> None:
 
 
 if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
-    _prepare_on_the_host()
+    prepare_on_host(_prepare_on_the_host)
 
 
 def smolvmm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

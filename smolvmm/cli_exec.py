@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import smolformat
 
-from smolvmm import BundleError, ConfigError, Machine, Process, cli_output
+from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config, cli_output
 from smolvmm.cli_machine import report_forwards
-from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
 
 if TYPE_CHECKING:
-    from smolvmm.jail import Jail
+    from smolvmm import Jail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +126,7 @@ async def run_command(
         if image is None:
             process = machine.process(args.command)
         else:
-            from smolvmm.imagerun import image_process
+            from smolvmm import image_process
 
             process = image_process(machine, image, args.command or None, env)
         async with process as started:

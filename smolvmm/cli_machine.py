@@ -29,7 +29,7 @@ from smolvmm import (
 from smolvmm.cli_args import positive_float, positive_int, size
 
 if TYPE_CHECKING:
-    from smolvmm.jail import Jail
+    from smolvmm import Jail
 
 # The CLI drives its machine on asyncio: anyio already pays for much of it, while importing trio
 # took ~40 % of a `run`'s imports. The library runs on both backends.
@@ -218,7 +218,7 @@ def _jail(args: argparse.Namespace) -> Jail | None:
         if args.jail_user:
             raise ConfigError("--jail-user needs --jail")
         return None
-    from smolvmm.jail import Jail
+    from smolvmm import Jail
 
     save = getattr(args, "save", None)
     # --save's directory stays visible (and must be writable by the jail's user)

@@ -21,6 +21,15 @@ from smolvmm.usernet import PasstBackend
 from test_virtio_net import in_netns
 
 HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
+WIRE = (
+    "link set lo up",
+    "tuntap add dev wire0 mode tap",
+    f"addr add {HOST_ADDRESS}/24 dev wire0",
+    "link set wire0 up",
+    f"route add default via {GATEWAY} dev wire0 onlink",
+)
+"""``ip`` commands that give a network namespace what passt needs: an address and a default route
+(through a TAP device nobody reads: nothing leaves the machine)."""
 GUEST_MAC = bytes.fromhex("020000c0ffee")
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),
@@ -35,13 +44,7 @@ def netns() -> Iterator[str]:
     name = f"smolvmm-passt-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        for command in (
-            "link set lo up",
-            "tuntap add dev wire0 mode tap",
-            f"addr add {HOST_ADDRESS}/24 dev wire0",
-            "link set wire0 up",
-            f"route add default via {GATEWAY} dev wire0 onlink",
-        ):
+        for command in WIRE:
             subprocess.run(["ip", "-n", name, *command.split()], check=True)
         yield name
     finally:

@@ -21,10 +21,10 @@ import pytest
 
 from smolvmm import Machine, NetConfig, PortForward
 from test_boot import GUEST_TIMEOUT, shell
+from test_usernet import GATEWAY, HOST_ADDRESS, WIRE
 
 pytestmark = [pytest.mark.kvm]
 CLONE_NEWNET = 0x40000000
-HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,7 @@ def host_netns() -> Iterator[None]:
     if libc.unshare(CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
     try:
-        for command in (
-            "link set lo up",
-            "tuntap add dev wire0 mode tap",
-            f"addr add {HOST_ADDRESS}/24 dev wire0",
-            "link set wire0 up",
-            f"route add default via {GATEWAY} dev wire0 onlink",
-        ):
+        for command in WIRE:
             subprocess.run(["ip", *command.split()], check=True)
         yield
     finally:

@@ -28,8 +28,8 @@ from smolformat import BundleContents, FormatError, make_metadata, open_bundle, 
 from smolformat.layout import SectionKind
 from smolformat.pages import DEFAULT_CHUNK_SIZE
 from smolformat.payloads import payload
-from smolvmm.cli_demo import demo_bundle
-from smolvmm.memory import GuestMemory
+from smolvmm.cli.demo import demo_bundle
+from smolvmm.host.memory import GuestMemory
 
 MIB = 1 << 20
 PAGE = 4096

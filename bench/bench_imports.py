@@ -54,7 +54,7 @@ def main() -> int:
     args = parser.parse_args()
     bundle = args.bundle
     if bundle is None:
-        from smolvmm.cli_demo import demo_bundle
+        from smolvmm.cli.demo import demo_bundle
 
         bundle = Path(demo_bundle())
     if not bundle.exists():

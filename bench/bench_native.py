@@ -52,7 +52,7 @@ def import_profile(argv: Sequence[str], runs: int) -> dict[str, object]:
         total, top, loaded = profile(argv)
         totals.append(total)
     heaviest = sorted(top.items(), key=lambda item: -item[1])[:8]
-    watched = ["anyio", "trio", "cffi", "construct", "zstandard", "smolvmm.vm", "smolvmm.hypervisor.kvm"]
+    watched = ["anyio", "trio", "cffi", "construct", "zstandard", "smolvmm.monitor.vm", "smolvmm.hypervisor.kvm"]
     return {"total_ms": summary(totals), "heaviest_ms": dict(heaviest),
             "modules": len(loaded), "loads": {name: name in loaded for name in watched}}
 

@@ -217,7 +217,7 @@ def main() -> int:
         return 0
     bundle = args.bundle
     if bundle is None:
-        from smolvmm.cli_demo import demo_bundle
+        from smolvmm.cli.demo import demo_bundle
 
         bundle = Path(demo_bundle())
     if not bundle.exists():

@@ -32,7 +32,7 @@ from bench_restore_floor import CREATE_VM, SET_USER_MEMORY_REGION
 from common import machine_info
 from smolformat import open_bundle, samples, write_bundle
 from smolvmm.config import parse_size
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 MIB = 1 << 20
 PAGE = 4096

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import smolvmm
 from common import qemu_path
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -185,7 +185,7 @@ def render_native(n: dict) -> list[str]:
         heavy = ", ".join(f"{name} {ms:.0f}" for name, ms in list(imp["heaviest_ms"].items())[:5])
         rows.append([label, rng(imp["total_ms"], digits=1), str(imp["modules"]), loads, heavy])
     parts.append("### Import time (ms, sum of top-level cumulative import times, 5 runs)\n\n" + table(
-        ["command", "import ms", "modules", "loads (of anyio, trio, cffi, construct, zstandard, smolvmm.vm, smolvmm.hypervisor.kvm)",
+        ["command", "import ms", "modules", "loads (of anyio, trio, cffi, construct, zstandard, smolvmm.monitor.vm, smolvmm.hypervisor.kvm)",
          "heaviest top-level (ms)"], rows)
         + f"\n\nWall time of the process: `python -c pass` {rng(n['python_c_pass_s'], 1000, 1)} ms; "
         f"`python -m smolvmm --help` {rng(n['help_s'], 1000, 1)} ms.")

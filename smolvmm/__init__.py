@@ -13,16 +13,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Machine": "smolvmm.machine",
+    "Machine": "smolvmm.monitor.machine",
     "MachineConfig": "smolvmm.config",
     "MINIMAL_KERNEL": "smolvmm.config",
     "DiskConfig": "smolvmm.config",
     "NetConfig": "smolvmm.config",
     "PortForward": "smolvmm.config",
     "parse_size": "smolvmm.config",
-    "ExitReason": "smolvmm.vcpu",
-    "MachineExit": "smolvmm.vcpu",
-    "Console": "smolvmm.console",
+    "ExitReason": "smolvmm.monitor.vcpu",
+    "MachineExit": "smolvmm.monitor.vcpu",
+    "Console": "smolvmm.monitor.console",
     "SmolvmmError": "smolvmm.errors",
     "ConfigError": "smolvmm.errors",
     "HypervisorError": "smolvmm.errors",
@@ -33,18 +33,18 @@ _EXPORTS = {
     "AgentTooOld": "smolvmm.errors",
     "GuestFileError": "smolvmm.errors",
     "OutputLimitError": "smolvmm.errors",
-    "ExecResult": "smolvmm.guest_exec",
-    "Process": "smolvmm.guest_exec",
-    "GuestFiles": "smolvmm.guest_files",
+    "ExecResult": "smolvmm.agent.process",
+    "Process": "smolvmm.agent.process",
+    "GuestFiles": "smolvmm.agent.files",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
-    "ImageRecipe": "smolvmm.imagebuild",
-    "ReadyCondition": "smolvmm.imagebuild",
-    "build_image": "smolvmm.imagebuild",
+    "ImageRecipe": "smolvmm.oci.build",
+    "ReadyCondition": "smolvmm.oci.build",
+    "build_image": "smolvmm.oci.build",
     "bundle_image_config": "smolvmm.oci.imageconfig",
-    "image_process": "smolvmm.imagerun",
+    "image_process": "smolvmm.oci.run",
     "ImageConfig": "smolvmm.oci.imageconfig",
-    "load_smolfile": "smolvmm.smolfile",
+    "load_smolfile": "smolvmm.oci.smolfile",
     "RegistryError": "smolvmm.errors",
     "push": "smolvmm.registry.transfer",
     "pull": "smolvmm.registry.transfer",
@@ -57,12 +57,12 @@ _EXPORTS = {
     "minimal_guest": "smolvmm.images.guest",
     "minimal_kernel": "smolvmm.kernel.build",
     "BuiltKernel": "smolvmm.kernel.build",
-    "HostKvm": "smolvmm.hostkvm",
-    "probe_host": "smolvmm.hostkvm:probe",
-    "generate_signing_key": "smolvmm.signing",
-    "sign_bundle": "smolvmm.signing",
-    "verify_signed_bundle": "smolvmm.signing",
-    "Jail": "smolvmm.jail",
+    "HostKvm": "smolvmm.host.kvmprobe",
+    "probe_host": "smolvmm.host.kvmprobe:probe",
+    "generate_signing_key": "smolvmm.monitor.signing",
+    "sign_bundle": "smolvmm.monitor.signing",
+    "verify_signed_bundle": "smolvmm.monitor.signing",
+    "Jail": "smolvmm.host.jail",
     "ProgressBar": "smolvmm.progress",
     "CacheEntry": "smolvmm.images.cache",
     "cache_entries": "smolvmm.images.cache",
@@ -85,11 +85,11 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
-    from .console import Console
-    from .hostkvm import HostKvm
-    from .hostkvm import probe as probe_host
-    from .errors import (
+    from smolvmm.config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
+    from smolvmm.monitor.console import Console
+    from smolvmm.host.kvmprobe import HostKvm
+    from smolvmm.host.kvmprobe import probe as probe_host
+    from smolvmm.errors import (
         AgentError,
         AgentTooOld,
         BundleError,
@@ -104,19 +104,20 @@ if TYPE_CHECKING:
         RegistryError,
         SmolvmmError,
     )
-    from .guest_exec import ExecResult, Process
-    from .guest_files import GuestFiles
-    from .imagebuild import ImageRecipe, ReadyCondition, build_image
-    from .imagerun import image_process
-    from .images.cache import CacheEntry, cache_entries, cache_root, prune_cache
-    from .images.guest import GuestImage, default_guest, minimal_guest
-    from .jail import Jail
-    from .kernel.build import BuiltKernel, minimal_kernel
-    from .machine import Machine
-    from .oci.imageconfig import ImageConfig, bundle_image_config
-    from .progress import ProgressBar, report_progress
-    from .registry.reference import Reference
-    from .registry.transfer import PullResult, PushResult, Transfer, pull, push
-    from .signing import generate_signing_key, sign_bundle, verify_signed_bundle
-    from .smolfile import load_smolfile
-    from .vcpu import ExitReason, MachineExit
+    from smolvmm.agent.process import ExecResult, Process
+    from smolvmm.agent.files import GuestFiles
+    from smolvmm.oci.build import ImageRecipe, ReadyCondition, build_image
+    from smolvmm.oci.run import image_process
+    from smolvmm.images.cache import CacheEntry, cache_entries, prune_cache
+    from smolvmm.host.cache import cache_root
+    from smolvmm.images.guest import GuestImage, default_guest, minimal_guest
+    from smolvmm.host.jail import Jail
+    from smolvmm.kernel.build import BuiltKernel, minimal_kernel
+    from smolvmm.monitor.machine import Machine
+    from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
+    from smolvmm.progress import ProgressBar, report_progress
+    from smolvmm.registry.reference import Reference
+    from smolvmm.registry.transfer import PullResult, PushResult, Transfer, pull, push
+    from smolvmm.monitor.signing import generate_signing_key, sign_bundle, verify_signed_bundle
+    from smolvmm.oci.smolfile import load_smolfile
+    from smolvmm.monitor.vcpu import ExitReason, MachineExit

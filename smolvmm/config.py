@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from smolvmm.errors import ConfigError
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -266,7 +266,7 @@ class MachineConfig:
         """The configuration that cold-boots bundle ``path`` with its own kernel and initrd (saved
         with ``snapshot(..., bootable=True)``): its vCPUs, RAM, command line, console and disks
         (as saved, under a fresh overlay); ``networks`` and ``console_socket`` serve its devices."""
-        from .coldboot import config_from_bundle
+        from smolvmm.monitor.coldboot import config_from_bundle
 
         return config_from_bundle(path, networks, console_socket)
 

@@ -45,7 +45,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_run() -> tuple[Path, subprocess.CompletedProcess[str]]:
     """``python -m smolvmm demo`` with stdin not a terminal (builds the demo bundle once): its bundle and result."""
-    from smolvmm.cli_demo import demo_bundle
+    from smolvmm.cli.demo import demo_bundle
 
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", "demo"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900

@@ -10,7 +10,7 @@ from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import KVM_EXIT_IO_OUT, Exit
 from smolvmm.hypervisor.kvm.system import Kvm
 from smolvmm.hypervisor.kvm.vm import KvmVm
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 CODE_ADDR = 0x1000
 # mov dx, 0x3f8; mov al, 'o'; out dx, al; mov al, 'k'; out dx, al; hlt

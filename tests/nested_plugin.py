@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from smolvmm.errors import SmolvmmError
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 from smolvmm.images.guest import PREBUILT_ENV, default_guest
 from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smolvmm
-from smolvmm import agent_protocol as protocol
-from smolvmm.agent import CALL_BUDGET, AgentPort
-from smolvmm.agent_protocol import Frame, FrameParser, ProtocolError, Type
+from smolvmm.agent import protocol
+from smolvmm.agent.channel import CALL_BUDGET, AgentPort
+from smolvmm.agent.protocol import Frame, FrameParser, ProtocolError, Type
 
 
 def test_frames_round_trip_split_anywhere() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from smolvmm.arch.arm64 import boot, image, layout, regs
 from smolvmm.errors import ConfigError, ImageError
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""The boundary between a bundle's saved state and the hypervisor (smolvmm.boundary): what this
+"""The boundary between a bundle's saved state and the hypervisor (smolvmm.monitor.boundary): what this
 host takes is admitted, anything else is refused in one line naming section, field and value.
 
 Runs natively: a fresh vCPU and VM on this host's KVM (hardware or PVM) give real saved state and
@@ -18,7 +18,7 @@ import pytest
 from smolformat import samples
 
 from smolvmm import BundleError, Machine
-from smolvmm.boundary import admit_devices, admit_vcpu, admit_vm
+from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import HostOffer
 

@@ -17,7 +17,7 @@ from test_boot import GUEST_TIMEOUT
 # A stand-in for a running smolvmm: registered as a machine, ends on SIGTERM unless told to ignore it.
 STAND_IN = """
 import signal, sys, time
-from smolvmm.cli_ps import registered
+from smolvmm.cli.ps import registered
 stopping = []
 signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == "stubborn" else lambda *_: stopping.append(1))
 with registered("run", "app.smolmachine") as machine_id:
@@ -134,7 +134,7 @@ def test_a_machine_that_cannot_be_listed_still_runs(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir(mode=0o755)  # not private: refused as a runtime directory
     (tmp_path / "run" / "smolvmm").mkdir(mode=0o755)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
-    script = "from smolvmm.cli_ps import registered\nwith registered('run', 'x') as machine_id: print(machine_id)"
+    script = "from smolvmm.cli.ps import registered\nwith registered('run', 'x') as machine_id: print(machine_id)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and len(done.stdout.strip()) == 8
     assert done.stderr.startswith("smolvmm: note: smolvmm ps will not list this machine: ") and "private" in done.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm.ffi import declare
+from smolvmm.host.ffi import declare
 
 CDEF = "struct probe { uint32_t a; uint64_t b; }; int getpid(void);"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from smolvmm.devices.bus import Bus
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, StopKind
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 

@@ -1,4 +1,4 @@
-"""The jailed monitor (``--jail``, smolvmm.jail): what the process can still do and what it cannot.
+"""The jailed monitor (``--jail``, smolvmm.host.jail): what the process can still do and what it cannot.
 
 The jail cannot be undone for a process, so each test jails a child process and looks at it
 from outside too (/proc/PID: credentials, no_new_privs, seccomp, its root). The native test runs
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import smolformat
 
-from smolvmm.jail import DENIED_SYSCALLS, Jail
+from smolvmm.host.jail import DENIED_SYSCALLS, Jail
 from test_boot import GUEST_TIMEOUT
 
 needs_root_and_kvm = pytest.mark.skipif(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConfig
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, READY_MARKER, minimal_guest
 from nested_plugin import prepare_on_host

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from smolvmm.arch.x86_64 import layout
 from smolvmm.errors import GuestMemoryError
-from smolvmm.memory import PAGE_SIZE, GuestMemory
+from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 
 GIB = 1 << 30
 RAM = 4 * GIB

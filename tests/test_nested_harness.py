@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, NestedRun, combine, next_tests
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
 from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
 
@@ -108,7 +108,7 @@ def run_plugin(tmp_path: Path, host: str | None, **env: str) -> subprocess.Compl
     """pytest on one kvm test and one plain test, on a host that ``probe`` calls ``host`` (None: this one)."""
     fake = f"nested_plugin.probe = lambda: HostKvm({host!r}, 'the host says {host}')\n" if host else ""
     (tmp_path / "conftest.py").write_text(
-        "import nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.hostkvm import HostKvm\n"
+        "import nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n"
         f"{fake}\n"
         "def pytest_configure(config):\n"
         "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
@@ -268,7 +268,7 @@ def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> 
 def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path: Path) -> None:
     """Three kvm tests on a (faked) PVM host; the nested QEMU is stopped while the second runs."""
     (tmp_path / "conftest.py").write_text(
-        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.hostkvm import HostKvm\n\n"
+        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
         "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
         "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
         "def pytest_configure(config):\n"

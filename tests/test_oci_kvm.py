@@ -16,7 +16,7 @@ import pytest
 
 import oci_images
 from nested_plugin import prepare_on_host
-from smolvmm.hostkvm import probe
+from smolvmm.host.kvmprobe import probe
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
 from smolvmm.oci.rootdisk import root_disk
 from smolvmm.oci.source import open_source

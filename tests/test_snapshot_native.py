@@ -14,8 +14,8 @@ import pytest
 
 import smolformat
 from smolvmm import BundleError, ExitReason, Machine, MachineConfig
-from smolvmm.hostkvm import probe
-from smolvmm.restore import check_flavour
+from smolvmm.host.kvmprobe import probe
+from smolvmm.monitor.restore import check_flavour
 
 pytestmark = [
     pytest.mark.anyio,
@@ -46,7 +46,7 @@ async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path
             assert a.xsave == b.xsave
         assert one.vm_state.ioapic == two.vm_state.ioapic and one.vm_state.pic_master == two.vm_state.pic_master
 
-    from smolvmm.snapshot import write
+    from smolvmm.monitor.snapshot import write
 
     other = "kvm-hardware" if probe().kind == "pvm" else "kvm-pvm"
     with smolformat.open_bundle(first) as bundle:

@@ -32,7 +32,7 @@ async def test_a_cli_restore_imports_only_what_a_restore_uses(tmp_path: Path) ->
         await machine.snapshot(bundle)
         await machine.stop()
     loaded = _imports("-m", "smolvmm", "run", "--prepare-only", str(bundle))
-    assert {"smolvmm.restore", "smolvmm.hypervisor.kvm.backend", "smolformat.reader", "anyio"} <= loaded
+    assert {"smolvmm.monitor.restore", "smolvmm.hypervisor.kvm.backend", "smolformat.reader", "anyio"} <= loaded
     # trio is for trio programs (the CLI drives its machine on asyncio); pdb came in through construct;
     # a raw bundle needs neither zstd nor the writer, and nothing is compiled.
     unwanted = {"trio", "pdb", "zstandard", "smolformat.writer", "cffi.recompiler", "setuptools"}

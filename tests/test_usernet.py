@@ -17,7 +17,7 @@ import pytest
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
-from smolvmm.usernet import PasstBackend
+from smolvmm.monitor.usernet import PasstBackend
 from test_virtio_net import in_netns
 
 HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
@@ -145,7 +145,7 @@ def test_passt_missing_names_the_debian_package(monkeypatch: pytest.MonkeyPatch)
 def test_no_passt_outlives_a_killed_monitor(netns: str) -> None:
     monitor = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-c",
-         "import sys, time; from smolvmm.usernet import PasstBackend; b = PasstBackend(()); "
+         "import sys, time; from smolvmm.monitor.usernet import PasstBackend; b = PasstBackend(()); "
          "print(b._process.pid, flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE,
     )

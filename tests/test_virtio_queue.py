@@ -18,7 +18,7 @@ from smolvmm.devices.virtio.queue import (
     QueueError,
     parse_chain,
 )
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 RAM = 32 << 20  # room for a 32768-entry queue and a 1M-entry (16 MiB) indirect table
 DESC, AVAIL, USED, INDIRECT = 0x10000, 0x100000, 0x200000, 0x400000

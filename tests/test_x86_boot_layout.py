@@ -22,7 +22,7 @@ from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
 from smolvmm.hypervisor.kvm.bindings import ffi
-from smolvmm.memory import PAGE_SIZE, GuestMemory
+from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -18,7 +18,7 @@ from smolvmm.devices.virtio.mmio import (
     MmioTransport,
 )
 from smolvmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from smolvmm.memory import GuestMemory
+from smolvmm.host.memory import GuestMemory
 
 RAM_SIZE = 16 << 20
 RING_AREA = 0x10000  # one 64 KiB area per queue: descriptors, avail ring, used ring

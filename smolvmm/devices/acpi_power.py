@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..arch.x86_64.acpi import sleep_request
+from smolvmm.arch.x86_64.acpi import sleep_request
 
 
 class AcpiSleepRegister:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..errors import BundleError
-from .uart import UartState
-from .virtio.block import BlockState, VirtioBlock
-from .virtio.console import ConsoleState, VirtioConsole
-from .virtio.device import VirtioDevice
-from .virtio.mmio import MmioState
-from .virtio.net import NetState, VirtioNet
-from .virtio.queue import QueueState
-from .virtio.rng import VirtioRng
+from smolvmm.errors import BundleError
+from smolvmm.devices.uart import UartState
+from smolvmm.devices.virtio.block import BlockState, VirtioBlock
+from smolvmm.devices.virtio.console import ConsoleState, VirtioConsole
+from smolvmm.devices.virtio.device import VirtioDevice
+from smolvmm.devices.virtio.mmio import MmioState
+from smolvmm.devices.virtio.net import NetState, VirtioNet
+from smolvmm.devices.virtio.queue import QueueState
+from smolvmm.devices.virtio.rng import VirtioRng
 
 VIRTIO_KINDS: dict[type[VirtioDevice], str] = {
     VirtioBlock: "virtio-blk",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .interface import Hypervisor
+from smolvmm.hypervisor.interface import Hypervisor
 
 # Imported with the monitor, not on first use, so that a restore's timed phases hold the
 # restore's own work (the backend's modules are part of the run path's import time).
-from .kvm.backend import KvmHypervisor
+from smolvmm.hypervisor.kvm.backend import KvmHypervisor
 
 
 def open_hypervisor() -> Hypervisor:

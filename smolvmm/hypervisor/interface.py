@@ -1,7 +1,7 @@
 """The narrow interface between the monitor and a hypervisor.
 
-The monitor (``smolvmm.vm``, ``smolvmm.vcpu``, ``smolvmm.machine``, ``smolvmm.snapshot``,
-``smolvmm.restore``) sees only these operations; ``smolvmm.hypervisor.kvm`` implements them on
+The monitor (``smolvmm.monitor.vm``, ``smolvmm.monitor.vcpu``, ``smolvmm.monitor.machine``, ``smolvmm.monitor.snapshot``,
+``smolvmm.monitor.restore``) sees only these operations; ``smolvmm.hypervisor.kvm`` implements them on
 Linux KVM, and docs/hypervisor-hvf.md says how macOS Hypervisor.framework would. Architecture
 state (registers, interrupt controllers, timers, clocks) crosses the interface as the bundle
 format's records, so the monitor stores and restores it without knowing how the backend reads it.
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..devices.bus import Bus
+from smolvmm.devices.bus import Bus
 
 StateRecord = Mapping[str, Any]
 """A ``smolformat.<arch>.VcpuState`` or ``VmState`` value: the payload of a bundle's VCPU_STATE
@@ -49,7 +49,7 @@ class Capabilities:
 class HostOffer:
     """What this host's hypervisor takes as saved x86_64 vCPU state: the XSAVE area's exact
     size, the CPUID leaves (function, index) -> (eax, ebx, ecx, edx) it supports, and the MSRs
-    it can save and restore. ``smolvmm.boundary`` checks a bundle's state against it."""
+    it can save and restore. ``smolvmm.monitor.boundary`` checks a bundle's state against it."""
 
     xsave_size: int
     cpuid: Mapping[tuple[int, int], tuple[int, int, int, int]]

@@ -12,13 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from smolvmm.host.cache import cache_root
+
 _IMAGES_PACKAGE = Path(__file__).parent
-
-
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/smolvmm`` (``~/.cache/smolvmm`` when XDG_CACHE_HOME is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "smolvmm"
 
 
 def cache_key(inputs: Iterable[str], sources: Iterable[Path]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smolvmm import progress
 from smolvmm.errors import ImageError
-from smolvmm.images.cache import cache_root
+from smolvmm.host.cache import cache_root
 
 _updated = False
 _POLL = 0.25  # seconds between looks at a running apt command (its download's size)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from smolvmm import progress
 from smolvmm.errors import ImageError
-from smolvmm.images.cache import cache_root, cached_build
+from smolvmm.images.cache import cached_build
+from smolvmm.host.cache import cache_root
 from smolvmm.images.debian import Package
 from smolvmm.kernel import config
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from smolvmm.errors import ImageError
 from smolvmm.images import busybox
-from smolvmm.images.cache import cache_key, cache_root, cached_build
+from smolvmm.images.cache import cache_key, cached_build
+from smolvmm.host.cache import cache_root
 from smolvmm.images.cpio import Initramfs
 from smolvmm.images.debian import Package, _run
 from smolvmm.nested.harness import HarnessError, Job, job_devices, run_machine

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smolvmm.errors import ImageError
-from smolvmm.images.cache import cache_root
+from smolvmm.host.cache import cache_root
 from smolvmm.oci.layers import Budget, apply_layers
 from smolvmm.oci.source import Image
 

@@ -18,8 +18,8 @@ from typing import Any
 import smolformat
 from smolformat.layout import Encoding, SectionKind
 
-from ..errors import RegistryError
-from .reference import is_digest
+from smolvmm.errors import RegistryError
+from smolvmm.registry.reference import is_digest
 
 ARTIFACT_TYPE = "application/vnd.smolvmm.machine.v1"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

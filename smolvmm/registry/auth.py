@@ -10,7 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from ..errors import RegistryError
+from smolvmm.errors import RegistryError
 
 _PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 _HELPER_TIMEOUT = 30

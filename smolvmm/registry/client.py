@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..errors import RegistryError
-from .auth import credentials, parse_challenge
-from .reference import Reference
+from smolvmm.errors import RegistryError
+from smolvmm.registry.auth import credentials, parse_challenge
+from smolvmm.registry.reference import Reference
 
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 MAX_TOKEN_ANSWER = 1 << 20

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import RegistryError
-from ..images.cache import cache_root
-from .artifact import PAGE, page_hashes
+from smolvmm.errors import RegistryError
+from smolvmm.host.cache import cache_root
+from smolvmm.registry.artifact import PAGE, page_hashes
 
 
 def disk_error(exc: OSError, path: Path | str) -> RegistryError:

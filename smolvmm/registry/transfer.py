@@ -14,11 +14,11 @@ from typing import Any
 import anyio
 import smolformat
 
-from ..errors import BundleError, RegistryError
-from . import artifact
-from .client import Counters, RegistryClient
-from .reference import Reference
-from .store import BlobStore, disk_error
+from smolvmm.errors import BundleError, RegistryError
+from smolvmm.registry import artifact
+from smolvmm.registry.client import Counters, RegistryClient
+from smolvmm.registry.reference import Reference
+from smolvmm.registry.store import BlobStore, disk_error
 
 PARALLEL = 4  # blobs in flight at once
 _READ_BLOCK = 4 << 20

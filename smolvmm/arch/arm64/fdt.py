@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from . import dtb
-from .dtb import Node, cells, strings, u64_cells
-from .layout import Layout, MmioDevice
+from smolvmm.arch.arm64 import dtb
+from smolvmm.arch.arm64.dtb import Node, cells, strings, u64_cells
+from smolvmm.arch.arm64.layout import Layout, MmioDevice
 
 # Interrupt specifiers for a GICv3 with #interrupt-cells = 3: <kind number flags>.
 GIC_SPI, GIC_PPI = 0, 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .regs import sysreg_encoding
+from smolvmm.arch.arm64.regs import sysreg_encoding
 
 DEVICE_TYPE_VGIC_V3 = 7  # enum kvm_device_type: KVM_DEV_TYPE_ARM_VGIC_V3
 

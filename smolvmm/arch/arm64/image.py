@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ...errors import ImageError
+from smolvmm.errors import ImageError
 
 HEADER = struct.Struct("<IIQQQQQQII")
 MAGIC = 0x644D_5241  # b"ARM\x64" read as a little-endian u32

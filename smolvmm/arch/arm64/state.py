@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 from smolformat import arm64 as fmt
 
-from . import gic, regs
-from .gic import VgicAttr
-from .regs import MpState, OneReg
-from .timer import Timer, TimerState
+from smolvmm.arch.arm64 import gic, regs
+from smolvmm.arch.arm64.gic import VgicAttr
+from smolvmm.arch.arm64.regs import MpState, OneReg
+from smolvmm.arch.arm64.timer import Timer, TimerState
 
 RegisterValues = tuple[tuple[OneReg, int], ...]
 GicValues = tuple[tuple[VgicAttr, int], ...]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .regs import OneReg, sysreg
+from smolvmm.arch.arm64.regs import OneReg, sysreg
 
 # KVM_REG_ARM_TIMER_CNT and KVM_REG_ARM_TIMER_CVAL carry each other's encodings (CNTVCT_EL0 is
 # 3,3,14,0,2; CNTV_CVAL_EL0 is 3,3,14,3,2). The uapi header says the swap is ABI, so the ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from . import aml, layout
+from smolvmm.arch.x86_64 import aml, layout
 
 OEM_ID = b"SMOLVM"
 OEM_TABLE_ID = b"SMOLVMM "

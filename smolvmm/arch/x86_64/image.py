@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...errors import ImageError
+from smolvmm.errors import ImageError
 
 SETUP_HEADER_OFFSET = 0x1F1
 HDRS_MAGIC = b"HdrS"

@@ -7,7 +7,7 @@ The hypervisor backend reads and writes the registers themselves (``Vcpu.save_st
 
 from __future__ import annotations
 
-from . import msrs
+from smolvmm.arch.x86_64 import msrs
 
 TSC_TOLERANCE_PPM = 250
 

@@ -12,11 +12,11 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .buffers import gather, scatter, slice_views, total_length
-from .cow import CowDisk
-from .device import VirtioDevice, bit
-from .queue import DescriptorChain, QueueError
-from .session import Session
+from smolvmm.devices.virtio.buffers import gather, scatter, slice_views, total_length
+from smolvmm.devices.virtio.cow import CowDisk
+from smolvmm.devices.virtio.device import VirtioDevice, bit
+from smolvmm.devices.virtio.queue import DescriptorChain, QueueError
+from smolvmm.devices.virtio.session import Session
 
 F_SIZE_MAX = 1
 F_SEG_MAX = 2

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import anyio
 
-from .buffers import gather, scatter
-from .device import VirtioDevice
-from .ports import ConsolePort
-from .queue import DescriptorChain
-from .session import Session
+from smolvmm.devices.virtio.buffers import gather, scatter
+from smolvmm.devices.virtio.device import VirtioDevice
+from smolvmm.devices.virtio.ports import ConsolePort
+from smolvmm.devices.virtio.queue import DescriptorChain
+from smolvmm.devices.virtio.session import Session
 
 RX, TX = 0, 1
 RECEIVE_CHUNK = 4096

@@ -5,10 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from ...errors import BundleError
+from smolvmm.errors import BundleError
 
 if TYPE_CHECKING:
-    from .session import Session
+    from smolvmm.devices.virtio.session import Session
 
 # Device-independent feature bits (§6).
 F_RING_INDIRECT_DESC = 28

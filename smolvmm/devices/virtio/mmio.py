@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import anyio
 
-from ...errors import BundleError
-from ...memory import GuestMemory
-from .device import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VirtioDevice, bit
-from .queue import Queue, QueueError, QueueState
-from .session import Session, drain_eventfd
+from smolvmm.errors import BundleError
+from smolvmm.host.memory import GuestMemory
+from smolvmm.devices.virtio.device import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VirtioDevice, bit
+from smolvmm.devices.virtio.queue import Queue, QueueError, QueueState
+from smolvmm.devices.virtio.session import Session, drain_eventfd
 
 MMIO_SIZE = 0x1000
 QUEUE_NOTIFY_OFFSET = 0x050

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import anyio
 
-from ...errors import ConfigError
+from smolvmm.errors import ConfigError
 
 
 class ConsolePort(Protocol):

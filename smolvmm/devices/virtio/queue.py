@@ -11,8 +11,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from ...errors import GuestError, GuestMemoryError
-from ...memory import GuestMemory
+from smolvmm.errors import GuestError, GuestMemoryError
+from smolvmm.host.memory import GuestMemory
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .buffers import total_length
-from .device import VirtioDevice
-from .queue import DescriptorChain
-from .session import Session
+from smolvmm.devices.virtio.buffers import total_length
+from smolvmm.devices.virtio.device import VirtioDevice
+from smolvmm.devices.virtio.queue import DescriptorChain
+from smolvmm.devices.virtio.session import Session
 
 # Entropy per request is capped so a guest cannot make the host allocate without bound (§5.4.6.1
 # lets the device return fewer bytes than the buffer holds).

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from .backend import VNET_HDR_SIZE, NetBackend
-from .buffers import scatter, slice_views, total_length
+from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
+from smolvmm.devices.virtio.buffers import scatter, slice_views, total_length
 
 LENGTH = struct.Struct(">I")
 RECEIVE_BUFFER = 256 * 1024

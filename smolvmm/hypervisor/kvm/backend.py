@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ...hostkvm import probe
-from ..interface import Capabilities, HostOffer
-from .ioctls import Cap
-from .system import Kvm
-from .vm import KvmVm
+from smolvmm.host.kvmprobe import probe
+from smolvmm.hypervisor.interface import Capabilities, HostOffer
+from smolvmm.hypervisor.kvm.ioctls import Cap
+from smolvmm.hypervisor.kvm.system import Kvm
+from smolvmm.hypervisor.kvm.vm import KvmVm
 
 # x86_64 platform addresses KVM needs below 4 GiB, inside the MMIO gap, clear of devices.
 TSS_ADDR = 0xFFFB_D000

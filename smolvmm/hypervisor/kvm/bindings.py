@@ -6,7 +6,7 @@ compiles a probe against the system headers and checks every size and field offs
 
 from __future__ import annotations
 
-from ...ffi import declare
+from smolvmm.host.ffi import declare
 
 CDEF = """
 struct kvm_userspace_memory_region {

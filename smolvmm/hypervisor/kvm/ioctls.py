@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from .bindings import ffi
+from smolvmm.hypervisor.kvm.bindings import ffi
 
 _KVMIO = 0xAE
 _WRITE, _READ = 1, 2

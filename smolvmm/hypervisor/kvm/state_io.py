@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .bindings import ffi
-from .ioctls import Ioctl
-from .system import ioctl
+from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.hypervisor.kvm.ioctls import Ioctl
+from smolvmm.hypervisor.kvm.system import ioctl
 
 
 def get_struct(fd: int, request: Ioctl, ctype: str, **init: int) -> bytes:

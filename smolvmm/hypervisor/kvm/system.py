@@ -6,9 +6,9 @@ import errno
 import os
 from functools import cached_property
 
-from ...errors import HypervisorError
-from .bindings import ffi, libc
-from .ioctls import KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, Cap, Ioctl
+from smolvmm.errors import HypervisorError
+from smolvmm.hypervisor.kvm.bindings import ffi, libc
+from smolvmm.hypervisor.kvm.ioctls import KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, Cap, Ioctl
 
 
 class KvmError(HypervisorError):

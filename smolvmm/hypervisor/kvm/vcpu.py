@@ -6,11 +6,11 @@ import errno
 import mmap
 import os
 
-from ...devices.bus import Bus
-from ..interface import StateRecord, Stop, StopKind
-from . import x86_64
-from .bindings import ffi
-from .ioctls import (
+from smolvmm.devices.bus import Bus
+from smolvmm.hypervisor.interface import StateRecord, Stop, StopKind
+from smolvmm.hypervisor.kvm import x86_64
+from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.hypervisor.kvm.ioctls import (
     KVM_EXIT_IO_OUT,
     KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_CRASH,
@@ -19,8 +19,8 @@ from .ioctls import (
     Exit,
     Ioctl,
 )
-from .state_io import get_struct, set_struct
-from .system import Kvm, KvmError, ioctl
+from smolvmm.hypervisor.kvm.state_io import get_struct, set_struct
+from smolvmm.hypervisor.kvm.system import Kvm, KvmError, ioctl
 
 CR0_PG = 1 << 31
 _UNWRITTEN = 0xFFFFFFFF

@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..interface import StateRecord
-from . import x86_64
-from .bindings import ffi
-from .ioctls import (
+from smolvmm.hypervisor.interface import StateRecord
+from smolvmm.hypervisor.kvm import x86_64
+from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.hypervisor.kvm.ioctls import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_PIT_SPEAKER_DUMMY,
     Ioctl,
 )
-from .state_io import get_struct, set_struct
-from .system import Kvm, ioctl
-from .vcpu import KvmVcpu
+from smolvmm.hypervisor.kvm.state_io import get_struct, set_struct
+from smolvmm.hypervisor.kvm.system import Kvm, ioctl
+from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
 
 KVM_IOEVENTFD_FLAG_DEASSIGN = 4
 KVM_IRQFD_FLAG_DEASSIGN = 1

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from smolformat import x86_64 as fmt
 
-from ...arch.x86_64 import cpuid, msrs, regs
-from ...arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
-from ...errors import BundleError, HypervisorError
-from ..interface import StateRecord
-from .ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+from smolvmm.arch.x86_64 import cpuid, msrs, regs
+from smolvmm.arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
+from smolvmm.errors import BundleError, HypervisorError
+from smolvmm.hypervisor.interface import StateRecord
+from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 
 if TYPE_CHECKING:
-    from .vcpu import KvmVcpu
-    from .vm import KvmVm
+    from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
+    from smolvmm.hypervisor.kvm.vm import KvmVm
 
 _CPUID_FIELDS = itemgetter("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 _MSR_FIELDS = itemgetter("index", "data")
@@ -145,7 +145,7 @@ def _chip(data: bytes) -> bytes:
 
 def restore_vm(vm: KvmVm, state: StateRecord) -> None:
     """Restore the VM-wide state. kvmclock resumes where it was saved: the guest sees no gap
-    (its wall clock is set by the guest agent, see smolvmm.agent)."""
+    (its wall clock is set by the guest agent, see smolvmm.agent.channel)."""
     vm.set_pit(fmt.KvmPitState2.build(state["pit"]))
     set_clock_unadvanced(vm, state["clock"])
     vm.set_irqchip(KVM_IRQCHIP_PIC_MASTER, _chip(fmt.KvmPicState.build(state["pic_master"])))

@@ -1,0 +1,135 @@
+"""Files in and out of the guest through its agent: ``Machine.files``.
+
+Writes go to a temporary file beside the guest path, renamed over it once complete; downloads
+likewise on the host. Transfers stream in frames of at most 64 KiB, so their size is bounded
+by neither side's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+
+from smolvmm.agent import protocol
+from smolvmm.agent.channel import AgentPort
+from smolvmm.agent.protocol import Type
+from smolvmm.errors import AgentError, ConfigError, GuestFileError, OutputLimitError
+
+DEFAULT_MAX_READ = 16 * 1024 * 1024
+HOST_BLOCK = 1024 * 1024  # host file I/O per worker-thread call
+
+
+def _guest_error(frame_payload: bytes) -> GuestFileError:
+    return GuestFileError(f"in the guest: {protocol.decode_message(frame_payload)}")
+
+
+def _checked(encode: Callable[..., bytes], *args: object) -> bytes:
+    try:
+        return encode(*args)
+    except ValueError as exc:
+        raise ConfigError(f"invalid guest path: {exc}") from None
+
+
+class GuestFiles:
+    """Reading and writing files inside a running guest."""
+
+    def __init__(self, port: Callable[[], AgentPort]) -> None:
+        self._port = port
+
+    async def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace guest file ``path`` with ``data`` (atomically), with permission ``mode``."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            view = memoryview(data)
+            for start in range(0, len(view), protocol.MAX_PAYLOAD):
+                yield bytes(view[start : start + protocol.MAX_PAYLOAD])
+
+        await self._write(path, mode, chunks())
+
+    async def upload(self, host_path: str | os.PathLike[str], guest_path: str, mode: int | None = None) -> None:
+        """Copy host file ``host_path`` to ``guest_path``, streaming (any size).
+
+        ``mode`` defaults to the host file's permission bits."""
+        source = await anyio.open_file(host_path, "rb")
+        async with source:
+            if mode is None:
+                mode = os.stat(host_path).st_mode & 0o7777
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while block := await source.read(HOST_BLOCK):
+                    for start in range(0, len(block), protocol.MAX_PAYLOAD):
+                        yield block[start : start + protocol.MAX_PAYLOAD]
+
+            await self._write(guest_path, mode, chunks())
+
+    async def _write(self, path: str, mode: int, chunks: AsyncIterator[bytes]) -> None:
+        async with self._port().call() as call:
+            await call.send(Type.WRITE_OPEN, _checked(protocol.write_open_payload, path, mode))
+            answer = None
+            async with anyio.create_task_group() as tg:
+
+                async def wait_answer() -> None:
+                    nonlocal answer
+                    answer = await call.receive()
+                    tg.cancel_scope.cancel()  # an early error stops the sending
+
+                tg.start_soon(wait_answer)
+                async for chunk in chunks:
+                    await call.send(Type.WRITE_DATA, chunk)
+                await call.send(Type.WRITE_DATA)
+            assert answer is not None
+            if answer.type == Type.ERROR:
+                raise _guest_error(answer.payload)
+            if answer.type != Type.OK:
+                raise AgentError(f"the guest agent answered a write with frame type {answer.type}")
+
+    async def read(self, path: str, max_size: int = DEFAULT_MAX_READ) -> bytes:
+        """The contents of guest file ``path``; OutputLimitError past ``max_size`` bytes (use ``download``)."""
+        data = bytearray()
+
+        async def keep(chunk: bytes) -> None:
+            data.extend(chunk)
+            if len(data) > max_size:
+                raise OutputLimitError(f"{path} holds more than {max_size} bytes: raise max_size or use files.download")
+
+        await self._read(path, keep)
+        return bytes(data)
+
+    async def download(self, guest_path: str, host_path: str | os.PathLike[str]) -> None:
+        """Copy guest file ``guest_path`` to ``host_path`` (written atomically), streaming (any size)."""
+        target = Path(host_path)
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                pending = bytearray()
+
+                async def keep(chunk: bytes) -> None:
+                    pending.extend(chunk)
+                    if len(pending) >= HOST_BLOCK:
+                        await anyio.to_thread.run_sync(out.write, bytes(pending))
+                        pending.clear()
+
+                await self._read(guest_path, keep)
+                await anyio.to_thread.run_sync(out.write, bytes(pending))
+            os.replace(temp, target)
+        except BaseException:
+            os.unlink(temp)
+            raise
+
+    async def _read(self, path: str, keep: Callable[[bytes], Awaitable[None]]) -> None:
+        async with self._port().call() as call:
+            await call.send(Type.READ_OPEN, _checked(protocol.read_open_payload, path))
+            while True:
+                frame = await call.receive()
+                if frame.type == Type.READ_DATA:
+                    await keep(frame.payload)
+                    await call.send(Type.READ_ACK, protocol.u32(len(frame.payload)))
+                elif frame.type == Type.OK:
+                    return
+                elif frame.type == Type.ERROR:
+                    raise _guest_error(frame.payload)
+

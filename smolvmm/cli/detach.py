@@ -1,0 +1,147 @@
+"""``run --detach`` and ``smolvmm attach ID``: a machine in the background, its console reachable by id.
+
+The detached process is an ordinary ``run`` in a new session whose console is a Unix socket
+beside its ps entry (``ID.console`` in the runtime directory, which is private to the user). One
+client is attached at a time; output while nobody is attached is kept (the last 64 KiB) for the
+next one. ``stop ID`` ends it as it ends any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream
+
+import smolvmm
+from smolvmm.cli import output as cli_output
+from smolvmm.cli import ps as cli_ps
+from smolvmm.cli import status as cli_status
+
+KEPT = 64 << 10  # console output kept while no client is attached
+START_TIMEOUT = 300  # seconds for a detached restore to list itself (restores in the nested machine are slow)
+
+
+def start(args: argparse.Namespace) -> int:
+    """Start ``run`` of ``args.bundle`` in the background; prints its id once its machine runs."""
+    machine_id = cli_ps.new_id()
+    directory = cli_ps.runtime_dir()
+    log = log_path(machine_id)
+    flags = [f"--net={spec}" for spec in args.net]
+    flags += [f"--console-socket={args.console_socket}"] if args.console_socket else []
+    flags += [f"--save={args.save}"] if args.save else []
+    flags += [f"--trusted-keys={args.trusted_keys}"] if args.trusted_keys else []
+    flags += ["--insecure"] if args.insecure else []
+    flags += [f"--env={spec}" for spec in args.env] + [f"--secret-env={name}" for name in args.secret_env]
+    flags += ["--jail"] if args.jail else []
+    flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
+    bundle = str(args.bundle)
+    # after --, run takes a command to run in the clone: a bundle named like a flag gets ./ instead
+    bundle = f"./{bundle}" if bundle.startswith("-") else bundle
+    argv = [sys.executable, "-m", "smolvmm", "run", f"--detached-as={machine_id}", *flags, bundle]
+    with open(log, "wb") as errors:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                                 start_new_session=True)
+    entry = directory / f"{machine_id}.json"
+    deadline = time.monotonic() + START_TIMEOUT
+    while not entry.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            said = log.read_text(errors="replace").strip().splitlines()
+            log.unlink(missing_ok=True)
+            sys.stderr.write((said[-1] if said else f"smolvmm: error: the detached run ended ({child.returncode})") + "\n")
+            return child.wait() or cli_status.ERROR
+        time.sleep(0.05)
+    cli_output.result(machine_id)
+    return cli_status.OK
+
+
+def console_path(machine_id: str) -> Path:
+    """Where a detached machine serves its console."""
+    return cli_ps.runtime_dir() / f"{machine_id}.console"
+
+
+def log_path(machine_id: str) -> Path:
+    """Where a detached machine's process writes its errors."""
+    return cli_ps.runtime_dir() / f"{machine_id}.log"
+
+
+async def serve_console(machine: smolvmm.Machine, path: Path) -> None:
+    """Serve the machine's console on ``path`` until the machine ends. Only this function's own
+    loop writes to the attached client (a stream takes one writer at a time)."""
+    kept = bytearray()
+    attached: list[SocketStream] = []
+
+    async def client(stream: SocketStream) -> None:
+        async with stream:
+            if attached:
+                await stream.send(b"smolvmm: another client is attached\r\n")
+                return
+            attached.append(stream)
+            try:
+                async for data in stream:
+                    await machine.console.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            finally:
+                attached.remove(stream)
+
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, client)
+            async for chunk in machine.console:
+                kept.extend(chunk)
+                del kept[:-KEPT]
+                if attached:  # what came while nobody was attached, then this
+                    try:
+                        await attached[0].send(bytes(kept))
+                        kept.clear()
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+            tg.cancel_scope.cancel()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", metavar="ID", help="a machine started with `run --detach` (a unique prefix will do)")
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    """``attach ID``: the console on stdin/stdout until the machine ends (or Ctrl-] detaches)."""
+    entry = cli_ps.lookup(args.id)
+    if not entry.get("console"):
+        raise smolvmm.ConfigError(f"machine {entry['id']} was not started with `run --detach`: its console is its own terminal's")
+    return anyio.run(_attach, entry, backend="trio")
+
+
+async def _attach(entry: dict[str, Any]) -> int:
+    try:
+        stream = await anyio.connect_unix(entry["console"])
+    except OSError as exc:
+        raise smolvmm.SmolvmmError(f"cannot reach machine {entry['id']}'s console: {exc.strerror}") from exc
+    async with stream, anyio.create_task_group() as tg:
+        with cli_output.raw_terminal() as interactive:
+            if interactive:
+                cli_output.message(f"attached to {entry['id']}; Ctrl-] detaches (the machine keeps running)\r")
+            tg.start_soon(_forward_input, stream, interactive, tg.cancel_scope)
+            async for chunk in stream:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            tg.cancel_scope.cancel()
+    return cli_status.OK
+
+
+async def _forward_input(stream: SocketStream, interactive: bool, scope: anyio.CancelScope) -> None:
+    while data := await cli_output.read_stdin():
+        if interactive and cli_output.ESCAPE_KEY in data:
+            scope.cancel()  # detach: the machine keeps running
+            return
+        await stream.send(data)
+    # EOF on stdin: keep showing the console until the machine ends

@@ -1,0 +1,137 @@
+"""``smolvmm run ... BUNDLE -- CMD [ARGS...]``: run one command in a fresh clone and exit with its status.
+
+The clone is resumed with ``--env`` and ``--secret-env`` values, ``--copy-in`` files are
+uploaded, CMD's stdout and stderr stream to ours byte for byte (our stdin goes to its stdin),
+``--copy-out`` files are downloaded, and the clone stops. The exit status is CMD's (128+N when
+a signal N killed it). Only the public API is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import smolformat
+
+from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config
+from smolvmm.cli import output as cli_output
+from smolvmm.cli.machine import report_forwards
+
+if TYPE_CHECKING:
+    from smolvmm import Jail
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``run`` that only a command uses, and the command itself (after ``--``)."""
+    parser.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="an environment variable every command in the clone sees (repeatable)")
+    parser.add_argument("--secret-env", action="append", default=[], metavar="NAME",
+                        help="pass host environment variable NAME as a secret: held only in the guest agent's"
+                        " memory, never saved in a snapshot (repeatable)")
+    parser.add_argument("--copy-in", action="append", default=[], metavar="HOST:GUEST",
+                        help="copy a host file into the clone before the command (repeatable)")
+    parser.add_argument("--copy-out", action="append", default=[], metavar="GUEST:HOST",
+                        help="copy a guest file out after the command (repeatable)")
+    parser.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]",
+                        help="run CMD in the clone instead of attaching the console; exit with its status")
+
+
+def _pair(spec: str, flag: str) -> tuple[str, str]:
+    first, colon, second = spec.partition(":")
+    if not colon or not first or not second:
+        raise ConfigError(f"{flag} {spec!r}: expected SOURCE:DESTINATION")
+    return first, second
+
+
+def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """(env, secrets) from ``--env K=V`` and ``--secret-env NAME`` (NAME's value from our environment)."""
+    env: dict[str, str] = {}
+    for spec in args.env:
+        key, equals, value = spec.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--env {spec!r}: expected NAME=VALUE")
+        env[key] = value
+    secrets: dict[str, str] = {}
+    for name in args.secret_env:
+        if name not in os.environ:
+            raise ConfigError(f"--secret-env {name}: {name} is not set in this environment")
+        secrets[name] = os.environ[name]
+    return env, secrets
+
+
+def image_config(bundle: Path) -> ImageConfig | None:
+    """The image config of ``bundle``, or None when it was not built from an image."""
+    try:
+        with smolformat.open_bundle(bundle) as opened:
+            labels = opened.labels
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{bundle}: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot open {bundle}: {exc.strerror or exc}") from exc
+    return bundle_image_config(labels)
+
+
+async def _pump_out(output: AsyncIterator[bytes], fd: int) -> None:
+    async for chunk in output:
+        view = memoryview(chunk)
+        while view:
+            await anyio.wait_writable(fd)
+            view = view[os.write(fd, view) :]
+
+
+async def _pump_in(process: Process) -> None:
+    try:
+        while True:
+            data = await cli_output.read_stdin(65536)
+            if not data:
+                break
+            await process.stdin.send(data)
+        await process.stdin.aclose()
+    except (anyio.BrokenResourceError, OSError):
+        pass  # the command ended first, or there is no stdin
+
+
+async def attach(process: Process) -> int:
+    """Our stdin to the process, its stdout and stderr to ours, until it ends; its exit status."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_pump_in, process)
+        async with anyio.create_task_group() as outputs:
+            outputs.start_soon(_pump_out, process.stdout, sys.stdout.fileno())
+            outputs.start_soon(_pump_out, process.stderr, sys.stderr.fileno())
+        status = await process.wait()
+        tg.cancel_scope.cancel()
+    return status
+
+
+async def run_command(
+    args: argparse.Namespace, restore_args: dict[str, Any], jail: Jail | None, image: ImageConfig | None = None
+) -> int:
+    """Resume a clone of ``args.bundle`` (with ``restore_args`` and ``jail`` as for
+    ``Machine.restore``), run ``args.command`` in it, or in a bundle built from ``image`` the
+    image's own command (with its Env, WorkingDir and User); returns the exit status."""
+    env, secrets = identity(args)
+    copy_in = [_pair(spec, "--copy-in") for spec in args.copy_in]
+    copy_out = [_pair(spec, "--copy-out") for spec in args.copy_out]
+    for host, _ in copy_in:
+        if not Path(host).is_file():
+            raise ConfigError(f"--copy-in {host}: no such file")
+    async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+        report_forwards(machine)
+        for host, guest in copy_in:
+            await machine.files.upload(host, guest)
+        if image is None:
+            process = machine.process(args.command)
+        else:
+            from smolvmm import image_process
+
+            process = image_process(machine, image, args.command or None, env)
+        async with process as started:
+            status = await attach(started)
+        for guest, host in copy_out:
+            await machine.files.download(guest, host)
+    return status

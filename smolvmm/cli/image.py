@@ -1,0 +1,77 @@
+"""``build --image SOURCE`` / ``build -f Smolfile``, and ``run`` of a bundle built from an image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import anyio
+
+import smolvmm
+from smolvmm import ConfigError, ImageRecipe, ReadyCondition, parse_size
+from smolvmm.cli import output as cli_output
+from smolvmm.cli import status as cli_status
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image flags of ``build`` (beside the machine flags)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--image", metavar="SOURCE", help="build from a container image: oci:DIR[:TAG],"
+                        " docker-archive:FILE, docker://REGISTRY/REPO[:TAG|@DIGEST] or rootfs:PATH")
+    source.add_argument("-f", "--file", type=Path, metavar="SMOLFILE", help="build from a Smolfile (TOML recipe)")
+    parser.add_argument("--disk-size", metavar="SIZE", help="free space on the image's disk beyond its"
+                        " content (default 256M)")
+    parser.add_argument("--warm", action="append", default=[], metavar="CMD",
+                        help="a command run in the guest before the snapshot (repeatable; end a server with &)")
+    parser.add_argument("--ready-port", metavar="PORT", help="save once a TCP port listens in the guest")
+    parser.add_argument("--ready-exec", metavar="CMD", help="save once CMD succeeds in the guest")
+    parser.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS to a docker:// registry")
+
+
+def image_build_requested(args: argparse.Namespace) -> bool:
+    return bool(args.image or args.file)
+
+
+def _recipe(args: argparse.Namespace) -> ImageRecipe:
+    for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
+                        ("--disk", args.disk), ("--bootable", args.bootable)):
+        if value:
+            raise ConfigError(f"{flag} does not go with --image or -f: the image guest brings its own")
+    readies = [(kind, value) for kind, value in (("port", args.ready_port), ("exec", args.ready_exec),
+                                                 ("marker", args.ready_marker)) if value]
+    if len(readies) > 1:
+        raise ConfigError("give one of --ready-port, --ready-exec, --ready-marker")
+    flags: dict[str, object] = {"timeout": args.timeout}
+    if args.insecure:
+        flags["insecure"] = True
+    if args.cpus:
+        flags["vcpus"] = args.cpus
+    if args.mem:
+        flags["memory"] = parse_size(args.mem)
+    if args.disk_size:
+        flags["disk_headroom"] = parse_size(args.disk_size)
+    if args.warm:
+        flags["warm"] = tuple(args.warm)
+    if readies:
+        flags["ready"] = ReadyCondition(*readies[0])
+    if args.file:
+        return smolvmm.load_smolfile(args.file, **flags)
+    return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]
+
+
+def build_from_image(args: argparse.Namespace) -> int:
+    """``build --image`` / ``build -f``: build, save, print the bundle's digest (``--json``: a document)."""
+    from smolvmm.cli.machine import BACKEND
+
+    recipe = _recipe(args)
+    progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
+    encoding = "zstd" if args.zstd else "raw"
+    digest = anyio.run(lambda: smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress),
+                       backend=BACKEND)
+    if args.json:
+        cli_output.result_json({"path": str(args.output), "digest": digest.hex(), "encoding": encoding,
+                                "image": recipe.image, "sizes": {"file": args.output.stat().st_size}})
+    else:
+        cli_output.result(f"{args.output}: {digest.hex()[:16]}")
+    return cli_status.OK

@@ -1,0 +1,270 @@
+"""Least privilege for the monitor process, after it has opened what it needs (``--jail``).
+
+Modelled on Firecracker's jailer, for a process that is already running: once the machine is
+assembled (``/dev/kvm``, the VM and its vCPUs, guest RAM, the bundle, disks and overlays, TAP
+devices, sockets are open) and before any vCPU thread exists, ``enter`` makes the process
+
+1. keep no new privileges (``PR_SET_NO_NEW_PRIVS``),
+2. enter new mount, IPC and UTS namespaces, and a new network namespace when it has no TAP
+   device, and ``pivot_root`` into an empty read-only tmpfs: no host file is visible any more,
+3. limit its resources (``RLIMIT_NOFILE`` to the descriptors it holds plus a margin,
+   ``RLIMIT_CORE`` 0, ``RLIMIT_AS`` to its size plus a margin),
+4. drop every group and switch to an unprivileged uid and gid (all threads, via glibc),
+5. load a seccomp filter (libseccomp, all threads) that fails the calls a monitor never needs
+   with EPERM: ``execve``, ``ptrace``, mounts and namespaces, module loading, kexec, bpf and
+   perf, keyrings, reboot, clock setting. Its list is ``DENIED_SYSCALLS``.
+
+Then it checks that it holds (fail closed): the host's ``/etc`` is gone, ``execve`` and
+``ptrace`` are refused. It is a deny list, not Firecracker's measured allow list (which kills
+on any other call), and there is no PID namespace: after ``unshare(CLONE_NEWPID)`` a process can
+no longer create threads, and the monitor creates its vCPU threads afterwards (the monitor never
+forks, and exec is refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import pkgutil
+import pwd
+import resource
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from cffi import FFI
+
+from smolvmm.errors import ConfigError, HypervisorError
+
+_ffi = FFI()
+_ffi.cdef(
+    """
+    int unshare(int flags);
+    int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data);
+    int umount2(const char *target, int flags);
+    long syscall(long number, ...);
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+
+    typedef void *scmp_filter_ctx;
+    scmp_filter_ctx seccomp_init(uint32_t def_action);
+    int seccomp_rule_add(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned int arg_cnt, ...);
+    int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
+    int seccomp_load(scmp_filter_ctx ctx);
+    void seccomp_release(scmp_filter_ctx ctx);
+    int seccomp_syscall_resolve_name(const char *name);
+    """
+)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155  # x86_64
+SYS_PTRACE = 101  # x86_64
+PR_SET_NO_NEW_PRIVS = 38
+PTRACE_ATTACH = 16
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_CTL_TSYNC = 4
+FILE_MARGIN = 256
+ADDRESS_SPACE_MARGIN = 4 << 30
+DEFAULT_USER = "nobody"
+# Where the empty root is built: a private tmpfs mounted over it in the new mount namespace.
+JAIL_MOUNT = "/tmp"
+
+DENIED_SYSCALLS = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_by_handle_at",
+    "name_to_handle_at", "fanotify_init", "quotactl", "swapon", "swapoff", "acct",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
+    "bpf", "perf_event_open", "userfaultfd", "personality", "syslog", "iopl", "ioperm",
+    "keyctl", "add_key", "request_key", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+)
+"""The system calls the jailed monitor may not make (EPERM): none is on its path."""
+
+# Imported before the host's files disappear, since the running monitor imports lazily: these
+# packages whole (but their tests and plugins), and these modules of the standard library.
+PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
+PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "images", "arm64")
+PRELOAD_MODULES = (
+    "json", "traceback", "linecache", "tokenize", "encodings.idna", "concurrent.futures.thread",
+    "asyncio", "selectors", "signal", "tempfile", "shutil",
+)
+
+
+@dataclass(frozen=True)
+class Jail:
+    """How to confine the monitor: the unprivileged uid and gid it runs as, and the host
+    directories it may still write (bind-mounted at the same path, e.g. where snapshots go;
+    they must be writable by that uid)."""
+
+    uid: int
+    gid: int
+    writable: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str | None, writable: tuple[str, ...] = ()) -> Jail:
+        """``NAME``, ``UID`` or ``UID:GID`` (default: the ``nobody`` user, or 65534)."""
+        if not spec:
+            try:
+                entry = pwd.getpwnam(DEFAULT_USER)
+                return cls(entry.pw_uid, entry.pw_gid, writable)
+            except KeyError:
+                return cls(65534, 65534, writable)
+        uid_text, _, gid_text = spec.partition(":")
+        try:
+            if uid_text.isdigit():
+                uid = int(uid_text)
+                gid = int(gid_text) if gid_text else uid
+            else:
+                entry = pwd.getpwnam(uid_text)
+                uid, gid = entry.pw_uid, int(gid_text) if gid_text else entry.pw_gid
+        except (KeyError, ValueError):
+            raise ConfigError(f"--jail-user {spec}: not a user name, UID or UID:GID") from None
+        if uid == 0 or gid == 0:
+            raise ConfigError(f"--jail-user {spec}: the jail drops root; give an unprivileged user")
+        return cls(uid, gid, writable)
+
+
+@cache
+def _libc() -> Any:
+    return _ffi.dlopen(None)
+
+
+@cache
+def _libseccomp() -> Any:
+    try:
+        return _ffi.dlopen("libseccomp.so.2")
+    except OSError as exc:
+        raise HypervisorError(f"--jail needs libseccomp (Debian: libseccomp2): {exc}") from None
+
+
+def _check(result: int, what: str) -> None:
+    if result < 0:
+        err = _ffi.errno
+        raise HypervisorError(f"cannot enter the jail: {what} failed: {os.strerror(err)}")
+
+
+def _check_rc(result: int, what: str) -> None:
+    """libseccomp returns a negative errno."""
+    if result < 0:
+        raise HypervisorError(f"cannot enter the jail: {what} failed: {os.strerror(-result)}")
+
+
+def _long(value: int | bytes) -> Any:
+    """A variadic argument of syscall(): a long, or a string's address."""
+    return _ffi.new("char[]", value) if isinstance(value, bytes) else _ffi.cast("long", value)
+
+
+def _seccomp_filter() -> Any:
+    """A filter allowing everything but ``DENIED_SYSCALLS`` (EPERM), for every thread."""
+    seccomp = _libseccomp()
+    ctx = seccomp.seccomp_init(SCMP_ACT_ALLOW)
+    if ctx == _ffi.NULL:
+        raise HypervisorError("cannot enter the jail: seccomp_init failed")
+    deny = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)
+    for name in DENIED_SYSCALLS:
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:
+            continue  # not a call on this architecture
+        _check_rc(seccomp.seccomp_rule_add(ctx, deny, number, 0), f"denying {name}")
+    _check_rc(seccomp.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1), "seccomp thread sync")
+    return ctx
+
+
+def _preload() -> None:
+    for name in PRELOAD_MODULES:
+        importlib.import_module(name)
+    for package_name in PRELOAD_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.walk_packages(getattr(package, "__path__", []), f"{package_name}."):
+            if set(module.name.split(".")) & set(PRELOAD_SKIP):
+                continue
+            try:
+                importlib.import_module(module.name)
+            except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
+                pass
+    from smolformat.pagescan import native_module
+
+    native_module()  # the snapshot writer's page scanner: a C extension, loaded (built) on first use
+
+
+def _open_fds() -> int:
+    return max(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def enter(jail: Jail, *, network: bool) -> str:
+    """Jail this process (see the module); ``network`` keeps the host's network namespace (a TAP
+    device is in use). Returns one line describing the jail. Must run before any other thread."""
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        raise HypervisorError("cannot enter the jail: the monitor already runs other threads")
+    _preload()
+    libc = _libc()
+    ctx = _seccomp_filter()
+    highest_fd, size = _open_fds(), _vm_size()
+    try:
+        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)), "unshare")
+        _check(libc.mount(b"none", b"/", _ffi.NULL, MS_REC | MS_PRIVATE, _ffi.NULL), "making mounts private")
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        _check(libc.mount(b"jail", JAIL_MOUNT.encode(), b"tmpfs", flags, _ffi.new("char[]", b"size=16k,mode=0755")), "mounting tmpfs")
+        os.mkdir(f"{JAIL_MOUNT}/old", 0o700)
+        _check(libc.syscall(SYS_PIVOT_ROOT, _long(JAIL_MOUNT.encode()), _long(f"{JAIL_MOUNT}/old".encode())), "pivot_root")
+        os.chdir("/")
+        for directory in jail.writable:
+            os.makedirs(directory, exist_ok=True)
+            _check(libc.mount(f"/old{directory}".encode(), directory.encode(), _ffi.NULL, MS_BIND | MS_REC, _ffi.NULL),
+                   f"binding {directory}")
+        _check(libc.umount2(b"/old", MNT_DETACH), "detaching the host's root")
+        os.rmdir("/old")
+        _check(libc.mount(b"none", b"/", _ffi.NULL, MS_REMOUNT | MS_RDONLY | flags, _ffi.NULL), "read-only root")
+        files = highest_fd + FILE_MARGIN
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_AS, (size + ADDRESS_SPACE_MARGIN, size + ADDRESS_SPACE_MARGIN))
+        os.setgroups([])
+        os.setresgid(jail.gid, jail.gid, jail.gid)
+        os.setresuid(jail.uid, jail.uid, jail.uid)
+        _check_rc(_libseccomp().seccomp_load(ctx), "loading the seccomp filter")
+    finally:
+        _libseccomp().seccomp_release(ctx)
+    _prove()
+    if jail.writable:  # temporary files (a snapshot's scratch disks) go where the jail may write
+        tempfile.tempdir = jail.writable[0]
+    return (
+        f"jailed: uid {jail.uid} gid {jail.gid}, read-only root holding {list(jail.writable)},"
+        f" {'host' if network else 'no'} network,"
+        f" seccomp denies {len(DENIED_SYSCALLS)} calls, at most {files} files"
+    )
+
+
+def _prove() -> None:
+    """Fail closed: the jail must hide the host's files and refuse exec and ptrace."""
+    if os.path.exists("/etc") or os.path.exists("/proc/self"):
+        raise HypervisorError("the jail still shows the host's files")
+    try:
+        os.execv("/", ["/"])
+    except OSError as exc:
+        if exc.errno != errno.EPERM:
+            raise HypervisorError(f"the jail lets execve through ({exc.strerror})") from None
+    if _libc().syscall(SYS_PTRACE, *map(_long, (PTRACE_ATTACH, 0x3FFF_FFFF, 0, 0))) != -1 or _ffi.errno != errno.EPERM:
+        raise HypervisorError("the jail lets ptrace through")

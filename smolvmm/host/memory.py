@@ -1,0 +1,153 @@
+"""Guest RAM: host mappings per region, and bounds-checked guest-physical access.
+
+Every address and length here may come from the guest, so each access is checked
+against the regions before any host memory is touched; an access that is out of
+bounds, or that straddles two regions, raises GuestMemoryError.
+
+RAM is either fresh anonymous memory (a cold boot) or a bundle's pages mapped
+copy-on-write (``MAP_PRIVATE``) over an anonymous reservation (a restore): untouched
+pages are read from the bundle file's page cache, shared by every instance, and a
+guest write copies just that page.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from smolvmm.errors import GuestMemoryError
+from smolvmm.host.ffi import declare
+
+PAGE_SIZE = 4096
+
+_ffi = declare(
+    "mmap",
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    """,
+)
+_libc = _ffi.dlopen(None)
+_MAP_FAILED = 2**64 - 1
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+def _map(address: int, length: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    result = int(_ffi.cast("uintptr_t", _libc.mmap(_ffi.cast("void *", address), length, _PROT_RW, flags, fd, offset)))
+    if result == _MAP_FAILED:
+        err = _ffi.errno
+        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return result
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous range of guest-physical memory backed by a host mapping."""
+
+    gpa: int
+    size: int
+    host_address: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """The guest's physical memory as a set of non-overlapping regions; ``close()`` unmaps them."""
+
+    def __init__(self, layout: list[tuple[int, int]]) -> None:
+        """Reserve zeroed anonymous memory for each (gpa, size) pair of ``layout``."""
+        ordered = sorted(layout)
+        for (gpa, size), (next_gpa, _) in zip(ordered, ordered[1:]):
+            if gpa + size > next_gpa:
+                raise ValueError(f"guest memory regions overlap at {next_gpa:#x}")
+        self.regions: list[Region] = []
+        self._views: list[memoryview] = []
+        try:
+            for gpa, size in ordered:
+                if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+                    raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
+                address = _map(0, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                self.regions.append(Region(gpa, size, address))
+                self._views.append(memoryview(_ffi.buffer(_ffi.cast("char *", address), size)))
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
+        """Fresh zeroed memory for each (gpa, size) pair in ``layout``."""
+        return cls(layout)
+
+    def map_file(self, fd: int, extents: Iterable[tuple[int, int, int]]) -> None:
+        """Map (gpa, length, file_offset) extents of ``fd`` copy-on-write over guest RAM."""
+        for gpa, length, offset in extents:
+            if gpa % PAGE_SIZE or length % PAGE_SIZE or offset % PAGE_SIZE:
+                raise GuestMemoryError(f"memory extent {gpa:#x}+{length:#x} is not page aligned")
+            region = self._region(gpa, length)
+            _map(region.host_address + gpa - region.gpa, length, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(r.size for r in self.regions)
+
+    def _region(self, gpa: int, length: int) -> Region:
+        if gpa >= 0 and length >= 0:
+            for region in self.regions:
+                if region.gpa <= gpa and gpa + length <= region.end:
+                    return region
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def region_view(self, index: int) -> memoryview:
+        """The whole of region ``index`` as a writable view."""
+        return self._views[index]
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``length`` bytes at ``gpa``, which must lie inside one region."""
+        for region, view in zip(self.regions, self._views):
+            if region.gpa <= gpa < region.end or (length == 0 and gpa == region.end):
+                offset = gpa - region.gpa
+                if length < 0 or length > region.size - offset:
+                    break
+                return view[offset : offset + length]
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack_from("<H", self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack_from("<I", self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack_from("<Q", self.view(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self.view(gpa, 2), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self.view(gpa, 4), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.view(gpa, 8), 0, value)
+
+    def close(self) -> None:
+        """Unmap every region. Views handed out before must no longer be used."""
+        for view in self._views:
+            view.release()
+        self._views = []
+        for region in self.regions:
+            _libc.munmap(_ffi.cast("void *", region.host_address), region.size)
+        self.regions = []

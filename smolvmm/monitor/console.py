@@ -1,0 +1,161 @@
+"""The guest console as an anyio byte stream, fed by the UART from vCPU threads."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import ByteStream
+
+from smolvmm.host.eventfd import EventFd
+from smolvmm.errors import GuestError, GuestTimeout
+
+MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
+INPUT_BUFFER = 4096
+
+
+class Console(ByteStream):
+    """Bytes the guest writes to its console, and a way to type into it.
+
+    ``receive()`` returns output in arrival order; ``wait_for`` consumes output up to a match.
+    Output nobody reads is kept up to 16 MiB (oldest dropped first).
+    """
+
+    def __init__(self, feed: Callable[[bytes], int]) -> None:
+        self._feed = feed
+        self._lock = threading.Lock()
+        self._buffer = bytearray()
+        self._ready = EventFd()
+        self.input_space = EventFd()
+        self._closed = False
+        self._first_output: Callable[[], None] | None = None
+
+    def on_first_output(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the producing thread) when the next output arrives."""
+        self._first_output = callback
+
+    # Producer side, called from vCPU threads.
+    def write_output(self, data: bytes) -> None:
+        if self._first_output is not None:
+            self._first_output, callback = None, self._first_output
+            callback()
+        with self._lock:
+            was_empty = not self._buffer
+            self._buffer += data
+            if len(self._buffer) > MAX_BUFFERED:
+                del self._buffer[: len(self._buffer) - MAX_BUFFERED]
+        if was_empty:
+            self._ready.signal()
+
+    def end_output(self) -> None:
+        """No more output will come (the machine stopped)."""
+        self._closed = True
+        self._ready.signal()
+
+    def _take(self, max_bytes: int) -> bytes:
+        with self._lock:
+            data = bytes(self._buffer[:max_bytes])
+            del self._buffer[:max_bytes]
+            return data
+
+    def _unread(self, data: bytes) -> None:
+        with self._lock:
+            self._buffer[:0] = data
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            data = self._take(max_bytes)
+            if data:
+                return data
+            if self._closed:
+                raise anyio.EndOfStream
+            await self._ready.wait()
+
+    async def send(self, item: bytes) -> None:
+        """Type ``item`` into the guest console, waiting while its receive FIFO is full."""
+        data = memoryview(item)
+        while data:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            accepted = self._feed(bytes(data))
+            data = data[accepted:]
+            if data:
+                await self.input_space.wait()
+
+    async def wait_for(self, pattern: bytes | str | re.Pattern[bytes], timeout: float | None = None) -> bytes:
+        """Consume output up to and including the first match of ``pattern``; returns those bytes.
+
+        Raises GuestTimeout (a TimeoutError) after ``timeout`` seconds and GuestError if the
+        machine stops first; in both cases the output read so far stays unread.
+        """
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        seen = bytearray()
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    match = regex.search(seen)
+                    if match:
+                        self._unread(bytes(seen[match.end() :]))
+                        return bytes(seen[: match.end()])
+                    try:
+                        seen += await self.receive()
+                    except anyio.EndOfStream:
+                        raise GuestError(f"the machine stopped before its console showed {regex.pattern!r}") from None
+        except TimeoutError:
+            self._unread(bytes(seen))
+            raise GuestTimeout(f"the console did not show {regex.pattern!r} within {timeout:g} s") from None
+        except BaseException:
+            self._unread(bytes(seen))
+            raise
+
+    async def send_eof(self) -> None:
+        """The console has no end-of-input: the guest keeps running."""
+
+    async def aclose(self) -> None:
+        self.end_output()
+
+    def close_fds(self) -> None:
+        self._ready.close()
+        self.input_space.close()
+
+
+class VirtioConsoleInput:
+    """The host side of a virtio console port that is the machine's console (guest ``hvc0``).
+
+    Output from the guest goes to ``console``; input typed with ``console.send`` is queued here
+    (up to 4 KiB) until the device delivers it.
+    """
+
+    def __init__(self) -> None:
+        self.console = Console(self._queue)
+        self._lock = threading.Lock()
+        self._pending = bytearray()
+        self._ready = EventFd()
+
+    def _queue(self, data: bytes) -> int:
+        with self._lock:
+            accepted = data[: INPUT_BUFFER - len(self._pending)]
+            self._pending += accepted
+        if accepted:
+            self._ready.signal()
+        return len(accepted)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            with self._lock:
+                data = bytes(self._pending[:max_bytes])
+                del self._pending[:max_bytes]
+            if data:
+                self.console.input_space.signal()
+                return data
+            await self._ready.wait()
+
+    async def send(self, data: bytes) -> None:
+        self.console.write_output(data)
+
+    def close(self) -> None:
+        self._ready.close()

@@ -1,0 +1,183 @@
+"""User-mode networking: one passt process per network card, no root, no daemon.
+
+passt (Debian package ``passt``) gets one end of a socketpair (``-F``) and speaks the stream
+framing on it; the device's backend holds the other end. That socket is passt's lifeline: when
+the machine closes it, or the monitor dies however it dies (SIGKILL included), the kernel closes
+it and passt exits, so no passt outlives its machine. (PR_SET_PDEATHSIG would not do: passt
+changes its credentials when started as root, which clears it.) ``close`` also stops and reaps it.
+
+The host ports of the forwards are checked (and picked, for port 0) here before passt starts, so
+a port in use is one clear error, not a passt that silently forwards nothing. passt starts while
+the machine restores (``wait_started`` waits for it): frames the guest sends meanwhile wait in
+the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from smolvmm.config import NetConfig, PortForward
+from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
+from smolvmm.devices.virtio.net import MAX_FRAME
+from smolvmm.devices.virtio.stream import StreamBackend
+from smolvmm.devices.virtio.tap import Tap
+from smolvmm.errors import ConfigError
+
+# The guest's side (the demo guest honours it): smolvmm.dhcp=eth0,... on the kernel command line
+# names the user-mode interfaces, and udhcpc applies a lease with this hook.
+DHCP_ARG = "smolvmm.dhcp"
+DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
+RENEW_TIMEOUT = 30.0
+START_TIMEOUT = 30.0
+SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>  # seconds for passt to bind its ports (the nested test machine is slow)
+_NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
+
+
+def dhcp_interfaces(cmdline: str) -> tuple[str, ...]:
+    """The interfaces a guest booted with ``cmdline`` takes a DHCP lease on (from passt)."""
+    for word in cmdline.split():
+        if word.startswith(DHCP_ARG + "="):
+            return tuple(name for name in word.partition("=")[2].split(",") if re.fullmatch(r"eth\d{1,3}", name))
+    return ()
+
+
+def open_backend(net: NetConfig) -> NetBackend:
+    """The host side of network card ``net``: its TAP device, or a passt of its own."""
+    if net.tap is not None:
+        return Tap(net.tap)
+    return PasstBackend(net.forwards)
+
+
+class PasstBackend(StreamBackend):
+    """A stream backend whose peer is a passt started for it, with ``forwards`` bound on the host."""
+
+    mode = "user"
+
+    def __init__(self, forwards: tuple[PortForward, ...]) -> None:
+        binary = shutil.which("passt")
+        if binary is None:
+            raise ConfigError("user networking needs passt, which is not installed: apt-get install passt (Debian package passt)")
+        self.forwards = tuple(_resolve(forward) for forward in forwards)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            _deep_send_buffer(end)
+        self._runtime = Path(tempfile.mkdtemp(prefix="smolvmm-passt-"))
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        try:
+            super().__init__(ours, MAX_FRAME - VNET_HDR_SIZE)
+            self._process = self._spawn(binary, theirs)
+        except BaseException:
+            ours.close()
+            self._cleanup()
+            raise
+        finally:
+            theirs.close()
+
+    def _spawn(self, binary: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
+        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()), "--pid", str(self._pidfile)]
+        for protocol, flag in (("tcp", "-t"), ("udp", "-u")):
+            ports = ",".join(f"{f.host}:{f.guest}" for f in self.forwards if f.protocol == protocol)
+            args += [flag, ports or "none"]
+        if os.geteuid() == 0:
+            # passt leaves root for "nobody" before it writes its pid file: let it write there.
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self._runtime, nobody.pw_uid, nobody.pw_gid)
+        self._log = tempfile.TemporaryFile(dir=self._runtime)
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, pass_fds=(theirs.fileno(),)
+        )
+
+    @property
+    def _pidfile(self) -> Path:
+        return self._runtime / "passt.pid"
+
+    async def wait_started(self) -> None:
+        """Return once passt has bound the forwarded ports and serves (it then writes its pid
+        file); ConfigError with passt's own words if it fails or takes over START_TIMEOUT."""
+        assert self._process is not None and self._log is not None
+        delay = 0.0005
+        with anyio.move_on_after(START_TIMEOUT):
+            while not (self._pidfile.exists() and self._pidfile.stat().st_size):
+                if self._process.poll() is not None:
+                    break
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            else:
+                return
+        _stop(self._process)
+        self._log.seek(0)
+        lines = [line for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        said = next((line for line in reversed(lines) if not line.startswith(_NOISE)), "no message")
+        why = "failed" if self._process.returncode and self._process.returncode > 0 else "did not start in time"
+        raise ConfigError(f"passt {why}: {said.strip()} (user networking needs a host interface with a default route)")
+
+    def close(self) -> None:
+        super().close()
+        if self._process is not None:
+            _stop(self._process)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+def _deep_send_buffer(end: socket.socket) -> None:
+    """Let the socket hold SOCKET_BUFFER bytes of frames (beyond net.core.wmem_max where allowed):
+    the passt in Debian 12 drops the rest of a frame it could send only in part to a slow reader."""
+    try:
+        end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+    except PermissionError:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End passt (it exits by itself once its socket closes) and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _resolve(forward: PortForward) -> PortForward:
+    """``forward`` with a free host port picked for 0, after checking that its host port is free."""
+    kind = socket.SOCK_STREAM if forward.protocol == "tcp" else socket.SOCK_DGRAM
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6 and Path("/proc/net/if_inet6").exists():
+        families.append((socket.AF_INET6, "::"))
+    port = forward.host
+    for family, address in families:
+        with socket.socket(family, kind) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as passt binds
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"host port {port}/{forward.protocol} is in use: forward another (forward=0:{forward.guest} picks a free one)"
+                    ) from None
+                if exc.errno == errno.EACCES:
+                    raise ConfigError(f"host port {port}/{forward.protocol} needs privileges: forward a port above 1023") from None
+                raise ConfigError(f"cannot use host port {port}/{forward.protocol}: {exc.strerror}") from None
+            port = probe.getsockname()[1]
+    return PortForward(port, forward.guest, forward.protocol)

@@ -1,0 +1,175 @@
+"""A virtual machine's host-side parts: KVM objects, guest RAM, buses, devices and vCPUs.
+
+Everything here is synchronous and runs before the guest first runs (``smolvmm.monitor.machine`` runs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from smolvmm.arch.x86_64 import acpi, boot, layout, regs
+from smolvmm.arch.x86_64.image import parse_bzimage
+from smolvmm.monitor.console import Console, VirtioConsoleInput
+from smolvmm.devices.acpi_power import AcpiSleepRegister
+from smolvmm.devices.bus import Bus
+from smolvmm.devices.i8042 import I8042
+from smolvmm.devices.uart import Uart16550, UartState
+from smolvmm.devices.virtio.device import VirtioDevice
+from smolvmm.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
+from smolvmm.errors import HypervisorError, ImageError
+from smolvmm.host.eventfd import EventFd
+from smolvmm.hypervisor import open_hypervisor
+from smolvmm.hypervisor.interface import Capabilities, Vcpu
+from smolvmm.host.memory import GuestMemory
+from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread
+
+
+class VirtualMachine:
+    """One VM on KVM with its legacy devices; ``close()`` releases every fd and mapping."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        vcpus: int,
+        on_exit: Callable[[MachineExit], None],
+        virtio_console: VirtioConsoleInput | None = None,
+        uart_state: UartState | None = None,
+    ) -> None:
+        self._closers: list[Callable[[], None]] = [memory.close]
+        self.memory = memory
+        try:
+            self.hypervisor = open_hypervisor()
+        except BaseException:
+            memory.close()
+            raise
+        self._closers.append(self.hypervisor.close)
+        try:
+            self._setup(vcpus, on_exit, virtio_console, uart_state)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self,
+        vcpus: int,
+        on_exit: Callable[[MachineExit], None],
+        virtio_console: VirtioConsoleInput | None,
+        uart_state: UartState | None,
+    ) -> None:
+        _check_capabilities(self.hypervisor.flavour, self.hypervisor.capabilities)
+        self.vm = self.hypervisor.create_vm()
+        self._closers.append(self.vm.close)
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.map_memory(slot, region.gpa, region.size, region.host_address)
+
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.on_exit = on_exit
+        self.uart_irq = self.irq_eventfd(layout.COM1_IRQ)
+        # The machine's console is the UART, or a virtio console port when the guest uses hvc0;
+        # either way the UART's output (early kernel messages) lands in it.
+        self.console = virtio_console.console if virtio_console else Console(self._feed_console)
+        self._closers.append(self.console.close_fds)
+        self.uart = Uart16550(
+            self.uart_irq.signal, self.console.write_output, self.console.input_space.signal, uart_state or UartState()
+        )
+        self.pio.add(layout.COM1_PORT, 8, self.uart.read, self.uart.write)
+        i8042 = I8042(lambda: on_exit(MachineExit(ExitReason.REBOOT, "i8042 reset")))
+        self.pio.add(layout.I8042_PORT, 5, i8042.read, i8042.write)
+        power = AcpiSleepRegister(lambda: on_exit(MachineExit(ExitReason.POWEROFF, "ACPI S5")))
+        self.pio.add(layout.ACPI_SLEEP_PORT, 1, power.read, power.write)
+
+        self.vcpus: list[Vcpu] = []
+        for index in range(vcpus):
+            vcpu = self.vm.create_vcpu(index)
+            self._closers.append(vcpu.close)
+            self.vcpus.append(vcpu)
+        self.threads: list[VcpuThread] = []
+        self.virtio_slots: list[tuple[int, int, int]] = []  # (mmio base, size, gsi) per virtio device
+        self.transports: list[MmioTransport] = []
+        self.console_roles: list[str] = []  # per virtio console, in slot order: main, socket
+
+    def add_virtio(self, device: VirtioDevice, console_role: str | None = None) -> MmioTransport:
+        """Attach ``device`` behind a virtio-mmio transport in the next free slot (before boot).
+
+        A virtio console says what its host side is: ``main`` (the machine's console) or ``socket``.
+        """
+        try:
+            transport = MmioTransport(device, self.memory)
+        except BaseException:
+            device.close()
+            raise
+        self._closers.append(transport.close)
+        base, gsi = layout.virtio_slot(len(self.transports))
+        self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
+        self.vm.irqfd(transport.irq_fd, gsi)
+        if self.hypervisor.capabilities.ioeventfd:  # else the notify write exits and the transport signals
+            for index, fd in enumerate(transport.notify_fds):
+                self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
+        self.transports.append(transport)
+        self.virtio_slots.append((base, MMIO_SIZE, gsi))
+        if console_role is not None:
+            self.console_roles.append(console_role)
+        return transport
+
+    def _feed_console(self, data: bytes) -> int:
+        return self.uart.feed(data)
+
+    def irq_eventfd(self, gsi: int) -> EventFd:
+        """An eventfd whose every write pulses ``gsi`` (a KVM irqfd)."""
+        eventfd = EventFd()
+        self.vm.irqfd(eventfd.fd, gsi)
+        self._closers.append(eventfd.close)
+        return eventfd
+
+    def setup_boot(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+        """Load a bzImage and put every vCPU in its boot state (BSP at the 64-bit entry)."""
+        try:
+            image = parse_bzimage(kernel.read_bytes())
+            initrd_data = initrd.read_bytes() if initrd else None
+        except OSError as exc:
+            raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        rsdp, tables = acpi.build_tables(len(self.vcpus), self.virtio_slots)
+        self.memory.write(layout.ACPI_TABLES_ADDR, tables)
+        entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
+        regs.write_boot_structures(self.memory)
+        for vcpu in self.vcpus:
+            vcpu.set_boot_state(vcpus=len(self.vcpus), entry=entry, argument=layout.ZERO_PAGE_ADDR)
+
+    def vcpu_threads(
+        self, on_parked: Callable[[], None], on_done: list[Callable[[], None]], paused: bool = False
+    ) -> list[VcpuThread]:
+        """One thread per vCPU, not yet started, each calling its ``on_done`` as it ends; with
+        ``paused`` each parks before it first enters the guest."""
+        self.threads = [
+            VcpuThread(vcpu, self.pio, self.mmio, self.on_exit, on_parked, done, paused)
+            for vcpu, done in zip(self.vcpus, on_done, strict=True)
+        ]
+        return self.threads
+
+    def hold_clock(self) -> None:
+        """While every vCPU is parked: note the guest clock, so ``release_clock`` hides the pause."""
+        self.vm.hold_clock()
+
+    def release_clock(self) -> None:
+        """Before the vCPUs run again: the guest clock carries on from where ``hold_clock`` read it.
+
+        Otherwise a long pause looks to the guest like CPUs that stopped answering (RCU stall and
+        soft-lockup reports), as QEMU avoids the same way."""
+        self.vm.release_clock()
+
+    def close(self) -> None:
+        """Release everything, newest first. vCPU threads must have been stopped."""
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except OSError:
+                pass
+
+
+def _check_capabilities(flavour: str, capabilities: Capabilities) -> None:
+    """Refuse a hypervisor without what the monitor relies on: it has no userspace interrupt
+    controller, and devices raise their interrupts through irqfds."""
+    if not (capabilities.irqchip and capabilities.irqfd):
+        raise HypervisorError(f"{flavour} has no in-kernel interrupt controller with irqfd, which smolvmm needs")

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import anyio
+from common import machine_info, summary
 
 import smolvmm
-from common import machine_info, summary
 
 
 async def restore_to_first_exec(bundle: Path, runs: int) -> dict[str, object]:

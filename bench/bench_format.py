@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common import machine_info
+
 from smolformat import BundleContents, FormatError, make_metadata, open_bundle, samples, write_bundle
 from smolformat.layout import SectionKind
 from smolformat.pages import DEFAULT_CHUNK_SIZE
@@ -94,9 +95,7 @@ VARIANTS = {
 }
 
 
-def measure(
-    layout: list[tuple[int, int]], memory: Sequence[Any], scratch: Path, repeat: int
-) -> tuple[str, list[str]]:
+def measure(layout: list[tuple[int, int]], memory: Sequence[Any], scratch: Path, repeat: int) -> tuple[str, list[str]]:
     """A note on ``memory`` (guest RAM laid out as ``layout``), and Markdown tables: sizes, then timings."""
     contents = _contents(layout, memory)
     ram_size = sum(size for _, size in layout)
@@ -109,15 +108,23 @@ def measure(
     paths = {name: scratch / f"{name}.smolmachine" for name in VARIANTS}
     extents = {}
     non_zero = b"".join(
-        page for view in map(memoryview, memory) for p in range(0, len(view), PAGE) if (page := view[p : p + PAGE]) != zero_page
+        page
+        for view in map(memoryview, memory)
+        for p in range(0, len(view), PAGE)
+        if (page := view[p : p + PAGE]) != zero_page
     )
     floor = [_timed(partial(_write_floor, scratch / "floor.bin", non_zero)) for _ in range(repeat)]
     floor_median = statistics.median(wall for wall, _ in floor)
     label = f"write floor: `write` + `fsync` of the {len(non_zero) / MIB:.1f} MiB of non-zero pages, same directory"
     rows.append(_row(label, *_wall_cpu(floor), "1"))
     digest = [_timed(partial(hashlib.blake2b, non_zero, digest_size=32)) for _ in range(repeat)]
-    rows.append(_row("BLAKE2b-256 of those bytes (the section digest's cost)", *_wall_cpu(digest),
-                     f"{statistics.median(wall for wall, _ in digest) / floor_median:.2f}"))
+    rows.append(
+        _row(
+            "BLAKE2b-256 of those bytes (the section digest's cost)",
+            *_wall_cpu(digest),
+            f"{statistics.median(wall for wall, _ in digest) / floor_median:.2f}",
+        )
+    )
     del non_zero
     for name, (encoding, options, label) in VARIANTS.items():
         write = partial(write_bundle, paths[name], contents, memory_encoding=encoding, **options)
@@ -136,7 +143,7 @@ def measure(
             for _ in range(repeat):
                 guest = GuestMemory.anonymous(layout)
                 views = [guest.region_view(i) for i in range(len(layout))]
-                wall, cpu = _timed(lambda: bundle.read_memory_into(views, threads))
+                wall, cpu = _timed(lambda views=views, threads=threads: bundle.read_memory_into(views, threads))
                 guest.close()
                 walls.append(wall)
                 shares.append(cpu / wall)

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
+from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
 
 import smolvmm
-from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
 
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
 NETNS = "smolbench"
@@ -60,8 +60,11 @@ class Bench:
             self.results[name] = fn(self)
         except Exception as exc:  # noqa: BLE001 - recorded, the other measures still run
             self.results[name]["error"] = f"{type(exc).__name__}: {exc}"
-        print(f"bench: {name} took {time.monotonic() - began:.0f} s: {json.dumps(self.results[name])[:400]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"bench: {name} took {time.monotonic() - began:.0f} s: {json.dumps(self.results[name])[:400]}",
+            file=sys.stderr,
+            flush=True,
+        )
         (self.out / "guest.json").write_text(json.dumps(self.results, indent=1))
 
     def qemu_console(
@@ -75,6 +78,7 @@ class Bench:
 
 
 # --- cold boot ---------------------------------------------------------------------------------
+
 
 def cold_boot(b: Bench) -> dict[str, object]:
     result: dict[str, object] = {}
@@ -93,6 +97,7 @@ def cold_boot(b: Bench) -> dict[str, object]:
 
 
 # --- save --------------------------------------------------------------------------------------
+
 
 def _size(path: Path) -> dict[str, int]:
     st = path.stat()
@@ -244,6 +249,7 @@ def python_startup(b: Bench) -> dict[str, object]:
 
 # --- host memory of restored instances ---------------------------------------------------------
 
+
 def memory(b: Bench) -> dict[str, object]:
     result = b.results["memory"]
     starters: dict[str, Callable[[int], Console]] = {"smolvmm": lambda i: smol_restore(b)}
@@ -268,6 +274,7 @@ def memory(b: Bench) -> dict[str, object]:
 
 
 # --- disk and network throughput ---------------------------------------------------------------
+
 
 def _round_trip(vm: Console, shell: str) -> float:
     """Seconds from typing ``shell`` to its completion marker on the console."""
@@ -328,8 +335,11 @@ def _guest_io(vm: Console, marker: bytes, runs: int, into: dict[str, object]) ->
     reads, writes = [], []
     for _ in range(runs):
         reads.append(_timed_mib_s(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={IO_MIB} iflag=direct", IO_MIB, idle))
-        writes.append(_timed_mib_s(
-            vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={IO_MIB} seek={IO_MIB} oflag=direct", IO_MIB, idle))
+        writes.append(
+            _timed_mib_s(
+                vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={IO_MIB} seek={IO_MIB} oflag=direct", IO_MIB, idle
+            )
+        )
     into["read_mib_s"], into["write_mib_s"] = summary(reads), summary(writes)
     receiver = Receiver(TCP_MIB << 20, runs)
     receiver.start()
@@ -376,9 +386,13 @@ def _host_io(image: Path) -> dict[str, object]:
 def _bench_netns() -> Iterator[None]:
     """A fresh namespace with the TAP device ``tap0`` at HOST_IP: each VMM gets its own, so nothing
     one left behind (neighbour entries, sockets) can change the other's figures."""
-    for args in (["netns", "add", NETNS], ["-n", NETNS, "link", "set", "lo", "up"],
-                 ["-n", NETNS, "tuntap", "add", "dev", "tap0", "mode", "tap"],
-                 ["-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"], ["-n", NETNS, "link", "set", "tap0", "up"]):
+    for args in (
+        ["netns", "add", NETNS],
+        ["-n", NETNS, "link", "set", "lo", "up"],
+        ["-n", NETNS, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+        ["-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"],
+        ["-n", NETNS, "link", "set", "tap0", "up"],
+    ):
         subprocess.run(["ip", *args], check=True)
     try:
         yield
@@ -395,23 +409,57 @@ def io(b: Bench) -> dict[str, object]:
     result["host_file"] = _host_io(image)
     cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
     wrap = ["ip", "netns", "exec", NETNS]
-    with _bench_netns(), Console([*wrap, *SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", "--disk", str(image),
-                                  "--net", "tap=tap0", "--cmdline", cmdline]) as vm, \
-            _console_log(vm, b.out / "io-smolvmm.log"):
+    with (
+        _bench_netns(),
+        Console(
+            [
+                *wrap,
+                *SMOLVMM,
+                "boot",
+                "--cpus",
+                "2",
+                "--mem",
+                "256M",
+                "--disk",
+                str(image),
+                "--net",
+                "tap=tap0",
+                "--cmdline",
+                cmdline,
+            ]
+        ) as vm,
+        _console_log(vm, b.out / "io-smolvmm.log"),
+    ):
         _guest_io(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
     if b.qemu:
         copy = shutil.copyfile(image, b.work / "disk-qemu.img")
-        extra = ["-drive", f"id=d0,file={copy},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
-                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
-        with _bench_netns(), b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm, \
-                _console_log(vm, b.out / "io-qemu.log"):
+        extra = [
+            "-drive",
+            f"id=d0,file={copy},format=raw,if=none",
+            "-device",
+            "virtio-blk-device,drive=d0",
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ]
+        with (
+            _bench_netns(),
+            b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm,
+            _console_log(vm, b.out / "io-qemu.log"),
+        ):
             _guest_io(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
     return result
 
 
 MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
-    "cold_boot": cold_boot, "save": save, "restore": restore, "restore_api": restore_api,
-    "io": io, "memory": memory, "python_startup": python_startup,
+    "cold_boot": cold_boot,
+    "save": save,
+    "restore": restore,
+    "restore_api": restore_api,
+    "io": io,
+    "memory": memory,
+    "python_startup": python_startup,
 }
 
 
@@ -420,7 +468,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for guest.json and the bundle")
     parser.add_argument("--runs", type=int, default=3, help="runs per measure (default 3)")
     parser.add_argument("--instances", type=int, default=10, help="restored instances for the memory measure")
-    parser.add_argument("--only", action="append", choices=sorted(MEASURES), help="run only these (restore and memory need save)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(MEASURES), help="run only these (restore and memory need save)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smolbench-") as work:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import oci_images  # noqa: E402
 from common import machine_info  # noqa: E402
+
 from smolvmm.oci.rootdisk import DEFAULT_HEADROOM, make_ext4, root_disk  # noqa: E402
 from smolvmm.oci.source import open_source  # noqa: E402
 
@@ -38,8 +39,11 @@ def _smolvmm(layout: Path) -> float:
 def _reference(layout: Path) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        subprocess.run(["umoci", "unpack", "--image", f"{layout}:{oci_images.TAG}", f"{scratch}/bundle"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["umoci", "unpack", "--image", f"{layout}:{oci_images.TAG}", f"{scratch}/bundle"],
+            check=True,
+            capture_output=True,
+        )
         make_ext4(Path(scratch) / "bundle" / "rootfs", Path(scratch) / "disk.ext4", DEFAULT_HEADROOM)
         return time.perf_counter() - start
 
@@ -51,8 +55,10 @@ def main() -> None:
     cache = os.environ.get("XDG_CACHE_HOME")
     layout = oci_images.oci_layout()
     rows = []
-    for name, measure in (("smolvmm: verify + apply layers + mke2fs -d", _smolvmm),
-                          ("reference: umoci unpack + mke2fs -d", _reference)):
+    for name, measure in (
+        ("smolvmm: verify + apply layers + mke2fs -d", _smolvmm),
+        ("reference: umoci unpack + mke2fs -d", _reference),
+    ):
         times = [measure(layout) for _ in range(args.repeat)]
         rows.append((name, statistics.median(times), min(times)))
     if cache is not None:

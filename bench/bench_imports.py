@@ -88,8 +88,10 @@ def main() -> int:
         print(f"| {name} | {_cells(values)} | {ratio:.2f} | {len(loaded)} | {loads} |")
     top, _ = last[list(commands)[1]]
     heaviest = sorted(top.items(), key=lambda item: -item[1])[:8]
-    print("\nHeaviest top-level imports of the run path (last run, ms): "
-          + ", ".join(f"{name} {ms:.0f}" for name, ms in heaviest))
+    print(
+        "\nHeaviest top-level imports of the run path (last run, ms): "
+        + ", ".join(f"{name} {ms:.0f}" for name, ms in heaviest)
+    )
     return 0
 
 

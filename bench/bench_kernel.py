@@ -13,8 +13,9 @@ import subprocess
 import threading
 import time
 
-import smolvmm
 from common import machine_info, qemu_path, summary
+
+import smolvmm
 
 TIMEOUT = 300  # seconds a boot may take before the run fails (a TCG guest on a busy host is slow)
 
@@ -23,12 +24,33 @@ def boot_to_ready(qemu: str, guest: smolvmm.GuestImage) -> float:
     """Seconds from QEMU's start to the guest's ready line (microvm with ACPI, 2 vCPUs, 256 MiB, TCG on one
     thread: QEMU 7.2's multi-threaded TCG corrupts guests, BENCHMARKS.md "The nested machine")."""
     argv = [
-        qemu, "-M", "microvm,acpi=on,rtc=off", "-accel", "tcg,thread=single", "-smp", "2", "-m", "256", "-nographic",
-        "-nodefaults", "-no-reboot", "-serial", "stdio", "-device", "virtio-rng-device",
-        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
+        qemu,
+        "-M",
+        "microvm,acpi=on,rtc=off",
+        "-accel",
+        "tcg,thread=single",
+        "-smp",
+        "2",
+        "-m",
+        "256",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "virtio-rng-device",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        guest.cmdline,
     ]
     began = time.perf_counter()
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as qemu_process:
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as qemu_process:
         assert qemu_process.stdout is not None
         watchdog = threading.Timer(TIMEOUT, qemu_process.kill)
         watchdog.start()

@@ -36,13 +36,18 @@ def prepare_only(bundle: Path, runs: int) -> dict[str, object]:
     times = []
     for _ in range(runs):
         began = time.perf_counter()
-        done = subprocess.run([*SMOLVMM, "run", "--prepare-only", "--json", str(bundle)], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [*SMOLVMM, "run", "--prepare-only", "--json", str(bundle)], capture_output=True, text=True, check=True
+        )
         times.append(time.perf_counter() - began)
         report = json.loads(done.stdout.strip().splitlines()[-1])
         for phase, ms in report["phases_ms"].items():
             phases.setdefault(phase, []).append(ms)
-    return {"phases_ms": {phase: summary(values) for phase, values in phases.items()}, "process_s": summary(times),
-            "notes": {k: v for k, v in report.items() if k != "phases_ms"}}
+    return {
+        "phases_ms": {phase: summary(values) for phase, values in phases.items()},
+        "process_s": summary(times),
+        "notes": {k: v for k, v in report.items() if k != "phases_ms"},
+    }
 
 
 def import_profile(argv: Sequence[str], runs: int) -> dict[str, object]:
@@ -53,8 +58,12 @@ def import_profile(argv: Sequence[str], runs: int) -> dict[str, object]:
         totals.append(total)
     heaviest = sorted(top.items(), key=lambda item: -item[1])[:8]
     watched = ["anyio", "trio", "cffi", "construct", "zstandard", "smolvmm.monitor.vm", "smolvmm.hypervisor.kvm"]
-    return {"total_ms": summary(totals), "heaviest_ms": dict(heaviest),
-            "modules": len(loaded), "loads": {name: name in loaded for name in watched}}
+    return {
+        "total_ms": summary(totals),
+        "heaviest_ms": dict(heaviest),
+        "modules": len(loaded),
+        "loads": {name: name in loaded for name in watched},
+    }
 
 
 def pack(bundle: Path) -> dict[str, object]:
@@ -69,7 +78,9 @@ def pack(bundle: Path) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="a raw bundle of the default guest (from bench_guest)")
+    parser.add_argument(
+        "--bundle", type=Path, required=True, help="a raw bundle of the default guest (from bench_guest)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for native.json")
     parser.add_argument("--runs", type=int, default=20, help="prepare-only runs (default 20)")
     args = parser.parse_args()

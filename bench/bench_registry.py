@@ -52,10 +52,40 @@ def _oci_layout(directory: Path, sizes: list[int]) -> int:
         (blobs / digest).write_bytes(data)
         return {"digest": f"sha256:{digest}", "size": len(data)}
 
-    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(gzip.compress(rng.randbytes(size), 1))} for size in sizes]
-    config = {"mediaType": "application/vnd.oci.image.config.v1+json", **put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]}}).encode())}
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": layers}).encode()
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", **put(manifest), "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}
+    layers = [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(gzip.compress(rng.randbytes(size), 1))}
+        for size in sizes
+    ]
+    config = {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        **put(
+            json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+                }
+            ).encode()
+        ),
+    }
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
+            "layers": layers,
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **put(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "bench"},
+            }
+        ],
+    }
     (directory / "index.json").write_text(json.dumps(index))
     (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return sum(layer["size"] for layer in layers)
@@ -100,11 +130,21 @@ def main() -> None:
                 assert out.read_bytes() == bundle.read_bytes()
                 out.unlink()
                 dest = f"docker://{registry.address}/bench/skopeo{run}:v1"
-                results["skopeo push"].append(_timed(subprocess.run, [
-                    "skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:bench", dest], check=True))
+                results["skopeo push"].append(
+                    _timed(
+                        subprocess.run,
+                        ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:bench", dest],
+                        check=True,
+                    )
+                )
                 back = work / f"back{run}"
-                results["skopeo pull"].append(_timed(subprocess.run, [
-                    "skopeo", "copy", "-q", "--src-tls-verify=false", dest, f"oci:{back}:bench"], check=True))
+                results["skopeo pull"].append(
+                    _timed(
+                        subprocess.run,
+                        ["skopeo", "copy", "-q", "--src-tls-verify=false", dest, f"oci:{back}:bench"],
+                        check=True,
+                    )
+                )
                 shutil.rmtree(back)
             second = None
             later = args.second
@@ -120,17 +160,23 @@ def main() -> None:
                 pulled = anyio.run(partial(smolvmm.pull, f"{ref}:two", work / "two.smolmachine", store=store))
                 second = (later.stat().st_size, pushed.transfer.moved, pulled.transfer.moved)
     print(f"machine: {machine_info()}")
-    print(f"bundle: {bundle if args.bundle else f'synthetic {args.synthetic} MiB RAM'}, {size / MIB:.1f} MiB,"
-          f" {len(plan.chunks)} chunks + state; OCI layout for skopeo: {layout_bytes / MIB:.1f} MiB in {len(sizes)} layers\n")
+    print(
+        f"bundle: {bundle if args.bundle else f'synthetic {args.synthetic} MiB RAM'}, {size / MIB:.1f} MiB,"
+        f" {len(plan.chunks)} chunks + state; OCI layout for skopeo: {layout_bytes / MIB:.1f} MiB in {len(sizes)} layers\n"
+    )
     print("| transfer | MiB/s median (min-max) | s median |")
     print("| --- | --- | --- |")
     for name, times in results.items():
         rates = [size / MIB / t for t in times]
-        print(f"| {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | {statistics.median(times):.2f} |")
+        print(
+            f"| {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | {statistics.median(times):.2f} |"
+        )
     if second:
         whole, sent, fetched = second
-        print(f"\nsecond save of the same guest ({whole / MIB:.1f} MiB): push sent {sent / MIB:.2f} MiB"
-              f" ({100 * sent / whole:.1f} %), pull after the first fetched {fetched / MIB:.2f} MiB ({100 * fetched / whole:.1f} %)")
+        print(
+            f"\nsecond save of the same guest ({whole / MIB:.1f} MiB): push sent {sent / MIB:.2f} MiB"
+            f" ({100 * sent / whole:.1f} %), pull after the first fetched {fetched / MIB:.2f} MiB ({100 * fetched / whole:.1f} %)"
+        )
 
 
 if __name__ == "__main__":

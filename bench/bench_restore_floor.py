@@ -112,23 +112,30 @@ def _blobs(path: Path, host_msrs: set[int]) -> dict[str, Any]:
         for state in bundle.vcpus:
             cpuid = [fmt.KvmCpuidEntry2.build(entry) for entry in state.cpuid]
             msrs = [(m.index, m.data) for m in state.msrs if m.index in host_msrs]
-            vcpus.append({
-                "cpuid": bytearray(struct.pack("<II", len(cpuid), 0) + b"".join(cpuid)),
-                "mp_state": struct.pack("<I", state.mp_state.mp_state),
-                "regs": fmt.KvmRegs.build(state.regs),
-                "sregs": fmt.KvmSregs.build(state.sregs),
-                "xsave": bytearray(state.xsave),
-                "xcrs": fmt.KvmXcrs.build(state.xcrs),
-                "debugregs": fmt.KvmDebugregs.build(state.debugregs),
-                "lapic": bytes(state.lapic.regs),
-                "msrs": msrs,
-                "events": fmt.KvmVcpuEvents.build(state.vcpu_events),
-            })
+            vcpus.append(
+                {
+                    "cpuid": bytearray(struct.pack("<II", len(cpuid), 0) + b"".join(cpuid)),
+                    "mp_state": struct.pack("<I", state.mp_state.mp_state),
+                    "regs": fmt.KvmRegs.build(state.regs),
+                    "sregs": fmt.KvmSregs.build(state.sregs),
+                    "xsave": bytearray(state.xsave),
+                    "xcrs": fmt.KvmXcrs.build(state.xcrs),
+                    "debugregs": fmt.KvmDebugregs.build(state.debugregs),
+                    "lapic": bytes(state.lapic.regs),
+                    "msrs": msrs,
+                    "events": fmt.KvmVcpuEvents.build(state.vcpu_events),
+                }
+            )
         vm = bundle.vm_state
-        chips = [fmt.KvmPicState.build(vm.pic_master), fmt.KvmPicState.build(vm.pic_slave), fmt.KvmIoapicState.build(vm.ioapic)]
+        chips = [
+            fmt.KvmPicState.build(vm.pic_master),
+            fmt.KvmPicState.build(vm.pic_slave),
+            fmt.KvmIoapicState.build(vm.ioapic),
+        ]
         devices = [(0, d.gsi, 0) for d in bundle.config.devices if d.kind == "uart16550"]
-        for entry, record in zip((d for d in bundle.config.devices if d.bus == "mmio"),
-                                 (d for d in bundle.devices if d.kind != "uart16550")):
+        for entry, record in zip(
+            (d for d in bundle.config.devices if d.bus == "mmio"), (d for d in bundle.devices if d.kind != "uart16550")
+        ):
             devices.append((entry.base, entry.gsi, len(record.state.transport.queues)))
         return {
             "ram": [(r.gpa, r.size) for r in bundle.config.ram],
@@ -221,18 +228,29 @@ def main() -> int:
 
         bundle = Path(demo_bundle())
     if not bundle.exists():
-        print(f"bench_restore_floor: no bundle at {bundle}; pass --bundle or run `python -m smolvmm demo`", file=sys.stderr)
+        print(
+            f"bench_restore_floor: no bundle at {bundle}; pass --bundle or run `python -m smolvmm demo`",
+            file=sys.stderr,
+        )
         return 1
     smolvmm_ms, floor_ms = [], []
     for _ in range(args.runs):
-        done = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--prepare-only", "--json", str(bundle)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "smolvmm", "run", "--prepare-only", "--json", str(bundle)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         smolvmm_ms.append(json.loads(done.stdout.strip().splitlines()[-1])["phases_ms"]["devices"])  # --json: on stdout
-        done = subprocess.run([sys.executable, __file__, "--floor", str(bundle)], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--floor", str(bundle)], capture_output=True, text=True, check=True
+        )
         floor_ms.append(float(done.stdout))
     machine = machine_info()
-    print(f"`{bundle}`; {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']}"
-          f" after the run; {args.runs} alternating processes each.\n")
+    print(
+        f"`{bundle}`; {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']}"
+        f" after the run; {args.runs} alternating processes each.\n"
+    )
     print("| host-side restore, bundle opened → ready for the first KVM_RUN | ms (min / median / max) | ratio |")
     print("|---|---|---|")
     print(f"| floor: the same ioctls and mappings from a minimal script | {_cells(floor_ms)} | 1 |")

@@ -30,6 +30,7 @@ from pathlib import Path
 from bench_format import _contents, _write_floor
 from bench_restore_floor import CREATE_VM, SET_USER_MEMORY_REGION
 from common import machine_info
+
 from smolformat import open_bundle, samples, write_bundle
 from smolvmm.config import parse_size
 from smolvmm.host.memory import GuestMemory
@@ -71,7 +72,9 @@ def _restore(path: Path, kvm: int) -> float:
         ram.map_file(bundle.fileno(), bundle.memory_extents())
         vm = fcntl.ioctl(kvm, CREATE_VM, 0)
         for slot, region in enumerate(ram.regions):
-            fcntl.ioctl(vm, SET_USER_MEMORY_REGION, struct.pack("<IIQQQ", slot, 0, region.gpa, region.size, region.host_address))
+            fcntl.ioctl(
+                vm, SET_USER_MEMORY_REGION, struct.pack("<IIQQQ", slot, 0, region.gpa, region.size, region.host_address)
+            )
         seconds = time.perf_counter() - began
     os.close(vm)
     ram.close()
@@ -136,21 +139,37 @@ def main() -> int:
             floor.append(statistics.median(floors))
             restore.append(statistics.median(restores))
             label = f"{size // MIB} MiB" if size < 1 << 30 else f"{size >> 30} GiB"
-            rows.append(f"| {label} | {non_zero / MIB:.0f} | {save[-1] * 1e3:.0f} | {statistics.median(cpus) * 1e3:.0f} |"
-                        f" {floor[-1] * 1e3:.0f} | {save[-1] / floor[-1]:.2f} | {restore[-1] * 1e3:.1f} |")
+            rows.append(
+                f"| {label} | {non_zero / MIB:.0f} | {save[-1] * 1e3:.0f} | {statistics.median(cpus) * 1e3:.0f} |"
+                f" {floor[-1] * 1e3:.0f} | {save[-1] / floor[-1]:.2f} | {restore[-1] * 1e3:.1f} |"
+            )
             path.unlink()
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [
-        _plot(args.out, sizes, {"save (write_bundle, raw)": save, "write floor (write + fsync)": floor},
-              "save_scaling.png", "Save: time against guest RAM"),
-        _plot(args.out, sizes, {"restore, RAM-dependent host side": restore}, "restore_scaling.png",
-              "Host-side restore: time against guest RAM"),
+        _plot(
+            args.out,
+            sizes,
+            {"save (write_bundle, raw)": save, "write floor (write + fsync)": floor},
+            "save_scaling.png",
+            "Save: time against guest RAM",
+        ),
+        _plot(
+            args.out,
+            sizes,
+            {"restore, RAM-dependent host side": restore},
+            "restore_scaling.png",
+            "Host-side restore: time against guest RAM",
+        ),
     ]
     machine = machine_info()
-    print(f"{machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']} after the"
-          f" run; median of {args.repeat}.\n")
-    print("| guest RAM | non-zero MiB | save ms | save CPU ms | write floor ms | save / floor |"
-          " restore ms (open, map, memslot) |")
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}; load {machine['load']} after the"
+        f" run; median of {args.repeat}.\n"
+    )
+    print(
+        "| guest RAM | non-zero MiB | save ms | save CPU ms | write floor ms | save / floor |"
+        " restore ms (open, map, memslot) |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nPlots: " + ", ".join(str(p) for p in plots))

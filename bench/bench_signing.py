@@ -23,7 +23,9 @@ SMOLVMM = [sys.executable, "-m", "smolvmm"]
 def restore_phases(bundle: Path, extra: list[str]) -> tuple[dict[str, float], float]:
     """One ``run --prepare-only`` process: its phases (ms) and its wall time (s)."""
     began = time.perf_counter()
-    done = subprocess.run([*SMOLVMM, "run", "--prepare-only", *extra, str(bundle)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [*SMOLVMM, "run", "--prepare-only", *extra, str(bundle)], capture_output=True, text=True, check=True
+    )
     wall = time.perf_counter() - began
     return json.loads(done.stderr.strip().splitlines()[-1])["phases_ms"], wall
 

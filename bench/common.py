@@ -58,8 +58,12 @@ class Console:
         self.argv = list(argv)
         self.start = time.perf_counter()
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, env=env,
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=env,
         )
         self.out = bytearray()
         self.err = bytearray()
@@ -97,7 +101,9 @@ class Console:
                     arrived = next(t for offset, t in self._arrivals if offset >= end)
                     return arrived - self.start
                 if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers[:1]):
-                    raise RuntimeError(f"{self.argv[0]} exited ({self.proc.returncode}) before {pattern!r}: {self.tail()}")
+                    raise RuntimeError(
+                        f"{self.argv[0]} exited ({self.proc.returncode}) before {pattern!r}: {self.tail()}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no {pattern!r} from {self.argv[0]} within {timeout:g} s: {self.tail()}")
@@ -177,11 +183,33 @@ class Monitor:
         self.sock.close()
 
 
-def qemu_argv(qemu: str, kernel: Path, initrd: Path, cmdline: str, monitor: Path, extra: Sequence[str] = ()) -> list[str]:
+def qemu_argv(
+    qemu: str, kernel: Path, initrd: Path, cmdline: str, monitor: Path, extra: Sequence[str] = ()
+) -> list[str]:
     """QEMU microvm (ACPI on, its default) with the same guest, 2 vCPUs, 256 MiB, serial on stdio."""
     return [
-        qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", "2",
-        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-        "-monitor", f"unix:{monitor},server=on,wait=off",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline, *extra,
+        qemu,
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256M",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-monitor",
+        f"unix:{monitor},server=on,wait=off",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+        *extra,
     ]

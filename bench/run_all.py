@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import smolvmm
 from common import qemu_path
+
+import smolvmm
 from smolvmm.host.kvmprobe import probe
 
 BENCH = Path(__file__).resolve().parent
@@ -25,8 +26,16 @@ ROOT = BENCH.parent
 
 def run_guest_part(out: Path, runs: int, instances: int) -> None:
     host = probe()
-    command = [sys.executable, str(BENCH / "bench_guest.py"), "--out", str(out), "--runs", str(runs),
-               "--instances", str(instances)]
+    command = [
+        sys.executable,
+        str(BENCH / "bench_guest.py"),
+        "--out",
+        str(out),
+        "--runs",
+        str(runs),
+        "--instances",
+        str(instances),
+    ]
     if host.kind == "none":
         print(f"bench: no usable /dev/kvm ({host.explanation}); skipping the guest benchmarks", file=sys.stderr)
         return
@@ -45,12 +54,25 @@ def run_native_part(out: Path, runs: int) -> None:
     if not bundle.exists():
         print("bench: no bundle from the guest benchmarks; skipping the native ones", file=sys.stderr)
         return
-    subprocess.run([sys.executable, str(BENCH / "bench_native.py"), "--bundle", str(bundle), "--out", str(out),
-                    "--runs", str(runs)], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_native.py"),
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--runs",
+            str(runs),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     for name, argv in MARKDOWN_BENCHES.items():  # each prints its own tables, with the reference of the same run
         argv = [str(bundle) if arg == "BUNDLE" else str(out / "plots") if arg == "PLOTS" else arg for arg in argv]
-        done = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=ROOT, check=True,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=ROOT, check=True, capture_output=True, text=True
+        )
         (out / f"{name}.md").write_text(done.stdout)
 
 
@@ -71,6 +93,7 @@ MARKDOWN_BENCHES = {
 
 
 # --- rendering ---------------------------------------------------------------------------------
+
 
 def rng(s: dict | None, scale: float = 1.0, digits: int = 2) -> str:
     """min / median / max of a summary."""
@@ -98,106 +121,217 @@ def error_of(section: dict) -> str:
 
 
 def render_guest(g: dict) -> list[str]:
-    parts = [f"Guest measures: {machine_line(g['machine'])}; {g.get('qemu_version', 'QEMU absent')}; "
-             f"{g['runs']} runs each, min / median / max; ratio = smolvmm median / QEMU median."]
+    parts = [
+        f"Guest measures: {machine_line(g['machine'])}; {g.get('qemu_version', 'QEMU absent')}; "
+        f"{g['runs']} runs each, min / median / max; ratio = smolvmm median / QEMU median."
+    ]
     boot = g.get("cold_boot", {})
-    parts.append("### Cold boot to the ready line (s, process start → `smolvmm: guest ready` on the console)\n\n" + table(
-        ["VMM", "seconds", "ratio to QEMU"],
-        [["smolvmm `boot --cpus 2 --mem 256M`", rng(boot.get("smolvmm_s")), ratio(boot.get("smolvmm_s"), boot.get("qemu_s"))],
-         ["QEMU microvm (ACPI on) `-enable-kvm -cpu host -m 256M -smp 2`", rng(boot.get("qemu_s")), "1"]])
-        + error_of(boot))
+    parts.append(
+        "### Cold boot to the ready line (s, process start → `smolvmm: guest ready` on the console)\n\n"
+        + table(
+            ["VMM", "seconds", "ratio to QEMU"],
+            [
+                [
+                    "smolvmm `boot --cpus 2 --mem 256M`",
+                    rng(boot.get("smolvmm_s")),
+                    ratio(boot.get("smolvmm_s"), boot.get("qemu_s")),
+                ],
+                ["QEMU microvm (ACPI on) `-enable-kvm -cpu host -m 256M -smp 2`", rng(boot.get("qemu_s")), "1"],
+            ],
+        )
+        + error_of(boot)
+    )
     save = g.get("save", {})
     mib = 1 / (1 << 20)
-    parts.append("### Save a running guest to a file\n\n" + table(
-        ["VMM", "seconds", "file MiB", "time ratio", "size ratio"],
-        [["smolvmm `Machine.snapshot` (raw)", rng(save.get("smolvmm_s")),
-          f"{save['smolvmm_file']['bytes'] * mib:.1f}" if "smolvmm_file" in save else "n/a",
-          ratio(save.get("smolvmm_s"), save.get("qemu_s")),
-          f"{save['smolvmm_file']['bytes'] / save['qemu_file']['bytes']:.2f}" if "qemu_file" in save else "n/a"],
-         ["QEMU HMP `stop` + `migrate \"exec:cat > FILE\"` (max-bandwidth lifted)", rng(save.get("qemu_s")),
-          f"{save['qemu_file']['bytes'] * mib:.1f}" if "qemu_file" in save else "n/a", "1", "1"]])
-        + error_of(save))
+    parts.append(
+        "### Save a running guest to a file\n\n"
+        + table(
+            ["VMM", "seconds", "file MiB", "time ratio", "size ratio"],
+            [
+                [
+                    "smolvmm `Machine.snapshot` (raw)",
+                    rng(save.get("smolvmm_s")),
+                    f"{save['smolvmm_file']['bytes'] * mib:.1f}" if "smolvmm_file" in save else "n/a",
+                    ratio(save.get("smolvmm_s"), save.get("qemu_s")),
+                    f"{save['smolvmm_file']['bytes'] / save['qemu_file']['bytes']:.2f}"
+                    if "qemu_file" in save
+                    else "n/a",
+                ],
+                [
+                    'QEMU HMP `stop` + `migrate "exec:cat > FILE"` (max-bandwidth lifted)',
+                    rng(save.get("qemu_s")),
+                    f"{save['qemu_file']['bytes'] * mib:.1f}" if "qemu_file" in save else "n/a",
+                    "1",
+                    "1",
+                ],
+            ],
+        )
+        + error_of(save)
+    )
     if save.get("smolvmm_phases_ms"):
-        parts.append("Where smolvmm's save goes (ms per phase, min / median / max):\n\n" + table(
-            ["phase", "ms"], [[f"`{name}`", rng(value, digits=1)] for name, value in save["smolvmm_phases_ms"].items()]))
+        parts.append(
+            "Where smolvmm's save goes (ms per phase, min / median / max):\n\n"
+            + table(
+                ["phase", "ms"],
+                [[f"`{name}`", rng(value, digits=1)] for name, value in save["smolvmm_phases_ms"].items()],
+            )
+        )
     rest, api = g.get("restore", {}), g.get("restore_api", {})
-    parts.append("### Restore until the guest answers `echo` (s, process start → the answer)\n\n" + table(
-        ["VMM", "seconds", "ratio to QEMU"],
-        [["smolvmm `python -m smolvmm run BUNDLE` (new process)", rng(rest.get("smolvmm_s")),
-          ratio(rest.get("smolvmm_s"), rest.get("qemu_s"))],
-         ["smolvmm `Machine.restore` in a warm process (library; no interpreter start)", rng(api.get("smolvmm_s")),
-          ratio(api.get("smolvmm_s"), rest.get("qemu_s"))],
-         ["QEMU `-incoming \"exec:cat FILE\"`, HMP `cont`, then `echo`", rng(rest.get("qemu_s")), "1"],
-         ["(QEMU: of which spawn → `cont` acknowledged)", rng(rest.get("qemu_cont_s")), ""]])
-        + error_of(rest) + error_of(api))
+    parts.append(
+        "### Restore until the guest answers `echo` (s, process start → the answer)\n\n"
+        + table(
+            ["VMM", "seconds", "ratio to QEMU"],
+            [
+                [
+                    "smolvmm `python -m smolvmm run BUNDLE` (new process)",
+                    rng(rest.get("smolvmm_s")),
+                    ratio(rest.get("smolvmm_s"), rest.get("qemu_s")),
+                ],
+                [
+                    "smolvmm `Machine.restore` in a warm process (library; no interpreter start)",
+                    rng(api.get("smolvmm_s")),
+                    ratio(api.get("smolvmm_s"), rest.get("qemu_s")),
+                ],
+                ['QEMU `-incoming "exec:cat FILE"`, HMP `cont`, then `echo`', rng(rest.get("qemu_s")), "1"],
+                ["(QEMU: of which spawn → `cont` acknowledged)", rng(rest.get("qemu_cont_s")), ""],
+            ],
+        )
+        + error_of(rest)
+        + error_of(api)
+    )
     timings = rest.get("smolvmm_timings") or []
     if timings:
         names = list(timings[0]["phases_ms"])
-        cells = [rng({"min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v)}, digits=0)
-                 for v in ([t["phases_ms"].get(n, 0) for t in timings] for n in names)]
-        parts.append("smolvmm restore phases in the same runs (`run --timings`, ms since the restore began, "
-                     "min / median / max):\n\n" + table(names, [cells]))
+        cells = [
+            rng({"min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v)}, digits=0)
+            for v in ([t["phases_ms"].get(n, 0) for t in timings] for n in names)
+        ]
+        parts.append(
+            "smolvmm restore phases in the same runs (`run --timings`, ms since the restore began, "
+            "min / median / max):\n\n" + table(names, [cells])
+        )
     py = g.get("python_startup", {})
     if "python_c_pass_s" in py:
-        parts.append("Process start-up in the same machine (s):\n\n" + table(
-            ["`python -c pass`", "`python -m smolvmm --help`", "`python -m smolvmm run --prepare-only BUNDLE`"],
-            [[rng(py["python_c_pass_s"]), rng(py["smolvmm_help_s"]), rng(py["prepare_only_s"])]]))
+        parts.append(
+            "Process start-up in the same machine (s):\n\n"
+            + table(
+                ["`python -c pass`", "`python -m smolvmm --help`", "`python -m smolvmm run --prepare-only BUNDLE`"],
+                [[rng(py["python_c_pass_s"]), rng(py["smolvmm_help_s"]), rng(py["prepare_only_s"])]],
+            )
+        )
     mem = g.get("memory", {})
     per = [k for k in mem if k.endswith("_pss_mib")]
     counts = sorted({int(k.split("_")[1]) for k in per})
     rows = []
     for name in ("smolvmm", "qemu"):
-        rows.append([name] + [f"{mem[f'{name}_{n}_pss_mib']:.1f}" if f"{name}_{n}_pss_mib" in mem else "n/a" for n in counts]
-                    + [("1" if name == "qemu" else f"{mem[f'smolvmm_{n}_pss_mib'] / mem[f'qemu_{n}_pss_mib']:.2f}")
-                       if f"qemu_{n}_pss_mib" in mem and f"smolvmm_{n}_pss_mib" in mem else "n/a" for n in counts])
-    parts.append("### Host memory of restored instances (sum of PSS, MiB, after each answered `echo`)\n\n" + table(
-        ["VMM", *(f"{n} instance(s)" for n in counts), *(f"ratio at {n}" for n in counts)], rows) + error_of(mem))
+        rows.append(
+            [name]
+            + [f"{mem[f'{name}_{n}_pss_mib']:.1f}" if f"{name}_{n}_pss_mib" in mem else "n/a" for n in counts]
+            + [
+                ("1" if name == "qemu" else f"{mem[f'smolvmm_{n}_pss_mib'] / mem[f'qemu_{n}_pss_mib']:.2f}")
+                if f"qemu_{n}_pss_mib" in mem and f"smolvmm_{n}_pss_mib" in mem
+                else "n/a"
+                for n in counts
+            ]
+        )
+    parts.append(
+        "### Host memory of restored instances (sum of PSS, MiB, after each answered `echo`)\n\n"
+        + table(["VMM", *(f"{n} instance(s)" for n in counts), *(f"ratio at {n}" for n in counts)], rows)
+        + error_of(mem)
+    )
     io = g.get("io", {})
     rows = []
     for name in ("smolvmm", "qemu"):
         s = io.get(name, {})
-        rows.append([name, rng(s.get("read_mib_s"), digits=0), rng(s.get("write_mib_s"), digits=0),
-                     rng(s.get("tcp_mib_s"), digits=1)])
+        rows.append(
+            [
+                name,
+                rng(s.get("read_mib_s"), digits=0),
+                rng(s.get("write_mib_s"), digits=0),
+                rng(s.get("tcp_mib_s"), digits=1),
+            ]
+        )
     q, s = io.get("qemu", {}), io.get("smolvmm", {})
-    rows.append(["ratio smolvmm / QEMU", ratio(s.get("read_mib_s"), q.get("read_mib_s")),
-                 ratio(s.get("write_mib_s"), q.get("write_mib_s")), ratio(s.get("tcp_mib_s"), q.get("tcp_mib_s"))])
+    rows.append(
+        [
+            "ratio smolvmm / QEMU",
+            ratio(s.get("read_mib_s"), q.get("read_mib_s")),
+            ratio(s.get("write_mib_s"), q.get("write_mib_s")),
+            ratio(s.get("tcp_mib_s"), q.get("tcp_mib_s")),
+        ]
+    )
     host = io.get("host_file", {})
-    rows.append(["host, same file (page cache on tmpfs)", rng(host.get("read_mib_s"), digits=0),
-                 rng(host.get("write_mib_s"), digits=0), ""])
-    parts.append("### Guest I/O (MiB/s, 1 MiB blocks, 64 MiB)\n\n" + table(
-        ["", "virtio-blk read `dd iflag=direct`", "virtio-blk write `dd oflag=direct`", "TCP guest → host over TAP"],
-        rows) + error_of(io))
+    rows.append(
+        [
+            "host, same file (page cache on tmpfs)",
+            rng(host.get("read_mib_s"), digits=0),
+            rng(host.get("write_mib_s"), digits=0),
+            "",
+        ]
+    )
+    parts.append(
+        "### Guest I/O (MiB/s, 1 MiB blocks, 64 MiB)\n\n"
+        + table(
+            [
+                "",
+                "virtio-blk read `dd iflag=direct`",
+                "virtio-blk write `dd oflag=direct`",
+                "TCP guest → host over TAP",
+            ],
+            rows,
+        )
+        + error_of(io)
+    )
     return parts
 
 
 def render_native(n: dict) -> list[str]:
     prep = n["prepare_only"]
     parts = [f"Native measures: {machine_line(n['machine'])}."]
-    parts.append(f"### Host-side restore (`run --prepare-only`, {prep['process_s']['n']} processes; ms since the restore "
-                 "began, min / median / max)\n\n" + table(
-                     ["phase", "ms"], [[k, rng(v, digits=1)] for k, v in prep["phases_ms"].items()]
-                     + [["whole process (s)", rng(prep["process_s"], digits=3)]]))
+    parts.append(
+        f"### Host-side restore (`run --prepare-only`, {prep['process_s']['n']} processes; ms since the restore "
+        "began, min / median / max)\n\n"
+        + table(
+            ["phase", "ms"],
+            [[k, rng(v, digits=1)] for k, v in prep["phases_ms"].items()]
+            + [["whole process (s)", rng(prep["process_s"], digits=3)]],
+        )
+    )
     rows = []
-    for key, label in (("import_help", "`python -X importtime -m smolvmm --help`"),
-                       ("import_run", "`python -X importtime -m smolvmm run --prepare-only BUNDLE`")):
+    for key, label in (
+        ("import_help", "`python -X importtime -m smolvmm --help`"),
+        ("import_run", "`python -X importtime -m smolvmm run --prepare-only BUNDLE`"),
+    ):
         imp = n[key]
         loads = ", ".join(name for name, loaded in imp["loads"].items() if loaded) or "none of them"
         heavy = ", ".join(f"{name} {ms:.0f}" for name, ms in list(imp["heaviest_ms"].items())[:5])
         rows.append([label, rng(imp["total_ms"], digits=1), str(imp["modules"]), loads, heavy])
-    parts.append("### Import time (ms, sum of top-level cumulative import times, 5 runs)\n\n" + table(
-        ["command", "import ms", "modules", "loads (of anyio, trio, cffi, construct, zstandard, smolvmm.monitor.vm, smolvmm.hypervisor.kvm)",
-         "heaviest top-level (ms)"], rows)
+    parts.append(
+        "### Import time (ms, sum of top-level cumulative import times, 5 runs)\n\n"
+        + table(
+            [
+                "command",
+                "import ms",
+                "modules",
+                "loads (of anyio, trio, cffi, construct, zstandard, smolvmm.monitor.vm, smolvmm.hypervisor.kvm)",
+                "heaviest top-level (ms)",
+            ],
+            rows,
+        )
         + f"\n\nWall time of the process: `python -c pass` {rng(n['python_c_pass_s'], 1000, 1)} ms; "
-        f"`python -m smolvmm --help` {rng(n['help_s'], 1000, 1)} ms.")
+        f"`python -m smolvmm --help` {rng(n['help_s'], 1000, 1)} ms."
+    )
     pack = n["pack"]
-    parts.append(f"A real bundle (the restored one above): raw {pack['raw_bytes'] / (1 << 20):.1f} MiB, "
-                 f"`pack --zstd` {pack['zstd_bytes'] / (1 << 20):.1f} MiB "
-                 f"({pack['raw_bytes'] / pack['zstd_bytes']:.2f}× smaller) in {pack['pack_s']:.2f} s.")
+    parts.append(
+        f"A real bundle (the restored one above): raw {pack['raw_bytes'] / (1 << 20):.1f} MiB, "
+        f"`pack --zstd` {pack['zstd_bytes'] / (1 << 20):.1f} MiB "
+        f"({pack['raw_bytes'] / pack['zstd_bytes']:.2f}× smaller) in {pack['pack_s']:.2f} s."
+    )
     return parts
 
 
 def render(out: Path) -> str:
-    parts = [f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python bench/run_all.py`."]
+    parts = [f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python bench/run_all.py`."]
     if (out / "guest.json").exists():
         parts += render_guest(json.loads((out / "guest.json").read_text()))
     if (out / "native.json").exists():
@@ -214,8 +348,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per guest measure (default 5)")
     parser.add_argument("--instances", type=int, default=10, help="restored instances for memory (default 10)")
     parser.add_argument("--native-runs", type=int, default=20, help="prepare-only runs (default 20)")
-    parser.add_argument("--reuse-guest", action="store_true",
-                        help="keep --out's guest.json and bundle from an earlier run; redo only the native part")
+    parser.add_argument(
+        "--reuse-guest",
+        action="store_true",
+        help="keep --out's guest.json and bundle from an earlier run; redo only the native part",
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,9 @@ async def run_in_clone(bundle: str, index: int, results: dict[int, str]) -> None
     async with smolvmm.Machine.restore(bundle, env={"N": str(index)}) as machine:
         result = await machine.exec(command, timeout=120)
     if result.exit_code != 0:
-        raise smolvmm.GuestError(f"clone {index}: exit status {result.exit_code}: {result.stderr.decode(errors='replace')}")
+        raise smolvmm.GuestError(
+            f"clone {index}: exit status {result.exit_code}: {result.stderr.decode(errors='replace')}"
+        )
     results[index] = result.stdout.decode(errors="replace").strip()
 
 

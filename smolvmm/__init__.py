@@ -66,12 +66,69 @@ _EXPORTS = {
     "ProgressBar": "smolvmm.progress",
     "CacheEntry": "smolvmm.images.cache",
     "cache_entries": "smolvmm.images.cache",
-    "cache_root": "smolvmm.images.cache",
+    "cache_root": "smolvmm.host.cache",
     "prune_cache": "smolvmm.images.cache",
     "report_progress": "smolvmm.progress",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AgentError",
+    "AgentTooOld",
+    "BuiltKernel",
+    "BundleError",
+    "CacheEntry",
+    "ConfigError",
+    "Console",
+    "DiskConfig",
+    "ExecResult",
+    "ExitReason",
+    "GuestError",
+    "GuestFileError",
+    "GuestFiles",
+    "GuestImage",
+    "GuestMemoryError",
+    "GuestTimeout",
+    "HostKvm",
+    "HypervisorError",
+    "ImageConfig",
+    "ImageError",
+    "ImageRecipe",
+    "Jail",
+    "MINIMAL_KERNEL",
+    "Machine",
+    "MachineConfig",
+    "MachineExit",
+    "NetConfig",
+    "OutputLimitError",
+    "PortForward",
+    "Process",
+    "ProgressBar",
+    "PullResult",
+    "PushResult",
+    "ReadyCondition",
+    "Reference",
+    "RegistryError",
+    "SmolvmmError",
+    "Transfer",
+    "build_image",
+    "bundle_image_config",
+    "cache_entries",
+    "cache_root",
+    "default_guest",
+    "generate_signing_key",
+    "image_process",
+    "load_smolfile",
+    "minimal_guest",
+    "minimal_kernel",
+    "parse_size",
+    "probe_host",
+    "prune_cache",
+    "pull",
+    "push",
+    "report_progress",
+    "sign_bundle",
+    "verify_signed_bundle",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -85,10 +142,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from smolvmm.agent.files import GuestFiles
+    from smolvmm.agent.process import ExecResult, Process
     from smolvmm.config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
-    from smolvmm.monitor.console import Console
-    from smolvmm.host.kvmprobe import HostKvm
-    from smolvmm.host.kvmprobe import probe as probe_host
     from smolvmm.errors import (
         AgentError,
         AgentTooOld,
@@ -104,20 +160,21 @@ if TYPE_CHECKING:
         RegistryError,
         SmolvmmError,
     )
-    from smolvmm.agent.process import ExecResult, Process
-    from smolvmm.agent.files import GuestFiles
-    from smolvmm.oci.build import ImageRecipe, ReadyCondition, build_image
-    from smolvmm.oci.run import image_process
-    from smolvmm.images.cache import CacheEntry, cache_entries, prune_cache
     from smolvmm.host.cache import cache_root
-    from smolvmm.images.guest import GuestImage, default_guest, minimal_guest
     from smolvmm.host.jail import Jail
+    from smolvmm.host.kvmprobe import HostKvm
+    from smolvmm.host.kvmprobe import probe as probe_host
+    from smolvmm.images.cache import CacheEntry, cache_entries, prune_cache
+    from smolvmm.images.guest import GuestImage, default_guest, minimal_guest
     from smolvmm.kernel.build import BuiltKernel, minimal_kernel
+    from smolvmm.monitor.console import Console
     from smolvmm.monitor.machine import Machine
+    from smolvmm.monitor.signing import generate_signing_key, sign_bundle, verify_signed_bundle
+    from smolvmm.monitor.vcpu import ExitReason, MachineExit
+    from smolvmm.oci.build import ImageRecipe, ReadyCondition, build_image
     from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
+    from smolvmm.oci.run import image_process
+    from smolvmm.oci.smolfile import load_smolfile
     from smolvmm.progress import ProgressBar, report_progress
     from smolvmm.registry.reference import Reference
     from smolvmm.registry.transfer import PullResult, PushResult, Transfer, pull, push
-    from smolvmm.monitor.signing import generate_signing_key, sign_bundle, verify_signed_bundle
-    from smolvmm.oci.smolfile import load_smolfile
-    from smolvmm.monitor.vcpu import ExitReason, MachineExit

@@ -143,7 +143,9 @@ class PortForward:
         """``HOST:GUEST[/udp]`` (or ``/tcp``, the default)."""
         match = re.fullmatch(r"(\d{1,5}):(\d{1,5})(?:/(tcp|udp))?", spec.strip())
         if not match:
-            raise ConfigError(f"invalid port forward {spec!r}: use HOST:GUEST or HOST:GUEST/udp, e.g. 8080:80 (HOST 0 picks a free port)")
+            raise ConfigError(
+                f"invalid port forward {spec!r}: use HOST:GUEST or HOST:GUEST/udp, e.g. 8080:80 (HOST 0 picks a free port)"
+            )
         protocol: Literal["tcp", "udp"] = "udp" if match.group(3) == "udp" else "tcp"
         return cls(int(match.group(1)), int(match.group(2)), protocol)
 
@@ -216,7 +218,9 @@ class NetConfig:
         _, options = _options("net," + spec, "network")
         unknown = set(options) - {"tap", "mac"}
         if unknown or not options.get("tap"):
-            raise ConfigError(f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]..., tap=NAME[,mac=MAC] or none")
+            raise ConfigError(
+                f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]..., tap=NAME[,mac=MAC] or none"
+            )
         return cls(options["tap"], parse_mac(options["mac"]) if "mac" in options else None)
 
     @classmethod
@@ -287,14 +291,18 @@ class MachineConfig:
             raise _invalid("MachineConfig.console", "'serial' (ttyS0) or 'virtio' (hvc0)", self.console)
         if self.console_socket is not None and len(os.fsencode(self.console_socket)) >= SUN_PATH_SIZE:
             raise _invalid(
-                "MachineConfig.console_socket", f"a path under {SUN_PATH_SIZE} bytes (AF_UNIX)", str(self.console_socket)
+                "MachineConfig.console_socket",
+                f"a path under {SUN_PATH_SIZE} bytes (AF_UNIX)",
+                str(self.console_socket),
             )
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("MachineConfig.initrd needs MachineConfig.kernel (the default guest brings its own)")
         if self.initrd is not None and self.kernel == MINIMAL_KERNEL:
             raise ConfigError("MachineConfig.initrd does not go with kernel='minimal' (it brings its own initramfs)")
-        files = [("MachineConfig.kernel", self.kernel if self.kernel != MINIMAL_KERNEL else None),
-                 ("MachineConfig.initrd", self.initrd)]
+        files = [
+            ("MachineConfig.kernel", self.kernel if self.kernel != MINIMAL_KERNEL else None),
+            ("MachineConfig.initrd", self.initrd),
+        ]
         files += [(f"MachineConfig.disks[{i}].path", disk.path) for i, disk in enumerate(self.disks)]
         for name, path in files:
             if path is not None and not path.is_file():

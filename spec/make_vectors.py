@@ -19,6 +19,7 @@ from typing import Any
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from smolformat import BundleContents, arm64, open_bundle, repack_bundle, samples, write_bundle
 from smolformat.config import Config, Metadata
 from smolformat.crafting import (
@@ -91,9 +92,7 @@ def _edit_index(
 ) -> bytes:
     def change(payload: bytearray) -> None:
         index = PageIndex.parse(bytes(payload))
-        extents = [
-            dict(address=e.address, length=e.length, offset=e.offset, stored=e.stored) for e in index.extents
-        ]
+        extents = [dict(address=e.address, length=e.length, offset=e.offset, stored=e.stored) for e in index.extents]
         value = {"encoding": index.encoding, "granule": index.granule, "extents": extents}
         edit(value)
         payload[:] = PageIndex.build(value)
@@ -188,9 +187,7 @@ def vectors(scratch: Path) -> list[Vector]:
         ),
         (
             "section-overlap",
-            edit_table(
-                x86_raw, lambda h, es: find_entry(es, SectionKind.METADATA).update(offset=config["offset"])
-            ),
+            edit_table(x86_raw, lambda h, es: find_entry(es, SectionKind.METADATA).update(offset=config["offset"])),
             "section-overlap",
             "metadata placed over config",
         ),
@@ -205,9 +202,7 @@ def vectors(scratch: Path) -> list[Vector]:
         ),
         (
             "length-overflow",
-            edit_table(
-                x86_raw, lambda h, es: find_entry(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)
-            ),
+            edit_table(x86_raw, lambda h, es: find_entry(es, SectionKind.KERNEL).update(length=(1 << 64) - 8)),
             "length-overflow",
             "offset + length wraps 64 bits",
         ),
@@ -533,7 +528,9 @@ def _signature_vectors(x86_raw: bytes, scratch: Path) -> list[Vector]:
     with open_bundle(path) as bundle:
         message = signed_message(bundle)
     key = Ed25519PrivateKey.from_private_bytes(TEST_KEY_SEED)
-    write_signed(path, path, [{"algorithm": ED25519, "public_key": conformance_public_key(), "signature": key.sign(message)}])
+    write_signed(
+        path, path, [{"algorithm": ED25519, "public_key": conformance_public_key(), "signature": key.sign(message)}]
+    )
     signed = path.read_bytes()
     repack_bundle(path, scratch / "signed-zstd.smolmachine", memory_encoding="zstd")
 

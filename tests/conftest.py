@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from nested_plugin import NestedKvm
 
 # Real arm64 KVM tests: collected on arm64 only (elsewhere test_arm64_emulated.py runs them inside
@@ -35,8 +34,22 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     disk = ext4_image(work / "base.img", work / "files", size_mib=32)
     path = work / "app.smolmachine"
     result = subprocess.run(
-        [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--cpus", "2", "--mem", "256M", "--disk", str(disk)],
-        capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "smolvmm",
+            "build",
+            "-o",
+            str(path),
+            "--cpus",
+            "2",
+            "--mem",
+            "256M",
+            "--disk",
+            str(disk),
+        ],
+        capture_output=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return path

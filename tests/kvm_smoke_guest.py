@@ -6,15 +6,15 @@ Runs as a test natively and, as a script, inside tools/nested-kvm (the harness s
 
 from __future__ import annotations
 
+from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import KVM_EXIT_IO_OUT, Exit
 from smolvmm.hypervisor.kvm.system import Kvm
 from smolvmm.hypervisor.kvm.vm import KvmVm
-from smolvmm.host.memory import GuestMemory
 
 CODE_ADDR = 0x1000
 # mov dx, 0x3f8; mov al, 'o'; out dx, al; mov al, 'k'; out dx, al; hlt
-CODE = bytes.fromhex("baf803" "b06f" "ee" "b06b" "ee" "f4")
+CODE = bytes.fromhex("baf803b06feeb06beef4")
 
 
 def run_guest() -> bytes:

@@ -93,21 +93,31 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
     for before, retry in zip(runs, runs[1:]):
         where = f" (evidence: {before.evidence})" if before.evidence else ""
         during = "" if before.running else " (between tests)"
-        lines += [f"nested run {before.number}{during}: {before.cause()}{where}",
-                  f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine"
-                  f" (run {retry.number}):"]
+        lines += [
+            f"nested run {before.number}{during}: {before.cause()}{where}",
+            f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine"
+            f" (run {retry.number}):",
+        ]
         for nodeid in retry.nodeids:
             result = retry.results.get(nodeid) or {"outcome": "failed", "text": retry.failure}
             froze = nodeid == before.running
             first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
             if froze and nodeid == retry.running and nodeid not in retry.results:
                 verdict = f"failed twice (the nested machine stopped while it ran, again: {retry.cause()})"
-                result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}"}
+                result = {
+                    "outcome": "failed",
+                    "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}",
+                }
             elif froze and result["outcome"] == "failed" and nodeid in retry.results:
                 verdict = "failed twice"
-                result = {"outcome": "failed", "text": f"{first_time}\n\nand on the retry in a fresh machine:\n{result['text']}"}
+                result = {
+                    "outcome": "failed",
+                    "text": f"{first_time}\n\nand on the retry in a fresh machine:\n{result['text']}",
+                }
             else:
-                verdict = f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
+                verdict = (
+                    f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
+                )
             lines.append(f"  {nodeid}{' (running when the machine stopped)' if froze else ''}: {verdict}")
             results[nodeid] = result
     last = runs[-1]
@@ -208,7 +218,9 @@ class NestedKvm:
             self.nodeids.append(original.nodeid)
         # The nested run comes last, so that what kvm tests need built on the host
         # (prepare_on_host) is built while the other tests run.
-        items[:] = [i for i in items if not isinstance(i, DelegatedItem)] + [i for i in items if isinstance(i, DelegatedItem)]
+        items[:] = [i for i in items if not isinstance(i, DelegatedItem)] + [
+            i for i in items if isinstance(i, DelegatedItem)
+        ]
 
     @staticmethod
     def _skip_all(items: list[pytest.Item], indexes: list[int], reason: str) -> None:
@@ -258,10 +270,24 @@ class NestedKvm:
         results = out / "results.json"
         evidence = directory / f"run-{run.number}-evidence.log"
         env = {**os.environ, PREBUILT_ENV: str(prebuilt), RESULTS_ENV: str(results)}
-        command = [str(_TOOL), "--out", str(out), "--timeout", str(NESTED_TIMEOUT), "--evidence", str(evidence),
-                   sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *run.nodeids]
-        process = subprocess.Popen(command, cwd=self.config.rootpath, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [
+            str(_TOOL),
+            "--out",
+            str(out),
+            "--timeout",
+            str(NESTED_TIMEOUT),
+            "--evidence",
+            str(evidence),
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            *run.nodeids,
+        ]
+        process = subprocess.Popen(
+            command, cwd=self.config.rootpath, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert process.stdout is not None
         tail: list[str] = []
         for line in process.stdout:
@@ -278,7 +304,7 @@ class NestedKvm:
         # The harness's own report (it may follow a test's progress dots on one line) ends the output.
         harness = [index for index, line in enumerate(tail) if "nested-kvm: " in line]
         if harness:
-            run.failure = "\n".join(tail[harness[-1]:]).rpartition("nested-kvm: ")[2]
+            run.failure = "\n".join(tail[harness[-1] :]).rpartition("nested-kvm: ")[2]
         else:
             run.failure = f"nested pytest exited with status {run.status}; its last output:\n" + "\n".join(tail[-15:])
         return run

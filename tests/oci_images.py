@@ -24,7 +24,14 @@ from pathlib import Path
 from smolvmm.images.cache import cache_root
 
 # python3 beside python3-minimal: its standard library has http.server, which the warm-up test serves with
-MMDEBSTRAP = ["mmdebstrap", "--mode=root", "--variant=minbase", "--include=python3-minimal,python3", "--quiet", "bookworm"]
+MMDEBSTRAP = [
+    "mmdebstrap",
+    "--mode=root",
+    "--variant=minbase",
+    "--include=python3-minimal,python3",
+    "--quiet",
+    "bookworm",
+]
 TAG = "app"
 DOOMED = "etc/smolvmm-doomed"  # added by layer 2, deleted by layer 3
 ENV = "GREETING=hello from the image"
@@ -62,8 +69,10 @@ def _cached(name: str, make) -> Path:  # type: ignore[no-untyped-def]
 def debian_rootfs() -> Path:
     """A Debian bookworm minbase root filesystem with python3, as a tar (about a minute to make)."""
     key = _key(*MMDEBSTRAP, source=False)
-    return _cached(f"bookworm-python3-{key}.tar", lambda out: subprocess.run(
-        [*MMDEBSTRAP, str(out)], check=True, capture_output=True))
+    return _cached(
+        f"bookworm-python3-{key}.tar",
+        lambda out: subprocess.run([*MMDEBSTRAP, str(out)], check=True, capture_output=True),
+    )
 
 
 def _tar(entries: list[tuple[str, bytes | None]]) -> bytes:
@@ -93,15 +102,29 @@ def oci_layout() -> Path:
         umoci("new", "--image", f"{out}:{TAG}")
         layers = out.parent / "layers"
         layers.mkdir()
-        (layers / "2.tar").write_bytes(_tar([
-            ("srv", None), ("srv/app", None), ("srv/app/hello.txt", b"hello from layer 2\n"),
-            (DOOMED, b"deleted by layer 3\n"),
-        ]))
+        (layers / "2.tar").write_bytes(
+            _tar(
+                [
+                    ("srv", None),
+                    ("srv/app", None),
+                    ("srv/app/hello.txt", b"hello from layer 2\n"),
+                    (DOOMED, b"deleted by layer 3\n"),
+                ]
+            )
+        )
         (layers / "3.tar").write_bytes(_tar([("etc/.wh.smolvmm-doomed", b"")]))
         for layer in (base, layers / "2.tar", layers / "3.tar"):
             umoci("raw", "add-layer", "--image", f"{out}:{TAG}", str(layer))
-        umoci("config", "--image", f"{out}:{TAG}", "--config.env", ENV, "--config.workingdir", WORKDIR,
-              *[arg for word in CMD for arg in ("--config.cmd", word)])
+        umoci(
+            "config",
+            "--image",
+            f"{out}:{TAG}",
+            "--config.env",
+            ENV,
+            "--config.workingdir",
+            WORKDIR,
+            *[arg for word in CMD for arg in ("--config.cmd", word)],
+        )
         umoci("gc", "--layout", str(out))
 
     return _cached(f"bookworm-python3-oci-{_key(base.name)}", make)
@@ -110,9 +133,14 @@ def oci_layout() -> Path:
 def docker_archive() -> Path:
     """The OCI layout's image as a ``docker save`` archive."""
     layout = oci_layout()
-    return _cached(f"bookworm-python3-{_key(layout.name)}.docker.tar", lambda out: subprocess.run(
-        ["skopeo", "copy", "--quiet", f"oci:{layout}:{TAG}", f"docker-archive:{out}:smolvmm/app:latest"],
-        check=True, capture_output=True))
+    return _cached(
+        f"bookworm-python3-{_key(layout.name)}.docker.tar",
+        lambda out: subprocess.run(
+            ["skopeo", "copy", "--quiet", f"oci:{layout}:{TAG}", f"docker-archive:{out}:smolvmm/app:latest"],
+            check=True,
+            capture_output=True,
+        ),
+    )
 
 
 def _free_port() -> int:
@@ -132,8 +160,9 @@ class Registry:
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
             f"    rootdirectory: {directory / 'storage'}\nhttp:\n  addr: {self.address}\n"
         )
-        self.process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
@@ -146,8 +175,9 @@ class Registry:
     def push(self, source: str, repository: str) -> str:
         """Copy ``source`` (a skopeo name) to this registry; returns the docker:// name."""
         name = f"docker://{self.address}/{repository}"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", source, name], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", source, name], check=True, capture_output=True
+        )
         return name
 
     def close(self) -> None:

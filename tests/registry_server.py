@@ -11,8 +11,8 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.parse
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,18 +45,21 @@ class RegistryServer:
         self.address = f"127.0.0.1:{port}"
         auth = f"auth:\n  htpasswd:\n    realm: smolvmm-test\n    path: {htpasswd}\n" if htpasswd else ""
         if token:
-            auth = (f"auth:\n  token:\n    realm: {token.realm}\n    service: {TokenServer.SERVICE}\n"
-                    f"    issuer: {TokenServer.ISSUER}\n    rootcertbundle: {token.certificate}\n")
+            auth = (
+                f"auth:\n  token:\n    realm: {token.realm}\n    service: {TokenServer.SERVICE}\n"
+                f"    issuer: {TokenServer.ISSUER}\n    rootcertbundle: {token.certificate}\n"
+            )
         config = workdir / "config.yml"
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
-            f"http:\n  addr: {self.address}\n  secret: smolvmm-test-secret\n"
-            + auth
+            f"http:\n  addr: {self.address}\n  secret: smolvmm-test-secret\n" + auth
         )
         self.log = open(workdir / "registry.log", "wb")
-        self.process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(config)], stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60  # readiness only: nothing here is measured
         while True:
             try:
@@ -66,7 +69,9 @@ class RegistryServer:
                 break  # 401 with auth on: it is up
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"docker-registry did not start: {(workdir / 'registry.log').read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"docker-registry did not start: {(workdir / 'registry.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.05)
 
     def blob_file(self, digest: str) -> Path:
@@ -94,10 +99,30 @@ class TokenServer:
         self.users = users
         self.key = workdir / "token.key"
         self.certificate = workdir / "token.crt"
-        subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(self.key)], check=True)
-        subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(self.key), "-out", str(self.certificate),
-                        "-days", "2", "-subj", "/CN=smolvmm-test-token"], check=True, capture_output=True)
-        der = subprocess.run(["openssl", "x509", "-in", str(self.certificate), "-outform", "DER"], check=True, capture_output=True).stdout
+        subprocess.run(
+            ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(self.key)], check=True
+        )
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                str(self.key),
+                "-out",
+                str(self.certificate),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=smolvmm-test-token",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.certificate), "-outform", "DER"], check=True, capture_output=True
+        ).stdout
         self.x5c = base64.b64encode(der).decode()
         owner = self
 
@@ -105,7 +130,9 @@ class TokenServer:
             def do_GET(self) -> None:  # noqa: N802
                 query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
                 login = self.headers.get("Authorization", "")
-                user, _, password = base64.b64decode(login[6:]).decode().partition(":") if login.startswith("Basic ") else ("", "", "")
+                user, _, password = (
+                    base64.b64decode(login[6:]).decode().partition(":") if login.startswith("Basic ") else ("", "", "")
+                )
                 if owner.users.get(user) != password or not user:
                     self.send_response(401)
                     self.end_headers()
@@ -130,12 +157,24 @@ class TokenServer:
             kind, name, actions = scope.split(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time())
-        claims = {"iss": self.ISSUER, "sub": user, "aud": self.SERVICE, "exp": now + 600, "nbf": now - 60, "iat": now,
-                  "jti": os.urandom(8).hex(), "access": access}
+        claims = {
+            "iss": self.ISSUER,
+            "sub": user,
+            "aud": self.SERVICE,
+            "exp": now + 600,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
         header = {"typ": "JWT", "alg": "ES256", "x5c": [self.x5c]}
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
-        der = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
-                             check=True, capture_output=True).stdout
+        der = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
         return f"{signing_input}.{_b64(_der_to_raw(der))}"
 
     def stop(self) -> None:
@@ -182,7 +221,11 @@ def registry_server(workdir: Path, users: dict[str, str] | None = None) -> Itera
         htpasswd = workdir / "htpasswd"
         for number, (user, password) in enumerate(users.items()):
             flags = "-Bbc" if number == 0 else "-Bb"
-            subprocess.run([shutil.which("htpasswd") or "htpasswd", flags, str(htpasswd), user, password], check=True, capture_output=True)
+            subprocess.run(
+                [shutil.which("htpasswd") or "htpasswd", flags, str(htpasswd), user, password],
+                check=True,
+                capture_output=True,
+            )
     server = RegistryServer(workdir, htpasswd)
     try:
         yield server

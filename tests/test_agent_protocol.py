@@ -73,8 +73,10 @@ def test_parser_fuzz_never_holds_more_than_a_frame(chunks: list[bytes]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 80), st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=20),
-       st.integers(1, 64))
+@given(
+    st.lists(st.tuples(st.integers(0, 80), st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=20),
+    st.integers(1, 64),
+)
 def test_parser_fuzz_round_trip(frames: list[tuple[int, int, bytes]], step: int) -> None:
     wire = b"".join(protocol.HEADER.pack(protocol.MAGIC, t, i, len(p)) + p for t, i, p in frames)
     parser = FrameParser()
@@ -85,10 +87,13 @@ def test_parser_fuzz_round_trip(frames: list[tuple[int, int, bytes]], step: int)
 def test_payloads_check_their_input() -> None:
     payload = protocol.exec_payload(["sh", "-c", "true"], {"A": "1"}, "/tmp")
     assert payload == struct.pack("<II", 3, 4) + b"/tmp\0sh\0-c\0true\0A=1\0"
-    for bad in (lambda: protocol.exec_payload([], {}, ""), lambda: protocol.exec_payload(["a\0b"], {}, ""),
-                lambda: protocol.exec_payload(["x"], {"A=B": "1"}, ""),
-                lambda: protocol.exec_payload(["x" * protocol.MAX_PAYLOAD], {}, ""),
-                lambda: protocol.setup_payload("h", "m", {}, {"": "x"})):
+    for bad in (
+        lambda: protocol.exec_payload([], {}, ""),
+        lambda: protocol.exec_payload(["a\0b"], {}, ""),
+        lambda: protocol.exec_payload(["x"], {"A=B": "1"}, ""),
+        lambda: protocol.exec_payload(["x" * protocol.MAX_PAYLOAD], {}, ""),
+        lambda: protocol.setup_payload("h", "m", {}, {"": "x"}),
+    ):
         with pytest.raises(ValueError):
             bad()
     assert protocol.decode_exit(struct.pack("<II", 137, 9)) == (137, 9)

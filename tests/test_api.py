@@ -10,12 +10,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, own_threads, shell
 
 import smolvmm
 from smolvmm import ExitReason, Machine
 from smolvmm.devices.virtio.mmio import MmioTransport
 from smolvmm.devices.virtio.rng import VirtioRng
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, own_threads, shell
 
 pytestmark = [pytest.mark.kvm]
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pool.py"
@@ -134,6 +134,8 @@ def test_pool_example_runs_eight_clones_of_the_demo_bundle(
 
 
 def test_pool_example_fails_with_one_line() -> None:
-    result = subprocess.run([sys.executable, str(EXAMPLE), "/nonexistent.smolmachine", "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "/nonexistent.smolmachine", "2"], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("pool: cannot open /nonexistent.smolmachine") and result.stderr.count("\n") == 1

@@ -22,7 +22,10 @@ def test_arm64_register_ids_on_real_arm64_kvm() -> None:
     inner = ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_arm64_kvm_real.py"]
     result = subprocess.run(
         [str(ROOT / "tools" / "arm64-kvm"), "--timeout", "600", *inner],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]

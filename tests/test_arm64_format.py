@@ -9,7 +9,6 @@ import dataclasses
 import pytest
 
 from smolformat import arm64 as fmt
-
 from smolvmm.arch.arm64 import gic, layout, regs, state, timer
 
 

@@ -58,7 +58,7 @@ class Vcpu:
         with pytest.raises(OSError) as excinfo:
             fcntl.ioctl(self.fd, KVM_GET_REG_LIST, probe)
         assert excinfo.value.errno == errno.E2BIG
-        count, = struct.unpack("<Q", probe)
+        (count,) = struct.unpack("<Q", probe)
         buffer = bytearray(struct.pack("<Q", count) + bytes(8 * count))
         fcntl.ioctl(self.fd, KVM_GET_REG_LIST, buffer)
         return set(struct.unpack_from(f"<{count}Q", buffer, 8))
@@ -106,8 +106,9 @@ def test_every_core_and_fpsimd_register_is_listed_and_readable(vcpu: Vcpu, liste
 def test_kvm_lists_no_core_register_smolvmm_lacks(listed: set[int]) -> None:
     core = {reg.id for reg in regs.CORE_REGISTERS}
     group = regs.KVM_REG_ARM64 | regs.KVM_REG_ARM_CORE
-    extra = sorted(hex(reg) for reg in listed if reg & ~(0xF << regs.KVM_REG_SIZE_SHIFT) & ~0xFFFF == group
-                   and reg not in core)
+    extra = sorted(
+        hex(reg) for reg in listed if reg & ~(0xF << regs.KVM_REG_SIZE_SHIFT) & ~0xFFFF == group and reg not in core
+    )
     assert extra == []
 
 

@@ -31,7 +31,9 @@ async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) 
     """Run ``command`` in the guest shell; returns its output (between unique markers)."""
     token = os.urandom(4).hex()
     # The quotes keep the markers out of the terminal's echo of the command line itself.
-    await machine.console.send(f"echo BEGIN-{token[:4]}''{token[4:]}; {command}; echo END-{token[:4]}''{token[4:]}\n".encode())
+    await machine.console.send(
+        f"echo BEGIN-{token[:4]}''{token[4:]}; {command}; echo END-{token[:4]}''{token[4:]}\n".encode()
+    )
     text = (await machine.console.wait_for(re.compile(rf"END-{token}\r?\n".encode()), timeout)).decode()
     return text.split(f"BEGIN-{token}", 2)[-1].rsplit(f"END-{token}", 1)[0].strip()
 
@@ -79,7 +81,9 @@ def test_cli_boot_with_piped_commands() -> None:
     script = "nproc\nhead -1 /proc/meminfo\nsleep 2; echo after-$((6 * 7)); poweroff -f\n"
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", "boot", "--cpus", "2", "--mem", "256M"],
-        input=script.encode(), capture_output=True, timeout=GUEST_TIMEOUT,
+        input=script.encode(),
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, result.stderr.decode(errors="replace")

@@ -15,12 +15,12 @@ from typing import Any
 
 import anyio
 import pytest
-from smolformat import samples
 
+from smolformat import samples
 from smolvmm import BundleError, Machine
-from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import HostOffer
+from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
@@ -83,7 +83,16 @@ def _vcpu(**changes: Any) -> dict[str, Any]:
     state["xcrs"]["nr_xcrs"] = 1
     state["cpuid"] = [
         {"function": 0, "index": 0, "flags": 0, "eax": 0xD, "ebx": 0, "ecx": 0, "edx": 0, "padding": [0] * 3},
-        {"function": 1, "index": 0, "flags": 0, "eax": 0, "ebx": 0, "ecx": 0x8000_0201, "edx": 0x10, "padding": [0] * 3},
+        {
+            "function": 1,
+            "index": 0,
+            "flags": 0,
+            "eax": 0,
+            "ebx": 0,
+            "ecx": 0x8000_0201,
+            "edx": 0x10,
+            "padding": [0] * 3,
+        },
     ]
     state["msrs"] = [{"index": 0x10, "reserved": 0, "data": 5}, {"index": 0x174, "reserved": 0, "data": 0}]
     state.update(changes)
@@ -91,8 +100,17 @@ def _vcpu(**changes: Any) -> dict[str, Any]:
 
 
 def _leaf(function: int, **registers: int) -> dict[str, Any]:
-    return {"function": function, "index": 0, "flags": 0, "eax": 0, "ebx": 0, "ecx": 0, "edx": 0,
-            "padding": [0] * 3, **registers}
+    return {
+        "function": function,
+        "index": 0,
+        "flags": 0,
+        "eax": 0,
+        "ebx": 0,
+        "ecx": 0,
+        "edx": 0,
+        "padding": [0] * 3,
+        **registers,
+    }
 
 
 def test_cpuid_and_msrs_the_host_lacks_are_refused_on_a_run_and_dropped_when_measured(
@@ -110,10 +128,14 @@ def test_cpuid_and_msrs_the_host_lacks_are_refused_on_a_run_and_dropped_when_mea
     with _refused(r"cpuid\[0x7\.0\]: appears twice"):
         admit_vcpu(twice, 0, offer)
 
-    hostile = _vcpu(cpuid=[_leaf(0x8000_0008), _leaf(7, ebx=0x28)], msrs=[{"index": 0xC000_0080, "reserved": 0, "data": 0}])
+    hostile = _vcpu(
+        cpuid=[_leaf(0x8000_0008), _leaf(7, ebx=0x28)], msrs=[{"index": 0xC000_0080, "reserved": 0, "data": 0}]
+    )
     admitted = admit_vcpu(hostile, 0, offer, strict=False)
     assert admitted.dropped == 2 and admitted.state["msrs"] == []
-    assert admitted.state["cpuid"] == [{"function": 7, "index": 0, "flags": 0, "eax": 0, "ebx": 0x28, "ecx": 0, "edx": 0}]
+    assert admitted.state["cpuid"] == [
+        {"function": 7, "index": 0, "flags": 0, "eax": 0, "ebx": 0x28, "ecx": 0, "edx": 0}
+    ]
     assert len(caplog.records) == 2 and all("\n" not in r.getMessage() for r in caplog.records)
 
 
@@ -141,15 +163,29 @@ def _vm_state() -> dict[str, Any]:
     state["ioapic"].update({"base_address": 0xFEC0_0000, "id": 0})
     state["pit"]["flags"] = 0
     for channel in state["pit"]["channels"]:
-        channel.update({"mode": 2, "rw_mode": 3, "read_state": 3, "write_state": 3, "bcd": 0, "gate": 1,
-                        "count": 0x10000, "count_latched": 0, "status_latched": 0})
+        channel.update(
+            {
+                "mode": 2,
+                "rw_mode": 3,
+                "read_state": 3,
+                "write_state": 3,
+                "bcd": 0,
+                "gate": 1,
+                "count": 0x10000,
+                "count_latched": 0,
+                "status_latched": 0,
+            }
+        )
     return state
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s["ioapic"].update({"base_address": 0x1000}), r"^VM_STATE ioapic\.base_address: 0x1000, not 0xfec00000$"),
+        (
+            lambda s: s["ioapic"].update({"base_address": 0x1000}),
+            r"^VM_STATE ioapic\.base_address: 0x1000, not 0xfec00000$",
+        ),
         (lambda s: s["ioapic"].update({"id": 99}), r"^VM_STATE ioapic\.id: 99"),
         (lambda s: s["pit"]["channels"][1].update({"mode": 9}), r"^VM_STATE pit\.channels\[1\]\.mode: 9, not below 8$"),
         (lambda s: s["pit"]["channels"][0].update({"count": 0x10001}), r"^VM_STATE pit\.channels\[0\]\.count: 65537"),
@@ -188,8 +224,20 @@ def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -
 
 
 def test_legacy_devices_pair_by_kind_and_instance_and_place() -> None:
-    uart = {"dll": 1, "dlm": 0, "ier": 0, "iir": 1, "fcr": 0, "lcr": 3, "mcr": 8, "lsr": 0x60, "msr": 0xB0,
-            "scr": 0, "thre_pending": False, "rx": b"ls\n"}
+    uart = {
+        "dll": 1,
+        "dlm": 0,
+        "ier": 0,
+        "iir": 1,
+        "fcr": 0,
+        "lcr": 3,
+        "mcr": 8,
+        "lsr": 0x60,
+        "msr": 0xB0,
+        "scr": 0,
+        "thre_pending": False,
+        "rx": b"ls\n",
+    }
     i8042 = {"status": 0, "control": 0, "output_port": 0, "pending_command": 0, "output_buffer": b""}
     config = [_device("uart16550", "pio", 0x3F8, 8, 4), _device("i8042", "pio", 0x60, 5, 1)]
     records = [_record("uart16550", 0, uart), _record("i8042", 0, i8042)]
@@ -199,7 +247,9 @@ def test_legacy_devices_pair_by_kind_and_instance_and_place() -> None:
         admit_devices(config, [records[0], _record("i8042", 0, {**i8042, "output_buffer": b"\xfa\xaa"})])
     with _refused(r"^DEVICES uart16550#0: no saved state for this configured device$"):
         admit_devices(config, [_record("uart16550", 1, uart), records[1]])
-    with _refused(r"^CONFIG devices\[0\] uart16550#0 placement: pio 0x2f8\+0x8 gsi 3; this monitor puts it at pio 0x3f8\+0x8 gsi 4$"):
+    with _refused(
+        r"^CONFIG devices\[0\] uart16550#0 placement: pio 0x2f8\+0x8 gsi 3; this monitor puts it at pio 0x3f8\+0x8 gsi 4$"
+    ):
         admit_devices([_device("uart16550", "pio", 0x2F8, 8, 3)], records[:1])
     with _refused("receive FIFO holds 65 bytes"):
         admit_devices(config[:1], [_record("uart16550", 0, {**uart, "rx": bytes(65)})])
@@ -211,7 +261,6 @@ def test_verify_refuses_a_changed_byte_between_sections(tmp_path: Path, capsys: 
     """Defect: padding bytes were covered by no digest, so verify accepted them changed."""
     from smolformat.crafting import find_entry, parse_frame
     from smolformat.layout import SectionKind
-
     from smolvmm.cli import main
 
     data = bytearray((VECTORS / "valid-x86_64-raw.smolmachine").read_bytes())

@@ -15,6 +15,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+
 import anyio
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -121,9 +122,17 @@ def test_the_resealer_follows_the_spec(saved: Frame, tmp_path: Path) -> None:
     (xsave_length,) = struct.unpack_from("<I", payload, XSAVE_LENGTH_AT)
     start = XSAVE_LENGTH_AT + 4
     xsave = payload[start : start + xsave_length]
-    grown = payload[:XSAVE_LENGTH_AT] + struct.pack("<I", xsave_length + 3) + xsave + b"\xff" * 3 + payload[start + xsave_length :]
+    grown = (
+        payload[:XSAVE_LENGTH_AT]
+        + struct.pack("<I", xsave_length + 3)
+        + xsave
+        + b"\xff" * 3
+        + payload[start + xsave_length :]
+    )
     refusal = _restore(saved.resealed({vcpu: grown}), tmp_path)
-    assert refusal == f"VCPU_STATE#1 xsave: {xsave_length + 3} bytes; this host's hypervisor takes exactly {xsave_length}"
+    assert (
+        refusal == f"VCPU_STATE#1 xsave: {xsave_length + 3} bytes; this host's hypervisor takes exactly {xsave_length}"
+    )
 
 
 @st.composite
@@ -161,6 +170,12 @@ def mutants(draw: st.DrawFn, frame: Frame) -> tuple[dict[int, bytes], str]:
 def test_hostile_state_is_restored_or_refused_in_one_line(saved: Frame, tmp_path: Path, data: st.DataObject) -> None:
     replacements, expect = data.draw(mutants(saved))
     outcome = _restore(saved.resealed(replacements), tmp_path)
-    event("restored" if outcome == "ok" else outcome.rpartition("[")[2] if outcome.endswith("]") else outcome.split(":")[0])
+    event(
+        "restored"
+        if outcome == "ok"
+        else outcome.rpartition("[")[2]
+        if outcome.endswith("]")
+        else outcome.split(":")[0]
+    )
     if expect:  # otherwise any outcome is right: a restore, or one BundleError line and no warning
         assert expect in outcome

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_format_bundle import contents
+
 import smolformat
 from smolformat import write_bundle
-
 from smolvmm.cli import main
-from test_format_bundle import contents
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = VECTORS / "valid-x86_64-raw.smolmachine"
@@ -106,7 +106,13 @@ def test_pack_round_trip_through_the_module_entry_point(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "source",
-    ["valid-x86_64-raw", "valid-x86_64-zstd", "valid-arm64-raw", "valid-unknown-optional-section", "valid-minor-version"],
+    [
+        "valid-x86_64-raw",
+        "valid-x86_64-zstd",
+        "valid-arm64-raw",
+        "valid-unknown-optional-section",
+        "valid-minor-version",
+    ],
 )
 def test_pack_keeps_every_section(tmp_path: Path, source: str) -> None:
     given, zstd, raw = VECTORS / f"{source}.smolmachine", tmp_path / "z.smolmachine", tmp_path / "r.smolmachine"
@@ -138,7 +144,9 @@ def test_pack_onto_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path: Pa
     target.parent.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "smolvmm", "pack", "--raw", str(source), str(target)],
-        capture_output=True, text=True, preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"smolvmm: error: {target}: File too large"), done.stderr

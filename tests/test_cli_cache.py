@@ -41,12 +41,21 @@ def cache(tmp_path: Path) -> Path:
 
 
 def smolvmm(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "smolvmm", "cache", *args], capture_output=True, text=True,
-                          env={**os.environ, "XDG_CACHE_HOME": str(cache)}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "smolvmm", "cache", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        timeout=60,
+    )
 
 
-STALE = {"images/default-guest-0123456789abcdef", "debs/busybox-static_1.35.deb", "bundle-disks/" + "a" * 64,
-         "images/.default-guest-xyz"}
+STALE = {
+    "images/default-guest-0123456789abcdef",
+    "debs/busybox-static_1.35.deb",
+    "bundle-disks/" + "a" * 64,
+    "images/.default-guest-xyz",
+}
 
 
 def test_ls_shows_sizes_and_what_is_stale(cache: Path) -> None:

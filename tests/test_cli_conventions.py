@@ -33,8 +33,14 @@ def test_help_documents_the_exit_statuses() -> None:
     done = smolvmm("--help")
     assert done.returncode == 0
     table = done.stdout.split("exit status:")[1]
-    for status, meaning in (("0", "success"), ("1", "error"), ("2", "usage"), ("3", "bad bundle"),
-                            ("4", "crashed"), ("128+N", "signal")):
+    for status, meaning in (
+        ("0", "success"),
+        ("1", "error"),
+        ("2", "usage"),
+        ("3", "bad bundle"),
+        ("4", "crashed"),
+        ("128+N", "signal"),
+    ):
         assert any(line.split()[0] == status.split("+")[0] or status in line for line in table.splitlines()[1:])
         assert meaning in table
 
@@ -112,10 +118,15 @@ def test_a_command_typo_is_answered_with_the_command(typed: str, meant: str, tmp
     assert done.returncode == 2 and f"did you mean {meant!r}" in done.stderr and done.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize(("word", "status"), [
-    ("inpsect", 3), ("app.smolmachine", 3), ("./verfy", 3),
-    ("127.0.0.1:9/repo:tag", 1),  # a registry reference: pulled, and nothing listens on port 9
-])
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        ("inpsect", 3),
+        ("app.smolmachine", 3),
+        ("./verfy", 3),
+        ("127.0.0.1:9/repo:tag", 1),  # a registry reference: pulled, and nothing listens on port 9
+    ],
+)
 def test_what_may_name_a_bundle_still_means_run(word: str, status: int, tmp_path: Path) -> None:
     (tmp_path / "inpsect").write_bytes(b"not a bundle")  # an existing file is a bundle to run, typo or not
     done = smolvmm(word, cwd=tmp_path)

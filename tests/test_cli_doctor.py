@@ -14,8 +14,9 @@ import smolvmm
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "smolvmm", "doctor", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "smolvmm", "doctor", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_doctor_describes_this_host_and_exits_by_whether_guests_run(tmp_path: Path) -> None:
@@ -37,7 +38,12 @@ def test_doctor_describes_this_host_and_exits_by_whether_guests_run(tmp_path: Pa
 def test_doctor_names_the_package_of_each_missing_tool(tmp_path: Path) -> None:
     done = doctor(env={**os.environ, "PATH": str(tmp_path)})  # no program can be found
     assert done.returncode == 1
-    for tool, package in (("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("gcc", "gcc"), ("qemu-system-x86_64", "qemu-system-x86")):
+    for tool, package in (
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("gcc", "gcc"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+    ):
         assert f"missing {tool}: apt-get install {package} (for " in done.stdout
     assert "nested    cannot run: apt-get install" in done.stdout
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from smolformat import samples, write_bundle
-
 from test_format_bundle import contents
+
+from smolformat import samples, write_bundle
 
 READ_LIMIT = 600  # seconds: a bound on a stuck child, not a measurement
 
@@ -117,9 +117,19 @@ def test_pack_and_verify_show_bytes_done_of_total_on_a_terminal(big_bundle: Path
 def test_no_progress_when_stderr_is_not_a_terminal(big_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.smolmachine"
     quick = {**os.environ, "SMOLVMM_PROGRESS_DELAY": "0"}
-    pack = subprocess.run([sys.executable, "-m", "smolvmm", "pack", "--zstd", str(big_bundle), str(out)],
-                          capture_output=True, text=True, timeout=READ_LIMIT, env=quick)
+    pack = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "pack", "--zstd", str(big_bundle), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=READ_LIMIT,
+        env=quick,
+    )
     assert pack.returncode == 0 and pack.stderr == "" and pack.stdout == f"{out}: packed (zstd)\n"
-    verify = subprocess.run([sys.executable, "-m", "smolvmm", "verify", str(out)],
-                            capture_output=True, text=True, timeout=READ_LIMIT, env=quick)
+    verify = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "verify", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=READ_LIMIT,
+        env=quick,
+    )
     assert verify.returncode == 0 and verify.stderr == ""

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_boot import GUEST_TIMEOUT
 
 # A stand-in for a running smolvmm: registered as a machine, ends on SIGTERM unless told to ignore it.
@@ -48,7 +47,8 @@ def test_ps_lists_a_running_machine_and_stop_ends_it(env: dict[str, str], tmp_pa
     try:
         listed = json.loads(smolvmm(env, "ps", "--json").stdout)
         assert [(e["id"], e["pid"], e["command"], e["what"]) for e in listed] == [
-            (machine_id, process.pid, "run", "app.smolmachine")]
+            (machine_id, process.pid, "run", "app.smolmachine")
+        ]
         table = smolvmm(env, "ps").stdout.splitlines()
         assert table[0].split() == ["ID", "PID", "COMMAND", "UP", "WHAT"]
         assert table[1].split()[:3] == [machine_id, str(process.pid), "run"]
@@ -85,8 +85,14 @@ def test_stale_entries_are_ignored_and_removed(env: dict[str, str], tmp_path: Pa
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     directory = tmp_path / "run" / "smolvmm"
     directory.mkdir(mode=0o700)
-    entry = {"id": "deadbeef", "pid": int(dead.stdout), "pid_started": "1", "command": "run", "what": "x",
-             "started_unix": 0}
+    entry = {
+        "id": "deadbeef",
+        "pid": int(dead.stdout),
+        "pid_started": "1",
+        "command": "run",
+        "what": "x",
+        "started_unix": 0,
+    }
     (directory / "deadbeef.json").write_text(json.dumps(entry))
     (directory / "mine.json").write_text(json.dumps({**entry, "id": "mine", "pid": os.getpid()}))  # a reused pid
     assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
@@ -109,8 +115,13 @@ def test_without_xdg_runtime_dir_a_private_directory_in_tmp(tmp_path: Path) -> N
 def test_a_restored_machine_is_listed_and_stopped(bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
-    machine = subprocess.Popen([sys.executable, "-m", "smolvmm", "run", str(bundle)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    machine = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "run", str(bundle)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         assert machine.stdin is not None and machine.stdout is not None
         machine.stdin.write(b"echo up-$((6*7))\n")
@@ -144,16 +155,26 @@ def test_a_machine_that_cannot_be_listed_still_runs(tmp_path: Path) -> None:
 def test_a_detached_machine_runs_in_the_background_and_is_attached_to(bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
-    started = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--detach", str(bundle)], capture_output=True,
-                             text=True, env=env, timeout=GUEST_TIMEOUT)
+    started = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", "--detach", str(bundle)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=GUEST_TIMEOUT,
+    )
     assert started.returncode == 0, started.stderr
     machine_id = started.stdout.strip()
     try:
         (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
         assert listed["id"] == machine_id and listed["console"].endswith(f"{machine_id}.console")
-        attached = subprocess.run([sys.executable, "-m", "smolvmm", "attach", machine_id[:4]],
-                                  input="echo detached-$((6*7))\npoweroff -f\n", capture_output=True, text=True,
-                                  env=env, timeout=GUEST_TIMEOUT)
+        attached = subprocess.run(
+            [sys.executable, "-m", "smolvmm", "attach", machine_id[:4]],
+            input="echo detached-$((6*7))\npoweroff -f\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=GUEST_TIMEOUT,
+        )
         assert attached.returncode == 0 and "detached-42" in attached.stdout, attached.stderr
         assert json.loads(smolvmm(env, "ps", "--json").stdout) == []  # it powered off, and unlisted itself
     finally:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from smolformat import FormatError, open_bundle
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"

@@ -20,14 +20,14 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+from test_boot import GUEST_TIMEOUT, shell
+from test_virtio_net import echo
 
 import smolvmm
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig
 from smolvmm.arch.x86_64.layout import virtio_slot
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import DEFAULT_CMDLINE
-from test_boot import GUEST_TIMEOUT, shell
-from test_virtio_net import echo
 
 pytestmark = [pytest.mark.kvm, pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
 
@@ -89,17 +89,38 @@ async def break_rng_queue(machine: Machine, base: int) -> int:
     assert int(await shell(machine, f"devmem {base + 0x8:#x} 32"), 16) == RNG_DEVICE_ID
     desc, avail, used = 0xA0000, 0xA0100, 0xA0200
     outside_ram = 0x4000_0000  # 1 GiB; the machine has 256 MiB
-    await shell(machine, devmem_writes([
-        (base + 0x70, 0), (base + 0x70, 1), (base + 0x70, 3),           # reset, ACKNOWLEDGE, DRIVER
-        (base + 0x24, 1), (base + 0x20, 1), (base + 0x70, 0xB),         # VERSION_1, FEATURES_OK
-        (base + 0x30, 0), (base + 0x38, 8),                             # queue 0, 8 entries
-        (desc, outside_ram), (desc + 4, 0), (desc + 8, 64), (desc + 12, 2),  # one device-writable descriptor
-        (avail, 1 << 16), (avail + 4, 0),                               # avail idx 1, ring[0] = 0
-        (used, 0), (used + 4, 0),
-        (base + 0x80, desc), (base + 0x84, 0), (base + 0x90, avail), (base + 0x94, 0),
-        (base + 0xA0, used), (base + 0xA4, 0), (base + 0x44, 1),        # rings, QueueReady
-        (base + 0x70, 0xF), (base + 0x50, 0),                           # DRIVER_OK, notify queue 0
-    ]))
+    await shell(
+        machine,
+        devmem_writes(
+            [
+                (base + 0x70, 0),
+                (base + 0x70, 1),
+                (base + 0x70, 3),  # reset, ACKNOWLEDGE, DRIVER
+                (base + 0x24, 1),
+                (base + 0x20, 1),
+                (base + 0x70, 0xB),  # VERSION_1, FEATURES_OK
+                (base + 0x30, 0),
+                (base + 0x38, 8),  # queue 0, 8 entries
+                (desc, outside_ram),
+                (desc + 4, 0),
+                (desc + 8, 64),
+                (desc + 12, 2),  # one device-writable descriptor
+                (avail, 1 << 16),
+                (avail + 4, 0),  # avail idx 1, ring[0] = 0
+                (used, 0),
+                (used + 4, 0),
+                (base + 0x80, desc),
+                (base + 0x84, 0),
+                (base + 0x90, avail),
+                (base + 0x94, 0),
+                (base + 0xA0, used),
+                (base + 0xA4, 0),
+                (base + 0x44, 1),  # rings, QueueReady
+                (base + 0x70, 0xF),
+                (base + 0x50, 0),  # DRIVER_OK, notify queue 0
+            ]
+        ),
+    )
     poll = f"for i in $(seq 150); do s=$(devmem {base + 0x70:#x} 32); [ $((s & 0x40)) -ne 0 ] && break; sleep 0.2; done; echo $s"
     return int(await shell(machine, poll), 16)
 
@@ -119,21 +140,30 @@ async def test_disks_consoles_entropy_and_a_broken_device(tmp_path: Path) -> Non
         # Two disks with serials; the first is mounted on /mnt by the guest's init.
         assert (await shell(machine, "ls -d /sys/block/vd*")).split() == ["/sys/block/vda", "/sys/block/vdb"]
         # (Linux prints the serial attribute without a newline.)
-        assert await shell(machine, "cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial") == "smolvmm-disk0\r\nsmolvmm-disk1"
+        assert (
+            await shell(machine, "cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial")
+            == "smolvmm-disk0\r\nsmolvmm-disk1"
+        )
         assert await shell(machine, "cat /mnt/hello.txt") == "hello from the base image"
 
         # 8 MiB written through the overlay, read back from the device with the same digest.
-        written = guest_sha256(await shell(machine, "dd if=/dev/urandom of=/mnt/f bs=1M count=8 2>/dev/null; sha256sum /mnt/f"))
+        written = guest_sha256(
+            await shell(machine, "dd if=/dev/urandom of=/mnt/f bs=1M count=8 2>/dev/null; sha256sum /mnt/f")
+        )
         reread = await shell(machine, "sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/f; wc -c < /mnt/f")
         assert guest_sha256(reread) == written
         assert reread.split()[-1] == str(8 * MIB)
 
         # The read-only disk: the kernel sees it read-only and writes fail; the guest carries on.
         assert await shell(machine, "cat /sys/block/vdb/ro") == "1"
-        mount = await shell(machine, "mkdir -p /ro; mount -t ext4 /dev/vdb /ro 2>&1; cat /ro/hello.txt; grep ' /ro ' /proc/mounts")
+        mount = await shell(
+            machine, "mkdir -p /ro; mount -t ext4 /dev/vdb /ro 2>&1; cat /ro/hello.txt; grep ' /ro ' /proc/mounts"
+        )
         assert "read-only disk" in mount
         assert re.search(r" /ro ext4 ro[, ]", mount), mount
-        refused = await shell(machine, "echo x > /ro/new 2>&1; echo rc=$?; dd if=/dev/zero of=/dev/vdb bs=4096 count=1 2>&1; echo rc=$?")
+        refused = await shell(
+            machine, "echo x > /ro/new 2>&1; echo rc=$?; dd if=/dev/zero of=/dev/vdb bs=4096 count=1 2>&1; echo rc=$?"
+        )
         assert "Read-only file system" in refused and "rc=0" not in refused, refused
         assert await shell(machine, "echo still-here") == "still-here"
 
@@ -142,7 +172,10 @@ async def test_disks_consoles_entropy_and_a_broken_device(tmp_path: Path) -> Non
         assert await shell(machine, "head -c 64 /dev/hwrng | wc -c") == "64"
 
         # The console socket is the guest's next hvc after the agent's hvc0.
-        assert (await shell(machine, "ls -d /sys/class/tty/hvc[01]")).split() == ["/sys/class/tty/hvc0", "/sys/class/tty/hvc1"]
+        assert (await shell(machine, "ls -d /sys/class/tty/hvc[01]")).split() == [
+            "/sys/class/tty/hvc0",
+            "/sys/class/tty/hvc1",
+        ]
         # hvc resets a tty's settings on its last close: stty once the reader holds it open.
         await shell(machine, "(cat /dev/hvc1 > /tmp/from-host &); sleep 1; stty -F /dev/hvc1 raw -echo")
         client = await stack.enter_async_context(await anyio.connect_unix(socket_path))
@@ -285,7 +318,10 @@ async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path) ->
                     result.append(await anyio.to_thread.run_sync(receive_all, listener, 8 * MIB))
 
                 tg.start_soon(receive)
-                sent = await shell(machine, f"dd if=/dev/urandom of=/tmp/out bs=1M count=8 2>/dev/null; sha256sum /tmp/out; nc {HOST_IP} 5001 < /tmp/out; echo nc=$?")
+                sent = await shell(
+                    machine,
+                    f"dd if=/dev/urandom of=/tmp/out bs=1M count=8 2>/dev/null; sha256sum /tmp/out; nc {HOST_IP} 5001 < /tmp/out; echo nc=$?",
+                )
         assert result == [(guest_sha256(sent), 8 * MIB)], sent
 
         # 8 MiB host -> guest.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from test_boot import GUEST_TIMEOUT
 
 import smolvmm
-from test_boot import GUEST_TIMEOUT
 
 pytestmark = pytest.mark.kvm
 
@@ -136,7 +136,9 @@ async def test_secrets_are_absent_from_a_snapshot(bundle: Path, anyio_backend: s
         assert (await machine.exec("echo $TOKEN $PLAIN")).stdout == f"{secret} visible\n".encode()
         await machine.snapshot(saved, encoding="raw")
         # the secret is back in the agent once the machine carries on
-        assert (await machine.exec(["sh", "-c", "echo $TOKEN"])).stdout == f"{secret}\n".encode()  # (busybox has no printenv)
+        assert (
+            await machine.exec(["sh", "-c", "echo $TOKEN"])
+        ).stdout == f"{secret}\n".encode()  # (busybox has no printenv)
     data = saved.read_bytes()
     assert secret.encode() not in data and secret.encode("utf-16-le") not in data
     async with smolvmm.Machine.restore(saved) as clone:
@@ -174,22 +176,50 @@ async def test_a_hostile_agent_fails_only_its_own_machine(bundle: Path, anyio_ba
 
 
 def test_cli_runs_a_command_in_a_clone(bundle: Path, tmp_path: Path) -> None:
-    must_show = [sys.executable, "-m", "smolvmm", "run", "--env", "GREETING=hello", str(bundle),
-                 "--", "sh", "-c", 'echo "out $GREETING"; echo err >&2; exit 3']
+    must_show = [
+        sys.executable,
+        "-m",
+        "smolvmm",
+        "run",
+        "--env",
+        "GREETING=hello",
+        str(bundle),
+        "--",
+        "sh",
+        "-c",
+        'echo "out $GREETING"; echo err >&2; exit 3',
+    ]
     result = subprocess.run(must_show, capture_output=True, timeout=600)
     assert (result.returncode, result.stdout, result.stderr) == (3, b"out hello\n", b"err\n")
 
     (tmp_path / "in.txt").write_bytes(b"lower case\n")
     script = "tr a-z A-Z < /tmp/in.txt > /tmp/out.txt; echo $TOKEN; cat; kill -TERM $$"
-    command = [sys.executable, "-m", "smolvmm", str(bundle), "--secret-env", "TOKEN",
-               "--copy-in", f"{tmp_path / 'in.txt'}:/tmp/in.txt", "--copy-out", f"/tmp/out.txt:{tmp_path / 'out.txt'}",
-               "--", "sh", "-c", script]
-    result = subprocess.run(command, input=b"from stdin\n", capture_output=True, timeout=600,
-                            env={**os.environ, "TOKEN": "tok"})
+    command = [
+        sys.executable,
+        "-m",
+        "smolvmm",
+        str(bundle),
+        "--secret-env",
+        "TOKEN",
+        "--copy-in",
+        f"{tmp_path / 'in.txt'}:/tmp/in.txt",
+        "--copy-out",
+        f"/tmp/out.txt:{tmp_path / 'out.txt'}",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]
+    result = subprocess.run(
+        command, input=b"from stdin\n", capture_output=True, timeout=600, env={**os.environ, "TOKEN": "tok"}
+    )
     assert (result.returncode, result.stdout) == (128 + signal.SIGTERM, b"tok\nfrom stdin\n"), result.stderr
     assert (tmp_path / "out.txt").read_bytes() == b"LOWER CASE\n"
 
-    missing = subprocess.run([sys.executable, "-m", "smolvmm", "run", "--secret-env", "NOT_SET_ANYWHERE", str(bundle),
-                              "--", "true"],
-                             capture_output=True, text=True, timeout=600)
+    missing = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", "--secret-env", "NOT_SET_ANYWHERE", str(bundle), "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "NOT_SET_ANYWHERE" in missing.stderr

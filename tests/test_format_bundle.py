@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+
 import smolformat.pages
 import smolformat.reader
 from smolformat import (
@@ -34,9 +35,7 @@ def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | Non
     ram = [(0, 4 * MIB), (1 << 32, MIB)] if arch == "x86_64" else [(0x4000_0000, 4 * MIB)]
     memory = memory or [samples.realistic_memory(size, seed=i) for i, (_, size) in enumerate(ram)]
     disk = tmp_path / "base.img"
-    disk.write_bytes(
-        random.Random(3).randbytes(1_600_000) + bytes(300_000) + b"tail"
-    )  # > 1 MiB run, odd size
+    disk.write_bytes(random.Random(3).randbytes(1_600_000) + bytes(300_000) + b"tail")  # > 1 MiB run, odd size
     device_config, states = samples.devices(1)
     vcpu, vm = (
         (samples.x86_64_vcpu, samples.x86_64_vm_state)

@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from smolformat import FormatError, open_bundle
 from smolformat.config import Config
 from smolformat.crafting import (
@@ -39,9 +40,7 @@ MAX_DECODE = 1 << 20
 # (Python objects), decoding a bounded block; never what a length or count inside the file claims.
 PEAK_PER_FILE_BYTE = 16
 PEAK_CONSTANT = 1 << 20
-FUZZ = settings(
-    max_examples=1000, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=1000, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
 
 # Where each entry field lies in a section table entry, and its width.
 ENTRY_FIELDS = {
@@ -112,9 +111,7 @@ def test_truncation(name: str, cut: int) -> None:
     name=BASES,
     entry=st.integers(0, 63),
     field=st.sampled_from(sorted(ENTRY_FIELDS)),
-    value=st.one_of(
-        st.integers(0, 2**64 - 1), st.integers(0, 1 << 20), st.sampled_from([0, 1, 2**63, 2**64 - 1])
-    ),
+    value=st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 1 << 20), st.sampled_from([0, 1, 2**63, 2**64 - 1])),
 )
 def test_random_table_values(name: str, entry: int, field: str, value: int) -> None:
     base = VALID[name]
@@ -160,11 +157,7 @@ def test_random_header_values(name: str, field: int, value: int) -> None:
     base = VALID[name]
     width = 2 if field in (8, 10) else 4 if field in (12, 40, 44) else 8
     data = base[:field] + (value % (1 << 8 * width)).to_bytes(width, "little") + base[field + width :]
-    exercise(
-        reseal(data)
-        if len(data) >= HEADER_SIZE and struct.unpack_from("<Q", data, 32)[0] < len(data)
-        else data
-    )
+    exercise(reseal(data) if len(data) >= HEADER_SIZE and struct.unpack_from("<Q", data, 32)[0] < len(data) else data)
 
 
 def _rewrite_index(data: bytes, kind: SectionKind, edit: Any) -> bytes:

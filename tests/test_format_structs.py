@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from construct import Int32ul, PrefixedArray, StreamError, ValidationError
+
 from smolformat import DEVICE_KINDS, DeviceConfig, DeviceRecord, arm64, samples, x86_64
 from smolformat.layout import ENTRY_SIZE, HEADER_SIZE, Header, SectionEntry, SectionKind
 from smolformat.limits import bounded
@@ -164,7 +165,5 @@ def test_every_device_kind_has_a_config_and_state_declaration() -> None:
 def test_xsave_larger_than_4096_is_kept() -> None:
     value = samples.x86_64_vcpu(0)
     value["xsave"] = bytes(range(256)) * 44  # 11264 bytes: an AMX-sized KVM_GET_XSAVE2 area
-    parsed = payload(SectionKind.VCPU_STATE, "x86_64").parse(
-        payload(SectionKind.VCPU_STATE, "x86_64").build(value)
-    )
+    parsed = payload(SectionKind.VCPU_STATE, "x86_64").parse(payload(SectionKind.VCPU_STATE, "x86_64").build(value))
     assert parsed.xsave == value["xsave"]

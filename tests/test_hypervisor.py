@@ -14,9 +14,9 @@ import pytest
 
 from smolvmm.devices.bus import Bus
 from smolvmm.host.kvmprobe import probe
+from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, StopKind
-from smolvmm.host.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 
@@ -28,7 +28,9 @@ CODE = bytes.fromhex(
     "a30020"  # mov [0x2000], ax        (dirties page 2)
     "c70600400700"  # mov word [0x4000], 7  (ioeventfd, datamatch 7)
     "c606005042"  # mov byte [0x5000], 0x42 (MMIO exit)
-    "baf803" "b07a" "ee"  # mov dx, 0x3f8; mov al, 'z'; out dx, al
+    "baf803"
+    "b07a"
+    "ee"  # mov dx, 0x3f8; mov al, 'z'; out dx, al
     "ebfe"  # jmp $
 )
 
@@ -59,7 +61,12 @@ def test_real_mode_guest_through_the_interface() -> None:
             vcpu.interrupt()  # the next entry returns at once
 
         pio.add(0x3F8, 8, lambda offset, size: 0, port_write)
-        mmio.add(DEVICE_ADDR, 0x1000, lambda offset, size: 0, lambda offset, size, value: seen.append(("mmio", offset, value)))
+        mmio.add(
+            DEVICE_ADDR,
+            0x1000,
+            lambda offset, size: 0,
+            lambda offset, size, value: seen.append(("mmio", offset, value)),
+        )
         stop = vcpu.run(pio, mmio)
 
         assert stop.kind == StopKind.INTERRUPTED

@@ -45,8 +45,16 @@ def test_cpio_round_trip_with_implicit_parents(tmp_path: Path) -> None:
     image.save(tmp_path / "gz", compress=True)
     entries = parse_newc((tmp_path / "plain").read_bytes())
     assert gzip.decompress((tmp_path / "gz").read_bytes()) == (tmp_path / "plain").read_bytes()
-    assert list(entries) == ["bin", "bin/busybox", "bin/sh", "dev", "dev/console", "etc", "etc/smolvmm",
-                             "etc/smolvmm/modules"]
+    assert list(entries) == [
+        "bin",
+        "bin/busybox",
+        "bin/sh",
+        "dev",
+        "dev/console",
+        "etc",
+        "etc/smolvmm",
+        "etc/smolvmm/modules",
+    ]
     assert entries["bin/busybox"] == (0o100755, b"\x7fELF" * 3, 0)
     assert entries["bin/sh"] == (0o120777, b"busybox", 0)
     assert entries["dev/console"] == (0o020600, b"", (5 << 8) | 1)
@@ -61,8 +69,8 @@ def fake_module(depends: str) -> bytes:
     shstrtab = b"\0.modinfo\0.shstrtab\0"
     data_offset = 64
     shoff = data_offset + len(modinfo_data) + len(shstrtab)
-    header = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
-        "<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2
+    header = (
+        b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
     )
     sections = bytes(64) + struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, data_offset, len(modinfo_data), 0, 0, 1, 0)
     sections += struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, data_offset + len(modinfo_data), len(shstrtab), 0, 0, 1, 0)
@@ -72,8 +80,14 @@ def fake_module(depends: str) -> bytes:
 @pytest.fixture
 def module_root(tmp_path: Path) -> Path:
     release = tmp_path / "lib" / "modules" / "6.1.0-test"
-    modules = {"virtio_ring": "", "virtio": "virtio_ring", "virtio_net": "virtio,net_failover",
-               "net_failover": "failover", "failover": "", "virtio-rng": "virtio,virtio_ring"}
+    modules = {
+        "virtio_ring": "",
+        "virtio": "virtio_ring",
+        "virtio_net": "virtio,net_failover",
+        "net_failover": "failover",
+        "failover": "",
+        "virtio-rng": "virtio,virtio_ring",
+    }
     for name, depends in modules.items():
         path = release / "kernel" / f"{name}.ko"
         path.parent.mkdir(parents=True, exist_ok=True)

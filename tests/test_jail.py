@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-import smolformat
-
-from smolvmm.host.jail import DENIED_SYSCALLS, Jail
 from test_boot import GUEST_TIMEOUT
+
+import smolformat
+from smolvmm.host.jail import DENIED_SYSCALLS, Jail
 
 needs_root_and_kvm = pytest.mark.skipif(
     os.geteuid() != 0 or (not os.path.exists("/dev/kvm") and not os.environ.get("CI")), reason="needs root and /dev/kvm"
@@ -77,7 +77,10 @@ def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_
     out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here
     tmp_path.chmod(0o755)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", CHILD, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -122,7 +125,9 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
     saved = out / "saved.smolmachine"
     monitor = subprocess.Popen(
         [sys.executable, "-m", "smolvmm", "run", "--jail", "--timings", "--save", str(saved), str(bundle)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         monitor.stdin.write(b"echo jailed-$((6*7)) > /tmp/mark; cat /tmp/mark\n")
@@ -150,6 +155,8 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
     assert re.search(r"jail: jailed: uid \d+", stderr), stderr
     again = subprocess.run(
         [sys.executable, "-m", "smolvmm", "run", str(saved)],
-        input=b"cat /tmp/mark\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+        input=b"cat /tmp/mark\npoweroff -f\n",
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert again.returncode == 0 and b"jailed-42" in again.stdout, again.stderr.decode(errors="replace")

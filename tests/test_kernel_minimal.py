@@ -9,16 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from nested_plugin import prepare_on_host
+from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConfig
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, READY_MARKER, minimal_guest
-from nested_plugin import prepare_on_host
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 pytestmark = [pytest.mark.kvm]
-
 
 
 def _build_on_the_host() -> None:
@@ -33,7 +32,9 @@ if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
 def test_cli_boot_minimal_answers_and_powers_off() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", "boot", "--kernel", "minimal", "--cpus", "2", "--mem", "256M"],
-        input=b"echo up-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+        input=b"echo up-$((6*7))\npoweroff -f\n",
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"up-42" in result.stdout
@@ -49,7 +50,9 @@ async def test_minimal_guest_devices_snapshot_restore_and_reboot(tmp_path: Path)
     async with Machine.boot(config) as machine:
         await machine.console.wait_for(READY_MARKER, GUEST_TIMEOUT)
         assert await shell(machine, "nproc") == "2"
-        assert await shell(machine, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource") == "kvm-clock"
+        assert (
+            await shell(machine, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource") == "kvm-clock"
+        )
         assert await shell(machine, "cat /mnt/hello.txt") == "hello from the base image"  # virtio-blk, ext4
         assert await shell(machine, "cat /sys/class/misc/hw_random/rng_current") == "virtio_rng.0"
         assert await shell(machine, "test -e /proc/modules || echo built-in") == "built-in"  # no module support

@@ -61,5 +61,7 @@ def test_the_cli_uses_only_the_public_api() -> None:
                 elif module.split(".")[0] not in allowed:
                     offenders.append(f"{path.name}: from {module}")
             elif isinstance(node, ast.Import):
-                offenders += [f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] not in allowed]
+                offenders += [
+                    f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] not in allowed
+                ]
     assert offenders == []

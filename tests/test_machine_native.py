@@ -11,9 +11,9 @@ import time
 
 import anyio
 import pytest
+from test_boot import own_threads
 
 from smolvmm import Machine, MachineConfig
-from test_boot import own_threads
 
 pytestmark = [
     pytest.mark.anyio,
@@ -37,7 +37,6 @@ async def test_cancelling_the_enclosing_scope_stops_every_machine_promptly() -> 
     assert time.monotonic() - cancelled_at < 1
     assert own_threads() == threads
     assert sorted(os.listdir("/proc/self/fd")) == fds
-
 
 
 async def test_an_error_in_the_block_reaches_the_caller_as_itself() -> None:

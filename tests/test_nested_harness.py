@@ -18,8 +18,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, NestedRun, combine, next_tests
+
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
 from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
@@ -96,8 +96,14 @@ def test_no_qemu_outlives_a_timeout_or_a_killed_harness() -> None:
 
 def test_job_script_quotes_and_forwards_a_sane_environment(tmp_path: Path) -> None:
     env = {"PATH": "/bin", "PYTHONPATH": "/x", "SMOLVMM_X": "1", "SECRET_TOKEN": "no", "LC_ALL": "C"}
-    assert forwarded_env(env) == {"PATH": "/bin", "PYTHONPATH": "/x", "SMOLVMM_X": "1", "LC_ALL": "C",
-                                  "SMOLVMM_NESTED": "1", "SMOLVMM_NESTED_ACTIVITY": "/run/smolvmm/activity"}
+    assert forwarded_env(env) == {
+        "PATH": "/bin",
+        "PYTHONPATH": "/x",
+        "SMOLVMM_X": "1",
+        "LC_ALL": "C",
+        "SMOLVMM_NESTED": "1",
+        "SMOLVMM_NESTED_ACTIVITY": "/run/smolvmm/activity",
+    }
     script = job_script(Job(["printf", "%s\n", "a b", "it's"], cwd=tmp_path, env=env))
     result = subprocess.run(["sh", "-c", script.replace("exec ", "env; exec ")], capture_output=True, text=True)
     assert result.stdout.endswith("a b\nit's\n")
@@ -121,7 +127,10 @@ def run_plugin(tmp_path: Path, host: str | None, **env: str) -> subprocess.Compl
     environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), **env)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfs", str(tmp_path)],
-        cwd=tmp_path, env=environment, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -163,8 +172,13 @@ def stop_qemu(marker: str) -> int:
 def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_path: Path) -> None:
     env = {**os.environ, WATCHDOG_ENV: "10", "TMPDIR": str(tmp_path)}  # TMPDIR: this test's QEMU holds tmp_path
     script = 'echo step-42 > "$SMOLVMM_NESTED_ACTIVITY"; sleep 3; echo started; sleep 600'
-    harness = subprocess.Popen([str(TOOL), "--evidence", str(tmp_path / "evidence.log"), "sh", "-c", script],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    harness = subprocess.Popen(
+        [str(TOOL), "--evidence", str(tmp_path / "evidence.log"), "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert harness.stdout is not None and harness.stdout.readline() == "started\n"
         qemu = stop_qemu(str(tmp_path))
@@ -173,8 +187,11 @@ def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_pat
         harness.kill()
     assert harness.returncode == NESTED_FROZE, stderr
     line = stderr.splitlines()[0]
-    silent = re.fullmatch(r"nested-kvm: the nested machine froze, not the command: no heartbeat for (\d+) s "
-                          r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped \(state T; .*\); it was running: step-42", line)
+    silent = re.fullmatch(
+        r"nested-kvm: the nested machine froze, not the command: no heartbeat for (\d+) s "
+        r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped \(state T; .*\); it was running: step-42",
+        line,
+    )
     assert silent and 10 <= int(silent[1]) < 30, line
     assert re.search(rf"^{qemu} qemu-system-x86 state=T ", stderr, re.MULTILINE), stderr
     assert f"--- all the evidence: {tmp_path / 'evidence.log'} ---" in stderr
@@ -191,7 +208,9 @@ def test_the_watchdog_bound_comes_from_the_environment() -> None:
         with pytest.raises(ValueError, match="SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0"):
             watchdog_bound({WATCHDOG_ENV: bad})
     result = subprocess.run([str(TOOL), "true"], capture_output=True, text=True, env={**os.environ, WATCHDOG_ENV: "x"})
-    assert result.returncode == 2 and "SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0, not 'x'" in result.stderr
+    assert (
+        result.returncode == 2 and "SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0, not 'x'" in result.stderr
+    )
 
 
 def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:
@@ -206,7 +225,9 @@ def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:
 
 
 def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:
-    run = NestedRun(number, nodeids, status, {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}, running)
+    run = NestedRun(
+        number, nodeids, status, {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}, running
+    )
     if run.unfinished:
         run.failure = f"the machine of run {number} froze\nconsole..."
         run.evidence = Path(f"/out/run-{number}-evidence.log")
@@ -229,7 +250,8 @@ def test_a_retry_reports_the_frozen_test_and_reruns_the_rest() -> None:
     results, lines = combine([first, ran(2, ["t::b", "t::c"], 1, {"t::b": "failed", "t::c": "passed"})])
     assert lines[2] == "  t::b (running when the machine stopped): failed twice"
     assert results["t::b"]["outcome"] == "failed" and results["t::b"]["text"].startswith(
-        "this test was running when nested run 1 ended: the machine of run 1 froze\nconsole...")
+        "this test was running when nested run 1 ended: the machine of run 1 froze\nconsole..."
+    )
     assert results["t::b"]["text"].endswith("and on the retry in a fresh machine:\nt::b failed")
 
 
@@ -239,16 +261,22 @@ def test_a_test_that_stops_the_machine_twice_fails() -> None:
     assert next_tests([first, second]) == ["t::b"]  # t::a stopped two machines: it is not run a third time
     results, lines = combine([first, second])
     assert results["t::a"]["outcome"] == results["t::b"]["outcome"] == "failed"
-    assert lines[2] == "  t::a (running when the machine stopped): failed twice (the nested machine stopped while it ran, " \
+    assert (
+        lines[2] == "  t::a (running when the machine stopped): failed twice (the nested machine stopped while it ran, "
         "again: the machine of run 2 froze)"
-    assert lines[3:] == ["  t::b: no outcome on the retry either",
-                         "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log); not retried again"]
+    )
+    assert lines[3:] == [
+        "  t::b: no outcome on the retry either",
+        "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log); not retried again",
+    ]
     third = ran(3, ["t::b"], 0, {"t::b": "passed"})
     results, lines = combine([first, second, third])
     assert results["t::a"]["outcome"] == "failed" and results["t::b"]["outcome"] == "passed"
-    assert lines[4:] == ["nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)",
-                         "  1 kvm tests without an outcome ran again in a fresh nested machine (run 3):",
-                         "  t::b: passed on the retry"]
+    assert lines[4:] == [
+        "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)",
+        "  1 kvm tests without an outcome ran again in a fresh nested machine (run 3):",
+        "  t::b: passed on the retry",
+    ]
     assert combine([first]) == ({n: {"outcome": "failed", "text": first.failure} for n in ("t::a", "t::b")}, [])
 
 
@@ -286,7 +314,11 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
     base = tmp_path / "base"
     outer = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfs", f"--basetemp={base}", "test_inner.py"],
-        cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         run_1 = base / "nested-kvm0" / "run-1"
@@ -301,13 +333,18 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
         outer.kill()
     assert outer.returncode == 0 and "3 passed" in output, output
     evidence = base / "nested-kvm0" / "run-1-evidence.log"
-    summary = output[output.index("kvm tests retried after the nested machine stopped"):]
-    assert re.search(r"\nnested run 1: the nested machine froze, not the command: no heartbeat for \d+ s "
-                     r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_freezes "
-                     rf"\(evidence: {re.escape(str(evidence))}\)\n", summary), summary
-    assert "\n  2 kvm tests without an outcome ran again in a fresh nested machine (run 2):\n" \
-        "  test_inner.py::test_freezes (running when the machine stopped): passed on the retry\n" \
-        "  test_inner.py::test_after: passed on the retry\n" in summary, summary
+    summary = output[output.index("kvm tests retried after the nested machine stopped") :]
+    assert re.search(
+        r"\nnested run 1: the nested machine froze, not the command: no heartbeat for \d+ s "
+        r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_freezes "
+        rf"\(evidence: {re.escape(str(evidence))}\)\n",
+        summary,
+    ), summary
+    assert (
+        "\n  2 kvm tests without an outcome ran again in a fresh nested machine (run 2):\n"
+        "  test_inner.py::test_freezes (running when the machine stopped): passed on the retry\n"
+        "  test_inner.py::test_after: passed on the retry\n" in summary
+    ), summary
     assert "test_inner.py::test_freezes" in evidence.read_text()
 
 

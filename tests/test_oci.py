@@ -18,9 +18,8 @@ from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import DEFAULT_PATH, ImageConfig
 from smolvmm.oci.layers import Budget, apply_layers
 from smolvmm.oci.registry import parse_reference
-from smolvmm.registry.reference import Reference
 from smolvmm.oci.source import Layer, open_source, split_reference
-
+from smolvmm.registry.reference import Reference
 
 
 def make_tar(*entries: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
@@ -64,19 +63,28 @@ def root(tmp_path: Path) -> Path:
 
 def outside_is_untouched(root: Path) -> bool:
     return list((root.parent / "outside").iterdir()) == [] and sorted(p.name for p in root.parent.iterdir()) == [
-        "outside", "root"]
+        "outside",
+        "root",
+    ]
 
 
 def test_layers_apply_in_order_with_whiteouts_opaque_dirs_links_and_metadata(root: Path) -> None:
     lower = make_tar(
-        info("usr", tarfile.DIRTYPE), info("usr/lib", tarfile.DIRTYPE), info("lib", tarfile.SYMTYPE, linkname="usr/lib"),
-        ("usr/lib/keep.so", b"keep"), ("etc/doomed", b"doomed"), info("etc/old", tarfile.DIRTYPE),
-        ("etc/old/a", b"a"), ("etc/old/b", b"b"), ("data/secret", b"s3cret"),
+        info("usr", tarfile.DIRTYPE),
+        info("usr/lib", tarfile.DIRTYPE),
+        info("lib", tarfile.SYMTYPE, linkname="usr/lib"),
+        ("usr/lib/keep.so", b"keep"),
+        ("etc/doomed", b"doomed"),
+        info("etc/old", tarfile.DIRTYPE),
+        ("etc/old/a", b"a"),
+        ("etc/old/b", b"b"),
+        ("data/secret", b"s3cret"),
         info("data/secret", tarfile.REGTYPE, size=0),  # replaced below by a later entry of the same layer
     )
     upper = make_tar(
         info("etc/.wh.doomed", tarfile.REGTYPE),
-        ("etc/old/new", b"new"), info("etc/old/.wh..wh..opq", tarfile.REGTYPE),
+        ("etc/old/new", b"new"),
+        info("etc/old/.wh..wh..opq", tarfile.REGTYPE),
         ("lib/through-symlink.so", b"in usr/lib"),  # merged /usr: written through lib -> usr/lib
         info("srv", tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001),
         info("srv/run.sh", tarfile.REGTYPE, mode=0o4755, uid=1000, gid=1001, mtime=1_600_000_000),
@@ -113,11 +121,16 @@ HOSTILE = {
     "absolute": [("/tmp/pwned", b"x")],
     "symlink-relative": [info("escape", tarfile.SYMTYPE, linkname="../../outside"), ("escape/pwned", b"x")],
     "symlink-absolute": [info("escape", tarfile.SYMTYPE, linkname="/outside-abs"), ("escape/pwned", b"x")],
-    "symlink-chain": [info("a", tarfile.SYMTYPE, linkname="b/../.."), info("b", tarfile.DIRTYPE),
-                      ("a/outside/pwned", b"x")],
+    "symlink-chain": [
+        info("a", tarfile.SYMTYPE, linkname="b/../.."),
+        info("b", tarfile.DIRTYPE),
+        ("a/outside/pwned", b"x"),
+    ],
     "hardlink-out": [info("pw", tarfile.LNKTYPE, linkname="../outside/target")],
-    "hardlink-through-symlink": [info("up", tarfile.SYMTYPE, linkname=".."), info("pw", tarfile.LNKTYPE,
-                                                                                   linkname="up/outside/target")],
+    "hardlink-through-symlink": [
+        info("up", tarfile.SYMTYPE, linkname=".."),
+        info("pw", tarfile.LNKTYPE, linkname="up/outside/target"),
+    ],
     "tar-bomb": [info("bomb", tarfile.REGTYPE, size=1 << 40)],
 }
 
@@ -146,10 +159,15 @@ def _blob(layout: Path, data: bytes, media: str) -> dict[str, object]:
 
 
 def make_layout(layout: Path, layers: list[bytes], config: dict, platform: str | None = None) -> None:
-    config_doc = {"architecture": "amd64", "os": "linux", "config": config,
-                  "rootfs": {"type": "layers", "diff_ids": []}}
+    config_doc = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }
     manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": _blob(layout, json.dumps(config_doc).encode(), "application/vnd.oci.image.config.v1+json"),
         "layers": [_blob(layout, data, "application/vnd.oci.image.layer.v1.tar") for data in layers],
     }
@@ -217,17 +235,24 @@ def test_image_config_defaults_and_commands() -> None:
         ImageConfig.from_image({"config": {"Env": "PATH=/x"}})
 
 
-@pytest.mark.parametrize(("args", "message", "status"), [
-    (["--image", "oci:/nonexistent:app"], "is not an OCI image layout", 1),
-    (["--image", "podman:x"], "unknown image source 'podman:x'", 1),
-    (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port", 2),
-])
+@pytest.mark.parametrize(
+    ("args", "message", "status"),
+    [
+        (["--image", "oci:/nonexistent:app"], "is not an OCI image layout", 1),
+        (["--image", "podman:x"], "unknown image source 'podman:x'", 1),
+        (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port", 2),
+    ],
+)
 def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(
     tmp_path: Path, args: list[str], message: str, status: int
 ) -> None:
     output = tmp_path / "app.smolmachine"
-    result = subprocess.run([sys.executable, "-m", "smolvmm", "build", *args, "-o", str(output)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", *args, "-o", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("smolvmm: error:")]
     assert result.returncode == status and len(errors) == 1 and message in errors[0]
     assert not output.exists()

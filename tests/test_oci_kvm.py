@@ -12,10 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import oci_images
+import pytest
 from nested_plugin import prepare_on_host
+
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
 from smolvmm.oci.rootdisk import root_disk
@@ -38,16 +38,30 @@ if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
 
 
 def smolvmm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "smolvmm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="session")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pre-warmed bundle, built once."""
     path = tmp_path_factory.mktemp("image") / "app.smolmachine"
-    result = smolvmm("build", "--image", SOURCE.format(layout=oci_images.oci_layout()), "-o", str(path),
-                     "--warm", "python3 -m http.server 8000 >/dev/null 2>&1 &", "--ready-port", "8000")
+    result = smolvmm(
+        "build",
+        "--image",
+        SOURCE.format(layout=oci_images.oci_layout()),
+        "-o",
+        str(path),
+        "--warm",
+        "python3 -m http.server 8000 >/dev/null 2>&1 &",
+        "--ready-port",
+        "8000",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: ")
     return path
@@ -82,6 +96,11 @@ def test_run_without_a_command_runs_the_image_cmd_and_returns_exit_statuses(app:
     assert (result.returncode, result.stdout) == (0, f"cmd ran in {oci_images.WORKDIR} hello from the image\n")
     failed = smolvmm("run", str(app), "--", "sh", "-c", "echo out; echo to stderr >&2; exit 3")
     assert (failed.returncode, failed.stdout) == (3, "out\n") and "to stderr\n" in failed.stderr
-    fed = subprocess.run([sys.executable, "-m", "smolvmm", "run", str(app), "--", "wc", "-c"], input="four",
-                         capture_output=True, text=True, timeout=900)
+    fed = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", str(app), "--", "wc", "-c"],
+        input="four",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert (fed.returncode, fed.stdout.strip()) == (0, "4")  # stdin reaches the command

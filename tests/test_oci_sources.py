@@ -10,14 +10,13 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import pytest
-
 import oci_images
+import pytest
+from registry_server import token_registry_server
+
 from smolvmm.errors import ImageError
 from smolvmm.oci.rootdisk import root_disk
 from smolvmm.oci.source import open_source
-
-from registry_server import token_registry_server
 
 
 def debugfs(disk: Path, request: str) -> str:
@@ -42,8 +41,12 @@ def _check_image(spec: str, work: Path) -> str:
         assert list(image.config.cmd) == oci_images.CMD
         disk = root_disk(image, work)
     assert debugfs(disk, "cat /srv/app/hello.txt") == "hello from layer 2\n"
-    assert "File not found" in subprocess.run(["debugfs", "-R", f"stat /{oci_images.DOOMED}", str(disk)],
-                                              capture_output=True, text=True).stderr
+    assert (
+        "File not found"
+        in subprocess.run(
+            ["debugfs", "-R", f"stat /{oci_images.DOOMED}", str(disk)], capture_output=True, text=True
+        ).stderr
+    )
     assert "Type: regular" in debugfs(disk, "stat /usr/bin/python3.11")
     return image.key
 
@@ -62,14 +65,27 @@ def test_docker_transport_pulls_from_a_registry(registry: oci_images.Registry, l
             pass
 
 
-def test_docker_transport_answers_a_bearer_token_challenge(layout: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_docker_transport_answers_a_bearer_token_challenge(
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     docker = tmp_path / "docker"
     monkeypatch.setenv("DOCKER_CONFIG", str(docker))
     with token_registry_server(tmp_path / "tokenreg", users={"bob": "hunter2"}) as server:
         name = f"docker://{server.address}/private/app:v1"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "bob:hunter2",
-                        f"oci:{layout}:{oci_images.TAG}", name], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                "bob:hunter2",
+                f"oci:{layout}:{oci_images.TAG}",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
         with pytest.raises(ImageError, match="refused the credentials .*none in the docker config"):
             with open_source(name, tmp_path / "refused"):
                 pass

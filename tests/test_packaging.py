@@ -29,8 +29,12 @@ def test_the_wheel_builds_with_the_setuptools_floor_and_ships_types_and_license(
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", f"setuptools=={_floor()}"], check=True, timeout=600)
     out = tmp_path / "wheels"
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = out.glob("smolvmm-*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -10,6 +10,7 @@ import random
 import shutil
 
 import pytest
+
 from smolformat.layout import PAGE_SIZE
 from smolformat.pages import RawEncoder
 from smolformat.pagescan import DUP, NEW, ZERO, PageScanner, _anonymous_ranges, _untouched_pagemap, native_module
@@ -68,7 +69,9 @@ def test_native_and_python_scanners_agree(native: None, dedup: bool) -> None:
     assert results[0][1][0][-1] == NEW  # the 123-byte tail: stored, never shared
 
 
-@pytest.mark.parametrize("options", [{}, {"min_dedup_run": 1, "min_zero_gap": 1}, {"min_dedup_run": 2, "min_zero_gap": 3}])
+@pytest.mark.parametrize(
+    "options", [{}, {"min_dedup_run": 1, "min_zero_gap": 1}, {"min_dedup_run": 2, "min_zero_gap": 3}]
+)
 def test_encoders_write_the_same_bytes(native: None, options: dict[str, int]) -> None:
     regions = [(0, memoryview(_memory(3, 2048))), (1 << 32, memoryview(_memory(4, 1024)))]
     outputs = []
@@ -138,7 +141,9 @@ def test_every_repeat_is_found_among_many_distinct_pages(native: None) -> None:
     order = list(range(distinct))
     rng.shuffle(order)
     for slot, page in enumerate(order):
-        memory[(distinct + slot) * PAGE_SIZE : (distinct + slot + 1) * PAGE_SIZE] = memory[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+        memory[(distinct + slot) * PAGE_SIZE : (distinct + slot + 1) * PAGE_SIZE] = memory[
+            page * PAGE_SIZE : (page + 1) * PAGE_SIZE
+        ]
     kinds, refs = PageScanner(dedup=True).classify(memoryview(memory), 0)
     assert kinds == bytes([NEW]) * distinct + bytes([DUP]) * distinct
     assert [refs[distinct + slot] for slot in range(distinct)] == order

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from smolformat import verify_bundle, write_bundle
-
-from smolvmm import progress, report_progress
 from test_format_bundle import contents
+
+from smolformat import verify_bundle, write_bundle
+from smolvmm import progress, report_progress
 
 
 class Recorder:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_boot import GUEST_TIMEOUT
 
 pytestmark = [pytest.mark.kvm]
@@ -25,7 +24,9 @@ def test_the_readme_has_a_trio_and_an_asyncio_example() -> None:
     assert "asyncio.run(main())" in examples()[1]
 
 
-@pytest.mark.parametrize(("index", "expected"), [(0, r"cloud-amd64"), (1, r"MachineExit\(reason=<ExitReason\.POWEROFF")])
+@pytest.mark.parametrize(
+    ("index", "expected"), [(0, r"cloud-amd64"), (1, r"MachineExit\(reason=<ExitReason\.POWEROFF")]
+)
 def test_a_readme_example_runs(index: int, expected: str, bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "app.smolmachine").symlink_to(bundle)
     (tmp_path / "example.py").write_text(examples()[index])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
 
 import smolvmm
 from smolformat import BundleContents, make_metadata, open_bundle, samples, write_bundle
@@ -24,10 +25,10 @@ from smolvmm.registry import artifact, client
 from smolvmm.registry.reference import Reference
 from smolvmm.registry.store import BlobStore
 
-from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
-
 MIB = 1 << 20
-pytestmark = pytest.mark.skipif(not os.path.exists(REGISTRY_BINARY), reason="docker-registry is not installed (tools/setup)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(REGISTRY_BINARY), reason="docker-registry is not installed (tools/setup)"
+)
 
 
 def make_bundle(path: Path, memory: bytearray, vcpu_seed: int = 0) -> bytes:
@@ -93,11 +94,17 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "smolvmm", *args], capture_output=True, text=True, timeout=300, env=env or os.environ.copy()
+        [sys.executable, "-m", "smolvmm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env or os.environ.copy(),
     )
 
 
-def test_cli_push_then_pull_gives_the_same_bytes(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_cli_push_then_pull_gives_the_same_bytes(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     ref = f"{registry.address}/team/app:v1"
     pushed = cli("push", str(first), ref)
@@ -120,16 +127,24 @@ def test_cli_push_then_pull_gives_the_same_bytes(registry: RegistryServer, bundl
     assert offline.path == stored.path and offline.transfer.moved == 0 and offline.bundle_digest == stored.bundle_digest
 
 
-def test_the_manifest_is_an_oci_artifact_of_our_type(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path) -> None:
+def test_the_manifest_is_an_oci_artifact_of_our_type(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path
+) -> None:
     first, _ = bundles
 
     async def main() -> dict:
         result = await smolvmm.push(first, f"{registry.address}/team/shape:v1")
         async with client.RegistryClient(registry.address, loopback=True) as registry_client:
-            data, digest = await registry_client.get_manifest(Reference.parse(f"{registry.address}/team/shape:v1"), 1 << 22)
+            data, digest = await registry_client.get_manifest(
+                Reference.parse(f"{registry.address}/team/shape:v1"), 1 << 22
+            )
             assert digest == result.digest
             manifest = json.loads(data)
-            config = json.loads(await registry_client.fetch_small("team/shape", manifest["config"]["digest"], manifest["config"]["size"]))
+            config = json.loads(
+                await registry_client.fetch_small(
+                    "team/shape", manifest["config"]["digest"], manifest["config"]["size"]
+                )
+            )
         return {"manifest": manifest, "config": config}
 
     got = anyio.run(main)
@@ -143,11 +158,18 @@ def test_the_manifest_is_an_oci_artifact_of_our_type(registry: RegistryServer, b
     with open_bundle(first) as bundle:
         assert config["bundleDigest"] == "blake2b-256:" + bundle.digest.hex()
         assert config["fileSize"] == first.stat().st_size
-        assert (config["arch"], config["vcpus"], config["ram"], config["hypervisor"]) == ("x86_64", 2, 96 * MIB, "kvm-pvm")
+        assert (config["arch"], config["vcpus"], config["ram"], config["hypervisor"]) == (
+            "x86_64",
+            2,
+            96 * MIB,
+            "kvm-pvm",
+        )
 
 
 @pytest.mark.anyio
-async def test_a_second_save_moves_under_a_tenth_of_its_bytes(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+async def test_a_second_save_moves_under_a_tenth_of_its_bytes(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, second = bundles
     ref = f"{registry.address}/gens/{os.getpid()}-{random.randrange(1 << 30)}"
     one = await smolvmm.push(first, f"{ref}:one")
@@ -171,7 +193,9 @@ async def test_a_second_save_moves_under_a_tenth_of_its_bytes(registry: Registry
 
 
 @pytest.mark.anyio
-async def test_a_save_of_a_pulled_machine_goes_up_as_patches(registry: RegistryServer, bundles: tuple[Path, Path], tmp_path: Path) -> None:
+async def test_a_save_of_a_pulled_machine_goes_up_as_patches(
+    registry: RegistryServer, bundles: tuple[Path, Path], tmp_path: Path
+) -> None:
     """Pull on one host, save again there, push: the patches match the chunks the pull stored."""
     first, second = bundles
     ref = f"{registry.address}/hosts/{os.getpid()}-{random.randrange(1 << 30)}"
@@ -197,7 +221,9 @@ async def test_a_push_to_another_repository_mounts_instead_of_uploading(
     assert pulled.path.read_bytes() == first.read_bytes()
 
 
-def test_a_tampered_blob_fails_the_pull_naming_its_digest(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_a_tampered_blob_fails_the_pull_naming_its_digest(
+    bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     with registry_server(tmp_path / "tampered-registry") as registry:
         _check_tampered_pull(registry, first, tmp_path)
@@ -235,7 +261,9 @@ def test_unknown_reference_and_bad_references(registry: RegistryServer, cache: P
     assert absent.returncode == 1 and "unknown reference" in absent.stderr
 
 
-def test_basic_auth_from_the_docker_config_and_a_credential_helper(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_basic_auth_from_the_docker_config_and_a_credential_helper(
+    bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     with registry_server(tmp_path / "authreg", users={"alice": "s3cret"}) as server:
         ref = f"{server.address}/private/app:v1"
@@ -243,11 +271,15 @@ def test_basic_auth_from_the_docker_config_and_a_credential_helper(bundles: tupl
         docker.mkdir()
         no_login = cli("push", str(first), ref)
         assert no_login.returncode == 1 and "asks for a login" in no_login.stderr
-        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "YWxpY2U6d3Jvbmc="}}}))  # alice:wrong
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {server.address: {"auth": "YWxpY2U6d3Jvbmc="}}})
+        )  # alice:wrong
         refused = cli("push", str(first), ref)
         assert refused.returncode == 1 and "refused the credentials" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
-        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "YWxpY2U6czNjcmV0"}}}))  # alice:s3cret
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {server.address: {"auth": "YWxpY2U6czNjcmV0"}}})
+        )  # alice:s3cret
         pushed = cli("push", str(first), ref)
         assert pushed.returncode == 0, pushed.stderr
         helpers = tmp_path / "bin"
@@ -264,7 +296,9 @@ def test_basic_auth_from_the_docker_config_and_a_credential_helper(bundles: tupl
 
 
 @pytest.mark.anyio
-async def test_bearer_tokens_from_the_registrys_challenge(bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+async def test_bearer_tokens_from_the_registrys_challenge(
+    bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     with token_registry_server(tmp_path / "tokenreg", users={"bob": "hunter2"}) as server:
         ref = f"{server.address}/tokens/app:v1"
@@ -272,9 +306,13 @@ async def test_bearer_tokens_from_the_registrys_challenge(bundles: tuple[Path, P
             await smolvmm.push(first, ref)
         docker = cache.parent / "docker"
         docker.mkdir()
-        (docker / "config.json").write_text(json.dumps({"auths": {server.address: {"auth": "Ym9iOmh1bnRlcjI="}}}))  # bob:hunter2
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {server.address: {"auth": "Ym9iOmh1bnRlcjI="}}})
+        )  # bob:hunter2
         await smolvmm.push(first, ref)
-        mounted = await smolvmm.push(first, f"{server.address}/tokens/mounted:v1")  # a mount needs pull on the source too
+        mounted = await smolvmm.push(
+            first, f"{server.address}/tokens/mounted:v1"
+        )  # a mount needs pull on the source too
         assert mounted.transfer.moved < 4096
         pulled = await smolvmm.pull(ref, tmp_path / "t.smolmachine")
         assert pulled.path.read_bytes() == first.read_bytes()
@@ -332,7 +370,9 @@ class _CuttingProxy:
                 sock.close()
 
 
-def test_a_registry_that_disappears_mid_pull(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_a_registry_that_disappears_mid_pull(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     anyio.run(smolvmm.push, first, f"{registry.address}/vanish/app:v1")
     proxy = _CuttingProxy(registry.address, budget=first.stat().st_size // 2)
@@ -344,7 +384,9 @@ def test_a_registry_that_disappears_mid_pull(registry: RegistryServer, bundles: 
     assert not out.exists() and not list(tmp_path.glob(".vanished*"))
 
 
-def test_a_killed_pull_resumes_and_verifies(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_a_killed_pull_resumes_and_verifies(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     ref = f"{registry.address}/killed/app:v1"
     anyio.run(smolvmm.push, first, ref)
@@ -352,7 +394,9 @@ def test_a_killed_pull_resumes_and_verifies(registry: RegistryServer, bundles: t
     slow = _CuttingProxy(registry.address, budget=1 << 62, delay=0.005)
     blobs = cache / "smolvmm" / "oci" / "blobs" / "sha256"
     out = tmp_path / "k.smolmachine"
-    process = subprocess.Popen([sys.executable, "-m", "smolvmm", "pull", f"{slow.address}/killed/app:v1", "-o", str(out)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "pull", f"{slow.address}/killed/app:v1", "-o", str(out)]
+    )
     while process.poll() is None and len([p for p in blobs.glob("*") if not p.name.startswith(".")]) < 6:
         time.sleep(0.01)  # wait for some finished blobs (counted, not timed)
     process.send_signal(signal.SIGKILL)
@@ -372,7 +416,9 @@ def test_a_killed_pull_resumes_and_verifies(registry: RegistryServer, bundles: t
     assert out.read_bytes() == first.read_bytes()
 
 
-def test_a_full_disk_leaves_nothing_under_the_final_name(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_a_full_disk_leaves_nothing_under_the_final_name(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     first, _ = bundles
     ref = f"{registry.address}/full/app:v1"
     anyio.run(smolvmm.push, first, ref)
@@ -384,7 +430,9 @@ def test_a_full_disk_leaves_nothing_under_the_final_name(registry: RegistryServe
         out = small / "full.smolmachine"
         pulled = cli("pull", ref, "-o", str(out))
         assert pulled.returncode == 1
-        assert len(pulled.stderr.strip().splitlines()) == 1 and "No space left on device" in pulled.stderr, pulled.stderr
+        assert len(pulled.stderr.strip().splitlines()) == 1 and "No space left on device" in pulled.stderr, (
+            pulled.stderr
+        )
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -395,13 +443,26 @@ def test_a_full_disk_leaves_nothing_under_the_final_name(registry: RegistryServe
 
 def test_references_parse_strictly() -> None:
     ref = Reference.parse("127.0.0.1:5000/team/app:v1")
-    assert (ref.registry, ref.repository, ref.tag, ref.digest, ref.is_loopback) == ("127.0.0.1:5000", "team/app", "v1", None, True)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest, ref.is_loopback) == (
+        "127.0.0.1:5000",
+        "team/app",
+        "v1",
+        None,
+        True,
+    )
     digest = "sha256:" + "ab" * 32
     assert Reference.parse(f"ghcr.io/a/b@{digest}").manifest_reference == digest
     assert Reference.parse("registry.example/app").tag == "latest"
     assert not Reference.parse("registry.example/app").is_loopback
     assert Reference.parse("localhost/app:x").is_loopback
-    for bad in ("app:v1", "team/app:v1", "ghcr.io/Team/app", "ghcr.io/a/b@sha256:12", "ghcr.io/a:b c", "ghcr.io/" + "a" * 300):
+    for bad in (
+        "app:v1",
+        "team/app:v1",
+        "ghcr.io/Team/app",
+        "ghcr.io/a/b@sha256:12",
+        "ghcr.io/a:b c",
+        "ghcr.io/" + "a" * 300,
+    ):
         with pytest.raises(smolvmm.ConfigError):
             Reference.parse(bad)
 
@@ -432,7 +493,10 @@ def test_cuts_follow_guest_addresses_not_file_offsets(tmp_path: Path) -> None:
         (lambda m: m["layers"][1].update(digest="sha256:xyz"), "no sha256 digest"),
         (lambda m: m["layers"][2]["annotations"].update({artifact.OFFSET_KEY: "0"}), "overlaps"),
         (lambda m: m["layers"][1].pop("annotations"), "no dev.smolvmm.offset"),
-        (lambda m: m["layers"][2]["annotations"].update({artifact.LENGTH_KEY: str(artifact.MAX_CHUNK + 1)}), "more than"),
+        (
+            lambda m: m["layers"][2]["annotations"].update({artifact.LENGTH_KEY: str(artifact.MAX_CHUNK + 1)}),
+            "more than",
+        ),
         (lambda m: m["layers"][2]["annotations"].pop(artifact.BASE_KEY), "no chunk or base"),
         (lambda m: m["layers"].pop(), "not among the manifest's base layers"),
         (lambda m: m["layers"].insert(1, m["layers"].pop()), "not a chunk or patch in its place"),
@@ -454,7 +518,8 @@ def test_manifests_are_checked_before_anything_is_fetched(change, message: str) 
     )
     parsed = artifact.parse_manifest(good, "r")
     assert [(p.digest, p.size, p.offset, p.base) for p in parsed.pieces] == [
-        (digest[1], 10, 0, None), (digest[2], 8192, 10, digest[6]),
+        (digest[1], 10, 0, None),
+        (digest[2], 8192, 10, digest[6]),
     ]
     assert parsed.bases == {digest[6]: 4096}
     manifest = json.loads(good)
@@ -473,7 +538,12 @@ def test_patches_rebuild_a_chunk_from_its_base_and_refuse_bad_input() -> None:
     assert patch is not None and len(patch) < 3 * PAGE_SIZE
     assert artifact.apply_patch(patch, base, len(later), "p") == later
     assert artifact.make_patch(rng.randbytes(8 * PAGE_SIZE), artifact.page_hashes(base)) is None  # all new: no patch
-    for broken in (patch[:-1], patch[:8] + b"\xff" + patch[9:], b"SMPATCH2" + patch[8:], patch[:12] + (0).to_bytes(4, "little") + patch[16:]):
+    for broken in (
+        patch[:-1],
+        patch[:8] + b"\xff" + patch[9:],
+        b"SMPATCH2" + patch[8:],
+        patch[:12] + (0).to_bytes(4, "little") + patch[16:],
+    ):
         with pytest.raises(smolvmm.RegistryError, match="malformed"):
             artifact.apply_patch(broken, base, len(later), "p")
     with pytest.raises(smolvmm.RegistryError, match="malformed"):
@@ -485,11 +555,18 @@ def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
     assert credentials("ghcr.io") is None  # no config at all
-    (tmp_path / "config.json").write_text(json.dumps({
-        "auths": {"https://index.example": {"auth": "dTpw"}, "ghcr.io": {"identitytoken": "tok"},
-                  "https://index.docker.io/v1/": {"auth": "aHViOnB3"}},
-        "credsStore": "absent-helper",
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.example": {"auth": "dTpw"},
+                    "ghcr.io": {"identitytoken": "tok"},
+                    "https://index.docker.io/v1/": {"auth": "aHViOnB3"},
+                },
+                "credsStore": "absent-helper",
+            }
+        )
+    )
     assert credentials("index.example") == ("u", "p")
     assert credentials("registry-1.docker.io") == ("hub", "pw")  # docker login's key for Docker Hub
     assert credentials("ghcr.io") == ("<token>", "tok")
@@ -498,9 +575,13 @@ def test_credentials_come_from_the_docker_config(tmp_path: Path, monkeypatch: py
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(smolvmm.RegistryError, match="cannot read"):
         credentials("ghcr.io")
-    scheme, params = parse_challenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"')
+    scheme, params = parse_challenge(
+        'Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull"'
+    )
     assert scheme == "bearer" and params == {
-        "realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull",
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull",
     }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
 
@@ -516,19 +597,27 @@ async def test_a_token_service_over_plain_http_only_where_plain_http_is_allowed(
 async def test_plain_http_only_for_loopback_or_insecure(registry: RegistryServer) -> None:
     ref = Reference.parse(f"{registry.address}/nobody/here:v1")
     async with client.RegistryClient(registry.address, loopback=False) as strict:  # as for a remote host
-        with pytest.raises(smolvmm.RegistryError, match="plain HTTP is used only for loopback registries or with --insecure"):
+        with pytest.raises(
+            smolvmm.RegistryError, match="plain HTTP is used only for loopback registries or with --insecure"
+        ):
             await strict.get_manifest(ref, 1024)
     async with client.RegistryClient(registry.address, insecure=True) as insecure:
         with pytest.raises(smolvmm.RegistryError, match="unknown reference"):
             await insecure.get_manifest(ref, 1024)
 
 
-def test_progress_on_a_terminal(registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path) -> None:
+def test_progress_on_a_terminal(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
     import pty
 
     first, _ = bundles
     ref = f"{registry.address}/progress/app:v1"
-    for args in (["push", str(first), ref], ["push", str(first), ref], ["pull", ref, "-o", str(tmp_path / "p.smolmachine")]):
+    for args in (
+        ["push", str(first), ref],
+        ["push", str(first), ref],
+        ["pull", ref, "-o", str(tmp_path / "p.smolmachine")],
+    ):
         leader, follower = pty.openpty()
         process = subprocess.Popen([sys.executable, "-m", "smolvmm", *args], stderr=follower, stdout=subprocess.DEVNULL)
         os.close(follower)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from registry_server import registry_server
+from test_boot import GUEST_TIMEOUT, shell
 
 import smolvmm
-from registry_server import registry_server
 from smolvmm.images.cache import cache_root
 from smolvmm.registry.store import BlobStore
-from test_boot import GUEST_TIMEOUT, shell
 
 pytestmark = [pytest.mark.kvm]
 
@@ -23,12 +23,16 @@ pytestmark = [pytest.mark.kvm]
 def test_run_by_reference_resumes_the_pushed_machine(bundle: Path, tmp_path: Path) -> None:
     with registry_server(tmp_path / "registry") as registry:
         ref = f"{registry.address}/machines/app:v1"
-        pushed = subprocess.run([sys.executable, "-m", "smolvmm", "push", str(bundle), ref], capture_output=True, text=True, timeout=600)
+        pushed = subprocess.run(
+            [sys.executable, "-m", "smolvmm", "push", str(bundle), ref], capture_output=True, text=True, timeout=600
+        )
         assert pushed.returncode == 0, pushed.stderr
         digest = pushed.stdout.strip().rpartition("@")[2]
         ran = subprocess.run(
             [sys.executable, "-m", "smolvmm", "run", ref],
-            input=b"echo restored-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+            input=b"echo restored-$((6*7))\npoweroff -f\n",
+            capture_output=True,
+            timeout=GUEST_TIMEOUT,
         )
         assert ran.returncode == 0, ran.stderr.decode(errors="replace")
         assert b"restored-42" in ran.stdout
@@ -54,7 +58,9 @@ def test_run_by_reference_resumes_the_pushed_machine(bundle: Path, tmp_path: Pat
             assert pushed.transfer.moved < second.stat().st_size / 10, pushed.transfer
             pull_store = BlobStore(tmp_path / "pull-store")
             await smolvmm.pull(f"{registry.address}/machines/gens:one", tmp_path / "one.smolmachine", store=pull_store)
-            pulled = await smolvmm.pull(f"{registry.address}/machines/gens:two", tmp_path / "two.smolmachine", store=pull_store)
+            pulled = await smolvmm.pull(
+                f"{registry.address}/machines/gens:two", tmp_path / "two.smolmachine", store=pull_store
+            )
             assert pulled.transfer.moved < second.stat().st_size / 10, pulled.transfer
             assert pulled.path.read_bytes() == second.read_bytes()
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import anyio
 import pytest
-import smolformat
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from test_boot import GUEST_TIMEOUT
+
+import smolformat
 from smolformat.crafting import parse_frame
 from smolformat.layout import SectionKind
 from smolformat.signature import signed_message
-
 from smolvmm import BundleError, ConfigError, Machine
 from smolvmm.cli import main
-from test_boot import GUEST_TIMEOUT
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())["vectors"]
@@ -124,7 +124,10 @@ def test_one_flipped_byte_in_any_section_is_refused(
         changed = bytearray(data)
         changed[at] ^= 0x20
         if resealed:
-            entry = {**entry, "digest": section_digest(bytes(changed[entry["offset"] : entry["offset"] + entry["length"]]))}
+            entry = {
+                **entry,
+                "digest": section_digest(bytes(changed[entry["offset"] : entry["offset"] + entry["length"]])),
+            }
             where = header["table_offset"] + number * header["entry_size"]
             changed[where : where + 72] = SectionEntry.build(entry)
             changed = bytearray(reseal(bytes(changed)))
@@ -170,7 +173,10 @@ def test_run_require_signature_refuses_an_unsigned_bundle_in_one_line(keys: tupl
     ):
         result = subprocess.run(
             [sys.executable, "-m", "smolvmm", "run", *flags, str(UNSIGNED)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == status and result.stdout == "" and "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("smolvmm: error: ")]
@@ -184,9 +190,20 @@ def test_run_require_signature_restores_a_signed_bundle(bundle: Path, tmp_path: 
     signed = tmp_path / "signed.smolmachine"
     assert main(["sign", "--key", str(tmp_path / "keys" / "builder"), "-o", str(signed), str(bundle)]) == 0
     result = subprocess.run(
-        [sys.executable, "-m", "smolvmm", "run", "--require-signature", "--trusted-keys", str(tmp_path / "keys"),
-         "--timings", str(signed)],
-        input=b"echo signed-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+        [
+            sys.executable,
+            "-m",
+            "smolvmm",
+            "run",
+            "--require-signature",
+            "--trusted-keys",
+            str(tmp_path / "keys"),
+            "--timings",
+            str(signed),
+        ],
+        input=b"echo signed-$((6*7))\npoweroff -f\n",
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"signed-42" in result.stdout and b"timings (ms since start): signature " in result.stderr

@@ -22,21 +22,24 @@ def test_the_example_smolfile_gives_its_recipe() -> None:
     assert load_smolfile(EXAMPLE, vcpus=2).vcpus == 2  # flags win
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('image = "oci:x"\ncolour = "red"', "unknown key 'colour'"),
-    ('cpus = 2', "'image' is required"),
-    ('image = "oci:x"\ncpus = "two"', "'cpus' must be an integer"),
-    ('image = "oci:x"\nenv = { A = 1 }', "'env' must be a table of strings"),
-    ('image = "oci:x"\nrun = "make"', "'run' must be a list of strings"),
-    ('image = "oci:x"\nmemory = "lots"', "'memory': invalid size"),
-    ('image = "oci:x"\n[ready]\nport = 1\nexec = "true"', "exactly one of"),
-    ('image = "oci:x"\n[ready]\nport = 70000', "'ready.port'"),
-    ('image = "oci:x"\n[ready]\nwhen = "now"', "unknown key 'ready.when'"),
-    ('image = "oci:x"\n[[copy]]\nfrom = "missing.txt"\nto = "/x"', "'copy[0].from' 'missing.txt' is not a file"),
-    ('image = "oci:x"\n[[copy]]\nfrom = "Smolfile"\nto = "x"', "'copy[0].to' must be an absolute guest path"),
-    ('image = "oci:x"\n[[copy]]\nsrc = "a"', "unknown key 'copy[0].src'"),
-    ('image = [', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('image = "oci:x"\ncolour = "red"', "unknown key 'colour'"),
+        ("cpus = 2", "'image' is required"),
+        ('image = "oci:x"\ncpus = "two"', "'cpus' must be an integer"),
+        ('image = "oci:x"\nenv = { A = 1 }', "'env' must be a table of strings"),
+        ('image = "oci:x"\nrun = "make"', "'run' must be a list of strings"),
+        ('image = "oci:x"\nmemory = "lots"', "'memory': invalid size"),
+        ('image = "oci:x"\n[ready]\nport = 1\nexec = "true"', "exactly one of"),
+        ('image = "oci:x"\n[ready]\nport = 70000', "'ready.port'"),
+        ('image = "oci:x"\n[ready]\nwhen = "now"', "unknown key 'ready.when'"),
+        ('image = "oci:x"\n[[copy]]\nfrom = "missing.txt"\nto = "/x"', "'copy[0].from' 'missing.txt' is not a file"),
+        ('image = "oci:x"\n[[copy]]\nfrom = "Smolfile"\nto = "x"', "'copy[0].to' must be an absolute guest path"),
+        ('image = "oci:x"\n[[copy]]\nsrc = "a"', "unknown key 'copy[0].src'"),
+        ("image = [", "not valid TOML"),
+    ],
+)
 def test_each_mistake_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     smolfile = tmp_path / "Smolfile"
     smolfile.write_text(text)

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 import smolformat
 from smolvmm import Machine
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 pytestmark = [pytest.mark.kvm]
 
@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.kvm]
 def test_cli_restore_answers_and_reports_timings(bundle: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", "run", "--timings", "--json", str(bundle)],
-        input=b"echo restored-$((6*7))\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+        input=b"echo restored-$((6*7))\npoweroff -f\n",
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"restored-42" in result.stdout
@@ -64,8 +66,13 @@ async def test_snapshot_of_a_restored_machine(bundle: Path, tmp_path: Path) -> N
         assert await shell(machine, "cat /tmp/gen") == "generation-1"  # it carries on after saving
         phases = machine.snapshot_timings.phases
         assert list(phases) == [
-            "agent_sync", "agent_scrubbed", "vcpus_parked", "devices_stopped", "state_and_disks_captured",
-            "bundle_written", "resumed",
+            "agent_sync",
+            "agent_scrubbed",
+            "vcpus_parked",
+            "devices_stopped",
+            "state_and_disks_captured",
+            "bundle_written",
+            "resumed",
         ]
         assert list(phases.values()) == sorted(phases.values())
     async with Machine.restore(child) as machine:
@@ -86,7 +93,9 @@ def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Pa
     saved = tmp_path / "changed.smolmachine"
     process = subprocess.Popen(
         [sys.executable, "-m", "smolvmm", "run", "--save", str(saved), str(bundle)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         process.stdin.write(b"echo changed-instance > /tmp/state; echo wrote-$((2+3))\n")
@@ -109,7 +118,9 @@ def test_run_save_on_sigusr1_keeps_a_changed_instance(bundle: Path, tmp_path: Pa
         process.kill()
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", str(saved)],
-        input=b"cat /tmp/state\npoweroff -f\n", capture_output=True, timeout=GUEST_TIMEOUT,
+        input=b"cat /tmp/state\npoweroff -f\n",
+        capture_output=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert result.returncode == 0 and b"changed-instance" in result.stdout
     with smolformat.open_bundle(bundle) as parent, smolformat.open_bundle(saved) as child:
@@ -125,7 +136,9 @@ def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path,
     bootable = tmp_path / "bootable.smolmachine"
     build = subprocess.run(
         [sys.executable, "-m", "smolvmm", "build", "--bootable", "--json", "-o", str(bootable), "--disk", str(disk)],
-        capture_output=True, text=True, timeout=GUEST_TIMEOUT,
+        capture_output=True,
+        text=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert build.returncode == 0, build.stderr
     built = json.loads(build.stdout)  # build --json: the bundle's path, digest, sizes and timings
@@ -138,7 +151,10 @@ def test_a_bootable_bundle_cold_boots_with_its_own_kernel_and_disk(bundle: Path,
     script = "cat /mnt/hello.txt; echo booted-$((6 * 7)); poweroff -f\n"
     boot = subprocess.run(
         [sys.executable, "-m", "smolvmm", "boot", "--bundle", str(bootable)],
-        input=script, capture_output=True, text=True, timeout=GUEST_TIMEOUT,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=GUEST_TIMEOUT,
     )
     assert boot.returncode == 0, boot.stderr
     assert "smolvmm: guest ready" in boot.stdout  # printed by the guest's init: it booted afresh

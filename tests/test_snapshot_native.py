@@ -52,8 +52,13 @@ async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path
     with smolformat.open_bundle(first) as bundle:
         for name, metadata in (("other", {**bundle.metadata, "hypervisor": other}), ("unrecorded", None)):
             contents = smolformat.BundleContents(
-                config=bundle.config, vcpus=bundle.vcpus, vm_state=bundle.vm_state, devices=bundle.devices,
-                memory=[bytearray(r.size) for r in bundle.config.ram], disks=[], metadata=metadata,
+                config=bundle.config,
+                vcpus=bundle.vcpus,
+                vm_state=bundle.vm_state,
+                devices=bundle.devices,
+                memory=[bytearray(r.size) for r in bundle.config.ram],
+                disks=[],
+                metadata=metadata,
             )
             write(tmp_path / f"{name}.smolmachine", contents, "raw")
     for name, message in (

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from test_virtio_net import in_netns
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
 from smolvmm.monitor.usernet import PasstBackend
-from test_virtio_net import in_netns
 
 HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
 WIRE = (
@@ -68,8 +68,23 @@ def passt_children() -> list[int]:
 
 
 def dhcp_discover() -> bytes:
-    bootp = struct.pack("!BBBBIHH4s4s4s4s16s192sI", 1, 1, 6, 0, 0x5A5A, 0, 0x8000, bytes(4), bytes(4), bytes(4),
-                        bytes(4), GUEST_MAC, bytes(192), 0x63825363)
+    bootp = struct.pack(
+        "!BBBBIHH4s4s4s4s16s192sI",
+        1,
+        1,
+        6,
+        0,
+        0x5A5A,
+        0,
+        0x8000,
+        bytes(4),
+        bytes(4),
+        bytes(4),
+        bytes(4),
+        GUEST_MAC,
+        bytes(192),
+        0x63825363,
+    )
     bootp += bytes([53, 1, 1, 55, 3, 1, 3, 6, 255])
     udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes(4), b"\xff" * 4)
@@ -144,9 +159,16 @@ def test_passt_missing_names_the_debian_package(monkeypatch: pytest.MonkeyPatch)
 
 def test_no_passt_outlives_a_killed_monitor(netns: str) -> None:
     monitor = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c",
-         "import sys, time; from smolvmm.monitor.usernet import PasstBackend; b = PasstBackend(()); "
-         "print(b._process.pid, flush=True); time.sleep(600)"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-c",
+            "import sys, time; from smolvmm.monitor.usernet import PasstBackend; b = PasstBackend(()); "
+            "print(b._process.pid, flush=True); time.sleep(600)",
+        ],
         stdout=subprocess.PIPE,
     )
     assert monitor.stdout is not None

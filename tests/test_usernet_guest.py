@@ -18,10 +18,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-
-from smolvmm import Machine, NetConfig, PortForward
 from test_boot import GUEST_TIMEOUT, shell
 from test_usernet import GATEWAY, HOST_ADDRESS, WIRE
+
+from smolvmm import Machine, NetConfig, PortForward
 
 pytestmark = [pytest.mark.kvm]
 CLONE_NEWNET = 0x40000000
@@ -50,7 +50,9 @@ def web_bundle(host_netns: None, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tmp_path_factory.mktemp("usernet") / "web.smolmachine"
     result = subprocess.run(
         [sys.executable, "-m", "smolvmm", "build", "-o", str(path), "--net", "user"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     return path
@@ -62,10 +64,17 @@ def host_server(host_netns: None, tmp_path_factory: pytest.TempPathFactory) -> I
     root = tmp_path_factory.mktemp("www")
     (root / "index.html").write_text("page from the host\n")
     server = subprocess.Popen(
-        [sys.executable, "-c", "import http.server, socketserver, sys\n"
-         "s = socketserver.TCPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n"
-         "print(s.server_address[1], flush=True); s.serve_forever()"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import http.server, socketserver, sys\n"
+            "s = socketserver.TCPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n"
+            "print(s.server_address[1], flush=True); s.serve_forever()",
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert server.stdout is not None
     yield int(server.stdout.readline())
@@ -164,10 +173,15 @@ async def test_four_clones_each_forward_their_own_port_and_answer_with_their_own
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) -> None:
     sink = subprocess.Popen(  # reads and drops whatever the flooder sends to the host's loopback
-        [sys.executable, "-c", "import socket\n"
-         "s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)\n"
-         "c, _ = s.accept()\nwhile c.recv(1 << 20): pass"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import socket\n"
+            "s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)\n"
+            "c, _ = s.accept()\nwhile c.recv(1 << 20): pass",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert sink.stdout is not None
     port = int(sink.stdout.readline())
@@ -176,7 +190,9 @@ async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) 
         # Small frames (MTU 576) as fast as the guest makes them, in the background.
         await shell(flooder, "ip link set eth0 mtu 576")
         before = int(await shell(flooder, sent))
-        await shell(flooder, f"(dd if=/dev/zero bs=64k 2>/dev/null | nc {GATEWAY} {port} >/dev/null 2>&1 &); echo flooding")
+        await shell(
+            flooder, f"(dd if=/dev/zero bs=64k 2>/dev/null | nc {GATEWAY} {port} >/dev/null 2>&1 &); echo flooding"
+        )
         for round_ in range(20):
             assert await shell(quiet, f"echo round-{round_}") == f"round-{round_}"
         flooded = int(await shell(flooder, sent)) - before
@@ -205,5 +221,9 @@ async def test_a_clone_on_a_host_with_other_addresses_takes_them_before_it_is_ha
 
 def readdress(address: str, gateway: str) -> None:
     """Give this namespace's wire0 another address and default route (a host on another network)."""
-    for command in ("addr flush dev wire0", f"addr add {address}/24 dev wire0", f"route add default via {gateway} dev wire0 onlink"):
+    for command in (
+        "addr flush dev wire0",
+        f"addr add {address}/24 dev wire0",
+        f"route add default via {gateway} dev wire0 onlink",
+    ):
         subprocess.run(["ip", *command.split()], check=True)

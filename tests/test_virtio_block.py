@@ -262,7 +262,9 @@ async def test_a_stuck_flush_holds_up_only_its_own_device(base: Path, monkeypatc
 
 
 @pytest.mark.anyio
-async def test_stopping_or_resetting_waits_for_the_request_in_flight(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stopping_or_resetting_waits_for_the_request_in_flight(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     flush = StuckFlush(monkeypatch)
     driver = Driver(VirtioBlock(base))
     driver.start(RING_FEATURES)
@@ -344,8 +346,10 @@ heap_descriptors = st.tuples(
     st.sampled_from([0, 1, 2, 3, 4]) | st.integers(0, 0xFFFF),
     st.integers(0, 17),
 )
-headers = st.tuples(st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID]) | st.integers(0, 2**32 - 1),
-                    st.integers(0, 2100) | st.integers(0, 2**64 - 1))
+headers = st.tuples(
+    st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID]) | st.integers(0, 2**32 - 1),
+    st.integers(0, 2100) | st.integers(0, 2**64 - 1),
+)
 
 
 # The base image is never written, so sharing one across examples is sound.

@@ -100,8 +100,17 @@ def udp_frame(dst_mac: bytes, src_port: int, dst_port: int, payload: bytes) -> b
     """An Ethernet/IPv4/UDP frame from the guest to the host (UDP checksum 0: none)."""
     udp = struct.pack("!HHHH", src_port, dst_port, 8 + len(payload), 0) + payload
     ip_header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-        socket.inet_aton(GUEST_IP), socket.inet_aton(HOST_IP),
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        1,
+        0,
+        64,
+        17,
+        0,
+        socket.inet_aton(GUEST_IP),
+        socket.inet_aton(HOST_IP),
     )
     ip_header = ip_header[:10] + struct.pack("!H", checksum(ip_header)) + ip_header[12:]
     return dst_mac + GUEST_MAC + b"\x08\x00" + ip_header + udp
@@ -142,9 +151,7 @@ def count_ring_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-async def wait_frame(
-    driver: Driver, buffers: dict[int, int], match: Callable[[bytes], bool]
-) -> tuple[bytes, bytes]:
+async def wait_frame(driver: Driver, buffers: dict[int, int], match: Callable[[bytes], bool]) -> tuple[bytes, bytes]:
     """Wait for a received frame that ``match`` accepts; returns its virtio header and the frame."""
     with anyio.fail_after(3):
         while True:

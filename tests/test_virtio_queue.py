@@ -26,9 +26,7 @@ QUEUE_SIZES = st.sampled_from([1 << k for k in range(16)])
 memory = GuestMemory.anonymous([(0, RAM)])
 _DESC = struct.Struct("<QIHH")
 
-addresses = st.one_of(
-    st.integers(0, RAM), st.integers(RAM - 64, RAM + 64), st.integers(0, 2**64 - 1)
-)
+addresses = st.one_of(st.integers(0, RAM), st.integers(RAM - 64, RAM + 64), st.integers(0, 2**64 - 1))
 descriptors = st.tuples(
     addresses,
     st.one_of(st.integers(0, 256), st.integers(0, 2**32 - 1)),
@@ -217,7 +215,9 @@ def test_1m_entry_indirect_table_costs_one_queue_of_descriptors(period: int) -> 
     counting.close()
 
 
-@pytest.mark.parametrize(("direct", "in_table", "ok"), [(0, 256, True), (0, 257, False), (1, 255, True), (2, 255, False)])
+@pytest.mark.parametrize(
+    ("direct", "in_table", "ok"), [(0, 256, True), (0, 257, False), (1, 255, True), (2, 255, False)]
+)
 def test_chain_length_counts_direct_and_indirect_buffers(direct: int, in_table: int, ok: bool) -> None:
     # §2.7.5.3.1: at most a queue's worth of descriptors; the table pointer itself does not count.
     direct_descs = [(0x8000, 1, DESC_F_NEXT, i + 1) for i in range(direct)]

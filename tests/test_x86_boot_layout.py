@@ -21,8 +21,8 @@ from smolvmm.arch.x86_64 import acpi, boot, cpuid, layout, regs
 from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
-from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
+from smolvmm.hypervisor.kvm.bindings import ffi
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -59,8 +59,16 @@ LOADED_HIGH = 0x01
 CAN_USE_HEAP = 0x80
 E820_RAM, E820_RESERVED = 1, 2
 # The byte ranges of boot_params a boot loader writes; the rest is the kernel's header or zero.
-LOADER_FIELDS = [(ACPI_RSDP_ADDR, 8), (E820_ENTRIES, 1), (TYPE_OF_LOADER, 1), (LOADFLAGS, 1),
-                 (RAMDISK_IMAGE, 4), (RAMDISK_SIZE, 4), (HEAP_END_PTR, 2), (CMD_LINE_PTR, 4)]
+LOADER_FIELDS = [
+    (ACPI_RSDP_ADDR, 8),
+    (E820_ENTRIES, 1),
+    (TYPE_OF_LOADER, 1),
+    (LOADFLAGS, 1),
+    (RAMDISK_IMAGE, 4),
+    (RAMDISK_SIZE, 4),
+    (HEAP_END_PTR, 2),
+    (CMD_LINE_PTR, 4),
+]
 
 PTE_P, PTE_RW, PTE_PS = 1 << 0, 1 << 1, 1 << 7
 PTE_ADDR = 0x000F_FFFF_FFFF_F000
@@ -285,8 +293,14 @@ def descriptor(raw: int) -> dict[str, int]:
     return {
         "base": ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) << 24),
         "limit": (raw & 0xFFFF) | ((raw >> 48) & 0xF) << 16,
-        "type": access & 0xF, "s": (access >> 4) & 1, "dpl": (access >> 5) & 3, "present": access >> 7,
-        "avl": flags & 1, "l": (flags >> 1) & 1, "db": (flags >> 2) & 1, "g": flags >> 3,
+        "type": access & 0xF,
+        "s": (access >> 4) & 1,
+        "dpl": (access >> 5) & 3,
+        "present": access >> 7,
+        "avl": flags & 1,
+        "l": (flags >> 1) & 1,
+        "db": (flags >> 2) & 1,
+        "g": flags >> 3,
     }
 
 
@@ -302,10 +316,30 @@ def test_gdt_has_flat_64_bit_code_and_data(booted: Booted) -> None:
     sregs = boot_sregs()
     gdt = booted.memory.read(sregs.gdt.base, sregs.gdt.limit + 1)
     code, data = (descriptor(struct.unpack_from("<Q", gdt, selector)[0]) for selector in (BOOT_CS, BOOT_DS))
-    assert code == {"base": 0, "limit": 0xFFFFF, "type": 0xB, "s": 1, "dpl": 0, "present": 1,
-                    "avl": 0, "l": 1, "db": 0, "g": 1}  # execute/read, long mode
-    assert data == {"base": 0, "limit": 0xFFFFF, "type": 0x3, "s": 1, "dpl": 0, "present": 1,
-                    "avl": 0, "l": 0, "db": 1, "g": 1}  # read/write, 4 GiB
+    assert code == {
+        "base": 0,
+        "limit": 0xFFFFF,
+        "type": 0xB,
+        "s": 1,
+        "dpl": 0,
+        "present": 1,
+        "avl": 0,
+        "l": 1,
+        "db": 0,
+        "g": 1,
+    }  # execute/read, long mode
+    assert data == {
+        "base": 0,
+        "limit": 0xFFFFF,
+        "type": 0x3,
+        "s": 1,
+        "dpl": 0,
+        "present": 1,
+        "avl": 0,
+        "l": 0,
+        "db": 1,
+        "g": 1,
+    }  # read/write, 4 GiB
     # The vCPU's segment registers hold what loading these selectors would.
     for segment, selector in [(sregs.cs, BOOT_CS)] + [(s, BOOT_DS) for s in (sregs.ds, sregs.es, sregs.ss)]:
         fields = descriptor(struct.unpack_from("<Q", gdt, selector)[0])

@@ -23,13 +23,9 @@ def ram_regions(config: dict) -> list[Region]:
     previous_end = 0
     for region in regions:
         if region.start % PAGE_SIZE or region.size % PAGE_SIZE or region.size == 0:
-            raise FormatError(
-                "bad-config", f"RAM region {region.start:#x}+{region.size:#x} is not page-aligned"
-            )
+            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} is not page-aligned")
         if region.start < previous_end or region.end > 1 << 64:
-            raise FormatError(
-                "bad-config", f"RAM region {region.start:#x}+{region.size:#x} overlaps or wraps"
-            )
+            raise FormatError("bad-config", f"RAM region {region.start:#x}+{region.size:#x} overlaps or wraps")
         previous_end = region.end
     return regions
 
@@ -42,9 +38,7 @@ def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
             raise FormatError("duplicate-vcpu", f"vCPU {vcpu_id} is saved twice")
         seen.add(vcpu_id)
     if seen != set(range(config.vcpu_count)):
-        raise FormatError(
-            "vcpu-mismatch", f"saved vCPUs {brief(seen)} do not match vcpu_count {config.vcpu_count}"
-        )
+        raise FormatError("vcpu-mismatch", f"saved vCPUs {brief(seen)} do not match vcpu_count {config.vcpu_count}")
 
 
 def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
@@ -56,9 +50,7 @@ def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
         if device.bus not in (BUS_PIO, BUS_MMIO):
             raise FormatError("bad-config", f"device {device.kind} has unknown bus code {int(device.bus)}")
     if len(records) != len(config.devices):
-        raise FormatError(
-            "device-mismatch", f"{len(records)} device states for {len(config.devices)} devices"
-        )
+        raise FormatError("device-mismatch", f"{len(records)} device states for {len(config.devices)} devices")
     counts: dict[str, int] = {}
     disks: list[int] = []
     for device, record in zip(config.devices, records):

@@ -44,7 +44,6 @@ Metadata = Struct(
     "created_unix_ns" / Int64ul,
     "hypervisor" / _Text,
     # a bundle digest, or empty when there is no parent
-    "parent_digest"
-    / ExprValidator(Prefixed(Int8ul, GreedyBytes), lambda value, _ctx: len(value) in (0, DIGEST_SIZE)),
+    "parent_digest" / ExprValidator(Prefixed(Int8ul, GreedyBytes), lambda value, _ctx: len(value) in (0, DIGEST_SIZE)),
     "labels" / PrefixedArray(Int16ul, Struct("key" / _Text, "value" / _Text)),
 )

@@ -29,9 +29,7 @@ def parse_frame(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     entries = [
         {
             k: v
-            for k, v in SectionEntry.parse(
-                data[start + i * ENTRY_SIZE : start + (i + 1) * ENTRY_SIZE]
-            ).items()
+            for k, v in SectionEntry.parse(data[start + i * ENTRY_SIZE : start + (i + 1) * ENTRY_SIZE]).items()
             if k != "_io"
         }
         for i in range(header["section_count"])
@@ -105,11 +103,7 @@ def rewrite_section(data: bytes, kind: SectionKind, change: Callable[[bytearray]
     payload = bytearray(data[entry["offset"] : entry["offset"] + entry["length"]])
     change(payload)
     entry["digest"] = section_digest(bytes(payload))
-    body = (
-        data[: entry["offset"]]
-        + bytes(payload)
-        + data[entry["offset"] + entry["length"] : header["table_offset"]]
-    )
+    body = data[: entry["offset"]] + bytes(payload) + data[entry["offset"] + entry["length"] : header["table_offset"]]
     return build_frame(body, header, entries)
 
 

@@ -145,9 +145,7 @@ def _element_maker(element: Packed) -> Callable[[tuple[Any, ...]], Any]:
             at += field[1]
         else:
             return element.group
-    return lambda values: Container(
-        (name, ListContainer(values[i : i + n]) if n else values[i]) for name, i, n in spec
-    )
+    return lambda values: Container((name, ListContainer(values[i : i + n]) if n else values[i]) for name, i, n in spec)
 
 
 class PackedArray(Construct):

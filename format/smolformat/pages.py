@@ -335,9 +335,7 @@ def check_index(
     if encoding == Encoding.ZSTD_CHUNKS and not (
         MIN_CHUNK_SIZE <= granule <= MAX_CHUNK_SIZE and granule & (granule - 1) == 0
     ):
-        raise FormatError(
-            "bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 4 MiB]"
-        )
+        raise FormatError("bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 4 MiB]")
     ordered = sorted(regions, key=lambda r: r.start)
     extents: list[Extent] = []
     previous_end = 0
@@ -345,9 +343,7 @@ def check_index(
     for item in index.extents:
         extent = Extent(item.address, item.length, item.offset, item.stored)
         if extent.length == 0 or extent.address < previous_end:
-            raise FormatError(
-                "map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps"
-            )
+            raise FormatError("map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps")
         while slot < len(ordered) and ordered[slot].end <= extent.address:
             slot += 1
         region = ordered[slot] if slot < len(ordered) else None
@@ -357,9 +353,7 @@ def check_index(
                 f"{what} extent {extent.address:#x}+{extent.length:#x} lies outside the {what}",
             )
         if extent.offset + extent.stored > data_length:
-            raise FormatError(
-                "map-outside-file", f"{what} extent at {extent.address:#x} points past its data section"
-            )
+            raise FormatError("map-outside-file", f"{what} extent at {extent.address:#x} points past its data section")
         if encoding == Encoding.RAW_PAGES:
             tail = extent.address + extent.length == region.end
             if (
@@ -368,17 +362,13 @@ def check_index(
                 or (extent.length % PAGE_SIZE and not tail)
                 or extent.stored != _round_up(extent.length, PAGE_SIZE)
             ):
-                raise FormatError(
-                    "map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned"
-                )
+                raise FormatError("map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned")
         elif (
             (extent.address - region.start) % granule
             or extent.length != min(granule, region.end - extent.address)
             or extent.stored == 0
         ):
-            raise FormatError(
-                "map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk"
-            )
+            raise FormatError("map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk")
         elif extent.stored > zstd_bound(extent.length):
             raise FormatError(
                 "bad-chunk",
@@ -422,9 +412,7 @@ def _decode_frame(
     except zstandard.ZstdError as exc:
         raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode: {exc}") from exc
     if done != extent.length or extra:
-        raise FormatError(
-            "bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes"
-        )
+        raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} does not decode to {extent.length} bytes")
 
 
 def _decompressor(granule: int) -> zstandard.ZstdDecompressor:
@@ -473,4 +461,4 @@ def check_chunks(fd: int, data_offset: int, image: ImageMap) -> None:
     scratch = memoryview(bytearray(_CHECK_BLOCK))
     for extent in image.extents:
         frame = os.pread(fd, extent.stored, data_offset + extent.offset)
-        _decode_frame(dctx, frame, extent, lambda done: scratch[: extent.length - done])
+        _decode_frame(dctx, frame, extent, lambda done, extent=extent: scratch[: extent.length - done])

@@ -125,18 +125,12 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
             f"bundle format version {header.version_major}.{header.version_minor} is not supported"
             f" (this reader: {VERSION_MAJOR}.x)",
         )
-    if (
-        header.header_size != HEADER_SIZE
-        or header.entry_size < ENTRY_SIZE
-        or header.entry_size % SECTION_ALIGN
-    ):
+    if header.header_size != HEADER_SIZE or header.entry_size < ENTRY_SIZE or header.entry_size % SECTION_ALIGN:
         raise FormatError(
             "bad-header", f"header size {header.header_size} / entry size {header.entry_size} not supported"
         )
     if header.section_count > MAX_SECTIONS:
-        raise FormatError(
-            "bad-header", f"{header.section_count} sections: more than any bundle holds ({MAX_SECTIONS})"
-        )
+        raise FormatError("bad-header", f"{header.section_count} sections: more than any bundle holds ({MAX_SECTIONS})")
     if size < header.file_size:
         raise FormatError("truncated", f"file has {size} bytes, its header says {header.file_size}")
     if size > header.file_size:
@@ -156,9 +150,7 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     for start in range(0, table_length, header.entry_size):
         entry = SectionEntry.unpack_from(table, start)
         kind = SectionKind(entry.kind) if entry.kind in SectionKind._value2member_map_ else entry.kind
-        encoding = (
-            Encoding(entry.encoding) if entry.encoding in Encoding._value2member_map_ else entry.encoding
-        )
+        encoding = Encoding(entry.encoding) if entry.encoding in Encoding._value2member_map_ else entry.encoding
         sections.append(
             SectionInfo(
                 kind,
@@ -183,9 +175,7 @@ def _check_placement(sections: Sequence[SectionInfo], table_offset: int) -> None
             raise FormatError("section-outside-file", f"section {_name(s)} lies outside the file's data area")
         align = PAGE_SIZE if s.kind in _IMAGE_DATA and s.encoding == Encoding.RAW_PAGES else SECTION_ALIGN
         if s.offset % align:
-            raise FormatError(
-                "misaligned", f"section {_name(s)} at {s.offset:#x} is not {align}-byte aligned"
-            )
+            raise FormatError("misaligned", f"section {_name(s)} at {s.offset:#x} is not {align}-byte aligned")
     previous: SectionInfo | None = None
     for s in sorted(sections, key=lambda s: s.offset):
         if previous and s.offset < previous.offset + previous.length:
@@ -259,7 +249,13 @@ def stored_pieces(fd: int, data: SectionInfo, image: ImageMap) -> Iterator[tuple
     or at most 1 MiB of raw pages. Image bytes outside them are zero."""
     for piece in split_extents(image, _COPY_BLOCK):
         chunk = bytearray(piece.length)
-        decode_into(fd, data.offset, image._replace(extents=[piece]), lambda _address, _length: memoryview(chunk), 1)
+        decode_into(
+            fd,
+            data.offset,
+            image._replace(extents=[piece]),
+            lambda _address, _length, chunk=chunk: memoryview(chunk),
+            1,
+        )
         yield piece.address, chunk
 
 
@@ -324,9 +320,7 @@ class Bundle:
             self._disks[s.index] = self._image(
                 SectionKind.DISK_DATA, SectionKind.DISK_INDEX, s.index, [Region(0, s.logical_length)], "disk"
             )
-        if len(by_kind.get(SectionKind.DISK_INDEX, [])) != len(self._disks) or sorted(disk_ids) != sorted(
-            self._disks
-        ):
+        if len(by_kind.get(SectionKind.DISK_INDEX, [])) != len(self._disks) or sorted(disk_ids) != sorted(self._disks):
             raise FormatError(
                 "missing-section", f"disk sections {brief(self._disks)} do not match block devices' disks"
             )
@@ -341,16 +335,12 @@ class Bundle:
         if s.encoding != Encoding.STRUCT:
             raise FormatError("encoding-mismatch", f"section {_name(s)} must be STRUCT-encoded")
         if s.length > MAX_STRUCT_SECTION:
-            raise FormatError(
-                "bad-section", f"section {_name(s)} is {s.length} bytes, more than any valid one"
-            )
+            raise FormatError("bad-section", f"section {_name(s)} is {s.length} bytes, more than any valid one")
         data = self._section_bytes(s)
         try:
             return payload(s.kind, arch).parse(data)
         except _PARSE_ERRORS as exc:
-            raise FormatError(
-                "bad-section", f"section {_name(s)} does not parse: {str(exc).splitlines()[-1]}"
-            ) from exc
+            raise FormatError("bad-section", f"section {_name(s)} does not parse: {str(exc).splitlines()[-1]}") from exc
 
     def _image(
         self, data_kind: SectionKind, index_kind: SectionKind, index: int, regions: list[Region], what: str
@@ -360,9 +350,7 @@ class Bundle:
         if data is None or index_section is None:
             raise FormatError("missing-section", f"{what} {index} lacks its data or index section")
         if data.encoding not in _ENCODING_NAMES:
-            raise FormatError(
-                "encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}"
-            )
+            raise FormatError("encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}")
         return data, check_index(self._parse(index_section), data.encoding, regions, data.length, what)
 
     @property
@@ -453,8 +441,11 @@ class Bundle:
         ``progress(done, total)`` is called as bytes are checked (zstd data counts twice: hashed,
         then decoded)."""
         self._check_gaps()
-        compressed = [(data, image) for data, image in [self._memory, *self._disks.values()]
-                      if image.encoding == Encoding.ZSTD_CHUNKS]
+        compressed = [
+            (data, image)
+            for data, image in [self._memory, *self._disks.values()]
+            if image.encoding == Encoding.ZSTD_CHUNKS
+        ]
         total = sum(s.length for s in self.sections) + sum(data.length for data, _ in compressed)
         done = 0
         for s in sorted(self.sections, key=lambda s: s.offset):

@@ -73,9 +73,7 @@ def arm64_vcpu(vcpu_id: int, rng: random.Random | None = None) -> dict[str, Any]
             {"timer": arm64.TIMER_PHYSICAL, "cntvoff": 0, "ctl": 0, "cval": rng.getrandbits(64)},
         ],
         "gic_redistributor": [{"offset": 0x10000 + 4 * i, "value": rng.getrandbits(32)} for i in range(64)],
-        "gic_cpu_sysregs": [
-            {"id": 0x6030_0000_0013_C600 + i, "value": rng.getrandbits(64)} for i in range(16)
-        ],
+        "gic_cpu_sysregs": [{"id": 0x6030_0000_0013_C600 + i, "value": rng.getrandbits(64)} for i in range(16)],
     }
 
 
@@ -205,9 +203,7 @@ def realistic_memory(size: int, seed: int = 1) -> bytearray:
     memory = bytearray(size)
     pages = size // PAGE_SIZE
     words = [b"the ", b"kernel ", b"init ", b"return ", b"struct ", b"\x48\x89\xe5", b"\x0f\x1f\x44\x00\x00"]
-    text_pool = [
-        b"".join(rng.choice(words) for _ in range(900))[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0") for _ in range(64)
-    ]
+    text_pool = [b"".join(rng.choice(words) for _ in range(900))[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0") for _ in range(64)]
     page = 0
     while page < pages:
         run = min(pages - page, rng.randint(1, 512))

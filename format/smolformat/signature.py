@@ -145,15 +145,28 @@ def _seal(fd: int, bundle: Bundle, kept: list[SectionInfo], offset: int, payload
     digest = hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest()
     entries = [_entry(s) for s in kept]
     entries.append(
-        {"kind": int(SectionKind.SIGNATURE), "flags": 0, "encoding": int(Encoding.STRUCT), "reserved0": 0, "index": 0,
-         "reserved1": 0, "offset": offset, "length": length, "logical_length": length, "digest": digest}
+        {
+            "kind": int(SectionKind.SIGNATURE),
+            "flags": 0,
+            "encoding": int(Encoding.STRUCT),
+            "reserved0": 0,
+            "index": 0,
+            "reserved1": 0,
+            "offset": offset,
+            "length": length,
+            "logical_length": length,
+            "digest": digest,
+        }
     )
     table = b"".join(SectionEntry.build(e) for e in entries)
     table_offset = -(-(offset + length) // SECTION_ALIGN) * SECTION_ALIGN
     header = dict(Header.parse(os.pread(bundle.fileno(), HEADER_SIZE, 0)))
     header.pop("_io", None)
     header.update(
-        file_size=table_offset + len(table), table_offset=table_offset, section_count=len(entries), entry_size=ENTRY_SIZE
+        file_size=table_offset + len(table),
+        table_offset=table_offset,
+        section_count=len(entries),
+        entry_size=ENTRY_SIZE,
     )
     unsummed = Header.build(header)[:CHECKSUMMED_HEADER]
     checksum = hashlib.blake2b(unsummed + table, digest_size=DIGEST_SIZE).digest()

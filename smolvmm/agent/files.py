@@ -132,4 +132,3 @@ class GuestFiles:
                     return
                 elif frame.type == Type.ERROR:
                     raise _guest_error(frame.payload)
-

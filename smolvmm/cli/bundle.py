@@ -35,9 +35,12 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
             const="raw",
             help="raw pages: restore maps RAM straight from the file",
         )
-        parser.add_argument("--smallest", action="store_true",
-                            help="with --raw: leave out every zero page and store every repeated page once"
-                                 " (a smaller file, but many more mappings: a slower restore)")
+        parser.add_argument(
+            "--smallest",
+            action="store_true",
+            help="with --raw: leave out every zero page and store every repeated page once"
+            " (a smaller file, but many more mappings: a slower restore)",
+        )
         parser.add_argument("--threads", type=positive_int, default=2, help="compression/decoding threads")
         parser.add_argument("source", metavar="IN")
         parser.add_argument("target", metavar="OUT")
@@ -45,8 +48,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     if name == "verify":
-        parser.add_argument("--trusted-keys", metavar="DIR",
-                            help="also require a valid signature by one of the Ed25519 public keys (*.pub, PEM) in DIR")
+        parser.add_argument(
+            "--trusted-keys",
+            metavar="DIR",
+            help="also require a valid signature by one of the Ed25519 public keys (*.pub, PEM) in DIR",
+        )
 
 
 @contextlib.contextmanager
@@ -104,8 +110,9 @@ def _verify(path: str, as_json: bool, trusted_keys: str | None) -> int:
     signer = None
     try:
         with _errors(path), cli_progress.steps() as shown:
-            bundle = smolformat.verify_bundle(path, None if shown is None else lambda done, total: shown(
-                f"verifying {path}", done, total))
+            bundle = smolformat.verify_bundle(
+                path, None if shown is None else lambda done, total: shown(f"verifying {path}", done, total)
+            )
         if trusted_keys is not None:
             signer = smolvmm.verify_signed_bundle(path, trusted_keys)
     except SmolvmmError as exc:
@@ -115,8 +122,16 @@ def _verify(path: str, as_json: bool, trusted_keys: str | None) -> int:
             cli_output.result_json({"path": path, "ok": False, "error": str(exc), "code": code})
         raise
     if as_json:
-        cli_output.result_json({"path": path, "ok": True, "sections": len(bundle.sections), "digest": bundle.digest.hex(),
-                                "signatures": len(bundle.signatures), "signed_by": signer})
+        cli_output.result_json(
+            {
+                "path": path,
+                "ok": True,
+                "sections": len(bundle.sections),
+                "digest": bundle.digest.hex(),
+                "signatures": len(bundle.signatures),
+                "signed_by": signer,
+            }
+        )
         return 0
     if signer is not None:
         signed = f", signed by {signer}"
@@ -172,10 +187,12 @@ def describe(bundle: Any) -> dict[str, Any]:
 
 def sizes(bundle: Any) -> dict[str, Any]:
     """Guest RAM and each disk: bytes held (logical) and bytes stored in the file."""
+
     def held(kind: str) -> list[dict[str, int]]:
         return [
             {"logical": s["logical_length"], "stored": s["length"]}
-            for s in describe(bundle)["sections"] if s["kind"] == kind
+            for s in describe(bundle)["sections"]
+            if s["kind"] == kind
         ]
 
     ram = held("memory_data")
@@ -193,13 +210,10 @@ def _table(summary: dict[str, Any]) -> str:
     meta = summary["metadata"]
     if meta:
         labels = ", ".join(f"{k}={v}" for k, v in meta["labels"].items())
-        lines.append(
-            f"  made by {meta['creator']} on {meta['hypervisor']}" + (f"; labels {labels}" if labels else "")
-        )
+        lines.append(f"  made by {meta['creator']} on {meta['hypervisor']}" + (f"; labels {labels}" if labels else ""))
     lines.append("  devices:")
     lines += [
-        f"    {d['kind']:<15} {d['bus']} {d['base']:#x}+{d['size']:#x} gsi {d['gsi']}"
-        for d in summary["devices"]
+        f"    {d['kind']:<15} {d['bus']} {d['base']:#x}+{d['size']:#x} gsi {d['gsi']}" for d in summary["devices"]
     ]
     row = "  {:<14}{:>3} {:<12}{:>12}{:>14}{:>15}{:>10}"
     lines.append(row.format("section", "#", "encoding", "offset", "stored", "logical", "ratio"))

@@ -29,13 +29,15 @@ def run(name: str, args: argparse.Namespace) -> int:
     entries = smolvmm.cache_entries()
     if args.action == "ls":
         if args.json:
-            cli_output.result_json({
-                "path": str(root),
-                "entries": [
-                    {"path": str(e.path), "kind": e.kind, "bytes": e.size, "stale": e.stale, "why": e.why}
-                    for e in entries
-                ],
-            })
+            cli_output.result_json(
+                {
+                    "path": str(root),
+                    "entries": [
+                        {"path": str(e.path), "kind": e.kind, "bytes": e.size, "stale": e.stale, "why": e.why}
+                        for e in entries
+                    ],
+                }
+            )
             return cli_status.OK
         stale = sum(e.size for e in entries if e.stale)
         lines = [f"{root}: {size(sum(e.size for e in entries))} in {len(entries)} entries, {size(stale)} stale"]

@@ -16,7 +16,7 @@ import smolvmm
 from smolvmm.cli.machine import report_timings, serve, wait_ready
 
 DEMO_SCRIPT = (
-    "echo; echo \"hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)\"; "
+    'echo; echo "hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)"; '
     "cat /proc/uptime; poweroff -f\n"
 )
 

@@ -45,8 +45,9 @@ def start(args: argparse.Namespace) -> int:
     bundle = f"./{bundle}" if bundle.startswith("-") else bundle
     argv = [sys.executable, "-m", "smolvmm", "run", f"--detached-as={machine_id}", *flags, bundle]
     with open(log, "wb") as errors:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
+        )
     entry = directory / f"{machine_id}.json"
     deadline = time.monotonic() + START_TIMEOUT
     while not entry.exists():
@@ -54,7 +55,9 @@ def start(args: argparse.Namespace) -> int:
             child.kill()
             said = log.read_text(errors="replace").strip().splitlines()
             log.unlink(missing_ok=True)
-            sys.stderr.write((said[-1] if said else f"smolvmm: error: the detached run ended ({child.returncode})") + "\n")
+            sys.stderr.write(
+                (said[-1] if said else f"smolvmm: error: the detached run ended ({child.returncode})") + "\n"
+            )
             return child.wait() or cli_status.ERROR
         time.sleep(0.05)
     cli_output.result(machine_id)
@@ -117,7 +120,9 @@ def run(name: str, args: argparse.Namespace) -> int:
     """``attach ID``: the console on stdin/stdout until the machine ends (or Ctrl-] detaches)."""
     entry = cli_ps.lookup(args.id)
     if not entry.get("console"):
-        raise smolvmm.ConfigError(f"machine {entry['id']} was not started with `run --detach`: its console is its own terminal's")
+        raise smolvmm.ConfigError(
+            f"machine {entry['id']} was not started with `run --detach`: its console is its own terminal's"
+        )
     return anyio.run(_attach, entry, backend="trio")
 
 

@@ -79,7 +79,9 @@ def examine() -> dict[str, Any]:
     ]
     guest_tools = {t.name.rsplit("/", 1)[-1] for t in GUEST_TOOLS}
     missing_for_guests = [t for t in tools if t["name"] in guest_tools and not t["present"]]
-    nested_missing = [t["package"] for t in tools if t["name"] in (NESTED_QEMU, "apt-get", "dpkg-deb") and not t["present"]]
+    nested_missing = [
+        t["package"] for t in tools if t["name"] in (NESTED_QEMU, "apt-get", "dpkg-deb") and not t["present"]
+    ]
     entries = smolvmm.cache_entries()
     runnable = host.kind == "hardware" and device.get("read_write", False)
     return {
@@ -124,21 +126,31 @@ def _text(report: dict[str, Any]) -> str:
     kind = report["kvm"]["kind"]
     lines = [f"smolvmm {report['version']}, Python {report['python']}, {report['kernel']}"]
     if kind == "hardware":
-        lines.append(f"kvm       hardware-assisted ({report['kvm']['explanation'].rsplit('(', 1)[-1].rstrip(')')}):"
-                     " guests boot and bundles resume here")
+        lines.append(
+            f"kvm       hardware-assisted ({report['kvm']['explanation'].rsplit('(', 1)[-1].rstrip(')')}):"
+            " guests boot and bundles resume here"
+        )
     elif kind == "pvm":
-        lines.append("kvm       PVM (kvm_pvm), a software KVM: standard guest kernels die in early boot on it, so boot,"
-                     " build and run cannot run guests here; demo and the tests use the nested machine"
-                     f" ({README_PVM})")
+        lines.append(
+            "kvm       PVM (kvm_pvm), a software KVM: standard guest kernels die in early boot on it, so boot,"
+            " build and run cannot run guests here; demo and the tests use the nested machine"
+            f" ({README_PVM})"
+        )
     else:
-        lines.append(f"kvm       none: {report['kvm']['explanation']}; load kvm_intel or kvm_amd"
-                     " (and enable virtualization in the firmware)")
+        lines.append(
+            f"kvm       none: {report['kvm']['explanation']}; load kvm_intel or kvm_amd"
+            " (and enable virtualization in the firmware)"
+        )
     device = report["dev_kvm"]
     if not device["exists"]:
         lines.append(f"{KVM:<10}missing ({device['error']})")
     else:
-        access = "you can open it read-write" if device["read_write"] else (
-            f"you cannot open it read-write: join group {device['group']} (sudo usermod -aG {device['group']} $USER)"
+        access = (
+            "you can open it read-write"
+            if device["read_write"]
+            else (
+                f"you cannot open it read-write: join group {device['group']} (sudo usermod -aG {device['group']} $USER)"
+            )
         )
         lines.append(f"{KVM:<10}{device['mode']} {device['owner']}:{device['group']}; {access}")
     present = [t for t in report["tools"] if t["present"]]
@@ -149,8 +161,14 @@ def _text(report: dict[str, Any]) -> str:
     stale = f", {size(cache['stale_bytes'])} of it stale (smolvmm cache prune)" if cache["stale_bytes"] else ""
     lines.append(f"cache     {cache['path']}: {size(cache['bytes'])}{stale}")
     nested = report["nested"]
-    lines.append("nested    " + ("can run (tools/nested-kvm CMD runs CMD where standard guests boot)" if nested["can_run"]
-                                 else f"cannot run: apt-get install {' '.join(nested['missing'])}"))
+    lines.append(
+        "nested    "
+        + (
+            "can run (tools/nested-kvm CMD runs CMD where standard guests boot)"
+            if nested["can_run"]
+            else f"cannot run: apt-get install {' '.join(nested['missing'])}"
+        )
+    )
     if report["can_run_guests"]:
         lines.append("verdict   ready: smolvmm boots guests and resumes bundles on this host")
     else:
@@ -162,4 +180,3 @@ def _text(report: dict[str, Any]) -> str:
             why = "host tools are missing (above)"
         lines.append(f"verdict   not ready: {why}")
     return "\n".join(lines)
-

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import smolformat
 
+import smolformat
 from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config
 from smolvmm.cli import output as cli_output
 from smolvmm.cli.machine import report_forwards
@@ -28,17 +28,41 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``run`` that only a command uses, and the command itself (after ``--``)."""
-    parser.add_argument("--env", action="append", default=[], metavar="K=V",
-                        help="an environment variable every command in the clone sees (repeatable)")
-    parser.add_argument("--secret-env", action="append", default=[], metavar="NAME",
-                        help="pass host environment variable NAME as a secret: held only in the guest agent's"
-                        " memory, never saved in a snapshot (repeatable)")
-    parser.add_argument("--copy-in", action="append", default=[], metavar="HOST:GUEST",
-                        help="copy a host file into the clone before the command (repeatable)")
-    parser.add_argument("--copy-out", action="append", default=[], metavar="GUEST:HOST",
-                        help="copy a guest file out after the command (repeatable)")
-    parser.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]",
-                        help="run CMD in the clone instead of attaching the console; exit with its status")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an environment variable every command in the clone sees (repeatable)",
+    )
+    parser.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass host environment variable NAME as a secret: held only in the guest agent's"
+        " memory, never saved in a snapshot (repeatable)",
+    )
+    parser.add_argument(
+        "--copy-in",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="copy a host file into the clone before the command (repeatable)",
+    )
+    parser.add_argument(
+        "--copy-out",
+        action="append",
+        default=[],
+        metavar="GUEST:HOST",
+        help="copy a guest file out after the command (repeatable)",
+    )
+    parser.add_argument(
+        "command",
+        nargs="*",
+        metavar="-- CMD [ARGS...]",
+        help="run CMD in the clone instead of attaching the console; exit with its status",
+    )
 
 
 def _pair(spec: str, flag: str) -> tuple[str, str]:

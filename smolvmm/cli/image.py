@@ -17,16 +17,28 @@ from smolvmm.cli import status as cli_status
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """The image flags of ``build`` (beside the machine flags)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--image", metavar="SOURCE", help="build from a container image: oci:DIR[:TAG],"
-                        " docker-archive:FILE, docker://REGISTRY/REPO[:TAG|@DIGEST] or rootfs:PATH")
+    source.add_argument(
+        "--image",
+        metavar="SOURCE",
+        help="build from a container image: oci:DIR[:TAG],"
+        " docker-archive:FILE, docker://REGISTRY/REPO[:TAG|@DIGEST] or rootfs:PATH",
+    )
     source.add_argument("-f", "--file", type=Path, metavar="SMOLFILE", help="build from a Smolfile (TOML recipe)")
-    parser.add_argument("--disk-size", metavar="SIZE", help="free space on the image's disk beyond its"
-                        " content (default 256M)")
-    parser.add_argument("--warm", action="append", default=[], metavar="CMD",
-                        help="a command run in the guest before the snapshot (repeatable; end a server with &)")
+    parser.add_argument(
+        "--disk-size", metavar="SIZE", help="free space on the image's disk beyond its content (default 256M)"
+    )
+    parser.add_argument(
+        "--warm",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a command run in the guest before the snapshot (repeatable; end a server with &)",
+    )
     parser.add_argument("--ready-port", metavar="PORT", help="save once a TCP port listens in the guest")
     parser.add_argument("--ready-exec", metavar="CMD", help="save once CMD succeeds in the guest")
-    parser.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS to a docker:// registry")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP and unverified TLS to a docker:// registry"
+    )
 
 
 def image_build_requested(args: argparse.Namespace) -> bool:
@@ -34,12 +46,20 @@ def image_build_requested(args: argparse.Namespace) -> bool:
 
 
 def _recipe(args: argparse.Namespace) -> ImageRecipe:
-    for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
-                        ("--disk", args.disk), ("--bootable", args.bootable)):
+    for flag, value in (
+        ("--kernel", args.kernel),
+        ("--initrd", args.initrd),
+        ("--cmdline", args.cmdline),
+        ("--disk", args.disk),
+        ("--bootable", args.bootable),
+    ):
         if value:
             raise ConfigError(f"{flag} does not go with --image or -f: the image guest brings its own")
-    readies = [(kind, value) for kind, value in (("port", args.ready_port), ("exec", args.ready_exec),
-                                                 ("marker", args.ready_marker)) if value]
+    readies = [
+        (kind, value)
+        for kind, value in (("port", args.ready_port), ("exec", args.ready_exec), ("marker", args.ready_marker))
+        if value
+    ]
     if len(readies) > 1:
         raise ConfigError("give one of --ready-port, --ready-exec, --ready-marker")
     flags: dict[str, object] = {"timeout": args.timeout}
@@ -67,11 +87,19 @@ def build_from_image(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
     encoding = "zstd" if args.zstd else "raw"
-    digest = anyio.run(lambda: smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress),
-                       backend=BACKEND)
+    digest = anyio.run(
+        lambda: smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress), backend=BACKEND
+    )
     if args.json:
-        cli_output.result_json({"path": str(args.output), "digest": digest.hex(), "encoding": encoding,
-                                "image": recipe.image, "sizes": {"file": args.output.stat().st_size}})
+        cli_output.result_json(
+            {
+                "path": str(args.output),
+                "digest": digest.hex(),
+                "encoding": encoding,
+                "image": recipe.image,
+                "sizes": {"file": args.output.stat().st_size},
+            }
+        )
     else:
         cli_output.result(f"{args.output}: {digest.hex()[:16]}")
     return cli_status.OK

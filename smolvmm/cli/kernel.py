@@ -24,13 +24,15 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 def run(name: str, args: argparse.Namespace) -> int:
     built = smolvmm.minimal_kernel(args.jobs)
     if args.json:
-        cli_output.result_json({
-            "kernel": str(built.kernel),
-            "config": str(built.config),
-            "source": built.source,
-            "build_seconds": built.seconds,
-            "jobs": built.jobs,
-        })
+        cli_output.result_json(
+            {
+                "kernel": str(built.kernel),
+                "config": str(built.config),
+                "source": built.source,
+                "build_seconds": built.seconds,
+                "jobs": built.jobs,
+            }
+        )
     else:
         cli_output.result(
             f"{built.kernel} ({built.source}, built in {built.seconds:.0f} s with {built.jobs} jobs; .config: {built.config})"

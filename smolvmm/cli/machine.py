@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 import smolvmm
-from smolvmm import ConfigError, DiskConfig, MINIMAL_KERNEL, Machine, MachineConfig, NetConfig
+from smolvmm import MINIMAL_KERNEL, ConfigError, DiskConfig, Machine, MachineConfig, NetConfig
 from smolvmm.cli import detach as cli_detach
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import progress as cli_progress
@@ -30,34 +30,64 @@ BACKEND = "asyncio"
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
 # MachineConfig fields as the flags that set them, for error messages.
 _FLAGS = {
-    "MachineConfig.kernel": "--kernel", "MachineConfig.initrd": "--initrd", "MachineConfig.cmdline": "--cmdline",
-    "MachineConfig.vcpus": "--cpus", "MachineConfig.memory": "--mem", "MachineConfig.disks": "--disk",
-    "MachineConfig.console_socket": "--console-socket", "MachineConfig.console": "--console",
-    "DiskConfig.path": "--disk", "DiskConfig.overlay": "--disk overlay", "DiskConfig.read_only": "--disk ro",
-    "NetConfig.tap": "--net tap", "NetConfig.mac": "--net mac", "NetConfig.forwards": "--net forward",
+    "MachineConfig.kernel": "--kernel",
+    "MachineConfig.initrd": "--initrd",
+    "MachineConfig.cmdline": "--cmdline",
+    "MachineConfig.vcpus": "--cpus",
+    "MachineConfig.memory": "--mem",
+    "MachineConfig.disks": "--disk",
+    "MachineConfig.console_socket": "--console-socket",
+    "MachineConfig.console": "--console",
+    "DiskConfig.path": "--disk",
+    "DiskConfig.overlay": "--disk overlay",
+    "DiskConfig.read_only": "--disk ro",
+    "NetConfig.tap": "--net tap",
+    "NetConfig.mac": "--net mac",
+    "NetConfig.forwards": "--net forward",
 }
 
 
-_NET_HELP = ("a network card: user networking through a passt of its own (no root), forwarding host ports to"
-             " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address")
+_NET_HELP = (
+    "a network card: user networking through a passt of its own (no root), forwarding host ports to"
+    " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address"
+)
 
 
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", type=_kernel, metavar="BZIMAGE|minimal",
-                        help="bzImage to boot, or 'minimal': the demo guest on the minimal kernel (smolvmm kernel"
-                        " build) (default: the built-in demo guest)")
+    parser.add_argument(
+        "--kernel",
+        type=_kernel,
+        metavar="BZIMAGE|minimal",
+        help="bzImage to boot, or 'minimal': the demo guest on the minimal kernel (smolvmm kernel"
+        " build) (default: the built-in demo guest)",
+    )
     parser.add_argument("--initrd", type=Path, help="initramfs to pass to the kernel")
     parser.add_argument("--cmdline", help="kernel command line (default: the demo guest's)")
     parser.add_argument("--cpus", type=positive_int, help="number of vCPUs (default 1)")
     parser.add_argument("--mem", type=size, help="guest RAM, e.g. 256M or 1G (default 256M)")
-    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,overlay=PATH]",
-                        help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)")
-    parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME|none",
-                        help=_NET_HELP + " (repeatable; default: none for the demo guest)")
-    parser.add_argument("--console-socket", type=Path, metavar="PATH",
-                        help="a virtio-console port reachable as a Unix socket at PATH")
-    parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
-                        help="the guest's console: the 16550 UART (ttyS0, default) or virtio-console (hvc0)")
+    parser.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,ro][,overlay=PATH]",
+        help="virtio-blk disk; writes go to a copy-on-write overlay (repeatable)",
+    )
+    parser.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME|none",
+        help=_NET_HELP + " (repeatable; default: none for the demo guest)",
+    )
+    parser.add_argument(
+        "--console-socket", type=Path, metavar="PATH", help="a virtio-console port reachable as a Unix socket at PATH"
+    )
+    parser.add_argument(
+        "--console",
+        choices=["serial", "virtio"],
+        default="serial",
+        help="the guest's console: the 16550 UART (ttyS0, default) or virtio-console (hvc0)",
+    )
 
 
 def _kernel(text: str) -> Path | str:
@@ -75,10 +105,22 @@ def _guest_marker(kernel: Path | str | None) -> str | None:
 def _config(args: argparse.Namespace) -> MachineConfig:
     networks = NetConfig.parse_flags(args.net)
     if getattr(args, "bundle", None) is not None:
-        given = [flag for flag, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
-                 ("--cpus", args.cpus), ("--mem", args.mem), ("--disk", args.disk)) if value is not None and value != []]
+        given = [
+            flag
+            for flag, value in (
+                ("--kernel", args.kernel),
+                ("--initrd", args.initrd),
+                ("--cmdline", args.cmdline),
+                ("--cpus", args.cpus),
+                ("--mem", args.mem),
+                ("--disk", args.disk),
+            )
+            if value is not None and value != []
+        ]
         if given:
-            raise ConfigError(f"--bundle brings its own kernel, command line, vCPUs, RAM and disks: drop {', '.join(given)}")
+            raise ConfigError(
+                f"--bundle brings its own kernel, command line, vCPUs, RAM and disks: drop {', '.join(given)}"
+            )
         return MachineConfig.from_bundle(args.bundle, networks=networks, console_socket=args.console_socket)
     try:
         return MachineConfig(
@@ -100,54 +142,103 @@ def _config(args: argparse.Namespace) -> MachineConfig:
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name in ("boot", "build"):
         _add_machine_flags(parser)
-        parser.add_argument("--ready-marker", help="console text that says the guest is ready; boot forwards stdin"
-                            " only after it (default: the demo guest's, or the one a --bundle was built with)")
+        parser.add_argument(
+            "--ready-marker",
+            help="console text that says the guest is ready; boot forwards stdin"
+            " only after it (default: the demo guest's, or the one a --bundle was built with)",
+        )
     if name == "boot":
-        parser.add_argument("--bundle", type=Path, metavar="BUNDLE",
-                            help="cold-boot BUNDLE's own kernel, initrd and disks (a bundle built with --bootable)")
+        parser.add_argument(
+            "--bundle",
+            type=Path,
+            metavar="BUNDLE",
+            help="cold-boot BUNDLE's own kernel, initrd and disks (a bundle built with --bootable)",
+        )
     if name == "build":
         from smolvmm.cli.image import add_build_arguments
 
         add_build_arguments(parser)
         parser.add_argument("-o", "--output", type=Path, required=True, help="the .smolmachine file to write")
-        parser.add_argument("--bootable", action="store_true",
-                            help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)")
-        parser.add_argument("--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)")
-        parser.add_argument("--timeout", type=positive_float, default=600,
-                            help="seconds to wait for the ready marker (default 600)")
-        parser.add_argument("--json", action="store_true",
-                            help="print the bundle's path, digest, sizes and timings as JSON on stdout")
+        parser.add_argument(
+            "--bootable",
+            action="store_true",
+            help="also store the kernel and initrd, so the bundle can be cold-booted (boot --bundle)",
+        )
+        parser.add_argument(
+            "--zstd", action="store_true", help="compress RAM and disks (for shipping; `pack --raw` to map)"
+        )
+        parser.add_argument(
+            "--timeout", type=positive_float, default=600, help="seconds to wait for the ready marker (default 600)"
+        )
+        parser.add_argument(
+            "--json", action="store_true", help="print the bundle's path, digest, sizes and timings as JSON on stdout"
+        )
     if name == "run":
-        parser.add_argument("bundle", type=Path, help="the .smolmachine file to resume, or REGISTRY/REPO:TAG to pull and resume")
-        parser.add_argument("--insecure", action="store_true", help="with a REF: allow plain HTTP to a registry that is not on loopback")
-        parser.add_argument("--net", action="append", default=[], metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
-                            help="the wire for each saved network card: " + _NET_HELP
-                            + " (default: a passt of its own for each card saved on user networking)")
-        parser.add_argument("--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device")
-        parser.add_argument("--save", type=Path, metavar="OUT",
-                            help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on")
-        parser.add_argument("--prepare-only", action="store_true",
-                            help="do every restore step up to the first guest entry, then tear down")
-        parser.add_argument("--require-signature", action="store_true",
-                            help="refuse a bundle whose content no key of --trusted-keys signed (`smolvmm sign`)")
-        parser.add_argument("--trusted-keys", metavar="DIR",
-                            help="directory of trusted Ed25519 public keys (*.pub, PEM); implies --require-signature")
-        parser.add_argument("--detach", action="store_true",
-                            help="run in the background and print the machine's id (smolvmm attach ID, stop ID)")
+        parser.add_argument(
+            "bundle", type=Path, help="the .smolmachine file to resume, or REGISTRY/REPO:TAG to pull and resume"
+        )
+        parser.add_argument(
+            "--insecure", action="store_true", help="with a REF: allow plain HTTP to a registry that is not on loopback"
+        )
+        parser.add_argument(
+            "--net",
+            action="append",
+            default=[],
+            metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
+            help="the wire for each saved network card: "
+            + _NET_HELP
+            + " (default: a passt of its own for each card saved on user networking)",
+        )
+        parser.add_argument(
+            "--console-socket", type=Path, metavar="PATH", help="socket path for a saved console-socket device"
+        )
+        parser.add_argument(
+            "--save",
+            type=Path,
+            metavar="OUT",
+            help="on SIGUSR1, save the running instance to OUT (a new bundle) and carry on",
+        )
+        parser.add_argument(
+            "--prepare-only",
+            action="store_true",
+            help="do every restore step up to the first guest entry, then tear down",
+        )
+        parser.add_argument(
+            "--require-signature",
+            action="store_true",
+            help="refuse a bundle whose content no key of --trusted-keys signed (`smolvmm sign`)",
+        )
+        parser.add_argument(
+            "--trusted-keys",
+            metavar="DIR",
+            help="directory of trusted Ed25519 public keys (*.pub, PEM); implies --require-signature",
+        )
+        parser.add_argument(
+            "--detach",
+            action="store_true",
+            help="run in the background and print the machine's id (smolvmm attach ID, stop ID)",
+        )
         parser.add_argument("--detached-as", metavar="ID", help=argparse.SUPPRESS)  # what --detach starts
         import smolvmm.cli.exec as cli_exec
 
         cli_exec.add_arguments(parser)
     if name in ("boot", "run"):
         parser.add_argument("--timings", action="store_true", help="at exit, print how long each phase took (ms)")
-        parser.add_argument("--json", action="store_true",
-                            help="print --timings/--prepare-only as one JSON line on stdout (else a line on stderr)")
-        parser.add_argument("--jail", action="store_true",
-                            help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
-                                 " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
-                                 " privileges, resource limits, a seccomp filter (needs root; see docs/THREAT_MODEL.md)")
-        parser.add_argument("--jail-user", metavar="USER|UID[:GID]",
-                            help="who the jailed monitor runs as (default: nobody)")
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print --timings/--prepare-only as one JSON line on stdout (else a line on stderr)",
+        )
+        parser.add_argument(
+            "--jail",
+            action="store_true",
+            help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
+            " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
+            " privileges, resource limits, a seccomp filter (needs root; see docs/THREAT_MODEL.md)",
+        )
+        parser.add_argument(
+            "--jail-user", metavar="USER|UID[:GID]", help="who the jailed monitor runs as (default: nobody)"
+        )
 
 
 def _note_pvm_host() -> None:
@@ -229,7 +320,12 @@ def report_timings(timings: _Timings, as_json: bool) -> None:
 
 
 async def serve(
-    machine: Machine, command: str, what: str, marker: str | None, save: Path | None = None, detached_as: str | None = None
+    machine: Machine,
+    command: str,
+    what: str,
+    marker: str | None,
+    save: Path | None = None,
+    detached_as: str | None = None,
 ) -> int:
     """The console session (on stdin/stdout, or ``detached_as`` a console socket), with the machine
     listed by ``smolvmm ps`` and ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
@@ -311,23 +407,24 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         cli_output.result(f"{output}: {digest.hex()[:16]}")
         return cli_status.OK
     import smolformat
-
     from smolvmm.cli.bundle import sizes
 
     with smolformat.open_bundle(output) as bundle:
         stored = sizes(bundle)
-    cli_output.result_json({
-        "path": str(output),
-        "digest": digest.hex(),
-        "encoding": encoding,
-        "bootable": args.bootable,
-        "sizes": {"file": output.stat().st_size, **stored},
-        "timings_ms": {
-            "boot": machine.timings.phases,
-            "ready": ready_ms,
-            "save": machine.snapshot_timings.phases,
-        },
-    })
+    cli_output.result_json(
+        {
+            "path": str(output),
+            "digest": digest.hex(),
+            "encoding": encoding,
+            "bootable": args.bootable,
+            "sizes": {"file": output.stat().st_size, **stored},
+            "timings_ms": {
+                "boot": machine.timings.phases,
+                "ready": ready_ms,
+                "save": machine.snapshot_timings.phases,
+            },
+        }
+    )
     return cli_status.OK
 
 
@@ -354,7 +451,9 @@ async def _run(args: argparse.Namespace) -> int:
 
     args.bundle = await resolve_bundle(args.bundle, args.insecure)
     if "none" in args.net:
-        raise ConfigError("--net none is for boot and build: a restored machine keeps the network cards it was saved with")
+        raise ConfigError(
+            "--net none is for boot and build: a restored machine keeps the network cards it was saved with"
+        )
     networks = NetConfig.parse_flags(args.net)
     if args.require_signature and args.trusted_keys is None:
         raise ConfigError("--require-signature needs --trusted-keys DIR: the public keys a signature may be by")
@@ -396,7 +495,9 @@ def run(name: str, args: argparse.Namespace) -> int:
         return anyio.run(_build, _config(args), args, backend=BACKEND)
     if args.detach:
         if args.prepare_only or args.timings or args.command or args.copy_in or args.copy_out:
-            raise ConfigError("--detach runs the machine in the background: it cannot be combined with"
-                              " --prepare-only, --timings, --copy-in/--copy-out or a command (-- CMD)")
+            raise ConfigError(
+                "--detach runs the machine in the background: it cannot be combined with"
+                " --prepare-only, --timings, --copy-in/--copy-out or a command (-- CMD)"
+            )
         return cli_detach.start(args)
     return anyio.run(_run, args, backend=BACKEND)

@@ -109,8 +109,12 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     else:
         parser.add_argument("id", metavar="ID", help="the machine's id (as ps shows it; a unique prefix will do)")
-        parser.add_argument("--timeout", type=positive_float, default=10,
-                            help="seconds to wait for it to stop before killing its process (default 10)")
+        parser.add_argument(
+            "--timeout",
+            type=positive_float,
+            default=10,
+            help="seconds to wait for it to stop before killing its process (default 10)",
+        )
 
 
 def run(name: str, args: argparse.Namespace) -> int:
@@ -121,8 +125,10 @@ def run(name: str, args: argparse.Namespace) -> int:
         else:
             now = time.time()
             rows = [f"{'ID':<10}{'PID':>8}  {'COMMAND':<8}{'UP':>8}  WHAT"]
-            rows += [f"{e['id']:<10}{e['pid']:>8}  {e['command']:<8}{_duration(now - e['started_unix']):>8}  {e['what']}"
-                     for e in entries]
+            rows += [
+                f"{e['id']:<10}{e['pid']:>8}  {e['command']:<8}{_duration(now - e['started_unix']):>8}  {e['what']}"
+                for e in entries
+            ]
             cli_output.result("\n".join(rows))
         return cli_status.OK
     return _stop(lookup(args.id, entries), args.timeout)
@@ -134,7 +140,9 @@ def lookup(machine_id: str, entries: list[dict[str, Any]] | None = None) -> dict
     matches = [e for e in entries if e["id"].startswith(machine_id)]
     if len(matches) != 1:
         known = ", ".join(e["id"] for e in entries) or "none is running"
-        raise smolvmm.ConfigError(f"{'no' if not matches else 'more than one'} machine {machine_id!r} (smolvmm ps: {known})")
+        raise smolvmm.ConfigError(
+            f"{'no' if not matches else 'more than one'} machine {machine_id!r} (smolvmm ps: {known})"
+        )
     return matches[0]
 
 

@@ -25,8 +25,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 def add_registry_flags(parser: argparse.ArgumentParser) -> None:
     """``--insecure``, for commands that reach a registry."""
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow plain HTTP and unverified TLS (always allowed for loopback registries)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain HTTP and unverified TLS (always allowed for loopback registries)",
+    )
 
 
 def progress_printer(verb: str) -> Callable[[smolvmm.Transfer], None] | None:
@@ -57,8 +60,10 @@ async def _with_progress(verb: str, operation: Callable[..., Awaitable[Any]], *a
     result = await operation(*args, progress=progress, **kwargs)
     if progress is not None:
         transfer = result.transfer
-        print(f"\rsmolvmm: {verb} {_mib(transfer.moved)} MiB, {_mib(transfer.present)} MiB already there"
-              + " " * 20, file=sys.stderr)
+        print(
+            f"\rsmolvmm: {verb} {_mib(transfer.moved)} MiB, {_mib(transfer.present)} MiB already there" + " " * 20,
+            file=sys.stderr,
+        )
     return result
 
 

@@ -19,8 +19,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("key", metavar="KEY", help="where to write the private key (KEY.pub gets the public key)")
         return
     parser.add_argument("--key", required=True, metavar="KEY", help="the private key to sign with (from keygen)")
-    parser.add_argument("-o", "--output", metavar="OUT",
-                        help="write the signed bundle to OUT (default: a new file renamed over BUNDLE)")
+    parser.add_argument(
+        "-o", "--output", metavar="OUT", help="write the signed bundle to OUT (default: a new file renamed over BUNDLE)"
+    )
     parser.add_argument("bundle", metavar="BUNDLE")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from smolvmm.errors import BundleError
 from smolvmm.devices.uart import UartState
 from smolvmm.devices.virtio.block import BlockState, VirtioBlock
 from smolvmm.devices.virtio.console import ConsoleState, VirtioConsole
@@ -18,6 +17,7 @@ from smolvmm.devices.virtio.mmio import MmioState
 from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.devices.virtio.queue import QueueState
 from smolvmm.devices.virtio.rng import VirtioRng
+from smolvmm.errors import BundleError
 
 VIRTIO_KINDS: dict[type[VirtioDevice], str] = {
     VirtioBlock: "virtio-blk",
@@ -52,7 +52,9 @@ def virtio_record(state: MmioState) -> dict[str, Any]:
 
 def virtio_state(kind: str, record: Any) -> MmioState:
     transport = record["transport"]
-    queues = tuple(QueueState(**{f.name: q[f.name] for f in dataclasses.fields(QueueState)}) for q in transport["queues"])
+    queues = tuple(
+        QueueState(**{f.name: q[f.name] for f in dataclasses.fields(QueueState)}) for q in transport["queues"]
+    )
     payload_type = _PAYLOADS.get(kind)
     device = None
     if payload_type is not None:

@@ -84,12 +84,44 @@ DEFAULT_USER = "nobody"
 JAIL_MOUNT = "/tmp"
 
 DENIED_SYSCALLS = (
-    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev",
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_by_handle_at",
-    "name_to_handle_at", "fanotify_init", "quotactl", "swapon", "swapoff", "acct",
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
-    "bpf", "perf_event_open", "userfaultfd", "personality", "syslog", "iopl", "ioperm",
-    "keyctl", "add_key", "request_key", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "execve",
+    "execveat",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fanotify_init",
+    "quotactl",
+    "swapon",
+    "swapoff",
+    "acct",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "personality",
+    "syslog",
+    "iopl",
+    "ioperm",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
 )
 """The system calls the jailed monitor may not make (EPERM): none is on its path."""
 
@@ -98,8 +130,17 @@ DENIED_SYSCALLS = (
 PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
 PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "images", "arm64")
 PRELOAD_MODULES = (
-    "json", "traceback", "linecache", "tokenize", "encodings.idna", "concurrent.futures.thread",
-    "asyncio", "selectors", "signal", "tempfile", "shutil",
+    "json",
+    "traceback",
+    "linecache",
+    "tokenize",
+    "encodings.idna",
+    "concurrent.futures.thread",
+    "asyncio",
+    "selectors",
+    "signal",
+    "tempfile",
+    "shutil",
 )
 
 
@@ -226,14 +267,21 @@ def enter(jail: Jail, *, network: bool) -> str:
         _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)), "unshare")
         _check(libc.mount(b"none", b"/", _ffi.NULL, MS_REC | MS_PRIVATE, _ffi.NULL), "making mounts private")
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-        _check(libc.mount(b"jail", JAIL_MOUNT.encode(), b"tmpfs", flags, _ffi.new("char[]", b"size=16k,mode=0755")), "mounting tmpfs")
+        _check(
+            libc.mount(b"jail", JAIL_MOUNT.encode(), b"tmpfs", flags, _ffi.new("char[]", b"size=16k,mode=0755")),
+            "mounting tmpfs",
+        )
         os.mkdir(f"{JAIL_MOUNT}/old", 0o700)
-        _check(libc.syscall(SYS_PIVOT_ROOT, _long(JAIL_MOUNT.encode()), _long(f"{JAIL_MOUNT}/old".encode())), "pivot_root")
+        _check(
+            libc.syscall(SYS_PIVOT_ROOT, _long(JAIL_MOUNT.encode()), _long(f"{JAIL_MOUNT}/old".encode())), "pivot_root"
+        )
         os.chdir("/")
         for directory in jail.writable:
             os.makedirs(directory, exist_ok=True)
-            _check(libc.mount(f"/old{directory}".encode(), directory.encode(), _ffi.NULL, MS_BIND | MS_REC, _ffi.NULL),
-                   f"binding {directory}")
+            _check(
+                libc.mount(f"/old{directory}".encode(), directory.encode(), _ffi.NULL, MS_BIND | MS_REC, _ffi.NULL),
+                f"binding {directory}",
+            )
         _check(libc.umount2(b"/old", MNT_DETACH), "detaching the host's root")
         os.rmdir("/old")
         _check(libc.mount(b"none", b"/", _ffi.NULL, MS_REMOUNT | MS_RDONLY | flags, _ffi.NULL), "read-only root")

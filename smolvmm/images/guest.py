@@ -25,16 +25,26 @@ PREBUILT_ENV = "SMOLVMM_DEFAULT_GUEST"
 PREBUILT_MINIMAL_ENV = "SMOLVMM_MINIMAL_GUEST"  # the same for the minimal guest (kernel="minimal")
 
 MODULES = [
-    "virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "ext4",
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "ext4",
 ]
 
-INIT = r"""#!/bin/busybox sh
+INIT = (
+    r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-""" + busybox.LOAD_MODULES + r"""
+"""
+    + busybox.LOAD_MODULES
+    + r"""
 load_modules
 # With console=hvc0 the console did not exist when the kernel started us; now it does.
 exec 0<>/dev/console 1>&0 2>&0
@@ -64,6 +74,7 @@ echo "$READY"
 setsid cttyhack sh
 poweroff -f
 """.replace("$READY", READY_MARKER)
+)
 
 
 # udhcpc's hook (busybox passes the lease in the environment): address, MTU, default route, DNS.

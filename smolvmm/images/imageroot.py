@@ -26,13 +26,16 @@ RUNAS_SOURCE = Path(__file__).with_name("runas.c")
 # A prebuilt image-root guest directory (the test plugin sets it for the nested machine).
 PREBUILT_IMAGE_ENV = "SMOLVMM_IMAGE_GUEST"
 
-INIT = r"""#!/bin/busybox sh
+INIT = (
+    r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-""" + busybox.LOAD_MODULES + r"""
+"""
+    + busybox.LOAD_MODULES
+    + r"""
 load_modules
 exec 0<>/dev/console 1>&0 2>&0
 fail() { echo "smolvmm: $*" >&2; poweroff -f; }
@@ -47,6 +50,7 @@ cp /bin/busybox /bin/tini /bin/smolvmm-agent /bin/smolvmm-runas /etc/smolvmm/sta
 for point in dev proc sys; do mount --move "/$point" "/newroot/$point"; done
 exec switch_root /newroot /run/smolvmm/tini -- /run/smolvmm/busybox sh /run/smolvmm/stage2
 """
+)
 
 STAGE2 = r"""B=/run/smolvmm/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root

@@ -36,7 +36,7 @@ def modinfo(elf: bytes) -> dict[str, list[str]]:
     """The ``key=value`` strings of the module's ``.modinfo`` section (a key may repeat)."""
     if elf[:5] != b"\x7fELF\x02":
         raise ImageError("not a 64-bit ELF kernel module")
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
 
     def section(index: int) -> tuple[int, int, int]:
@@ -66,9 +66,7 @@ class ModuleTree:
         self.release = releases[0].name
         self.directory = releases[0]
         self.paths = {
-            module_name(path): path
-            for path in self.directory.rglob("*.ko*")
-            if path.name.endswith(_SUFFIXES)
+            module_name(path): path for path in self.directory.rglob("*.ko*") if path.name.endswith(_SUFFIXES)
         }
         builtin = self.directory / "modules.builtin"
         self.builtin = {module_name(line) for line in builtin.read_text().split()} if builtin.exists() else set()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from smolvmm import progress
 from smolvmm.errors import ImageError
-from smolvmm.images.cache import cached_build
 from smolvmm.host.cache import cache_root
+from smolvmm.images.cache import cached_build
 from smolvmm.images.debian import Package
 from smolvmm.kernel import config
 
@@ -63,7 +63,9 @@ def minimal_kernel(jobs: int | None = None) -> BuiltKernel:
     fragment = config.FRAGMENT.read_bytes()
     source = f"{package.name}={package.version}"
     directory = cached_build(
-        "minimal-kernel", build_key(source, fragment), lambda out: _build(out, package, fragment, jobs or os.cpu_count() or 1)
+        "minimal-kernel",
+        build_key(source, fragment),
+        lambda out: _build(out, package, fragment, jobs or os.cpu_count() or 1),
     )
     record = json.loads((directory / RECORD).read_text())
     return BuiltKernel(directory / KERNEL, directory / CONFIG, record["source"], record["seconds"], record["jobs"])
@@ -84,7 +86,9 @@ def _build(out: Path, package: Package, fragment: bytes, jobs: int) -> None:
         package.unpack(out / "deb")
         tarballs = sorted((out / "deb" / "usr" / "src").glob("linux-source-*.tar.*"))
         if len(tarballs) != 1:
-            raise ImageError(f"{package.name} {package.version} holds {len(tarballs)} usr/src/linux-source-*.tar.* files, expected 1")
+            raise ImageError(
+                f"{package.name} {package.version} holds {len(tarballs)} usr/src/linux-source-*.tar.* files, expected 1"
+            )
         source.mkdir()
         _run(shown, "tar", "tar", "-xf", str(tarballs[0]), "--strip-components=1", cwd=source)
         shutil.rmtree(out / "deb")
@@ -102,7 +106,11 @@ def _build(out: Path, package: Package, fragment: bytes, jobs: int) -> None:
         (source / BUILT_IMAGE).rename(out / KERNEL)
         (out / CONFIG).write_text(built)
         shutil.rmtree(source)
-    record = {"source": f"{package.name}={package.version}", "seconds": round(time.monotonic() - started, 1), "jobs": jobs}
+    record = {
+        "source": f"{package.name}={package.version}",
+        "seconds": round(time.monotonic() - started, 1),
+        "jobs": jobs,
+    }
     (out / RECORD).write_text(json.dumps(record) + "\n")
 
 

@@ -80,9 +80,7 @@ def admit_vcpu(state: Mapping[str, Any], vcpu_id: int, offer: HostOffer, *, stri
         raise refuse(f"{where} mp_state", f"{mp_state} is not an x86_64 vCPU state (0-{max(X86_MP_STATES)})")
     xsave = bytes(state["xsave"])
     if len(xsave) != offer.xsave_size:
-        raise refuse(
-            f"{where} xsave", f"{len(xsave)} bytes; this host's hypervisor takes exactly {offer.xsave_size}"
-        )
+        raise refuse(f"{where} xsave", f"{len(xsave)} bytes; this host's hypervisor takes exactly {offer.xsave_size}")
     nr_xcrs = state["xcrs"]["nr_xcrs"]
     if nr_xcrs > MAX_XCRS:
         raise refuse(f"{where} xcrs.nr_xcrs", f"{nr_xcrs}, more than {MAX_XCRS}")

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 from smolvmm.agent.channel import AgentPort
 from smolvmm.arch.x86_64 import layout
 from smolvmm.config import DiskConfig, MachineConfig, NetConfig
-from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.devices.virtio.block import VirtioBlock
+from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.device import VirtioDevice
 from smolvmm.devices.virtio.net import VirtioNet
-from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.ports import UnixSocketPort
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError, ConfigError
-from smolvmm.images.cache import cached_file
 from smolvmm.host.cache import cache_root
 from smolvmm.host.memory import GuestMemory
+from smolvmm.images.cache import cached_file
+from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import DHCP_ARG, open_backend
 from smolvmm.monitor.vm import VirtualMachine
@@ -96,6 +96,7 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
         timings.mark("load_kernel")
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         timings.mark("devices")
+
         def read_boot_files() -> tuple[bytes, bytes | None]:
             return kernel.read_bytes(), initrd.read_bytes() if initrd else None
 
@@ -134,12 +135,15 @@ def config_from_bundle(
             raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
         disks = tuple(
             DiskConfig(base_disk(bundle, d.params.disk), read_only=d.params.read_only)
-            for d in devices if d.kind == "virtio-blk"
+            for d in devices
+            if d.kind == "virtio-blk"
         )
         cmdline = re.sub(r"\s*\bsmolvmm\.(?:agent|dhcp)=\S+", "", bundle.config.cmdline)  # added again by the boot
         return MachineConfig(
             kernel=cached_file(directory / "vmlinuz", lambda partial: partial.write_bytes(kernel)),
-            initrd=cached_file(directory / "initrd.img", lambda partial: partial.write_bytes(initrd)) if initrd else None,
+            initrd=cached_file(directory / "initrd.img", lambda partial: partial.write_bytes(initrd))
+            if initrd
+            else None,
             cmdline=cmdline,
             vcpus=bundle.config.vcpu_count,
             memory=sum(r.size for r in bundle.config.ram),
@@ -148,4 +152,3 @@ def config_from_bundle(
             console="virtio" if "main" in roles else "serial",
             console_socket=console_socket if "socket" in roles else None,
         )
-

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
-from smolvmm.host.eventfd import EventFd
 from smolvmm.errors import GuestError, GuestTimeout
+from smolvmm.host.eventfd import EventFd
 
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
 INPUT_BUFFER = 4096

@@ -22,13 +22,13 @@ import anyio
 import anyio.abc
 
 from smolvmm.agent.channel import AGENT_LABEL, LABEL_V2, SYNC_TIMEOUT, TOO_OLD, AgentPort, Identity
+from smolvmm.agent.files import GuestFiles
+from smolvmm.agent.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from smolvmm.config import MachineConfig, NetConfig, PortForward
-from smolvmm.monitor.console import Console
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, unwrapped_errors
 from smolvmm.host.eventfd import EventFd
-from smolvmm.agent.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
-from smolvmm.agent.files import GuestFiles
+from smolvmm.monitor.console import Console
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
 from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
@@ -162,13 +162,22 @@ class Machine:
         holder: list[Machine] = []
         overrides = RestoreOverrides(networks, console_socket, overlays)
         restored = restore_vm_from(
-            path, overrides, lambda exit: holder[0]._record_exit(exit) if holder else None, timings,
+            path,
+            overrides,
+            lambda exit: holder[0]._record_exit(exit) if holder else None,
+            timings,
             trusted_keys=_trusted(trusted_keys),
         )
         vm = restored.vm
         tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(
-            vm, restored.config, tasks, restored.cmdline, timings, restored.digest, restored.agent,
+            vm,
+            restored.config,
+            tasks,
+            restored.cmdline,
+            timings,
+            restored.digest,
+            restored.agent,
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
@@ -209,7 +218,9 @@ class Machine:
         timings = Timings()
         overrides = RestoreOverrides(networks, console_socket)
         trusted = _trusted(trusted_keys)
-        restore_vm_from(path, overrides, lambda exit: None, timings, same_flavour=False, trusted_keys=trusted).vm.close()
+        restore_vm_from(
+            path, overrides, lambda exit: None, timings, same_flavour=False, trusted_keys=trusted
+        ).vm.close()
         timings.mark("teardown")
         return timings
 
@@ -269,7 +280,9 @@ class Machine:
                         tg.start_soon(self._run_devices)
                         tg.start_soon(self._watch)
                         self.console.on_first_output(lambda: self.timings.mark("first_output"))
-                        threads = self._vm.vcpu_threads(self._parked.signal, [d.signal for d in self._vcpu_done], paused)
+                        threads = self._vm.vcpu_threads(
+                            self._parked.signal, [d.signal for d in self._vcpu_done], paused
+                        )
                         self.timings.mark("first_kvm_run")
                         for thread, done in zip(threads, self._vcpu_done):
                             await tg.start(self._drive_vcpu, thread, done, name=f"vcpu{thread.vcpu.id}")
@@ -518,7 +531,9 @@ def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | Non
     with open_bundle(path) as bundle:
         kernel = bundle.kernel
         if kernel is None:
-            raise ConfigError(f"this machine was restored from {path}, which has no kernel: it cannot be saved bootable")
+            raise ConfigError(
+                f"this machine was restored from {path}, which has no kernel: it cannot be saved bootable"
+            )
         return kernel, bundle.initrd
 
 

@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import smolformat
-
-from smolvmm.monitor import boundary
 from smolvmm.agent.channel import AgentPort
 from smolvmm.config import MachineConfig, NetConfig
-from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.device import VirtioDevice
@@ -27,9 +24,11 @@ from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.devices.virtio.ports import UnixSocketPort
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError, ConfigError, HypervisorError
-from smolvmm.images.cache import cached_file
 from smolvmm.host.cache import cache_root
 from smolvmm.host.memory import GuestMemory
+from smolvmm.images.cache import cached_file
+from smolvmm.monitor import boundary
+from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import open_backend
@@ -134,7 +133,9 @@ def _devices(
             if entry.kind == "virtio-blk":
                 index = entry.params.disk
                 overlay = overrides.overlays[index] if index < len(overrides.overlays) else None
-                device: VirtioDevice = VirtioBlock(base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial)
+                device: VirtioDevice = VirtioBlock(
+                    base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial
+                )
                 devices.append((device, None))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)

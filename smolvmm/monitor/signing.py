@@ -14,13 +14,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import smolformat
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+import smolformat
 from smolformat import signature
 from smolformat.payloads import MAX_SIGNATURES
-
 from smolvmm.errors import BundleError, ConfigError
 
 TrustedKeys = dict[bytes, str]  # raw 32-byte public key -> the file it came from

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import smolformat
-
 from smolvmm import progress
 from smolvmm.arch.x86_64 import layout
 from smolvmm.devices.records import VIRTIO_KINDS, uart_record, virtio_record
@@ -60,7 +59,9 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
         counts: dict[str, int] = {}
         for transport in vm.transports:
             kind = VIRTIO_KINDS[type(transport.device)]
-            records.append({"kind": kind, "instance": counts.get(kind, 0), "state": virtio_record(transport.save_state())})
+            records.append(
+                {"kind": kind, "instance": counts.get(kind, 0), "state": virtio_record(transport.save_state())}
+            )
             counts[kind] = counts.get(kind, 0) + 1
         yield smolformat.BundleContents(
             config={

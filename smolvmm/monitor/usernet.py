@@ -68,7 +68,9 @@ class PasstBackend(StreamBackend):
     def __init__(self, forwards: tuple[PortForward, ...]) -> None:
         binary = shutil.which("passt")
         if binary is None:
-            raise ConfigError("user networking needs passt, which is not installed: apt-get install passt (Debian package passt)")
+            raise ConfigError(
+                "user networking needs passt, which is not installed: apt-get install passt (Debian package passt)"
+            )
         self.forwards = tuple(_resolve(forward) for forward in forwards)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for end in (ours, theirs):
@@ -87,7 +89,16 @@ class PasstBackend(StreamBackend):
             theirs.close()
 
     def _spawn(self, binary: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
-        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()), "--pid", str(self._pidfile)]
+        args = [
+            binary,
+            "--foreground",
+            "--quiet",
+            "--stderr",
+            "--fd",
+            str(theirs.fileno()),
+            "--pid",
+            str(self._pidfile),
+        ]
         for protocol, flag in (("tcp", "-t"), ("udp", "-u")):
             ports = ",".join(f"{f.host}:{f.guest}" for f in self.forwards if f.protocol == protocol)
             args += [flag, ports or "none"]
@@ -177,7 +188,9 @@ def _resolve(forward: PortForward) -> PortForward:
                         f"host port {port}/{forward.protocol} is in use: forward another (forward=0:{forward.guest} picks a free one)"
                     ) from None
                 if exc.errno == errno.EACCES:
-                    raise ConfigError(f"host port {port}/{forward.protocol} needs privileges: forward a port above 1023") from None
+                    raise ConfigError(
+                        f"host port {port}/{forward.protocol} needs privileges: forward a port above 1023"
+                    ) from None
                 raise ConfigError(f"cannot use host port {port}/{forward.protocol}: {exc.strerror}") from None
             port = probe.getsockname()[1]
     return PortForward(port, forward.guest, forward.protocol)

@@ -140,4 +140,8 @@ class VcpuThread:
                 return
 
 
-_EXIT_REASONS = {StopKind.POWEROFF: ExitReason.POWEROFF, StopKind.RESET: ExitReason.REBOOT, StopKind.CRASH: ExitReason.CRASH}
+_EXIT_REASONS = {
+    StopKind.POWEROFF: ExitReason.POWEROFF,
+    StopKind.RESET: ExitReason.REBOOT,
+    StopKind.CRASH: ExitReason.CRASH,
+}

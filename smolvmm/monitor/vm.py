@@ -10,7 +10,6 @@ from pathlib import Path
 
 from smolvmm.arch.x86_64 import acpi, boot, layout, regs
 from smolvmm.arch.x86_64.image import parse_bzimage
-from smolvmm.monitor.console import Console, VirtioConsoleInput
 from smolvmm.devices.acpi_power import AcpiSleepRegister
 from smolvmm.devices.bus import Bus
 from smolvmm.devices.i8042 import I8042
@@ -19,9 +18,10 @@ from smolvmm.devices.virtio.device import VirtioDevice
 from smolvmm.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
 from smolvmm.errors import HypervisorError, ImageError
 from smolvmm.host.eventfd import EventFd
+from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, Vcpu
-from smolvmm.host.memory import GuestMemory
+from smolvmm.monitor.console import Console, VirtioConsoleInput
 from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread
 
 

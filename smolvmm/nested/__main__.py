@@ -29,15 +29,33 @@ def _parser() -> argparse.ArgumentParser:
         f"${WATCHDOG_ENV} seconds, default {WATCHDOG_DEFAULT:g}: QEMU is killed); {HARNESS_FAILURE} when "
         "it failed otherwise. CMD may write what it is doing to $SMOLVMM_NESTED_ACTIVITY: a freeze report names it.",
     )
-    parser.add_argument("--arm64", action="store_true",
-                        help="use the emulated arm64 machine instead (QEMU TCG at EL2: arm64 KVM, arm64 Python)")
-    parser.add_argument("--out", action="append", type=Path, default=[], metavar="DIR",
-                        help="make DIR writable inside; what is written there appears on the host (repeatable)")
-    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SEC",
-                        help="kill the machine after SEC seconds (default: %(default)g)")
-    parser.add_argument("--evidence", type=Path, metavar="FILE",
-                        help="when the nested machine freezes or fails, also write what the host saw "
-                        "(QEMU's state, its registers, the console, the command's activity) to FILE")
+    parser.add_argument(
+        "--arm64",
+        action="store_true",
+        help="use the emulated arm64 machine instead (QEMU TCG at EL2: arm64 KVM, arm64 Python)",
+    )
+    parser.add_argument(
+        "--out",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="make DIR writable inside; what is written there appears on the host (repeatable)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="SEC",
+        help="kill the machine after SEC seconds (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="FILE",
+        help="when the nested machine freezes or fails, also write what the host saw "
+        "(QEMU's state, its registers, the console, the command's activity) to FILE",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
     return parser
 
@@ -64,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"nested-kvm: {exc}", file=sys.stderr)
         if isinstance(exc, NestedMachineFroze):
-            print(f"--- QEMU threads (id, name, state, CPU, wait channel, system call) ---\n{exc.threads}",
-                  file=sys.stderr)
+            print(
+                f"--- QEMU threads (id, name, state, CPU, wait channel, system call) ---\n{exc.threads}",
+                file=sys.stderr,
+            )
         if exc.console:
             print(f"--- nested console (tail) ---\n{exc.console}", file=sys.stderr)
         if args.evidence:

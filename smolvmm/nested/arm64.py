@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from smolvmm.errors import ImageError
+from smolvmm.host.cache import cache_root
 from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
-from smolvmm.host.cache import cache_root
 from smolvmm.images.cpio import Initramfs
 from smolvmm.images.debian import Package, _run
 from smolvmm.nested.harness import HarnessError, Job, job_devices, run_machine
@@ -33,13 +33,25 @@ SOURCE = "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.g
 KERNEL_META = "linux-image-arm64"
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console"]
 USERLAND = [
-    "python3-minimal", "libpython3.11-stdlib", "python3-cffi", "python3-construct", "python3-zstandard",
-    "python3-trio", "python3-anyio", "python3-pytest", "python3-pytest-timeout", "python3-hypothesis", "device-tree-compiler",
+    "python3-minimal",
+    "libpython3.11-stdlib",
+    "python3-cffi",
+    "python3-construct",
+    "python3-zstandard",
+    "python3-trio",
+    "python3-anyio",
+    "python3-pytest",
+    "python3-pytest-timeout",
+    "python3-hypothesis",
+    "device-tree-compiler",
 ]
 """What the arm64 tests need: the project's runtime dependencies, pytest and hypothesis, and dtc."""
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
-INIT = init_script(PATH, "no /dev/kvm: the kernel did not boot at EL2 (needs -M virt,virtualization=on)", r"""mkdir -p /host /job
+INIT = init_script(
+    PATH,
+    "no /dev/kvm: the kernel did not boot at EL2 (needs -M virt,virtualization=on)",
+    r"""mkdir -p /host /job
 mount -t 9p -o @NINEP@,ro,cache=loose @HOSTROOT@ /host || fail "could not mount the host root over 9p"
 cp "/host$job/"* /job/ || fail "job $job not readable through 9p"
 for dir in /host/*; do
@@ -57,7 +69,9 @@ cp /job/job /run/smolvmm/job && touch /run/smolvmm/readonly
 while read -r tag path; do
     mkdir -p "$path" && mount -t 9p -o @NINEP@ "$tag" "$path" || fail "could not mount --out $path"
 done < /job/mounts
-""", "/bin/sh")
+""",
+    "/bin/sh",
+)
 """The arm64 userland is the initramfs itself; the host's directories it lacks are bound in at the same paths."""
 
 
@@ -65,10 +79,16 @@ def _apt(tool: str, *args: str, cwd: Path | None = None) -> str:
     """Run ``apt-get`` or ``apt-cache`` against the private arm64 configuration, updating its lists first if absent."""
     root = cache_root() / "apt-arm64"
     options = [
-        f"-oDir::Etc::SourceList={root}/sources.list", f"-oDir::Etc::SourceParts={root}/empty",
-        f"-oDir::Etc::PreferencesParts={root}/empty", f"-oDir::Etc::Preferences={root}/empty/none",
-        f"-oDir::State={root}/state", f"-oDir::State::status={root}/state/status", f"-oDir::Cache={root}/cache",
-        "-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64", "-oAPT::Install-Recommends=0",
+        f"-oDir::Etc::SourceList={root}/sources.list",
+        f"-oDir::Etc::SourceParts={root}/empty",
+        f"-oDir::Etc::PreferencesParts={root}/empty",
+        f"-oDir::Etc::Preferences={root}/empty/none",
+        f"-oDir::State={root}/state",
+        f"-oDir::State::status={root}/state/status",
+        f"-oDir::Cache={root}/cache",
+        "-oAPT::Architecture=arm64",
+        "-oAPT::Architectures=arm64",
+        "-oAPT::Install-Recommends=0",
     ]
     if not list((root / "state" / "lists").glob("*_Packages*")):
         for directory in ("empty", "state/lists/partial", "cache/archives/partial"):
@@ -153,10 +173,28 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
     algorithm: the guest cannot tell, and TCG runs noticeably faster.
     """
     args = [
-        QEMU, "-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on", "-accel", "tcg",
-        "-m", "2048", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", f"console=ttyAMA0 quiet panic=-1 smolvmm.job={workdir}/job",
+        QEMU,
+        "-M",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        "max,pauth-impdef=on",
+        "-accel",
+        "tcg",
+        "-m",
+        "2048",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"console=ttyAMA0 quiet panic=-1 smolvmm.job={workdir}/job",
     ]
     return args + job_devices(workdir, outs)
 

@@ -80,8 +80,9 @@ def job_script(job: Job) -> str:
     """The shell script the nested machine's init runs chrooted into the host root."""
     lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(forwarded_env(job.env).items())]
     # On the overlay, bytecode lands in a tmpfs that is discarded: writing it only saves recompiling.
-    lines.append("if [ -e /run/smolvmm/readonly ]; then export PYTHONDONTWRITEBYTECODE=1;"
-                 " else unset PYTHONDONTWRITEBYTECODE; fi")
+    lines.append(
+        "if [ -e /run/smolvmm/readonly ]; then export PYTHONDONTWRITEBYTECODE=1; else unset PYTHONDONTWRITEBYTECODE; fi"
+    )
     lines.append(f"cd {shlex.quote(str(job.cwd))} || exit {HARNESS_FAILURE}")
     lines.append("exec " + shlex.join(job.command))
     return "\n".join(lines) + "\n"
@@ -108,12 +109,33 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
     kernel leaves its reason on the console instead of a silent freeze.
     """
     tsc = host_tsc_khz()
-    cmdline = ("console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
-               " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else ""))
+    cmdline = (
+        "console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
+        " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else "")
+    )
     args = [
-        QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "EPYC-Rome,+svm,+npt,-xsaves", "-m", "6144", "-smp", "1",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} smolvmm.job={workdir}/job",
+        QEMU,
+        "-M",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "EPYC-Rome,+svm,+npt,-xsaves",
+        "-m",
+        "6144",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"{cmdline} smolvmm.job={workdir}/job",
     ]
     return args + job_devices(workdir, outs)
 
@@ -122,10 +144,18 @@ def job_devices(workdir: Path, outs: Sequence[Path]) -> list[str]:
     """QEMU arguments for the job protocol: console log, host root and ``outs`` over 9p, the four ports,
     and a human monitor on ``<workdir>/monitor`` for the watchdog's evidence."""
     args = [
-        "-chardev", f"file,id=console,path={workdir}/console.log", "-serial", "chardev:console",
-        "-chardev", f"socket,id=monitor,path={workdir}/monitor,server=on,wait=off", "-mon", "chardev=monitor",
-        "-virtfs", f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-serial-pci",
+        "-chardev",
+        f"file,id=console,path={workdir}/console.log",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=monitor,path={workdir}/monitor,server=on,wait=off",
+        "-mon",
+        "chardev=monitor",
+        "-virtfs",
+        f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-serial-pci",
     ]
     for index, out in enumerate(outs):
         args += ["-virtfs", f"local,path={out},mount_tag=out{index},security_model=none,multidevs=remap"]
@@ -152,8 +182,10 @@ def _failure(workdir: Path, qemu_exit: int | None) -> HarnessError:
         if "Kernel panic" in line:
             message = f"nested kernel panicked: {line.strip()}"
             break
-    report = (f"{message}\n--- QEMU's stderr ---\n{tail(workdir / 'qemu.stderr')}\n"
-              f"--- nested console (last 200 lines) ---\n{tail(workdir / 'console.log', 200)}\n")
+    report = (
+        f"{message}\n--- QEMU's stderr ---\n{tail(workdir / 'qemu.stderr')}\n"
+        f"--- nested console (last 200 lines) ---\n{tail(workdir / 'console.log', 200)}\n"
+    )
     return HarnessError(message, console, report)
 
 
@@ -191,8 +223,11 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
         with open(workdir / "qemu.stderr", "wb") as qemu_stderr:
             qemu = subprocess.Popen(
                 command(workdir),
-                stdin=subprocess.DEVNULL, stdout=qemu_stderr, stderr=qemu_stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_stderr,
+                stderr=qemu_stderr,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         heartbeat = Heartbeat(job.watchdog, qemu.pid)
         try:
@@ -218,7 +253,10 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
 
 
 def _pump(
-    qemu: subprocess.Popen[bytes], listeners: list[socket.socket], sinks: dict[str, int], timeout: float,
+    qemu: subprocess.Popen[bytes],
+    listeners: list[socket.socket],
+    sinks: dict[str, int],
+    timeout: float,
     heartbeat: Heartbeat,
 ) -> tuple[int | None, str]:
     """Copy port data to ``sinks`` and beats to ``heartbeat`` until QEMU exits; return the reported exit

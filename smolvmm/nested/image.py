@@ -86,9 +86,16 @@ def init_script(path: str, no_kvm: str, body: str, run: str, job_root: str = "")
     ``env -i <run> /run/smolvmm/job`` with its output on the ports, and powers off.
     """
     replacements = {
-        "@PATH@": path, "@NO_KVM@": no_kvm, "@RUN@": run, "@LOAD_MODULES@": busybox.LOAD_MODULES,
-        "@FAILED@": FAILED, "@NINEP@": NINEP, "@HOSTROOT@": HOSTROOT_TAG, "@HEARTBEAT@": HEARTBEAT,
-        "@JOBROOT@": job_root, "@ACTIVITY@": ACTIVITY_PATH,
+        "@PATH@": path,
+        "@NO_KVM@": no_kvm,
+        "@RUN@": run,
+        "@LOAD_MODULES@": busybox.LOAD_MODULES,
+        "@FAILED@": FAILED,
+        "@NINEP@": NINEP,
+        "@HOSTROOT@": HOSTROOT_TAG,
+        "@HEARTBEAT@": HEARTBEAT,
+        "@JOBROOT@": job_root,
+        "@ACTIVITY@": ACTIVITY_PATH,
     }
     script = _INIT_START + body + _INIT_FINISH
     for marker, value in replacements.items():
@@ -96,7 +103,10 @@ def init_script(path: str, no_kvm: str, body: str, run: str, job_root: str = "")
     return script
 
 
-INIT = init_script("/bin", "kvm_amd did not give /dev/kvm (no nested SVM?)", r"""mkdir -p /lower /upper /newroot
+INIT = init_script(
+    "/bin",
+    "kvm_amd did not give /dev/kvm (no nested SVM?)",
+    r"""mkdir -p /lower /upper /newroot
 mount -t 9p -o @NINEP@,ro,cache=loose @HOSTROOT@ /lower || fail "could not mount the host root over 9p"
 mkdir -p /job && cp "/lower$job/"* /job/ || fail "job $job not readable through 9p"
 mount -t tmpfs -o mode=0755 tmpfs /upper && mkdir /upper/data /upper/work
@@ -124,7 +134,9 @@ done < /job/mounts
 # and the job's /run is bound at the initramfs's /run for the heartbeat to read the activity.
 mkdir -p /run && mount --bind /newroot/run /run || fail "could not bind the job's /run"
 cd /newroot && mount --move . / || fail "could not move the new root over /"
-""", "chroot . /bin/sh")
+""",
+    "chroot . /bin/sh",
+)
 
 
 def nested_image() -> tuple[Path, Path]:

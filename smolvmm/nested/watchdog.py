@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 WATCHDOG_ENV = "SMOLVMM_NESTED_WATCHDOG"
@@ -59,7 +59,7 @@ def progress(pid: int) -> Progress:
         io = Path(f"/proc/{pid}/io").read_text()
     except OSError:
         return Progress()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     syscalls = sum(int(n) for n in re.findall(r"^sysc[rw]: (\d+)$", io, re.MULTILINE))
     return Progress(fields[0], (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, syscalls)
 
@@ -104,15 +104,19 @@ class Heartbeat:
         """What QEMU did since the last beat, in a few words."""
         now = progress(self.pid)
         cpu, syscalls = now.cpu - self.at_last.cpu, now.io_syscalls - self.at_last.io_syscalls
-        doing = {"T": "stopped", "t": "stopped", "R": "running", "D": "blocked in the host kernel"}.get(now.state, "idle")
+        doing = {"T": "stopped", "t": "stopped", "R": "running", "D": "blocked in the host kernel"}.get(
+            now.state, "idle"
+        )
         return f"QEMU {doing} (state {now.state}; {cpu:.1f} s of CPU and {syscalls} read/write system calls since)"
 
     def headline(self) -> str:
         """The one line that says the machine froze, for how long, and what the job was doing."""
         running = self.activity or "(the job had not reported what it was doing)"
         since = "" if self.beats else " since QEMU started"
-        return (f"the nested machine froze, not the command: no heartbeat for {self.silent_for():.0f} s{since} "
-                f"({WATCHDOG_ENV}={self.bound:g}); {self.qemu_summary()}; it was running: {running}")
+        return (
+            f"the nested machine froze, not the command: no heartbeat for {self.silent_for():.0f} s{since} "
+            f"({WATCHDOG_ENV}={self.bound:g}); {self.qemu_summary()}; it was running: {running}"
+        )
 
 
 def _read(path: Path) -> str:
@@ -127,12 +131,14 @@ def threads(pid: int) -> str:
     lines = []
     for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
         stat = _read(task / "stat")
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS if len(fields) > 12 else 0.0
         state = fields[0] if fields else "?"
         syscall = _read(task / "syscall").split(" ", 1)[0]
-        lines.append(f"{task.name} {_read(task / 'comm')} state={state} cpu={cpu:.1f}s "
-                     f"wchan={_read(task / 'wchan') or '-'} syscall={syscall}")
+        lines.append(
+            f"{task.name} {_read(task / 'comm')} state={state} cpu={cpu:.1f}s "
+            f"wchan={_read(task / 'wchan') or '-'} syscall={syscall}"
+        )
     return "\n".join(lines)
 
 
@@ -165,7 +171,7 @@ def monitor(path: Path, command: str, timeout: float = 3.0) -> str:
 
 def evidence(headline: str, pid: int, console: Path, monitor_socket: Path, heartbeat: Heartbeat) -> str:
     """Everything the host can learn about a stopped nested machine whose QEMU ``pid`` still runs."""
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     proc = Path(f"/proc/{pid}")
     parts = [
         f"{when}: {headline}",

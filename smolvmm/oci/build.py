@@ -20,10 +20,10 @@ from typing import Literal
 import anyio
 
 from smolvmm.config import MIB, DiskConfig, MachineConfig
-from smolvmm.oci.console_exec import BUSYBOX, command_script, console_run
 from smolvmm.errors import ConfigError, GuestError, ImageError
 from smolvmm.images.imageroot import image_guest
 from smolvmm.monitor.machine import Machine
+from smolvmm.oci.console_exec import BUSYBOX, command_script, console_run
 from smolvmm.oci.imageconfig import LABEL, ImageConfig
 from smolvmm.oci.rootdisk import DEFAULT_HEADROOM, root_disk
 from smolvmm.oci.source import open_source
@@ -78,8 +78,9 @@ def _write_to(stream: object) -> Callable[[bytes], None]:
     return write
 
 
-async def _run_checked(machine: Machine, what: str, script: str, timeout: float,
-                       output: Callable[[bytes], None] | None) -> None:
+async def _run_checked(
+    machine: Machine, what: str, script: str, timeout: float, output: Callable[[bytes], None] | None
+) -> None:
     status = await console_run(machine, script, output, timeout)
     if status:
         raise ImageError(f"{what} failed with exit status {status}")
@@ -98,12 +99,18 @@ async def _copy_file(machine: Machine, source: Path, target: str, timeout: float
     quoted = f"'{target}'" if "'" not in target else None
     if quoted is None:
         raise ImageError(f"the guest path {target!r} may not hold a single quote")
-    await _run_checked(machine, f"copying {source}", f"{BUSYBOX} mkdir -p \"$({BUSYBOX} dirname {quoted})\""
-                       f" && : > {quoted}", timeout, None)
+    await _run_checked(
+        machine,
+        f"copying {source}",
+        f'{BUSYBOX} mkdir -p "$({BUSYBOX} dirname {quoted})" && : > {quoted}',
+        timeout,
+        None,
+    )
     for offset in range(0, len(data), _FILE_CHUNK):
         chunk = base64.b64encode(data[offset : offset + _FILE_CHUNK]).decode()
-        await _run_checked(machine, f"copying {source}", f"{BUSYBOX} echo {chunk} | {BUSYBOX} base64 -d >> {quoted}",
-                           timeout, None)
+        await _run_checked(
+            machine, f"copying {source}", f"{BUSYBOX} echo {chunk} | {BUSYBOX} base64 -d >> {quoted}", timeout, None
+        )
     await _run_checked(machine, f"copying {source}", f"{BUSYBOX} chmod {mode:o} {quoted}", timeout, None)
 
 
@@ -128,8 +135,9 @@ def resolved_config(base: ImageConfig, recipe: ImageRecipe) -> ImageConfig:
     return base.with_changes(**changes)
 
 
-async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw",
-                      progress: Callable[[str], None] | None = None) -> bytes:
+async def build_image(
+    recipe: ImageRecipe, output: Path, *, encoding: str = "raw", progress: Callable[[str], None] | None = None
+) -> bytes:
     """Build bundle ``output`` from ``recipe``; returns its digest. On any error nothing is written."""
     say = progress or (lambda text: None)
     show = _write_to(sys.stderr.buffer) if progress else None
@@ -147,8 +155,14 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
             say(f"note: {note}")
         config = resolved_config(base, recipe)
         guest = await anyio.to_thread.run_sync(image_guest)
-        machine_config = MachineConfig(kernel=guest.kernel, initrd=guest.initrd, cmdline=guest.cmdline,
-                                       vcpus=recipe.vcpus, memory=recipe.memory, disks=(DiskConfig(disk),))
+        machine_config = MachineConfig(
+            kernel=guest.kernel,
+            initrd=guest.initrd,
+            cmdline=guest.cmdline,
+            vcpus=recipe.vcpus,
+            memory=recipe.memory,
+            disks=(DiskConfig(disk),),
+        )
         say("booting")
         async with Machine.boot(machine_config) as machine:
             try:
@@ -157,15 +171,25 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
                 raise GuestError(f"the image guest did not come up within {recipe.timeout:g} s") from None
             env, cwd = config.environment(), config.workdir
             if cwd:  # as container runtimes do, the working directory exists
-                await _run_checked(machine, f"creating WorkingDir {cwd}", f"{BUSYBOX} mkdir -p {shlex.quote(cwd)}",
-                                   recipe.timeout, None)
+                await _run_checked(
+                    machine,
+                    f"creating WorkingDir {cwd}",
+                    f"{BUSYBOX} mkdir -p {shlex.quote(cwd)}",
+                    recipe.timeout,
+                    None,
+                )
             for source, target in recipe.files:
                 say(f"copying {source} to {target}")
                 await _copy_file(machine, source, target, recipe.timeout)
             for number, step in enumerate(recipe.steps, 1):
                 say(f"step {number}/{len(recipe.steps)}: {step}")
-                await _run_checked(machine, f"build step {number} ({step})",
-                                   command_script([step], env, cwd, config.user, shell=True), recipe.timeout, show)
+                await _run_checked(
+                    machine,
+                    f"build step {number} ({step})",
+                    command_script([step], env, cwd, config.user, shell=True),
+                    recipe.timeout,
+                    show,
+                )
             seen = bytearray()
 
             def keep(data: bytes) -> None:
@@ -175,8 +199,13 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
 
             for command in recipe.warm:
                 say(f"warming: {command}")
-                await _run_checked(machine, f"warm-up command ({command})",
-                                   command_script([command], env, cwd, config.user, shell=True), recipe.timeout, keep)
+                await _run_checked(
+                    machine,
+                    f"warm-up command ({command})",
+                    command_script([command], env, cwd, config.user, shell=True),
+                    recipe.timeout,
+                    keep,
+                )
             if recipe.ready is not None:
                 say(f"waiting until ready ({recipe.ready.kind} {recipe.ready.value})")
                 try:
@@ -186,8 +215,10 @@ async def build_image(recipe: ImageRecipe, output: Path, *, encoding: str = "raw
                     else:
                         await console_run(machine, _ready_script(recipe.ready, config), None, recipe.timeout)
                 except TimeoutError:
-                    raise GuestError(f"the machine was not ready ({recipe.ready.kind} {recipe.ready.value})"
-                                     f" within {recipe.timeout:g} s") from None
+                    raise GuestError(
+                        f"the machine was not ready ({recipe.ready.kind} {recipe.ready.value})"
+                        f" within {recipe.timeout:g} s"
+                    ) from None
             await _run_checked(machine, "sync", f"{BUSYBOX} sync", recipe.timeout, None)
             say(f"saving {output}")
             return await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})

@@ -41,12 +41,13 @@ def command_script(argv: list[str], env: dict[str, str], cwd: str, user: str = "
     cd = f"cd {shlex.quote(cwd)} && " if cwd else ""
     runas = f"{RUNAS} {shlex.quote(user)} " if user else ""
     if shell:
-        return f'{_SHELL}; ({cd}exec {BUSYBOX} env -i {assignments} {runas}$S -c {shlex.quote(argv[0])}) </dev/null'
+        return f"{_SHELL}; ({cd}exec {BUSYBOX} env -i {assignments} {runas}$S -c {shlex.quote(argv[0])}) </dev/null"
     return f"({cd}exec {BUSYBOX} env -i {assignments} {runas}{shlex.join(argv)}) </dev/null"
 
 
-async def console_run(machine: Machine, script: str, output: Callable[[bytes], None] | None = None,
-                      timeout: float | None = None) -> int:
+async def console_run(
+    machine: Machine, script: str, output: Callable[[bytes], None] | None = None, timeout: float | None = None
+) -> int:
     """Run ``script`` (shell text) on the image guest's console; stream what it prints to
     ``output`` (``\\r\\n`` turned into ``\\n``) and return its exit status."""
     token = secrets.token_hex(8)

@@ -83,8 +83,16 @@ class ImageConfig:
         return ImageConfig(**values)
 
     def to_json(self) -> str:
-        return json.dumps({"Env": list(self.env), "WorkingDir": self.workdir, "User": self.user,
-                           "Entrypoint": list(self.entrypoint), "Cmd": list(self.cmd)}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "Env": list(self.env),
+                "WorkingDir": self.workdir,
+                "User": self.user,
+                "Entrypoint": list(self.entrypoint),
+                "Cmd": list(self.cmd),
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> ImageConfig:

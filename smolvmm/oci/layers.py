@@ -44,8 +44,10 @@ class Budget:
 
     def take(self, where: str, size: int) -> None:
         if size > self.remaining:
-            raise ImageError(f"{where} declares {size} bytes, more than the {max(self.remaining, 0)} left"
-                             " for the image (a tar bomb, or raise --disk-size / free space)")
+            raise ImageError(
+                f"{where} declares {size} bytes, more than the {max(self.remaining, 0)} left"
+                " for the image (a tar bomb, or raise --disk-size / free space)"
+            )
         self.remaining -= size
 
 
@@ -167,8 +169,14 @@ class _Applier:
         for path, member in reversed(directories):  # after their contents changed
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
-    def _entry(self, where: str, archive: tarfile.TarFile, member: tarfile.TarInfo, created: set[str],
-               directories: list[tuple[Path, tarfile.TarInfo]]) -> None:
+    def _entry(
+        self,
+        where: str,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        created: set[str],
+        directories: list[tuple[Path, tarfile.TarInfo]],
+    ) -> None:
         parts = _parts(where, member.name)
         if not parts:
             return  # the root itself ("./")
@@ -180,7 +188,7 @@ class _Applier:
                     _remove(child)
             return
         if leaf.startswith(WHITEOUT):
-            _remove(parent / leaf[len(WHITEOUT):])
+            _remove(parent / leaf[len(WHITEOUT) :])
             return
         path = parent / leaf
         if member.ischr() or member.isblk():
@@ -209,8 +217,10 @@ class _Applier:
                 target_dir = _resolve_dir(self.root, where, member.linkname, target_parts[:-1], create=False)
                 target = target_dir / target_parts[-1]
                 if not os.path.lexists(target) or os.path.isdir(target) and not os.path.islink(target):
-                    raise ImageError(f"{where}: hard link {member.name[:200]!r} to {member.linkname[:200]!r},"
-                                     " which is not a file of the image")
+                    raise ImageError(
+                        f"{where}: hard link {member.name[:200]!r} to {member.linkname[:200]!r},"
+                        " which is not a file of the image"
+                    )
                 os.link(target, path, follow_symlinks=False)
                 created.add(str(path))
                 return  # a hard link shares its target's metadata
@@ -240,8 +250,9 @@ class _Applier:
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-def apply_layers(root: Path, layers: tuple[Layer, ...] | list[Layer], budget: Budget,
-                 progress: Callable[[str], None] | None = None) -> list[str]:
+def apply_layers(
+    root: Path, layers: tuple[Layer, ...] | list[Layer], budget: Budget, progress: Callable[[str], None] | None = None
+) -> list[str]:
     """Apply ``layers`` in order to the directory ``root``; returns notes on what was skipped."""
     applier = _Applier(root, budget, os.geteuid() == 0)
     for number, layer in enumerate(layers):

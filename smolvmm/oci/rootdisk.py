@@ -50,8 +50,24 @@ def make_ext4(tree: Path, out: Path, headroom: int) -> None:
     with open(out, "wb") as image:
         image.truncate(size)
     result = subprocess.run(
-        ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "smolvmm-root", "-I", "256", "-N", str(inode_count), "-d", str(tree), str(out)],
-        capture_output=True, text=True,
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "smolvmm-root",
+            "-I",
+            "256",
+            "-N",
+            str(inode_count),
+            "-d",
+            str(tree),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         detail = result.stderr.strip().splitlines()[-1:] or [f"status {result.returncode}"]
@@ -63,8 +79,15 @@ def _free_bytes(path: Path) -> int:
     return info.f_bavail * info.f_frsize
 
 
-def root_disk(image: Image, scratch: Path, headroom: int = DEFAULT_HEADROOM, *, max_content: int | None = None,
-              progress: Callable[[str], None] | None = None, notes: list[str] | None = None) -> Path:
+def root_disk(
+    image: Image,
+    scratch: Path,
+    headroom: int = DEFAULT_HEADROOM,
+    *,
+    max_content: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    notes: list[str] | None = None,
+) -> Path:
     """The base disk of ``image``: from the cache when this image and headroom were built before,
     else unpacked into a scratch directory beside the cache and made with mke2fs. Nothing
     partial is left behind on error. A ``rootfs:DIR`` image (whose files may change) is made

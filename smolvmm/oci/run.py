@@ -12,8 +12,9 @@ from smolvmm.oci.imageconfig import ImageConfig
 
 
 @asynccontextmanager
-async def image_process(machine: Machine, config: ImageConfig, command: list[str] | None,
-                        env: dict[str, str] | None = None) -> AsyncIterator[Process]:
+async def image_process(
+    machine: Machine, config: ImageConfig, command: list[str] | None, env: dict[str, str] | None = None
+) -> AsyncIterator[Process]:
     """Start ``command`` (default: the image's Entrypoint + Cmd) in a restored image machine through
     its agent, with the image's Env (``env``, e.g. the clone's, wins), WorkingDir and User; yields
     the running ``Process``."""

@@ -15,11 +15,11 @@ from smolvmm.errors import ConfigError
 from smolvmm.oci.build import ImageRecipe, ReadyCondition
 
 _KEYS = {
-    "image": "a string like \"oci:DIR:TAG\" or \"docker://REGISTRY/REPO:TAG\"",
+    "image": 'a string like "oci:DIR:TAG" or "docker://REGISTRY/REPO:TAG"',
     "insecure": "true or false",
     "cpus": "an integer",
-    "memory": "a size string like \"512M\"",
-    "disk_size": "a size string like \"1G\"",
+    "memory": 'a size string like "512M"',
+    "disk_size": 'a size string like "1G"',
     "env": "a table of strings",
     "workdir": "a string",
     "user": "a string",
@@ -41,10 +41,15 @@ def _check(where: str, key: str, value: Any) -> None:
         "image": isinstance(value, str) and bool(value),
         "insecure": isinstance(value, bool),
         "cpus": isinstance(value, int) and not isinstance(value, bool),
-        "memory": isinstance(value, str), "disk_size": isinstance(value, str),
+        "memory": isinstance(value, str),
+        "disk_size": isinstance(value, str),
         "env": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
-        "workdir": isinstance(value, str), "user": isinstance(value, str),
-        "entrypoint": _strings(value), "cmd": _strings(value), "run": _strings(value), "warm": _strings(value),
+        "workdir": isinstance(value, str),
+        "user": isinstance(value, str),
+        "entrypoint": _strings(value),
+        "cmd": _strings(value),
+        "run": _strings(value),
+        "warm": _strings(value),
         "copy": isinstance(value, list) and all(isinstance(item, dict) for item in value),
         "ready": isinstance(value, dict),
     }[key]

@@ -150,8 +150,9 @@ def split_reference(text: str) -> tuple[str, str | None]:
 
 
 @contextmanager
-def open_source(spec: str, work: Path, *, insecure: bool = False,
-                progress: Callable[[str], None] | None = None) -> Iterator[Image]:
+def open_source(
+    spec: str, work: Path, *, insecure: bool = False, progress: Callable[[str], None] | None = None
+) -> Iterator[Image]:
     """The image named ``spec``; ``work`` is a scratch directory (pulled blobs go there)."""
     kind, colon, rest = spec.partition(":")
     if not colon or not rest or kind not in ("oci", "docker-archive", "docker", "rootfs"):
@@ -209,8 +210,9 @@ def _oci_layout(directory: str, tag: str | None) -> Image:
     else:
         raise ImageError(f"{where}: indexes nested too deeply")
     config_descriptor, layers = parse_manifest(f"{where}: manifest {descriptor.digest}", document)
-    config = load_json(f"{where}: config", _read_verified(f"{where}: config", _blob_path(layout, config_descriptor),
-                                                          config_descriptor))
+    config = load_json(
+        f"{where}: config", _read_verified(f"{where}: config", _blob_path(layout, config_descriptor), config_descriptor)
+    )
     checked = []
     for number, layer in enumerate(layers):
         path = _blob_path(layout, layer)
@@ -222,7 +224,11 @@ def _oci_layout(directory: str, tag: str | None) -> Image:
 def _diff_ids(where: str, config: Any, count: int) -> list[str | None]:
     rootfs = config.get("rootfs") if isinstance(config, dict) else None
     ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or len(ids) != count or not all(isinstance(i, str) and _DIGEST.fullmatch(i) for i in ids):
+    if (
+        not isinstance(ids, list)
+        or len(ids) != count
+        or not all(isinstance(i, str) and _DIGEST.fullmatch(i) for i in ids)
+    ):
         raise ImageError(f"{where}: the config's rootfs.diff_ids do not list one sha256 digest per layer")
     return list(ids)
 
@@ -257,8 +263,12 @@ def _docker_archive(path: Path) -> Iterator[Image]:
             raise ImageError(f"{where}: manifest.json lists {count} images, expected exactly one")
         entry = manifest[0]
         config_name, layer_names = entry.get("Config"), entry.get("Layers")
-        if not isinstance(config_name, str) or not isinstance(layer_names, list) or len(layer_names) > MAX_LAYERS \
-                or not all(isinstance(name, str) for name in layer_names):
+        if (
+            not isinstance(config_name, str)
+            or not isinstance(layer_names, list)
+            or len(layer_names) > MAX_LAYERS
+            or not all(isinstance(name, str) for name in layer_names)
+        ):
             raise ImageError(f"{where}: manifest.json needs a Config name and a list of Layers")
         config_data = read(config_name)
         config_digest = "sha256:" + Path(config_name).name.removesuffix(".json")
@@ -272,8 +282,9 @@ def _docker_archive(path: Path) -> Iterator[Image]:
             member = members.get(name)
             if member is None or not member.isfile():
                 raise ImageError(f"{where} has no layer file {name!r}")
-            layers.append(Layer(f"{number} ({name})", member.size,
-                                lambda member=member: archive.extractfile(member), diff_id))  # type: ignore[misc]
+            layers.append(
+                Layer(f"{number} ({name})", member.size, lambda member=member: archive.extractfile(member), diff_id)
+            )  # type: ignore[misc]
         yield Image(config_digest, ImageConfig.from_image(config), tuple(layers))
 
 
@@ -289,4 +300,3 @@ def _rootfs(path: Path) -> Image:
     if not tarfile.is_tarfile(path):
         raise ImageError(f"{where} is neither a directory nor a tar archive")
     return Image(key, ImageConfig(), (Layer(str(path), info.st_size, lambda: open(path, "rb")),))
-

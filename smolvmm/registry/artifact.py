@@ -17,7 +17,6 @@ from typing import Any
 
 import smolformat
 from smolformat.layout import Encoding, SectionKind
-
 from smolvmm.errors import RegistryError
 from smolvmm.registry.reference import is_digest
 
@@ -145,7 +144,7 @@ def plan(bundle: smolformat.Bundle, file_size: int) -> Plan:
     facts = {
         "bundleDigest": "blake2b-256:" + bundle.digest.hex(),
         "fileSize": file_size,
-        "version": "%d.%d" % bundle.version,
+        "version": "{}.{}".format(*bundle.version),
         "arch": str(config.arch),
         "vcpus": config.vcpu_count,
         "ram": sum(r.size for r in config.ram),
@@ -191,7 +190,9 @@ def patch_layer(chunk: Chunk, digest: str, patch_digest: str, patch_size: int, b
     return descriptor(PATCH_TYPE, patch_digest, patch_size, annotations)
 
 
-def manifest_blob(config: dict[str, Any], state: dict[str, Any], layers: Sequence[dict[str, Any]], bases: dict[str, int]) -> bytes:
+def manifest_blob(
+    config: dict[str, Any], state: dict[str, Any], layers: Sequence[dict[str, Any]], bases: dict[str, int]
+) -> bytes:
     """The image manifest: the config, the state layer, the chunk and patch layers in file order,
     then the base layers the patches need."""
     value = {
@@ -221,7 +222,11 @@ def make_patch(data: bytes, base_hashes: Sequence[bytes]) -> bytes | None:
         ops.append(_LITERAL if found is None else found)
     if len(literals) * PAGE * 2 > len(data):
         return None
-    return _PATCH_HEADER.pack(PATCH_MAGIC, len(ops), len(literals)) + struct.pack(f"<{len(ops)}I", *ops) + b"".join(literals)
+    return (
+        _PATCH_HEADER.pack(PATCH_MAGIC, len(ops), len(literals))
+        + struct.pack(f"<{len(ops)}I", *ops)
+        + b"".join(literals)
+    )
 
 
 def apply_patch(patch: bytes, base: bytes, length: int, what: str) -> bytes:
@@ -326,7 +331,9 @@ def parse_manifest(data: bytes, reference: str) -> Artifact:
         raise RegistryError(f"{reference}: the manifest is not a JSON object")
     kind = value.get("artifactType")
     if value.get("mediaType", MANIFEST_TYPE) != MANIFEST_TYPE or kind != ARTIFACT_TYPE:
-        raise RegistryError(f"{reference} is not a smolvmm machine (artifact type {str(kind)[:100]!r}, not {ARTIFACT_TYPE})")
+        raise RegistryError(
+            f"{reference} is not a smolvmm machine (artifact type {str(kind)[:100]!r}, not {ARTIFACT_TYPE})"
+        )
     layers = value.get("layers")
     if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
         raise RegistryError(f"{reference}: the manifest needs 1 to {MAX_LAYERS} layers")

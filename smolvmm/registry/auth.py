@@ -15,7 +15,9 @@ from smolvmm.errors import RegistryError
 _PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 _HELPER_TIMEOUT = 30
 _MAX_CONFIG = 1 << 20
-_ALIASES = {"registry-1.docker.io": ("https://index.docker.io/v1/", "index.docker.io", "docker.io")}  # docker login's keys
+_ALIASES = {
+    "registry-1.docker.io": ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
+}  # docker login's keys
 
 
 def docker_config_path() -> Path:

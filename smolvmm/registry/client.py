@@ -53,7 +53,9 @@ def _error_text(response: httpx.Response) -> str:
 class RegistryClient:
     """One registry, as an async context manager. ``repository`` arguments are repository names."""
 
-    def __init__(self, registry: str, *, insecure: bool = False, loopback: bool = False, counters: Counters | None = None) -> None:
+    def __init__(
+        self, registry: str, *, insecure: bool = False, loopback: bool = False, counters: Counters | None = None
+    ) -> None:
         self.registry = registry
         self.plain_http_allowed = insecure or loopback
         self.counters = counters or Counters()
@@ -91,7 +93,9 @@ class RegistryClient:
                 continue
             self._base = f"{scheme}://{self.registry}"
             return self._base
-        hint = "" if self.plain_http_allowed else " (plain HTTP is used only for loopback registries or with --insecure)"
+        hint = (
+            "" if self.plain_http_allowed else " (plain HTTP is used only for loopback registries or with --insecure)"
+        )
         raise RegistryError(f"cannot reach registry {self.registry}: {last}{hint}")
 
     def _login(self) -> tuple[str, str] | None:
@@ -105,8 +109,10 @@ class RegistryClient:
             raise RegistryError(f"{self.registry} asks for a bearer token but names no realm")
         scheme = realm.partition("://")[0].lower()
         if scheme != "https" and not (scheme == "http" and self.plain_http_allowed):
-            raise RegistryError(f"{self.registry} names a token service that is not https ({realm[:100]!r});"
-                                " plain HTTP is used only for loopback registries or with --insecure")
+            raise RegistryError(
+                f"{self.registry} names a token service that is not https ({realm[:100]!r});"
+                " plain HTTP is used only for loopback registries or with --insecure"
+            )
         params: list[tuple[str, str]] = [("scope", s) for s in scopes]
         if challenge.get("service"):
             params.append(("service", challenge["service"]))
@@ -117,7 +123,9 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise self._lost(exc, "asking for a token") from None
         if response.status_code in (401, 403):
-            raise RegistryError(f"{self.registry} refused the credentials{' from the docker config' if login else ' (none in the docker config)'} for {' '.join(scopes)}")
+            raise RegistryError(
+                f"{self.registry} refused the credentials{' from the docker config' if login else ' (none in the docker config)'} for {' '.join(scopes)}"
+            )
         if response.status_code != 200 or len(response.content) > MAX_TOKEN_ANSWER:
             raise RegistryError(f"{self.registry}'s token service answered {response.status_code}")
         try:
@@ -180,7 +188,9 @@ class RegistryClient:
         if response.status_code == 403:
             raise RegistryError(f"{self.registry} denied access while {doing}")
         detail = _error_text(response)
-        raise RegistryError(f"{self.registry} answered {response.status_code} while {doing}{': ' + detail if detail else ''}")
+        raise RegistryError(
+            f"{self.registry} answered {response.status_code} while {doing}{': ' + detail if detail else ''}"
+        )
 
     # Blobs
 
@@ -232,7 +242,9 @@ class RegistryClient:
     async def fetch_blob(self, repository: str, digest: str, size: int, write: Callable[[bytes], object]) -> None:
         """Stream blob ``digest`` into ``write``, at most ``size`` bytes, and check its sha256."""
         doing = f"fetching blob {digest}"
-        response = await self.request("GET", f"/v2/{repository}/blobs/{digest}", _pull(repository), doing=doing, stream=True)
+        response = await self.request(
+            "GET", f"/v2/{repository}/blobs/{digest}", _pull(repository), doing=doing, stream=True
+        )
         try:
             if response.status_code == 404:
                 raise RegistryError(f"{self.registry}/{repository} lacks blob {digest} that its manifest lists")
@@ -295,7 +307,9 @@ class RegistryClient:
             await response.aclose()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if ref.digest and digest != ref.digest:
-            raise RegistryError(f"the manifest {self.registry} sent for {ref} does not match its digest (it is {digest})")
+            raise RegistryError(
+                f"the manifest {self.registry} sent for {ref} does not match its digest (it is {digest})"
+            )
         return data, digest
 
     async def put_manifest(self, repository: str, reference: str, data: bytes) -> None:

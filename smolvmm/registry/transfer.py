@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import smolformat
 
+import smolformat
 from smolvmm.errors import BundleError, RegistryError
 from smolvmm.registry import artifact
 from smolvmm.registry.client import Counters, RegistryClient
@@ -181,7 +181,9 @@ async def push(
         mount_from = mount_from if mount_from != ref.repository else None
         patched: dict[str, tuple[str, int, str]] = {}  # chunk digest -> patch digest, patch size, base
         bases: dict[str, int] = {}
-        async with RegistryClient(ref.registry, insecure=insecure, loopback=ref.is_loopback, counters=counters) as client:
+        async with RegistryClient(
+            ref.registry, insecure=insecure, loopback=ref.is_loopback, counters=counters
+        ) as client:
             windows = await _base_windows(client, ref, store)
 
             async def send(digest: str, data_of: Callable[[], bytes], size: int) -> None:
@@ -197,7 +199,9 @@ async def push(
                     return moved()
                 await client.upload(ref.repository, digest, await anyio.to_thread.run_sync(data_of), session)
 
-            def chunk_job(digest: str, chunk: artifact.Chunk, hashes: list[bytes] | None) -> Callable[[], Awaitable[None]]:
+            def chunk_job(
+                digest: str, chunk: artifact.Chunk, hashes: list[bytes] | None
+            ) -> Callable[[], Awaitable[None]]:
                 async def job() -> None:
                     if hashes is not None:
                         store.save_pages(digest, hashes)
@@ -266,7 +270,9 @@ def _assemble(store: BlobStore, art: artifact.Artifact, facts: dict[str, Any], t
         except smolformat.FormatError as exc:
             raise RegistryError(f"the pulled bundle does not verify: {exc}") from None
         if "blake2b-256:" + digest.hex() != facts["bundleDigest"]:
-            raise RegistryError(f"the pulled bundle's digest {digest.hex()} is not the {facts['bundleDigest']} its config names")
+            raise RegistryError(
+                f"the pulled bundle's digest {digest.hex()} is not the {facts['bundleDigest']} its config names"
+            )
         os.replace(tmp, target)
         return digest
     except OSError as exc:
@@ -373,4 +379,3 @@ def _apply(store: BlobStore, piece: artifact.Piece, patch_digest: str, base: str
         raise RegistryError(f"patch {patch_digest} does not make chunk {piece.digest}: the registry's copy is wrong")
     with store.writing(piece.digest) as file:
         file.write(data)
-

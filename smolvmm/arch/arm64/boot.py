@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smolvmm.errors import ConfigError, ImageError
-from smolvmm.host.memory import GuestMemory
 from smolvmm.arch.arm64.image import ImageHeader
 from smolvmm.arch.arm64.layout import MIB, Layout
+from smolvmm.errors import ConfigError, ImageError
+from smolvmm.host.memory import GuestMemory
 
 KERNEL_ALIGN = 2 * MIB
 DTB_SLOT = 2 * MIB

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smolvmm.errors import ConfigError
 from smolvmm.arch.arm64.gic import DIST_SIZE, FIRST_SPI, REDIST_SIZE
+from smolvmm.errors import ConfigError
 
 MIB = 1 << 20
 GIB = 1 << 30

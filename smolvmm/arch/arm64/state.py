@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from smolformat import arm64 as fmt
-
 from smolvmm.arch.arm64 import gic, regs
 from smolvmm.arch.arm64.gic import VgicAttr
 from smolvmm.arch.arm64.regs import MpState, OneReg
@@ -67,9 +66,7 @@ class VcpuState:
             "mp_state": int(self.mp_state),
             "core": fmt.KvmRegs.parse(bytes(core)),
             "sys_regs": [{"id": reg.id, "value": value} for reg, value in self.sys_regs],
-            "timers": [
-                {"timer": int(t.timer), "cntvoff": t.count, "ctl": t.ctl, "cval": t.cval} for t in self.timers
-            ],
+            "timers": [{"timer": int(t.timer), "cntvoff": t.count, "ctl": t.ctl, "cval": t.cval} for t in self.timers],
             "gic_redistributor": [
                 {"offset": attr.attr & _FRAME_OFFSET, "value": value} for attr, value in self.redistributor
             ],

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 
-from smolvmm.errors import ImageError
-from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 from smolvmm.arch.x86_64 import layout
 from smolvmm.arch.x86_64.image import SETUP_HEADER_OFFSET, KernelImage
+from smolvmm.errors import ImageError
+from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 
 LOADED_HIGH = 1 << 0
 CAN_USE_HEAP = 1 << 7

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from smolvmm.hypervisor.kvm.bindings import ffi
-from smolvmm.host.memory import GuestMemory
 from smolvmm.arch.x86_64 import layout
+from smolvmm.host.memory import GuestMemory
+from smolvmm.hypervisor.kvm.bindings import ffi
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4

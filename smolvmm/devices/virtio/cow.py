@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from smolvmm.errors import ImageError
 from smolvmm.devices.virtio.buffers import slice_views, total_length
+from smolvmm.errors import ImageError
 
 MAGIC = b"SMOLCOW\0"
 VERSION = 1

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import anyio
 
-from smolvmm.errors import BundleError
-from smolvmm.host.memory import GuestMemory
 from smolvmm.devices.virtio.device import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VirtioDevice, bit
 from smolvmm.devices.virtio.queue import Queue, QueueError, QueueState
 from smolvmm.devices.virtio.session import Session, drain_eventfd
+from smolvmm.errors import BundleError
+from smolvmm.host.memory import GuestMemory
 
 MMIO_SIZE = 0x1000
 QUEUE_NOTIFY_OFFSET = 0x050
@@ -294,10 +294,17 @@ class MmioTransport:
         """Transport, queue and device state; take it while ``run()`` is stopped."""
         with self._lock:
             return MmioState(
-                self.device.device_id, self._status, self._offered, self._driver_features,
-                self._device_features_sel, self._driver_features_sel, self._queue_sel,
-                self._interrupt_status, self._config_generation,
-                tuple(q.save() for q in self._queues), self.device.save_state(),
+                self.device.device_id,
+                self._status,
+                self._offered,
+                self._driver_features,
+                self._device_features_sel,
+                self._driver_features_sel,
+                self._queue_sel,
+                self._interrupt_status,
+                self._config_generation,
+                tuple(q.save() for q in self._queues),
+                self.device.save_state(),
             )
 
     def check_state(self, state: MmioState) -> None:

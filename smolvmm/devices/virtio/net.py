@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import anyio
 
-from smolvmm.errors import ConfigError
 from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
 from smolvmm.devices.virtio.buffers import scatter
 from smolvmm.devices.virtio.device import VirtioDevice, bit
 from smolvmm.devices.virtio.queue import DescriptorChain
 from smolvmm.devices.virtio.session import Session
 from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+from smolvmm.errors import ConfigError
 
 F_CSUM = 0
 F_GUEST_CSUM = 1

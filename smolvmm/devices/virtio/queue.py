@@ -66,9 +66,7 @@ def _checked_view(memory: GuestMemory, addr: int, length: int, what: str) -> mem
         raise QueueError(f"{what} {addr:#x}+{length:#x} is outside guest RAM") from exc
 
 
-def parse_chain(
-    memory: GuestMemory, desc_addr: int, queue_size: int, head: int, indirect: bool
-) -> DescriptorChain:
+def parse_chain(memory: GuestMemory, desc_addr: int, queue_size: int, head: int, indirect: bool) -> DescriptorChain:
     """Walk the descriptor chain starting at ``head`` (§2.7.5) and return its buffers.
 
     A chain holds at most ``queue_size`` buffer descriptors, direct and indirect together (a
@@ -269,8 +267,14 @@ class Queue:
 
     def save(self) -> QueueState:
         return QueueState(
-            self.size, self.ready, self.event_idx, self.desc_addr, self.avail_addr, self.used_addr,
-            self.next_avail, self.next_used,
+            self.size,
+            self.ready,
+            self.event_idx,
+            self.desc_addr,
+            self.avail_addr,
+            self.used_addr,
+            self.next_avail,
+            self.next_used,
         )
 
     def restore(self, state: QueueState, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from smolvmm.host.eventfd import EventFd
-from smolvmm.host.memory import GuestMemory
 from smolvmm.devices.virtio.buffers import total_length
 from smolvmm.devices.virtio.queue import DescriptorChain, Queue
+from smolvmm.host.eventfd import EventFd
+from smolvmm.host.memory import GuestMemory
 
 Producer = Callable[[DescriptorChain], "int | None"]
 

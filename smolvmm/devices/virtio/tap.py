@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from smolvmm.errors import ConfigError
 from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
+from smolvmm.errors import ConfigError
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

@@ -39,7 +39,9 @@ class Kvm:
         except FileNotFoundError:
             raise HypervisorError(f"{path} does not exist: this host has no KVM (load kvm_intel or kvm_amd)") from None
         except PermissionError:
-            raise HypervisorError(f"no permission to open {path}: add yourself to the 'kvm' group or run as root") from None
+            raise HypervisorError(
+                f"no permission to open {path}: add yourself to the 'kvm' group or run as root"
+            ) from None
         version = ioctl(self.fd, Ioctl.KVM_GET_API_VERSION)
         if version != KVM_API_VERSION:
             self.close()

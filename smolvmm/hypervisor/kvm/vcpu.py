@@ -125,7 +125,9 @@ class KvmVcpu:
         if reason == Exit.KVM_EXIT_INTERNAL_ERROR:
             return f"vCPU {self.id}: KVM internal error, suberror {run.internal.suberror}"
         if reason == Exit.KVM_EXIT_FAIL_ENTRY:
-            return f"vCPU {self.id}: KVM entry failed, hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}"
+            return (
+                f"vCPU {self.id}: KVM entry failed, hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}"
+            )
         return f"vCPU {self.id}: unexpected exit {reason.name}"
 
     def io_data(self) -> memoryview:

@@ -73,7 +73,9 @@ class KvmVm:
         flags = KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         ioctl(self.fd, Ioctl.KVM_IRQFD, ffi.new("struct kvm_irqfd *", {"fd": eventfd, "gsi": gsi, "flags": flags}))
 
-    def ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None, *, deassign: bool = False) -> None:
+    def ioeventfd(
+        self, eventfd: int, address: int, length: int, datamatch: int | None, *, deassign: bool = False
+    ) -> None:
         """Guest MMIO writes to ``address`` signal ``eventfd`` in the kernel instead of exiting."""
         flags = (KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0) | (
             KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0

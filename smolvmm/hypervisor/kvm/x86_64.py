@@ -12,7 +12,6 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from smolformat import x86_64 as fmt
-
 from smolvmm.arch.x86_64 import cpuid, msrs, regs
 from smolvmm.arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
 from smolvmm.errors import BundleError, HypervisorError

@@ -40,7 +40,23 @@ def test_receive_fifo_bounds_and_interrupts() -> None:
     uart, events, _ = _uart()
     uart.write(IER_DLM, 1, 0x01)
     assert uart.feed(b"x" * 100) == 64  # the FIFO holds 64 bytes; the rest waits
-    assert events == ["irq"] and uart.read(LSR, 1) & 1
+    assert events == ["drained", "irq"] and uart.read(LSR, 1) & 1  # enabling RDA offered input
     assert bytes(uart.read(RBR_THR_DLL, 1) for _ in range(64)) == b"x" * 64
     assert events[-1] == "drained" and not uart.read(LSR, 1) & 1
     assert uart.read(RBR_THR_DLL, 1) == 0  # reading an empty FIFO is harmless
+
+
+def test_typed_ahead_input_waits_until_the_driver_listens_and_survives_its_fifo_reset() -> None:
+    """Input sent before a program opens the port is held on the host side, not put in the FIFO
+    that the 8250 driver's startup clears (FCR) and drains (RBR reads)."""
+    uart, events, _ = _uart()
+    assert uart.feed(b"nproc\n") == 0  # no program has the port open: receive interrupts are off
+    uart.write(IIR_FCR, 1, 0x07)  # startup: enable and clear both FIFOs...
+    assert not uart.read(LSR, 1) & 1 and uart.read(RBR_THR_DLL, 1) == 0  # ...and drain RBR
+    events.clear()
+    uart.write(IER_DLM, 1, 0x05)  # receive interrupts on: the port is open
+    assert events == ["drained"]  # the console task offers what waited
+    assert uart.feed(b"nproc\n") == 6 and events[-1] == "irq"
+    assert bytes(uart.read(RBR_THR_DLL, 1) for _ in range(6)) == b"nproc\n"
+    uart.write(IER_DLM, 1, 0x00)  # throttled (or closed): input waits again
+    assert uart.feed(b"more") == 0

@@ -49,7 +49,8 @@ class UartState:
 
 
 class Uart16550:
-    """The register model. ``interrupt`` pulses the UART's IRQ line; ``output`` takes transmitted bytes."""
+    """The register model. ``interrupt`` pulses the UART's IRQ line; ``output`` takes transmitted bytes;
+    ``rx_drained`` is called when the receive FIFO can take input again."""
 
     def __init__(
         self,
@@ -72,9 +73,14 @@ class Uart16550:
             return UartState(**self._regs, thre_pending=self._thre_pending, rx=bytes(self._rx))
 
     def feed(self, data: bytes) -> int:
-        """Queue host input for the guest; returns how many bytes fit in the FIFO."""
+        """Queue host input for the guest; returns how many bytes fit in the FIFO.
+
+        Nothing fits while the guest's driver has receive interrupts off: until a program opens the
+        port (Linux's 8250 startup clears the FIFO and reads RBR, which would discard typed-ahead
+        input) or while the driver throttles. ``rx_drained`` says when to offer it again."""
         with self._lock:
-            accepted = data[: RX_FIFO_SIZE - len(self._rx)]
+            listening = self._regs["ier"] & IER_RDA
+            accepted = data[: RX_FIFO_SIZE - len(self._rx)] if listening else b""
             self._rx.extend(accepted)
             raise_irq = bool(accepted) and self._regs["ier"] & IER_RDA
         if raise_irq:
@@ -122,7 +128,7 @@ class Uart16550:
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
-        raise_irq = False
+        raise_irq = listening = False
         transmit = None
         with self._lock:
             dlab = self._regs["lcr"] & LCR_DLAB
@@ -145,6 +151,7 @@ class Uart16550:
                     self._regs["ier"] = value & 0x0F
                     if enabled & IER_THRE:
                         self._thre_pending = True
+                    listening = bool(enabled & IER_RDA)
                     raise_irq = self._iir() & 0x0F != IIR_NONE
             elif offset == IIR_FCR:
                 self._regs["fcr"] = value & 0xC9
@@ -156,3 +163,5 @@ class Uart16550:
             self._output(transmit)
         if raise_irq:
             self._interrupt()
+        if listening:  # the driver takes input now: offer what waited
+            self._rx_drained()

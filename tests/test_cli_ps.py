@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_attach_needs_a_detached_machine(env: dict[str, str]) -> None:
         done = smolvmm(env, "attach", machine_id)
         assert done.returncode == 2 and "was not started with `run --detach`" in done.stderr
         assert smolvmm(env, "attach", "nothing").returncode == 2
+        done = smolvmm(env, "exec", machine_id, "--", "true")
+        assert done.returncode == 2 and "was not started with `run --detach`" in done.stderr
+        assert smolvmm(env, "exec", "nothing", "--", "true").returncode == 2
+        assert smolvmm(env, "exec", machine_id).returncode == 2  # no command
     finally:
         process.kill()
 
@@ -167,6 +172,25 @@ def test_a_detached_machine_runs_in_the_background_and_is_attached_to(bundle: Pa
     try:
         (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
         assert listed["id"] == machine_id and listed["console"].endswith(f"{machine_id}.console")
+        exec_in = [sys.executable, "-m", "smolvmm", "exec", "--env", "WHO=clone", machine_id[:4], "--"]
+        script = "echo out-$((6*7)); echo err-$WHO >&2; read line; echo got-$line; exit 7"
+        done = subprocess.run(
+            [*exec_in, "sh", "-c", script],
+            input="hello\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=GUEST_TIMEOUT,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (7, "out-42\ngot-hello\n", "err-clone\n")
+        # A client that sends garbage is told why and loses its connection; the machine and the next exec are not.
+        with socket.socket(socket.AF_UNIX) as hostile:
+            hostile.connect(str(tmp_path / "run" / "smolvmm" / f"{machine_id}.control"))
+            hostile.sendall(b"R\xff\xff\xff\xff" + b"x" * 100)
+            answer = b"".join(iter(lambda: hostile.recv(4096), b""))  # until the machine closes it
+            assert answer.startswith(b"!") and b"over the" in answer
+        done = subprocess.run([*exec_in, "cat", "/no/such/file"], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 1 and "No such file" in done.stderr and done.stdout == ""
         attached = subprocess.run(
             [sys.executable, "-m", "smolvmm", "attach", machine_id[:4]],
             input="echo detached-$((6*7))\npoweroff -f\n",

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("smolvmm.cli.ps", "list the machines this user's smolvmm processes run"),
     "stop": ("smolvmm.cli.ps", "stop a machine that ps lists"),
     "attach": ("smolvmm.cli.detach", "connect to the console of a machine started with run --detach"),
+    "exec": ("smolvmm.cli.control", "run a command in a machine started with run --detach"),
     "doctor": ("smolvmm.cli.doctor", "say whether this host can run smolvmm's machines, and what is missing"),
     "push": ("smolvmm.cli.registry", "push a bundle to an OCI registry (REGISTRY/REPO:TAG)"),
     "pull": ("smolvmm.cli.registry", "pull a bundle from an OCI registry into a file"),
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
     module.add_arguments(name, parser)
     command: list[str] | None = None
-    if name == "run" and "--" in argv:  # `run [FLAGS] BUNDLE [FLAGS] -- CMD...`: flags may follow BUNDLE
+    if name in ("run", "exec") and "--" in argv:  # `run [FLAGS] BUNDLE [FLAGS] -- CMD...`: flags may follow BUNDLE
         command, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     args = parser.parse_args(argv[1:])
     if command is not None:

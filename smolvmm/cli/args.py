@@ -35,3 +35,11 @@ def size(text: str) -> int:
         return smolvmm.parse_size(text)
     except smolvmm.ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def assignment(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` (an environment variable)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value

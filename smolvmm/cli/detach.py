@@ -3,7 +3,8 @@
 The detached process is an ordinary ``run`` in a new session whose console is a Unix socket
 beside its ps entry (``ID.console`` in the runtime directory, which is private to the user). One
 client is attached at a time; output while nobody is attached is kept (the last 64 KiB) for the
-next one. ``stop ID`` ends it as it ends any machine.
+next one. ``exec ID -- CMD`` runs commands in it (``control``); ``stop ID`` ends it as it ends any
+machine.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def start(args: argparse.Namespace) -> int:
     flags += [f"--save={args.save}"] if args.save else []
     flags += [f"--trusted-keys={args.trusted_keys}"] if args.trusted_keys else []
     flags += ["--insecure"] if args.insecure else []
-    flags += [f"--env={spec}" for spec in args.env] + [f"--secret-env={name}" for name in args.secret_env]
+    flags += [f"--env={name}={value}" for name, value in args.env] + [
+        f"--secret-env={name}" for name in args.secret_env
+    ]
     flags += ["--jail"] if args.jail else []
     flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
     bundle = str(args.bundle)

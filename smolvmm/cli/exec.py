@@ -19,6 +19,7 @@ import anyio
 
 import smolformat
 from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config
+from smolvmm.cli import args as cli_args
 from smolvmm.cli import output as cli_output
 from smolvmm.cli.machine import report_forwards
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--env",
         action="append",
         default=[],
+        type=cli_args.assignment,
         metavar="K=V",
         help="an environment variable every command in the clone sees (repeatable)",
     )
@@ -74,12 +76,7 @@ def _pair(spec: str, flag: str) -> tuple[str, str]:
 
 def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     """(env, secrets) from ``--env K=V`` and ``--secret-env NAME`` (NAME's value from our environment)."""
-    env: dict[str, str] = {}
-    for spec in args.env:
-        key, equals, value = spec.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"--env {spec!r}: expected NAME=VALUE")
-        env[key] = value
+    env = dict(args.env)
     secrets: dict[str, str] = {}
     for name in args.secret_env:
         if name not in os.environ:
@@ -102,10 +99,7 @@ def image_config(bundle: Path) -> ImageConfig | None:
 
 async def _pump_out(output: AsyncIterator[bytes], fd: int) -> None:
     async for chunk in output:
-        view = memoryview(chunk)
-        while view:
-            await anyio.wait_writable(fd)
-            view = view[os.write(fd, view) :]
+        await cli_output.write_all(fd, chunk)
 
 
 async def _pump_in(process: Process) -> None:

@@ -14,6 +14,7 @@ import anyio
 
 import smolvmm
 from smolvmm import MINIMAL_KERNEL, ConfigError, DiskConfig, Machine, MachineConfig, NetConfig
+from smolvmm.cli import control as cli_control
 from smolvmm.cli import detach as cli_detach
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import progress as cli_progress
@@ -341,6 +342,7 @@ async def serve(
             if console is None:
                 status = await console_session(machine, marker)
             else:
+                tg.start_soon(cli_control.serve, machine, cli_control.path(machine_id))
                 await cli_detach.serve_console(machine, console)
                 status = cli_status.for_exit(await machine.wait())
             tg.cancel_scope.cancel()

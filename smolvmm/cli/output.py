@@ -97,6 +97,16 @@ async def read_stdin(max_bytes: int = 4096) -> bytes:
     return os.read(0, max_bytes)
 
 
+async def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (which may be non-blocking), waiting while it is full."""
+    import anyio
+
+    view = memoryview(data)
+    while view:
+        await anyio.wait_writable(fd)
+        view = view[os.write(fd, view) :]
+
+
 def discard_stdout() -> None:
     """After a reader closed stdout (``| head``): send what is left to /dev/null, so that flushing at
     exit does not fail a second time."""

@@ -38,6 +38,7 @@ from smolvmm.devices.virtio.mmio import MmioTransport
 from smolvmm.hypervisor.interface import Capabilities, Stop, StopKind
 from smolvmm.monitor import machine as machine_module
 from smolvmm.monitor import vm as vm_module
+from smolvmm.monitor.vcpu import VcpuThread
 
 pytestmark = pytest.mark.anyio
 
@@ -68,6 +69,13 @@ def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[DoubleHost]:
             host.record(name, "stop")
 
     monkeypatch.setattr(MmioTransport, "run", journaled_run)
+    real_resume = VcpuThread.resume
+
+    def journaled_resume(self: VcpuThread) -> None:  # the monitor lets a parked vCPU go
+        host.record(f"thread{self.vcpu.id}", "resume")
+        real_resume(self)
+
+    monkeypatch.setattr(VcpuThread, "resume", journaled_resume)
     yield host
     assert host.violations == []
 
@@ -260,7 +268,7 @@ async def test_pause_parks_every_vcpu_before_holding_the_clock_and_resume_releas
         await machine.resume()
         await in_guest(double)
         resumed = since(double, mark)
-        assert resumed.index("vm.release_clock") < min(resumed.index("vcpu0.run"), resumed.index("vcpu1.run"))
+        assert resumed.index("vm.release_clock") < min(resumed.index("thread0.resume"), resumed.index("thread1.resume"))
         assert double.vm.guest_ns == at_pause  # the guest sees no gap
         double.host_time_passes(SECOND)
         assert double.vm.guest_ns == at_pause + SECOND
@@ -289,7 +297,7 @@ async def test_snapshot_reads_state_with_vcpus_parked_devices_stopped_and_clock_
     assert len(stopped) == 2 and max(stopped) < min(reads)  # every device quiesced before state is read
     assert hold < min(reads) and max(reads) < release  # the clock held across the reads
     assert max(reads) < min(restarted)
-    assert release < min(names.index("vcpu0.run"), names.index("vcpu1.run"))
+    assert release < min(names.index("thread0.resume"), names.index("thread1.resume"))
     assert list(machine.snapshot_timings.phases)[:4] == [
         "agent_sync",
         "agent_scrubbed",

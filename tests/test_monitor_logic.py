@@ -311,6 +311,56 @@ async def test_snapshot_reads_state_with_vcpus_parked_devices_stopped_and_clock_
         assert bundle.vm_state.clock.clock == clock
 
 
+async def test_snapshot_of_a_paused_machine_leaves_it_paused(double: DoubleHost, kernel: Path, tmp_path: Path) -> None:
+    async with Machine.boot(config(kernel)) as machine:
+        await in_guest(double)
+        await machine.pause()
+        mark = len(double.journal)
+        await machine.snapshot(tmp_path / "saved.smolmachine")
+        names = since(double, mark)
+        assert "vm.hold_clock" not in names and "vm.release_clock" not in names  # held since the pause
+        assert not any(n.endswith((".run", ".resume")) for n in names)
+        assert all(t.parked for t in machine._vm.threads)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        ("vcpu1.save_state", HypervisorError("KVM_GET_XSAVE2: Invalid argument")),
+        ("vm.save_state", HypervisorError("KVM_GET_IRQCHIP: Invalid argument")),
+    ],
+)
+async def test_a_failed_snapshot_resumes_the_machine(
+    double: DoubleHost, kernel: Path, tmp_path: Path, call: str, error: HypervisorError
+) -> None:
+    path = tmp_path / "saved.smolmachine"
+    async with Machine.boot(config(kernel)) as machine:
+        await in_guest(double)
+        double.failures[call] = error
+        mark = len(double.journal)
+        with pytest.raises(HypervisorError, match=str(error)):
+            await machine.snapshot(path)
+        await in_guest(double)
+        await until(lambda: len(device_events(since(double, mark), "start")) == 2)
+        names = since(double, mark)
+        assert names.index(call) < names.index("vm.release_clock")
+        assert double.vm.held_clock is None
+    assert not path.exists() and list(tmp_path.iterdir()) == [kernel]
+
+
+async def test_a_bundle_that_cannot_be_written_fails_the_snapshot_not_the_machine(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    async with Machine.boot(config(kernel)) as machine:
+        await in_guest(double)
+        with pytest.raises(BundleError, match="cannot write"):
+            await machine.snapshot(tmp_path / "missing" / "saved.smolmachine")
+        await in_guest(double)
+        vcpus(double)[0].feed(POWEROFF)
+        with anyio.fail_after(SAFETY):
+            assert (await machine.wait()).reason == ExitReason.POWEROFF
+
+
 async def test_restore_sets_every_state_before_the_first_run(double: DoubleHost, kernel: Path, tmp_path: Path) -> None:
     path = tmp_path / "saved.smolmachine"
     clock, digest = await save_bundle(double, kernel, path)

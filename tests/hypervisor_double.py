@@ -90,7 +90,15 @@ class Raise:
     error: BaseException
 
 
-Step = PortIo | MmioIo | WriteMemory | SetRegisters | Return | Raise
+@dataclass(frozen=True)
+class Busy:
+    """The vCPU stays in one access (a slow device handler) until ``done`` is set: ``interrupt()``
+    cannot cut it short."""
+
+    done: threading.Event
+
+
+Step = PortIo | MmioIo | WriteMemory | SetRegisters | Return | Raise | Busy
 
 
 # -- the journal -------------------------------------------------------------------------------
@@ -394,6 +402,8 @@ class DoubleVcpu:
                 self.vm.guest_write(step.gpa, step.data)
             elif isinstance(step, SetRegisters):
                 self.state["regs"].update(step.values)
+            elif isinstance(step, Busy):
+                step.done.wait()
             elif isinstance(step, Return):
                 return step.stop
             else:

@@ -106,7 +106,7 @@ Step = PortIo | MmioIo | WriteMemory | SetRegisters | Return | Raise | Busy
 
 @dataclass(frozen=True)
 class Call:
-    """One journal entry: ``who`` (``hypervisor``, ``vm``, ``vcpu1``, ``test``), ``what`` and arguments."""
+    """One journal entry: ``who`` (``hypervisor``, ``vm``, ``vcpu1``, or what a test journals), ``what``, arguments."""
 
     who: str
     what: str

@@ -393,6 +393,40 @@ async def test_a_paused_restore_runs_nothing_until_resumed(double: DoubleHost, k
         await in_guest(double)
 
 
+async def test_a_bundle_from_another_flavour_is_refused_before_any_state_is_set(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "saved.smolmachine"
+    await save_bundle(double, kernel, path)
+    double.flavour = "kvm-pvm"
+    mark = len(double.journal)
+    before = Resources()
+    with pytest.raises(BundleError, match="saved under kvm-hardware and this host is kvm-pvm"):
+        async with Machine.restore(path):
+            pytest.fail("restored")
+    assert not any(n.endswith((".restore_state", ".run")) for n in since(double, mark))
+    before.assert_released(double)
+
+
+async def test_a_measured_restore_sets_state_leniently_and_runs_nothing(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "saved.smolmachine"
+    await save_bundle(double, kernel, path)
+    double.flavour = "kvm-pvm"  # a measured restore takes another flavour's bundle
+    mark = len(double.journal)
+    before = Resources()
+    timings = await Machine.prepare_restore(path)
+    calls = [c for c in double.journal[mark:] if c.what in ("restore_state", "run")]
+    assert [(c.name, c.args) for c in calls] == [
+        ("vm.restore_state", ()),
+        ("vcpu0.restore_state", (False,)),
+        ("vcpu1.restore_state", (False,)),
+    ]
+    assert list(timings.phases)[-2:] == ["vm_vcpu_state", "teardown"]
+    before.assert_released(double)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "expected"),
     [

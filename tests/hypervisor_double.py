@@ -20,13 +20,13 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smolformat import x86_64 as fmt
 from smolvmm.arch.x86_64 import layout
 from smolvmm.devices.bus import Bus
 from smolvmm.errors import HypervisorError
-from smolvmm.hypervisor.interface import Capabilities, HostOffer, StateRecord, Stop, StopKind
+from smolvmm.hypervisor.interface import Capabilities, HostOffer, Hypervisor, StateRecord, Stop, StopKind, Vcpu, Vm
 
 PAGE = 4096
 MP_RUNNABLE, MP_UNINITIALIZED = 0, 1
@@ -491,3 +491,12 @@ def fresh_vcpu_state(index: int, offer: HostOffer) -> dict[str, Any]:
         "msrs": [{"index": i, "reserved": 0, "data": index} for i in sorted(offer.msrs)],
         "vcpu_events": _zeroed(fmt.KvmVcpuEvents),
     }
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_interface(
+        hypervisor: DoubleHypervisor, vm: DoubleVm, vcpu: DoubleVcpu
+    ) -> tuple[Hypervisor, Vm, Vcpu]:
+        """Never called: mypy checks here that the double implements the interface it stands in for."""
+        return hypervisor, vm, vcpu

@@ -236,6 +236,22 @@ async def test_a_vcpu_stop_ends_the_machine_as_it_says_and_releases_everything(
     before.assert_released(double)
 
 
+async def test_a_crashing_machine_leaves_its_neighbour_running(double: DoubleHost, kernel: Path) -> None:
+    before = Resources()
+    async with Machine.boot(config(kernel)) as first, Machine.boot(config(kernel)) as second:
+        first_vm, second_vm = double.vms
+        await until(lambda: all(v.in_run for vm in double.vms for v in vm.vcpus))
+        first_vm.vcpus[0].feed(Raise(HypervisorError("KVM_RUN: Bad address")))
+        with anyio.fail_after(SAFETY):
+            assert (await first.wait()).reason == ExitReason.CRASH
+        assert not any(t.alive for t in first._vm.threads)
+        assert all(v.in_run for v in second_vm.vcpus)  # the neighbour still runs
+        second_vm.vcpus[1].feed(POWEROFF)
+        with anyio.fail_after(SAFETY):
+            assert (await second.wait()).reason == ExitReason.POWEROFF
+    before.assert_released(double)
+
+
 async def test_a_stray_interrupted_stop_enters_the_guest_again(double: DoubleHost, kernel: Path) -> None:
     async with Machine.boot(config(kernel)) as machine:
         await in_guest(double)

@@ -119,8 +119,8 @@ class VirtualMachine:
     def irq_eventfd(self, gsi: int) -> EventFd:
         """An eventfd whose every write pulses ``gsi`` (a KVM irqfd)."""
         eventfd = EventFd()
+        self._closers.append(eventfd.close)  # before the irqfd call, which may fail
         self.vm.irqfd(eventfd.fd, gsi)
-        self._closers.append(eventfd.close)
         return eventfd
 
     def setup_boot(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:

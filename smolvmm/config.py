@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from smolvmm.errors import ConfigError
 
@@ -66,7 +66,10 @@ def _check_text(name: str, value: object, optional: bool = False) -> None:
         raise _invalid(name, "a str without NUL characters" + (" or None" if optional else ""), value)
 
 
-def _items(name: str, value: object, kind: type) -> tuple:
+_T = TypeVar("_T")
+
+
+def _items(name: str, value: object, kind: type[_T]) -> tuple[_T, ...]:
     """``value`` (a list or tuple of ``kind``) as a tuple."""
     if not isinstance(value, (list, tuple)):
         raise _invalid(name, f"a tuple of {kind.__name__}", value)
@@ -300,7 +303,7 @@ class MachineConfig:
         if self.initrd is not None and self.kernel == MINIMAL_KERNEL:
             raise ConfigError("MachineConfig.initrd does not go with kernel='minimal' (it brings its own initramfs)")
         files = [
-            ("MachineConfig.kernel", self.kernel if self.kernel != MINIMAL_KERNEL else None),
+            ("MachineConfig.kernel", self.kernel if isinstance(self.kernel, Path) else None),  # not "minimal"
             ("MachineConfig.initrd", self.initrd),
         ]
         files += [(f"MachineConfig.disks[{i}].path", disk.path) for i, disk in enumerate(self.disks)]

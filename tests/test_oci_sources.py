@@ -116,3 +116,15 @@ def test_a_tampered_docker_archive_is_refused(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(ImageError, match="does not match its digest"):
         with open_source(f"docker-archive:{tampered}", tmp_path / "blobs") as image:
             root_disk(image, tmp_path)
+
+
+def test_a_rootfs_directory_becomes_a_disk_in_scratch(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "greeting").write_text("hello from a directory\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with open_source(f"rootfs:{tree}", tmp_path / "blobs") as image:
+        disk = root_disk(image, scratch)
+    assert disk == scratch / "rootfs.ext4"
+    assert debugfs(disk, "cat /etc/greeting") == "hello from a directory\n"

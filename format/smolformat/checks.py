@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from construct import Container
+
 from .devices import BUS_MMIO, BUS_PIO, DEVICE_KINDS
 from .errors import FormatError, brief
 from .layout import PAGE_SIZE
@@ -11,7 +13,7 @@ from .pages import Region
 from .payloads import ARCHES
 
 
-def ram_regions(config: dict) -> list[Region]:
+def ram_regions(config: Container) -> list[Region]:
     """The config's RAM regions, checked: page-aligned, non-empty, not overlapping."""
     if config.arch not in ARCHES:
         raise FormatError("unknown-arch", f"unknown architecture code {int(config.arch)}")
@@ -30,7 +32,7 @@ def ram_regions(config: dict) -> list[Region]:
     return regions
 
 
-def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
+def check_vcpu_ids(config: Container, ids: Iterable[int]) -> None:
     """There is exactly one vCPU state per vCPU id 0..vcpu_count-1."""
     seen: set[int] = set()
     for vcpu_id in ids:
@@ -41,7 +43,7 @@ def check_vcpu_ids(config: dict, ids: Iterable[int]) -> None:
         raise FormatError("vcpu-mismatch", f"saved vCPUs {brief(seen)} do not match vcpu_count {config.vcpu_count}")
 
 
-def check_devices(config: dict, records: Sequence[dict]) -> list[int]:
+def check_devices(config: Container, records: Sequence[Container]) -> list[int]:
     """Device states match the configured devices one for one; returns the disk numbers used."""
     for device in [*config.devices, *records]:
         if device.kind not in DEVICE_KINDS:

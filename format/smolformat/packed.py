@@ -31,10 +31,11 @@ from construct.core import stream_read, stream_write
 
 # A shape is a list of (name, field); a field is ("value", format), ("bytes", n), ("struct", shape)
 # or ("array", count, field).
-Shape = list[tuple[str, tuple]]
+Field = tuple[Any, ...]
+Shape = list[tuple[str, Field]]
 
 
-def _field(subcon: Construct) -> tuple[tuple, str]:
+def _field(subcon: Construct) -> tuple[Field, str]:
     """(field, struct format) for one subcon."""
     if isinstance(subcon, Packed):
         subcon = subcon.declared
@@ -63,7 +64,7 @@ def _shape(declared: Struct) -> tuple[Shape, str]:
     return shape, fmt
 
 
-def _group(field: tuple, values: Any) -> Any:
+def _group(field: Field, values: Any) -> Any:
     kind = field[0]
     if kind in ("value", "bytes"):
         return next(values)
@@ -74,7 +75,7 @@ def _group(field: tuple, values: Any) -> Any:
     return ListContainer(_group(field[2], values) for _ in range(field[1]))
 
 
-def _flatten(field: tuple, value: Any, out: list[Any], name: str) -> None:
+def _flatten(field: Field, value: Any, out: list[Any], name: str) -> None:
     kind = field[0]
     if kind == "value":
         out.append(value)
@@ -92,7 +93,7 @@ def _flatten(field: tuple, value: Any, out: list[Any], name: str) -> None:
             _flatten(field[2], element, out, name)
 
 
-class Packed(Construct):
+class Packed(Construct):  # type: ignore[misc]  # construct ships no types
     """``declared``, parsed and built in one ``struct`` call (see the module docstring)."""
 
     def __init__(self, declared: Struct) -> None:
@@ -148,7 +149,7 @@ def _element_maker(element: Packed) -> Callable[[tuple[Any, ...]], Any]:
     return lambda values: Container((name, ListContainer(values[i : i + n]) if n else values[i]) for name, i, n in spec)
 
 
-class PackedArray(Construct):
+class PackedArray(Construct):  # type: ignore[misc]  # construct ships no types
     """``PrefixedArray(count, element)`` for a Packed ``element``: all elements unpacked at once."""
 
     def __init__(self, count: Construct, element: Packed) -> None:

@@ -25,9 +25,9 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from construct import Int16ul, Int32ul, Int64ul, Struct
+from construct import Container, Int16ul, Int32ul, Int64ul, Struct
 
 from .errors import FormatError
 from .layout import PAGE_SIZE, Encoding
@@ -126,6 +126,12 @@ class _ExtentList:
         ]
 
 
+class Output(Protocol):
+    """Where an encoder writes its bytes: a binary file, or the writer's batching output."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
 class RawEncoder:
     """Writes pages to ``out`` (positioned at the page-aligned data start).
 
@@ -140,7 +146,7 @@ class RawEncoder:
 
     def __init__(
         self,
-        out: BinaryIO,
+        out: Output,
         min_dedup_run: int = MIN_DEDUP_RUN,
         min_zero_gap: int = MIN_ZERO_GAP,
         *,
@@ -280,7 +286,7 @@ def _chunks(regions: Sequence[tuple[int, memoryview]], granule: int) -> Iterator
 
 
 def encode_zstd(
-    out: BinaryIO,
+    out: Output,
     regions: Sequence[tuple[int, memoryview]],
     granule: int,
     level: int,
@@ -296,7 +302,8 @@ def encode_zstd(
             return None
         if not hasattr(local, "cctx"):
             local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        return local.cctx.compress(chunk)
+        cctx: zstandard.ZstdCompressor = local.cctx
+        return cctx.compress(chunk)
 
     extents: list[Extent] = []
     written = 0
@@ -315,7 +322,7 @@ def encode_zstd(
 
 
 def check_index(
-    index: dict,
+    index: Container,
     encoding: Encoding,
     regions: Sequence[Region],
     data_length: int,
@@ -461,4 +468,8 @@ def check_chunks(fd: int, data_offset: int, image: ImageMap) -> None:
     scratch = memoryview(bytearray(_CHECK_BLOCK))
     for extent in image.extents:
         frame = os.pread(fd, extent.stored, data_offset + extent.offset)
-        _decode_frame(dctx, frame, extent, lambda done, extent=extent: scratch[: extent.length - done])
+
+        def sink(done: int, length: int = extent.length) -> memoryview:
+            return scratch[: length - done]
+
+        _decode_frame(dctx, frame, extent, sink)

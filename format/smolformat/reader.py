@@ -59,7 +59,7 @@ _REQUIRED = {
 }
 _IMAGE_DATA = {SectionKind.MEMORY_DATA, SectionKind.DISK_DATA}
 _BLOBS = {SectionKind.KERNEL, SectionKind.INITRD}
-_ENCODING_NAMES = {Encoding.RAW_PAGES: "raw", Encoding.ZSTD_CHUNKS: "zstd"}
+_ENCODING_NAMES: dict[int, str] = {Encoding.RAW_PAGES: "raw", Encoding.ZSTD_CHUNKS: "zstd"}
 _HASH_BLOCK = 1 << 20
 _COPY_BLOCK = 1 << 20
 # STRUCT sections are read whole: none comes near this (a vCPU with a 1 MiB XSAVE area is the largest)
@@ -72,7 +72,7 @@ class SectionInfo(NamedTuple):
     kind: SectionKind | int
     flags: int
     encoding: Encoding | int
-    index: int
+    index: int  # type: ignore[assignment]  # the spec's field name; it shadows tuple.index
     offset: int
     length: int
     logical_length: int
@@ -244,6 +244,11 @@ class DiskImage:
             os.close(fd)
 
 
+def _whole(chunk: bytearray) -> Callable[[int, int], memoryview]:
+    """A sink that decodes a piece into ``chunk``, all of it."""
+    return lambda _address, _length: memoryview(chunk)
+
+
 def stored_pieces(fd: int, data: SectionInfo, image: ImageMap) -> Iterator[tuple[int, bytearray]]:
     """(address, bytes) of every stored piece of an image, decoded, in address order: a zstd chunk
     or at most 1 MiB of raw pages. Image bytes outside them are zero."""
@@ -253,7 +258,7 @@ def stored_pieces(fd: int, data: SectionInfo, image: ImageMap) -> Iterator[tuple
             fd,
             data.offset,
             image._replace(extents=[piece]),
-            lambda _address, _length, chunk=chunk: memoryview(chunk),
+            _whole(chunk),
             1,
         )
         yield piece.address, chunk
@@ -351,7 +356,7 @@ class Bundle:
             raise FormatError("missing-section", f"{what} {index} lacks its data or index section")
         if data.encoding not in _ENCODING_NAMES:
             raise FormatError("encoding-mismatch", f"section {_name(data)} has unknown encoding {int(data.encoding)}")
-        return data, check_index(self._parse(index_section), data.encoding, regions, data.length, what)
+        return data, check_index(self._parse(index_section), Encoding(data.encoding), regions, data.length, what)
 
     @property
     def memory_encoding(self) -> str:

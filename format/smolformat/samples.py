@@ -153,7 +153,7 @@ def devices(disks: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         {"kind": "acpi-pm", "instance": 0, "state": {"pm1_status": 0, "pm1_enable": 0x100, "pm1_control": 1}},
     ]
     base = 0xD000_0000
-    virtio = [
+    virtio: list[tuple[str, int, dict[str, object] | None, dict[str, object] | None]] = [
         (
             "virtio-blk",
             2,

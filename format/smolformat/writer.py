@@ -174,7 +174,7 @@ class _Output:
         """Write one section at the next ``align`` boundary; the caller may set ``logical_length``
         and ``flags``."""
         self.position = -(-self.position // align) * align
-        entry = {
+        entry: dict[str, Any] = {
             "kind": kind,
             "flags": 0 if kind in _OPTIONAL_KINDS else SectionFlag.REQUIRED,
             "encoding": encoding,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from construct import (
     Array,
     Bytes,
+    Construct,
     GreedyBytes,
     Int8ul,
     Int16ul,
@@ -33,11 +34,11 @@ MAX_CPUID_ENTRIES = 256
 MAX_MSRS = 4096
 
 
-def _u64s(*names: str) -> list:
+def _u64s(*names: str) -> list[Construct]:
     return [name / Int64ul for name in names]
 
 
-def _u8s(*names: str) -> list:
+def _u8s(*names: str) -> list[Construct]:
     return [name / Int8ul for name in names]
 
 

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         args.command = command
     try:
         with cli_progress.shown():
-            return module.run(name, args)
+            status: int = module.run(name, args)
+            return status
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):

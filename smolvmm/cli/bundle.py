@@ -81,7 +81,7 @@ def run(name: str, args: argparse.Namespace) -> int:
     if name == "pack":
         if os.path.isdir(args.target):
             raise ConfigError(f"{args.target} is a directory: name the file to write")
-        finest = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
+        finest: dict[str, Any] = {"min_dedup_run": 1, "min_zero_gap": 1} if args.smallest else {}
         with _errors(args.source, args.target), cli_progress.steps() as shown:
 
             def report(step: str, done: int, total: int | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 import anyio
 
@@ -55,11 +56,12 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
     ):
         if value:
             raise ConfigError(f"{flag} does not go with --image or -f: the image guest brings its own")
-    readies = [
-        (kind, value)
-        for kind, value in (("port", args.ready_port), ("exec", args.ready_exec), ("marker", args.ready_marker))
-        if value
-    ]
+    ready_flags: tuple[tuple[Literal["port", "exec", "marker"], Any], ...] = (
+        ("port", args.ready_port),
+        ("exec", args.ready_exec),
+        ("marker", args.ready_marker),
+    )
+    readies = [(kind, value) for kind, value in ready_flags if value]
     if len(readies) > 1:
         raise ConfigError("give one of --ready-port, --ready-exec, --ready-marker")
     flags: dict[str, object] = {"timeout": args.timeout}
@@ -77,7 +79,7 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
         flags["ready"] = ReadyCondition(*readies[0])
     if args.file:
         return smolvmm.load_smolfile(args.file, **flags)
-    return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]
+    return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]  # flags hold each field's own type
 
 
 def build_from_image(args: argparse.Namespace) -> int:

@@ -378,7 +378,8 @@ async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namesp
 def _boot_marker(args: argparse.Namespace) -> str | None:
     """What ``boot`` waits for before forwarding stdin: the flag's, a bundle's, or the demo guest's."""
     if args.ready_marker is not None:
-        return args.ready_marker
+        marker: str = args.ready_marker
+        return marker
     if args.bundle is not None:
         import smolformat
 

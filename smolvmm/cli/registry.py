@@ -6,11 +6,13 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 import smolvmm
+
+_Result = TypeVar("_Result", "smolvmm.PushResult", "smolvmm.PullResult")  # strings: no import of the registry here
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def _mib(count: int) -> str:
     return f"{count / (1 << 20):.1f}"
 
 
-async def _with_progress(verb: str, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+async def _with_progress(verb: str, operation: Callable[..., Awaitable[_Result]], *args: Any, **kwargs: Any) -> _Result:
     """``operation(*args, progress=..., **kwargs)`` with progress on a terminal and a last line when done."""
     progress = progress_printer(verb)
     result = await operation(*args, progress=progress, **kwargs)

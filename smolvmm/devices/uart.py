@@ -64,7 +64,7 @@ class Uart16550:
         self._output = output
         self._rx_drained = rx_drained
         self._lock = threading.Lock()
-        self._regs = {k: getattr(state, k) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "scr")}
+        self._regs: dict[str, int] = {k: getattr(state, k) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "scr")}
         self._thre_pending = state.thre_pending
         self._rx: deque[int] = deque(state.rx)
 

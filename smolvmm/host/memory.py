@@ -126,13 +126,16 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def read_u16(self, gpa: int) -> int:
-        return struct.unpack_from("<H", self.view(gpa, 2))[0]
+        value: int = struct.unpack_from("<H", self.view(gpa, 2))[0]
+        return value
 
     def read_u32(self, gpa: int) -> int:
-        return struct.unpack_from("<I", self.view(gpa, 4))[0]
+        value: int = struct.unpack_from("<I", self.view(gpa, 4))[0]
+        return value
 
     def read_u64(self, gpa: int) -> int:
-        return struct.unpack_from("<Q", self.view(gpa, 8))[0]
+        value: int = struct.unpack_from("<Q", self.view(gpa, 8))[0]
+        return value
 
     def write_u16(self, gpa: int, value: int) -> None:
         struct.pack_into("<H", self.view(gpa, 2), 0, value)

@@ -54,7 +54,7 @@ def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def cached_file(path: Path, write: Callable[[Path], None]) -> Path:
+def cached_file(path: Path, write: Callable[[Path], object]) -> Path:
     """The read-only file ``path``, made by ``write(tmp)`` and renamed into place if absent."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import stat
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 _TRAILER = "TRAILER!!!"
 
@@ -54,7 +54,7 @@ class Initramfs:
             else:
                 self.file(path, item.read_bytes(), item.stat().st_mode & 0o7777)
 
-    def write(self, out: BinaryIO) -> None:
+    def write(self, out: io.BufferedIOBase) -> None:
         """Write the archive, trailer included."""
         for ino, (path, (mode, data, rdev)) in enumerate(self._entries.items(), start=1):
             nlink = 2 if stat.S_ISDIR(mode) else 1
@@ -66,16 +66,16 @@ class Initramfs:
         with open(path, "wb") as raw:
             if compress:
                 with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-                    self.write(gz)  # type: ignore[arg-type]
+                    self.write(gz)
             else:
                 self.write(raw)
 
 
-def _pad(out: BinaryIO, length: int) -> None:
+def _pad(out: io.BufferedIOBase, length: int) -> None:
     out.write(b"\0" * (-length % 4))
 
 
-def _entry(out: BinaryIO, name: str, ino: int, mode: int, nlink: int, data: bytes, rdev: int) -> None:
+def _entry(out: io.BufferedIOBase, name: str, ino: int, mode: int, nlink: int, data: bytes, rdev: int) -> None:
     encoded = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(encoded), 0)
     header = b"070701" + b"".join(b"%08X" % value for value in fields)

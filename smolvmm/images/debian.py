@@ -66,6 +66,7 @@ def _apt_cache(*args: str) -> str:
     lists = Path("/var/lib/apt/lists")
     stamp = lists.stat().st_mtime_ns if lists.exists() else 0
     memo_path = cache_root() / "apt-cache.json"
+    memo: dict[str, str]
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
@@ -123,10 +124,10 @@ class Package:
                     shown.update(_bytes_under(Path(tmp)))
 
                 _with_lists("apt-get", "download", "-qq", spec, cwd=Path(tmp), expect_output=False, meanwhile=fetched)
-            fetched = list(Path(tmp).glob("*.deb"))
-            if len(fetched) != 1:
-                raise ImageError(f"apt-get download {self.name}={self.version} produced {len(fetched)} .deb files")
-            fetched[0].rename(target)
+            found = list(Path(tmp).glob("*.deb"))
+            if len(found) != 1:
+                raise ImageError(f"apt-get download {self.name}={self.version} produced {len(found)} .deb files")
+            found[0].rename(target)
         return target
 
     def unpack(self, dest: Path) -> None:

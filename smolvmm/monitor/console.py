@@ -39,7 +39,7 @@ class Console(ByteStream):
     # Producer side, called from vCPU threads.
     def write_output(self, data: bytes) -> None:
         if self._first_output is not None:
-            self._first_output, callback = None, self._first_output
+            callback, self._first_output = self._first_output, None
             callback()
         with self._lock:
             was_empty = not self._buffer

@@ -20,7 +20,7 @@ from smolvmm.config import MachineConfig, NetConfig
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.device import VirtioDevice
-from smolvmm.devices.virtio.net import VirtioNet
+from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.devices.virtio.ports import UnixSocketPort
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError, ConfigError, HypervisorError
@@ -212,8 +212,13 @@ def restore_vm_from(
             devices = _devices(bundle, overrides, roles, main, agent)
             for (device, role), (_, instance, state) in zip(devices, saved_devices.virtio, strict=True):
                 transport = vm.add_virtio(device, role)
-                new_mac = isinstance(device, VirtioNet) and device.mac != state.device.mac
-                if new_mac:
+                new_mac = False
+                if (
+                    isinstance(device, VirtioNet)
+                    and isinstance(state.device, NetState)
+                    and device.mac != state.device.mac
+                ):
+                    new_mac = True
                     # A new MAC for this clone: the device reports it, the guest agent applies it.
                     new_macs[f"eth{instance}"] = device.mac
                     state = dataclasses.replace(state, device=dataclasses.replace(state.device, mac=device.mac))

@@ -282,14 +282,14 @@ def _pump(
             for key, _ in events:
                 port, listening = key.data
                 if listening:
-                    connection, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    connection, _ = key.fileobj.accept()  # type: ignore[union-attr]  # only sockets are registered
                     selector.unregister(key.fileobj)
                     selector.register(connection, selectors.EVENT_READ, (port, False))
                     continue
-                data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                data = key.fileobj.recv(65536)  # type: ignore[union-attr]  # only sockets are registered
                 if not data:
                     selector.unregister(key.fileobj)
-                    key.fileobj.close()  # type: ignore[union-attr]
+                    key.fileobj.close()  # type: ignore[union-attr]  # only sockets are registered
                 elif port in sinks:
                     os.write(sinks[port], data)
                 elif port == HEARTBEAT:

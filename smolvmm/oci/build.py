@@ -15,15 +15,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal, get_args
 
 import anyio
 
 from smolvmm.config import MIB, DiskConfig, MachineConfig
 from smolvmm.errors import ConfigError, GuestError, ImageError
-from smolvmm.images.imageroot import image_guest
+from smolvmm.images.imageroot import BUSYBOX, image_guest
 from smolvmm.monitor.machine import Machine
-from smolvmm.oci.console_exec import BUSYBOX, command_script, console_run
+from smolvmm.oci.console_exec import command_script, console_run
 from smolvmm.oci.imageconfig import LABEL, ImageConfig
 from smolvmm.oci.rootdisk import DEFAULT_HEADROOM, root_disk
 from smolvmm.oci.source import open_source
@@ -32,12 +32,16 @@ MAX_COPIED_FILE = 64 * MIB
 _FILE_CHUNK = 2400  # bytes per console line once base64-encoded (under console_exec.MAX_LINE)
 
 
+ReadyKind = Literal["port", "exec", "marker"]
+READY_KINDS: tuple[ReadyKind, ...] = get_args(ReadyKind)
+
+
 @dataclass(frozen=True)
 class ReadyCondition:
     """When the warmed machine is ready to save: a TCP port listening in the guest, a command
     that succeeds, or a line on the console."""
 
-    kind: Literal["port", "exec", "marker"]
+    kind: ReadyKind
     value: str
 
     def __post_init__(self) -> None:
@@ -70,10 +74,10 @@ class ImageRecipe:
     timeout: float = 600
 
 
-def _write_to(stream: object) -> Callable[[bytes], None]:
+def _write_to(stream: BinaryIO) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
-        stream.write(data)  # type: ignore[attr-defined]
-        stream.flush()  # type: ignore[attr-defined]
+        stream.write(data)
+        stream.flush()
 
     return write
 

@@ -60,20 +60,21 @@ class _Hashing(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # BufferedReader passes a memoryview
         data = self.inner.read(len(buffer))
         buffer[: len(data)] = data
         self.digest.update(data)
         return len(data)
 
 
-def _decompressed(raw: IO[bytes]) -> IO[bytes]:
-    buffered = io.BufferedReader(raw, _CHUNK) if not isinstance(raw, io.BufferedReader) else raw  # type: ignore[arg-type]
+def _decompressed(raw: IO[bytes] | io.RawIOBase) -> IO[bytes]:
+    # IO[bytes] declares no readinto, which BufferedReader needs; every stream that reaches here has one.
+    buffered = io.BufferedReader(raw, _CHUNK) if not isinstance(raw, io.BufferedReader) else raw  # type: ignore[type-var]
     magic = buffered.peek(4)[:4]
     if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]  # typed as BufferedIOBase only
     if magic == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(buffered)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(buffered)
     return buffered
 
 
@@ -147,7 +148,7 @@ class _Applier:
         where = f"layer {layer.name}"
         raw = layer.open()
         hashing = _Hashing(raw) if layer.diff_id else None
-        stream = _decompressed(hashing or raw)  # type: ignore[arg-type]
+        stream = _decompressed(hashing or raw)
         created: set[str] = set()
         directories: list[tuple[Path, tarfile.TarInfo]] = []
         try:

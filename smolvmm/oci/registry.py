@@ -23,6 +23,7 @@ from smolvmm.oci.source import (
     Descriptor,
     Image,
     Layer,
+    file_opener,
     load_json,
     parse_manifest,
     pick_manifest,
@@ -80,9 +81,7 @@ async def _pull(reference: Reference, work: Path, insecure: bool, progress: Call
             if progress:
                 progress(f"pulling layer {number + 1}/{len(descriptors)} ({descriptor.size / (1 << 20):.1f} MiB)")
             await _download(client, where, reference.repository, descriptor, path)
-            layers.append(
-                Layer(f"{number} ({descriptor.digest[:19]})", descriptor.size, lambda path=path: open(path, "rb"))
-            )
+            layers.append(Layer(f"{number} ({descriptor.digest[:19]})", descriptor.size, file_opener(path)))
     return Image(digest, ImageConfig.from_image(config), tuple(layers))
 
 

@@ -98,8 +98,8 @@ def root_disk(
     final = disks / f"{key}.ext4"
     if image.directory is None and final.exists():
         return final
-    with tempfile.TemporaryDirectory(dir=disks, prefix=".build-") as scratch:
-        work = Path(scratch)
+    with tempfile.TemporaryDirectory(dir=disks, prefix=".build-") as building:
+        work = Path(building)
         if image.directory is not None:
             tree = image.directory
         else:

@@ -12,7 +12,7 @@ from typing import Any
 
 from smolvmm.config import parse_size
 from smolvmm.errors import ConfigError
-from smolvmm.oci.build import ImageRecipe, ReadyCondition
+from smolvmm.oci.build import READY_KINDS, ImageRecipe, ReadyCondition
 
 _KEYS = {
     "image": 'a string like "oci:DIR:TAG" or "docker://REGISTRY/REPO:TAG"',
@@ -89,7 +89,8 @@ def _ready(where: str, table: dict[str, Any]) -> ReadyCondition:
         raise ConfigError(f"{where}: unknown key 'ready.{sorted(unknown)[0]}' (known: port, exec, marker)")
     if len(table) != 1:
         raise ConfigError(f"{where}: 'ready' needs exactly one of 'port', 'exec', 'marker'")
-    kind, value = next(iter(table.items()))
+    kind = next(kind for kind in READY_KINDS if kind in table)
+    value = table[kind]
     if kind == "port" and not (isinstance(value, int) and not isinstance(value, bool)):
         raise ConfigError(f"{where}: 'ready.port' must be an integer")
     if kind != "port" and not isinstance(value, str):

@@ -66,6 +66,22 @@ class Layer:
     diff_id: str | None = None
 
 
+def file_opener(path: Path) -> Callable[[], IO[bytes]]:
+    """A layer's ``open``: the file at ``path``, opened afresh at each call."""
+    return lambda: open(path, "rb")
+
+
+def _member_opener(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
+    """A layer's ``open``: a regular file in ``archive``, read in place."""
+
+    def open_member() -> IO[bytes]:
+        stream = archive.extractfile(member)
+        assert stream is not None  # the caller checked that the member is a regular file
+        return stream
+
+    return open_member
+
+
 @dataclass(frozen=True)
 class Image:
     """A resolved image: what to unpack, in order, and how to run it; ``key`` identifies its content."""
@@ -217,7 +233,7 @@ def _oci_layout(directory: str, tag: str | None) -> Image:
     for number, layer in enumerate(layers):
         path = _blob_path(layout, layer)
         verify_file(f"{where}: layer {number} ({layer.digest})", path, layer)
-        checked.append(Layer(f"{number} ({layer.digest[:19]})", layer.size, lambda path=path: open(path, "rb")))
+        checked.append(Layer(f"{number} ({layer.digest[:19]})", layer.size, file_opener(path)))
     return Image(descriptor.digest, ImageConfig.from_image(config), tuple(checked))
 
 
@@ -241,7 +257,7 @@ def _docker_archive(path: Path) -> Iterator[Image]:
     except (OSError, tarfile.TarError) as exc:
         raise ImageError(f"{where} cannot be read as a tar: {exc}") from None
     with archive:
-        members = {}
+        members: dict[str, tarfile.TarInfo] = {}
         for member in archive:
             if len(members) > 100_000:
                 raise ImageError(f"{where} holds too many entries")
@@ -279,12 +295,10 @@ def _docker_archive(path: Path) -> Iterator[Image]:
         ids = _diff_ids(where, config, len(layer_names))
         layers = []
         for number, (name, diff_id) in enumerate(zip(layer_names, ids)):
-            member = members.get(name)
-            if member is None or not member.isfile():
+            layer_file = members.get(name)
+            if layer_file is None or not layer_file.isfile():
                 raise ImageError(f"{where} has no layer file {name!r}")
-            layers.append(
-                Layer(f"{number} ({name})", member.size, lambda member=member: archive.extractfile(member), diff_id)
-            )  # type: ignore[misc]
+            layers.append(Layer(f"{number} ({name})", layer_file.size, _member_opener(archive, layer_file), diff_id))
         yield Image(config_digest, ImageConfig.from_image(config), tuple(layers))
 
 

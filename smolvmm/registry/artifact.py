@@ -125,6 +125,7 @@ def plan(bundle: smolformat.Bundle, file_size: int) -> Plan:
     """Cut an open bundle into chunks (spec/registry.md §4)."""
     chunks: list[Chunk] = []
     images = bundle.images()
+    cuts: Sequence[tuple[int, int | None]]
     for data, image in images:
         name = "ram" if data.kind == SectionKind.MEMORY_DATA else f"disk{data.index}"
         cuts = image_cuts(image)

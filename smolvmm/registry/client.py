@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 
@@ -68,7 +69,7 @@ class RegistryClient:
         self._base = ""
         self._tokens: dict[tuple[str, ...], str] = {}
         self._basic: str | None = None
-        self._credentials: tuple[str, str] | None | bool = False  # False: not looked up yet
+        self._credentials: tuple[str, str] | None | Literal[False] = False  # False: not looked up yet
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -119,7 +120,7 @@ class RegistryClient:
         login = self._login()
         auth = httpx.BasicAuth(*login) if login else None
         try:
-            response = await self._http.get(realm, params=params, auth=auth)
+            response = await self._http.get(realm, params=tuple(params), auth=auth)  # httpx types lists invariantly
         except httpx.HTTPError as exc:
             raise self._lost(exc, "asking for a token") from None
         if response.status_code in (401, 403):

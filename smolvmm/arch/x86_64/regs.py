@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from smolvmm.arch.x86_64 import layout
 from smolvmm.host.memory import GuestMemory
@@ -30,7 +31,7 @@ def write_boot_structures(memory: GuestMemory) -> None:
     memory.write(layout.PD_ADDR, struct.pack("<512Q", *((i << 21) | 0x83 for i in range(512))))
 
 
-def _segment(seg, selector: int, type_: int, code: bool) -> None:
+def _segment(seg: Any, selector: int, type_: int, code: bool) -> None:  # seg: cffi cdata, untyped
     seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, type_
     seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
     seg.l, seg.db = (1, 0) if code else (0, 1)

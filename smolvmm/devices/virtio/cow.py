@@ -174,8 +174,9 @@ class CowDisk:
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` with the disk bytes at ``offset``; the caller checked the bounds."""
+        overlay = self._overlay
         for start, length, mapped in self._runs(offset, total_length(views)):
-            fd, at = (self._overlay, self._data_offset + start) if mapped else (self._base, start)
+            fd, at = (overlay, self._data_offset + start) if mapped and overlay is not None else (self._base, start)
             _preadv_all(fd, slice_views(views, start - offset, length), at)
 
     def write_from(self, offset: int, views: Sequence[memoryview]) -> None:

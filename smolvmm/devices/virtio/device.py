@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 from smolvmm.errors import BundleError
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from smolvmm.devices.virtio.session import Session
 
 # Device-independent feature bits (§6).
@@ -51,7 +53,7 @@ class VirtioDevice(ABC):
     def reset(self) -> None:
         """Forget per-driver state after the driver reset the device."""
 
-    def save_state(self) -> object:
+    def save_state(self) -> DataclassInstance | None:
         """Device-specific state as a plain frozen dataclass (None when there is none)."""
         return None
 

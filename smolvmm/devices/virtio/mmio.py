@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -21,6 +22,9 @@ from smolvmm.devices.virtio.queue import Queue, QueueError, QueueState
 from smolvmm.devices.virtio.session import Session, drain_eventfd
 from smolvmm.errors import BundleError
 from smolvmm.host.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MMIO_SIZE = 0x1000
 QUEUE_NOTIFY_OFFSET = 0x050
@@ -57,7 +61,7 @@ class MmioState:
     interrupt_status: int
     config_generation: int
     queues: tuple[QueueState, ...]
-    device: object
+    device: DataclassInstance | None
 
 
 def _ring_features(features: int) -> tuple[bool, bool]:
@@ -154,7 +158,7 @@ class MmioTransport:
                 self._driver_features_sel = value
             case 0x030:
                 self._queue_sel = value
-            case 0x038 if configurable:
+            case 0x038 if queue is not None and configurable:
                 queue.size = value
             case 0x044 if queue is not None and not (value & 1 and self._status & STATUS_DRIVER_OK):
                 # A queue may be stopped at any time, but only enabled before DRIVER_OK, when
@@ -164,7 +168,7 @@ class MmioTransport:
                 self._interrupt_status &= ~value
             case 0x070:
                 self._write_status(value)
-            case 0x080 | 0x084 | 0x090 | 0x094 | 0x0A0 | 0x0A4 if configurable:
+            case 0x080 | 0x084 | 0x090 | 0x094 | 0x0A0 | 0x0A4 if queue is not None and configurable:
                 self._write_queue_address(queue, offset, value)
 
     @staticmethod
@@ -278,7 +282,7 @@ class MmioTransport:
             await anyio.wait_readable(self._wake_fd)
             drain_eventfd(self._wake_fd)
 
-    def _needs_reset(self, exc: QueueError) -> None:
+    def _needs_reset(self, exc: QueueError | ExceptionGroup[QueueError]) -> None:
         """§2.1.2: set DEVICE_NEEDS_RESET and tell the driver with a config-change interrupt."""
         _log.warning("virtio device %d needs reset: %s", self.device.device_id, exc)
         with self._lock:

@@ -60,7 +60,7 @@ class StreamBackend(NetBackend):
         """The length of the complete frame at ``_start``, if one is buffered."""
         if self._end - self._start < LENGTH.size:
             return None
-        (length,) = LENGTH.unpack_from(self._in, self._start)
+        length: int = LENGTH.unpack_from(self._in, self._start)[0]
         if length > self.max_frame or self._end - self._start - LENGTH.size < length:
             return None
         return length

@@ -24,7 +24,7 @@ def ioctl(fd: int, request: Ioctl, arg: object = 0) -> int:
     """Issue one ioctl; ``arg`` is a cffi pointer or an integer. Raises KvmError on failure."""
     if isinstance(arg, int):
         arg = ffi.cast("unsigned long", arg)
-    ret = libc.ioctl(fd, ffi.cast("unsigned long", request), arg)
+    ret: int = libc.ioctl(fd, ffi.cast("unsigned long", request), arg)
     if ret < 0:
         raise KvmError(request, ffi.errno)
     return ret

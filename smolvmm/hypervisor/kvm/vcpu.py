@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from typing import Any
 
 from smolvmm.devices.bus import Bus
 from smolvmm.hypervisor.interface import StateRecord, Stop, StopKind
@@ -91,7 +92,7 @@ class KvmVcpu:
     def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
         return x86_64.restore_vcpu(self, state, None if strict else self._kvm.msr_index_list)
 
-    def _port_io(self, io, pio: Bus) -> None:
+    def _port_io(self, io: Any, pio: Bus) -> None:  # io: kvm_run's cffi cdata, untyped
         data = self.io_data()
         size = io.size
         if io.direction == KVM_EXIT_IO_OUT:
@@ -101,7 +102,7 @@ class KvmVcpu:
             for i in range(io.count):
                 data[i * size : (i + 1) * size] = pio.read(io.port, size).to_bytes(size, "little")
 
-    def _mmio_access(self, access, mmio: Bus) -> None:
+    def _mmio_access(self, access: Any, mmio: Bus) -> None:  # access: kvm_run's cffi cdata, untyped
         length = access.len
         if length not in (1, 2, 4, 8):
             return
@@ -182,7 +183,8 @@ class KvmVcpu:
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")
         ioctl(self.fd, Ioctl.KVM_GET_MP_STATE, state)
-        return state.mp_state
+        mp_state: int = state.mp_state
+        return mp_state
 
     def set_mp_state(self, value: int) -> None:
         ioctl(self.fd, Ioctl.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": value}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smolvmm"
@@ -65,3 +66,258 @@ def test_the_cli_uses_only_the_public_api() -> None:
                     f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] not in allowed
                 ]
     assert offenders == []
+
+
+Layers = tuple[tuple[str, tuple[str, ...]], ...]
+Graph = dict[str, set[str]]
+
+# The layers of docs/ARCHITECTURE.md, bottom to top. An import may go down, or stay inside its layer as long as
+# the module graph has no cycle; never up. "pkg.*" is the package and everything under it; other names are exact.
+LAYERS: Layers = (
+    ("common", ("smolvmm.errors", "smolvmm.config", "smolvmm.progress")),
+    ("host", ("smolvmm.host.*",)),
+    ("arch", ("smolvmm.arch.*",)),
+    ("hypervisor", ("smolvmm.hypervisor.*",)),
+    ("devices", ("smolvmm.devices.*",)),
+    ("guest", ("smolvmm.images.*", "smolvmm.kernel.*")),
+    ("monitor", ("smolvmm.monitor.*", "smolvmm.agent.*")),
+    ("tooling", ("smolvmm.oci.*", "smolvmm.registry.*", "smolvmm.nested.*")),
+    ("api", ("smolvmm",)),
+    ("cli", ("smolvmm.cli.*", "smolvmm.__main__")),  # __main__ is the CLI's entry point: python -m smolvmm
+)
+# Left to helper "plan" (issue 14, item 3: one machine plan), whose branch removes them. The lead empties both
+# when merging it; after that, an import these allowed is a regression, not an exception.
+ALLOWED_UPWARD = {
+    ("smolvmm.config", "smolvmm.monitor.coldboot"),
+    ("smolvmm.arch.x86_64.regs", "smolvmm.hypervisor.kvm.bindings"),
+}
+ALLOWED_CYCLE = {
+    "smolvmm.config",
+    "smolvmm.monitor.coldboot",
+    "smolvmm.monitor.machine",
+    "smolvmm.monitor.restore",
+    "smolvmm.monitor.usernet",
+}
+
+
+def module_name(relative: Path) -> tuple[str, bool]:
+    """``smolvmm/host/memory.py`` -> ("smolvmm.host.memory", False); an ``__init__.py`` names its package (True)."""
+    parts = relative.with_suffix("").parts
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1]), True
+    return ".".join(parts), False
+
+
+def imported_modules(module: str, is_package: bool, source: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``source`` imports anywhere (in functions and TYPE_CHECKING blocks too).
+
+    ``from pkg import name`` imports the module pkg.name when there is one, else pkg; relative imports are
+    resolved against ``module``. Importing a module is not counted as importing its parent packages."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if submodule in modules else base)
+    return found & modules
+
+
+def import_graph(sources: dict[str, tuple[bool, str]]) -> Graph:
+    """Each module's imports among ``sources`` ({module: (is_package, source text)})."""
+    return {
+        module: imported_modules(module, is_package, source, set(sources)) - {module}
+        for module, (is_package, source) in sources.items()
+    }
+
+
+def layer_of(module: str, layers: Layers) -> int | None:
+    """The index of the layer ``module`` belongs to, or None."""
+    for index, (_, patterns) in enumerate(layers):
+        for pattern in patterns:
+            if module == pattern.removesuffix(".*") or (pattern.endswith(".*") and module.startswith(pattern[:-1])):
+                return index
+    return None
+
+
+def upward_edges(graph: Graph, layers: Layers) -> list[tuple[str, str]]:
+    """Every import of a module in a higher layer, as (importer, imported)."""
+    edges = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            low, high = layer_of(module, layers), layer_of(target, layers)
+            if low is not None and high is not None and high > low:
+                edges.append((module, target))
+    return edges
+
+
+def cycle_groups(graph: Graph) -> list[set[str]]:
+    """The strongly connected components of more than one module: each module of one reaches every other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = set()
+            while (member := stack.pop()) != module:
+                group.add(member)
+            if group:
+                groups.append(group | {module})
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(groups, key=min)
+
+
+def shortest_cycle(graph: Graph, group: set[str]) -> list[str]:
+    """The shortest import cycle through ``group``'s first module, back to where it starts."""
+    start = min(group)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for module in frontier:
+            for target in sorted(graph[module] & group):
+                if target == start:
+                    return paths[module] + [start]
+                if target not in paths:
+                    paths[target] = paths[module] + [target]
+                    following.append(target)
+        frontier = following
+    raise ValueError(f"{sorted(group)} is not a strongly connected group")
+
+
+def layer_violations(
+    graph: Graph,
+    layers: Layers,
+    allowed_upward: AbstractSet[tuple[str, str]] = frozenset(),
+    allowed_cycle: AbstractSet[str] = frozenset(),
+) -> list[str]:
+    """One line per module outside every layer, per upward import and per import cycle (a group of modules
+    inside ``allowed_cycle`` is let through, as are the ``allowed_upward`` edges)."""
+
+    def named(module: str) -> str:
+        found = layer_of(module, layers)
+        return f"{module} ({'no layer' if found is None else layers[found][0]})"
+
+    problems = [f"{named(module)} belongs to no layer" for module in sorted(graph) if layer_of(module, layers) is None]
+    problems += [
+        f"upward import: {named(a)} imports {named(b)}"
+        for a, b in upward_edges(graph, layers)
+        if (a, b) not in allowed_upward
+    ]
+    for group in cycle_groups(graph):
+        if not group <= allowed_cycle:
+            cycle = shortest_cycle(graph, group)
+            rest = sorted(group - set(cycle))
+            problems.append(f"import cycle: {' -> '.join(cycle)}" + (f" (with {', '.join(rest)})" if rest else ""))
+    return problems
+
+
+def _package_graph() -> Graph:
+    sources = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module, is_package = module_name(path.relative_to(PACKAGE.parent))
+        sources[module] = (is_package, path.read_text())
+    return import_graph(sources)
+
+
+def test_the_imports_obey_the_layers() -> None:
+    """Every module in a layer, no import from a layer above, no cycle (docs/ARCHITECTURE.md)."""
+    graph = _package_graph()
+    assert "smolvmm.devices.bus" in graph["smolvmm.monitor.vm"]  # the walk found the package and its imports
+    problems = layer_violations(graph, LAYERS, ALLOWED_UPWARD, ALLOWED_CYCLE)
+    assert not problems, "\n".join(problems)
+    fixed = sorted(ALLOWED_UPWARD - set(upward_edges(graph, LAYERS)))
+    if ALLOWED_CYCLE and not any(group <= ALLOWED_CYCLE for group in cycle_groups(graph)):
+        fixed.append(("cycle", " / ".join(sorted(ALLOWED_CYCLE))))
+    assert not fixed, f"fixed: take these off the allow-lists: {fixed}"
+
+
+# The checks, on made-up packages: they fail where they must.
+TOY_LAYERS: Layers = (("low", ("toy.low.*", "toy.base")), ("high", ("toy.high.*", "toy")))
+
+
+def _toy(**modules: str) -> Graph:
+    """The graph of sources named for their module: ``toy__low__a`` is toy.low.a, ``toy__low__init`` the package."""
+    sources = {}
+    for name, text in modules.items():
+        is_package = name.endswith("__init")
+        module = name.removesuffix("__init").replace("__", ".")
+        sources[module] = (is_package, text)
+    return import_graph(sources)
+
+
+def test_the_graph_resolves_every_form_of_import() -> None:
+    graph = _toy(
+        toy__init="",
+        toy__base="",
+        toy__low__init="from . import a\n",
+        toy__low__a="import toy.base\nfrom toy.low import b\nfrom .c import thing\nimport os\n",
+        toy__low__b="def f():\n    from ..base import name\n",
+        toy__low__c="from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy import Thing\n",
+        toy__high__init="",
+        toy__high__d="from toy.low.a import x\nfrom .. import base\n",
+    )
+    assert graph == {
+        "toy": set(),
+        "toy.base": set(),
+        "toy.low": {"toy.low.a"},
+        "toy.low.a": {"toy.base", "toy.low.b", "toy.low.c"},
+        "toy.low.b": {"toy.base"},
+        "toy.low.c": {"toy"},
+        "toy.high": set(),
+        "toy.high.d": {"toy.base", "toy.low.a"},
+    }
+
+
+def test_an_upward_import_fails_naming_it_and_both_layers() -> None:
+    clean = _toy(toy__init="", toy__low__a="", toy__high__b="from toy.low import a\n")
+    assert layer_violations(clean, TOY_LAYERS) == []
+    graph = _toy(toy__init="", toy__low__a="def late():\n    import toy.high.b\n", toy__high__b="")
+    assert layer_violations(graph, TOY_LAYERS) == ["upward import: toy.low.a (low) imports toy.high.b (high)"]
+    assert layer_violations(graph, TOY_LAYERS, allowed_upward={("toy.low.a", "toy.high.b")}) == []
+    # The package's own __init__ is the top layer: a lower module importing a name from it is upward.
+    graph = _toy(toy__init="", toy__low__a="from toy import Machine\n")
+    assert layer_violations(graph, TOY_LAYERS) == ["upward import: toy.low.a (low) imports toy (high)"]
+
+
+def test_an_import_cycle_fails_naming_it() -> None:
+    graph = _toy(
+        toy__low__a="from toy.low import b\n",
+        toy__low__b="from toy.low.c import f\n",
+        toy__low__c="from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy.low.a import A\n",
+        toy__low__d="import toy.low.a\n",
+    )
+    assert layer_violations(graph, TOY_LAYERS) == ["import cycle: toy.low.a -> toy.low.b -> toy.low.c -> toy.low.a"]
+    graph["toy.low.b"].add("toy.low.a")
+    assert layer_violations(graph, TOY_LAYERS) == ["import cycle: toy.low.a -> toy.low.b -> toy.low.a (with toy.low.c)"]
+    assert layer_violations(graph, TOY_LAYERS, allowed_cycle={"toy.low.a", "toy.low.b", "toy.low.c"}) == []
+    graph["toy.low.d"] = {"toy.low.a"}
+    graph["toy.low.c"].add("toy.low.d")  # the group grows past what was allowed
+    assert layer_violations(graph, TOY_LAYERS, allowed_cycle={"toy.low.a", "toy.low.b", "toy.low.c"}) != []
+
+
+def test_a_module_outside_every_layer_fails() -> None:
+    graph = _toy(toy__init="", toy__low__a="", toy__lowish="", toy__extra__init="")
+    assert layer_violations(graph, TOY_LAYERS) == [
+        "toy.extra (no layer) belongs to no layer",
+        "toy.lowish (no layer) belongs to no layer",
+    ]

@@ -17,8 +17,9 @@ import pytest
 from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import DEFAULT_PATH, ImageConfig
 from smolvmm.oci.layers import Budget, apply_layers
+from smolvmm.oci.manifest import Layer
 from smolvmm.oci.registry import parse_reference
-from smolvmm.oci.source import Layer, open_source, split_reference
+from smolvmm.oci.source import open_source, split_reference
 from smolvmm.registry.reference import Reference
 
 

@@ -21,7 +21,6 @@ import smolformat
 from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config
 from smolvmm.cli import args as cli_args
 from smolvmm.cli import output as cli_output
-from smolvmm.cli.machine import report_forwards
 
 if TYPE_CHECKING:
     from smolvmm import Jail
@@ -139,7 +138,7 @@ async def run_command(
         if not Path(host).is_file():
             raise ConfigError(f"--copy-in {host}: no such file")
     async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
-        report_forwards(machine)
+        cli_output.report_forwards(machine)
         for host, guest in copy_in:
             await machine.files.upload(host, guest)
         if image is None:

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
-
 import smolvmm
 from smolvmm import ConfigError, ImageRecipe, ReadyCondition, parse_size
 from smolvmm.cli import output as cli_output
@@ -82,16 +80,12 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
     return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]  # flags hold each field's own type
 
 
-def build_from_image(args: argparse.Namespace) -> int:
+async def build_from_image(args: argparse.Namespace) -> int:
     """``build --image`` / ``build -f``: build, save, print the bundle's digest (``--json``: a document)."""
-    from smolvmm.cli.machine import BACKEND
-
     recipe = _recipe(args)
     progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
     encoding = "zstd" if args.zstd else "raw"
-    digest = anyio.run(
-        lambda: smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress), backend=BACKEND
-    )
+    digest = await smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress)
     if args.json:
         cli_output.result_json(
             {

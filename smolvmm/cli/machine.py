@@ -358,16 +358,10 @@ async def _stop_on_signal(machine: Machine) -> None:
             return
 
 
-def report_forwards(machine: Machine) -> None:
-    """One line on stderr per port forward, with the host port actually bound."""
-    for forward in machine.forwards:
-        cli_output.message(f"forwarding host port {forward.host}/{forward.protocol} to guest port {forward.guest}")
-
-
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
     async with Machine.boot(config, jail=_jail(args)) as machine:
         _note_pvm_host()
-        report_forwards(machine)
+        cli_output.report_forwards(machine)
         what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
         status = await serve(machine, "boot", what, marker)
     if args.timings:
@@ -401,7 +395,7 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
         _note_pvm_host()
-        report_forwards(machine)
+        cli_output.report_forwards(machine)
         ready_ms = await wait_ready(machine, marker, args.timeout)
         encoding = "zstd" if args.zstd else "raw"
         labels = {READY_MARKER_LABEL: marker}
@@ -473,7 +467,7 @@ async def _run(args: argparse.Namespace) -> int:
     env, secrets = cli_exec.identity(args)
     async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=_jail(args)) as machine:
         _note_pvm_host()
-        report_forwards(machine)
+        cli_output.report_forwards(machine)
         status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
     if args.timings:
         report_timings(machine.timings, args.json)
@@ -494,7 +488,7 @@ def run(name: str, args: argparse.Namespace) -> int:
         from smolvmm.cli.image import build_from_image, image_build_requested
 
         if image_build_requested(args):
-            return build_from_image(args)
+            return anyio.run(build_from_image, args, backend=BACKEND)
         return anyio.run(_build, _config(args), args, backend=BACKEND)
     if args.detach:
         if args.prepare_only or args.timings or args.command or args.copy_in or args.copy_out:

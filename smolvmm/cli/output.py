@@ -12,7 +12,10 @@ import sys
 import termios
 import tty
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from smolvmm import Machine
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]: leaves a console (boot and run stop the machine; attach detaches)
 _RED = "\x1b[31m"
@@ -64,6 +67,12 @@ def result_json(value: Any, *, indent: int | None = 2) -> None:
 def message(text: str) -> None:
     """What smolvmm tells the person running it (notes, progress words): stderr."""
     print(f"smolvmm: {text}", file=sys.stderr, flush=True)
+
+
+def report_forwards(machine: Machine) -> None:
+    """One line on stderr per port forward, with the host port actually bound."""
+    for forward in machine.forwards:
+        message(f"forwarding host port {forward.host}/{forward.protocol} to guest port {forward.guest}")
 
 
 def error(text: str) -> None:

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from smolvmm.devices.bus import Bus
-
 StateRecord = Mapping[str, Any]
 """A ``smolformat.<arch>.VcpuState`` or ``VmState`` value: the payload of a bundle's VCPU_STATE
 or VM_STATE section, as smolformat builds and parses it."""
@@ -56,12 +54,21 @@ class HostOffer:
     msrs: frozenset[int]
 
 
+class IoBus(Protocol):
+    """What ``Vcpu.run`` needs of a port or MMIO bus (``smolvmm.devices.bus.Bus`` is one): the value
+    of a ``size``-byte read at a guest address, and a ``size``-byte write of ``value``."""
+
+    def read(self, address: int, size: int) -> int: ...
+
+    def write(self, address: int, size: int, value: int) -> None: ...
+
+
 class Vcpu(Protocol):
     """One virtual CPU, driven by exactly one thread."""
 
     id: int
 
-    def run(self, pio: Bus, mmio: Bus) -> Stop:
+    def run(self, pio: IoBus, mmio: IoBus) -> Stop:
         """Run the guest, serving port and MMIO accesses from ``pio``/``mmio`` inline, until it stops."""
 
     def interrupt(self) -> None:

@@ -26,7 +26,7 @@ from typing import IO
 import zstandard
 
 from smolvmm.errors import ImageError
-from smolvmm.oci.source import Layer
+from smolvmm.oci.manifest import Layer
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

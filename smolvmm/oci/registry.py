@@ -16,7 +16,7 @@ import anyio
 
 from smolvmm.errors import ConfigError, ImageError, RegistryError
 from smolvmm.oci.imageconfig import ImageConfig
-from smolvmm.oci.source import (
+from smolvmm.oci.manifest import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_DOCUMENT,

@@ -13,7 +13,7 @@ from pathlib import Path
 from smolvmm.errors import ImageError
 from smolvmm.host.cache import cache_root
 from smolvmm.oci.layers import Budget, apply_layers
-from smolvmm.oci.source import Image
+from smolvmm.oci.manifest import Image
 
 MIB = 1 << 20
 DEFAULT_HEADROOM = 256 * MIB

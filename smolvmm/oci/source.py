@@ -9,66 +9,31 @@ JSON documents are size-capped, every blob's size and sha256 digest are checked 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import ImageConfig
+from smolvmm.oci.manifest import (
+    DIGEST,
+    INDEX_TYPES,
+    MAX_DOCUMENT,
+    MAX_LAYERS,
+    Descriptor,
+    Image,
+    Layer,
+    check_digest,
+    file_opener,
+    load_json,
+    parse_manifest,
+    pick_manifest,
+)
 
-MAX_DOCUMENT = 4 << 20  # manifests, indexes and configs
-MAX_LAYERS = 256
-PLATFORM = ("linux", "amd64")  # the guest's
-INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
-MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"}
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """A content descriptor: what a manifest says about a blob."""
-
-    media_type: str
-    digest: str
-    size: int
-    platform: tuple[str, str] | None = None
-
-    @classmethod
-    def parse(cls, where: str, value: Any) -> Descriptor:
-        if not isinstance(value, dict):
-            raise ImageError(f"{where} is not a JSON object")
-        digest, size, media = value.get("digest"), value.get("size"), value.get("mediaType", "")
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise ImageError(f"{where} has digest {str(digest)[:80]!r}, expected sha256:<64 hex digits>")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ImageError(f"{where} has size {size!r}, expected a non-negative integer")
-        if not isinstance(media, str):
-            raise ImageError(f"{where} has a mediaType that is not a string")
-        platform = value.get("platform")
-        pair = (str(platform.get("os")), str(platform.get("architecture"))) if isinstance(platform, dict) else None
-        return cls(media, digest, size, pair)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer: ``open()`` gives its tar stream (maybe compressed); ``diff_id`` checks the
-    uncompressed stream when the blob itself had no digest to check (old docker archives)."""
-
-    name: str
-    size: int
-    open: Callable[[], IO[bytes]]
-    diff_id: str | None = None
-
-
-def file_opener(path: Path) -> Callable[[], IO[bytes]]:
-    """A layer's ``open``: the file at ``path``, opened afresh at each call."""
-    return lambda: open(path, "rb")
 
 
 def _member_opener(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
@@ -80,31 +45,6 @@ def _member_opener(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Callabl
         return stream
 
     return open_member
-
-
-@dataclass(frozen=True)
-class Image:
-    """A resolved image: what to unpack, in order, and how to run it; ``key`` identifies its content."""
-
-    key: str
-    config: ImageConfig
-    layers: tuple[Layer, ...] = ()
-    directory: Path | None = None  # rootfs:DIR: the tree itself, used as it is
-
-
-def load_json(where: str, data: bytes) -> Any:
-    """A JSON document from untrusted bytes, capped at MAX_DOCUMENT."""
-    if len(data) > MAX_DOCUMENT:
-        raise ImageError(f"{where} is larger than {MAX_DOCUMENT >> 20} MiB")
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageError(f"{where} is not valid JSON: {exc}") from None
-
-
-def check_digest(where: str, data: bytes, digest: str) -> None:
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise ImageError(f"{where} does not match its digest {digest}")
 
 
 def verify_file(where: str, path: Path, descriptor: Descriptor) -> None:
@@ -121,40 +61,6 @@ def verify_file(where: str, path: Path, descriptor: Descriptor) -> None:
         raise ImageError(f"{where}: {exc.strerror or exc}") from None
     if "sha256:" + digest.hexdigest() != descriptor.digest:
         raise ImageError(f"{where} does not match its digest {descriptor.digest}")
-
-
-def pick_manifest(where: str, index: Any, tag: str | None = None) -> Descriptor:
-    """The manifest for linux/amd64 (and ``tag``, for an OCI layout's index) in an index document."""
-    manifests = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(manifests, list) or len(manifests) > 4096:
-        raise ImageError(f"{where} has no list of manifests")
-    candidates = []
-    for number, entry in enumerate(manifests):
-        descriptor = Descriptor.parse(f"{where} manifest {number}", entry)
-        annotations = entry.get("annotations") if isinstance(entry.get("annotations"), dict) else {}
-        if tag is not None and annotations.get("org.opencontainers.image.ref.name") != tag:
-            continue
-        candidates.append(descriptor)
-    if tag is not None and not candidates:
-        raise ImageError(f"{where} has no image tagged {tag!r}")
-    if len(candidates) == 1 and candidates[0].platform is None:
-        return candidates[0]
-    for descriptor in candidates:
-        if descriptor.platform in (PLATFORM, None) and descriptor.media_type not in INDEX_TYPES:
-            return descriptor
-    found = ", ".join(sorted({"/".join(d.platform) for d in candidates if d.platform})) or "none"
-    raise ImageError(f"{where} has no linux/amd64 image (platforms: {found})")
-
-
-def parse_manifest(where: str, manifest: Any) -> tuple[Descriptor, list[Descriptor]]:
-    """(config, layers) of an image manifest."""
-    if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
-        raise ImageError(f"{where} is not a schema 2 image manifest")
-    layers = manifest.get("layers")
-    if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
-        raise ImageError(f"{where} has no list of layers (or more than {MAX_LAYERS})")
-    config = Descriptor.parse(f"{where} config", manifest.get("config"))
-    return config, [Descriptor.parse(f"{where} layer {number}", layer) for number, layer in enumerate(layers)]
 
 
 def split_reference(text: str) -> tuple[str, str | None]:
@@ -243,7 +149,7 @@ def _diff_ids(where: str, config: Any, count: int) -> list[str | None]:
     if (
         not isinstance(ids, list)
         or len(ids) != count
-        or not all(isinstance(i, str) and _DIGEST.fullmatch(i) for i in ids)
+        or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids)
     ):
         raise ImageError(f"{where}: the config's rootfs.diff_ids do not list one sha256 digest per layer")
     return list(ids)
@@ -288,7 +194,7 @@ def _docker_archive(path: Path) -> Iterator[Image]:
             raise ImageError(f"{where}: manifest.json needs a Config name and a list of Layers")
         config_data = read(config_name)
         config_digest = "sha256:" + Path(config_name).name.removesuffix(".json")
-        if not _DIGEST.fullmatch(config_digest):
+        if not DIGEST.fullmatch(config_digest):
             raise ImageError(f"{where}: config {config_name!r} is not named by its digest")
         check_digest(f"{where}: config", config_data, config_digest)
         config = load_json(f"{where}: config", config_data)

@@ -6,7 +6,7 @@ from smolvmm.host.kvmprobe import probe
 from smolvmm.hypervisor.interface import Capabilities, HostOffer
 from smolvmm.hypervisor.kvm.ioctls import Cap
 from smolvmm.hypervisor.kvm.system import Kvm
-from smolvmm.hypervisor.kvm.vm import KvmVm
+from smolvmm.hypervisor.kvm.x86_64 import X86Vm
 
 # x86_64 platform addresses KVM needs below 4 GiB, inside the MMIO gap, clear of devices.
 TSS_ADDR = 0xFFFB_D000
@@ -33,9 +33,9 @@ class KvmHypervisor:
         cpuid = {(f, i): (a, b, c, d) for f, i, _flags, a, b, c, d in kvm.supported_cpuid}
         return HostOffer(kvm.xsave_size, cpuid, frozenset(kvm.msr_index_list))
 
-    def create_vm(self) -> KvmVm:
+    def create_vm(self) -> X86Vm:
         """A VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT."""
-        vm = KvmVm(self.kvm.create_vm(), self.kvm)
+        vm = X86Vm(self.kvm.create_vm(), self.kvm)
         try:
             vm.set_tss_address(TSS_ADDR)
             vm.set_identity_map_address(IDENTITY_MAP_ADDR)

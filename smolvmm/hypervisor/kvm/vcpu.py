@@ -1,4 +1,4 @@
-"""A KVM vCPU file descriptor: the shared kvm_run page, KVM_RUN, and per-vCPU x86_64 state."""
+"""A KVM vCPU file descriptor: the shared kvm_run page, KVM_RUN, and the vCPU state ioctls."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import mmap
 import os
 from typing import Any
 
-from smolvmm.devices.bus import Bus
-from smolvmm.hypervisor.interface import StateRecord, Stop, StopKind
-from smolvmm.hypervisor.kvm import x86_64
+from smolvmm.hypervisor.interface import IoBus, Stop, StopKind
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import (
     KVM_EXIT_IO_OUT,
@@ -56,7 +54,7 @@ class KvmVcpu:
             raise
         return Exit(self.kvm_run.exit_reason)
 
-    def run(self, pio: Bus, mmio: Bus) -> Stop:
+    def run(self, pio: IoBus, mmio: IoBus) -> Stop:
         """Run the guest, serving port and MMIO exits inline, until something else stops it."""
         run = self.kvm_run
         while True:
@@ -83,16 +81,7 @@ class KvmVcpu:
     def clear_interrupt(self) -> None:
         self.kvm_run.immediate_exit = 0
 
-    def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
-        x86_64.boot_vcpu(self, self._kvm.supported_cpuid, vcpus, entry, argument)
-
-    def save_state(self) -> StateRecord:
-        return x86_64.save_vcpu(self, self._kvm.msr_index_list, self._kvm.xsave_size)
-
-    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
-        return x86_64.restore_vcpu(self, state, None if strict else self._kvm.msr_index_list)
-
-    def _port_io(self, io: Any, pio: Bus) -> None:  # io: kvm_run's cffi cdata, untyped
+    def _port_io(self, io: Any, pio: IoBus) -> None:
         data = self.io_data()
         size = io.size
         if io.direction == KVM_EXIT_IO_OUT:
@@ -102,7 +91,7 @@ class KvmVcpu:
             for i in range(io.count):
                 data[i * size : (i + 1) * size] = pio.read(io.port, size).to_bytes(size, "little")
 
-    def _mmio_access(self, access: Any, mmio: Bus) -> None:  # access: kvm_run's cffi cdata, untyped
+    def _mmio_access(self, access: Any, mmio: IoBus) -> None:
         length = access.len
         if length not in (1, 2, 4, 8):
             return

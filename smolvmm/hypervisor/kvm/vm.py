@@ -1,12 +1,9 @@
-"""A KVM VM file descriptor: memory slots, in-kernel irqchip and PIT, irqfd/ioeventfd, VM-wide state."""
+"""A KVM VM file descriptor: memory slots, in-kernel irqchip and PIT, irqfd/ioeventfd, the VM state ioctls."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from smolvmm.hypervisor.interface import StateRecord
-from smolvmm.hypervisor.kvm import x86_64
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
@@ -30,7 +27,6 @@ class KvmVm:
         self.fd = fd
         self._kvm = kvm
         self._vcpu_mmap_size = kvm.vcpu_mmap_size()
-        self._held_clock: Any = None
 
     def map_memory(self, slot: int, gpa: int, size: int, host_address: int, *, log_dirty: bool = False) -> None:
         region = ffi.new(
@@ -108,20 +104,6 @@ class KvmVm:
 
     def set_clock(self, state: bytes) -> None:
         set_struct(self.fd, Ioctl.KVM_SET_CLOCK, "struct kvm_clock_data", state)
-
-    def save_state(self) -> StateRecord:
-        return x86_64.save_vm(self)
-
-    def restore_state(self, state: StateRecord) -> None:
-        x86_64.restore_vm(self, state)
-
-    def hold_clock(self) -> None:
-        self._held_clock = x86_64.read_clock(self)
-
-    def release_clock(self) -> None:
-        if self._held_clock is not None:
-            x86_64.set_clock_unadvanced(self, self._held_clock)
-            self._held_clock = None
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         return KvmVcpu(ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, index), index, self._vcpu_mmap_size, self._kvm)

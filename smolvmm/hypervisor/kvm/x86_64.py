@@ -1,4 +1,7 @@
-"""x86_64 vCPU and VM state through KVM, as smolformat records it.
+"""x86_64 on KVM: the vCPU and VM of the hypervisor interface, their state as smolformat records it.
+
+``X86Vcpu`` and ``X86Vm`` add the interface's boot state, save/restore and clock hold to the
+plain KVM file descriptor wrappers (``kvm.vcpu``, ``kvm.vm``), which know no architecture's order.
 
 Save order follows Firecracker (MP_STATE first: reading it can change the LAPIC; VCPU_EVENTS
 last). Restore: CPUID, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC (after SREGS, before
@@ -9,18 +12,17 @@ from __future__ import annotations
 
 import time
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from smolformat import x86_64 as fmt
 from smolvmm.arch.x86_64 import cpuid, msrs, regs
 from smolvmm.arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
 from smolvmm.errors import BundleError, HypervisorError
 from smolvmm.hypervisor.interface import StateRecord
-from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
-
-if TYPE_CHECKING:
-    from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
-    from smolvmm.hypervisor.kvm.vm import KvmVm
+from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Ioctl
+from smolvmm.hypervisor.kvm.system import ioctl
+from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
+from smolvmm.hypervisor.kvm.vm import KvmVm
 
 _CPUID_FIELDS = itemgetter("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 _MSR_FIELDS = itemgetter("index", "data")
@@ -150,3 +152,39 @@ def restore_vm(vm: KvmVm, state: StateRecord) -> None:
     vm.set_irqchip(KVM_IRQCHIP_PIC_MASTER, _chip(fmt.KvmPicState.build(state["pic_master"])))
     vm.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, _chip(fmt.KvmPicState.build(state["pic_slave"])))
     vm.set_irqchip(KVM_IRQCHIP_IOAPIC, _chip(fmt.KvmIoapicState.build(state["ioapic"])))
+
+
+class X86Vcpu(KvmVcpu):
+    """An x86_64 vCPU: boots at the 64-bit entry, saves and restores in Firecracker's order."""
+
+    def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
+        boot_vcpu(self, self._kvm.supported_cpuid, vcpus, entry, argument)
+
+    def save_state(self) -> StateRecord:
+        return save_vcpu(self, self._kvm.msr_index_list, self._kvm.xsave_size)
+
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
+        return restore_vcpu(self, state, None if strict else self._kvm.msr_index_list)
+
+
+class X86Vm(KvmVm):
+    """An x86_64 VM: its state is the in-kernel PICs, IOAPIC, PIT and kvmclock."""
+
+    _held_clock: Any = None
+
+    def create_vcpu(self, index: int) -> X86Vcpu:
+        return X86Vcpu(ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, index), index, self._vcpu_mmap_size, self._kvm)
+
+    def save_state(self) -> StateRecord:
+        return save_vm(self)
+
+    def restore_state(self, state: StateRecord) -> None:
+        restore_vm(self, state)
+
+    def hold_clock(self) -> None:
+        self._held_clock = read_clock(self)
+
+    def release_clock(self) -> None:
+        if self._held_clock is not None:
+            set_clock_unadvanced(self, self._held_clock)
+            self._held_clock = None

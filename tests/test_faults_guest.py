@@ -58,9 +58,11 @@ def running(process: subprocess.Popen[bytes], command: bytes, marker: bytes) -> 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """The monitor's temporary files go to a directory of the test's own, so that leftovers show."""
+    """The monitor's temporary files go to a directory of the test's own, so that leftovers show (and
+    the list of running machines to another: without XDG_RUNTIME_DIR it would be in TMPDIR)."""
     (tmp_path / "tmp").mkdir()
-    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "run").mkdir(mode=0o700)
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
 
 
 def test_kill_9_during_build_save_and_restore_leaves_nothing_broken(

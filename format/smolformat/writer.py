@@ -49,6 +49,7 @@ from .pages import (
 )
 from .payloads import payload
 from .reader import SectionInfo
+from .tempnames import owned_prefix, remove_stale
 
 ENCODINGS = {"raw": Encoding.RAW_PAGES, "zstd": Encoding.ZSTD_CHUNKS}
 
@@ -309,7 +310,8 @@ def write_bundle(
     memory_enc = ENCODINGS[memory_encoding]
     disk_enc = ENCODINGS[disk_encoding or memory_encoding]
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    remove_stale(target.parent, f".{target.name}")  # what a killed writer of this bundle left
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=owned_prefix(f".{target.name}"), suffix=".tmp")
     tmp = Path(tmp_name)
     out = _Output(fd, progress)
     try:

@@ -477,7 +477,11 @@ async def _run(args: argparse.Namespace) -> int:
 async def _save_on_signal(machine: Machine, output: Path) -> None:
     with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
         async for _ in signals:
-            digest = await machine.snapshot(output)
+            try:
+                digest = await machine.snapshot(output)
+            except smolvmm.SmolvmmError as exc:  # e.g. a full disk: this save failed, the machine is fine
+                cli_output.error(f"{exc}; the machine runs on\r")
+                continue
             print(f"\r\nsmolvmm: saved {output} ({digest.hex()[:16]})\r", file=sys.stderr)
 
 

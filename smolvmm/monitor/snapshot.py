@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import smolformat
+from smolformat.tempnames import owned_prefix, remove_stale
 from smolvmm import progress
 from smolvmm.arch.x86_64 import layout
 from smolvmm.devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.net import VirtioNet
-from smolvmm.errors import BundleError
+from smolvmm.errors import BundleError, SmolvmmError
 from smolvmm.monitor.vm import VirtualMachine
 
 CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
+SCRATCH = "smolvmm-snapshot"  # temporary directories for the flat disk images a snapshot stores
 NET_MODES_LABEL = "smolvmm.net-modes"  # each network card's wire ("tap", "user"), in order
 
 
@@ -48,7 +50,8 @@ def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:
 def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict[str, str]) -> Iterator[Any]:
     """The machine's contents as ``smolformat.BundleContents``; disks are folded into temporary
     flat images (base + overlay) that exist until the block exits."""
-    with tempfile.TemporaryDirectory(prefix="smolvmm-snapshot-") as scratch:
+    remove_stale(tempfile.gettempdir(), SCRATCH)  # what a killed monitor's snapshot left
+    with tempfile.TemporaryDirectory(prefix=owned_prefix(SCRATCH)) as scratch:
         disks: list[str] = []
         for transport in vm.transports:
             if isinstance(transport.device, VirtioBlock):
@@ -97,5 +100,5 @@ def write(path: str | os.PathLike[str], contents: Any, encoding: str) -> bytes:
             return smolformat.write_bundle(Path(path), contents, memory_encoding=encoding, progress=saving.update)
     except smolformat.FormatError as exc:
         raise BundleError(f"cannot write {path}: {exc}") from exc
-    except OSError as exc:
-        raise BundleError(f"cannot write {path}: {exc.strerror}") from exc
+    except OSError as exc:  # e.g. a full disk: an I/O error, not a bad bundle; nothing is left at path
+        raise SmolvmmError(f"cannot write {path}: {exc.strerror}") from exc

@@ -15,7 +15,7 @@ def owned_prefix(stem: str) -> str:
 
 def remove_stale(directory: str | os.PathLike[str], stem: str) -> list[Path]:
     """Remove the entries ``stem.PID.*`` of ``directory`` whose process no longer runs; returns them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:

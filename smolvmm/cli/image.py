@@ -9,9 +9,10 @@ from pathlib import Path
 import anyio
 
 import smolvmm
-from smolvmm import ConfigError, ImageRecipe, ReadyCondition, parse_size
+from smolvmm import ConfigError, ImageRecipe, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
+from smolvmm.config import parse_size
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:

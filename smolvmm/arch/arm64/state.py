@@ -9,7 +9,8 @@ the registers these modules list, so a restore writes nothing it does not know.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from smolvmm.arch.arm64 import gic, regs
 from smolvmm.arch.arm64.gic import VgicAttr
 from smolvmm.arch.arm64.regs import MpState, OneReg
 from smolvmm.arch.arm64.timer import Timer, TimerState
+from smolvmm.errors import BundleError
 
 RegisterValues = tuple[tuple[OneReg, int], ...]
 GicValues = tuple[tuple[VgicAttr, int], ...]
@@ -34,9 +36,18 @@ def _values(known: Mapping[int, _Known], entries: Any, key: str, what: str) -> t
     values = []
     for entry in entries:
         if entry[key] not in known:
-            raise ValueError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
+            raise BundleError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
         values.append((known[entry[key]], entry["value"]))
     return tuple(values)
+
+
+@contextmanager
+def _refused_as_bundle_errors(what: str) -> Iterator[None]:
+    """A record's value that a state check refuses (ValueError) is the bundle's fault: BundleError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise BundleError(f"the arm64 {what}: {exc}") from None
 
 
 def _core_offset(reg: OneReg) -> int:
@@ -75,18 +86,23 @@ class VcpuState:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VcpuState:
-        """A ``smolformat.arm64.VcpuState`` value as plain data; ValueError names a register
-        smolvmm does not save."""
+        """A ``smolformat.arm64.VcpuState`` value as plain data; BundleError names a register
+        smolvmm does not save or a value it cannot restore."""
+        with _refused_as_bundle_errors("vCPU state"):
+            return cls._from_record(record)
+
+    @classmethod
+    def _from_record(cls, record: Mapping[str, Any]) -> VcpuState:
         core = fmt.KvmRegs.build(record["core"])
         sys_regs = _values(_SYSTEM_AND_FIRMWARE, record["sys_regs"], "id", "system register")
         mpidr = next((value for reg, value in sys_regs if reg == _MPIDR), None)
         if mpidr is None:
-            raise ValueError("the arm64 vCPU state has no MPIDR_EL1: its GIC registers cannot be placed")
+            raise BundleError("the arm64 vCPU state has no MPIDR_EL1: its GIC registers cannot be placed")
         redistributor = {attr.attr & _FRAME_OFFSET: attr for attr in gic.redistributor_attrs(mpidr)}
         ctlr_attr = gic.mpidr_field(mpidr) << gic.MPIDR_SHIFT | gic.ICC_CTLR_EL1[1]
         icc_ctlr = next((r["value"] for r in record["gic_cpu_sysregs"] if r["id"] == ctlr_attr), None)
         if icc_ctlr is None:
-            raise ValueError("the arm64 vCPU state has no ICC_CTLR_EL1: its GIC CPU interface cannot be read")
+            raise BundleError("the arm64 vCPU state has no ICC_CTLR_EL1: its GIC CPU interface cannot be read")
         cpu_interface = {attr.attr: attr for attr in gic.cpu_interface_attrs(mpidr, icc_ctlr)}
         return cls(
             mp_state=MpState(record["mp_state"]),
@@ -120,11 +136,12 @@ class VmState:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VmState:
-        """A ``smolformat.arm64.VmState`` value as plain data; ValueError names a register
-        smolvmm does not save."""
+        """A ``smolformat.arm64.VmState`` value as plain data; BundleError names a register
+        smolvmm does not save or an interrupt count it cannot restore."""
         nr_irqs = record["gic_nr_irqs"]
-        distributor = {attr.attr: attr for attr in gic.distributor_attrs(nr_irqs)}
-        levels = {attr.attr & _INTID: attr for attr in gic.line_level_attrs(nr_irqs)}
+        with _refused_as_bundle_errors("VM state"):
+            distributor = {attr.attr: attr for attr in gic.distributor_attrs(nr_irqs)}
+            levels = {attr.attr & _INTID: attr for attr in gic.line_level_attrs(nr_irqs)}
         return cls(
             nr_irqs=nr_irqs,
             distributor=_values(distributor, record["gic_distributor"], "offset", "distributor register"),

@@ -8,6 +8,7 @@ import ast
 import builtins
 import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -235,3 +236,15 @@ async def test_waiting_for_a_ready_line_that_never_comes_is_a_guest_timeout() ->
     machine = types.SimpleNamespace(console=console)
     with pytest.raises(smolvmm.GuestTimeout, match="did not print 'ready'"):
         await cli_machine.wait_ready(machine, "ready", 0.01)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+async def test_an_unknown_snapshot_encoding_is_a_config_error(tmp_path: Path) -> None:
+    """(On this host's own /dev/kvm: the guest need not get far.)"""
+    saved = tmp_path / "never.smolmachine"
+    async with smolvmm.Machine.boot(smolvmm.MachineConfig(memory=128 << 20)) as machine:
+        with pytest.raises(smolvmm.ConfigError, match="encoding 'lz4'"):
+            await machine.snapshot(saved, encoding="lz4")
+        await machine.stop()
+    assert not saved.exists()

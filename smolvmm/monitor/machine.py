@@ -414,6 +414,8 @@ class Machine:
         """
         from smolvmm.monitor import snapshot
 
+        if encoding not in ("raw", "zstd"):
+            raise ConfigError(f"encoding {encoding!r}: 'raw' (mapped at resume) or 'zstd' (smaller)")
         boot_files: tuple[bytes, bytes | None] = (b"", None)
         if bootable:
             if self._boot_files is None:

@@ -9,8 +9,7 @@ the registers these modules list, so a restore writes nothing it does not know.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,15 +38,6 @@ def _values(known: Mapping[int, _Known], entries: Any, key: str, what: str) -> t
             raise BundleError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
         values.append((known[entry[key]], entry["value"]))
     return tuple(values)
-
-
-@contextmanager
-def _refused_as_bundle_errors(what: str) -> Iterator[None]:
-    """A record's value that a state check refuses (ValueError) is the bundle's fault: BundleError."""
-    try:
-        yield
-    except ValueError as exc:
-        raise BundleError(f"the arm64 {what}: {exc}") from None
 
 
 def _core_offset(reg: OneReg) -> int:
@@ -88,8 +78,10 @@ class VcpuState:
     def from_record(cls, record: Mapping[str, Any]) -> VcpuState:
         """A ``smolformat.arm64.VcpuState`` value as plain data; BundleError names a register
         smolvmm does not save or a value it cannot restore."""
-        with _refused_as_bundle_errors("vCPU state"):
+        try:
             return cls._from_record(record)
+        except ValueError as exc:  # a value a state check refuses (a timer, the run state): the bundle's fault
+            raise BundleError(f"the arm64 vCPU state: {exc}") from None
 
     @classmethod
     def _from_record(cls, record: Mapping[str, Any]) -> VcpuState:
@@ -139,9 +131,11 @@ class VmState:
         """A ``smolformat.arm64.VmState`` value as plain data; BundleError names a register
         smolvmm does not save or an interrupt count it cannot restore."""
         nr_irqs = record["gic_nr_irqs"]
-        with _refused_as_bundle_errors("VM state"):
+        try:
             distributor = {attr.attr: attr for attr in gic.distributor_attrs(nr_irqs)}
             levels = {attr.attr & _INTID: attr for attr in gic.line_level_attrs(nr_irqs)}
+        except ValueError as exc:
+            raise BundleError(f"the arm64 VM state: {exc}") from None
         return cls(
             nr_irqs=nr_irqs,
             distributor=_values(distributor, record["gic_distributor"], "offset", "distributor register"),

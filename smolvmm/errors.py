@@ -34,7 +34,8 @@ class UsageError(SmolvmmError, RuntimeError):
 
 
 class HypervisorError(SmolvmmError):
-    """The hypervisor (KVM) refused an operation or is unusable on this host."""
+    """The hypervisor (KVM) refused an operation or is unusable on this host, or the host could not
+    confine the monitor in the jail it asked for."""
 
 
 class GuestError(SmolvmmError):

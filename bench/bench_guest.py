@@ -27,6 +27,7 @@ import anyio
 from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
 
 import smolvmm
+from smolvmm.images.guest import default_guest
 
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
 NETNS = "smolbench"
@@ -45,7 +46,7 @@ class Bench:
     def __init__(self, out: Path, work: Path, runs: int, instances: int) -> None:
         self.out, self.work, self.runs, self.instances = out, work, runs, instances
         self.qemu = qemu_path()
-        self.guest = smolvmm.default_guest()
+        self.guest = default_guest()
         self.results: dict[str, object] = {"machine": machine_info(), "runs": runs, "qemu": self.qemu}
         if self.qemu:
             version = subprocess.run([self.qemu, "--version"], capture_output=True, text=True).stdout

@@ -15,12 +15,13 @@ import time
 
 from common import machine_info, qemu_path, summary
 
-import smolvmm
+from smolvmm.images.guest import GuestImage, default_guest, minimal_guest
+from smolvmm.kernel.build import minimal_kernel
 
 TIMEOUT = 300  # seconds a boot may take before the run fails (a TCG guest on a busy host is slow)
 
 
-def boot_to_ready(qemu: str, guest: smolvmm.GuestImage) -> float:
+def boot_to_ready(qemu: str, guest: GuestImage) -> float:
     """Seconds from QEMU's start to the guest's ready line (microvm with ACPI, 2 vCPUs, 256 MiB, TCG on one
     thread: QEMU 7.2's multi-threaded TCG corrupts guests, BENCHMARKS.md "The nested machine")."""
     argv = [
@@ -71,8 +72,8 @@ def main() -> None:
     qemu = qemu_path()
     if qemu is None:
         raise SystemExit("apt-get install qemu-system-x86")
-    built = smolvmm.minimal_kernel()
-    guests = {"cloud": smolvmm.default_guest(), "minimal": smolvmm.minimal_guest()}
+    built = minimal_kernel()
+    guests = {"cloud": default_guest(), "minimal": minimal_guest()}
     result: dict[str, object] = {
         "machine": machine_info(),
         "build": {"source": built.source, "seconds": built.seconds, "jobs": built.jobs},

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from common import qemu_path
 
-import smolvmm
 from smolvmm.host.kvmprobe import probe
+from smolvmm.images.guest import default_guest
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -45,7 +45,7 @@ def run_guest_part(out: Path, runs: int, instances: int) -> None:
             return
         command = [str(ROOT / "tools" / "nested-kvm"), "--out", str(out), "--timeout", "3600", "python", *command[1:]]
     # Resolve (and build once) the default guest here, so the nested machine needs no apt.
-    env = {**os.environ, "SMOLVMM_DEFAULT_GUEST": str(smolvmm.default_guest().kernel.parent)}
+    env = {**os.environ, "SMOLVMM_DEFAULT_GUEST": str(default_guest().kernel.parent)}
     subprocess.run(command, env=env, cwd=ROOT, check=True)
 
 

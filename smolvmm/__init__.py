@@ -5,11 +5,16 @@ and each CLI command pay only for what they touch)::
 
     async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
         await machine.console.wait_for("guest ready")
+
+``__all__`` is exactly the API the README documents. Developer utilities (the demo guest, the
+host probe, the cache) live in the modules that own them; ``smolvmm.<name>`` still reaches those
+once exported here for a while, with a DeprecationWarning naming their home.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
@@ -19,64 +24,68 @@ _EXPORTS = {
     "DiskConfig": "smolvmm.config",
     "NetConfig": "smolvmm.config",
     "PortForward": "smolvmm.config",
-    "parse_size": "smolvmm.config",
-    "ExitReason": "smolvmm.monitor.vcpu",
-    "MachineExit": "smolvmm.monitor.vcpu",
+    "ExitReason": "smolvmm.monitor.exit",
+    "MachineExit": "smolvmm.monitor.exit",
     "Console": "smolvmm.monitor.console",
+    "ExecResult": "smolvmm.agent.process",
+    "Process": "smolvmm.agent.process",
+    "GuestFiles": "smolvmm.agent.files",
     "SmolvmmError": "smolvmm.errors",
     "ConfigError": "smolvmm.errors",
+    "UsageError": "smolvmm.errors",
     "HypervisorError": "smolvmm.errors",
     "GuestError": "smolvmm.errors",
-    "GuestMemoryError": "smolvmm.errors",
     "GuestTimeout": "smolvmm.errors",
     "AgentError": "smolvmm.errors",
     "AgentTooOld": "smolvmm.errors",
     "GuestFileError": "smolvmm.errors",
     "OutputLimitError": "smolvmm.errors",
-    "ExecResult": "smolvmm.agent.process",
-    "Process": "smolvmm.agent.process",
-    "GuestFiles": "smolvmm.agent.files",
     "BundleError": "smolvmm.errors",
     "ImageError": "smolvmm.errors",
+    "RegistryError": "smolvmm.errors",
     "ImageRecipe": "smolvmm.oci.build",
     "ReadyCondition": "smolvmm.oci.build",
     "build_image": "smolvmm.oci.build",
+    "load_smolfile": "smolvmm.oci.smolfile",
+    "ImageConfig": "smolvmm.oci.imageconfig",
     "bundle_image_config": "smolvmm.oci.imageconfig",
     "image_process": "smolvmm.oci.run",
-    "ImageConfig": "smolvmm.oci.imageconfig",
-    "load_smolfile": "smolvmm.oci.smolfile",
-    "RegistryError": "smolvmm.errors",
     "push": "smolvmm.registry.transfer",
     "pull": "smolvmm.registry.transfer",
     "PushResult": "smolvmm.registry.transfer",
     "PullResult": "smolvmm.registry.transfer",
     "Transfer": "smolvmm.registry.transfer",
     "Reference": "smolvmm.registry.reference",
-    "default_guest": "smolvmm.images.guest",
-    "GuestImage": "smolvmm.images.guest",
-    "minimal_guest": "smolvmm.images.guest",
-    "minimal_kernel": "smolvmm.kernel.build",
-    "BuiltKernel": "smolvmm.kernel.build",
-    "HostKvm": "smolvmm.host.kvmprobe",
-    "probe_host": "smolvmm.host.kvmprobe:probe",
     "generate_signing_key": "smolvmm.monitor.signing",
     "sign_bundle": "smolvmm.monitor.signing",
     "verify_signed_bundle": "smolvmm.monitor.signing",
     "Jail": "smolvmm.host.jail",
+    "report_progress": "smolvmm.progress",
     "ProgressBar": "smolvmm.progress",
+}
+
+_UTILITIES = {
+    "parse_size": "smolvmm.config",
+    "GuestImage": "smolvmm.images.guest",
+    "default_guest": "smolvmm.images.guest",
+    "minimal_guest": "smolvmm.images.guest",
+    "BuiltKernel": "smolvmm.kernel.build",
+    "minimal_kernel": "smolvmm.kernel.build",
+    "HostKvm": "smolvmm.host.kvmprobe",
+    "probe_host": "smolvmm.host.kvmprobe:probe",
+    "cache_root": "smolvmm.host.cache",
     "CacheEntry": "smolvmm.images.cache",
     "cache_entries": "smolvmm.images.cache",
-    "cache_root": "smolvmm.host.cache",
     "prune_cache": "smolvmm.images.cache",
-    "report_progress": "smolvmm.progress",
+    "GuestMemoryError": "smolvmm.errors",  # the devices' own: no API call raises it
 }
+"""Names outside the API (developer utilities, mostly): each lives in the module (``module[:attribute]``)
+that owns it, and ``smolvmm.<name>`` is a deprecated alias of it."""
 
 __all__ = [
     "AgentError",
     "AgentTooOld",
-    "BuiltKernel",
     "BundleError",
-    "CacheEntry",
     "ConfigError",
     "Console",
     "DiskConfig",
@@ -85,10 +94,7 @@ __all__ = [
     "GuestError",
     "GuestFileError",
     "GuestFiles",
-    "GuestImage",
-    "GuestMemoryError",
     "GuestTimeout",
-    "HostKvm",
     "HypervisorError",
     "ImageConfig",
     "ImageError",
@@ -110,19 +116,12 @@ __all__ = [
     "RegistryError",
     "SmolvmmError",
     "Transfer",
+    "UsageError",
     "build_image",
     "bundle_image_config",
-    "cache_entries",
-    "cache_root",
-    "default_guest",
     "generate_signing_key",
     "image_process",
     "load_smolfile",
-    "minimal_guest",
-    "minimal_kernel",
-    "parse_size",
-    "probe_host",
-    "prune_cache",
     "pull",
     "push",
     "report_progress",
@@ -131,20 +130,30 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    where = _EXPORTS.get(name)
-    if where is None:
-        raise AttributeError(f"module 'smolvmm' has no attribute {name!r}")
+def _load(where: str, name: str) -> Any:
     module, _, attribute = where.partition(":")
-    value = getattr(importlib.import_module(module), attribute or name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module(module), attribute or name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = globals()[name] = _load(_EXPORTS[name], name)
+        return value
+    if name in _UTILITIES:
+        module, _, attribute = _UTILITIES[name].partition(":")
+        warnings.warn(
+            f"smolvmm.{name} is deprecated: it is not the API; use {module}.{attribute or name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _load(_UTILITIES[name], name)
+    raise AttributeError(f"module 'smolvmm' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:
     from smolvmm.agent.files import GuestFiles
     from smolvmm.agent.process import ExecResult, Process
-    from smolvmm.config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward, parse_size
+    from smolvmm.config import MINIMAL_KERNEL, DiskConfig, MachineConfig, NetConfig, PortForward
     from smolvmm.errors import (
         AgentError,
         AgentTooOld,
@@ -152,25 +161,19 @@ if TYPE_CHECKING:
         ConfigError,
         GuestError,
         GuestFileError,
-        GuestMemoryError,
         GuestTimeout,
         HypervisorError,
         ImageError,
         OutputLimitError,
         RegistryError,
         SmolvmmError,
+        UsageError,
     )
-    from smolvmm.host.cache import cache_root
     from smolvmm.host.jail import Jail
-    from smolvmm.host.kvmprobe import HostKvm
-    from smolvmm.host.kvmprobe import probe as probe_host
-    from smolvmm.images.cache import CacheEntry, cache_entries, prune_cache
-    from smolvmm.images.guest import GuestImage, default_guest, minimal_guest
-    from smolvmm.kernel.build import BuiltKernel, minimal_kernel
     from smolvmm.monitor.console import Console
+    from smolvmm.monitor.exit import ExitReason, MachineExit
     from smolvmm.monitor.machine import Machine
     from smolvmm.monitor.signing import generate_signing_key, sign_bundle, verify_signed_bundle
-    from smolvmm.monitor.vcpu import ExitReason, MachineExit
     from smolvmm.oci.build import ImageRecipe, ReadyCondition, build_image
     from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
     from smolvmm.oci.run import image_process

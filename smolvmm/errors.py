@@ -25,11 +25,17 @@ class SmolvmmError(Exception):
 
 
 class ConfigError(SmolvmmError):
-    """The machine configuration or a command-line value is invalid."""
+    """A machine configuration, an argument or a command-line value is invalid, or asks for what cannot be."""
+
+
+class UsageError(SmolvmmError, RuntimeError):
+    """The API was called where or when it cannot work (e.g. a first machine started off the main
+    thread, a jail entered while other threads run): a bug in the calling program."""
 
 
 class HypervisorError(SmolvmmError):
-    """The hypervisor (KVM) refused an operation or is unusable on this host."""
+    """The hypervisor (KVM) refused an operation or is unusable on this host, or the host could not
+    confine the monitor in the jail it asked for."""
 
 
 class GuestError(SmolvmmError):
@@ -57,7 +63,7 @@ class OutputLimitError(GuestError):
 
 
 class GuestMemoryError(GuestError):
-    """A guest-physical access fell outside guest RAM."""
+    """A guest-physical access (e.g. a device's descriptor address) fell outside guest RAM."""
 
 
 class BundleError(SmolvmmError):

@@ -10,6 +10,7 @@ import pytest
 
 from smolformat import arm64 as fmt
 from smolvmm.arch.arm64 import gic, layout, regs, state, timer
+from smolvmm.errors import BundleError
 
 
 def _core_values() -> dict:
@@ -104,14 +105,20 @@ def test_vm_state_round_trips_through_the_format() -> None:
 
 
 def test_records_with_registers_smolvmm_does_not_save_are_refused() -> None:
+    """A bundle's record is refused with a BundleError, as the x86_64 boundary refuses one."""
     record = _vcpu(1).to_record()
-    with pytest.raises(ValueError, match="system register 0x"):
+    with pytest.raises(BundleError, match="system register 0x"):
         timer_as_sysreg = {"id": timer.TIMER_CNT.id, "value": 0}  # timers have their own records
         state.VcpuState.from_record({**record, "sys_regs": [*record["sys_regs"], timer_as_sysreg]})
-    with pytest.raises(ValueError, match="redistributor register 0x8"):
+    with pytest.raises(BundleError, match="redistributor register 0x8"):
         state.VcpuState.from_record({**record, "gic_redistributor": [{"offset": 0x8, "value": 0}]})
     without_mpidr = [r for r in record["sys_regs"] if r["id"] != regs.SYSTEM["MPIDR_EL1"].id]
-    with pytest.raises(ValueError, match="no MPIDR_EL1"):
+    with pytest.raises(BundleError, match="no MPIDR_EL1"):
         state.VcpuState.from_record({**record, "sys_regs": without_mpidr})
+    physical_with_count = [record["timers"][0], {**record["timers"][1], "cntvoff": 5}]
+    with pytest.raises(BundleError, match="vCPU state: the physical timer's count"):
+        state.VcpuState.from_record({**record, "timers": physical_with_count})
+    with pytest.raises(BundleError, match="VM state: GIC interrupt count 100"):
+        state.VmState.from_record({"gic_nr_irqs": 100, "gic_distributor": [], "gic_line_levels": []})
     with pytest.raises(ValueError, match="physical timer"):
         dataclasses.replace(_vcpu(1).timers[1], count=5)

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-import smolvmm
 from smolvmm import ExitReason, Machine, MachineConfig
+from smolvmm.images.guest import default_guest
 
 pytestmark = [pytest.mark.kvm, pytest.mark.anyio]
 
@@ -46,7 +46,7 @@ async def assert_clock_is_the_hosts(machine: Machine) -> None:
 
 
 async def test_two_vcpus_boot_answer_and_power_off() -> None:
-    ready_marker = smolvmm.default_guest().ready_marker
+    ready_marker = default_guest().ready_marker
     threads = own_threads()
     fds = sorted(os.listdir("/proc/self/fd"))
     async with Machine.boot(MachineConfig(vcpus=2, memory=256 << 20)) as machine:
@@ -70,7 +70,7 @@ async def test_two_vcpus_boot_answer_and_power_off() -> None:
 
 async def test_guest_reboot_stops_the_machine() -> None:
     async with Machine.boot(MachineConfig()) as machine:
-        await machine.console.wait_for(smolvmm.default_guest().ready_marker, GUEST_TIMEOUT)
+        await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
         await machine.console.send(b"reboot -f\n")
         end = await machine.wait()
     assert end.reason == ExitReason.REBOOT
@@ -99,7 +99,7 @@ def test_cli_boot_on_a_terminal_is_raw_and_ctrl_bracket_stops_it() -> None:
         [sys.executable, "-m", "smolvmm", "boot"], stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True
     )
     try:
-        seen = read_until(controller, smolvmm.default_guest().ready_marker.encode())
+        seen = read_until(controller, default_guest().ready_marker.encode())
         assert b"press Ctrl-] to stop" in seen
         os.write(controller, b"echo typed-$((6 * 7))\r")  # raw mode: a bare CR reaches the guest as Enter
         read_until(controller, b"typed-42")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import smolvmm
+from smolvmm.host.cache import cache_root
+from smolvmm.host.kvmprobe import probe
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,7 +26,7 @@ def test_doctor_describes_this_host_and_exits_by_whether_guests_run(tmp_path: Pa
     done = doctor(env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["kvm", "/dev/kvm", "tools", "cache", "nested", "verdict"], lines
-    kind = smolvmm.probe_host().kind
+    kind = probe().kind
     if kind == "pvm":
         assert "PVM" in lines[1] and "README, 'PVM hosts and the nested machine'" in lines[1]
         assert done.returncode == 1 and "not ready" in lines[-1] and "tools/nested-kvm" in lines[-1]
@@ -50,9 +51,9 @@ def test_doctor_names_the_package_of_each_missing_tool(tmp_path: Path) -> None:
 
 def test_doctor_json() -> None:
     report = json.loads(doctor("--json").stdout)
-    assert report["kvm"]["kind"] == smolvmm.probe_host().kind
+    assert report["kvm"]["kind"] == probe().kind
     assert {t["package"] for t in report["tools"]} >= {"apt", "dpkg", "gcc", "libc6-dev", "qemu-system-x86"}
-    assert isinstance(report["can_run_guests"], bool) and report["cache"]["path"] == str(smolvmm.cache_root())
+    assert isinstance(report["can_run_guests"], bool) and report["cache"]["path"] == str(cache_root())
 
 
 @pytest.mark.kvm

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm import ConfigError, DiskConfig, MachineConfig, NetConfig, parse_size
-from smolvmm.config import MAX_MEMORY, MAX_VCPUS, MIN_MEMORY
+from smolvmm import ConfigError, DiskConfig, MachineConfig, NetConfig
+from smolvmm.config import MAX_MEMORY, MAX_VCPUS, MIN_MEMORY, parse_size
 
 
 def test_sizes_macs_disks_and_networks_parse() -> None:

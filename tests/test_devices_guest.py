@@ -23,11 +23,10 @@ import pytest
 from test_boot import GUEST_TIMEOUT, shell
 from test_virtio_net import echo
 
-import smolvmm
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig
 from smolvmm.arch.x86_64.layout import virtio_slot
 from smolvmm.images.disk import ext4_image
-from smolvmm.images.guest import DEFAULT_CMDLINE
+from smolvmm.images.guest import DEFAULT_CMDLINE, default_guest
 
 pytestmark = [pytest.mark.kvm, pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
 
@@ -57,7 +56,7 @@ def disk_image(directory: Path, name: str, text: str) -> Path:
 
 async def booted(stack: AsyncExitStack, config: MachineConfig) -> Machine:
     machine = await stack.enter_async_context(Machine.boot(config))
-    await machine.console.wait_for(smolvmm.default_guest().ready_marker, GUEST_TIMEOUT)
+    await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
     return machine
 
 
@@ -199,7 +198,7 @@ async def test_disks_consoles_entropy_and_a_broken_device(tmp_path: Path) -> Non
     # A second boot on the same overlay sees the first run's file; this time the console is hvc0.
     config = MachineConfig(disks=(DiskConfig(base, overlay=overlay),), console="virtio")
     async with Machine.boot(config) as machine:
-        await machine.console.wait_for(smolvmm.default_guest().ready_marker, GUEST_TIMEOUT)
+        await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
         assert guest_sha256(await shell(machine, "sha256sum /mnt/f")) == written
         assert await shell(machine, "cat /mnt/after") == "after"
         assert await shell(machine, "tty") == "/dev/hvc0"
@@ -303,7 +302,7 @@ async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path) ->
     async with AsyncExitStack() as stack:
         with thread_in_netns(netns):  # the machine opens tap0 by name: in the namespace
             machine = await stack.enter_async_context(Machine.boot(config))
-        await machine.console.wait_for(smolvmm.default_guest().ready_marker, GUEST_TIMEOUT)
+        await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
         assert " 0% packet loss" in await shell(machine, f"ping -c 3 -W 10 {HOST_IP}")
         await host_ping(netns)
 

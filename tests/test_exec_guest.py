@@ -139,6 +139,10 @@ async def test_secrets_are_absent_from_a_snapshot(bundle: Path, anyio_backend: s
         assert (
             await machine.exec(["sh", "-c", "echo $TOKEN"])
         ).stdout == f"{secret}\n".encode()  # (busybox has no printenv)
+        await machine.pause()  # paused, the agent cannot overwrite its secrets: saving now is the caller's bug
+        with pytest.raises(smolvmm.UsageError, match="resume this machine before saving it"):
+            await machine.snapshot(tmp_path / "paused.smolmachine", encoding="raw")
+        assert not (tmp_path / "paused.smolmachine").exists()
     data = saved.read_bytes()
     assert secret.encode() not in data and secret.encode("utf-16-le") not in data
     async with smolvmm.Machine.restore(saved) as clone:

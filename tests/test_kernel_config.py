@@ -25,7 +25,7 @@ def test_parse_reads_values_and_unset_options_and_skips_comments() -> None:
     [("CONFIG_A=y\nCONFIG_A=n\n", "line 2: CONFIG_A is set twice"), ("A=y\n", "line 1: not a Kconfig option")],
 )
 def test_parse_refuses_malformed_text(text: str, complaint: str) -> None:
-    with pytest.raises(ValueError, match=complaint):
+    with pytest.raises(ImageError, match=complaint):
         config.parse(text)
 
 

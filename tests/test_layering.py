@@ -45,26 +45,44 @@ def test_the_format_package_imports_nothing_from_the_monitor() -> None:
 
 
 def test_the_cli_uses_only_the_public_api() -> None:
-    """cli/*.py import smolvmm's exports (and the CLI's own modules), smolformat, anyio, tqdm (progress) and the
-    standard library."""
+    """cli/*.py use the public API (``smolvmm.X`` and ``from smolvmm import X``, X in ``__all__``),
+    the CLI's own modules, the developer utilities from the modules that own them (the names of
+    ``smolvmm._UTILITIES``, never another name of those modules, never the monitor's internals),
+    smolformat, anyio, tqdm (progress) and the standard library."""
     import smolvmm
 
     allowed = {"smolvmm", "smolformat", "anyio", "tqdm", *sys.stdlib_module_names}
+    utilities = set()
+    for name, where in smolvmm._UTILITIES.items():
+        module, _, attribute = where.partition(":")
+        utilities.add((module, attribute or name))
     offenders = []
     for path in sorted(PACKAGE.glob("cli/*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 module = node.module or ""
-                if node.level or (module.startswith("smolvmm.") and not module.startswith("smolvmm.cli")):
+                if node.level:
                     offenders.append(f"{path.name}: from {'.' * node.level}{module}")
                 elif module == "smolvmm":  # the public API
                     offenders += [f"{path.name}: {a.name}" for a in node.names if a.name not in smolvmm.__all__]
+                elif module.startswith("smolvmm.") and not module.startswith("smolvmm.cli"):
+                    offenders += [
+                        f"{path.name}: from {module} import {a.name}"
+                        for a in node.names
+                        if (module, a.name) not in utilities
+                    ]
                 elif module.split(".")[0] not in allowed:
                     offenders.append(f"{path.name}: from {module}")
             elif isinstance(node, ast.Import):
                 offenders += [
-                    f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] not in allowed
+                    f"{path.name}: import {a.name}"
+                    for a in node.names
+                    if a.name.split(".")[0] not in allowed
+                    or (a.name.startswith("smolvmm.") and not a.name.startswith("smolvmm.cli."))
                 ]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "smolvmm":
+                if node.attr not in smolvmm.__all__ and node.attr != "cli":
+                    offenders.append(f"{path.name}:{node.lineno}: smolvmm.{node.attr}")
     assert offenders == []
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smolvmm.arch.x86_64 import layout
-from smolvmm.errors import GuestMemoryError
+from smolvmm.errors import BundleError, GuestMemoryError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 
 GIB = 1 << 30
@@ -143,9 +143,16 @@ EXTENTS = [(gpa, 2 * PAGE_SIZE) for gpa in EXTENT_STARTS] + [(PAGE_SIZE, -PAGE_S
 
 
 @pytest.mark.parametrize(("gpa", "length"), EXTENTS)
-def test_file_extent_outside_ram_is_an_error(memory: GuestMemory, gpa: int, length: int) -> None:
-    with pytest.raises(GuestMemoryError):
+def test_file_extent_outside_ram_is_a_bundle_error(memory: GuestMemory, gpa: int, length: int) -> None:
+    """A bundle's extent is the bundle's fault, not the guest's: BundleError, never GuestMemoryError."""
+    with pytest.raises(BundleError, match="outside guest RAM"):
         memory.map_file(-1, [(gpa, length, 0)])
+
+
+def test_misaligned_file_extent_is_a_bundle_error(memory: GuestMemory) -> None:
+    for extent in ((PAGE_SIZE + 1, PAGE_SIZE, 0), (0, PAGE_SIZE + 1, 0), (0, PAGE_SIZE, 512)):
+        with pytest.raises(BundleError, match="not page aligned"):
+            memory.map_file(-1, [extent])
 
 
 def test_no_access_after_close() -> None:

@@ -93,7 +93,8 @@ def test_a_bundle_restores_only_on_the_flavour_that_saved_it(saved: str, host: s
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_config(tmp_path: Path) -> None:
-    from smolvmm import ConfigError, default_guest
+    from smolvmm import ConfigError
+    from smolvmm.images.guest import default_guest
 
     plain, bootable, again = (tmp_path / f"{name}.smolmachine" for name in ("plain", "bootable", "again"))
     async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20, console="virtio")) as machine:

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-import smolvmm
 from smolvmm.arch.x86_64 import acpi, boot, cpuid, layout, regs
 from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.images.guest import default_guest
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -109,7 +109,7 @@ class Booted:
 
 
 def guest_files() -> tuple[bytes, bytes, str]:
-    guest = smolvmm.default_guest()
+    guest = default_guest()
     return guest.kernel.read_bytes(), guest.initrd.read_bytes(), guest.cmdline
 
 

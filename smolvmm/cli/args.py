@@ -30,9 +30,11 @@ def positive_float(text: str) -> float:
 
 
 def size(text: str) -> int:
-    """A size in bytes such as 256M or 1G (``smolvmm.parse_size``)."""
+    """A size in bytes such as 256M or 1G (``smolvmm.config.parse_size``)."""
+    from smolvmm.config import parse_size
+
     try:
-        return smolvmm.parse_size(text)
+        return parse_size(text)
     except smolvmm.ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

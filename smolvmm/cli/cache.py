@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-import smolvmm
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.output import size
@@ -25,8 +24,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(name: str, args: argparse.Namespace) -> int:
-    root = smolvmm.cache_root()
-    entries = smolvmm.cache_entries()
+    from smolvmm.host.cache import cache_root
+    from smolvmm.images.cache import cache_entries, prune_cache
+
+    root = cache_root()
+    entries = cache_entries()
     if args.action == "ls":
         if args.json:
             cli_output.result_json(
@@ -50,7 +52,7 @@ def run(name: str, args: argparse.Namespace) -> int:
     doomed = entries if args.all else [e for e in entries if e.stale]
     for entry in doomed:
         cli_output.message(f"{'would remove' if args.dry_run else 'removing'} {entry.path} ({size(entry.size)})")
-    freed = sum(e.size for e in doomed) if args.dry_run else smolvmm.prune_cache(doomed)
+    freed = sum(e.size for e in doomed) if args.dry_run else prune_cache(doomed)
     verb = "would free" if args.dry_run else "freed"
     cli_output.result(f"{root}: {verb} {size(freed)} ({len(doomed)} entries)")
     return cli_status.OK

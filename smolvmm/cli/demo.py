@@ -23,7 +23,9 @@ DEMO_SCRIPT = (
 
 def demo_bundle() -> str:
     """Where the demo bundle lives: beside the default guest image it was built from."""
-    guest = smolvmm.default_guest()
+    from smolvmm.images.guest import default_guest
+
+    guest = default_guest()
     return os.path.join(os.path.dirname(guest.kernel), "demo.smolmachine")
 
 
@@ -36,9 +38,11 @@ async def _ensure_bundle(path: str) -> None:
             return
         except smolformat.FormatError as exc:  # e.g. made by an older smolvmm: build it again
             print(f"smolvmm demo: rebuilding the demo bundle ({exc})", file=sys.stderr)
+    from smolvmm.images.guest import default_guest
+
     print("smolvmm demo: building the demo bundle (boots the demo guest once)", file=sys.stderr)
     async with smolvmm.Machine.boot(smolvmm.MachineConfig(vcpus=2)) as machine:
-        await wait_ready(machine, smolvmm.default_guest().ready_marker, 600)
+        await wait_ready(machine, default_guest().ready_marker, 600)
         await machine.snapshot(path)
 
 
@@ -62,9 +66,10 @@ def run(name: str, args: argparse.Namespace) -> int:
 
 def demo() -> int:
     from smolvmm.cli.machine import BACKEND
+    from smolvmm.host.kvmprobe import probe
 
     path = demo_bundle()  # builds the demo guest image here, before any nested machine needs it
-    if smolvmm.probe_host().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
+    if probe().kind == "pvm" and os.environ.get("SMOLVMM_NESTED") != "1":
         print("smolvmm demo: this host's /dev/kvm is PVM; running the demo inside tools/nested-kvm", file=sys.stderr)
         nested = [sys.executable, "-m", "smolvmm.nested", "--out", os.path.dirname(path)]
         return subprocess.call([*nested, sys.executable, "-m", "smolvmm", "demo"])

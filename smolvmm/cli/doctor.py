@@ -16,7 +16,6 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-import smolvmm
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.output import size
@@ -71,7 +70,11 @@ def run(name: str, args: argparse.Namespace) -> int:
 
 def examine() -> dict[str, Any]:
     """Every finding, as plain data."""
-    host = smolvmm.probe_host()
+    from smolvmm.host.cache import cache_root
+    from smolvmm.host.kvmprobe import probe
+    from smolvmm.images.cache import cache_entries
+
+    host = probe()
     device = _device()
     tools = [
         {"name": t.name.rsplit("/", 1)[-1], "package": t.package, "for": t.needed_for, "present": t.present()}
@@ -82,7 +85,7 @@ def examine() -> dict[str, Any]:
     nested_missing = [
         t["package"] for t in tools if t["name"] in (NESTED_QEMU, "apt-get", "dpkg-deb") and not t["present"]
     ]
-    entries = smolvmm.cache_entries()
+    entries = cache_entries()
     runnable = host.kind == "hardware" and device.get("read_write", False)
     return {
         "version": cli_output.version(),
@@ -92,7 +95,7 @@ def examine() -> dict[str, Any]:
         "dev_kvm": device,
         "tools": tools,
         "cache": {
-            "path": str(smolvmm.cache_root()),
+            "path": str(cache_root()),
             "bytes": sum(e.size for e in entries),
             "stale_bytes": sum(e.size for e in entries if e.stale),
         },

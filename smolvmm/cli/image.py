@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import smolvmm
-from smolvmm import ConfigError, ImageRecipe, ReadyCondition, parse_size
+from smolvmm import ConfigError, ImageRecipe, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
+from smolvmm.config import parse_size
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import smolvmm
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import positive_int
@@ -22,7 +21,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(name: str, args: argparse.Namespace) -> int:
-    built = smolvmm.minimal_kernel(args.jobs)
+    from smolvmm.kernel.build import minimal_kernel
+
+    built = minimal_kernel(args.jobs)
     if args.json:
         cli_output.result_json(
             {

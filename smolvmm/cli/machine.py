@@ -100,7 +100,9 @@ def _guest_marker(kernel: Path | str | None) -> str | None:
     """The ready line of the demo guest on the default or minimal kernel; None for the user's own kernel."""
     if isinstance(kernel, Path):
         return None
-    return (smolvmm.default_guest() if kernel is None else smolvmm.minimal_guest()).ready_marker
+    from smolvmm.images.guest import default_guest, minimal_guest
+
+    return (default_guest() if kernel is None else minimal_guest()).ready_marker
 
 
 def _config(args: argparse.Namespace) -> MachineConfig:
@@ -244,7 +246,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 def _note_pvm_host() -> None:
     """Say once, as a guest starts, that standard guests cannot run on a PVM host, and where to read why."""
-    if smolvmm.probe_host().kind == "pvm":
+    from smolvmm.host.kvmprobe import probe
+
+    if probe().kind == "pvm":
         cli_output.message(
             "note: this host's /dev/kvm is PVM, on which standard guest kernels die in early boot;"
             " see README, 'PVM hosts and the nested machine'"
@@ -435,7 +439,7 @@ async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
             try:
                 seen = await machine.console.wait_for(line_or_marker, max(deadline - time.monotonic(), 0))
             except TimeoutError:
-                raise smolvmm.GuestError(f"the guest did not print {marker!r} within {timeout:g} s") from None
+                raise smolvmm.GuestTimeout(f"the guest did not print {marker!r} within {timeout:g} s") from None
             if seen.endswith(marker.encode()):
                 break
             if shown is not None and seen.strip():

@@ -37,7 +37,7 @@ from typing import Any
 
 from cffi import FFI
 
-from smolvmm.errors import ConfigError, HypervisorError
+from smolvmm.errors import ConfigError, HypervisorError, UsageError
 
 _ffi = FFI()
 _ffi.cdef(
@@ -257,7 +257,7 @@ def enter(jail: Jail, *, network: bool) -> str:
     """Jail this process (see the module); ``network`` keeps the host's network namespace (a TAP
     device is in use). Returns one line describing the jail. Must run before any other thread."""
     if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
-        raise HypervisorError("cannot enter the jail: the monitor already runs other threads")
+        raise UsageError("cannot enter the jail: the monitor already runs other threads")
     _preload()
     libc = _libc()
     ctx = _seccomp_filter()

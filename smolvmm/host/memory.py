@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from smolvmm.errors import GuestMemoryError
+from smolvmm.errors import BundleError, GuestMemoryError
 from smolvmm.host.ffi import declare
 
 PAGE_SIZE = 4096
@@ -86,11 +86,18 @@ class GuestMemory:
         return cls(layout)
 
     def map_file(self, fd: int, extents: Iterable[tuple[int, int, int]]) -> None:
-        """Map (gpa, length, file_offset) extents of ``fd`` copy-on-write over guest RAM."""
+        """Map (gpa, length, file_offset) extents of bundle file ``fd`` copy-on-write over guest RAM.
+
+        The extents are the bundle's: one that is not page aligned or not inside one region is
+        refused with a BundleError before anything is mapped for it.
+        """
         for gpa, length, offset in extents:
             if gpa % PAGE_SIZE or length % PAGE_SIZE or offset % PAGE_SIZE:
-                raise GuestMemoryError(f"memory extent {gpa:#x}+{length:#x} is not page aligned")
-            region = self._region(gpa, length)
+                raise BundleError(f"memory extent {gpa:#x}+{length:#x} at file offset {offset:#x} is not page aligned")
+            try:
+                region = self._region(gpa, length)
+            except GuestMemoryError:
+                raise BundleError(f"memory extent {gpa:#x}+{length:#x} lies outside guest RAM") from None
             _map(region.host_address + gpa - region.gpa, length, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
 
     @property

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from smolvmm.errors import ImageError
+
 FRAGMENT = Path(__file__).with_name("x86_64.config")  # the x86_64 guest's; an arm64.config would sit beside it
 
 _SET = re.compile(r"(CONFIG_[A-Za-z0-9_]+)=(.*)")
@@ -14,17 +16,17 @@ _NOT_SET = re.compile(r"# (CONFIG_[A-Za-z0-9_]+) is not set")
 
 def parse(text: str) -> dict[str, str]:
     """Option -> value (``"n"`` for ``# CONFIG_X is not set``) of Kconfig text; other comments and
-    blank lines are skipped. A malformed line or an option set twice raises ValueError."""
+    blank lines are skipped. A malformed line or an option set twice raises ImageError."""
     options: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if match := _SET.fullmatch(line) or _NOT_SET.fullmatch(line):
             name, value = match[1], match[2] if match.re is _SET else "n"
             if name in options:
-                raise ValueError(f"line {number}: {name} is set twice")
+                raise ImageError(f"line {number}: {name} is set twice")
             options[name] = value
         elif line and not line.startswith("#"):
-            raise ValueError(f"line {number}: not a Kconfig option or comment: {line!r}")
+            raise ImageError(f"line {number}: not a Kconfig option or comment: {line!r}")
     return options
 
 

@@ -26,12 +26,13 @@ from smolvmm.agent.files import GuestFiles
 from smolvmm.agent.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from smolvmm.config import MachineConfig, NetConfig, PortForward
 from smolvmm.devices.virtio.net import VirtioNet
-from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, unwrapped_errors
+from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, UsageError, unwrapped_errors
 from smolvmm.host.eventfd import EventFd
 from smolvmm.monitor.console import Console
+from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
-from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread, install_kick_handler
+from smolvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from smolvmm.monitor.vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -413,13 +414,15 @@ class Machine:
         """
         from smolvmm.monitor import snapshot
 
+        if encoding not in ("raw", "zstd"):
+            raise ConfigError(f"encoding {encoding!r}: 'raw' (mapped at resume) or 'zstd' (smaller)")
         boot_files: tuple[bytes, bytes | None] = (b"", None)
         if bootable:
             if self._boot_files is None:
                 raise ConfigError("this machine does not know the kernel it was booted from")
             boot_files = await anyio.to_thread.run_sync(self._boot_files)
         if self._paused and self._agent is not None and self._agent.holds_secrets:
-            raise AgentError("resume this machine before saving it: its agent holds secrets it must overwrite first")
+            raise UsageError("resume this machine before saving it: its agent holds secrets it must overwrite first")
         async with self._snapshot_lock:
             timings = self.snapshot_timings = Timings()
             labels = dict(labels or {})

@@ -29,10 +29,10 @@ from smolvmm.host.memory import GuestMemory
 from smolvmm.images.cache import cached_file
 from smolvmm.monitor import boundary
 from smolvmm.monitor.console import VirtioConsoleInput
+from smolvmm.monitor.exit import MachineExit
 from smolvmm.monitor.snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import open_backend
-from smolvmm.monitor.vcpu import MachineExit
 from smolvmm.monitor.vm import VirtualMachine
 
 if TYPE_CHECKING:

@@ -9,32 +9,16 @@ end when the machine stops.
 
 from __future__ import annotations
 
-import enum
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from smolvmm.devices.bus import Bus
-from smolvmm.errors import GuestError
+from smolvmm.errors import UsageError
 from smolvmm.hypervisor.interface import StopKind, Vcpu
+from smolvmm.monitor.exit import ExitReason, MachineExit
 
 KICK_SIGNAL = signal.SIGRTMIN + 3
-
-
-class ExitReason(enum.Enum):
-    """How a machine ended."""
-
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    CRASH = "crash"
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class MachineExit:
-    reason: ExitReason
-    detail: str = ""
 
 
 def install_kick_handler() -> None:
@@ -45,7 +29,7 @@ def install_kick_handler() -> None:
     """
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
         if threading.current_thread() is not threading.main_thread():
-            raise GuestError("the first machine must be started from the main thread (to install its kick signal)")
+            raise UsageError("the first machine must be started from the main thread (to install its kick signal)")
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 

@@ -22,7 +22,8 @@ from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, Vcpu
 from smolvmm.monitor.console import Console, VirtioConsoleInput
-from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread
+from smolvmm.monitor.exit import ExitReason, MachineExit
+from smolvmm.monitor.vcpu import VcpuThread
 
 
 class VirtualMachine:

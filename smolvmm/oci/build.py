@@ -20,7 +20,7 @@ from typing import BinaryIO, Literal, get_args
 import anyio
 
 from smolvmm.config import MIB, DiskConfig, MachineConfig
-from smolvmm.errors import ConfigError, GuestError, ImageError
+from smolvmm.errors import ConfigError, GuestTimeout, ImageError
 from smolvmm.images.imageroot import BUSYBOX, image_guest
 from smolvmm.monitor.machine import Machine
 from smolvmm.oci.console_exec import command_script, console_run
@@ -172,7 +172,7 @@ async def build_image(
             try:
                 await machine.console.wait_for(guest.ready_marker, recipe.timeout)
             except TimeoutError:
-                raise GuestError(f"the image guest did not come up within {recipe.timeout:g} s") from None
+                raise GuestTimeout(f"the image guest did not come up within {recipe.timeout:g} s") from None
             env, cwd = config.environment(), config.workdir
             if cwd:  # as container runtimes do, the working directory exists
                 await _run_checked(
@@ -219,7 +219,7 @@ async def build_image(
                     else:
                         await console_run(machine, _ready_script(recipe.ready, config), None, recipe.timeout)
                 except TimeoutError:
-                    raise GuestError(
+                    raise GuestTimeout(
                         f"the machine was not ready ({recipe.ready.kind} {recipe.ready.value})"
                         f" within {recipe.timeout:g} s"
                     ) from None

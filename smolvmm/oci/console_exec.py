@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import anyio
 
-from smolvmm.errors import GuestError
+from smolvmm.errors import ConfigError, GuestError
 from smolvmm.images.imageroot import BUSYBOX, RUNAS
 from smolvmm.monitor.machine import Machine
 
@@ -29,7 +29,7 @@ def _line(script: str) -> bytes:
     encoded = base64.b64encode(script.encode()).decode()
     line = f'eval "$({BUSYBOX} echo {encoded} | {BUSYBOX} base64 -d)"\n'
     if len(line) > MAX_LINE:
-        raise GuestError(f"the command is too long for the console channel ({len(script)} bytes)")
+        raise ConfigError(f"the command is too long for the console channel ({len(script)} bytes)")
     return line.encode()
 
 

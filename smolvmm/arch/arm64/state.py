@@ -18,6 +18,7 @@ from smolvmm.arch.arm64 import gic, regs
 from smolvmm.arch.arm64.gic import VgicAttr
 from smolvmm.arch.arm64.regs import MpState, OneReg
 from smolvmm.arch.arm64.timer import Timer, TimerState
+from smolvmm.errors import BundleError
 
 RegisterValues = tuple[tuple[OneReg, int], ...]
 GicValues = tuple[tuple[VgicAttr, int], ...]
@@ -34,7 +35,7 @@ def _values(known: Mapping[int, _Known], entries: Any, key: str, what: str) -> t
     values = []
     for entry in entries:
         if entry[key] not in known:
-            raise ValueError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
+            raise BundleError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
         values.append((known[entry[key]], entry["value"]))
     return tuple(values)
 
@@ -75,18 +76,25 @@ class VcpuState:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VcpuState:
-        """A ``smolformat.arm64.VcpuState`` value as plain data; ValueError names a register
-        smolvmm does not save."""
+        """A ``smolformat.arm64.VcpuState`` value as plain data; BundleError names a register
+        smolvmm does not save or a value it cannot restore."""
+        try:
+            return cls._from_record(record)
+        except ValueError as exc:  # a value a state check refuses (a timer, the run state): the bundle's fault
+            raise BundleError(f"the arm64 vCPU state: {exc}") from None
+
+    @classmethod
+    def _from_record(cls, record: Mapping[str, Any]) -> VcpuState:
         core = fmt.KvmRegs.build(record["core"])
         sys_regs = _values(_SYSTEM_AND_FIRMWARE, record["sys_regs"], "id", "system register")
         mpidr = next((value for reg, value in sys_regs if reg == _MPIDR), None)
         if mpidr is None:
-            raise ValueError("the arm64 vCPU state has no MPIDR_EL1: its GIC registers cannot be placed")
+            raise BundleError("the arm64 vCPU state has no MPIDR_EL1: its GIC registers cannot be placed")
         redistributor = {attr.attr & _FRAME_OFFSET: attr for attr in gic.redistributor_attrs(mpidr)}
         ctlr_attr = gic.mpidr_field(mpidr) << gic.MPIDR_SHIFT | gic.ICC_CTLR_EL1[1]
         icc_ctlr = next((r["value"] for r in record["gic_cpu_sysregs"] if r["id"] == ctlr_attr), None)
         if icc_ctlr is None:
-            raise ValueError("the arm64 vCPU state has no ICC_CTLR_EL1: its GIC CPU interface cannot be read")
+            raise BundleError("the arm64 vCPU state has no ICC_CTLR_EL1: its GIC CPU interface cannot be read")
         cpu_interface = {attr.attr: attr for attr in gic.cpu_interface_attrs(mpidr, icc_ctlr)}
         return cls(
             mp_state=MpState(record["mp_state"]),
@@ -120,11 +128,14 @@ class VmState:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VmState:
-        """A ``smolformat.arm64.VmState`` value as plain data; ValueError names a register
-        smolvmm does not save."""
+        """A ``smolformat.arm64.VmState`` value as plain data; BundleError names a register
+        smolvmm does not save or an interrupt count it cannot restore."""
         nr_irqs = record["gic_nr_irqs"]
-        distributor = {attr.attr: attr for attr in gic.distributor_attrs(nr_irqs)}
-        levels = {attr.attr & _INTID: attr for attr in gic.line_level_attrs(nr_irqs)}
+        try:
+            distributor = {attr.attr: attr for attr in gic.distributor_attrs(nr_irqs)}
+            levels = {attr.attr & _INTID: attr for attr in gic.line_level_attrs(nr_irqs)}
+        except ValueError as exc:
+            raise BundleError(f"the arm64 VM state: {exc}") from None
         return cls(
             nr_irqs=nr_irqs,
             distributor=_values(distributor, record["gic_distributor"], "offset", "distributor register"),

@@ -40,6 +40,9 @@ READY_TIMEOUT = 300.0  # a booting guest starts its agent after its drivers load
 MAX_CALLS = 64
 CALL_BUDGET = 2 * protocol.WINDOW + 64 * (protocol.HEADER.size + 64) + protocol.MAX_PAYLOAD
 PAD_BYTES = 1280 * 1024  # more than the guest's receive buffers (256 pages of virtio input, the tty's 4 KiB)
+# The guest reads the padding before it answers: seconds in an emulated guest under load, where a
+# 10 s bound failed snapshots now and then (nested machine, load 7-10).
+PAD_TIMEOUT = 60.0
 TOO_OLD = (
     "this machine's guest agent predates protocol 2 and cannot exec or move files: "
     "rebuild its bundle with this smolvmm (python -m smolvmm build ...)"
@@ -276,7 +279,7 @@ class AgentPort:
             chunk = protocol.encode(Type.PAD, 0, bytes(protocol.MAX_PAYLOAD - protocol.HEADER.size))
             for _ in range(PAD_BYTES // len(chunk) + 1):
                 await self._outgoing.send(chunk)
-            ok = await self._simple(Type.HELLO, b"", timeout)  # the padding has been read
+            ok = await self._simple(Type.HELLO, b"", max(timeout, PAD_TIMEOUT))  # the padding has been read
         except AgentError:
             return False
         self._scrub_needed = not ok

@@ -22,6 +22,7 @@ from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
+from smolvmm.hypervisor.kvm import x86_64 as kvm_x86
 from smolvmm.hypervisor.kvm.bindings import ffi
 
 MIB = 1 << 20
@@ -308,7 +309,7 @@ def boot_sregs() -> Any:
     """The BSP's struct kvm_sregs, from what a fresh KVM vCPU holds."""
     sregs = ffi.new("struct kvm_sregs *")
     sregs.cr0 = KVM_RESET_CR0
-    ffi.buffer(sregs)[:] = regs.boot_sregs(bytes(ffi.buffer(sregs)))
+    ffi.buffer(sregs)[:] = kvm_x86.boot_sregs(bytes(ffi.buffer(sregs)))
     return sregs
 
 
@@ -350,7 +351,7 @@ def test_gdt_has_flat_64_bit_code_and_data(booted: Booted) -> None:
 
 def test_bsp_registers_enter_long_mode_at_the_64_bit_entry(booted: Booted) -> None:
     general = ffi.new("struct kvm_regs *")
-    ffi.buffer(general)[:] = regs.boot_regs(booted.entry, layout.ZERO_PAGE_ADDR)
+    ffi.buffer(general)[:] = kvm_x86.boot_regs(booted.entry, layout.ZERO_PAGE_ADDR)
     assert general.rip == booted.entry == layout.KERNEL_LOAD_ADDR + 0x200
     assert general.rsi == layout.ZERO_PAGE_ADDR
     assert general.rflags & RFLAGS_IF == 0 and general.rflags & 0x2  # interrupts off; bit 1 always set

@@ -1,26 +1,21 @@
-"""Assembling a machine for a cold boot: kernel, initrd and command line onto a fresh VM; or
-the configuration to cold-boot a bundle that carries its kernel."""
+"""Assembling a machine for a cold boot: kernel, initrd and command line onto a fresh VM."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smolvmm.agent.channel import AgentPort
 from smolvmm.arch.x86_64 import layout
-from smolvmm.config import DiskConfig, MachineConfig, NetConfig
+from smolvmm.config import MachineConfig
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.device import VirtioDevice
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.devices.virtio.ports import UnixSocketPort
 from smolvmm.devices.virtio.rng import VirtioRng
-from smolvmm.errors import BundleError, ConfigError
-from smolvmm.host.cache import cache_root
 from smolvmm.host.memory import GuestMemory
-from smolvmm.images.cache import cached_file
 from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import DHCP_ARG, open_backend
@@ -105,50 +100,3 @@ def create_for_boot(cls: type[Machine], config: MachineConfig) -> Machine:
         vm.close()
         raise
     return machine
-
-
-def config_from_bundle(
-    path: str | os.PathLike[str], networks: tuple[NetConfig, ...] = (), console_socket: Path | None = None
-) -> MachineConfig:
-    """The configuration that cold-boots bundle ``path`` from its own kernel and initrd: its
-    vCPUs, RAM, command line and console, its disks as they were saved (each with a fresh
-    overlay), ``networks`` for its network devices and ``console_socket`` for its socket console.
-
-    The kernel, initrd and disks are written once into the cache, keyed by the bundle's digest.
-    """
-    from smolvmm.monitor.restore import base_disk, networks_for, open_bundle
-    from smolvmm.monitor.snapshot import CONSOLE_ROLES_LABEL
-
-    with open_bundle(path) as bundle:
-        if bundle.config.arch != "x86_64":
-            raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
-        kernel = bundle.kernel
-        if kernel is None:
-            raise BundleError(f"{path} has no kernel to cold-boot (save it with `build --bootable`)")
-        directory = cache_root() / "bundle-boot" / bundle.digest.hex()
-        initrd = bundle.initrd
-        labels = bundle.labels
-        roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
-        devices = bundle.config.devices
-        networks = networks_for(labels, sum(1 for d in devices if d.kind == "virtio-net"), networks)
-        if "socket" in roles and console_socket is None:
-            raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
-        disks = tuple(
-            DiskConfig(base_disk(bundle, d.params.disk), read_only=d.params.read_only)
-            for d in devices
-            if d.kind == "virtio-blk"
-        )
-        cmdline = re.sub(r"\s*\bsmolvmm\.(?:agent|dhcp)=\S+", "", bundle.config.cmdline)  # added again by the boot
-        return MachineConfig(
-            kernel=cached_file(directory / "vmlinuz", lambda partial: partial.write_bytes(kernel)),
-            initrd=cached_file(directory / "initrd.img", lambda partial: partial.write_bytes(initrd))
-            if initrd
-            else None,
-            cmdline=cmdline,
-            vcpus=bundle.config.vcpu_count,
-            memory=sum(r.size for r in bundle.config.ram),
-            disks=disks,
-            networks=networks,
-            console="virtio" if "main" in roles else "serial",
-            console_socket=console_socket if "socket" in roles else None,
-        )

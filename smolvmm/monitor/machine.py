@@ -526,7 +526,7 @@ def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostna
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
     """The kernel and initrd a bootable bundle carries, for saving its machine bootable again."""
-    from smolvmm.monitor.restore import open_bundle
+    from smolvmm.config import open_bundle
 
     with open_bundle(path) as bundle:
         kernel = bundle.kernel

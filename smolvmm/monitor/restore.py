@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import smolformat
 from smolvmm.agent.channel import AgentPort
-from smolvmm.config import MachineConfig, NetConfig
+from smolvmm.config import CONSOLE_ROLES_LABEL, MachineConfig, NetConfig, bundle_disk, networks_for, open_bundle
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole
 from smolvmm.devices.virtio.device import VirtioDevice
@@ -24,12 +24,9 @@ from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.devices.virtio.ports import UnixSocketPort
 from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.errors import BundleError, ConfigError, HypervisorError
-from smolvmm.host.cache import cache_root
 from smolvmm.host.memory import GuestMemory
-from smolvmm.images.cache import cached_file
 from smolvmm.monitor import boundary
 from smolvmm.monitor.console import VirtioConsoleInput
-from smolvmm.monitor.snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import open_backend
 from smolvmm.monitor.vcpu import MachineExit
@@ -61,15 +58,6 @@ class RestoreOverrides:
     overlays: tuple[Path | None, ...] = ()
 
 
-def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
-    try:
-        return smolformat.open_bundle(path)
-    except smolformat.FormatError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
-    except OSError as exc:
-        raise BundleError(f"cannot open {path}: {exc.strerror}") from None
-
-
 RESTORES_ON: dict[str, frozenset[str]] = {
     "kvm-hardware": frozenset({"kvm-hardware"}),
     "kvm-pvm": frozenset({"kvm-pvm"}),
@@ -87,31 +75,6 @@ def check_flavour(saved: str, host: str) -> None:
         raise BundleError(f"the bundle does not record the hypervisor that saved it, so it may not run on {host}")
     why = "their CPU state is not compatible" if saved in RESTORES_ON else f"smolvmm does not know {saved}"
     raise BundleError(f"the bundle was saved under {saved} and this host is {host}: {why}")
-
-
-def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
-    """The bundle's base disk ``index`` as a read-only file in the cache (materialised once)."""
-    path = cache_root() / "bundle-disks" / bundle.digest.hex() / f"disk{index}.img"
-    return cached_file(path, bundle.disk(index).materialise)
-
-
-def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
-    """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
-    are given, a user network (its own passt, no forwards) for each card saved on one."""
-    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
-    if given:
-        if len(given) != saved:
-            raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
-        for index, (net, mode) in enumerate(zip(given, modes)):
-            if mode == "tap" and net.mode == "user":
-                raise ConfigError(
-                    f"network device {index} was saved on a TAP device whose checksum and TSO offloads the guest "
-                    "uses; user networking cannot take them: pass --net tap=NAME for it"
-                )
-        return given
-    if saved and (len(modes) != saved or set(modes) != {"user"}):
-        raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
-    return (NetConfig(),) * saved
 
 
 def _devices(
@@ -134,7 +97,7 @@ def _devices(
                 index = entry.params.disk
                 overlay = overrides.overlays[index] if index < len(overrides.overlays) else None
                 device: VirtioDevice = VirtioBlock(
-                    base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial
+                    bundle_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial
                 )
                 devices.append((device, None))
             elif entry.kind == "virtio-net":

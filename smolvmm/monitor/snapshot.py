@@ -16,14 +16,12 @@ from typing import Any
 import smolformat
 from smolvmm import progress
 from smolvmm.arch.x86_64 import layout
+from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from smolvmm.devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.errors import BundleError
 from smolvmm.monitor.vm import VirtualMachine
-
-CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
-NET_MODES_LABEL = "smolvmm.net-modes"  # each network card's wire ("tap", "user"), in order
 
 
 def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from smolvmm.errors import HypervisorError, ImageError
 from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
-from smolvmm.hypervisor.interface import Capabilities, Vcpu
+from smolvmm.hypervisor.interface import Capabilities, Hypervisor, Vcpu
 from smolvmm.monitor.console import Console, VirtioConsoleInput
 from smolvmm.monitor.vcpu import ExitReason, MachineExit, VcpuThread
 
@@ -35,11 +35,14 @@ class VirtualMachine:
         on_exit: Callable[[MachineExit], None],
         virtio_console: VirtioConsoleInput | None = None,
         uart_state: UartState | None = None,
+        *,
+        hypervisor: Hypervisor | None = None,
     ) -> None:
+        """A VM on ``hypervisor`` (this host's when None), owning it and ``memory`` from here on."""
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
         try:
-            self.hypervisor = open_hypervisor()
+            self.hypervisor = hypervisor or open_hypervisor()
         except BaseException:
             memory.close()
             raise

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 import smolvmm
-from smolvmm.arch.x86_64 import acpi, boot, cpuid, layout, regs
+from smolvmm.arch.x86_64 import acpi, cpuid, layout, regs
 from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
+from smolvmm.arch.x86_64.machine import ARCH as X86_64
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
@@ -115,14 +116,13 @@ def guest_files() -> tuple[bytes, bytes, str]:
 
 
 def set_up(memory: GuestMemory, image: bytes, initrd: bytes, cmdline: str, vcpus: int = VCPUS) -> Booted:
-    """What VirtualMachine.setup_boot writes to guest memory, with one virtio-mmio device."""
+    """What VirtualMachine.setup_boot writes to guest memory (through the x86_64 ``Arch``), with one
+    virtio-mmio device."""
+    start = X86_64.load_linux(memory, image, initrd, cmdline, vcpus, 1)
+    assert start.argument == layout.ZERO_PAGE_ADDR
     base, gsi = layout.virtio_slot(0)
-    rsdp, tables = acpi.build_tables(vcpus, [(base, layout.VIRTIO_MMIO_SIZE, gsi)])
-    memory.write(layout.ACPI_TABLES_ADDR, tables)
-    kernel = parse_bzimage(image)
-    entry = boot.load_linux(memory, kernel, cmdline, initrd, rsdp)
-    regs.write_boot_structures(memory)
-    return Booted(memory, image, kernel, initrd, cmdline, entry, len(tables))
+    _, tables = acpi.build_tables(vcpus, [(base, layout.VIRTIO_MMIO_SIZE, gsi)])
+    return Booted(memory, image, parse_bzimage(image), initrd, cmdline, start.entry, len(tables))
 
 
 @pytest.fixture(scope="module", params=[256 * MIB, 4 * GIB], ids=["256M", "4G-split"])

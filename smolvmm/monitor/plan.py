@@ -17,7 +17,7 @@ from typing import Literal, cast
 
 import smolformat
 from smolvmm.agent.channel import AgentPort
-from smolvmm.arch.x86_64 import layout
+from smolvmm.arch.machines import arch_named, host_arch
 from smolvmm.config import CONSOLE_ROLES_LABEL, MachineConfig, NetConfig, bundle_disk, networks_for
 from smolvmm.devices.uart import UartState
 from smolvmm.devices.virtio.block import VirtioBlock
@@ -100,8 +100,8 @@ class MachinePlan:
 
     @classmethod
     def from_config(cls, config: MachineConfig, cmdline: str) -> MachinePlan:
-        """The machine ``config`` describes, booting with ``cmdline`` (its console and agent are
-        added here). Slots: the main console first (so it is hvc0), the guest agent's console
+        """The machine ``config`` describes, of this host's architecture, booting with ``cmdline``
+        (its console and agent are added here). Slots: the main console first (so it is hvc0), the guest agent's console
         (next hvc), then disks (the first is /dev/vda), networks, the console socket, entropy."""
         devices: list[Device] = [ConsolePort("main")] if config.console == "virtio" else []
         devices.append(ConsolePort("agent"))
@@ -113,10 +113,11 @@ class MachinePlan:
         if config.console_socket is not None:
             devices.append(ConsolePort("socket", config.console_socket))
         devices.append(Entropy())
+        arch = host_arch()
         return cls(
-            arch="x86_64",
+            arch=arch.name,
             vcpus=config.vcpus,
-            ram=tuple(layout.ram_regions(config.memory)),
+            ram=tuple(arch.ram_regions(config.memory)),
             console=config.console,
             cmdline=boot_cmdline(cmdline, config),
             devices=tuple(devices),
@@ -208,7 +209,8 @@ def assemble(
     main = VirtioConsoleInput() if plan.console == "virtio" else None
     agent = AgentPort()
     try:
-        vm = VirtualMachine(memory, plan.vcpus, on_exit, main, uart_state, hypervisor=hypervisor)
+        arch = arch_named(plan.arch)
+        vm = VirtualMachine(memory, plan.vcpus, on_exit, main, uart_state, hypervisor=hypervisor, arch=arch)
     except BaseException:
         agent.close()
         raise

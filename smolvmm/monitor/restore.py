@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from smolvmm.agent.channel import AgentPort
+from smolvmm.arch.machines import arch_named, host_arch
 from smolvmm.config import open_bundle
 from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.errors import BundleError, HypervisorError
@@ -83,8 +84,9 @@ def restore_vm_from(
 
             check_signature(bundle, trusted_keys)
             timings.mark("signature")
-        if bundle.config.arch != "x86_64":
-            raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
+        host = host_arch().name
+        if arch_named(bundle.config.arch).name != host:
+            raise BundleError(f"the bundle is for {bundle.config.arch}; this host runs {host} guests")
         saved_devices = boundary.admit_devices(bundle.config.devices, bundle.devices)
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])

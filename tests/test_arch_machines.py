@@ -16,6 +16,7 @@ from smolvmm.arch.machines import ARCHES, arch_named, host_arch
 from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL, DiskConfig, MachineConfig, NetConfig
 from smolvmm.errors import BundleError, ConfigError
 from smolvmm.host.memory import GuestMemory
+from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.plan import ConsolePort, Disk, Entropy, MachinePlan, Network, RestoreOverrides
 
 MIB = 1 << 20
@@ -124,3 +125,25 @@ def test_a_bundle_plans_the_machine_it_saved_with_the_host_sides_a_restore_gives
     assert (plan.arch, plan.vcpus, plan.ram, plan.console) == ("x86_64", 2, ((0, 64 * MIB),), "serial")
     assert not plan.has_agent and plan.config == MachineConfig(vcpus=2, memory=64 * MIB)
     assert plan.cmdline == "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+def test_saved_arm64_state_is_admitted_register_by_register() -> None:
+    from smolvmm.arch.arm64 import gic, regs, state
+    from smolvmm.monitor.boundary import admit_state
+
+    mpidr, icc_ctlr = regs.kvm_mpidr(0), 6 << gic.ICC_CTLR_PRIBITS_SHIFT  # 7 priority bits
+    vcpu = state.VcpuState(
+        mp_state=regs.MpState.RUNNABLE,
+        core=tuple((reg, 0) for reg in regs.CORE_REGISTERS),
+        sys_regs=((regs.SYSTEM["MPIDR_EL1"], mpidr),),
+        timers=(),
+        redistributor=(),
+        cpu_interface=tuple((attr, icc_ctlr) for attr in gic.cpu_interface_attrs(mpidr, icc_ctlr)),
+    )
+    vm = state.VmState(nr_irqs=arm64_layout.NR_IRQS, distributor=(), line_levels=())
+    offer = HostOffer(0, {}, frozenset())
+    admitted_vm, (admitted,) = admit_state(arch_named("arm64"), vm.to_record(), [vcpu.to_record()], offer, strict=True)
+    assert state.VcpuState.from_record(admitted.state) == vcpu and state.VmState.from_record(admitted_vm) == vm
+    unknown = {**vcpu.to_record(), "sys_regs": [{"id": 0x6030_0000_0013_FFFF, "value": 1}]}
+    with pytest.raises(BundleError, match=r"VCPU_STATE#0: the arm64 system register 0x60300000001\w+ is not one"):
+        admit_state(arch_named("arm64"), vm.to_record(), [unknown], offer, strict=True)

@@ -84,10 +84,10 @@ def restore_vm_from(
 
             check_signature(bundle, trusted_keys)
             timings.mark("signature")
-        host = host_arch().name
-        if arch_named(bundle.config.arch).name != host:
-            raise BundleError(f"the bundle is for {bundle.config.arch}; this host runs {host} guests")
-        saved_devices = boundary.admit_devices(bundle.config.devices, bundle.devices)
+        arch, host = arch_named(bundle.config.arch), host_arch().name
+        if arch.name != host:
+            raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
+        saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
         hypervisor: Hypervisor | None = None
@@ -111,8 +111,9 @@ def restore_vm_from(
         try:
             # Everything from the bundle is admitted before any of it reaches an ioctl or a device.
             offer = vm.hypervisor.offer
-            vm_state = boundary.admit_vm(bundle.vm_state)
-            vcpu_states = [boundary.admit_vcpu(s, i, offer, strict=same_flavour) for i, s in enumerate(bundle.vcpus)]
+            vm_state, vcpu_states = boundary.admit_state(
+                arch, bundle.vm_state, bundle.vcpus, offer, strict=same_flavour
+            )
             new_macs: dict[str, bytes] = {}
             transports = []
             for transport, (_, instance, state) in zip(vm.transports, saved_devices.virtio, strict=True):

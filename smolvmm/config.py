@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from smolvmm.errors import ConfigError
+from smolvmm.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    import smolformat
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -272,10 +276,39 @@ class MachineConfig:
     ) -> MachineConfig:
         """The configuration that cold-boots bundle ``path`` with its own kernel and initrd (saved
         with ``snapshot(..., bootable=True)``): its vCPUs, RAM, command line, console and disks
-        (as saved, under a fresh overlay); ``networks`` and ``console_socket`` serve its devices."""
-        from smolvmm.monitor.coldboot import config_from_bundle
+        (as saved, under a fresh overlay); ``networks`` and ``console_socket`` serve its devices.
 
-        return config_from_bundle(path, networks, console_socket)
+        The kernel, initrd and disks are written once into the cache, keyed by the bundle's digest.
+        """
+        with open_bundle(path) as bundle:
+            if bundle.config.arch != "x86_64":
+                raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
+            kernel, initrd = bundle.kernel, bundle.initrd
+            if kernel is None:
+                raise BundleError(f"{path} has no kernel to cold-boot (save it with `build --bootable`)")
+            labels = bundle.labels
+            roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
+            devices = bundle.config.devices
+            networks = networks_for(labels, sum(1 for d in devices if d.kind == "virtio-net"), networks)
+            if "socket" in roles and console_socket is None:
+                raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
+            disks = tuple(
+                DiskConfig(bundle_disk(bundle, d.params.disk), read_only=d.params.read_only)
+                for d in devices
+                if d.kind == "virtio-blk"
+            )
+            cmdline = re.sub(r"\s*\bsmolvmm\.(?:agent|dhcp)=\S+", "", bundle.config.cmdline)  # added again by the boot
+            return cls(
+                kernel=bundle_file(bundle.digest, BUNDLE_BOOT_DIR, "vmlinuz", kernel),
+                initrd=bundle_file(bundle.digest, BUNDLE_BOOT_DIR, "initrd.img", initrd) if initrd else None,
+                cmdline=cmdline,
+                vcpus=bundle.config.vcpu_count,
+                memory=sum(r.size for r in bundle.config.ram),
+                disks=disks,
+                networks=networks,
+                console="virtio" if "main" in roles else "serial",
+                console_socket=console_socket if "socket" in roles else None,
+            )
 
     def __post_init__(self) -> None:
         for name in ("kernel", "initrd", "console_socket"):
@@ -310,3 +343,73 @@ class MachineConfig:
         for name, path in files:
             if path is not None and not path.is_file():
                 raise ConfigError(f"{name} {path} does not exist or is not a file")
+
+
+CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
+"""A bundle's label: the host side of each virtio console in slot order (main, agent, socket)."""
+NET_MODES_LABEL = "smolvmm.net-modes"
+"""A bundle's label: each network card's wire ("tap", "user"), in slot order."""
+BUNDLE_BOOT_DIR = "bundle-boot"  # a bootable bundle's kernel and initrd, under the cache, by digest
+BUNDLE_DISKS_DIR = "bundle-disks"  # a bundle's base disks, under the cache, by digest
+
+
+def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
+    """``smolformat.open_bundle``, its errors as one-line BundleErrors."""
+    import smolformat
+
+    try:
+        return smolformat.open_bundle(path)
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
+    """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
+    are given, a user network (its own passt, no forwards) for each card saved on one."""
+    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
+    if given:
+        if len(given) != saved:
+            raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
+        for index, (net, mode) in enumerate(zip(given, modes)):
+            if mode == "tap" and net.mode == "user":
+                raise ConfigError(
+                    f"network device {index} was saved on a TAP device whose checksum and TSO offloads the guest "
+                    "uses; user networking cannot take them: pass --net tap=NAME for it"
+                )
+        return given
+    if saved and (len(modes) != saved or set(modes) != {"user"}):
+        raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
+    return (NetConfig(),) * saved
+
+
+def write_once(path: Path, write: Callable[[Path], object]) -> Path:
+    """The read-only file ``path``, made by ``write(tmp)`` and renamed into place if absent."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            write(partial)
+            os.chmod(partial, 0o444)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
+def bundle_file(digest: bytes, directory: str, name: str, content: bytes | Callable[[Path], None]) -> Path:
+    """The read-only cache file ``directory/<digest>/name`` holding ``content`` (bytes, or a
+    function that writes the file at the path it is given), written once.
+
+    The cache is ``${XDG_CACHE_HOME:-~/.cache}/smolvmm``, as ``smolvmm.host.cache.cache_root``
+    (a layer above this module) says.
+    """
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolvmm"
+    write = content if callable(content) else lambda partial: partial.write_bytes(content)
+    return write_once(root / directory / digest.hex() / name, write)
+
+
+def bundle_disk(bundle: smolformat.Bundle, index: int) -> Path:
+    """The bundle's base disk ``index`` as a read-only file in the cache (materialised once)."""
+    return bundle_file(bundle.digest, BUNDLE_DISKS_DIR, f"disk{index}.img", bundle.disk(index).materialise)

@@ -18,6 +18,7 @@ import pytest
 
 from smolformat import samples
 from smolvmm import BundleError, Machine
+from smolvmm.arch.x86_64.machine import ARCH as X86_64
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
@@ -218,7 +219,7 @@ def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -
     """Defect: the sample's i8042 and acpi-pm records made the restore raise a bare ValueError."""
     config, records = samples.devices(1)
     with _refused(r"^CONFIG devices\[2\] acpi-pm#0: this monitor has no such pio device$"):
-        admit_devices([_Obj(d) for d in config], [_Obj(r, state=_Obj(r["state"])) for r in records])
+        admit_devices(X86_64, [_Obj(d) for d in config], [_Obj(r, state=_Obj(r["state"])) for r in records])
     with _refused("acpi-pm#0: this monitor has no such pio device"):
         anyio.run(lambda: Machine.prepare_restore(VECTORS / "valid-x86_64-raw.smolmachine"))
 
@@ -241,20 +242,20 @@ def test_legacy_devices_pair_by_kind_and_instance_and_place() -> None:
     i8042 = {"status": 0, "control": 0, "output_port": 0, "pending_command": 0, "output_buffer": b""}
     config = [_device("uart16550", "pio", 0x3F8, 8, 4), _device("i8042", "pio", 0x60, 5, 1)]
     records = [_record("uart16550", 0, uart), _record("i8042", 0, i8042)]
-    admitted = admit_devices(config, records)
+    admitted = admit_devices(X86_64, config, records)
     assert admitted.uart is not None and admitted.uart.rx == b"ls\n" and admitted.virtio == []
     with _refused(r"^DEVICES i8042#0 output_buffer: 2 bytes; this monitor's i8042 has no output buffer$"):
-        admit_devices(config, [records[0], _record("i8042", 0, {**i8042, "output_buffer": b"\xfa\xaa"})])
+        admit_devices(X86_64, config, [records[0], _record("i8042", 0, {**i8042, "output_buffer": b"\xfa\xaa"})])
     with _refused(r"^DEVICES uart16550#0: no saved state for this configured device$"):
-        admit_devices(config, [_record("uart16550", 1, uart), records[1]])
+        admit_devices(X86_64, config, [_record("uart16550", 1, uart), records[1]])
     with _refused(
         r"^CONFIG devices\[0\] uart16550#0 placement: pio 0x2f8\+0x8 gsi 3; this monitor puts it at pio 0x3f8\+0x8 gsi 4$"
     ):
-        admit_devices([_device("uart16550", "pio", 0x2F8, 8, 3)], records[:1])
+        admit_devices(X86_64, [_device("uart16550", "pio", 0x2F8, 8, 3)], records[:1])
     with _refused("receive FIFO holds 65 bytes"):
-        admit_devices(config[:1], [_record("uart16550", 0, {**uart, "rx": bytes(65)})])
+        admit_devices(X86_64, config[:1], [_record("uart16550", 0, {**uart, "rx": bytes(65)})])
     with _refused(r"virtio-rng#0 placement: mmio 0xd0001000\+0x1000 gsi 6; this monitor puts it at mmio 0xd0000000"):
-        admit_devices([_device("virtio-rng", "mmio", 0xD000_1000, 0x1000, 6)], [_record("virtio-rng", 0, {})])
+        admit_devices(X86_64, [_device("virtio-rng", "mmio", 0xD000_1000, 0x1000, 6)], [_record("virtio-rng", 0, {})])
 
 
 def test_verify_refuses_a_changed_byte_between_sections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from smolvmm.arch.x86_64 import acpi, boot, cpuid, layout, regs
+from smolvmm.arch.x86_64 import acpi, cpuid, layout, regs
 from smolvmm.arch.x86_64.image import KernelImage, parse_bzimage
+from smolvmm.arch.x86_64.machine import ARCH as X86_64
 from smolvmm.config import MIN_MEMORY
 from smolvmm.errors import ImageError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
+from smolvmm.hypervisor.kvm import x86_64 as kvm_x86
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.images.guest import default_guest
 
@@ -114,14 +116,13 @@ def guest_files() -> tuple[bytes, bytes, str]:
 
 
 def set_up(memory: GuestMemory, image: bytes, initrd: bytes, cmdline: str, vcpus: int = VCPUS) -> Booted:
-    """What VirtualMachine.setup_boot writes to guest memory, with one virtio-mmio device."""
+    """What VirtualMachine.setup_boot writes to guest memory (through the x86_64 ``Arch``), with one
+    virtio-mmio device."""
+    start = X86_64.load_linux(memory, image, initrd, cmdline, vcpus, 1)
+    assert start.argument == layout.ZERO_PAGE_ADDR
     base, gsi = layout.virtio_slot(0)
-    rsdp, tables = acpi.build_tables(vcpus, [(base, layout.VIRTIO_MMIO_SIZE, gsi)])
-    memory.write(layout.ACPI_TABLES_ADDR, tables)
-    kernel = parse_bzimage(image)
-    entry = boot.load_linux(memory, kernel, cmdline, initrd, rsdp)
-    regs.write_boot_structures(memory)
-    return Booted(memory, image, kernel, initrd, cmdline, entry, len(tables))
+    _, tables = acpi.build_tables(vcpus, [(base, layout.VIRTIO_MMIO_SIZE, gsi)])
+    return Booted(memory, image, parse_bzimage(image), initrd, cmdline, start.entry, len(tables))
 
 
 @pytest.fixture(scope="module", params=[256 * MIB, 4 * GIB], ids=["256M", "4G-split"])
@@ -308,7 +309,7 @@ def boot_sregs() -> Any:
     """The BSP's struct kvm_sregs, from what a fresh KVM vCPU holds."""
     sregs = ffi.new("struct kvm_sregs *")
     sregs.cr0 = KVM_RESET_CR0
-    ffi.buffer(sregs)[:] = regs.boot_sregs(bytes(ffi.buffer(sregs)))
+    ffi.buffer(sregs)[:] = kvm_x86.boot_sregs(bytes(ffi.buffer(sregs)))
     return sregs
 
 
@@ -350,7 +351,7 @@ def test_gdt_has_flat_64_bit_code_and_data(booted: Booted) -> None:
 
 def test_bsp_registers_enter_long_mode_at_the_64_bit_entry(booted: Booted) -> None:
     general = ffi.new("struct kvm_regs *")
-    ffi.buffer(general)[:] = regs.boot_regs(booted.entry, layout.ZERO_PAGE_ADDR)
+    ffi.buffer(general)[:] = kvm_x86.boot_regs(booted.entry, layout.ZERO_PAGE_ADDR)
     assert general.rip == booted.entry == layout.KERNEL_LOAD_ADDR + 0x200
     assert general.rsi == layout.ZERO_PAGE_ADDR
     assert general.rflags & RFLAGS_IF == 0 and general.rflags & 0x2  # interrupts off; bit 1 always set

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from smolvmm.config import write_once
 from smolvmm.host.cache import cache_root
 
 _IMAGES_PACKAGE = Path(__file__).parent
@@ -56,16 +56,7 @@ def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
 
 def cached_file(path: Path, write: Callable[[Path], object]) -> Path:
     """The read-only file ``path``, made by ``write(tmp)`` and renamed into place if absent."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            write(partial)
-            os.chmod(partial, 0o444)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-    return path
+    return write_once(path, write)
 
 
 # What `smolvmm cache` knows of each top-level directory: how its entries are named and when one is stale.

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from smolvmm.arch.arm64 import state as arm64_state
+from smolvmm.arch.interface import Arch
 from smolvmm.arch.x86_64 import layout
 from smolvmm.devices.records import uart_state, virtio_state
 from smolvmm.devices.uart import UartState
@@ -42,11 +44,8 @@ PIT_RW_MODES = 4  # none, LSB, MSB, LSB then MSB
 PIT_RW_STATES = 5  # KVM's RW_STATE_LSB .. RW_STATE_WORD1 are 1-4
 PIT_COUNT_MAX = 0x10000
 PIT_FLAGS = 0x3  # HPET legacy routing, speaker dummy
-# Legacy devices this monitor has, at the places it puts them: kind -> (bus, base, size, gsi).
-PIO_DEVICES: dict[str, tuple[str, int, int, int]] = {
-    "uart16550": ("pio", layout.COM1_PORT, 8, layout.COM1_IRQ),
-    "i8042": ("pio", layout.I8042_PORT, 5, layout.I8042_IRQ),
-}
+# The platform devices (smolvmm.arch.interface) whose saved state a restore loads, where the arch puts them.
+RESTORED_PLATFORM = ("uart16550", "i8042")
 
 
 @dataclass
@@ -159,9 +158,35 @@ def admit_vm(state: Mapping[str, Any]) -> dict[str, Any]:
     return {name: state[name] for name in state if not name.startswith("_")}
 
 
-def admit_devices(config_devices: Sequence[Any], records: Sequence[Any]) -> AdmittedDevices:
+def admit_arm64_vcpu(state: Mapping[str, Any], vcpu_id: int) -> AdmittedVcpu:
+    """Check one saved arm64 vCPU: every register one smolvmm saves (``smolvmm.arch.arm64.state``)."""
+    try:
+        return AdmittedVcpu(arm64_state.VcpuState.from_record(state).to_record())
+    except ValueError as exc:
+        raise refuse(f"VCPU_STATE#{vcpu_id}", str(exc)) from None
+
+
+def admit_arm64_vm(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the saved arm64 VGIC distributor: only the registers smolvmm saves."""
+    try:
+        return arm64_state.VmState.from_record(state).to_record()
+    except ValueError as exc:
+        raise refuse("VM_STATE", str(exc)) from None
+
+
+def admit_state(
+    arch: Arch, vm_state: Mapping[str, Any], vcpus: Sequence[Mapping[str, Any]], offer: HostOffer, *, strict: bool
+) -> tuple[dict[str, Any], list[AdmittedVcpu]]:
+    """The saved VM and vCPU states of a bundle of ``arch``, each admitted by that arch's rules."""
+    if arch.name == "arm64":
+        return admit_arm64_vm(vm_state), [admit_arm64_vcpu(s, i) for i, s in enumerate(vcpus)]
+    return admit_vm(vm_state), [admit_vcpu(s, i, offer, strict=strict) for i, s in enumerate(vcpus)]
+
+
+def admit_devices(arch: Arch, config_devices: Sequence[Any], records: Sequence[Any]) -> AdmittedDevices:
     """Pair each DEVICES record with its configured device (by kind and instance) and check that
-    this monitor has that device where the bundle says; returns the records as plain data."""
+    ``arch``'s machine has that device where the bundle says; returns the records as plain data."""
+    platform = {d.kind: (d.bus, d.base, d.size, d.irq) for d in arch.platform_devices if d.kind in RESTORED_PLATFORM}
     admitted = AdmittedDevices()
     by_key = {(r.kind, r.instance): r for r in records}
     counts: dict[str, int] = {}
@@ -175,12 +200,12 @@ def admit_devices(config_devices: Sequence[Any], records: Sequence[Any]) -> Admi
         if record is None:
             raise refuse(f"DEVICES {kind}#{instance}", "no saved state for this configured device")
         placement = (str(device.bus), device.base, device.size, device.gsi)
-        if device.bus == "mmio":
-            base, gsi = layout.virtio_slot(slot)
+        if kind in platform and instance == 0:
+            expected = platform[kind]
+        elif device.bus == "mmio":
+            base, gsi = arch.virtio_slot(slot)
             expected = ("mmio", base, MMIO_SIZE, gsi)
             slot += 1
-        elif kind in PIO_DEVICES and instance == 0:
-            expected = PIO_DEVICES[kind]
         else:
             raise refuse(where, f"this monitor has no such {device.bus} device")
         if placement != expected:

@@ -37,6 +37,7 @@ from smolvmm.monitor.vm import VirtualMachine
 
 if TYPE_CHECKING:
     from smolvmm.host.jail import Jail
+    from smolvmm.monitor.plan import MachinePlan
 
 DeviceTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 
@@ -47,17 +48,17 @@ class Machine:
     def __init__(
         self,
         vm: VirtualMachine,
-        config: MachineConfig,
-        device_tasks: list[DeviceTask],
-        cmdline: str,
+        plan: MachinePlan,
         timings: Timings,
+        *,
         parent_digest: bytes = b"",
         agent: AgentPort | None = None,
         boot_files: Callable[[], tuple[bytes, bytes | None]] | None = None,
     ) -> None:
+        """The machine ``plan`` describes, assembled into ``vm`` (see ``boot`` and ``restore``)."""
         self._vm = vm
         self._agent = agent
-        self.config = config
+        self.config = plan.config
         self.console: Console = vm.console
         self.timings = timings
         self.snapshot_timings = Timings()
@@ -70,9 +71,11 @@ class Machine:
         """The host ports forwarded to the guest (user networking), with the ports picked for 0."""
         if self.forwards:
             timings.note("forwards", " ".join(map(str, self.forwards)))
-        self._cmdline = cmdline
+        self._cmdline = plan.cmdline
         self._parent_digest = parent_digest
-        self._device_tasks = device_tasks
+        self._device_tasks: list[DeviceTask] = [
+            (f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)
+        ]
         self._exit: MachineExit | None = None
         self._exit_lock = threading.Lock()
         self._exited = EventFd()
@@ -112,9 +115,23 @@ class Machine:
         With ``jail``, the monitor process enters the jail (``smolvmm.host.jail``) as that user once
         the machine is assembled, before the guest runs: it cannot be undone for the process.
         """
-        from smolvmm.monitor.coldboot import create_for_boot
+        from smolvmm.monitor.coldboot import prepare_boot
 
-        machine = create_for_boot(cls, config)
+        timings = Timings()
+        holder: list[Machine] = []
+        booting = prepare_boot(config, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
+        try:
+            machine = cls(
+                booting.assembled.vm,
+                booting.plan,
+                timings,
+                agent=booting.assembled.agent,
+                boot_files=booting.read_boot_files,
+            )
+        except BaseException:
+            booting.assembled.vm.close()
+            raise
+        holder.append(machine)
         machine._jail = (jail, bool(config.networks)) if jail else None
         if machine._agent is not None:
             machine._agent.identity = _identity(config.env, config.secrets, None)
@@ -156,7 +173,8 @@ class Machine:
         keys), a bundle that no trusted key signed, or whose content changed since, is refused
         with a BundleError before anything is created. ``jail`` is as for ``boot``.
         """
-        from smolvmm.monitor.restore import RestoreOverrides, restore_vm_from
+        from smolvmm.monitor.plan import RestoreOverrides
+        from smolvmm.monitor.restore import restore_vm_from
 
         identity = _identity(env, secrets, hostname)
         timings = Timings()
@@ -169,16 +187,12 @@ class Machine:
             timings,
             trusted_keys=_trusted(trusted_keys),
         )
-        vm = restored.vm
-        tasks = [(f"virtio-{t.device.__class__.__name__}{i}", t.run) for i, t in enumerate(vm.transports)]
         machine = cls(
-            vm,
-            restored.config,
-            tasks,
-            restored.cmdline,
+            restored.vm,
+            restored.plan,
             timings,
-            restored.digest,
-            restored.agent,
+            parent_digest=restored.digest,
+            agent=restored.agent,
             boot_files=lambda: _bundle_boot_files(path),
         )
         holder.append(machine)
@@ -192,7 +206,7 @@ class Machine:
             machine._close()
             raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
-        machine._renew_dhcp = dhcp_interfaces(restored.cmdline)
+        machine._renew_dhcp = dhcp_interfaces(restored.plan.cmdline)
         async with machine._running(paused):
             async with anyio.create_task_group() as tg:  # passt starts while the agent syncs
                 tg.start_soon(machine._networks_started)
@@ -214,7 +228,8 @@ class Machine:
         For measuring the host-side cost of a restore: the guest never runs, so a bundle made
         under another hypervisor flavour (e.g. hardware KVM, measured on a PVM host) is accepted.
         """
-        from smolvmm.monitor.restore import RestoreOverrides, restore_vm_from
+        from smolvmm.monitor.plan import RestoreOverrides
+        from smolvmm.monitor.restore import restore_vm_from
 
         timings = Timings()
         overrides = RestoreOverrides(networks, console_socket)
@@ -529,7 +544,7 @@ def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostna
 
 def _bundle_boot_files(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
     """The kernel and initrd a bootable bundle carries, for saving its machine bootable again."""
-    from smolvmm.monitor.restore import open_bundle
+    from smolvmm.config import open_bundle
 
     with open_bundle(path) as bundle:
         kernel = bundle.kernel

@@ -2,7 +2,9 @@
 
 Guest RAM is the bundle's raw pages mapped ``MAP_PRIVATE`` (never read in whole), or a zstd
 bundle decoded into anonymous memory. Base disks are materialised once into the cache, keyed
-by the bundle's digest, and every instance writes to its own fresh overlay.
+by the bundle's digest, and every instance writes to its own fresh overlay. The machine is
+planned from the bundle and assembled as a cold boot's is (``smolvmm.monitor.plan``); then its
+saved state, admitted by ``smolvmm.monitor.boundary``, is loaded into it.
 """
 
 from __future__ import annotations
@@ -11,28 +13,20 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import smolformat
 from smolvmm.agent.channel import AgentPort
-from smolvmm.config import MachineConfig, NetConfig
-from smolvmm.devices.virtio.block import VirtioBlock
-from smolvmm.devices.virtio.console import VirtioConsole
-from smolvmm.devices.virtio.device import VirtioDevice
+from smolvmm.arch.machines import arch_named, host_arch
+from smolvmm.config import open_bundle
 from smolvmm.devices.virtio.net import NetState, VirtioNet
-from smolvmm.devices.virtio.ports import UnixSocketPort
-from smolvmm.devices.virtio.rng import VirtioRng
-from smolvmm.errors import BundleError, ConfigError, HypervisorError
-from smolvmm.host.cache import cache_root
+from smolvmm.errors import BundleError, HypervisorError
 from smolvmm.host.memory import GuestMemory
-from smolvmm.images.cache import cached_file
+from smolvmm.hypervisor import open_hypervisor
+from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor import boundary
-from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.exit import MachineExit
-from smolvmm.monitor.snapshot import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
+from smolvmm.monitor.plan import MachinePlan, RestoreOverrides, assemble
 from smolvmm.monitor.timings import Timings
-from smolvmm.monitor.usernet import open_backend
 from smolvmm.monitor.vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -44,30 +38,11 @@ class Restored:
     """A VM rebuilt from a bundle, paused before its first guest entry."""
 
     vm: VirtualMachine
-    config: MachineConfig
-    cmdline: str
+    plan: MachinePlan
     digest: bytes
     labels: dict[str, str]
     agent: AgentPort | None
     new_macs: dict[str, bytes]  # guest interface name -> the MAC this instance was asked to use
-
-
-@dataclass(frozen=True)
-class RestoreOverrides:
-    """What a restore may change: host-side resources, never guest-visible state."""
-
-    networks: tuple[NetConfig, ...] = ()
-    console_socket: Path | None = None
-    overlays: tuple[Path | None, ...] = ()
-
-
-def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
-    try:
-        return smolformat.open_bundle(path)
-    except smolformat.FormatError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
-    except OSError as exc:
-        raise BundleError(f"cannot open {path}: {exc.strerror}") from None
 
 
 RESTORES_ON: dict[str, frozenset[str]] = {
@@ -87,78 +62,6 @@ def check_flavour(saved: str, host: str) -> None:
         raise BundleError(f"the bundle does not record the hypervisor that saved it, so it may not run on {host}")
     why = "their CPU state is not compatible" if saved in RESTORES_ON else f"smolvmm does not know {saved}"
     raise BundleError(f"the bundle was saved under {saved} and this host is {host}: {why}")
-
-
-def base_disk(bundle: smolformat.Bundle, index: int) -> Path:
-    """The bundle's base disk ``index`` as a read-only file in the cache (materialised once)."""
-    path = cache_root() / "bundle-disks" / bundle.digest.hex() / f"disk{index}.img"
-    return cached_file(path, bundle.disk(index).materialise)
-
-
-def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:
-    """The networks for a bundle's ``saved`` network cards: ``given``, one per card, or when none
-    are given, a user network (its own passt, no forwards) for each card saved on one."""
-    modes = [mode for mode in labels.get(NET_MODES_LABEL, "").split(",") if mode]
-    if given:
-        if len(given) != saved:
-            raise ConfigError(f"the bundle has {saved} network device(s): pass one --net for each")
-        for index, (net, mode) in enumerate(zip(given, modes)):
-            if mode == "tap" and net.mode == "user":
-                raise ConfigError(
-                    f"network device {index} was saved on a TAP device whose checksum and TSO offloads the guest "
-                    "uses; user networking cannot take them: pass --net tap=NAME for it"
-                )
-        return given
-    if saved and (len(modes) != saved or set(modes) != {"user"}):
-        raise ConfigError(f"the bundle has {saved} network device(s): pass --net tap=NAME or --net user for each")
-    return (NetConfig(),) * saved
-
-
-def _devices(
-    bundle: smolformat.Bundle,
-    overrides: RestoreOverrides,
-    roles: list[str],
-    main: VirtioConsoleInput | None,
-    agent: AgentPort,
-) -> list[tuple[VirtioDevice, str | None]]:
-    """Fresh device objects for the bundle's virtio devices, in slot order, with console roles."""
-    devices: list[tuple[VirtioDevice, str | None]] = []
-    saved_nets = sum(1 for d in bundle.config.devices if d.kind == "virtio-net")
-    networks = list(networks_for(bundle.labels, saved_nets, overrides.networks))
-    roles = list(roles)
-    try:
-        for entry in bundle.config.devices:
-            if entry.bus != "mmio":
-                continue
-            if entry.kind == "virtio-blk":
-                index = entry.params.disk
-                overlay = overrides.overlays[index] if index < len(overrides.overlays) else None
-                device: VirtioDevice = VirtioBlock(
-                    base_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial
-                )
-                devices.append((device, None))
-            elif entry.kind == "virtio-net":
-                net = networks.pop(0)
-                devices.append((VirtioNet(open_backend(net), net.mac or entry.params.mac), None))
-            elif entry.kind == "virtio-console":
-                role = roles.pop(0) if roles else "socket"
-                if role == "main" and main is not None:
-                    devices.append((VirtioConsole(main), role))
-                elif role == "agent":
-                    devices.append((VirtioConsole(agent), role))
-                elif role == "socket" and overrides.console_socket is not None:
-                    devices.append((VirtioConsole(UnixSocketPort(overrides.console_socket)), role))
-                else:
-                    raise ConfigError("the bundle has a console socket device: pass --console-socket PATH")
-            elif entry.kind == "virtio-rng":
-                devices.append((VirtioRng(), None))
-            else:
-                raise BundleError(f"the bundle has a {entry.kind} device this monitor cannot restore")
-    except BaseException:
-        for device, _ in devices:
-            device.close()
-        raise
-    return devices
 
 
 def restore_vm_from(
@@ -181,47 +84,45 @@ def restore_vm_from(
 
             check_signature(bundle, trusted_keys)
             timings.mark("signature")
-        if bundle.config.arch != "x86_64":
-            raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
-        saved_devices = boundary.admit_devices(bundle.config.devices, bundle.devices)
+        arch, host = arch_named(bundle.config.arch), host_arch().name
+        if arch.name != host:
+            raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
+        saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
         timings.mark("parse")
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
+        hypervisor: Hypervisor | None = None
         try:
             if bundle.memory_encoding == "raw":
                 memory.map_file(bundle.fileno(), bundle.memory_extents())
             else:
                 bundle.read_memory_into([memory.region_view(i) for i in range(len(memory.regions))])
+            timings.mark("memory_map")
+            hypervisor = open_hypervisor()
+            if same_flavour:
+                check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", hypervisor.flavour)
+            plan = MachinePlan.from_bundle(bundle, overrides)
         except BaseException:
             memory.close()
+            if hypervisor is not None:
+                hypervisor.close()
             raise
-        timings.mark("memory_map")
-        labels = bundle.labels
-        roles = [r for r in labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
-        main = VirtioConsoleInput() if "main" in roles else None
-        agent = AgentPort()
-        vm = VirtualMachine(memory, bundle.config.vcpu_count, on_exit, main, saved_devices.uart)
+        assembled = assemble(plan, memory, on_exit, saved_devices.uart, hypervisor)
+        vm = assembled.vm
         try:
-            if same_flavour:
-                check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", vm.hypervisor.flavour)
             # Everything from the bundle is admitted before any of it reaches an ioctl or a device.
             offer = vm.hypervisor.offer
-            vm_state = boundary.admit_vm(bundle.vm_state)
-            vcpu_states = [boundary.admit_vcpu(s, i, offer, strict=same_flavour) for i, s in enumerate(bundle.vcpus)]
+            vm_state, vcpu_states = boundary.admit_state(
+                arch, bundle.vm_state, bundle.vcpus, offer, strict=same_flavour
+            )
             new_macs: dict[str, bytes] = {}
             transports = []
-            devices = _devices(bundle, overrides, roles, main, agent)
-            for (device, role), (_, instance, state) in zip(devices, saved_devices.virtio, strict=True):
-                transport = vm.add_virtio(device, role)
-                new_mac = False
-                if (
-                    isinstance(device, VirtioNet)
-                    and isinstance(state.device, NetState)
-                    and device.mac != state.device.mac
-                ):
-                    new_mac = True
+            for transport, (_, instance, state) in zip(vm.transports, saved_devices.virtio, strict=True):
+                device, saved, new_mac = transport.device, state.device, False
+                if isinstance(device, VirtioNet) and isinstance(saved, NetState) and device.mac != saved.mac:
                     # A new MAC for this clone: the device reports it, the guest agent applies it.
+                    new_mac = True
                     new_macs[f"eth{instance}"] = device.mac
-                    state = dataclasses.replace(state, device=dataclasses.replace(state.device, mac=device.mac))
+                    state = dataclasses.replace(state, device=dataclasses.replace(saved, mac=device.mac))
                 transport.check_state(state)
                 transports.append((transport, state, new_mac))
             timings.mark("devices")
@@ -240,9 +141,7 @@ def restore_vm_from(
                 timings.note("msrs_skipped", skipped)
         except BaseException:
             vm.close()
-            agent.close()  # if no console device took it yet (closing twice is harmless)
+            assembled.agent.close()  # if no console device took it (closing twice is harmless)
             raise
-        config = MachineConfig(vcpus=bundle.config.vcpu_count, memory=sum(r.size for r in bundle.config.ram))
-        return Restored(
-            vm, config, bundle.config.cmdline, bundle.digest, labels, agent if "agent" in roles else None, new_macs
-        )
+        agent = assembled.agent if plan.has_agent else None
+        return Restored(vm, plan, bundle.digest, bundle.labels, agent, new_macs)

@@ -16,21 +16,22 @@ from typing import Any
 import smolformat
 from smolformat.tempnames import owned_prefix, remove_stale
 from smolvmm import progress
-from smolvmm.arch.x86_64 import layout
+from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL
 from smolvmm.devices.records import VIRTIO_KINDS, uart_record, virtio_record
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.errors import BundleError, SmolvmmError
 from smolvmm.monitor.vm import VirtualMachine
 
-CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
 SCRATCH = "smolvmm-snapshot"  # temporary directories for the flat disk images a snapshot stores
-NET_MODES_LABEL = "smolvmm.net-modes"  # each network card's wire ("tap", "user"), in order
+SAVED_PLATFORM_DEVICES = ("uart16550",)  # the platform devices whose state a bundle holds
 
 
 def _device_config(vm: VirtualMachine) -> list[dict[str, Any]]:
     devices: list[dict[str, Any]] = [
-        {"kind": "uart16550", "bus": "pio", "base": layout.COM1_PORT, "size": 8, "gsi": layout.COM1_IRQ, "params": None}
+        {"kind": d.kind, "bus": d.bus, "base": d.base, "size": d.size, "gsi": d.irq, "params": None}
+        for d in vm.arch.platform_devices
+        if d.kind in SAVED_PLATFORM_DEVICES
     ]
     disk = 0
     for transport, (base, size, gsi) in zip(vm.transports, vm.virtio_slots):
@@ -68,7 +69,7 @@ def capture(vm: VirtualMachine, cmdline: str, parent_digest: bytes, labels: dict
             counts[kind] = counts.get(kind, 0) + 1
         yield smolformat.BundleContents(
             config={
-                "arch": "x86_64",
+                "arch": vm.arch.name,
                 "vcpu_count": len(vm.vcpus),
                 "ram": [{"gpa": r.gpa, "size": r.size} for r in vm.memory.regions],
                 "cmdline": cmdline,

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from smolvmm.arch.x86_64 import acpi, boot, layout, regs
-from smolvmm.arch.x86_64.image import parse_bzimage
+from smolvmm.arch.interface import Arch, PlatformDevice
+from smolvmm.arch.machines import host_arch
 from smolvmm.devices.acpi_power import AcpiSleepRegister
-from smolvmm.devices.bus import Bus
+from smolvmm.devices.bus import Bus, ReadHandler, WriteHandler
 from smolvmm.devices.i8042 import I8042
 from smolvmm.devices.uart import Uart16550, UartState
 from smolvmm.devices.virtio.device import VirtioDevice
@@ -20,7 +20,7 @@ from smolvmm.errors import HypervisorError, ImageError
 from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
-from smolvmm.hypervisor.interface import Capabilities, Vcpu
+from smolvmm.hypervisor.interface import Capabilities, Hypervisor, Vcpu
 from smolvmm.monitor.console import Console, VirtioConsoleInput
 from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.vcpu import VcpuThread
@@ -36,11 +36,17 @@ class VirtualMachine:
         on_exit: Callable[[MachineExit], None],
         virtio_console: VirtioConsoleInput | None = None,
         uart_state: UartState | None = None,
+        *,
+        hypervisor: Hypervisor | None = None,
+        arch: Arch | None = None,
     ) -> None:
+        """A VM of ``arch`` (this host's when None) on ``hypervisor`` (this host's when None),
+        owning it and ``memory`` from here on."""
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
+        self.arch = arch or host_arch()
         try:
-            self.hypervisor = open_hypervisor()
+            self.hypervisor = hypervisor or open_hypervisor()
         except BaseException:
             memory.close()
             raise
@@ -67,19 +73,13 @@ class VirtualMachine:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.on_exit = on_exit
-        self.uart_irq = self.irq_eventfd(layout.COM1_IRQ)
         # The machine's console is the UART, or a virtio console port when the guest uses hvc0;
         # either way the UART's output (early kernel messages) lands in it.
         self.console = virtio_console.console if virtio_console else Console(self._feed_console)
         self._closers.append(self.console.close_fds)
-        self.uart = Uart16550(
-            self.uart_irq.signal, self.console.write_output, self.console.input_space.signal, uart_state or UartState()
-        )
-        self.pio.add(layout.COM1_PORT, 8, self.uart.read, self.uart.write)
-        i8042 = I8042(lambda: on_exit(MachineExit(ExitReason.REBOOT, "i8042 reset")))
-        self.pio.add(layout.I8042_PORT, 5, i8042.read, i8042.write)
-        power = AcpiSleepRegister(lambda: on_exit(MachineExit(ExitReason.POWEROFF, "ACPI S5")))
-        self.pio.add(layout.ACPI_SLEEP_PORT, 1, power.read, power.write)
+        for device in self.arch.platform_devices:
+            read, write = self._platform_model(device, uart_state)
+            (self.pio if device.bus == "pio" else self.mmio).add(device.base, device.size, read, write)
 
         self.vcpus: list[Vcpu] = []
         for index in range(vcpus):
@@ -90,6 +90,22 @@ class VirtualMachine:
         self.virtio_slots: list[tuple[int, int, int]] = []  # (mmio base, size, gsi) per virtio device
         self.transports: list[MmioTransport] = []
         self.console_roles: list[str] = []  # per virtio console, in slot order: main, socket
+
+    def _platform_model(self, device: PlatformDevice, uart_state: UartState | None) -> tuple[ReadHandler, WriteHandler]:
+        """The model behind one of the architecture's platform devices: its register handlers."""
+        on_exit = self.on_exit
+        if device.kind == "uart16550":
+            irq = self.irq_eventfd(device.irq)
+            state = uart_state or UartState()
+            self.uart = Uart16550(irq.signal, self.console.write_output, self.console.input_space.signal, state)
+            return self.uart.read, self.uart.write
+        if device.kind == "i8042":
+            i8042 = I8042(lambda: on_exit(MachineExit(ExitReason.REBOOT, "i8042 reset")))
+            return i8042.read, i8042.write
+        if device.kind == "acpi-sleep":
+            power = AcpiSleepRegister(lambda: on_exit(MachineExit(ExitReason.POWEROFF, "ACPI S5")))
+            return power.read, power.write
+        raise HypervisorError(f"smolvmm has no {device.kind} model yet: {self.arch.name} machines cannot run")
 
     def add_virtio(self, device: VirtioDevice, console_role: str | None = None) -> MmioTransport:
         """Attach ``device`` behind a virtio-mmio transport in the next free slot (before boot).
@@ -102,7 +118,7 @@ class VirtualMachine:
             device.close()
             raise
         self._closers.append(transport.close)
-        base, gsi = layout.virtio_slot(len(self.transports))
+        base, gsi = self.arch.virtio_slot(len(self.transports))
         self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
         self.vm.irqfd(transport.irq_fd, gsi)
         if self.hypervisor.capabilities.ioeventfd:  # else the notify write exits and the transport signals
@@ -125,18 +141,17 @@ class VirtualMachine:
         return eventfd
 
     def setup_boot(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
-        """Load a bzImage and put every vCPU in its boot state (BSP at the 64-bit entry)."""
+        """Load a kernel (once its virtio devices are attached) and put every vCPU in its boot
+        state: the boot vCPU at the kernel's entry, the others waiting to be started."""
         try:
-            image = parse_bzimage(kernel.read_bytes())
+            kernel_data = kernel.read_bytes()
             initrd_data = initrd.read_bytes() if initrd else None
         except OSError as exc:
             raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        rsdp, tables = acpi.build_tables(len(self.vcpus), self.virtio_slots)
-        self.memory.write(layout.ACPI_TABLES_ADDR, tables)
-        entry = boot.load_linux(self.memory, image, cmdline, initrd_data, rsdp)
-        regs.write_boot_structures(self.memory)
+        vcpus = len(self.vcpus)
+        boot = self.arch.load_linux(self.memory, kernel_data, initrd_data, cmdline, vcpus, len(self.transports))
         for vcpu in self.vcpus:
-            vcpu.set_boot_state(vcpus=len(self.vcpus), entry=entry, argument=layout.ZERO_PAGE_ADDR)
+            vcpu.set_boot_state(vcpus=vcpus, entry=boot.entry, argument=boot.argument)
 
     def vcpu_threads(
         self, on_parked: Callable[[], None], on_done: list[Callable[[], None]], paused: bool = False

@@ -68,6 +68,11 @@ class Layout:
         return RAM_START + self.ram_size
 
     @property
+    def ram(self) -> list[tuple[int, int]]:
+        """(gpa, size) of each RAM region."""
+        return ram_regions(self.ram_size)
+
+    @property
     def gic_dist(self) -> tuple[int, int]:
         """(base, size) of the GICv3 distributor."""
         return GIC_DIST_BASE, DIST_SIZE
@@ -89,10 +94,8 @@ class Layout:
     @property
     def virtio(self) -> list[MmioDevice]:
         """The virtio-mmio slots in use, in slot order."""
-        return [
-            MmioDevice(VIRTIO_BASE + n * MMIO_SLOT_SIZE, MMIO_SLOT_SIZE, VIRTIO_FIRST_SPI + n)
-            for n in range(self.virtio_count)
-        ]
+        slots = [virtio_slot(n) for n in range(self.virtio_count)]
+        return [MmioDevice(base, MMIO_SLOT_SIZE, spi) for base, spi in slots]
 
 
 def layout(vcpus: int, ram_size: int, virtio_count: int) -> Layout:
@@ -107,3 +110,13 @@ def layout(vcpus: int, ram_size: int, virtio_count: int) -> Layout:
     if not 0 <= virtio_count <= VIRTIO_SLOTS:
         raise ConfigError(f"arm64 machines have at most {VIRTIO_SLOTS} virtio devices, not {virtio_count}")
     return Layout(vcpus, ram_size, virtio_count)
+
+
+def ram_regions(size: int) -> list[tuple[int, int]]:
+    """(gpa, size) regions for ``size`` bytes of RAM: one, from ``RAM_START``."""
+    return [(RAM_START, size)]
+
+
+def virtio_slot(index: int) -> tuple[int, int]:
+    """(mmio base, SPI) of the ``index``-th virtio-mmio device."""
+    return VIRTIO_BASE + index * MMIO_SLOT_SIZE, VIRTIO_FIRST_SPI + index

@@ -13,6 +13,10 @@ RAM above 0xd000_0000 is placed from 4 GiB upwards, so the 32-bit hole stays fre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from smolvmm.errors import ConfigError
+
 GDT_ADDR = 0x500
 ZERO_PAGE_ADDR = 0x7000
 BOOT_STACK_POINTER = 0x8FF0
@@ -51,3 +55,37 @@ def ram_regions(size: int) -> list[tuple[int, int]]:
 def virtio_slot(index: int) -> tuple[int, int]:
     """(mmio base, gsi) of the ``index``-th virtio-mmio device."""
     return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_IRQ_BASE + index
+
+
+MAX_VCPUS = 64  # CPUID leaf 4 holds cores per package - 1 in 6 bits (cpuid.py)
+IOAPIC_PINS = 24
+MAX_VIRTIO = IOAPIC_PINS - VIRTIO_IRQ_BASE  # one IOAPIC pin each
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The guest-physical map of one machine; build it with ``layout()``."""
+
+    vcpus: int
+    ram_size: int
+    virtio_count: int
+
+    @property
+    def ram(self) -> list[tuple[int, int]]:
+        """(gpa, size) of each RAM region."""
+        return ram_regions(self.ram_size)
+
+    @property
+    def virtio(self) -> list[tuple[int, int, int]]:
+        """(mmio base, size, gsi) of the virtio-mmio slots in use, in slot order."""
+        slots = [virtio_slot(n) for n in range(self.virtio_count)]
+        return [(base, VIRTIO_MMIO_SIZE, gsi) for base, gsi in slots]
+
+
+def layout(vcpus: int, ram_size: int, virtio_count: int) -> Layout:
+    """The memory map for a machine, or ConfigError naming the value out of range."""
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"x86_64 machines have 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
+    if not 0 <= virtio_count <= MAX_VIRTIO:
+        raise ConfigError(f"x86_64 machines have at most {MAX_VIRTIO} virtio devices, not {virtio_count}")
+    return Layout(vcpus, ram_size, virtio_count)

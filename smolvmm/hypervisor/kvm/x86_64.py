@@ -15,10 +15,11 @@ from operator import itemgetter
 from typing import Any
 
 from smolformat import x86_64 as fmt
-from smolvmm.arch.x86_64 import cpuid, msrs, regs
+from smolvmm.arch.x86_64 import cpuid, layout, msrs, regs
 from smolvmm.arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc_needs_scaling
 from smolvmm.errors import BundleError, HypervisorError
 from smolvmm.hypervisor.interface import StateRecord
+from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Ioctl
 from smolvmm.hypervisor.kvm.system import ioctl
 from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
@@ -61,15 +62,57 @@ def save_vcpu(vcpu: KvmVcpu, supported_msrs: list[int], xsave_size: int) -> dict
     return state
 
 
+def _segment(seg: Any, selector: int, type_: int, code: bool) -> None:
+    seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, type_
+    seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
+    seg.l, seg.db = (1, 0) if code else (0, 1)
+
+
+def boot_sregs(current: bytes) -> bytes:
+    """The BSP's special registers for the 64-bit entry (``arch.x86_64.regs``), from KVM's current values."""
+    sregs = ffi.new("struct kvm_sregs *")
+    ffi.buffer(sregs)[:] = current
+    _segment(sregs.cs, regs.CODE_SELECTOR, regs.CODE_TYPE, code=True)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, regs.DATA_SELECTOR, regs.DATA_TYPE, code=False)
+    _segment(sregs.tr, regs.TSS_SELECTOR, regs.TSS_TYPE, code=False)
+    sregs.tr.s, sregs.tr.db = 0, 0
+    sregs.gdt.base, sregs.gdt.limit = layout.GDT_ADDR, len(regs.GDT) * 8 - 1
+    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.cr0 |= regs.CR0_PE | regs.CR0_ET | regs.CR0_PG
+    sregs.cr3 = layout.PML4_ADDR
+    sregs.cr4 |= regs.CR4_PAE
+    sregs.efer |= regs.EFER_LME | regs.EFER_LMA
+    return bytes(ffi.buffer(sregs))
+
+
+def boot_regs(entry: int, boot_params: int) -> bytes:
+    """General registers at the 64-bit entry: rip = entry, rsi = boot_params, interrupts off."""
+    general = ffi.new("struct kvm_regs *")
+    general.rip = entry
+    general.rsi = boot_params
+    general.rsp = general.rbp = layout.BOOT_STACK_POINTER
+    general.rflags = regs.BOOT_RFLAGS
+    return bytes(ffi.buffer(general))
+
+
+def boot_fpu() -> bytes:
+    """The FPU as FNINIT leaves it, SSE exceptions masked."""
+    fpu = ffi.new("struct kvm_fpu *")
+    fpu.fcw = regs.FPU_CONTROL_WORD
+    fpu.mxcsr = regs.MXCSR_DEFAULT
+    return bytes(ffi.buffer(fpu))
+
+
 def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[cpuid.CpuidEntry], vcpus: int, entry: int, boot_params: int) -> None:
     """A fresh vCPU's boot state: CPUID, MSRs, LAPIC LINT pins, FPU; the BSP at the 64-bit entry."""
     vcpu.set_cpuid(cpuid.vcpu_cpuid(supported_cpuid, vcpu.id, vcpus))
     vcpu.set_msrs(msrs.BOOT_MSRS)
     vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
-    vcpu.set_fpu(regs.boot_fpu())
+    vcpu.set_fpu(boot_fpu())
     if vcpu.id == 0:
-        vcpu.set_sregs(regs.boot_sregs(vcpu.get_sregs()))
-        vcpu.set_regs(regs.boot_regs(entry, boot_params))
+        vcpu.set_sregs(boot_sregs(vcpu.get_sregs()))
+        vcpu.set_regs(boot_regs(entry, boot_params))
 
 
 def restore_vcpu(vcpu: KvmVcpu, state: StateRecord, host_msrs: list[int] | None = None) -> int:

@@ -1,0 +1,51 @@
+"""The arm64 machine the monitor builds: a GICv3, a PL011 UART and a PL031 RTC below 1 GiB,
+virtio-mmio above them, RAM from 2 GiB, Linux entered with its device tree in x0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smolvmm.arch.arm64 import boot, fdt, layout, regs
+from smolvmm.arch.arm64.image import parse_image
+from smolvmm.arch.interface import BootEntry, PlatformDevice
+from smolvmm.host.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class Arm64:
+    """arm64 for the monitor (``smolvmm.arch.interface.Arch``)."""
+
+    name: str = "arm64"
+    platform_devices: tuple[PlatformDevice, ...] = (
+        PlatformDevice("pl011", "mmio", layout.UART_BASE, layout.MMIO_SLOT_SIZE, layout.UART_SPI),
+        PlatformDevice("pl031", "mmio", layout.RTC_BASE, layout.MMIO_SLOT_SIZE, layout.RTC_SPI),
+    )
+
+    def ram_regions(self, size: int) -> list[tuple[int, int]]:
+        return layout.ram_regions(size)
+
+    def virtio_slot(self, index: int) -> tuple[int, int]:
+        return layout.virtio_slot(index)
+
+    def load_linux(
+        self,
+        memory: GuestMemory,
+        kernel: bytes,
+        initrd: bytes | None,
+        cmdline: str,
+        vcpus: int,
+        virtio_count: int,
+    ) -> BootEntry:
+        """The Image at the start of RAM, the initrd and the device tree at its top; the boot
+        vCPU enters the Image with the device tree's address in x0 (secondaries wait for PSCI)."""
+        machine = layout.layout(vcpus, sum(region.size for region in memory.regions), virtio_count)
+        header = parse_image(kernel)
+        initrd = initrd or b""
+        plan = boot.plan_boot(machine, header, len(initrd))
+        mpidrs = [regs.kvm_mpidr(index) for index in range(vcpus)]
+        placed = fdt.Initrd(plan.initrd, len(initrd)) if initrd else None
+        boot.load_linux(memory, plan, kernel, initrd, fdt.machine_fdt(machine, mpidrs, cmdline, placed))
+        return BootEntry(plan.kernel, plan.dtb)
+
+
+ARCH = Arm64()

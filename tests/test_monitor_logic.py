@@ -38,6 +38,7 @@ from smolvmm.arch.x86_64 import acpi, layout
 from smolvmm.devices.virtio.mmio import MmioTransport
 from smolvmm.hypervisor.interface import Capabilities, Stop, StopKind
 from smolvmm.monitor import machine as machine_module
+from smolvmm.monitor import restore as restore_module
 from smolvmm.monitor import vm as vm_module
 from smolvmm.monitor.vcpu import VcpuThread
 
@@ -53,10 +54,11 @@ SAFETY = 20  # seconds: only so that a broken monitor fails instead of hanging t
 
 @pytest.fixture
 def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[DoubleHost]:
-    """The monitor's hypervisor is the double (where vm.py looks it up), with device tasks
-    journaled; every test ends with the interface's contract kept."""
+    """The monitor's hypervisor is the double (where vm.py and restore.py look it up), with device
+    tasks journaled; every test ends with the interface's contract kept."""
     host = DoubleHost()
     monkeypatch.setattr(vm_module, "open_hypervisor", host.open)
+    monkeypatch.setattr(restore_module, "open_hypervisor", host.open)
     # No guest agent answers here: a snapshot does not wait for one.
     monkeypatch.setattr(machine_module, "SYNC_TIMEOUT", 0)
     real_run = MmioTransport.run

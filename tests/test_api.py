@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, own_threads, shell
+from guests import GUEST_TIMEOUT, assert_clock_is_the_hosts, own_threads, shell
 
 import smolvmm
 from smolvmm import ExitReason, Machine

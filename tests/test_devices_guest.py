@@ -20,8 +20,8 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-from test_boot import GUEST_TIMEOUT, shell
-from test_virtio_net import echo
+from guests import GUEST_TIMEOUT, shell
+from network import echo
 
 import smolvmm
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 import smolformat
 from smolvmm.host.jail import DENIED_SYSCALLS, Jail

@@ -10,7 +10,7 @@ import os
 
 import anyio
 import pytest
-from test_boot import own_threads
+from guests import own_threads
 
 from smolvmm import ExitReason, Machine, MachineConfig
 

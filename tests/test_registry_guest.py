@@ -10,8 +10,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from guests import GUEST_TIMEOUT, shell
 from registry_server import registry_server
-from test_boot import GUEST_TIMEOUT, shell
 
 import smolvmm
 from smolvmm.images.cache import cache_root

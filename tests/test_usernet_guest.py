@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_boot import GUEST_TIMEOUT, shell
-from test_usernet import GATEWAY, HOST_ADDRESS, WIRE
+from guests import GUEST_TIMEOUT, shell
+from network import GATEWAY, HOST_ADDRESS, WIRE
 
 from smolvmm import Machine, NetConfig, PortForward
 

@@ -8,7 +8,6 @@ the real host offer; nothing here runs a guest.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
-needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +42,7 @@ def _refused(match: str) -> Any:
     return pytest.raises(BundleError, match=match)
 
 
-@needs_kvm
+@pytest.mark.kvm(linux_guest=False)
 def test_state_this_host_saved_is_admitted(host: Any) -> None:
     offer, vcpu_state, vm_state, _ = host
     admitted = admit_vcpu(vcpu_state, 0, offer)
@@ -54,7 +52,7 @@ def test_state_this_host_saved_is_admitted(host: Any) -> None:
     assert admit_vm(vm_state)["pit"] == vm_state["pit"]
 
 
-@needs_kvm
+@pytest.mark.kvm(linux_guest=False)
 def test_an_xsave_area_of_another_size_is_refused_before_any_ioctl(host: Any) -> None:
     """Defect: a 4099-byte XSAVE blob was copied into KVM's 4096-byte buffer (a heap overflow)."""
     offer, vcpu_state, _, vcpu = host

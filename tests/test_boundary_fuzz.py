@@ -11,7 +11,6 @@ one BundleError line, never another exception, a warning (cffi copying past a bu
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from smolvmm import BundleError, Machine, MachineConfig
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+    pytest.mark.kvm(linux_guest=False),
     pytest.mark.filterwarnings("error"),  # a warning (e.g. cffi copying past a buffer) fails the test
 ]
 

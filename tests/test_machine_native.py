@@ -16,7 +16,7 @@ from smolvmm import ExitReason, Machine, MachineConfig
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+    pytest.mark.kvm(linux_guest=False),
 ]
 
 

@@ -7,7 +7,6 @@ another hypervisor flavour, or none, is refused with one clear line.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from smolvmm.monitor.restore import check_flavour
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+    pytest.mark.kvm(linux_guest=False),
 ]
 
 

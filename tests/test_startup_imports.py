@@ -12,7 +12,7 @@ import pytest
 
 from smolvmm import Machine, MachineConfig
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+pytestmark = pytest.mark.kvm(linux_guest=False)
 
 IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", re.MULTILINE)
 

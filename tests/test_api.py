@@ -78,7 +78,6 @@ async def test_a_machine_restored_paused_runs_only_after_resume(bundle: Path) ->
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_long_pause_is_invisible_to_the_guest(bundle: Path) -> None:
     async with Machine.restore(bundle) as machine:
         # Processes starting and exiting keep RCU grace periods in flight, as on a busy guest.

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from smolformat import samples
@@ -212,13 +211,14 @@ def _record(kind: str, instance: int, state: dict[str, Any]) -> Any:
     return _Obj(kind=kind, instance=instance, state=_Obj(state))
 
 
-def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -> None:
+@pytest.mark.anyio
+async def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -> None:
     """Defect: the sample's i8042 and acpi-pm records made the restore raise a bare ValueError."""
     config, records = samples.devices(1)
     with _refused(r"^CONFIG devices\[2\] acpi-pm#0: this monitor has no such pio device$"):
         admit_devices([_Obj(d) for d in config], [_Obj(r, state=_Obj(r["state"])) for r in records])
     with _refused("acpi-pm#0: this monitor has no such pio device"):
-        anyio.run(lambda: Machine.prepare_restore(VECTORS / "valid-x86_64-raw.smolmachine"))
+        await Machine.prepare_restore(VECTORS / "valid-x86_64-raw.smolmachine")
 
 
 def test_legacy_devices_pair_by_kind_and_instance_and_place() -> None:

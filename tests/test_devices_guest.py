@@ -29,7 +29,7 @@ from smolvmm.arch.x86_64.layout import virtio_slot
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import DEFAULT_CMDLINE
 
-pytestmark = [pytest.mark.kvm, pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+pytestmark = [pytest.mark.kvm, pytest.mark.anyio]
 
 CLONE_NEWNET = 0x40000000
 HOST_IP, GUEST_IP = "10.0.0.1", "10.0.0.2"

@@ -56,7 +56,7 @@ CHILD = textwrap.dedent(
             sys.stdin.readline()  # the test looks at /proc/PID meanwhile
             await machine.stop()
 
-    anyio.run(main, backend="trio")
+    anyio.run(main, backend=sys.argv[2])
     """
 )
 
@@ -68,13 +68,15 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 @pytest.mark.kvm(linux_guest=False)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(tmp_path: Path) -> None:
+def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(
+    tmp_path: Path, anyio_backend: str
+) -> None:
     out = tmp_path / "out"
     out.mkdir(mode=0o777)
     out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here
     tmp_path.chmod(0o755)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(out)],
+        [sys.executable, "-c", CHILD, str(out), anyio_backend],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

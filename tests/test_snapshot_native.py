@@ -22,7 +22,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path) -> None:
     first, second = tmp_path / "first.smolmachine", tmp_path / "second.smolmachine"
     async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20)) as machine:
@@ -90,7 +89,6 @@ def test_a_bundle_restores_only_on_the_flavour_that_saved_it(saved: str, host: s
             check_flavour(saved, host)
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_config(tmp_path: Path) -> None:
     from smolvmm import ConfigError, default_guest
 

@@ -25,7 +25,6 @@ def _imports(*argv: str) -> set[str]:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_cli_restore_imports_only_what_a_restore_uses(tmp_path: Path) -> None:
     bundle = tmp_path / "app.smolmachine"
     async with Machine.boot(MachineConfig(vcpus=1, memory=128 << 20)) as machine:

@@ -7,6 +7,9 @@ outcome, the one running at the time included, run in a fresh nested machine; a 
 running when two machines stopped fails. The terminal summary lists every such retry, and the
 evidence of each failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
+Tests marked ``kvm(linux_guest=False)`` need /dev/kvm but no Linux guest getting far (the monitor's
+own work: KVM ioctls, restore up to the first guest entry): they run on the host's own /dev/kvm of
+any kind, and skip (or fail when CI is set) only where there is none.
 """
 
 from __future__ import annotations
@@ -147,6 +150,19 @@ def prepare_on_host(work: Callable[[], None]) -> None:
     _HOST_WORK.append(thread)
 
 
+def runs_linux_guests(item: pytest.Item) -> bool:
+    """A ``kvm`` test needs a /dev/kvm that runs standard Linux guests (on PVM: the nested machine)."""
+    marker = item.get_closest_marker("kvm")
+    return marker is not None and marker.kwargs.get("linux_guest", True)
+
+
+def runs_on_any_kvm(item: pytest.Item) -> bool:
+    """A ``kvm(linux_guest=False)`` test needs /dev/kvm but no Linux guest getting far: it runs on
+    this host's own /dev/kvm, PVM's included."""
+    marker = item.get_closest_marker("kvm")
+    return marker is not None and not marker.kwargs.get("linux_guest", True)
+
+
 class NestedFailure(Exception):
     """A kvm test failed inside the nested machine (or the machine failed); the text says how."""
 
@@ -199,7 +215,7 @@ class NestedKvm:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        kvm = [index for index, item in enumerate(items) if item.get_closest_marker("kvm")]
+        kvm = [index for index, item in enumerate(items) if runs_linux_guests(item)]
         if not kvm or self.host.kind == "hardware":
             return
         if self.inside or (self.host.kind == "none" and os.environ.get("CI")):
@@ -221,6 +237,13 @@ class NestedKvm:
         items[:] = [i for i in items if not isinstance(i, DelegatedItem)] + [
             i for i in items if isinstance(i, DelegatedItem)
         ]
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """A ``kvm(linux_guest=False)`` test runs here on any /dev/kvm; with none it skips (fails in CI)."""
+        if runs_on_any_kvm(item) and self.host.kind == "none":
+            if os.environ.get("CI"):
+                pytest.fail(f"kvm tests cannot run: {self.host.explanation}", pytrace=False)
+            pytest.skip(self.host.explanation)
 
     @staticmethod
     def _skip_all(items: list[pytest.Item], indexes: list[int], reason: str) -> None:

@@ -8,12 +8,10 @@ the real host offer; nothing here runs a guest.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from smolformat import samples
@@ -24,7 +22,6 @@ from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
-needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def _refused(match: str) -> Any:
     return pytest.raises(BundleError, match=match)
 
 
-@needs_kvm
+@pytest.mark.kvm(linux_guest=False)
 def test_state_this_host_saved_is_admitted(host: Any) -> None:
     offer, vcpu_state, vm_state, _ = host
     admitted = admit_vcpu(vcpu_state, 0, offer)
@@ -55,7 +52,7 @@ def test_state_this_host_saved_is_admitted(host: Any) -> None:
     assert admit_vm(vm_state)["pit"] == vm_state["pit"]
 
 
-@needs_kvm
+@pytest.mark.kvm(linux_guest=False)
 def test_an_xsave_area_of_another_size_is_refused_before_any_ioctl(host: Any) -> None:
     """Defect: a 4099-byte XSAVE blob was copied into KVM's 4096-byte buffer (a heap overflow)."""
     offer, vcpu_state, _, vcpu = host
@@ -215,13 +212,14 @@ def _record(kind: str, instance: int, state: dict[str, Any]) -> Any:
     return _Obj(kind=kind, instance=instance, state=_Obj(state))
 
 
-def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -> None:
+@pytest.mark.anyio
+async def test_the_format_sample_devices_are_refused_in_one_line_not_a_value_error() -> None:
     """Defect: the sample's i8042 and acpi-pm records made the restore raise a bare ValueError."""
     config, records = samples.devices(1)
     with _refused(r"^CONFIG devices\[2\] acpi-pm#0: this monitor has no such pio device$"):
         admit_devices(X86_64, [_Obj(d) for d in config], [_Obj(r, state=_Obj(r["state"])) for r in records])
     with _refused("acpi-pm#0: this monitor has no such pio device"):
-        anyio.run(lambda: Machine.prepare_restore(VECTORS / "valid-x86_64-raw.smolmachine"))
+        await Machine.prepare_restore(VECTORS / "valid-x86_64-raw.smolmachine")
 
 
 def test_legacy_devices_pair_by_kind_and_instance_and_place() -> None:

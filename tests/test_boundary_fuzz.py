@@ -11,7 +11,6 @@ one BundleError line, never another exception, a warning (cffi copying past a bu
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from smolvmm import BundleError, Machine, MachineConfig
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+    pytest.mark.kvm(linux_guest=False),
     pytest.mark.filterwarnings("error"),  # a warning (e.g. cffi copying past a buffer) fails the test
 ]
 
@@ -100,23 +99,23 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Frame:
     return Frame(path.read_bytes())
 
 
-def _restore(data: bytes, directory: Path) -> str:
-    """Restore ``data`` up to the first guest entry: "ok" or the one-line refusal."""
+def _restore(data: bytes, directory: Path, backend: str) -> str:
+    """Restore ``data`` up to the first guest entry on anyio ``backend``: "ok" or the one-line refusal."""
     path = directory / "mutant.smolmachine"
     path.write_bytes(data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            anyio.run(lambda: Machine.prepare_restore(path), backend="trio")
+            anyio.run(lambda: Machine.prepare_restore(path), backend=backend)
         except BundleError as exc:
             assert "\n" not in str(exc)
             return str(exc)
     return "ok"
 
 
-def test_the_resealer_follows_the_spec(saved: Frame, tmp_path: Path) -> None:
+def test_the_resealer_follows_the_spec(saved: Frame, tmp_path: Path, anyio_backend: str) -> None:
     """An unchanged re-seal restores, and one changed value is refused by the boundary by name."""
-    assert _restore(saved.resealed({}), tmp_path) == "ok"
+    assert _restore(saved.resealed({}), tmp_path, anyio_backend) == "ok"
     vcpu = saved.find(VCPU_STATE, 1)
     payload = saved.payload(vcpu)
     (xsave_length,) = struct.unpack_from("<I", payload, XSAVE_LENGTH_AT)
@@ -129,7 +128,7 @@ def test_the_resealer_follows_the_spec(saved: Frame, tmp_path: Path) -> None:
         + b"\xff" * 3
         + payload[start + xsave_length :]
     )
-    refusal = _restore(saved.resealed({vcpu: grown}), tmp_path)
+    refusal = _restore(saved.resealed({vcpu: grown}), tmp_path, anyio_backend)
     assert (
         refusal == f"VCPU_STATE#1 xsave: {xsave_length + 3} bytes; this host's hypervisor takes exactly {xsave_length}"
     )
@@ -169,7 +168,8 @@ def mutants(draw: st.DrawFn, frame: Frame) -> tuple[dict[int, bytes], str]:
 @given(data=st.data())
 def test_hostile_state_is_restored_or_refused_in_one_line(saved: Frame, tmp_path: Path, data: st.DataObject) -> None:
     replacements, expect = data.draw(mutants(saved))
-    outcome = _restore(saved.resealed(replacements), tmp_path)
+    backend = data.draw(st.sampled_from(["trio", "asyncio"]))  # both anyio backends, no example run twice
+    outcome = _restore(saved.resealed(replacements), tmp_path, backend)
     event(
         "restored"
         if outcome == "ok"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_format_bundle import contents
+from bundles import contents
 
 import smolformat
 from smolformat import write_bundle

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_format_bundle import contents
+from bundles import contents
 
 from smolformat import samples, write_bundle
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 # A stand-in for a running smolvmm: registered as a machine, ends on SIGTERM unless told to ignore it.
 STAND_IN = """

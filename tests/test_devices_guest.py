@@ -20,15 +20,15 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-from test_boot import GUEST_TIMEOUT, shell
-from test_virtio_net import echo
+from guests import GUEST_TIMEOUT, shell
+from network import echo
 
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig
 from smolvmm.arch.x86_64.layout import virtio_slot
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import DEFAULT_CMDLINE, default_guest
 
-pytestmark = [pytest.mark.kvm, pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+pytestmark = [pytest.mark.kvm, pytest.mark.anyio]
 
 CLONE_NEWNET = 0x40000000
 HOST_IP, GUEST_IP = "10.0.0.1", "10.0.0.2"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 import smolvmm
 

@@ -18,7 +18,7 @@ from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, StopKind
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+pytestmark = pytest.mark.kvm(linux_guest=False)
 
 RAM = 0x3000
 NOTIFY_ADDR = 0x4000  # an ioeventfd: written without an exit

@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 import smolformat
 from smolvmm.host.jail import DENIED_SYSCALLS, Jail
-
-needs_root_and_kvm = pytest.mark.skipif(
-    os.geteuid() != 0 or (not os.path.exists("/dev/kvm") and not os.environ.get("CI")), reason="needs root and /dev/kvm"
-)
 
 CHILD = textwrap.dedent(
     """
@@ -60,7 +56,7 @@ CHILD = textwrap.dedent(
             sys.stdin.readline()  # the test looks at /proc/PID meanwhile
             await machine.stop()
 
-    anyio.run(main, backend="trio")
+    anyio.run(main, backend=sys.argv[2])
     """
 )
 
@@ -70,14 +66,17 @@ def _proc_status(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
-@needs_root_and_kvm
-def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(tmp_path: Path) -> None:
+@pytest.mark.kvm(linux_guest=False)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(
+    tmp_path: Path, anyio_backend: str
+) -> None:
     out = tmp_path / "out"
     out.mkdir(mode=0o777)
     out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here
     tmp_path.chmod(0o755)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(out)],
+        [sys.executable, "-c", CHILD, str(out), anyio_backend],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

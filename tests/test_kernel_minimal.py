@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from guests import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 from nested_plugin import prepare_on_host
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConfig
 from smolvmm.host.kvmprobe import probe

@@ -5,12 +5,10 @@ Real mode needs no standard kernel, so this runs natively even on a PVM host.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from kvm_smoke_guest import run_guest
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+@pytest.mark.kvm(linux_guest=False)
 def test_real_mode_guest_writes_to_port() -> None:
     assert run_guest() == b"ok"

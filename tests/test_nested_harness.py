@@ -110,8 +110,12 @@ def test_job_script_quotes_and_forwards_a_sane_environment(tmp_path: Path) -> No
     assert "SMOLVMM_NESTED=1" in result.stdout and "SECRET_TOKEN" not in result.stdout
 
 
-def run_plugin(tmp_path: Path, host: str | None, **env: str) -> subprocess.CompletedProcess[str]:
-    """pytest on one kvm test and one plain test, on a host that ``probe`` calls ``host`` (None: this one)."""
+KVM_TEST = "import pytest\n\n@pytest.mark.kvm\ndef test_needs_kvm():\n    pass\n\ndef test_plain():\n    pass\n"
+
+
+def run_plugin(tmp_path: Path, host: str | None, tests: str = KVM_TEST, **env: str) -> subprocess.CompletedProcess[str]:
+    """pytest on ``tests`` (one kvm test and one plain test), on a host that ``probe`` calls ``host``
+    (None: this one)."""
     fake = f"nested_plugin.probe = lambda: HostKvm({host!r}, 'the host says {host}')\n" if host else ""
     (tmp_path / "conftest.py").write_text(
         "import nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n"
@@ -120,9 +124,7 @@ def run_plugin(tmp_path: Path, host: str | None, **env: str) -> subprocess.Compl
         "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
         "    config.pluginmanager.register(NestedKvm(config))\n"
     )
-    (tmp_path / "test_inner.py").write_text(
-        "import pytest\n\n@pytest.mark.kvm\ndef test_needs_kvm():\n    pass\n\ndef test_plain():\n    pass\n"
-    )
+    (tmp_path / "test_inner.py").write_text(tests)
     environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}
     environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), **env)
     return subprocess.run(
@@ -159,6 +161,25 @@ def test_on_hardware_kvm_kvm_tests_run_directly(tmp_path: Path) -> None:
     result = run_plugin(tmp_path, "hardware", CI="true")
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout
     assert "nested" not in result.stdout
+
+
+ANY_KVM_TEST = KVM_TEST.replace("@pytest.mark.kvm", "@pytest.mark.kvm(linux_guest=False)")
+
+
+@pytest.mark.parametrize("host", ["pvm", "hardware"])
+def test_a_test_needing_only_kvm_runs_on_the_hosts_own_kvm_of_any_kind(tmp_path: Path, host: str) -> None:
+    result = run_plugin(tmp_path, host, ANY_KVM_TEST, CI="true")
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout
+    assert "nested" not in result.stdout
+
+
+def test_a_test_needing_only_kvm_skips_without_kvm_and_fails_in_ci(tmp_path: Path) -> None:
+    result = run_plugin(tmp_path, "none", ANY_KVM_TEST)
+    assert result.returncode == 0 and "1 passed, 1 skipped" in result.stdout, result.stdout
+    assert "the host says none" in result.stdout
+    result = run_plugin(tmp_path, "none", ANY_KVM_TEST, CI="true")
+    assert result.returncode == 1 and "1 passed, 1 error" in result.stdout, result.stdout
+    assert "kvm tests cannot run: the host says none" in result.stdout
 
 
 def stop_qemu(marker: str) -> int:

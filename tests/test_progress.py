@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_format_bundle import contents
+from bundles import contents
 
 from smolformat import verify_bundle, write_bundle
 from smolvmm import progress, report_progress

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 pytestmark = [pytest.mark.kvm]
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -103,7 +103,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_cli_push_then_pull_gives_the_same_bytes(
-    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path, anyio_backend: str
 ) -> None:
     first, _ = bundles
     ref = f"{registry.address}/team/app:v1"
@@ -121,14 +121,14 @@ def test_cli_push_then_pull_gives_the_same_bytes(
     assert (tmp_path / "again.smolmachine").read_bytes() == first.read_bytes()
     # Into the store (as `run REF` does); by digest, a second time needs no registry at all.
     by_digest_ref = pushed.stdout.strip().replace(":v1@", "@")
-    stored = anyio.run(smolvmm.pull, by_digest_ref)
+    stored = anyio.run(smolvmm.pull, by_digest_ref, backend=anyio_backend)
     assert stored.path.read_bytes() == first.read_bytes()
-    offline = anyio.run(smolvmm.pull, by_digest_ref.replace(registry.address, "127.0.0.1:1"))
+    offline = anyio.run(smolvmm.pull, by_digest_ref.replace(registry.address, "127.0.0.1:1"), backend=anyio_backend)
     assert offline.path == stored.path and offline.transfer.moved == 0 and offline.bundle_digest == stored.bundle_digest
 
 
 def test_the_manifest_is_an_oci_artifact_of_our_type(
-    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, anyio_backend: str
 ) -> None:
     first, _ = bundles
 
@@ -147,7 +147,7 @@ def test_the_manifest_is_an_oci_artifact_of_our_type(
             )
         return {"manifest": manifest, "config": config}
 
-    got = anyio.run(main)
+    got = anyio.run(main, backend=anyio_backend)
     manifest, config = got["manifest"], got["config"]
     assert manifest["artifactType"] == "application/vnd.smolvmm.machine.v1"
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
@@ -385,7 +385,7 @@ def test_a_registry_that_disappears_mid_pull(
 
 
 def test_a_killed_pull_resumes_and_verifies(
-    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path, anyio_backend: str
 ) -> None:
     first, _ = bundles
     ref = f"{registry.address}/killed/app:v1"
@@ -410,7 +410,7 @@ def test_a_killed_pull_resumes_and_verifies(
     async def again() -> smolvmm.PullResult:
         return await smolvmm.pull(ref, out)
 
-    result = anyio.run(again)
+    result = anyio.run(again, backend=anyio_backend)
     assert result.transfer.present >= sum(p.stat().st_size for p in kept)
     assert result.transfer.moved + result.transfer.present == result.transfer.total
     assert out.read_bytes() == first.read_bytes()

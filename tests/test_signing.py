@@ -14,7 +14,7 @@ import anyio
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from test_boot import GUEST_TIMEOUT
+from guests import GUEST_TIMEOUT
 
 import smolformat
 from smolformat.crafting import parse_frame

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
+from guests import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 
 import smolformat
 from smolvmm import Machine

@@ -7,7 +7,6 @@ another hypervisor flavour, or none, is refused with one clear line.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,10 @@ from smolvmm.monitor.restore import check_flavour
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm"),
+    pytest.mark.kvm(linux_guest=False),
 ]
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_save_restore_save_again_and_refuse_another_flavour(tmp_path: Path) -> None:
     first, second = tmp_path / "first.smolmachine", tmp_path / "second.smolmachine"
     async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20)) as machine:
@@ -91,7 +89,6 @@ def test_a_bundle_restores_only_on_the_flavour_that_saved_it(saved: str, host: s
             check_flavour(saved, host)
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_bootable_bundle_carries_its_kernel_and_gives_its_cold_boot_config(tmp_path: Path) -> None:
     from smolvmm import ConfigError
     from smolvmm.images.guest import default_guest

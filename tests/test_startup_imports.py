@@ -12,7 +12,7 @@ import pytest
 
 from smolvmm import Machine, MachineConfig
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
+pytestmark = pytest.mark.kvm(linux_guest=False)
 
 IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", re.MULTILINE)
 
@@ -25,7 +25,6 @@ def _imports(*argv: str) -> set[str]:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_cli_restore_imports_only_what_a_restore_uses(tmp_path: Path) -> None:
     bundle = tmp_path / "app.smolmachine"
     async with Machine.boot(MachineConfig(vcpus=1, memory=128 << 20)) as machine:

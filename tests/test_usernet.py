@@ -14,22 +14,12 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from test_virtio_net import in_netns
+from network import GATEWAY, HOST_ADDRESS, WIRE, in_netns
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
 from smolvmm.monitor.usernet import PasstBackend
 
-HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
-WIRE = (
-    "link set lo up",
-    "tuntap add dev wire0 mode tap",
-    f"addr add {HOST_ADDRESS}/24 dev wire0",
-    "link set wire0 up",
-    f"route add default via {GATEWAY} dev wire0 onlink",
-)
-"""``ip`` commands that give a network namespace what passt needs: an address and a default route
-(through a TAP device nobody reads: nothing leaves the machine)."""
 GUEST_MAC = bytes.fromhex("020000c0ffee")
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_boot import GUEST_TIMEOUT, shell
-from test_usernet import GATEWAY, HOST_ADDRESS, WIRE
+from guests import GUEST_TIMEOUT, shell
+from network import GATEWAY, HOST_ADDRESS, WIRE
 
 from smolvmm import Machine, NetConfig, PortForward
 
@@ -108,7 +108,7 @@ def passt_processes() -> list[str]:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])  # the CLI runs its own event loop
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # the machine runs in the CLI, on its own event loop
 async def test_run_forwards_a_host_port_to_the_guest_and_the_guest_reaches_the_host(
     web_bundle: Path, host_server: int
 ) -> None:
@@ -170,7 +170,6 @@ async def test_four_clones_each_forward_their_own_port_and_answer_with_their_own
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) -> None:
     sink = subprocess.Popen(  # reads and drops whatever the flooder sends to the host's loopback
         [
@@ -203,7 +202,6 @@ async def test_a_guest_flooding_the_network_slows_only_itself(web_bundle: Path) 
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_clone_on_a_host_with_other_addresses_takes_them_before_it_is_handed_over(
     web_bundle: Path, host_server: int
 ) -> None:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import anyio
 import pytest
+from network import checksum, echo, in_netns
 from virtio_driver import RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.net import (
@@ -31,36 +30,10 @@ from smolvmm.devices.virtio.stream import StreamBackend
 from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, Tap
 from smolvmm.errors import ConfigError
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
 GUEST_MAC = bytes.fromhex("020000c0ffee")
 HDR = 12
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root")
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a thread that joined network namespace ``name``; fds it opens stay there."""
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(f"/run/netns/{name}") as ns:
-            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                errors.append(OSError(ctypes.get_errno(), "setns"))
-                return
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
 
 
 def namespace(role: str) -> Iterator[str]:
@@ -85,15 +58,6 @@ def guest_netns() -> Iterator[str]:
 
 def ip(ns: str, *args: str) -> str:
     return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def udp_frame(dst_mac: bytes, src_port: int, dst_port: int, payload: bytes) -> bytes:
@@ -192,11 +156,6 @@ async def test_udp_crosses_the_device_both_ways(netns: str) -> None:
         assert received.endswith(b"hello guest")
     host.close()
     driver.transport.close()
-
-
-def echo(type_: int, ident: int, payload: bytes) -> bytes:
-    body = struct.pack("!BBHHH", type_, 0, 0, ident, 1) + payload
-    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
 
 
 def swap_addresses(request: bytes) -> bytes:

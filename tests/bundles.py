@@ -1,0 +1,34 @@
+"""Helpers for tests of the bundle format: the contents of a small, realistic bundle."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from smolformat import BundleContents, make_metadata, samples
+
+MIB = 1 << 20
+
+
+def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | None = None) -> BundleContents:
+    ram = [(0, 4 * MIB), (1 << 32, MIB)] if arch == "x86_64" else [(0x4000_0000, 4 * MIB)]
+    memory = memory or [samples.realistic_memory(size, seed=i) for i, (_, size) in enumerate(ram)]
+    disk = tmp_path / "base.img"
+    disk.write_bytes(random.Random(3).randbytes(1_600_000) + bytes(300_000) + b"tail")  # > 1 MiB run, odd size
+    device_config, states = samples.devices(1)
+    vcpu, vm = (
+        (samples.x86_64_vcpu, samples.x86_64_vm_state)
+        if arch == "x86_64"
+        else (samples.arm64_vcpu, samples.arm64_vm_state)
+    )
+    return BundleContents(
+        config=samples.machine_config(arch, ram, device_config, vcpus=2),
+        vcpus=[vcpu(0), vcpu(1)],
+        vm_state=vm(),
+        devices=states,
+        memory=memory,
+        disks=[disk],
+        kernel=b"bzImage" * 100,
+        initrd=b"070701" * 50,
+        metadata=make_metadata("kvm-pvm", labels={"app": "demo"}, parent_digest=bytes(32)),
+    )

@@ -1,0 +1,35 @@
+"""Helpers for tests that drive a running guest: its shell, its clock, the threads a machine leaves."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+from smolvmm import Machine
+
+GUEST_TIMEOUT = 180
+
+
+def own_threads() -> list[threading.Thread]:
+    """Threads other than the event loop's own pooled workers (trio and anyio keep idle ones)."""
+    return [t for t in threading.enumerate() if not t.name.startswith(("Trio thread", "AnyIO worker"))]
+
+
+async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) -> str:
+    """Run ``command`` in the guest shell; returns its output (between unique markers)."""
+    token = os.urandom(4).hex()
+    # The quotes keep the markers out of the terminal's echo of the command line itself.
+    await machine.console.send(
+        f"echo BEGIN-{token[:4]}''{token[4:]}; {command}; echo END-{token[:4]}''{token[4:]}\n".encode()
+    )
+    text = (await machine.console.wait_for(re.compile(rf"END-{token}\r?\n".encode()), timeout)).decode()
+    return text.split(f"BEGIN-{token}", 2)[-1].rsplit(f"END-{token}", 1)[0].strip()
+
+
+async def assert_clock_is_the_hosts(machine: Machine) -> None:
+    """The guest's wall clock reads the host's time (to the second), however long the call takes."""
+    before = int(time.time())
+    guest = int(await shell(machine, "date +%s"))
+    assert before - 1 <= guest <= int(time.time()) + 1

@@ -1,0 +1,61 @@
+"""Helpers for tests that use network namespaces: run code inside one, what passt needs in one,
+and the packets the tests build by hand."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+HOST_ADDRESS, GATEWAY = "10.0.2.15", "10.0.2.2"
+WIRE = (
+    "link set lo up",
+    "tuntap add dev wire0 mode tap",
+    f"addr add {HOST_ADDRESS}/24 dev wire0",
+    "link set wire0 up",
+    f"route add default via {GATEWAY} dev wire0 onlink",
+)
+"""``ip`` commands that give a network namespace what passt needs: an address and a default route
+(through a TAP device nobody reads: nothing leaves the machine)."""
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that joined network namespace ``name``; fds it opens stay there."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{name}") as ns:
+            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                errors.append(OSError(ctypes.get_errno(), "setns"))
+                return
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo(type_: int, ident: int, payload: bytes) -> bytes:
+    body = struct.pack("!BBHHH", type_, 0, 0, ident, 1) + payload
+    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]

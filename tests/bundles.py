@@ -1,8 +1,12 @@
-"""Helpers for tests of the bundle format: the contents of a small, realistic bundle."""
+"""Helpers for tests of the bundle format: the contents of a small, realistic bundle, and a writer's
+temporary files (to kill a writer midway and look for what it left)."""
 
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from smolformat import BundleContents, make_metadata, samples
@@ -32,3 +36,21 @@ def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | Non
         initrd=b"070701" * 50,
         metadata=make_metadata("kvm-pvm", labels={"app": "demo"}, parent_digest=bytes(32)),
     )
+
+
+def leftovers(directory: Path, name: str) -> list[str]:
+    """Temporary files of a writer of ``name`` in ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}."))
+
+
+def kill_when(process: subprocess.Popen[bytes], directory: Path, name: str, size: int) -> bool:
+    """SIGKILL ``process`` once its temporary file for ``name`` holds ``size`` bytes; False if it
+    ended first."""
+    while process.poll() is None:
+        temps = [directory / t for t in leftovers(directory, name)]
+        if any(t.exists() and t.stat().st_size >= size for t in temps):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    return False

@@ -9,14 +9,12 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_format_bundle import contents
+from bundles import contents, kill_when, leftovers
 
 from smolformat import open_bundle, samples, write_bundle
 from smolformat.tempnames import owned_prefix, remove_stale
@@ -26,24 +24,6 @@ RAM = 96 << 20
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def leftovers(directory: Path, name: str) -> list[str]:
-    """Temporary files of a writer of ``name`` in ``directory``."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}."))
-
-
-def kill_when(process: subprocess.Popen[bytes], directory: Path, name: str, size: int) -> bool:
-    """SIGKILL ``process`` once its temporary file for ``name`` holds ``size`` bytes; False if it
-    ended first."""
-    while process.poll() is None:
-        temps = [directory / t for t in leftovers(directory, name)]
-        if any(t.exists() and t.stat().st_size >= size for t in temps):
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.002)
-    return False
 
 
 @pytest.fixture(scope="module")

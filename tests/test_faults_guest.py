@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_boot import GUEST_TIMEOUT
-from test_faults import kill_when, leftovers
+from bundles import kill_when, leftovers
+from guests import GUEST_TIMEOUT
 
 from smolformat import verify_bundle
 

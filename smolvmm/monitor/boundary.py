@@ -162,7 +162,7 @@ def admit_arm64_vcpu(state: Mapping[str, Any], vcpu_id: int) -> AdmittedVcpu:
     """Check one saved arm64 vCPU: every register one smolvmm saves (``smolvmm.arch.arm64.state``)."""
     try:
         return AdmittedVcpu(arm64_state.VcpuState.from_record(state).to_record())
-    except ValueError as exc:
+    except (ValueError, BundleError) as exc:  # the arm64 state module names the register, this the section
         raise refuse(f"VCPU_STATE#{vcpu_id}", str(exc)) from None
 
 
@@ -170,7 +170,7 @@ def admit_arm64_vm(state: Mapping[str, Any]) -> dict[str, Any]:
     """Check the saved arm64 VGIC distributor: only the registers smolvmm saves."""
     try:
         return arm64_state.VmState.from_record(state).to_record()
-    except ValueError as exc:
+    except (ValueError, BundleError) as exc:  # the arm64 state module names the register, this the section
         raise refuse("VM_STATE", str(exc)) from None
 
 

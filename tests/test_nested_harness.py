@@ -21,7 +21,17 @@ import pytest
 from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, NestedRun, combine, next_tests
 
 from smolvmm.host.kvmprobe import probe
-from smolvmm.nested.harness import NESTED_FROZE, Job, forwarded_env, job_script
+from smolvmm.nested.harness import (
+    APPEND_ENV,
+    NESTED_FROZE,
+    QEMU_ARGS_ENV,
+    Job,
+    MachineSettings,
+    forwarded_env,
+    job_script,
+    machine_settings,
+    qemu_command,
+)
 from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
@@ -232,6 +242,31 @@ def test_the_watchdog_bound_comes_from_the_environment() -> None:
     assert (
         result.returncode == 2 and "SMOLVMM_NESTED_WATCHDOG must be a number of seconds > 0, not 'x'" in result.stderr
     )
+
+
+def test_extra_kernel_arguments_and_qemu_options_come_from_the_environment(tmp_path: Path) -> None:
+    assert machine_settings({}) == MachineSettings()
+    settings = machine_settings({APPEND_ENV: " idle=poll  nohz=off ", QEMU_ARGS_ENV: "-icount 'shift=auto,sleep=on'"})
+    assert settings == MachineSettings("idle=poll  nohz=off", ("-icount", "shift=auto,sleep=on"))
+    argv = qemu_command(tmp_path / "k", tmp_path / "i", tmp_path, [], settings)
+    cmdline = argv[argv.index("-append") + 1]
+    assert " idle=poll  nohz=off smolvmm.job=" in cmdline and "softlockup_panic=1" in cmdline
+    assert argv[-2:] == ["-icount", "shift=auto,sleep=on"] and argv[argv.index("-accel") + 1] == "tcg"
+    # an -accel of one's own replaces the harness's (QEMU would treat a second one as an unused fallback)
+    argv = qemu_command(
+        tmp_path / "k", tmp_path / "i", tmp_path, [], machine_settings({QEMU_ARGS_ENV: "-accel tcg,thread=single"})
+    )
+    assert [arg for arg in argv if arg.startswith("tcg")] == ["tcg,thread=single"]
+    assert qemu_command(tmp_path / "k", tmp_path / "i", tmp_path, []) == qemu_command(
+        tmp_path / "k", tmp_path / "i", tmp_path, [], machine_settings({})
+    )
+    with pytest.raises(ValueError, match="SMOLVMM_NESTED_QEMU_ARGS cannot be split into arguments"):
+        machine_settings({QEMU_ARGS_ENV: "-name 'unbalanced"})
+    with pytest.raises(ValueError, match="SMOLVMM_NESTED_APPEND holds a control character"):
+        machine_settings({APPEND_ENV: "quiet\ninit=/bin/sh"})
+    result = subprocess.run([str(TOOL), "true"], capture_output=True, text=True, env={**os.environ, QEMU_ARGS_ENV: "'"})
+    assert result.returncode == 2 and "SMOLVMM_NESTED_QEMU_ARGS cannot be split" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:

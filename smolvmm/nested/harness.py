@@ -30,6 +30,10 @@ HARNESS_FAILURE = 125
 NESTED_FROZE = 124
 """The exit status of tools/nested-kvm when its watchdog found the nested machine frozen."""
 QEMU = "qemu-system-x86_64"
+APPEND_ENV = "SMOLVMM_NESTED_APPEND"
+"""Extra arguments for the nested machine's kernel command line (appended to the harness's)."""
+QEMU_ARGS_ENV = "SMOLVMM_NESTED_QEMU_ARGS"
+"""Extra QEMU options, split like a shell would (after the harness's; an ``-accel`` here replaces its own)."""
 _FORWARDED = {"PATH", "HOME", "VIRTUAL_ENV", "XDG_CACHE_HOME", "TERM", "LANG", "LANGUAGE", "TZ", "USER", "CI"}
 _FORWARDED_PREFIXES = ("SMOLVMM_", "PYTHON", "LC_")
 _PR_SET_PDEATHSIG = 1
@@ -56,6 +60,30 @@ class NestedMachineFroze(HarnessError):
         self.threads = threads
 
 
+@dataclass(frozen=True)
+class MachineSettings:
+    """Settings tried against the x86 nested machine's freezes without editing code (BENCHMARKS.md)."""
+
+    append: str = ""
+    """Appended to the nested kernel's command line as written."""
+    qemu_args: tuple[str, ...] = ()
+
+
+def machine_settings(env: Mapping[str, str] = os.environ) -> MachineSettings:
+    """The extra settings ``$SMOLVMM_NESTED_APPEND`` and ``$SMOLVMM_NESTED_QEMU_ARGS`` ask for.
+
+    Raises ValueError, with one line naming the variable, for a control character or unbalanced quotes.
+    """
+    append, qemu_args = env.get(APPEND_ENV, "").strip(), env.get(QEMU_ARGS_ENV, "")
+    for name, text in ((APPEND_ENV, append), (QEMU_ARGS_ENV, qemu_args)):
+        if not text.isprintable():
+            raise ValueError(f"{name} holds a control character: {text!r}")
+    try:
+        return MachineSettings(append, tuple(shlex.split(qemu_args)))
+    except ValueError as exc:
+        raise ValueError(f"{QEMU_ARGS_ENV} cannot be split into arguments ({exc}): {qemu_args!r}") from None
+
+
 @dataclass
 class Job:
     """A command to run inside the nested machine."""
@@ -67,6 +95,8 @@ class Job:
     timeout: float = 1800.0
     watchdog: float = field(default_factory=watchdog_bound)
     """Seconds without a heartbeat after which the machine counts as frozen (``$SMOLVMM_NESTED_WATCHDOG``)."""
+    settings: MachineSettings = field(default_factory=machine_settings)
+    """Extra kernel arguments and QEMU options (``$SMOLVMM_NESTED_APPEND``, ``$SMOLVMM_NESTED_QEMU_ARGS``)."""
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -97,7 +127,9 @@ def host_tsc_khz() -> int | None:
     return round(float(match.group(1)) * 1000) if match else None
 
 
-def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]) -> list[str]:
+def qemu_command(
+    kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path], settings: MachineSettings = MachineSettings()
+) -> list[str]:
     """The QEMU invocation: q35, TCG with SVM + nested paging, host root over 9p, four ports.
 
     One vCPU: with two (multi-threaded TCG), QEMU 7.2's emulation corrupts memory under load:
@@ -107,18 +139,22 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
     under the overlay, which takes at most half of it; 2 GiB ran out of space in the suite.
     The inner kernel's lockup detectors panic (which ends QEMU: -no-reboot) so that a stuck
     kernel leaves its reason on the console instead of a silent freeze.
+    ``settings`` add kernel arguments and QEMU options; an ``-accel`` among them replaces ``-accel tcg``
+    (QEMU would take a second one as a fallback, never used).
     """
     tsc = host_tsc_khz()
     cmdline = (
         "console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
         " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else "")
     )
+    if settings.append:
+        cmdline += " " + settings.append
+    accel = [] if "-accel" in settings.qemu_args else ["-accel", "tcg"]
     args = [
         QEMU,
         "-M",
         "q35",
-        "-accel",
-        "tcg",
+        *accel,
         "-cpu",
         "EPYC-Rome,+svm,+npt,-xsaves",
         "-m",
@@ -137,7 +173,7 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, outs: Sequence[Path]
         "-append",
         f"{cmdline} smolvmm.job={workdir}/job",
     ]
-    return args + job_devices(workdir, outs)
+    return args + job_devices(workdir, outs) + list(settings.qemu_args)
 
 
 def job_devices(workdir: Path, outs: Sequence[Path]) -> list[str]:
@@ -197,7 +233,9 @@ def run(job: Job, stdout: int = 1, stderr: int = 2) -> int:
     if shutil.which(QEMU) is None:
         raise HarnessError(f"{QEMU} not found: apt-get install qemu-system-x86")
     kernel, initrd = nested_image()
-    return run_machine(job, lambda workdir: qemu_command(kernel, initrd, workdir, job.outs), stdout, stderr)
+    return run_machine(
+        job, lambda workdir: qemu_command(kernel, initrd, workdir, job.outs, job.settings), stdout, stderr
+    )
 
 
 def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1, stderr: int = 2) -> int:

@@ -60,7 +60,7 @@ def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[DoubleHost]:
     monkeypatch.setattr(vm_module, "open_hypervisor", host.open)
     monkeypatch.setattr(restore_module, "open_hypervisor", host.open)
     # No guest agent answers here: a snapshot does not wait for one.
-    monkeypatch.setattr(machine_module, "SYNC_TIMEOUT", 0)
+    monkeypatch.setattr(machine_module, "AGENT_START_WAIT", 0)
     real_run = MmioTransport.run
 
     async def journaled_run(self: MmioTransport) -> None:

@@ -35,7 +35,8 @@ from smolvmm.errors import AgentError, AgentTooOld
 
 AGENT_LABEL = "smolvmm.agent"
 LABEL_V2 = "2"  # the label's value for a bundle whose agent speaks protocol 2 (protocol 1 wrote "yes")
-SYNC_TIMEOUT = 10.0
+SYNC_TIMEOUT = 30.0  # an agent's answer to the monitor's calls at restore and snapshot: an emulated guest under load
+# took over 10 s to take its environment (a broken or hostile agent costs this long once, then its machine runs without)
 READY_TIMEOUT = 300.0  # a booting guest starts its agent after its drivers load (slow when emulated)
 MAX_CALLS = 64
 CALL_BUDGET = 2 * protocol.WINDOW + 64 * (protocol.HEADER.size + 64) + protocol.MAX_PAYLOAD

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from smolvmm.agent.channel import AGENT_LABEL, LABEL_V2, SYNC_TIMEOUT, TOO_OLD, AgentPort, Identity
+from smolvmm.agent.channel import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
 from smolvmm.agent.files import GuestFiles
 from smolvmm.agent.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
 from smolvmm.config import MachineConfig, NetConfig, PortForward
@@ -34,6 +34,8 @@ from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
 from smolvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from smolvmm.monitor.vm import VirtualMachine
+
+AGENT_START_WAIT = 10.0  # seconds a snapshot waits for a guest's agent to announce itself (once per machine)
 
 if TYPE_CHECKING:
     from smolvmm.host.jail import Jail
@@ -477,7 +479,7 @@ class Machine:
         if self._agent_absent:
             return False
         try:
-            await self._agent.wait_ready(SYNC_TIMEOUT)
+            await self._agent.wait_ready(AGENT_START_WAIT)
         except AgentTooOld:
             return True  # protocol 1 announces nothing: its sync says
         except AgentError:

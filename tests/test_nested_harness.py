@@ -32,7 +32,7 @@ from smolvmm.nested.harness import (
     machine_settings,
     qemu_command,
 )
-from smolvmm.nested.watchdog import WATCHDOG_ENV, Heartbeat, watchdog_bound
+from smolvmm.nested.watchdog import POKE_AFTER, WATCHDOG_ENV, Heartbeat, watchdog_bound
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 needs_qemu = pytest.mark.skipif(
@@ -228,6 +228,10 @@ def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_pat
     assert f"--- all the evidence: {tmp_path / 'evidence.log'} ---" in stderr
     evidence = (tmp_path / "evidence.log").read_text()
     assert "State:\tT (stopped)" in evidence and "the job's last activity: step-42" in evidence
+    # a stopped QEMU was poked every 5 s of silence, and no beat followed
+    assert re.search(
+        r"^pokes of QEMU's main loop: .* [1-9]\d* time\(s\); a beat followed .* 0 time\(s\)$", evidence, re.M
+    )
     assert "--- QEMU monitor: info registers ---" in evidence and "--- nested console (last 200 lines) ---" in evidence
     assert qemu_pids(str(tmp_path)) == set()
 
@@ -278,6 +282,22 @@ def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:
     heartbeat.feed(b"x" * 100_000)
     heartbeat.feed(b"\nbeat " + b"y" * 10_000 + b"\n")
     assert heartbeat.beats == 4 and heartbeat.activity == "y" * 4091 and not heartbeat.frozen()
+
+
+def test_a_silent_machine_is_poked_and_a_beat_after_the_poke_counts_as_woken(tmp_path: Path) -> None:
+    heartbeat = Heartbeat(60, os.getpid())
+    assert not heartbeat.needs_poke()  # before the first beat: the boot, not a silence
+    heartbeat.feed(b"beat a\n")
+    heartbeat.last -= POKE_AFTER  # a silence as long as the poke threshold
+    assert heartbeat.needs_poke()
+    heartbeat.poke(tmp_path / "no-monitor")  # no QEMU listening: the poke must not fail
+    assert not heartbeat.needs_poke() and heartbeat.poke_summary().endswith(
+        "1 time(s); a beat followed a poke of QEMU's main loop 0 time(s)"
+    )
+    heartbeat.feed(b"beat a\n")
+    assert (heartbeat.pokes, heartbeat.woken) == (1, 1)
+    heartbeat.feed(b"beat a\n")
+    assert heartbeat.woken == 1  # only the first beat after a poke
 
 
 def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:

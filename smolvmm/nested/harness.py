@@ -269,7 +269,10 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
             )
         heartbeat = Heartbeat(job.watchdog, qemu.pid)
         try:
-            status, stopped = _pump(qemu, listeners, {PORTS[0]: stdout, PORTS[1]: stderr}, job.timeout, heartbeat)
+            sinks = {PORTS[0]: stdout, PORTS[1]: stderr}
+            status, stopped = _pump(qemu, listeners, sinks, job.timeout, heartbeat, workdir / "monitor")
+            if heartbeat.poke_summary() and not stopped:  # a stopped machine's evidence says it
+                os.write(stderr, f"nested-kvm: {heartbeat.poke_summary()}\n".encode())
             if stopped:
                 message = heartbeat.headline() if stopped == "froze" else f"timed out after {job.timeout:g} s"
                 report = evidence(message, qemu.pid, workdir / "console.log", workdir / "monitor", heartbeat)
@@ -296,6 +299,7 @@ def _pump(
     sinks: dict[str, int],
     timeout: float,
     heartbeat: Heartbeat,
+    monitor_socket: Path,
 ) -> tuple[int | None, str]:
     """Copy port data to ``sinks`` and beats to ``heartbeat`` until QEMU exits; return the reported exit
     status, if any, and "".
@@ -314,6 +318,8 @@ def _pump(
                 return None, "timed out"
             if heartbeat.frozen() and not exited:
                 return None, "froze"
+            if heartbeat.needs_poke() and not exited:
+                heartbeat.poke(monitor_socket)
             events = selector.select(0 if exited else min(remaining, 0.5))
             if exited and not events:
                 break

@@ -64,17 +64,29 @@ def progress(pid: int) -> Progress:
     return Progress(fields[0], (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, syscalls)
 
 
+POKE_AFTER = 5.0
+"""Seconds without a heartbeat after which the harness pokes QEMU's main loop (a monitor query). The
+freezes seen so far looked like a main loop asleep past a timer deadline it had lost (its thread in
+ppoll, the guest's timer interrupt missing for a minute, and the guest waking when the harness next
+talked to QEMU): any event on one of its file descriptors wakes it and it runs the overdue timers.
+Well under the inner kernel's 20 s soft-lockup threshold, which panics it (softlockup_panic=1)."""
+
+
 @dataclass
 class Heartbeat:
     """QEMU ``pid``'s heartbeat port: how many beats, the host's monotonic time of the last one (at first,
-    QEMU's start), the job's activity it carried and QEMU's progress then."""
+    QEMU's start), the job's activity it carried and QEMU's progress then; how often a silence was poked
+    and how often a beat followed the poke."""
 
     bound: float
     pid: int
     last: float = field(default_factory=time.monotonic)
     beats: int = 0
     activity: str = ""
+    pokes: int = 0
+    woken: int = 0
     at_last: Progress = field(init=False)
+    _poked_at: float | None = field(default=None, init=False, repr=False)
     _partial: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,9 +100,32 @@ class Heartbeat:
             if line.startswith(b"beat"):
                 self.beats += 1
                 self.last = time.monotonic()
+                if self._poked_at is not None:
+                    self.woken += 1
+                    self._poked_at = None
                 text = line[5:_MAX_LINE].decode(errors="replace").strip()
                 self.activity = "".join(c if c.isprintable() else "?" for c in text)  # the guest wrote it
                 self.at_last = progress(self.pid)
+
+    def needs_poke(self) -> bool:
+        """Silent for POKE_AFTER seconds since the last beat or poke (never before the first beat: the boot)."""
+        since = max(self.last, self._poked_at or 0.0)
+        return self.beats > 0 and time.monotonic() - since >= POKE_AFTER
+
+    def poke(self, monitor_socket: Path) -> None:
+        """Wake QEMU's main loop with a harmless monitor query."""
+        self.pokes += 1
+        self._poked_at = time.monotonic()
+        monitor(monitor_socket, "info status", timeout=1.0)
+
+    def poke_summary(self) -> str:
+        """One line on the pokes, or "" if there were none."""
+        if not self.pokes:
+            return ""
+        return (
+            f"the heartbeat paused {POKE_AFTER:g} s or more {self.pokes} time(s); a beat followed a poke of"
+            f" QEMU's main loop {self.woken} time(s)"
+        )
 
     def silent_for(self) -> float:
         """Host seconds since the last beat."""
@@ -176,6 +211,7 @@ def evidence(headline: str, pid: int, console: Path, monitor_socket: Path, heart
     parts = [
         f"{when}: {headline}",
         f"heartbeats received: {heartbeat.beats}; the job's last activity: {heartbeat.activity or '(none reported)'}",
+        f"pokes of QEMU's main loop: {heartbeat.poke_summary() or 'none'}",
         f"--- QEMU (pid {pid}) threads ---\n{threads(pid)}",
         f"--- /proc/{pid}/stat ---\n{_read(proc / 'stat')}",
         f"--- /proc/{pid}/wchan ---\n{_read(proc / 'wchan')}",

@@ -73,7 +73,7 @@ _UTILITIES = {
     "minimal_kernel": "smolvmm.kernel.build",
     "HostKvm": "smolvmm.host.kvmprobe",
     "probe_host": "smolvmm.host.kvmprobe:probe",
-    "cache_root": "smolvmm.host.cache",
+    "cache_root": "smolvmm.config",
     "CacheEntry": "smolvmm.images.cache",
     "cache_entries": "smolvmm.images.cache",
     "prune_cache": "smolvmm.images.cache",

@@ -398,16 +398,18 @@ def write_once(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where smolvmm keeps what it builds and fetches: ``$XDG_CACHE_HOME/smolvmm`` (``~/.cache/smolvmm``
+    when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "smolvmm"
+
+
 def bundle_file(digest: bytes, directory: str, name: str, content: bytes | Callable[[Path], None]) -> Path:
     """The read-only cache file ``directory/<digest>/name`` holding ``content`` (bytes, or a
-    function that writes the file at the path it is given), written once.
-
-    The cache is ``${XDG_CACHE_HOME:-~/.cache}/smolvmm``, as ``smolvmm.host.cache.cache_root``
-    (a layer above this module) says.
-    """
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolvmm"
+    function that writes the file at the path it is given), written once."""
     write = content if callable(content) else lambda partial: partial.write_bytes(content)
-    return write_once(root / directory / digest.hex() / name, write)
+    return write_once(cache_root() / directory / digest.hex() / name, write)
 
 
 def bundle_disk(bundle: smolformat.Bundle, index: int) -> Path:

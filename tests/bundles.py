@@ -3,6 +3,7 @@ temporary files (to kill a writer midway and look for what it left)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import signal
 import subprocess
@@ -54,3 +55,8 @@ def kill_when(process: subprocess.Popen[bytes], directory: Path, name: str, size
             return True
         time.sleep(0.002)
     return False
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes (to show a file was not changed)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

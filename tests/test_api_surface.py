@@ -84,7 +84,7 @@ MOVED = {
     "minimal_kernel": "smolvmm.kernel.build.minimal_kernel",
     "HostKvm": "smolvmm.host.kvmprobe.HostKvm",
     "probe_host": "smolvmm.host.kvmprobe.probe",
-    "cache_root": "smolvmm.host.cache.cache_root",
+    "cache_root": "smolvmm.config.cache_root",
     "CacheEntry": "smolvmm.images.cache.CacheEntry",
     "cache_entries": "smolvmm.images.cache.cache_entries",
     "prune_cache": "smolvmm.images.cache.prune_cache",

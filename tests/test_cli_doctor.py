@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm.host.cache import cache_root
+from smolvmm.config import cache_root
 from smolvmm.host.kvmprobe import probe
 
 

@@ -6,7 +6,6 @@ one line with nothing left behind. Real processes, a real small tmpfs. The guest
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,16 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundles import contents, kill_when, leftovers
+from bundles import contents, digest, kill_when, leftovers
 
 from smolformat import open_bundle, samples, write_bundle
 from smolformat.tempnames import owned_prefix, remove_stale
 
 RAM = 96 << 20
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ during a save is one line while the machine runs on."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -15,16 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from bundles import kill_when, leftovers
+from bundles import digest, kill_when, leftovers
 from guests import GUEST_TIMEOUT
 
 from smolformat import verify_bundle
 
 pytestmark = pytest.mark.kvm
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def smolvmm(*args: str, env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]:

@@ -22,7 +22,7 @@ def remove_stale(directory: str | os.PathLike[str], stem: str) -> list[Path]:
         return removed
     for entry in entries:
         pid_text, dot, _ = entry.name.removeprefix(f"{stem}.").partition(".")
-        if not entry.name.startswith(f"{stem}.") or not dot or not pid_text.isdigit() or _running(int(pid_text)):
+        if not entry.name.startswith(f"{stem}.") or not dot or not pid_text.isdigit() or running(int(pid_text)):
             continue
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
@@ -33,7 +33,8 @@ def remove_stale(directory: str | os.PathLike[str], stem: str) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             status: int = module.run(name, args)
             return status
     except BaseException as exc:
-        leaf = _leaf(exc)
+        leaf = cli_status.leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return cli_status.INTERRUPTED
         if isinstance(leaf, BrokenPipeError):
@@ -105,13 +105,6 @@ def _typo(word: str) -> str | None:
         return None
     close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
     return close[0] if close else None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first error inside ``exc`` (task groups wrap them)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
-    return exc
 
 
 def _one_line(exc: BaseException) -> str:

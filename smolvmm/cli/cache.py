@@ -24,7 +24,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(name: str, args: argparse.Namespace) -> int:
-    from smolvmm.host.cache import cache_root
+    from smolvmm.config import cache_root
     from smolvmm.images.cache import cache_entries, prune_cache
 
     root = cache_root()

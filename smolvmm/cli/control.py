@@ -121,7 +121,7 @@ async def _client(machine: smolvmm.Machine, client: SocketStream) -> None:
                     tg.cancel_scope.cancel()
             await send(EXIT, json.dumps({"status": status}).encode())
         except Exception as exc:  # a client's failure ends its connection, never the machine
-            await _answer_failure(send, _leaf(exc))
+            await _answer_failure(send, cli_status.leaf(exc))
 
 
 Send = Callable[[bytes, bytes], Awaitable[None]]
@@ -139,13 +139,6 @@ async def _answer_failure(send: Send, exc: BaseException) -> None:
         await send(ERROR, message)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first error inside ``exc`` (task groups wrap them)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _stdin_from(incoming: BufferedByteReceiveStream, process: smolvmm.Process) -> None:

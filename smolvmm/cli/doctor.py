@@ -70,7 +70,7 @@ def run(name: str, args: argparse.Namespace) -> int:
 
 def examine() -> dict[str, Any]:
     """Every finding, as plain data."""
-    from smolvmm.host.cache import cache_root
+    from smolvmm.config import cache_root
     from smolvmm.host.kvmprobe import probe
     from smolvmm.images.cache import cache_entries
 

@@ -36,6 +36,13 @@ def for_exit(end: smolvmm.MachineExit) -> int:
     return OK
 
 
+def leaf(exc: BaseException) -> BaseException:
+    """The first error inside ``exc`` (task groups wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = next((e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)), exc.exceptions[0])
+    return exc
+
+
 def for_error(exc: BaseException) -> int:
     """The status for an error that ended a command."""
     if isinstance(exc, smolvmm.ConfigError):

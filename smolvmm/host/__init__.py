@@ -1,1 +1,1 @@
-"""Host plumbing: guest memory mappings, eventfds, the cffi module, the cache directory, what /dev/kvm is, the jail."""
+"""Host plumbing: guest memory mappings, eventfds, the cffi module, what /dev/kvm is, the jail."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import cffi
 
-from smolvmm.host.cache import cache_root
+from smolvmm.config import cache_root
 
 
 def _parsed(cdef: str) -> Any:

@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smolvmm.config import write_once
-from smolvmm.host.cache import cache_root
+from smolvmm.config import cache_root, write_once
 
 _IMAGES_PACKAGE = Path(__file__).parent
 

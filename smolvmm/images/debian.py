@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolvmm import progress
+from smolvmm.config import cache_root
 from smolvmm.errors import ImageError
-from smolvmm.host.cache import cache_root
 
 _updated = False
 _POLL = 0.25  # seconds between looks at a running apt command (its download's size)

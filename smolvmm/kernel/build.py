@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smolvmm import progress
+from smolvmm.config import cache_root
 from smolvmm.errors import ImageError
-from smolvmm.host.cache import cache_root
 from smolvmm.images.cache import cached_build
 from smolvmm.images.debian import Package
 from smolvmm.kernel import config

@@ -19,8 +19,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from smolvmm.config import cache_root
 from smolvmm.errors import ImageError
-from smolvmm.host.cache import cache_root
 from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.cpio import Initramfs

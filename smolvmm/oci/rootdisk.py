@@ -10,8 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from smolvmm.config import cache_root
 from smolvmm.errors import ImageError
-from smolvmm.host.cache import cache_root
 from smolvmm.oci.layers import Budget, apply_layers
 from smolvmm.oci.manifest import Image
 

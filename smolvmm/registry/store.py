@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from smolformat.tempnames import owned_prefix, running
+from smolvmm.config import cache_root
 from smolvmm.errors import RegistryError
-from smolvmm.host.cache import cache_root
 from smolvmm.registry.artifact import PAGE, page_hashes
 
 
@@ -47,7 +48,7 @@ class BlobStore:
     def _remove_orphans(self) -> None:
         for part in self.blobs.glob(".*.part"):
             pid = part.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not running(int(pid)):
                 part.unlink(missing_ok=True)
 
     def path(self, digest: str) -> Path:
@@ -65,7 +66,7 @@ class BlobStore:
     def writing(self, digest: str) -> Iterator[BinaryIO]:
         """A file for blob ``digest``, renamed into place when the block ends without an error."""
         final = self.path(digest)
-        part = final.with_name(f".{final.name}.{os.getpid()}.part")
+        part = final.with_name(owned_prefix(f".{final.name}") + "part")
         try:
             with open(part, "wb") as file:
                 yield file
@@ -136,13 +137,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -189,6 +189,11 @@ def test_a_detached_machine_runs_in_the_background_and_is_attached_to(bundle: Pa
             hostile.sendall(b"R\xff\xff\xff\xff")  # a 4 GiB request
             answer = b"".join(iter(lambda: hostile.recv(4096), b""))  # until the machine closes it
             assert answer.startswith(b"!") and b"over the" in answer
+        # more input than a command that does not read it takes: its status still comes back
+        done = subprocess.run(
+            [*exec_in, "true"], input="y\n" * 500_000, capture_output=True, text=True, env=env, timeout=60
+        )
+        assert (done.returncode, done.stderr) == (0, "")
         done = subprocess.run([*exec_in, "cat", "/no/such/file"], capture_output=True, text=True, env=env, timeout=60)
         assert done.returncode == 1 and "No such file" in done.stderr and done.stdout == ""
         attached = subprocess.run(

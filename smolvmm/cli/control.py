@@ -142,15 +142,18 @@ async def _answer_failure(send: Send, exc: BaseException) -> None:
 
 
 async def _stdin_from(incoming: BufferedByteReceiveStream, process: smolvmm.Process) -> None:
-    while (received := await read_frame(incoming)) is not None:
-        kind, payload = received
-        if kind == STDIN:
-            await process.stdin.send(payload)
-        elif kind == STDIN_END:
-            await process.stdin.aclose()
-        else:
-            raise ControlError(f"unexpected frame {kind!r} after the request")
-    await process.stdin.aclose()
+    try:
+        while (received := await read_frame(incoming)) is not None:
+            kind, payload = received
+            if kind == STDIN:
+                await process.stdin.send(payload)
+            elif kind == STDIN_END:
+                await process.stdin.aclose()
+            else:
+                raise ControlError(f"unexpected frame {kind!r} after the request")
+        await process.stdin.aclose()
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the command ended (or closed its stdin) first: the rest of the input has no reader
 
 
 async def _stream_to(output: AsyncIterator[bytes], send: Send, kind: bytes) -> None:

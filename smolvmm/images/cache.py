@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smolvmm.config import cache_root, write_once
+from smolvmm.config import cache_root
 
 _IMAGES_PACKAGE = Path(__file__).parent
 
@@ -51,11 +51,6 @@ def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def cached_file(path: Path, write: Callable[[Path], object]) -> Path:
-    """The read-only file ``path``, made by ``write(tmp)`` and renamed into place if absent."""
-    return write_once(path, write)
 
 
 # What `smolvmm cache` knows of each top-level directory: how its entries are named and when one is stale.

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from smolformat import x86_64 as fmt
+from smolvmm.arch.interface import HostOffer
 from smolvmm.arch.x86_64 import layout
 from smolvmm.devices.bus import Bus
 from smolvmm.errors import HypervisorError
-from smolvmm.hypervisor.interface import Capabilities, HostOffer, Hypervisor, StateRecord, Stop, StopKind, Vcpu, Vm
+from smolvmm.hypervisor.interface import Capabilities, Hypervisor, StateRecord, Stop, StopKind, Vcpu, Vm
 
 PAGE = 4096
 MP_RUNNABLE, MP_UNINITIALIZED = 0, 1

@@ -12,11 +12,11 @@ import pytest
 import smolformat
 from smolformat import samples
 from smolvmm.arch.arm64 import layout as arm64_layout
+from smolvmm.arch.interface import HostOffer
 from smolvmm.arch.machines import ARCHES, arch_named, host_arch
 from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL, DiskConfig, MachineConfig, NetConfig
 from smolvmm.errors import BundleError, ConfigError
 from smolvmm.host.memory import GuestMemory
-from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.plan import ConsolePort, Disk, Entropy, MachinePlan, Network, RestoreOverrides
 
 MIB = 1 << 20
@@ -37,6 +37,36 @@ def test_each_arch_keeps_ram_platform_devices_and_virtio_slots_apart(name: str) 
     assert all(end <= start for (_, end), (start, _) in zip(windows, windows[1:]))
     lines = [irq for _, irq in slots] + [d.irq for d in arch.platform_devices if d.irq]
     assert len(set(lines)) == len(lines)
+
+
+def test_both_arch_packages_have_the_same_modules_and_state_rules() -> None:
+    import importlib
+    import pkgutil
+
+    import smolvmm.arch.arm64
+    import smolvmm.arch.x86_64
+
+    shared = {"boot", "image", "layout", "machine", "regs", "state"}
+    for package in (smolvmm.arch.x86_64, smolvmm.arch.arm64):
+        modules = {info.name for info in pkgutil.iter_modules(package.__path__)}
+        assert shared <= modules, package.__name__
+        state = importlib.import_module(f"{package.__name__}.state")
+        assert callable(state.admit_vcpu) and callable(state.admit_vm)
+
+
+def test_each_arch_refuses_saved_state_naming_the_field() -> None:
+    offer = HostOffer(4096, {(0, 0): (0, 0, 0, 0)}, frozenset({0x10}))
+    x86_vm = samples.x86_64_vm_state()
+    with pytest.raises(BundleError, match=r"^ioapic\.base_address: 0x0, not 0xfec00000$"):
+        arch_named("x86_64").admit_vm_state({**x86_vm, "ioapic": {**x86_vm["ioapic"], "base_address": 0}})
+    arm64_vm = {"gic_nr_irqs": arm64_layout.NR_IRQS, "gic_distributor": [{"offset": 0xFFFF, "value": 0}]}
+    with pytest.raises(BundleError, match=r"^gic_distributor: the arm64 distributor register 0xffff is not one"):
+        arch_named("arm64").admit_vm_state({**arm64_vm, "gic_line_levels": []})
+    from smolvmm.arch.arm64 import regs, state
+
+    no_mpidr = state.VcpuState(regs.MpState.RUNNABLE, tuple((r, 0) for r in regs.CORE_REGISTERS), (), (), (), ())
+    with pytest.raises(BundleError, match=r"^sys_regs: no MPIDR_EL1"):
+        arch_named("arm64").admit_vcpu_state(no_mpidr.to_record(), offer, strict=True)
 
 
 def test_arm64_loads_linux_through_the_interface_with_its_device_tree_in_x0() -> None:
@@ -145,5 +175,7 @@ def test_saved_arm64_state_is_admitted_register_by_register() -> None:
     admitted_vm, (admitted,) = admit_state(arch_named("arm64"), vm.to_record(), [vcpu.to_record()], offer, strict=True)
     assert state.VcpuState.from_record(admitted.state) == vcpu and state.VmState.from_record(admitted_vm) == vm
     unknown = {**vcpu.to_record(), "sys_regs": [{"id": 0x6030_0000_0013_FFFF, "value": 1}]}
-    with pytest.raises(BundleError, match=r"VCPU_STATE#0: the arm64 system register 0x60300000001\w+ is not one"):
+    with pytest.raises(
+        BundleError, match=r"VCPU_STATE#0 sys_regs: the arm64 system register 0x60300000001\w+ is not one"
+    ):
         admit_state(arch_named("arm64"), vm.to_record(), [unknown], offer, strict=True)

@@ -16,9 +16,9 @@ import pytest
 
 from smolformat import samples
 from smolvmm import BundleError, Machine
+from smolvmm.arch.interface import HostOffer
 from smolvmm.arch.x86_64.machine import ARCH as X86_64
 from smolvmm.hypervisor import open_hypervisor
-from smolvmm.hypervisor.interface import HostOffer
 from smolvmm.monitor.boundary import admit_devices, admit_vcpu, admit_vm
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"

@@ -5,8 +5,9 @@ is loaded into it. Each architecture package has the same modules (``layout``, `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from smolvmm.host.memory import GuestMemory
 
@@ -29,6 +30,28 @@ class BootEntry:
 
     entry: int
     argument: int
+
+
+@dataclass(frozen=True)
+class HostOffer:
+    """What this host's hypervisor takes as saved vCPU state, as its backend reports it: on x86_64
+    the XSAVE area's exact size, the CPUID leaves (function, index) -> (eax, ebx, ecx, edx) it
+    supports and the MSRs it can save and restore (an arm64 host offers none of these)."""
+
+    xsave_size: int
+    cpuid: Mapping[tuple[int, int], tuple[int, int, int, int]]
+    msrs: frozenset[int]
+
+
+@dataclass(frozen=True)
+class AdmittedVcpu:
+    """A saved vCPU's record as plain data, every value within what the host takes; a
+    measured-only restore leaves out what the host lacks: ``dropped`` values, each line of
+    ``left_out`` naming some ("field: what")."""
+
+    state: dict[str, Any]
+    dropped: int = 0
+    left_out: tuple[str, ...] = ()
 
 
 class Arch(Protocol):
@@ -64,4 +87,15 @@ class Arch(Protocol):
         """Load ``kernel`` (the architecture's image format), ``initrd`` and ``cmdline`` into
         ``memory`` with the firmware tables (ACPI, device tree) that describe ``vcpus`` and the
         first ``virtio_count`` virtio slots; ImageError or ConfigError when they do not fit."""
+        ...
+
+    def admit_vcpu_state(self, record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> AdmittedVcpu:
+        """A saved vCPU (a ``smolformat.<arch>.VcpuState`` value) as plain data, if the
+        architecture and ``offer`` take every value; BundleError "field: what" otherwise. Values
+        the host lacks are refused when ``strict``, else left out."""
+        ...
+
+    def admit_vm_state(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The saved VM-wide state (interrupt controllers, timers) as plain data, if the
+        architecture takes every value; BundleError "field: what" otherwise."""
         ...

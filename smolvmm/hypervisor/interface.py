@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from smolvmm.arch.interface import HostOffer
+
 StateRecord = Mapping[str, Any]
 """A ``smolformat.<arch>.VcpuState`` or ``VmState`` value: the payload of a bundle's VCPU_STATE
 or VM_STATE section, as smolformat builds and parses it."""
@@ -41,17 +43,6 @@ class Capabilities:
     ioeventfd: bool  # ``Vm.ioeventfd``: a guest MMIO write signals an eventfd without an exit
     irqfd: bool  # ``Vm.irqfd``: an eventfd write raises an interrupt line without the monitor
     irqchip: bool  # the interrupt controllers are emulated by the hypervisor, their state in save_state
-
-
-@dataclass(frozen=True)
-class HostOffer:
-    """What this host's hypervisor takes as saved x86_64 vCPU state: the XSAVE area's exact
-    size, the CPUID leaves (function, index) -> (eax, ebx, ecx, edx) it supports, and the MSRs
-    it can save and restore. ``smolvmm.monitor.boundary`` checks a bundle's state against it."""
-
-    xsave_size: int
-    cpuid: Mapping[tuple[int, int], tuple[int, int, int, int]]
-    msrs: frozenset[int]
 
 
 class IoBus(Protocol):

@@ -3,11 +3,13 @@ virtio-mmio above them, RAM from 2 GiB, Linux entered with its device tree in x0
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from smolvmm.arch.arm64 import boot, fdt, layout, regs
+from smolvmm.arch.arm64 import boot, fdt, layout, regs, state
 from smolvmm.arch.arm64.image import parse_image
-from smolvmm.arch.interface import BootEntry, PlatformDevice
+from smolvmm.arch.interface import AdmittedVcpu, BootEntry, HostOffer, PlatformDevice
 from smolvmm.host.memory import GuestMemory
 
 
@@ -46,6 +48,12 @@ class Arm64:
         placed = fdt.Initrd(plan.initrd, len(initrd)) if initrd else None
         boot.load_linux(memory, plan, kernel, initrd, fdt.machine_fdt(machine, mpidrs, cmdline, placed))
         return BootEntry(plan.kernel, plan.dtb)
+
+    def admit_vcpu_state(self, record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> AdmittedVcpu:
+        return state.admit_vcpu(record, offer, strict=strict)
+
+    def admit_vm_state(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return state.admit_vm(record)
 
 
 ARCH = Arm64()

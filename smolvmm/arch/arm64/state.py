@@ -1,4 +1,5 @@
-"""An arm64 vCPU's and VM's state as a snapshot holds it, as plain data, and its records in the
+"""The architecture's rules for an arm64 snapshot: what a saved vCPU and VM may hold (``admit_vcpu``,
+``admit_vm``), and their state as plain data (``VcpuState``, ``VmState``) beside its records in the
 bundle format (``smolformat.arm64.VcpuState`` and ``VmState``).
 
 A backend fills these from its hypervisor (KVM: the one-reg ids of ``regs.py`` and ``timer.py``
@@ -18,6 +19,7 @@ from smolvmm.arch.arm64 import gic, regs
 from smolvmm.arch.arm64.gic import VgicAttr
 from smolvmm.arch.arm64.regs import MpState, OneReg
 from smolvmm.arch.arm64.timer import Timer, TimerState
+from smolvmm.arch.interface import AdmittedVcpu, HostOffer
 from smolvmm.errors import BundleError
 
 RegisterValues = tuple[tuple[OneReg, int], ...]
@@ -30,12 +32,14 @@ _INTID = (1 << gic.LEVEL_INFO_SHIFT) - 1
 _Known = TypeVar("_Known")
 
 
-def _values(known: Mapping[int, _Known], entries: Any, key: str, what: str) -> tuple[tuple[_Known, int], ...]:
-    """(register, value) for each record entry, its register looked up by ``entry[key]``."""
+def _values(
+    known: Mapping[int, _Known], record: Mapping[str, Any], field: str, key: str, what: str
+) -> tuple[tuple[_Known, int], ...]:
+    """(register, value) for each entry of ``record[field]``, its register looked up by ``entry[key]``."""
     values = []
-    for entry in entries:
+    for entry in record[field]:
         if entry[key] not in known:
-            raise BundleError(f"the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
+            raise BundleError(f"{field}: the arm64 {what} {entry[key]:#x} is not one smolvmm saves")
         values.append((known[entry[key]], entry["value"]))
     return tuple(values)
 
@@ -86,15 +90,15 @@ class VcpuState:
     @classmethod
     def _from_record(cls, record: Mapping[str, Any]) -> VcpuState:
         core = fmt.KvmRegs.build(record["core"])
-        sys_regs = _values(_SYSTEM_AND_FIRMWARE, record["sys_regs"], "id", "system register")
+        sys_regs = _values(_SYSTEM_AND_FIRMWARE, record, "sys_regs", "id", "system register")
         mpidr = next((value for reg, value in sys_regs if reg == _MPIDR), None)
         if mpidr is None:
-            raise BundleError("the arm64 vCPU state has no MPIDR_EL1: its GIC registers cannot be placed")
+            raise BundleError("sys_regs: no MPIDR_EL1, so the vCPU's GIC registers cannot be placed")
         redistributor = {attr.attr & _FRAME_OFFSET: attr for attr in gic.redistributor_attrs(mpidr)}
         ctlr_attr = gic.mpidr_field(mpidr) << gic.MPIDR_SHIFT | gic.ICC_CTLR_EL1[1]
         icc_ctlr = next((r["value"] for r in record["gic_cpu_sysregs"] if r["id"] == ctlr_attr), None)
         if icc_ctlr is None:
-            raise BundleError("the arm64 vCPU state has no ICC_CTLR_EL1: its GIC CPU interface cannot be read")
+            raise BundleError("gic_cpu_sysregs: no ICC_CTLR_EL1, so the GIC CPU interface cannot be read")
         cpu_interface = {attr.attr: attr for attr in gic.cpu_interface_attrs(mpidr, icc_ctlr)}
         return cls(
             mp_state=MpState(record["mp_state"]),
@@ -104,8 +108,8 @@ class VcpuState:
             ),
             sys_regs=sys_regs,
             timers=tuple(TimerState(Timer(t["timer"]), t["cntvoff"], t["ctl"], t["cval"]) for t in record["timers"]),
-            redistributor=_values(redistributor, record["gic_redistributor"], "offset", "redistributor register"),
-            cpu_interface=_values(cpu_interface, record["gic_cpu_sysregs"], "id", "GIC CPU interface register"),
+            redistributor=_values(redistributor, record, "gic_redistributor", "offset", "redistributor register"),
+            cpu_interface=_values(cpu_interface, record, "gic_cpu_sysregs", "id", "GIC CPU interface register"),
         )
 
 
@@ -138,6 +142,18 @@ class VmState:
             raise BundleError(f"the arm64 VM state: {exc}") from None
         return cls(
             nr_irqs=nr_irqs,
-            distributor=_values(distributor, record["gic_distributor"], "offset", "distributor register"),
-            line_levels=_values(levels, record["gic_line_levels"], "offset", "line-level word at INTID"),
+            distributor=_values(distributor, record, "gic_distributor", "offset", "distributor register"),
+            line_levels=_values(levels, record, "gic_line_levels", "offset", "line-level word at INTID"),
         )
+
+
+def admit_vcpu(record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> AdmittedVcpu:
+    """A saved vCPU as plain data, holding only the registers smolvmm saves; BundleError "field:
+    what" for any other. (The registers are this module's lists, not ``offer``'s: KVM takes them all.)"""
+    return AdmittedVcpu(VcpuState.from_record(record).to_record())
+
+
+def admit_vm(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved VGIC as plain data, holding only the registers smolvmm saves; BundleError "field:
+    what" for any other."""
+    return VmState.from_record(record).to_record()

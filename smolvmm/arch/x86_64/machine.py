@@ -3,10 +3,12 @@ hole, Linux entered at its 64-bit entry with ACPI tables describing the rest."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from smolvmm.arch.interface import BootEntry, PlatformDevice
-from smolvmm.arch.x86_64 import acpi, boot, layout, regs
+from smolvmm.arch.interface import AdmittedVcpu, BootEntry, HostOffer, PlatformDevice
+from smolvmm.arch.x86_64 import acpi, boot, layout, regs, state
 from smolvmm.arch.x86_64.image import parse_bzimage
 from smolvmm.host.memory import GuestMemory
 
@@ -46,6 +48,12 @@ class X86_64:
         entry = boot.load_linux(memory, image, cmdline, initrd, rsdp)
         regs.write_boot_structures(memory)
         return BootEntry(entry, layout.ZERO_PAGE_ADDR)
+
+    def admit_vcpu_state(self, record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> AdmittedVcpu:
+        return state.admit_vcpu(record, offer, strict=strict)
+
+    def admit_vm_state(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return state.admit_vm(record)
 
 
 ARCH = X86_64()

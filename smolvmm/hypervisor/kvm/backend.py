@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from smolvmm.arch.interface import HostOffer
 from smolvmm.host.kvmprobe import probe
-from smolvmm.hypervisor.interface import Capabilities, HostOffer
+from smolvmm.hypervisor.interface import Capabilities
 from smolvmm.hypervisor.kvm.ioctls import Cap
 from smolvmm.hypervisor.kvm.system import Kvm
 from smolvmm.hypervisor.kvm.x86_64 import X86Vm

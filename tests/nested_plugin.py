@@ -1,7 +1,9 @@
 """Where ``@pytest.mark.kvm`` tests run: directly on hardware KVM, inside tools/nested-kvm on PVM.
 
-On a PVM host the selected kvm tests run in one nested pytest the first time one of them is due;
-each outer kvm item then reports its nested counterpart's outcome, so every test counts once.
+On a PVM host the selected kvm tests run in one nested pytest, started in the background once
+collection ends (the nested machine takes one core, the other tests the other) and waited for
+when the first of them is due, its output printed then; each outer kvm item reports its nested
+counterpart's outcome, so every test counts once.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine; a test that was
 running when two machines stopped fails. The terminal summary lists every such retry, and the
@@ -35,6 +37,7 @@ from smolvmm.images.guest import PREBUILT_ENV, default_guest
 from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
+SLOWEST = 15
 NESTED_TIMEOUT = 2400
 """The nested pytest's overall bound (host clock), well above the per-test timeout (pyproject: 900 s)."""
 MAX_RUNS = 4
@@ -163,6 +166,11 @@ def runs_on_any_kvm(item: pytest.Item) -> bool:
     return marker is not None and not marker.kwargs.get("linux_guest", True)
 
 
+def _rule(title: str) -> str:
+    """A line of dashes with ``title`` in the middle, as pytest's separators."""
+    return f" {title} ".center(80, "-") + "\n"
+
+
 class NestedFailure(Exception):
     """A kvm test failed inside the nested machine (or the machine failed); the text says how."""
 
@@ -212,6 +220,10 @@ class NestedKvm:
         self.ran = False
         self.harness_error = ""
         self.retries: list[str] = []
+        # each kvm test's setup, call and teardown, as the nested machine timed them
+        self.seconds: dict[str, float] = {}
+        self.background: threading.Thread | None = None
+        self.output: list[str] = []  # what the background run printed, shown when its first test is reported
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -250,13 +262,36 @@ class NestedKvm:
         for index in indexes:
             items[index].add_marker(pytest.mark.skip(reason=reason))
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Start the nested run in the background (see the module)."""
+        if not self.nodeids or self.ran or session.config.option.collectonly:
+            return
+        self.ran = True
+        try:
+            guest = default_guest()
+        except SmolvmmError as exc:
+            self.harness_error = f"building the default guest image on the host failed: {exc}"
+            return
+        self.config.get_terminal_writer().line(
+            f"{len(self.nodeids)} kvm tests run inside tools/nested-kvm in the background; their output follows"
+            " when the first of them is reported"
+        )
+        self.background = threading.Thread(
+            target=self._run_all, args=(guest.kernel.parent,), name="nested kvm tests", daemon=True
+        )
+        self.background.start()
+
     def outcome(self, nodeid: str) -> tuple[str, str]:
-        """(outcome, text) of ``nodeid`` in the nested run, running it on first use."""
-        if not self.ran:
-            self.ran = True
+        """(outcome, text) of ``nodeid`` in the nested run, once the run has ended."""
+        if self.background is not None:
+            self.background.join()
+            self.background = None
             capture = self.config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled():
-                self._run_all()
+                writer = self.config.get_terminal_writer()
+                writer.line()
+                for line in self.output:
+                    writer.write(line, flush=True)
         if nodeid in self.results:
             result = self.results[nodeid]
             if result["outcome"] == "failed":
@@ -264,30 +299,23 @@ class NestedKvm:
             return result["outcome"], result["text"]
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 
-    def _run_all(self) -> None:
+    def _run_all(self, prebuilt: Path) -> None:
         """The nested run, and after a machine that froze or failed, the tests without an outcome
         in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
-        try:
-            guest = default_guest()
-        except SmolvmmError as exc:
-            self.harness_error = f"building the default guest image on the host failed: {exc}"
-            return
         for thread in _HOST_WORK:
             thread.join()
         for failure in _HOST_WORK_FAILED:
-            self.config.get_terminal_writer().line(f"preparing kvm tests on the host failed: {failure}")
+            self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
         factory = getattr(self.config, "_tmp_path_factory", None)
         directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
-        runs = [self._run_nested(NestedRun(1, self.nodeids), guest.kernel.parent, directory)]
+        runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory)]
         while retry := next_tests(runs):
-            runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), guest.kernel.parent, directory))
+            runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory))
         self.results, self.retries = combine(runs)
 
     def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path) -> NestedRun:
-        writer = self.config.get_terminal_writer()
-        writer.line()
         what = self.host.explanation if run.number == 1 else "a retry in a fresh nested machine"
-        writer.sep("-", f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})")
+        self.output.append(_rule(f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})"))
         out = directory / f"run-{run.number}"
         out.mkdir()
         results = out / "results.json"
@@ -314,13 +342,14 @@ class NestedKvm:
         assert process.stdout is not None
         tail: list[str] = []
         for line in process.stdout:
-            writer.write(line, flush=True)
+            self.output.append(line)
             tail = (tail + [line.rstrip()])[-80:]
         run.status = process.wait()
-        writer.sep("-", f"nested pytest exit status {run.status}")
+        self.output.append(_rule(f"nested pytest exit status {run.status}"))
         if results.exists():
             recorded = json.loads(results.read_text())
             run.results, run.running = recorded["results"], recorded["running"]
+            self.seconds.update(recorded["seconds"])
         if not run.unfinished:
             return run
         run.evidence = evidence if evidence.exists() else None
@@ -333,11 +362,16 @@ class NestedKvm:
         return run
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        """Every retry of kvm tests in a fresh nested machine, never hidden."""
+        """Every retry of kvm tests in a fresh nested machine, never hidden; the slowest kvm tests."""
         if self.retries:
             terminalreporter.write_sep("=", "kvm tests retried after the nested machine stopped")
             for line in self.retries:
                 terminalreporter.write_line(line)
+        if self.seconds:
+            slowest = sorted(self.seconds.items(), key=lambda item: -item[1])[:SLOWEST]
+            terminalreporter.write_sep("=", f"slowest {len(slowest)} kvm tests inside the nested machine")
+            for nodeid, seconds in slowest:
+                terminalreporter.write_line(f"{seconds:8.1f}s {nodeid}")
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         """Inside the nested machine: say which test runs (the harness names it if the machine freezes)."""
@@ -358,6 +392,7 @@ class NestedKvm:
         """Inside the nested machine: record each test's outcome for the outer run."""
         if not self.inside:
             return
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
         recorded = self.results.get(report.nodeid)
         if recorded and recorded["outcome"] == "failed":
             return
@@ -378,5 +413,5 @@ class NestedKvm:
         path = os.environ.get(RESULTS_ENV)
         if path:
             partial = Path(f"{path}.partial")
-            partial.write_text(json.dumps({"results": self.results, "running": self.running}))
+            partial.write_text(json.dumps({"results": self.results, "running": self.running, "seconds": self.seconds}))
             partial.replace(path)

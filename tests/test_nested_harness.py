@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, NestedRun, combine, next_tests
+from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, RESULTS_ENV, NestedRun, combine, next_tests
 
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import (
@@ -71,13 +71,17 @@ def test_failing_command_status_comes_back() -> None:
     assert nested("false").returncode == 1
 
 
-def qemu_pids(marker: str = "smolvmm-nested-") -> set[int]:
-    """Processes running a nested machine's QEMU (those whose command line holds ``marker``)."""
+def qemu_pids(marker: str | None = None) -> set[int]:
+    """Processes running the nested machine's QEMU whose command line holds ``marker``; without
+    one, every nested machine's but those of a plugin's nested run (the suite's own runs beside
+    these tests; their QEMU's environment names the run's results file)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-            if cmdline.startswith(b"qemu-system-") and marker.encode() in cmdline:
+            if not cmdline.startswith(b"qemu-system-") or (marker or "smolvmm-nested-").encode() not in cmdline:
+                continue
+            if marker or f"{RESULTS_ENV}=".encode() not in (entry / "environ").read_bytes():
                 pids.add(int(entry.name))
         except OSError:
             pass

@@ -22,7 +22,9 @@ import pytest
 from guests import GUEST_TIMEOUT
 
 import smolformat
-from smolvmm.host.jail import DENIED_SYSCALLS, Jail
+from smolvmm.host import jail as jail_module
+from smolvmm.host.jail import Jail
+from smolvmm.host.syscalls import ALLOWED_SYSCALLS, DENIED_SYSCALLS, MARGIN, MEASURED
 
 CHILD = textwrap.dedent(
     """
@@ -100,11 +102,59 @@ def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_
     assert report["root"] == jail_root == [str(out).split("/")[1]]  # only the path to the writable directory
     assert report["shadow"] == "ENOENT" and report["exec"] == "EPERM" and report["ptrace"] == "EPERM"
     assert report["write_root"] == "EROFS"
-    assert f"seccomp denies {len(DENIED_SYSCALLS)} calls" in report["jail"] and "no network" in report["jail"]
+    assert f"seccomp allows {len(ALLOWED_SYSCALLS)} calls" in report["jail"] and "no network" in report["jail"]
     assert status["Uid"].split() == [str(nobody.uid)] * 4 and status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
     assert status["CapEff"] == "0000000000000000"
     assert other_namespace and other_network
     smolformat.verify_bundle(out / "jailed.smolmachine")  # saved from inside the jail
+
+
+ESCAPES = textwrap.dedent(
+    """
+    import os, sys
+    from smolvmm.host.jail import Jail, enter
+    enter(Jail.parse(None), network=False)
+    print("jailed", flush=True)
+    {call}
+    print("survived", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize(
+    "call",
+    [
+        "os.fork()",  # clone without CLONE_THREAD: a new process
+        "os.getpgid(0)",  # on no list
+        "import socket; socket.socket()",  # socket: the monitor opens its sockets before the jail
+    ],
+)
+def test_a_call_off_the_allow_list_kills_the_jailed_process(call: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", ESCAPES.format(call=call)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout == "jailed\n", done.stderr
+    assert done.returncode == -signal.SIGSYS, (done.returncode, done.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_threads_still_start_in_the_jail() -> None:
+    call = "import threading; t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()"
+    done = subprocess.run(
+        [sys.executable, "-c", ESCAPES.format(call=call)], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (0, "jailed\nthread\nsurvived\n"), done.stderr
+
+
+def test_the_syscall_lists_name_real_calls_and_do_not_overlap() -> None:
+    seccomp = jail_module._libseccomp()
+    for name in (*ALLOWED_SYSCALLS, *DENIED_SYSCALLS):
+        assert seccomp.seccomp_syscall_resolve_name(name.encode()) >= 0, name
+    assert not set(ALLOWED_SYSCALLS) & set(DENIED_SYSCALLS)
+    assert not set(MEASURED) & set(MARGIN)  # a measured call is not margin
+    assert {"execve", "ptrace", "mount", "unshare", "bpf"} <= set(DENIED_SYSCALLS)
+    assert not {"socket", "connect", "bind", "fork", "vfork", "clone3"} & set(ALLOWED_SYSCALLS)
 
 
 def test_jail_users_parse_and_root_is_refused() -> None:

@@ -76,6 +76,12 @@ def test_attach_needs_a_detached_machine(env: dict[str, str]) -> None:
         process.kill()
 
 
+def test_detach_refuses_the_jail_in_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    done = smolvmm(env, "run", "--detach", "--jail", str(tmp_path / "app.smolmachine"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--detach cannot be combined with --jail" in done.stderr
+
+
 def test_stop_kills_what_does_not_stop_in_time(env: dict[str, str]) -> None:
     process, machine_id = stand_in(env, "stubborn")
     try:

@@ -41,8 +41,6 @@ def start(args: argparse.Namespace) -> int:
     flags += [f"--env={name}={value}" for name, value in args.env] + [
         f"--secret-env={name}" for name in args.secret_env
     ]
-    flags += ["--jail"] if args.jail else []
-    flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
     bundle = str(args.bundle)
     # after --, run takes a command to run in the clone: a bundle named like a flag gets ./ instead
     bundle = f"./{bundle}" if bundle.startswith("-") else bundle

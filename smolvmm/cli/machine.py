@@ -504,5 +504,10 @@ def run(name: str, args: argparse.Namespace) -> int:
                 "--detach runs the machine in the background: it cannot be combined with"
                 " --prepare-only, --timings, --copy-in/--copy-out or a command (-- CMD)"
             )
+        if args.jail:
+            raise ConfigError(
+                "--detach cannot be combined with --jail yet: a detached machine's console and control"
+                " sockets are made after the jail has hidden the host's files"
+            )
         return cli_detach.start(args)
     return anyio.run(_run, args, backend=BACKEND)

@@ -39,6 +39,7 @@ from smolvmm.errors import ConfigError
 DHCP_ARG = "smolvmm.dhcp"
 DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
 RENEW_TIMEOUT = 30.0
+STILL_ASKING = 75  # the renewal's exit status when its udhcpc went on in the background
 START_TIMEOUT = 30.0
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>  # seconds for passt to bind its ports (the nested test machine is slow)
@@ -76,6 +77,9 @@ class PasstBackend(StreamBackend):
         for end in (ours, theirs):
             _deep_send_buffer(end)
         self._runtime = Path(tempfile.mkdtemp(prefix="smolvmm-passt-"))
+        # Reached through descriptors: a jailed monitor no longer sees the path.
+        self._parent_fd = os.open(self._runtime.parent, os.O_RDONLY | os.O_DIRECTORY)
+        self._runtime_fd = os.open(self._runtime, os.O_RDONLY | os.O_DIRECTORY)
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         try:
@@ -121,7 +125,7 @@ class PasstBackend(StreamBackend):
         assert self._process is not None and self._log is not None
         delay = 0.0005
         with anyio.move_on_after(START_TIMEOUT):
-            while not (self._pidfile.exists() and self._pidfile.stat().st_size):
+            while not self._pid_written():
                 if self._process.poll() is not None:
                     break
                 await anyio.sleep(delay)
@@ -135,6 +139,12 @@ class PasstBackend(StreamBackend):
         why = "failed" if self._process.returncode and self._process.returncode > 0 else "did not start in time"
         raise ConfigError(f"passt {why}: {said.strip()} (user networking needs a host interface with a default route)")
 
+    def _pid_written(self) -> bool:
+        try:
+            return os.stat(self._pidfile.name, dir_fd=self._runtime_fd).st_size > 0
+        except FileNotFoundError:
+            return False
+
     def close(self) -> None:
         super().close()
         if self._process is not None:
@@ -144,7 +154,12 @@ class PasstBackend(StreamBackend):
     def _cleanup(self) -> None:
         if self._log is not None:
             self._log.close()
-        shutil.rmtree(self._runtime, ignore_errors=True)
+        if self._parent_fd < 0:
+            return
+        shutil.rmtree(self._runtime.name, dir_fd=self._parent_fd, ignore_errors=True)
+        os.close(self._runtime_fd)
+        os.close(self._parent_fd)
+        self._runtime_fd = self._parent_fd = -1
 
 
 def _deep_send_buffer(end: socket.socket) -> None:

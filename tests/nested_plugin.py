@@ -223,6 +223,7 @@ class NestedKvm:
         # each kvm test's setup, call and teardown, as the nested machine timed them
         self.seconds: dict[str, float] = {}
         self.background: threading.Thread | None = None
+        self.process: subprocess.Popen[str] | None = None  # the nested run's tools/nested-kvm
         self.output: list[str] = []  # what the background run printed, shown when its first test is reported
 
     @pytest.hookimpl(trylast=True)
@@ -339,6 +340,7 @@ class NestedKvm:
         process = subprocess.Popen(
             command, cwd=self.config.rootpath, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        self.process = process
         assert process.stdout is not None
         tail: list[str] = []
         for line in process.stdout:
@@ -360,6 +362,12 @@ class NestedKvm:
         else:
             run.failure = f"nested pytest exited with status {run.status}; its last output:\n" + "\n".join(tail[-15:])
         return run
+
+    def pytest_unconfigure(self) -> None:
+        """A session ending early (-x, Ctrl-C) ends the background nested run with it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Every retry of kvm tests in a fresh nested machine, never hidden; the slowest kvm tests."""

@@ -31,7 +31,7 @@ from smolvmm.host.eventfd import EventFd
 from smolvmm.monitor.console import Console
 from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.timings import Timings
-from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, PasstBackend, dhcp_interfaces
+from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, STILL_ASKING, PasstBackend, dhcp_interfaces
 from smolvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from smolvmm.monitor.vm import VirtualMachine
 
@@ -267,9 +267,12 @@ class Machine:
         interfaces, self._renew_dhcp = self._renew_dhcp, ()
         if not interfaces or self._agent is None or self._agent.protocol < 2:
             return
+        # A lease not taken in 5 s (passt slow to answer on a loaded host) is asked for again in
+        # the background: the guest must not stay without an address and route for good.
         script = "; ".join(
             f"ip link set {name} down && ip link set {name} up && "
-            f"udhcpc -i {name} -s {DHCP_SCRIPT} -n -q -t 5 -T 1 >/dev/null 2>&1"
+            f"{{ udhcpc -i {name} -s {DHCP_SCRIPT} -n -q -t 5 -T 1 >/dev/null 2>&1 || "
+            f"{{ udhcpc -i {name} -s {DHCP_SCRIPT} -b -q -T 1 -A 2 >/dev/null 2>&1; exit {STILL_ASKING}; }}; }}"
             for name in interfaces
         )
         try:
@@ -277,7 +280,9 @@ class Machine:
         except GuestError as exc:
             self.timings.note("network", f"not renewed: {exc}")
             return
-        if result.exit_code:
+        if result.exit_code == STILL_ASKING:
+            self.timings.note("network", "not renewed in 5 s: the guest asks for its lease again in the background")
+        elif result.exit_code:
             self.timings.note("network", f"not renewed: the guest's udhcpc exited with {result.exit_code}")
         else:
             self.timings.mark("network_renewed")

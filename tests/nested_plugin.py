@@ -277,8 +277,11 @@ class NestedKvm:
             f"{len(self.nodeids)} kvm tests run inside tools/nested-kvm in the background; their output follows"
             " when the first of them is reported"
         )
+        # Made here: pytest's basetemp is not safe to create from two threads at once.
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
         self.background = threading.Thread(
-            target=self._run_all, args=(guest.kernel.parent,), name="nested kvm tests", daemon=True
+            target=self._run_all, args=(guest.kernel.parent, directory), name="nested kvm tests", daemon=True
         )
         self.background.start()
 
@@ -300,19 +303,20 @@ class NestedKvm:
             return result["outcome"], result["text"]
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 
-    def _run_all(self, prebuilt: Path) -> None:
+    def _run_all(self, prebuilt: Path, directory: Path) -> None:
         """The nested run, and after a machine that froze or failed, the tests without an outcome
         in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
-        for thread in _HOST_WORK:
-            thread.join()
-        for failure in _HOST_WORK_FAILED:
-            self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
-        factory = getattr(self.config, "_tmp_path_factory", None)
-        directory = factory.mktemp("nested-kvm") if factory else Path(tempfile.mkdtemp(prefix="smolvmm-nested-kvm-"))
-        runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory)]
-        while retry := next_tests(runs):
-            runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory))
-        self.results, self.retries = combine(runs)
+        try:
+            for thread in _HOST_WORK:
+                thread.join()
+            for failure in _HOST_WORK_FAILED:
+                self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
+            runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory)]
+            while retry := next_tests(runs):
+                runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory))
+            self.results, self.retries = combine(runs)
+        except Exception as exc:  # noqa: BLE001 - every kvm test then fails with this text
+            self.harness_error = f"the nested run failed on the host: {type(exc).__name__}: {exc}"
 
     def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path) -> NestedRun:
         what = self.host.explanation if run.number == 1 else "a retry in a fresh nested machine"

@@ -5,7 +5,8 @@ collection ends (the nested machine takes one core, the other tests the other) a
 when the first of them is due, its output printed then; each outer kvm item reports its nested
 counterpart's outcome, so every test counts once.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
-outcome, the one running at the time included, run in a fresh nested machine; a test that was
+outcome, the one running at the time included, run in a fresh nested machine (once the other
+tests have ended, so that it has the host to itself); a test that was
 running when two machines stopped fails. The terminal summary lists every such retry, and the
 evidence of each failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
@@ -223,6 +224,7 @@ class NestedKvm:
         # each kvm test's setup, call and teardown, as the nested machine timed them
         self.seconds: dict[str, float] = {}
         self.background: threading.Thread | None = None
+        self.host_tests_done = threading.Event()  # set when the first kvm test is due: the others have run
         self.process: subprocess.Popen[str] | None = None  # the nested run's tools/nested-kvm
         self.output: list[str] = []  # what the background run printed, shown when its first test is reported
 
@@ -288,6 +290,7 @@ class NestedKvm:
     def outcome(self, nodeid: str) -> tuple[str, str]:
         """(outcome, text) of ``nodeid`` in the nested run, once the run has ended."""
         if self.background is not None:
+            self.host_tests_done.set()
             self.background.join()
             self.background = None
             capture = self.config.pluginmanager.getplugin("capturemanager")
@@ -313,6 +316,9 @@ class NestedKvm:
                 self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
             runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory)]
             while retry := next_tests(runs):
+                # A retry waits for the tests beside it to end: in fresh-clone run 11 a test failed
+                # because both machines it ran in froze, each while those tests loaded the host.
+                self.host_tests_done.wait()
                 runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory))
             self.results, self.retries = combine(runs)
         except Exception as exc:  # noqa: BLE001 - every kvm test then fails with this text

@@ -10,7 +10,6 @@ and root (a network namespace for user networking). Builds a bundle of the defau
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
@@ -25,7 +24,10 @@ from common import machine_info
 
 import smolvmm
 
-CLONE_NEWNET = 0x40000000
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from network import private_network  # noqa: E402
+
 PAYLOAD = 256 * 1024
 RAM = 128 << 20  # each clone's
 GUEST_RAM: list[tuple[int, int]] = []  # (host address, size) of each running clone's RAM regions
@@ -36,20 +38,6 @@ SERVER = (
     "class Server(h.ThreadingHTTPServer):\n    request_queue_size = 128\n"
     "h.test(h.SimpleHTTPRequestHandler, Server, port=0, bind='127.0.0.1')"
 )
-
-
-def private_network() -> None:
-    """This process in a new network namespace with an address and a default route (passt's needs)."""
-    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
-        raise SystemExit(f"bench_soak: unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
-    for command in (
-        "link set lo up",
-        "tuntap add dev wire0 mode tap",
-        "addr add 10.0.2.15/24 dev wire0",
-        "link set wire0 up",
-        "route add default via 10.0.2.2 dev wire0 onlink",
-    ):
-        subprocess.run(["ip", *command.split()], check=True)
 
 
 def guest_ram_rss_kib() -> int:

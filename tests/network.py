@@ -4,7 +4,9 @@ and the packets the tests build by hand."""
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,6 +23,14 @@ WIRE = (
 )
 """``ip`` commands that give a network namespace what passt needs: an address and a default route
 (through a TAP device nobody reads: nothing leaves the machine)."""
+
+
+def private_network() -> None:
+    """Move this process (and the children it starts) into a new network namespace with ``WIRE``."""
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+        raise SystemExit(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+    for command in WIRE:
+        subprocess.run(["ip", *command.split()], check=True)
 
 
 def in_netns(name: str, fn: Callable[[], T]) -> T:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import oci_images
 import pytest
 from guests import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 from nested_plugin import prepare_on_host
@@ -16,13 +17,17 @@ from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConf
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, READY_MARKER, minimal_guest
+from smolvmm.images.imageroot import PREBUILT_MINIMAL_IMAGE_ENV, image_guest
 
 pytestmark = [pytest.mark.kvm]
 
 
 def _build_on_the_host() -> None:
-    """The kernel and its initramfs, built on the host for the nested machine (a cold cache: minutes)."""
+    """The kernel and its initramfs (the demo guest's, the image guest's) and the test image,
+    built on the host for the nested machine (a cold cache: minutes)."""
     os.environ[PREBUILT_MINIMAL_ENV] = str(minimal_guest().kernel.parent)
+    os.environ[PREBUILT_MINIMAL_IMAGE_ENV] = str(image_guest(minimal=True).kernel.parent)
+    oci_images.oci_layout()
 
 
 if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
@@ -65,3 +70,27 @@ async def test_minimal_guest_devices_snapshot_restore_and_reboot(tmp_path: Path)
         await assert_clock_is_the_hosts(restored)  # the agent, on its virtio console, set it on resume
         await restored.console.send(b"reboot -f\n")  # reboot=k: the i8042 reset line, with no i8042 driver
         assert (await restored.wait()).reason == ExitReason.REBOOT
+
+
+def test_a_container_image_boots_on_the_minimal_kernel(tmp_path: Path) -> None:
+    bundle = tmp_path / "app.smolmachine"
+    source = f"oci:{oci_images.oci_layout()}:{oci_images.TAG}"
+    smolvmm = [sys.executable, "-m", "smolvmm"]
+    built = subprocess.run(
+        [*smolvmm, "build", "--image", source, "--kernel", "minimal", "-o", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=900,  # as the image tests': a build boots and saves the image guest
+        stdin=subprocess.DEVNULL,
+    )
+    assert built.returncode == 0, built.stderr
+    script = "import os; print(6*7, os.getcwd(), os.path.exists('/proc/modules'))"
+    ran = subprocess.run(
+        [*smolvmm, "run", str(bundle), "--", "python3", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=GUEST_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    # No /proc/modules: the kernel has no module support, so this is the minimal one.
+    assert (ran.returncode, ran.stdout) == (0, f"42 {oci_images.WORKDIR} False\n"), ran.stderr

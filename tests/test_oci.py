@@ -242,6 +242,7 @@ def test_image_config_defaults_and_commands() -> None:
         (["--image", "oci:/nonexistent:app"], "is not an OCI image layout", 1),
         (["--image", "podman:x"], "unknown image source 'podman:x'", 1),
         (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port", 2),
+        (["--image", "oci:/x", "--kernel", "/boot/vmlinuz"], "--kernel BZIMAGE does not go with --image", 2),
     ],
 )
 def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(

@@ -38,6 +38,7 @@ def test_the_example_smolfile_gives_its_recipe() -> None:
         ('image = "oci:x"\n[[copy]]\nfrom = "Smolfile"\nto = "x"', "'copy[0].to' must be an absolute guest path"),
         ('image = "oci:x"\n[[copy]]\nsrc = "a"', "unknown key 'copy[0].src'"),
         ("image = [", "not valid TOML"),
+        ('image = "oci:x"\nkernel = "bzImage"', "'kernel' must be \"minimal\""),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -52,3 +53,12 @@ def test_each_mistake_is_one_line_naming_the_key(tmp_path: Path, text: str, mess
 def test_a_recipe_keeps_its_defaults() -> None:
     recipe = ImageRecipe("oci:x")
     assert recipe.ready is None and recipe.steps == () and recipe.memory == 512 << 20
+    assert recipe.kernel is None  # the Debian cloud kernel
+
+
+def test_a_recipe_may_ask_for_the_minimal_kernel_and_nothing_else(tmp_path: Path) -> None:
+    smolfile = tmp_path / "Smolfile"
+    smolfile.write_text('image = "oci:x"\nkernel = "minimal"')
+    assert load_smolfile(smolfile).kernel == "minimal"
+    with pytest.raises(ConfigError, match="ImageRecipe.kernel must be 'minimal' or None"):
+        ImageRecipe("oci:x", kernel="bzImage")  # type: ignore[arg-type]

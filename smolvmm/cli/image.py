@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import smolvmm
-from smolvmm import ConfigError, ImageRecipe, ReadyCondition
+from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.config import parse_size
@@ -46,8 +46,11 @@ def image_build_requested(args: argparse.Namespace) -> bool:
 
 
 def _recipe(args: argparse.Namespace) -> ImageRecipe:
+    if args.kernel not in (None, MINIMAL_KERNEL):
+        raise ConfigError(
+            "--kernel BZIMAGE does not go with --image or -f: the image guest brings its own (or --kernel minimal)"
+        )
     for flag, value in (
-        ("--kernel", args.kernel),
         ("--initrd", args.initrd),
         ("--cmdline", args.cmdline),
         ("--disk", args.disk),
@@ -66,6 +69,8 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
     flags: dict[str, object] = {"timeout": args.timeout}
     if args.insecure:
         flags["insecure"] = True
+    if args.kernel:
+        flags["kernel"] = MINIMAL_KERNEL
     if args.cpus:
         flags["vcpus"] = args.cpus
     if args.mem:

@@ -16,7 +16,8 @@ from pathlib import Path
 from smolvmm.images import agent, busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package
-from smolvmm.images.guest import DEFAULT_CMDLINE, MODULES, GuestImage, kernel_package
+from smolvmm.images.guest import DEFAULT_CMDLINE, MINIMAL_CMDLINE, MODULES, GuestImage, kernel_package
+from smolvmm.kernel.build import minimal_kernel
 
 READY_MARKER = "smolvmm: image ready"
 TOOLS = "/run/smolvmm"  # in the guest, after the switch: busybox, tini, the agent, stage2
@@ -25,6 +26,7 @@ RUNAS = f"{TOOLS}/smolvmm-runas"  # runas.c: switches to the image's User
 RUNAS_SOURCE = Path(__file__).with_name("runas.c")
 # A prebuilt image-root guest directory (the test plugin sets it for the nested machine).
 PREBUILT_IMAGE_ENV = "SMOLVMM_IMAGE_GUEST"
+PREBUILT_MINIMAL_IMAGE_ENV = "SMOLVMM_MINIMAL_IMAGE_GUEST"  # the same on the minimal kernel
 
 INIT = (
     r"""#!/bin/busybox sh
@@ -74,18 +76,23 @@ done
 """.replace("$READY", READY_MARKER)
 
 
-def image_guest() -> GuestImage:
-    """The image-root guest, built into the cache on first use (needs apt-get, like the default guest)."""
-    prebuilt = os.environ.get(PREBUILT_IMAGE_ENV)
-    directory = Path(prebuilt) if prebuilt else _build()
-    return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, DEFAULT_CMDLINE, READY_MARKER)
+def image_guest(*, minimal: bool = False) -> GuestImage:
+    """The image-root guest on the Debian cloud kernel, or with ``minimal`` on the minimal kernel
+    (``smolvmm kernel build``; its initramfs loads no modules), built into the cache on first use
+    (needs apt-get, like the default guest)."""
+    prebuilt = os.environ.get(PREBUILT_MINIMAL_IMAGE_ENV if minimal else PREBUILT_IMAGE_ENV)
+    directory = Path(prebuilt) if prebuilt else _build(minimal)
+    cmdline = MINIMAL_CMDLINE if minimal else DEFAULT_CMDLINE
+    return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, cmdline, READY_MARKER)
 
 
-def _build() -> Path:
-    kernel = kernel_package()
+def _build(minimal: bool) -> Path:
+    built = minimal_kernel() if minimal else None
+    kernel = None if built else kernel_package()
     tools = Package.candidate("busybox-static")
     tini = Package.candidate("tini")
-    inputs = [f"{p.name}={p.version}" for p in (kernel, tools, tini)]
+    inputs = [str(built.kernel) if built else f"{kernel.name}={kernel.version}" if kernel else ""]
+    inputs += [f"{p.name}={p.version}" for p in (tools, tini)]
 
     def build(out: Path) -> None:
         work = out / "tini"
@@ -96,7 +103,10 @@ def _build() -> Path:
             "bin/smolvmm-runas": agent.build_agent(RUNAS_SOURCE),
             "etc/smolvmm/stage2": STAGE2.encode(),
         }
-        busybox.build(out, kernel, tools, MODULES, INIT, programs)
+        busybox.build(out, kernel, tools, [] if minimal else MODULES, INIT, programs)
+        if built:
+            shutil.copyfile(built.kernel, out / busybox.KERNEL)
         shutil.rmtree(work)
 
-    return cached_build("image-guest", cache_key(inputs, [agent.SOURCE, RUNAS_SOURCE]), build)
+    name = "minimal-image-guest" if minimal else "image-guest"
+    return cached_build(name, cache_key(inputs, [agent.SOURCE, RUNAS_SOURCE]), build)

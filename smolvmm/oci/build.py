@@ -72,6 +72,11 @@ class ImageRecipe:
     warm: tuple[str, ...] = ()
     ready: ReadyCondition | None = None
     timeout: float = 600
+    kernel: Literal["minimal"] | None = None  # the minimal guest kernel (smolvmm kernel build), not Debian's
+
+    def __post_init__(self) -> None:
+        if self.kernel not in (None, "minimal"):
+            raise ConfigError(f"ImageRecipe.kernel must be 'minimal' or None, not {self.kernel!r}")
 
 
 def _write_to(stream: BinaryIO) -> Callable[[bytes], None]:
@@ -158,7 +163,7 @@ async def build_image(
         for note in notes[:20]:
             say(f"note: {note}")
         config = resolved_config(base, recipe)
-        guest = await anyio.to_thread.run_sync(image_guest)
+        guest = await anyio.to_thread.run_sync(lambda: image_guest(minimal=recipe.kernel == "minimal"))
         machine_config = MachineConfig(
             kernel=guest.kernel,
             initrd=guest.initrd,

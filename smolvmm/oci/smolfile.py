@@ -29,6 +29,7 @@ _KEYS = {
     "run": "a list of strings",
     "warm": "a list of strings",
     "ready": "a table with one of 'port', 'exec', 'marker'",
+    "kernel": '"minimal" (the minimal guest kernel; default: the Debian cloud kernel)',
 }
 
 
@@ -52,6 +53,7 @@ def _check(where: str, key: str, value: Any) -> None:
         "warm": _strings(value),
         "copy": isinstance(value, list) and all(isinstance(item, dict) for item in value),
         "ready": isinstance(value, dict),
+        "kernel": value == "minimal",
     }[key]
     if not ok:
         raise ConfigError(f"{where}: '{key}' must be {_KEYS[key]}")
@@ -119,7 +121,7 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
     if "image" not in document:
         raise ConfigError(f"{where}: 'image' is required (the base image, e.g. \"oci:DIR:TAG\")")
     fields: dict[str, Any] = {"image": document["image"]}
-    simple = {"insecure": "insecure", "cpus": "vcpus", "workdir": "workdir", "user": "user"}
+    simple = {"insecure": "insecure", "cpus": "vcpus", "workdir": "workdir", "user": "user", "kernel": "kernel"}
     fields.update({name: document[key] for key, name in simple.items() if key in document})
     if "memory" in document:
         fields["memory"] = _size(where, "memory", document["memory"])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import anyio
-from common import machine_info
+from common import guest_ram_rss_kib, machine_info
 
 import smolvmm
 
@@ -40,24 +40,10 @@ SERVER = (
 )
 
 
-def guest_ram_rss_kib() -> int:
-    """Resident KiB of the running guests' RAM (``GUEST_RAM``), which fills as the guests touch it
-    (their kernel's allocations, page cache) and is theirs, not the monitor's."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and not head.endswith(":"):
-            start = int(head.split("-")[0], 16)
-            inside = any(base <= start < base + size for base, size in GUEST_RAM)
-        elif head == "Rss:" and inside:
-            total += int(line.split()[1])
-    return total
-
-
 def process_sample(began: float) -> dict[str, float | int]:
     """This process now: open descriptors, threads, RSS in KiB, and of it the guests' RAM."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    rss, guests = int(status["VmRSS"].split()[0]), guest_ram_rss_kib()
+    rss, guests = int(status["VmRSS"].split()[0]), guest_ram_rss_kib(GUEST_RAM)
     return {
         "s": round(time.monotonic() - began, 1),
         "fds": len(os.listdir("/proc/self/fd")),

@@ -11,6 +11,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,39 @@ def machine_info() -> dict[str, str | int]:
         "nested": os.environ.get("SMOLVMM_NESTED") == "1",
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def guest_ram_rss_kib(regions: Sequence[tuple[int, int]]) -> int:
+    """Resident KiB of this process's mappings that start inside ``regions`` ((host address, size)
+    of guest RAM): the pages the guests have read or written, theirs rather than the monitor's."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start = int(head.split("-")[0], 16)
+            inside = any(base <= start < base + size for base, size in regions)
+        elif head == "Rss:" and inside:
+            total += int(line.split()[1])
+    return total
+
+
+def rerun_nested(script: Path, out: Path, env: dict[str, str]) -> bool:
+    """On a PVM host, run ``script`` with this process's arguments inside ``tools/nested-kvm`` (with
+    the default guest built here and ``env`` added: the nested machine has no apt) and return True
+    once it has ended well; False where /dev/kvm runs standard guests (run it here)."""
+    from smolvmm.host.kvmprobe import probe
+    from smolvmm.images.guest import PREBUILT_ENV, default_guest
+
+    host = probe()
+    if host.kind == "none":
+        raise SystemExit(f"bench: {host.explanation}")
+    if host.kind != "pvm":
+        return False
+    env = {**os.environ, PREBUILT_ENV: str(default_guest().kernel.parent), **env}
+    nested = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
+    argv = [str(nested), "--out", str(out), "--timeout", "3600", "python", str(script), *sys.argv[1:]]
+    subprocess.run(argv, env=env, check=True)
+    return True
 
 
 def pss_kib(pid: int) -> int:

@@ -240,6 +240,8 @@ def test_image_config_defaults_and_commands() -> None:
     ("args", "message", "status"),
     [
         (["--image", "oci:/nonexistent:app"], "is not an OCI image layout", 1),
+        # --mem and --disk-size are taken (once parsed) and the build gets as far as the source
+        (["--image", "oci:/nonexistent:app", "--mem", "256M", "--disk-size", "64M"], "not an OCI image layout", 1),
         (["--image", "podman:x"], "unknown image source 'podman:x'", 1),
         (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port", 2),
         (["--image", "oci:/x", "--kernel", "/boot/vmlinuz"], "--kernel BZIMAGE does not go with --image", 2),

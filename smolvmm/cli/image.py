@@ -74,7 +74,7 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
     if args.cpus:
         flags["vcpus"] = args.cpus
     if args.mem:
-        flags["memory"] = parse_size(args.mem)
+        flags["memory"] = args.mem  # bytes already (--mem is parsed by argparse)
     if args.disk_size:
         flags["disk_headroom"] = parse_size(args.disk_size)
     if args.warm:

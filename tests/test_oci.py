@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,45 @@ def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(
     errors = [line for line in result.stderr.splitlines() if line.startswith("smolvmm: error:")]
     assert result.returncode == status and len(errors) == 1 and message in errors[0]
     assert not output.exists()
+
+
+def _owner(disk: Path, path: str) -> tuple[int, int]:
+    shown = subprocess.run(["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True, check=True)
+    found = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", shown.stdout)
+    assert found, shown.stdout + shown.stderr
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_a_disk_built_by_a_user_who_is_not_root_keeps_the_layers_owners() -> None:
+    tar = make_tar(
+        info("srv", tarfile.DIRTYPE, uid=1000, gid=1001),
+        info("srv/run.sh", tarfile.REGTYPE, mode=0o4755, uid=1000, gid=1001),
+        info("srv/link", tarfile.LNKTYPE, linkname="srv/run.sh"),  # a hard link: its target's owner
+        info("srv/to-passwd", tarfile.SYMTYPE, linkname="/etc/passwd", uid=7, gid=8),
+        ("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        ("opt/deep/x", b"x"),  # opt and opt/deep are made on the way: root's, as root's unpacking makes them
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        work.chmod(0o777)  # the unprivileged builder's
+        (work / "layout").mkdir()
+        make_layout(work / "layout", [tar], {"Cmd": ["sh"]})
+        script = (
+            "import os, sys; from pathlib import Path\n"
+            "from smolvmm.oci.rootdisk import root_disk; from smolvmm.oci.source import open_source\n"
+            "with open_source(sys.argv[1], Path(sys.argv[2])) as image: print(root_disk(image, Path(sys.argv[2])))\n"
+        )
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
+        built = subprocess.run(
+            [*as_nobody, sys.executable, "-c", script, f"oci:{work / 'layout'}:v1", str(work)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XDG_CACHE_HOME": str(work / "cache")},
+            timeout=120,
+        )
+        assert built.returncode == 0, built.stderr
+        disk = Path(built.stdout.strip())
+        assert _owner(disk, "/srv") == _owner(disk, "/srv/run.sh") == _owner(disk, "/srv/link") == (1000, 1001)
+        assert _owner(disk, "/srv/to-passwd") == (7, 8)
+        for path in ("/", "/etc", "/etc/passwd", "/opt", "/opt/deep", "/opt/deep/x"):
+            assert _owner(disk, path) == (0, 0), path

@@ -142,7 +142,7 @@ def _remove(path: Path) -> None:
 class _Applier:
     def __init__(self, root: Path, budget: Budget, as_root: bool) -> None:
         self.root, self.budget, self.as_root = root, budget, as_root
-        self.owners_skipped = False
+        self.owners: dict[str, tuple[int, int]] = {}  # not as root: path under root -> (uid, gid)
 
     def apply(self, layer: Layer) -> None:
         where = f"layer {layer.name}"
@@ -223,6 +223,7 @@ class _Applier:
                         " which is not a file of the image"
                     )
                 os.link(target, path, follow_symlinks=False)
+                self.owners.pop(str(path.relative_to(self.root)), None)  # not a path removed before
                 created.add(str(path))
                 return  # a hard link shares its target's metadata
             elif member.isfifo():
@@ -236,8 +237,8 @@ class _Applier:
     def _metadata(self, where: str, path: Path, member: tarfile.TarInfo) -> None:
         if self.as_root:
             os.lchown(path, member.uid, member.gid)
-        elif member.uid or member.gid:
-            self.owners_skipped = True
+        else:
+            self.owners[str(path.relative_to(self.root))] = (member.uid, member.gid)
         if not member.issym():
             os.chmod(path, member.mode & 0o7777)
         for key, value in member.pax_headers.items():
@@ -252,14 +253,23 @@ class _Applier:
 
 
 def apply_layers(
-    root: Path, layers: tuple[Layer, ...] | list[Layer], budget: Budget, progress: Callable[[str], None] | None = None
+    root: Path,
+    layers: tuple[Layer, ...] | list[Layer],
+    budget: Budget,
+    progress: Callable[[str], None] | None = None,
+    owners: dict[str, tuple[int, int]] | None = None,
 ) -> list[str]:
-    """Apply ``layers`` in order to the directory ``root``; returns notes on what was skipped."""
+    """Apply ``layers`` in order to the directory ``root``; returns notes on what was skipped.
+
+    Owners are set when run as root; otherwise every file is the caller's, and ``owners`` receives
+    the ones the layers give (path under ``root`` -> (uid, gid)) to be set on the disk instead."""
     applier = _Applier(root, budget, os.geteuid() == 0)
     for number, layer in enumerate(layers):
         if progress:
             progress(f"unpacking layer {number + 1}/{len(layers)}")
         applier.apply(layer)
-    if applier.owners_skipped:
+    if owners is not None:
+        owners.update(applier.owners)
+    elif any(any(owner) for owner in applier.owners.values()):
         budget.notes.append("owners other than root were not kept: unpacking needs root (run as root)")
     return budget.notes

@@ -73,6 +73,18 @@ def console_boot(argv: list[str], ready: bytes) -> float:
         return vm.wait_for(ANSWER, TIMEOUT)
 
 
+async def library_restore(bundle: Path) -> float:
+    """``Machine.restore`` to the answer of ``python3 -c ...`` run through ``Machine.exec``."""
+    began = time.perf_counter()
+    async with smolvmm.Machine.restore(bundle) as machine:
+        result = await machine.exec(PRINT, timeout=TIMEOUT)
+        answered = time.perf_counter()
+        if ANSWER not in result.stdout:
+            raise RuntimeError(f"{PRINT}: {result}")
+        await machine.stop()
+    return answered - began
+
+
 async def exec_after_restore(bundle: Path, argv: list[str]) -> tuple[float, float]:
     """Seconds from ``Machine.restore`` to ``argv``'s answer, and of that the exec alone."""
     began = time.perf_counter()
@@ -111,6 +123,7 @@ def measure(runs: int, work: Path) -> dict[str, object]:
 
     for run in range(runs):
         add("smolvmm_restore_s", cli_restore(plain))
+        add("smolvmm_library_restore_s", anyio.run(library_restore, plain, backend="asyncio"))
         add("smolvmm_cold_boot_s", console_boot(cold, ready))
         if qemu:
             drive = ["-drive", f"file={disk},format=raw,if=none,id=root,snapshot=on"]

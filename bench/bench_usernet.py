@@ -7,15 +7,17 @@
 The default guest (busybox ``nc``), 2 vCPUs, 256 MiB. Needs a /dev/kvm that runs standard guests
 and root (a network namespace of its own, as the tests make, so nothing leaves the machine); on a
 PVM host it runs itself inside ``tools/nested-kvm``. Writes ``usernet.json`` into ``--out``.
-Guest to host: a host socket counts the bytes from the first to the last (the guest dials the
-gateway, which passt maps to the host's loopback). Host to guest: from the host's connect to the
-guest's console line saying how many bytes ``nc`` received.
+The guest dials the host in both directions (through passt: the gateway address, which passt maps
+to the host's loopback). Guest to host: ``dd | nc`` into a host socket that times the bytes from
+the first to the last. Host to guest: busybox ``wget`` of a host HTTP server's zeros, counted in
+the guest, timed from the host less an idle command's round trip.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -37,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from network import GATEWAY, private_network  # noqa: E402
 
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
-TIMEOUT = 300.0
-SINK_PORT, GUEST_PORT, FORWARD_PORT = 5001, 5002, 18002
+TIMEOUT = 150.0  # one step (a boot, a transfer)
+SINK_PORT, SOURCE_PORT = 5001, 5002
 TAP, TAP_HOST, TAP_GUEST = "bench0", "10.0.3.1", "10.0.3.2"
 
 
@@ -58,7 +60,7 @@ class Sink(threading.Thread):
                 conn, _ = self.server.accept()
                 with conn:
                     got, first = 0, 0.0
-                    while n := conn.recv_into(buf):
+                    while got < self.size and (n := conn.recv_into(buf)):  # busybox nc waits for our close
                         first = first or time.perf_counter()
                         got += n
                     if got == self.size:
@@ -76,46 +78,79 @@ def to_host(vm: Console, sink: Sink, address: str, mib: int) -> float:
     return sink.rates[-1]
 
 
-def to_guest(vm: Console, address: tuple[str, int], mib: int) -> float:
-    vm.send(f"nc -l -p {GUEST_PORT} </dev/null | wc -c | sed 's/^/GOT /;s/$/ TOG/'\n")
-    time.sleep(1.0)  # nc listening (through passt a connect succeeds before the guest listens)
-    block = bytes(1 << 20)
+class Source(threading.Thread):
+    """A host HTTP server on every address of this namespace that answers any GET with ``size`` zero bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(daemon=True)
+        block = bytes(1 << 20)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server name
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                for _ in range(size >> 20):
+                    self.wfile.write(block)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", SOURCE_PORT), Handler)
+
+    def run(self) -> None:
+        self.server.serve_forever()
+
+
+def to_guest(vm: Console, address: str, mib: int) -> float:
+    """MiB/s of a download by the guest's busybox wget, timed from the host (the command's round
+    trip less an idle one's)."""
+    idle = min(_round_trip(vm, "true") for _ in range(3))
+    shell = f"wget -q -O - http://{address}:{SOURCE_PORT}/ | wc -c | sed 's/^/GOT /'"
     began = time.perf_counter()
-    with socket.create_connection(address, timeout=TIMEOUT) as conn:
-        for _ in range(mib):
-            conn.sendall(block)
-    vm.wait_for(b" TOG", TIMEOUT)
-    seconds = time.perf_counter() - began
-    got = re.findall(rb"GOT +(\d+) TOG", bytes(vm.out))
+    said = vm.command(shell, TIMEOUT)
+    seconds = time.perf_counter() - began - idle
+    got = re.findall(rb"GOT +(\d+)", said)
     if not got or int(got[-1]) != mib << 20:
         raise RuntimeError(f"the guest received {got[-1:] or 'nothing'} bytes, not {mib << 20}")
     return mib / seconds
 
 
-def drive(vm: Console, marker: bytes, gateway: str, inbound: tuple[str, int], mib: int, sink: Sink) -> dict[str, float]:
+def _round_trip(vm: Console, shell: str) -> float:
+    began = time.perf_counter()
+    vm.command(shell, TIMEOUT)
+    return time.perf_counter() - began
+
+
+def drive(vm: Console, marker: bytes, host: str, mib: int, sink: Sink) -> dict[str, float]:
     vm.wait_for(marker, TIMEOUT)
     vm.command("stty cols 500 -echo", TIMEOUT)
-    return {"to_host": to_host(vm, sink, gateway, mib), "to_guest": to_guest(vm, inbound, mib)}
+    print("bench: up; to the host...", file=sys.stderr, flush=True)
+    rates = {"to_host": to_host(vm, sink, host, mib)}
+    print("bench: to the guest...", file=sys.stderr, flush=True)
+    return rates | {"to_guest": to_guest(vm, host, mib)}
 
 
 @contextlib.contextmanager
-def passt_socket(work: Path) -> Iterator[Path]:
-    """A passt waiting on a Unix socket, as QEMU's ``-netdev stream`` documentation starts it."""
-    path = work / "passt.socket"
+def passt_stream() -> Iterator[int]:
+    """A passt serving one end of a socket pair (``--fd``, as smolvmm starts its own); yields the
+    other end for QEMU's ``-netdev stream`` (a passt given ``--socket`` binds it in a mount
+    namespace of its own here, where QEMU cannot reach it)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     process = subprocess.Popen(
-        ["passt", "--foreground", "--quiet", "--socket", str(path), "-t", f"{FORWARD_PORT}:{GUEST_PORT}", "-u", "none"],
+        ["passt", "--foreground", "--quiet", "--fd", str(theirs.fileno()), "-t", "none", "-u", "none"],
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(theirs.fileno(),),
     )
+    theirs.close()
     try:
-        while not path.exists():
-            if process.poll() is not None:
-                raise RuntimeError(f"passt exited ({process.returncode})")
-            time.sleep(0.01)
-        yield path
+        yield ours.fileno()
     finally:
         process.kill()
         process.wait()
-        path.unlink(missing_ok=True)
+        ours.close()
 
 
 def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
@@ -130,32 +165,39 @@ def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
     sink = Sink(mib << 20)
     sink.start()
     boot = [*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M"]
-    inbound = ("127.0.0.1", FORWARD_PORT)
+    Source(mib << 20).start()
 
-    def add(name: str, rates: dict[str, float]) -> None:
+    def add(name: str, vm: Console, host: str) -> None:
+        """One configuration's rates; a failure is recorded with the console's tail and the run goes on."""
+        try:
+            rates = drive(vm, marker, host, mib, sink)
+        except (RuntimeError, TimeoutError) as exc:
+            result.setdefault("errors", []).append(f"{name}: {exc}")  # type: ignore[union-attr]
+            print(f"bench: {name} failed: {exc}", file=sys.stderr, flush=True)
+            return
         for key, value in rates.items():
             series.setdefault(name, {}).setdefault(key, []).append(value)
         print(f"bench: {name} {rates}", file=sys.stderr, flush=True)
 
     for run in range(runs):
-        with Console([*boot, "--net", f"user,forward={FORWARD_PORT}:{GUEST_PORT}"]) as vm:
-            add("smolvmm_passt", drive(vm, marker, GATEWAY, inbound, mib, sink))
+        with Console([*boot, "--net", "user"]) as vm:
+            add("smolvmm_passt", vm, GATEWAY)
         cmdline = f"{guest.cmdline} smolvmm.ip={TAP_GUEST}/24"
         with Console([*boot, "--net", f"tap={TAP}", "--cmdline", cmdline]) as vm:
-            add("smolvmm_tap", drive(vm, marker, TAP_HOST, (TAP_GUEST, GUEST_PORT), mib, sink))
+            add("smolvmm_tap", vm, TAP_HOST)
         if qemu:
-            with passt_socket(work) as path:
+            with passt_stream() as fd:
                 extra = [
                     "-netdev",
-                    f"stream,id=n0,server=off,addr.type=unix,addr.path={path}",
+                    f"stream,id=n0,addr.type=fd,addr.str={fd}",
                     "-device",
                     "virtio-net-device,netdev=n0",
                 ]
-                argv = qemu_argv(
-                    qemu, guest.kernel, guest.initrd, f"{guest.cmdline} smolvmm.dhcp=eth0", work / f"q{run}.mon", extra
-                )
-                with Console(argv) as vm:
-                    add("qemu_passt", drive(vm, marker, GATEWAY, inbound, mib, sink))
+                cmdline = f"{guest.cmdline} smolvmm.dhcp=eth0"
+                with Console(
+                    qemu_argv(qemu, guest.kernel, guest.initrd, cmdline, work / f"q{run}.mon", extra), pass_fds=(fd,)
+                ) as vm:
+                    add("qemu_passt", vm, GATEWAY)
     sink.server.close()
     for name, rates in series.items():
         result[name] = {f"{key}_mib_s": summary(values) for key, values in rates.items()}

@@ -88,7 +88,7 @@ def pss_kib(pid: int) -> int:
 class Console:
     """A child process in its own process group whose stdout is the guest console, timestamped."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
         self.argv = list(argv)
         self.start = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -98,6 +98,7 @@ class Console:
             stderr=subprocess.PIPE,
             start_new_session=True,
             env=env,
+            pass_fds=pass_fds,
         )
         self.out = bytearray()
         self.err = bytearray()

@@ -26,12 +26,14 @@ from smolvmm.nested.harness import (
     NESTED_FROZE,
     QEMU_ARGS_ENV,
     Job,
+    JobStream,
     MachineSettings,
     forwarded_env,
     job_script,
     machine_settings,
     qemu_command,
 )
+from smolvmm.nested.image import END_OF_STREAM
 from smolvmm.nested.watchdog import POKE_AFTER, WATCHDOG_ENV, Heartbeat, watchdog_bound
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
@@ -67,8 +69,24 @@ def test_command_runs_with_kvm_streams_and_write_back(tmp_path: Path) -> None:
 
 
 @needs_qemu
-def test_failing_command_status_comes_back() -> None:
-    assert nested("false").returncode == 1
+def test_failing_command_status_comes_back_after_all_of_its_output() -> None:
+    # The output ends the moment the job does: the machine powers off only once the host has it all.
+    script = "import sys; sys.stdout.write('x' * (1 << 20) + 'end'); sys.stderr.write('y' * 99999); sys.exit(3)"
+    result = nested("python", "-c", script)
+    assert result.returncode == 3
+    assert (len(result.stdout), result.stdout[-4:], result.stderr) == ((1 << 20) + 3, "xend", "y" * 99999)
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [5, 6, 7], list(range(1, 40))])
+def test_a_port_stream_ends_at_its_mark_however_the_bytes_arrive(cuts: list[int]) -> None:
+    wire = b"job\x1eoutput" + END_OF_STREAM + b"never the job's"
+    stream, seen, previous = JobStream(), b"", 0
+    for cut in [*cuts, len(wire)]:
+        seen += stream.feed(wire[previous:cut])
+        previous = cut
+    assert (seen, stream.ended, stream.held) == (b"job\x1eoutput", True, b"")
+    unended = JobStream()
+    assert unended.feed(b"cut short" + END_OF_STREAM[:5]) == b"cut short" and unended.held == END_OF_STREAM[:5]
 
 
 def qemu_pids(marker: str | None = None) -> set[int]:

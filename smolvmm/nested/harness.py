@@ -7,6 +7,7 @@ to a log whose tail explains a failure of the machine itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolvmm.errors import SmolvmmError
-from smolvmm.nested.image import ACTIVITY_PATH, FAILED, HEARTBEAT, HOSTROOT_TAG, PORTS, nested_image
+from smolvmm.nested.image import ACTIVITY_PATH, END_OF_STREAM, FAILED, HEARTBEAT, HOSTROOT_TAG, PORTS, nested_image
 from smolvmm.nested.watchdog import ACTIVITY_ENV, Heartbeat, evidence, tail, threads, watchdog_bound
 
 HARNESS_FAILURE = 125
@@ -293,6 +294,28 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
         return status
 
 
+class JobStream:
+    """One of the job's output ports: its bytes up to END_OF_STREAM, holding back what may be the
+    start of that mark."""
+
+    def __init__(self) -> None:
+        self.held = b""
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of ``data`` (after those held) that are surely the job's."""
+        if self.ended:
+            return b""
+        data = self.held + data
+        end = data.find(END_OF_STREAM)
+        if end >= 0:
+            self.ended, self.held = True, b""
+            return data[:end]
+        keep = next((n for n in range(len(END_OF_STREAM) - 1, 0, -1) if data.endswith(END_OF_STREAM[:n])), 0)
+        self.held = data[len(data) - keep :]
+        return data[: len(data) - keep]
+
+
 def _pump(
     qemu: subprocess.Popen[bytes],
     listeners: list[socket.socket],
@@ -308,6 +331,9 @@ def _pump(
     """
     deadline = time.monotonic() + timeout
     status = b""
+    streams = {port: JobStream() for port in sinks}
+    status_port: socket.socket | None = None
+    acknowledged = False
     with selectors.DefaultSelector() as selector:
         for port, listener in zip(PORTS, listeners):
             selector.register(listener, selectors.EVENT_READ, (port, True))
@@ -327,6 +353,8 @@ def _pump(
                 port, listening = key.data
                 if listening:
                     connection, _ = key.fileobj.accept()  # type: ignore[union-attr]  # only sockets are registered
+                    if port == PORTS[2]:
+                        status_port = connection
                     selector.unregister(key.fileobj)
                     selector.register(connection, selectors.EVENT_READ, (port, False))
                     continue
@@ -335,10 +363,18 @@ def _pump(
                     selector.unregister(key.fileobj)
                     key.fileobj.close()  # type: ignore[union-attr]  # only sockets are registered
                 elif port in sinks:
-                    os.write(sinks[port], data)
+                    if job_bytes := streams[port].feed(data):
+                        os.write(sinks[port], job_bytes)
                 elif port == HEARTBEAT:
                     heartbeat.feed(data)
                 else:
                     status += data[:64]
+            if not acknowledged and status_port and status.endswith(b"\n") and all(s.ended for s in streams.values()):
+                with contextlib.suppress(OSError):  # a machine that has gone needs no answer
+                    status_port.sendall(b"\n")  # every byte is here: the machine may power off
+                acknowledged = True
+    for port, stream in streams.items():  # a machine that died mid-job: what it sent is still the job's
+        if stream.held:
+            os.write(sinks[port], stream.held)
     text = status.decode(errors="replace").strip()
     return (int(text) if text.isdigit() else None), ""

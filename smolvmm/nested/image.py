@@ -21,6 +21,9 @@ FAILED = "smolvmm-nested: failed:"
 HEARTBEAT = "smolvmm.heartbeat"
 PORTS = ("smolvmm.stdout", "smolvmm.stderr", "smolvmm.status", HEARTBEAT)
 HOSTROOT_TAG = "hostroot"
+END_OF_STREAM = b"\x1esmolvmm-nested: end of stream\x1e"
+"""What the init writes on the stdout and stderr ports after the job: the host answers on the status
+port once it has both, and only then does the machine power off."""
 ACTIVITY_PATH = "/run/smolvmm/activity"
 """Where, inside the machine, a job writes what it is doing: each heartbeat carries the first line."""
 INIT_SOURCE = Path(__file__)
@@ -69,9 +72,15 @@ for word in $(cat /proc/cmdline); do
 done
 """
 
-_INIT_FINISH = r"""env -i @RUN@ /run/smolvmm/job </dev/null >"$stdout" 2>"$stderr"
-echo "$?" >"$status"
+# The job writes into pipes that cat copies to the ports: a port takes at most 32 KiB a write, and
+# a program that ignores a short write (Python's text streams with PYTHONUNBUFFERED) lost the rest.
+_INIT_FINISH = r"""{ { env -i @RUN@ /run/smolvmm/job </dev/null; echo "$?" >/run/smolvmm/status; } 2>&1 1>&3 \
+    | cat >"$stderr"; } 3>&1 | cat >"$stdout"
+cat /run/smolvmm/status >"$status"
+printf '@END@' >"$stdout"
+printf '@END@' >"$stderr"
 sync
+read -r -t 60 ack <"$status"  # the host has every byte of both streams (a port drops what QEMU still holds)
 poweroff -f
 """
 
@@ -95,6 +104,7 @@ def init_script(path: str, no_kvm: str, body: str, run: str, job_root: str = "")
         "@HOSTROOT@": HOSTROOT_TAG,
         "@HEARTBEAT@": HEARTBEAT,
         "@JOBROOT@": job_root,
+        "@END@": "".join(f"\\{byte:03o}" if byte < 32 else chr(byte) for byte in END_OF_STREAM),
         "@ACTIVITY@": ACTIVITY_PATH,
     }
     script = _INIT_START + body + _INIT_FINISH

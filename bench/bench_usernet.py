@@ -49,31 +49,36 @@ class Sink(threading.Thread):
 
     def __init__(self, size: int) -> None:
         super().__init__(daemon=True)
-        self.size, self.rates = size, []
+        self.size, self.rates, self.last = size, [], 0
         self.server = socket.create_server(("0.0.0.0", SINK_PORT))
-        self.server.settimeout(TIMEOUT)
 
     def run(self) -> None:
-        buf = bytearray(1 << 20)
         with contextlib.suppress(OSError):  # the server closed at the end
             while True:
                 conn, _ = self.server.accept()
-                with conn:
-                    got, first = 0, 0.0
-                    while got < self.size and (n := conn.recv_into(buf)):  # busybox nc waits for our close
-                        first = first or time.perf_counter()
-                        got += n
-                    if got == self.size:
-                        self.rates.append(got / (1 << 20) / (time.perf_counter() - first))
+                threading.Thread(target=self._receive, args=(conn,), daemon=True).start()
+
+    def _receive(self, conn: socket.socket) -> None:
+        """One connection, on a thread of its own: a stalled one cannot hold up the next machine's."""
+        buf = bytearray(1 << 20)
+        got, first = 0, 0.0
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(TIMEOUT)
+            while got < self.size and (n := conn.recv_into(buf)):  # busybox nc waits for our close
+                first = first or time.perf_counter()
+                got += n
+        self.last = got
+        if got == self.size:
+            self.rates.append(got / (1 << 20) / (time.perf_counter() - first))
 
 
 def to_host(vm: Console, sink: Sink, address: str, mib: int) -> float:
     before = len(sink.rates)
     vm.command(f"dd if=/dev/zero bs=1M count={mib} 2>/dev/null | nc {address} {SINK_PORT}", TIMEOUT)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + TIMEOUT  # what the guest's TCP still holds once nc has ended
     while len(sink.rates) == before:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the sink did not get {mib} MiB from the guest")
+            raise RuntimeError(f"the host got {sink.last} of the {mib << 20} bytes the guest sent")
         time.sleep(0.01)
     return sink.rates[-1]
 
@@ -122,13 +127,20 @@ def _round_trip(vm: Console, shell: str) -> float:
     return time.perf_counter() - began
 
 
-def drive(vm: Console, marker: bytes, host: str, mib: int, sink: Sink) -> dict[str, float]:
+def drive(vm: Console, marker: bytes, host: str, mib: int, sink: Sink) -> dict[str, float | str]:
+    """Both directions on one booted guest; a direction that fails is its error, the other still runs."""
     vm.wait_for(marker, TIMEOUT)
     vm.command("stty cols 500 -echo", TIMEOUT)
-    print("bench: up; to the host...", file=sys.stderr, flush=True)
-    rates = {"to_host": to_host(vm, sink, host, mib)}
-    print("bench: to the guest...", file=sys.stderr, flush=True)
-    return rates | {"to_guest": to_guest(vm, host, mib)}
+    rates: dict[str, float | str] = {}
+    for name, transfer in (
+        ("to_host", lambda: to_host(vm, sink, host, mib)),
+        ("to_guest", lambda: to_guest(vm, host, mib)),
+    ):
+        try:
+            rates[name] = transfer()
+        except (RuntimeError, TimeoutError) as exc:
+            rates[name] = f"{type(exc).__name__}: {exc}"
+    return rates
 
 
 @contextlib.contextmanager
@@ -168,15 +180,16 @@ def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
     Source(mib << 20).start()
 
     def add(name: str, vm: Console, host: str) -> None:
-        """One configuration's rates; a failure is recorded with the console's tail and the run goes on."""
+        """One configuration's rates; a failure is recorded (with the console's tail) and the run goes on."""
         try:
             rates = drive(vm, marker, host, mib, sink)
         except (RuntimeError, TimeoutError) as exc:
-            result.setdefault("errors", []).append(f"{name}: {exc}")  # type: ignore[union-attr]
-            print(f"bench: {name} failed: {exc}", file=sys.stderr, flush=True)
-            return
+            rates = {"boot": f"{type(exc).__name__}: {exc}"}
         for key, value in rates.items():
-            series.setdefault(name, {}).setdefault(key, []).append(value)
+            if isinstance(value, str):
+                result.setdefault("errors", []).append(f"{name} {key}: {value}")  # type: ignore[union-attr]
+            else:
+                series.setdefault(name, {}).setdefault(key, []).append(value)
         print(f"bench: {name} {rates}", file=sys.stderr, flush=True)
 
     for run in range(runs):

@@ -130,6 +130,16 @@ def oci_layout() -> Path:
     return _cached(f"bookworm-python3-oci-{_key(base.name)}", make)
 
 
+def base_disk() -> Path:
+    """The OCI layout's base disk, made into smolvmm's cache here (the nested machine cannot keep it:
+    its writes land in its RAM)."""
+    from smolvmm.oci.rootdisk import root_disk
+    from smolvmm.oci.source import open_source
+
+    with tempfile.TemporaryDirectory() as scratch, open_source(f"oci:{oci_layout()}:{TAG}", Path(scratch)) as image:
+        return root_disk(image, Path(scratch))
+
+
 def docker_archive() -> Path:
     """The OCI layout's image as a ``docker save`` archive."""
     layout = oci_layout()

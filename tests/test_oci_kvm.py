@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import oci_images
@@ -18,8 +17,6 @@ from nested_plugin import prepare_on_host
 
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
-from smolvmm.oci.rootdisk import root_disk
-from smolvmm.oci.source import open_source
 
 SOURCE = f"oci:{{layout}}:{oci_images.TAG}"
 
@@ -27,9 +24,7 @@ SOURCE = f"oci:{{layout}}:{oci_images.TAG}"
 def _prepare_on_the_host() -> None:
     """Make the test image, its base disk and the image guest here, where apt and the cache are
     writable, before the kvm tests run inside tools/nested-kvm (which sees them read-only)."""
-    layout = oci_images.oci_layout()
-    with tempfile.TemporaryDirectory() as scratch, open_source(SOURCE.format(layout=layout), Path(scratch)) as image:
-        root_disk(image, Path(scratch))
+    oci_images.base_disk()
     os.environ[PREBUILT_IMAGE_ENV] = str(image_guest().kernel.parent)
 
 

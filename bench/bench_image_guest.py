@@ -18,12 +18,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import anyio
-from common import Console, machine_info, qemu_argv, qemu_path, rerun_nested, summary
+from common import Console, machine_info, measured, qemu_argv, qemu_path, summary
 
 import smolvmm
 from smolvmm.config import bundle_disk, open_bundle
@@ -151,14 +150,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per measure (default 3)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    env = {}
     if os.environ.get("SMOLVMM_NESTED") != "1":
         oci_images.oci_layout()  # made natively (mmdebstrap, umoci): the nested machine reads the cache
-        if rerun_nested(Path(__file__), args.out, {PREBUILT_IMAGE_ENV: str(image_guest().kernel.parent)}):
-            print((args.out / "image-guest.json").read_text())
-            return 0
-    with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
-        result = measure(args.runs, Path(work))
-    (args.out / "image-guest.json").write_text(json.dumps(result, indent=1))
+        env[PREBUILT_IMAGE_ENV] = str(image_guest().kernel.parent)
+    result = measured(Path(__file__), args.out, "image-guest.json", env, lambda work: measure(args.runs, work))
     print(json.dumps(result, indent=1))
     return 0
 

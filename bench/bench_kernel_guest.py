@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import anyio
-from common import Console, guest_ram_rss_kib, machine_info, qemu_argv, qemu_path, rerun_nested, summary
+from common import Console, guest_ram_rss_kib, machine_info, measured, qemu_argv, qemu_path, summary
 
 import smolvmm
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, GuestImage, default_guest, minimal_guest
@@ -125,18 +124,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per measure and kernel (default 3)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    inside = os.environ.get("SMOLVMM_NESTED") == "1"
-    built = None if inside else minimal_kernel()  # the nested machine has no apt: looked up natively
-    if not inside and rerun_nested(
-        Path(__file__), args.out, {PREBUILT_MINIMAL_ENV: str(minimal_guest().kernel.parent)}
-    ):
-        result = json.loads((args.out / "kernel-guest.json").read_text())
-    else:
-        with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
-            result = measure(args.runs, Path(work))
+    built, env = None, {}
+    if os.environ.get("SMOLVMM_NESTED") != "1":  # the nested machine has no apt: looked up natively
+        built = minimal_kernel()
+        env[PREBUILT_MINIMAL_ENV] = str(minimal_guest().kernel.parent)
+    result = measured(Path(__file__), args.out, "kernel-guest.json", env, lambda work: measure(args.runs, work))
     if built:
         result["build"] = {"source": built.source, "seconds": built.seconds, "jobs": built.jobs}
-    (args.out / "kernel-guest.json").write_text(json.dumps(result, indent=1))
+        (args.out / "kernel-guest.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 

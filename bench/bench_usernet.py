@@ -19,18 +19,16 @@ import argparse
 import contextlib
 import http.server
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import Console, machine_info, qemu_argv, qemu_path, rerun_nested, summary
+from common import Console, machine_info, measured, qemu_argv, qemu_path, summary
 
 from smolvmm.images.guest import default_guest
 
@@ -224,12 +222,7 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=16, help="MiB per transfer (default 16)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("SMOLVMM_NESTED") != "1" and rerun_nested(Path(__file__), args.out, {}):
-        print((args.out / "usernet.json").read_text())
-        return 0
-    with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
-        result = measure(args.runs, args.mib, Path(work))
-    (args.out / "usernet.json").write_text(json.dumps(result, indent=1))
+    result = measured(Path(__file__), args.out, "usernet.json", {}, lambda work: measure(args.runs, args.mib, work))
     print(json.dumps(result, indent=1))
     return 0
 

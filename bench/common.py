@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -12,9 +13,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -77,6 +79,17 @@ def rerun_nested(script: Path, out: Path, env: dict[str, str]) -> bool:
     argv = [str(nested), "--out", str(out), "--timeout", "3600", "python", str(script), *sys.argv[1:]]
     subprocess.run(argv, env=env, check=True)
     return True
+
+
+def measured(script: Path, out: Path, name: str, env: dict[str, str], measure: Callable[[Path], dict]) -> dict:
+    """``measure(scratch directory)`` here, or inside ``tools/nested-kvm`` on a PVM host (``rerun_nested``,
+    with ``env``); its result written to ``out/name`` there and returned here."""
+    if os.environ.get("SMOLVMM_NESTED") != "1" and rerun_nested(script, out, env):
+        return json.loads((out / name).read_text())
+    with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
+        result = measure(Path(work))
+    (out / name).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def pss_kib(pid: int) -> int:

@@ -290,7 +290,10 @@ def test_a_disk_built_by_a_user_who_is_not_root_keeps_the_layers_owners() -> Non
             "from smolvmm.oci.rootdisk import root_disk; from smolvmm.oci.source import open_source\n"
             "with open_source(sys.argv[1], Path(sys.argv[2])) as image: print(root_disk(image, Path(sys.argv[2])))\n"
         )
-        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
+        # Without CAP_CHOWN, but able to read the checkout wherever it lies (a 0700 directory, say).
+        reader = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *reader]
+        as_nobody = as_nobody if os.geteuid() == 0 else []
         built = subprocess.run(
             [*as_nobody, sys.executable, "-c", script, f"oci:{work / 'layout'}:v1", str(work)],
             capture_output=True,

@@ -250,9 +250,12 @@ def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_pat
     assert f"--- all the evidence: {tmp_path / 'evidence.log'} ---" in stderr
     evidence = (tmp_path / "evidence.log").read_text()
     assert "State:\tT (stopped)" in evidence and "the job's last activity: step-42" in evidence
-    # a stopped QEMU was poked every 5 s of silence, and no beat followed
+    # a stopped QEMU was poked after 5 s of silence (and every 5 s after, with a register dump), and no beat followed
     assert re.search(
-        r"^pokes of QEMU's main loop: .* [1-9]\d* time\(s\); a beat followed .* 0 time\(s\)$", evidence, re.M
+        r"^pokes of QEMU's main loop: .* 1 time\(s\); .* with 'info status' 1 time\(s\), a beat following 0,"
+        r" with 'info registers' \d+ time\(s\), a beat following 0$",
+        evidence,
+        re.M,
     )
     assert "--- QEMU monitor: info registers ---" in evidence and "--- nested console (last 200 lines) ---" in evidence
     assert qemu_pids(str(tmp_path)) == set()
@@ -313,13 +316,22 @@ def test_a_silent_machine_is_poked_and_a_beat_after_the_poke_counts_as_woken(tmp
     heartbeat.last -= POKE_AFTER  # a silence as long as the poke threshold
     assert heartbeat.needs_poke()
     heartbeat.poke(tmp_path / "no-monitor")  # no QEMU listening: the poke must not fail
-    assert not heartbeat.needs_poke() and heartbeat.poke_summary().endswith(
-        "1 time(s); a beat followed a poke of QEMU's main loop 0 time(s)"
+    assert not heartbeat.needs_poke() and heartbeat.poke_summary() == (
+        "the heartbeat paused 5 s or more 1 time(s); QEMU's main loop was poked with 'info status' 1 time(s),"
+        " a beat following 0, with 'info registers' 0 time(s), a beat following 0"
     )
+    heartbeat._poked_at -= POKE_AFTER  # still silent: the next poke dumps the registers
+    assert heartbeat.needs_poke()
+    heartbeat.poke(tmp_path / "no-monitor")
     heartbeat.feed(b"beat a\n")
-    assert (heartbeat.pokes, heartbeat.woken) == (1, 1)
+    assert heartbeat.pokes == {"info status": 1, "info registers": 1}
+    assert heartbeat.woken == {"info status": 0, "info registers": 1}
     heartbeat.feed(b"beat a\n")
-    assert heartbeat.woken == 1  # only the first beat after a poke
+    assert heartbeat.woken == {"info status": 0, "info registers": 1}  # only the first beat after a poke
+    heartbeat.last -= POKE_AFTER  # a new silence starts with the light poke again
+    heartbeat.poke(tmp_path / "no-monitor")
+    heartbeat.feed(b"beat a\n")
+    assert heartbeat.woken == {"info status": 1, "info registers": 1}
 
 
 def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:

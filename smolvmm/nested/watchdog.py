@@ -70,23 +70,28 @@ freezes seen so far looked like a main loop asleep past a timer deadline it had 
 ppoll, the guest's timer interrupt missing for a minute, and the guest waking when the harness next
 talked to QEMU): any event on one of its file descriptors wakes it and it runs the overdue timers.
 Well under the inner kernel's 20 s soft-lockup threshold, which panics it (softlockup_panic=1)."""
+POKES = ("info status", "info registers")
+"""The first poke of a silence, then every later one. ``info status`` alone woke no frozen machine in
+the runs recorded in BENCHMARKS.md, while the inner kernel's lockup reports came right after the
+evidence's ``info registers``: the later pokes ask for that, and each kind counts its own wake-ups."""
 
 
 @dataclass
 class Heartbeat:
     """QEMU ``pid``'s heartbeat port: how many beats, the host's monotonic time of the last one (at first,
     QEMU's start), the job's activity it carried and QEMU's progress then; how often a silence was poked
-    and how often a beat followed the poke."""
+    and how often a beat followed the poke, per monitor command of :data:`POKES`."""
 
     bound: float
     pid: int
     last: float = field(default_factory=time.monotonic)
     beats: int = 0
     activity: str = ""
-    pokes: int = 0
-    woken: int = 0
+    pokes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
+    woken: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
     at_last: Progress = field(init=False)
     _poked_at: float | None = field(default=None, init=False, repr=False)
+    _last_poke: str = field(default=POKES[0], init=False, repr=False)
     _partial: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,7 +106,7 @@ class Heartbeat:
                 self.beats += 1
                 self.last = time.monotonic()
                 if self._poked_at is not None:
-                    self.woken += 1
+                    self.woken[self._last_poke] += 1
                     self._poked_at = None
                 text = line[5:_MAX_LINE].decode(errors="replace").strip()
                 self.activity = "".join(c if c.isprintable() else "?" for c in text)  # the guest wrote it
@@ -113,18 +118,22 @@ class Heartbeat:
         return self.beats > 0 and time.monotonic() - since >= POKE_AFTER
 
     def poke(self, monitor_socket: Path) -> None:
-        """Wake QEMU's main loop with a harmless monitor query."""
-        self.pokes += 1
+        """Wake QEMU's main loop with a harmless monitor query (:data:`POKES`)."""
+        self._last_poke = POKES[0] if self._poked_at is None else POKES[1]
+        self.pokes[self._last_poke] += 1
         self._poked_at = time.monotonic()
-        monitor(monitor_socket, "info status", timeout=1.0)
+        monitor(monitor_socket, self._last_poke, timeout=1.0)
 
     def poke_summary(self) -> str:
         """One line on the pokes, or "" if there were none."""
-        if not self.pokes:
+        if not any(self.pokes.values()):
             return ""
         return (
-            f"the heartbeat paused {POKE_AFTER:g} s or more {self.pokes} time(s); a beat followed a poke of"
-            f" QEMU's main loop {self.woken} time(s)"
+            f"the heartbeat paused {POKE_AFTER:g} s or more {self.pokes[POKES[0]]} time(s); QEMU's main loop was"
+            " poked "
+            + ", ".join(
+                f"with {kind!r} {self.pokes[kind]} time(s), a beat following {self.woken[kind]}" for kind in POKES
+            )
         )
 
     def silent_for(self) -> float:

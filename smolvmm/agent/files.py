@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 
@@ -50,14 +51,18 @@ class GuestFiles:
 
         await self._write(path, mode, chunks())
 
-    async def upload(self, host_path: str | os.PathLike[str], guest_path: str, mode: int | None = None) -> None:
-        """Copy host file ``host_path`` to ``guest_path``, streaming (any size).
+    async def upload(
+        self, host_path: str | os.PathLike[str] | BinaryIO, guest_path: str, mode: int | None = None
+    ) -> None:
+        """Copy host file ``host_path`` (or a file open for reading, e.g. one opened before a jail hid
+        the host's files; it is closed) to ``guest_path``, streaming (any size).
 
         ``mode`` defaults to the host file's permission bits."""
-        source = await anyio.open_file(host_path, "rb")
+        opened = open(host_path, "rb") if isinstance(host_path, str | os.PathLike) else host_path
+        source = anyio.wrap_file(opened)
         async with source:
             if mode is None:
-                mode = os.stat(host_path).st_mode & 0o7777
+                mode = os.fstat(opened.fileno()).st_mode & 0o7777
 
             async def chunks() -> AsyncIterator[bytes]:
                 while block := await source.read(HOST_BLOCK):
@@ -119,6 +124,9 @@ class GuestFiles:
         except BaseException:
             os.unlink(temp)
             raise
+        from smolvmm.host.jail import publish
+
+        await anyio.to_thread.run_sync(publish, target)  # out of a jail's staging directory, if jailed
 
     async def _read(self, path: str, keep: Callable[[bytes], Awaitable[None]]) -> None:
         async with self._port().call() as call:

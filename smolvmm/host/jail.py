@@ -7,6 +7,9 @@ devices, sockets are open) and before any vCPU thread exists, ``enter`` makes th
 1. keep no new privileges (``PR_SET_NO_NEW_PRIVS``),
 2. enter new mount, IPC and UTS namespaces, and a new network namespace when it has no TAP
    device, and ``pivot_root`` into an empty read-only tmpfs: no host file is visible any more,
+   but for the directories it may write (``Jail.writable``, bound as they are) and the staging
+   directories of the files it is to produce (``Jail.outputs``, bound at their directory's path,
+   and published by a keeper left outside, ``smolvmm.host.keeper``: see :func:`publish`),
 3. limit its resources (``RLIMIT_NOFILE`` to the descriptors it holds plus a margin,
    ``RLIMIT_CORE`` 0, ``RLIMIT_AS`` to its size plus a margin),
 4. drop every group and switch to an unprivileged uid and gid (all threads, via glibc),
@@ -39,7 +42,8 @@ from typing import Any
 
 from cffi import FFI
 
-from smolvmm.errors import ConfigError, HypervisorError, UsageError
+from smolvmm.errors import ConfigError, HypervisorError, SmolvmmError, UsageError
+from smolvmm.host.keeper import Keeper, KeeperError
 from smolvmm.host.syscalls import ALLOWED_SYSCALLS, ARGUMENT_RULES, DENIED_SYSCALLS, NOT_IMPLEMENTED
 
 _ffi = FFI()
@@ -90,6 +94,8 @@ ADDRESS_SPACE_MARGIN = 4 << 30
 DEFAULT_USER = "nobody"
 # Where the empty root is built: a private tmpfs mounted over it in the new mount namespace.
 JAIL_MOUNT = "/tmp"
+_keeper: Keeper | None = None
+"""The keeper of this process's jail outputs, once it has entered a jail that has some."""
 
 
 # Imported before the host's files disappear, since the running monitor imports lazily: these
@@ -113,23 +119,36 @@ PRELOAD_MODULES = (
 
 @dataclass(frozen=True)
 class Jail:
-    """How to confine the monitor: the unprivileged uid and gid it runs as, and the host
-    directories it may still write (bind-mounted at the same path, e.g. where snapshots go;
-    they must be writable by that uid)."""
+    """How to confine the monitor: the unprivileged uid and gid it runs as, the host
+    directories it may still write (bind-mounted at the same path; they must be writable by
+    that uid), and the files it is to produce (absolute paths, e.g. where snapshots go:
+    written in a staging directory of that uid's, then moved into place with :func:`publish`,
+    whoever owns their directory)."""
 
     uid: int
     gid: int
     writable: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    discard: tuple[str, ...] = ()
+    """Host files written before the jail, removed (from outside it) once the machine ends."""
 
     @classmethod
-    def parse(cls, spec: str | None, writable: tuple[str, ...] = ()) -> Jail:
+    def parse(
+        cls,
+        spec: str | None,
+        writable: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (),
+        discard: tuple[str, ...] = (),
+    ) -> Jail:
         """``NAME``, ``UID`` or ``UID:GID`` (default: the ``nobody`` user, or 65534)."""
+        if any(not os.path.isabs(path) for path in outputs):
+            raise ConfigError(f"the jail's outputs must be absolute paths, not {outputs}")
         if not spec:
             try:
                 entry = pwd.getpwnam(DEFAULT_USER)
-                return cls(entry.pw_uid, entry.pw_gid, writable)
+                return cls(entry.pw_uid, entry.pw_gid, writable, outputs, discard)
             except KeyError:
-                return cls(65534, 65534, writable)
+                return cls(65534, 65534, writable, outputs, discard)
         uid_text, _, gid_text = spec.partition(":")
         try:
             if uid_text.isdigit():
@@ -142,7 +161,7 @@ class Jail:
             raise ConfigError(f"--jail-user {spec}: not a user name, UID or UID:GID") from None
         if uid == 0 or gid == 0:
             raise ConfigError(f"--jail-user {spec}: the jail drops root; give an unprivileged user")
-        return cls(uid, gid, writable)
+        return cls(uid, gid, writable, outputs, discard)
 
 
 @cache
@@ -204,18 +223,23 @@ def _seccomp_filter() -> Any:
     return ctx
 
 
+def _import_tree(name: str) -> None:
+    """Import module ``name`` and, for a package, its modules, but those named in PRELOAD_SKIP
+    (not walked into either: ``pkgutil.walk_packages`` imports every package it passes)."""
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
+        return
+    for child in pkgutil.iter_modules(getattr(module, "__path__", [])):
+        if child.name not in PRELOAD_SKIP:
+            _import_tree(f"{name}.{child.name}")
+
+
 def _preload() -> None:
     for name in PRELOAD_MODULES:
         importlib.import_module(name)
     for package_name in PRELOAD_PACKAGES:
-        package = importlib.import_module(package_name)
-        for module in pkgutil.walk_packages(getattr(package, "__path__", []), f"{package_name}."):
-            if set(module.name.split(".")) & set(PRELOAD_SKIP):
-                continue
-            try:
-                importlib.import_module(module.name)
-            except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
-                pass
+        _import_tree(package_name)
     from smolformat.pagescan import native_module
 
     native_module()  # the snapshot writer's page scanner: a C extension, loaded (built) on first use
@@ -241,6 +265,13 @@ def enter(jail: Jail, *, network: bool) -> str:
     _preload()
     libc = _libc()
     ctx = _seccomp_filter()
+    global _keeper
+    if jail.outputs or jail.discard:
+        try:
+            _keeper = Keeper(jail.outputs, jail.uid, jail.gid, jail.discard)
+        except OSError as exc:
+            raise HypervisorError(f"cannot enter the jail: staging its outputs failed: {exc}") from None
+    bound = {directory: directory for directory in jail.writable} | (_keeper.staging if _keeper else {})
     highest_fd, size = _open_fds(), _vm_size()
     try:
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
@@ -256,10 +287,10 @@ def enter(jail: Jail, *, network: bool) -> str:
             libc.syscall(SYS_PIVOT_ROOT, _long(JAIL_MOUNT.encode()), _long(f"{JAIL_MOUNT}/old".encode())), "pivot_root"
         )
         os.chdir("/")
-        for directory in jail.writable:
+        for directory, source in bound.items():
             os.makedirs(directory, exist_ok=True)
             _check(
-                libc.mount(f"/old{directory}".encode(), directory.encode(), _ffi.NULL, MS_BIND | MS_REC, _ffi.NULL),
+                libc.mount(f"/old{source}".encode(), directory.encode(), _ffi.NULL, MS_BIND | MS_REC, _ffi.NULL),
                 f"binding {directory}",
             )
         _check(libc.umount2(b"/old", MNT_DETACH), "detaching the host's root")
@@ -276,13 +307,33 @@ def enter(jail: Jail, *, network: bool) -> str:
     finally:
         _libseccomp().seccomp_release(ctx)
     _prove()
-    if jail.writable:  # temporary files (a snapshot's scratch disks) go where the jail may write
-        tempfile.tempdir = jail.writable[0]
+    if bound:  # temporary files (a snapshot's scratch disks) go where the jail may write
+        tempfile.tempdir = next(iter(bound))
     return (
-        f"jailed: uid {jail.uid} gid {jail.gid}, read-only root holding {list(jail.writable)},"
+        f"jailed: uid {jail.uid} gid {jail.gid}, read-only root holding {list(bound)},"
         f" {'host' if network else 'no'} network,"
         f" seccomp allows {len(ALLOWED_SYSCALLS)} calls, at most {files} files"
     )
+
+
+def publish(path: str | os.PathLike[str]) -> None:
+    """Move ``path``, one of the jail's outputs that the monitor has just written, into place
+    (outside the jail, by its keeper); nothing if this process is not jailed with that output.
+    SmolvmmError if the keeper cannot."""
+    path = os.fspath(path)
+    if _keeper is not None and path in _keeper.outputs:
+        try:
+            _keeper.publish(path)
+        except (KeeperError, OSError) as exc:
+            raise SmolvmmError(str(exc)) from None
+
+
+def leave() -> None:
+    """Once the jailed machine has ended: let the keeper remove what the jail did not publish."""
+    global _keeper
+    if _keeper is not None:
+        _keeper.close()
+        _keeper = None
 
 
 def _prove() -> None:

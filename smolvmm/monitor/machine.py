@@ -474,6 +474,10 @@ class Machine:
                 if not was_paused:
                     await self.resume()
             timings.mark("resumed")
+        if self._jail is not None:
+            from smolvmm.host.jail import publish
+
+            await anyio.to_thread.run_sync(publish, path)
         return digest
 
     async def _agent_started(self) -> bool:
@@ -532,6 +536,10 @@ class Machine:
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()
+        if self._jail is not None:
+            from smolvmm.host.jail import leave
+
+            leave()
 
 
 def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostname: str | None) -> Identity:

@@ -45,7 +45,9 @@ CHILD = textwrap.dedent(
             raise OSError(ctypes.get_errno(), "ptrace")
 
     async def main():
-        jail = Jail.parse(None, (sys.argv[1],))
+        saved = os.path.join(sys.argv[1], "jailed.smolmachine")
+        writable = sys.argv[3] == "writable"
+        jail = Jail.parse(None, (sys.argv[1],) if writable else (), () if writable else (saved,))
         async with Machine.boot(MachineConfig(vcpus=2, memory=128 << 20), jail=jail) as machine:
             report = {
                 "jail": machine.timings.notes["jail"], "uid": os.getuid(), "gid": os.getgid(),
@@ -53,7 +55,7 @@ CHILD = textwrap.dedent(
                 "exec": attempt(lambda: os.execv("/bin/sh", ["sh"])), "ptrace": attempt(ptrace),
                 "write_root": attempt(lambda: open("/escape", "w")),
             }
-            await machine.snapshot(os.path.join(sys.argv[1], "jailed.smolmachine"))
+            await machine.snapshot(saved)
             print(json.dumps(report), flush=True)
             sys.stdin.readline()  # the test looks at /proc/PID meanwhile
             await machine.stop()
@@ -70,15 +72,18 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 @pytest.mark.kvm(linux_guest=False)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("save_to", ["writable", "outputs"])
 def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_ptrace(
-    tmp_path: Path, anyio_backend: str
+    tmp_path: Path, anyio_backend: str, save_to: str
 ) -> None:
     out = tmp_path / "out"
-    out.mkdir(mode=0o777)
-    out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here
-    tmp_path.chmod(0o755)
+    out.mkdir(mode=0o700)
+    if save_to == "writable":
+        out.chmod(0o777)  # the jail's user (nobody) writes the snapshot here itself
+        tmp_path.chmod(0o755)
+    # else root's own directory, that nobody cannot even enter: the jail's keeper publishes the snapshot
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(out), anyio_backend],
+        [sys.executable, "-c", CHILD, str(out), anyio_backend, save_to],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -107,6 +112,9 @@ def test_a_jailed_monitor_runs_its_machine_sees_no_host_file_and_cannot_exec_or_
     assert status["CapEff"] == "0000000000000000"
     assert other_namespace and other_network
     smolformat.verify_bundle(out / "jailed.smolmachine")  # saved from inside the jail
+    assert [p.name for p in out.iterdir()] == ["jailed.smolmachine"]  # no staging or temporary file left
+    if save_to == "outputs":
+        assert (out / "jailed.smolmachine").stat().st_uid == 0  # published as the user's own
 
 
 ESCAPES = textwrap.dedent(
@@ -166,17 +174,17 @@ def test_jail_users_parse_and_root_is_refused() -> None:
 
 
 @pytest.mark.kvm
-def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jail is the default for root")
+def test_run_as_root_is_jailed_and_saves_from_the_jail_into_roots_own_directory(bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    tmp_path.chmod(0o755)
+    out.mkdir(mode=0o700)  # root's; the jail's user cannot even enter it (nor tmp_path)
     saved = out / "saved.smolmachine"
     monitor = subprocess.Popen(
-        [sys.executable, "-m", "smolvmm", "run", "--jail", "--timings", "--save", str(saved), str(bundle)],
+        [sys.executable, "-m", "smolvmm", "run", "--timings", "--save", "out/saved.smolmachine", str(bundle)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        cwd=tmp_path,  # a relative --save: the jailed monitor's own directory is its empty root
     )
     try:
         monitor.stdin.write(b"echo jailed-$((6*7)) > /tmp/mark; cat /tmp/mark\n")
@@ -202,6 +210,8 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
         monitor.kill()
     stderr = monitor.stderr.read().decode(errors="replace")
     assert re.search(r"jail: jailed: uid \d+", stderr), stderr
+    assert [p.name for p in out.iterdir()] == ["saved.smolmachine"]  # published; no staging directory left
+    assert saved.stat().st_uid == 0
     again = subprocess.run(
         [sys.executable, "-m", "smolvmm", "run", str(saved)],
         input=b"cat /tmp/mark\npoweroff -f\n",
@@ -209,3 +219,46 @@ def test_run_jailed_resumes_the_guest_and_saves_it_from_the_jail(bundle: Path, t
         timeout=GUEST_TIMEOUT,
     )
     assert again.returncode == 0 and b"jailed-42" in again.stdout, again.stderr.decode(errors="replace")
+
+
+def _threads_started(pid: int, deadline: float) -> dict[str, str]:
+    """/proc/PID/status once the monitor runs more than one thread (its vCPUs: after any jail)."""
+    while len(os.listdir(f"/proc/{pid}/task")) < 2:
+        assert time.monotonic() < deadline, "the monitor started no vCPU thread"
+        time.sleep(0.1)
+    return _proc_status(pid)
+
+
+@pytest.mark.kvm(linux_guest=False)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_boot_as_root_is_jailed_unless_told_not_to(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    nobody = Jail.parse(None)
+    for flags, uid, seccomp in (([], nobody.uid, "2"), (["--no-jail"], 0, "0")):
+        monitor = subprocess.Popen(
+            [sys.executable, "-m", "smolvmm", "boot", *flags],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            status = _threads_started(monitor.pid, time.monotonic() + GUEST_TIMEOUT)
+            assert list((tmp_path / "smolvmm").glob("*.json")), "smolvmm ps does not list it"
+            monitor.send_signal(signal.SIGTERM)  # smolvmm stop
+            assert monitor.wait(timeout=60) == 0, monitor.stderr.read()
+        finally:
+            monitor.kill()
+        assert (status["Uid"].split()[0], status["Seccomp"]) == (str(uid), seccomp), flags
+        assert list((tmp_path / "smolvmm").iterdir()) == [], flags  # its ps entry went with it, jailed or not
+    both = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "boot", "--jail", "--no-jail"], capture_output=True, text=True, timeout=60
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    user = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "boot", "--no-jail", "--jail-user", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert user.returncode == 2 and user.stderr.count("\n") == 1 and "--jail-user needs the jail" in user.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import smolvmm
 
@@ -45,3 +46,10 @@ def assignment(text: str) -> tuple[str, str]:
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
     return name, value
+
+
+def output_file(path: str | os.PathLike[str]) -> str:
+    """A file the monitor will write, as an absolute path in its directory's real place: a jailed
+    monitor's root is empty, and the jail stages the file in that directory (smolvmm.host.keeper)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(directory), name)

@@ -13,7 +13,7 @@ import sys
 import anyio
 
 import smolvmm
-from smolvmm.cli.machine import report_timings, serve, wait_ready
+from smolvmm.cli.machine import listed, report_timings, serve, wait_ready
 
 DEMO_SCRIPT = (
     'echo; echo "hello from a resumed smolvmm guest: $(nproc) vCPUs, kernel $(uname -r)"; '
@@ -47,10 +47,11 @@ async def _ensure_bundle(path: str) -> None:
 
 
 async def _run(path: str, script: bytes | None) -> int:
-    async with smolvmm.Machine.restore(path) as machine:
-        if script is not None:
-            await machine.console.send(script)
-        status = await serve(machine, "run", f"the demo ({path})", None)
+    with listed("run", f"the demo ({path})") as machine_id:
+        async with smolvmm.Machine.restore(path) as machine:
+            if script is not None:
+                await machine.console.send(script)
+            status = await serve(machine, machine_id, None)
     report_timings(machine.timings, as_json=False)
     return status
 

@@ -9,6 +9,7 @@ a signal N killed it). Only the public API is used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -132,23 +133,35 @@ async def run_command(
     ``Machine.restore``), run ``args.command`` in it, or in a bundle built from ``image`` the
     image's own command (with its Env, WorkingDir and User); returns the exit status."""
     env, secrets = identity(args)
-    copy_in = [_pair(spec, "--copy-in") for spec in args.copy_in]
-    copy_out = [_pair(spec, "--copy-out") for spec in args.copy_out]
-    for host, _ in copy_in:
-        if not Path(host).is_file():
-            raise ConfigError(f"--copy-in {host}: no such file")
-    async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
-        cli_output.report_forwards(machine)
-        for host, guest in copy_in:
-            await machine.files.upload(host, guest)
-        if image is None:
-            process = machine.process(args.command)
-        else:
-            from smolvmm import image_process
+    copy_out = copy_out_files(args)
+    with contextlib.ExitStack() as opened:
+        copy_in = []  # opened now: a jail hides the host's files once the machine is assembled
+        for host, guest in (_pair(spec, "--copy-in") for spec in args.copy_in):
+            if not Path(host).is_file():
+                raise ConfigError(f"--copy-in {host}: no such file")
+            try:
+                copy_in.append((opened.enter_context(open(host, "rb")), guest))
+            except OSError as exc:
+                raise ConfigError(f"--copy-in {host}: {exc.strerror}") from None
+        async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+            cli_output.report_forwards(machine)
+            for source, guest in copy_in:
+                await machine.files.upload(source, guest)
+            if image is None:
+                process = machine.process(args.command)
+            else:
+                from smolvmm import image_process
 
-            process = image_process(machine, image, args.command or None, env)
-        async with process as started:
-            status = await attach(started)
-        for guest, host in copy_out:
-            await machine.files.download(guest, host)
+                process = image_process(machine, image, args.command or None, env)
+            async with process as started:
+                status = await attach(started)
+            for guest, host in copy_out:
+                await machine.files.download(guest, host)
     return status
+
+
+def copy_out_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The ``--copy-out GUEST:HOST`` pairs, each host path where the file will be written
+    (``cli_args.output_file``: what a jail stages and publishes)."""
+    pairs = (_pair(spec, "--copy-out") for spec in args.copy_out)
+    return [(guest, cli_args.output_file(host)) for guest, host in pairs]

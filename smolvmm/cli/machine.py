@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,7 +22,7 @@ from smolvmm.cli import output as cli_output
 from smolvmm.cli import progress as cli_progress
 from smolvmm.cli import ps as cli_ps
 from smolvmm.cli import status as cli_status
-from smolvmm.cli.args import positive_float, positive_int, size
+from smolvmm.cli.args import output_file, positive_float, positive_int, size
 
 if TYPE_CHECKING:
     from smolvmm import Jail
@@ -232,13 +234,16 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
             action="store_true",
             help="print --timings/--prepare-only as one JSON line on stdout (else a line on stderr)",
         )
-        parser.add_argument(
+        jail = parser.add_mutually_exclusive_group()
+        jail.add_argument(
             "--jail",
             action="store_true",
             help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
             " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
-            " privileges, resource limits, a seccomp filter (needs root; see docs/THREAT_MODEL.md)",
+            " privileges, resource limits, a seccomp filter (needs root; the default when run as"
+            " root, but with --detach; see docs/THREAT_MODEL.md)",
         )
+        jail.add_argument("--no-jail", action="store_true", help="do not confine the monitor, even as root")
         parser.add_argument(
             "--jail-user", metavar="USER|UID[:GID]", help="who the jailed monitor runs as (default: nobody)"
         )
@@ -302,16 +307,22 @@ class _Timings(Protocol):
     def json(self) -> str: ...
 
 
-def _jail(args: argparse.Namespace) -> Jail | None:
-    if not args.jail:
+def _jail(args: argparse.Namespace, machine_id: str | None = None) -> Jail | None:
+    """The jail ``boot``/``run`` enter: asked for with --jail, or by default as root (but for a
+    --detach machine, whose sockets are made after the machine is assembled); it publishes
+    --save and --copy-out files, and removes the ``smolvmm ps`` entry of ``machine_id`` at the end."""
+    default = os.geteuid() == 0 and not getattr(args, "detached_as", None)
+    if args.no_jail or not (args.jail or default):
         if args.jail_user:
-            raise ConfigError("--jail-user needs --jail")
+            raise ConfigError("--jail-user needs the jail (--jail, or the default as root)")
         return None
     from smolvmm import Jail
+    from smolvmm.cli.exec import copy_out_files
 
-    save = getattr(args, "save", None)
-    # --save's directory stays visible (and must be writable by the jail's user)
-    return Jail.parse(args.jail_user, (str(save.resolve().parent),) if save else ())
+    outputs = [str(args.save)] if getattr(args, "save", None) else []
+    outputs += [host for _, host in copy_out_files(args)] if getattr(args, "copy_out", None) else []
+    entry = cli_ps.entry_file(machine_id) if machine_id else None
+    return Jail.parse(args.jail_user, outputs=tuple(outputs), discard=(str(entry),) if entry else ())
 
 
 def report_timings(timings: _Timings, as_json: bool) -> None:
@@ -324,32 +335,37 @@ def report_timings(timings: _Timings, as_json: bool) -> None:
         cli_output.message(f"timings (ms since start): {phases}{notes}")
 
 
+def listed(command: str, what: str, detached_as: str | None = None) -> AbstractContextManager[str]:
+    """List the machine about to start with ``smolvmm ps`` until the block ends; yields its id.
+    Entered before the machine is assembled, while no jail hides the runtime directory."""
+    console = cli_detach.console_path(detached_as) if detached_as else None
+    return cli_ps.registered(command, what, detached_as, console)
+
+
 async def serve(
     machine: Machine,
-    command: str,
-    what: str,
+    machine_id: str,
     marker: str | None,
     save: Path | None = None,
     detached_as: str | None = None,
 ) -> int:
-    """The console session (on stdin/stdout, or ``detached_as`` a console socket), with the machine
-    listed by ``smolvmm ps`` and ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
+    """The console session (on stdin/stdout, or ``detached_as`` a console socket) of the machine
+    ``listed`` as ``machine_id``, ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
     it on SIGUSR1; returns the exit status."""
     console = cli_detach.console_path(detached_as) if detached_as else None
-    with cli_ps.registered(command, what, detached_as, console) as machine_id:
-        if cli_output.is_terminal(sys.stderr):
-            cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, machine)
-            if save is not None:
-                tg.start_soon(_save_on_signal, machine, save)
-            if console is None:
-                status = await console_session(machine, marker)
-            else:
-                tg.start_soon(cli_control.serve, machine, cli_control.path(machine_id))
-                await cli_detach.serve_console(machine, console)
-                status = cli_status.for_exit(await machine.wait())
-            tg.cancel_scope.cancel()
+    if cli_output.is_terminal(sys.stderr):
+        cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, machine)
+        if save is not None:
+            tg.start_soon(_save_on_signal, machine, save)
+        if console is None:
+            status = await console_session(machine, marker)
+        else:
+            tg.start_soon(cli_control.serve, machine, cli_control.path(machine_id))
+            await cli_detach.serve_console(machine, console)
+            status = cli_status.for_exit(await machine.wait())
+        tg.cancel_scope.cancel()
     if console is not None and status == cli_status.OK:
         cli_detach.log_path(machine_id).unlink(missing_ok=True)  # kept only to explain a failure
     return status
@@ -363,11 +379,13 @@ async def _stop_on_signal(machine: Machine) -> None:
 
 
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
-    async with Machine.boot(config, jail=_jail(args)) as machine:
-        _note_pvm_host()
-        cli_output.report_forwards(machine)
-        what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
-        status = await serve(machine, "boot", what, marker)
+    what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
+    with listed("boot", what) as machine_id:
+        jail = _jail(args, machine_id)
+        _note_pvm_host()  # before a jail hides /dev/kvm and /sys
+        async with Machine.boot(config, jail=jail) as machine:
+            cli_output.report_forwards(machine)
+            status = await serve(machine, machine_id, marker)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
@@ -469,10 +487,12 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command or image is not None:
         return await cli_exec.run_command(args, restore_args, _jail(args), image)
     env, secrets = cli_exec.identity(args)
-    async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=_jail(args)) as machine:
-        _note_pvm_host()
-        cli_output.report_forwards(machine)
-        status = await serve(machine, "run", str(args.bundle), None, args.save, args.detached_as)
+    with listed("run", str(args.bundle), args.detached_as) as machine_id:
+        jail = _jail(args, machine_id)
+        _note_pvm_host()  # before a jail hides /dev/kvm and /sys
+        async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+            cli_output.report_forwards(machine)
+            status = await serve(machine, machine_id, None, args.save, args.detached_as)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
@@ -498,6 +518,8 @@ def run(name: str, args: argparse.Namespace) -> int:
         if image_build_requested(args):
             return anyio.run(build_from_image, args, backend=BACKEND)
         return anyio.run(_build, _config(args), args, backend=BACKEND)
+    if args.save is not None:
+        args.save = Path(output_file(args.save))  # as the jail stages it (its root is empty)
     if args.detach:
         if args.prepare_only or args.timings or args.command or args.copy_in or args.copy_out:
             raise ConfigError(

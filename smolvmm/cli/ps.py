@@ -86,6 +86,15 @@ def registered(command: str, what: str, machine_id: str | None = None, console: 
             path.unlink(missing_ok=True)
 
 
+def entry_file(machine_id: str) -> Path | None:
+    """The file ``registered`` listed ``machine_id`` in, or None if it could not write one."""
+    try:
+        path = runtime_dir() / f"{machine_id}.json"
+    except smolvmm.SmolvmmError:
+        return None
+    return path if path.exists() else None
+
+
 def running() -> list[dict[str, Any]]:
     """The entries of machines still running, oldest first; stale entries are removed."""
     directory = runtime_dir()

@@ -94,3 +94,15 @@ def test_a_request_longer_than_any_path_ends_the_keeper_and_its_staging(tmp_path
     keeper._socket.shutdown(socket.SHUT_WR)
     assert keeper._process.wait(timeout=60) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_discard_the_monitor_asks_to_keep_stays(tmp_path: Path) -> None:
+    log, socket_file = tmp_path / "id.log", tmp_path / "id.control"
+    log.write_text("smolvmm: error: why the machine failed\n")
+    socket_file.write_text("")
+    keeper = Keeper([], JAIL.uid, JAIL.gid, discard=[str(log), str(socket_file)])
+    keeper.keep(str(log))
+    with pytest.raises(KeeperError, match=r"cannot keep /etc/passwd: not a request for this keeper"):
+        keeper.keep("/etc/passwd")
+    keeper.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["id.log"]

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import SocketListener, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import smolvmm
@@ -87,14 +87,10 @@ def path(machine_id: str) -> Path:
     return cli_ps.runtime_dir() / f"{machine_id}.control"
 
 
-async def serve(machine: smolvmm.Machine, socket_path: Path) -> None:
+async def serve(machine: smolvmm.Machine, listener: SocketListener) -> None:
     """Run each connecting client's command in ``machine`` until cancelled."""
-    listener = await anyio.create_unix_listener(socket_path)
-    try:
-        async with listener:
-            await listener.serve(lambda client: _client(machine, client))
-    finally:
-        socket_path.unlink(missing_ok=True)
+    async with listener:
+        await listener.serve(lambda client: _client(machine, client))
 
 
 async def _client(machine: smolvmm.Machine, client: SocketStream) -> None:

@@ -13,11 +13,12 @@ import argparse
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import SocketListener, SocketStream
 
 import smolvmm
 from smolvmm.cli import output as cli_output
@@ -38,6 +39,8 @@ def start(args: argparse.Namespace) -> int:
     flags += [f"--save={args.save}"] if args.save else []
     flags += [f"--trusted-keys={args.trusted_keys}"] if args.trusted_keys else []
     flags += ["--insecure"] if args.insecure else []
+    flags += ["--jail"] if args.jail else ["--no-jail"] if args.no_jail else []
+    flags += [f"--jail-user={args.jail_user}"] if args.jail_user else []
     flags += [f"--env={name}={value}" for name, value in args.env] + [
         f"--secret-env={name}" for name in args.secret_env
     ]
@@ -75,8 +78,44 @@ def log_path(machine_id: str) -> Path:
     return cli_ps.runtime_dir() / f"{machine_id}.log"
 
 
-async def serve_console(machine: smolvmm.Machine, path: Path) -> None:
-    """Serve the machine's console on ``path`` until the machine ends. Only this function's own
+@dataclass
+class Sockets:
+    """A detached machine's console and control listeners, made before the machine is assembled
+    (a jail would hide the runtime directory after), and what it leaves in the runtime directory."""
+
+    console: SocketListener
+    control: SocketListener
+    paths: tuple[Path, ...]
+    log: Path
+
+    @classmethod
+    async def open(cls, machine_id: str) -> Sockets:
+        """Listen on ``machine_id``'s console and control sockets."""
+        from smolvmm.cli import control as cli_control
+
+        paths = (console_path(machine_id), cli_control.path(machine_id))
+        console = await anyio.create_unix_listener(paths[0])
+        try:
+            control = await anyio.create_unix_listener(paths[1])
+        except BaseException:
+            await console.aclose()
+            paths[0].unlink()
+            raise
+        return cls(console, control, paths, log_path(machine_id))
+
+    def ended(self, clean: bool) -> None:
+        """The machine ended: remove the sockets, and the log unless it explains a failure (a jailed
+        monitor cannot: its keeper removes them, and keeps the log when told)."""
+        from smolvmm.host import jail
+
+        for path in (*self.paths, self.log) if clean else self.paths:
+            path.unlink(missing_ok=True)  # in a jail, these paths are not there
+        if not clean:
+            jail.keep(self.log)
+
+
+async def serve_console(machine: smolvmm.Machine, listener: SocketListener) -> None:
+    """Serve the machine's console on ``listener`` until the machine ends. Only this function's own
     loop writes to the attached client (a stream takes one writer at a time)."""
     kept = bytearray()
     attached: list[SocketStream] = []
@@ -95,22 +134,18 @@ async def serve_console(machine: smolvmm.Machine, path: Path) -> None:
             finally:
                 attached.remove(stream)
 
-    listener = await anyio.create_unix_listener(path)
-    try:
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, client)
-            async for chunk in machine.console:
-                kept.extend(chunk)
-                del kept[:-KEPT]
-                if attached:  # what came while nobody was attached, then this
-                    try:
-                        await attached[0].send(bytes(kept))
-                        kept.clear()
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass
-            tg.cancel_scope.cancel()
-    finally:
-        path.unlink(missing_ok=True)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, client)
+        async for chunk in machine.console:
+            kept.extend(chunk)
+            del kept[:-KEPT]
+            if attached:  # what came while nobody was attached, then this
+                try:
+                    await attached[0].send(bytes(kept))
+                    kept.clear()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+        tg.cancel_scope.cancel()
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

@@ -240,8 +240,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
             action="store_true",
             help="once the machine is assembled, confine the monitor: new mount/IPC/UTS (and, without"
             " --net, network) namespaces, an empty read-only root, an unprivileged user, no new"
-            " privileges, resource limits, a seccomp filter (needs root; the default when run as"
-            " root, but with --detach; see docs/THREAT_MODEL.md)",
+            " privileges, resource limits, a seccomp filter (needs root; the default when run as root;"
+            " see docs/THREAT_MODEL.md)",
         )
         jail.add_argument("--no-jail", action="store_true", help="do not confine the monitor, even as root")
         parser.add_argument(
@@ -307,12 +307,13 @@ class _Timings(Protocol):
     def json(self) -> str: ...
 
 
-def _jail(args: argparse.Namespace, machine_id: str | None = None) -> Jail | None:
-    """The jail ``boot``/``run`` enter: asked for with --jail, or by default as root (but for a
-    --detach machine, whose sockets are made after the machine is assembled); it publishes
-    --save and --copy-out files, and removes the ``smolvmm ps`` entry of ``machine_id`` at the end."""
-    default = os.geteuid() == 0 and not getattr(args, "detached_as", None)
-    if args.no_jail or not (args.jail or default):
+def _jail(
+    args: argparse.Namespace, machine_id: str | None = None, detached: cli_detach.Sockets | None = None
+) -> Jail | None:
+    """The jail ``boot``/``run`` enter: asked for with --jail, or by default as root. It publishes
+    --save and --copy-out files, and removes the ``smolvmm ps`` entry of ``machine_id`` and a
+    ``detached`` machine's sockets and log at the end."""
+    if args.no_jail or not (args.jail or os.geteuid() == 0):
         if args.jail_user:
             raise ConfigError("--jail-user needs the jail (--jail, or the default as root)")
         return None
@@ -322,7 +323,10 @@ def _jail(args: argparse.Namespace, machine_id: str | None = None) -> Jail | Non
     outputs = [str(args.save)] if getattr(args, "save", None) else []
     outputs += [host for _, host in copy_out_files(args)] if getattr(args, "copy_out", None) else []
     entry = cli_ps.entry_file(machine_id) if machine_id else None
-    return Jail.parse(args.jail_user, outputs=tuple(outputs), discard=(str(entry),) if entry else ())
+    left = [entry] if entry else []
+    left += [*detached.paths, detached.log] if detached else []
+    discard = tuple(str(path) for path in left)
+    return Jail.parse(args.jail_user, outputs=tuple(outputs), discard=discard)
 
 
 def report_timings(timings: _Timings, as_json: bool) -> None:
@@ -347,27 +351,29 @@ async def serve(
     machine_id: str,
     marker: str | None,
     save: Path | None = None,
-    detached_as: str | None = None,
+    detached: cli_detach.Sockets | None = None,
 ) -> int:
-    """The console session (on stdin/stdout, or ``detached_as`` a console socket) of the machine
-    ``listed`` as ``machine_id``, ended by ``smolvmm stop`` (SIGTERM), and with ``save``, saved to
-    it on SIGUSR1; returns the exit status."""
-    console = cli_detach.console_path(detached_as) if detached_as else None
+    """The console session (on stdin/stdout, or ``detached`` on its console socket, with exec on
+    its control socket) of the machine ``listed`` as ``machine_id``, ended by ``smolvmm stop``
+    (SIGTERM), and with ``save``, saved to it on SIGUSR1; returns the exit status."""
     if cli_output.is_terminal(sys.stderr):
         cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, machine)
-        if save is not None:
-            tg.start_soon(_save_on_signal, machine, save)
-        if console is None:
-            status = await console_session(machine, marker)
-        else:
-            tg.start_soon(cli_control.serve, machine, cli_control.path(machine_id))
-            await cli_detach.serve_console(machine, console)
-            status = cli_status.for_exit(await machine.wait())
-        tg.cancel_scope.cancel()
-    if console is not None and status == cli_status.OK:
-        cli_detach.log_path(machine_id).unlink(missing_ok=True)  # kept only to explain a failure
+    status = cli_status.ERROR
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, machine)
+            if save is not None:
+                tg.start_soon(_save_on_signal, machine, save)
+            if detached is None:
+                status = await console_session(machine, marker)
+            else:
+                tg.start_soon(cli_control.serve, machine, detached.control)
+                await cli_detach.serve_console(machine, detached.console)
+                status = cli_status.for_exit(await machine.wait())
+            tg.cancel_scope.cancel()
+    finally:
+        if detached is not None:
+            detached.ended(clean=status == cli_status.OK)
     return status
 
 
@@ -488,11 +494,12 @@ async def _run(args: argparse.Namespace) -> int:
         return await cli_exec.run_command(args, restore_args, _jail(args), image)
     env, secrets = cli_exec.identity(args)
     with listed("run", str(args.bundle), args.detached_as) as machine_id:
-        jail = _jail(args, machine_id)
+        detached = await cli_detach.Sockets.open(machine_id) if args.detached_as else None
+        jail = _jail(args, machine_id, detached)
         _note_pvm_host()  # before a jail hides /dev/kvm and /sys
         async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
             cli_output.report_forwards(machine)
-            status = await serve(machine, machine_id, None, args.save, args.detached_as)
+            status = await serve(machine, machine_id, None, args.save, detached)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
@@ -525,11 +532,6 @@ def run(name: str, args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--detach runs the machine in the background: it cannot be combined with"
                 " --prepare-only, --timings, --copy-in/--copy-out or a command (-- CMD)"
-            )
-        if args.jail:
-            raise ConfigError(
-                "--detach cannot be combined with --jail yet: a detached machine's console and control"
-                " sockets are made after the jail has hidden the host's files"
             )
         return cli_detach.start(args)
     return anyio.run(_run, args, backend=BACKEND)

@@ -328,6 +328,18 @@ def publish(path: str | os.PathLike[str]) -> None:
             raise SmolvmmError(str(exc)) from None
 
 
+def keep(path: str | os.PathLike[str]) -> None:
+    """Leave ``path``, one of the jail's discards, in place when the machine ends (a log that
+    explains a failure); nothing if this process is not jailed with it. SmolvmmError if the
+    keeper cannot be asked."""
+    path = os.fspath(path)
+    if _keeper is not None:
+        try:
+            _keeper.keep(path)
+        except (KeeperError, OSError) as exc:
+            raise SmolvmmError(str(exc)) from None
+
+
 def leave() -> None:
     """Once the jailed machine has ended: let the keeper remove what the jail did not publish."""
     global _keeper

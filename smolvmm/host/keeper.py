@@ -9,8 +9,11 @@ keeper, still the invoking user, checks that it is a regular file of the jail's 
 the invoking user and renames it into place (one rename within the directory's filesystem). It
 publishes only the paths it was started with. When the monitor's end of the socket closes (it
 finished, or died), the keeper removes the staging directories and the files it was given to
-discard (what the monitor wrote before the jail and can no longer remove: its ``smolvmm ps``
-entry), and exits.
+discard (what the monitor made before the jail and can no longer remove: its ``smolvmm ps``
+entry, a detached machine's sockets and log), but those the monitor asked it to keep (a log
+that explains a failure), and exits.
+
+Requests are lines: ``publish PATH`` (answered ``ok`` or with why not) and ``keep PATH`` (``ok``).
 
 The keeper runs this file as a script (``python -I -S``: only the standard library, no site
 packages, quick to start), spawned before the jail is entered, in a session of its own so a
@@ -62,12 +65,19 @@ class Keeper:
 
     def publish(self, path: str) -> None:
         """Move ``path``, written in its staging directory, into place; KeeperError if it cannot."""
-        self._socket.sendall(os.fsencode(path) + b"\n")
+        self._ask("publish", path)
+
+    def keep(self, path: str) -> None:
+        """Leave ``path``, one of the files to discard, where it is at the end."""
+        self._ask("keep", path)
+
+    def _ask(self, verb: str, path: str) -> None:
+        self._socket.sendall(f"{verb} ".encode() + os.fsencode(path) + b"\n")
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = self._socket.recv(_MAX_REQUEST)
             if not chunk:
-                raise KeeperError(f"cannot publish {path}: the jail's keeper has ended")
+                raise KeeperError(f"cannot {verb} {path}: the jail's keeper has ended")
             answer += chunk
         if answer != b"ok\n":
             raise KeeperError(answer.decode(errors="replace").strip())
@@ -109,6 +119,7 @@ def _publish(path: str, staging: dict[str, str], outputs: tuple[str, ...], jail_
 
 
 def _serve(fd: int, jail_uid: int, staging: dict[str, str], outputs: tuple[str, ...], discard: list[str]) -> None:
+    kept: set[str] = set()
     with socket.socket(fileno=fd) as monitor:
         try:
             pending = b""
@@ -116,11 +127,19 @@ def _serve(fd: int, jail_uid: int, staging: dict[str, str], outputs: tuple[str, 
                 pending += chunk
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
-                    monitor.sendall(_publish(os.fsdecode(line), staging, outputs, jail_uid).encode())
+                    verb, _, path = os.fsdecode(line).partition(" ")
+                    if verb == "publish":
+                        answer = _publish(path, staging, outputs, jail_uid)
+                    elif verb == "keep" and path in discard:
+                        kept.add(path)
+                        answer = "ok\n"
+                    else:
+                        answer = f"cannot {verb} {path}: not a request for this keeper\n"
+                    monitor.sendall(answer.encode())
                 if len(pending) > _MAX_REQUEST:
                     break  # not a request this protocol makes
         finally:
-            _remove(staging.values(), discard)
+            _remove(staging.values(), [path for path in discard if path not in kept])
 
 
 def main(argv: list[str]) -> None:

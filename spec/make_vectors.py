@@ -34,6 +34,7 @@ from smolformat.crafting import (
 )
 from smolformat.layout import MAX_SECTIONS, SectionFlag, SectionKind
 from smolformat.pages import MAX_CHUNK_SIZE, PageIndex, zstd_bound
+from smolformat.payloads import WorkingSet
 from smolformat.signature import ED25519, signed_message, write_signed
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -100,6 +101,19 @@ def _edit_index(
     return rewrite_section(data, kind, change)
 
 
+def _with_working_set(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """``data`` with a WORKING_SET section of ``(address, pages)`` ranges (spec §9.1)."""
+    entry = {
+        "kind": int(SectionKind.WORKING_SET),
+        "flags": 0,
+        "encoding": 0,
+        "reserved0": 0,
+        "index": 0,
+        "reserved1": 0,
+    }
+    return append_section(data, entry, WorkingSet.build([{"address": a, "pages": n} for a, n in ranges]))
+
+
 def _put(at: int, value: bytes) -> Callable[[bytearray], None]:
     def change(payload: bytearray) -> None:
         payload[at : at + len(value)] = value
@@ -156,6 +170,24 @@ def vectors(scratch: Path) -> list[Vector]:
             ),
             "unknown-required-section",
             "an unknown required section is refused",
+        ),
+        (
+            "valid-working-set",
+            _with_working_set(x86_raw, [(0, 2), (20480, 3)]),
+            "valid",
+            "a working set of two ranges of guest RAM (spec §9.1)",
+        ),
+        (
+            "working-set-outside-ram",
+            _with_working_set(x86_raw, [(0, 2), (RAM - 4096, 2)]),
+            "bad-working-set",
+            "a working-set range that runs past the end of RAM",
+        ),
+        (
+            "working-set-overlap",
+            _with_working_set(x86_raw, [(0, 2), (4096, 1)]),
+            "bad-working-set",
+            "a working-set range that starts inside the one before",
         ),
         ("empty", b"", "bad-magic", "an empty file"),
         ("bad-magic", _flip(x86_raw, 1), "bad-magic", "first bytes are not the magic"),

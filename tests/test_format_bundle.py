@@ -21,9 +21,18 @@ from smolformat import (
     write_bundle,
 )
 from smolformat.config import MAX_DEVICES, MAX_VCPUS
-from smolformat.crafting import build_frame, edit_table, find_entry, parse_frame, rewrite_section, section_digest
+from smolformat.crafting import (
+    build_frame,
+    edit_table,
+    find_entry,
+    parse_frame,
+    replace_section,
+    rewrite_section,
+    section_digest,
+)
 from smolformat.layout import MAX_SECTIONS, PAGE_SIZE, SectionKind
 from smolformat.pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
+from smolformat.payloads import WorkingSet
 
 MIB = 1 << 20
 TIB = 1 << 40
@@ -278,3 +287,47 @@ def test_the_writer_refuses_a_parent_digest_that_is_not_a_digest(tmp_path: Path)
     with pytest.raises(FormatError) as caught:
         write_bundle(tmp_path / "m.smolmachine", given)
     assert caught.value.code == "bad-section" and "metadata" in str(caught.value)
+
+
+def test_a_working_set_is_kept_through_repack_and_signed_content(tmp_path: Path) -> None:
+    given = contents(tmp_path)
+    ranges = [{"address": 0, "pages": 3}, {"address": 16 * PAGE_SIZE, "pages": 1}, {"address": 1 << 32, "pages": 256}]
+    given.working_set = ranges
+    raw = tmp_path / "raw.smolmachine"
+    write_bundle(raw, given, memory_encoding="raw")
+    with open_bundle(raw) as bundle:
+        assert [(r.address, r.pages) for r in bundle.working_set] == [(0, 3), (16 * PAGE_SIZE, 1), (1 << 32, 256)]
+        assert not find_entry(parse_frame(raw.read_bytes())[1], SectionKind.WORKING_SET)["flags"]  # optional
+    repack_bundle(raw, tmp_path / "z.smolmachine", memory_encoding="zstd")
+    with open_bundle(tmp_path / "z.smolmachine") as bundle:
+        assert [(r.address, r.pages) for r in bundle.working_set] == [(0, 3), (16 * PAGE_SIZE, 1), (1 << 32, 256)]
+    given.working_set = []
+    write_bundle(tmp_path / "none.smolmachine", given)
+    with open_bundle(tmp_path / "none.smolmachine") as bundle:
+        assert bundle.working_set == []
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [{"address": 100, "pages": 1}],  # not page-aligned
+        [{"address": 0, "pages": 0}],  # empty
+        [{"address": PAGE_SIZE, "pages": 1}, {"address": 0, "pages": 1}],  # out of order
+        [{"address": 0, "pages": 2}, {"address": PAGE_SIZE, "pages": 1}],  # overlapping
+        [{"address": 4 * MIB - PAGE_SIZE, "pages": 2}],  # past the end of its region
+        [{"address": 1 << 40, "pages": 1}],  # no RAM there
+    ],
+)
+def test_a_bad_working_set_is_refused_by_writer_and_reader(tmp_path: Path, ranges: list[dict[str, int]]) -> None:
+    given = contents(tmp_path)
+    given.working_set = ranges
+    with pytest.raises(FormatError) as caught:
+        write_bundle(tmp_path / "m.smolmachine", given)
+    assert caught.value.code == "bad-working-set"
+    given.working_set = [{"address": 0, "pages": 1}]
+    good = tmp_path / "good.smolmachine"
+    write_bundle(good, given)
+    good.write_bytes(replace_section(good.read_bytes(), SectionKind.WORKING_SET, WorkingSet.build(ranges)))
+    with pytest.raises(FormatError) as caught:
+        open_bundle(good)
+    assert caught.value.code == "bad-working-set"

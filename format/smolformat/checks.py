@@ -32,6 +32,23 @@ def ram_regions(config: Container) -> list[Region]:
     return regions
 
 
+def check_working_set(regions: Sequence[Region], ranges: Sequence[Container]) -> None:
+    """The working set's ranges are page-aligned, non-empty, in increasing order, apart, and each
+    inside one RAM region (spec §9.1)."""
+    previous_end = 0
+    for item in ranges:
+        start, pages = item.address, item.pages
+        end = start + pages * PAGE_SIZE
+        where = f"working-set range {start:#x}+{pages} pages"
+        if start % PAGE_SIZE or not pages:
+            raise FormatError("bad-working-set", f"{where} is not page-aligned or is empty")
+        if start < previous_end:
+            raise FormatError("bad-working-set", f"{where} is out of order or overlaps the one before")
+        if not any(region.start <= start and end <= region.end for region in regions):
+            raise FormatError("bad-working-set", f"{where} is not inside one RAM region")
+        previous_end = end
+
+
 def check_vcpu_ids(config: Container, ids: Iterable[int]) -> None:
     """There is exactly one vCPU state per vCPU id 0..vcpu_count-1."""
     seen: set[int] = set()

@@ -41,6 +41,7 @@ class SectionKind(IntEnum):
     KERNEL = 10
     INITRD = 11
     SIGNATURE = 12
+    WORKING_SET = 13
 
 
 class SectionFlag(IntFlag):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from construct import Bytes, Construct, FocusedSeq, Int8ul, Int16ul, Int32ul, PrefixedArray, Struct, Terminated
+from construct import Bytes, Construct, FocusedSeq, Int8ul, Int16ul, Int32ul, Int64ul, PrefixedArray, Struct, Terminated
 
 from .config import MAX_DEVICES, Config, Metadata
 from .devices import DeviceRecord
 from .layout import SectionKind
 from .limits import bounded
+from .packed import Packed, PackedArray
 from .pages import PageIndex
 
 ARCHES = ("x86_64", "arm64")  # each names the module that declares its vCPU and VM state
@@ -22,6 +23,12 @@ MAX_SIGNATURES = 16
 SignatureRecord = Struct("algorithm" / Int16ul, "public_key" / Bytes(32), "signature" / Bytes(64))
 Signatures = PrefixedArray(bounded(Int8ul, MAX_SIGNATURES), SignatureRecord)
 
+MAX_WORKING_SET_RANGES = 1 << 20
+# The guest pages a clone touched first after a trial resume (spec §9.1): page-aligned ranges.
+WorkingSet = PackedArray(
+    bounded(Int32ul, MAX_WORKING_SET_RANGES), Packed(Struct("address" / Int64ul, "pages" / Int64ul))
+)
+
 _COMMON: dict[SectionKind, Construct] = {
     SectionKind.CONFIG: Config,
     SectionKind.METADATA: Metadata,
@@ -29,6 +36,7 @@ _COMMON: dict[SectionKind, Construct] = {
     SectionKind.MEMORY_INDEX: PageIndex,
     SectionKind.DISK_INDEX: PageIndex,
     SectionKind.SIGNATURE: Signatures,
+    SectionKind.WORKING_SET: WorkingSet,
 }
 
 

@@ -49,6 +49,7 @@ _SINGLETONS = {
     SectionKind.KERNEL,
     SectionKind.INITRD,
     SectionKind.SIGNATURE,
+    SectionKind.WORKING_SET,
 }
 _REQUIRED = {
     SectionKind.CONFIG,
@@ -316,6 +317,9 @@ class Bundle:
         self.devices = self._parse(by_kind[SectionKind.DEVICES][0])
         signature = by_kind.get(SectionKind.SIGNATURE)
         self.signatures = list(self._parse(signature[0])) if signature else []
+        working_set = by_kind.get(SectionKind.WORKING_SET)
+        self.working_set = list(self._parse(working_set[0])) if working_set else []
+        checks.check_working_set(regions, self.working_set)
         disk_ids = checks.check_devices(self.config, self.devices)
         self._memory = self._image(SectionKind.MEMORY_DATA, SectionKind.MEMORY_INDEX, 0, regions, "ram")
         if self._memory[0].logical_length != sum(r.size for r in regions):

@@ -64,6 +64,7 @@ def repack_bundle(
                 metadata=bundle.metadata,
                 unknown_sections=bundle.unknown_sections(),
                 signatures=bundle.signatures,
+                working_set=bundle.working_set,
             )
             return write_bundle(
                 target,

@@ -60,7 +60,13 @@ _SHORT_PIECE = 64 << 10
 _BATCH_PIECES = 256
 # Writeback of the temp file is started every _WRITEBACK_STEP bytes (see start_writeback).
 _WRITEBACK_STEP = 8 << 20
-_OPTIONAL_KINDS = {SectionKind.METADATA, SectionKind.KERNEL, SectionKind.INITRD, SectionKind.SIGNATURE}
+_OPTIONAL_KINDS = {
+    SectionKind.METADATA,
+    SectionKind.KERNEL,
+    SectionKind.INITRD,
+    SectionKind.SIGNATURE,
+    SectionKind.WORKING_SET,
+}
 
 
 @dataclass
@@ -71,7 +77,9 @@ class BundleContents:
     ``vcpus[i]`` is vCPU ``i``'s ``<arch>.VcpuState``; ``disks[i]`` is the path of base disk ``i``
     (the ``disk`` parameter of a virtio-blk device). ``unknown_sections`` are carried over from a
     bundle of a later minor version (``Bundle.unknown_sections()``), unchanged; ``signatures`` (a
-    SIGNATURE section, written when not empty) from a signed bundle, whose content they sign.
+    SIGNATURE section, written when not empty) from a signed bundle, whose content they sign;
+    ``working_set`` (a WORKING_SET section, written when not empty) the ``{address, pages}``
+    ranges of guest RAM a restore may read ahead.
     """
 
     config: Mapping[str, Any]
@@ -85,6 +93,7 @@ class BundleContents:
     metadata: Mapping[str, Any] | None = field(default=None)
     unknown_sections: Sequence[tuple[SectionInfo, bytes]] = ()
     signatures: Sequence[Mapping[str, Any]] = ()
+    working_set: Sequence[Mapping[str, int]] = ()
 
 
 def make_metadata(
@@ -334,6 +343,8 @@ def write_bundle(
                     out.write(blob)
         if contents.signatures:
             out.struct(SectionKind.SIGNATURE, list(contents.signatures))
+        if contents.working_set:
+            checks.check_working_set(regions, out.struct(SectionKind.WORKING_SET, list(contents.working_set)))
         for info, data in contents.unknown_sections:
             # Page-aligned: a later version may map such a section, as it does RAW_PAGES data.
             with out.section(info.kind, index=info.index, encoding=info.encoding, align=PAGE_SIZE) as entry:

@@ -60,6 +60,7 @@ _EXPORTS = {
     "sign_bundle": "smolvmm.monitor.signing",
     "verify_signed_bundle": "smolvmm.monitor.signing",
     "Jail": "smolvmm.host.jail",
+    "record_working_set": "smolvmm.monitor.workingset",
     "report_progress": "smolvmm.progress",
     "ProgressBar": "smolvmm.progress",
 }
@@ -124,6 +125,7 @@ __all__ = [
     "load_smolfile",
     "pull",
     "push",
+    "record_working_set",
     "report_progress",
     "sign_bundle",
     "verify_signed_bundle",
@@ -174,6 +176,7 @@ if TYPE_CHECKING:
     from smolvmm.monitor.exit import ExitReason, MachineExit
     from smolvmm.monitor.machine import Machine
     from smolvmm.monitor.signing import generate_signing_key, sign_bundle, verify_signed_bundle
+    from smolvmm.monitor.workingset import record_working_set
     from smolvmm.oci.build import ImageRecipe, ReadyCondition, build_image
     from smolvmm.oci.imageconfig import ImageConfig, bundle_image_config
     from smolvmm.oci.run import image_process

@@ -40,8 +40,12 @@ def contents(tmp_path: Path, arch: str = "x86_64", memory: list[bytearray] | Non
 
 
 def leftovers(directory: Path, name: str) -> list[str]:
-    """Temporary files of a writer of ``name`` in ``directory``."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}."))
+    """Temporary files of a writer of ``name`` in ``directory``, or in a jail's staging directory
+    there (a jailed monitor writes its files in one: smolvmm.host.keeper), as paths relative to it."""
+    places = [directory, *directory.glob(".smolvmm-jail-*")]
+    return sorted(
+        str(p.relative_to(directory)) for place in places for p in place.iterdir() if p.name.startswith(f".{name}.")
+    )
 
 
 def kill_when(process: subprocess.Popen[bytes], directory: Path, name: str, size: int) -> bool:

@@ -70,6 +70,7 @@ PUBLIC = [
     "load_smolfile",
     "pull",
     "push",
+    "record_working_set",
     "report_progress",
     "sign_bundle",
     "verify_signed_bundle",

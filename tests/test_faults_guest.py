@@ -95,6 +95,9 @@ def test_kill_9_during_build_save_and_restore_leaves_nothing_broken(
     assert rerun.wait(GUEST_TIMEOUT) == 0
     verify_bundle(saved)
     assert leftovers(tmp_path, saved.name) == []
+    # jailed (the default as root), the save went through a staging directory: the keeper removed
+    # the killed monitor's, and the second run's once it had published the save
+    assert list(tmp_path.glob(".smolvmm-jail-*")) == []
 
     # a restore killed as it starts, and once its shell answers
     for answered in (False, True):

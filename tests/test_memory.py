@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -190,3 +191,29 @@ def test_accesses_match_the_region_model(memory: GuestMemory, gpa: int, length: 
         data = bytes(range(length))
         memory.write(gpa, data)
         assert memory.read(gpa, length) == data
+
+
+def test_the_pages_a_restore_touched_are_found_and_populate_maps_the_rest(tmp_path: Path) -> None:
+    backing = tmp_path / "ram"
+    backing.write_bytes(bytes(range(256)) * (64 * PAGE_SIZE // 256))  # 64 pages of "bundle"
+    guest = GuestMemory([(0, 128 * PAGE_SIZE)])
+    try:
+        with open(backing, "rb") as file:
+            guest.map_file(file.fileno(), [(16 * PAGE_SIZE, 64 * PAGE_SIZE, 0)])
+        stored = [(16 * PAGE_SIZE, 64 * PAGE_SIZE)]
+        assert guest.mapped_pages(stored) == []  # mapped, not yet touched
+        guest.read(20 * PAGE_SIZE, 1)
+        guest.write(40 * PAGE_SIZE + 7, b"x")  # a write copies the page: still this mapping's
+        touched = guest.mapped_pages(stored)
+        # a read fault maps its neighbours in the page cache too (fault-around): a superset, in order
+        assert touched and all(start % PAGE_SIZE == 0 and pages >= 1 for start, pages in touched)
+        covered = {start // PAGE_SIZE + i for start, pages in touched for i in range(pages)}
+        assert {20, 40} <= covered <= set(range(16, 80))
+        assert guest.populate([(48 * PAGE_SIZE, 8 * PAGE_SIZE)]) == 8
+        assert set(range(48, 56)) <= {s // PAGE_SIZE + i for s, n in guest.mapped_pages(stored) for i in range(n)}
+        assert guest.read(50 * PAGE_SIZE, 4) == bytes(range(4))  # the file's bytes, read in ahead
+        with pytest.raises(GuestMemoryError):
+            guest.populate([(120 * PAGE_SIZE, 16 * PAGE_SIZE)])  # past guest RAM: refused, nothing touched
+    finally:
+        guest.close()
+    assert guest.populate([]) == 0

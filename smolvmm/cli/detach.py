@@ -106,12 +106,10 @@ class Sockets:
     def ended(self, clean: bool) -> None:
         """The machine ended: remove the sockets, and the log unless it explains a failure (a jailed
         monitor cannot: its keeper removes them, and keeps the log when told)."""
-        from smolvmm.host import jail
-
         for path in (*self.paths, self.log) if clean else self.paths:
             path.unlink(missing_ok=True)  # in a jail, these paths are not there
         if not clean:
-            jail.keep(self.log)
+            smolvmm.Jail.keep(self.log)
 
 
 async def serve_console(machine: smolvmm.Machine, listener: SocketListener) -> None:

@@ -249,11 +249,16 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _note_pvm_host() -> None:
-    """Say once, as a guest starts, that standard guests cannot run on a PVM host, and where to read why."""
+def _on_pvm_host() -> bool:
+    """Whether /dev/kvm is PVM (asked before a jail hides /dev/kvm and /sys)."""
     from smolvmm.host.kvmprobe import probe
 
-    if probe().kind == "pvm":
+    return probe().kind == "pvm"
+
+
+def _note_pvm_host(on_pvm: bool) -> None:
+    """Say once, as a guest starts, that standard guests cannot run on a PVM host, and where to read why."""
+    if on_pvm:
         cli_output.message(
             "note: this host's /dev/kvm is PVM, on which standard guest kernels die in early boot;"
             " see README, 'PVM hosts and the nested machine'"
@@ -387,9 +392,9 @@ async def _stop_on_signal(machine: Machine) -> None:
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:
     what = f"bundle {args.bundle}" if args.bundle else f"kernel {args.kernel}" if args.kernel else "the demo guest"
     with listed("boot", what) as machine_id:
-        jail = _jail(args, machine_id)
-        _note_pvm_host()  # before a jail hides /dev/kvm and /sys
+        jail, on_pvm = _jail(args, machine_id), _on_pvm_host()
         async with Machine.boot(config, jail=jail) as machine:
+            _note_pvm_host(on_pvm)
             cli_output.report_forwards(machine)
             status = await serve(machine, machine_id, marker)
     if args.timings:
@@ -422,12 +427,14 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
-        _note_pvm_host()
+        _note_pvm_host(_on_pvm_host())
         cli_output.report_forwards(machine)
         ready_ms = await wait_ready(machine, marker, args.timeout)
         encoding = "zstd" if args.zstd else "raw"
         labels = {READY_MARKER_LABEL: marker}
         digest = await machine.snapshot(output, encoding=encoding, labels=labels, bootable=args.bootable)
+    if encoding == "raw":
+        digest = await smolvmm.record_working_set(output, cli_output.message) or digest
     if not args.json:
         cli_output.result(f"{output}: {digest.hex()[:16]}")
         return cli_status.OK
@@ -495,9 +502,9 @@ async def _run(args: argparse.Namespace) -> int:
     env, secrets = cli_exec.identity(args)
     with listed("run", str(args.bundle), args.detached_as) as machine_id:
         detached = await cli_detach.Sockets.open(machine_id) if args.detached_as else None
-        jail = _jail(args, machine_id, detached)
-        _note_pvm_host()  # before a jail hides /dev/kvm and /sys
+        jail, on_pvm = _jail(args, machine_id, detached), _on_pvm_host()
         async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+            _note_pvm_host(on_pvm)
             cli_output.report_forwards(machine)
             status = await serve(machine, machine_id, None, args.save, detached)
     if args.timings:

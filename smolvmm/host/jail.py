@@ -163,6 +163,12 @@ class Jail:
             raise ConfigError(f"--jail-user {spec}: the jail drops root; give an unprivileged user")
         return cls(uid, gid, writable, outputs, discard)
 
+    @staticmethod
+    def keep(path: str | os.PathLike[str]) -> None:
+        """Once this process is jailed: leave ``path``, one of its jail's discards, in place when
+        the machine ends (a log that explains a failure). Nothing if not jailed with it."""
+        keep(path)
+
 
 @cache
 def _libc() -> Any:

@@ -28,6 +28,7 @@ from smolvmm.config import MachineConfig, NetConfig, PortForward
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, UsageError, unwrapped_errors
 from smolvmm.host.eventfd import EventFd
+from smolvmm.host.memory import PAGE_SIZE
 from smolvmm.monitor.console import Console
 from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.timings import Timings
@@ -98,6 +99,8 @@ class Machine:
         self._boot_files = boot_files
         self._shutdown_lock = anyio.Lock()
         self._jail: tuple[Jail, bool] | None = None  # (user, keeps host network), entered before vCPUs run
+        self._working_set: tuple[tuple[int, int], ...] = ()  # a restored bundle's, populated as vCPUs start
+        self._prefetch: threading.Thread | None = None
         self.files = GuestFiles(self._agent_port)
         """Files inside the guest: ``write``, ``read``, ``upload``, ``download``."""
 
@@ -208,6 +211,7 @@ class Machine:
             machine._close()
             raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
+        machine._working_set = restored.working_set
         machine._renew_dhcp = dhcp_interfaces(restored.plan.cmdline)
         async with machine._running(paused):
             async with anyio.create_task_group() as tg:  # passt starts while the agent syncs
@@ -297,6 +301,9 @@ class Machine:
                 user, network = self._jail
                 self.timings.note("jail", enter(user, network=network))
             install_kick_handler()
+            if self._working_set:  # after the jail, which admits no other thread
+                self._prefetch = threading.Thread(target=self._populate, name="prefetch", daemon=True)
+                self._prefetch.start()
             with unwrapped_errors():
                 async with anyio.create_task_group() as tg:
                     try:
@@ -532,7 +539,19 @@ class Machine:
         async with open_process(self._agent_port(), cmd, env, cwd) as process:
             yield process
 
+    def _touched(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (gpa, pages) runs of guest RAM within ``ranges`` mapped so far (a trial resume's working set)."""
+        return self._vm.memory.mapped_pages(ranges)
+
+    def _populate(self) -> None:
+        """The prefetch thread: the bundle's working set read in while the vCPUs start."""
+        pages = self._vm.memory.populate(self._working_set)
+        self.timings.note("prefetch", f"{pages} of {sum(n for _, n in self._working_set) // PAGE_SIZE} pages")
+        self.timings.mark("prefetched")
+
     def _close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()  # before the memory it populates is unmapped
         self._vm.close()
         for eventfd in (self._exited, self._parked, *self._vcpu_done):
             eventfd.close()

@@ -20,7 +20,7 @@ from smolvmm.arch.machines import arch_named, host_arch
 from smolvmm.config import open_bundle
 from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.errors import BundleError, HypervisorError
-from smolvmm.host.memory import GuestMemory
+from smolvmm.host.memory import PAGE_SIZE, GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor import boundary
@@ -43,6 +43,7 @@ class Restored:
     labels: dict[str, str]
     agent: AgentPort | None
     new_macs: dict[str, bytes]  # guest interface name -> the MAC this instance was asked to use
+    working_set: tuple[tuple[int, int], ...]  # (gpa, length) of mapped RAM to populate ahead of the guest
 
 
 RESTORES_ON: dict[str, frozenset[str]] = {
@@ -144,4 +145,7 @@ def restore_vm_from(
             assembled.agent.close()  # if no console device took it (closing twice is harmless)
             raise
         agent = assembled.agent if plan.has_agent else None
-        return Restored(vm, plan, bundle.digest, bundle.labels, agent, new_macs)
+        # Only mapped RAM gains from it: decoded (zstd) RAM is all in memory already.
+        working_set = bundle.working_set if bundle.memory_encoding == "raw" else []
+        ranges = tuple((r.address, r.pages * PAGE_SIZE) for r in working_set)
+        return Restored(vm, plan, bundle.digest, bundle.labels, agent, new_macs, ranges)

@@ -23,6 +23,7 @@ from smolvmm.config import MIB, DiskConfig, MachineConfig
 from smolvmm.errors import ConfigError, GuestTimeout, ImageError
 from smolvmm.images.imageroot import BUSYBOX, image_guest
 from smolvmm.monitor.machine import Machine
+from smolvmm.monitor.workingset import record_working_set
 from smolvmm.oci.console_exec import command_script, console_run
 from smolvmm.oci.imageconfig import LABEL, ImageConfig
 from smolvmm.oci.rootdisk import DEFAULT_HEADROOM, root_disk
@@ -230,4 +231,7 @@ async def build_image(
                     ) from None
             await _run_checked(machine, "sync", f"{BUSYBOX} sync", recipe.timeout, None)
             say(f"saving {output}")
-            return await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})
+            digest = await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})
+        if encoding == "raw":
+            digest = await record_working_set(output, say) or digest
+        return digest

@@ -1,0 +1,60 @@
+"""A bundle's restore working set (spec §9.1): recorded by a trial resume, then stored in the bundle.
+
+``build`` saves a machine, then resumes the bundle it wrote once, as a clone would be: the clone
+runs until its guest agent has answered one command (what ``run`` and ``exec`` do first), and
+every page of the bundle's stored RAM that the host had mapped for it by then is the working
+set. The bundle is written again with that set (same contents, one more section), so that each
+later restore populates those pages while its vCPUs start instead of faulting them in one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import anyio
+
+import smolformat
+from smolvmm.config import open_bundle
+from smolvmm.errors import AgentError, SmolvmmError
+from smolvmm.monitor.machine import Machine
+
+TRIAL_TIMEOUT = 120.0
+"""Seconds the trial clone's agent has to answer (a nested machine is slow)."""
+
+
+async def record(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The (gpa, pages) runs of stored guest RAM that a clone of raw bundle ``path`` touches until
+    its agent answers one command. SmolvmmError if the bundle's RAM is not mapped (zstd) or
+    the clone has no agent to answer."""
+    with open_bundle(path) as bundle:
+        if bundle.memory_encoding != "raw":
+            raise SmolvmmError("its RAM is zstd-compressed: a restore decodes all of it, and reads nothing ahead")
+        stored = [(extent.guest_phys_addr, extent.length) for extent in bundle.memory_extents()]
+    async with Machine.restore(path) as machine:
+        try:
+            with anyio.fail_after(TRIAL_TIMEOUT):
+                await machine.exec(["true"])
+        except TimeoutError:
+            raise AgentError(f"the trial clone's agent did not answer within {TRIAL_TIMEOUT:g} s") from None
+        return machine._touched(stored)
+
+
+async def record_working_set(
+    path: str | os.PathLike[str], progress: Callable[[str], None] | None = None
+) -> bytes | None:
+    """Record raw bundle ``path``'s restore working set with a trial resume and write the bundle
+    again with it (atomically); returns the new bundle digest, or None, having said why through
+    ``progress``, when none could be recorded (the bundle is then as it was: a working set only
+    speeds restores up)."""
+    say = progress or (lambda text: None)
+    say("recording the working set of a restore (a trial resume)")
+    try:
+        runs = await record(path)
+    except SmolvmmError as exc:
+        say(f"note: no working set recorded: {exc}")
+        return None
+    ranges = [{"address": gpa, "pages": pages} for gpa, pages in runs]
+    return await anyio.to_thread.run_sync(
+        lambda: smolformat.repack_bundle(path, path, memory_encoding="raw", working_set=ranges)
+    )

@@ -345,6 +345,10 @@ class NestedKvm:
             "pytest",
             "-p",
             "no:cacheprovider",
+            # The nested machine's files live in its RAM: a passed test's files go as it ends
+            # (a cold-cache run filled it with every test's bundles and overlays).
+            "-o",
+            "tmp_path_retention_policy=failed",
             *run.nodeids,
         ]
         process = subprocess.Popen(

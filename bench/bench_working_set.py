@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -37,9 +38,10 @@ def build(work: Path) -> None:
     """The bundle with its working set, and a copy without it."""
     import smolformat
 
-    with_set = work / "with.smolmachine"
+    with_set, without = work / "with.smolmachine", work / "without.smolmachine"
     subprocess.run([*SMOLVMM, "build", "-o", str(with_set), "--cpus", "2", "--mem", "256M"], check=True)
-    smolformat.repack_bundle(with_set, work / "without.smolmachine", memory_encoding="raw", working_set=[])
+    shutil.copyfile(with_set, without)
+    smolformat.set_working_set(without, [])
 
 
 async def first_answer(path: Path) -> dict[str, float]:

@@ -9,7 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from bundles import contents
+from bundles import contents, leftovers
 
 import smolformat.pages
 import smolformat.reader
@@ -18,6 +18,8 @@ from smolformat import (
     make_metadata,
     open_bundle,
     repack_bundle,
+    set_working_set,
+    verify_bundle,
     write_bundle,
 )
 from smolformat.config import MAX_DEVICES, MAX_VCPUS
@@ -331,3 +333,25 @@ def test_a_bad_working_set_is_refused_by_writer_and_reader(tmp_path: Path, range
     with pytest.raises(FormatError) as caught:
         open_bundle(good)
     assert caught.value.code == "bad-working-set"
+
+
+def test_a_working_set_is_added_by_copying_the_other_sections_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path))
+    before = open_bundle(path)
+    sections = {(s.kind, s.index): (s.offset, s.digest) for s in before.sections}
+    before.close()
+    digest = set_working_set(path, [{"address": 0, "pages": 4}])
+    with open_bundle(path) as bundle:
+        assert bundle.digest == digest and [(r.address, r.pages) for r in bundle.working_set] == [(0, 4)]
+        assert {
+            (s.kind, s.index): (s.offset, s.digest) for s in bundle.sections if s.kind != SectionKind.WORKING_SET
+        } == sections
+    verify_bundle(path)
+    set_working_set(path, [{"address": PAGE_SIZE, "pages": 1}])  # replaced: the old section's bytes zeroed
+    verify_bundle(path)
+    with open_bundle(path) as bundle:
+        assert [(r.address, r.pages) for r in bundle.working_set] == [(PAGE_SIZE, 1)]
+    with pytest.raises(FormatError) as caught:
+        set_working_set(path, [{"address": 1 << 40, "pages": 1}])
+    assert caught.value.code == "bad-working-set" and leftovers(tmp_path, path.name) == []

@@ -52,11 +52,13 @@ from .reader import Bundle, DiskExtent, DiskImage, MemoryExtent, SectionInfo, op
 
 if TYPE_CHECKING:
     from .repack import repack_bundle
+    from .workingset import set_working_set
     from .writer import BundleContents, make_metadata, write_bundle
 
 # Writing is imported on first use: a restore only reads.
 _LAZY = {
     "repack_bundle": "repack",
+    "set_working_set": "workingset",
     "BundleContents": "writer",
     "make_metadata": "writer",
     "write_bundle": "writer",
@@ -79,6 +81,7 @@ __all__ = [
     "make_metadata",
     "open_bundle",
     "repack_bundle",
+    "set_working_set",
     "verify_bundle",
     "write_bundle",
     "x86_64",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from .pages import MIN_DEDUP_RUN, MIN_ZERO_GAP
@@ -23,11 +23,8 @@ def repack_bundle(
     min_dedup_run: int = MIN_DEDUP_RUN,
     min_zero_gap: int = MIN_ZERO_GAP,
     progress: Callable[[str, int, int | None], None] | None = None,
-    working_set: Sequence[Mapping[str, int]] | None = None,
 ) -> bytes:
     """Write ``source``'s contents to ``target`` in another encoding; returns the new digest.
-    ``working_set`` replaces the source's WORKING_SET ranges (``target`` may be ``source``: a
-    bundle given the working set a trial resume recorded).
 
     RAM is decoded into anonymous mappings and disks into sparse temp files beside ``target``.
     Sections of unknown kinds and the SIGNATURE are carried over unchanged: a signature signs
@@ -67,7 +64,7 @@ def repack_bundle(
                 metadata=bundle.metadata,
                 unknown_sections=bundle.unknown_sections(),
                 signatures=bundle.signatures,
-                working_set=bundle.working_set if working_set is None else working_set,
+                working_set=bundle.working_set,
             )
             return write_bundle(
                 target,

@@ -55,6 +55,4 @@ async def record_working_set(
         say(f"note: no working set recorded: {exc}")
         return None
     ranges = [{"address": gpa, "pages": pages} for gpa, pages in runs]
-    return await anyio.to_thread.run_sync(
-        lambda: smolformat.repack_bundle(path, path, memory_encoding="raw", working_set=ranges)
-    )
+    return await anyio.to_thread.run_sync(smolformat.set_working_set, path, ranges)

@@ -207,3 +207,10 @@ def test_run_require_signature_restores_a_signed_bundle(bundle: Path, tmp_path: 
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"signed-42" in result.stdout and b"timings (ms since start): signature " in result.stderr
+
+
+def test_a_signed_bundle_gets_no_working_set_after_the_fact(signed: Path) -> None:
+    before = signed.read_bytes()
+    with pytest.raises(smolformat.FormatError, match="record its working set before signing"):
+        smolformat.set_working_set(signed, [{"address": 0, "pages": 1}])
+    assert signed.read_bytes() == before  # the signature covers the working set: it would no longer verify

@@ -12,22 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from .amend import replace_section
 from .layout import (
-    CHECKSUMMED_HEADER,
     DIGEST_SIZE,
-    ENTRY_SIZE,
-    HEADER_SIZE,
     PAGE_SIZE,
-    SECTION_ALIGN,
-    Encoding,
-    Header,
-    SectionEntry,
     SectionKind,
 )
 from .payloads import Signatures
@@ -82,95 +73,4 @@ def write_signed(
 
     Every other section keeps its bytes and offset; the old signature's bytes become zero padding.
     """
-    payload = Signatures.build(list(records))
-    target = Path(target)
-    with Bundle(source) as bundle:
-        table_offset = bundle._table_offset
-        kept = [s for s in bundle.sections if s.kind != SectionKind.SIGNATURE]
-        old = [s for s in bundle.sections if s.kind == SectionKind.SIGNATURE]
-        end = max((s.offset + s.length for s in kept), default=HEADER_SIZE)
-        fd, tmp_name = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, os.fstat(bundle.fileno()).st_mode & 0o777)
-            _copy(bundle.fileno(), fd, min(end, table_offset))
-            for s in old:  # a signature before the end of the other sections becomes zero padding
-                if s.offset < end:
-                    os.pwrite(fd, bytes(s.length), s.offset)
-            offset = -(-end // SECTION_ALIGN) * SECTION_ALIGN
-            os.pwrite(fd, payload, offset)
-            digest = _seal(fd, bundle, kept, offset, payload)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp_name)
-            raise
-    os.close(fd)
-    os.replace(tmp_name, target)
-    dir_fd = os.open(target.resolve().parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return digest
-
-
-def _copy(source: int, target: int, length: int) -> None:
-    copied = 0
-    while copied < length:
-        done = os.copy_file_range(source, target, length - copied, copied, copied)
-        if done == 0:
-            raise FormatError("truncated", f"file ends at {copied}")
-        copied += done
-
-
-def _entry(s: SectionInfo) -> dict[str, Any]:
-    return {
-        "kind": int(s.kind),
-        "flags": s.flags,
-        "encoding": int(s.encoding),
-        "reserved0": 0,
-        "index": s.index,
-        "reserved1": 0,
-        "offset": s.offset,
-        "length": s.length,
-        "logical_length": s.logical_length,
-        "digest": s.digest,
-    }
-
-
-def _seal(fd: int, bundle: Bundle, kept: list[SectionInfo], offset: int, payload: bytes) -> bytes:
-    """Append the table (kept sections, then the signature at ``offset``) and write the header;
-    returns the new bundle digest."""
-    length = len(payload)
-    digest = hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest()
-    entries = [_entry(s) for s in kept]
-    entries.append(
-        {
-            "kind": int(SectionKind.SIGNATURE),
-            "flags": 0,
-            "encoding": int(Encoding.STRUCT),
-            "reserved0": 0,
-            "index": 0,
-            "reserved1": 0,
-            "offset": offset,
-            "length": length,
-            "logical_length": length,
-            "digest": digest,
-        }
-    )
-    table = b"".join(SectionEntry.build(e) for e in entries)
-    table_offset = -(-(offset + length) // SECTION_ALIGN) * SECTION_ALIGN
-    header = dict(Header.parse(os.pread(bundle.fileno(), HEADER_SIZE, 0)))
-    header.pop("_io", None)
-    header.update(
-        file_size=table_offset + len(table),
-        table_offset=table_offset,
-        section_count=len(entries),
-        entry_size=ENTRY_SIZE,
-    )
-    unsummed = Header.build(header)[:CHECKSUMMED_HEADER]
-    checksum = hashlib.blake2b(unsummed + table, digest_size=DIGEST_SIZE).digest()
-    os.pwrite(fd, table, table_offset)
-    os.pwrite(fd, unsummed + checksum, 0)
-    os.ftruncate(fd, table_offset + len(table))
-    return checksum
+    return replace_section(source, target, SectionKind.SIGNATURE, Signatures.build(list(records)))

@@ -393,14 +393,8 @@ def write_bundle(
 
 def _finish(out: _Output) -> bytes:
     """Append the section table and write the header; returns the checksum."""
-    return _finish_frame(out.fd, out.position, out.entries)
-
-
-def _finish_frame(fd: int, position: int, entries: list[dict[str, Any]]) -> bytes:
-    """Write the table of ``entries`` after ``position`` (the end of the last section) and the
-    header, and cut the file there; returns the checksum (the bundle digest)."""
-    table_offset = -(-position // SECTION_ALIGN) * SECTION_ALIGN
-    table = b"".join(SectionEntry.build(entry) for entry in entries)
+    table_offset = -(-out.position // SECTION_ALIGN) * SECTION_ALIGN
+    table = b"".join(SectionEntry.build(entry) for entry in out.entries)
     file_size = table_offset + len(table)
     header = {
         "magic": MAGIC,
@@ -410,16 +404,16 @@ def _finish_frame(fd: int, position: int, entries: list[dict[str, Any]]) -> byte
         "flags": 0,
         "file_size": file_size,
         "table_offset": table_offset,
-        "section_count": len(entries),
+        "section_count": len(out.entries),
         "entry_size": ENTRY_SIZE,
         "reserved": bytes(48),
         "checksum": bytes(DIGEST_SIZE),
     }
     unsummed = Header.build(header)[:CHECKSUMMED_HEADER]
     checksum = hashlib.blake2b(unsummed + table, digest_size=DIGEST_SIZE).digest()
-    os.pwrite(fd, unsummed + checksum, 0)
-    os.pwrite(fd, table, table_offset)
-    os.ftruncate(fd, file_size)
+    os.pwrite(out.fd, unsummed + checksum, 0)
+    os.pwrite(out.fd, table, table_offset)
+    os.ftruncate(out.fd, file_size)
     return checksum
 
 

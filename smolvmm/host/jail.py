@@ -101,7 +101,12 @@ _keeper: Keeper | None = None
 # Imported before the host's files disappear, since the running monitor imports lazily: these
 # packages whole (but their tests and plugins), and these modules of the standard library.
 PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
-PRELOAD_SKIP = ("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "images", "arm64")
+PRELOAD_SKIP = (
+    *("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "arm64"),
+    # what only runs before a jail, or in commands that never enter one: building images and
+    # kernels, registries, signature checks
+    *("images", "kernel", "build", "rootdisk", "source", "layers", "smolfile", "registry", "signing"),
+)
 PRELOAD_MODULES = (
     "json",
     "traceback",

@@ -93,6 +93,9 @@ MARGIN = (
     "sendmsg",
     "recvmsg",
     "shutdown",
+    "accept4",  # a detached machine's console and control listeners, made before the jail
+    "getsockname",
+    "getpeername",
     "getsockopt",
     "setsockopt",
     "poll",

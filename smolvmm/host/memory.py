@@ -37,6 +37,7 @@ _MAP_FAILED = 2**64 - 1
 _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MADV_RANDOM = 1
 _MADV_WILLNEED = 3
 _MADV_POPULATE_READ = 22  # Linux 5.14
 _PAGEMAP_MAPPED = 3 << 62  # a pagemap entry's "present" and "swapped" bits
@@ -172,6 +173,12 @@ class GuestMemory:
                 advice = _MADV_WILLNEED
             pages += length // PAGE_SIZE
         return pages
+
+    def read_at_random(self) -> None:
+        """No read-ahead on guest RAM's file pages (``MADV_RANDOM``): a fault reads its own page."""
+        for region in self.regions:
+            if _libc.madvise(_ffi.cast("void *", region.host_address), region.size, _MADV_RANDOM) != 0:
+                raise OSError(_ffi.errno, f"madvise(MADV_RANDOM) failed: {os.strerror(_ffi.errno)}")
 
     def mapped_pages(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """The (gpa, pages) runs of guest pages within the (gpa, length) ``ranges`` that this

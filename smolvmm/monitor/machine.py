@@ -539,6 +539,10 @@ class Machine:
         async with open_process(self._agent_port(), cmd, env, cwd) as process:
             yield process
 
+    def _read_at_random(self) -> None:
+        """A trial resume's: no read-ahead, so that the pages mapped are the pages touched."""
+        self._vm.memory.read_at_random()
+
     def _touched(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The (gpa, pages) runs of guest RAM within ``ranges`` mapped so far (a trial resume's working set)."""
         return self._vm.memory.mapped_pages(ranges)

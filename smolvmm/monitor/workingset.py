@@ -5,10 +5,17 @@ runs until its guest agent has answered one command (what ``run`` and ``exec`` d
 every page of the bundle's stored RAM that the host had mapped for it by then is the working
 set. The bundle is written again with that set (same contents, one more section), so that each
 later restore populates those pages while its vCPUs start instead of faulting them in one by one.
+
+The kernel maps more than a fault asks for: read-ahead brings a touched page's neighbours into
+the page cache, and fault-around maps every neighbour already cached (16 pages by default). So
+the trial first drops the bundle's pages from the page cache and turns read-ahead off: each
+fault then maps little more than its own page. (Where the bundle lives in memory, tmpfs, its pages
+cannot be dropped and the set is that superset.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -31,7 +38,12 @@ async def record(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
         if bundle.memory_encoding != "raw":
             raise SmolvmmError("its RAM is zstd-compressed: a restore decodes all of it, and reads nothing ahead")
         stored = [(extent.guest_phys_addr, extent.length) for extent in bundle.memory_extents()]
-    async with Machine.restore(path) as machine:
+    with open(path, "rb") as file, contextlib.suppress(OSError):  # best effort: tmpfs keeps its pages
+        os.fsync(file.fileno())
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    async with Machine.restore(path, paused=True) as machine:
+        machine._read_at_random()
+        await machine.resume()
         try:
             with anyio.fail_after(TRIAL_TIMEOUT):
                 await machine.exec(["true"])

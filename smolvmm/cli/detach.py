@@ -10,6 +10,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import time
@@ -94,12 +95,20 @@ class Sockets:
         from smolvmm.cli import control as cli_control
 
         paths = (console_path(machine_id), cli_control.path(machine_id))
-        console = await anyio.create_unix_listener(paths[0])
+        listeners = []
         try:
-            control = await anyio.create_unix_listener(paths[1])
+            for path in paths:  # bound here: anyio's create_unix_listener binds in a worker thread,
+                # which would still run when the jail is entered, and the jail takes one thread only
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listeners.append(listener)
+                listener.bind(str(path))
+                listener.listen()
+            console, control = [await SocketListener.from_socket(listener) for listener in listeners]
         except BaseException:
-            await console.aclose()
-            paths[0].unlink()
+            for listener in listeners:
+                listener.close()
+            for path in paths:
+                path.unlink(missing_ok=True)
             raise
         return cls(console, control, paths, log_path(machine_id))
 

@@ -502,11 +502,16 @@ async def _run(args: argparse.Namespace) -> int:
     env, secrets = cli_exec.identity(args)
     with listed("run", str(args.bundle), args.detached_as) as machine_id:
         detached = await cli_detach.Sockets.open(machine_id) if args.detached_as else None
-        jail, on_pvm = _jail(args, machine_id, detached), _on_pvm_host()
-        async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
-            _note_pvm_host(on_pvm)
-            cli_output.report_forwards(machine)
-            status = await serve(machine, machine_id, None, args.save, detached)
+        try:
+            jail, on_pvm = _jail(args, machine_id, detached), _on_pvm_host()
+            async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
+                _note_pvm_host(on_pvm)
+                cli_output.report_forwards(machine)
+                status = await serve(machine, machine_id, None, args.save, detached)
+        except BaseException:
+            if detached is not None:  # the restore failed: its sockets go, its log explains
+                detached.ended(clean=False)
+            raise
     if args.timings:
         report_timings(machine.timings, args.json)
     return status

@@ -108,7 +108,7 @@ def running() -> list[dict[str, Any]]:
         if alive:
             entries.append(entry)
         else:
-            for leftover in (path, path.with_suffix(".console"), path.with_suffix(".log")):
+            for leftover in (path, *(path.with_suffix(suffix) for suffix in (".console", ".control", ".log"))):
                 leftover.unlink(missing_ok=True)
     return sorted(entries, key=lambda e: e["started_unix"])
 

@@ -51,7 +51,9 @@ OTHER_TOOLS = (
     HostTool("mke2fs", "e2fsprogs", "ext4 disk images (smolvmm.images.disk)"),
     HostTool(NESTED_QEMU, "qemu-system-x86", "the nested KVM machine, on PVM hosts"),
     HostTool("passt", "passt", "user networking without root (--net user)"),
-    HostTool("/usr/lib/*/libseccomp.so.2", "libseccomp2", "the seccomp filter of --jail"),
+    HostTool(
+        "/usr/lib/*/libseccomp.so.2", "libseccomp2", "the seccomp filter of the jail (run/boot as root, or --jail)"
+    ),
 )
 
 

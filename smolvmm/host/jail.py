@@ -185,7 +185,9 @@ def _libseccomp() -> Any:
     try:
         return _ffi.dlopen("libseccomp.so.2")
     except OSError as exc:
-        raise HypervisorError(f"--jail needs libseccomp (Debian: libseccomp2): {exc}") from None
+        raise HypervisorError(
+            f"the jail (the default as root) needs libseccomp (Debian: libseccomp2), or --no-jail: {exc}"
+        ) from None
 
 
 def _check(result: int, what: str) -> None:

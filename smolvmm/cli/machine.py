@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -479,9 +480,6 @@ async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from smolvmm.cli.registry import resolve_bundle
-
-    args.bundle = await resolve_bundle(args.bundle, args.insecure)
     if "none" in args.net:
         raise ConfigError(
             "--net none is for boot and build: a restored machine keeps the network cards it was saved with"
@@ -528,6 +526,18 @@ async def _save_on_signal(machine: Machine, output: Path) -> None:
             print(f"\r\nsmolvmm: saved {output} ({digest.hex()[:16]})\r", file=sys.stderr)
 
 
+def _resolved(args: argparse.Namespace) -> Path:
+    """``run REF``'s bundle, pulled in an event loop of its own, whose worker threads have ended
+    before the machine's loop starts: a jail takes a process of one thread."""
+    from smolvmm.cli.registry import resolve_bundle
+
+    bundle: Path = anyio.run(resolve_bundle, args.bundle, args.insecure, backend=BACKEND)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join(timeout=10)
+    return bundle
+
+
 def run(name: str, args: argparse.Namespace) -> int:
     if name == "boot":
         return anyio.run(_boot, _config(args), _boot_marker(args), args, backend=BACKEND)
@@ -539,6 +549,7 @@ def run(name: str, args: argparse.Namespace) -> int:
         return anyio.run(_build, _config(args), args, backend=BACKEND)
     if args.save is not None:
         args.save = Path(output_file(args.save))  # as the jail stages it (its root is empty)
+    args.bundle = _resolved(args)
     if args.detach:
         if args.prepare_only or args.timings or args.command or args.copy_in or args.copy_out:
             raise ConfigError(

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 
-from smolvmm import Machine
+from smolvmm import GuestTimeout, Machine
 
 GUEST_TIMEOUT = 180
 
@@ -26,6 +26,18 @@ async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) 
     )
     text = (await machine.console.wait_for(re.compile(rf"END-{token}\r?\n".encode()), timeout)).decode()
     return text.split(f"BEGIN-{token}", 2)[-1].rsplit(f"END-{token}", 1)[0].strip()
+
+
+async def shell_answers(machine: Machine, tries: int = 6, each: float = 30.0) -> None:
+    """Wait until the guest's shell answers a command: what reaches a virtio console (hvc) before the
+    shell has opened it is dropped, and the ready line comes just before the shell does."""
+    for _ in range(tries - 1):
+        try:
+            await shell(machine, "true", timeout=each)
+            return
+        except GuestTimeout:
+            continue
+    await shell(machine, "true", timeout=each)
 
 
 async def assert_clock_is_the_hosts(machine: Machine) -> None:

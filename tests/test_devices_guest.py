@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-from guests import GUEST_TIMEOUT, shell
+from guests import GUEST_TIMEOUT, shell, shell_answers
 from network import echo
 
 from smolvmm import DiskConfig, Machine, MachineConfig, NetConfig
@@ -199,6 +199,7 @@ async def test_disks_consoles_entropy_and_a_broken_device(tmp_path: Path) -> Non
     config = MachineConfig(disks=(DiskConfig(base, overlay=overlay),), console="virtio")
     async with Machine.boot(config) as machine:
         await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
+        await shell_answers(machine)
         assert guest_sha256(await shell(machine, "sha256sum /mnt/f")) == written
         assert await shell(machine, "cat /mnt/after") == "after"
         assert await shell(machine, "tty") == "/dev/hvc0"

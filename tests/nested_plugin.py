@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,14 @@ RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 SLOWEST = 15
 NESTED_TIMEOUT = 2400
 """The nested pytest's overall bound (host clock), well above the per-test timeout (pyproject: 900 s)."""
-MAX_RUNS = 4
-"""Nested machines one session may use: the first and up to three fresh ones after machines froze
-(QEMU 7.2's emulation freezes a machine now and then: BENCHMARKS.md, "The nested machine")."""
+MAX_RUNS = 8
+"""Nested machines one session may use: the first and up to seven fresh ones after machines froze
+(QEMU 7.2's emulation freezes a machine now and then, on some hosts every few minutes:
+BENCHMARKS.md, "The nested machine"). Each fresh machine runs only the tests still without an outcome."""
+NESTED_BUDGET = 3600
+"""Seconds (host clock) all the nested machines of a session may take together: a fresh machine starts
+only with at least MIN_RUN of it left, and its timeout ends with it (CI's limit is 90 minutes)."""
+MIN_RUN = 300
 _TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 _ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
 
@@ -76,11 +82,12 @@ class NestedRun:
         return self.failure.splitlines()[0] if self.failure else f"nested pytest exited with status {self.status}"
 
 
-def next_tests(runs: list[NestedRun]) -> list[str]:
+def next_tests(runs: list[NestedRun], budget_left: float = NESTED_BUDGET) -> list[str]:
     """What a fresh machine runs after ``runs``: the tests without an outcome yet, but none that was
-    running when two machines stopped (a test that stops every machine it runs in fails)."""
+    running when two machines stopped (a test that stops every machine it runs in fails); nothing
+    once MAX_RUNS machines ran or less than MIN_RUN seconds of the budget are left."""
     last = runs[-1]
-    if not last.machine_failed or len(runs) >= MAX_RUNS:
+    if not last.machine_failed or len(runs) >= MAX_RUNS or budget_left < MIN_RUN:
         return []
     return [nodeid for nodeid in last.unfinished if _stopped_while_running(runs, nodeid) < 2]
 
@@ -314,17 +321,19 @@ class NestedKvm:
                 thread.join()
             for failure in _HOST_WORK_FAILED:
                 self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
-            runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory)]
-            while retry := next_tests(runs):
+            deadline = time.monotonic() + NESTED_BUDGET
+            runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory, NESTED_TIMEOUT)]
+            while retry := next_tests(runs, deadline - time.monotonic()):
                 # A retry waits for the tests beside it to end: in fresh-clone run 11 a test failed
                 # because both machines it ran in froze, each while those tests loaded the host.
                 self.host_tests_done.wait()
-                runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory))
+                timeout = min(NESTED_TIMEOUT, deadline - time.monotonic())
+                runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory, timeout))
             self.results, self.retries = combine(runs)
         except Exception as exc:  # noqa: BLE001 - every kvm test then fails with this text
             self.harness_error = f"the nested run failed on the host: {type(exc).__name__}: {exc}"
 
-    def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path) -> NestedRun:
+    def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path, timeout: float) -> NestedRun:
         what = self.host.explanation if run.number == 1 else "a retry in a fresh nested machine"
         self.output.append(_rule(f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})"))
         out = directory / f"run-{run.number}"
@@ -337,7 +346,7 @@ class NestedKvm:
             "--out",
             str(out),
             "--timeout",
-            str(NESTED_TIMEOUT),
+            str(max(int(timeout), 1)),
             "--evidence",
             str(evidence),
             sys.executable,

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from nested_plugin import MAX_RUNS, NESTED_TIMEOUT, RESULTS_ENV, NestedRun, combine, next_tests
+from nested_plugin import MAX_RUNS, MIN_RUN, NESTED_BUDGET, NESTED_TIMEOUT, RESULTS_ENV, NestedRun, combine, next_tests
 
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import (
@@ -400,6 +400,13 @@ def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> 
     results, lines = combine(runs)
     assert [results[t]["outcome"] for t in tests[: MAX_RUNS - 1]] == ["passed"] * (MAX_RUNS - 1)
     assert lines[-1].endswith("; not retried again") and results[tests[-1]]["outcome"] == "failed"
+
+
+def test_no_fresh_machine_starts_without_time_left_for_it() -> None:
+    first = ran(1, ["t::a", "t::b"], NESTED_FROZE, {"t::a": "passed"}, running="t::b")
+    assert next_tests([first], budget_left=MIN_RUN) == ["t::b"]
+    assert next_tests([first], budget_left=MIN_RUN - 1) == []
+    assert NESTED_TIMEOUT + MIN_RUN <= NESTED_BUDGET  # a first machine that runs to its timeout leaves room for a retry
 
 
 @needs_qemu

@@ -364,22 +364,17 @@ async def serve(
     (SIGTERM), and with ``save``, saved to it on SIGUSR1; returns the exit status."""
     if cli_output.is_terminal(sys.stderr):
         cli_output.message(f"machine {machine_id} (`smolvmm stop {machine_id}` ends it)")
-    status = cli_status.ERROR
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, machine)
-            if save is not None:
-                tg.start_soon(_save_on_signal, machine, save)
-            if detached is None:
-                status = await console_session(machine, marker)
-            else:
-                tg.start_soon(cli_control.serve, machine, detached.control)
-                await cli_detach.serve_console(machine, detached.console)
-                status = cli_status.for_exit(await machine.wait())
-            tg.cancel_scope.cancel()
-    finally:
-        if detached is not None:
-            detached.ended(clean=status == cli_status.OK)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, machine)
+        if save is not None:
+            tg.start_soon(_save_on_signal, machine, save)
+        if detached is None:
+            status = await console_session(machine, marker)
+        else:
+            tg.start_soon(cli_control.serve, machine, detached.control)
+            await cli_detach.serve_console(machine, detached.console)
+            status = cli_status.for_exit(await machine.wait())
+        tg.cancel_scope.cancel()
     return status
 
 
@@ -500,16 +495,16 @@ async def _run(args: argparse.Namespace) -> int:
     env, secrets = cli_exec.identity(args)
     with listed("run", str(args.bundle), args.detached_as) as machine_id:
         detached = await cli_detach.Sockets.open(machine_id) if args.detached_as else None
+        status = cli_status.ERROR
         try:
             jail, on_pvm = _jail(args, machine_id, detached), _on_pvm_host()
             async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
                 _note_pvm_host(on_pvm)
                 cli_output.report_forwards(machine)
                 status = await serve(machine, machine_id, None, args.save, detached)
-        except BaseException:
-            if detached is not None:  # the restore failed: its sockets go, its log explains
-                detached.ended(clean=False)
-            raise
+        finally:
+            if detached is not None:  # its sockets go; its log stays when it explains a failure
+                detached.ended(clean=status == cli_status.OK)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status

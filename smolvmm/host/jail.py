@@ -36,6 +36,7 @@ import pwd
 import resource
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -335,22 +336,22 @@ def publish(path: str | os.PathLike[str]) -> None:
     SmolvmmError if the keeper cannot."""
     path = os.fspath(path)
     if _keeper is not None and path in _keeper.outputs:
-        try:
-            _keeper.publish(path)
-        except (KeeperError, OSError) as exc:
-            raise SmolvmmError(str(exc)) from None
+        _ask_keeper(_keeper.publish, path)
 
 
 def keep(path: str | os.PathLike[str]) -> None:
     """Leave ``path``, one of the jail's discards, in place when the machine ends (a log that
     explains a failure); nothing if this process is not jailed with it. SmolvmmError if the
     keeper cannot be asked."""
-    path = os.fspath(path)
     if _keeper is not None:
-        try:
-            _keeper.keep(path)
-        except (KeeperError, OSError) as exc:
-            raise SmolvmmError(str(exc)) from None
+        _ask_keeper(_keeper.keep, os.fspath(path))
+
+
+def _ask_keeper(request: Callable[[str], None], path: str) -> None:
+    try:
+        request(path)
+    except (KeeperError, OSError) as exc:
+        raise SmolvmmError(str(exc)) from None
 
 
 def leave() -> None:

@@ -60,6 +60,8 @@ class Keeper:
                     argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True
                 )
         except BaseException:
+            if hasattr(self, "_socket"):
+                self._socket.close()
             _remove(self.staging.values())
             raise
 

@@ -257,7 +257,10 @@ def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_pat
         evidence,
         re.M,
     )
-    assert "--- QEMU monitor: info registers ---" in evidence and "--- nested console (last 200 lines) ---" in evidence
+    assert (
+        "--- QEMU monitor: info registers, now ---" in evidence
+        and "--- nested console (last 200 lines) ---" in evidence
+    )
     assert qemu_pids(str(tmp_path)) == set()
 
 
@@ -323,7 +326,10 @@ def test_a_silent_machine_is_poked_and_a_beat_after_the_poke_counts_as_woken(tmp
     heartbeat._poked_at -= POKE_AFTER  # still silent: the next poke dumps the registers
     assert heartbeat.needs_poke()
     heartbeat.poke(tmp_path / "no-monitor")
+    # the machine as it was while frozen, kept for the evidence until the next beat
+    assert heartbeat.silent_registers.startswith("5 s without a heartbeat:\n(the monitor did not answer")
     heartbeat.feed(b"beat a\n")
+    assert heartbeat.silent_registers == ""
     assert heartbeat.pokes == {"info status": 1, "info registers": 1}
     assert heartbeat.woken == {"info status": 0, "info registers": 1}
     heartbeat.feed(b"beat a\n")

@@ -90,6 +90,9 @@ class Heartbeat:
     pokes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
     woken: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
     at_last: Progress = field(init=False)
+    silent_registers: str = ""
+    """The first ``info registers`` poke's answer in the current silence: the machine while frozen
+    (the evidence's own dump comes after whatever woke it)."""
     _poked_at: float | None = field(default=None, init=False, repr=False)
     _last_poke: str = field(default=POKES[0], init=False, repr=False)
     _partial: bytes = field(default=b"", init=False, repr=False)
@@ -108,6 +111,7 @@ class Heartbeat:
                 if self._poked_at is not None:
                     self.woken[self._last_poke] += 1
                     self._poked_at = None
+                    self.silent_registers = ""
                 text = line[5:_MAX_LINE].decode(errors="replace").strip()
                 self.activity = "".join(c if c.isprintable() else "?" for c in text)  # the guest wrote it
                 self.at_last = progress(self.pid)
@@ -121,8 +125,11 @@ class Heartbeat:
         """Wake QEMU's main loop with a harmless monitor query (:data:`POKES`)."""
         self._last_poke = POKES[0] if self._poked_at is None else POKES[1]
         self.pokes[self._last_poke] += 1
+        silent = time.monotonic() - self.last
         self._poked_at = time.monotonic()
-        monitor(monitor_socket, self._last_poke, timeout=1.0)
+        answer = monitor(monitor_socket, self._last_poke, timeout=1.0)
+        if self._last_poke == "info registers" and not self.silent_registers:
+            self.silent_registers = f"{silent:.0f} s without a heartbeat:\n{answer}"
 
     def poke_summary(self) -> str:
         """One line on the pokes, or "" if there were none."""
@@ -225,7 +232,8 @@ def evidence(headline: str, pid: int, console: Path, monitor_socket: Path, heart
         f"--- /proc/{pid}/stat ---\n{_read(proc / 'stat')}",
         f"--- /proc/{pid}/wchan ---\n{_read(proc / 'wchan')}",
         f"--- /proc/{pid}/status ---\n{_read(proc / 'status')}",
-        f"--- QEMU monitor: info registers ---\n{monitor(monitor_socket, 'info registers')}",
+        f"--- QEMU monitor: info registers, during the silence ---\n{heartbeat.silent_registers or '(not asked)'}",
+        f"--- QEMU monitor: info registers, now ---\n{monitor(monitor_socket, 'info registers')}",
         f"--- nested console (last 200 lines) ---\n{tail(console, 200)}",
     ]
     return "\n".join(parts) + "\n"

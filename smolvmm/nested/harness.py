@@ -140,13 +140,17 @@ def qemu_command(
     under the overlay, which takes at most half of it; 2 GiB ran out of space in the suite.
     The inner kernel's lockup detectors panic (which ends QEMU: -no-reboot) so that a stuck
     kernel leaves its reason on the console instead of a silent freeze.
+    ``nohz=off``: the inner kernel keeps its periodic tick when idle. Idle without it, the CPU
+    sometimes halted (in ``native_safe_halt``, interrupts on) and the one-shot local APIC timer it
+    had set never fired, for a minute or until the watchdog came: 5 of 7 runs of the device tests
+    froze so on one host, 0 of 4 with ``nohz=off`` (BENCHMARKS.md, "The nested machine").
     ``settings`` add kernel arguments and QEMU options; an ``-accel`` among them replaces ``-accel tcg``
     (QEMU would take a second one as a fallback, never used).
     """
     tsc = host_tsc_khz()
     cmdline = (
         "console=ttyS0 quiet panic=-1 mitigations=off oops=panic softlockup_panic=1 hung_task_panic=1"
-        " nmi_watchdog=panic" + (f" tsc_early_khz={tsc}" if tsc else "")
+        " nmi_watchdog=panic nohz=off" + (f" tsc_early_khz={tsc}" if tsc else "")
     )
     if settings.append:
         cmdline += " " + settings.append

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -254,8 +255,8 @@ def test_a_frozen_machine_is_found_killed_and_reported_with_its_activity(tmp_pat
     assert "State:\tT (stopped)" in evidence and "the job's last activity: step-42" in evidence
     # a stopped QEMU was poked after 5 s of silence (and every 5 s after, with a register dump), and no beat followed
     assert re.search(
-        r"^pokes of QEMU's main loop: .* 1 time\(s\); .* with 'info status' 1 time\(s\), a beat following 0,"
-        r" with 'info registers' \d+ time\(s\), a beat following 0$",
+        r"^pokes of the silent machine: .* 1 time\(s\); .* with 'info registers' 1 time\(s\), a beat following 0,"
+        r" with 'a byte on the heartbeat port' \d+ time\(s\), a beat following 0$",
         evidence,
         re.M,
     )
@@ -316,30 +317,36 @@ def test_heartbeats_are_counted_by_line_with_the_last_activity() -> None:
 
 def test_a_silent_machine_is_poked_and_a_beat_after_the_poke_counts_as_woken(tmp_path: Path) -> None:
     heartbeat = Heartbeat(60, os.getpid())
+    ours, machines = socket.socketpair()
     assert not heartbeat.needs_poke()  # before the first beat: the boot, not a silence
     heartbeat.feed(b"beat a\n")
     heartbeat.last -= POKE_AFTER  # a silence as long as the poke threshold
     assert heartbeat.needs_poke()
-    heartbeat.poke(tmp_path / "no-monitor")  # no QEMU listening: the poke must not fail
-    assert not heartbeat.needs_poke() and heartbeat.poke_summary() == (
-        "the heartbeat paused 5 s or more 1 time(s); QEMU's main loop was poked with 'info status' 1 time(s),"
-        " a beat following 0, with 'info registers' 0 time(s), a beat following 0"
-    )
-    heartbeat._poked_at -= POKE_AFTER  # still silent: the next poke dumps the registers
-    assert heartbeat.needs_poke()
-    heartbeat.poke(tmp_path / "no-monitor")
-    # the machine as it was while frozen, kept for the evidence until the next beat
+    heartbeat.poke(tmp_path / "no-monitor", ours)  # no QEMU listening: the poke must not fail
+    # the first poke records the machine as it is while frozen (kept for the evidence until the next beat)
     assert heartbeat.silent_registers.startswith("5 s without a heartbeat:\n(the monitor did not answer")
+    assert not heartbeat.needs_poke() and heartbeat.poke_summary() == (
+        "the heartbeat paused 5 s or more 1 time(s); the machine was poked with 'info registers' 1 time(s),"
+        " a beat following 0, with 'a byte on the heartbeat port' 0 time(s), a beat following 0"
+    )
+    heartbeat._poked_at -= POKE_AFTER  # still silent: the next poke sends a byte into the machine
+    assert heartbeat.needs_poke()
+    heartbeat.poke(tmp_path / "no-monitor", ours)
+    assert machines.recv(16) == b"\n"
     heartbeat.feed(b"beat a\n")
     assert heartbeat.silent_registers == ""
-    assert heartbeat.pokes == {"info status": 1, "info registers": 1}
-    assert heartbeat.woken == {"info status": 0, "info registers": 1}
+    assert heartbeat.pokes == {"info registers": 1, "a byte on the heartbeat port": 1}
+    assert heartbeat.woken == {"info registers": 0, "a byte on the heartbeat port": 1}
     heartbeat.feed(b"beat a\n")
-    assert heartbeat.woken == {"info status": 0, "info registers": 1}  # only the first beat after a poke
-    heartbeat.last -= POKE_AFTER  # a new silence starts with the light poke again
-    heartbeat.poke(tmp_path / "no-monitor")
+    assert heartbeat.woken["a byte on the heartbeat port"] == 1  # only the first beat after a poke
+    heartbeat.last -= POKE_AFTER  # a new silence starts with the registers again
+    machines.close()
+    heartbeat.poke(tmp_path / "no-monitor", ours)
+    heartbeat._poked_at -= POKE_AFTER
+    heartbeat.poke(tmp_path / "no-monitor", ours)  # the machine's end has gone: no error either
     heartbeat.feed(b"beat a\n")
-    assert heartbeat.woken == {"info status": 1, "info registers": 1}
+    assert heartbeat.woken == {"info registers": 0, "a byte on the heartbeat port": 2}
+    ours.close()
 
 
 def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:

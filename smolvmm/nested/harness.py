@@ -140,10 +140,11 @@ def qemu_command(
     under the overlay, which takes at most half of it; 2 GiB ran out of space in the suite.
     The inner kernel's lockup detectors panic (which ends QEMU: -no-reboot) so that a stuck
     kernel leaves its reason on the console instead of a silent freeze.
-    ``nohz=off``: the inner kernel keeps its periodic tick when idle. Idle without it, the CPU
-    sometimes halted (in ``native_safe_halt``, interrupts on) and the one-shot local APIC timer it
-    had set never fired, for a minute or until the watchdog came: 5 of 7 runs of the device tests
-    froze so on one host, 0 of 4 with ``nohz=off`` (BENCHMARKS.md, "The nested machine").
+    ``nohz=off``: the inner kernel keeps its periodic tick when idle. The freezes were the idle CPU
+    halted (in ``native_safe_halt``, interrupts on) waiting for a local APIC timer interrupt QEMU
+    never raised: 5 of 7 runs of the device tests froze so on one host, 0 of 4 with ``nohz=off``,
+    which still froze once in a later suite run; the watchdog's byte on the heartbeat port wakes
+    such a machine (BENCHMARKS.md, "The freeze found").
     ``settings`` add kernel arguments and QEMU options; an ``-accel`` among them replaces ``-accel tcg``
     (QEMU would take a second one as a fallback, never used).
     """
@@ -337,6 +338,7 @@ def _pump(
     status = b""
     streams = {port: JobStream() for port in sinks}
     status_port: socket.socket | None = None
+    heartbeat_port: socket.socket | None = None
     acknowledged = False
     with selectors.DefaultSelector() as selector:
         for port, listener in zip(PORTS, listeners):
@@ -349,7 +351,7 @@ def _pump(
             if heartbeat.frozen() and not exited:
                 return None, "froze"
             if heartbeat.needs_poke() and not exited:
-                heartbeat.poke(monitor_socket)
+                heartbeat.poke(monitor_socket, heartbeat_port)
             events = selector.select(0 if exited else min(remaining, 0.5))
             if exited and not events:
                 break
@@ -359,6 +361,8 @@ def _pump(
                     connection, _ = key.fileobj.accept()  # type: ignore[union-attr]  # only sockets are registered
                     if port == PORTS[2]:
                         status_port = connection
+                    elif port == HEARTBEAT:
+                        heartbeat_port = connection
                     selector.unregister(key.fileobj)
                     selector.register(connection, selectors.EVENT_READ, (port, False))
                     continue

@@ -10,6 +10,7 @@ harness then gathers evidence with :func:`evidence` and kills QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -65,15 +66,15 @@ def progress(pid: int) -> Progress:
 
 
 POKE_AFTER = 5.0
-"""Seconds without a heartbeat after which the harness pokes QEMU's main loop (a monitor query). The
-freezes seen so far looked like a main loop asleep past a timer deadline it had lost (its thread in
-ppoll, the guest's timer interrupt missing for a minute, and the guest waking when the harness next
-talked to QEMU): any event on one of its file descriptors wakes it and it runs the overdue timers.
-Well under the inner kernel's 20 s soft-lockup threshold, which panics it (softlockup_panic=1)."""
-POKES = ("info status", "info registers")
-"""The first poke of a silence, then every later one. ``info status`` alone woke no frozen machine in
-the runs recorded in BENCHMARKS.md, while the inner kernel's lockup reports came right after the
-evidence's ``info registers``: the later pokes ask for that, and each kind counts its own wake-ups."""
+"""Seconds without a heartbeat after which the harness pokes the machine, and again every as many
+seconds of the same silence. Well under the inner kernel's 20 s soft-lockup threshold."""
+POKES = ("info registers", "a byte on the heartbeat port")
+"""The first poke of a silence, then every later one. The freezes were the idle inner kernel halted,
+waiting for a local APIC timer interrupt that QEMU never raised, its vCPU thread asleep the whole
+time (BENCHMARKS.md, "The freeze found"): a monitor query does not touch a TCG vCPU, so the first
+poke only records the registers of the frozen machine; a byte sent into the machine on its
+heartbeat port raises a virtio interrupt, which wakes the halted CPU, and the inner kernel's
+interrupt exit re-arms its timer. Each kind counts the beats that followed it."""
 
 
 @dataclass
@@ -121,22 +122,26 @@ class Heartbeat:
         since = max(self.last, self._poked_at or 0.0)
         return self.beats > 0 and time.monotonic() - since >= POKE_AFTER
 
-    def poke(self, monitor_socket: Path) -> None:
-        """Wake QEMU's main loop with a harmless monitor query (:data:`POKES`)."""
+    def poke(self, monitor_socket: Path, port: socket.socket | None) -> None:
+        """The first poke of a silence records the frozen machine's registers; later ones send a
+        byte into the machine on its heartbeat ``port`` (:data:`POKES`)."""
         self._last_poke = POKES[0] if self._poked_at is None else POKES[1]
         self.pokes[self._last_poke] += 1
         silent = time.monotonic() - self.last
         self._poked_at = time.monotonic()
-        answer = monitor(monitor_socket, self._last_poke, timeout=1.0)
-        if self._last_poke == "info registers" and not self.silent_registers:
+        if self._last_poke == POKES[0]:
+            answer = monitor(monitor_socket, "info registers", timeout=1.0)
             self.silent_registers = f"{silent:.0f} s without a heartbeat:\n{answer}"
+        elif port is not None:
+            with contextlib.suppress(OSError):  # a full socket buffer: the machine reads nothing anyway
+                port.send(b"\n", socket.MSG_DONTWAIT)
 
     def poke_summary(self) -> str:
         """One line on the pokes, or "" if there were none."""
         if not any(self.pokes.values()):
             return ""
         return (
-            f"the heartbeat paused {POKE_AFTER:g} s or more {self.pokes[POKES[0]]} time(s); QEMU's main loop was"
+            f"the heartbeat paused {POKE_AFTER:g} s or more {self.pokes[POKES[0]]} time(s); the machine was"
             " poked "
             + ", ".join(
                 f"with {kind!r} {self.pokes[kind]} time(s), a beat following {self.woken[kind]}" for kind in POKES
@@ -227,7 +232,7 @@ def evidence(headline: str, pid: int, console: Path, monitor_socket: Path, heart
     parts = [
         f"{when}: {headline}",
         f"heartbeats received: {heartbeat.beats}; the job's last activity: {heartbeat.activity or '(none reported)'}",
-        f"pokes of QEMU's main loop: {heartbeat.poke_summary() or 'none'}",
+        f"pokes of the silent machine: {heartbeat.poke_summary() or 'none'}",
         f"--- QEMU (pid {pid}) threads ---\n{threads(pid)}",
         f"--- /proc/{pid}/stat ---\n{_read(proc / 'stat')}",
         f"--- /proc/{pid}/wchan ---\n{_read(proc / 'wchan')}",

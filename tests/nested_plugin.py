@@ -6,9 +6,10 @@ when the first of them is due, its output printed then; each outer kvm item repo
 counterpart's outcome, so every test counts once.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine (once the other
-tests have ended, so that it has the host to itself); a test that was
-running when two machines stopped fails. The terminal summary lists every such retry, and the
-evidence of each failure is kept in a log file.
+tests have ended, so that it has the host to itself); so does a test that failed after the machine
+stalled while it ran (its heartbeat paused, and the watchdog woke it: a test's own time bounds run
+on the stalled machine's clock). A test so interrupted in two machines fails. The terminal summary
+lists every such retry, and the evidence of each machine failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
 Tests marked ``kvm(linux_guest=False)`` need /dev/kvm but no Linux guest getting far (the monitor's
 own work: KVM ioctls, restore up to the first guest entry): they run on the host's own /dev/kvm of
@@ -37,6 +38,7 @@ from smolvmm.errors import SmolvmmError
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.guest import PREBUILT_ENV, default_guest
 from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
+from smolvmm.nested.watchdog import pauses
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 SLOWEST = 15
@@ -65,6 +67,8 @@ class NestedRun:
     status: int = 0
     results: Results = field(default_factory=dict)
     running: str | None = None
+    paused: dict[str, float] = field(default_factory=dict)
+    """Seconds the machine stalled (and was woken) while each test ran."""
     failure: str = ""
     """Why the tests without an outcome have none (empty when every test finished)."""
     evidence: Path | None = None
@@ -77,45 +81,83 @@ class NestedRun:
     def unfinished(self) -> list[str]:
         return [nodeid for nodeid in self.nodeids if nodeid not in self.results or nodeid == self.running]
 
+    def failed_after_pause(self, nodeid: str) -> bool:
+        return nodeid in self.paused and self.results.get(nodeid, {}).get("outcome") == "failed"
+
+    def interrupted(self, nodeid: str) -> bool:
+        """The machine stopped while ``nodeid`` ran, or the test failed after the machine stalled during it."""
+        return (self.machine_failed and self.running == nodeid) or self.failed_after_pause(nodeid)
+
+    def interruption(self, nodeid: str) -> str:
+        """How the machine interrupted ``nodeid``, for the summary line."""
+        if self.failed_after_pause(nodeid):
+            return f"failed after the machine stalled {self.paused[nodeid]:.0f} s while it ran"
+        return "running when the machine stopped"
+
     def cause(self) -> str:
         """The harness's one line on how the machine ended (or the nested pytest's exit status)."""
         return self.failure.splitlines()[0] if self.failure else f"nested pytest exited with status {self.status}"
 
 
 def next_tests(runs: list[NestedRun], budget_left: float = NESTED_BUDGET) -> list[str]:
-    """What a fresh machine runs after ``runs``: the tests without an outcome yet, but none that was
-    running when two machines stopped (a test that stops every machine it runs in fails); nothing
-    once MAX_RUNS machines ran or less than MIN_RUN seconds of the budget are left."""
+    """What a fresh machine runs after ``runs``: the tests without an outcome yet (after a machine
+    failure) and those that failed after the machine stalled while they ran, but none interrupted
+    so in two machines (a test that stops every machine it runs in fails); nothing once MAX_RUNS
+    machines ran or less than MIN_RUN seconds of the budget are left."""
     last = runs[-1]
-    if not last.machine_failed or len(runs) >= MAX_RUNS or budget_left < MIN_RUN:
+    if len(runs) >= MAX_RUNS or budget_left < MIN_RUN:
         return []
-    return [nodeid for nodeid in last.unfinished if _stopped_while_running(runs, nodeid) < 2]
+    again = set(last.unfinished if last.machine_failed else []) | set(filter(last.failed_after_pause, last.nodeids))
+    return [nodeid for nodeid in last.nodeids if nodeid in again and _interruptions(runs, nodeid) < 2]
 
 
-def _stopped_while_running(runs: list[NestedRun], nodeid: str) -> int:
-    return sum(run.machine_failed and run.running == nodeid for run in runs)
+def _interruptions(runs: list[NestedRun], nodeid: str) -> int:
+    return sum(run.interrupted(nodeid) for run in runs)
+
+
+def _result(run: NestedRun, nodeid: str) -> dict[str, str]:
+    """``nodeid``'s result in ``run``; a failure says whether the machine stalled meanwhile."""
+    result = run.results[nodeid]
+    if result["outcome"] == "failed" and nodeid in run.paused:
+        note = f"\n(the nested machine stalled {run.paused[nodeid]:.0f} s while this test ran, and was woken)"
+        return {**result, "text": result["text"] + note}
+    return result
 
 
 def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
     """Each test's outcome over the nested runs (the first, then retries in fresh machines), and the
     summary lines that say what was retried."""
     first = runs[0]
-    results = dict(first.results)
+    results = {nodeid: _result(first, nodeid) for nodeid in first.results}
     for nodeid in first.unfinished:
         results[nodeid] = {"outcome": "failed", "text": first.failure}
     lines: list[str] = []
     for before, retry in zip(runs, runs[1:]):
-        where = f" (evidence: {before.evidence})" if before.evidence else ""
-        during = "" if before.running else " (between tests)"
-        lines += [
-            f"nested run {before.number}{during}: {before.cause()}{where}",
-            f"  {len(retry.nodeids)} kvm tests without an outcome ran again in a fresh nested machine"
-            f" (run {retry.number}):",
-        ]
+        if before.machine_failed:
+            where = f" (evidence: {before.evidence})" if before.evidence else ""
+            during = "" if before.running else " (between tests)"
+            lines.append(f"nested run {before.number}{during}: {before.cause()}{where}")
+        else:
+            lines.append(f"nested run {before.number}: the nested machine stalled, and was woken, while tests ran")
+        stalled = any(map(before.failed_after_pause, retry.nodeids))
+        which = {
+            (True, False): " without an outcome",
+            (False, True): " that failed after a stall",
+            (True, True): ", without an outcome or failed after a stall,",
+        }[before.machine_failed, stalled]
+        lines.append(
+            f"  {len(retry.nodeids)} kvm tests{which} ran again in a fresh nested machine (run {retry.number}):"
+        )
         for nodeid in retry.nodeids:
-            result = retry.results.get(nodeid) or {"outcome": "failed", "text": retry.failure}
-            froze = nodeid == before.running
-            first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
+            result = _result(retry, nodeid) if nodeid in retry.results else {"outcome": "failed", "text": retry.failure}
+            froze = before.interrupted(nodeid)
+            if before.failed_after_pause(nodeid):
+                first_time = (
+                    f"this test failed in nested run {before.number} after the machine stalled"
+                    f" {before.paused[nodeid]:.0f} s while it ran:\n{before.results[nodeid]['text']}"
+                )
+            else:
+                first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
             if froze and nodeid == retry.running and nodeid not in retry.results:
                 verdict = f"failed twice (the nested machine stopped while it ran, again: {retry.cause()})"
                 result = {
@@ -132,7 +174,7 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
                 verdict = (
                     f"{result['outcome']} on the retry" if nodeid in retry.results else "no outcome on the retry either"
                 )
-            lines.append(f"  {nodeid}{' (running when the machine stopped)' if froze else ''}: {verdict}")
+            lines.append(f"  {nodeid}{f' ({before.interruption(nodeid)})' if froze else ''}: {verdict}")
             results[nodeid] = result
     last = runs[-1]
     if len(runs) > 1 and last.machine_failed and last.unfinished:
@@ -314,7 +356,7 @@ class NestedKvm:
         return "failed", self.harness_error or "the nested pytest run did not report this test"
 
     def _run_all(self, prebuilt: Path, directory: Path) -> None:
-        """The nested run, and after a machine that froze or failed, the tests without an outcome
+        """The nested run, and after a machine that froze, failed or stalled, the tests it interrupted
         in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
         try:
             for thread in _HOST_WORK:
@@ -323,10 +365,12 @@ class NestedKvm:
                 self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
             deadline = time.monotonic() + NESTED_BUDGET
             runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory, NESTED_TIMEOUT)]
-            while retry := next_tests(runs, deadline - time.monotonic()):
+            while next_tests(runs):
                 # A retry waits for the tests beside it to end: in fresh-clone run 11 a test failed
                 # because both machines it ran in froze, each while those tests loaded the host.
                 self.host_tests_done.wait()
+                if not (retry := next_tests(runs, deadline - time.monotonic())):
+                    break
                 timeout = min(NESTED_TIMEOUT, deadline - time.monotonic())
                 runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory, timeout))
             self.results, self.retries = combine(runs)
@@ -365,11 +409,13 @@ class NestedKvm:
         )
         self.process = process
         assert process.stdout is not None
-        tail: list[str] = []
+        printed: list[str] = []
         for line in process.stdout:
             self.output.append(line)
-            tail = (tail + [line.rstrip()])[-80:]
+            printed.append(line.rstrip())
         run.status = process.wait()
+        run.paused = {nodeid: s for nodeid, s in pauses(printed).items() if nodeid in run.nodeids}
+        tail = printed[-80:]
         self.output.append(_rule(f"nested pytest exit status {run.status}"))
         if results.exists():
             recorded = json.loads(results.read_text())
@@ -379,7 +425,11 @@ class NestedKvm:
             return run
         run.evidence = evidence if evidence.exists() else None
         # The harness's own report (it may follow a test's progress dots on one line) ends the output.
-        harness = [index for index, line in enumerate(tail) if "nested-kvm: " in line]
+        harness = [
+            index
+            for index, line in enumerate(tail)
+            if "nested-kvm: " in line and "nested-kvm: the heartbeat" not in line
+        ]
         if harness:
             run.failure = "\n".join(tail[harness[-1] :]).rpartition("nested-kvm: ")[2]
         else:

@@ -35,7 +35,7 @@ from smolvmm.nested.harness import (
     qemu_command,
 )
 from smolvmm.nested.image import END_OF_STREAM
-from smolvmm.nested.watchdog import POKE_AFTER, WATCHDOG_ENV, Heartbeat, watchdog_bound
+from smolvmm.nested.watchdog import PAUSE_LINE, POKE_AFTER, WATCHDOG_ENV, Heartbeat, pauses, watchdog_bound
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 needs_qemu = pytest.mark.skipif(
@@ -347,12 +347,26 @@ def test_a_silent_machine_is_poked_and_a_beat_after_the_poke_counts_as_woken(tmp
     heartbeat.feed(b"beat a\n")
     assert heartbeat.woken == {"info registers": 0, "a byte on the heartbeat port": 2}
     ours.close()
+    # each silence a beat ended is reported with what the job was doing, for the plugin to read back
+    assert [(activity, round(seconds)) for activity, seconds in heartbeat.paused] == [("a", 5), ("a", 5)]
+    lines = heartbeat.pause_lines()
+    assert lines[0] == "nested-kvm: the heartbeat paused 5 s while the job ran: a"
+    printed = ["tests/x.py ..F" + lines[0], "noise", lines[1], PAUSE_LINE.format(seconds=7, activity="t::b")]
+    assert pauses(printed) == {"a": 10.0, "t::b": 7.0}
 
 
-def ran(number: int, nodeids: list[str], status: int, results: dict[str, str], running: str | None = None) -> NestedRun:
+def ran(
+    number: int,
+    nodeids: list[str],
+    status: int,
+    results: dict[str, str],
+    running: str | None = None,
+    paused: dict[str, float] | None = None,
+) -> NestedRun:
     run = NestedRun(
         number, nodeids, status, {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}, running
     )
+    run.paused = paused or {}
     if run.unfinished:
         run.failure = f"the machine of run {number} froze\nconsole..."
         run.evidence = Path(f"/out/run-{number}-evidence.log")
@@ -403,6 +417,44 @@ def test_a_test_that_stops_the_machine_twice_fails() -> None:
         "  t::b: passed on the retry",
     ]
     assert combine([first]) == ({n: {"outcome": "failed", "text": first.failure} for n in ("t::a", "t::b")}, [])
+
+
+def test_a_test_that_failed_after_the_machine_stalled_runs_again_in_a_fresh_one() -> None:
+    tests = ["t::a", "t::b", "t::c", "t::d"]
+    outcomes = {"t::a": "passed", "t::b": "failed", "t::c": "failed", "t::d": "passed"}
+    # the machine stalled (and was woken) during t::b, t::d and between tests; only t::b failed after it
+    first = ran(1, tests, 1, outcomes, paused={"t::b": 12.0, "t::d": 6.0})
+    assert next_tests([first]) == ["t::b"]  # t::c failed in a machine that ran on: its failure stands
+    assert next_tests([first], budget_left=MIN_RUN - 1) == []
+    results, lines = combine([first, ran(2, ["t::b"], 0, {"t::b": "passed"})])
+    assert [results[n]["outcome"] for n in tests] == ["passed", "passed", "failed", "passed"]
+    assert lines == [
+        "nested run 1: the nested machine stalled, and was woken, while tests ran",
+        "  1 kvm tests that failed after a stall ran again in a fresh nested machine (run 2):",
+        "  t::b (failed after the machine stalled 12 s while it ran): passed on the retry",
+    ]
+    second = ran(2, ["t::b"], 1, {"t::b": "failed"}, paused={"t::b": 8.0})
+    assert next_tests([first, second]) == []  # interrupted in two machines: it fails
+    results, lines = combine([first, second])
+    assert lines[-1] == "  t::b (failed after the machine stalled 12 s while it ran): failed twice"
+    assert results["t::b"]["text"] == (
+        "this test failed in nested run 1 after the machine stalled 12 s while it ran:\nt::b failed\n\n"
+        "and on the retry in a fresh machine:\n"
+        "t::b failed\n(the nested machine stalled 8 s while this test ran, and was woken)"
+    )
+    # with no retry left, the failure still says the machine stalled
+    assert combine([first])[0]["t::b"]["text"].endswith(
+        "(the nested machine stalled 12 s while this test ran, and was woken)"
+    )
+    # a machine that froze later in the same run: both kinds run again, in the run's order
+    frozen = ran(1, tests, NESTED_FROZE, {n: outcomes[n] for n in tests[:3]}, running="t::d", paused={"t::b": 12.0})
+    assert next_tests([frozen]) == ["t::b", "t::d"]
+    results, lines = combine([frozen, ran(2, ["t::b", "t::d"], 0, {"t::b": "passed", "t::d": "passed"})])
+    assert lines[1:] == [
+        "  2 kvm tests, without an outcome or failed after a stall, ran again in a fresh nested machine (run 2):",
+        "  t::b (failed after the machine stalled 12 s while it ran): passed on the retry",
+        "  t::d (running when the machine stopped): passed on the retry",
+    ]
 
 
 def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> None:

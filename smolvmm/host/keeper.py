@@ -47,21 +47,20 @@ class Keeper:
         by ``uid``:``gid``, and start the keeper process, which removes ``discard`` at the end."""
         self.outputs = tuple(dict.fromkeys(outputs))
         self.staging: dict[str, str] = {}
+        self._socket, theirs = socket.socketpair()
         try:
-            for directory in dict.fromkeys(os.path.dirname(path) for path in self.outputs):
-                staged = tempfile.mkdtemp(prefix=".smolvmm-jail-", dir=directory)
-                self.staging[directory] = staged
-                os.chown(staged, uid, gid)
-            self._socket, theirs = socket.socketpair()
             with theirs:
+                for directory in dict.fromkeys(os.path.dirname(path) for path in self.outputs):
+                    staged = tempfile.mkdtemp(prefix=".smolvmm-jail-", dir=directory)
+                    self.staging[directory] = staged
+                    os.chown(staged, uid, gid)
                 task = {"uid": uid, "staging": self.staging, "outputs": self.outputs, "discard": list(discard)}
                 argv = [sys.executable, "-I", "-S", __file__, str(theirs.fileno()), json.dumps(task)]
                 self._process = subprocess.Popen(
                     argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True
                 )
         except BaseException:
-            if hasattr(self, "_socket"):
-                self._socket.close()
+            self._socket.close()
             _remove(self.staging.values())
             raise
 

@@ -277,6 +277,8 @@ def run_machine(job: Job, command: Callable[[Path], list[str]], stdout: int = 1,
         try:
             sinks = {PORTS[0]: stdout, PORTS[1]: stderr}
             status, stopped = _pump(qemu, listeners, sinks, job.timeout, heartbeat, workdir / "monitor")
+            for line in heartbeat.pause_lines():
+                os.write(stderr, f"{line}\n".encode())
             if heartbeat.poke_summary() and not stopped:  # a stopped machine's evidence says it
                 os.write(stderr, f"nested-kvm: {heartbeat.poke_summary()}\n".encode())
             if stopped:

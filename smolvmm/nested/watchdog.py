@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,8 +73,22 @@ POKES = ("info registers", "a byte on the heartbeat port")
 waiting for a local APIC timer interrupt that QEMU never raised, its vCPU thread asleep the whole
 time (BENCHMARKS.md, "The freeze found"): a monitor query does not touch a TCG vCPU, so the first
 poke only records the registers of the frozen machine; a byte sent into the machine on its
-heartbeat port raises a virtio interrupt, which wakes the halted CPU, and the inner kernel's
-interrupt exit re-arms its timer. Each kind counts the beats that followed it."""
+heartbeat port raises a virtio interrupt, which wakes the halted CPU: in the runs measured, the
+beats resumed after it. Each kind counts the beats that followed it."""
+PAUSE_LINE = "nested-kvm: the heartbeat paused {seconds:.0f} s while the job ran: {activity}"
+"""What the harness prints, once the machine has ended, for each silence of POKE_AFTER seconds or
+more that a beat ended (one line each; see :func:`pauses`)."""
+_PAUSE = re.compile(r"nested-kvm: the heartbeat paused (\d+) s while the job ran: (.*)")
+
+
+def pauses(lines: Iterable[str]) -> dict[str, float]:
+    """Seconds of pauses per activity in output that holds :data:`PAUSE_LINE` lines (among others)."""
+    paused: dict[str, float] = {}
+    for line in lines:
+        if match := _PAUSE.search(line):
+            activity = match[2].strip()
+            paused[activity] = paused.get(activity, 0.0) + int(match[1])
+    return paused
 
 
 @dataclass
@@ -91,6 +105,8 @@ class Heartbeat:
     pokes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
     woken: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POKES, 0))
     at_last: Progress = field(init=False)
+    paused: list[tuple[str, float]] = field(default_factory=list)
+    """(the job's activity, seconds) of each silence poked that a beat ended: the machine stalled and woke."""
     silent_registers: str = ""
     """The first ``info registers`` poke's answer in the current silence: the machine while frozen
     (the evidence's own dump comes after whatever woke it)."""
@@ -108,9 +124,11 @@ class Heartbeat:
         for line in lines:
             if line.startswith(b"beat"):
                 self.beats += 1
-                self.last = time.monotonic()
+                now = time.monotonic()
+                silence, self.last = now - self.last, now
                 if self._poked_at is not None:
                     self.woken[self._last_poke] += 1
+                    self.paused.append((self.activity, silence))
                     self._poked_at = None
                     self.silent_registers = ""
                 text = line[5:_MAX_LINE].decode(errors="replace").strip()
@@ -147,6 +165,10 @@ class Heartbeat:
                 f"with {kind!r} {self.pokes[kind]} time(s), a beat following {self.woken[kind]}" for kind in POKES
             )
         )
+
+    def pause_lines(self) -> list[str]:
+        """One :data:`PAUSE_LINE` per silence that a beat ended."""
+        return [PAUSE_LINE.format(seconds=seconds, activity=activity or "-") for activity, seconds in self.paused]
 
     def silent_for(self) -> float:
         """Host seconds since the last beat."""

@@ -6,6 +6,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import pytest
 
 from smolvmm import GuestTimeout, Machine
 
@@ -45,3 +51,31 @@ async def assert_clock_is_the_hosts(machine: Machine) -> None:
     before = int(time.time())
     guest = int(await shell(machine, "date +%s"))
     assert before - 1 <= guest <= int(time.time()) + 1
+
+
+@dataclass
+class Step:
+    """What a bounded test is doing now (``bounded`` names it when the bound runs out)."""
+
+    now: str = "starting"
+
+
+@asynccontextmanager
+async def bounded(*machines: Machine, seconds: float = GUEST_TIMEOUT * 2) -> AsyncIterator[Step]:
+    """A test's own bound on the host's clock, inside its machines' blocks: a lost frame would
+    otherwise wait for pytest-timeout's 900 s. Past it the test fails naming its step and what
+    each guest's kernel said of its virtio devices (a broken ring says so there, not to the host)."""
+    step = Step()
+    try:
+        with anyio.fail_after(seconds):
+            yield step
+    except TimeoutError as exc:
+        if isinstance(exc, GuestTimeout):
+            raise
+        said = []
+        for machine in machines:
+            try:
+                said.append(await shell(machine, "dmesg | grep virtio | tail -3", timeout=60))
+            except GuestTimeout:
+                said.append("(its shell did not answer)")
+        pytest.fail(f"no end after {seconds} s, at: {step.now}; the guest kernels said: {said}")

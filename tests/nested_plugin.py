@@ -6,9 +6,10 @@ when the first of them is due, its output printed then; each outer kvm item repo
 counterpart's outcome, so every test counts once.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine (once the other
-tests have ended, so that it has the host to itself); so does a test that failed after the machine
-stalled while it ran (its heartbeat paused, and the watchdog woke it: a test's own time bounds run
-on the stalled machine's clock). A test so interrupted in two machines fails. The terminal summary
+tests have ended, so that it has the host to itself); so does a test the machine made fail: one
+that failed after the machine stalled while it ran (its heartbeat paused, and the watchdog woke it:
+a test's own time bounds run on the stalled machine's clock), or one whose guest kernel said it read
+a used ring entry no device wrote (``BROKEN_RING``). A test so interrupted in two machines fails. The terminal summary
 lists every such retry, and the evidence of each machine failure is kept in a log file.
 With no usable /dev/kvm they skip, or fail when CI is set.
 Tests marked ``kvm(linux_guest=False)`` need /dev/kvm but no Linux guest getting far (the monitor's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +54,11 @@ NESTED_BUDGET = 3600
 """Seconds (host clock) all the nested machines of a session may take together: a fresh machine starts
 only with at least MIN_RUN of it left, and its timeout ends with it (CI's limit is 90 minutes)."""
 MIN_RUN = 300
+BROKEN_RING = re.compile(r"virtio\w* virtio\d+: [\w.-]+:id \d+ (?:is not a head!|out of range)")
+"""What a guest kernel says when it reads a used ring entry the device never wrote, and stops using
+that queue: seen only nested, where the guest read a used index other than the one in its memory
+(the monitor's writes checked, BENCHMARKS.md, "The exec streams hang"); a test's failure text
+carries it when its bound ran out (tests/guests.py, ``bounded``)."""
 _TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 _ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
 
@@ -81,18 +88,25 @@ class NestedRun:
     def unfinished(self) -> list[str]:
         return [nodeid for nodeid in self.nodeids if nodeid not in self.results or nodeid == self.running]
 
-    def failed_after_pause(self, nodeid: str) -> bool:
-        return nodeid in self.paused and self.results.get(nodeid, {}).get("outcome") == "failed"
+    def fault(self, nodeid: str) -> str:
+        """How the machine made ``nodeid`` fail, or "" if it did not: it stalled while the test ran,
+        or a guest's kernel read its virtio ring wrong (``BROKEN_RING``)."""
+        result = self.results.get(nodeid, {})
+        if result.get("outcome") != "failed":
+            return ""
+        if nodeid in self.paused:
+            return f"failed after the machine stalled {self.paused[nodeid]:.0f} s while it ran"
+        if BROKEN_RING.search(result.get("text", "")):
+            return "failed as its guest read a virtio ring wrong"
+        return ""
 
     def interrupted(self, nodeid: str) -> bool:
-        """The machine stopped while ``nodeid`` ran, or the test failed after the machine stalled during it."""
-        return (self.machine_failed and self.running == nodeid) or self.failed_after_pause(nodeid)
+        """The machine stopped while ``nodeid`` ran, or made it fail."""
+        return (self.machine_failed and self.running == nodeid) or bool(self.fault(nodeid))
 
     def interruption(self, nodeid: str) -> str:
         """How the machine interrupted ``nodeid``, for the summary line."""
-        if self.failed_after_pause(nodeid):
-            return f"failed after the machine stalled {self.paused[nodeid]:.0f} s while it ran"
-        return "running when the machine stopped"
+        return self.fault(nodeid) or "running when the machine stopped"
 
     def cause(self) -> str:
         """The harness's one line on how the machine ended (or the nested pytest's exit status)."""
@@ -101,13 +115,13 @@ class NestedRun:
 
 def next_tests(runs: list[NestedRun], budget_left: float = NESTED_BUDGET) -> list[str]:
     """What a fresh machine runs after ``runs``: the tests without an outcome yet (after a machine
-    failure) and those that failed after the machine stalled while they ran, but none interrupted
+    failure) and those the machine made fail (``NestedRun.fault``), but none interrupted
     so in two machines (a test that stops every machine it runs in fails); nothing once MAX_RUNS
     machines ran or less than MIN_RUN seconds of the budget are left."""
     last = runs[-1]
     if len(runs) >= MAX_RUNS or budget_left < MIN_RUN:
         return []
-    again = set(last.unfinished if last.machine_failed else []) | set(filter(last.failed_after_pause, last.nodeids))
+    again = set(last.unfinished if last.machine_failed else []) | set(filter(last.fault, last.nodeids))
     return [nodeid for nodeid in last.nodeids if nodeid in again and _interruptions(runs, nodeid) < 2]
 
 
@@ -138,24 +152,24 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
             during = "" if before.running else " (between tests)"
             lines.append(f"nested run {before.number}{during}: {before.cause()}{where}")
         else:
-            lines.append(f"nested run {before.number}: the nested machine stalled, and was woken, while tests ran")
-        stalled = any(map(before.failed_after_pause, retry.nodeids))
+            stalled = {nodeid in before.paused for nodeid in retry.nodeids}
+            what = {True: "the nested machine stalled, and was woken,", False: "a guest read a virtio ring wrong"}
+            happened = " and ".join(what[kind] for kind in sorted(stalled, reverse=True))
+            lines.append(f"nested run {before.number}: {happened} while tests ran")
+        faulted = any(map(before.fault, retry.nodeids))
         which = {
             (True, False): " without an outcome",
-            (False, True): " that failed after a stall",
-            (True, True): ", without an outcome or failed after a stall,",
-        }[before.machine_failed, stalled]
+            (False, True): " that the machine made fail",
+            (True, True): ", without an outcome or made to fail by the machine,",
+        }[before.machine_failed, faulted]
         lines.append(
             f"  {len(retry.nodeids)} kvm tests{which} ran again in a fresh nested machine (run {retry.number}):"
         )
         for nodeid in retry.nodeids:
             result = _result(retry, nodeid) if nodeid in retry.results else {"outcome": "failed", "text": retry.failure}
             froze = before.interrupted(nodeid)
-            if before.failed_after_pause(nodeid):
-                first_time = (
-                    f"this test failed in nested run {before.number} after the machine stalled"
-                    f" {before.paused[nodeid]:.0f} s while it ran:\n{before.results[nodeid]['text']}"
-                )
+            if fault := before.fault(nodeid):
+                first_time = f"in nested run {before.number}, this test {fault}:\n{before.results[nodeid]['text']}"
             else:
                 first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
             if froze and nodeid == retry.running and nodeid not in retry.results:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from guests import GUEST_TIMEOUT
+from guests import bounded
 
 import smolvmm
 
@@ -41,57 +41,48 @@ async def test_exec_basics(bundle: Path, anyio_backend: str) -> None:
 
 @pytest.mark.anyio
 async def test_exec_streams_limits_timeout_and_concurrency(bundle: Path, anyio_backend: str) -> None:
-    step = "restoring the machine"
-    # a bound on the host's clock: a lost frame would otherwise wait for pytest-timeout's 900 s
-    try:
-        with anyio.fail_after(GUEST_TIMEOUT * 2):
-            async with smolvmm.Machine.restore(bundle) as machine:
-                step = "1 MiB of output"  # four flow-control windows (the guest-to-host path is slow when nested)
-                digest = await machine.exec("head -c 1048576 /dev/urandom > /tmp/random && sha256sum /tmp/random")
-                result = await machine.exec(["cat", "/tmp/random"])
-                assert len(result.stdout) == 1024 * 1024
-                assert hashlib.sha256(result.stdout).hexdigest() == digest.stdout.split()[0].decode()
+    async with smolvmm.Machine.restore(bundle) as machine, bounded(machine) as step:
+        step.now = "1 MiB of output"  # four flow-control windows (the guest-to-host path is slow when nested)
+        digest = await machine.exec("head -c 1048576 /dev/urandom > /tmp/random && sha256sum /tmp/random")
+        result = await machine.exec(["cat", "/tmp/random"])
+        assert len(result.stdout) == 1024 * 1024
+        assert hashlib.sha256(result.stdout).hexdigest() == digest.stdout.split()[0].decode()
 
-                step = "the output limit"
-                with pytest.raises(smolvmm.OutputLimitError, match="more than 65536 bytes to stdout"):
-                    await machine.exec(["cat", "/tmp/random"], max_output=65536)
+        step.now = "the output limit"
+        with pytest.raises(smolvmm.OutputLimitError, match="more than 65536 bytes to stdout"):
+            await machine.exec(["cat", "/tmp/random"], max_output=65536)
 
-                step = "the timeout"
-                with pytest.raises(smolvmm.GuestTimeout) as timeout:
-                    await machine.exec("sleep 1000 & sleep 1001; echo never", timeout=3)
-                assert isinstance(timeout.value, TimeoutError)
-                ps = await machine.exec(["ps"])
-                assert b"sleep 100" not in ps.stdout  # the whole process group was killed
+        step.now = "the timeout"
+        with pytest.raises(smolvmm.GuestTimeout) as timeout:
+            await machine.exec("sleep 1000 & sleep 1001; echo never", timeout=3)
+        assert isinstance(timeout.value, TimeoutError)
+        ps = await machine.exec(["ps"])
+        assert b"sleep 100" not in ps.stdout  # the whole process group was killed
 
-                step = "20 execs at once"
-                answers: dict[int, bytes] = {}
+        step.now = "20 execs at once"
+        answers: dict[int, bytes] = {}
 
-                async def one(i: int) -> None:
-                    answers[i] = (await machine.exec(["sh", "-c", f"echo {i}; echo e{i} >&2"])).stdout
+        async def one(i: int) -> None:
+            answers[i] = (await machine.exec(["sh", "-c", f"echo {i}; echo e{i} >&2"])).stdout
 
-                async with anyio.create_task_group() as tg:
-                    for i in range(20):
-                        tg.start_soon(one, i)
-                assert answers == {i: f"{i}\n".encode() for i in range(20)}
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+        assert answers == {i: f"{i}\n".encode() for i in range(20)}
 
-                step = "a process's stdin and stdout"
-                async with machine.process(["sh", "-c", "while read line; do echo got $line; done; exit 5"]) as process:
-                    await process.stdin.send(b"a\nb\n")
-                    await process.stdin.aclose()
-                    out = b"".join([chunk async for chunk in process.stdout])
-                    assert await process.wait() == 5
-                assert out == b"got a\ngot b\n"
-                step = "a signal to a process"
-                async with machine.process(["sleep", "1000"]) as process:
-                    await process.kill(signal.SIGTERM)
-                    assert await process.wait() == 128 + signal.SIGTERM and process.signal == signal.SIGTERM
-                step = "an exec after them"
-                assert (await machine.exec(["true"])).exit_code == 0
-                step = "stopping the machine"
-    except TimeoutError as exc:
-        if isinstance(exc, smolvmm.GuestTimeout):
-            raise
-        pytest.fail(f"no end after {GUEST_TIMEOUT * 2} s, at: {step}")
+        step.now = "a process's stdin and stdout"
+        async with machine.process(["sh", "-c", "while read line; do echo got $line; done; exit 5"]) as process:
+            await process.stdin.send(b"a\nb\n")
+            await process.stdin.aclose()
+            out = b"".join([chunk async for chunk in process.stdout])
+            assert await process.wait() == 5
+        assert out == b"got a\ngot b\n"
+        step.now = "a signal to a process"
+        async with machine.process(["sleep", "1000"]) as process:
+            await process.kill(signal.SIGTERM)
+            assert await process.wait() == 128 + signal.SIGTERM and process.signal == signal.SIGTERM
+        step.now = "an exec after them"
+        assert (await machine.exec(["true"])).exit_code == 0
 
 
 @pytest.mark.anyio
@@ -177,9 +168,14 @@ async def test_a_hostile_agent_fails_only_its_own_machine(bundle: Path, anyio_ba
     # a big flood is shown natively, test_agent_protocol.py), then a header claiming 4 GiB.
     unknown = b"".join(struct.pack("<HHII", 0x5356, 68, 0xFFFF0000 + i, 65536) + bytes(65536) for i in range(16))
     huge = struct.pack("<HHII", 0x5356, 68, 1, 0xFFFFFFFF) + os.urandom(4096)
-    async with smolvmm.Machine.restore(bundle) as victim, smolvmm.Machine.restore(bundle) as bystander:
+    async with (
+        smolvmm.Machine.restore(bundle) as victim,
+        smolvmm.Machine.restore(bundle) as bystander,
+        bounded(victim, bystander) as step,
+    ):
         await victim.files.write("/tmp/flood", unknown)
         await victim.files.write("/tmp/huge", huge)
+        step.now = "the flood of unknown frames"
         async with victim.process(["sleep", "1000"]) as pending:
             async with victim.process(["sh", "-c", HOSTILE]):
                 with pytest.raises(smolvmm.AgentError, match="frame of 4294967295 bytes"):
@@ -187,6 +183,7 @@ async def test_a_hostile_agent_fails_only_its_own_machine(bundle: Path, anyio_ba
         assert victim._agent is not None and victim._agent.dropped >= 16
         with pytest.raises(smolvmm.AgentError, match="broke protocol 2"):
             await victim.exec(["true"])
+        step.now = "the bystander's execs"
         assert (await bystander.exec("echo fine")).stdout == b"fine\n"
         await victim.stop()
         assert (await bystander.exec("echo still fine")).stdout == b"still fine\n"

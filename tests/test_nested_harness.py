@@ -18,8 +18,20 @@ import time
 import tomllib
 from pathlib import Path
 
+import anyio
 import pytest
-from nested_plugin import MAX_RUNS, MIN_RUN, NESTED_BUDGET, NESTED_TIMEOUT, RESULTS_ENV, NestedRun, combine, next_tests
+from guests import bounded
+from nested_plugin import (
+    BROKEN_RING,
+    MAX_RUNS,
+    MIN_RUN,
+    NESTED_BUDGET,
+    NESTED_TIMEOUT,
+    RESULTS_ENV,
+    NestedRun,
+    combine,
+    next_tests,
+)
 
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import (
@@ -430,7 +442,7 @@ def test_a_test_that_failed_after_the_machine_stalled_runs_again_in_a_fresh_one(
     assert [results[n]["outcome"] for n in tests] == ["passed", "passed", "failed", "passed"]
     assert lines == [
         "nested run 1: the nested machine stalled, and was woken, while tests ran",
-        "  1 kvm tests that failed after a stall ran again in a fresh nested machine (run 2):",
+        "  1 kvm tests that the machine made fail ran again in a fresh nested machine (run 2):",
         "  t::b (failed after the machine stalled 12 s while it ran): passed on the retry",
     ]
     second = ran(2, ["t::b"], 1, {"t::b": "failed"}, paused={"t::b": 8.0})
@@ -438,7 +450,7 @@ def test_a_test_that_failed_after_the_machine_stalled_runs_again_in_a_fresh_one(
     results, lines = combine([first, second])
     assert lines[-1] == "  t::b (failed after the machine stalled 12 s while it ran): failed twice"
     assert results["t::b"]["text"] == (
-        "this test failed in nested run 1 after the machine stalled 12 s while it ran:\nt::b failed\n\n"
+        "in nested run 1, this test failed after the machine stalled 12 s while it ran:\nt::b failed\n\n"
         "and on the retry in a fresh machine:\n"
         "t::b failed\n(the nested machine stalled 8 s while this test ran, and was woken)"
     )
@@ -451,10 +463,70 @@ def test_a_test_that_failed_after_the_machine_stalled_runs_again_in_a_fresh_one(
     assert next_tests([frozen]) == ["t::b", "t::d"]
     results, lines = combine([frozen, ran(2, ["t::b", "t::d"], 0, {"t::b": "passed", "t::d": "passed"})])
     assert lines[1:] == [
-        "  2 kvm tests, without an outcome or failed after a stall, ran again in a fresh nested machine (run 2):",
+        "  2 kvm tests, without an outcome or made to fail by the machine, ran again in a fresh nested machine (run 2):",
         "  t::b (failed after the machine stalled 12 s while it ran): passed on the retry",
         "  t::d (running when the machine stopped): passed on the retry",
     ]
+
+
+def test_a_test_whose_guest_read_its_ring_wrong_runs_again_in_a_fresh_machine() -> None:
+    broken = "no end after 360 s, at: 1 MiB of output; the guest kernels said: ['[   11.665893] virtio_console virtio0: output:id 0 is not a head!']"
+    first = ran(1, ["t::a", "t::b", "t::c"], 1, {"t::a": "failed", "t::b": "failed", "t::c": "passed"})
+    first.results["t::b"]["text"] = broken
+    assert next_tests([first]) == ["t::b"]  # t::a's failure is its own
+    assert BROKEN_RING.search("[ 9.1] virtio_net virtio2: output.0:id 5 is not a head!")  # any device's queue
+    results, lines = combine([first, ran(2, ["t::b"], 0, {"t::b": "passed"})])
+    assert [results[n]["outcome"] for n in ("t::a", "t::b", "t::c")] == ["failed", "passed", "passed"]
+    assert lines == [
+        "nested run 1: a guest read a virtio ring wrong while tests ran",
+        "  1 kvm tests that the machine made fail ran again in a fresh nested machine (run 2):",
+        "  t::b (failed as its guest read a virtio ring wrong): passed on the retry",
+    ]
+    second = ran(2, ["t::b"], 1, {"t::b": "failed"})
+    second.results["t::b"]["text"] = broken.replace("output:id 0 is not a head!", "input:id 300 out of range")
+    assert next_tests([first, second]) == []  # twice: it fails, saying so
+    results, lines = combine([first, second])
+    assert lines[-1] == "  t::b (failed as its guest read a virtio ring wrong): failed twice"
+    assert results["t::b"]["text"].startswith(
+        f"in nested run 1, this test failed as its guest read a virtio ring wrong:\n{broken}"
+    )
+    # a stall and a ring in one run: both said
+    both = ran(1, ["t::a", "t::b"], 1, {"t::a": "failed", "t::b": "failed"}, paused={"t::a": 9.0})
+    both.results["t::b"]["text"] = broken
+    lines = combine([both, ran(2, ["t::a", "t::b"], 0, {"t::a": "passed", "t::b": "passed"})])[1]
+    assert (
+        lines[0]
+        == "nested run 1: the nested machine stalled, and was woken, and a guest read a virtio ring wrong while tests ran"
+    )
+
+
+class ShellConsole:
+    """A guest console whose shell answers every command with ``said`` (for ``bounded``)."""
+
+    def __init__(self, said: str) -> None:
+        self.said, self.sent = said, b""
+
+    async def send(self, data: bytes) -> None:
+        self.sent += data
+
+    async def wait_for(self, pattern: object, timeout: float) -> bytes:
+        token = b"".join(re.findall(rb"BEGIN-(\w+)''(\w+)", self.sent)[-1])
+        return b"BEGIN-%s\r\n%s\r\nEND-%s\r\n" % (token, self.said.encode(), token)
+
+
+@pytest.mark.anyio
+async def test_a_bounded_test_names_its_step_and_what_the_guest_kernel_said(anyio_backend: str) -> None:
+    said = "[   11.665893] virtio_console virtio0: output:id 0 is not a head!"
+    machine = type("Machine", (), {"console": ShellConsole(said)})()
+    with pytest.raises(pytest.fail.Exception) as failed:
+        async with bounded(machine, seconds=0.05) as step:  # type: ignore[arg-type]
+            step.now = "1 MiB of output"
+            await anyio.sleep(10)
+    assert str(failed.value).startswith("no end after 0.05 s, at: 1 MiB of output; the guest kernels said: [")
+    assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
+    assert b"dmesg" in machine.console.sent
+    async with bounded(seconds=5) as step:  # within its bound, nothing happens
+        await anyio.sleep(0)
 
 
 def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> None:

@@ -40,7 +40,7 @@ from smolvmm.errors import SmolvmmError
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.guest import PREBUILT_ENV, default_guest
 from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
-from smolvmm.nested.watchdog import pauses
+from smolvmm.nested.watchdog import PAUSE_PREFIX, pauses
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
 SLOWEST = 15
@@ -379,12 +379,11 @@ class NestedKvm:
                 self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
             deadline = time.monotonic() + NESTED_BUDGET
             runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory, NESTED_TIMEOUT)]
-            while next_tests(runs):
+            if next_tests(runs):
                 # A retry waits for the tests beside it to end: in fresh-clone run 11 a test failed
                 # because both machines it ran in froze, each while those tests loaded the host.
                 self.host_tests_done.wait()
-                if not (retry := next_tests(runs, deadline - time.monotonic())):
-                    break
+            while retry := next_tests(runs, deadline - time.monotonic()):
                 timeout = min(NESTED_TIMEOUT, deadline - time.monotonic())
                 runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory, timeout))
             self.results, self.retries = combine(runs)
@@ -423,11 +422,10 @@ class NestedKvm:
         )
         self.process = process
         assert process.stdout is not None
-        printed: list[str] = []
-        for line in process.stdout:
-            self.output.append(line)
-            printed.append(line.rstrip())
+        first = len(self.output)
+        self.output.extend(process.stdout)
         run.status = process.wait()
+        printed = [line.rstrip() for line in self.output[first:]]
         run.paused = {nodeid: s for nodeid, s in pauses(printed).items() if nodeid in run.nodeids}
         tail = printed[-80:]
         self.output.append(_rule(f"nested pytest exit status {run.status}"))
@@ -439,11 +437,7 @@ class NestedKvm:
             return run
         run.evidence = evidence if evidence.exists() else None
         # The harness's own report (it may follow a test's progress dots on one line) ends the output.
-        harness = [
-            index
-            for index, line in enumerate(tail)
-            if "nested-kvm: " in line and "nested-kvm: the heartbeat" not in line
-        ]
+        harness = [index for index, line in enumerate(tail) if "nested-kvm: " in line and PAUSE_PREFIX not in line]
         if harness:
             run.failure = "\n".join(tail[harness[-1] :]).rpartition("nested-kvm: ")[2]
         else:
@@ -459,7 +453,7 @@ class NestedKvm:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Every retry of kvm tests in a fresh nested machine, never hidden; the slowest kvm tests."""
         if self.retries:
-            terminalreporter.write_sep("=", "kvm tests retried after the nested machine stopped")
+            terminalreporter.write_sep("=", "kvm tests retried in a fresh nested machine")
             for line in self.retries:
                 terminalreporter.write_line(line)
         if self.seconds:

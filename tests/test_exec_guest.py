@@ -87,7 +87,8 @@ async def test_exec_streams_limits_timeout_and_concurrency(bundle: Path, anyio_b
 
 @pytest.mark.anyio
 async def test_files(bundle: Path, anyio_backend: str, tmp_path: Path) -> None:
-    async with smolvmm.Machine.restore(bundle) as machine:
+    async with smolvmm.Machine.restore(bundle) as machine, bounded(machine) as step:
+        step.now = "small files"
         await machine.files.write("/tmp/small", b"\0binary\xff", mode=0o600)
         assert await machine.files.read("/tmp/small") == b"\0binary\xff"
         assert (await machine.exec(["stat", "-c", "%a", "/tmp/small"])).stdout == b"600\n"
@@ -98,6 +99,7 @@ async def test_files(bundle: Path, anyio_backend: str, tmp_path: Path) -> None:
         with pytest.raises(smolvmm.GuestFileError, match="Is a directory"):
             await machine.files.read("/tmp")
 
+        step.now = "16 MiB in, 512 KiB out"
         # 16 MiB in, 512 KiB out: the 256 MiB would take most of an hour in the emulated nested
         # machine, where guest-to-host console output crawls (~30 KB/s, see BENCHMARKS.md).
         source = tmp_path / "big"

@@ -589,7 +589,7 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
         outer.kill()
     assert outer.returncode == 0 and "3 passed" in output, output
     evidence = base / "nested-kvm0" / "run-1-evidence.log"
-    summary = output[output.index("kvm tests retried after the nested machine stopped") :]
+    summary = output[output.index("kvm tests retried in a fresh nested machine") :]
     assert re.search(
         r"\nnested run 1: the nested machine froze, not the command: no heartbeat for \d+ s "
         r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_freezes "

@@ -75,10 +75,11 @@ time (BENCHMARKS.md, "The freeze found"): a monitor query does not touch a TCG v
 poke only records the registers of the frozen machine; a byte sent into the machine on its
 heartbeat port raises a virtio interrupt, which wakes the halted CPU: in the runs measured, the
 beats resumed after it. Each kind counts the beats that followed it."""
-PAUSE_LINE = "nested-kvm: the heartbeat paused {seconds:.0f} s while the job ran: {activity}"
+PAUSE_PREFIX = "nested-kvm: the heartbeat paused "
+PAUSE_LINE = PAUSE_PREFIX + "{seconds:.0f} s while the job ran: {activity}"
 """What the harness prints, once the machine has ended, for each silence of POKE_AFTER seconds or
 more that a beat ended (one line each; see :func:`pauses`)."""
-_PAUSE = re.compile(r"nested-kvm: the heartbeat paused (\d+) s while the job ran: (.*)")
+_PAUSE = re.compile(re.escape(PAUSE_PREFIX) + r"(\d+) s while the job ran: (.*)")
 
 
 def pauses(lines: Iterable[str]) -> dict[str, float]:

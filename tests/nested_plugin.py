@@ -3,7 +3,9 @@
 On a PVM host the selected kvm tests run in one nested pytest, started in the background once
 collection ends (the nested machine takes one core, the other tests the other) and waited for
 when the first of them is due, its output printed then; each outer kvm item reports its nested
-counterpart's outcome, so every test counts once.
+counterpart's outcome, so every test counts once. What a module's kvm tests need built on the host
+(``prepare_on_host``: a kernel compiled, an image made) is built meanwhile; those tests run last and
+wait for it.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine (once the other
 tests have ended, so that it has the host to itself); so does a test the machine made fail: one
@@ -197,24 +199,67 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
     return results, lines
 
 
+HOST_WORK_ENV = "SMOLVMM_NESTED_HOST_WORK"
+HOST_WORK_WAIT = 800
+"""Seconds a nested test waits for its module's ``prepare_on_host`` work (below the per-test 900 s)."""
 _HOST_WORK: list[threading.Thread] = []
-_HOST_WORK_FAILED: list[str] = []
+_HOST_WORK_ENV: dict[str, str] = {}
+_HOST_WORK_FAILED: dict[str, str] = {}  # module -> why its work failed
+_HOST_WORK_MODULES: set[str] = set()
 
 
-def prepare_on_host(work: Callable[[], None]) -> None:
-    """Start ``work`` in a thread at once: it builds, where apt and the cache are writable, what a
-    module's kvm tests need inside tools/nested-kvm (which sees the cache read-only), while the
-    tests that need no nested machine run; the nested run waits for it."""
+def prepare_on_host(work: Callable[[], dict[str, str]]) -> None:
+    """Build, where apt and the cache are writable, what a module's kvm tests need inside
+    tools/nested-kvm (which sees the cache read-only): called at the module's import. On a PVM host
+    ``work`` starts in a thread at once, while the nested machine starts on the other kvm tests (the
+    module's come last); the environment it returns reaches the nested run through a file its first
+    test waits for. Inside the nested machine it marks the module as one that waits; on hardware
+    KVM the tests build what they need themselves."""
+    module = work.__module__
+    _HOST_WORK_MODULES.add(module)
+    if os.environ.get("SMOLVMM_NESTED") == "1" or probe().kind != "pvm":
+        return
 
     def run() -> None:
         try:
-            work()
-        except Exception as exc:  # noqa: BLE001 - reported before the nested run, whose tests then fail
-            _HOST_WORK_FAILED.append(f"{work.__module__}.{work.__name__}: {exc}")
+            _HOST_WORK_ENV.update(work())
+        except Exception as exc:  # noqa: BLE001 - the module's nested tests then fail with this text
+            _HOST_WORK_FAILED[module] = f"{module}.{work.__name__}: {exc}"
 
-    thread = threading.Thread(target=run, name=f"prepare {work.__module__}", daemon=True)
+    thread = threading.Thread(target=run, name=f"prepare {module}", daemon=True)
     thread.start()
     _HOST_WORK.append(thread)
+
+
+def publish_host_work(path: Path) -> list[str]:
+    """Wait for every ``prepare_on_host`` work, then write what it returned to ``path`` (atomically,
+    for the nested tests); the failures, one line each."""
+    for thread in _HOST_WORK:
+        thread.join()
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"env": _HOST_WORK_ENV, "failed": _HOST_WORK_FAILED}))
+    partial.replace(path)
+    return [f"preparing kvm tests on the host failed: {failure}\n" for failure in _HOST_WORK_FAILED.values()]
+
+
+def await_host_work(module: str, wait: float = HOST_WORK_WAIT) -> None:
+    """Inside the nested machine: return once the host's work is published (its environment then
+    set here), or fail the test in one line: the work failed, or was not done after ``wait`` s."""
+    path = Path(os.environ[HOST_WORK_ENV])
+    deadline = time.monotonic() + wait
+    while not path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"what this test needs was not built on the host after {wait:.0f} s", pytrace=False)
+        time.sleep(0.5)
+    published = json.loads(path.read_text())
+    os.environ.update(published["env"])
+    if module in published["failed"]:
+        pytest.fail(f"preparing this test on the host failed: {published['failed'][module]}", pytrace=False)
+
+
+def _module_name(nodeid: str) -> str:
+    """The module a test's node id is in, as imported (tests/ is on the import path)."""
+    return Path(nodeid.partition("::")[0]).stem
 
 
 def runs_linux_guests(item: pytest.Item) -> bool:
@@ -310,14 +355,19 @@ class NestedKvm:
                 original.parent, name=original.name, plugin=self, original=original
             )
             self.nodeids.append(original.nodeid)
-        # The nested run comes last, so that what kvm tests need built on the host
-        # (prepare_on_host) is built while the other tests run.
+        # The tests that wait for work on the host run last in the nested machine.
+        self.nodeids.sort(key=lambda nodeid: _module_name(nodeid) in _HOST_WORK_MODULES)
+        # The outer kvm items come last: the host's own tests run while the nested run goes on.
         items[:] = [i for i in items if not isinstance(i, DelegatedItem)] + [
             i for i in items if isinstance(i, DelegatedItem)
         ]
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        """A ``kvm(linux_guest=False)`` test runs here on any /dev/kvm; with none it skips (fails in CI)."""
+        """A ``kvm(linux_guest=False)`` test runs here on any /dev/kvm; with none it skips (fails in CI).
+        Inside the nested machine, a test whose module prepares on the host waits for that work."""
+        module = _module_name(item.nodeid)
+        if self.inside and module in _HOST_WORK_MODULES and HOST_WORK_ENV in os.environ:
+            await_host_work(module)
         if runs_on_any_kvm(item) and self.host.kind == "none":
             if os.environ.get("CI"):
                 pytest.fail(f"kvm tests cannot run: {self.host.explanation}", pytrace=False)
@@ -373,12 +423,18 @@ class NestedKvm:
         """The nested run, and after a machine that froze, failed or stalled, the tests it interrupted
         in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
         try:
-            for thread in _HOST_WORK:
-                thread.join()
-            for failure in _HOST_WORK_FAILED:
-                self.output.append(f"preparing kvm tests on the host failed: {failure}\n")
+            (directory / "host-work").mkdir()
+            failures: list[str] = []
+            publisher = threading.Thread(
+                target=lambda: failures.extend(publish_host_work(directory / "host-work" / "env.json")),
+                name="publish host work",
+                daemon=True,
+            )
+            publisher.start()
             deadline = time.monotonic() + NESTED_BUDGET
             runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory, NESTED_TIMEOUT)]
+            publisher.join()
+            self.output.extend(failures)
             if next_tests(runs):
                 # A retry waits for the tests beside it to end: in fresh-clone run 11 a test failed
                 # because both machines it ran in froze, each while those tests loaded the host.
@@ -397,11 +453,19 @@ class NestedKvm:
         out.mkdir()
         results = out / "results.json"
         evidence = directory / f"run-{run.number}-evidence.log"
-        env = {**os.environ, PREBUILT_ENV: str(prebuilt), RESULTS_ENV: str(results)}
+        host_work = directory / "host-work"
+        env = {
+            **os.environ,
+            PREBUILT_ENV: str(prebuilt),
+            RESULTS_ENV: str(results),
+            HOST_WORK_ENV: str(host_work / "env.json"),
+        }
         command = [
             str(_TOOL),
             "--out",
             str(out),
+            "--out",
+            str(host_work),
             "--timeout",
             str(max(int(timeout), 1)),
             "--evidence",

@@ -3,7 +3,6 @@ on real KVM (inside tools/nested-kvm on PVM hosts): boot, devices, poweroff, sna
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from guests import GUEST_TIMEOUT, assert_clock_is_the_hosts, shell
 from nested_plugin import prepare_on_host
 
 from smolvmm import MINIMAL_KERNEL, DiskConfig, ExitReason, Machine, MachineConfig
-from smolvmm.host.kvmprobe import probe
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import PREBUILT_MINIMAL_ENV, READY_MARKER, minimal_guest
 from smolvmm.images.imageroot import PREBUILT_MINIMAL_IMAGE_ENV, image_guest
@@ -22,16 +20,17 @@ from smolvmm.images.imageroot import PREBUILT_MINIMAL_IMAGE_ENV, image_guest
 pytestmark = [pytest.mark.kvm]
 
 
-def _build_on_the_host() -> None:
+def _build_on_the_host() -> dict[str, str]:
     """The kernel and its initramfs (the demo guest's, the image guest's) and the test image,
     built on the host for the nested machine (a cold cache: minutes)."""
-    os.environ[PREBUILT_MINIMAL_ENV] = str(minimal_guest().kernel.parent)
-    os.environ[PREBUILT_MINIMAL_IMAGE_ENV] = str(image_guest(minimal=True).kernel.parent)
     oci_images.base_disk()
+    return {
+        PREBUILT_MINIMAL_ENV: str(minimal_guest().kernel.parent),
+        PREBUILT_MINIMAL_IMAGE_ENV: str(image_guest(minimal=True).kernel.parent),
+    }
 
 
-if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
-    prepare_on_host(_build_on_the_host)
+prepare_on_host(_build_on_the_host)
 
 
 def test_cli_boot_minimal_answers_and_powers_off() -> None:

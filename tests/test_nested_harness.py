@@ -604,6 +604,56 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
     assert "test_inner.py::test_freezes" in evidence.read_text()
 
 
+def test_work_prepared_on_the_host_overlaps_the_nested_run_and_reaches_its_module(tmp_path: Path) -> None:
+    """A module's ``prepare_on_host`` work finishes only after another module's kvm test has passed
+    in the nested machine: the nested run must start before the work ends and run the waiting
+    module last; the work's environment reaches that module, and a failed work fails its module."""
+    (tmp_path / "conftest.py").write_text(
+        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
+        "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
+        "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
+        "def pytest_configure(config):\n"
+        "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
+        "    config.pluginmanager.register(NestedKvm(config))\n"
+    )
+    (tmp_path / "test_a_built.py").write_text(
+        "import json, os, time\nfrom pathlib import Path\nimport pytest\nfrom nested_plugin import prepare_on_host\n\n"
+        "def built():\n"
+        "    results = Path(os.environ['BASE']) / 'nested-kvm0' / 'run-1' / 'results.json'\n"
+        "    for _ in range(600):\n"
+        "        if results.exists() and 'test_z_other.py::test_first' in json.loads(results.read_text())['results']:\n"
+        "            return {'SMOLVMM_TEST_BUILT': 'yes'}\n"
+        "        time.sleep(0.5)\n"
+        "    raise RuntimeError('the nested run did not start before the work ended')\n\n"
+        "prepare_on_host(built)\n\n"
+        "@pytest.mark.kvm\ndef test_sees_it():\n    assert os.environ['SMOLVMM_TEST_BUILT'] == 'yes'\n"
+    )
+    (tmp_path / "test_b_broken.py").write_text(
+        "import pytest\nfrom nested_plugin import prepare_on_host\n\n"
+        "def broken():\n    raise OSError('no space left on device')\n\n"
+        "prepare_on_host(broken)\n\n"
+        "@pytest.mark.kvm\ndef test_needs_it():\n    pass\n"
+    )
+    (tmp_path / "test_z_other.py").write_text("import pytest\n\n@pytest.mark.kvm\ndef test_first():\n    pass\n")
+    base = tmp_path / "base"
+    environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}
+    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), BASE=str(base))
+    outer = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rf", f"--basetemp={base}"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "1 failed, 2 passed" in outer.stdout, outer.stdout
+    assert "FAILED test_b_broken.py::test_needs_it" in outer.stdout, outer.stdout
+    assert "preparing this test on the host failed: test_b_broken.broken: no space left on device" in outer.stdout, (
+        outer.stdout
+    )
+    assert "preparing kvm tests on the host failed: test_b_broken.broken: no space left on device" in outer.stdout
+
+
 def test_each_kvm_test_times_out_inside_before_the_nested_run_does() -> None:
     """A hung test fails by itself (pytest-timeout inside), leaving time for the rest of the nested run."""
     options = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())

@@ -6,7 +6,6 @@ One bundle per session: ``build --image oci:DIR:app --warm 'python3 -m http.serv
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +14,19 @@ import oci_images
 import pytest
 from nested_plugin import prepare_on_host
 
-from smolvmm.host.kvmprobe import probe
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
 
 SOURCE = f"oci:{{layout}}:{oci_images.TAG}"
 
 
-def _prepare_on_the_host() -> None:
+def _prepare_on_the_host() -> dict[str, str]:
     """Make the test image, its base disk and the image guest here, where apt and the cache are
-    writable, before the kvm tests run inside tools/nested-kvm (which sees them read-only)."""
+    writable, for the kvm tests inside tools/nested-kvm (which sees them read-only)."""
     oci_images.base_disk()
-    os.environ[PREBUILT_IMAGE_ENV] = str(image_guest().kernel.parent)
+    return {PREBUILT_IMAGE_ENV: str(image_guest().kernel.parent)}
 
 
-if os.environ.get("SMOLVMM_NESTED") != "1" and probe().kind == "pvm":
-    prepare_on_host(_prepare_on_the_host)
+prepare_on_host(_prepare_on_the_host)
 
 
 def smolvmm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

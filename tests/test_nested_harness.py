@@ -548,17 +548,21 @@ def test_no_fresh_machine_starts_without_time_left_for_it() -> None:
     assert NESTED_TIMEOUT + MIN_RUN <= NESTED_BUDGET  # a first machine that runs to its timeout leaves room for a retry
 
 
+FAKED_PVM_CONFTEST = (
+    "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
+    "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
+    "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
+    "def pytest_configure(config):\n"
+    "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
+    "    config.pluginmanager.register(NestedKvm(config))\n"
+)
+"""A conftest that makes the outer pytest see a PVM host (and the nested one its real KVM)."""
+
+
 @needs_qemu
 def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path: Path) -> None:
     """Three kvm tests on a (faked) PVM host; the nested QEMU is stopped while the second runs."""
-    (tmp_path / "conftest.py").write_text(
-        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
-        "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
-        "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
-        "def pytest_configure(config):\n"
-        "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
-        "    config.pluginmanager.register(NestedKvm(config))\n"
-    )
+    (tmp_path / "conftest.py").write_text(FAKED_PVM_CONFTEST)
     (tmp_path / "test_inner.py").write_text(
         "import time\nimport pytest\n\n"
         "@pytest.mark.kvm\ndef test_first():\n    pass\n\n"
@@ -604,18 +608,12 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
     assert "test_inner.py::test_freezes" in evidence.read_text()
 
 
+@needs_qemu
 def test_work_prepared_on_the_host_overlaps_the_nested_run_and_reaches_its_module(tmp_path: Path) -> None:
     """A module's ``prepare_on_host`` work finishes only after another module's kvm test has passed
     in the nested machine: the nested run must start before the work ends and run the waiting
     module last; the work's environment reaches that module, and a failed work fails its module."""
-    (tmp_path / "conftest.py").write_text(
-        "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
-        "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
-        "    nested_plugin.probe = lambda: HostKvm('pvm', 'the host says pvm')\n\n"
-        "def pytest_configure(config):\n"
-        "    config.addinivalue_line('markers', 'kvm: needs KVM')\n"
-        "    config.pluginmanager.register(NestedKvm(config))\n"
-    )
+    (tmp_path / "conftest.py").write_text(FAKED_PVM_CONFTEST)
     (tmp_path / "test_a_built.py").write_text(
         "import json, os, time\nfrom pathlib import Path\nimport pytest\nfrom nested_plugin import prepare_on_host\n\n"
         "def built():\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import struct
 import subprocess
 import threading
@@ -69,3 +70,15 @@ def checksum(data: bytes) -> int:
 def echo(type_: int, ident: int, payload: bytes) -> bytes:
     body = struct.pack("!BBHHH", type_, 0, 0, ident, 1) + payload
     return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+
+
+def tcp_frame(
+    mac: bytes, source: str, destination: str, ports: tuple[int, int], seq: int, ack: int, flags: int, data: bytes = b""
+) -> bytes:
+    """An Ethernet frame (to the broadcast address, from ``mac``) with one IPv4 TCP segment, checksums right."""
+    src, dst = socket.inet_aton(source), socket.inet_aton(destination)
+    tcp = struct.pack("!HHIIBBHHH", *ports, seq, ack, 5 << 4, flags, 65535, 0, 0) + data
+    tcp = tcp[:16] + struct.pack("!H", checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return b"\xff" * 6 + mac + b"\x08\x00" + ip + tcp

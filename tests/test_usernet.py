@@ -10,14 +10,15 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
-from network import GATEWAY, HOST_ADDRESS, WIRE, in_netns
+from network import GATEWAY, HOST_ADDRESS, WIRE, in_netns, tcp_frame
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
+from smolvmm.monitor.handshakes import ACK, RST, SYN, Segment, tcp_segment
 from smolvmm.monitor.usernet import PasstBackend
 
 GUEST_MAC = bytes.fromhex("020000c0ffee")
@@ -196,6 +197,57 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
         NetConfig.parse_flags(["none", "user"])
     with pytest.raises(ConfigError, match="need user networking"):
         NetConfig("tap0", forwards=(PortForward(1, 2),))
+
+
+async def segments_from(backend: PasstBackend, port: int) -> AsyncIterator[tuple[Segment, bytes]]:
+    """The TCP segments passt sends the guest from ``port`` on the gateway, with their data, as
+    they come (10 s at most each)."""
+    frame = bytearray(70000)
+    while True:
+        with anyio.fail_after(10):
+            await backend.wait_readable()
+            length = backend.read_into([memoryview(frame)])
+        segment = tcp_segment(bytes(frame[12:length])) if length else None
+        if segment is not None and segment.source_port == port:
+            ip = 12 + 14
+            tcp = ip + (frame[ip] & 0x0F) * 4
+            yield segment, bytes(frame[tcp + (frame[tcp + 12] >> 4) * 4 : ip + int.from_bytes(frame[ip + 2 : ip + 4])])
+
+
+@pytest.mark.anyio
+async def test_a_retransmitted_syn_reaches_the_host_as_one_connection_without_a_reset(netns: str) -> None:
+    """A guest that sends its SYN again before it has seen passt's SYN-ACK (a busy host) gets its
+    connection: passt itself would reset it (Debian 12's passt; see smolvmm.monitor.handshakes)."""
+    listener = in_netns(netns, lambda: socket.create_server(("127.0.0.1", 0)))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    backend = in_netns(netns, lambda: PasstBackend(()))
+    try:
+        await backend.wait_started()
+        ports, isn = (40000, port), 1000
+        syn = tcp_frame(GUEST_MAC, HOST_ADDRESS, GATEWAY, ports, isn, 0, SYN)
+        backend.write_from([memoryview(bytes(12) + syn)])
+        answers = segments_from(backend, port)
+        syn_ack, _ = await anext(answers)
+        assert (syn_ack.flags & (SYN | ACK), syn_ack.ack) == (SYN | ACK, isn + 1)
+        backend.write_from([memoryview(bytes(12) + syn)])  # again: the guest had not seen the SYN-ACK yet
+        for flags, data in ((ACK, b""), (ACK | 0x08, b"hello")):  # the handshake's ACK, then data, as Linux sends them
+            segment = tcp_frame(GUEST_MAC, HOST_ADDRESS, GATEWAY, ports, isn + 1, syn_ack.seq + 1, flags, data)
+            backend.write_from([memoryview(bytes(12) + segment)])
+        server, _ = listener.accept()
+        with server:
+            server.settimeout(10)
+            assert server.recv(16) == b"hello"
+            server.sendall(b"world")
+            async for segment, data in answers:
+                assert not segment.flags & RST, "passt reset the connection"
+                if data:
+                    assert (segment.seq, segment.ack, data) == (syn_ack.seq + 1, isn + 6, b"world")
+                    break
+        await answers.aclose()
+    finally:
+        backend.close()
+        listener.close()
 
 
 @pytest.mark.anyio

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,10 +30,12 @@ import anyio
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
+from smolvmm.devices.virtio.buffers import gather
 from smolvmm.devices.virtio.net import MAX_FRAME
 from smolvmm.devices.virtio.stream import StreamBackend
 from smolvmm.devices.virtio.tap import Tap
 from smolvmm.errors import ConfigError
+from smolvmm.monitor.handshakes import HEAD_BYTES, Handshakes
 
 # The guest's side (the demo guest honours it): smolvmm.dhcp=eth0,... on the kernel command line
 # names the user-mode interfaces, and udhcpc applies a lease with this hook.
@@ -62,11 +65,13 @@ def open_backend(net: NetConfig) -> NetBackend:
 
 
 class PasstBackend(StreamBackend):
-    """A stream backend whose peer is a passt started for it, with ``forwards`` bound on the host."""
+    """A stream backend whose peer is a passt started for it, with ``forwards`` bound on the host;
+    a guest's retransmitted SYN that passt would answer with a reset never reaches it (``Handshakes``)."""
 
     mode = "user"
 
     def __init__(self, forwards: tuple[PortForward, ...]) -> None:
+        self._handshakes = Handshakes()
         binary = shutil.which("passt")
         if binary is None:
             raise ConfigError(
@@ -114,6 +119,16 @@ class PasstBackend(StreamBackend):
         return subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, pass_fds=(theirs.fileno(),)
         )
+
+    def read_into(self, views: Sequence[memoryview]) -> int | None:
+        length = super().read_into(views)
+        if length is not None:
+            self._handshakes.to_guest(gather(views, VNET_HDR_SIZE, min(length - VNET_HDR_SIZE, HEAD_BYTES)))
+        return length
+
+    def write_from(self, views: Sequence[memoryview]) -> None:
+        if not self._handshakes.duplicate_syn(gather(views, VNET_HDR_SIZE, HEAD_BYTES)):
+            super().write_from(views)
 
     @property
     def _pidfile(self) -> Path:

@@ -9,6 +9,7 @@ the ``@pytest.mark.kvm`` suites), which show that KVM takes what the monitor giv
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -35,6 +36,7 @@ from hypervisor_double import (
 import smolformat
 from smolvmm import BundleError, ExitReason, HypervisorError, Machine, MachineConfig, SmolvmmError
 from smolvmm.arch.x86_64 import acpi, layout
+from smolvmm.config import cache_root
 from smolvmm.devices.virtio.mmio import MmioTransport
 from smolvmm.hypervisor.interface import Capabilities, Stop, StopKind
 from smolvmm.monitor import machine as machine_module
@@ -107,19 +109,35 @@ def config(kernel: Path, vcpus: int = 2) -> MachineConfig:
 
 
 class Resources:
-    """This process's fds and threads (other than event loops' idle workers) when made."""
+    """This process's fds and threads (other than event loops' idle workers) when made.
+
+    Released means none of them added since is still there, leaving out what the threads that
+    build kvm tests' images meanwhile (``prepare_on_host``) hold: their subprocesses' pipes and
+    files in the image cache; fds and threads that ended meanwhile were not this test's."""
 
     def __init__(self) -> None:
         self.fds, self.threads = self._now()
 
     @staticmethod
-    def _now() -> tuple[list[str], list[threading.Thread]]:
-        threads = [t for t in threading.enumerate() if not t.name.startswith(("Trio thread", "AnyIO worker"))]
-        return sorted(os.listdir("/proc/self/fd")), threads
+    def _now() -> tuple[dict[str, str], set[threading.Thread]]:
+        threads = {t for t in threading.enumerate() if not t.name.startswith(("Trio thread", "AnyIO worker"))}
+        fds = {}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        return fds, threads
 
     def assert_released(self, host: DoubleHost) -> None:
         assert host.open_objects() == []
-        assert self._now() == (self.fds, self.threads)
+        fds, threads = self._now()
+        cache = str(cache_root())
+        added = {
+            fd: target
+            for fd, target in fds.items()
+            if self.fds.get(fd) != target and not target.startswith(("pipe:", cache))
+        }
+        assert added == {}
+        assert threads - self.threads == set()
 
 
 async def until(condition: Callable[[], bool]) -> None:

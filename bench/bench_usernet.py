@@ -1,6 +1,7 @@
-"""TCP through user networking, in one run: guest to host and host to guest, smolvmm with
-``--net user`` (its own passt) against smolvmm on a TAP device and against QEMU microvm with
-``-netdev stream`` connected to a passt started the same way.
+"""TCP through user networking and TAP, in one run: guest to host and host to guest, smolvmm with
+``--net user`` (its own passt) against QEMU microvm with ``-netdev stream`` connected to a passt
+started the same way; and on a TAP device, smolvmm with vhost-net (the host kernel's data path)
+and without (``vhost=off``: frames through the monitor) against QEMU with ``vhost=on``.
 
     python bench/bench_usernet.py --out DIR [--runs 3] [--mib 16]
 
@@ -40,6 +41,7 @@ SMOLVMM = [sys.executable, "-m", "smolvmm"]
 TIMEOUT = 150.0  # one step (a boot, a transfer)
 SINK_PORT, SOURCE_PORT = 5001, 5002
 TAP, TAP_HOST, TAP_GUEST = "bench0", "10.0.3.1", "10.0.3.2"
+VIRTIO_NET = ["-device", "virtio-net-device,netdev=n0"]
 
 
 class Sink(threading.Thread):
@@ -194,16 +196,17 @@ def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
         with Console([*boot, "--net", "user"]) as vm:
             add("smolvmm_passt", vm, GATEWAY)
         cmdline = f"{guest.cmdline} smolvmm.ip={TAP_GUEST}/24"
-        with Console([*boot, "--net", f"tap={TAP}", "--cmdline", cmdline]) as vm:
-            add("smolvmm_tap", vm, TAP_HOST)
+        for name, vhost in (("smolvmm_tap_vhost", "on"), ("smolvmm_tap_monitor", "off")):
+            with Console([*boot, "--net", f"tap={TAP},vhost={vhost}", "--cmdline", cmdline]) as vm:
+                add(name, vm, TAP_HOST)
         if qemu:
+            tap = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=on"]
+            with Console(
+                qemu_argv(qemu, guest.kernel, guest.initrd, cmdline, work / f"t{run}.mon", [*tap, *VIRTIO_NET])
+            ) as vm:
+                add("qemu_tap_vhost", vm, TAP_HOST)
             with passt_stream() as fd:
-                extra = [
-                    "-netdev",
-                    f"stream,id=n0,addr.type=fd,addr.str={fd}",
-                    "-device",
-                    "virtio-net-device,netdev=n0",
-                ]
+                extra = ["-netdev", f"stream,id=n0,addr.type=fd,addr.str={fd}", *VIRTIO_NET]
                 cmdline = f"{guest.cmdline} smolvmm.dhcp=eth0"
                 with Console(
                     qemu_argv(qemu, guest.kernel, guest.initrd, cmdline, work / f"q{run}.mon", extra), pass_fds=(fd,)

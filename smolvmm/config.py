@@ -171,11 +171,16 @@ class NetConfig:
     address reach the host's loopback (127.0.0.1), everything else leaves through the host's
     sockets as the host's own traffic; nothing outside reaches the guest except ``forwards``.
     A random MAC when ``mac`` is None.
+
+    A TAP device's frames move in the host kernel (vhost-net) when ``/dev/vhost-net`` can be
+    opened, and through the monitor otherwise; ``vhost`` True requires the kernel's path (one
+    error if unavailable), False keeps frames in the monitor.
     """
 
     tap: str | None = None
     mac: bytes | None = None
     forwards: tuple[PortForward, ...] = ()
+    vhost: bool | None = None
 
     @property
     def mode(self) -> Literal["tap", "user"]:
@@ -193,6 +198,10 @@ class NetConfig:
         object.__setattr__(self, "forwards", _items("NetConfig.forwards", self.forwards, PortForward))
         if tap is not None and self.forwards:
             raise ConfigError("NetConfig.forwards need user networking (no tap): a TAP device is reached directly")
+        if self.vhost not in (None, True, False):
+            raise _invalid("NetConfig.vhost", "True, False or None", self.vhost)
+        if tap is None and self.vhost is not None:
+            raise ConfigError("NetConfig.vhost needs a TAP device: user networking goes through passt")
         taken = [(f.host, f.protocol) for f in self.forwards if f.host]
         for port, protocol in taken:
             if taken.count((port, protocol)) > 1:
@@ -209,7 +218,7 @@ class NetConfig:
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
-        """``user[,forward=HOST:GUEST[/udp]]...[,mac=MAC]`` or ``tap=NAME[,mac=MAC]``."""
+        """``user[,forward=HOST:GUEST[/udp]]...[,mac=MAC]`` or ``tap=NAME[,mac=MAC][,vhost=on|off]``."""
         first, *rest = spec.split(",")
         if first.strip() == "user":
             forwards, mac = [], None
@@ -223,12 +232,14 @@ class NetConfig:
                     raise ConfigError(f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]...[,mac=MAC]")
             return cls(None, mac, tuple(forwards))
         _, options = _options("net," + spec, "network")
-        unknown = set(options) - {"tap", "mac"}
-        if unknown or not options.get("tap"):
+        unknown = set(options) - {"tap", "mac", "vhost"}
+        if unknown or not options.get("tap") or options.get("vhost", "on") not in ("on", "off"):
             raise ConfigError(
-                f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]..., tap=NAME[,mac=MAC] or none"
+                f"invalid network {spec!r}: use user[,forward=HOST:GUEST[/udp]]...,"
+                " tap=NAME[,mac=MAC][,vhost=on|off] or none"
             )
-        return cls(options["tap"], parse_mac(options["mac"]) if "mac" in options else None)
+        vhost = {"on": True, "off": False, None: None}[options.get("vhost")]
+        return cls(options["tap"], parse_mac(options["mac"]) if "mac" in options else None, vhost=vhost)
 
     @classmethod
     def parse_flags(cls, specs: list[str], image: bool = False) -> tuple[NetConfig, ...]:

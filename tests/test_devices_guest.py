@@ -295,10 +295,24 @@ def send_all(ns: str, payload: bytes) -> None:
     raise TimeoutError("the guest never listened on port 5002")
 
 
-async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path) -> None:
-    config = MachineConfig(
-        memory=128 * MIB, networks=(NetConfig("tap0"),), cmdline=f"{DEFAULT_CMDLINE} smolvmm.ip={GUEST_IP}/24"
-    )
+def vhost_workers() -> int:
+    """The vhost-net kernel threads working for this process."""
+    return sum(1 for task in os.listdir("/proc") if task.isdigit() and _comm(task) == f"vhost-{os.getpid()}")
+
+
+def _comm(task: str) -> str:
+    try:
+        return Path(f"/proc/{task}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("vhost", [True, False], ids=["vhost-net", "in-monitor"])
+async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path, vhost: bool) -> None:
+    """8 MiB each way over a TAP device, its frames moved by the host kernel (vhost-net) or by the
+    monitor; then a snapshot, and the restored clone's card works on the same path."""
+    tap = NetConfig("tap0", vhost=vhost)
+    config = MachineConfig(memory=128 * MIB, networks=(tap,), cmdline=f"{DEFAULT_CMDLINE} smolvmm.ip={GUEST_IP}/24")
     bundle = tmp_path / "net.smolmachine"
     async with AsyncExitStack() as stack:
         with thread_in_netns(netns):  # the machine opens tap0 by name: in the namespace
@@ -306,6 +320,7 @@ async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path) ->
         await machine.console.wait_for(default_guest().ready_marker, GUEST_TIMEOUT)
         assert " 0% packet loss" in await shell(machine, f"ping -c 3 -W 10 {HOST_IP}")
         await host_ping(netns)
+        assert vhost_workers() == vhost
 
         # 8 MiB guest -> host.
         with thread_in_netns(netns):
@@ -337,6 +352,16 @@ async def test_network_over_tap_and_after_restore(netns: str, tmp_path: Path) ->
     # The restored machine's network device carries traffic again on the same tap.
     async with AsyncExitStack() as stack:
         with thread_in_netns(netns):
-            machine = await stack.enter_async_context(Machine.restore(bundle, networks=(NetConfig("tap0"),)))
+            machine = await stack.enter_async_context(Machine.restore(bundle, networks=(tap,)))
         assert " 0% packet loss" in await shell(machine, f"ping -c 3 -W 10 {HOST_IP}")
         await host_ping(netns)
+        assert vhost_workers() == vhost
+        # The driver resets the card and starts it again (unbound and bound): the same path serves it.
+        drivers = "/sys/bus/virtio/drivers/virtio_net"
+        await shell(
+            machine,
+            f"card=$(basename $(readlink /sys/class/net/eth0/device)); echo $card > {drivers}/unbind;"
+            f" echo $card > {drivers}/bind; ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up",
+        )
+        assert " 0% packet loss" in await shell(machine, f"ping -c 3 -W 10 {HOST_IP}")
+        assert vhost_workers() == vhost

@@ -182,6 +182,7 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
     assert user.forwards == (PortForward(18080, 80), PortForward(0, 53, "udp"))
     assert [str(f) for f in user.forwards] == ["18080:80/tcp", "0:53/udp"]
     assert NetConfig.parse("tap=tap0").mode == "tap"
+    assert [NetConfig.parse(f"tap=tap0{v}").vhost for v in ("", ",vhost=on", ",vhost=off")] == [None, True, False]
     for bad, message in (
         ("user,forward=80", "invalid port forward '80'"),
         ("user,forward=70000:80", "PortForward.host must be a port from 0"),
@@ -190,6 +191,8 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
         ("user,forward=8080:80,forward=8080:81", "host port 8080/tcp twice"),
         ("user,speed=10", "invalid network"),
         ("bridge", "invalid network"),
+        ("tap=tap0,vhost=yes", r"tap=NAME\[,mac=MAC\]\[,vhost=on\|off\]"),
+        ("user,vhost=on", "invalid network"),
     ):
         with pytest.raises(ConfigError, match=message):
             NetConfig.parse(bad)
@@ -197,6 +200,8 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
         NetConfig.parse_flags(["none", "user"])
     with pytest.raises(ConfigError, match="need user networking"):
         NetConfig("tap0", forwards=(PortForward(1, 2),))
+    with pytest.raises(ConfigError, match="NetConfig.vhost needs a TAP device"):
+        NetConfig(vhost=True)
 
 
 async def segments_from(backend: PasstBackend, port: int) -> AsyncIterator[tuple[Segment, bytes]]:

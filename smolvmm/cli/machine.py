@@ -80,7 +80,7 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
         "--net",
         action="append",
         default=[],
-        metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME|none",
+        metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME[,vhost=on|off]|none",
         help=_NET_HELP + " (repeatable; default: none for the demo guest)",
     )
     parser.add_argument(
@@ -190,7 +190,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
             "--net",
             action="append",
             default=[],
-            metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME",
+            metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME[,vhost=on|off]",
             help="the wire for each saved network card: "
             + _NET_HELP
             + " (default: a passt of its own for each card saved on user networking)",

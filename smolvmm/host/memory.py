@@ -132,6 +132,13 @@ class GuestMemory:
                 return view[offset : offset + length]
         raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
 
+    def host_address(self, gpa: int) -> int:
+        """Where guest-physical address ``gpa`` is mapped in this process."""
+        for region in self.regions:
+            if region.gpa <= gpa < region.end:
+                return region.host_address + gpa - region.gpa
+        raise GuestMemoryError(f"guest address {gpa:#x} is outside guest RAM")
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

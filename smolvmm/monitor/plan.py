@@ -31,7 +31,7 @@ from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.exit import MachineExit
-from smolvmm.monitor.usernet import DHCP_ARG, open_backend
+from smolvmm.monitor.usernet import DHCP_ARG, open_backend, open_vhost
 from smolvmm.monitor.vm import VirtualMachine
 
 ConsoleRole = Literal["main", "agent", "socket"]
@@ -230,7 +230,13 @@ def _device(device: Device, main: VirtioConsoleInput | None, agent: AgentPort) -
     if isinstance(device, Disk):
         return VirtioBlock(device.base, device.read_only, device.overlay, serial=device.serial), None
     if isinstance(device, Network):
-        return VirtioNet(open_backend(device.net), device.mac), None
+        backend = open_backend(device.net)
+        try:
+            vhost = open_vhost(device.net)
+        except BaseException:
+            backend.close()
+            raise
+        return VirtioNet(backend, device.mac, vhost), None
     if isinstance(device, Entropy):
         return VirtioRng(), None
     if device.role == "main":

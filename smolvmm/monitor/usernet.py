@@ -15,6 +15,7 @@ the socket.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pwd
 import re
@@ -35,6 +36,7 @@ from smolvmm.devices.virtio.net import MAX_FRAME
 from smolvmm.devices.virtio.stream import StreamBackend
 from smolvmm.devices.virtio.tap import Tap
 from smolvmm.errors import ConfigError
+from smolvmm.host.vhost import VhostNet
 from smolvmm.monitor.handshakes import HEAD_BYTES, Handshakes
 
 # The guest's side (the demo guest honours it): smolvmm.dhcp=eth0,... on the kernel command line
@@ -46,6 +48,7 @@ STILL_ASKING = 75  # the renewal's exit status when its udhcpc went on in the ba
 START_TIMEOUT = 30.0
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>  # seconds for passt to bind its ports (the nested test machine is slow)
+_log = logging.getLogger(__name__)
 _NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
 
 
@@ -62,6 +65,20 @@ def open_backend(net: NetConfig) -> NetBackend:
     if net.tap is not None:
         return Tap(net.tap)
     return PasstBackend(net.forwards)
+
+
+def open_vhost(net: NetConfig) -> VhostNet | None:
+    """The host kernel's data path for TAP card ``net``: None for user networking, with
+    ``vhost`` False, or where /dev/vhost-net cannot be used and ``vhost`` does not require it."""
+    if net.tap is None or net.vhost is False:
+        return None
+    try:
+        return VhostNet()
+    except ConfigError as exc:
+        if net.vhost:
+            raise
+        _log.info("%s: frames of tap %s go through the monitor", exc, net.tap)
+        return None
 
 
 class PasstBackend(StreamBackend):

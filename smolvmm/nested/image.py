@@ -14,7 +14,7 @@ from smolvmm.images import busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package, dependency_of
 
-MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "veth", "overlay"]
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "vhost_net", "veth", "overlay"]
 
 # Console lines the harness looks for.
 FAILED = "smolvmm-nested: failed:"

@@ -1,8 +1,9 @@
 """virtio-net (virtio 1.x §5.1) over a host backend: a TAP interface or passt's stream socket.
 
-With TAP, frames move straight between the file descriptor and guest RAM with readv/writev; the
-virtio_net_hdr_v1 the guest and the kernel exchange is the same 12 bytes on both sides, so
-checksum and TSO offloads pass through untouched. A backend without offloads (a stream) gets
+With TAP, frames move straight between the file descriptor and guest RAM with readv/writev, or,
+given vhost-net, in the host kernel without the monitor (its interrupts relayed, as virtio-mmio's
+status register needs); the virtio_net_hdr_v1 the guest and the kernel exchange is the same 12
+bytes on both sides, so checksum and TSO offloads pass through untouched. A backend without offloads (a stream) gets
 only complete frames and is offered none of the offload features.
 """
 
@@ -18,10 +19,11 @@ import anyio
 from smolvmm.devices.virtio.backend import VNET_HDR_SIZE, NetBackend
 from smolvmm.devices.virtio.buffers import scatter
 from smolvmm.devices.virtio.device import VirtioDevice, bit
-from smolvmm.devices.virtio.queue import DescriptorChain
+from smolvmm.devices.virtio.queue import DescriptorChain, Queue
 from smolvmm.devices.virtio.session import Session
-from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+from smolvmm.devices.virtio.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from smolvmm.errors import ConfigError
+from smolvmm.host.vhost import VhostNet
 
 F_CSUM = 0
 F_GUEST_CSUM = 1
@@ -58,12 +60,16 @@ class VirtioNet(VirtioDevice):
     device_id = 1
     queue_sizes = (256, 256)
 
-    def __init__(self, backend: NetBackend, mac: bytes | None = None) -> None:
+    def __init__(self, backend: NetBackend, mac: bytes | None = None, vhost: VhostNet | None = None) -> None:
         if mac is not None and (len(mac) != 6 or mac[0] & 1):
             backend.close()
+            if vhost is not None:
+                vhost.close()
             raise ConfigError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         self.mac = mac or random_mac()
         self.backend = backend
+        self.vhost = vhost if isinstance(backend, Tap) else None
+        self._accepted = 0
         self._merge = False
         self._frame = bytearray(MAX_FRAME)
         self._frame_length = 0  # a received frame waiting in _frame for guest buffers
@@ -87,6 +93,7 @@ class VirtioNet(VirtioDevice):
         return self.mac
 
     def activate(self, features: int) -> None:
+        self._accepted = features
         self._merge = bool(features & bit(F_MRG_RXBUF))
         offloads = 0
         # §5.1.3.1: the TSO features depend on GUEST_CSUM, and so does the kernel's TSO.
@@ -102,10 +109,37 @@ class VirtioNet(VirtioDevice):
         self._frame_length = 0
 
     async def serve(self, session: Session) -> None:
+        if self.vhost is not None:
+            try:
+                await self._serve_in_kernel(session)
+                return
+            except OSError as exc:
+                _log.warning("vhost-net failed (%s): frames go through the monitor from now on", exc)
+                self.vhost.close()
+                self.vhost = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._receive, session)
             tg.start_soon(self.backend.serve)
             await session.process(TX, self._transmit)
+
+    async def _serve_in_kernel(self, session: Session) -> None:
+        vhost, memory = self.vhost, session.memory
+        assert vhost is not None and isinstance(self.backend, Tap)
+        tap = self.backend.fd
+        vhost.set_features(self._accepted & vhost.features)
+        vhost.set_memory(memory.regions)
+
+        def start(index: int, queue: Queue, kick: int, call: int) -> None:
+            rings = (
+                memory.host_address(queue.desc_addr),
+                memory.host_address(queue.avail_addr),
+                memory.host_address(queue.used_addr),
+            )
+            vhost.start_ring(index, queue.size, rings, queue.next_avail, kick, call)
+            vhost.attach(index, tap)
+
+        await session.serve_in_kernel(start, vhost.stop_ring)
+        await anyio.sleep_forever()  # the session closed before the kernel took the queues
 
     async def _receive(self, session: Session) -> None:
         # Wait for guest buffers before waiting for frames: a readable backend with no buffers
@@ -172,4 +206,6 @@ class VirtioNet(VirtioDevice):
         return NetState(self.mac)
 
     def close(self) -> None:
+        if self.vhost is not None:
+            self.vhost.close()
         self.backend.close()

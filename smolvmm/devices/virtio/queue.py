@@ -265,6 +265,12 @@ class Queue:
             return _need_event(used_event, self.next_used, old)
         return not memory.read_u16(self.avail_addr) & AVAIL_F_NO_INTERRUPT
 
+    def continue_from(self, memory: GuestMemory, next_avail: int) -> None:
+        """Go on where another data path (the kernel's) left the ring: at its next available index
+        and the used index it published; the driver has had its interrupts."""
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = self.signalled_used = memory.read_u16(self.used_addr + 2)
+
     def save(self) -> QueueState:
         return QueueState(
             self.size,

@@ -48,15 +48,55 @@ class Session:
         self._idle = threading.Condition(lock)
         self._busy = False  # a chain is out with ``produce``, outside the lock
         self._interrupt = interrupt
+        self._in_kernel: list[int] = []  # queues a kernel data path holds (``serve_in_kernel``)
+        self._stop_in_kernel: Callable[[int], int] | None = None
 
     def close(self) -> None:
         """Stop touching the queues; the caller holds the lock (a reset, from a vCPU thread).
 
-        Waits, with the lock released, for a request in flight: the device then writes no guest
-        buffer after the reset that the driver sees completed, as with a real device's reset.
+        Waits, with the lock released, for a request in flight, and stops a kernel data path:
+        the device then writes no guest buffer after the reset that the driver sees completed,
+        as with a real device's reset.
         """
         self.closed = True
         self._idle.wait_for(lambda: not self._busy)
+        self._take_back(keep=False)
+
+    async def serve_in_kernel(self, start: Callable[[int, Queue, int, int], None], stop: Callable[[int], int]) -> None:
+        """Hand every ready queue to a kernel data path until cancelled or closed:
+        ``start(index, queue, notify fd, call fd)`` for each, ``stop(index)`` on the way out
+        (returning its next available index, where this session's queue goes on from). The
+        kernel's signals on the call eventfd become the transport's interrupts."""
+        call = EventFd()
+        try:
+            with self._lock:
+                if self.closed:
+                    return
+                self._stop_in_kernel = stop
+                for index, queue in enumerate(self._queues):
+                    if queue.ready:
+                        start(index, queue, self._notify_fds[index], call.fd)
+                        self._in_kernel.append(index)
+            while True:
+                await call.wait()
+                with self._lock:
+                    if not self.closed:
+                        self._interrupt()
+        finally:
+            with self._lock:
+                self._take_back(keep=not self.closed)
+                if call.take() and not self.closed:
+                    self._interrupt()
+            call.close()
+
+    def _take_back(self, keep: bool) -> None:
+        """Stop the kernel data path, if one holds queues; ``keep`` its ring positions (not after a reset)."""
+        while self._in_kernel:
+            index = self._in_kernel.pop()
+            assert self._stop_in_kernel is not None
+            next_avail = self._stop_in_kernel(index)
+            if keep:
+                self._queues[index].continue_from(self.memory, next_avail)
 
     def fill(self, index: int, produce: Producer) -> int:
         """Hand available chains to ``produce``, at most a queue's worth, until the ring is empty

@@ -19,7 +19,7 @@ from network import GATEWAY, HOST_ADDRESS, WIRE, in_netns, tcp_frame
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
 from smolvmm.monitor.handshakes import ACK, RST, SYN, Segment, tcp_segment
-from smolvmm.monitor.usernet import PasstBackend
+from smolvmm.monitor.usernet import PasstBackend, open_vhost
 
 GUEST_MAC = bytes.fromhex("020000c0ffee")
 pytestmark = [
@@ -157,7 +157,7 @@ def test_no_passt_outlives_a_killed_monitor(netns: str) -> None:
             netns,
             sys.executable,
             "-c",
-            "import sys, time; from smolvmm.monitor.usernet import PasstBackend; b = PasstBackend(()); "
+            "import sys, time; from smolvmm.monitor.usernet import PasstBackend, open_vhost; b = PasstBackend(()); "
             "print(b._process.pid, flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,
@@ -202,6 +202,15 @@ def test_net_flags_parse_to_user_and_tap_networks() -> None:
         NetConfig("tap0", forwards=(PortForward(1, 2),))
     with pytest.raises(ConfigError, match="NetConfig.vhost needs a TAP device"):
         NetConfig(vhost=True)
+
+
+@pytest.mark.skipif(os.path.exists("/dev/vhost-net"), reason="this host has vhost-net (the guest tests use it)")
+def test_without_vhost_net_a_tap_card_goes_through_the_monitor_unless_vhost_is_required() -> None:
+    assert open_vhost(NetConfig("tap0")) is None
+    assert open_vhost(NetConfig("tap0", vhost=False)) is None
+    assert open_vhost(NetConfig()) is None
+    with pytest.raises(ConfigError, match="^vhost-net is unavailable: /dev/vhost-net: No such file or directory$"):
+        open_vhost(NetConfig("tap0", vhost=True))
 
 
 async def segments_from(backend: PasstBackend, port: int) -> AsyncIterator[tuple[Segment, bytes]]:

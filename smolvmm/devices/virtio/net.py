@@ -3,8 +3,8 @@
 With TAP, frames move straight between the file descriptor and guest RAM with readv/writev, or,
 given vhost-net, in the host kernel without the monitor (its interrupts relayed, as virtio-mmio's
 status register needs); the virtio_net_hdr_v1 the guest and the kernel exchange is the same 12
-bytes on both sides, so checksum and TSO offloads pass through untouched. A backend without offloads (a stream) gets
-only complete frames and is offered none of the offload features.
+bytes on both sides, so checksum and TSO offloads pass through untouched. A backend without
+offloads (a stream) gets only complete frames and is offered none of the offload features.
 """
 
 from __future__ import annotations

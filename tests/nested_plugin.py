@@ -257,6 +257,12 @@ def await_host_work(module: str, wait: float = HOST_WORK_WAIT) -> None:
         pytest.fail(f"preparing this test on the host failed: {published['failed'][module]}", pytrace=False)
 
 
+def _host_work(directory: Path) -> Path:
+    """The file ``publish_host_work`` writes for the nested runs under ``directory``, in a directory
+    of its own that each nested machine mounts."""
+    return directory / "host-work" / "env.json"
+
+
 def _module_name(nodeid: str) -> str:
     """The module a test's node id is in, as imported (tests/ is on the import path)."""
     return Path(nodeid.partition("::")[0]).stem
@@ -423,10 +429,10 @@ class NestedKvm:
         """The nested run, and after a machine that froze, failed or stalled, the tests it interrupted
         in a fresh one (see ``next_tests``), at most MAX_RUNS machines in all."""
         try:
-            (directory / "host-work").mkdir()
+            _host_work(directory).parent.mkdir()
             failures: list[str] = []
             publisher = threading.Thread(
-                target=lambda: failures.extend(publish_host_work(directory / "host-work" / "env.json")),
+                target=lambda: failures.extend(publish_host_work(_host_work(directory))),
                 name="publish host work",
                 daemon=True,
             )
@@ -453,19 +459,18 @@ class NestedKvm:
         out.mkdir()
         results = out / "results.json"
         evidence = directory / f"run-{run.number}-evidence.log"
-        host_work = directory / "host-work"
         env = {
             **os.environ,
             PREBUILT_ENV: str(prebuilt),
             RESULTS_ENV: str(results),
-            HOST_WORK_ENV: str(host_work / "env.json"),
+            HOST_WORK_ENV: str(_host_work(directory)),
         }
         command = [
             str(_TOOL),
             "--out",
             str(out),
             "--out",
-            str(host_work),
+            str(_host_work(directory).parent),
             "--timeout",
             str(max(int(timeout), 1)),
             "--evidence",

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
-from network import GATEWAY, HOST_ADDRESS, WIRE, in_netns, tcp_frame
+from network import GATEWAY, HOST_ADDRESS, WIRE, checksum, in_netns, tcp_frame
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
@@ -79,10 +79,7 @@ def dhcp_discover() -> bytes:
     bootp += bytes([53, 1, 1, 55, 3, 1, 3, 6, 255])
     udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes(4), b"\xff" * 4)
-    total = sum(struct.unpack("!10H", ip))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    ip = ip[:10] + struct.pack("!H", ~total & 0xFFFF) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return b"\xff" * 6 + GUEST_MAC + b"\x08\x00" + ip + udp
 
 

@@ -101,10 +101,10 @@ class GuestMemory:
             if gpa % PAGE_SIZE or length % PAGE_SIZE or offset % PAGE_SIZE:
                 raise BundleError(f"memory extent {gpa:#x}+{length:#x} at file offset {offset:#x} is not page aligned")
             try:
-                region = self._region(gpa, length)
+                address = self.host_address(gpa, length)
             except GuestMemoryError:
                 raise BundleError(f"memory extent {gpa:#x}+{length:#x} lies outside guest RAM") from None
-            _map(region.host_address + gpa - region.gpa, length, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
+            _map(address, length, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
 
     @property
     def size(self) -> int:
@@ -132,12 +132,10 @@ class GuestMemory:
                 return view[offset : offset + length]
         raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
 
-    def host_address(self, gpa: int) -> int:
-        """Where guest-physical address ``gpa`` is mapped in this process."""
-        for region in self.regions:
-            if region.gpa <= gpa < region.end:
-                return region.host_address + gpa - region.gpa
-        raise GuestMemoryError(f"guest address {gpa:#x} is outside guest RAM")
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """Where the ``length`` bytes at guest-physical ``gpa`` (inside one region) are mapped in this process."""
+        region = self._region(gpa, length)
+        return region.host_address + gpa - region.gpa
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))

@@ -68,7 +68,7 @@ class VirtioNet(VirtioDevice):
             raise ConfigError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         self.mac = mac or random_mac()
         self.backend = backend
-        self.vhost = vhost if isinstance(backend, Tap) else None
+        self.vhost = vhost  # given only with a Tap backend (monitor.usernet.open_vhost)
         self._accepted = 0
         self._merge = False
         self._frame = bytearray(MAX_FRAME)

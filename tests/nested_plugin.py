@@ -1,9 +1,10 @@
 """Where ``@pytest.mark.kvm`` tests run: directly on hardware KVM, inside tools/nested-kvm on PVM.
 
-On a PVM host the selected kvm tests run in one nested pytest, started in the background once
-collection ends (the nested machine takes one core, the other tests the other) and waited for
-when the first of them is due, its output printed then; each outer kvm item reports its nested
-counterpart's outcome, so every test counts once. What a module's kvm tests need built on the host
+On a PVM host the selected kvm tests run in nested pytests, started in the background once
+collection ends and waited for when the first of them is due, their output printed then; each outer
+kvm item reports its nested counterpart's outcome, so every test counts once. The first run is
+``machines_wanted()`` nested machines side by side (each emulates its one vCPU on one host core),
+each taking the next test no other has taken, so the kvm tests take about half the time on two cores. What a module's kvm tests need built on the host
 (``prepare_on_host``: a kernel compiled, an image made) is built meanwhile; those tests run last and
 wait for it.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
@@ -22,6 +23,7 @@ any kind, and skip (or fail when CI is set) only where there is none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -45,6 +47,10 @@ from smolvmm.nested import HARNESS_FAILURE, NESTED_FROZE
 from smolvmm.nested.watchdog import PAUSE_PREFIX, pauses
 
 RESULTS_ENV = "SMOLVMM_NESTED_RESULTS"
+CLAIMS_ENV = "SMOLVMM_NESTED_CLAIMS"
+"""Inside a nested machine that shares its tests with others: the directory where each takes a test."""
+MACHINES_ENV = "SMOLVMM_NESTED_MACHINES"
+"""How many nested machines the first run uses side by side (default: one per host CPU, at most two)."""
 SLOWEST = 15
 NESTED_TIMEOUT = 2400
 """The nested pytest's overall bound (host clock), well above the per-test timeout (pyproject: 900 s)."""
@@ -69,18 +75,21 @@ Results = dict[str, dict[str, str]]
 
 @dataclass
 class NestedRun:
-    """One nested pytest: the tests it ran, those that finished, the one running when it ended, how it ended."""
+    """One nested pytest (or machines side by side, ``merged``): the tests it ran, those that
+    finished, those running when it ended, how it ended."""
 
     number: int
     nodeids: list[str]
     status: int = 0
     results: Results = field(default_factory=dict)
-    running: str | None = None
+    running: set[str] = field(default_factory=set)
     paused: dict[str, float] = field(default_factory=dict)
     """Seconds the machine stalled (and was woken) while each test ran."""
     failure: str = ""
     """Why the tests without an outcome have none (empty when every test finished)."""
     evidence: Path | None = None
+    output: list[str] = field(default_factory=list)
+    """What its nested pytest and the harness printed, with a rule before and after."""
 
     @property
     def machine_failed(self) -> bool:
@@ -88,7 +97,7 @@ class NestedRun:
 
     @property
     def unfinished(self) -> list[str]:
-        return [nodeid for nodeid in self.nodeids if nodeid not in self.results or nodeid == self.running]
+        return [nodeid for nodeid in self.nodeids if nodeid not in self.results or nodeid in self.running]
 
     def fault(self, nodeid: str) -> str:
         """How the machine made ``nodeid`` fail, or "" if it did not: it stalled while the test ran,
@@ -104,7 +113,7 @@ class NestedRun:
 
     def interrupted(self, nodeid: str) -> bool:
         """The machine stopped while ``nodeid`` ran, or made it fail."""
-        return (self.machine_failed and self.running == nodeid) or bool(self.fault(nodeid))
+        return (self.machine_failed and nodeid in self.running) or bool(self.fault(nodeid))
 
     def interruption(self, nodeid: str) -> str:
         """How the machine interrupted ``nodeid``, for the summary line."""
@@ -174,7 +183,7 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
                 first_time = f"in nested run {before.number}, this test {fault}:\n{before.results[nodeid]['text']}"
             else:
                 first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
-            if froze and nodeid == retry.running and nodeid not in retry.results:
+            if froze and nodeid in retry.running and nodeid not in retry.results:
                 verdict = f"failed twice (the nested machine stopped while it ran, again: {retry.cause()})"
                 result = {
                     "outcome": "failed",
@@ -197,6 +206,46 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
         where = f" (evidence: {last.evidence})" if last.evidence else ""
         lines.append(f"nested run {last.number}: {last.cause()}{where}; not retried again")
     return results, lines
+
+
+def merged(machines: list[NestedRun]) -> NestedRun:
+    """Machines that ran the same tests side by side (each taking the next test no other had taken)
+    as one run: every outcome, and how the machines that failed ended, under the first one's number."""
+    if len(machines) == 1:
+        return machines[0]
+    failed = [machine for machine in machines if machine.machine_failed]
+    ended = failed or machines
+    run = NestedRun(
+        ended[0].number,
+        machines[0].nodeids,
+        ended[0].status if failed else max(machine.status for machine in machines),
+        {nodeid: result for machine in machines for nodeid, result in machine.results.items()},
+        {nodeid for machine in failed for nodeid in machine.running},
+        {nodeid: seconds for machine in machines for nodeid, seconds in machine.paused.items()},
+    )
+    if run.unfinished:
+        others = "".join(f"\n(and nested run {machine.number}: {machine.cause()})" for machine in ended[1:])
+        run.failure, run.evidence = ended[0].failure + others, ended[0].evidence
+    return run
+
+
+def machines_wanted() -> int:
+    """Nested machines for the first run: $SMOLVMM_NESTED_MACHINES, else one per host CPU (each
+    emulates its one vCPU on one host thread), at most two."""
+    value = os.environ.get(MACHINES_ENV, str(min(2, os.cpu_count() or 1)))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MACHINES_ENV}={value!r} is not a number of machines (1, 2, ...)")
+    return int(value)
+
+
+def claim(claims: Path, nodeid: str) -> bool:
+    """Take ``nodeid`` for this machine, unless another machine sharing ``claims`` took it first
+    (mkdir is atomic on the host's file system, which every machine reaches over 9p)."""
+    try:
+        (claims / hashlib.sha256(nodeid.encode()).hexdigest()[:32]).mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 HOST_WORK_ENV = "SMOLVMM_NESTED_HOST_WORK"
@@ -339,7 +388,7 @@ class NestedKvm:
         self.seconds: dict[str, float] = {}
         self.background: threading.Thread | None = None
         self.host_tests_done = threading.Event()  # set when the first kvm test is due: the others have run
-        self.process: subprocess.Popen[str] | None = None  # the nested run's tools/nested-kvm
+        self.processes: list[subprocess.Popen[str]] = []  # the nested runs' tools/nested-kvm
         self.output: list[str] = []  # what the background run printed, shown when its first test is reported
 
     @pytest.hookimpl(trylast=True)
@@ -438,7 +487,8 @@ class NestedKvm:
             )
             publisher.start()
             deadline = time.monotonic() + NESTED_BUDGET
-            runs = [self._run_nested(NestedRun(1, self.nodeids), prebuilt, directory, NESTED_TIMEOUT)]
+            machines = min(machines_wanted(), len(self.nodeids))
+            runs = [self._run_side_by_side(machines, prebuilt, directory)]
             publisher.join()
             self.output.extend(failures)
             if next_tests(runs):
@@ -447,14 +497,47 @@ class NestedKvm:
                 self.host_tests_done.wait()
             while retry := next_tests(runs, deadline - time.monotonic()):
                 timeout = min(NESTED_TIMEOUT, deadline - time.monotonic())
-                runs.append(self._run_nested(NestedRun(len(runs) + 1, retry), prebuilt, directory, timeout))
+                machines += 1
+                what = "a retry in a fresh nested machine"
+                run = self._run_nested(NestedRun(machines, retry), what, prebuilt, directory, timeout)
+                self.output.extend(run.output)
+                runs.append(run)
             self.results, self.retries = combine(runs)
         except Exception as exc:  # noqa: BLE001 - every kvm test then fails with this text
             self.harness_error = f"the nested run failed on the host: {type(exc).__name__}: {exc}"
 
-    def _run_nested(self, run: NestedRun, prebuilt: Path, directory: Path, timeout: float) -> NestedRun:
-        what = self.host.explanation if run.number == 1 else "a retry in a fresh nested machine"
-        self.output.append(_rule(f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})"))
+    def _run_side_by_side(self, machines: int, prebuilt: Path, directory: Path) -> NestedRun:
+        """The first run: ``machines`` nested machines at once, each taking the next test no other has
+        taken (``claim``), so that a machine that freezes leaves the others the rest; as one run."""
+        claims = directory / "claims"
+        claims.mkdir()
+        runs = [NestedRun(number, self.nodeids) for number in range(1, machines + 1)]
+        errors: list[Exception] = []
+
+        def run_one(run: NestedRun) -> None:
+            what = f"machine {run.number} of {machines}; " if machines > 1 else ""
+            try:
+                self._run_nested(run, what + self.host.explanation, prebuilt, directory, NESTED_TIMEOUT, claims)
+            except Exception as exc:  # noqa: BLE001 - raised again once every machine has ended
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run_one, args=(run,), name=f"nested machine {run.number}") for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        for run in runs:
+            self.output.extend(run.output)
+        return merged(runs)
+
+    def _run_nested(
+        self, run: NestedRun, what: str, prebuilt: Path, directory: Path, timeout: float, claims: Path | None = None
+    ) -> NestedRun:
+        """``run`` in a fresh nested machine (``what`` it is, for the output); with ``claims``, a
+        machine beside others, running only the tests it takes."""
+        run.output.append(_rule(f"{len(run.nodeids)} kvm tests inside tools/nested-kvm ({what})"))
         out = directory / f"run-{run.number}"
         out.mkdir()
         results = out / "results.json"
@@ -465,12 +548,16 @@ class NestedKvm:
             RESULTS_ENV: str(results),
             HOST_WORK_ENV: str(_host_work(directory)),
         }
+        shared = []
+        if claims is not None:
+            shared, env[CLAIMS_ENV] = ["--out", str(claims)], str(claims)
         command = [
             str(_TOOL),
             "--out",
             str(out),
             "--out",
             str(_host_work(directory).parent),
+            *shared,
             "--timeout",
             str(max(int(timeout), 1)),
             "--evidence",
@@ -489,18 +576,18 @@ class NestedKvm:
         process = subprocess.Popen(
             command, cwd=self.config.rootpath, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.process = process
+        self.processes.append(process)
         assert process.stdout is not None
-        first = len(self.output)
-        self.output.extend(process.stdout)
+        first = len(run.output)
+        run.output.extend(process.stdout)
         run.status = process.wait()
-        printed = [line.rstrip() for line in self.output[first:]]
+        printed = [line.rstrip() for line in run.output[first:]]
         run.paused = {nodeid: s for nodeid, s in pauses(printed).items() if nodeid in run.nodeids}
         tail = printed[-80:]
-        self.output.append(_rule(f"nested pytest exit status {run.status}"))
+        run.output.append(_rule(f"nested pytest exit status {run.status}"))
         if results.exists():
             recorded = json.loads(results.read_text())
-            run.results, run.running = recorded["results"], recorded["running"]
+            run.results, run.running = recorded["results"], set(filter(None, [recorded["running"]]))
             self.seconds.update(recorded["seconds"])
         if not run.unfinished:
             return run
@@ -515,9 +602,10 @@ class NestedKvm:
 
     def pytest_unconfigure(self) -> None:
         """A session ending early (-x, Ctrl-C) ends the background nested run with it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Every retry of kvm tests in a fresh nested machine, never hidden; the slowest kvm tests."""
@@ -530,6 +618,28 @@ class NestedKvm:
             terminalreporter.write_sep("=", f"slowest {len(slowest)} kvm tests inside the nested machine")
             for nodeid, seconds in slowest:
                 terminalreporter.write_line(f"{seconds:8.1f}s {nodeid}")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
+        """Inside a nested machine sharing its tests with others: run the tests this machine takes
+        (``claim``), in order, taking the next one as a test starts (pytest tears a test's fixtures
+        down knowing which test comes next)."""
+        claims = os.environ.get(CLAIMS_ENV)
+        if not (self.inside and claims) or session.config.option.collectonly:
+            return None
+        if session.testsfailed:
+            raise session.Interrupted(f"{session.testsfailed} errors during collection")
+        taken = (item for item in session.items if claim(Path(claims), item.nodeid))
+        item = next(taken, None)
+        while item is not None:
+            following = next(taken, None)
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=following)
+            if session.shouldfail:
+                raise session.Failed(session.shouldfail)
+            if session.shouldstop:
+                raise session.Interrupted(session.shouldstop)
+            item = following
+        return True
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         """Inside the nested machine: say which test runs (the harness names it if the machine freezes)."""

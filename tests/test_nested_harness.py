@@ -23,13 +23,17 @@ import pytest
 from guests import bounded
 from nested_plugin import (
     BROKEN_RING,
+    MACHINES_ENV,
     MAX_RUNS,
     MIN_RUN,
     NESTED_BUDGET,
     NESTED_TIMEOUT,
     RESULTS_ENV,
     NestedRun,
+    claim,
     combine,
+    machines_wanted,
+    merged,
     next_tests,
 )
 
@@ -375,9 +379,8 @@ def ran(
     running: str | None = None,
     paused: dict[str, float] | None = None,
 ) -> NestedRun:
-    run = NestedRun(
-        number, nodeids, status, {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}, running
-    )
+    outcomes = {n: {"outcome": o, "text": f"{n} {o}"} for n, o in results.items()}
+    run = NestedRun(number, nodeids, status, outcomes, {running} if running else set())
     run.paused = paused or {}
     if run.unfinished:
         run.failure = f"the machine of run {number} froze\nconsole..."
@@ -548,6 +551,42 @@ def test_no_fresh_machine_starts_without_time_left_for_it() -> None:
     assert NESTED_TIMEOUT + MIN_RUN <= NESTED_BUDGET  # a first machine that runs to its timeout leaves room for a retry
 
 
+def test_machines_side_by_side_are_one_run_whose_frozen_machine_leaves_its_tests_to_a_retry() -> None:
+    tests = ["t::a", "t::b", "t::c", "t::d", "t::e"]
+    first = ran(1, tests, 0, {"t::a": "passed", "t::b": "failed", "t::e": "passed"})
+    second = ran(2, tests, NESTED_FROZE, {}, running="t::c")  # it had taken t::d next
+    run = merged([first, second])
+    assert (run.number, run.status, run.unfinished) == (2, NESTED_FROZE, ["t::c", "t::d"])
+    assert run.failure == second.failure and run.evidence == second.evidence
+    assert next_tests([run]) == ["t::c", "t::d"]
+    results, lines = combine([run, ran(3, ["t::c", "t::d"], 0, {"t::c": "passed", "t::d": "passed"})])
+    assert {n: r["outcome"] for n, r in results.items()} == dict(
+        zip(tests, ["passed", "failed", "passed", "passed", "passed"])
+    )
+    assert lines[0] == "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)"
+    healthy = merged([first, ran(2, tests, 0, {"t::c": "passed", "t::d": "passed"})])
+    assert (healthy.status, healthy.unfinished, healthy.failure) == (0, [], "")
+    both = merged([ran(1, tests, NESTED_FROZE, {}, running="t::a"), ran(2, tests, NESTED_FROZE, {}, running="t::c")])
+    assert both.running == {"t::a", "t::c"} and both.failure.endswith(
+        "\n(and nested run 2: the machine of run 2 froze)"
+    )
+
+
+def test_a_test_is_taken_by_one_machine_only(tmp_path: Path) -> None:
+    assert claim(tmp_path, "tests/t.py::test_x[trio]") and not claim(tmp_path, "tests/t.py::test_x[trio]")
+    assert claim(tmp_path, "tests/t.py::test_x[asyncio]")
+
+
+def test_the_number_of_machines_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MACHINES_ENV, raising=False)
+    assert machines_wanted() == min(2, os.cpu_count() or 1)
+    monkeypatch.setenv(MACHINES_ENV, "3")
+    assert machines_wanted() == 3
+    monkeypatch.setenv(MACHINES_ENV, "0")
+    with pytest.raises(ValueError, match="SMOLVMM_NESTED_MACHINES='0' is not a number of machines"):
+        machines_wanted()
+
+
 FAKED_PVM_CONFTEST = (
     "import os\nimport nested_plugin\nfrom nested_plugin import NestedKvm\nfrom smolvmm.host.kvmprobe import HostKvm\n\n"
     "if os.environ.get('SMOLVMM_NESTED') != '1':\n"
@@ -559,18 +598,35 @@ FAKED_PVM_CONFTEST = (
 """A conftest that makes the outer pytest see a PVM host (and the nested one its real KVM)."""
 
 
+SIDE_BY_SIDE_TESTS = (
+    "import os, time\nfrom pathlib import Path\nimport pytest\n\n"
+    "@pytest.mark.kvm\ndef test_a():\n"
+    "    claims = Path(os.environ['SMOLVMM_NESTED_CLAIMS'])\n"
+    "    for _ in range(600):  # until the other machine has taken test_c and test_d\n"
+    "        if len(list(claims.iterdir())) >= 4:\n"
+    "            return\n"
+    "        time.sleep(0.5)\n"
+    "    raise AssertionError('the other machine took no test')\n\n"
+    "@pytest.mark.kvm\ndef test_b():\n    pass\n\n"
+    "@pytest.mark.kvm\ndef test_c():\n    time.sleep(10)  # the outer test stops this machine meanwhile\n\n"
+    "@pytest.mark.kvm\ndef test_d():\n    pass\n\n"
+    "@pytest.mark.kvm\ndef test_e():\n    pass\n"
+)
+"""Five kvm tests for two machines: the first takes test_a and test_b (the next one as a test starts),
+and test_a waits for the second to take test_c and test_d; the first then runs test_b and test_e."""
+
+
 @needs_qemu
-def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path: Path) -> None:
-    """Three kvm tests on a (faked) PVM host; the nested QEMU is stopped while the second runs."""
+def test_two_machines_share_the_tests_and_after_a_freeze_the_plugin_reruns_those_without_an_outcome(
+    tmp_path: Path,
+) -> None:
+    """Two nested machines side by side on a (faked) PVM host; the one running test_c is stopped
+    (SIGSTOP): the other runs on to the end, and test_c and the test its machine had taken next run
+    again in a fresh machine."""
     (tmp_path / "conftest.py").write_text(FAKED_PVM_CONFTEST)
-    (tmp_path / "test_inner.py").write_text(
-        "import time\nimport pytest\n\n"
-        "@pytest.mark.kvm\ndef test_first():\n    pass\n\n"
-        "@pytest.mark.kvm\ndef test_freezes():\n    time.sleep(10)  # the outer test stops the machine meanwhile\n\n"
-        "@pytest.mark.kvm\ndef test_after():\n    pass\n"
-    )
+    (tmp_path / "test_inner.py").write_text(SIDE_BY_SIDE_TESTS)
     environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}
-    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), **{WATCHDOG_ENV: "10"})
+    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), **{WATCHDOG_ENV: "10", MACHINES_ENV: "2"})
     base = tmp_path / "base"
     outer = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfs", f"--basetemp={base}", "test_inner.py"],
@@ -580,32 +636,41 @@ def test_after_a_freeze_the_plugin_reruns_the_tests_without_an_outcome(tmp_path:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    runs = [base / "nested-kvm0" / f"run-{number}" for number in (1, 2)]
     try:
-        run_1 = base / "nested-kvm0" / "run-1"
-        results = run_1 / "results.json"
-        while not (results.exists() and json.loads(results.read_text())["running"] == "test_inner.py::test_freezes"):
+        while not (frozen := [run for run in runs if running(run) == "test_inner.py::test_c"]):
             assert outer.poll() is None, outer.communicate()[0]
             time.sleep(0.2)
         time.sleep(4)  # a heartbeat (one a second) carries the test's name out before the machine stops
-        stop_qemu(str(run_1))
+        stop_qemu(str(frozen[0]))
         output, _ = outer.communicate(timeout=600)
     finally:
         outer.kill()
-    assert outer.returncode == 0 and "3 passed" in output, output
-    evidence = base / "nested-kvm0" / "run-1-evidence.log"
+    assert outer.returncode == 0 and "5 passed" in output, output
+    (other,) = set(runs) - set(frozen)
+    ran_there = json.loads((other / "results.json").read_text())["results"]
+    assert sorted(ran_there) == ["test_inner.py::test_a", "test_inner.py::test_b", "test_inner.py::test_e"]
+    number = frozen[0].name.removeprefix("run-")
+    evidence = base / "nested-kvm0" / f"run-{number}-evidence.log"
     summary = output[output.index("kvm tests retried in a fresh nested machine") :]
     assert re.search(
-        r"\nnested run 1: the nested machine froze, not the command: no heartbeat for \d+ s "
-        r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_freezes "
+        rf"\nnested run {number}: the nested machine froze, not the command: no heartbeat for \d+ s "
+        r"\(SMOLVMM_NESTED_WATCHDOG=10\); QEMU stopped .*; it was running: test_inner.py::test_c "
         rf"\(evidence: {re.escape(str(evidence))}\)\n",
         summary,
     ), summary
     assert (
-        "\n  2 kvm tests without an outcome ran again in a fresh nested machine (run 2):\n"
-        "  test_inner.py::test_freezes (running when the machine stopped): passed on the retry\n"
-        "  test_inner.py::test_after: passed on the retry\n" in summary
+        "\n  2 kvm tests without an outcome ran again in a fresh nested machine (run 3):\n"
+        "  test_inner.py::test_c (running when the machine stopped): passed on the retry\n"
+        "  test_inner.py::test_d: passed on the retry\n" in summary
     ), summary
-    assert "test_inner.py::test_freezes" in evidence.read_text()
+    assert "test_inner.py::test_c" in evidence.read_text()
+
+
+def running(run: Path) -> str | None:
+    """The test a nested machine's pytest says it is running (None before it starts one)."""
+    results = run / "results.json"
+    return json.loads(results.read_text())["running"] if results.exists() else None
 
 
 @needs_qemu
@@ -635,7 +700,7 @@ def test_work_prepared_on_the_host_overlaps_the_nested_run_and_reaches_its_modul
     (tmp_path / "test_z_other.py").write_text("import pytest\n\n@pytest.mark.kvm\ndef test_first():\n    pass\n")
     base = tmp_path / "base"
     environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}
-    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), BASE=str(base))
+    environment.update(PYTHONPATH=str(Path(__file__).resolve().parent), BASE=str(base), **{MACHINES_ENV: "1"})
     outer = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rf", f"--basetemp={base}"],
         cwd=tmp_path,

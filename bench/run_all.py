@@ -83,12 +83,14 @@ MARKDOWN_TITLES = {
     "restore_floor": "Host-side restore against the bare-ioctl floor",
     "format": "Save (the bundle writer) against the write floor, on the saved guest's RAM",
     "scaling": "How save and host-side restore grow with guest RAM (synthetic)",
+    "block": "virtio-blk's request path: device CPU per request against `preadv` alone",
 }
 MARKDOWN_BENCHES = {
     "imports": ["bench_imports.py", "--bundle", "BUNDLE"],
     "restore_floor": ["bench_restore_floor.py", "--bundle", "BUNDLE"],
     "format": ["bench_format.py", "--bundle", "BUNDLE"],
     "scaling": ["bench_scaling.py", "--out", "PLOTS"],
+    "block": ["bench_block.py"],
 }
 
 

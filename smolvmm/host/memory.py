@@ -74,14 +74,14 @@ class GuestMemory:
             if gpa + size > next_gpa:
                 raise ValueError(f"guest memory regions overlap at {next_gpa:#x}")
         self.regions: list[Region] = []
-        self._views: list[memoryview] = []
+        self._spans: list[tuple[int, int, memoryview]] = []  # (gpa, end, view) per region, for ``view``
         try:
             for gpa, size in ordered:
                 if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
                     raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
                 address = _map(0, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
                 self.regions.append(Region(gpa, size, address))
-                self._views.append(memoryview(_ffi.buffer(_ffi.cast("char *", address), size)))
+                self._spans.append((gpa, gpa + size, memoryview(_ffi.buffer(_ffi.cast("char *", address), size))))
         except BaseException:
             self.close()
             raise
@@ -120,16 +120,15 @@ class GuestMemory:
 
     def region_view(self, index: int) -> memoryview:
         """The whole of region ``index`` as a writable view."""
-        return self._views[index]
+        return self._spans[index][2]
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``length`` bytes at ``gpa``, which must lie inside one region."""
-        for region, view in zip(self.regions, self._views):
-            if region.gpa <= gpa < region.end or (length == 0 and gpa == region.end):
-                offset = gpa - region.gpa
-                if length < 0 or length > region.size - offset:
+        for start, end, view in self._spans:
+            if start <= gpa < end or (length == 0 and gpa == end):
+                if length < 0 or gpa + length > end:
                     break
-                return view[offset : offset + length]
+                return view[gpa - start : gpa - start + length]
         raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
 
     def host_address(self, gpa: int, length: int = 1) -> int:
@@ -205,9 +204,9 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap every region. Views handed out before must no longer be used."""
-        for view in self._views:
+        for _, _, view in self._spans:
             view.release()
-        self._views = []
+        self._spans = []
         for region in self.regions:
             _libc.munmap(_ffi.cast("void *", region.host_address), region.size)
         self.regions = []

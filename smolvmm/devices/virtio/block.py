@@ -70,8 +70,9 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
     writable = [v for v in chain.writable if len(v)]
     if not writable:
         raise QueueError("block request has no status byte")
-    status = writable[-1][-1:]
-    in_data = slice_views(writable, 0, total_length(writable) - 1)
+    last = writable[-1]
+    status = last[-1:]
+    in_data = writable[:-1] + [last[:-1]] if len(last) > 1 else writable[:-1]
     header = gather(chain.readable, 0, _HEADER.size)
     if len(header) < _HEADER.size:
         return BlockRequest(T_BAD_HEADER, 0, (), status)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def total_length(views: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def slice_views(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
@@ -18,7 +18,7 @@ def slice_views(views: Sequence[memoryview], start: int, length: int) -> list[me
         if start >= len(view):
             start -= len(view)
             continue
-        part = view[start : start + length]
+        part = view if start == 0 and length >= len(view) else view[start : start + length]
         out.append(part)
         length -= len(part)
         start = 0

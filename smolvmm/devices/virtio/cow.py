@@ -44,20 +44,24 @@ def _fingerprint(base_fd: int, size: int) -> bytes:
     return hashlib.sha256(size.to_bytes(8, "little") + head).digest()
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
+def _preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    left = total_length(views)
+    while left:
         done = os.preadv(fd, views, offset)
         if done == 0:
             raise OSError(f"unexpected end of file at {offset}")
-        offset += done
-        views = slice_views(views, done, total_length(views) - done)
+        offset, left = offset + done, left - done
+        if left:
+            views = slice_views(views, done, left)
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
+def _pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    left = total_length(views)
+    while left:
         done = os.pwritev(fd, views, offset)
-        offset += done
-        views = slice_views(views, done, total_length(views) - done)
+        offset, left = offset + done, left - done
+        if left:
+            views = slice_views(views, done, left)
 
 
 class CowDisk:
@@ -175,9 +179,10 @@ class CowDisk:
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` with the disk bytes at ``offset``; the caller checked the bounds."""
         overlay = self._overlay
-        for start, length, mapped in self._runs(offset, total_length(views)):
+        total = total_length(views)
+        for start, length, mapped in self._runs(offset, total):
             fd, at = (overlay, self._data_offset + start) if mapped and overlay is not None else (self._base, start)
-            _preadv_all(fd, slice_views(views, start - offset, length), at)
+            _preadv_all(fd, views if length == total else slice_views(views, start - offset, length), at)
 
     def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
         """Write ``views`` at ``offset`` into the overlay, copying up partial clusters from the base."""

@@ -76,7 +76,10 @@ def parse_chain(memory: GuestMemory, desc_addr: int, queue_size: int, head: int,
     """
     if not 0 <= head < queue_size:
         raise QueueError(f"descriptor head {head} is beyond the queue size {queue_size}")
-    table, table_size, index = desc_addr, queue_size, head
+    # The queue's table was checked to lie in guest RAM when the queue became ready (``validate``),
+    # an indirect one is checked below: each is one view, its descriptors unpacked from it.
+    table = _checked_view(memory, desc_addr, queue_size * DESC_SIZE, "descriptor table")
+    table_size, index = queue_size, head
     # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue Size of the
     # device", indirect descriptors included. The spec bounds the chain, not the indirect table
     # (§2.7.5.3 only makes it len / 16 descriptors), so a larger table is accepted: it is checked
@@ -88,9 +91,7 @@ def parse_chain(memory: GuestMemory, desc_addr: int, queue_size: int, head: int,
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     while True:
-        addr, length, flags, next_index = _DESC.unpack(
-            _checked_view(memory, table + index * DESC_SIZE, DESC_SIZE, "descriptor")
-        )
+        addr, length, flags, next_index = _DESC.unpack_from(table, index * DESC_SIZE)
         if flags & DESC_F_INDIRECT:
             if in_indirect:
                 raise QueueError("nested indirect descriptor table")
@@ -101,14 +102,17 @@ def parse_chain(memory: GuestMemory, desc_addr: int, queue_size: int, head: int,
                 raise QueueError("indirect descriptor also has NEXT set")
             if length == 0 or length % DESC_SIZE:
                 raise QueueError(f"indirect table length {length} is not a multiple of 16")
-            _checked_view(memory, addr, length, "indirect table")
-            table, table_size, index = addr, length // DESC_SIZE, 0
+            table = _checked_view(memory, addr, length, "indirect table")
+            table_size, index = length // DESC_SIZE, 0
             in_indirect = True
             continue
         if ttl == 0:
             raise QueueError(f"descriptor chain is longer than the queue size {queue_size} (a loop?)")
         ttl -= 1
-        view = _checked_view(memory, addr, length, "buffer")
+        try:  # inline, not _checked_view: this runs once per buffer of every request
+            view = memory.view(addr, length)
+        except GuestMemoryError as exc:
+            raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") from exc
         if flags & DESC_F_WRITE:
             writable.append(view)
         elif writable:

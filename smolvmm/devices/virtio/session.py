@@ -66,7 +66,8 @@ class Session:
         """Hand every ready queue to a kernel data path until cancelled or closed:
         ``start(index, queue, notify fd, call fd)`` for each, ``stop(index)`` on the way out
         (returning its next available index, where this session's queue goes on from). The
-        kernel's signals on the call eventfd become the transport's interrupts."""
+        kernel's signals on the call eventfd become the transport's interrupts, relayed by a thread
+        of this session's own (``_relay``) so that no interrupt waits for the event loop."""
         call = EventFd()
         try:
             with self._lock:
@@ -77,11 +78,7 @@ class Session:
                     if queue.ready:
                         start(index, queue, self._notify_fds[index], call.fd)
                         self._in_kernel.append(index)
-            while True:
-                await call.wait()
-                with self._lock:
-                    if not self.closed:
-                        self._interrupt()
+            await self._in_thread(lambda stop: self._relay(call.fd, stop), "virtio-irq-relay")
         finally:
             with self._lock:
                 self._take_back(keep=not self.closed)
@@ -212,12 +209,24 @@ class Session:
         notify eventfd, so ``handle`` may block on the host (disk I/O, fdatasync) without
         stalling the event loop or any other device. Cancelling stops the thread after its
         current batch and waits for it, so every chain taken is completed in the used ring."""
+        await self._in_thread(lambda stop: self._serve(index, handle, stop), "virtio-io")
+
+    async def _in_thread(self, work: Callable[[int], None], name: str) -> None:
+        """Run ``work(stop fd)`` in a thread until it fails (raised here) or, cancelled, until it
+        returns once ``stop`` is readable; cancelling waits for the thread."""
         stop, done = EventFd(), EventFd()
         failure: list[Exception] = []
+
+        def run() -> None:
+            try:
+                work(stop.fd)
+            except Exception as exc:  # raised again in the device's task, e.g. QueueError: NEEDS_RESET
+                failure.append(exc)
+            finally:
+                done.signal()
+
         try:
-            thread = threading.Thread(
-                target=self._serve, args=(index, handle, stop.fd, done, failure), name="virtio-io", daemon=True
-            )
+            thread = threading.Thread(target=run, name=name, daemon=True)
             thread.start()
             try:
                 await anyio.wait_readable(done.fd)
@@ -231,23 +240,33 @@ class Session:
             done.close()
         raise failure[0]  # uncancelled, the thread only ends on an error
 
-    def _serve(self, index: int, handle: Producer, stop: int, done: EventFd, failure: list[Exception]) -> None:
-        """The thread of ``process_in_thread``: batches until ``stop`` or an error, then ``done``."""
+    def _serve(self, index: int, handle: Producer, stop: int) -> None:
+        """The thread of ``process_in_thread``: batches until ``stop`` (or an error)."""
         poll = select.poll()
         poll.register(stop, select.POLLIN)
         poll.register(self._notify_fds[index], select.POLLIN)
-        try:
-            while True:
-                with self._lock:
-                    available = not self.closed and self._queues[index].enable_notification(self.memory)
-                if available:
-                    self.fill(index, handle)
-                ready = dict(poll.poll(0 if available else None))
-                if stop in ready:
-                    return
-                if ready:
-                    drain_eventfd(self._notify_fds[index])
-        except Exception as exc:  # raised again in the device's task, e.g. QueueError: NEEDS_RESET
-            failure.append(exc)
-        finally:
-            done.signal()
+        while True:
+            with self._lock:
+                available = not self.closed and self._queues[index].enable_notification(self.memory)
+            if available:
+                self.fill(index, handle)
+            ready = dict(poll.poll(0 if available else None))
+            if stop in ready:
+                return
+            if ready:
+                drain_eventfd(self._notify_fds[index])
+
+    def _relay(self, call: int, stop: int) -> None:
+        """The thread of ``serve_in_kernel``: each signal of the kernel's ``call`` eventfd becomes an
+        interrupt, until ``stop``."""
+        poll = select.poll()
+        poll.register(stop, select.POLLIN)
+        poll.register(call, select.POLLIN)
+        while True:
+            ready = dict(poll.poll())
+            if stop in ready:
+                return
+            drain_eventfd(call)
+            with self._lock:
+                if not self.closed:
+                    self._interrupt()

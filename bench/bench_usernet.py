@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common import Console, machine_info, measured, qemu_argv, qemu_path, summary
@@ -165,7 +165,10 @@ def passt_stream() -> Iterator[int]:
         ours.close()
 
 
-def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
+CONFIGURATIONS = ("smolvmm_passt", "smolvmm_tap_vhost", "smolvmm_tap_monitor", "qemu_tap_vhost", "qemu_passt")
+
+
+def measure(runs: int, mib: int, work: Path, only: Sequence[str] = CONFIGURATIONS) -> dict[str, object]:
     private_network()
     for command in (f"tuntap add dev {TAP} mode tap", f"addr add {TAP_HOST}/24 dev {TAP}", f"link set {TAP} up"):
         subprocess.run(["ip", *command.split()], check=True)
@@ -193,18 +196,21 @@ def measure(runs: int, mib: int, work: Path) -> dict[str, object]:
         print(f"bench: {name} {rates}", file=sys.stderr, flush=True)
 
     for run in range(runs):
-        with Console([*boot, "--net", "user"]) as vm:
-            add("smolvmm_passt", vm, GATEWAY)
+        if "smolvmm_passt" in only:
+            with Console([*boot, "--net", "user"]) as vm:
+                add("smolvmm_passt", vm, GATEWAY)
         cmdline = f"{guest.cmdline} smolvmm.ip={TAP_GUEST}/24"
         for name, vhost in (("smolvmm_tap_vhost", "on"), ("smolvmm_tap_monitor", "off")):
-            with Console([*boot, "--net", f"tap={TAP},vhost={vhost}", "--cmdline", cmdline]) as vm:
-                add(name, vm, TAP_HOST)
-        if qemu:
+            if name in only:
+                with Console([*boot, "--net", f"tap={TAP},vhost={vhost}", "--cmdline", cmdline]) as vm:
+                    add(name, vm, TAP_HOST)
+        if qemu and "qemu_tap_vhost" in only:
             tap = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=on"]
             with Console(
                 qemu_argv(qemu, guest.kernel, guest.initrd, cmdline, work / f"t{run}.mon", [*tap, *VIRTIO_NET])
             ) as vm:
                 add("qemu_tap_vhost", vm, TAP_HOST)
+        if qemu and "qemu_passt" in only:
             with passt_stream() as fd:
                 extra = ["-netdev", f"stream,id=n0,addr.type=fd,addr.str={fd}", *VIRTIO_NET]
                 cmdline = f"{guest.cmdline} smolvmm.dhcp=eth0"
@@ -223,9 +229,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for usernet.json")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration (default 3)")
     parser.add_argument("--mib", type=int, default=16, help="MiB per transfer (default 16)")
+    parser.add_argument("--only", action="append", choices=CONFIGURATIONS, help="measure only these configurations")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = measured(Path(__file__), args.out, "usernet.json", {}, lambda work: measure(args.runs, args.mib, work))
+    only = args.only or CONFIGURATIONS
+    result = measured(
+        Path(__file__), args.out, "usernet.json", {}, lambda work: measure(args.runs, args.mib, work, only)
+    )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -210,11 +210,13 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
 
 def merged(machines: list[NestedRun]) -> NestedRun:
     """Machines that ran the same tests side by side (each taking the next test no other had taken)
-    as one run: every outcome, and how the machines that failed ended, under the first one's number."""
+    as one run: every outcome, and how the machines that failed ended, under the number of the first
+    that failed (or else made a test fail, ``NestedRun.fault``)."""
     if len(machines) == 1:
         return machines[0]
     failed = [machine for machine in machines if machine.machine_failed]
-    ended = failed or machines
+    faulted = [machine for machine in machines if any(map(machine.fault, machine.results))]
+    ended = failed or faulted or machines
     run = NestedRun(
         ended[0].number,
         machines[0].nodeids,

@@ -566,6 +566,8 @@ def test_machines_side_by_side_are_one_run_whose_frozen_machine_leaves_its_tests
     assert lines[0] == "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)"
     healthy = merged([first, ran(2, tests, 0, {"t::c": "passed", "t::d": "passed"})])
     assert (healthy.status, healthy.unfinished, healthy.failure) == (0, [], "")
+    stalled = ran(2, tests, 1, {"t::c": "failed", "t::d": "passed"}, paused={"t::c": 12.0})
+    assert merged([first, stalled]).number == 2  # the machine that made a test fail names the run
     both = merged([ran(1, tests, NESTED_FROZE, {}, running="t::a"), ran(2, tests, NESTED_FROZE, {}, running="t::c")])
     assert both.running == {"t::a", "t::c"} and both.failure.endswith(
         "\n(and nested run 2: the machine of run 2 froze)"

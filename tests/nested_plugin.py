@@ -4,9 +4,9 @@ On a PVM host the selected kvm tests run in nested pytests, started in the backg
 collection ends and waited for when the first of them is due, their output printed then; each outer
 kvm item reports its nested counterpart's outcome, so every test counts once. The first run is
 ``machines_wanted()`` nested machines side by side (each emulates its one vCPU on one host core),
-each taking the next test no other has taken, so the kvm tests take about half the time on two cores. What a module's kvm tests need built on the host
-(``prepare_on_host``: a kernel compiled, an image made) is built meanwhile; those tests run last and
-wait for it.
+each taking the next test no other has taken, so the kvm tests take about half the time on two
+cores. What a module's kvm tests need built on the host (``prepare_on_host``: a kernel compiled,
+an image made) is built meanwhile; those tests run last and wait for it.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine (once the other
 tests have ended, so that it has the host to itself); so does a test the machine made fail: one

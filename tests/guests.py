@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
-from smolvmm import GuestTimeout, Machine
+from smolvmm import GuestError, GuestTimeout, Machine
 
 GUEST_TIMEOUT = 180
 
@@ -36,14 +36,34 @@ async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) 
 
 async def shell_answers(machine: Machine, tries: int = 6, each: float = 30.0) -> None:
     """Wait until the guest's shell answers a command: what reaches a virtio console (hvc) before the
-    shell has opened it is dropped, and the ready line comes just before the shell does."""
-    for _ in range(tries - 1):
+    shell has opened it is dropped, and the ready line comes just before the shell does. If it never
+    does, the failure carries what the guest's kernel said of its virtio devices (through its agent)."""
+    for _ in range(tries):
         try:
             await shell(machine, "true", timeout=each)
             return
         except GuestTimeout:
             continue
-    await shell(machine, "true", timeout=each)
+    said = await virtio_said(machine, shell_first=False)
+    raise GuestTimeout(f"the guest's shell did not answer within {tries * each:g} s; its kernel said: {said}")
+
+
+async def virtio_said(machine: Machine, shell_first: bool = True) -> str:
+    """The guest kernel's last lines on its virtio devices (where a broken ring says so, not to the
+    host): through its shell, else through its agent, as either console may be the broken one."""
+    command = "dmesg | grep virtio | tail -3"
+    if shell_first:
+        try:
+            return await shell(machine, command, timeout=60)
+        except GuestTimeout:
+            pass
+    with anyio.move_on_after(60):
+        try:
+            said = (await machine.exec(command, timeout=50)).stdout.decode(errors="replace").strip()
+            return said or "(nothing on virtio)"
+        except GuestError as exc:
+            return f"(its shell did not answer, nor its agent: {exc})"
+    return "(its shell did not answer, nor its agent)"
 
 
 async def assert_clock_is_the_hosts(machine: Machine) -> None:
@@ -72,10 +92,5 @@ async def bounded(*machines: Machine, seconds: float = GUEST_TIMEOUT * 2) -> Asy
     except TimeoutError as exc:
         if isinstance(exc, GuestTimeout):
             raise
-        said = []
-        for machine in machines:
-            try:
-                said.append(await shell(machine, "dmesg | grep virtio | tail -3", timeout=60))
-            except GuestTimeout:
-                said.append("(its shell did not answer)")
+        said = [await virtio_said(machine) for machine in machines]
         pytest.fail(f"no end after {seconds} s, at: {step.now}; the guest kernels said: {said}")

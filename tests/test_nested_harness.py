@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from guests import bounded
+from guests import bounded, shell_answers
 from nested_plugin import (
     BROKEN_RING,
     MACHINES_ENV,
@@ -37,6 +37,7 @@ from nested_plugin import (
     next_tests,
 )
 
+from smolvmm import ExecResult, GuestTimeout
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import (
     APPEND_ENV,
@@ -530,6 +531,33 @@ async def test_a_bounded_test_names_its_step_and_what_the_guest_kernel_said(anyi
     assert b"dmesg" in machine.console.sent
     async with bounded(seconds=5) as step:  # within its bound, nothing happens
         await anyio.sleep(0)
+
+
+class SilentConsole:
+    """A guest console whose shell never answers (its output queue broken)."""
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+    async def wait_for(self, pattern: object, timeout: float) -> bytes:
+        raise GuestTimeout("no answer")
+
+
+@pytest.mark.anyio
+async def test_a_shell_that_never_answers_fails_with_what_the_kernel_told_the_agent(anyio_backend: str) -> None:
+    said = "[    9.120001] virtio_console virtio0: output:id 0 is not a head!"
+    commands: list[str] = []
+
+    async def exec(command: str, timeout: float) -> ExecResult:
+        commands.append(command)
+        return ExecResult(0, said.encode() + b"\n", b"")
+
+    machine = type("Machine", (), {"console": SilentConsole(), "exec": staticmethod(exec)})()
+    with pytest.raises(GuestTimeout) as failed:
+        await shell_answers(machine, tries=2, each=0.01)  # type: ignore[arg-type]
+    assert str(failed.value) == f"the guest's shell did not answer within 0.02 s; its kernel said: {said}"
+    assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
+    assert commands == ["dmesg | grep virtio | tail -3"]
 
 
 def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> None:

@@ -9,7 +9,8 @@ cores. What a module's kvm tests need built on the host (``prepare_on_host``: a 
 an image made) is built meanwhile; those tests run last and wait for it.
 When the nested machine freezes (tools/nested-kvm exits 124) or fails (125), the tests without an
 outcome, the one running at the time included, run in a fresh nested machine (once the other
-tests have ended, so that it has the host to itself); so does a test the machine made fail: one
+tests have ended, so that it has the host to itself; in machines side by side when there are
+enough tests); so does a test the machine made fail: one
 that failed after the machine stalled while it ran (its heartbeat paused, and the watchdog woke it:
 a test's own time bounds run on the stalled machine's clock), or one whose guest kernel said it read
 a used ring entry no device wrote (``BROKEN_RING``). A test so interrupted in two machines fails. The terminal summary
@@ -90,6 +91,25 @@ class NestedRun:
     evidence: Path | None = None
     output: list[str] = field(default_factory=list)
     """What its nested pytest and the harness printed, with a rule before and after."""
+    parts: list[NestedRun] = field(default_factory=list)
+    """The machines side by side that made this run (``merged``); empty for one machine."""
+
+    @property
+    def machines(self) -> list[NestedRun]:
+        """Each machine of the run: its parts, or the run itself."""
+        return self.parts or [self]
+
+    def machine_of(self, nodeid: str) -> NestedRun:
+        """The machine that ran ``nodeid`` or was running it when it ended (else the run itself)."""
+        ran = [machine for machine in self.machines if nodeid in machine.running or nodeid in machine.results]
+        return ran[0] if ran else self
+
+    def where(self) -> str:
+        """Where the run's tests ran, for the summary."""
+        numbers = [str(machine.number) for machine in self.machines]
+        if len(numbers) == 1:
+            return f"a fresh nested machine (run {numbers[0]})"
+        return f"{len(numbers)} fresh nested machines side by side (runs {', '.join(numbers[:-1])} and {numbers[-1]})"
 
     @property
     def machine_failed(self) -> bool:
@@ -158,36 +178,34 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
         results[nodeid] = {"outcome": "failed", "text": first.failure}
     lines: list[str] = []
     for before, retry in zip(runs, runs[1:]):
-        if before.machine_failed:
-            where = f" (evidence: {before.evidence})" if before.evidence else ""
-            during = "" if before.running else " (between tests)"
-            lines.append(f"nested run {before.number}{during}: {before.cause()}{where}")
-        else:
-            stalled = {nodeid in before.paused for nodeid in retry.nodeids}
-            what = {True: "the nested machine stalled, and was woken,", False: "a guest read a virtio ring wrong"}
-            happened = " and ".join(what[kind] for kind in sorted(stalled, reverse=True))
-            lines.append(f"nested run {before.number}: {happened} while tests ran")
+        for machine in before.machines:
+            if machine.machine_failed:
+                during = "" if machine.running else " (between tests)"
+                lines.append(f"nested run {machine.number}{during}: {_ended(machine)}")
+            elif stalled := {nodeid in machine.paused for nodeid in retry.nodeids if machine.fault(nodeid)}:
+                what = {True: "the nested machine stalled, and was woken,", False: "a guest read a virtio ring wrong"}
+                happened = " and ".join(what[kind] for kind in sorted(stalled, reverse=True))
+                lines.append(f"nested run {machine.number}: {happened} while tests ran")
         faulted = any(map(before.fault, retry.nodeids))
         which = {
             (True, False): " without an outcome",
             (False, True): " that the machine made fail",
             (True, True): ", without an outcome or made to fail by the machine,",
         }[before.machine_failed, faulted]
-        lines.append(
-            f"  {len(retry.nodeids)} kvm tests{which} ran again in a fresh nested machine (run {retry.number}):"
-        )
+        lines.append(f"  {len(retry.nodeids)} kvm tests{which} ran again in {retry.where()}:")
         for nodeid in retry.nodeids:
-            result = _result(retry, nodeid) if nodeid in retry.results else {"outcome": "failed", "text": retry.failure}
+            there, again = before.machine_of(nodeid), retry.machine_of(nodeid)
+            result = _result(retry, nodeid) if nodeid in retry.results else {"outcome": "failed", "text": again.failure}
             froze = before.interrupted(nodeid)
             if fault := before.fault(nodeid):
-                first_time = f"in nested run {before.number}, this test {fault}:\n{before.results[nodeid]['text']}"
+                first_time = f"in nested run {there.number}, this test {fault}:\n{before.results[nodeid]['text']}"
             else:
-                first_time = f"this test was running when nested run {before.number} ended: {before.failure}"
+                first_time = f"this test was running when nested run {there.number} ended: {there.failure}"
             if froze and nodeid in retry.running and nodeid not in retry.results:
-                verdict = f"failed twice (the nested machine stopped while it ran, again: {retry.cause()})"
+                verdict = f"failed twice (the nested machine stopped while it ran, again: {again.cause()})"
                 result = {
                     "outcome": "failed",
-                    "text": f"{first_time}\n\nand on the retry in a fresh machine: {retry.failure}",
+                    "text": f"{first_time}\n\nand on the retry in a fresh machine: {again.failure}",
                 }
             elif froze and result["outcome"] == "failed" and nodeid in retry.results:
                 verdict = "failed twice"
@@ -201,11 +219,16 @@ def combine(runs: list[NestedRun]) -> tuple[Results, list[str]]:
                 )
             lines.append(f"  {nodeid}{f' ({before.interruption(nodeid)})' if froze else ''}: {verdict}")
             results[nodeid] = result
-    last = runs[-1]
-    if len(runs) > 1 and last.machine_failed and last.unfinished:
-        where = f" (evidence: {last.evidence})" if last.evidence else ""
-        lines.append(f"nested run {last.number}: {last.cause()}{where}; not retried again")
+    if len(runs) > 1 and runs[-1].unfinished:
+        for machine in runs[-1].machines:
+            if machine.machine_failed:
+                lines.append(f"nested run {machine.number}: {_ended(machine)}; not retried again")
     return results, lines
+
+
+def _ended(machine: NestedRun) -> str:
+    """How a machine that failed ended, and where its evidence is."""
+    return machine.cause() + (f" (evidence: {machine.evidence})" if machine.evidence else "")
 
 
 def merged(machines: list[NestedRun]) -> NestedRun:
@@ -224,6 +247,7 @@ def merged(machines: list[NestedRun]) -> NestedRun:
         {nodeid: result for machine in machines for nodeid, result in machine.results.items()},
         {nodeid for machine in failed for nodeid in machine.running},
         {nodeid: seconds for machine in machines for nodeid, seconds in machine.paused.items()},
+        parts=machines,
     )
     if run.unfinished:
         others = "".join(f"\n(and nested run {machine.number}: {machine.cause()})" for machine in ended[1:])
@@ -489,8 +513,8 @@ class NestedKvm:
             )
             publisher.start()
             deadline = time.monotonic() + NESTED_BUDGET
-            machines = min(machines_wanted(), len(self.nodeids))
-            runs = [self._run_side_by_side(machines, prebuilt, directory)]
+            wanted = machines_wanted()
+            runs = [self._run_side_by_side(self.nodeids, 1, wanted, prebuilt, directory, NESTED_TIMEOUT)]
             publisher.join()
             self.output.extend(failures)
             if next_tests(runs):
@@ -499,27 +523,31 @@ class NestedKvm:
                 self.host_tests_done.wait()
             while retry := next_tests(runs, deadline - time.monotonic()):
                 timeout = min(NESTED_TIMEOUT, deadline - time.monotonic())
-                machines += 1
-                what = "a retry in a fresh nested machine"
-                run = self._run_nested(NestedRun(machines, retry), what, prebuilt, directory, timeout)
-                self.output.extend(run.output)
-                runs.append(run)
+                first = max(machine.number for machine in runs[-1].machines) + 1
+                runs.append(self._run_side_by_side(retry, first, wanted, prebuilt, directory, timeout))
             self.results, self.retries = combine(runs)
         except Exception as exc:  # noqa: BLE001 - every kvm test then fails with this text
             self.harness_error = f"the nested run failed on the host: {type(exc).__name__}: {exc}"
 
-    def _run_side_by_side(self, machines: int, prebuilt: Path, directory: Path) -> NestedRun:
-        """The first run: ``machines`` nested machines at once, each taking the next test no other has
-        taken (``claim``), so that a machine that freezes leaves the others the rest; as one run."""
-        claims = directory / "claims"
-        claims.mkdir()
-        runs = [NestedRun(number, self.nodeids) for number in range(1, machines + 1)]
+    def _run_side_by_side(
+        self, nodeids: list[str], first: int, wanted: int, prebuilt: Path, directory: Path, timeout: float
+    ) -> NestedRun:
+        """``nodeids`` in fresh nested machines at once, numbered from ``first``, each taking the next
+        test no other has taken (``claim``), so that a machine that freezes leaves the others the
+        rest; as one run (``merged``). ``wanted`` machines, but at most one per two tests: a machine
+        takes two as it starts (its first, and the next one, for pytest's teardown)."""
+        machines = min(wanted, (len(nodeids) + 1) // 2)
+        claims = directory / f"claims-{first}" if machines > 1 else None
+        if claims is not None:
+            claims.mkdir()
+        runs = [NestedRun(number, nodeids) for number in range(first, first + machines)]
+        why = self.host.explanation if first == 1 else "a retry in a fresh nested machine"
         errors: list[Exception] = []
 
         def run_one(run: NestedRun) -> None:
-            what = f"machine {run.number} of {machines}; " if machines > 1 else ""
+            what = f"machine {run.number - first + 1} of {machines}; " if machines > 1 else ""
             try:
-                self._run_nested(run, what + self.host.explanation, prebuilt, directory, NESTED_TIMEOUT, claims)
+                self._run_nested(run, what + why, prebuilt, directory, timeout, claims)
             except Exception as exc:  # noqa: BLE001 - raised again once every machine has ended
                 errors.append(exc)
 

@@ -602,6 +602,40 @@ def test_machines_side_by_side_are_one_run_whose_frozen_machine_leaves_its_tests
     )
 
 
+def test_after_both_machines_froze_each_is_named_and_the_retry_runs_side_by_side_too() -> None:
+    tests = ["t::a", "t::b", "t::c", "t::d", "t::e", "t::f"]
+    # each machine stopped in its second test, having taken the next
+    first = ran(1, tests, NESTED_FROZE, {"t::e": "passed"}, running="t::a")  # it took t::b next
+    second = ran(2, tests, NESTED_FROZE, {"t::f": "passed"}, running="t::c")  # and this one t::d
+    both = merged([first, second])
+    assert next_tests([both]) == ["t::a", "t::b", "t::c", "t::d"]
+    # the retry's two machines: run 3 passes t::a and t::b; run 4 passes t::d, and stops in t::c again
+    again = tests[:4]
+    retry = merged(
+        [
+            ran(3, again, 0, {"t::a": "passed", "t::b": "passed"}),
+            ran(4, again, NESTED_FROZE, {"t::d": "passed"}, running="t::c"),
+        ]
+    )
+    results, lines = combine([both, retry])
+    assert lines == [
+        "nested run 1: the machine of run 1 froze (evidence: /out/run-1-evidence.log)",
+        "nested run 2: the machine of run 2 froze (evidence: /out/run-2-evidence.log)",
+        "  4 kvm tests without an outcome ran again in 2 fresh nested machines side by side (runs 3 and 4):",
+        "  t::a (running when the machine stopped): passed on the retry",
+        "  t::b: passed on the retry",
+        "  t::c (running when the machine stopped): failed twice (the nested machine stopped while it ran, "
+        "again: the machine of run 4 froze)",
+        "  t::d: passed on the retry",
+        "nested run 4: the machine of run 4 froze (evidence: /out/run-4-evidence.log); not retried again",
+    ]
+    assert results["t::c"]["text"] == (
+        "this test was running when nested run 2 ended: the machine of run 2 froze\nconsole...\n\n"
+        "and on the retry in a fresh machine: the machine of run 4 froze\nconsole..."
+    )
+    assert [results[n]["outcome"] for n in tests] == ["passed", "passed", "failed", "passed", "passed", "passed"]
+
+
 def test_a_test_is_taken_by_one_machine_only(tmp_path: Path) -> None:
     assert claim(tmp_path, "tests/t.py::test_x[trio]") and not claim(tmp_path, "tests/t.py::test_x[trio]")
     assert claim(tmp_path, "tests/t.py::test_x[asyncio]")
@@ -652,7 +686,7 @@ def test_two_machines_share_the_tests_and_after_a_freeze_the_plugin_reruns_those
 ) -> None:
     """Two nested machines side by side on a (faked) PVM host; the one running test_c is stopped
     (SIGSTOP): the other runs on to the end, and test_c and the test its machine had taken next run
-    again in a fresh machine."""
+    again in a fresh machine (one: a machine takes two tests as it starts)."""
     (tmp_path / "conftest.py").write_text(FAKED_PVM_CONFTEST)
     (tmp_path / "test_inner.py").write_text(SIDE_BY_SIDE_TESTS)
     environment = {key: value for key, value in os.environ.items() if key not in ("CI", "SMOLVMM_NESTED")}

@@ -3,9 +3,9 @@
 Run: ``python bench/bench_restore_floor.py [--bundle PATH] [--runs 15]`` on a host with /dev/kvm (PVM
 included: nothing enters the guest). Alternating, each in a fresh process:
 
-- **smolvmm**: ``python -m smolvmm run --prepare-only --json BUNDLE``, its ``devices`` phase: ms from the
-  start of the restore (bundle opened) until every register, device and eventfd is in place, i.e.
-  just before the first ``KVM_RUN``.
+- **smolvmm**: ``python -m smolvmm run --prepare-only --json BUNDLE``, its ``vm_vcpu_state`` phase (the
+  restore's last): ms from the start of the restore (bundle opened) until every register, device
+  and eventfd is in place, i.e. just before the first ``KVM_RUN``.
 - **floor** (``--floor BUNDLE``, this file): every state blob is built from the bundle *before* the
   clock starts; then, timed: open the bundle, reserve RAM and map its extents ``MAP_PRIVATE`` as a
   restore does, and issue the restore's ioctls with ``fcntl.ioctl``: open /dev/kvm, check its API
@@ -241,7 +241,9 @@ def main() -> int:
             text=True,
             check=True,
         )
-        smolvmm_ms.append(json.loads(done.stdout.strip().splitlines()[-1])["phases_ms"]["devices"])  # --json: on stdout
+        smolvmm_ms.append(
+            json.loads(done.stdout.strip().splitlines()[-1])["phases_ms"]["vm_vcpu_state"]
+        )  # --json: on stdout
         done = subprocess.run(
             [sys.executable, __file__, "--floor", str(bundle)], capture_output=True, text=True, check=True
         )
@@ -255,7 +257,7 @@ def main() -> int:
     print("|---|---|---|")
     print(f"| floor: the same ioctls and mappings from a minimal script | {_cells(floor_ms)} | 1 |")
     ratio = statistics.median(smolvmm_ms) / statistics.median(floor_ms)
-    print(f"| smolvmm `run --prepare-only` (`devices` phase) | {_cells(smolvmm_ms)} | {ratio:.2f} |")
+    print(f"| smolvmm `run --prepare-only` (`vm_vcpu_state` phase) | {_cells(smolvmm_ms)} | {ratio:.2f} |")
     return 0
 
 

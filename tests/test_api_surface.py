@@ -240,6 +240,20 @@ async def test_waiting_for_a_ready_line_that_never_comes_is_a_guest_timeout() ->
 
 
 @pytest.mark.anyio
+async def test_a_console_wait_that_times_out_quotes_the_end_of_what_the_guest_printed() -> None:
+    console = Console(len)
+    console.write_output(b"x" * 1000 + b"[    4.2] Run /init as init process\r\n")
+    with pytest.raises(smolvmm.GuestTimeout) as timed_out:
+        await console.wait_for("guest ready", timeout=0.01)
+    message = str(timed_out.value)
+    assert message.startswith("the console did not show b'guest\\\\ ready' within 0.01 s (its last output: '")
+    assert message.endswith("x[    4.2] Run /init as init process\\r\\n')") and len(message) < 400
+    assert (await console.receive()).endswith(b"init process\r\n")  # still unread
+    with pytest.raises(smolvmm.GuestTimeout, match=r"within 0.01 s \(no output\)$"):
+        await Console(len).wait_for("guest ready", timeout=0.01)
+
+
+@pytest.mark.anyio
 @pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 async def test_an_unknown_snapshot_encoding_is_a_config_error(tmp_path: Path) -> None:
     """(On this host's own /dev/kvm: the guest need not get far.)"""

@@ -14,6 +14,7 @@ from smolvmm.host.eventfd import EventFd
 
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
 INPUT_BUFFER = 4096
+LAST_OUTPUT = 300  # bytes of output a GuestTimeout quotes, so a stuck guest says where it stopped
 
 
 class Console(ByteStream):
@@ -87,8 +88,9 @@ class Console(ByteStream):
     async def wait_for(self, pattern: bytes | str | re.Pattern[bytes], timeout: float | None = None) -> bytes:
         """Consume output up to and including the first match of ``pattern``; returns those bytes.
 
-        Raises GuestTimeout (a TimeoutError) after ``timeout`` seconds and GuestError if the
-        machine stops first; in both cases the output read so far stays unread.
+        Raises GuestTimeout (a TimeoutError, quoting the end of the output seen meanwhile) after
+        ``timeout`` seconds and GuestError if the machine stops first; in both cases the output
+        read so far stays unread.
         """
         if isinstance(pattern, str):
             pattern = pattern.encode()
@@ -107,7 +109,8 @@ class Console(ByteStream):
                         raise GuestError(f"the machine stopped before its console showed {regex.pattern!r}") from None
         except TimeoutError:
             self._unread(bytes(seen))
-            raise GuestTimeout(f"the console did not show {regex.pattern!r} within {timeout:g} s") from None
+            shown = f"its last output: {seen[-LAST_OUTPUT:].decode(errors='replace')!r}" if seen else "no output"
+            raise GuestTimeout(f"the console did not show {regex.pattern!r} within {timeout:g} s ({shown})") from None
         except BaseException:
             self._unread(bytes(seen))
             raise

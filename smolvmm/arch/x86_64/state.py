@@ -48,36 +48,38 @@ def admit_vcpu(record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> 
     nr_xcrs = record["xcrs"]["nr_xcrs"]
     if nr_xcrs > MAX_XCRS:
         raise _refuse("xcrs.nr_xcrs", f"{nr_xcrs}, more than {MAX_XCRS}")
-    cpuid, left_out = _admit_cpuid(record["cpuid"], offer, strict)
-    dropped_leaves = len(left_out)
+    cpuid, leaves = _admit_cpuid(record["cpuid"], offer, strict)
     saved_msrs, missing = _admit_msrs(record["msrs"], offer, strict)
+    left_out = []
+    if leaves:
+        first = f"{leaves[0][0]:#x}.{leaves[0][1]}"
+        left_out.append(f"cpuid: {len(leaves)} leaf(s) this host's hypervisor does not offer, first {first}")
     if missing:
         left_out.append(f"msrs: {len(missing)} MSR(s) this host does not have, first {missing[0]:#x}")
     admitted = {name: record[name] for name in record if not name.startswith("_")}
     admitted.update(xsave=xsave, cpuid=cpuid, msrs=saved_msrs)
-    return AdmittedVcpu(admitted, dropped_leaves + len(missing), tuple(left_out))
+    return AdmittedVcpu(admitted, len(leaves) + len(missing), tuple(left_out))
 
 
 def _admit_cpuid(
     entries: Sequence[Mapping[str, int]], offer: HostOffer, strict: bool
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     admitted: list[dict[str, Any]] = []
     seen: set[tuple[int, int]] = set()
-    left_out = []
+    missing = []
     for entry in entries:
         leaf = (entry["function"], entry["index"])
-        name = f"cpuid[{leaf[0]:#x}.{leaf[1]}]"
         if leaf in seen:
-            raise _refuse(name, "appears twice")
+            raise _refuse(f"cpuid[{leaf[0]:#x}.{leaf[1]}]", "appears twice")
         seen.add(leaf)
         if leaf not in offer.cpuid:
             if strict:
-                raise _refuse(name, "this host's hypervisor does not offer the leaf")
-            left_out.append(f"{name}: not offered by this host")
+                raise _refuse(f"cpuid[{leaf[0]:#x}.{leaf[1]}]", "this host's hypervisor does not offer the leaf")
+            missing.append(leaf)
             continue
         values = {reg: entry[reg] for reg in _REGISTERS}
         admitted.append({"function": leaf[0], "index": leaf[1], "flags": entry["flags"], **values})
-    return admitted, left_out
+    return admitted, missing
 
 
 def _admit_msrs(

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -27,6 +28,7 @@ import anyio
 from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
 
 import smolvmm
+from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import default_guest
 
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
@@ -38,6 +40,9 @@ IO_TIMEOUT = 180.0  # one dd or nc command (the guest's TCP runs at a few MiB/s 
 TIMEOUT = 600.0
 STEP_TIMEOUT = 120.0  # a short command or one clone's restore (nested runs hung there once each)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
+IOPS_LOADS = (("read", 1, 2000), ("read", 32, 4000), ("write", 1, 2000), ("write", 32, 4000))
+"""Random 4 KiB direct I/O: (direction, requests in flight, requests per run)."""
+BENCH = Path(__file__).resolve().parent
 
 
 class Bench:
@@ -453,12 +458,75 @@ def io(b: Bench) -> dict[str, object]:
     return result
 
 
+def _iops_disk(work: Path) -> Path:
+    """An ext4 image holding bench/iops.c built static (the default guest has busybox only)."""
+    if shutil.which("gcc") is None:
+        raise RuntimeError("gcc not found: apt-get install gcc libc6-dev")
+    files = work / "iops-files"
+    files.mkdir()
+    built = subprocess.run(
+        ["gcc", "-O2", "-static", "-o", str(files / "iops"), str(BENCH / "iops.c")], capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"building bench/iops.c failed: {built.stderr.strip()[-300:]}")
+    return ext4_image(work / "iops.img", files, size_mib=8)
+
+
+def _guest_iops(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
+    """IOPS of each of IOPS_LOADS on /dev/vda, timed host-side less an idle command's round trip
+    (and as the guest's own clock saw it), into ``into`` as each is known."""
+    vm.wait_for(marker, TIMEOUT)
+    time.sleep(SETTLE_S)
+    vm.command("stty cols 500 -echo; mkdir -p /t && mount -t ext4 -o ro /dev/vdb /t", TIMEOUT)
+    idle = statistics.median(_round_trip(vm, "true") for _ in range(5))
+    into["console_round_trip_s"] = idle
+    for direction, depth, count in IOPS_LOADS:
+        host, guest = [], []
+        for _ in range(runs):
+            began = time.perf_counter()
+            said = vm.command(f"/t/iops /dev/vda {direction} {depth} {count}", IO_TIMEOUT).decode(errors="replace")
+            host.append(count / (time.perf_counter() - began - idle))
+            ran = re.search(rf"{count} ios in ([\d.]+) s", said)
+            if ran is None:
+                raise RuntimeError(f"iops {direction} {depth}: {said.strip()[-300:]}")
+            guest.append(count / float(ran.group(1)))
+        into[f"rand{direction}_qd{depth}_iops"] = summary(host)
+        into[f"rand{direction}_qd{depth}_iops_guest_clock"] = summary(guest)
+
+
+def iops(b: Bench) -> dict[str, object]:
+    """Random 4 KiB reads and writes, queue depth 1 and 32, smolvmm then QEMU on copies of one disk."""
+    image = b.work / "iops-disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(IO_MIB << 20))
+    tool = _iops_disk(b.work)
+    result = b.results["iops"]
+    disks = ["--disk", str(image), "--disk", f"{tool},ro"]
+    boot = [*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", *disks]
+    with Console(boot) as vm, _console_log(vm, b.out / "iops-smolvmm.log"):
+        _guest_iops(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+    if b.qemu:
+        copy = shutil.copyfile(image, b.work / "iops-disk-qemu.img")
+        extra = []
+        for index, (path, readonly) in enumerate(((copy, "off"), (tool, "on"))):
+            extra += [
+                "-drive",
+                f"id=d{index},file={path},format=raw,if=none,readonly={readonly}",
+                "-device",
+                f"virtio-blk-device,drive=d{index}",
+            ]
+        with b.qemu_console(b.work / "iops.mon", extra) as vm, _console_log(vm, b.out / "iops-qemu.log"):
+            _guest_iops(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
+    return result
+
+
 MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "cold_boot": cold_boot,
     "save": save,
     "restore": restore,
     "restore_api": restore_api,
     "io": io,
+    "iops": iops,
     "memory": memory,
     "python_startup": python_startup,
 }

@@ -242,6 +242,7 @@ def test_event_idx_interrupts_exactly_when_used_event_is_crossed(event, old, ste
     new = (old + step) & 0xFFFF
     queue = Queue(256)
     queue.size, queue.avail_addr, queue.used_addr = 256, AVAIL, USED
+    queue.validate(memory)
     queue.event_idx, queue.signalled_used, queue.next_used = True, old, new
     memory.write_u16(AVAIL + 4 + 2 * 256, event)
     crossed = any((old + k) & 0xFFFF == event for k in range(step))
@@ -297,3 +298,24 @@ def test_notification_decisions_on_random_rings(
     assert queue.needs_interrupt(memory) == expected
     assert queue.signalled_used == next_used
     assert not queue.needs_interrupt(memory)
+
+
+def test_a_queue_uses_the_rings_it_validated_and_none_before() -> None:
+    """The ring addresses only change while a queue is not ready; a queue keeps the rings it
+    checked, and one never checked reaches no guest memory at all."""
+    unchecked = Queue(16)
+    unchecked.used_addr = USED
+    memory.write(USED, bytes(8))
+    with pytest.raises(TypeError):
+        unchecked.publish_used(memory)
+    assert memory.read(USED, 8) == bytes(8)
+
+    queue = Queue(16)
+    queue.desc_addr, queue.avail_addr, queue.used_addr = DESC, AVAIL, USED
+    queue.validate(memory)
+    queue.ready = True
+    queue.used_addr = USED + 0x1000  # what a driver writing the register now would do; ignored
+    queue.add_used(memory, 3, 512)
+    queue.publish_used(memory)
+    assert struct.unpack_from("<HHII", memory.read(USED, 12)) == (0, 1, 3, 512)
+    assert memory.read(USED + 0x1000, 12) == bytes(12)

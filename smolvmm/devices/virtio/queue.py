@@ -22,6 +22,8 @@ DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
+_NO_RING = memoryview(b"")  # a queue's rings before ``validate``: any access fails, none lands in guest RAM
 _FENCE = threading.Lock()
 
 
@@ -180,11 +182,15 @@ class Queue:
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.next_avail = self.next_used = self.signalled_used = 0
         self.event_idx = self.indirect = False
+        self._avail = self._used = _NO_RING
 
     def validate(self, memory: GuestMemory) -> None:
-        """Check the size and that the three rings are aligned and inside guest RAM (§2.7)."""
+        """Check the size and that the three rings are aligned and inside guest RAM (§2.7), and
+        keep a view of each ring: their addresses only change while the queue is not ready, and
+        every ring access then goes through these views (one lookup per queue, not per access)."""
         if not _is_power_of_two(self.size) or self.size > self.max_size:
             raise QueueError(f"queue size {self.size} is not a power of two <= {self.max_size}")
+        views = []
         for addr, align, length, what in (
             (self.desc_addr, 16, DESC_SIZE * self.size, "descriptor table"),
             (self.avail_addr, 2, 6 + 2 * self.size, "available ring"),
@@ -192,7 +198,8 @@ class Queue:
         ):
             if addr % align:
                 raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
-            _checked_view(memory, addr, length, what)
+            views.append(_checked_view(memory, addr, length, what))
+        self._avail, self._used = views[1], views[2]
 
     def set_ring_features(self, event_idx: bool, indirect: bool) -> None:
         """Record the negotiated VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC (at FEATURES_OK)."""
@@ -200,7 +207,8 @@ class Queue:
 
     def avail_index(self, memory: GuestMemory) -> int:
         """The driver's available index: how many chains it has made available, mod 2^16."""
-        return memory.read_u16(self.avail_addr + 2)
+        index: int = _U16.unpack_from(self._avail, 2)[0]
+        return index
 
     def pending(self, memory: GuestMemory) -> int:
         """How many chains the driver made available that the device has not taken yet."""
@@ -213,8 +221,7 @@ class Queue:
         """Take the next available chain, or None when the ring is empty."""
         if not self.ready or self.pending(memory) == 0:
             return None
-        slot = self.avail_addr + 4 + 2 * (self.next_avail % self.size)
-        head = memory.read_u16(slot)
+        (head,) = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return parse_chain(memory, self.desc_addr, self.size, head, self.indirect)
 
@@ -224,14 +231,13 @@ class Queue:
 
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Write the used element for a chain; the driver sees it after ``publish_used``."""
-        slot = self.used_addr + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
-        _USED_ELEM.pack_into(memory.view(slot, USED_ELEM_SIZE), 0, head, length)
+        _USED_ELEM.pack_into(self._used, 4 + USED_ELEM_SIZE * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def publish_used(self, memory: GuestMemory) -> None:
         """Expose the used elements written so far by storing the used index after them (§2.7.8;
         ordered after them by x86-64's TSO, see the memory-ordering note above)."""
-        memory.write_u16(self.used_addr + 2, self.next_used)
+        _U16.pack_into(self._used, 2, self.next_used)
 
     def enable_notification(self, memory: GuestMemory) -> bool:
         """Ask the driver to notify on the next buffer; True if buffers are already waiting.
@@ -242,7 +248,7 @@ class Queue:
         if not self.ready:
             return False
         if self.event_idx:
-            memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+            _U16.pack_into(self._used, 4 + USED_ELEM_SIZE * self.size, self.next_avail)
         _full_fence()
         return self.pending(memory) > 0
 
@@ -254,7 +260,7 @@ class Queue:
         """
         seen = self.avail_index(memory)
         if self.event_idx:
-            memory.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, seen)
+            _U16.pack_into(self._used, 4 + USED_ELEM_SIZE * self.size, seen)
         _full_fence()
         return seen
 
@@ -265,9 +271,9 @@ class Queue:
             return False
         _full_fence()
         if self.event_idx:
-            used_event = memory.read_u16(self.avail_addr + 4 + 2 * self.size)
+            (used_event,) = _U16.unpack_from(self._avail, 4 + 2 * self.size)
             return _need_event(used_event, self.next_used, old)
-        return not memory.read_u16(self.avail_addr) & AVAIL_F_NO_INTERRUPT
+        return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
 
     def continue_from(self, memory: GuestMemory, next_avail: int) -> None:
         """Go on where another data path (the kernel's) left the ring: at its next available index

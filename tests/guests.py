@@ -23,14 +23,22 @@ def own_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if not t.name.startswith(("Trio thread", "AnyIO worker"))]
 
 
-async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT) -> str:
-    """Run ``command`` in the guest shell; returns its output (between unique markers)."""
+async def shell(machine: Machine, command: str, timeout: float = GUEST_TIMEOUT, *, explain: bool = True) -> str:
+    """Run ``command`` in the guest shell; returns its output (between unique markers). Past
+    ``timeout`` the GuestTimeout carries what the guest's kernel said of its virtio devices, asked
+    through its agent (the shell's console may be the broken one); not with ``explain=False``."""
     token = os.urandom(4).hex()
     # The quotes keep the markers out of the terminal's echo of the command line itself.
     await machine.console.send(
         f"echo BEGIN-{token[:4]}''{token[4:]}; {command}; echo END-{token[:4]}''{token[4:]}\n".encode()
     )
-    text = (await machine.console.wait_for(re.compile(rf"END-{token}\r?\n".encode()), timeout)).decode()
+    try:
+        text = (await machine.console.wait_for(re.compile(rf"END-{token}\r?\n".encode()), timeout)).decode()
+    except GuestTimeout as exc:
+        if not explain:
+            raise
+        said = await virtio_said(machine, shell_first=False)
+        raise GuestTimeout(f"{exc}; the guest's kernel said: {said}") from None
     return text.split(f"BEGIN-{token}", 2)[-1].rsplit(f"END-{token}", 1)[0].strip()
 
 
@@ -40,7 +48,7 @@ async def shell_answers(machine: Machine, tries: int = 6, each: float = 30.0) ->
     does, the failure carries what the guest's kernel said of its virtio devices (through its agent)."""
     for _ in range(tries):
         try:
-            await shell(machine, "true", timeout=each)
+            await shell(machine, "true", timeout=each, explain=False)
             return
         except GuestTimeout:
             continue
@@ -54,7 +62,7 @@ async def virtio_said(machine: Machine, shell_first: bool = True) -> str:
     command = "dmesg | grep virtio | tail -3"
     if shell_first:
         try:
-            return await shell(machine, command, timeout=60)
+            return await shell(machine, command, timeout=60, explain=False)
         except GuestTimeout:
             pass
     with anyio.move_on_after(60):

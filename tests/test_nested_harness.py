@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from guests import bounded, shell_answers
+from guests import bounded, shell, shell_answers
 from nested_plugin import (
     BROKEN_RING,
     MACHINES_ENV,
@@ -544,7 +544,7 @@ class SilentConsole:
 
 
 @pytest.mark.anyio
-async def test_a_shell_that_never_answers_fails_with_what_the_kernel_told_the_agent(anyio_backend: str) -> None:
+async def test_a_shell_that_stops_answering_fails_with_what_the_kernel_told_the_agent(anyio_backend: str) -> None:
     said = "[    9.120001] virtio_console virtio0: output:id 0 is not a head!"
     commands: list[str] = []
 
@@ -558,6 +558,11 @@ async def test_a_shell_that_never_answers_fails_with_what_the_kernel_told_the_ag
     assert str(failed.value) == f"the guest's shell did not answer within 0.02 s; its kernel said: {said}"
     assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
     assert commands == ["dmesg | grep virtio | tail -3"]
+    # any shell command that never ends says the same (its console broke after the shell answered)
+    with pytest.raises(GuestTimeout) as failed:
+        await shell(machine, "cat /mnt/after", timeout=0.01)  # type: ignore[arg-type]
+    assert str(failed.value) == f"no answer; the guest's kernel said: {said}"
+    assert len(commands) == 2
 
 
 def test_freezes_of_different_tests_each_get_a_fresh_machine_up_to_a_bound() -> None:

@@ -315,6 +315,7 @@ def test_a_queue_uses_the_rings_it_validated_and_none_before() -> None:
     queue.validate(memory)
     queue.ready = True
     queue.used_addr = USED + 0x1000  # what a driver writing the register now would do; ignored
+    memory.write(USED + 0x1000, bytes(12))  # (other tests of this module left rings there)
     queue.add_used(memory, 3, 512)
     queue.publish_used(memory)
     assert struct.unpack_from("<HHII", memory.read(USED, 12)) == (0, 1, 3, 512)

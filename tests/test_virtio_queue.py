@@ -152,8 +152,8 @@ def test_random_rings_pop_chains_or_raise_queue_error(size, table, ring, avail_i
                 assert queue.next_avail == avail_idx
                 break
             check_chain(chain, size)
-            queue.add_used(memory, chain.head, 0)
-            queue.publish_used(memory)
+            queue.add_used(chain.head, 0)
+            queue.publish_used()
     except QueueError:
         pass
 
@@ -246,7 +246,7 @@ def test_event_idx_interrupts_exactly_when_used_event_is_crossed(event, old, ste
     queue.event_idx, queue.signalled_used, queue.next_used = True, old, new
     memory.write_u16(AVAIL + 4 + 2 * 256, event)
     crossed = any((old + k) & 0xFFFF == event for k in range(step))
-    assert queue.needs_interrupt(memory) == crossed
+    assert queue.needs_interrupt() == crossed
 
 
 @settings(max_examples=1000, deadline=None)
@@ -279,13 +279,13 @@ def test_notification_decisions_on_random_rings(
     # enable_notification: publishes avail_event (§2.7.10), then says whether chains wait.
     if ready and waiting > size:
         with pytest.raises(QueueError):
-            queue.enable_notification(memory)
+            queue.enable_notification()
     else:
-        assert queue.enable_notification(memory) == (ready and waiting > 0)
+        assert queue.enable_notification() == (ready and waiting > 0)
     assert memory.read_u16(avail_event) == (next_avail if ready and event_idx else next_avail ^ 0xFFFF)
 
     # watch_avail asks for a notification past the current available index.
-    assert queue.watch_avail(memory) == avail_idx
+    assert queue.watch_avail() == avail_idx
     assert memory.read_u16(avail_event) == (avail_idx if event_idx else next_avail ^ 0xFFFF)
 
     # needs_interrupt (§2.7.7): once per batch of used elements, as the driver asked.
@@ -295,9 +295,9 @@ def test_notification_decisions_on_random_rings(
         expected = (used_event - signalled_used) & 0xFFFF < (next_used - signalled_used) & 0xFFFF
     else:
         expected = not avail_flags & 1
-    assert queue.needs_interrupt(memory) == expected
+    assert queue.needs_interrupt() == expected
     assert queue.signalled_used == next_used
-    assert not queue.needs_interrupt(memory)
+    assert not queue.needs_interrupt()
 
 
 def test_a_queue_uses_the_rings_it_validated_and_none_before() -> None:
@@ -307,7 +307,7 @@ def test_a_queue_uses_the_rings_it_validated_and_none_before() -> None:
     unchecked.used_addr = USED
     memory.write(USED, bytes(8))
     with pytest.raises(TypeError):
-        unchecked.publish_used(memory)
+        unchecked.publish_used()
     assert memory.read(USED, 8) == bytes(8)
 
     queue = Queue(16)
@@ -316,7 +316,7 @@ def test_a_queue_uses_the_rings_it_validated_and_none_before() -> None:
     queue.ready = True
     queue.used_addr = USED + 0x1000  # what a driver writing the register now would do; ignored
     memory.write(USED + 0x1000, bytes(12))  # (other tests of this module left rings there)
-    queue.add_used(memory, 3, 512)
-    queue.publish_used(memory)
+    queue.add_used(3, 512)
+    queue.publish_used()
     assert struct.unpack_from("<HHII", memory.read(USED, 12)) == (0, 1, 3, 512)
     assert memory.read(USED + 0x1000, 12) == bytes(12)

@@ -205,21 +205,21 @@ class Queue:
         """Record the negotiated VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC (at FEATURES_OK)."""
         self.event_idx, self.indirect = event_idx, indirect
 
-    def avail_index(self, memory: GuestMemory) -> int:
+    def avail_index(self) -> int:
         """The driver's available index: how many chains it has made available, mod 2^16."""
         index: int = _U16.unpack_from(self._avail, 2)[0]
         return index
 
-    def pending(self, memory: GuestMemory) -> int:
+    def pending(self) -> int:
         """How many chains the driver made available that the device has not taken yet."""
-        count = (self.avail_index(memory) - self.next_avail) & 0xFFFF
+        count = (self.avail_index() - self.next_avail) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index ran {count} entries ahead of a {self.size}-entry queue")
         return count
 
     def pop(self, memory: GuestMemory) -> DescriptorChain | None:
         """Take the next available chain, or None when the ring is empty."""
-        if not self.ready or self.pending(memory) == 0:
+        if not self.ready or self.pending() == 0:
             return None
         (head,) = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
@@ -229,17 +229,17 @@ class Queue:
         """Give back the chain the last ``pop`` took (the device could not use it yet)."""
         self.next_avail = (self.next_avail - 1) & 0xFFFF
 
-    def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
+    def add_used(self, head: int, length: int) -> None:
         """Write the used element for a chain; the driver sees it after ``publish_used``."""
         _USED_ELEM.pack_into(self._used, 4 + USED_ELEM_SIZE * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
-    def publish_used(self, memory: GuestMemory) -> None:
+    def publish_used(self) -> None:
         """Expose the used elements written so far by storing the used index after them (§2.7.8;
         ordered after them by x86-64's TSO, see the memory-ordering note above)."""
         _U16.pack_into(self._used, 2, self.next_used)
 
-    def enable_notification(self, memory: GuestMemory) -> bool:
+    def enable_notification(self) -> bool:
         """Ask the driver to notify on the next buffer; True if buffers are already waiting.
 
         With VIRTIO_F_EVENT_IDX the device publishes avail_event (§2.7.10); without it the
@@ -250,21 +250,21 @@ class Queue:
         if self.event_idx:
             _U16.pack_into(self._used, 4 + USED_ELEM_SIZE * self.size, self.next_avail)
         _full_fence()
-        return self.pending(memory) > 0
+        return self.pending() > 0
 
-    def watch_avail(self, memory: GuestMemory) -> int:
+    def watch_avail(self) -> int:
         """Ask to be notified when the driver goes beyond its current available index (returned).
 
         Unlike ``enable_notification`` this asks for *new* chains even while some are waiting,
         for a device that needs more room than the available chains hold.
         """
-        seen = self.avail_index(memory)
+        seen = self.avail_index()
         if self.event_idx:
             _U16.pack_into(self._used, 4 + USED_ELEM_SIZE * self.size, seen)
         _full_fence()
         return seen
 
-    def needs_interrupt(self, memory: GuestMemory) -> bool:
+    def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the chains used since the last one (§2.7.7)."""
         old, self.signalled_used = self.signalled_used, self.next_used
         if old == self.next_used:
@@ -310,7 +310,7 @@ class Queue:
             raise QueueError(f"saved queue size {self.size} is not a power of two <= {self.max_size}")
         if state.ready:
             self.validate(memory)
-            self.pending(memory)
+            self.pending()
             if memory.read_u16(self.used_addr + 2) != self.next_used:
                 raise QueueError("saved next_used disagrees with the used ring in guest RAM")
         self.ready = state.ready

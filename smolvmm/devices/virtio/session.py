@@ -127,11 +127,11 @@ class Session:
                 if length is None:
                     queue.undo_pop()
                     break
-                queue.add_used(self.memory, chain.head, length)
-                queue.publish_used(self.memory)
+                queue.add_used(chain.head, length)
+                queue.publish_used()
             used += 1
         with self._lock:
-            if used and not self.closed and queue.needs_interrupt(self.memory):
+            if used and not self.closed and queue.needs_interrupt():
                 self._interrupt()
         return used
 
@@ -157,9 +157,9 @@ class Session:
                 chains.append(chain)
                 room += total_length(chain.writable)
             for chain, length in zip(chains, write(chains)):
-                queue.add_used(self.memory, chain.head, length)
-            queue.publish_used(self.memory)
-            if queue.needs_interrupt(self.memory):
+                queue.add_used(chain.head, length)
+            queue.publish_used()
+            if queue.needs_interrupt():
                 self._interrupt()
         return True
 
@@ -172,7 +172,7 @@ class Session:
         fd = self._notify_fds[index]
         while True:
             with self._lock:
-                available = not self.closed and self._queues[index].enable_notification(self.memory)
+                available = not self.closed and self._queues[index].enable_notification()
             if available:
                 await anyio.lowlevel.checkpoint()
                 return
@@ -183,10 +183,10 @@ class Session:
         """Return once the driver has made more chains available on queue ``index`` than now."""
         queue, fd = self._queues[index], self._notify_fds[index]
         with self._lock:
-            seen = queue.watch_avail(self.memory) if queue.ready else None
+            seen = queue.watch_avail() if queue.ready else None
         while True:
             with self._lock:
-                if not self.closed and seen is not None and queue.avail_index(self.memory) != seen:
+                if not self.closed and seen is not None and queue.avail_index() != seen:
                     return
             await anyio.wait_readable(fd)
             drain_eventfd(fd)
@@ -247,7 +247,7 @@ class Session:
         poll.register(self._notify_fds[index], select.POLLIN)
         while True:
             with self._lock:
-                available = not self.closed and self._queues[index].enable_notification(self.memory)
+                available = not self.closed and self._queues[index].enable_notification()
             if available:
                 self.fill(index, handle)
             ready = dict(poll.poll(0 if available else None))

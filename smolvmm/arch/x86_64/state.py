@@ -52,13 +52,18 @@ def admit_vcpu(record: Mapping[str, Any], offer: HostOffer, *, strict: bool) -> 
     saved_msrs, missing = _admit_msrs(record["msrs"], offer, strict)
     left_out = []
     if leaves:
-        first = f"{leaves[0][0]:#x}.{leaves[0][1]}"
+        first = _leaf_name(leaves[0])
         left_out.append(f"cpuid: {len(leaves)} leaf(s) this host's hypervisor does not offer, first {first}")
     if missing:
         left_out.append(f"msrs: {len(missing)} MSR(s) this host does not have, first {missing[0]:#x}")
     admitted = {name: record[name] for name in record if not name.startswith("_")}
     admitted.update(xsave=xsave, cpuid=cpuid, msrs=saved_msrs)
     return AdmittedVcpu(admitted, len(leaves) + len(missing), tuple(left_out))
+
+
+def _leaf_name(leaf: tuple[int, int]) -> str:
+    """A CPUID leaf as the messages name it: function.index, e.g. 0x80000009.0."""
+    return f"{leaf[0]:#x}.{leaf[1]}"
 
 
 def _admit_cpuid(
@@ -70,11 +75,11 @@ def _admit_cpuid(
     for entry in entries:
         leaf = (entry["function"], entry["index"])
         if leaf in seen:
-            raise _refuse(f"cpuid[{leaf[0]:#x}.{leaf[1]}]", "appears twice")
+            raise _refuse(f"cpuid[{_leaf_name(leaf)}]", "appears twice")
         seen.add(leaf)
         if leaf not in offer.cpuid:
             if strict:
-                raise _refuse(f"cpuid[{leaf[0]:#x}.{leaf[1]}]", "this host's hypervisor does not offer the leaf")
+                raise _refuse(f"cpuid[{_leaf_name(leaf)}]", "this host's hypervisor does not offer the leaf")
             missing.append(leaf)
             continue
         values = {reg: entry[reg] for reg in _REGISTERS}

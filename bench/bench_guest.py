@@ -331,13 +331,20 @@ class Receiver(threading.Thread):
             self.ready.set()
 
 
-def _guest_io(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
-    """Disk then network figures of a booted guest, into ``into`` as each is known."""
+def _settled(vm: Console, marker: bytes, into: dict[str, object], setup: str = "true") -> float:
+    """Wait for a booted guest to go idle, run ``setup``, and return (and record in ``into``) the
+    median round trip of an idle command: what each timed command's figure is taken less."""
     vm.wait_for(marker, TIMEOUT)
     time.sleep(SETTLE_S)
-    vm.command("stty cols 500 -echo", TIMEOUT)  # no wrapped lines, no echo to wait through
+    vm.command(f"stty cols 500 -echo; {setup}", TIMEOUT)  # no wrapped lines, no echo to wait through
     idle = statistics.median(_round_trip(vm, "true") for _ in range(5))
     into["console_round_trip_s"] = idle
+    return idle
+
+
+def _guest_io(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
+    """Disk then network figures of a booted guest, into ``into`` as each is known."""
+    idle = _settled(vm, marker, into)
     reads, writes = [], []
     for _ in range(runs):
         reads.append(_timed_mib_s(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={IO_MIB} iflag=direct", IO_MIB, idle))
@@ -475,11 +482,7 @@ def _iops_disk(work: Path) -> Path:
 def _guest_iops(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
     """IOPS of each of IOPS_LOADS on /dev/vda, timed host-side less an idle command's round trip
     (and as the guest's own clock saw it), into ``into`` as each is known."""
-    vm.wait_for(marker, TIMEOUT)
-    time.sleep(SETTLE_S)
-    vm.command("stty cols 500 -echo; mkdir -p /t && mount -t ext4 -o ro /dev/vdb /t", TIMEOUT)
-    idle = statistics.median(_round_trip(vm, "true") for _ in range(5))
-    into["console_round_trip_s"] = idle
+    idle = _settled(vm, marker, into, "mkdir -p /t && mount -t ext4 -o ro /dev/vdb /t")
     for direction, depth, count in IOPS_LOADS:
         host, guest = [], []
         for _ in range(runs):

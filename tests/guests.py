@@ -95,10 +95,11 @@ async def bounded(*machines: Machine, seconds: float = GUEST_TIMEOUT * 2) -> Asy
     each guest's kernel said of its virtio devices (a broken ring says so there, not to the host)."""
     step = Step()
     try:
-        with anyio.fail_after(seconds):
+        with anyio.fail_after(seconds) as scope:
             yield step
     except TimeoutError as exc:
         if isinstance(exc, GuestTimeout):
             raise
         said = [await virtio_said(machine) for machine in machines]
-        pytest.fail(f"no end after {seconds} s, at: {step.now}; the guest kernels said: {said}")
+        ended = f"no end after {seconds} s" if scope.cancel_called else "a wait of its own ran out"
+        pytest.fail(f"{ended}, at: {step.now}; the guest kernels said: {said}")

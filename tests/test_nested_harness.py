@@ -529,6 +529,13 @@ async def test_a_bounded_test_names_its_step_and_what_the_guest_kernel_said(anyi
     assert str(failed.value).startswith("no end after 0.05 s, at: 1 MiB of output; the guest kernels said: [")
     assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
     assert b"dmesg" in machine.console.sent
+    with pytest.raises(pytest.fail.Exception) as failed:
+        async with bounded(machine, seconds=60) as step:  # type: ignore[arg-type]
+            step.now = "GET / through a forward"
+            with anyio.fail_after(0.05):  # the test's own, shorter wait
+                await anyio.sleep(10)
+    assert str(failed.value).startswith("a wait of its own ran out, at: GET / through a forward; the guest kernels")
+    assert BROKEN_RING.search(str(failed.value))
     async with bounded(seconds=5) as step:  # within its bound, nothing happens
         await anyio.sleep(0)
 

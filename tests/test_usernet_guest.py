@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from guests import GUEST_TIMEOUT, shell
+from guests import GUEST_TIMEOUT, bounded, shell
 from network import GATEWAY, HOST_ADDRESS, WIRE
 
 from smolvmm import Machine, NetConfig, PortForward
@@ -163,8 +163,12 @@ async def test_four_clones_each_forward_their_own_port_and_answer_with_their_own
                 f"wget -q -O - http://{GATEWAY}:{host_server}/",
             )
             assert fetched == "page from the host"  # TCP out of a fresh clone works at once
-        for index, port in enumerate(ports):
-            assert await http_get(port) == f"clone-{index}\n"
+        # A GET that never ends fails with what each guest's kernel said of its virtio devices (a
+        # broken ring says so there, and the nested plugin runs such a test again).
+        async with bounded(*clones) as step:
+            for index, port in enumerate(ports):
+                step.now = f"GET / through clone {index}'s forward (host port {port})"
+                assert await http_get(port) == f"clone-{index}\n"
         assert all("network_renewed" in clone.timings.phases for clone in clones)
     assert passt_processes() == []
 

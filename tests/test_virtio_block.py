@@ -11,9 +11,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from virtio_driver import HEAP_START, RING_FEATURES, Driver, running
+from virtio_driver import RING_FEATURES, Driver, running
 
 from smolvmm.devices.virtio.block import (
     F_RO,
@@ -338,48 +338,3 @@ def test_export_to_a_stream_keeps_the_trailing_hole(tmp_path: Path, seekable: bo
     disk.export(out)
     disk.close()
     assert out.getvalue() == b"prefix" + bytes(512) + b"\x7f" * 512 + bytes((3 << 20) - 1024)
-
-
-heap_descriptors = st.tuples(
-    st.integers(HEAP_START, HEAP_START + 0x10000) | st.integers(0, 2**64 - 1),
-    st.integers(0, 0x2000) | st.integers(0, 2**32 - 1),
-    st.sampled_from([0, 1, 2, 3, 4]) | st.integers(0, 0xFFFF),
-    st.integers(0, 17),
-)
-headers = st.tuples(
-    st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID]) | st.integers(0, 2**32 - 1),
-    st.integers(0, 2100) | st.integers(0, 2**64 - 1),
-)
-
-
-# The base image is never written, so sharing one across examples is sound.
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    table=st.lists(heap_descriptors, min_size=16, max_size=16),
-    heads=st.lists(st.integers(0, 17), min_size=1, max_size=8),
-    header=headers,
-)
-def test_random_guest_requests_are_served_or_need_reset(base: Path, table, heads, header) -> None:
-    """Arbitrary descriptor tables and request headers through the whole device, task included."""
-    driver = Driver(VirtioBlock(base))
-    driver.start(RING_FEATURES, size=16)
-    for gpa in range(HEAP_START, HEAP_START + 0x10000, 0x1000):
-        driver.memory.write(gpa, struct.pack("<IIQ", header[0], 0, header[1]))
-    for i, (gpa, length, flags, nxt) in enumerate(table):
-        driver.memory.write(driver.desc_addr(0) + 16 * i, struct.pack("<QIHH", gpa, length, flags, nxt))
-    for head in heads:
-        driver.publish(0, head)
-
-    def settled() -> bool:
-        return bool(driver.read(0x070) & STATUS_NEEDS_RESET) or driver.used_idx(0) == len(heads)
-
-    async def run_until_settled() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(driver.transport.run)
-            with anyio.fail_after(3):
-                while not settled():
-                    await anyio.sleep(0.001)
-            tg.cancel_scope.cancel()
-
-    anyio.run(run_until_settled)
-    driver.transport.close()

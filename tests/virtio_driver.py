@@ -15,6 +15,7 @@ from smolvmm.devices.virtio.mmio import (
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
     MmioTransport,
 )
 from smolvmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -189,3 +190,20 @@ async def running(*drivers: Driver) -> AsyncIterator[None]:
             tg.start_soon(driver.transport.run)
         yield
         tg.cancel_scope.cancel()
+
+
+def serve_until_settled(driver: Driver, posted: int, timeout: float = 3.0) -> None:
+    """Run the device's task until queue 0 has used ``posted`` chains or the device needs a reset."""
+
+    def settled() -> bool:
+        return bool(driver.read(0x070) & STATUS_NEEDS_RESET) or driver.used_idx(0) == posted
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(driver.transport.run)
+            with anyio.fail_after(timeout):
+                while not settled():
+                    await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)

@@ -7,7 +7,7 @@ candidate. (Where hashes of different pages collide, which the native scanner bo
 against a guest that would slow a save down, a page may be stored again instead of shared.)
 
 Two implementations give the same answer. The native one is C compiled with cffi on first use and
-kept under ``${XDG_CACHE_HOME:-~/.cache}/smolvmm/native`` (keyed by the C source, cffi and the
+kept in the cache (``smolformat.native``, keyed by the C source, cffi and the
 interpreter's ABI): it tests and hashes pages at memory speed, and skips pages the kernel says
 were never touched, which read as zero: in a private anonymous mapping, a page that
 ``/proc/self/pagemap`` shows neither present nor swapped. Chosen over numpy or xxhash because the
@@ -18,16 +18,12 @@ scanner is used (several times slower).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 from array import array
-from pathlib import Path
 from typing import Any
 
-import cffi
-
 from .layout import PAGE_SIZE
+from .native import compiled
 
 ZERO, NEW, DUP = 0, 1, 2
 _PAGEMAP_TOUCHED = 3 << 62  # present or swapped; neither means the page reads as zero
@@ -158,46 +154,6 @@ int smol_classify(smol_table *t, const uint8_t *base, size_t size, const uint64_
 """
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "smolvmm" / "native"
-
-
-def _build(path: Path, module_name: str) -> None:
-    import tempfile
-
-    builder = cffi.FFI()
-    builder.cdef(_CDEF)
-    builder.set_source(module_name, _SOURCE, extra_compile_args=["-O2"])
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
-        built = builder.compile(tmpdir=work, verbose=False)
-        os.replace(built, path)
-
-
-def _load_native() -> Any | None:
-    """The compiled module, built into the cache first if needed; None where it cannot be built."""
-    import importlib.machinery
-    import importlib.util
-    import sysconfig
-
-    abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = hashlib.sha256(f"{cffi.__version__}\0{sys.version}\0{_CDEF}\0{_SOURCE}".encode()).hexdigest()[:16]
-    module_name = f"_smolformat_pagescan_{key}"
-    path = _cache_dir() / f"{module_name}{abi}"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _build(path, module_name)
-        loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
-        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        return module
-    except Exception:  # no compiler, no headers, a read-only cache: the Python scanner does the work
-        return None
-
-
 _native: Any | None = None
 _native_tried = False
 
@@ -207,7 +163,7 @@ def native_module() -> Any | None:
     global _native, _native_tried
     if not _native_tried:
         _native_tried = True
-        _native = _load_native()
+        _native = compiled("_smolformat_pagescan", _CDEF, _SOURCE)
     return _native
 
 

@@ -108,6 +108,9 @@ PRELOAD_SKIP = (
     # kernels, registries, signature checks
     *("images", "kernel", "build", "rootdisk", "source", "layers", "smolfile", "registry", "signing"),
 )
+# Modules whose C extension is loaded (built) on first use, by their ``native_module()``: the snapshot
+# writer's page scanner and virtio-blk's request loop.
+PRELOAD_NATIVE = ("smolformat.pagescan", "smolvmm.devices.virtio.blk_native")
 PRELOAD_MODULES = (
     "json",
     "traceback",
@@ -254,9 +257,8 @@ def _preload() -> None:
         importlib.import_module(name)
     for package_name in PRELOAD_PACKAGES:
         _import_tree(package_name)
-    from smolformat.pagescan import native_module
-
-    native_module()  # the snapshot writer's page scanner: a C extension, loaded (built) on first use
+    for name in PRELOAD_NATIVE:
+        importlib.import_module(name).native_module()
 
 
 def _open_fds() -> int:

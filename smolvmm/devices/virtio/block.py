@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from smolvmm.devices.virtio.blk_native import NativeRequests, native_module
 from smolvmm.devices.virtio.buffers import gather, scatter, slice_views, total_length
 from smolvmm.devices.virtio.cow import CowDisk
 from smolvmm.devices.virtio.device import VirtioDevice, bit
@@ -112,8 +113,13 @@ class VirtioBlock(VirtioDevice):
 
     async def serve(self, session: Session) -> None:
         # In a worker thread: a read that misses the page cache, or FLUSH's fdatasync, may block
-        # for as long as the host's storage takes; only this device waits for it.
-        await session.process_in_thread(0, self._handle)
+        # for as long as the host's storage takes; only this device waits for it. Reads and
+        # writes are served in C where it could be built (``blk_native``), the rest here.
+        module = native_module()
+        batch = None
+        if module is not None:
+            batch = NativeRequests(module, session.memory, self._disk.layout(), self.capacity, self.read_only)
+        await session.process_in_thread(0, self._handle, batch)
 
     def _handle(self, chain: DescriptorChain) -> int:
         request = parse_request(chain)

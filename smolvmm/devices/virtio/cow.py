@@ -20,7 +20,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from smolvmm.devices.virtio.buffers import slice_views, total_length
 from smolvmm.errors import ImageError
@@ -64,6 +64,18 @@ def _pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
             views = slice_views(views, done, left)
 
 
+class CowLayout(NamedTuple):
+    """A ``CowDisk`` as ``layout`` hands it out: file descriptors (overlay -1 when there is none), where
+    the overlay's copy of the disk starts, the disk's size, and the cluster map and its dirty pages."""
+
+    base: int
+    overlay: int
+    data_offset: int
+    size: int
+    bitmap: bytearray
+    dirty_pages: bytearray
+
+
 class CowDisk:
     """Reads and writes a disk of ``size`` bytes made of a base image and an overlay.
 
@@ -80,7 +92,7 @@ class CowDisk:
         self.read_only = read_only
         self._bitmap = bytearray(_round_up(_round_up(self.size, CLUSTER_SIZE) // CLUSTER_SIZE, 8 * 4096) // 8)
         self._data_offset = HEADER_SIZE + len(self._bitmap)
-        self._dirty_pages: set[int] = set()
+        self._dirty_pages = bytearray(len(self._bitmap) // 4096)  # 1: that page of the bitmap changed since a flush
         self._overlay: int | None = None
         try:
             self._overlay = self._open_overlay(overlay, _fingerprint(self._base, self.size))
@@ -203,19 +215,26 @@ class CowDisk:
     def _map(self, first: int, end: int) -> None:
         for cluster in range(first, end):
             self._bitmap[cluster >> 3] |= 1 << (cluster & 7)
-            self._dirty_pages.add((cluster >> 3) // 4096)
+            self._dirty_pages[(cluster >> 3) // 4096] = 1
 
     def flush(self) -> None:
         """Make every completed write durable: data first, then the cluster map that points at it."""
         if self._overlay is None or self.read_only:
             return
         os.fdatasync(self._overlay)
-        if self._dirty_pages:
-            for page in sorted(self._dirty_pages):
+        dirty = [page for page, changed in enumerate(self._dirty_pages) if changed]
+        if dirty:
+            for page in dirty:
                 chunk = self._bitmap[page * 4096 : (page + 1) * 4096]
                 os.pwrite(self._overlay, chunk, HEADER_SIZE + page * 4096)
-            self._dirty_pages.clear()
+                self._dirty_pages[page] = 0
             os.fdatasync(self._overlay)
+
+    def layout(self) -> CowLayout:
+        """The files and cluster map, for a request path outside Python that reads and writes
+        them as ``read_into`` and ``write_from`` do (``blk_native``); valid until ``close``."""
+        overlay = -1 if self._overlay is None else self._overlay
+        return CowLayout(self._base, overlay, self._data_offset, self.size, self._bitmap, self._dirty_pages)
 
     def export(self, dest: str | os.PathLike[str] | BinaryIO) -> None:
         """Write the current disk contents as a flat image, leaving holes where it is zero.

@@ -6,6 +6,7 @@ import os
 import select
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import anyio
 
@@ -15,6 +16,26 @@ from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 
 Producer = Callable[[DescriptorChain], "int | None"]
+
+
+class Batch(Protocol):
+    """Code that serves a queue by itself (native code, the GIL and the lock released), a batch at
+    a time: it takes and completes chains, writing their used elements and the used index."""
+
+    def start(self, queue: Queue) -> None:
+        """Take the queue's ring addresses and indices (the session's lock is held)."""
+
+    def run(self) -> bool:
+        """Serve the available chains; True when it stopped at one it leaves to the Python producer.
+        A malformed ring raises QueueError."""
+        ...
+
+    def finish(self, queue: Queue) -> int:
+        """Hand the indices back to the queue; returns how many chains were used (lock held)."""
+        ...
+
+    def cancel(self) -> None:
+        """From another thread (a reset): stop after the chain in hand, without using it."""
 
 
 def drain_eventfd(fd: int) -> None:
@@ -46,7 +67,8 @@ class Session:
         self._notify_fds = notify_fds
         self._lock = lock
         self._idle = threading.Condition(lock)
-        self._busy = False  # a chain is out with ``produce``, outside the lock
+        self._busy = False  # a chain is out with ``produce``, or a batch is running, outside the lock
+        self._cancel: Callable[[], None] | None = None  # stops the batch running, if any
         self._interrupt = interrupt
         self._in_kernel: list[int] = []  # queues a kernel data path holds (``serve_in_kernel``)
         self._stop_in_kernel: Callable[[int], int] | None = None
@@ -59,6 +81,8 @@ class Session:
         as with a real device's reset.
         """
         self.closed = True
+        if self._cancel is not None:
+            self._cancel()
         self._idle.wait_for(lambda: not self._busy)
         self._take_back(keep=False)
 
@@ -95,9 +119,9 @@ class Session:
             if keep:
                 self._queues[index].continue_from(self.memory, next_avail)
 
-    def fill(self, index: int, produce: Producer) -> int:
-        """Hand available chains to ``produce``, at most a queue's worth, until the ring is empty
-        or it returns None; returns how many it used.
+    def fill(self, index: int, produce: Producer, limit: int | None = None) -> int:
+        """Hand available chains to ``produce``, at most a queue's worth (or ``limit``), until the
+        ring is empty or it returns None; returns how many it used.
 
         ``produce`` returns the number of bytes it wrote into the chain (the used length), or
         None to leave the chain in the ring for later. It runs outside the lock, so it may take
@@ -106,7 +130,7 @@ class Session:
         """
         queue = self._queues[index]
         used = 0
-        for _ in range(queue.size):
+        for _ in range(queue.size if limit is None else limit):
             with self._lock:
                 chain = None if self.closed else queue.pop(self.memory)
                 if chain is None:
@@ -133,6 +157,33 @@ class Session:
         with self._lock:
             if used and not self.closed and queue.needs_interrupt():
                 self._interrupt()
+        return used
+
+    def fill_batches(self, index: int, batch: Batch, produce: Producer) -> int:
+        """Like ``fill``, with ``batch`` serving the chains and ``produce`` only those it leaves to
+        Python, one at a time; returns how many were used."""
+        queue = self._queues[index]
+        used = 0
+        for _ in range(queue.size):
+            with self._lock:
+                if self.closed or not queue.ready:
+                    break
+                batch.start(queue)
+                self._busy, self._cancel = True, batch.cancel
+            done = 0
+            try:
+                python_next = batch.run()
+            finally:
+                with self._lock:
+                    self._busy, self._cancel = False, None
+                    self._idle.notify_all()
+                    if not self.closed:  # after a reset, the queue's indices are its own again
+                        done = batch.finish(queue)
+                        if done and queue.needs_interrupt():
+                            self._interrupt()
+            used += done
+            if not python_next or not self.fill(index, produce, limit=1):
+                break
         return used
 
     def spread(self, index: int, size: int, write: Callable[[list[DescriptorChain]], list[int]]) -> bool:
@@ -204,12 +255,13 @@ class Session:
             if after_batch is not None:
                 await after_batch()
 
-    async def process_in_thread(self, index: int, handle: Producer) -> None:
+    async def process_in_thread(self, index: int, handle: Producer, batch: Batch | None = None) -> None:
         """Like ``process``, but in a thread of this session's own that sleeps on the queue's
         notify eventfd, so ``handle`` may block on the host (disk I/O, fdatasync) without
         stalling the event loop or any other device. Cancelling stops the thread after its
-        current batch and waits for it, so every chain taken is completed in the used ring."""
-        await self._in_thread(lambda stop: self._serve(index, handle, stop), "virtio-io")
+        current batch and waits for it, so every chain taken is completed in the used ring.
+        With ``batch``, it serves the chains and ``handle`` those it leaves (``fill_batches``)."""
+        await self._in_thread(lambda stop: self._serve(index, handle, batch, stop), "virtio-io")
 
     async def _in_thread(self, work: Callable[[int], None], name: str) -> None:
         """Run ``work(stop fd)`` in a thread until it fails (raised here) or, cancelled, until it
@@ -240,7 +292,7 @@ class Session:
             done.close()
         raise failure[0]  # uncancelled, the thread only ends on an error
 
-    def _serve(self, index: int, handle: Producer, stop: int) -> None:
+    def _serve(self, index: int, handle: Producer, batch: Batch | None, stop: int) -> None:
         """The thread of ``process_in_thread``: batches until ``stop`` (or an error)."""
         poll = select.poll()
         poll.register(stop, select.POLLIN)
@@ -248,7 +300,9 @@ class Session:
         while True:
             with self._lock:
                 available = not self.closed and self._queues[index].enable_notification()
-            if available:
+            if available and batch is not None:
+                self.fill_batches(index, batch, handle)
+            elif available:
                 self.fill(index, handle)
             ready = dict(poll.poll(0 if available else None))
             if stop in ready:

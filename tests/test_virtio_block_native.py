@@ -1,0 +1,176 @@
+"""virtio-blk's C request loop against its Python path: for the same rings, the same guest memory,
+used ring, device status and disk afterwards, whether the requests are sound or hostile."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from virtio_driver import HEAP_START, RING_FEATURES, Driver, serve_until_settled
+
+from smolvmm.devices.virtio import block
+from smolvmm.devices.virtio.blk_native import native_module
+from smolvmm.devices.virtio.block import T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlock
+from smolvmm.devices.virtio.mmio import STATUS_NEEDS_RESET
+from smolvmm.devices.virtio.queue import Queue
+from smolvmm.devices.virtio.session import Session
+from smolvmm.host.memory import GuestMemory
+
+DISK_SIZE = 1 << 20
+QUEUE = 64
+Setup = Callable[[Driver], int]  # posts chains on queue 0, returns how many
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("native") / "base.img"
+    path.write_bytes(bytes(range(251)) * (DISK_SIZE // 251) + bytes(DISK_SIZE % 251))
+    return path
+
+
+def test_the_request_loop_is_built_here() -> None:
+    # tools/setup builds it (gcc and the Python headers are there); without it the rest compares
+    # the Python path with itself.
+    assert native_module() is not None
+
+
+def serve(base: Path, work: Path, setup: Setup, native: bool) -> tuple[object, ...]:
+    """Run a fresh device over ``base`` on the chains ``setup`` posts; what the guest and disk show."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not native:
+            patch.setattr(block, "native_module", lambda: None)
+        device = VirtioBlock(base)
+        driver = Driver(device)
+        driver.start(RING_FEATURES, size=QUEUE)
+        serve_until_settled(driver, setup(driver), timeout=5)
+        image = work / f"export-{native}.img"
+        device.export(image)
+        seen = (
+            bool(driver.read(0x070) & STATUS_NEEDS_RESET),
+            driver.take_used(0),
+            # the buffers; the rings' avail_event changes with when the device thread last looked
+            hashlib.sha256(driver.memory.region_view(0)[HEAP_START:]).hexdigest(),
+            hashlib.sha256(image.read_bytes()).hexdigest(),
+        )
+        driver.transport.close()
+        return seen
+
+
+def alike(base: Path, work: Path, setup: Setup) -> None:
+    assert serve(base, work, setup, native=True) == serve(base, work, setup, native=False)
+
+
+requests = st.lists(
+    st.tuples(
+        st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID, 3]),
+        st.integers(0, DISK_SIZE // 512 + 2)
+        | st.integers(DISK_SIZE // 512 - 20, DISK_SIZE // 512)
+        | st.integers(0, 2**64 - 1),
+        st.lists(st.sampled_from([512, 1024, 4096, 8192]) | st.integers(0, 5000), max_size=4),
+        st.integers(0, 16),  # where the header is split in two descriptors (0: not split)
+        st.booleans(),  # the status byte is the last byte of the last data buffer
+        st.booleans(),  # through an indirect table
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chains=requests, fill=st.integers(0, 255))
+def test_sound_requests_end_alike(base: Path, tmp_path: Path, chains, fill: int) -> None:
+    """Reads, writes (copy-up of partial clusters included), bounds, FLUSH and GET_ID in any mix."""
+
+    def setup(driver: Driver) -> int:
+        for n, (type_, sector, lengths, split, status_in_data, indirect) in enumerate(chains):
+            header = driver.alloc(16, struct.pack("<IIQ", type_, 0, sector))
+            buffers = [(header, split, False), (header + split, 16 - split, False)] if split else [(header, 16, False)]
+            writable = type_ in (T_IN, T_GET_ID)
+            for i, length in enumerate(lengths):
+                extra = 1 if status_in_data and writable and i + 1 == len(lengths) else 0
+                data = bytes([(fill + n + i) & 0xFF]) * length
+                buffers.append((driver.alloc(length + extra, data), length + extra, writable))
+            if not (status_in_data and writable and lengths):
+                buffers.append((driver.alloc(1, b"\xff"), 1, True))
+            driver.submit(0, buffers, indirect=indirect, kick=False)
+        driver.kick(0)
+        return len(chains)
+
+    alike(base, tmp_path, setup)
+
+
+descriptors = st.tuples(
+    st.integers(HEAP_START, HEAP_START + 0x10000) | st.integers(0, 2**64 - 1),
+    st.integers(0, 0x2000) | st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 1, 2, 3, 4]) | st.integers(0, 0xFFFF),
+    st.integers(0, QUEUE + 1),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    table=st.lists(descriptors, min_size=QUEUE, max_size=QUEUE),
+    heads=st.lists(st.integers(0, QUEUE + 1), min_size=1, max_size=8),
+    header=st.tuples(st.sampled_from([T_IN, T_OUT, 3]), st.integers(0, 2100) | st.integers(0, 2**64 - 1)),
+)
+def test_hostile_rings_end_alike(base: Path, tmp_path: Path, table, heads, header) -> None:
+    """Arbitrary descriptor tables: the same requests served, or the same ring found malformed."""
+
+    def setup(driver: Driver) -> int:
+        for gpa in range(HEAP_START, HEAP_START + 0x10000, 0x1000):
+            driver.memory.write(gpa, struct.pack("<IIQ", header[0], 0, header[1]))
+        for i, (gpa, length, flags, nxt) in enumerate(table):
+            driver.memory.write(driver.desc_addr(0) + 16 * i, struct.pack("<QIHH", gpa, length, flags, nxt))
+        for head in heads:
+            driver.publish(0, head)
+        driver.kick(0)
+        return len(heads)
+
+    alike(base, tmp_path, setup)
+
+
+class StalledBatch:
+    """A ``session.Batch`` whose request never completes until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.running, self.cancelled = threading.Event(), threading.Event()
+        self.finished = 0
+
+    def start(self, queue: Queue) -> None:
+        pass
+
+    def run(self) -> bool:
+        self.running.set()
+        assert self.cancelled.wait(10)
+        return False
+
+    def finish(self, queue: Queue) -> int:
+        self.finished += 1
+        return 1
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_a_reset_stops_the_batch_in_flight_and_leaves_the_queue_to_the_reset() -> None:
+    memory, queue, lock = GuestMemory.anonymous([(0, 1 << 20)]), Queue(16), threading.Lock()
+    queue.ready = True
+    interrupts: list[int] = []
+    session = Session(memory, [queue], [-1], lock, lambda: interrupts.append(1))
+    batch = StalledBatch()
+    served: list[int] = []
+    worker = threading.Thread(target=lambda: served.append(session.fill_batches(0, batch, lambda chain: 0)))
+    worker.start()
+    assert batch.running.wait(10)
+    with lock:  # as the transport does on the driver's reset, from a vCPU thread
+        session.close()
+    worker.join(10)
+    assert batch.cancelled.is_set() and not worker.is_alive()
+    assert (served, batch.finished, interrupts) == ([0], 0, [])  # the indices were not handed back
+    memory.close()

@@ -16,7 +16,7 @@ from virtio_driver import HEAP_START, RING_FEATURES, Driver, serve_until_settled
 
 from smolvmm.devices.virtio import block
 from smolvmm.devices.virtio.blk_native import native_module
-from smolvmm.devices.virtio.block import T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlock
+from smolvmm.devices.virtio.block import MAX_DATA, S_IOERR, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlock
 from smolvmm.devices.virtio.mmio import STATUS_NEEDS_RESET
 from smolvmm.devices.virtio.queue import Queue
 from smolvmm.devices.virtio.session import Session
@@ -133,6 +133,32 @@ def test_hostile_rings_end_alike(base: Path, tmp_path: Path, table, heads, heade
         return len(heads)
 
     alike(base, tmp_path, setup)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_request_longer_than_seg_max_times_size_max_fails(tmp_path: Path, native: bool) -> None:
+    """Buffers naming the same guest pages again and again add up to more than any driver sends
+    (and than a used element's 32 bits): the request fails, the disk untouched."""
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(2 * MAX_DATA)
+    with pytest.MonkeyPatch.context() as patch:
+        if not native:
+            patch.setattr(block, "native_module", lambda: None)
+        driver = Driver(VirtioBlock(big))
+        driver.start(RING_FEATURES, size=QUEUE)
+        page = driver.alloc(8 << 20)
+        pieces = MAX_DATA // (8 << 20) + 1
+        for type_, writable in ((T_IN, True), (T_OUT, False)):
+            header = driver.alloc(16, struct.pack("<IIQ", type_, 0, 0))
+            status = driver.alloc(1, b"\xff")
+            buffers = [(header, 16, False), *[(page, 8 << 20, writable)] * pieces, (status, 1, True)]
+            driver.submit(0, buffers, indirect=True, kick=False)
+        driver.kick(0)
+        serve_until_settled(driver, 2)
+        assert driver.take_used(0) == [(0, 1), (1, 1)]
+        assert driver.memory.read(status, 1)[0] == S_IOERR
+        driver.transport.close()
 
 
 class StalledBatch:

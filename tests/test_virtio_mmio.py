@@ -13,6 +13,7 @@ from virtio_driver import RING_FEATURES, Driver, running
 from smolvmm.devices.virtio.device import F_VERSION_1
 from smolvmm.devices.virtio.mmio import (
     MAGIC,
+    STATUS_ACKNOWLEDGE,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
@@ -70,6 +71,21 @@ def test_reset_clears_status_and_queues() -> None:
     assert driver.read(0x070) == 0
     assert driver.read(0x044) == 0
     assert driver.transport.save_state().queues[0].desc_addr == 0
+
+
+def test_a_status_bit_is_cleared_only_by_a_reset() -> None:
+    driver = Driver(VirtioRng())
+    driver.start()
+    live = driver.read(0x070)
+    assert live & STATUS_DRIVER_OK
+    driver.write(0x070, STATUS_ACKNOWLEDGE)  # §2.1.2: not a reset, so nothing is cleared
+    assert driver.read(0x070) == live
+    driver.write(0x030, 0)
+    driver.write(0x044, 0)  # a queue may still be stopped, but not moved and restarted
+    driver.write(0x080, 0x4000)
+    driver.write(0x044, 1)
+    assert driver.read(0x044) == 0
+    assert driver.transport.save_state().queues[0].desc_addr != 0x4000
 
 
 def test_queue_can_be_stopped_but_not_restarted_while_live() -> None:

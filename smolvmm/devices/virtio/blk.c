@@ -2,8 +2,8 @@
    block.py's parse_request and _execute, and cow.py's CowDisk, for IN and OUT requests (and the
    malformed and unsupported ones); a FLUSH or GET_ID is left in the ring for the Python device.
 
-   Everything the guest wrote (ring entries, descriptors, headers) is copied into locals once and
-   checked there, never read twice. Built by smolvmm/devices/virtio/blk_native.py. Its system calls
+   Everything the guest wrote (ring entries, descriptors, headers) is copied into locals once
+   (read_once: volatile, so the compiler cannot load it again after the check) and checked there. Built by smolvmm/devices/virtio/blk_native.py. Its system calls
    are those of the Python path, which the jail's seccomp filter allows (preadv2, pwritev). */
 #ifndef _GNU_SOURCE /* for preadv2; Python's headers define it first */
 #define _GNU_SOURCE
@@ -34,6 +34,7 @@
 #define CLUSTER 4096
 #define BITMAP_PAGE 4096
 #define MAX_QUEUE 256
+#define MAX_DATA (254ull << 20) /* block.py's MAX_DATA: seg_max x size_max */
 #define MAX_IOV (MAX_QUEUE + 2) /* a chain's buffers, and a copy-up's head and tail */
 
 /* cdef: what Python sees (blk_native.py hands the text from here to "cdef end" to cffi) */
@@ -48,7 +49,7 @@ typedef struct smol_blk {
     int base_fd, overlay_fd, read_only;
     uint64_t disk_size, capacity_sectors, data_offset;
     uint8_t *bitmap, *dirty;
-    volatile int stop;
+    int stop;
     uint32_t completed, io_errors;
     int io_errno;
     char error[200];
@@ -77,7 +78,11 @@ static uint8_t *guest(const smol_blk *b, uint64_t gpa, uint64_t len) {
     return NULL;
 }
 
-static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static void read_once(void *into, const uint8_t *guest_bytes, size_t n) {
+    const volatile uint8_t *from = guest_bytes;
+    uint8_t *to = into;
+    for (size_t i = 0; i < n; i++) to[i] = from[i];
+}
 
 /* parse_chain, with its messages. */
 static int walk(smol_blk *b, uint16_t head, struct chain *c) {
@@ -97,11 +102,13 @@ static int walk(smol_blk *b, uint16_t head, struct chain *c) {
     uint32_t ttl = b->size;
     int in_indirect = 0;
     for (;;) {
+        uint8_t raw[16];
         struct desc d;
-        memcpy(&d.addr, table + index * 16, 8);
-        memcpy(&d.len, table + index * 16 + 8, 4);
-        memcpy(&d.flags, table + index * 16 + 12, 2);
-        memcpy(&d.next, table + index * 16 + 14, 2);
+        read_once(raw, table + index * 16, 16);
+        memcpy(&d.addr, raw, 8);
+        memcpy(&d.len, raw + 8, 4);
+        memcpy(&d.flags, raw + 12, 2);
+        memcpy(&d.next, raw + 14, 2);
         if (d.flags & DESC_F_INDIRECT) {
             if (in_indirect) return fail(b, "nested indirect descriptor table");
             if (!b->indirect) return fail(b, "indirect descriptor without VIRTIO_F_INDIRECT_DESC");
@@ -271,7 +278,7 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
     *written = 0;
     for (uint32_t i = 0; i < c->nreadable && got < 16; i++) {
         uint64_t part = c->readable[i].iov_len < 16 - got ? c->readable[i].iov_len : 16 - got;
-        memcpy(header + got, c->readable[i].iov_base, part);
+        read_once(header + got, c->readable[i].iov_base, part);
         got += part;
     }
     if (got < 16) { *status = S_IOERR; return 0; }
@@ -289,7 +296,8 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
         ndata = slice(c->readable, c->nreadable, 16, iov_length(c->readable, c->nreadable), data, 0);
     }
     uint64_t length = iov_length(data, ndata);
-    if (length % SECTOR || sector > b->capacity_sectors || length > (b->capacity_sectors - sector) * SECTOR) {
+    if (length % SECTOR || length > MAX_DATA || sector > b->capacity_sectors ||
+        length > (b->capacity_sectors - sector) * SECTOR) {
         *status = S_IOERR;
         return 0;
     }
@@ -313,12 +321,15 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
 int smol_blk_run(smol_blk *b) {
     char message[160];
     b->completed = 0;
+    /* Queue.validate checked all this when the queue became ready, and the addresses cannot change
+       until a reset (mmio.py); checked again, as nothing from the guest is trusted here. */
     if (b->size == 0 || b->size > MAX_QUEUE || (b->size & (b->size - 1)))
         return fail(b, "queue size is not a power of two <= 256");
+    if (b->desc_addr % 16 || b->avail_addr % 2 || b->used_addr % 4) return fail(b, "the rings are misaligned");
     uint8_t *avail = guest(b, b->avail_addr, 6 + 2 * (uint64_t)b->size);
     uint8_t *used = guest(b, b->used_addr, 6 + 8 * (uint64_t)b->size);
     if (!avail || !used) return fail(b, "the rings are outside guest RAM");
-    for (uint32_t round = 0; round < b->size && !b->stop; round++) {
+    for (uint32_t round = 0; round < b->size && !__atomic_load_n(&b->stop, __ATOMIC_RELAXED); round++) {
         uint16_t index = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
         uint16_t count = (uint16_t)(index - b->next_avail);
         if (count > b->size) {
@@ -327,7 +338,8 @@ int smol_blk_run(smol_blk *b) {
             return fail(b, message);
         }
         if (count == 0) return 0;
-        uint16_t head = load_u16(avail + 4 + 2 * (b->next_avail % b->size));
+        uint16_t head;
+        read_once(&head, avail + 4 + 2 * (b->next_avail % b->size), 2);
         struct chain c;
         if (walk(b, head, &c)) { b->next_avail++; return -1; }
         uint8_t *status = NULL;
@@ -339,7 +351,7 @@ int smol_blk_run(smol_blk *b) {
         if (execute(b, &c, &result, &written)) return 1;
         b->next_avail++;
         *status = result;
-        if (b->stop) return 0; /* a reset: the driver has forgotten this ring */
+        if (__atomic_load_n(&b->stop, __ATOMIC_RELAXED)) return 0; /* a reset: the driver has forgotten this ring */
         uint8_t *element = used + 4 + 8 * (b->next_used % b->size);
         uint32_t id = head, length = written + 1;
         memcpy(element, &id, 4);

@@ -62,7 +62,7 @@ class NativeRequests:
         b.desc_addr, b.avail_addr, b.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
         b.size, b.indirect = queue.size, queue.indirect
         b.next_avail, b.next_used = queue.next_avail, queue.next_used
-        b.completed = b.io_errors = 0
+        b.completed = b.io_errors = b.stop = 0
 
     def run(self) -> bool:
         b = self._state

@@ -39,6 +39,7 @@ SECTOR_SIZE = 512
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2  # every request also needs a header and a status descriptor
 SIZE_MAX = 1 << 20
+MAX_DATA = SEG_MAX * SIZE_MAX  # the most a driver keeping to seg_max and size_max sends in one request
 ID_BYTES = 20
 _HEADER = struct.Struct("<IIQ")
 _log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ class VirtioBlock(VirtioDevice):
         length = total_length(request.data)
         if request.type in (T_IN, T_OUT):
             offset = request.sector * SECTOR_SIZE
-            if length % SECTOR_SIZE or offset + length > self.capacity * SECTOR_SIZE:
+            # A longer request (buffers repeating the same guest pages) is failed, not served: its
+            # used length would not fit the used element's 32 bits.
+            if length % SECTOR_SIZE or length > MAX_DATA or offset + length > self.capacity * SECTOR_SIZE:
                 return S_IOERR, 0
             if request.type == T_IN:
                 self._disk.read_into(offset, request.data)

@@ -59,6 +59,8 @@ def _pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
     left = total_length(views)
     while left:
         done = os.pwritev(fd, views, offset)
+        if done == 0:
+            raise OSError(f"nothing written at {offset}")
         offset, left = offset + done, left - done
         if left:
             views = slice_views(views, done, left)
@@ -207,8 +209,10 @@ class CowDisk:
                 continue
             first = start // CLUSTER_SIZE * CLUSTER_SIZE
             last = min(_round_up(start + length, CLUSTER_SIZE), self.size)
-            head = memoryview(os.pread(self._base, start - first, first))
-            tail = memoryview(os.pread(self._base, last - start - length, start + length))
+            head = memoryview(bytearray(start - first))
+            tail = memoryview(bytearray(last - start - length))
+            _preadv_all(self._base, [head], first)  # a base cut short under us fails, never shifts the data
+            _preadv_all(self._base, [tail], start + length)
             _pwritev_all(self._overlay, [head, *data, tail], self._data_offset + first)
             self._map(first // CLUSTER_SIZE, _round_up(last, CLUSTER_SIZE) // CLUSTER_SIZE)
 

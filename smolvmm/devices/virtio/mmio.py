@@ -185,7 +185,9 @@ class MmioTransport:
         if value == 0:
             self._reset()
             return
-        new = value & ~STATUS_NEEDS_RESET & _STATUS_ALL | self._status & STATUS_NEEDS_RESET
+        # §2.1.2: the driver must not clear a status bit but by a reset. One that tries keeps them,
+        # so no queue is reconfigured under a live session (its rings were checked at DRIVER_OK).
+        new = (value | self._status) & ~STATUS_NEEDS_RESET & _STATUS_ALL | self._status & STATUS_NEEDS_RESET
         if new & STATUS_FEATURES_OK and not self._status & STATUS_FEATURES_OK:
             # §2.2.2: refuse FEATURES_OK when the driver accepted anything not offered.
             if self._driver_features & ~self._offered or not self._driver_features & bit(F_VERSION_1):

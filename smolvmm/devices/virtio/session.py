@@ -164,7 +164,7 @@ class Session:
         Python, one at a time; returns how many were used."""
         queue = self._queues[index]
         used = 0
-        for _ in range(queue.size):
+        while used < queue.size:  # as ``fill``: the thread looks at its stop fd at least this often
             with self._lock:
                 if self.closed or not queue.ready:
                     break
@@ -184,6 +184,7 @@ class Session:
             used += done
             if not python_next or not self.fill(index, produce, limit=1):
                 break
+            used += 1
         return used
 
     def spread(self, index: int, size: int, write: Callable[[list[DescriptorChain]], list[int]]) -> bool:

@@ -52,7 +52,15 @@ def test_doctor_names_the_package_of_each_missing_tool(tmp_path: Path) -> None:
 def test_doctor_json() -> None:
     report = json.loads(doctor("--json").stdout)
     assert report["kvm"]["kind"] == probe().kind
-    assert {t["package"] for t in report["tools"]} >= {"apt", "dpkg", "gcc", "libc6-dev", "qemu-system-x86"}
+    assert {t["package"] for t in report["tools"]} >= {
+        "apt",
+        "dpkg",
+        "gcc",
+        "libc6-dev",
+        "qemu-system-x86",
+        "python3-dev",
+    }
+    assert next(t for t in report["tools"] if t["name"] == "Python.h")["present"]  # tools/setup builds with it
     assert isinstance(report["can_run_guests"], bool) and report["cache"]["path"] == str(cache_root())
 
 

@@ -13,6 +13,7 @@ import platform
 import pwd
 import shutil
 import stat
+import sysconfig
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,11 @@ OTHER_TOOLS = (
     HostTool("passt", "passt", "user networking without root (--net user)"),
     HostTool(
         "/usr/lib/*/libseccomp.so.2", "libseccomp2", "the seccomp filter of the jail (run/boot as root, or --jail)"
+    ),
+    HostTool(
+        os.path.join(sysconfig.get_paths()["include"], "Python.h"),
+        "python3-dev",
+        "the save's page scanner and virtio-blk's request loop in C (without: slower Python paths)",
     ),
 )
 

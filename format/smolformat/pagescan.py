@@ -18,6 +18,7 @@ scanner is used (several times slower).
 
 from __future__ import annotations
 
+import functools
 import os
 from array import array
 from typing import Any
@@ -154,17 +155,10 @@ int smol_classify(smol_table *t, const uint8_t *base, size_t size, const uint64_
 """
 
 
-_native: Any | None = None
-_native_tried = False
-
-
+@functools.cache
 def native_module() -> Any | None:
     """The compiled scanner module (built on first call), or None."""
-    global _native, _native_tried
-    if not _native_tried:
-        _native_tried = True
-        _native = compiled("_smolformat_pagescan", _CDEF, _SOURCE)
-    return _native
+    return compiled("_smolformat_pagescan", _CDEF, _SOURCE)
 
 
 def _anonymous_ranges() -> list[tuple[int, int]]:

@@ -3,13 +3,15 @@
    malformed and unsupported ones); a FLUSH or GET_ID is left in the ring for the Python device.
 
    Everything the guest wrote (ring entries, descriptors, headers) is copied into locals once
-   (read_once: volatile, so the compiler cannot load it again after the check) and checked there. Built by smolvmm/devices/virtio/blk_native.py. Its system calls
-   are those of the Python path, which the jail's seccomp filter allows (preadv2, pwritev). */
+   (read_once: volatile, so the compiler cannot load it again after the check) and checked there.
+   Built by smolvmm/devices/virtio/blk_native.py. Its system calls are those of the Python path,
+   which the jail's seccomp filter allows (preadv2, pwritev). */
 #ifndef _GNU_SOURCE /* for preadv2; Python's headers define it first */
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -60,8 +62,12 @@ int smol_blk_run(smol_blk *b);
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct chain { struct iovec readable[MAX_QUEUE], writable[MAX_QUEUE]; uint32_t nreadable, nwritable; };
 
-static int fail(smol_blk *b, const char *message) {
-    snprintf(b->error, sizeof b->error, "%s", message);
+/* The QueueError text, as printf formats it; returns -1. */
+__attribute__((format(printf, 2, 3))) static int fail(smol_blk *b, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(b->error, sizeof b->error, format, args);
+    va_end(args);
     return -1;
 }
 
@@ -86,18 +92,12 @@ static void read_once(void *into, const uint8_t *guest_bytes, size_t n) {
 
 /* parse_chain, with its messages. */
 static int walk(smol_blk *b, uint16_t head, struct chain *c) {
-    char message[160];
     c->nreadable = c->nwritable = 0;
-    if (head >= b->size) {
-        snprintf(message, sizeof message, "descriptor head %u is beyond the queue size %u", head, b->size);
-        return fail(b, message);
-    }
+    if (head >= b->size) return fail(b, "descriptor head %u is beyond the queue size %u", head, b->size);
     const uint8_t *table = guest(b, b->desc_addr, (uint64_t)b->size * 16);
-    if (!table) {
-        snprintf(message, sizeof message, "descriptor table 0x%" PRIx64 "+0x%" PRIx64 " is outside guest RAM",
-                 b->desc_addr, (uint64_t)b->size * 16);
-        return fail(b, message);
-    }
+    if (!table)
+        return fail(b, "descriptor table 0x%" PRIx64 "+0x%" PRIx64 " is outside guest RAM", b->desc_addr,
+                    (uint64_t)b->size * 16);
     uint64_t table_size = b->size, index = head;
     uint32_t ttl = b->size;
     int in_indirect = 0;
@@ -113,31 +113,18 @@ static int walk(smol_blk *b, uint16_t head, struct chain *c) {
             if (in_indirect) return fail(b, "nested indirect descriptor table");
             if (!b->indirect) return fail(b, "indirect descriptor without VIRTIO_F_INDIRECT_DESC");
             if (d.flags & DESC_F_NEXT) return fail(b, "indirect descriptor also has NEXT set");
-            if (d.len == 0 || d.len % 16) {
-                snprintf(message, sizeof message, "indirect table length %u is not a multiple of 16", d.len);
-                return fail(b, message);
-            }
+            if (d.len == 0 || d.len % 16) return fail(b, "indirect table length %u is not a multiple of 16", d.len);
             table = guest(b, d.addr, d.len);
-            if (!table) {
-                snprintf(message, sizeof message, "indirect table 0x%" PRIx64 "+0x%x is outside guest RAM", d.addr,
-                         d.len);
-                return fail(b, message);
-            }
+            if (!table) return fail(b, "indirect table 0x%" PRIx64 "+0x%x is outside guest RAM", d.addr, d.len);
             table_size = d.len / 16;
             index = 0;
             in_indirect = 1;
             continue;
         }
-        if (ttl == 0) {
-            snprintf(message, sizeof message, "descriptor chain is longer than the queue size %u (a loop?)", b->size);
-            return fail(b, message);
-        }
+        if (ttl == 0) return fail(b, "descriptor chain is longer than the queue size %u (a loop?)", b->size);
         ttl--;
         uint8_t *host = guest(b, d.addr, d.len);
-        if (!host) {
-            snprintf(message, sizeof message, "buffer 0x%" PRIx64 "+0x%x is outside guest RAM", d.addr, d.len);
-            return fail(b, message);
-        }
+        if (!host) return fail(b, "buffer 0x%" PRIx64 "+0x%x is outside guest RAM", d.addr, d.len);
         struct iovec v = {host, d.len};
         if (d.flags & DESC_F_WRITE) {
             c->writable[c->nwritable++] = v;
@@ -147,11 +134,8 @@ static int walk(smol_blk *b, uint16_t head, struct chain *c) {
             c->readable[c->nreadable++] = v;
         }
         if (!(d.flags & DESC_F_NEXT)) return 0;
-        if (d.next >= table_size) {
-            snprintf(message, sizeof message, "next descriptor %u is beyond its table (%" PRIu64 ")", d.next,
-                     table_size);
-            return fail(b, message);
-        }
+        if (d.next >= table_size)
+            return fail(b, "next descriptor %u is beyond its table (%" PRIu64 ")", d.next, table_size);
         index = d.next;
     }
 }
@@ -178,27 +162,15 @@ static uint32_t slice(const struct iovec *v, uint32_t n, uint64_t start, uint64_
     return used;
 }
 
-static int preadv_all(int fd, struct iovec *v, uint32_t n, uint64_t offset) {
+/* All of v[0..n) at offset, through preadv2 or pwritev, however short each call comes back;
+   a call that moves nothing (the image ended early, or a full device) is EIO. */
+static int transfer_all(int fd, struct iovec *v, uint32_t n, uint64_t offset, int write) {
     uint64_t left = iov_length(v, n);
     while (left) {
-        ssize_t done = preadv2(fd, v, (int)n, (off_t)offset, 0);
+        ssize_t done = write ? pwritev(fd, v, (int)n, (off_t)offset) : preadv2(fd, v, (int)n, (off_t)offset, 0);
         if (done < 0 && errno == EINTR) continue;
         if (done < 0) return -1;
-        if (done == 0) { errno = EIO; return -1; } /* the image ended early */
-        offset += (uint64_t)done;
-        left -= (uint64_t)done;
-        while (n && (uint64_t)done >= v->iov_len) { done -= (ssize_t)v->iov_len; v++; n--; }
-        if (n) { v->iov_base = (uint8_t *)v->iov_base + done; v->iov_len -= (size_t)done; }
-    }
-    return 0;
-}
-
-static int pwritev_all(int fd, struct iovec *v, uint32_t n, uint64_t offset) {
-    uint64_t left = iov_length(v, n);
-    while (left) {
-        ssize_t done = pwritev(fd, v, (int)n, (off_t)offset);
-        if (done < 0 && errno == EINTR) continue;
-        if (done <= 0) { if (done == 0) errno = EIO; return -1; }
+        if (done == 0) { errno = EIO; return -1; }
         offset += (uint64_t)done;
         left -= (uint64_t)done;
         while (n && (uint64_t)done >= v->iov_len) { done -= (ssize_t)v->iov_len; v++; n--; }
@@ -226,7 +198,7 @@ static int read_disk(smol_blk *b, const struct iovec *data, uint32_t n, uint64_t
         uint64_t stop = run_end(b, start, offset + length, &in_overlay);
         uint32_t count = slice(data, n, start - offset, stop - start, piece, 0);
         int fd = in_overlay ? b->overlay_fd : b->base_fd;
-        if (preadv_all(fd, piece, count, in_overlay ? b->data_offset + start : start)) return -1;
+        if (transfer_all(fd, piece, count, in_overlay ? b->data_offset + start : start, 0)) return -1;
         start = stop;
     }
     return 0;
@@ -234,7 +206,7 @@ static int read_disk(smol_blk *b, const struct iovec *data, uint32_t n, uint64_t
 
 static int pread_all(int fd, uint8_t *into, uint64_t length, uint64_t offset) {
     struct iovec v = {into, length};
-    return length ? preadv_all(fd, &v, 1, offset) : 0;
+    return length ? transfer_all(fd, &v, 1, offset, 0) : 0;
 }
 
 /* CowDisk.write_from: into the overlay, a cluster met for the first time copied up whole. */
@@ -246,7 +218,7 @@ static int write_disk(smol_blk *b, const struct iovec *data, uint32_t n, uint64_
         uint64_t stop = run_end(b, start, offset + length, &in_overlay);
         if (in_overlay) {
             uint32_t count = slice(data, n, start - offset, stop - start, piece, 0);
-            if (pwritev_all(b->overlay_fd, piece, count, b->data_offset + start)) return -1;
+            if (transfer_all(b->overlay_fd, piece, count, b->data_offset + start, 1)) return -1;
         } else {
             uint64_t first = start / CLUSTER * CLUSTER;
             uint64_t last = (stop + CLUSTER - 1) / CLUSTER * CLUSTER;
@@ -257,7 +229,7 @@ static int write_disk(smol_blk *b, const struct iovec *data, uint32_t n, uint64_
             piece[0] = (struct iovec){head, start - first};
             uint32_t count = slice(data, n, start - offset, stop - start, piece, 1);
             piece[count++] = (struct iovec){tail, last - stop};
-            if (pwritev_all(b->overlay_fd, piece, count, b->data_offset + first)) return -1;
+            if (transfer_all(b->overlay_fd, piece, count, b->data_offset + first, 1)) return -1;
             for (uint64_t cluster = first / CLUSTER; cluster < (last + CLUSTER - 1) / CLUSTER; cluster++) {
                 b->bitmap[cluster >> 3] |= (uint8_t)(1 << (cluster & 7));
                 b->dirty[(cluster >> 3) / BITMAP_PAGE] = 1;
@@ -319,7 +291,6 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
    or ``stop`` was set; 1 when the next request is one for the Python device (left in the ring);
    -1 when the ring is malformed (``error`` says how). ``completed`` counts the chains used. */
 int smol_blk_run(smol_blk *b) {
-    char message[160];
     b->completed = 0;
     /* Queue.validate checked all this when the queue became ready, and the addresses cannot change
        until a reset (mmio.py); checked again, as nothing from the guest is trusted here. */
@@ -332,11 +303,8 @@ int smol_blk_run(smol_blk *b) {
     for (uint32_t round = 0; round < b->size && !__atomic_load_n(&b->stop, __ATOMIC_RELAXED); round++) {
         uint16_t index = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
         uint16_t count = (uint16_t)(index - b->next_avail);
-        if (count > b->size) {
-            snprintf(message, sizeof message, "available index ran %u entries ahead of a %u-entry queue", count,
-                     b->size);
-            return fail(b, message);
-        }
+        if (count > b->size)
+            return fail(b, "available index ran %u entries ahead of a %u-entry queue", count, b->size);
         if (count == 0) return 0;
         uint16_t head;
         read_once(&head, avail + 4 + 2 * (b->next_avail % b->size), 2);

@@ -10,6 +10,7 @@ and GET_ID stay in Python (``VirtioBlock._handle``). Built like the page scanner
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from importlib import resources
@@ -20,22 +21,18 @@ from smolvmm.devices.virtio.cow import CowLayout
 from smolvmm.devices.virtio.queue import Queue, QueueError
 from smolvmm.host.memory import GuestMemory
 
-DONE, PYTHON_NEXT, BROKEN = 0, 1, -1
+PYTHON_NEXT, BROKEN = 1, -1  # smol_blk_run's outcomes besides 0 (the batch is done)
 _log = logging.getLogger(__name__)
-_module: Any | None = None
-_tried = False
 
 
+@functools.cache
 def native_module() -> Any | None:
     """The compiled request loop (built on first call), or None where it cannot be built; set
     ``SMOLVMM_BLK_PYTHON=1`` to serve every request in Python."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
-        source = resources.files(__package__).joinpath("blk.c").read_text()
-        cdef = source[source.index("/* cdef:") : source.index("/* cdef end */")]
-        _module = None if os.environ.get("SMOLVMM_BLK_PYTHON") else compiled("_smolvmm_blk", cdef, source)
-    return _module
+    if os.environ.get("SMOLVMM_BLK_PYTHON"):
+        return None
+    source = resources.files(__package__).joinpath("blk.c").read_text()
+    return compiled("_smolvmm_blk", source[source.index("/* cdef:") : source.index("/* cdef end */")], source)
 
 
 class NativeRequests:

@@ -18,6 +18,7 @@ import copy
 import ctypes
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ class DoubleHost:
     hypervisors: list[DoubleHypervisor] = field(default_factory=list)
     vms: list[DoubleVm] = field(default_factory=list)
     host_ns: int = 1_000_000_000  # the host's clock, moved only by ``host_time_passes``
+    slot_seconds: float = 0.0  # how long registering a RAM slot takes (KVM takes milliseconds)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def open(self) -> DoubleHypervisor:
@@ -235,6 +237,7 @@ class DoubleVm:
             raise HypervisorError(f"KVM_SET_USER_MEMORY_REGION slot {slot}: File exists")
         if gpa % PAGE or size % PAGE or host_address % PAGE or not host_address:
             raise HypervisorError(f"KVM_SET_USER_MEMORY_REGION slot {slot}: Invalid argument")
+        time.sleep(self.host.slot_seconds)
         self.slots[slot] = Slot(gpa, size, host_address, log_dirty)
 
     def dirty_pages(self, slot: int, size: int) -> bytes:
@@ -372,6 +375,7 @@ class DoubleVcpu:
         self.host.record(self.name, "run")
         if self.closed:
             raise HypervisorError("KVM_RUN: Bad file descriptor")
+        self._needs_ram("run")
         self.in_run = self.has_run = True
         stop = Stop(StopKind.CRASH, "not returned")
         try:
@@ -421,8 +425,14 @@ class DoubleVcpu:
         with self._cond:
             self._interrupted = False
 
+    def _needs_ram(self, what: str) -> None:
+        """KVM resolves guest addresses in some vCPU state (MSRs naming guest pages) as it is set."""
+        if not self.vm.slots:
+            self.host.breach(f"{self.name}: {what} before guest RAM was registered")
+
     def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
         self.host.record(self.name, "set_boot_state", vcpus, entry, argument)
+        self._needs_ram("boot state set")
         if self.has_run:
             self.host.breach(f"{self.name}: boot state set after it ran")
         self.state["mp_state"] = {"mp_state": MP_RUNNABLE if self.id == 0 else MP_UNINITIALIZED}
@@ -437,6 +447,7 @@ class DoubleVcpu:
 
     def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
         self.host.record(self.name, "restore_state", strict)
+        self._needs_ram("state restored")
         if self.has_run:
             self.host.breach(f"{self.name}: state restored after it ran")
         if len(state["xsave"]) != XSAVE_SIZE:

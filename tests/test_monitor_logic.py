@@ -430,6 +430,25 @@ async def test_a_paused_restore_runs_nothing_until_resumed(double: DoubleHost, k
         await in_guest(double)
 
 
+async def test_vcpu_state_waits_for_guest_ram_however_long_its_registration_takes(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "saved.smolmachine"
+    await save_bundle(double, kernel, path)
+    double.slot_seconds = 0.2  # the devices are built meanwhile; no vCPU state may come first
+    async with Machine.boot(config(kernel)) as machine:
+        await in_guest(double)
+        await machine.stop()
+    mark = len(double.journal)
+    await Machine.prepare_restore(path)
+    names = since(double, mark)
+    slots = [i for i, n in enumerate(names) if n == "vm.map_memory"]
+    notifiers = [i for i, n in enumerate(names) if n == "vm.ioeventfd"]
+    first_state = min(i for i, n in enumerate(names) if n.endswith(".restore_state"))
+    assert slots and notifiers and max(slots) < min(notifiers) and max(notifiers) < first_state
+    assert not double.violations
+
+
 async def test_a_bundle_from_another_flavour_is_refused_before_any_state_is_set(
     double: DoubleHost, kernel: Path, tmp_path: Path
 ) -> None:

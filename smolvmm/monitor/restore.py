@@ -126,6 +126,7 @@ def restore_vm_from(
                     state = dataclasses.replace(state, device=dataclasses.replace(saved, mac=device.mac))
                 transport.check_state(state)
                 transports.append((transport, state, new_mac))
+            vm.ready()
             timings.mark("devices")
             try:
                 vm.vm.restore_state(vm_state)

@@ -5,6 +5,7 @@ Everything here is synchronous and runs before the guest first runs (``smolvmm.m
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from smolvmm.errors import HypervisorError, ImageError
 from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
-from smolvmm.hypervisor.interface import Capabilities, Hypervisor, Vcpu
+from smolvmm.hypervisor.interface import Capabilities, Hypervisor, Vcpu, Vm
 from smolvmm.monitor.console import Console, VirtioConsoleInput
 from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.vcpu import VcpuThread
@@ -67,8 +68,9 @@ class VirtualMachine:
         _check_capabilities(self.hypervisor.flavour, self.hypervisor.capabilities)
         self.vm = self.hypervisor.create_vm()
         self._closers.append(self.vm.close)
-        for slot, region in enumerate(self.memory.regions):
-            self.vm.map_memory(slot, region.gpa, region.size, region.host_address)
+        self._ram = _RamSlots(self.vm, self.memory)
+        self._closers.append(self._ram.join)
+        self._notifiers: list[tuple[int, int, int]] | None = []  # (eventfd, address, queue) until ``ready``
 
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
@@ -122,13 +124,29 @@ class VirtualMachine:
         self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
         self.vm.irqfd(transport.irq_fd, gsi)
         if self.hypervisor.capabilities.ioeventfd:  # else the notify write exits and the transport signals
-            for index, fd in enumerate(transport.notify_fds):
-                self.vm.ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, index)
+            notifiers = [(fd, base + QUEUE_NOTIFY_OFFSET, index) for index, fd in enumerate(transport.notify_fds)]
+            if self._notifiers is None:
+                self._wire(notifiers)
+            else:
+                self._notifiers += notifiers
         self.transports.append(transport)
         self.virtio_slots.append((base, MMIO_SIZE, gsi))
         if console_role is not None:
             self.console_roles.append(console_role)
         return transport
+
+    def ready(self) -> None:
+        """Wait until guest RAM is registered with the hypervisor, then wire the queues' ioeventfds:
+        before any vCPU state is set (MSRs such as the PV EOI's name guest pages) or a vCPU runs."""
+        if self._notifiers is None:
+            return
+        self._ram.wait()
+        notifiers, self._notifiers = self._notifiers, None
+        self._wire(notifiers)
+
+    def _wire(self, notifiers: list[tuple[int, int, int]]) -> None:
+        for fd, address, queue in notifiers:
+            self.vm.ioeventfd(fd, address, 4, queue)
 
     def _feed_console(self, data: bytes) -> int:
         return self.uart.feed(data)
@@ -148,6 +166,7 @@ class VirtualMachine:
             initrd_data = initrd.read_bytes() if initrd else None
         except OSError as exc:
             raise ImageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        self.ready()
         vcpus = len(self.vcpus)
         boot = self.arch.load_linux(self.memory, kernel_data, initrd_data, cmdline, vcpus, len(self.transports))
         for vcpu in self.vcpus:
@@ -158,6 +177,7 @@ class VirtualMachine:
     ) -> list[VcpuThread]:
         """One thread per vCPU, not yet started, each calling its ``on_done`` as it ends; with
         ``paused`` each parks before it first enters the guest."""
+        self.ready()
         self.threads = [
             VcpuThread(vcpu, self.pio, self.mmio, self.on_exit, on_parked, done, paused)
             for vcpu, done in zip(self.vcpus, on_done, strict=True)
@@ -182,6 +202,33 @@ class VirtualMachine:
                 self._closers.pop()()
             except OSError:
                 pass
+
+
+class _RamSlots(threading.Thread):
+    """Guest RAM's memory slots, registered on a thread of their own while the devices are built.
+
+    KVM spends milliseconds of kernel time on a slot (6 of a 256 MiB restore's 8 ms of ioctls on a
+    PVM host), the GIL released; it holds the VM's slots lock meanwhile, so ioeventfds wait for it.
+    """
+
+    def __init__(self, vm: Vm, memory: GuestMemory) -> None:
+        super().__init__(name="ram-slots", daemon=True)
+        self._vm, self._memory = vm, memory
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for slot, region in enumerate(self._memory.regions):
+                self._vm.map_memory(slot, region.gpa, region.size, region.host_address)
+        except BaseException as exc:  # raised in the thread that waits for the slots
+            self._error = exc
+
+    def wait(self) -> None:
+        """Return once every slot is registered; raise what registering one raised."""
+        self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _check_capabilities(flavour: str, capabilities: Capabilities) -> None:

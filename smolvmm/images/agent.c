@@ -349,6 +349,13 @@ static void do_exec(uint32_t id, unsigned char *payload, size_t len)
     send_frame(T_STARTED, id, started, 4);
 }
 
+/* A signal reaches everything the process started: its process group. Until the child has made
+   that group (setsid, right after fork) there is only the child, which started nothing yet. */
+static void signal_proc(pid_t pid, int sig)
+{
+    if (kill(-pid, sig) != 0 && errno == ESRCH) kill(pid, sig);
+}
+
 static void close_stdin(struct proc *p)
 {
     if (p->in >= 0) close(p->in);
@@ -561,7 +568,7 @@ static void handle(uint16_t type, uint32_t id, unsigned char *payload, size_t le
     case T_EXEC: do_exec(id, payload, len); break;
     case T_STDIN: do_stdin(id, payload, len); break;
     case T_SIGNAL:
-        if (len == 4 && (p = find_proc(id)) != NULL && !p->exited) kill(-p->pid, (int)get32(payload));
+        if (len == 4 && (p = find_proc(id)) != NULL && !p->exited) signal_proc(p->pid, (int)get32(payload));
         break;
     case T_OUTPUT_ACK:
         if (len == 8 && (p = find_proc(id)) != NULL && get32(payload) < 2) {

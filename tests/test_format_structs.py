@@ -99,6 +99,7 @@ def test_packed_struct_is_its_declaration(module: str, name: str) -> None:
     data = random.Random(name).randbytes(construct.sizeof())
     value = construct.parse(data)
     assert value == construct.declared.parse(data)
+    assert str(value) == str(construct.declared.parse(data))  # the same fields in the same order, nested too
     assert construct.build(value) == data == construct.declared.build(value)
     assert construct.sizeof() == construct.declared.sizeof()
 

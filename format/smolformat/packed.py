@@ -10,7 +10,6 @@ of those.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from construct.core import stream_read, stream_write
 # or ("array", count, field).
 Field = tuple[Any, ...]
 Shape = list[tuple[str, Field]]
+Maker = Callable[[tuple[Any, ...]], Any]
 
 
 def _field(subcon: Construct) -> tuple[Field, str]:
@@ -64,17 +64,6 @@ def _shape(declared: Struct) -> tuple[Shape, str]:
     return shape, fmt
 
 
-def _group(field: Field, values: Any) -> Any:
-    kind = field[0]
-    if kind in ("value", "bytes"):
-        return next(values)
-    if kind == "struct":
-        return Container((name, _group(sub, values)) for name, sub in field[1])
-    if field[2][0] in ("value", "bytes"):  # an array of leaves (fpu registers, bitmaps): one slice
-        return ListContainer(itertools.islice(values, field[1]))
-    return ListContainer(_group(field[2], values) for _ in range(field[1]))
-
-
 def _flatten(field: Field, value: Any, out: list[Any], name: str) -> None:
     kind = field[0]
     if kind == "value":
@@ -102,7 +91,7 @@ class Packed(Construct):  # type: ignore[misc]  # construct ships no types
         shape, fmt = _shape(declared)
         self._field = ("struct", shape)
         self._struct = struct.Struct("<" + fmt)
-        self.make = _element_maker(self)
+        self.make = _maker(shape)[0]
 
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
         return self.make(self._struct.unpack(stream_read(stream, self._struct.size, path)))
@@ -124,29 +113,57 @@ class Packed(Construct):  # type: ignore[misc]  # construct ships no types
         """The value at ``offset`` in ``buffer``, without construct's per-parse set-up."""
         return self.make(self._struct.unpack_from(buffer, offset))
 
-    def group(self, values: tuple[Any, ...]) -> Any:
-        """One element's Container from its unpacked values."""
-        return _group(self._field, iter(values))
 
-
-def _element_maker(element: Packed) -> Callable[[tuple[Any, ...]], Any]:
-    """A fast Container maker for elements whose fields are leaves or arrays of leaves."""
-    shape = element._field[1]
-    if all(field == ("value",) for _, field in shape):
-        names = tuple(name for name, _ in shape)
-        return lambda values: Container(zip(names, values))
-    spec: list[tuple[str, int, int]] = []  # (name, first value, count or 0 for a single leaf)
-    at = 0
+def _maker(shape: Shape, at: int = 0) -> tuple[Maker, int]:
+    """A Container maker for ``shape`` whose values start at ``at`` of an unpacked tuple, and how
+    many values it takes. A run of leaves becomes one ``zip``; every other field its own maker."""
+    runs: list[tuple[tuple[str, ...], slice] | tuple[str, Maker]] = []
+    first = at
     for name, field in shape:
         if field[0] in ("value", "bytes"):
-            spec.append((name, at, 0))
+            if runs and isinstance(runs[-1][1], slice):
+                names, run = runs[-1]
+                runs[-1] = ((*names, name), slice(run.start, at + 1))
+            else:
+                runs.append(((name,), slice(at, at + 1)))
             at += 1
-        elif field[0] == "array" and field[2][0] in ("value", "bytes"):
-            spec.append((name, at, field[1]))
-            at += field[1]
         else:
-            return element.group
-    return lambda values: Container((name, ListContainer(values[i : i + n]) if n else values[i]) for name, i, n in spec)
+            field_maker, width = _field_maker(field, at)
+            runs.append((name, field_maker))
+            at += width
+    if len(runs) == 1 and isinstance(runs[0][1], slice):
+        names, run = runs[0]
+        if run.start == 0:  # the whole tuple: no slice to take
+            return (lambda values: Container(zip(names, values))), at - first
+        return (lambda values: Container(zip(names, values[run]))), at - first
+
+    def make(values: tuple[Any, ...]) -> Any:
+        container = Container()
+        for name, how in runs:
+            if isinstance(how, slice):
+                container.update(zip(name, values[how]))
+            else:
+                container[name] = how(values)
+        return container
+
+    return make, at - first
+
+
+def _field_maker(field: Field, at: int) -> tuple[Maker, int]:
+    """The maker of a struct or array field whose values start at ``at``, and its width."""
+    if field[0] == "struct":
+        return _maker(field[1], at)
+    count, element = field[1], field[2]
+    if element[0] in ("value", "bytes"):  # an array of leaves (fpu registers, bitmaps): one slice
+        run = slice(at, at + count)
+        return (lambda values: ListContainer(values[run])), count
+    makers = []
+    width = 0
+    for _ in range(count):
+        element_maker, width = _field_maker(element, at)
+        makers.append(element_maker)
+        at += width
+    return (lambda values: ListContainer([make(values) for make in makers])), width * count
 
 
 class PackedArray(Construct):  # type: ignore[misc]  # construct ships no types

@@ -343,46 +343,44 @@ def check_index(
         MIN_CHUNK_SIZE <= granule <= MAX_CHUNK_SIZE and granule & (granule - 1) == 0
     ):
         raise FormatError("bad-granule", f"{what} zstd chunk size {granule} is not a power of two in [4 KiB, 4 MiB]")
-    ordered = sorted(regions, key=lambda r: r.start)
+    bounds = sorted((r.start, r.end) for r in regions)
+    raw = encoding == Encoding.RAW_PAGES
     extents: list[Extent] = []
     previous_end = 0
     slot = 0
     for item in index.extents:
-        extent = Extent(item.address, item.length, item.offset, item.stored)
-        if extent.length == 0 or extent.address < previous_end:
-            raise FormatError("map-overlap", f"{what} extent at {extent.address:#x} is empty, unordered or overlaps")
-        while slot < len(ordered) and ordered[slot].end <= extent.address:
+        extent = Extent(item["address"], item["length"], item["offset"], item["stored"])
+        address, length, offset, stored = extent
+        if length == 0 or address < previous_end:
+            raise FormatError("map-overlap", f"{what} extent at {address:#x} is empty, unordered or overlaps")
+        while slot < len(bounds) and bounds[slot][1] <= address:
             slot += 1
-        region = ordered[slot] if slot < len(ordered) else None
-        if region is None or extent.address < region.start or extent.address + extent.length > region.end:
+        start, end = bounds[slot] if slot < len(bounds) else (0, 0)
+        if not start <= address or address + length > end:
             raise FormatError(
                 "map-outside-" + what,
-                f"{what} extent {extent.address:#x}+{extent.length:#x} lies outside the {what}",
+                f"{what} extent {address:#x}+{length:#x} lies outside the {what}",
             )
-        if extent.offset + extent.stored > data_length:
-            raise FormatError("map-outside-file", f"{what} extent at {extent.address:#x} points past its data section")
-        if encoding == Encoding.RAW_PAGES:
-            tail = extent.address + extent.length == region.end
+        if offset + stored > data_length:
+            raise FormatError("map-outside-file", f"{what} extent at {address:#x} points past its data section")
+        if raw:
+            tail = address + length == end
             if (
-                (extent.address - region.start) % PAGE_SIZE
-                or extent.offset % PAGE_SIZE
-                or (extent.length % PAGE_SIZE and not tail)
-                or extent.stored != _round_up(extent.length, PAGE_SIZE)
+                (address - start) % PAGE_SIZE
+                or offset % PAGE_SIZE
+                or (length % PAGE_SIZE and not tail)
+                or stored != _round_up(length, PAGE_SIZE)
             ):
-                raise FormatError("map-misaligned", f"{what} raw extent at {extent.address:#x} is not page-aligned")
-        elif (
-            (extent.address - region.start) % granule
-            or extent.length != min(granule, region.end - extent.address)
-            or extent.stored == 0
-        ):
-            raise FormatError("map-misaligned", f"{what} zstd chunk at {extent.address:#x} is not a whole chunk")
-        elif extent.stored > zstd_bound(extent.length):
+                raise FormatError("map-misaligned", f"{what} raw extent at {address:#x} is not page-aligned")
+        elif (address - start) % granule or length != min(granule, end - address) or stored == 0:
+            raise FormatError("map-misaligned", f"{what} zstd chunk at {address:#x} is not a whole chunk")
+        elif stored > zstd_bound(length):
             raise FormatError(
                 "bad-chunk",
-                f"{what} zstd chunk at {extent.address:#x} claims {extent.stored} bytes, more than a frame"
-                f" of {extent.length} bytes can take",
+                f"{what} zstd chunk at {address:#x} claims {stored} bytes, more than a frame"
+                f" of {length} bytes can take",
             )
-        previous_end = extent.address + extent.length
+        previous_end = address + length
         extents.append(extent)
     return ImageMap(encoding, granule, extents)
 

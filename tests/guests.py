@@ -14,8 +14,14 @@ import anyio
 import pytest
 
 from smolvmm import GuestError, GuestTimeout, Machine
+from smolvmm.errors import unwrapped_errors
 
 GUEST_TIMEOUT = 180
+BROKEN_RING = re.compile(r"virtio\w* virtio\d+: [\w.-]+:id \d+ (?:is not a head!|out of range)")
+"""What a guest kernel says when it reads a used ring entry the device never wrote, and stops using
+that queue: seen only nested, where the guest read a used index other than the one in its memory
+(the monitor's writes checked, BENCHMARKS.md, "The exec streams hang"). It prints it on its serial
+console (``bounded`` watches there) and in ``dmesg`` (``virtio_said`` asks there)."""
 
 
 def own_threads() -> list[threading.Thread]:
@@ -92,14 +98,33 @@ class Step:
 async def bounded(*machines: Machine, seconds: float = GUEST_TIMEOUT * 2) -> AsyncIterator[Step]:
     """A test's own bound on the host's clock, inside its machines' blocks: a lost frame would
     otherwise wait for pytest-timeout's 900 s. Past it the test fails naming its step and what
-    each guest's kernel said of its virtio devices (a broken ring says so there, not to the host)."""
+    each guest's kernel said of its virtio devices (a broken ring says so there, not to the host);
+    a guest that says on its console that it found a ring broken ends the test at once, the same way."""
     step = Step()
+    broken: list[str] = []
     try:
-        with anyio.fail_after(seconds) as scope:
-            yield step
+        with anyio.fail_after(seconds) as scope, unwrapped_errors():
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(_watch_rings, machines, broken, watch.cancel_scope)
+                yield step
+                watch.cancel_scope.cancel()
     except TimeoutError as exc:
         if isinstance(exc, GuestTimeout):
             raise
         said = [await virtio_said(machine) for machine in machines]
         ended = f"no end after {seconds} s" if scope.cancel_called else "a wait of its own ran out"
         pytest.fail(f"{ended}, at: {step.now}; the guest kernels said: {said}")
+    if broken:
+        pytest.fail(f"a guest found a virtio ring broken, at: {step.now}; the guest kernels said: {broken}")
+
+
+async def _watch_rings(machines: tuple[Machine, ...], broken: list[str], scope: anyio.CancelScope) -> None:
+    """Every second, look for a broken ring in what each guest printed; if one is, cancel ``scope``."""
+    while True:
+        for machine in machines:
+            found = BROKEN_RING.search(machine.console.recent().decode(errors="replace"))
+            if found:
+                broken.append(found.group())
+                scope.cancel()
+                return
+        await anyio.sleep(1)

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guests import BROKEN_RING
 
 from smolvmm.errors import SmolvmmError
 from smolvmm.host.kvmprobe import probe
@@ -63,11 +63,6 @@ NESTED_BUDGET = 3600
 """Seconds (host clock) all the nested machines of a session may take together: a fresh machine starts
 only with at least MIN_RUN of it left, and its timeout ends with it (CI's limit is 90 minutes)."""
 MIN_RUN = 300
-BROKEN_RING = re.compile(r"virtio\w* virtio\d+: [\w.-]+:id \d+ (?:is not a head!|out of range)")
-"""What a guest kernel says when it reads a used ring entry the device never wrote, and stops using
-that queue: seen only nested, where the guest read a used index other than the one in its memory
-(the monitor's writes checked, BENCHMARKS.md, "The exec streams hang"); a test's failure text
-carries it when its bound ran out (tests/guests.py, ``bounded``)."""
 _TOOL = Path(__file__).resolve().parent.parent / "tools" / "nested-kvm"
 _ACTIVITY_ENV = "SMOLVMM_NESTED_ACTIVITY"
 

@@ -254,6 +254,19 @@ async def test_a_console_wait_that_times_out_quotes_the_end_of_what_the_guest_pr
 
 
 @pytest.mark.anyio
+async def test_recent_console_output_stays_whether_read_or_not() -> None:
+    console = Console(len)
+    console.write_output(b"[    1.0] first line\r\n")
+    assert await console.wait_for("first line") == b"[    1.0] first line"
+    for i in range(20_000):  # 20,000 lines of 10 bytes: more than the 64 KiB kept
+        console.write_output(b"line %04d\n" % (i % 10_000))
+    recent = console.recent()
+    assert len(recent) == 64 * 1024 and recent.endswith(b"line 9999\n")
+    assert console.recent() == recent  # nothing consumed
+    assert (await console.receive()).startswith(b"\r\nline 0000\n")  # nor taken from the reader
+
+
+@pytest.mark.anyio
 @pytest.mark.skipif(not os.path.exists("/dev/kvm") and not os.environ.get("CI"), reason="no /dev/kvm")
 async def test_an_unknown_snapshot_encoding_is_a_config_error(tmp_path: Path) -> None:
     """(On this host's own /dev/kvm: the guest need not get far.)"""

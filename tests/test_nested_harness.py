@@ -508,10 +508,13 @@ class ShellConsole:
     """A guest console whose shell answers every command with ``said`` (for ``bounded``)."""
 
     def __init__(self, said: str) -> None:
-        self.said, self.sent = said, b""
+        self.said, self.sent, self.printed = said, b"", b""
 
     async def send(self, data: bytes) -> None:
         self.sent += data
+
+    def recent(self) -> bytes:
+        return self.printed
 
     async def wait_for(self, pattern: object, timeout: float) -> bytes:
         token = b"".join(re.findall(rb"BEGIN-(\w+)''(\w+)", self.sent)[-1])
@@ -538,6 +541,30 @@ async def test_a_bounded_test_names_its_step_and_what_the_guest_kernel_said(anyi
     assert BROKEN_RING.search(str(failed.value))
     async with bounded(seconds=5) as step:  # within its bound, nothing happens
         await anyio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_a_ring_the_guest_says_is_broken_ends_a_bounded_test_at_once(anyio_backend: str) -> None:
+    said = "[   25.557469] virtio_console virtio0: output:id 0 is not a head!"
+    console = ShellConsole(said)
+    printed = [
+        b"",
+        b"[   25.1] smolvmm: guest ready\r\n",
+        b"[   25.1] smolvmm: guest ready\r\n" + said.encode() + b"\r\n",
+    ]
+    console.recent = lambda: printed.pop(0) if len(printed) > 1 else printed[0]  # type: ignore[method-assign]
+    machine = type("Machine", (), {"console": console})()
+    with pytest.raises(pytest.fail.Exception) as failed, anyio.fail_after(30):
+        async with bounded(machine, seconds=600) as step:  # type: ignore[arg-type]
+            step.now = "1 MiB of output"
+            await anyio.sleep(600)
+    assert str(failed.value) == (
+        f"a guest found a virtio ring broken, at: 1 MiB of output; the guest kernels said: [{said[15:]!r}]"
+    )
+    assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
+    with pytest.raises(AssertionError, match="the test's own"):  # not wrapped in an exception group
+        async with bounded(machine, seconds=5):  # type: ignore[arg-type]
+            raise AssertionError("the test's own failure")
 
 
 class SilentConsole:

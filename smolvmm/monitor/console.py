@@ -15,19 +15,22 @@ from smolvmm.host.eventfd import EventFd
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
 INPUT_BUFFER = 4096
 LAST_OUTPUT = 300  # bytes of output a GuestTimeout quotes, so a stuck guest says where it stopped
+RECENT = 64 << 10  # output ``recent()`` keeps, read or not
 
 
 class Console(ByteStream):
     """Bytes the guest writes to its console, and a way to type into it.
 
     ``receive()`` returns output in arrival order; ``wait_for`` consumes output up to a match.
-    Output nobody reads is kept up to 16 MiB (oldest dropped first).
+    Output nobody reads is kept up to 16 MiB (oldest dropped first). ``recent()`` shows the last
+    64 KiB, read or not, without consuming it.
     """
 
     def __init__(self, feed: Callable[[bytes], int]) -> None:
         self._feed = feed
         self._lock = threading.Lock()
         self._buffer = bytearray()
+        self._recent = bytearray()
         self._ready = EventFd()
         self.input_space = EventFd()
         self._closed = False
@@ -47,8 +50,16 @@ class Console(ByteStream):
             self._buffer += data
             if len(self._buffer) > MAX_BUFFERED:
                 del self._buffer[: len(self._buffer) - MAX_BUFFERED]
+            self._recent += data
+            if len(self._recent) > 2 * RECENT:  # trimmed now and then, not at every byte
+                del self._recent[:-RECENT]
         if was_empty:
             self._ready.signal()
+
+    def recent(self) -> bytes:
+        """The last 64 KiB the guest wrote to the console, whether read or not (nothing consumed)."""
+        with self._lock:
+            return bytes(self._recent[-RECENT:])
 
     def end_output(self) -> None:
         """No more output will come (the machine stopped)."""

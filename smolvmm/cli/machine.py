@@ -429,6 +429,8 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         encoding = "zstd" if args.zstd else "raw"
         labels = {READY_MARKER_LABEL: marker}
         digest = await machine.snapshot(output, encoding=encoding, labels=labels, bootable=args.bootable)
+        if args.ready_marker is None:  # the demo guest, which runs the agent: a bundle must answer exec
+            _check_agent_saved(output, machine)
     if encoding == "raw":
         digest = await smolvmm.record_working_set(output, cli_output.message) or digest
     if not args.json:
@@ -454,6 +456,21 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         }
     )
     return cli_status.OK
+
+
+def _check_agent_saved(output: Path, machine: Machine) -> None:
+    """Refuse (and remove) a bundle of a guest whose agent did not answer the save's sync: its
+    restores would not run commands. Quotes what the guest's kernel last said of its virtio devices."""
+    import smolformat
+    from smolvmm.agent.channel import AGENT_LABEL
+
+    with smolformat.open_bundle(output) as bundle:
+        if AGENT_LABEL in bundle.labels:
+            return
+    output.unlink(missing_ok=True)
+    said = re.findall(rb"virtio\w* virtio\d+: [^\r\n]*", machine.console.recent())
+    kernel = f"; the guest's kernel said: {said[-1].decode(errors='replace')}" if said else ""
+    raise smolvmm.AgentError(f"the guest agent did not answer before the save: {output} not kept{kernel}")
 
 
 async def wait_ready(machine: Machine, marker: str, timeout: float) -> float:

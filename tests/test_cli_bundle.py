@@ -154,28 +154,25 @@ def test_pack_onto_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path: Pa
 
 
 def test_build_keeps_no_bundle_of_a_demo_guest_whose_agent_did_not_answer(tmp_path: Path) -> None:
-    import dataclasses
     from types import SimpleNamespace
 
-    from smolformat import make_metadata
     from smolvmm import AgentError, Console
-    from smolvmm.agent.channel import AGENT_LABEL, LABEL_V2
     from smolvmm.cli.machine import _check_agent_saved
+    from smolvmm.monitor.timings import Timings
 
     console = Console(len)
     console.write_output(b"[   25.557469] virtio_console virtio0: output:id 0 is not a head!\r\n$ ")
-    machine = SimpleNamespace(console=console)
-    answered, silent = tmp_path / "answered.smolmachine", tmp_path / "silent.smolmachine"
-    saved = contents(tmp_path)
-    labelled = make_metadata("kvm-pvm", labels={AGENT_LABEL: LABEL_V2}, parent_digest=bytes(32))
-    write_bundle(answered, dataclasses.replace(saved, metadata=labelled))
-    write_bundle(silent, saved)
-    _check_agent_saved(answered, machine)  # type: ignore[arg-type]
-    assert answered.exists()
+    path = tmp_path / "app.smolmachine"
+    path.write_bytes(b"saved")
+    answered = SimpleNamespace(console=console, snapshot_timings=Timings())
+    _check_agent_saved(path, answered)  # type: ignore[arg-type]
+    assert path.exists()
+    silent = SimpleNamespace(console=console, snapshot_timings=Timings())
+    silent.snapshot_timings.note("agent", "no answer: the bundle's restores will not sync it or run commands")
     with pytest.raises(AgentError) as refused:
-        _check_agent_saved(silent, machine)  # type: ignore[arg-type]
+        _check_agent_saved(path, silent)  # type: ignore[arg-type]
     assert str(refused.value) == (
-        f"the guest agent did not answer before the save: {silent} not kept;"
+        f"the guest agent did not answer before the save: {path} not kept;"
         " the guest's kernel said: virtio_console virtio0: output:id 0 is not a head!"
     )
-    assert not silent.exists()
+    assert not path.exists()

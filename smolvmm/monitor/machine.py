@@ -459,6 +459,8 @@ class Machine:
             if port is not None and await self._agent_started() and await port.sync():
                 # the guest runs the agent: resumes will sync it, in the protocol it speaks
                 labels[AGENT_LABEL] = "yes" if port.protocol == 1 else LABEL_V2
+            elif port is not None:
+                timings.note("agent", "no answer: the bundle's restores will not sync it or run commands")
             timings.mark("agent_sync")
             if self._agent is not None and not self._paused and not await self._agent.scrub():
                 raise AgentError("the guest agent did not confirm it overwrote its secrets: not saving them")

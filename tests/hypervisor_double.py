@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -445,19 +446,26 @@ class DoubleVcpu:
             self.host.breach(f"{self.name}: state read while it runs")
         return copy.deepcopy(self.state)
 
-    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> Callable[[], int]:
         self.host.record(self.name, "restore_state", strict)
-        self._needs_ram("state restored")
         if self.has_run:
             self.host.breach(f"{self.name}: state restored after it ran")
         if len(state["xsave"]) != XSAVE_SIZE:
             raise HypervisorError(f"KVM_SET_XSAVE of {len(state['xsave'])} bytes: Invalid argument")
-        msrs = [m for m in state["msrs"] if m["index"] in OFFERED_MSRS]
-        if strict and len(msrs) != len(state["msrs"]):
-            raise HypervisorError(f"{self.name}: KVM refused an MSR")
-        self.state = {name: copy.deepcopy(state[name]) for name in state if not name.startswith("_")}
-        self.state["regs"] = dict(self.state["regs"])
-        return len(state["msrs"]) - len(msrs)
+
+        def with_guest_ram() -> int:
+            self.host.record(self.name, "restore_msrs")
+            self._needs_ram("MSRs restored")
+            if self.has_run:
+                self.host.breach(f"{self.name}: MSRs restored after it ran")
+            msrs = [m for m in state["msrs"] if m["index"] in OFFERED_MSRS]
+            if strict and len(msrs) != len(state["msrs"]):
+                raise HypervisorError(f"{self.name}: KVM refused an MSR")
+            self.state = {name: copy.deepcopy(state[name]) for name in state if not name.startswith("_")}
+            self.state["regs"] = dict(self.state["regs"])
+            return len(state["msrs"]) - len(msrs)
+
+        return with_guest_ram
 
     def close(self) -> None:
         self.host.record(self.name, "close")

@@ -51,7 +51,7 @@ def test_real_mode_guest_through_the_interface() -> None:
         state = vcpu.save_state()
         state["sregs"]["cs"].update({"base": 0, "selector": 0})
         state["regs"].update({"rip": 0x1000, "rflags": 0x2})
-        assert vcpu.restore_state(state) == 0
+        assert vcpu.restore_state(state)() == 0
 
         seen: list[tuple[str, int, int]] = []
         pio, mmio = Bus("port I/O"), Bus("MMIO")
@@ -97,7 +97,7 @@ def test_state_goes_out_and_back_in_through_the_interface() -> None:
         assert (saved["regs"]["rip"], saved["regs"]["rsi"]) == (0x10_0200, 0x7000)
         assert saved["sregs"]["efer"] & 0x500 == 0x500, "long mode enabled and active"
         second.restore_state(vm_saved)
-        assert vcpus[1].restore_state(saved) == 0
+        assert vcpus[1].restore_state(saved)() == 0
         again, vm_again = vcpus[1].save_state(), second.save_state()
         ticking = {0x10}  # IA32_TSC
         for part in saved:

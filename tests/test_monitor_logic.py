@@ -445,8 +445,8 @@ async def test_vcpu_state_waits_for_guest_ram_however_long_its_registration_take
     names = since(double, mark)
     slots = [i for i, n in enumerate(names) if n == "vm.map_memory"]
     notifiers = [i for i, n in enumerate(names) if n == "vm.ioeventfd"]
-    first_state = min(i for i, n in enumerate(names) if n.endswith(".restore_state"))
-    assert slots and notifiers and max(slots) < min(notifiers) and max(notifiers) < first_state
+    first_msrs = min(i for i, n in enumerate(names) if n.endswith(".restore_msrs"))
+    assert slots and notifiers and max(slots) < min(notifiers) and max(notifiers) < first_msrs
     assert not double.violations
 
 
@@ -488,6 +488,7 @@ async def test_a_measured_restore_sets_state_leniently_and_runs_nothing(
     ("call", "error", "expected"),
     [
         ("vcpu1.restore_state", HypervisorError("KVM_SET_SREGS: Invalid argument"), BundleError),
+        ("vcpu0.restore_msrs", HypervisorError("KVM_SET_MSRS: Invalid argument"), BundleError),
         ("vm.restore_state", HypervisorError("KVM_SET_PIT2: Invalid argument"), BundleError),
         ("vm.create_vcpu", HypervisorError("KVM_CREATE_VCPU: Too many open files"), HypervisorError),
         ("vm.irqfd", HypervisorError("KVM_IRQFD: No space left on device"), HypervisorError),

@@ -10,7 +10,7 @@ format's records, so the monitor stores and restores it without knowing how the 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,10 +82,12 @@ class Vcpu(Protocol):
     def save_state(self) -> StateRecord:
         """Every register of this vCPU (and its per-CPU interrupt controller and timer state)."""
 
-    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
-        """Load ``save_state``'s record into a vCPU that has not run; returns how many saved
-        registers were skipped. Without ``strict`` (a restore that is only measured, never run),
-        registers this host does not have are skipped instead of failing the restore."""
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> Callable[[], int]:
+        """Load ``save_state``'s record into a vCPU that has not run, in two steps: this call loads
+        the registers that name no guest page, before guest RAM is registered; the step it
+        returns loads the rest once it is (x86_64: MSRs such as kvmclock's name guest pages) and
+        returns how many saved registers were skipped. Without ``strict`` (a restore that is only
+        measured, never run), registers this host does not have are skipped instead of failing."""
 
     def close(self) -> None: ...
 

@@ -126,18 +126,24 @@ def restore_vm_from(
                     state = dataclasses.replace(state, device=dataclasses.replace(saved, mac=device.mac))
                 transport.check_state(state)
                 transports.append((transport, state, new_mac))
-            vm.ready()
             timings.mark("devices")
+            refused = f"{path}: this host's hypervisor refused the saved state"
             try:
+                # What names no guest page is loaded while guest RAM's slots are still being registered.
                 vm.vm.restore_state(vm_state)
                 pairs = zip(vm.vcpus, vcpu_states, strict=True)
-                skipped = sum(vcpu.restore_state(s.state, strict=same_flavour) + s.dropped for vcpu, s in pairs)
+                with_guest_ram = [vcpu.restore_state(s.state, strict=same_flavour) for vcpu, s in pairs]
             except HypervisorError as exc:  # a value the boundary admitted but the hypervisor checks further
-                raise BundleError(f"{path}: this host's hypervisor refused the saved state: {exc}") from exc
+                raise BundleError(f"{refused}: {exc}") from exc
             for transport, state, new_mac in transports:
                 transport.restore_state(state)
                 if new_mac:
                     transport.config_changed()
+            vm.ready()
+            try:
+                skipped = sum(step() for step in with_guest_ram) + sum(s.dropped for s in vcpu_states)
+            except HypervisorError as exc:
+                raise BundleError(f"{refused}: {exc}") from exc
             timings.mark("vm_vcpu_state")
             if skipped:
                 timings.note("msrs_skipped", skipped)

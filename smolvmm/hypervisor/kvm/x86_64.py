@@ -5,12 +5,13 @@ plain KVM file descriptor wrappers (``kvm.vcpu``, ``kvm.vm``), which know no arc
 
 Save order follows Firecracker (MP_STATE first: reading it can change the LAPIC; VCPU_EVENTS
 last). Restore: CPUID, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC (after SREGS, before
-MSRs), MSRs, VCPU_EVENTS.
+MSRs), then, once guest RAM is registered, MSRs and VCPU_EVENTS.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
@@ -115,8 +116,11 @@ def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[cpuid.CpuidEntry], vcpus: int
         vcpu.set_regs(boot_regs(entry, boot_params))
 
 
-def restore_vcpu(vcpu: KvmVcpu, state: StateRecord, host_msrs: list[int] | None = None) -> int:
-    """Put a saved ``VcpuState`` into a fresh vCPU; returns how many saved MSRs were skipped.
+def restore_vcpu(vcpu: KvmVcpu, state: StateRecord, host_msrs: list[int] | None = None) -> Callable[[], int]:
+    """Put a saved ``VcpuState`` into a fresh vCPU, in two steps: this call loads every register
+    that names no guest page; the step it returns, called once guest RAM is registered, loads the
+    MSRs (kvmclock's, PV EOI's and steal time's name pages KVM resolves as they are set) and the
+    pending events, and returns how many saved MSRs were skipped.
 
     With ``host_msrs`` (for a restore that is only measured, never run), saved MSRs this host's
     KVM does not list or refuses are skipped instead of failing the restore.
@@ -145,17 +149,22 @@ def restore_vcpu(vcpu: KvmVcpu, state: StateRecord, host_msrs: list[int] | None 
         known = set(host_msrs)
         values = [(i, v) for i, v in values if i in known]
     values = rearm_tsc_deadline(values)
-    applied = 0
-    while values:
-        written = vcpu.set_msrs(values)
-        applied += written
-        if written == len(values):
-            break
-        if host_msrs is None:
-            raise BundleError(f"KVM refused MSR {values[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
-        values = values[written + 1 :]
-    vcpu.set_vcpu_events(fmt.KvmVcpuEvents.build(state["vcpu_events"]))
-    return saved - applied
+    events = fmt.KvmVcpuEvents.build(state["vcpu_events"])
+
+    def with_guest_ram() -> int:
+        remaining, applied = values, 0
+        while remaining:
+            written = vcpu.set_msrs(remaining)
+            applied += written
+            if written == len(remaining):
+                break
+            if host_msrs is None:
+                raise BundleError(f"KVM refused MSR {remaining[written][0]:#x} of vCPU {vcpu.id}: the host CPU differs")
+            remaining = remaining[written + 1 :]
+        vcpu.set_vcpu_events(events)
+        return saved - applied
+
+    return with_guest_ram
 
 
 def read_clock(vm: KvmVm) -> Any:
@@ -206,7 +215,7 @@ class X86Vcpu(KvmVcpu):
     def save_state(self) -> StateRecord:
         return save_vcpu(self, self._kvm.msr_index_list, self._kvm.xsave_size)
 
-    def restore_state(self, state: StateRecord, *, strict: bool = True) -> int:
+    def restore_state(self, state: StateRecord, *, strict: bool = True) -> Callable[[], int]:
         return restore_vcpu(self, state, None if strict else self._kvm.msr_index_list)
 
 

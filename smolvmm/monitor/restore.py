@@ -93,11 +93,6 @@ def restore_vm_from(
         memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
         hypervisor: Hypervisor | None = None
         try:
-            if bundle.memory_encoding == "raw":
-                memory.map_file(bundle.fileno(), bundle.memory_extents())
-            else:
-                bundle.read_memory_into([memory.region_view(i) for i in range(len(memory.regions))])
-            timings.mark("memory_map")
             hypervisor = open_hypervisor()
             if same_flavour:
                 check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", hypervisor.flavour)
@@ -107,9 +102,16 @@ def restore_vm_from(
             if hypervisor is not None:
                 hypervisor.close()
             raise
+        # From here guest RAM's slots register on a thread (``VirtualMachine``): the reserved RAM
+        # is registered, and KVM follows the bundle's pages as they are mapped over it.
         assembled = assemble(plan, memory, on_exit, saved_devices.uart, hypervisor)
         vm = assembled.vm
         try:
+            if bundle.memory_encoding == "raw":
+                memory.map_file(bundle.fileno(), bundle.memory_extents())
+            else:
+                bundle.read_memory_into([memory.region_view(i) for i in range(len(memory.regions))])
+            timings.mark("memory_map")
             # Everything from the bundle is admitted before any of it reaches an ioctl or a device.
             offer = vm.hypervisor.offer
             vm_state, vcpu_states = boundary.admit_state(

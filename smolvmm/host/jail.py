@@ -141,6 +141,12 @@ class Jail:
     discard: tuple[str, ...] = ()
     """Host files written before the jail, removed (from outside it) once the machine ends."""
 
+    @staticmethod
+    def preload() -> None:
+        """Import now every module a jailed monitor may still load (what entering a jail does
+        first): a process that forks monitors pays for it once."""
+        _preload()
+
     @classmethod
     def parse(
         cls,
@@ -252,13 +258,20 @@ def _import_tree(name: str) -> None:
             _import_tree(f"{name}.{child.name}")
 
 
+_preloaded = False  # once per process: walking the packages again lists their directories again
+
+
 def _preload() -> None:
+    global _preloaded
+    if _preloaded:
+        return
     for name in PRELOAD_MODULES:
         importlib.import_module(name)
     for package_name in PRELOAD_PACKAGES:
         _import_tree(package_name)
     for name in PRELOAD_NATIVE:
         importlib.import_module(name).native_module()
+    _preloaded = True
 
 
 def _open_fds() -> int:

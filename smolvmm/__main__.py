@@ -1,3 +1,22 @@
-from smolvmm.cli import main
+"""python -m smolvmm (and the ``smolvmm`` script): the CLI; a ``run`` goes to this user's warm
+helper when one serves (``smolvmm helper``), else everything runs here."""
 
-raise SystemExit(main())
+import sys
+
+from smolvmm.cli import expand, main
+
+
+def entry() -> int:
+    """The command line's exit status."""
+    argv = expand(sys.argv[1:])
+    if argv and argv[0] == "run":
+        from smolvmm.cli.helper import hand_off
+
+        status = hand_off(argv)
+        if status is not None:
+            return status
+    return main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

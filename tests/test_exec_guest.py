@@ -192,6 +192,48 @@ async def test_a_hostile_agent_fails_only_its_own_machine(bundle: Path, anyio_ba
         assert (await bystander.exec("echo still fine")).stdout == b"still fine\n"
 
 
+def test_cli_run_handed_to_a_warm_helper(bundle: Path, tmp_path: Path) -> None:
+    """``smolvmm helper`` serves ``run``: the command's streams, status and Ctrl-C are as in place."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "GREETING": "hello"}
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "helper"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert helper.stderr is not None
+    try:
+        assert helper.stderr.readline().startswith("smolvmm helper: serving run commands")
+        script = 'echo "out $GREETING"; echo err >&2; exit 3'
+        must_show = [
+            sys.executable,
+            "-m",
+            "smolvmm",
+            "run",
+            "--secret-env",
+            "GREETING",
+            str(bundle),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]
+        result = subprocess.run(must_show, env=env, capture_output=True, timeout=600)
+        assert (result.returncode, result.stdout, result.stderr) == (3, b"out hello\n", b"err\n")
+        ran, ended = helper.stderr.readline(), helper.stderr.readline()
+        assert "runs: run --secret-env GREETING" in ran and ended.endswith("ended with status 3\n")
+
+        client = subprocess.Popen(
+            [sys.executable, "-m", "smolvmm", "run", str(bundle), "--", "sleep", "600"], env=env, stderr=subprocess.PIPE
+        )
+        assert "runs: run" in helper.stderr.readline()  # the helper's child has the command
+        client.send_signal(signal.SIGINT)  # Ctrl-C reaches the client; it forwards it
+        assert client.wait(300) == 128 + signal.SIGINT
+        assert helper.stderr.readline().endswith(f"ended with status {128 + signal.SIGINT}\n")
+    finally:
+        helper.terminate()
+        helper.wait(300)
+
+
 def test_cli_runs_a_command_in_a_clone(bundle: Path, tmp_path: Path) -> None:
     must_show = [
         sys.executable,

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("smolvmm.cli.doctor", "say whether this host can run smolvmm's machines, and what is missing"),
     "push": ("smolvmm.cli.registry", "push a bundle to an OCI registry (REGISTRY/REPO:TAG)"),
     "pull": ("smolvmm.cli.registry", "pull a bundle from an OCI registry into a file"),
+    "helper": ("smolvmm.cli.helper", "keep a warm process that run commands hand themselves to (no start-up)"),
 }
 
 
@@ -61,13 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def expand(argv: list[str]) -> list[str]:
+    """The command line as ``main`` reads it: ``APP.smolmachine`` alone is short for ``run
+    APP.smolmachine``; a mistyped command is a usage error (exit 2)."""
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         if typo := _typo(argv[0]):
             _parser().error(f"no command {argv[0]!r}: did you mean {typo!r}?")
-        # `python -m smolvmm APP.smolmachine` is short for `run APP.smolmachine`.
-        argv = ["run", *argv]
+        return ["run", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: this process's arguments) here; its exit status."""
+    argv = expand(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _parser().parse_args(argv or ["--help"])
         return cli_status.USAGE

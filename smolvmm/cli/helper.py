@@ -1,0 +1,438 @@
+"""``smolvmm helper``: a warm process that ``run`` hands itself to, so a restore pays no start-up.
+
+A CLI restore spends most of its time before the restore begins: starting the interpreter,
+importing the monitor and, as root, preloading what the jail hides. The helper pays that once:
+it imports everything a ``run`` needs, listens on ``helper.sock`` in this user's runtime
+directory (``$XDG_RUNTIME_DIR/smolvmm/``, else ``/tmp/smolvmm-UID/``, 0700), and forks a child
+per command. ``python -m smolvmm run ...`` connects to it first; the child gets the client's
+stdin, stdout and stderr, working directory, umask and environment, runs the command as it
+would have run in the client (jailed as root), and its exit status becomes the client's.
+Signals the client gets (Ctrl-C, SIGTERM, SIGHUP) are forwarded to the child; a client that
+goes away has its child sent SIGTERM. Without a helper, or when it refuses (another user,
+another interpreter, or its code changed since it started: restart it), ``run`` runs in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+SOCKET_NAME = "helper.sock"
+_FDS = 4  # stdin, stdout, stderr, the working directory
+_LENGTH = struct.Struct("!I")
+_MAX_REQUEST = 1 << 20
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket", type=Path, help=f"where to listen (default: {SOCKET_NAME} in the runtime directory)"
+    )
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    import gc
+
+    import smolvmm
+    from smolvmm.cli.ps import runtime_dir
+
+    path = args.socket or runtime_dir() / SOCKET_NAME
+    with _Listening(path) as listener:  # commands that come meanwhile wait in its backlog
+        smolvmm.Jail.preload()  # the monitor, the CLI and what a jail hides: every command's imports
+        gc.freeze()  # a child's collections then leave the helper's objects, and their shared pages, alone
+        print(f"smolvmm helper: serving run commands on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        _Helper(listener, _code_stamp()).serve()
+    return 0
+
+
+# --- the client: python -m smolvmm run ... ----------------------------------------------------
+
+
+def hand_off(argv: list[str]) -> int | None:
+    """Run ``argv`` in this user's helper and return its exit status, or None when no helper
+    takes it (then the caller runs it in place)."""
+    path = _socket_path()
+    if path is None:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(str(path))
+        if _peer_uid(conn) != os.getuid():  # the command's streams and environment go to this user only
+            raise ConnectionRefusedError
+    except OSError:
+        conn.close()
+        return None
+    with conn:
+        umask = os.umask(0)
+        os.umask(umask)
+        request = {
+            "argv": argv,
+            "env": dict(os.environ),
+            "umask": umask,
+            "executable": sys.executable,
+            "package": str(Path(__file__).resolve().parent.parent),
+        }
+        body = json.dumps(request).encode()
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fds = array.array("i", [0, 1, 2, cwd])
+            conn.sendmsg([_LENGTH.pack(len(body)), body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            return None
+        finally:
+            os.close(cwd)
+        replies = conn.makefile("rb")
+        first = _reply(replies)
+        pid = first.get("pid")
+        if not isinstance(pid, int):
+            if "refused" in first:
+                print(
+                    f"smolvmm: the helper did not take the command ({first['refused']}); running it here",
+                    file=sys.stderr,
+                )
+            return None
+        return _wait_for(pid, replies)
+
+
+def _socket_path() -> Path | None:
+    """The helper's socket in ``cli.ps.runtime_dir()``'s directory if that is this user's private
+    directory, found without importing ps or creating anything: every ``run`` pays for this."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        directory = Path(base) / "smolvmm"
+    else:
+        import tempfile
+
+        directory = Path(tempfile.gettempdir()) / f"smolvmm-{os.getuid()}"
+    try:
+        info = directory.lstat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    path = directory / SOCKET_NAME
+    return path if path.exists() else None
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    return int(struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1])
+
+
+def _reply(replies: io.BufferedReader) -> dict[str, object]:
+    """The helper's next message, empty if it sent none (it ended) or nonsense."""
+    try:
+        value = json.loads(replies.readline() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _wait_for(pid: int, replies: io.BufferedReader) -> int:
+    """Forward this process's signals to the helper's child ``pid`` until the helper reports its status."""
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    status = _reply(replies).get("status")
+    if not isinstance(status, int):
+        print("smolvmm: error: the helper stopped before the command ended", file=sys.stderr)
+        return 1
+    return status
+
+
+# --- the helper -------------------------------------------------------------------------------
+
+
+class _Listening:
+    """The listening socket at ``path`` (a stale one, nobody listening, is replaced), removed on exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> socket.socket:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with probe:
+            try:
+                probe.connect(str(self.path))
+            except FileNotFoundError:
+                pass
+            except ConnectionRefusedError:
+                self.path.unlink()
+            else:
+                from smolvmm import UsageError
+
+                raise UsageError(f"a helper already listens on {self.path}")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.listener.listen(16)
+        return self.listener
+
+    def __exit__(self, *_exc: object) -> None:
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Request(NamedTuple):
+    argv: list[str]
+    env: dict[str, str]
+    umask: int
+    executable: str
+    package: str
+
+
+class _Command(NamedTuple):
+    conn: socket.socket
+    pid: int
+    pidfd: int
+
+
+class _Helper:
+    """Accept commands, fork a child for each, report each child's status to its client."""
+
+    def __init__(self, listener: socket.socket, stamp: dict[str, int]) -> None:
+        self.listener, self.stamp = listener, stamp
+        self.selector = selectors.DefaultSelector()
+        self.commands: dict[int, _Command] = {}  # by pidfd
+
+    def serve(self) -> None:
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        for signum in (signal.SIGINT, signal.SIGTERM):  # either stops the helper and its commands
+            signal.signal(signum, signal.default_int_handler)
+        try:
+            while True:
+                for key, _ in self.selector.select():
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "ended":
+                        self._ended(self.commands[key.fd])
+                    else:
+                        self._client_gone(key.data)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._stop_all()
+
+    def _accept(self) -> None:
+        """Take one command; a client that misbehaves or goes away costs only its own command."""
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            request, fds = self._admit(conn)
+        except (_Refused, OSError, ValueError) as exc:
+            _refuse(conn, str(exc))
+            return
+        # The client forwards its signals as soon as it knows the child: held until the child has its handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(request, fds, [conn.fileno(), *self._descriptors()])
+        except OSError as exc:
+            _refuse(conn, f"cannot start the command: {exc.strerror}")
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            for fd in fds:
+                os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        command = _Command(conn, pid, pidfd)
+        self.commands[pidfd] = command
+        self.selector.register(pidfd, selectors.EVENT_READ, "ended")
+        self.selector.register(conn, selectors.EVENT_READ, command)
+        try:
+            _send(conn, {"pid": pid})
+        except OSError:
+            pass  # the client went away: its end reads as closed, and its command is stopped
+        print(f"smolvmm helper: pid {pid} runs: {' '.join(request.argv)}", file=sys.stderr, flush=True)
+
+    def _admit(self, conn: socket.socket) -> tuple[_Request, list[int]]:
+        uid = _peer_uid(conn)
+        if uid != os.getuid():
+            raise _Refused(f"uid {uid} is not the helper's user")
+        request, fds = _receive(conn)
+        refusal = self._refusal(request)
+        if refusal:
+            for fd in fds:
+                os.close(fd)
+            raise _Refused(refusal)
+        return request, fds
+
+    def _descriptors(self) -> list[int]:
+        """The helper's own descriptors, which a child closes: its listener, selector, and every
+        other command's connection and pidfd."""
+        others = [fd for command in self.commands.values() for fd in (command.conn.fileno(), command.pidfd)]
+        return [self.listener.fileno(), self.selector.fileno(), *others]
+
+    def _refusal(self, request: _Request) -> str | None:
+        package = str(Path(__file__).resolve().parent.parent)
+        if request.executable != sys.executable or request.package != package:
+            return f"it runs {sys.executable} with {package}"
+        if _code_stamp() != self.stamp:
+            return "its code changed since it started: restart it"
+        return None
+
+    def _client_gone(self, command: _Command) -> None:
+        """The client closed its end (it sends nothing after its request): end its command."""
+        self.selector.unregister(command.conn)
+        try:
+            os.kill(command.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _ended(self, command: _Command) -> None:
+        _, wait_status = os.waitpid(command.pid, 0)
+        status = os.waitstatus_to_exitcode(wait_status)
+        status = 128 - status if status < 0 else status  # killed by signal N: 128 + N, as a shell says
+        print(f"smolvmm helper: pid {command.pid} ended with status {status}", file=sys.stderr, flush=True)
+        self.selector.unregister(command.pidfd)
+        if command.conn in (key.fileobj for key in self.selector.get_map().values()):
+            self.selector.unregister(command.conn)
+        try:
+            _send(command.conn, {"status": status})
+        except OSError:
+            pass
+        command.conn.close()
+        os.close(command.pidfd)
+        del self.commands[command.pidfd]
+
+    def _stop_all(self) -> None:
+        """Stopping the helper stops the commands it runs (each told with SIGTERM, then awaited)."""
+        for command in list(self.commands.values()):
+            try:
+                os.kill(command.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for command in list(self.commands.values()):
+            self._ended(command)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _receive(conn: socket.socket) -> tuple[_Request, list[int]]:
+    """One request: a length, the JSON it measures, and the client's four descriptors."""
+    header, ancillary, _, _ = conn.recvmsg(_LENGTH.size, socket.CMSG_SPACE(_FDS * 4))
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    try:
+        if len(fds) != _FDS or len(header) != _LENGTH.size:
+            raise _Refused("a request needs a length and four descriptors")
+        (length,) = _LENGTH.unpack(header)
+        if length > _MAX_REQUEST:
+            raise _Refused(f"a request of {length} bytes")
+        body = b""
+        while len(body) < length:
+            chunk = conn.recv(length - len(body))
+            if not chunk:
+                raise _Refused("the request ended early")
+            body += chunk
+        value = json.loads(body)
+        if not isinstance(value, dict):
+            raise _Refused("a request is a JSON object")
+        argv, env, umask = value.get("argv"), value.get("env"), value.get("umask")
+        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and argv and argv[0] == "run"):
+            raise _Refused("the helper runs only `run` commands")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise _Refused("a request's environment is strings")
+        if not (isinstance(umask, int) and 0 <= umask <= 0o777):
+            raise _Refused("a request's umask is a file mode")
+        request = _Request(argv, env, umask, str(value.get("executable")), str(value.get("package")))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, list(fds)
+
+
+def _send(conn: socket.socket, message: dict[str, object]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _refuse(conn: socket.socket, reason: str) -> None:
+    try:
+        _send(conn, {"refused": reason})
+    except OSError:
+        pass
+    conn.close()
+
+
+def _code_stamp() -> dict[str, int]:
+    """The modification time of every loaded module of smolvmm and smolformat, by file."""
+    stamp = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and module.__name__.split(".")[0] in ("smolvmm", "smolformat"):
+            try:
+                stamp[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                stamp[path] = -1
+    return stamp
+
+
+def _child(request: _Request, fds: list[int], inherited: list[int]) -> None:
+    """In the forked child: become the client's process and run its command; never returns."""
+    status = 1
+    try:
+        os.setsid()  # no controlling terminal: the client's terminal is only its descriptors
+        for fd in inherited:
+            os.close(fd)
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        os.fchdir(fds[3])
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.umask(request.umask)
+        os.environ.clear()
+        os.environ.update(request.env)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a Python process starts
+        # The streams as the client's interpreter would have made them for its descriptors.
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.argv = ["smolvmm", *request.argv]
+        from smolvmm.cli import main
+        from smolvmm.cli import status as cli_status
+
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            status = main(request.argv)
+        except KeyboardInterrupt:  # before the command's own handling began
+            status = cli_status.INTERRUPTED
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the child must end here, never return into the helper's loop
+        status = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)

@@ -104,6 +104,10 @@ def test_the_helper_refuses_what_is_not_a_run_of_its_own_code(helper: subprocess
         elsewhere = json.dumps({**own, "argv": ["run", "x"], "package": "/elsewhere"}).encode()
         assert "runs " + sys.executable in str(_request(path, elsewhere, stdio)["refused"])
         assert "four descriptors" in str(_request(path, json.dumps({**own, "argv": ["run"]}).encode(), [])["refused"])
+        with socket.socket(socket.AF_UNIX) as silent:  # says nothing: refused after 5 s, then the next is served
+            silent.connect(str(path))
+            assert "runs " + sys.executable in str(_request(path, elsewhere, stdio)["refused"])
+            assert "timed out" in json.loads(silent.makefile("rb").readline())["refused"]
     finally:
         os.close(stdio[3])
     assert helper.poll() is None  # still serving

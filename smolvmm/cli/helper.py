@@ -31,6 +31,7 @@ SOCKET_NAME = "helper.sock"
 _FDS = 4  # stdin, stdout, stderr, the working directory
 _LENGTH = struct.Struct("!I")
 _MAX_REQUEST = 1 << 20
+_REQUEST_SECONDS = 5.0
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -270,7 +271,9 @@ class _Helper:
         uid = _peer_uid(conn)
         if uid != os.getuid():
             raise _Refused(f"uid {uid} is not the helper's user")
+        conn.settimeout(_REQUEST_SECONDS)  # a client that sends nothing holds up the others 5 s at most
         request, fds = _receive(conn)
+        conn.settimeout(None)
         refusal = self._refusal(request)
         if refusal:
             for fd in fds:

@@ -65,6 +65,14 @@ def hand_off(argv: list[str]) -> int | None:
     path = _socket_path()
     if path is None:
         return None
+    forwarder = _Forwarder()  # from now: a signal that comes before the child is known waits for it
+    status = _exchange(argv, path, forwarder)
+    if status is None:
+        forwarder.restore()
+    return status
+
+
+def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         conn.connect(str(path))
@@ -102,7 +110,12 @@ def hand_off(argv: list[str]) -> int | None:
                     file=sys.stderr,
                 )
             return None
-        return _wait_for(pid, replies)
+        forwarder.to(pid)
+        status = _reply(replies).get("status")
+        if not isinstance(status, int):
+            print("smolvmm: error: the helper stopped before the command ended", file=sys.stderr)
+            return 1
+        return status
 
 
 def _socket_path() -> Path | None:
@@ -138,22 +151,43 @@ def _reply(replies: io.BufferedReader) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
 
-def _wait_for(pid: int, replies: io.BufferedReader) -> int:
-    """Forward this process's signals to the helper's child ``pid`` until the helper reports its status."""
+class _Forwarder:
+    """The client's Ctrl-C, SIGTERM, SIGHUP and SIGQUIT (those it does not ignore), passed on to the
+    helper's child once it is known; ``restore`` puts the handlers back and delivers what came
+    meanwhile to this process, for a command that runs in place after all."""
 
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.pending: list[int] = []
+        self.previous = {
+            signum: signal.signal(signum, self._caught)
+            for signum in _FORWARDED
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
 
-    for signum in _FORWARDED:
-        signal.signal(signum, forward)
-    status = _reply(replies).get("status")
-    if not isinstance(status, int):
-        print("smolvmm: error: the helper stopped before the command ended", file=sys.stderr)
-        return 1
-    return status
+    def _caught(self, signum: int, _frame: object) -> None:
+        if self.pid is None:
+            self.pending.append(signum)
+        else:
+            _kill(self.pid, signum)
+
+    def to(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.pending:
+            _kill(pid, signum)
+
+    def restore(self) -> None:
+        for forwarded, handler in self.previous.items():
+            signal.signal(forwarded, handler)
+        for signum in self.pending:
+            signal.raise_signal(signum)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 # --- the helper -------------------------------------------------------------------------------

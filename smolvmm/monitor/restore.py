@@ -118,7 +118,7 @@ def restore_vm_from(
                 arch, bundle.vm_state, bundle.vcpus, offer, strict=same_flavour
             )
             new_macs: dict[str, bytes] = {}
-            transports = []
+            renamed = []
             for transport, (_, instance, state) in zip(vm.transports, saved_devices.virtio, strict=True):
                 device, saved, new_mac = transport.device, state.device, False
                 if isinstance(device, VirtioNet) and isinstance(saved, NetState) and device.mac != saved.mac:
@@ -126,8 +126,9 @@ def restore_vm_from(
                     new_mac = True
                     new_macs[f"eth{instance}"] = device.mac
                     state = dataclasses.replace(state, device=dataclasses.replace(saved, mac=device.mac))
-                transport.check_state(state)
-                transports.append((transport, state, new_mac))
+                transport.restore_state(state)  # checked, then loaded: no ioctl, nothing runs yet
+                if new_mac:
+                    renamed.append(transport)
             timings.mark("devices")
             refused = f"{path}: this host's hypervisor refused the saved state"
             try:
@@ -137,10 +138,8 @@ def restore_vm_from(
                 with_guest_ram = [vcpu.restore_state(s.state, strict=same_flavour) for vcpu, s in pairs]
             except HypervisorError as exc:  # a value the boundary admitted but the hypervisor checks further
                 raise BundleError(f"{refused}: {exc}") from exc
-            for transport, state, new_mac in transports:
-                transport.restore_state(state)
-                if new_mac:
-                    transport.config_changed()
+            for transport in renamed:  # its interrupt reaches the irqchips restored above
+                transport.config_changed()
             vm.ready()
             try:
                 skipped = sum(step() for step in with_guest_ram) + sum(s.dropped for s in vcpu_states)

@@ -29,6 +29,7 @@ import smolvmm
 from smolvmm.cli import args as cli_args
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import ps as cli_ps
+from smolvmm.cli import runtime as cli_runtime
 from smolvmm.cli import status as cli_status
 
 HEADER = struct.Struct(">cI")
@@ -84,7 +85,7 @@ def parse_request(payload: bytes) -> tuple[list[str], dict[str, str], str | None
 
 def path(machine_id: str) -> Path:
     """Where a detached machine serves exec."""
-    return cli_ps.runtime_dir() / f"{machine_id}.control"
+    return cli_runtime.runtime_dir() / f"{machine_id}.control"
 
 
 async def serve(machine: smolvmm.Machine, listener: SocketListener) -> None:

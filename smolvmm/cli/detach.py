@@ -24,6 +24,7 @@ from anyio.abc import SocketListener, SocketStream
 import smolvmm
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import ps as cli_ps
+from smolvmm.cli import runtime as cli_runtime
 from smolvmm.cli import status as cli_status
 
 KEPT = 64 << 10  # console output kept while no client is attached
@@ -33,7 +34,7 @@ START_TIMEOUT = 300  # seconds for a detached restore to list itself (restores i
 def start(args: argparse.Namespace) -> int:
     """Start ``run`` of ``args.bundle`` in the background; prints its id once its machine runs."""
     machine_id = cli_ps.new_id()
-    directory = cli_ps.runtime_dir()
+    directory = cli_runtime.runtime_dir()
     log = log_path(machine_id)
     flags = [f"--net={spec}" for spec in args.net]
     flags += [f"--console-socket={args.console_socket}"] if args.console_socket else []
@@ -71,12 +72,12 @@ def start(args: argparse.Namespace) -> int:
 
 def console_path(machine_id: str) -> Path:
     """Where a detached machine serves its console."""
-    return cli_ps.runtime_dir() / f"{machine_id}.console"
+    return cli_runtime.runtime_dir() / f"{machine_id}.console"
 
 
 def log_path(machine_id: str) -> Path:
     """Where a detached machine's process writes its errors."""
-    return cli_ps.runtime_dir() / f"{machine_id}.log"
+    return cli_runtime.runtime_dir() / f"{machine_id}.log"
 
 
 @dataclass

@@ -27,6 +27,9 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import smolvmm
+from smolvmm.cli import runtime as cli_runtime
+
 SOCKET_NAME = "helper.sock"
 _FDS = 4  # stdin, stdout, stderr, the working directory
 _LENGTH = struct.Struct("!I")
@@ -44,10 +47,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 def run(name: str, args: argparse.Namespace) -> int:
     import gc
 
-    import smolvmm
-    from smolvmm.cli.ps import runtime_dir
-
-    path = args.socket or runtime_dir() / SOCKET_NAME
+    path = args.socket or cli_runtime.runtime_dir() / SOCKET_NAME
     with _Listening(path) as listener:  # commands that come meanwhile wait in its backlog
         smolvmm.Jail.preload()  # the monitor, the CLI and what a jail hides: every command's imports
         gc.freeze()  # a child's collections then leave the helper's objects, and their shared pages, alone
@@ -89,10 +89,13 @@ def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
             "env": dict(os.environ),
             "umask": umask,
             "executable": sys.executable,
-            "package": str(Path(__file__).resolve().parent.parent),
+            "package": _package(),
         }
         body = json.dumps(request).encode()
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # fails if it was removed
+        except OSError:
+            return None
         try:
             fds = array.array("i", [0, 1, 2, cwd])
             conn.sendmsg([_LENGTH.pack(len(body)), body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -119,23 +122,16 @@ def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
 
 
 def _socket_path() -> Path | None:
-    """The helper's socket in ``cli.ps.runtime_dir()``'s directory if that is this user's private
-    directory, found without importing ps or creating anything: every ``run`` pays for this."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        directory = Path(base) / "smolvmm"
-    else:
-        import tempfile
-
-        directory = Path(tempfile.gettempdir()) / f"smolvmm-{os.getuid()}"
-    try:
-        info = directory.lstat()
-    except OSError:
-        return None
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        return None
+    """The helper's socket in this user's runtime directory, if that is private and the socket
+    there; nothing created, since every ``run`` pays for this."""
+    directory = cli_runtime.runtime_path()
     path = directory / SOCKET_NAME
-    return path if path.exists() else None
+    return path if cli_runtime.is_private(directory) and path.exists() else None
+
+
+def _package() -> str:
+    """The smolvmm package this process runs: a helper serves only clients of the same one."""
+    return str(Path(__file__).resolve().parent.parent)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -322,9 +318,8 @@ class _Helper:
         return [self.listener.fileno(), self.selector.fileno(), *others]
 
     def _refusal(self, request: _Request) -> str | None:
-        package = str(Path(__file__).resolve().parent.parent)
-        if request.executable != sys.executable or request.package != package:
-            return f"it runs {sys.executable} with {package}"
+        if request.executable != sys.executable or request.package != _package():
+            return f"it runs {sys.executable} with {_package()}"
         if _code_stamp() != self.stamp:
             return "its code changed since it started: restart it"
         return None

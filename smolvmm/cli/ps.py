@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,19 +22,9 @@ from typing import Any
 
 import smolvmm
 from smolvmm.cli import output as cli_output
+from smolvmm.cli import runtime as cli_runtime
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import positive_float
-
-
-def runtime_dir() -> Path:
-    """This user's directory of running machines, created private (0700) if absent."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "smolvmm" if base else Path(tempfile.gettempdir()) / f"smolvmm-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise smolvmm.SmolvmmError(f"{path} is not a private directory of yours: remove it, or set XDG_RUNTIME_DIR")
-    return path
 
 
 def _started(pid: int) -> str | None:
@@ -72,7 +61,7 @@ def registered(command: str, what: str, machine_id: str | None = None, console: 
     }
     path: Path | None = None
     try:
-        directory = runtime_dir()
+        directory = cli_runtime.runtime_dir()
         with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".", suffix=".tmp", delete=False) as tmp:
             json.dump(entry, tmp)
         path = directory / f"{machine_id}.json"
@@ -89,7 +78,7 @@ def registered(command: str, what: str, machine_id: str | None = None, console: 
 def entry_file(machine_id: str) -> Path | None:
     """The file ``registered`` listed ``machine_id`` in, or None if it could not write one."""
     try:
-        path = runtime_dir() / f"{machine_id}.json"
+        path = cli_runtime.runtime_dir() / f"{machine_id}.json"
     except smolvmm.SmolvmmError:
         return None
     return path if path.exists() else None
@@ -97,7 +86,7 @@ def entry_file(machine_id: str) -> Path | None:
 
 def running() -> list[dict[str, Any]]:
     """The entries of machines still running, oldest first; stale entries are removed."""
-    directory = runtime_dir()
+    directory = cli_runtime.runtime_dir()
     entries = []
     for path in directory.glob("*.json"):
         try:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, which every CLI start would pay
 
 _EXPORTS = {
     "Machine": "smolvmm.monitor.machine",
@@ -132,12 +133,12 @@ __all__ = [
 ]
 
 
-def _load(where: str, name: str) -> Any:
+def _load(where: str, name: str) -> object:
     module, _, attribute = where.partition(":")
     return getattr(importlib.import_module(module), attribute or name)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         value = globals()[name] = _load(_EXPORTS[name], name)
         return value

@@ -265,7 +265,7 @@ def test_verify_refuses_a_changed_byte_between_sections(tmp_path: Path, capsys: 
     """Defect: padding bytes were covered by no digest, so verify accepted them changed."""
     from smolformat.crafting import find_entry, parse_frame
     from smolformat.layout import SectionKind
-    from smolvmm.cli import main
+    from smolvmm.cli.dispatch import main
 
     data = bytearray((VECTORS / "valid-x86_64-raw.smolmachine").read_bytes())
     memory = find_entry(parse_frame(bytes(data))[1], SectionKind.MEMORY_DATA)

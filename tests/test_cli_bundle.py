@@ -16,7 +16,7 @@ from bundles import contents
 
 import smolformat
 from smolformat import write_bundle
-from smolvmm.cli import main
+from smolvmm.cli.dispatch import main
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = VECTORS / "valid-x86_64-raw.smolmachine"

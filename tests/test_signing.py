@@ -21,7 +21,7 @@ from smolformat.crafting import parse_frame
 from smolformat.layout import SectionKind
 from smolformat.signature import signed_message
 from smolvmm import BundleError, ConfigError, Machine
-from smolvmm.cli import main
+from smolvmm.cli.dispatch import main
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())["vectors"]

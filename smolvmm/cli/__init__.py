@@ -1,21 +1,23 @@
 """smolvmm: run virtual machines that start from a snapshot in a fraction of a second.
 
 Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``--help`` stays cheap.
+modules are imported only when their subcommand runs, so ``--help`` stays cheap. This package
+module holds only the command table and ``expand``, all a ``run`` reads before it hands itself
+to a warm helper (``helper.py``); ``dispatch.py`` parses and runs a command in this process.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import importlib
 import os
 import sys
-from typing import NoReturn
 
-from smolvmm.cli import output as cli_output
-from smolvmm.cli import progress as cli_progress
 from smolvmm.cli import status as cli_status
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, which every CLI start would pay
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+SUMMARY = str(__doc__).splitlines()[0]  # the first line of ``smolvmm --help``
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,68 +43,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line and exit status 2, like every other error of the CLI."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="smolvmm",
-        description=__doc__.splitlines()[0],
-        epilog=cli_status.TABLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"smolvmm {cli_output.version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    return parser
-
-
 def expand(argv: list[str]) -> list[str]:
     """The command line as ``main`` reads it: ``APP.smolmachine`` alone is short for ``run
     APP.smolmachine``; a mistyped command is a usage error (exit 2)."""
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         if typo := _typo(argv[0]):
-            _parser().error(f"no command {argv[0]!r}: did you mean {typo!r}?")
+            usage_error("smolvmm", f"no command {argv[0]!r}: did you mean {typo!r}?")
         return ["run", *argv]
     return argv
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command ``argv`` (default: this process's arguments) here; its exit status."""
-    argv = expand(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        _parser().parse_args(argv or ["--help"])
-        return cli_status.USAGE
-    name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(prog=f"smolvmm {name}", description=COMMANDS[name][1])
-    module.add_arguments(name, parser)
-    command: list[str] | None = None
-    if name in ("run", "exec") and "--" in argv:  # `run [FLAGS] BUNDLE [FLAGS] -- CMD...`: flags may follow BUNDLE
-        command, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
-    args = parser.parse_args(argv[1:])
-    if command is not None:
-        args.command = command
-    try:
-        with cli_progress.shown():
-            status: int = module.run(name, args)
-            return status
-    except BaseException as exc:
-        leaf = cli_status.leaf(exc)
-        if isinstance(leaf, KeyboardInterrupt):
-            return cli_status.INTERRUPTED
-        if isinstance(leaf, BrokenPipeError):
-            cli_output.discard_stdout()
-            return cli_status.BROKEN_PIPE
-        if isinstance(exc, SystemExit) or os.environ.get("SMOLVMM_DEBUG"):
-            raise
-        cli_output.error(_one_line(leaf))
-        return cli_status.for_error(leaf)
+def usage_error(prog: str, message: str) -> NoReturn:
+    """End with one line on stderr and exit status 2: every usage error of the CLI, from
+    ``expand`` or from a command's argument parser."""
+    sys.stderr.write(f"{prog}: error: {message} (--help shows the usage)\n")
+    raise SystemExit(cli_status.USAGE)
 
 
 def _typo(word: str) -> str | None:
@@ -110,15 +65,7 @@ def _typo(word: str) -> str | None:
     name, a registry reference)."""
     if any(c in word for c in "/:.") or os.path.exists(word):
         return None
+    import difflib  # only for a word that names neither a command nor a bundle
+
     close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
     return close[0] if close else None
-
-
-def _one_line(exc: BaseException) -> str:
-    """A smolvmm error's own line, else a short description: a traceback is for developers
-    (SMOLVMM_DEBUG=1 shows it)."""
-    from smolvmm import SmolvmmError
-
-    if isinstance(exc, SmolvmmError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc} (SMOLVMM_DEBUG=1 shows the traceback)"

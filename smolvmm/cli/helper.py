@@ -16,26 +16,21 @@ from __future__ import annotations
 
 import argparse
 import array
-import io
 import json
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import smolvmm
 from smolvmm.cli import runtime as cli_runtime
+from smolvmm.cli.handoff import FDS, FORWARDED, LENGTH, SOCKET_NAME, package, peer_uid
 
-SOCKET_NAME = "helper.sock"
-_FDS = 4  # stdin, stdout, stderr, the working directory
-_LENGTH = struct.Struct("!I")
 _MAX_REQUEST = 1 << 20
 _REQUEST_SECONDS = 5.0
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -54,136 +49,6 @@ def run(name: str, args: argparse.Namespace) -> int:
         print(f"smolvmm helper: serving run commands on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
         _Helper(listener, _code_stamp()).serve()
     return 0
-
-
-# --- the client: python -m smolvmm run ... ----------------------------------------------------
-
-
-def hand_off(argv: list[str]) -> int | None:
-    """Run ``argv`` in this user's helper and return its exit status, or None when no helper
-    takes it (then the caller runs it in place)."""
-    path = _socket_path()
-    if path is None:
-        return None
-    forwarder = _Forwarder()  # from now: a signal that comes before the child is known waits for it
-    status = _exchange(argv, path, forwarder)
-    if status is None:
-        forwarder.restore()
-    return status
-
-
-def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        conn.connect(str(path))
-        if _peer_uid(conn) != os.getuid():  # the command's streams and environment go to this user only
-            raise ConnectionRefusedError
-    except OSError:
-        conn.close()
-        return None
-    with conn:
-        umask = os.umask(0)
-        os.umask(umask)
-        request = {
-            "argv": argv,
-            "env": dict(os.environ),
-            "umask": umask,
-            "executable": sys.executable,
-            "package": _package(),
-        }
-        body = json.dumps(request).encode()
-        try:
-            cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # fails if it was removed
-        except OSError:
-            return None
-        try:
-            fds = array.array("i", [0, 1, 2, cwd])
-            conn.sendmsg([_LENGTH.pack(len(body)), body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError:
-            return None
-        finally:
-            os.close(cwd)
-        replies = conn.makefile("rb")
-        first = _reply(replies)
-        pid = first.get("pid")
-        if not isinstance(pid, int):
-            if "refused" in first:
-                print(
-                    f"smolvmm: the helper did not take the command ({first['refused']}); running it here",
-                    file=sys.stderr,
-                )
-            return None
-        forwarder.to(pid)
-        status = _reply(replies).get("status")
-        if not isinstance(status, int):
-            print("smolvmm: error: the helper stopped before the command ended", file=sys.stderr)
-            return 1
-        return status
-
-
-def _socket_path() -> Path | None:
-    """The helper's socket in this user's runtime directory, if that is private and the socket
-    there; nothing created, since every ``run`` pays for this."""
-    directory = cli_runtime.runtime_path()
-    path = directory / SOCKET_NAME
-    return path if cli_runtime.is_private(directory) and path.exists() else None
-
-
-def _package() -> str:
-    """The smolvmm package this process runs: a helper serves only clients of the same one."""
-    return str(Path(__file__).resolve().parent.parent)
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    return int(struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1])
-
-
-def _reply(replies: io.BufferedReader) -> dict[str, object]:
-    """The helper's next message, empty if it sent none (it ended) or nonsense."""
-    try:
-        value = json.loads(replies.readline() or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-class _Forwarder:
-    """The client's Ctrl-C, SIGTERM, SIGHUP and SIGQUIT (those it does not ignore), passed on to the
-    helper's child once it is known; ``restore`` puts the handlers back and delivers what came
-    meanwhile to this process, for a command that runs in place after all."""
-
-    def __init__(self) -> None:
-        self.pid: int | None = None
-        self.pending: list[int] = []
-        self.previous = {
-            signum: signal.signal(signum, self._caught)
-            for signum in _FORWARDED
-            if signal.getsignal(signum) is not signal.SIG_IGN
-        }
-
-    def _caught(self, signum: int, _frame: object) -> None:
-        if self.pid is None:
-            self.pending.append(signum)
-        else:
-            _kill(self.pid, signum)
-
-    def to(self, pid: int) -> None:
-        self.pid = pid
-        for signum in self.pending:
-            _kill(pid, signum)
-
-    def restore(self) -> None:
-        for forwarded, handler in self.previous.items():
-            signal.signal(forwarded, handler)
-        for signum in self.pending:
-            signal.raise_signal(signum)
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 # --- the helper -------------------------------------------------------------------------------
@@ -274,7 +139,7 @@ class _Helper:
             _refuse(conn, str(exc))
             return
         # The client forwards its signals as soon as it knows the child: held until the child has its handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
             pid = os.fork()
             if pid == 0:
@@ -283,7 +148,7 @@ class _Helper:
             _refuse(conn, f"cannot start the command: {exc.strerror}")
             return
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             for fd in fds:
                 os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -298,7 +163,7 @@ class _Helper:
         print(f"smolvmm helper: pid {pid} runs: {' '.join(request.argv)}", file=sys.stderr, flush=True)
 
     def _admit(self, conn: socket.socket) -> tuple[_Request, list[int]]:
-        uid = _peer_uid(conn)
+        uid = peer_uid(conn)
         if uid != os.getuid():
             raise _Refused(f"uid {uid} is not the helper's user")
         conn.settimeout(_REQUEST_SECONDS)  # a client that sends nothing holds up the others 5 s at most
@@ -318,8 +183,8 @@ class _Helper:
         return [self.listener.fileno(), self.selector.fileno(), *others]
 
     def _refusal(self, request: _Request) -> str | None:
-        if request.executable != sys.executable or request.package != _package():
-            return f"it runs {sys.executable} with {_package()}"
+        if request.executable != sys.executable or request.package != package():
+            return f"it runs {sys.executable} with {package()}"
         if _code_stamp() != self.stamp:
             return "its code changed since it started: restart it"
         return None
@@ -365,15 +230,15 @@ class _Refused(Exception):
 
 def _receive(conn: socket.socket) -> tuple[_Request, list[int]]:
     """One request: a length, the JSON it measures, and the client's four descriptors."""
-    header, ancillary, _, _ = conn.recvmsg(_LENGTH.size, socket.CMSG_SPACE(_FDS * 4))
+    header, ancillary, _, _ = conn.recvmsg(LENGTH.size, socket.CMSG_SPACE(FDS * 4))
     fds = array.array("i")
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     try:
-        if len(fds) != _FDS or len(header) != _LENGTH.size:
+        if len(fds) != FDS or len(header) != LENGTH.size:
             raise _Refused("a request needs a length and four descriptors")
-        (length,) = _LENGTH.unpack(header)
+        (length,) = LENGTH.unpack(header)
         if length > _MAX_REQUEST:
             raise _Refused(f"a request of {length} bytes")
         body = b""
@@ -449,11 +314,11 @@ def _child(request: _Request, fds: list[int], inherited: list[int]) -> None:
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
         sys.argv = ["smolvmm", *request.argv]
-        from smolvmm.cli import main
         from smolvmm.cli import status as cli_status
+        from smolvmm.cli.dispatch import main
 
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             status = main(request.argv)
         except KeyboardInterrupt:  # before the command's own handling began
             status = cli_status.INTERRUPTED

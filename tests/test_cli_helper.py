@@ -123,3 +123,45 @@ def test_stopping_the_helper_removes_its_socket(runtime: Path) -> None:
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 0
     assert not path.exists()
+
+
+def test_runs_at_once_each_run_once(helper: subprocess.Popen[str], runtime: Path, tmp_path: Path) -> None:
+    """The first goes to the spare child forked ahead, the others are forked when they come."""
+    names = [f"bad{n}.smolmachine" for n in range(4)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"not a bundle" * 100)
+    clients = [
+        subprocess.Popen(
+            [*SMOLVMM, "run", name], cwd=tmp_path, env=_env(runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name in names
+    ]
+    for name, client in zip(names, clients, strict=True):
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 3 and out == b""
+        assert err.count(b"\n") == 1 and name.encode() in err, err
+    lines = _lines(helper, 2 * len(names))
+    assert sorted(line.rsplit(" ", 1)[-1] for line in lines if "runs: run" in line) == sorted(names)
+    assert sum(line.endswith("ended with status 3") for line in lines) == len(names)
+
+
+class _Conn:
+    """A socket that takes every byte in its first send and is then closed by its reader."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendmsg(self, buffers: list[bytes], ancillary: object) -> int:
+        self.sent.append(b"".join(buffers))
+        return len(self.sent[0])
+
+    def sendall(self, data: bytes) -> None:
+        raise BrokenPipeError  # what a send does once the reader has closed its end
+
+
+def test_a_request_taken_whole_is_not_sent_again() -> None:
+    from smolvmm.cli.handoff import send_request
+
+    conn = _Conn()
+    send_request(conn, {"argv": ["run", "x"]}, [0, 1, 2, 3])  # type: ignore[arg-type]
+    assert len(conn.sent) == 1 and conn.sent[0].endswith(b'{"argv": ["run", "x"]}')

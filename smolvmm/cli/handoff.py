@@ -55,14 +55,12 @@ def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
             "executable": sys.executable,
             "package": package(),
         }
-        body = json.dumps(request).encode()
         try:
             cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # fails if it was removed
         except OSError:
             return None
         try:
-            fds = array.array("i", [0, 1, 2, cwd])
-            conn.sendmsg([LENGTH.pack(len(body)), body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            send_request(conn, request, [0, 1, 2, cwd])
         except OSError:
             return None
         finally:
@@ -83,6 +81,16 @@ def _exchange(argv: list[str], path: Path, forwarder: _Forwarder) -> int | None:
             print("smolvmm: error: the helper stopped before the command ended", file=sys.stderr)
             return 1
         return status
+
+
+def send_request(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+    """A command as the helper reads it: the length of its JSON, the JSON, and its ``FDS``
+    descriptors (stdin, stdout, stderr, working directory), which go with the first bytes."""
+    body = json.dumps(request).encode()
+    data = LENGTH.pack(len(body)) + body
+    sent = conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    if sent < len(data):  # (never an empty send: the reader may have everything and be gone)
+        conn.sendall(data[sent:])
 
 
 def _socket_path() -> Path | None:

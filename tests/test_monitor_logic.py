@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from guests import broken_ring_in_ram
 from hypervisor_double import (
     Busy,
     DoubleHost,
@@ -200,6 +201,16 @@ async def test_boot_wires_everything_before_any_vcpu_runs(double: DoubleHost, ke
         assert double.vm.vcpus[0].state["regs"]["rsi"] == layout.ZERO_PAGE_ADDR
     assert (await machine.wait()).reason == ExitReason.STOPPED
     before.assert_released(double)
+
+
+async def test_a_broken_ring_report_is_found_in_guest_ram(double: DoubleHost, kernel: Path) -> None:
+    """What tests/guests.py looks for when a guest's own console's broken ring silences it."""
+    async with Machine.boot(config(kernel)) as machine:
+        await in_guest(double)
+        assert broken_ring_in_ram(machine) is None
+        line = b"virtio_console virtio0: output:id 0 is not a head!"
+        machine._vm.memory.write(GUEST_DATA_GPA - 20, line)  # across a page boundary
+        assert broken_ring_in_ram(machine) == line.decode()
 
 
 async def test_port_accesses_reach_the_devices_and_mmio_notifies_reach_ioeventfds(

@@ -24,6 +24,7 @@ import selectors
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,9 +55,6 @@ def run(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
-# --- the helper -------------------------------------------------------------------------------
-
-
 class _Listening:
     """The listening socket at ``path`` (a stale one, nobody listening, is replaced), removed on exit."""
 
@@ -73,9 +71,7 @@ class _Listening:
             except ConnectionRefusedError:
                 self.path.unlink()
             else:
-                from smolvmm import UsageError
-
-                raise UsageError(f"a helper already listens on {self.path}")
+                raise smolvmm.UsageError(f"a helper already listens on {self.path}")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
@@ -181,29 +177,17 @@ class _Helper:
                 except OSError:  # it died waiting: reaped, and the command forked instead
                     os.kill(spare.pid, signal.SIGKILL)
                     os.waitpid(spare.pid, 0)
-        # The client forwards its signals as soon as it knows the child: held until the child has its handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                _child(request, fds, [conn.fileno(), *self._descriptors()])
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-        return pid
+        return _fork(lambda: _child(request, fds, [conn.fileno(), *self._descriptors()]))
 
     def _fork_spare(self) -> None:
         """Fork the child that the next command goes to; it makes its memory its own meanwhile."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # as for any child: until it runs a command
         try:
-            pid = os.fork()
-            if pid == 0:
-                _spare(theirs, [ours.fileno(), *self._descriptors()])
+            pid = _fork(lambda: _spare(theirs, [ours.fileno(), *self._descriptors()]))
         except OSError:
             ours.close()  # no spare: the next command is forked when it comes
             return
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             theirs.close()
         self.spare = _Spare(pid, ours)
 
@@ -277,6 +261,20 @@ class _Helper:
 
 class _Refused(Exception):
     pass
+
+
+def _fork(child: Callable[[], None]) -> int:
+    """Fork, ``child`` running in the child (it never returns); the child's pid. The forwarded
+    signals stay blocked across the fork: the client forwards its signals as soon as it knows the
+    child, and they wait until the child has its own handlers (``_child`` unblocks them)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            child()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    return pid
 
 
 def _receive(conn: socket.socket) -> tuple[_Request, list[int]]:

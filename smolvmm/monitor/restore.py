@@ -120,15 +120,13 @@ def restore_vm_from(
             new_macs: dict[str, bytes] = {}
             renamed = []
             for transport, (_, instance, state) in zip(vm.transports, saved_devices.virtio, strict=True):
-                device, saved, new_mac = transport.device, state.device, False
+                device, saved = transport.device, state.device
                 if isinstance(device, VirtioNet) and isinstance(saved, NetState) and device.mac != saved.mac:
                     # A new MAC for this clone: the device reports it, the guest agent applies it.
-                    new_mac = True
                     new_macs[f"eth{instance}"] = device.mac
                     state = dataclasses.replace(state, device=dataclasses.replace(saved, mac=device.mac))
-                transport.restore_state(state)  # checked, then loaded: no ioctl, nothing runs yet
-                if new_mac:
                     renamed.append(transport)
+                transport.restore_state(state)  # checked, then loaded: no ioctl, nothing runs yet
             timings.mark("devices")
             refused = f"{path}: this host's hypervisor refused the saved state"
             try:

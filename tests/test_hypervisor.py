@@ -28,6 +28,15 @@ CODE = bytes.fromhex(
     "a30020"  # mov [0x2000], ax        (dirties page 2)
     "c70600400700"  # mov word [0x4000], 7  (ioeventfd, datamatch 7)
     "c606005042"  # mov byte [0x5000], 0x42 (MMIO exit)
+    "a10450"
+    "a30220"  # mov ax, [0x5004]; mov [0x2002], ax  (an MMIO read's value reaches the guest)
+    "baf903"
+    "ec"
+    "a20420"  # mov dx, 0x3f9; in al, dx; mov [0x2004], al  (a port read's)
+    "be0220"
+    "b90200"
+    "bafa03"
+    "f36e"  # mov si, 0x2002; mov cx, 2; mov dx, 0x3fa; rep outsb  (one exit, two bytes)
     "baf803"
     "b07a"
     "ee"  # mov dx, 0x3f8; mov al, 'z'; out dx, al
@@ -58,19 +67,21 @@ def test_real_mode_guest_through_the_interface() -> None:
 
         def port_write(offset: int, size: int, value: int) -> None:
             seen.append(("pio", offset, value))
-            vcpu.interrupt()  # the next entry returns at once
+            if offset == 0:
+                vcpu.interrupt()  # the next entry returns at once
 
-        pio.add(0x3F8, 8, lambda offset, size: 0, port_write)
+        pio.add(0x3F8, 8, lambda offset, size: 0x5A if (offset, size) == (1, 1) else 0, port_write)
         mmio.add(
             DEVICE_ADDR,
             0x1000,
-            lambda offset, size: 0,
+            lambda offset, size: 0xBEEF if (offset, size) == (4, 2) else 0,
             lambda offset, size, value: seen.append(("mmio", offset, value)),
         )
         stop = vcpu.run(pio, mmio)
 
         assert stop.kind == StopKind.INTERRUPTED
-        assert seen == [("mmio", 0, 0x42), ("pio", 0, ord("z"))]
+        assert seen == [("mmio", 0, 0x42), ("pio", 2, 0xEF), ("pio", 2, 0xBE), ("pio", 0, ord("z"))]
+        assert memory.read(0x2002, 3) == bytes([0xEF, 0xBE, 0x5A])
         assert os.eventfd_read(notify) == 1  # the notify write never reached the monitor
         assert memory.read(0x2000, 2) == struct.pack("<H", 0x1234)
         dirty = vm.dirty_pages(0, RAM)

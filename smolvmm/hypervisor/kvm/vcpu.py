@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Any
+import struct
 
 from smolvmm.hypervisor.interface import IoBus, Stop, StopKind
-from smolvmm.hypervisor.kvm.bindings import ffi
+from smolvmm.hypervisor.kvm.bindings import ffi, libc
 from smolvmm.hypervisor.kvm.ioctls import (
     KVM_EXIT_IO_OUT,
     KVM_MAX_CPUID_ENTRIES,
@@ -29,6 +29,38 @@ _SYSTEM_EVENTS = {
     KVM_SYSTEM_EVENT_RESET: Stop(StopKind.RESET, "system event: reset"),
     KVM_SYSTEM_EVENT_CRASH: Stop(StopKind.CRASH, "system event: guest crash"),
 }
+
+
+_REASON = struct.Struct("<I")
+_REASON_AT = ffi.offsetof("struct kvm_run", "exit_reason")
+_EXIT_AT = ffi.offsetof("struct kvm_run", "io")  # the union of exit details
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+_MMIO_DATA_AT = _EXIT_AT + 8
+_EXIT_IO, _EXIT_MMIO, _EXIT_INTR = int(Exit.KVM_EXIT_IO), int(Exit.KVM_EXIT_MMIO), int(Exit.KVM_EXIT_INTR)
+_CONTINUE = (int(Exit.KVM_EXIT_HLT), int(Exit.KVM_EXIT_IRQ_WINDOW_OPEN))
+
+
+def _port_io(page: mmap.mmap, pio: IoBus) -> None:
+    direction, size, port, count, at = _IO.unpack_from(page, _EXIT_AT)
+    if size not in (1, 2, 4) or at + size * count > len(page):
+        return
+    if direction == KVM_EXIT_IO_OUT:
+        for i in range(at, at + size * count, size):
+            pio.write(port, size, int.from_bytes(page[i : i + size], "little"))
+    else:
+        for i in range(at, at + size * count, size):
+            page[i : i + size] = pio.read(port, size).to_bytes(size, "little")
+
+
+def _mmio_access(page: mmap.mmap, mmio: IoBus) -> None:
+    address, data, length, is_write = _MMIO.unpack_from(page, _EXIT_AT)
+    if length not in (1, 2, 4, 8):
+        return
+    if is_write:
+        mmio.write(address, length, int.from_bytes(data[:length], "little"))
+    else:
+        page[_MMIO_DATA_AT : _MMIO_DATA_AT + length] = mmio.read(address, length).to_bytes(length, "little")
 
 
 class KvmVcpu:
@@ -55,22 +87,33 @@ class KvmVcpu:
         return Exit(self.kvm_run.exit_reason)
 
     def run(self, pio: IoBus, mmio: IoBus) -> Stop:
-        """Run the guest, serving port and MMIO exits inline, until something else stops it."""
-        run = self.kvm_run
+        """Run the guest, serving port and MMIO exits inline, until something else stops it.
+
+        Every guest I/O access passes through here, so the loop reads the exit straight from the
+        run page and calls libc's ioctl itself (the checks of ``run_once``, without its wrapper
+        and enum per exit).
+        """
+        page, fd, kvm_ioctl = self.page, self.fd, libc.ioctl
+        request, no_arg = ffi.cast("unsigned long", Ioctl.KVM_RUN), ffi.cast("unsigned long", 0)
         while True:
-            reason = self.run_once()
-            if reason == Exit.KVM_EXIT_IO:
-                self._port_io(run.io, pio)
-            elif reason == Exit.KVM_EXIT_MMIO:
-                self._mmio_access(run.mmio, mmio)
-            elif reason == Exit.KVM_EXIT_INTR:
-                return Stop(StopKind.INTERRUPTED)
-            elif reason in (Exit.KVM_EXIT_HLT, Exit.KVM_EXIT_IRQ_WINDOW_OPEN):
+            if kvm_ioctl(fd, request, no_arg) < 0:
+                err = ffi.errno
+                if err in (errno.EINTR, errno.EAGAIN):
+                    return Stop(StopKind.INTERRUPTED)
+                raise KvmError(Ioctl.KVM_RUN, err)
+            reason = _REASON.unpack_from(page, _REASON_AT)[0]
+            if reason == _EXIT_IO:
+                _port_io(page, pio)
+            elif reason == _EXIT_MMIO:
+                _mmio_access(page, mmio)
+            elif reason in _CONTINUE:
                 continue
+            elif reason == _EXIT_INTR:
+                return Stop(StopKind.INTERRUPTED)
             elif reason == Exit.KVM_EXIT_SHUTDOWN:
                 return Stop(StopKind.RESET, self._describe_triple_fault())
             elif reason == Exit.KVM_EXIT_SYSTEM_EVENT:
-                kind = run.system_event.type
+                kind = self.kvm_run.system_event.type
                 return _SYSTEM_EVENTS.get(kind, Stop(StopKind.CRASH, f"system event {kind}"))
             else:
                 return Stop(StopKind.CRASH, self._describe_failure(reason))
@@ -81,26 +124,6 @@ class KvmVcpu:
     def clear_interrupt(self) -> None:
         self.kvm_run.immediate_exit = 0
 
-    def _port_io(self, io: Any, pio: IoBus) -> None:
-        data = self.io_data()
-        size = io.size
-        if io.direction == KVM_EXIT_IO_OUT:
-            for i in range(io.count):
-                pio.write(io.port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
-        else:
-            for i in range(io.count):
-                data[i * size : (i + 1) * size] = pio.read(io.port, size).to_bytes(size, "little")
-
-    def _mmio_access(self, access: Any, mmio: IoBus) -> None:
-        length = access.len
-        if length not in (1, 2, 4, 8):
-            return
-        buffer = ffi.buffer(access.data, length)
-        if access.is_write:
-            mmio.write(access.phys_addr, length, int.from_bytes(buffer[:], "little"))
-        else:
-            buffer[:] = mmio.read(access.phys_addr, length).to_bytes(length, "little")
-
     def _describe_triple_fault(self) -> str:
         regs = ffi.new("struct kvm_regs *")
         sregs = ffi.new("struct kvm_sregs *")
@@ -110,7 +133,7 @@ class KvmVcpu:
             return f"vCPU {self.id}: triple fault"
         return f"vCPU {self.id}: triple fault at rip {regs.rip:#x} (rsp {regs.rsp:#x}, cr2 {sregs.cr2:#x})"
 
-    def _describe_failure(self, reason: Exit) -> str:
+    def _describe_failure(self, reason: int) -> str:
         run = self.kvm_run
         if reason == Exit.KVM_EXIT_INTERNAL_ERROR:
             return f"vCPU {self.id}: KVM internal error, suberror {run.internal.suberror}"
@@ -118,7 +141,8 @@ class KvmVcpu:
             return (
                 f"vCPU {self.id}: KVM entry failed, hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}"
             )
-        return f"vCPU {self.id}: unexpected exit {reason.name}"
+        name = Exit(reason).name if reason in Exit.__members__.values() else f"reason {reason}"
+        return f"vCPU {self.id}: unexpected exit {name}"
 
     def io_data(self) -> memoryview:
         """The data bytes of the current KVM_EXIT_IO (size * count bytes inside the run page)."""

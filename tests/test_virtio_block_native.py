@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio_driver import HEAP_START, RING_FEATURES, Driver, serve_until_settled
+from virtio_driver import HEAP_START, RING_FEATURES, Driver, running, serve_until_settled
 
 from smolvmm.devices.virtio import block
 from smolvmm.devices.virtio.blk_native import native_module
 from smolvmm.devices.virtio.block import MAX_DATA, S_IOERR, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlock
 from smolvmm.devices.virtio.mmio import STATUS_NEEDS_RESET
 from smolvmm.devices.virtio.queue import Queue
-from smolvmm.devices.virtio.session import Session
+from smolvmm.devices.virtio.session import STOPPED, Session
 from smolvmm.host.memory import GuestMemory
 
 DISK_SIZE = 1 << 20
@@ -135,6 +135,38 @@ def test_hostile_rings_end_alike(base: Path, tmp_path: Path, table, heads, heade
     alike(base, tmp_path, setup)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("native", [True, False])
+async def test_interrupts_wait_for_used_event_across_a_flush(
+    base: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EVENT_IDX (§2.7.10) on either path: no interrupt until the used index passes used_event,
+    with a FLUSH (served in Python) between the reads; then one interrupt, its status bit set."""
+    if not native:
+        monkeypatch.setattr(block, "native_module", lambda: None)
+    driver = Driver(VirtioBlock(base))
+    driver.start(RING_FEATURES, size=QUEUE)
+    driver.memory.write_u16(driver.avail_addr(0) + 4 + 2 * QUEUE, 4)  # used_event: after the 5th
+
+    def request(type_: int) -> None:
+        header = driver.alloc(16, struct.pack("<IIQ", type_, 0, 1))
+        data = [(driver.alloc(512), 512, True)] if type_ == T_IN else []
+        driver.submit(0, [(header, 16, False), *data, (driver.alloc(1, b"\xff"), 1, True)])
+
+    async with running(driver):
+        for type_ in (T_IN, T_FLUSH, T_IN):
+            request(type_)
+            await driver.wait_used(0)
+        assert driver.interrupts() == 0
+        assert driver.memory.read_u16(driver.used_addr(0) + 4 + 8 * QUEUE) == 3  # avail_event
+        for _ in range(2):
+            request(T_IN)
+            await driver.wait_used(0)
+        assert driver.interrupts() == 1
+        assert driver.read(0x060) == 1  # InterruptStatus: a used buffer
+    driver.transport.close()
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_a_request_longer_than_seg_max_times_size_max_fails(tmp_path: Path, native: bool) -> None:
     """Buffers naming the same guest pages again and again add up to more than any driver sends
@@ -161,42 +193,42 @@ def test_a_request_longer_than_seg_max_times_size_max_fails(tmp_path: Path, nati
         driver.transport.close()
 
 
-class StalledBatch:
-    """A ``session.Batch`` whose request never completes until it is cancelled."""
+class StalledLoop:
+    """A ``session.NativeLoop`` whose request never completes until it is cancelled."""
 
     def __init__(self) -> None:
         self.running, self.cancelled = threading.Event(), threading.Event()
         self.finished = 0
 
-    def start(self, queue: Queue) -> None:
+    def start(self, queue: Queue, notify_fd: int, stop_fd: int) -> None:
         pass
 
-    def run(self) -> bool:
+    def serve(self) -> tuple[int, bool]:
         self.running.set()
         assert self.cancelled.wait(10)
-        return False
+        return STOPPED, True
 
-    def finish(self, queue: Queue) -> int:
+    def finish(self, queue: Queue) -> None:
         self.finished += 1
-        return 1
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
-def test_a_reset_stops_the_batch_in_flight_and_leaves_the_queue_to_the_reset() -> None:
+def test_a_reset_stops_the_loop_in_flight_and_leaves_the_queue_to_the_reset() -> None:
     memory, queue, lock = GuestMemory.anonymous([(0, 1 << 20)]), Queue(16), threading.Lock()
     queue.ready = True
     interrupts: list[int] = []
     session = Session(memory, [queue], [-1], lock, lambda: interrupts.append(1))
-    batch = StalledBatch()
+    loop = StalledLoop()
     served: list[int] = []
-    worker = threading.Thread(target=lambda: served.append(session.fill_batches(0, batch, lambda chain: 0)))
+    worker = threading.Thread(target=lambda: served.append(session.serve_natively(0, loop, -1)))
     worker.start()
-    assert batch.running.wait(10)
+    assert loop.running.wait(10)
     with lock:  # as the transport does on the driver's reset, from a vCPU thread
         session.close()
     worker.join(10)
-    assert batch.cancelled.is_set() and not worker.is_alive()
-    assert (served, batch.finished, interrupts) == ([0], 0, [])  # the indices were not handed back
+    assert loop.cancelled.is_set() and not worker.is_alive()
+    # the positions were not handed back, and no interrupt follows a reset
+    assert (served, loop.finished, interrupts) == ([STOPPED], 0, [])
     memory.close()

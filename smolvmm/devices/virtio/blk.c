@@ -1,16 +1,19 @@
 /* virtio-blk's request loop in C: the same checks and results as queue.py's parse_chain,
    block.py's parse_request and _execute, and cow.py's CowDisk, for IN and OUT requests (and the
    malformed and unsupported ones); a FLUSH or GET_ID is left in the ring for the Python device.
+   smol_blk_serve also waits for the driver's notifications and decides its interrupts (queue.py's
+   enable_notification and needs_interrupt), so that Python runs only to raise an interrupt.
 
    Everything the guest wrote (ring entries, descriptors, headers) is copied into locals once
    (read_once: volatile, so the compiler cannot load it again after the check) and checked there.
    Built by smolvmm/devices/virtio/blk_native.py. Its system calls are those of the Python path,
-   which the jail's seccomp filter allows (preadv2, pwritev). */
+   which the jail's seccomp filter allows (preadv2, pwritev, poll, read). */
 #ifndef _GNU_SOURCE /* for preadv2; Python's headers define it first */
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -47,7 +50,10 @@ typedef struct smol_blk {
     uint64_t desc_addr, avail_addr, used_addr;
     uint32_t size;
     int indirect;
-    uint16_t next_avail, next_used;
+    uint16_t next_avail, next_used, signalled_used;
+    int event_idx;
+    int notify_fd, stop_fd, wake_fd;
+    int interrupt_due;
     int base_fd, overlay_fd, read_only;
     uint64_t disk_size, capacity_sectors, data_offset;
     uint8_t *bitmap, *dirty;
@@ -57,6 +63,7 @@ typedef struct smol_blk {
     char error[200];
 } smol_blk;
 int smol_blk_run(smol_blk *b);
+int smol_blk_serve(smol_blk *b);
 /* cdef end */
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
@@ -290,16 +297,22 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
 /* Serve up to a queue's worth of available requests: 0 when the ring is empty, the batch is done
    or ``stop`` was set; 1 when the next request is one for the Python device (left in the ring);
    -1 when the ring is malformed (``error`` says how). ``completed`` counts the chains used. */
-int smol_blk_run(smol_blk *b) {
-    b->completed = 0;
+static int rings(smol_blk *b, uint8_t **avail, uint8_t **used) {
     /* Queue.validate checked all this when the queue became ready, and the addresses cannot change
        until a reset (mmio.py); checked again, as nothing from the guest is trusted here. */
     if (b->size == 0 || b->size > MAX_QUEUE || (b->size & (b->size - 1)))
         return fail(b, "queue size is not a power of two <= 256");
     if (b->desc_addr % 16 || b->avail_addr % 2 || b->used_addr % 4) return fail(b, "the rings are misaligned");
-    uint8_t *avail = guest(b, b->avail_addr, 6 + 2 * (uint64_t)b->size);
-    uint8_t *used = guest(b, b->used_addr, 6 + 8 * (uint64_t)b->size);
-    if (!avail || !used) return fail(b, "the rings are outside guest RAM");
+    *avail = guest(b, b->avail_addr, 6 + 2 * (uint64_t)b->size);
+    *used = guest(b, b->used_addr, 6 + 8 * (uint64_t)b->size);
+    if (!*avail || !*used) return fail(b, "the rings are outside guest RAM");
+    return 0;
+}
+
+int smol_blk_run(smol_blk *b) {
+    b->completed = 0;
+    uint8_t *avail, *used;
+    if (rings(b, &avail, &used)) return -1;
     for (uint32_t round = 0; round < b->size && !__atomic_load_n(&b->stop, __ATOMIC_RELAXED); round++) {
         uint16_t index = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
         uint16_t count = (uint16_t)(index - b->next_avail);
@@ -329,4 +342,57 @@ int smol_blk_run(smol_blk *b) {
         b->completed++;
     }
     return 0;
+}
+
+/* Queue.needs_interrupt: whether the driver wants an interrupt for the chains used since the last
+   one (VIRTQ_USED_F_NO_NOTIFY's counterpart, or EVENT_IDX's used_event). */
+static int needs_interrupt(smol_blk *b, const uint8_t *avail) {
+    uint16_t old = b->signalled_used;
+    b->signalled_used = b->next_used;
+    if (old == b->next_used) return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (b->event_idx) {
+        uint16_t used_event;
+        read_once(&used_event, avail + 4 + 2 * b->size, 2);
+        return (uint16_t)(b->next_used - used_event - 1) < (uint16_t)(b->next_used - old);
+    }
+    uint16_t flags;
+    read_once(&flags, avail, 2);
+    return !(flags & 1);
+}
+
+/* Serve the queue until Python is needed: sleeps on notify_fd while the ring is empty (having asked
+   for a notification as Queue.enable_notification does), serves what the driver makes available,
+   and returns 2 when an interrupt is due (interrupt_due set), 1 when the next request is one for
+   the Python device (interrupt_due says whether one is due too), 0 once stop_fd or wake_fd is
+   readable or ``stop`` is set, -1 when the ring is malformed (``error`` says how). */
+int smol_blk_serve(smol_blk *b) {
+    uint8_t *avail, *used;
+    b->interrupt_due = 0;
+    if (rings(b, &avail, &used)) return -1;
+    for (;;) {
+        if (__atomic_load_n(&b->stop, __ATOMIC_RELAXED)) return 0;
+        if (b->event_idx) { /* avail_event: notify when the driver goes past what was taken */
+            uint16_t event = b->next_avail;
+            memcpy(used + 4 + 8 * b->size, &event, 2);
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        int empty = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE) == b->next_avail;
+        /* Asleep when the ring is empty; between batches, a look at stop_fd without waiting. */
+        struct pollfd fds[3] = {{b->stop_fd, POLLIN, 0}, {b->wake_fd, POLLIN, 0}, {b->notify_fd, POLLIN, 0}};
+        int ready = poll(fds, 3, empty ? -1 : 0);
+        if (ready < 0 && errno != EINTR) return fail(b, "waiting for the driver failed: %s", strerror(errno));
+        if (ready > 0 && (fds[0].revents || fds[1].revents)) return 0;
+        if (ready > 0 && fds[2].revents) {
+            uint64_t count;
+            if (read(b->notify_fd, &count, sizeof count) < 0 && errno != EAGAIN)
+                return fail(b, "reading the notification failed: %s", strerror(errno));
+        }
+        if (empty) continue;
+        int outcome = smol_blk_run(b);
+        if (outcome < 0) return -1;
+        b->interrupt_due = needs_interrupt(b, avail);
+        if (outcome == 1) return 1;
+        if (b->interrupt_due) return 2;
+    }
 }

@@ -19,9 +19,10 @@ from typing import Any
 from smolformat.native import compiled
 from smolvmm.devices.virtio.cow import CowLayout
 from smolvmm.devices.virtio.queue import Queue, QueueError
+from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 
-PYTHON_NEXT, BROKEN = 1, -1  # smol_blk_run's outcomes besides 0 (the batch is done)
+STOPPED, PYTHON_NEXT, INTERRUPT, BROKEN = 0, 1, 2, -1  # smol_blk_serve's outcomes
 _log = logging.getLogger(__name__)
 
 
@@ -36,7 +37,7 @@ def native_module() -> Any | None:
 
 
 class NativeRequests:
-    """One driver session's request queue served by ``smol_blk_run`` (a ``session.Batch``)."""
+    """One driver session's request queue served by ``smol_blk_serve`` (a ``session.NativeLoop``)."""
 
     def __init__(self, module: Any, memory: GuestMemory, disk: CowLayout, capacity: int, read_only: bool) -> None:
         ffi = module.ffi
@@ -47,36 +48,48 @@ class NativeRequests:
             slot.host = ffi.cast("uint8_t *", region.host_address)
         self._bitmap = ffi.from_buffer("uint8_t[]", disk.bitmap)
         self._dirty = ffi.from_buffer("uint8_t[]", disk.dirty_pages)
+        self._wake = EventFd()
         b = self._state = ffi.new("smol_blk *")
         b.regions, b.nregions = self._regions, len(memory.regions)
         b.base_fd, b.overlay_fd, b.read_only = disk.base, disk.overlay, read_only
         b.disk_size, b.capacity_sectors, b.data_offset = disk.size, capacity, disk.data_offset
         b.bitmap, b.dirty = self._bitmap, self._dirty
+        b.wake_fd = self._wake.fd
         self._ffi = ffi
 
-    def start(self, queue: Queue) -> None:
+    def start(self, queue: Queue, notify_fd: int, stop_fd: int) -> None:
         b = self._state
         b.desc_addr, b.avail_addr, b.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
-        b.size, b.indirect = queue.size, queue.indirect
-        b.next_avail, b.next_used = queue.next_avail, queue.next_used
-        b.completed = b.io_errors = b.stop = 0
+        b.size, b.indirect, b.event_idx = queue.size, queue.indirect, queue.event_idx
+        b.next_avail, b.next_used, b.signalled_used = queue.next_avail, queue.next_used, queue.signalled_used
+        b.notify_fd, b.stop_fd = notify_fd, stop_fd
+        b.io_errors = b.stop = 0
+        self._wake.take()
 
-    def run(self) -> bool:
+    def serve(self) -> tuple[int, bool]:
+        """Serve until Python is needed: the outcome (STOPPED, PYTHON_NEXT or INTERRUPT; BROKEN
+        raises QueueError) and whether an interrupt is due."""
         b = self._state
-        outcome = self._lib.smol_blk_run(b)
+        outcome = self._lib.smol_blk_serve(b)
         if b.io_errors:
             code = b.io_errno
             more = f" ({b.io_errors} requests)" if b.io_errors > 1 else ""
             _log.warning("virtio-blk I/O error: [Errno %d] %s%s", code, os.strerror(code), more)
+            b.io_errors = 0
         if outcome == BROKEN:
             raise QueueError(self._ffi.string(b.error).decode())
-        return bool(outcome == PYTHON_NEXT)
+        return int(outcome), bool(b.interrupt_due)
 
-    def finish(self, queue: Queue) -> int:
+    def finish(self, queue: Queue) -> None:
+        """Hand the ring positions back to ``queue``."""
         b = self._state
-        queue.next_avail, queue.next_used = b.next_avail, b.next_used
-        return int(b.completed)
+        queue.next_avail, queue.next_used, queue.signalled_used = b.next_avail, b.next_used, b.signalled_used
 
     def cancel(self) -> None:
-        """Stop after the request in hand, not publishing it (a reset, from another thread)."""
+        """Stop after the request in hand, not publishing it, and stop waiting (a reset, from
+        another thread)."""
         self._state.stop = 1
+        self._wake.signal()
+
+    def close(self) -> None:
+        self._wake.close()

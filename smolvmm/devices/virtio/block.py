@@ -117,10 +117,14 @@ class VirtioBlock(VirtioDevice):
         # for as long as the host's storage takes; only this device waits for it. Reads and
         # writes are served in C where it could be built (``blk_native``), the rest here.
         module = native_module()
-        batch = None
-        if module is not None:
-            batch = NativeRequests(module, session.memory, self._disk.layout(), self.capacity, self.read_only)
-        await session.process_in_thread(0, self._handle, batch)
+        if module is None:
+            await session.process_in_thread(0, self._handle)
+            return
+        loop = NativeRequests(module, session.memory, self._disk.layout(), self.capacity, self.read_only)
+        try:
+            await session.process_in_thread(0, self._handle, loop)
+        finally:
+            loop.close()
 
     def _handle(self, chain: DescriptorChain) -> int:
         request = parse_request(chain)

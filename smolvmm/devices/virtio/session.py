@@ -18,24 +18,28 @@ from smolvmm.host.memory import GuestMemory
 Producer = Callable[[DescriptorChain], "int | None"]
 
 
-class Batch(Protocol):
-    """Code that serves a queue by itself (native code, the GIL and the lock released), a batch at
-    a time: it takes and completes chains, writing their used elements and the used index."""
+class NativeLoop(Protocol):
+    """Code that serves a queue by itself (native code, the GIL and the lock released): it sleeps
+    on the queue's notify eventfd, takes and completes chains, writing their used elements and the
+    used index, and returns only when Python is needed."""
 
-    def start(self, queue: Queue) -> None:
-        """Take the queue's ring addresses and indices (the session's lock is held)."""
+    def start(self, queue: Queue, notify_fd: int, stop_fd: int) -> None:
+        """Take the queue's ring addresses and positions (the session's lock is held)."""
 
-    def run(self) -> bool:
-        """Serve the available chains; True when it stopped at one it leaves to the Python producer.
-        A malformed ring raises QueueError."""
+    def serve(self) -> tuple[int, bool]:
+        """Serve until ``stop_fd`` is readable or ``cancel`` (STOPPED), an interrupt is due
+        (INTERRUPT), or the next chain is one for the Python producer (PYTHON_NEXT); returns that
+        and whether an interrupt is due. A malformed ring raises QueueError."""
         ...
 
-    def finish(self, queue: Queue) -> int:
-        """Hand the indices back to the queue; returns how many chains were used (lock held)."""
-        ...
+    def finish(self, queue: Queue) -> None:
+        """Hand the ring positions back to the queue (lock held)."""
 
     def cancel(self) -> None:
         """From another thread (a reset): stop after the chain in hand, without using it."""
+
+
+STOPPED, PYTHON_NEXT, INTERRUPT = 0, 1, 2  # NativeLoop.serve's outcomes
 
 
 def drain_eventfd(fd: int) -> None:
@@ -159,33 +163,33 @@ class Session:
                 self._interrupt()
         return used
 
-    def fill_batches(self, index: int, batch: Batch, produce: Producer) -> int:
-        """Like ``fill``, with ``batch`` serving the chains and ``produce`` only those it leaves to
-        Python, one at a time; returns how many were used."""
+    def serve_natively(self, index: int, loop: NativeLoop, stop: int) -> int:
+        """Let ``loop`` serve queue ``index`` until it needs Python for more than an interrupt;
+        returns its outcome, having raised the interrupts it asked for (STOPPED at once if the
+        session is closed or the queue not ready)."""
         queue = self._queues[index]
-        used = 0
-        while used < queue.size:  # as ``fill``: the thread looks at its stop fd at least this often
-            with self._lock:
-                if self.closed or not queue.ready:
-                    break
-                batch.start(queue)
-                self._busy, self._cancel = True, batch.cancel
-            done = 0
-            try:
-                python_next = batch.run()
-            finally:
+        with self._lock:
+            if self.closed or not queue.ready:
+                return STOPPED
+            loop.start(queue, self._notify_fds[index], stop)
+            self._busy, self._cancel = True, loop.cancel
+        due = False
+        try:
+            while True:
+                outcome, due = loop.serve()
+                if outcome != INTERRUPT:
+                    return outcome
                 with self._lock:
-                    self._busy, self._cancel = False, None
-                    self._idle.notify_all()
-                    if not self.closed:  # after a reset, the queue's indices are its own again
-                        done = batch.finish(queue)
-                        if done and queue.needs_interrupt():
-                            self._interrupt()
-            used += done
-            if not python_next or not self.fill(index, produce, limit=1):
-                break
-            used += 1
-        return used
+                    if not self.closed:
+                        self._interrupt()
+        finally:
+            with self._lock:
+                self._busy, self._cancel = False, None
+                self._idle.notify_all()
+                if not self.closed:  # after a reset, the queue's positions are its own again
+                    loop.finish(queue)
+                    if due:
+                        self._interrupt()
 
     def spread(self, index: int, size: int, write: Callable[[list[DescriptorChain]], list[int]]) -> bool:
         """Take enough chains for ``size`` bytes and have ``write`` fill them as one unit.
@@ -256,13 +260,13 @@ class Session:
             if after_batch is not None:
                 await after_batch()
 
-    async def process_in_thread(self, index: int, handle: Producer, batch: Batch | None = None) -> None:
+    async def process_in_thread(self, index: int, handle: Producer, loop: NativeLoop | None = None) -> None:
         """Like ``process``, but in a thread of this session's own that sleeps on the queue's
         notify eventfd, so ``handle`` may block on the host (disk I/O, fdatasync) without
         stalling the event loop or any other device. Cancelling stops the thread after its
         current batch and waits for it, so every chain taken is completed in the used ring.
-        With ``batch``, it serves the chains and ``handle`` those it leaves (``fill_batches``)."""
-        await self._in_thread(lambda stop: self._serve(index, handle, batch, stop), "virtio-io")
+        With ``loop``, that serves the chains and ``handle`` one at a time those it leaves."""
+        await self._in_thread(lambda stop: self._serve(index, handle, loop, stop), "virtio-io")
 
     async def _in_thread(self, work: Callable[[int], None], name: str) -> None:
         """Run ``work(stop fd)`` in a thread until it fails (raised here) or, cancelled, until it
@@ -293,18 +297,22 @@ class Session:
             done.close()
         raise failure[0]  # uncancelled, the thread only ends on an error
 
-    def _serve(self, index: int, handle: Producer, batch: Batch | None, stop: int) -> None:
+    def _serve(self, index: int, handle: Producer, loop: NativeLoop | None, stop: int) -> None:
         """The thread of ``process_in_thread``: batches until ``stop`` (or an error)."""
         poll = select.poll()
         poll.register(stop, select.POLLIN)
         poll.register(self._notify_fds[index], select.POLLIN)
         while True:
-            with self._lock:
-                available = not self.closed and self._queues[index].enable_notification()
-            if available and batch is not None:
-                self.fill_batches(index, batch, handle)
-            elif available:
-                self.fill(index, handle)
+            if loop is not None:
+                if self.serve_natively(index, loop, stop) == PYTHON_NEXT:
+                    self.fill(index, handle, limit=1)
+                    continue
+                available = False  # stopped, or closed by a reset: only ``stop`` is left to wait for
+            else:
+                with self._lock:
+                    available = not self.closed and self._queues[index].enable_notification()
+                if available:
+                    self.fill(index, handle)
             ready = dict(poll.poll(0 if available else None))
             if stop in ready:
                 return

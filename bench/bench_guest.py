@@ -34,14 +34,22 @@ from smolvmm.images.guest import default_guest
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
 NETNS = "smolbench"
 HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
-IO_MIB = 64
+DISK_MIB = 64
 TCP_MIB = 16  # QEMU's guest sends ~0.6 MiB/s through the one-vCPU nested machine
-IO_TIMEOUT = 180.0  # one dd or nc command (the guest's TCP runs at a few MiB/s nested)
+IO_TIMEOUT = 180.0  # one disk load or nc command (the guest's TCP runs at a few MiB/s nested)
 TIMEOUT = 600.0
 STEP_TIMEOUT = 120.0  # a short command or one clone's restore (nested runs hung there once each)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
-IOPS_LOADS = (("read", 1, 2000), ("read", 32, 4000), ("write", 1, 2000), ("write", 32, 4000))
-"""Random 4 KiB direct I/O: (direction, requests in flight, requests per run)."""
+DISK_LOADS = (
+    ("seqread_qd1_mib_s", "read", 1, DISK_MIB, "sequential", 1024),
+    ("seqwrite_qd1_mib_s", "write", 1, DISK_MIB, "sequential", 1024),
+    ("randread_qd1_iops", "read", 1, 2000, "random", 4),
+    ("randread_qd32_iops", "read", 32, 4000, "random", 4),
+    ("randwrite_qd1_iops", "write", 1, 2000, "random", 4),
+    ("randwrite_qd32_iops", "write", 32, 4000, "random", 4),
+)
+"""Direct I/O through bench/iops.c: (result key, direction, requests in flight, requests per run,
+pattern, KiB per request). Sequential loads are reported in MiB/s, random ones in IOPS."""
 BENCH = Path(__file__).resolve().parent
 
 
@@ -289,14 +297,6 @@ def _round_trip(vm: Console, shell: str) -> float:
     return time.perf_counter() - began
 
 
-def _timed_mib_s(vm: Console, shell: str, mib: int, idle: float) -> float:
-    """MiB/s of ``shell`` moving ``mib`` MiB, timed host-side less an idle command's round trip.
-
-    (Busybox's dd prints no rate and its date has no %N.)
-    """
-    return mib / (_round_trip(vm, shell) - idle)
-
-
 def _setns(name: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     with open(f"/run/netns/{name}") as ns:
@@ -342,18 +342,9 @@ def _settled(vm: Console, marker: bytes, into: dict[str, object], setup: str = "
     return idle
 
 
-def _guest_io(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
-    """Disk then network figures of a booted guest, into ``into`` as each is known."""
-    idle = _settled(vm, marker, into)
-    reads, writes = [], []
-    for _ in range(runs):
-        reads.append(_timed_mib_s(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={IO_MIB} iflag=direct", IO_MIB, idle))
-        writes.append(
-            _timed_mib_s(
-                vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={IO_MIB} seek={IO_MIB} oflag=direct", IO_MIB, idle
-            )
-        )
-    into["read_mib_s"], into["write_mib_s"] = summary(reads), summary(writes)
+def _guest_tcp(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
+    """TCP from a booted guest to the host, into ``into``."""
+    _settled(vm, marker, into)
     receiver = Receiver(TCP_MIB << 20, runs)
     receiver.start()
     receiver.ready.wait()
@@ -377,6 +368,7 @@ def _console_log(vm: Console, path: Path) -> Iterator[None]:
 
 
 def _host_io(image: Path) -> dict[str, object]:
+    """The host's own sequential 1 MiB reads and writes (with fsync) of a file like the guest's disk."""
     reads, writes = [], []
     for _ in range(3):
         began = time.perf_counter()
@@ -387,10 +379,10 @@ def _host_io(image: Path) -> dict[str, object]:
         block = os.urandom(1 << 20)
         began = time.perf_counter()
         with open(image.with_suffix(".hostw"), "wb", buffering=0) as f:
-            for _ in range(IO_MIB):
+            for _ in range(DISK_MIB):
                 f.write(block)
             os.fsync(f.fileno())
-        writes.append(IO_MIB / (time.perf_counter() - began))
+        writes.append(DISK_MIB / (time.perf_counter() - began))
         image.with_suffix(".hostw").unlink()
     return {"read_mib_s": summary(reads), "write_mib_s": summary(writes)}
 
@@ -413,13 +405,9 @@ def _bench_netns() -> Iterator[None]:
         subprocess.run(["ip", "netns", "del", NETNS], check=False)
 
 
-def io(b: Bench) -> dict[str, object]:
-    image = b.work / "disk.img"
-    with open(image, "wb") as f:
-        f.write(os.urandom(IO_MIB << 20))
-        f.truncate(2 * IO_MIB << 20)
-    result = b.results["io"]  # filled as it goes: a guest that fails keeps the other's figures
-    result["host_file"] = _host_io(image)
+def tcp(b: Bench) -> dict[str, object]:
+    """TCP throughput from the guest to the host over a TAP device, smolvmm then QEMU."""
+    result = b.results["tcp"]  # filled as it goes: a guest that fails keeps the other's figures
     cmdline = f"{b.guest.cmdline} smolvmm.ip={GUEST_IP}/24"
     wrap = ["ip", "netns", "exec", NETNS]
     with (
@@ -433,24 +421,17 @@ def io(b: Bench) -> dict[str, object]:
                 "2",
                 "--mem",
                 "256M",
-                "--disk",
-                str(image),
                 "--net",
                 "tap=tap0",
                 "--cmdline",
                 cmdline,
             ]
         ) as vm,
-        _console_log(vm, b.out / "io-smolvmm.log"),
+        _console_log(vm, b.out / "tcp-smolvmm.log"),
     ):
-        _guest_io(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+        _guest_tcp(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
     if b.qemu:
-        copy = shutil.copyfile(image, b.work / "disk-qemu.img")
         extra = [
-            "-drive",
-            f"id=d0,file={copy},format=raw,if=none",
-            "-device",
-            "virtio-blk-device,drive=d0",
             "-netdev",
             "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device",
@@ -458,10 +439,10 @@ def io(b: Bench) -> dict[str, object]:
         ]
         with (
             _bench_netns(),
-            b.qemu_console(b.work / "io.mon", extra, cmdline, wrap) as vm,
-            _console_log(vm, b.out / "io-qemu.log"),
+            b.qemu_console(b.work / "tcp.mon", extra, cmdline, wrap) as vm,
+            _console_log(vm, b.out / "tcp-qemu.log"),
         ):
-            _guest_io(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
+            _guest_tcp(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
     return result
 
 
@@ -479,37 +460,38 @@ def _iops_disk(work: Path) -> Path:
     return ext4_image(work / "iops.img", files, size_mib=8)
 
 
-def _guest_iops(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
-    """IOPS of each of IOPS_LOADS on /dev/vda, timed host-side less an idle command's round trip
-    (and as the guest's own clock saw it), into ``into`` as each is known."""
+def _guest_disk(vm: Console, marker: bytes, runs: int, into: dict[str, object]) -> None:
+    """Each of DISK_LOADS on /dev/vda as the guest's clock saw it (and, under ``KEY_host_timed``,
+    timed host-side less an idle command's round trip), into ``into`` as each is known."""
     idle = _settled(vm, marker, into, "mkdir -p /t && mount -t ext4 -o ro /dev/vdb /t")
-    for direction, depth, count in IOPS_LOADS:
-        host, guest = [], []
+    for key, direction, depth, count, pattern, kib in DISK_LOADS:
+        unit = kib / 1024 if pattern == "sequential" else 1  # MiB or requests
+        guest, host = [], []
         for _ in range(runs):
             began = time.perf_counter()
-            said = vm.command(f"/t/iops /dev/vda {direction} {depth} {count}", IO_TIMEOUT).decode(errors="replace")
-            host.append(count / (time.perf_counter() - began - idle))
-            ran = re.search(rf"{count} ios in ([\d.]+) s", said)
+            said = vm.command(f"/t/iops /dev/vda {direction} {depth} {count} {pattern} {kib}", IO_TIMEOUT)
+            host.append(count * unit / (time.perf_counter() - began - idle))
+            ran = re.search(rf"{count} ios in ([\d.]+) s", said.decode(errors="replace"))
             if ran is None:
-                raise RuntimeError(f"iops {direction} {depth}: {said.strip()[-300:]}")
-            guest.append(count / float(ran.group(1)))
-        into[f"rand{direction}_qd{depth}_iops"] = summary(host)
-        into[f"rand{direction}_qd{depth}_iops_guest_clock"] = summary(guest)
+                raise RuntimeError(f"iops {direction} {depth} {pattern}: {said.decode(errors='replace')[-300:]}")
+            guest.append(count * unit / float(ran.group(1)))
+        into[key], into[f"{key}_host_timed"] = summary(guest), summary(host)
 
 
-def iops(b: Bench) -> dict[str, object]:
-    """Random 4 KiB reads and writes, queue depth 1 and 32, smolvmm then QEMU on copies of one disk."""
-    image = b.work / "iops-disk.img"
+def disk(b: Bench) -> dict[str, object]:
+    """Sequential 1 MiB and random 4 KiB direct I/O (bench/iops.c), smolvmm then QEMU on copies of one disk."""
+    image = b.work / "disk.img"
     with open(image, "wb") as f:
-        f.write(os.urandom(IO_MIB << 20))
+        f.write(os.urandom(DISK_MIB << 20))
     tool = _iops_disk(b.work)
-    result = b.results["iops"]
+    result = b.results["disk"]
+    result["host_file"] = _host_io(image)
     disks = ["--disk", str(image), "--disk", f"{tool},ro"]
     boot = [*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", *disks]
-    with Console(boot) as vm, _console_log(vm, b.out / "iops-smolvmm.log"):
-        _guest_iops(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+    with Console(boot) as vm, _console_log(vm, b.out / "disk-smolvmm.log"):
+        _guest_disk(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
     if b.qemu:
-        copy = shutil.copyfile(image, b.work / "iops-disk-qemu.img")
+        copy = shutil.copyfile(image, b.work / "disk-qemu.img")
         extra = []
         for index, (path, readonly) in enumerate(((copy, "off"), (tool, "on"))):
             extra += [
@@ -518,8 +500,8 @@ def iops(b: Bench) -> dict[str, object]:
                 "-device",
                 f"virtio-blk-device,drive=d{index}",
             ]
-        with b.qemu_console(b.work / "iops.mon", extra) as vm, _console_log(vm, b.out / "iops-qemu.log"):
-            _guest_iops(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
+        with b.qemu_console(b.work / "disk.mon", extra) as vm, _console_log(vm, b.out / "disk-qemu.log"):
+            _guest_disk(vm, b.marker(), b.runs, result.setdefault("qemu", {}))
     return result
 
 
@@ -528,8 +510,8 @@ MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "save": save,
     "restore": restore,
     "restore_api": restore_api,
-    "io": io,
-    "iops": iops,
+    "disk": disk,
+    "tcp": tcp,
     "memory": memory,
     "python_startup": python_startup,
 }

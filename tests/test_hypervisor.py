@@ -17,6 +17,8 @@ from smolvmm.host.kvmprobe import probe
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, StopKind
+from smolvmm.hypervisor.kvm.ioctls import Cap
+from smolvmm.hypervisor.kvm.system import Kvm
 
 pytestmark = pytest.mark.kvm(linux_guest=False)
 
@@ -107,6 +109,12 @@ def test_state_goes_out_and_back_in_through_the_interface() -> None:
         saved, vm_saved = vcpus[0].save_state(), first.save_state()
         assert (saved["regs"]["rip"], saved["regs"]["rsi"]) == (0x10_0200, 0x7000)
         assert saved["sregs"]["efer"] & 0x500 == 0x500, "long mode enabled and active"
+        leaf1 = next(entry for entry in saved["cpuid"] if (entry["function"], entry["index"]) == (1, 0))
+        kvm = Kvm()
+        try:  # the TSC-deadline timer wherever KVM emulates it, whether its supported CPUID says so or not
+            assert leaf1["ecx"] >> 24 & 1 == kvm.check_extension(Cap.KVM_CAP_TSC_DEADLINE_TIMER)
+        finally:
+            kvm.close()
         second.restore_state(vm_saved)
         assert vcpus[1].restore_state(saved)() == 0
         again, vm_again = vcpus[1].save_state(), second.save_state()

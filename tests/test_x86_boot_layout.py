@@ -410,6 +410,14 @@ def test_madt_apic_ids_match_each_vcpus_cpuid(vcpus: int) -> None:
         assert leaves[0xB, 0][3] == leaves[0xB, 1][3] == vcpu  # x2APIC id
 
 
+def test_the_tsc_deadline_timer_is_offered_only_where_kvm_emulates_it() -> None:
+    supported = [(1, 0, 0, 0, 0, 0, 0)]
+    for offered in (True, False):
+        ((_, _, _, _, _, ecx, _),) = cpuid.vcpu_cpuid(supported, 0, 1, tsc_deadline=offered)
+        assert bool(ecx & cpuid.TSC_DEADLINE_BIT) == offered
+        assert ecx & cpuid.HYPERVISOR_BIT
+
+
 def test_lapic_lint_pins_as_a_pc_leaves_them() -> None:
     lapic = bytearray(1024)
     struct.pack_into("<I", lapic, 0x350, 0x0001_0700)  # masked, some other delivery mode

@@ -21,8 +21,8 @@ from smolvmm.arch.x86_64.state import rearm_tsc_deadline, saved_msr_indices, tsc
 from smolvmm.errors import BundleError, HypervisorError
 from smolvmm.hypervisor.interface import StateRecord
 from smolvmm.hypervisor.kvm.bindings import ffi
-from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Ioctl
-from smolvmm.hypervisor.kvm.system import ioctl
+from smolvmm.hypervisor.kvm.ioctls import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Cap, Ioctl
+from smolvmm.hypervisor.kvm.system import Kvm, ioctl
 from smolvmm.hypervisor.kvm.vcpu import KvmVcpu
 from smolvmm.hypervisor.kvm.vm import KvmVm
 
@@ -105,9 +105,10 @@ def boot_fpu() -> bytes:
     return bytes(ffi.buffer(fpu))
 
 
-def boot_vcpu(vcpu: KvmVcpu, supported_cpuid: list[cpuid.CpuidEntry], vcpus: int, entry: int, boot_params: int) -> None:
+def boot_vcpu(vcpu: KvmVcpu, kvm: Kvm, vcpus: int, entry: int, boot_params: int) -> None:
     """A fresh vCPU's boot state: CPUID, MSRs, LAPIC LINT pins, FPU; the BSP at the 64-bit entry."""
-    vcpu.set_cpuid(cpuid.vcpu_cpuid(supported_cpuid, vcpu.id, vcpus))
+    tsc_deadline = bool(kvm.check_extension(Cap.KVM_CAP_TSC_DEADLINE_TIMER))
+    vcpu.set_cpuid(cpuid.vcpu_cpuid(kvm.supported_cpuid, vcpu.id, vcpus, tsc_deadline))
     vcpu.set_msrs(msrs.BOOT_MSRS)
     vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
     vcpu.set_fpu(boot_fpu())
@@ -210,7 +211,7 @@ class X86Vcpu(KvmVcpu):
     """An x86_64 vCPU: boots at the 64-bit entry, saves and restores in Firecracker's order."""
 
     def set_boot_state(self, *, vcpus: int, entry: int, argument: int) -> None:
-        boot_vcpu(self, self._kvm.supported_cpuid, vcpus, entry, argument)
+        boot_vcpu(self, self._kvm, vcpus, entry, argument)
 
     def save_state(self) -> StateRecord:
         return save_vcpu(self, self._kvm.msr_index_list, self._kvm.xsave_size)

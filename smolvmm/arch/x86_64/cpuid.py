@@ -22,9 +22,9 @@ def _topology_leaf(index: int, apic_id: int, vcpus: int) -> tuple[int, int, int,
 def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int, vcpus: int, tsc_deadline: bool = False) -> list[CpuidEntry]:
     """The CPUID table for vCPU ``vcpu_id`` of ``vcpus``; its APIC id equals its index.
 
-    ``tsc_deadline``: KVM emulates the LAPIC timer's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER),
-    which its supported CPUID need not say; the guest then arms its timer with one MSR write
-    instead of programming the LAPIC's count, as QEMU and Firecracker let it.
+    ``tsc_deadline``: the hypervisor emulates the LAPIC timer's TSC-deadline mode, which the CPUID
+    it reports as supported need not say; the guest then arms its timer with one MSR write instead
+    of programming the LAPIC's count, as QEMU and Firecracker let it.
     """
     entries: list[CpuidEntry] = []
     for function, index, flags, eax, ebx, ecx, edx in supported:

@@ -22,7 +22,7 @@ from smolvmm.devices.virtio.queue import Queue, QueueError
 from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import GuestMemory
 
-STOPPED, PYTHON_NEXT, INTERRUPT, BROKEN = 0, 1, 2, -1  # smol_blk_serve's outcomes
+BROKEN = -1  # smol_blk_serve on a malformed ring; its other outcomes are session.STOPPED, PYTHON_NEXT, INTERRUPT
 _log = logging.getLogger(__name__)
 
 

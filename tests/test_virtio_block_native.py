@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -135,6 +136,22 @@ def test_hostile_rings_end_alike(base: Path, tmp_path: Path, table, heads, heade
     alike(base, tmp_path, setup)
 
 
+def _started(base: Path, native: bool, monkeypatch: pytest.MonkeyPatch) -> Driver:
+    """A driver that has started a device over ``base`` served on the C path or the Python one."""
+    if not native:
+        monkeypatch.setattr(block, "native_module", lambda: None)
+    driver = Driver(VirtioBlock(base))
+    driver.start(RING_FEATURES, size=QUEUE)
+    return driver
+
+
+def _request(driver: Driver, type_: int = T_IN, kick: bool = True) -> None:
+    """Post a request on sector 1: a 512-byte read, or a FLUSH."""
+    header = driver.alloc(16, struct.pack("<IIQ", type_, 0, 1))
+    data = [(driver.alloc(512), 512, True)] if type_ == T_IN else []
+    driver.submit(0, [(header, 16, False), *data, (driver.alloc(1, b"\xff"), 1, True)], kick=kick)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("native", [True, False])
 async def test_interrupts_wait_for_used_event_across_a_flush(
@@ -142,28 +159,62 @@ async def test_interrupts_wait_for_used_event_across_a_flush(
 ) -> None:
     """EVENT_IDX (§2.7.10) on either path: no interrupt until the used index passes used_event,
     with a FLUSH (served in Python) between the reads; then one interrupt, its status bit set."""
-    if not native:
-        monkeypatch.setattr(block, "native_module", lambda: None)
-    driver = Driver(VirtioBlock(base))
-    driver.start(RING_FEATURES, size=QUEUE)
+    driver = _started(base, native, monkeypatch)
     driver.memory.write_u16(driver.avail_addr(0) + 4 + 2 * QUEUE, 4)  # used_event: after the 5th
-
-    def request(type_: int) -> None:
-        header = driver.alloc(16, struct.pack("<IIQ", type_, 0, 1))
-        data = [(driver.alloc(512), 512, True)] if type_ == T_IN else []
-        driver.submit(0, [(header, 16, False), *data, (driver.alloc(1, b"\xff"), 1, True)])
 
     async with running(driver):
         for type_ in (T_IN, T_FLUSH, T_IN):
-            request(type_)
+            _request(driver, type_)
             await driver.wait_used(0)
         assert driver.interrupts() == 0
         assert driver.memory.read_u16(driver.used_addr(0) + 4 + 8 * QUEUE) == 3  # avail_event
         for _ in range(2):
-            request(T_IN)
+            _request(driver)
             await driver.wait_used(0)
         assert driver.interrupts() == 1
         assert driver.read(0x060) == 1  # InterruptStatus: a used buffer
+    driver.transport.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("native", [True, False])
+async def test_a_queue_the_driver_stopped_is_not_served(
+    base: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QueueReady 0 after DRIVER_OK (§4.2.2.2): a request made available afterwards stays in the ring."""
+    driver = _started(base, native, monkeypatch)
+    async with running(driver):
+        _request(driver)
+        await driver.wait_used(0)
+        driver.write(0x030, 0)  # QueueSel
+        driver.write(0x044, 0)  # QueueReady
+        _request(driver)
+        await anyio.sleep(0.5)  # what serving it takes is a few milliseconds
+        assert driver.used_idx(0) == 1
+    driver.transport.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("native", [True, False])
+async def test_a_malformed_ring_raises_no_interrupt_the_driver_held_back(
+    base: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an interrupt, with used_event far ahead (§2.7.10): a good request, then a head beyond
+    the queue. The device needs a reset (a configuration change interrupt) and raises nothing else."""
+    driver = _started(base, native, monkeypatch)
+    async with running(driver):
+        _request(driver)
+        await driver.wait_used(0)
+        assert driver.interrupts() == 1 and driver.read(0x060) == 1
+        driver.write(0x064, 1)  # InterruptACK
+        driver.memory.write_u16(driver.avail_addr(0) + 4 + 2 * QUEUE, 100)  # used_event
+        _request(driver, kick=False)
+        driver.publish(0, QUEUE + 7)
+        driver.kick(0)
+        with anyio.fail_after(3):
+            while not driver.read(0x070) & STATUS_NEEDS_RESET:
+                await anyio.sleep(0.001)
+    assert driver.read(0x060) == 2  # the configuration change alone
     driver.transport.close()
 
 
@@ -213,6 +264,9 @@ class StalledLoop:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def pause(self) -> None:
+        pass
 
 
 def test_a_reset_stops_the_loop_in_flight_and_leaves_the_queue_to_the_reset() -> None:

@@ -58,11 +58,10 @@ typedef struct smol_blk {
     uint64_t disk_size, capacity_sectors, data_offset;
     uint8_t *bitmap, *dirty;
     int stop;
-    uint32_t completed, io_errors;
+    uint32_t io_errors;
     int io_errno;
     char error[200];
 } smol_blk;
-int smol_blk_run(smol_blk *b);
 int smol_blk_serve(smol_blk *b);
 /* cdef end */
 
@@ -294,9 +293,7 @@ static int execute(smol_blk *b, struct chain *c, uint8_t *status, uint32_t *writ
     return 0;
 }
 
-/* Serve up to a queue's worth of available requests: 0 when the ring is empty, the batch is done
-   or ``stop`` was set; 1 when the next request is one for the Python device (left in the ring);
-   -1 when the ring is malformed (``error`` says how). ``completed`` counts the chains used. */
+/* The available and used rings in host memory; -1 when they are not sound (``error`` says why). */
 static int rings(smol_blk *b, uint8_t **avail, uint8_t **used) {
     /* Queue.validate checked all this when the queue became ready, and the addresses cannot change
        until a reset (mmio.py); checked again, as nothing from the guest is trusted here. */
@@ -309,8 +306,10 @@ static int rings(smol_blk *b, uint8_t **avail, uint8_t **used) {
     return 0;
 }
 
-int smol_blk_run(smol_blk *b) {
-    b->completed = 0;
+/* Serve up to a queue's worth of available requests: 0 when the ring is empty, the batch is done
+   or ``stop`` was set; 1 when the next request is one for the Python device (left in the ring);
+   -1 when the ring is malformed (``error`` says how). */
+static int run(smol_blk *b) {
     uint8_t *avail, *used;
     if (rings(b, &avail, &used)) return -1;
     for (uint32_t round = 0; round < b->size && !__atomic_load_n(&b->stop, __ATOMIC_RELAXED); round++) {
@@ -339,7 +338,6 @@ int smol_blk_run(smol_blk *b) {
         memcpy(element + 4, &length, 4);
         b->next_used++;
         __atomic_store_n((uint16_t *)(used + 2), b->next_used, __ATOMIC_RELEASE);
-        b->completed++;
     }
     return 0;
 }
@@ -389,7 +387,7 @@ int smol_blk_serve(smol_blk *b) {
                 return fail(b, "reading the notification failed: %s", strerror(errno));
         }
         if (empty) continue;
-        int outcome = smol_blk_run(b);
+        int outcome = run(b);
         if (outcome < 0) return -1;
         b->interrupt_due = needs_interrupt(b, avail);
         if (outcome == 1) return 1;

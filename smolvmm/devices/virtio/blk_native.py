@@ -1,4 +1,5 @@
-"""virtio-blk's reads and writes served in C (``blk.c``), a queue's worth of requests per call.
+"""virtio-blk's reads and writes served in C (``blk.c``), which also waits for the driver's
+notifications and decides the interrupts: Python runs only to raise one.
 
 In the nested machine Python runs 10-30x slower than natively, and at queue depth 32 the
 Python per request (taking the chain, parsing it, the overlay lookup, the used element) was the
@@ -48,14 +49,14 @@ class NativeRequests:
             slot.host = ffi.cast("uint8_t *", region.host_address)
         self._bitmap = ffi.from_buffer("uint8_t[]", disk.bitmap)
         self._dirty = ffi.from_buffer("uint8_t[]", disk.dirty_pages)
-        self._wake = EventFd()
         b = self._state = ffi.new("smol_blk *")
         b.regions, b.nregions = self._regions, len(memory.regions)
         b.base_fd, b.overlay_fd, b.read_only = disk.base, disk.overlay, read_only
         b.disk_size, b.capacity_sectors, b.data_offset = disk.size, capacity, disk.data_offset
         b.bitmap, b.dirty = self._bitmap, self._dirty
-        b.wake_fd = self._wake.fd
         self._ffi = ffi
+        self._wake = EventFd()
+        b.wake_fd = self._wake.fd
 
     def start(self, queue: Queue, notify_fd: int, stop_fd: int) -> None:
         b = self._state
@@ -89,6 +90,10 @@ class NativeRequests:
         """Stop after the request in hand, not publishing it, and stop waiting (a reset, from
         another thread)."""
         self._state.stop = 1
+        self._wake.signal()
+
+    def pause(self) -> None:
+        """Return after the request in hand, having published it (the driver stopped the queue)."""
         self._wake.signal()
 
     def close(self) -> None:

@@ -164,6 +164,8 @@ class MmioTransport:
                 # A queue may be stopped at any time, but only enabled before DRIVER_OK, when
                 # the session start validates it.
                 queue.ready = bool(value & 1)
+                if not queue.ready and self._session is not None:
+                    self._session.queue_stopped()
             case 0x064:
                 self._interrupt_status &= ~value
             case 0x070:

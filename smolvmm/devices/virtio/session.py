@@ -38,6 +38,10 @@ class NativeLoop(Protocol):
     def cancel(self) -> None:
         """From another thread (a reset): stop after the chain in hand, without using it."""
 
+    def pause(self) -> None:
+        """From another thread (the driver stopped the queue): return STOPPED after the chain in
+        hand, having used it."""
+
 
 STOPPED, PYTHON_NEXT, INTERRUPT = 0, 1, 2  # NativeLoop.serve's outcomes
 
@@ -72,7 +76,7 @@ class Session:
         self._lock = lock
         self._idle = threading.Condition(lock)
         self._busy = False  # a chain is out with ``produce``, or a batch is running, outside the lock
-        self._cancel: Callable[[], None] | None = None  # stops the batch running, if any
+        self._native: NativeLoop | None = None  # the native loop serving a queue, if one is
         self._interrupt = interrupt
         self._in_kernel: list[int] = []  # queues a kernel data path holds (``serve_in_kernel``)
         self._stop_in_kernel: Callable[[int], int] | None = None
@@ -85,10 +89,16 @@ class Session:
         as with a real device's reset.
         """
         self.closed = True
-        if self._cancel is not None:
-            self._cancel()
+        if self._native is not None:
+            self._native.cancel()
         self._idle.wait_for(lambda: not self._busy)
         self._take_back(keep=False)
+
+    def queue_stopped(self) -> None:
+        """The driver stopped a queue (QueueReady 0); the caller holds the lock. A native loop
+        serving it returns after the chain in hand, and the queue is not served again."""
+        if self._native is not None:
+            self._native.pause()
 
     async def serve_in_kernel(self, start: Callable[[int, Queue, int, int], None], stop: Callable[[int], int]) -> None:
         """Hand every ready queue to a kernel data path until cancelled or closed:
@@ -172,10 +182,11 @@ class Session:
             if self.closed or not queue.ready:
                 return STOPPED
             loop.start(queue, self._notify_fds[index], stop)
-            self._busy, self._cancel = True, loop.cancel
+            self._busy, self._native = True, loop
         due = False
         try:
             while True:
+                due = False  # a serve that raises has raised no interrupt
                 outcome, due = loop.serve()
                 if outcome != INTERRUPT:
                     return outcome
@@ -184,7 +195,7 @@ class Session:
                         self._interrupt()
         finally:
             with self._lock:
-                self._busy, self._cancel = False, None
+                self._busy, self._native = False, None
                 self._idle.notify_all()
                 if not self.closed:  # after a reset, the queue's positions are its own again
                     loop.finish(queue)

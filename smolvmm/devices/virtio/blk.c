@@ -306,12 +306,10 @@ static int rings(smol_blk *b, uint8_t **avail, uint8_t **used) {
     return 0;
 }
 
-/* Serve up to a queue's worth of available requests: 0 when the ring is empty, the batch is done
-   or ``stop`` was set; 1 when the next request is one for the Python device (left in the ring);
-   -1 when the ring is malformed (``error`` says how). */
-static int run(smol_blk *b) {
-    uint8_t *avail, *used;
-    if (rings(b, &avail, &used)) return -1;
+/* Serve up to a queue's worth of available requests from the rings ``rings`` found: 0 when the
+   ring is empty, the batch is done or ``stop`` was set; 1 when the next request is one for the
+   Python device (left in the ring); -1 when the ring is malformed (``error`` says how). */
+static int run(smol_blk *b, uint8_t *avail, uint8_t *used) {
     for (uint32_t round = 0; round < b->size && !__atomic_load_n(&b->stop, __ATOMIC_RELAXED); round++) {
         uint16_t index = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
         uint16_t count = (uint16_t)(index - b->next_avail);
@@ -387,7 +385,7 @@ int smol_blk_serve(smol_blk *b) {
                 return fail(b, "reading the notification failed: %s", strerror(errno));
         }
         if (empty) continue;
-        int outcome = run(b);
+        int outcome = run(b, avail, used);
         if (outcome < 0) return -1;
         b->interrupt_due = needs_interrupt(b, avail);
         if (outcome == 1) return 1;

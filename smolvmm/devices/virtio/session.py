@@ -75,7 +75,7 @@ class Session:
         self._notify_fds = notify_fds
         self._lock = lock
         self._idle = threading.Condition(lock)
-        self._busy = False  # a chain is out with ``produce``, or a batch is running, outside the lock
+        self._busy = False  # a chain is out with ``produce``, or a native loop is running, outside the lock
         self._native: NativeLoop | None = None  # the native loop serving a queue, if one is
         self._interrupt = interrupt
         self._in_kernel: list[int] = []  # queues a kernel data path holds (``serve_in_kernel``)
@@ -183,7 +183,6 @@ class Session:
                 return STOPPED
             loop.start(queue, self._notify_fds[index], stop)
             self._busy, self._native = True, loop
-        due = False
         try:
             while True:
                 due = False  # a serve that raises has raised no interrupt

@@ -218,35 +218,3 @@ def test_the_pages_a_restore_touched_are_found_and_populate_maps_the_rest(tmp_pa
     finally:
         guest.close()
     assert guest.populate([]) == 0
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping that holds ``address``, from /proc/self/smaps."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        span = line.split(" ", 1)[0]
-        if "-" in span:
-            start, end = (int(part, 16) for part in span.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(
-    not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="this kernel has no transparent huge pages"
-)
-def test_a_cold_boot_asks_for_huge_pages_and_a_restore_does_not() -> None:
-    huge = GuestMemory.anonymous(list(REGIONS), huge_pages=True)
-    small = GuestMemory.anonymous(list(REGIONS))
-    try:
-        for region in huge.regions:
-            assert region.host_address % (2 << 20) == 0
-            assert "hg" in _vm_flags(region.host_address)  # MADV_HUGEPAGE
-        huge.write(HIGH_END - 8, b"lastbyte")  # the trimmed reservation still holds the whole region
-        assert huge.read(HIGH_END - 8, 8) == b"lastbyte"
-        for region in small.regions:
-            assert "hg" not in _vm_flags(region.host_address)
-    finally:
-        huge.close()
-        small.close()

@@ -39,9 +39,7 @@ _MAP_NORESERVE = 0x4000
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MADV_RANDOM = 1
 _MADV_WILLNEED = 3
-_MADV_HUGEPAGE = 14
 _MADV_POPULATE_READ = 22  # Linux 5.14
-HUGE_PAGE_SIZE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 _PAGEMAP_MAPPED = 3 << 62  # a pagemap entry's "present" and "swapped" bits
 
 
@@ -51,19 +49,6 @@ def _map(address: int, length: int, flags: int, fd: int = -1, offset: int = 0) -
         err = _ffi.errno
         raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
     return result
-
-
-def _map_anonymous(size: int, huge_pages: bool) -> int:
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-    if not huge_pages:
-        return _map(0, size, flags)
-    reserved = _map(0, size + HUGE_PAGE_SIZE, flags)
-    address = -(-reserved // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
-    if address > reserved:
-        _libc.munmap(_ffi.cast("void *", reserved), address - reserved)
-    _libc.munmap(_ffi.cast("void *", address + size), reserved + HUGE_PAGE_SIZE - address)
-    _libc.madvise(_ffi.cast("void *", address), size, _MADV_HUGEPAGE)  # EINVAL: no THP here, 4 KiB pages it is
-    return address
 
 
 @dataclass(frozen=True)
@@ -82,9 +67,8 @@ class Region:
 class GuestMemory:
     """The guest's physical memory as a set of non-overlapping regions; ``close()`` unmaps them."""
 
-    def __init__(self, layout: list[tuple[int, int]], huge_pages: bool = False) -> None:
-        """Reserve zeroed anonymous memory for each (gpa, size) pair of ``layout``; with
-        ``huge_pages``, where the host offers transparent huge pages (see ``anonymous``)."""
+    def __init__(self, layout: list[tuple[int, int]]) -> None:
+        """Reserve zeroed anonymous memory for each (gpa, size) pair of ``layout``."""
         ordered = sorted(layout)
         for (gpa, size), (next_gpa, _) in zip(ordered, ordered[1:]):
             if gpa + size > next_gpa:
@@ -95,7 +79,7 @@ class GuestMemory:
             for gpa, size in ordered:
                 if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
                     raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
-                address = _map_anonymous(size, huge_pages and gpa % HUGE_PAGE_SIZE == 0)
+                address = _map(0, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
                 self.regions.append(Region(gpa, size, address))
                 self._spans.append((gpa, gpa + size, memoryview(_ffi.buffer(_ffi.cast("char *", address), size))))
         except BaseException:
@@ -103,16 +87,9 @@ class GuestMemory:
             raise
 
     @classmethod
-    def anonymous(cls, layout: list[tuple[int, int]], huge_pages: bool = False) -> GuestMemory:
-        """Fresh zeroed memory for each (gpa, size) pair in ``layout``.
-
-        ``huge_pages`` places each region on a 2 MiB boundary and asks for transparent huge
-        pages (``MADV_HUGEPAGE``; nothing changes where the host has them off), as QEMU does
-        for guest RAM: fewer TLB misses for the guest through its nested page tables and for
-        the host's copies into it. For a cold boot; a restore leaves it off, so that the pages a
-        clone fills in beside its bundle's stay 4 KiB each.
-        """
-        return cls(layout, huge_pages)
+    def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
+        """Fresh zeroed memory for each (gpa, size) pair in ``layout``."""
+        return cls(layout)
 
     def map_file(self, fd: int, extents: Iterable[tuple[int, int, int]]) -> None:
         """Map (gpa, length, file_offset) extents of bundle file ``fd`` copy-on-write over guest RAM.

@@ -43,7 +43,7 @@ def prepare_boot(config: MachineConfig, on_exit: Callable[[MachineExit], None], 
     """Plan ``config``'s machine, assemble it and load its kernel; nothing runs yet."""
     kernel, initrd, cmdline = boot_files(config)
     plan = MachinePlan.from_config(config, cmdline)
-    assembled = assemble(plan, GuestMemory.anonymous(list(plan.ram), huge_pages=True), on_exit)
+    assembled = assemble(plan, GuestMemory.anonymous(list(plan.ram)), on_exit)
     try:
         assembled.vm.setup_boot(kernel, initrd, plan.cmdline)
     except BaseException:

@@ -33,6 +33,11 @@ async def test_two_vcpus_boot_answer_and_power_off() -> None:
         assert await shell(machine, "devmem 0xd0f00000 32") == "0xFFFFFFFF"
         # Each vCPU has its own APIC id, and the guest keeps time with kvmclock.
         assert await shell(machine, "grep '^apicid' /proc/cpuinfo | sed 's/[[:space:]]//g'") == "apicid:0\r\napicid:1"
+        # Both vCPUs share the last-level cache (the guest completes block requests and wakes tasks
+        # across them without an IPI each) and each has its own first-level ones.
+        caches = "/sys/devices/system/cpu/cpu0/cache"
+        assert await shell(machine, f"cat $(ls -d {caches}/index* | tail -1)/shared_cpu_list") == "0-1"
+        assert await shell(machine, f"cat {caches}/index0/shared_cpu_list") == "0"
         clocksource = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
         assert await shell(machine, f"cat {clocksource}") == "kvm-clock"
         assert await shell(machine, "echo still-here") == "still-here"

@@ -410,6 +410,49 @@ def test_madt_apic_ids_match_each_vcpus_cpuid(vcpus: int) -> None:
         assert leaves[0xB, 0][3] == leaves[0xB, 1][3] == vcpu  # x2APIC id
 
 
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+def test_amd_cache_leaves_say_every_vcpu_shares_the_last_level_cache(vcpus: int) -> None:
+    """KVM's AMD leaves as the nested machine reports them (no TOPOEXT, the host's sharing counts):
+    the guest must find one L3 across its vCPUs and its own L1/L2 per core, as Linux reads them
+    (cacheinfo_amd_init_llc_id: LLC id = APIC id >> order of the L3's sharing count)."""
+    supported = [
+        (0x80000001, 0, 0, 0x00830F10, 0, 0x75, 0),
+        (0x80000008, 0, 0, 0x3028, 0x02000000, 0, 0),
+        (0x8000001D, 0, 1, 0x121, 0x01C0003F, 0x3F, 1),  # L1d, shared by 1
+        (0x8000001D, 1, 1, 0x122, 0x01C0003F, 0x3F, 1),  # L1i
+        (0x8000001D, 2, 1, 0x4143, 0x01C0003F, 0x3FF, 0),  # L2, the host's: shared by 2
+        (0x8000001D, 3, 1, 0x163, 0x03C0003F, 0x3FFF, 6),  # L3, the host's: shared by 1
+        (0x8000001D, 4, 1, 0, 0, 0, 0),
+        (0x8000001E, 0, 0, 0, 0, 0, 0),
+    ]
+    llc_ids, core_ids = set(), set()
+    for vcpu in range(vcpus):
+        leaves = {(f, i): (a, b, c, d) for f, i, _, a, b, c, d in cpuid.vcpu_cpuid(supported, vcpu, vcpus)}
+        assert leaves[0x80000001, 0][2] & cpuid.TOPOEXT_BIT
+        assert leaves[0x80000008, 0][2] & 0xFF == vcpus - 1
+        assert leaves[0x80000008, 0][:2] == (0x3028, 0x02000000)  # address sizes and features kept
+        sharing = [((leaves[0x8000001D, i][0] >> 14) & 0xFFF) + 1 for i in range(4)]
+        assert sharing == [1, 1, 1, vcpus]
+        assert leaves[0x8000001D, 3][1:] == (0x03C0003F, 0x3FFF, 6)  # size and associativity kept
+        assert leaves[0x8000001D, 4] == (0, 0, 0, 0)
+        llc_ids.add(vcpu >> (sharing[3] - 1).bit_length())
+        eax, ebx, ecx, _ = leaves[0x8000001E, 0]
+        assert (eax, ecx & 0xFF, (ebx >> 8) & 0xFF) == (vcpu, 0, 0)  # APIC id, node 0, one thread per core
+        core_ids.add(ebx & 0xFF)
+    assert len(llc_ids) == 1 and len(core_ids) == vcpus
+
+
+def test_intel_cache_leaf_shares_only_the_last_level_and_sets_no_amd_bits() -> None:
+    host_l2 = (4, 2, 1, 0x0400_4143, 0, 0, 0)  # the host's L2, two hyperthreads share it
+    host_l3 = (4, 3, 1, 0x0403_C163, 0, 0, 0)
+    table = cpuid.vcpu_cpuid([(0x80000001, 0, 0, 0, 0, 0, 0), host_l2, host_l3], 1, 4)
+    (_, _, _, _, _, ecx, _), l2, l3 = table
+    assert ecx == 0  # no TOPOEXT without AMD's cache leaves
+    assert ((l2[3] >> 14) & 0xFFF, (l3[3] >> 14) & 0xFFF) == (0, 3)
+    assert l2[3] >> 26 == l3[3] >> 26 == 3  # cores per package less one
+    assert l3[3] & 0x3FFF == 0x0163
+
+
 def test_the_tsc_deadline_timer_is_offered_only_where_kvm_emulates_it() -> None:
     supported = [(1, 0, 0, 0, 0, 0, 0)]
     for offered in (True, False):

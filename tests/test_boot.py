@@ -15,6 +15,7 @@ import pytest
 from guests import GUEST_TIMEOUT, own_threads, shell
 
 from smolvmm import ExitReason, Machine, MachineConfig
+from smolvmm.arch.x86_64.cpuid import host_brand
 from smolvmm.images.guest import default_guest
 
 pytestmark = [pytest.mark.kvm, pytest.mark.anyio]
@@ -38,6 +39,8 @@ async def test_two_vcpus_boot_answer_and_power_off() -> None:
         caches = "/sys/devices/system/cpu/cpu0/cache"
         assert await shell(machine, f"cat $(ls -d {caches}/index* | tail -1)/shared_cpu_list") == "0-1"
         assert await shell(machine, f"cat {caches}/index0/shared_cpu_list") == "0"
+        if host_brand():  # the host's processor name, which KVM does not pass through
+            assert await shell(machine, "grep -m1 'model name' /proc/cpuinfo") == f"model name\t: {host_brand()}"
         clocksource = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
         assert await shell(machine, f"cat {clocksource}") == "kvm-clock"
         assert await shell(machine, "echo still-here") == "still-here"

@@ -453,6 +453,21 @@ def test_intel_cache_leaf_shares_only_the_last_level_and_sets_no_amd_bits() -> N
     assert l3[3] & 0x3FFF == 0x0163
 
 
+def test_the_processor_name_is_the_hosts_where_kvm_reports_none() -> None:
+    blank = [(leaf, 0, 0, 0, 0, 0, 0) for leaf in cpuid.BRAND_LEAVES]
+
+    def name(table: list[cpuid.CpuidEntry]) -> bytes:
+        return b"".join(struct.pack("<4I", *entry[3:]) for entry in table if entry[0] in cpuid.BRAND_LEAVES)
+
+    assert name(cpuid.vcpu_cpuid(blank, 1, 2, brand="AMD EPYC 7B13 64-Core Processor")) == (
+        b"AMD EPYC 7B13 64-Core Processor".ljust(48, b"\0")
+    )
+    assert name(cpuid.vcpu_cpuid(blank, 0, 1, brand="x" * 60)) == b"x" * 47 + b"\0"  # always NUL-terminated
+    assert name(cpuid.vcpu_cpuid(blank, 0, 1)) == bytes(48)
+    kvms = [(0x80000002, 0, 0, 0x20444D41, 0, 0, 0), *blank[1:]]  # a KVM that names the processor itself
+    assert name(cpuid.vcpu_cpuid(kvms, 0, 1, brand="other")) == b"AMD ".ljust(48, b"\0")
+
+
 def test_the_tsc_deadline_timer_is_offered_only_where_kvm_emulates_it() -> None:
     supported = [(1, 0, 0, 0, 0, 0, 0)]
     for offered in (True, False):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import struct
+
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
 
 HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
@@ -12,6 +16,7 @@ LEVEL_SMT, LEVEL_CORE = 1, 2
 AMD_SIZES, AMD_CACHES, AMD_CORE_IDS = 0x80000008, 0x8000001D, 0x8000001E
 SHARING_MASK = 0xFFF << 14  # leaf 4 and 0x8000001D EAX: logical processors sharing this cache, less one
 LAST_LEVEL = 3
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)  # the processor's name, 16 bytes each, NUL-terminated
 
 
 def _topology_leaf(index: int, apic_id: int, vcpus: int) -> tuple[int, int, int, int]:
@@ -30,7 +35,26 @@ def _cache_sharing(eax: int, vcpus: int) -> int:
     return (eax & ~SHARING_MASK) | (sharing << 14)
 
 
-def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int, vcpus: int, tsc_deadline: bool = False) -> list[CpuidEntry]:
+@functools.cache
+def host_brand() -> str:
+    """The host processor's name as its kernel read it (``model name``), or "" where it says none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            found = re.search(r"^model name\s*:\s*(.*)$", cpuinfo.read(), re.MULTILINE)
+    except OSError:
+        return ""
+    return found.group(1).strip() if found else ""
+
+
+def _brand_registers(brand: str) -> dict[int, tuple[int, int, int, int]]:
+    """Leaves 0x80000002-4 holding ``brand`` (47 characters at most, then NUL)."""
+    raw = brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
+    return {leaf: struct.unpack_from("<4I", raw, 16 * i) for i, leaf in enumerate(BRAND_LEAVES)}
+
+
+def vcpu_cpuid(
+    supported: list[CpuidEntry], vcpu_id: int, vcpus: int, tsc_deadline: bool = False, brand: str = ""
+) -> list[CpuidEntry]:
     """The CPUID table for vCPU ``vcpu_id`` of ``vcpus``; its APIC id equals its index.
 
     ``tsc_deadline``: the hypervisor emulates the LAPIC timer's TSC-deadline mode, which the CPUID
@@ -41,7 +65,12 @@ def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int, vcpus: int, tsc_deadli
     last-level cache its vCPUs share (AMD's leaves without TOPOEXT, as KVM may report them)
     completes each block request on the vCPU that issued it through an inter-processor interrupt
     and spreads wakeups as if across sockets.
+
+    ``brand``: the processor name to show where KVM reports none (it passes no host name through;
+    the guest would otherwise call its CPU "AMD 17/31"), as QEMU's ``-cpu host`` and Firecracker do.
     """
+    named = brand and not any(function in BRAND_LEAVES and any(regs) for function, _, _, *regs in supported)
+    names = _brand_registers(brand) if named else {}
     amd_caches = any(function == AMD_CACHES for function, *_ in supported)
     entries: list[CpuidEntry] = []
     for function, index, flags, eax, ebx, ecx, edx in supported:
@@ -62,6 +91,8 @@ def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int, vcpus: int, tsc_deadli
             ecx = (ecx & ~0xF0FF) | (max(vcpus - 1, 0).bit_length() << 12) | (vcpus - 1)
         elif function == AMD_CACHES:
             eax = _cache_sharing(eax, vcpus)
+        elif function in names:
+            eax, ebx, ecx, edx = names[function]
         elif function == AMD_CORE_IDS:
             # extended APIC id; core id with one thread per core; one node, id 0
             eax, ebx, ecx, edx = vcpu_id, vcpu_id & 0xFF, 0, 0

@@ -108,7 +108,7 @@ def boot_fpu() -> bytes:
 def boot_vcpu(vcpu: KvmVcpu, kvm: Kvm, vcpus: int, entry: int, boot_params: int) -> None:
     """A fresh vCPU's boot state: CPUID, MSRs, LAPIC LINT pins, FPU; the BSP at the 64-bit entry."""
     tsc_deadline = bool(kvm.check_extension(Cap.KVM_CAP_TSC_DEADLINE_TIMER))
-    vcpu.set_cpuid(cpuid.vcpu_cpuid(kvm.supported_cpuid, vcpu.id, vcpus, tsc_deadline))
+    vcpu.set_cpuid(cpuid.vcpu_cpuid(kvm.supported_cpuid, vcpu.id, vcpus, tsc_deadline, cpuid.host_brand()))
     vcpu.set_msrs(msrs.BOOT_MSRS)
     vcpu.set_lapic(regs.lapic_with_lint(vcpu.get_lapic()))
     vcpu.set_fpu(boot_fpu())

@@ -6,6 +6,10 @@ UART's line status register, so every instruction of its loop is an exit).
 
 - **smolvmm**: ``KvmVcpu.run`` with the 16550A UART on the port bus, as a machine has it: exits served
   per second, read from the UART's own count of register reads.
+- **virtio-mmio InterruptStatus**: a guest reading it in a loop (``mov eax, [base + 0x60]``,
+  counting its reads in its own memory) from a virtio-rng's transport, served by the transport's
+  Python as without a C compiler, then by the vCPU loop's C as a machine has it (``Bus.add_word``):
+  the two exits each interrupt costs a virtio driver.
 - **KVM_RUN alone, Python**: ``run_once`` in a loop, serving nothing.
 - **KVM_RUN alone, C**: the same loop compiled with gcc (skipped without gcc), the floor.
 
@@ -29,6 +33,8 @@ from common import machine_info, summary
 
 from smolvmm.devices.bus import Bus
 from smolvmm.devices.uart import Uart16550
+from smolvmm.devices.virtio.mmio import MMIO_SIZE, MmioTransport
+from smolvmm.devices.virtio.rng import VirtioRng
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor.kvm.bindings import ffi
 from smolvmm.hypervisor.kvm.system import Kvm
@@ -37,6 +43,8 @@ from smolvmm.hypervisor.kvm.vm import KvmVm
 
 CODE_ADDR = 0x1000
 CODE = bytes.fromhex("bafd03ecebfd")  # mov dx, 0x3fd; l: in al, dx; jmp l
+RAM, STATUS_CODE_ADDR, COUNT_ADDR, VIRTIO_BASE = 0x8000, 0x3000, 0x2000, 0xA000  # the device past RAM
+STATUS_CODE = bytes.fromhex("66a160a066ff060020ebf5")  # l: mov eax, [0xa060]; inc dword [0x2000]; jmp l
 C_LOOP = r"""
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -72,19 +80,20 @@ int main(int argc, char **argv) {
 """
 
 
-def spinning_vcpu(kvm: Kvm) -> tuple[KvmVm, KvmVcpu, GuestMemory]:
-    """A vCPU at the start of the spinning loop."""
+def spinning_vcpu(kvm: Kvm, rip: int = CODE_ADDR) -> tuple[KvmVm, KvmVcpu, GuestMemory]:
+    """A vCPU at the start of the spinning loop (or of the code at ``rip``)."""
     vm = KvmVm(kvm.create_vm(), kvm)
-    memory = GuestMemory.anonymous([(0, 0x10000)])
-    vm.map_memory(0, 0, 0x10000, memory.regions[0].host_address)
+    memory = GuestMemory.anonymous([(0, RAM)])
+    vm.map_memory(0, 0, RAM, memory.regions[0].host_address)
     memory.write(CODE_ADDR, CODE)
+    memory.write(STATUS_CODE_ADDR, STATUS_CODE)
     vcpu = vm.create_vcpu(0)
     sregs = ffi.new("struct kvm_sregs *")
     ffi.buffer(sregs)[:] = vcpu.get_sregs()
     sregs.cs.base = sregs.cs.selector = 0
     vcpu.set_sregs(bytes(ffi.buffer(sregs)))
     regs = ffi.new("struct kvm_regs *")
-    regs.rip, regs.rflags = CODE_ADDR, 0x2
+    regs.rip, regs.rflags = rip, 0x2
     vcpu.set_regs(bytes(ffi.buffer(regs)))
     return vm, vcpu, memory
 
@@ -110,6 +119,29 @@ def served(vcpu: KvmVcpu, seconds: float) -> float:
     return elapsed / reads * 1e6
 
 
+def status_reads(kvm: Kvm, seconds: float, in_c: bool) -> float:
+    """µs per InterruptStatus read of ``KvmVcpu.run`` for ``seconds`` (a VM of its own), the
+    transport's Python serving each or (``in_c``) the vCPU loop's C."""
+    vm, vcpu, memory = spinning_vcpu(kvm, STATUS_CODE_ADDR)
+    transport = MmioTransport(VirtioRng(), memory)
+    mmio = Bus("MMIO")
+    mmio.add(VIRTIO_BASE, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
+    if in_c:
+        for address, word, clears in transport.interrupt_words(VIRTIO_BASE):
+            mmio.add_word(address, word, clears)
+    stopper = threading.Timer(seconds, vcpu.interrupt)
+    began = time.perf_counter()
+    stopper.start()
+    vcpu.run(Bus("port I/O"), mmio)
+    elapsed = time.perf_counter() - began
+    reads = int.from_bytes(memory.read(COUNT_ADDR, 4), "little")
+    transport.close()
+    vcpu.close()
+    vm.close()
+    memory.close()
+    return elapsed / reads * 1e6
+
+
 def bare(vcpu: KvmVcpu, exits: int) -> float:
     """µs per exit of ``run_once`` alone."""
     began = time.perf_counter()
@@ -126,7 +158,13 @@ def main() -> int:
     args = parser.parse_args()
     kvm = Kvm()
     vm, vcpu, memory = spinning_vcpu(kvm)
-    columns: dict[str, list[float]] = {"smolvmm `KvmVcpu.run` + UART": [], "`run_once` alone": [], "C loop": []}
+    columns: dict[str, list[float]] = {
+        "smolvmm `KvmVcpu.run` + UART": [],
+        "virtio-mmio InterruptStatus, the transport's Python": [],
+        "virtio-mmio InterruptStatus, the vCPU loop's C": [],
+        "`run_once` alone": [],
+        "C loop": [],
+    }
     with tempfile.TemporaryDirectory(prefix="smolbench-exits-") as work:
         program = Path(work) / "exits"
         compiler = shutil.which("gcc")
@@ -135,6 +173,12 @@ def main() -> int:
             subprocess.run([compiler, "-O2", "-o", str(program), str(Path(work) / "exits.c")], check=True)
         try:
             for _ in range(args.runs):
+                columns["virtio-mmio InterruptStatus, the transport's Python"].append(
+                    status_reads(kvm, args.seconds, in_c=False)
+                )
+                columns["virtio-mmio InterruptStatus, the vCPU loop's C"].append(
+                    status_reads(kvm, args.seconds, in_c=True)
+                )
                 per_exit = served(vcpu, args.seconds)
                 columns["smolvmm `KvmVcpu.run` + UART"].append(per_exit)
                 exits = int(args.seconds * 1e6 / per_exit)

@@ -30,3 +30,12 @@ def test_overlapping_ranges_are_refused() -> None:
         with pytest.raises(ValueError, match="overlaps"):
             bus.add(base, length, lambda o, s: 0, lambda o, s, v: None)
     bus.add(0x2000, 0x1000, lambda o, s: 0, lambda o, s, v: None)
+
+
+def test_a_word_register_must_lie_in_a_device_range() -> None:
+    bus = Bus("MMIO")
+    bus.add(0x1000, 0x1000, lambda o, s: 0, lambda o, s, v: None)
+    bus.add_word(0x1060, 0x7F00_0000, False)
+    with pytest.raises(ValueError, match="no device"):
+        bus.add_word(0x2060, 0x7F00_0000, True)
+    assert bus.words == [(0x1060, 0x7F00_0000, False)]

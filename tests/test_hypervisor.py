@@ -15,6 +15,7 @@ import pytest
 from smolvmm.devices.bus import Bus
 from smolvmm.host.kvmprobe import probe
 from smolvmm.host.memory import GuestMemory
+from smolvmm.host.words import SharedWord
 from smolvmm.hypervisor import open_hypervisor
 from smolvmm.hypervisor.interface import Capabilities, StopKind
 from smolvmm.hypervisor.kvm.ioctls import Cap
@@ -91,6 +92,64 @@ def test_real_mode_guest_through_the_interface() -> None:
         vcpu.clear_interrupt()
     finally:
         os.close(notify)
+        vcpu.close()
+        vm.close()
+        memory.close()
+        hypervisor.close()
+
+
+WORD_CODE = bytes.fromhex(
+    "66a16050"
+    "66a30020"  # mov eax, [0x5060]; mov [0x2000], eax  (a word register's read)
+    "66c7066450"
+    "01000000"  # mov dword [0x5064], 1  (a write clearing bit 0)
+    "66a16050"
+    "66a30420"  # mov eax, [0x5060]; mov [0x2004], eax
+    "a06050"  # mov al, [0x5060]  (one byte: not the word's access, the bus serves it)
+    "c606005042"  # mov byte [0x5000], 0x42
+    "baf803"
+    "ee"  # mov dx, 0x3f8; out dx, al
+    "ebfe"  # jmp $
+)
+
+
+def test_word_registers_are_served_without_the_bus() -> None:
+    """A 4-byte read of a word register returns the word and a write to its clearing twin clears
+    the bits written, in the vCPU loop's C (virtio-mmio's InterruptStatus and ACK); every other
+    access, a 1-byte read of the same register too, still reaches the bus's handlers."""
+    hypervisor = open_hypervisor()
+    memory = GuestMemory.anonymous([(0, RAM)])
+    vm = hypervisor.create_vm()
+    vcpu = vm.create_vcpu(0)
+    word = SharedWord()
+    if not word.address:
+        pytest.skip("no C compiler: the word is Python's and the bus serves every access")
+    try:
+        vm.map_memory(0, 0, RAM, memory.regions[0].host_address, log_dirty=False)
+        memory.write(0x1000, WORD_CODE)
+        state = vcpu.save_state()
+        state["sregs"]["cs"].update({"base": 0, "selector": 0})
+        state["regs"].update({"rip": 0x1000, "rflags": 0x2})
+        assert vcpu.restore_state(state)() == 0
+        word.put(0b11)
+        seen: list[tuple[str, int, int]] = []
+        pio, mmio = Bus("port I/O"), Bus("MMIO")
+        pio.add(0x3F8, 8, lambda offset, size: 0, lambda offset, size, value: vcpu.interrupt())
+
+        def read(offset: int, size: int) -> int:
+            seen.append(("read", offset, size))
+            return 0x77
+
+        mmio.add(DEVICE_ADDR, 0x1000, read, lambda offset, size, value: seen.append(("write", offset, value)))
+        mmio.add_word(DEVICE_ADDR + 0x60, word.address, False)
+        mmio.add_word(DEVICE_ADDR + 0x64, word.address, True)
+        assert vcpu.run(pio, mmio).kind == StopKind.INTERRUPTED
+
+        assert struct.unpack("<II", memory.read(0x2000, 8)) == (0b11, 0b10)
+        assert word.get() == 0b10
+        assert seen == [("read", 0x60, 1), ("write", 0, 0x42)]
+        vcpu.clear_interrupt()
+    finally:
         vcpu.close()
         vm.close()
         memory.close()

@@ -24,6 +24,7 @@ class Bus:
         self.name = name
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, ReadHandler, WriteHandler]] = []
+        self.words: list[tuple[int, int, bool]] = []
 
     def add(self, base: int, length: int, read: ReadHandler, write: WriteHandler) -> None:
         """Route accesses to [base, base + length) to ``read``/``write`` with offsets from ``base``."""
@@ -32,6 +33,15 @@ class Bus:
             raise ValueError(f"{self.name} range {base:#x}+{length:#x} overlaps another device")
         self._starts.insert(i, base)
         self._ranges.insert(i, (base, base + length, read, write))
+
+    def add_word(self, address: int, word: int, clears: bool) -> None:
+        """Let the hypervisor serve 4-byte accesses to ``address`` (in a range already added) from
+        the 32-bit word at host address ``word`` (``host.words.SharedWord``) without a call here:
+        reads return it or, with ``clears``, writes clear the bits written. The range's handlers
+        must do the same, for every hypervisor that does not."""
+        if self._find(address) is None:
+            raise ValueError(f"{self.name} word at {address:#x} is in no device's range")
+        self.words.append((address, word, clears))
 
     def _find(self, address: int) -> tuple[int, int, ReadHandler, WriteHandler] | None:
         i = bisect.bisect(self._starts, address) - 1

@@ -109,8 +109,13 @@ PRELOAD_SKIP = (
     *("images", "kernel", "build", "rootdisk", "source", "layers", "smolfile", "registry", "signing"),
 )
 # Modules whose C extension is loaded (built) on first use, by their ``native_module()``: the snapshot
-# writer's page scanner and virtio-blk's request loop.
-PRELOAD_NATIVE = ("smolformat.pagescan", "smolvmm.devices.virtio.blk_native")
+# writer's page scanner, virtio-blk's request loop, the vCPU loop's and the words it serves.
+PRELOAD_NATIVE = (
+    "smolformat.pagescan",
+    "smolvmm.devices.virtio.blk_native",
+    "smolvmm.hypervisor.kvm.vcpu",
+    "smolvmm.host.words",
+)
 PRELOAD_MODULES = (
     "json",
     "traceback",

@@ -10,7 +10,7 @@ format's records, so the monitor stores and restores it without knowing how the 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,7 +47,11 @@ class Capabilities:
 
 class IoBus(Protocol):
     """What ``Vcpu.run`` needs of a port or MMIO bus (``smolvmm.devices.bus.Bus`` is one): the value
-    of a ``size``-byte read at a guest address, and a ``size``-byte write of ``value``."""
+    of a ``size``-byte read at a guest address, and a ``size``-byte write of ``value``; and the
+    registers it may serve itself, from words in host memory (``Bus.add_word``)."""
+
+    @property
+    def words(self) -> Sequence[tuple[int, int, bool]]: ...
 
     def read(self, address: int, size: int) -> int: ...
 

@@ -122,6 +122,8 @@ class VirtualMachine:
         self._closers.append(transport.close)
         base, gsi = self.arch.virtio_slot(len(self.transports))
         self.mmio.add(base, MMIO_SIZE, transport.mmio_read, transport.mmio_write)
+        for address, word, clears in transport.interrupt_words(base):
+            self.mmio.add_word(address, word, clears)
         self.vm.irqfd(transport.irq_fd, gsi)
         if self.hypervisor.capabilities.ioeventfd:  # else the notify write exits and the transport signals
             notifiers = [(fd, base + QUEUE_NOTIFY_OFFSET, index) for index, fd in enumerate(transport.notify_fds)]

@@ -4,7 +4,9 @@ Wiring (done by the monitor): map ``MMIO_SIZE`` bytes at some base, register ``i
 KVM irqfd on the device's GSI, register each ``notify_fds[i]`` as a KVM ioeventfd at
 ``base + QUEUE_NOTIFY_OFFSET`` (4 bytes) with datamatch ``i``, and start ``run()`` in the
 machine's task group. Registers are served synchronously from vCPU threads; the data plane runs
-in ``run()``. Both sides share state under one ``threading.Lock``.
+in ``run()``. Both sides share state under one ``threading.Lock``, but for InterruptStatus, a
+``SharedWord`` the hypervisor may serve itself (``interrupt_words``): a guest takes two register
+exits per interrupt, its read and its acknowledgement.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from smolvmm.devices.virtio.queue import Queue, QueueError, QueueState
 from smolvmm.devices.virtio.session import Session, drain_eventfd
 from smolvmm.errors import BundleError
 from smolvmm.host.memory import GuestMemory
+from smolvmm.host.words import SharedWord
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 MMIO_SIZE = 0x1000
 QUEUE_NOTIFY_OFFSET = 0x050
+INTERRUPT_STATUS_OFFSET = 0x060
+INTERRUPT_ACK_OFFSET = 0x064
 CONFIG_OFFSET = 0x100
 MAGIC = 0x74726976  # "virt"
 VENDOR_ID = 0x4C4F4D53  # "SMOL"
@@ -84,6 +89,7 @@ class MmioTransport:
         self._config = device.config()
         self._config_generation = 0
         self._session: Session | None = None
+        self._interrupt_status = SharedWord()
         self._clear_registers()
 
     def _clear_registers(self) -> None:
@@ -91,7 +97,15 @@ class MmioTransport:
         self._device_features_sel = self._driver_features_sel = 0
         self._driver_features = 0
         self._queue_sel = 0
-        self._interrupt_status = 0
+        self._interrupt_status.put(0)
+
+    def interrupt_words(self, base: int) -> list[tuple[int, int, bool]]:
+        """InterruptStatus and InterruptACK at ``base`` as ``Bus.add_word`` takes them (address,
+        word, clears), for a hypervisor to serve without this object; none where the word is Python's."""
+        word = self._interrupt_status.address
+        if not word:
+            return []
+        return [(base + INTERRUPT_STATUS_OFFSET, word, False), (base + INTERRUPT_ACK_OFFSET, word, True)]
 
     # --- register access (vCPU threads) -------------------------------------------------
 
@@ -123,7 +137,7 @@ class MmioTransport:
             case 0x044:
                 return int(queue.ready) if queue else 0
             case 0x060:
-                return self._interrupt_status
+                return self._interrupt_status.get()
             case 0x070:
                 return self._status
             case 0x0B0 | 0x0B4 | 0x0B8 | 0x0BC:
@@ -167,7 +181,7 @@ class MmioTransport:
                 if not queue.ready and self._session is not None:
                     self._session.queue_stopped()
             case 0x064:
-                self._interrupt_status &= ~value
+                self._interrupt_status.clear(value)
             case 0x070:
                 self._write_status(value)
             case 0x080 | 0x084 | 0x090 | 0x094 | 0x0A0 | 0x0A4 if queue is not None and configurable:
@@ -229,7 +243,7 @@ class MmioTransport:
 
     def _interrupt(self, bits: int = INT_USED_BUFFER) -> None:
         """Raise an interrupt; the caller holds the lock."""
-        self._interrupt_status |= bits
+        self._interrupt_status.set(bits)
         os.eventfd_write(self.irq_fd, 1)
 
     # --- data plane (event loop) --------------------------------------------------------
@@ -309,7 +323,7 @@ class MmioTransport:
                 self._device_features_sel,
                 self._driver_features_sel,
                 self._queue_sel,
-                self._interrupt_status,
+                self._interrupt_status.get(),
                 self._config_generation,
                 tuple(q.save() for q in self._queues),
                 self.device.save_state(),
@@ -350,7 +364,7 @@ class MmioTransport:
             self._driver_features_sel = state.driver_features_sel
             self._driver_features = state.driver_features
             self._queue_sel = state.queue_sel
-            self._interrupt_status = state.interrupt_status
+            self._interrupt_status.put(state.interrupt_status)
             self._config_generation = state.config_generation
         os.eventfd_write(self._wake_fd, 1)
 

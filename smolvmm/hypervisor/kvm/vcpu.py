@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import struct
+from importlib import resources
+from typing import Any
 
+from smolformat.native import compiled
 from smolvmm.hypervisor.interface import IoBus, Stop, StopKind
 from smolvmm.hypervisor.kvm.bindings import ffi, libc
 from smolvmm.hypervisor.kvm.ioctls import (
@@ -39,6 +43,13 @@ _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _MMIO_DATA_AT = _EXIT_AT + 8
 _EXIT_IO, _EXIT_MMIO, _EXIT_INTR = int(Exit.KVM_EXIT_IO), int(Exit.KVM_EXIT_MMIO), int(Exit.KVM_EXIT_INTR)
 _CONTINUE = (int(Exit.KVM_EXIT_HLT), int(Exit.KVM_EXIT_IRQ_WINDOW_OPEN))
+
+
+@functools.cache
+def native_module() -> Any | None:
+    """run.c built (on first call), or None where it cannot be: Python then serves every exit."""
+    source = resources.files(__package__).joinpath("run.c").read_text()
+    return compiled("_smolvmm_run", source[source.index("/* cdef:") : source.index("/* cdef end */")], source)
 
 
 def _port_io(page: mmap.mmap, pio: IoBus) -> None:
@@ -75,6 +86,7 @@ class KvmVcpu:
         self._kvm = kvm
         self.page = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = ffi.from_buffer("struct kvm_run *", self.page)
+        self._native = native_module()  # built or loaded now: a jailed monitor opens no new files
 
     def run_once(self) -> Exit:
         """Enter the guest until the next exit. A signal or immediate_exit gives KVM_EXIT_INTR."""
@@ -89,19 +101,28 @@ class KvmVcpu:
     def run(self, pio: IoBus, mmio: IoBus) -> Stop:
         """Run the guest, serving port and MMIO exits inline, until something else stops it.
 
-        Every guest I/O access passes through here, so the loop reads the exit straight from the
-        run page and calls libc's ioctl itself (the checks of ``run_once``, without its wrapper
-        and enum per exit).
+        Every guest I/O access passes through here: the accesses ``mmio.words`` names are served
+        in C without returning here (run.c); for the others the loop reads the exit straight from
+        the run page (the checks of ``run_once``, without its wrapper and enum per exit).
         """
         page, fd, kvm_ioctl = self.page, self.fd, libc.ioctl
         request, no_arg = ffi.cast("unsigned long", Ioctl.KVM_RUN), ffi.cast("unsigned long", 0)
+        native = self._native
+        if native is not None:
+            serve, run_page = native.lib.smol_vcpu_run, native.ffi.from_buffer(page)
+            words = [(gpa, native.ffi.cast("uint32_t *", word), clears) for gpa, word, clears in mmio.words]
+            registers = native.ffi.new("struct smol_word_register[]", words)
         while True:
-            if kvm_ioctl(fd, request, no_arg) < 0:
-                err = ffi.errno
-                if err in (errno.EINTR, errno.EAGAIN):
+            if native is not None:
+                reason = serve(fd, run_page, registers, len(words))
+            elif kvm_ioctl(fd, request, no_arg) < 0:
+                reason = -ffi.errno
+            else:
+                reason = _REASON.unpack_from(page, _REASON_AT)[0]
+            if reason < 0:
+                if -reason in (errno.EINTR, errno.EAGAIN):
                     return Stop(StopKind.INTERRUPTED)
-                raise KvmError(Ioctl.KVM_RUN, err)
-            reason = _REASON.unpack_from(page, _REASON_AT)[0]
+                raise KvmError(Ioctl.KVM_RUN, -reason)
             if reason == _EXIT_IO:
                 _port_io(page, pio)
             elif reason == _EXIT_MMIO:

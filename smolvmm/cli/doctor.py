@@ -58,7 +58,8 @@ OTHER_TOOLS = (
     HostTool(
         os.path.join(sysconfig.get_paths()["include"], "Python.h"),
         "python3-dev",
-        "the save's page scanner and virtio-blk's request loop in C (without: slower Python paths)",
+        "the save's page scanner, virtio-blk's request loop and the vCPU loop's native part in C "
+        "(without: slower Python paths)",
     ),
 )
 

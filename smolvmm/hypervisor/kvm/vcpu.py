@@ -7,6 +7,7 @@ import functools
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -105,16 +106,22 @@ class KvmVcpu:
         in C without returning here (run.c); for the others the loop reads the exit straight from
         the run page (the checks of ``run_once``, without its wrapper and enum per exit).
         """
+        native = self._native
+        if native is None:
+            return self._run(pio, mmio, None)
+        words = [(gpa, native.ffi.cast("uint32_t *", word), clears) for gpa, word, clears in mmio.words]
+        registers = native.ffi.new("struct smol_word_register[]", words)
+        with native.ffi.from_buffer(self.page) as run_page:  # released on return: close() unmaps the page
+            serve = functools.partial(native.lib.smol_vcpu_run, self.fd, run_page, registers, len(words))
+            return self._run(pio, mmio, serve)
+
+    def _run(self, pio: IoBus, mmio: IoBus, serve: Callable[[], int] | None) -> Stop:
+        """``run``'s loop: ``serve`` enters the guest through run.c, else libc's ioctl does."""
         page, fd, kvm_ioctl = self.page, self.fd, libc.ioctl
         request, no_arg = ffi.cast("unsigned long", Ioctl.KVM_RUN), ffi.cast("unsigned long", 0)
-        native = self._native
-        if native is not None:
-            serve, run_page = native.lib.smol_vcpu_run, native.ffi.from_buffer(page)
-            words = [(gpa, native.ffi.cast("uint32_t *", word), clears) for gpa, word, clears in mmio.words]
-            registers = native.ffi.new("struct smol_word_register[]", words)
         while True:
-            if native is not None:
-                reason = serve(fd, run_page, registers, len(words))
+            if serve is not None:
+                reason = serve()
             elif kvm_ioctl(fd, request, no_arg) < 0:
                 reason = -ffi.errno
             else:

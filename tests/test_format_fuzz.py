@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import mmap
+import shutil
 import struct
 import tempfile
 import tracemalloc
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +44,13 @@ MAX_DECODE = 1 << 20
 PEAK_PER_FILE_BYTE = 16
 PEAK_CONSTANT = 1 << 20
 FUZZ = settings(max_examples=1000, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scratch_removed() -> Iterator[None]:
+    yield
+    shutil.rmtree(SCRATCH.parent, ignore_errors=True)
+
 
 # Where each entry field lies in a section table entry, and its width.
 ENTRY_FIELDS = {

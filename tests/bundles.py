@@ -52,13 +52,20 @@ def kill_when(process: subprocess.Popen[bytes], directory: Path, name: str, size
     """SIGKILL ``process`` once its temporary file for ``name`` holds ``size`` bytes; False if it
     ended first."""
     while process.poll() is None:
-        temps = [directory / t for t in leftovers(directory, name)]
-        if any(t.exists() and t.stat().st_size >= size for t in temps):
+        if any(_size(directory / t) >= size for t in leftovers(directory, name)):
             process.send_signal(signal.SIGKILL)
             process.wait()
             return True
         time.sleep(0.002)
     return False
+
+
+def _size(path: Path) -> int:
+    """``path``'s size, or -1 once it is gone (the writer renamed it into place since it was listed)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def digest(path: Path) -> str:

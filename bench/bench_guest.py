@@ -38,6 +38,7 @@ DISK_MIB = 64
 TCP_MIB = 16  # QEMU's guest sends ~0.6 MiB/s through the one-vCPU nested machine
 IO_TIMEOUT = 180.0  # one disk load or nc command (the guest's TCP runs at a few MiB/s nested)
 TIMEOUT = 600.0
+HELPER_SETTLE = 10.0  # a started helper forks its spare child and copies its memory
 STEP_TIMEOUT = 120.0  # a short command or one clone's restore (nested runs hung there once each)
 SETTLE_S = 3.0  # let a freshly booted guest go idle before saving it
 DISK_LOADS = (
@@ -179,8 +180,8 @@ def save(b: Bench) -> dict[str, object]:
 ASK, ANSWER = "echo R$((40+2))R\n", b"R42R"
 
 
-def smol_restore(b: Bench) -> Console:
-    vm = Console([*SMOLVMM, "run", "--timings", "--json", str(b.work / "save0.smolmachine")])
+def smol_restore(b: Bench, env: dict[str, str] | None = None) -> Console:
+    vm = Console([*SMOLVMM, "run", "--timings", "--json", str(b.work / "save0.smolmachine")], env=env)
     vm.send(ASK)
     return vm
 
@@ -199,11 +200,11 @@ def qemu_restore(b: Bench, index: int) -> tuple[Console, float]:
     return vm, continued
 
 
-def restore(b: Bench) -> dict[str, object]:
+def restore(b: Bench, env: dict[str, str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {}
     answers, phases = [], []
     for _ in range(b.runs):
-        with smol_restore(b) as vm:
+        with smol_restore(b, env) as vm:
             answers.append(vm.wait_for(ANSWER, TIMEOUT))
             vm.send("poweroff -f\n")
             vm.proc.wait(TIMEOUT)
@@ -224,6 +225,22 @@ def restore(b: Bench) -> dict[str, object]:
         result["qemu_cont_s"] = summary(continued)
     shutil.copyfile(b.work / "save0.smolmachine", b.out / "restore.smolmachine")
     return result
+
+
+def restore_helper(b: Bench) -> dict[str, object]:
+    """``restore`` with ``smolvmm helper`` serving, so each ``run`` hands itself to the warm helper
+    (QEMU measured again beside it)."""
+    runtime = b.work / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    with Console([*SMOLVMM, "helper"], env=env) as helper:
+        deadline = time.monotonic() + TIMEOUT
+        while b"serving run commands" not in helper.err:
+            if helper.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the helper did not start: {bytes(helper.err[-400:])!r}")
+            time.sleep(0.1)
+        time.sleep(HELPER_SETTLE)
+        return restore(b, env)
 
 
 def restore_api(b: Bench) -> dict[str, object]:
@@ -510,6 +527,7 @@ MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "save": save,
     "restore": restore,
     "restore_api": restore_api,
+    "restore_helper": restore_helper,
     "disk": disk,
     "tcp": tcp,
     "memory": memory,

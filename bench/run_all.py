@@ -133,7 +133,7 @@ def rng(s: dict | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def ratio(a: dict | None, b: dict | None) -> str:
-    return f"{a['median'] / b['median']:.2f}" if a and b else "n/a"
+    return f"{a['median'] / b['median']:.2f}" if a and b and b["median"] else "n/a"
 
 
 def machine_line(m: dict) -> str:
@@ -206,7 +206,7 @@ def render_guest(g: dict) -> list[str]:
                 [[f"`{name}`", rng(value, digits=1)] for name, value in save["smolvmm_phases_ms"].items()],
             )
         )
-    rest, api = g.get("restore", {}), g.get("restore_api", {})
+    rest, api, helped = g.get("restore", {}), g.get("restore_api", {}), g.get("restore_helper", {})
     parts.append(
         "### Restore until the guest answers `echo` (s, process start → the answer)\n\n"
         + table(
@@ -224,10 +224,17 @@ def render_guest(g: dict) -> list[str]:
                 ],
                 ['QEMU `-incoming "exec:cat FILE"`, HMP `cont`, then `echo`', rng(rest.get("qemu_s")), "1"],
                 ["(QEMU: of which spawn → `cont` acknowledged)", rng(rest.get("qemu_cont_s")), ""],
+                [
+                    "smolvmm `run BUNDLE` handed to a warm `smolvmm helper`",
+                    rng(helped.get("smolvmm_s")),
+                    ratio(helped.get("smolvmm_s"), helped.get("qemu_s")),
+                ],
+                ["QEMU `-incoming`, again, measured beside the helper's runs", rng(helped.get("qemu_s")), "1"],
             ],
         )
         + error_of(rest)
         + error_of(api)
+        + error_of(helped)
     )
     timings = rest.get("smolvmm_timings") or []
     if timings:

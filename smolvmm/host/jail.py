@@ -34,6 +34,7 @@ import os
 import pkgutil
 import pwd
 import resource
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -101,9 +102,13 @@ _keeper: Keeper | None = None
 
 # Imported before the host's files disappear, since the running monitor imports lazily: these
 # packages whole (but their tests and plugins), and these modules of the standard library.
-PRELOAD_PACKAGES = ("anyio", "trio", "smolvmm", "smolformat", "construct", "zstandard", "outcome", "sniffio")
+PRELOAD_PACKAGES = ("anyio", "smolvmm", "smolformat", "construct", "zstandard", "sniffio")
+# trio, and anyio's backend for it, only in a process that has imported trio: a monitor driven on
+# asyncio (the CLI's) never loads them, and they were half of the preload.
+PRELOAD_TRIO_PACKAGES = ("trio", "outcome")
+PRELOAD_TRIO_MODULES = ("anyio._backends._trio",)
 PRELOAD_SKIP = (
-    *("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "arm64"),
+    *("__main__", "tests", "_tests", "testing", "pytest_plugin", "_tools", "nested", "arm64", "_trio"),
     # what only runs before a jail, or in commands that never enter one: building images and
     # kernels, registries, signature checks
     *("images", "kernel", "build", "rootdisk", "source", "layers", "smolfile", "registry", "signing"),
@@ -264,19 +269,25 @@ def _import_tree(name: str) -> None:
 
 
 _preloaded = False  # once per process: walking the packages again lists their directories again
+_preloaded_trio = False
 
 
 def _preload() -> None:
-    global _preloaded
-    if _preloaded:
-        return
-    for name in PRELOAD_MODULES:
-        importlib.import_module(name)
-    for package_name in PRELOAD_PACKAGES:
-        _import_tree(package_name)
-    for name in PRELOAD_NATIVE:
-        importlib.import_module(name).native_module()
-    _preloaded = True
+    global _preloaded, _preloaded_trio
+    if not _preloaded:
+        for name in PRELOAD_MODULES:
+            importlib.import_module(name)
+        for package_name in PRELOAD_PACKAGES:
+            _import_tree(package_name)
+        for name in PRELOAD_NATIVE:
+            importlib.import_module(name).native_module()
+        _preloaded = True
+    if not _preloaded_trio and "trio" in sys.modules:
+        for package_name in PRELOAD_TRIO_PACKAGES:
+            _import_tree(package_name)
+        for name in PRELOAD_TRIO_MODULES:
+            importlib.import_module(name)
+        _preloaded_trio = True
 
 
 def _open_fds() -> int:

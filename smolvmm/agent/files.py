@@ -8,7 +8,6 @@ by neither side's memory.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -106,6 +105,8 @@ class GuestFiles:
 
     async def download(self, guest_path: str, host_path: str | os.PathLike[str]) -> None:
         """Copy guest file ``guest_path`` to ``host_path`` (written atomically), streaming (any size)."""
+        import tempfile  # here: a restore's start-up does not wait for it
+
         target = Path(host_path)
         fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:

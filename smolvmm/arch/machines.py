@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 
-from smolvmm.arch.arm64.machine import ARCH as ARM64
 from smolvmm.arch.interface import Arch
-from smolvmm.arch.x86_64.machine import ARCH as X86_64
 from smolvmm.errors import BundleError, HypervisorError
 
-ARCHES: dict[str, Arch] = {X86_64.name: X86_64, ARM64.name: ARM64}
+ARCHES = ("x86_64", "arm64")
+"""The names of the architectures smolvmm knows; each one's module is imported when first asked for
+(a restore on one host never loads the other's)."""
 _HOST_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 
 
 def arch_named(name: str) -> Arch:
     """The architecture a bundle names; BundleError for one smolvmm does not know."""
-    arch = ARCHES.get(name)
-    if arch is None:
+    if name not in ARCHES:
         raise BundleError(f"the bundle is for {name}, an architecture smolvmm does not know")
+    arch: Arch = importlib.import_module(f"smolvmm.arch.{name}.machine").ARCH
     return arch
 
 
@@ -26,4 +27,4 @@ def host_arch() -> Arch:
     name = _HOST_NAMES.get(platform.machine().lower())
     if name is None:
         raise HypervisorError(f"smolvmm runs on x86_64 and arm64 hosts, not {platform.machine()}")
-    return ARCHES[name]
+    return arch_named(name)

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +60,8 @@ def registered(command: str, what: str, machine_id: str | None = None, console: 
     }
     path: Path | None = None
     try:
+        import tempfile  # here: a restore's start-up does not wait for it
+
         directory = cli_runtime.runtime_dir()
         with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".", suffix=".tmp", delete=False) as tmp:
             json.dump(entry, tmp)

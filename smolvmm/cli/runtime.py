@@ -1,6 +1,6 @@
 """This user's runtime directory: where running machines list themselves and the helper listens.
 
-``$XDG_RUNTIME_DIR/smolvmm/``, else ``smolvmm-UID/`` in the temporary directory, private (0700).
+``$XDG_RUNTIME_DIR/smolvmm/``, else ``smolvmm-UID/`` in ``$TMPDIR`` (default ``/tmp``), private (0700).
 Light on purpose: the helper's client, which every ``run`` starts as, finds its socket here.
 """
 
@@ -18,9 +18,7 @@ def runtime_path() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return Path(base) / "smolvmm"
-    import tempfile  # only without XDG_RUNTIME_DIR: the client imports nothing it can do without
-
-    return Path(tempfile.gettempdir()) / f"smolvmm-{os.getuid()}"
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"smolvmm-{os.getuid()}"
 
 
 def is_private(path: Path) -> bool:

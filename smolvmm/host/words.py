@@ -8,7 +8,7 @@ Python's alone (``address`` 0) and no native code is handed it.
 from __future__ import annotations
 
 import functools
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from smolformat.native import compiled
@@ -16,7 +16,7 @@ from smolformat.native import compiled
 
 @functools.cache
 def native_module() -> Any | None:
-    source = resources.files(__package__).joinpath("words.c").read_text()
+    source = Path(__file__).with_name("words.c").read_text()
     return compiled("_smolvmm_words", source[source.index("/* cdef:") : source.index("/* cdef end */")], source)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from smolformat.native import compiled
@@ -33,7 +33,7 @@ def native_module() -> Any | None:
     ``SMOLVMM_BLK_PYTHON=1`` to serve every request in Python."""
     if os.environ.get("SMOLVMM_BLK_PYTHON"):
         return None
-    source = resources.files(__package__).joinpath("blk.c").read_text()
+    source = Path(__file__).with_name("blk.c").read_text()
     return compiled("_smolvmm_blk", source[source.index("/* cdef:") : source.index("/* cdef end */")], source)
 
 

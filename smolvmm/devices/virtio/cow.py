@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, NamedTuple
 
@@ -106,6 +105,8 @@ class CowDisk:
         if path is None:
             if self.read_only:
                 return None
+            import tempfile  # here: a restore without a writable disk does not wait for it
+
             with tempfile.TemporaryFile() as unnamed:
                 fd = os.dup(unnamed.fileno())
             self._format(fd, fingerprint)

@@ -8,7 +8,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from smolformat.native import compiled
@@ -49,7 +49,7 @@ _CONTINUE = (int(Exit.KVM_EXIT_HLT), int(Exit.KVM_EXIT_IRQ_WINDOW_OPEN))
 @functools.cache
 def native_module() -> Any | None:
     """run.c built (on first call), or None where it cannot be: Python then serves every exit."""
-    source = resources.files(__package__).joinpath("run.c").read_text()
+    source = Path(__file__).with_name("run.c").read_text()
     return compiled("_smolvmm_run", source[source.index("/* cdef:") : source.index("/* cdef end */")], source)
 
 

@@ -28,6 +28,7 @@ forks, and exec is refused).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -231,10 +232,16 @@ def _errno(value: int) -> int:
     return 0x00050000 | value  # SCMP_ACT_ERRNO(value)
 
 
+_filter: Any = None  # built once per process, by the preload: a forked monitor loads its parent's
+
+
 def _seccomp_filter() -> Any:
-    """A filter for every thread: ``ALLOWED_SYSCALLS`` pass (those of ``ARGUMENT_RULES`` only with
+    """The filter for every thread: ``ALLOWED_SYSCALLS`` pass (those of ``ARGUMENT_RULES`` only with
     that first argument), ``DENIED_SYSCALLS`` fail with EPERM, ``clone3`` with ENOSYS, and any
     other call kills the process (smolvmm.host.syscalls)."""
+    global _filter
+    if _filter is not None:
+        return _filter
     seccomp = _libseccomp()
     ctx = seccomp.seccomp_init(SCMP_ACT_KILL_PROCESS)
     if ctx == _ffi.NULL:
@@ -253,6 +260,7 @@ def _seccomp_filter() -> Any:
         else:
             _check_rc(seccomp.seccomp_rule_add(ctx, action, number, 0), f"the rule for {name}")
     _check_rc(seccomp.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1), "seccomp thread sync")
+    _filter = ctx
     return ctx
 
 
@@ -281,6 +289,8 @@ def _preload() -> None:
             _import_tree(package_name)
         for name in PRELOAD_NATIVE:
             importlib.import_module(name).native_module()
+        with contextlib.suppress(HypervisorError):  # no libseccomp: entering the jail says so
+            _seccomp_filter()
         _preloaded = True
     if not _preloaded_trio and "trio" in sys.modules:
         for package_name in PRELOAD_TRIO_PACKAGES:
@@ -310,7 +320,7 @@ def enter(jail: Jail, *, network: bool) -> str:
     _preload()
     libc = _libc()
     ctx = _seccomp_filter()
-    global _keeper
+    global _keeper, _filter
     if jail.outputs or jail.discard:
         try:
             _keeper = Keeper(jail.outputs, jail.uid, jail.gid, jail.discard)
@@ -350,6 +360,7 @@ def enter(jail: Jail, *, network: bool) -> str:
         os.setresuid(jail.uid, jail.uid, jail.uid)
         _check_rc(_libseccomp().seccomp_load(ctx), "loading the seccomp filter")
     finally:
+        _filter = None  # loaded or refused, this copy is done with
         _libseccomp().seccomp_release(ctx)
     _prove()
     if bound:  # temporary files (a snapshot's scratch disks) go where the jail may write

@@ -23,6 +23,7 @@ import re
 import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -292,8 +293,6 @@ def encode_zstd(
     threads: int,
 ) -> list[Extent]:
     """Compress each ``granule`` chunk into its own frame, ``threads`` at a time, in address order."""
-    from concurrent.futures import ThreadPoolExecutor  # zstd only: a raw restore does without
-
     import zstandard
 
     local = threading.local()
@@ -436,8 +435,6 @@ def decode_into(
     threads: int,
 ) -> None:
     """Decode every extent into ``target(address, length)``; ranges without an extent are not touched."""
-    from concurrent.futures import ThreadPoolExecutor  # zstd only: a raw restore does without
-
     local = threading.local()
 
     def decode(extent: Extent) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -66,6 +67,30 @@ def test_a_handed_run_says_and_exits_as_it_does_in_place(
     usage = subprocess.run([*SMOLVMM, "run", "--help"], env=_env(runtime), capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: smolvmm run") and usage.stderr == ""
     assert _lines(helper, 2)[1].endswith("ended with status 0")
+
+
+def test_a_handed_run_imports_only_the_hand_off(tmp_path: Path) -> None:
+    """The client a ``run`` starts as imports the hand-off alone: not the CLI, the monitor or
+    tempfile (its runtime directory under ``$TMPDIR`` when there is no XDG_RUNTIME_DIR)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PYTHONDONTWRITEBYTECODE")}
+    env["TMPDIR"] = str(tmp_path)
+    process = subprocess.Popen([*SMOLVMM, "helper"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stderr is not None
+    try:
+        first = process.stderr.readline()
+        assert first.startswith(f"smolvmm helper: serving run commands on {tmp_path}/smolvmm-"), first
+        (tmp_path / "bad.smolmachine").write_bytes(b"not a bundle at all" * 100)
+        command = [sys.executable, "-X", "importtime", "-m", "smolvmm", "run", "bad.smolmachine"]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        handed = _lines(process, 1)
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert handed[0].startswith("smolvmm helper: pid "), handed
+    assert done.returncode == 3 and "bad.smolmachine" in done.stderr, done.stderr[-2000:]  # a bad bundle's status
+    loaded = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", done.stderr, re.MULTILINE))
+    assert "smolvmm.cli.handoff" in loaded
+    assert loaded & {"smolvmm.cli.dispatch", "smolvmm.monitor.machine", "anyio", "tempfile"} == set()
 
 
 def test_without_a_listening_helper_run_runs_in_place(runtime: Path) -> None:

@@ -80,7 +80,14 @@ class Bench:
             file=sys.stderr,
             flush=True,
         )
-        (self.out / "guest.json").write_text(json.dumps(self.results, indent=1))
+        self.save()
+
+    def save(self) -> None:
+        """Write the results so far: a measure that drives two VMMs saves after the first, so a
+        machine that stops meanwhile keeps its figures."""
+        partial = self.out / ".guest.json.partial"
+        partial.write_text(json.dumps(self.results, indent=1))
+        partial.replace(self.out / "guest.json")
 
     def qemu_console(
         self, monitor: Path, extra: Sequence[str] = (), cmdline: str | None = None, wrap: Sequence[str] = ()
@@ -447,6 +454,7 @@ def tcp(b: Bench) -> dict[str, object]:
         _console_log(vm, b.out / "tcp-smolvmm.log"),
     ):
         _guest_tcp(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+    b.save()
     if b.qemu:
         extra = [
             "-netdev",
@@ -507,6 +515,7 @@ def disk(b: Bench) -> dict[str, object]:
     boot = [*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", *disks]
     with Console(boot) as vm, _console_log(vm, b.out / "disk-smolvmm.log"):
         _guest_disk(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
+    b.save()
     if b.qemu:
         copy = shutil.copyfile(image, b.work / "disk-qemu.img")
         extra = []

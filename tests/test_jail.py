@@ -165,6 +165,45 @@ def test_the_syscall_lists_name_real_calls_and_do_not_overlap() -> None:
     assert not {"socket", "connect", "bind", "fork", "vfork", "clone3"} & set(ALLOWED_SYSCALLS)
 
 
+# Imported inside functions that only run before a jail (or in commands that never enter one).
+BEFORE_THE_JAIL = {
+    *("difflib", "importlib.metadata", "tqdm"),
+    *("smolvmm.cli.registry", "smolvmm.oci.registry", "smolvmm.monitor.signing"),
+}
+
+LAZY_IMPORTS = """
+import ast, importlib, json, sys
+from pathlib import Path
+from smolvmm.host import jail
+jail._preload()
+missing = []
+for package in ("smolvmm", "smolformat"):
+    top = Path(importlib.import_module(package).__path__[0])
+    for path in sorted(top.rglob("*.py")):
+        if any(part in jail.PRELOAD_SKIP for part in path.relative_to(top.parent).parts):
+            continue
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if isinstance(node, ast.Import):
+                        names = [alias.name for alias in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names = [node.module]
+                    else:
+                        continue
+                    missing += [n for n in names if n not in sys.modules and n not in sys.builtin_module_names]
+print(json.dumps(sorted(set(missing))))
+"""
+
+
+def test_every_module_a_jailed_monitor_imports_late_is_preloaded() -> None:
+    """What the monitor imports inside a function, it may import once jailed, where no host file is
+    left: the preload must have imported it (as trio's import once did ctypes for the writer)."""
+    done = subprocess.run([sys.executable, "-c", LAZY_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) - BEFORE_THE_JAIL == set()
+
+
 def test_jail_users_parse_and_root_is_refused() -> None:
     assert Jail.parse("1234:5678") == Jail(1234, 5678)
     assert Jail.parse("4321") == Jail(4321, 4321)

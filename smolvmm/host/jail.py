@@ -134,6 +134,7 @@ PRELOAD_MODULES = (
     "signal",
     "tempfile",
     "shutil",
+    "ctypes",  # the bundle writer's sync_file_range
 )
 
 

@@ -109,3 +109,25 @@ async def test_fd_port_drops_output_once_the_reader_is_gone() -> None:
         await port.send(b"nobody reads this")
         await port.send(b"nor this")
     os.close(write_end)
+
+
+@pytest.mark.anyio
+async def test_a_receive_buffer_keeps_nothing_of_an_earlier_longer_input() -> None:
+    """A buffer the guest posts again holds only the new input: the rest of an earlier one (a
+    secret, say, before a snapshot) is cleared, whatever length the new input has."""
+    to_guest_r, to_guest_w = os.pipe()
+    from_guest_r, from_guest_w = os.pipe()
+    driver = Driver(VirtioConsole(FdPort(to_guest_r, from_guest_w)))
+    driver.start(RING_FEATURES)
+    async with running(driver):
+        gpa = driver.alloc(64)
+        buffers = {driver.submit(RX, [(gpa, 64, True)]): gpa}
+        os.write(to_guest_w, b"TOKEN=s3cr3t-0123456789abcdef\n")
+        assert await guest_reads(driver, buffers, 30) == b"TOKEN=s3cr3t-0123456789abcdef\n"
+        buffers = {driver.submit(RX, [(gpa, 64, True)]): gpa}
+        os.write(to_guest_w, b"ok")
+        assert await guest_reads(driver, buffers, 2) == b"ok"
+        assert driver.memory.read(gpa, 64) == b"ok" + bytes(62)
+    driver.transport.close()
+    for fd in (to_guest_r, to_guest_w, from_guest_r, from_guest_w):
+        os.close(fd)

@@ -19,6 +19,7 @@ from smolvmm.devices.virtio.session import Session
 
 RX, TX = 0, 1
 RECEIVE_CHUNK = 4096
+_ZEROS = bytes(RECEIVE_CHUNK)
 # Output taken from one chain / one batch. Linux's hvc writes at most a page per chain; the caps
 # stop a guest from making the host copy its whole RAM per descriptor.
 MAX_CHAIN_BYTES = 64 * 1024
@@ -71,6 +72,10 @@ class VirtioConsole(VirtioDevice):
             return None
         done = scatter(chain.writable, 0, self._input)
         self._input = self._input[done:]
+        # An earlier delivery into this buffer wrote at most RECEIVE_CHUNK bytes from its start:
+        # clear what of it a shorter one leaves, so that no old input (the agent's secrets, before
+        # a snapshot's padding) outlives its reading (virtio lets a device write past len).
+        scatter(chain.writable, done, _ZEROS[: RECEIVE_CHUNK - done])
         return done
 
     def _take_output(self, chain: DescriptorChain) -> int | None:

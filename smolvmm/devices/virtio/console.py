@@ -72,9 +72,9 @@ class VirtioConsole(VirtioDevice):
             return None
         done = scatter(chain.writable, 0, self._input)
         self._input = self._input[done:]
-        # An earlier delivery into this buffer wrote at most RECEIVE_CHUNK bytes from its start:
-        # clear what of it a shorter one leaves, so that no old input (the agent's secrets, before
-        # a snapshot's padding) outlives its reading (virtio lets a device write past len).
+        # Clear what an earlier, longer delivery left after this one's end in the same buffer (up to
+        # RECEIVE_CHUNK bytes from its start: all of a Linux guest's page-sized buffers), so that
+        # no old input (the agent's secrets) outlives its reading; virtio lets a device write past len.
         scatter(chain.writable, done, _ZEROS[: RECEIVE_CHUNK - done])
         return done
 

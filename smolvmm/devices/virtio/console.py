@@ -75,7 +75,8 @@ class VirtioConsole(VirtioDevice):
         # Clear what an earlier, longer delivery left after this one's end in the same buffer (up to
         # RECEIVE_CHUNK bytes from its start: all of a Linux guest's page-sized buffers), so that
         # no old input (the agent's secrets) outlives its reading; virtio lets a device write past len.
-        scatter(chain.writable, done, _ZEROS[: RECEIVE_CHUNK - done])
+        if done < RECEIVE_CHUNK:
+            scatter(chain.writable, done, _ZEROS[: RECEIVE_CHUNK - done])
         return done
 
     def _take_output(self, chain: DescriptorChain) -> int | None:

@@ -37,9 +37,8 @@ def compiled(prefix: str, cdef: str, source: str) -> Any | None:
     if needed; None where it cannot be built or loaded."""
     import importlib.machinery
     import importlib.util
-    import sysconfig
 
-    abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    abi = importlib.machinery.EXTENSION_SUFFIXES[0]  # sysconfig's EXT_SUFFIX, without importing sysconfig
     key = hashlib.sha256(f"{cffi.__version__}\0{sys.version}\0{cdef}\0{source}".encode()).hexdigest()[:16]
     module_name = f"{prefix}_{key}"
     path = cache_dir() / f"{module_name}{abi}"

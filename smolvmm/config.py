@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from smolvmm.errors import BundleError, ConfigError
 
@@ -364,12 +364,12 @@ BUNDLE_BOOT_DIR = "bundle-boot"  # a bootable bundle's kernel and initrd, under 
 BUNDLE_DISKS_DIR = "bundle-disks"  # a bundle's base disks, under the cache, by digest
 
 
-def open_bundle(path: str | os.PathLike[str]) -> smolformat.Bundle:
+def open_bundle(path: str | os.PathLike[str], *, on_config: Callable[[Any], None] | None = None) -> smolformat.Bundle:
     """``smolformat.open_bundle``, its errors as one-line BundleErrors."""
     import smolformat
 
     try:
-        return smolformat.open_bundle(path)
+        return smolformat.open_bundle(path, on_config=on_config)
     except smolformat.FormatError as exc:
         raise BundleError(f"{path}: {exc}") from exc
     except OSError as exc:

@@ -170,6 +170,27 @@ def test_open_reads_no_bulk_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sum(read) < 64 * 1024  # header, table, config, state and indexes only
 
 
+def test_on_config_gets_the_checked_config_before_the_other_sections_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "m.smolmachine"
+    write_bundle(path, contents(tmp_path), memory_encoding="raw")
+    data = bytearray(path.read_bytes())
+    data[find_entry(parse_frame(bytes(data))[1], SectionKind.VCPU_STATE)["offset"]] ^= 0xFF
+    path.write_bytes(data)
+    seen = []
+    with pytest.raises(FormatError, match="vcpu_state#0 does not match its digest"):
+        open_bundle(path, on_config=lambda config: seen.append([(r.gpa, r.size) for r in config.ram]))
+    assert seen == [[(0, 4 * MIB), (1 << 32, MIB)]]
+
+    class Refused(Exception):
+        pass
+
+    def refuse(config: object) -> None:
+        raise Refused
+
+    with pytest.raises(Refused):
+        open_bundle(path, on_config=refuse)
+
+
 def test_zstd_memory_is_not_mappable(tmp_path: Path) -> None:
     path = tmp_path / "m.smolmachine"
     write_bundle(path, contents(tmp_path), memory_encoding="zstd")

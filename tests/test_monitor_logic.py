@@ -35,6 +35,7 @@ from hypervisor_double import (
 )
 
 import smolformat
+from smolformat.layout import SectionKind
 from smolvmm import BundleError, ExitReason, HypervisorError, Machine, MachineConfig, SmolvmmError
 from smolvmm.arch.x86_64 import acpi, layout
 from smolvmm.config import cache_root
@@ -473,6 +474,27 @@ async def test_a_bundle_from_another_flavour_is_refused_before_any_state_is_set(
         async with Machine.restore(path):
             pytest.fail("restored")
     assert not any(n.endswith((".restore_state", ".run")) for n in since(double, mark))
+    before.assert_released(double)
+
+
+async def test_a_bundle_failing_its_checks_after_its_ram_layout_releases_the_vm_started_meanwhile(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "saved.smolmachine"
+    await save_bundle(double, kernel, path)
+    with smolformat.open_bundle(path) as bundle:
+        vcpu = next(s for s in bundle.sections if s.kind == SectionKind.VCPU_STATE)
+    data = bytearray(path.read_bytes())
+    data[vcpu.offset] ^= 0xFF
+    path.write_bytes(data)
+    mark = len(double.journal)
+    before = Resources()
+    with pytest.raises(BundleError, match="section vcpu_state#0 does not match its digest"):
+        async with Machine.restore(path):
+            pytest.fail("restored")
+    calls = since(double, mark)
+    assert "hypervisor.create_vm" in calls  # RAM was being registered while the sections were read
+    assert not any(n.endswith(".restore_state") for n in calls)
     before.assert_released(double)
 
 

@@ -273,16 +273,16 @@ class Bundle:
     ``disk(i)``, ``kernel``, ``initrd``, ``unknown_sections()``, ``verify()``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], on_config: Callable[[Any], None] | None = None) -> None:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._open()
+            self._open(on_config)
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _open(self) -> None:
+    def _open(self, on_config: Callable[[Any], None] | None) -> None:
         header, self.digest, self.sections = _read_table(self._fd)
         self._table_offset = header.table_offset
         self.version = (header.version_major, header.version_minor)
@@ -307,6 +307,8 @@ class Bundle:
         self._by_kind = by_kind
         self.config = self._parse(by_kind[SectionKind.CONFIG][0])
         regions = checks.ram_regions(self.config)
+        if on_config is not None:
+            on_config(self.config)
         arch = self.config.arch
         meta = by_kind.get(SectionKind.METADATA)
         self.metadata = self._parse(meta[0]) if meta else None
@@ -505,9 +507,13 @@ class Bundle:
         self.close()
 
 
-def open_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Open and check a bundle (structure, small sections, their digests); raises FormatError."""
-    return Bundle(path)
+def open_bundle(path: str | os.PathLike[str], *, on_config: Callable[[Any], None] | None = None) -> Bundle:
+    """Open and check a bundle (structure, small sections, their digests); raises FormatError.
+
+    ``on_config`` is called with the checked CONFIG before the other sections are read (a restore
+    starts reserving guest RAM meanwhile); what it raises, the open raises.
+    """
+    return Bundle(path, on_config)
 
 
 def verify_bundle(path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None) -> Bundle:

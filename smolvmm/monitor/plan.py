@@ -32,7 +32,7 @@ from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.exit import MachineExit
 from smolvmm.monitor.usernet import DHCP_ARG, open_backend, open_vhost
-from smolvmm.monitor.vm import VirtualMachine
+from smolvmm.monitor.vm import StartedVm, VirtualMachine
 
 ConsoleRole = Literal["main", "agent", "socket"]
 
@@ -203,14 +203,17 @@ def assemble(
     on_exit: Callable[[MachineExit], None],
     uart_state: UartState | None = None,
     hypervisor: Hypervisor | None = None,
+    started: StartedVm | None = None,
 ) -> Assembled:
-    """Create the VM of ``plan`` on ``memory`` and ``hypervisor`` (this host's when None), which
-    it then owns, and attach its devices."""
+    """Create the VM of ``plan`` on ``memory`` and ``hypervisor`` (this host's when None), or
+    take the one ``started`` on them, all of which it then owns, and attach its devices."""
     main = VirtioConsoleInput() if plan.console == "virtio" else None
     agent = AgentPort()
     try:
         arch = arch_named(plan.arch)
-        vm = VirtualMachine(memory, plan.vcpus, on_exit, main, uart_state, hypervisor=hypervisor, arch=arch)
+        vm = VirtualMachine(
+            memory, plan.vcpus, on_exit, main, uart_state, hypervisor=hypervisor, arch=arch, started=started
+        )
     except BaseException:
         agent.close()
         raise

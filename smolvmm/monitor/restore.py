@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from smolvmm.agent.channel import AgentPort
 from smolvmm.arch.machines import arch_named, host_arch
@@ -27,7 +27,7 @@ from smolvmm.monitor import boundary
 from smolvmm.monitor.exit import MachineExit
 from smolvmm.monitor.plan import MachinePlan, RestoreOverrides, assemble
 from smolvmm.monitor.timings import Timings
-from smolvmm.monitor.vm import VirtualMachine
+from smolvmm.monitor.vm import StartedVm, VirtualMachine, start_vm
 
 if TYPE_CHECKING:
     from smolvmm.monitor.signing import TrustedKeys
@@ -79,32 +79,42 @@ def restore_vm_from(
     ``same_flavour=False`` skips the hypervisor-flavour check, for a restore that never runs.
     With ``trusted_keys``, a bundle whose content no trusted key signed is refused first.
     """
-    with open_bundle(path) as bundle:
-        if trusted_keys is not None:
-            from smolvmm.monitor.signing import check_signature  # cryptography is imported only for signed restores
-
-            check_signature(bundle, trusted_keys)
-            timings.mark("signature")
-        arch, host = arch_named(bundle.config.arch), host_arch().name
-        if arch.name != host:
-            raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
-        saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
-        timings.mark("parse")
-        memory = GuestMemory.anonymous([(r.gpa, r.size) for r in bundle.config.ram])
-        hypervisor: Hypervisor | None = None
+    early = _EarlyVm()
+    try:
+        bundle = open_bundle(path, on_config=early.start)
+    except BaseException:
+        early.close()
+        raise
+    with bundle:
         try:
-            hypervisor = open_hypervisor()
+            if trusted_keys is not None:
+                from smolvmm.monitor.signing import check_signature  # cryptography: signed restores only
+
+                check_signature(bundle, trusted_keys)
+                timings.mark("signature")
+            arch, host = arch_named(bundle.config.arch), host_arch().name
+            if arch.name != host:
+                raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
+            saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
+            timings.mark("parse")
+            memory, hypervisor, started = early.take(bundle.config)
+        except BaseException:
+            early.close()
+            raise
+        try:
             if same_flavour:
                 check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", hypervisor.flavour)
             plan = MachinePlan.from_bundle(bundle, overrides)
         except BaseException:
+            if started is not None:
+                started.close()
             memory.close()
-            if hypervisor is not None:
-                hypervisor.close()
+            hypervisor.close()
             raise
-        # From here guest RAM's slots register on a thread (``VirtualMachine``): the reserved RAM
-        # is registered, and KVM follows the bundle's pages as they are mapped over it.
-        assembled = assemble(plan, memory, on_exit, saved_devices.uart, hypervisor)
+        # Guest RAM's slots register on a thread (``start_vm``), from as soon as the bundle's RAM
+        # layout was known: the reserved RAM is registered, and KVM follows the bundle's pages as
+        # they are mapped over it.
+        assembled = assemble(plan, memory, on_exit, saved_devices.uart, hypervisor, started)
         vm = assembled.vm
         try:
             if bundle.memory_encoding == "raw":
@@ -155,3 +165,57 @@ def restore_vm_from(
         working_set = bundle.working_set if bundle.memory_encoding == "raw" else []
         ranges = tuple((r.address, r.pages * PAGE_SIZE) for r in working_set)
         return Restored(vm, plan, bundle.digest, bundle.labels, agent, new_macs, ranges)
+
+
+class _EarlyVm:
+    """Guest RAM reserved and its VM started (``start_vm``) from within ``open_bundle``, once the
+    RAM layout is checked, while the other sections are read: registering RAM with KVM takes
+    milliseconds of kernel time (6.7 ms for 256 MiB on a PVM host), which the parsing now hides.
+
+    Another architecture's bundle starts nothing. Where starting fails (no /dev/kvm), nothing is
+    kept and ``take`` raises the error: after the bundle was checked, whose errors come first.
+    """
+
+    def __init__(self) -> None:
+        self._memory: GuestMemory | None = None
+        self._hypervisor: Hypervisor | None = None
+        self._started: StartedVm | None = None
+        self._error: Exception | None = None
+
+    def start(self, config: Any) -> None:
+        if config.arch != host_arch().name:
+            return
+        try:
+            self._memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])
+            self._hypervisor = open_hypervisor()
+            self._started = start_vm(self._hypervisor, self._memory)
+        except Exception as exc:
+            self._error = exc
+            self.close()
+
+    def take(self, config: Any) -> tuple[GuestMemory, Hypervisor, StartedVm | None]:
+        """The RAM, hypervisor and started VM for ``config`` (the first two made now if need be),
+        which the caller owns from here on; or what starting them raised."""
+        if self._error is not None:
+            raise self._error
+        memory, hypervisor, started = self._memory, self._hypervisor, self._started
+        self._memory = self._hypervisor = self._started = None
+        if memory is None:
+            memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])
+        if hypervisor is None:
+            try:
+                hypervisor = open_hypervisor()
+            except BaseException:
+                memory.close()
+                raise
+        return memory, hypervisor, started
+
+    def close(self) -> None:
+        """Release what was started and not taken."""
+        if self._started is not None:
+            self._started.close()
+        if self._memory is not None:
+            self._memory.close()
+        if self._hypervisor is not None:
+            self._hypervisor.close()
+        self._memory = self._hypervisor = self._started = None

@@ -40,9 +40,10 @@ class VirtualMachine:
         *,
         hypervisor: Hypervisor | None = None,
         arch: Arch | None = None,
+        started: StartedVm | None = None,
     ) -> None:
         """A VM of ``arch`` (this host's when None) on ``hypervisor`` (this host's when None),
-        owning it and ``memory`` from here on."""
+        owning it, ``memory`` and ``started`` (``start_vm`` of the two) from here on."""
         self._closers: list[Callable[[], None]] = [memory.close]
         self.memory = memory
         self.arch = arch or host_arch()
@@ -52,6 +53,13 @@ class VirtualMachine:
             memory.close()
             raise
         self._closers.append(self.hypervisor.close)
+        try:
+            self._started = started or start_vm(self.hypervisor, memory)
+        except BaseException:
+            self.close()
+            raise
+        self._closers.append(self._started.close)
+        self.vm = self._started.vm
         try:
             self._setup(vcpus, on_exit, virtio_console, uart_state)
         except BaseException:
@@ -65,11 +73,6 @@ class VirtualMachine:
         virtio_console: VirtioConsoleInput | None,
         uart_state: UartState | None,
     ) -> None:
-        _check_capabilities(self.hypervisor.flavour, self.hypervisor.capabilities)
-        self.vm = self.hypervisor.create_vm()
-        self._closers.append(self.vm.close)
-        self._ram = _RamSlots(self.vm, self.memory)
-        self._closers.append(self._ram.join)
         self._notifiers: list[tuple[int, int, int]] | None = []  # (eventfd, address, queue) until ``ready``
 
         self.pio = Bus("port I/O")
@@ -142,7 +145,7 @@ class VirtualMachine:
         before any vCPU state is set (MSRs such as the PV EOI's name guest pages) or a vCPU runs."""
         if self._notifiers is None:
             return
-        self._ram.wait()
+        self._started.ram.wait()
         notifiers, self._notifiers = self._notifiers, None
         self._wire(notifiers)
 
@@ -204,6 +207,30 @@ class VirtualMachine:
                 self._closers.pop()()
             except OSError:
                 pass
+
+
+class StartedVm:
+    """A VM just created, its guest RAM's slots being registered on a thread (``start_vm``)."""
+
+    def __init__(self, vm: Vm, ram: _RamSlots) -> None:
+        self.vm, self.ram = vm, ram
+
+    def close(self) -> None:
+        """Wait for the slots' thread, then close the VM."""
+        self.ram.join()
+        self.vm.close()
+
+
+def start_vm(hypervisor: Hypervisor, memory: GuestMemory) -> StartedVm:
+    """Create a VM on ``hypervisor`` and start registering ``memory`` as its guest RAM, which takes
+    a while: a restore starts it as soon as it knows the RAM layout."""
+    _check_capabilities(hypervisor.flavour, hypervisor.capabilities)
+    vm = hypervisor.create_vm()
+    try:
+        return StartedVm(vm, _RamSlots(vm, memory))
+    except BaseException:
+        vm.close()
+        raise
 
 
 class _RamSlots(threading.Thread):

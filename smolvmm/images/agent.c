@@ -15,8 +15,8 @@
  * entropy and forces a CRNG reseed (clones never share random numbers), and gives network
  * interfaces their new MACs. SETUP hands over the environment, secrets, hostname and machine
  * id every process gets; SCRUB, sent before a snapshot, overwrites the secrets and every
- * buffer that held them. The agent is the child subreaper of everything it starts, and
- * reaps it.
+ * buffer that held them, and has the pages of ended processes freed (zeroed). The agent is the
+ * child subreaper of everything it starts, and reaps it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,7 +30,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -201,6 +203,25 @@ static void do_sync(uint32_t id, unsigned char *payload, size_t len)
         if (set_mac(macs[i]) != 0) ok = 0;
     if (ok && count >= 0) send_ok(id);
     else send_error(id, "sync", errno ? errno : EINVAL);
+}
+
+/* The pages of a process that has ended are freed, and zeroed (the guest runs with init_on_free=1),
+ * only once no CPU's page batch holds them: a page the process faulted in on one CPU stays in that
+ * CPU's batch after it exits on another, with what it last held (an expanded secret), until that CPU
+ * next drains its batches. munmap drains the batches of the CPU it runs on: do one on every CPU. */
+static void drain_page_batches(void)
+{
+    cpu_set_t all, one;
+    if (sched_getaffinity(0, sizeof all, &all) != 0) return;
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+        if (!CPU_ISSET(cpu, &all)) continue;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        if (sched_setaffinity(0, sizeof one, &one) != 0) continue;  /* returns once running there */
+        void *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (page != MAP_FAILED) munmap(page, 4096);
+    }
+    sched_setaffinity(0, sizeof all, &all);
 }
 
 static void scrub(void)
@@ -564,7 +585,7 @@ static void handle(uint16_t type, uint32_t id, unsigned char *payload, size_t le
     }
     case T_SYNC: do_sync(id, payload, len); break;
     case T_SETUP: do_setup(id, payload, len); break;
-    case T_SCRUB: scrub(); scrub_input = 1; send_ok(id); break;
+    case T_SCRUB: scrub(); drain_page_batches(); scrub_input = 1; send_ok(id); break;
     case T_EXEC: do_exec(id, payload, len); break;
     case T_STDIN: do_stdin(id, payload, len); break;
     case T_SIGNAL:

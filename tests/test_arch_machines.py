@@ -13,7 +13,7 @@ import smolformat
 from smolformat import samples
 from smolvmm.arch.arm64 import layout as arm64_layout
 from smolvmm.arch.interface import HostOffer
-from smolvmm.arch.machines import ARCHES, arch_named, host_arch
+from smolvmm.arch.machines import ARCHES, arch_named, host_arch, host_arch_name
 from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL, DiskConfig, MachineConfig, NetConfig
 from smolvmm.errors import BundleError, ConfigError
 from smolvmm.host.memory import GuestMemory
@@ -91,7 +91,7 @@ def test_arm64_loads_linux_through_the_interface_with_its_device_tree_in_x0() ->
 def test_architectures_by_name_and_the_hosts() -> None:
     with pytest.raises(BundleError, match="riscv64, an architecture smolvmm does not know"):
         arch_named("riscv64")
-    assert host_arch().name == {"x86_64": "x86_64", "aarch64": "arm64"}[platform.machine()]
+    assert host_arch().name == host_arch_name() == {"x86_64": "x86_64", "aarch64": "arm64"}[platform.machine()]
 
 
 def test_a_config_plans_its_devices_in_slot_order_and_its_command_line(tmp_path: Path) -> None:

@@ -35,8 +35,9 @@ async def test_a_cli_restore_imports_only_what_a_restore_uses(tmp_path: Path) ->
     assert {"smolvmm.monitor.restore", "smolvmm.hypervisor.kvm.backend", "smolformat.reader", "anyio"} <= loaded
     # trio is for trio programs (the CLI drives its machine on asyncio); pdb came in through construct;
     # a raw bundle needs neither zstd nor the writer, and nothing is compiled.
-    # nor the other architecture's machine, nor importlib.resources (C sources are found beside their modules)
-    other_arch = {"x86_64": "arm64", "aarch64": "x86_64"}[platform.machine()]
+    # nor the other architecture's machine, nor importlib.resources (C sources are found beside their modules),
+    # nor the cold boot's kernel loader, nor sysconfig (the native modules' suffix comes from importlib)
+    host, other_arch = {"x86_64": ("x86_64", "arm64"), "aarch64": ("arm64", "x86_64")}[platform.machine()]
     unwanted = {"trio", "pdb", "zstandard", "smolformat.writer", "cffi.recompiler", "setuptools"}
-    unwanted |= {f"smolvmm.arch.{other_arch}.machine", "importlib.resources"}
+    unwanted |= {f"smolvmm.arch.{other_arch}.machine", "importlib.resources", f"smolvmm.arch.{host}.boot", "sysconfig"}
     assert loaded & unwanted == set()

@@ -22,9 +22,14 @@ def arch_named(name: str) -> Arch:
     return arch
 
 
-def host_arch() -> Arch:
-    """The architecture of this host's CPUs: the guests its hypervisor runs."""
+def host_arch_name() -> str:
+    """The name of this host's architecture, without importing its module."""
     name = _HOST_NAMES.get(platform.machine().lower())
     if name is None:
         raise HypervisorError(f"smolvmm runs on x86_64 and arm64 hosts, not {platform.machine()}")
-    return arch_named(name)
+    return name
+
+
+def host_arch() -> Arch:
+    """The architecture of this host's CPUs: the guests its hypervisor runs."""
+    return arch_named(host_arch_name())

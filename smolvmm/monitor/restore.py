@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from smolvmm.agent.channel import AgentPort
-from smolvmm.arch.machines import arch_named, host_arch
+from smolvmm.arch.machines import arch_named, host_arch_name
 from smolvmm.config import open_bundle
 from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.errors import BundleError, HypervisorError
@@ -92,7 +92,7 @@ def restore_vm_from(
 
                 check_signature(bundle, trusted_keys)
                 timings.mark("signature")
-            arch, host = arch_named(bundle.config.arch), host_arch().name
+            arch, host = arch_named(bundle.config.arch), host_arch_name()
             if arch.name != host:
                 raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
             saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
@@ -183,7 +183,7 @@ class _EarlyVm:
         self._error: Exception | None = None
 
     def start(self, config: Any) -> None:
-        if config.arch != host_arch().name:
+        if config.arch != host_arch_name():  # not host_arch(): its module is imported meanwhile
             return
         try:
             self._memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from smolvmm.arch.arm64 import boot, fdt, layout, regs, state
-from smolvmm.arch.arm64.image import parse_image
+from smolvmm.arch.arm64 import layout, regs, state
 from smolvmm.arch.interface import AdmittedVcpu, BootEntry, HostOffer, PlatformDevice
 from smolvmm.host.memory import GuestMemory
 
@@ -40,6 +39,9 @@ class Arm64:
     ) -> BootEntry:
         """The Image at the start of RAM, the initrd and the device tree at its top; the boot
         vCPU enters the Image with the device tree's address in x0 (secondaries wait for PSCI)."""
+        from smolvmm.arch.arm64 import boot, fdt  # a cold boot's alone: a restore does without
+        from smolvmm.arch.arm64.image import parse_image
+
         machine = layout.layout(vcpus, sum(region.size for region in memory.regions), virtio_count)
         header = parse_image(kernel)
         initrd = initrd or b""

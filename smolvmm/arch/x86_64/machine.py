@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smolvmm.arch.interface import AdmittedVcpu, BootEntry, HostOffer, PlatformDevice
-from smolvmm.arch.x86_64 import acpi, boot, layout, regs, state
-from smolvmm.arch.x86_64.image import parse_bzimage
+from smolvmm.arch.x86_64 import acpi, layout, regs, state
 from smolvmm.host.memory import GuestMemory
 
 
@@ -41,6 +40,9 @@ class X86_64:
     ) -> BootEntry:
         """A bzImage at 1 MiB with its boot_params, the ACPI tables, GDT and page tables; the
         BSP enters at the 64-bit entry with boot_params in rsi."""
+        from smolvmm.arch.x86_64 import boot  # a cold boot's alone: a restore does without
+        from smolvmm.arch.x86_64.image import parse_bzimage
+
         machine = layout.layout(vcpus, sum(region.size for region in memory.regions), virtio_count)
         image = parse_bzimage(kernel)
         rsdp, tables = acpi.build_tables(vcpus, machine.virtio)

@@ -31,7 +31,6 @@ import smolvmm
 from smolvmm.images.disk import ext4_image
 from smolvmm.images.guest import default_guest
 
-SMOLVMM = [sys.executable, "-m", "smolvmm"]
 NETNS = "smolbench"
 HOST_IP, GUEST_IP, PORT = "10.0.0.1", "10.0.0.2", 5001
 DISK_MIB = 64
@@ -57,11 +56,18 @@ BENCH = Path(__file__).resolve().parent
 class Bench:
     """One benchmark run: where files go and the results so far (saved after each measure)."""
 
-    def __init__(self, out: Path, work: Path, runs: int, instances: int) -> None:
+    def __init__(self, out: Path, work: Path, runs: int, instances: int, python: str) -> None:
         self.out, self.work, self.runs, self.instances = out, work, runs, instances
+        self.python = python  # the CLI's interpreter
+        self.smolvmm = [python, "-m", "smolvmm"]
         self.qemu = qemu_path()
         self.guest = default_guest()
-        self.results: dict[str, object] = {"machine": machine_info(), "runs": runs, "qemu": self.qemu}
+        self.results: dict[str, object] = {
+            "machine": machine_info(),
+            "runs": runs,
+            "qemu": self.qemu,
+            "cli_python": "a regular install" if python != sys.executable else "the development venv",
+        }
         if self.qemu:
             version = subprocess.run([self.qemu, "--version"], capture_output=True, text=True).stdout
             self.results["qemu_version"] = version.splitlines()[0]
@@ -106,7 +112,7 @@ def cold_boot(b: Bench) -> dict[str, object]:
     result: dict[str, object] = {}
     smol = []
     for _ in range(b.runs):
-        with Console([*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M"]) as vm:
+        with Console([*b.smolvmm, "boot", "--cpus", "2", "--mem", "256M"]) as vm:
             smol.append(vm.wait_for(b.marker(), TIMEOUT))
     result["smolvmm_s"] = summary(smol)
     if b.qemu:
@@ -188,7 +194,7 @@ ASK, ANSWER = "echo R$((40+2))R\n", b"R42R"
 
 
 def smol_restore(b: Bench, env: dict[str, str] | None = None) -> Console:
-    vm = Console([*SMOLVMM, "run", "--timings", "--json", str(b.work / "save0.smolmachine")], env=env)
+    vm = Console([*b.smolvmm, "run", "--timings", "--json", str(b.work / "save0.smolmachine")], env=env)
     vm.send(ASK)
     return vm
 
@@ -240,7 +246,7 @@ def restore_helper(b: Bench) -> dict[str, object]:
     runtime = b.work / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    with Console([*SMOLVMM, "helper"], env=env) as helper:
+    with Console([*b.smolvmm, "helper"], env=env) as helper:
         deadline = time.monotonic() + TIMEOUT
         while b"serving run commands" not in helper.err:
             if helper.proc.poll() is not None or time.monotonic() > deadline:
@@ -268,9 +274,9 @@ def restore_api(b: Bench) -> dict[str, object]:
 def python_startup(b: Bench) -> dict[str, object]:
     """Wall time of the interpreter alone, of ``--help``, and of a host-side restore, as processes."""
     commands = {
-        "python_c_pass": [sys.executable, "-c", "pass"],
-        "smolvmm_help": [*SMOLVMM, "--help"],
-        "prepare_only": [*SMOLVMM, "run", "--prepare-only", "--json", str(b.work / "save0.smolmachine")],
+        "python_c_pass": [b.python, "-c", "pass"],
+        "smolvmm_help": [*b.smolvmm, "--help"],
+        "prepare_only": [*b.smolvmm, "run", "--prepare-only", "--json", str(b.work / "save0.smolmachine")],
     }
     result: dict[str, object] = {}
     for name, argv in commands.items():
@@ -439,7 +445,7 @@ def tcp(b: Bench) -> dict[str, object]:
         Console(
             [
                 *wrap,
-                *SMOLVMM,
+                *b.smolvmm,
                 "boot",
                 "--cpus",
                 "2",
@@ -512,7 +518,7 @@ def disk(b: Bench) -> dict[str, object]:
     result = b.results["disk"]
     result["host_file"] = _host_io(image)
     disks = ["--disk", str(image), "--disk", f"{tool},ro"]
-    boot = [*SMOLVMM, "boot", "--cpus", "2", "--mem", "256M", *disks]
+    boot = [*b.smolvmm, "boot", "--cpus", "2", "--mem", "256M", *disks]
     with Console(boot) as vm, _console_log(vm, b.out / "disk-smolvmm.log"):
         _guest_disk(vm, b.marker(), b.runs, result.setdefault("smolvmm", {}))
     b.save()
@@ -552,10 +558,15 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", choices=sorted(MEASURES), help="run only these (restore and memory need save)"
     )
+    parser.add_argument(
+        "--cli-python",
+        default=sys.executable,
+        help="the Python the CLI runs on (run_all.py passes bench/common.py's regular_install of this tree)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smolbench-") as work:
-        bench = Bench(args.out, Path(work), args.runs, args.instances)
+        bench = Bench(args.out, Path(work), args.runs, args.instances, args.cli_python)
         for name, fn in MEASURES.items():
             if args.only is None or name in args.only:
                 bench.measure(name, fn)

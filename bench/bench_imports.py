@@ -32,13 +32,11 @@ WATCHED = ("trio", "asyncio", "pdb", "construct", "zstandard", "cffi", "anyio", 
 
 
 def profile(
-    argv: Sequence[str], extra_env: Mapping[str, str] | None = None
+    argv: Sequence[str], extra_env: Mapping[str, str] | None = None, python: str = sys.executable
 ) -> tuple[float, dict[str, float], set[str]]:
-    """Total import ms of one process, its top-level imports (ms) and every module it loaded."""
+    """Total import ms of one process of ``python``, its top-level imports (ms) and every module it loaded."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | dict(extra_env or {})
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, env=env, check=False
-    )
+    done = subprocess.run([python, "-X", "importtime", *argv], capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"bench_imports: {' '.join(argv)} failed: {done.stderr.strip().splitlines()[-1:]}")
     top: dict[str, float] = {}
@@ -59,6 +57,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="bundle to restore (default: the demo bundle)")
     parser.add_argument("--runs", type=int, default=9, help="processes per command (default 9)")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter of every command (run_all.py passes bench/common.py's regular_install of this tree)",
+    )
     args = parser.parse_args()
     bundle = args.bundle
     if bundle is None:
@@ -69,20 +72,20 @@ def main() -> int:
         print(f"bench_imports: no bundle at {bundle}; pass --bundle or run `python -m smolvmm demo`", file=sys.stderr)
         return 1
     run_path = ["-m", "smolvmm", "run", "--prepare-only", str(bundle)]
-    with tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch, _helper(Path(scratch)) as helper_env:
+    with tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch, _helper(Path(scratch), args.python) as env:
         # name: (argv, environment added); the last command's run is handed to a warm `smolvmm helper`
         commands: dict[str, tuple[list[str], Mapping[str, str]]] = {
             f"`python -c '{REFERENCE}'`": (["-c", REFERENCE], {}),
             "`python -m smolvmm run --prepare-only BUNDLE`": (run_path, {}),
-            "the same, handed to a warm `smolvmm helper` (the client process's imports)": (run_path, helper_env),
+            "the same, handed to a warm `smolvmm helper` (the client process's imports)": (run_path, env),
         }
         totals: dict[str, list[float]] = {name: [] for name in commands}
         last: dict[str, tuple[dict[str, float], set[str]]] = {}
-        for argv, env in commands.values():  # bytecode caches written before any timed run
-            profile(argv, env)
+        for argv, added in commands.values():  # bytecode caches written before any timed run
+            profile(argv, added, args.python)
         for _ in range(args.runs):
-            for name, (argv, env) in commands.items():
-                total, top, loaded = profile(argv, env)
+            for name, (argv, added) in commands.items():
+                total, top, loaded = profile(argv, added, args.python)
                 totals[name].append(total)
                 last[name] = (top, loaded)
         handed = (Path(scratch) / "helper.err").read_text().count(" runs: ")
@@ -111,7 +114,7 @@ def main() -> int:
 
 
 @contextmanager
-def _helper(scratch: Path) -> Iterator[dict[str, str]]:
+def _helper(scratch: Path, python: str) -> Iterator[dict[str, str]]:
     """A `smolvmm helper` serving from a runtime directory of its own; yields the environment a
     client needs to hand itself to it. Its stderr goes to ``scratch/helper.err``."""
     runtime = scratch / "runtime"
@@ -119,7 +122,7 @@ def _helper(scratch: Path) -> Iterator[dict[str, str]]:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
     log = scratch / "helper.err"
     with log.open("wb") as err:
-        helper = subprocess.Popen([sys.executable, "-m", "smolvmm", "helper"], env=env, stderr=err)
+        helper = subprocess.Popen([python, "-m", "smolvmm", "helper"], env=env, stderr=err)
     try:
         deadline = time.monotonic() + 60
         while "serving run commands" not in log.read_text():

@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import qemu_path
+from common import qemu_path, regular_install
 
 from smolvmm.host.kvmprobe import probe
 from smolvmm.images.guest import default_guest
@@ -35,6 +35,8 @@ def run_guest_part(out: Path, runs: int, instances: int) -> None:
         str(runs),
         "--instances",
         str(instances),
+        "--cli-python",
+        regular_install(out / "installed"),  # as users run it: no editable install's import hook
     ]
     if host.kind == "none":
         print(f"bench: no usable /dev/kvm ({host.explanation}); skipping the guest benchmarks", file=sys.stderr)
@@ -85,8 +87,9 @@ def run_native_part(out: Path, runs: int) -> None:
         cwd=ROOT,
         check=True,
     )
+    places = {"BUNDLE": str(bundle), "PLOTS": str(out / "plots"), "INSTALLED": regular_install(out / "installed")}
     for name, argv in MARKDOWN_BENCHES.items():  # each prints its own tables, with the reference of the same run
-        argv = [str(bundle) if arg == "BUNDLE" else str(out / "plots") if arg == "PLOTS" else arg for arg in argv]
+        argv = [places.get(arg, arg) for arg in argv]
         done = subprocess.run(
             [sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=ROOT, check=True, capture_output=True, text=True
         )
@@ -94,7 +97,7 @@ def run_native_part(out: Path, runs: int) -> None:
 
 
 # Benchmarks that print Markdown: their titles, and their scripts and arguments (BUNDLE: the guest
-# part's bundle; PLOTS: the plots directory under --out)
+# part's bundle; PLOTS: the plots directory under --out; INSTALLED: the Python of a regular install)
 MARKDOWN_TITLES = {
     "imports": "Start-up imports against `import trio, anyio, cffi, construct, zstandard`",
     "restore_floor": "Host-side restore against the bare-ioctl floor",
@@ -103,7 +106,7 @@ MARKDOWN_TITLES = {
     "block": "virtio-blk's request path: device CPU per request against `preadv` alone",
 }
 MARKDOWN_BENCHES = {
-    "imports": ["bench_imports.py", "--bundle", "BUNDLE"],
+    "imports": ["bench_imports.py", "--bundle", "BUNDLE", "--python", "INSTALLED"],
     "restore_floor": ["bench_restore_floor.py", "--bundle", "BUNDLE"],
     "format": ["bench_format.py", "--bundle", "BUNDLE"],
     "scaling": ["bench_scaling.py", "--out", "PLOTS"],

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import smolvmm
+
 SMOLVMM = [sys.executable, "-m", "smolvmm"]
 
 
@@ -70,8 +72,10 @@ def test_a_handed_run_says_and_exits_as_it_does_in_place(
 
 
 def test_a_handed_run_imports_only_the_hand_off(tmp_path: Path) -> None:
-    """The client a ``run`` starts as imports the hand-off alone: not the CLI, the monitor or
-    tempfile (its runtime directory under ``$TMPDIR`` when there is no XDG_RUNTIME_DIR)."""
+    """The client a ``run`` starts as imports the hand-off alone: not the CLI, the monitor,
+    tempfile (its runtime directory under ``$TMPDIR`` when there is no XDG_RUNTIME_DIR), typing or
+    pathlib. It runs without site (``-S``), the package found on PYTHONPATH: the development venv's
+    editable install imports pathlib at every start, which a user's install does not."""
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PYTHONDONTWRITEBYTECODE")}
     env["TMPDIR"] = str(tmp_path)
     process = subprocess.Popen([*SMOLVMM, "helper"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -80,8 +84,9 @@ def test_a_handed_run_imports_only_the_hand_off(tmp_path: Path) -> None:
         first = process.stderr.readline()
         assert first.startswith(f"smolvmm helper: serving run commands on {tmp_path}/smolvmm-"), first
         (tmp_path / "bad.smolmachine").write_bytes(b"not a bundle at all" * 100)
-        command = [sys.executable, "-X", "importtime", "-m", "smolvmm", "run", "bad.smolmachine"]
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        command = [sys.executable, "-S", "-X", "importtime", "-m", "smolvmm", "run", "bad.smolmachine"]
+        client_env = {**env, "PYTHONPATH": str(Path(smolvmm.__file__).parent.parent)}
+        done = subprocess.run(command, cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=120)
         handed = _lines(process, 1)
     finally:
         process.terminate()
@@ -90,7 +95,9 @@ def test_a_handed_run_imports_only_the_hand_off(tmp_path: Path) -> None:
     assert done.returncode == 3 and "bad.smolmachine" in done.stderr, done.stderr[-2000:]  # a bad bundle's status
     loaded = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", done.stderr, re.MULTILINE))
     assert "smolvmm.cli.handoff" in loaded
-    assert loaded & {"smolvmm.cli.dispatch", "smolvmm.monitor.machine", "anyio", "tempfile"} == set()
+    assert (
+        loaded & {"smolvmm.cli.dispatch", "smolvmm.monitor.machine", "anyio", "tempfile", "typing", "pathlib"} == set()
+    )
 
 
 def test_without_a_listening_helper_run_runs_in_place(runtime: Path) -> None:

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 import smolvmm
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, for the hand-off client
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def runtime_path() -> Path:
+
+def runtime_location() -> str:
     """Where this user's runtime directory is (whether or not it exists)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
-        return Path(base) / "smolvmm"
-    return Path(os.environ.get("TMPDIR") or "/tmp") / f"smolvmm-{os.getuid()}"
+        return os.path.join(base, "smolvmm")
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"smolvmm-{os.getuid()}")
 
 
-def is_private(path: Path) -> bool:
+def is_private(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a directory of this user's that no one else may read or write."""
     try:
-        info = path.lstat()
+        info = os.lstat(path)
     except OSError:
         return False
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
@@ -32,7 +35,9 @@ def is_private(path: Path) -> bool:
 
 def runtime_dir() -> Path:
     """This user's runtime directory, created private if absent (SmolvmmError if it is not private)."""
-    path = runtime_path()
+    from pathlib import Path  # the hand-off client, which every ``run`` starts as, does without
+
+    path = Path(runtime_location())
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not is_private(path):
         raise smolvmm.SmolvmmError(f"{path} is not a private directory of yours: remove it, or set XDG_RUNTIME_DIR")

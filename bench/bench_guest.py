@@ -537,6 +537,8 @@ def disk(b: Bench) -> dict[str, object]:
     return result
 
 
+# TCP last: over a plain TAP it froze the nested machine in three runs of three (BENCHMARKS.md,
+# 2026-12-06), and a frozen machine ends this script with the measures after it unmeasured.
 MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "cold_boot": cold_boot,
     "save": save,
@@ -544,9 +546,9 @@ MEASURES: dict[str, Callable[[Bench], dict[str, object]]] = {
     "restore_api": restore_api,
     "restore_helper": restore_helper,
     "disk": disk,
-    "tcp": tcp,
     "memory": memory,
     "python_startup": python_startup,
+    "tcp": tcp,
 }
 
 

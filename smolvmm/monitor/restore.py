@@ -97,20 +97,14 @@ def restore_vm_from(
                 raise BundleError(f"the bundle is for {arch.name}; this host runs {host} guests")
             saved_devices = boundary.admit_devices(arch, bundle.config.devices, bundle.devices)
             timings.mark("parse")
-            memory, hypervisor, started = early.take(bundle.config)
-        except BaseException:
-            early.close()
-            raise
-        try:
+            memory, hypervisor, started = early.ready(bundle.config)
             if same_flavour:
                 check_flavour(bundle.metadata.hypervisor if bundle.metadata else "", hypervisor.flavour)
             plan = MachinePlan.from_bundle(bundle, overrides)
         except BaseException:
-            if started is not None:
-                started.close()
-            memory.close()
-            hypervisor.close()
+            early.close()
             raise
+        early.hand_over()  # assemble owns them from here
         # Guest RAM's slots register on a thread (``start_vm``), from as soon as the bundle's RAM
         # layout was known: the reserved RAM is registered, and KVM follows the bundle's pages as
         # they are mapped over it.
@@ -173,7 +167,7 @@ class _EarlyVm:
     milliseconds of kernel time (6.7 ms for 256 MiB on a PVM host), which the parsing now hides.
 
     Another architecture's bundle starts nothing. Where starting fails (no /dev/kvm), nothing is
-    kept and ``take`` raises the error: after the bundle was checked, whose errors come first.
+    kept and ``ready`` raises the error: after the bundle was checked, whose errors come first.
     """
 
     def __init__(self) -> None:
@@ -186,32 +180,33 @@ class _EarlyVm:
         if config.arch != host_arch_name():  # not host_arch(): its module is imported meanwhile
             return
         try:
-            self._memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])
-            self._hypervisor = open_hypervisor()
-            self._started = start_vm(self._hypervisor, self._memory)
+            memory, hypervisor = self._reserve(config)
+            self._started = start_vm(hypervisor, memory)
         except Exception as exc:
             self._error = exc
             self.close()
 
-    def take(self, config: Any) -> tuple[GuestMemory, Hypervisor, StartedVm | None]:
+    def ready(self, config: Any) -> tuple[GuestMemory, Hypervisor, StartedVm | None]:
         """The RAM, hypervisor and started VM for ``config`` (the first two made now if need be),
-        which the caller owns from here on; or what starting them raised."""
+        still released by ``close`` until ``hand_over``; or what starting them raised."""
         if self._error is not None:
             raise self._error
-        memory, hypervisor, started = self._memory, self._hypervisor, self._started
+        return (*self._reserve(config), self._started)
+
+    def _reserve(self, config: Any) -> tuple[GuestMemory, Hypervisor]:
+        """Guest RAM and the hypervisor, made if not yet, kept for ``close``."""
+        if self._memory is None:
+            self._memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])
+        if self._hypervisor is None:
+            self._hypervisor = open_hypervisor()
+        return self._memory, self._hypervisor
+
+    def hand_over(self) -> None:
+        """Forget what ``ready`` gave: its caller owns it now."""
         self._memory = self._hypervisor = self._started = None
-        if memory is None:
-            memory = GuestMemory.anonymous([(r.gpa, r.size) for r in config.ram])
-        if hypervisor is None:
-            try:
-                hypervisor = open_hypervisor()
-            except BaseException:
-                memory.close()
-                raise
-        return memory, hypervisor, started
 
     def close(self) -> None:
-        """Release what was started and not taken."""
+        """Release what was started and not handed over."""
         if self._started is not None:
             self._started.close()
         if self._memory is not None:

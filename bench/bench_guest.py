@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
-from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary
+from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary, warm_helper
 
 import smolvmm
 from smolvmm.images.disk import ext4_image
@@ -243,17 +243,8 @@ def restore(b: Bench, env: dict[str, str] | None = None) -> dict[str, object]:
 def restore_helper(b: Bench) -> dict[str, object]:
     """``restore`` with ``smolvmm helper`` serving, so each ``run`` hands itself to the warm helper
     (QEMU measured again beside it)."""
-    runtime = b.work / "runtime"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    with Console([*b.smolvmm, "helper"], env=env) as helper:
-        deadline = time.monotonic() + TIMEOUT
-        while b"serving run commands" not in helper.err:
-            if helper.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the helper did not start: {bytes(helper.err[-400:])!r}")
-            time.sleep(0.1)
-        time.sleep(HELPER_SETTLE)
-        return restore(b, env)
+    with warm_helper(b.smolvmm, b.work, timeout=TIMEOUT, settle=HELPER_SETTLE) as env:
+        return restore(b, {**os.environ, **env})
 
 
 def restore_api(b: Bench) -> dict[str, object]:

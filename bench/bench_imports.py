@@ -19,12 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common import machine_info
+from common import machine_info, warm_helper
 
 REFERENCE = "import trio, anyio, cffi, construct, zstandard"
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)$")
@@ -72,7 +70,10 @@ def main() -> int:
         print(f"bench_imports: no bundle at {bundle}; pass --bundle or run `python -m smolvmm demo`", file=sys.stderr)
         return 1
     run_path = ["-m", "smolvmm", "run", "--prepare-only", str(bundle)]
-    with tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch, _helper(Path(scratch), args.python) as env:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch,
+        warm_helper([args.python, "-m", "smolvmm"], Path(scratch), timeout=60, settle=1) as env,
+    ):
         # name: (argv, environment added); the last command's run is handed to a warm `smolvmm helper`
         commands: dict[str, tuple[list[str], Mapping[str, str]]] = {
             f"`python -c '{REFERENCE}'`": (["-c", REFERENCE], {}),
@@ -111,29 +112,6 @@ def main() -> int:
         + ", ".join(f"{name} {ms:.0f}" for name, ms in heaviest)
     )
     return 0
-
-
-@contextmanager
-def _helper(scratch: Path, python: str) -> Iterator[dict[str, str]]:
-    """A `smolvmm helper` serving from a runtime directory of its own; yields the environment a
-    client needs to hand itself to it. Its stderr goes to ``scratch/helper.err``."""
-    runtime = scratch / "runtime"
-    runtime.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    log = scratch / "helper.err"
-    with log.open("wb") as err:
-        helper = subprocess.Popen([python, "-m", "smolvmm", "helper"], env=env, stderr=err)
-    try:
-        deadline = time.monotonic() + 60
-        while "serving run commands" not in log.read_text():
-            if helper.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench_imports: the helper did not start: {log.read_text()[-400:]}")
-            time.sleep(0.05)
-        time.sleep(1)  # it forks its spare child, which copies its pages
-        yield {"XDG_RUNTIME_DIR": str(runtime)}
-    finally:
-        helper.terminate()
-        helper.wait(timeout=30)
 
 
 if __name__ == "__main__":

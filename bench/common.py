@@ -17,7 +17,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,30 @@ def regular_install(where: Path) -> str:
         )
     Path(site, "smolvmm-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return str(python)
+
+
+@contextlib.contextmanager
+def warm_helper(argv: Sequence[str], scratch: Path, *, timeout: float, settle: float) -> Iterator[dict[str, str]]:
+    """A ``smolvmm helper`` (``argv``: how to start smolvmm) serving from a runtime directory of its
+    own under ``scratch``, ``settle`` seconds after it said it serves; yields the environment a
+    ``run`` needs to hand itself to it. Its stderr goes to ``scratch/helper.err``."""
+    runtime = scratch / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    log = scratch / "helper.err"
+    with log.open("wb") as err:
+        helper = subprocess.Popen([*argv, "helper"], env={**os.environ, **env}, stderr=err)
+    try:
+        deadline = time.monotonic() + timeout
+        while "serving run commands" not in log.read_text():
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the helper did not start: {log.read_text()[-400:]}")
+            time.sleep(0.05)
+        time.sleep(settle)  # it forks its spare child, which copies its pages
+        yield env
+    finally:
+        helper.terminate()
+        helper.wait(timeout=30)
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int]:

@@ -45,9 +45,9 @@ DHCP_ARG = "smolvmm.dhcp"
 DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
 RENEW_TIMEOUT = 30.0
 STILL_ASKING = 75  # the renewal's exit status when its udhcpc went on in the background
-START_TIMEOUT = 30.0
+START_TIMEOUT = 30.0  # seconds for passt to bind its ports (the nested test machine is slow)
 SOCKET_BUFFER = 4 << 20
-SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>  # seconds for passt to bind its ports (the nested test machine is slow)
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>
 _log = logging.getLogger(__name__)
 _NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
 

@@ -169,6 +169,7 @@ def test_the_syscall_lists_name_real_calls_and_do_not_overlap() -> None:
 BEFORE_THE_JAIL = {
     *("difflib", "importlib.metadata", "tqdm"),
     *("smolvmm.cli.registry", "smolvmm.oci.registry", "smolvmm.monitor.signing"),
+    *("smolvmm.cli.image", "smolvmm.images.guest"),  # building, and a cold boot's default kernel
 }
 
 LAZY_IMPORTS = """
@@ -180,7 +181,9 @@ missing = []
 for package in ("smolvmm", "smolformat"):
     top = Path(importlib.import_module(package).__path__[0])
     for path in sorted(top.rglob("*.py")):
-        if any(part in jail.PRELOAD_SKIP for part in path.relative_to(top.parent).parts):
+        parts = path.relative_to(top.parent).with_suffix("").parts
+        dotted = {".".join(parts[: n + 1]) for n in range(len(parts))}
+        if set(parts) & set(jail.PRELOAD_SKIP) or dotted & set(jail.PRELOAD_SKIP):
             continue
         for function in ast.walk(ast.parse(path.read_text())):
             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -43,14 +43,13 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from cffi import FFI
-
 from smolvmm.errors import ConfigError, HypervisorError, SmolvmmError, UsageError
+from smolvmm.host.ffi import declare
 from smolvmm.host.keeper import Keeper, KeeperError
 from smolvmm.host.syscalls import ALLOWED_SYSCALLS, ARGUMENT_RULES, DENIED_SYSCALLS, NOT_IMPLEMENTED
 
-_ffi = FFI()
-_ffi.cdef(
+_ffi = declare(
+    "jail",
     """
     int unshare(int flags);
     int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data);
@@ -68,7 +67,7 @@ _ffi.cdef(
     int seccomp_load(scmp_filter_ctx ctx);
     void seccomp_release(scmp_filter_ctx ctx);
     int seccomp_syscall_resolve_name(const char *name);
-    """
+    """,
 )
 
 CLONE_NEWNS = 0x00020000
@@ -113,6 +112,10 @@ PRELOAD_SKIP = (
     # what only runs before a jail, or in commands that never enter one: building images and
     # kernels, registries, signature checks
     *("images", "kernel", "build", "rootdisk", "source", "layers", "smolfile", "registry", "signing"),
+    # commands whose module the CLI imports before anything can enter a jail, or that never enter
+    # one (image's pulls in the image builder: 10 ms), and the format's test and benchmark data
+    *("smolvmm.cli.image", "smolvmm.cli.demo", "smolvmm.cli.doctor", "smolvmm.cli.sign", "smolvmm.cli.cache"),
+    *("smolvmm.cli.helper", "smolformat.samples", "smolformat.crafting"),
 )
 # Modules whose C extension is loaded (built) on first use, by their ``native_module()``: the snapshot
 # writer's page scanner, virtio-blk's request loop, the vCPU loop's and the words it serves.
@@ -266,15 +269,17 @@ def _seccomp_filter() -> Any:
 
 
 def _import_tree(name: str) -> None:
-    """Import module ``name`` and, for a package, its modules, but those named in PRELOAD_SKIP
-    (not walked into either: ``pkgutil.walk_packages`` imports every package it passes)."""
+    """Import module ``name`` and, for a package, its modules, but those named in PRELOAD_SKIP (by
+    their last name, or their dotted one) and what is below them (``pkgutil.walk_packages`` would
+    import every package it passes)."""
     try:
         module = importlib.import_module(name)
     except Exception:  # noqa: BLE001 - another platform's module (trio's Windows parts)
         return
     for child in pkgutil.iter_modules(getattr(module, "__path__", [])):
-        if child.name not in PRELOAD_SKIP:
-            _import_tree(f"{name}.{child.name}")
+        dotted = f"{name}.{child.name}"
+        if child.name not in PRELOAD_SKIP and dotted not in PRELOAD_SKIP:
+            _import_tree(dotted)
 
 
 _preloaded = False  # once per process: walking the packages again lists their directories again

@@ -20,9 +20,6 @@ from smolvmm.images.guest import DEFAULT_CMDLINE, MINIMAL_CMDLINE, MODULES, Gues
 from smolvmm.kernel.build import minimal_kernel
 
 READY_MARKER = "smolvmm: image ready"
-TOOLS = "/run/smolvmm"  # in the guest, after the switch: busybox, tini, the agent, stage2
-BUSYBOX = f"{TOOLS}/busybox"
-RUNAS = f"{TOOLS}/smolvmm-runas"  # runas.c: switches to the image's User
 RUNAS_SOURCE = Path(__file__).with_name("runas.c")
 # A prebuilt image-root guest directory (the test plugin sets it for the nested machine).
 PREBUILT_IMAGE_ENV = "SMOLVMM_IMAGE_GUEST"

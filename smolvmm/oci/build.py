@@ -21,7 +21,8 @@ import anyio
 
 from smolvmm.config import MIB, DiskConfig, MachineConfig
 from smolvmm.errors import ConfigError, GuestTimeout, ImageError
-from smolvmm.images.imageroot import BUSYBOX, image_guest
+from smolvmm.images.guestpaths import BUSYBOX
+from smolvmm.images.imageroot import image_guest
 from smolvmm.monitor.machine import Machine
 from smolvmm.monitor.workingset import record_working_set
 from smolvmm.oci.console_exec import command_script, console_run

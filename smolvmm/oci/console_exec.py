@@ -18,7 +18,7 @@ from collections.abc import Callable
 import anyio
 
 from smolvmm.errors import ConfigError, GuestError
-from smolvmm.images.imageroot import BUSYBOX, RUNAS
+from smolvmm.images.guestpaths import BUSYBOX, RUNAS
 from smolvmm.monitor.machine import Machine
 
 MAX_LINE = 3500  # a tty's canonical line holds 4095 bytes

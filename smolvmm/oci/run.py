@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from smolvmm.agent.process import Process
-from smolvmm.images.imageroot import RUNAS
+from smolvmm.images.guestpaths import RUNAS
 from smolvmm.monitor.machine import Machine
 from smolvmm.oci.imageconfig import ImageConfig
 

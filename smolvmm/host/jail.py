@@ -116,6 +116,8 @@ PRELOAD_SKIP = (
     # one (image's pulls in the image builder: 10 ms), and the format's test and benchmark data
     *("smolvmm.cli.image", "smolvmm.cli.demo", "smolvmm.cli.doctor", "smolvmm.cli.sign", "smolvmm.cli.cache"),
     *("smolvmm.cli.helper", "smolformat.samples", "smolformat.crafting"),
+    # zstandard's cffi backend, which its package imports itself when asked to use it
+    *("zstandard.backend_cffi", "zstandard._cffi"),
 )
 # Modules whose C extension is loaded (built) on first use, by their ``native_module()``: the snapshot
 # writer's page scanner, virtio-blk's request loop, the vCPU loop's and the words it serves.

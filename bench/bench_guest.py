@@ -59,7 +59,7 @@ class Bench:
     def __init__(self, out: Path, work: Path, runs: int, instances: int, python: str) -> None:
         self.out, self.work, self.runs, self.instances = out, work, runs, instances
         self.python = python  # the CLI's interpreter
-        self.smolvmm = [python, "-m", "smolvmm"]
+        self.smolvmm = [python, "-P", "-m", "smolvmm"]  # -P: the install's smolvmm, not the tree's in the cwd
         self.qemu = qemu_path()
         self.guest = default_guest()
         self.results: dict[str, object] = {

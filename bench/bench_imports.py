@@ -34,7 +34,9 @@ def profile(
 ) -> tuple[float, dict[str, float], set[str]]:
     """Total import ms of one process of ``python``, its top-level imports (ms) and every module it loaded."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | dict(extra_env or {})
-    done = subprocess.run([python, "-X", "importtime", *argv], capture_output=True, text=True, env=env, check=False)
+    # -P: a regular install's smolvmm, not the one in the working directory (the tree)
+    command = [python, "-P", "-X", "importtime", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"bench_imports: {' '.join(argv)} failed: {done.stderr.strip().splitlines()[-1:]}")
     top: dict[str, float] = {}
@@ -72,7 +74,7 @@ def main() -> int:
     run_path = ["-m", "smolvmm", "run", "--prepare-only", str(bundle)]
     with (
         tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch,
-        warm_helper([args.python, "-m", "smolvmm"], Path(scratch), timeout=60, settle=1) as env,
+        warm_helper([args.python, "-P", "-m", "smolvmm"], Path(scratch), timeout=60, settle=1) as env,
     ):
         # name: (argv, environment added); the last command's run is handed to a warm `smolvmm helper`
         commands: dict[str, tuple[list[str], Mapping[str, str]]] = {

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
-from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, summary, warm_helper
+from common import Console, Monitor, machine_info, pss_kib, qemu_argv, qemu_path, smolvmm_cli, summary, warm_helper
 
 import smolvmm
 from smolvmm.images.disk import ext4_image
@@ -59,7 +59,7 @@ class Bench:
     def __init__(self, out: Path, work: Path, runs: int, instances: int, python: str) -> None:
         self.out, self.work, self.runs, self.instances = out, work, runs, instances
         self.python = python  # the CLI's interpreter
-        self.smolvmm = [python, "-P", "-m", "smolvmm"]  # -P: the install's smolvmm, not the tree's in the cwd
+        self.smolvmm = smolvmm_cli(python)
         self.qemu = qemu_path()
         self.guest = default_guest()
         self.results: dict[str, object] = {

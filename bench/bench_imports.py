@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common import machine_info, warm_helper
+from common import machine_info, smolvmm_cli, warm_helper
 
 REFERENCE = "import trio, anyio, cffi, construct, zstandard"
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)$")
@@ -34,7 +34,7 @@ def profile(
 ) -> tuple[float, dict[str, float], set[str]]:
     """Total import ms of one process of ``python``, its top-level imports (ms) and every module it loaded."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | dict(extra_env or {})
-    # -P: a regular install's smolvmm, not the one in the working directory (the tree)
+    # -P, as smolvmm_cli: a regular install's smolvmm, not the one in the working directory (the tree)
     command = [python, "-P", "-X", "importtime", *argv]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -74,7 +74,7 @@ def main() -> int:
     run_path = ["-m", "smolvmm", "run", "--prepare-only", str(bundle)]
     with (
         tempfile.TemporaryDirectory(prefix="bench-imports-") as scratch,
-        warm_helper([args.python, "-P", "-m", "smolvmm"], Path(scratch), timeout=60, settle=1) as env,
+        warm_helper(smolvmm_cli(args.python), Path(scratch), timeout=60, settle=1) as env,
     ):
         # name: (argv, environment added); the last command's run is handed to a warm `smolvmm helper`
         commands: dict[str, tuple[list[str], Mapping[str, str]]] = {

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_info, summary
+from common import machine_info, smolvmm_cli, summary
 
 
 def _catches_sigterm(pid: int) -> bool:
@@ -47,7 +47,7 @@ def first_kvm_run_ms(python: str, flag: str) -> tuple[float, dict[str, float]]:
     """One ``boot FLAG --timings --json`` by ``python``, stopped once its vCPUs run: ms to the first
     KVM_RUN, all phases."""
     monitor = subprocess.Popen(
-        [python, "-P", "-m", "smolvmm", "boot", flag, "--timings", "--json"],  # -P: not the cwd's smolvmm
+        [*smolvmm_cli(python), "boot", flag, "--timings", "--json"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -60,6 +60,12 @@ def regular_install(where: Path) -> str:
     return str(python)
 
 
+def smolvmm_cli(python: str) -> list[str]:
+    """How to run the smolvmm installed for ``python``: with ``-P``, since ``python -m smolvmm`` from
+    the tree's directory would otherwise import the tree's package rather than the install's."""
+    return [python, "-P", "-m", "smolvmm"]
+
+
 @contextlib.contextmanager
 def warm_helper(argv: Sequence[str], scratch: Path, *, timeout: float, settle: float) -> Iterator[dict[str, str]]:
     """A ``smolvmm helper`` (``argv``: how to start smolvmm) serving from a runtime directory of its

@@ -363,7 +363,7 @@ static int needs_interrupt(smol_blk *b, const uint8_t *avail) {
    the Python device (interrupt_due says whether one is due too), 0 once stop_fd or wake_fd is
    readable or ``stop`` is set, -1 when the ring is malformed (``error`` says how). */
 int smol_blk_serve(smol_blk *b) {
-    uint8_t *avail, *used;
+    uint8_t *avail = NULL, *used = NULL; /* set by rings(); gcc cannot see that through fail() */
     b->interrupt_due = 0;
     if (rings(b, &avail, &used)) return -1;
     for (;;) {

@@ -11,6 +11,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from construct import ConstructError
@@ -460,20 +461,25 @@ class Bundle:
         total = sum(s.length for s in self.sections) + sum(data.length for data, _ in compressed)
         done = 0
         for s in sorted(self.sections, key=lambda s: s.offset):
-            digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-            for start in range(0, s.length, _HASH_BLOCK):
-                block = _pread(self._fd, min(_HASH_BLOCK, s.length - start), s.offset + start)
-                digest.update(block)
-                done += len(block)
-                if progress is not None:
-                    progress(done, total)
-            if digest.digest() != s.digest:
-                raise FormatError("bad-digest", f"section {_name(s)} does not match its digest")
+            self.check_digest(s, None if progress is None else partial(_report, progress, done, total))
+            done += s.length
         for data, image in compressed:
             check_chunks(self._fd, data.offset, image)
             done += data.length
             if progress is not None:
                 progress(done, total)
+
+    def check_digest(self, s: SectionInfo, hashed: Callable[[int], None] | None = None) -> None:
+        """Hash section ``s`` against its table digest, a block at a time; raises FormatError.
+        ``hashed(n)`` is called as its first ``n`` bytes are hashed."""
+        digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        for start in range(0, s.length, _HASH_BLOCK):
+            block = _pread(self._fd, min(_HASH_BLOCK, s.length - start), s.offset + start)
+            digest.update(block)
+            if hashed is not None:
+                hashed(start + len(block))
+        if digest.digest() != s.digest:
+            raise FormatError("bad-digest", f"section {_name(s)} does not match its digest")
 
     def _check_gaps(self) -> None:
         """Every byte between the header and the table that no section holds is zero (spec §2)."""
@@ -505,6 +511,10 @@ class Bundle:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _report(progress: Callable[[int, int], None], base: int, total: int, done: int) -> None:
+    progress(base + done, total)
 
 
 def open_bundle(path: str | os.PathLike[str], *, on_config: Callable[[Any], None] | None = None) -> Bundle:

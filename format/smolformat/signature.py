@@ -49,12 +49,18 @@ def _image_digest(bundle: Bundle, section: SectionInfo) -> bytes:
 def content_digests(bundle: Bundle) -> list[tuple[int, int, int, bytes]]:
     """(kind, index, logical_length, digest) of everything a signature covers, in (kind, index)
     order: each section's digest, but guest RAM's and each disk's image digest in place of their
-    data sections' (index sections are left out: they describe the layout). Decodes every image."""
+    data sections' (index sections are left out: they describe the layout). Decodes every image
+    and hashes every other section against its digest (an open checks only those it parses: not
+    the kernel, the initrd or unknown ones); raises FormatError."""
     entries = []
     for s in bundle.sections:
         if s.kind in _UNSIGNED:
             continue
-        digest = _image_digest(bundle, s) if s.kind in (SectionKind.MEMORY_DATA, SectionKind.DISK_DATA) else s.digest
+        if s.kind in (SectionKind.MEMORY_DATA, SectionKind.DISK_DATA):
+            digest = _image_digest(bundle, s)
+        else:
+            bundle.check_digest(s)
+            digest = s.digest
         entries.append((int(s.kind), s.index, s.logical_length, digest))
     return sorted(entries)
 

@@ -148,7 +148,10 @@ def check_signature(bundle: smolformat.Bundle, trusted: TrustedKeys) -> str:
     if not candidates:
         signers = ", ".join(fingerprint(r.public_key) for r in bundle.signatures)
         raise BundleError(f"{bundle.path} is signed only by keys that are not trusted here ({signers})")
-    message = signature.signed_message(bundle)
+    try:
+        message = signature.signed_message(bundle)
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{bundle.path}: {exc}") from exc
     for record in candidates:
         try:
             Ed25519PublicKey.from_public_bytes(record.public_key).verify(record.signature, message)

@@ -242,11 +242,10 @@ class NetConfig:
         return cls(options["tap"], parse_mac(options["mac"]) if "mac" in options else None, vhost=vhost)
 
     @classmethod
-    def parse_flags(cls, specs: list[str], image: bool = False) -> tuple[NetConfig, ...]:
-        """The CLI's ``--net`` flags: ``()`` for ``--net none``; with no flags the default, which
-        is ``IMAGE_NETWORKS`` for a machine built from an image and no network otherwise."""
+    def parse_flags(cls, specs: list[str]) -> tuple[NetConfig, ...]:
+        """The CLI's ``--net`` flags (or a Smolfile's ``net``): ``()`` for ``--net none`` or none."""
         if not specs:
-            return IMAGE_NETWORKS if image else ()
+            return ()
         if "none" in (spec.strip() for spec in specs):
             if len(specs) > 1:
                 raise ConfigError("--net none cannot be combined with other --net flags")
@@ -258,8 +257,9 @@ MINIMAL_KERNEL = "minimal"
 """``MachineConfig(kernel=MINIMAL_KERNEL)``: the minimal guest kernel built from Debian's source."""
 
 IMAGE_NETWORKS: tuple[NetConfig, ...] = (NetConfig(),)
-"""The networks of a machine built from an image when the user names none: user networking,
-as ``docker run`` has a network by default (the demo guest and ``--kernel`` keep none)."""
+"""The networks of a machine built from an image when the user names none and this host can give
+them: user networking, as ``docker run`` has a network by default (the demo guest and
+``--kernel`` keep none)."""
 
 
 @dataclass(frozen=True)

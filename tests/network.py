@@ -9,7 +9,8 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,6 +25,19 @@ WIRE = (
 )
 """``ip`` commands that give a network namespace what passt needs: an address and a default route
 (through a TAP device nobody reads: nothing leaves the machine)."""
+
+
+@contextmanager
+def named_netns(name: str, commands: Sequence[str] = WIRE) -> Iterator[str]:
+    """A network namespace ``ip netns`` knows as ``name``, given ``commands`` (``ip`` arguments;
+    by default what passt needs), deleted when the block ends."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for command in commands:
+            subprocess.run(["ip", "-n", name, *command.split()], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def private_network() -> None:

@@ -6,13 +6,19 @@ One bundle per session: ``build --image oci:DIR:app --warm 'python3 -m http.serv
 
 from __future__ import annotations
 
+import os
+import queue
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import oci_images
 import pytest
+from guests import GUEST_TIMEOUT
 from nested_plugin import prepare_on_host
+from network import GATEWAY, named_netns
 
 from smolvmm.images.imageroot import PREBUILT_IMAGE_ENV, image_guest
 
@@ -96,3 +102,68 @@ def test_run_without_a_command_runs_the_image_cmd_and_returns_exit_statuses(app:
         timeout=900,
     )
     assert (fed.returncode, fed.stdout.strip()) == (0, "4")  # stdin reaches the command
+
+
+def _first_line(process: subprocess.Popen[str]) -> str:
+    """The first line ``process`` prints, waited for at most GUEST_TIMEOUT."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    return lines.get(timeout=GUEST_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """A network namespace with what passt needs (an address and a default route, through a TAP
+    device nobody reads: the nested machine has no network)."""
+    with named_netns(f"smolvmm-image-{os.getpid()}") as name:
+        yield name
+
+
+@pytest.mark.kvm
+def test_an_image_machine_has_user_networking_by_default(netns: str, tmp_path: Path) -> None:
+    """Built where the host has a network, the machine has a card on user networking: a clone
+    takes its lease, reaches the host's loopback through its gateway and publishes a port."""
+    bundle, www = tmp_path / "net.smolmachine", tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("page from the host\n")
+    in_netns = ["ip", "netns", "exec", netns, sys.executable]
+    built = subprocess.run(
+        [*in_netns, "-m", "smolvmm", "build", "--image", SOURCE.format(layout=oci_images.oci_layout()),
+         "-o", str(bundle), "--warm", "python3 -m http.server 8000 >/dev/null 2>&1 &", "--ready-port", "8000"],
+        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "network card" not in built.stderr
+    guest = (
+        "import os, time, urllib.request\n"
+        f"get = lambda path: urllib.request.urlopen('http://{GATEWAY}:18000/' + path, timeout=30).read().decode()\n"
+        "print('fetched:', get('').strip(), flush=True)\n"
+        "while True:\n"
+        "    try:\n"
+        "        get('done'); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.2)\n"
+    )
+    server = subprocess.Popen(
+        [*in_netns, "-m", "http.server", "--bind", "127.0.0.1", "18000"],
+        cwd=www, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    clone = subprocess.Popen(
+        [*in_netns, "-m", "smolvmm", "run", "--net", "user,forward=18080:8000", str(bundle), "--", "python3", "-c", guest],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert _first_line(clone) == "fetched: page from the host\n"
+        fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:18080/hello.txt').read())"
+        fetched = subprocess.run([*in_netns, "-c", fetch], capture_output=True, text=True, timeout=60)
+        assert fetched.stdout == "b'hello from layer 2\\n'\n", fetched.stderr  # the server --warm started
+        (www / "done").write_text("")
+        _, stderr = clone.communicate(timeout=GUEST_TIMEOUT)
+        assert clone.returncode == 0, stderr
+        assert "smolvmm: forwarding host port 18080/tcp to guest port 8000" in stderr
+    finally:
+        for process in (clone, server):
+            process.kill()
+            process.wait()

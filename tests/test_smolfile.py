@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smolvmm import ConfigError, ImageRecipe, ReadyCondition, load_smolfile
+from smolvmm import ConfigError, ImageRecipe, NetConfig, PortForward, ReadyCondition, load_smolfile
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smolfile" / "Smolfile"
 
@@ -39,6 +39,8 @@ def test_the_example_smolfile_gives_its_recipe() -> None:
         ('image = "oci:x"\n[[copy]]\nsrc = "a"', "unknown key 'copy[0].src'"),
         ("image = [", "not valid TOML"),
         ('image = "oci:x"\nkernel = "bzImage"', "'kernel' must be \"minimal\""),
+        ('image = "oci:x"\nnet = "user"', "'net' must be a list of strings"),
+        ('image = "oci:x"\nnet = ["bridge"]', "'net': invalid network 'bridge'"),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -54,6 +56,18 @@ def test_a_recipe_keeps_its_defaults() -> None:
     recipe = ImageRecipe("oci:x")
     assert recipe.ready is None and recipe.steps == () and recipe.memory == 512 << 20
     assert recipe.kernel is None  # the Debian cloud kernel
+    assert recipe.networks is None  # user networking where the host can give it
+
+
+def test_a_recipe_names_its_networks(tmp_path: Path) -> None:
+    smolfile = tmp_path / "Smolfile"
+    smolfile.write_text('image = "oci:x"\nnet = ["user,forward=8080:80"]')
+    assert load_smolfile(smolfile).networks == (NetConfig(forwards=(PortForward(8080, 80),)),)
+    smolfile.write_text('image = "oci:x"\nnet = ["none"]')
+    assert load_smolfile(smolfile).networks == ()
+    assert load_smolfile(smolfile, networks=None).networks is None  # flags win
+    with pytest.raises(ConfigError, match="ImageRecipe.networks must be None or a tuple of NetConfig"):
+        ImageRecipe("oci:x", networks=[NetConfig()])  # type: ignore[arg-type]
 
 
 def test_a_recipe_may_ask_for_the_minimal_kernel_and_nothing_else(tmp_path: Path) -> None:

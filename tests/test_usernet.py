@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
-from network import GATEWAY, HOST_ADDRESS, WIRE, checksum, in_netns, tcp_frame
+from network import GATEWAY, HOST_ADDRESS, checksum, in_netns, named_netns, tcp_frame
 
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
 from smolvmm.monitor.handshakes import ACK, RST, SYN, Segment, tcp_segment
-from smolvmm.monitor.usernet import PasstBackend, open_vhost
+from smolvmm.monitor.usernet import PasstBackend, open_vhost, user_networking_unavailable
+from smolvmm.oci.build import ImageRecipe, recipe_networks
 
 GUEST_MAC = bytes.fromhex("020000c0ffee")
 pytestmark = [
@@ -32,14 +33,8 @@ pytestmark = [
 def netns() -> Iterator[str]:
     """A namespace whose only interface has an address and a default route (a tap nobody reads:
     nothing leaves the machine)."""
-    name = f"smolvmm-passt-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for command in WIRE:
-            subprocess.run(["ip", "-n", name, *command.split()], check=True)
+    with named_netns(f"smolvmm-passt-{os.getpid()}") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def passt_children() -> list[int]:
@@ -170,10 +165,28 @@ def test_no_passt_outlives_a_killed_monitor(netns: str) -> None:
     assert not os.path.exists(f"/proc/{passt}")
 
 
+def test_user_networking_is_available_where_an_interface_has_a_default_route(netns: str) -> None:
+    """And so an image's machine gets it by default there; elsewhere none, with a note."""
+    notes: list[str] = []
+    assert in_netns(netns, user_networking_unavailable) is None
+    assert in_netns(netns, lambda: recipe_networks(ImageRecipe("oci:x"), notes)) == (NetConfig(),)
+    with named_netns(f"smolvmm-bare-{os.getpid()}", ("link set lo up",)) as bare:
+        assert in_netns(bare, user_networking_unavailable) == "this host has no default route, which passt needs"
+        assert in_netns(bare, lambda: recipe_networks(ImageRecipe("oci:x"), notes)) == ()
+        asked = (NetConfig(forwards=(PortForward(8080, 80),)),)
+        assert in_netns(bare, lambda: recipe_networks(ImageRecipe("oci:x", networks=asked), notes)) == asked
+    assert notes == [
+        "built without a network card: this host has no default route, which passt needs"
+        " (--net none says so; --net user requires one)"
+    ]
+
+
 def test_net_flags_parse_to_user_and_tap_networks() -> None:
-    assert NetConfig.parse_flags([]) == ()
-    assert NetConfig.parse_flags([], image=True) == (NetConfig(),)
-    assert NetConfig.parse_flags(["none"], image=True) == ()
+    assert NetConfig.parse_flags([]) == NetConfig.parse_flags(["none"]) == ()
+    assert NetConfig.parse_flags(["user", "user,forward=8080:80"]) == (
+        NetConfig(),
+        NetConfig.parse("user,forward=8080:80"),
+    )
     user = NetConfig.parse("user,forward=18080:80,forward=0:53/udp,mac=52:54:00:12:34:56")
     assert user.mode == "user" and user.mac == bytes.fromhex("525400123456")
     assert user.forwards == (PortForward(18080, 80), PortForward(0, 53, "udp"))
@@ -263,13 +276,9 @@ async def test_a_retransmitted_syn_reaches_the_host_as_one_connection_without_a_
 
 @pytest.mark.anyio
 async def test_a_host_without_a_default_route_is_one_error_in_passts_words() -> None:
-    name = f"smolvmm-noroute-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with named_netns(f"smolvmm-noroute-{os.getpid()}", ()) as name:
         backend = in_netns(name, lambda: PasstBackend(()))
         with pytest.raises(ConfigError, match=r"^passt failed: .*needs a host interface with a default route"):
             await backend.wait_started()
         backend.close()
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
     assert passt_children() == []

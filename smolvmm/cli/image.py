@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import smolvmm
-from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, ReadyCondition
+from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, NetConfig, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.config import parse_size
@@ -81,6 +81,8 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
         flags["warm"] = tuple(args.warm)
     if readies:
         flags["ready"] = ReadyCondition(*readies[0])
+    if args.net:
+        flags["networks"] = NetConfig.parse_flags(args.net)
     if args.file:
         return smolvmm.load_smolfile(args.file, **flags)
     return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]  # flags hold each field's own type
@@ -91,7 +93,9 @@ async def build_from_image(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
     encoding = "zstd" if args.zstd else "raw"
-    digest = await smolvmm.build_image(recipe, args.output, encoding=encoding, progress=progress)
+    digest = await smolvmm.build_image(
+        recipe, args.output, encoding=encoding, progress=progress, note=lambda text: cli_output.message(f"note: {text}")
+    )
     if args.json:
         cli_output.result_json(
             {

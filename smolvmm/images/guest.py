@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,14 @@ exit 0
 UDHCPC_SCRIPT_PATH = "etc/smolvmm/udhcpc.script"
 
 
+def udhcpc_script(busybox: str | None = None) -> str:
+    """udhcpc's hook, run by the guest's ``/bin/sh`` with its ``ip``, or with ``busybox`` (a
+    path) as both, for a guest whose root is not its own (the image guest)."""
+    if busybox is None:
+        return UDHCPC_SCRIPT
+    return re.sub(r"(?m)(^ *|&& )ip ", rf"\1{busybox} ip ", UDHCPC_SCRIPT.replace("#!/bin/sh", f"#!{busybox} sh", 1))
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """What a VMM needs to boot a guest: kernel, initrd, command line, and the line that says it is up."""
@@ -132,7 +141,7 @@ def kernel_package() -> Package:
 
 def _programs() -> dict[str, bytes]:
     """What the guest's initramfs holds besides busybox: the agent and the DHCP hook."""
-    return {agent.GUEST_PATH: agent.build_agent(), UDHCPC_SCRIPT_PATH: UDHCPC_SCRIPT.encode()}
+    return {agent.GUEST_PATH: agent.build_agent(), UDHCPC_SCRIPT_PATH: udhcpc_script().encode()}
 
 
 def _build() -> Path:

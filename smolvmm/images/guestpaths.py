@@ -4,3 +4,5 @@ copies it there before switching into the image): known to the runner without th
 TOOLS = "/run/smolvmm"  # in the guest, after the switch: busybox, tini, the agent, stage2
 BUSYBOX = f"{TOOLS}/busybox"
 RUNAS = f"{TOOLS}/smolvmm-runas"  # runas.c: switches to the image's User
+# On the kernel command line (monitor/dhcp.py): where the guest keeps busybox and udhcpc's hook.
+TOOLS_ARG = "smolvmm.tools"

@@ -16,7 +16,16 @@ from pathlib import Path
 from smolvmm.images import agent, busybox
 from smolvmm.images.cache import cache_key, cached_build
 from smolvmm.images.debian import Package
-from smolvmm.images.guest import DEFAULT_CMDLINE, MINIMAL_CMDLINE, MODULES, GuestImage, kernel_package
+from smolvmm.images.guest import (
+    DEFAULT_CMDLINE,
+    MINIMAL_CMDLINE,
+    MODULES,
+    UDHCPC_SCRIPT_PATH,
+    GuestImage,
+    kernel_package,
+    udhcpc_script,
+)
+from smolvmm.images.guestpaths import BUSYBOX, TOOLS, TOOLS_ARG
 from smolvmm.kernel.build import minimal_kernel
 
 READY_MARKER = "smolvmm: image ready"
@@ -45,7 +54,8 @@ for point in proc sys dev run tmp; do
 done
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
 mkdir /newroot/run/smolvmm
-cp /bin/busybox /bin/tini /bin/smolvmm-agent /bin/smolvmm-runas /etc/smolvmm/stage2 /newroot/run/smolvmm/
+cp /bin/busybox /bin/tini /bin/smolvmm-agent /bin/smolvmm-runas /etc/smolvmm/stage2 /etc/smolvmm/udhcpc.script \
+    /newroot/run/smolvmm/
 for point in dev proc sys; do mount --move "/$point" "/newroot/$point"; done
 exec switch_root /newroot /run/smolvmm/tini -- /run/smolvmm/busybox sh /run/smolvmm/stage2
 """
@@ -62,6 +72,12 @@ for word in $($B cat /proc/cmdline); do
     case "$word" in
         smolvmm.ip=*) $B ip addr add "${word#smolvmm.ip=}" dev eth0 && $B ip link set eth0 up ;;
         smolvmm.agent=*) /run/smolvmm/smolvmm-agent "/dev/${word#smolvmm.agent=}" & ;;
+        smolvmm.dhcp=*)
+            for interface in $(echo "${word#smolvmm.dhcp=}" | $B tr , ' '); do
+                $B ip link set "$interface" up
+                $B udhcpc -i "$interface" -s /run/smolvmm/udhcpc.script -n -q -t 10 -T 1 >/dev/null 2>&1 ||
+                    echo "smolvmm: no DHCP answer on $interface" >&2
+            done ;;
     esac
 done
 $B stty -echo
@@ -79,7 +95,7 @@ def image_guest(*, minimal: bool = False) -> GuestImage:
     (needs apt-get, like the default guest)."""
     prebuilt = os.environ.get(PREBUILT_MINIMAL_IMAGE_ENV if minimal else PREBUILT_IMAGE_ENV)
     directory = Path(prebuilt) if prebuilt else _build(minimal)
-    cmdline = MINIMAL_CMDLINE if minimal else DEFAULT_CMDLINE
+    cmdline = f"{MINIMAL_CMDLINE if minimal else DEFAULT_CMDLINE} {TOOLS_ARG}={TOOLS}"
     return GuestImage(directory / busybox.KERNEL, directory / busybox.INITRD, cmdline, READY_MARKER)
 
 
@@ -99,6 +115,7 @@ def _build(minimal: bool) -> Path:
             "bin/tini": (work / "usr/bin/tini-static").read_bytes(),
             "bin/smolvmm-runas": agent.build_agent(RUNAS_SOURCE),
             "etc/smolvmm/stage2": STAGE2.encode(),
+            UDHCPC_SCRIPT_PATH: udhcpc_script(BUSYBOX).encode(),
         }
         busybox.build(out, kernel, tools, [] if minimal else MODULES, INIT, programs)
         if built:

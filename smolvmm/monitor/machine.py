@@ -30,9 +30,10 @@ from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, Usa
 from smolvmm.host.eventfd import EventFd
 from smolvmm.host.memory import PAGE_SIZE
 from smolvmm.monitor.console import Console
+from smolvmm.monitor.dhcp import RENEW_TIMEOUT, STILL_ASKING, dhcp_interfaces, renewal
 from smolvmm.monitor.exit import ExitReason, MachineExit
 from smolvmm.monitor.timings import Timings
-from smolvmm.monitor.usernet import DHCP_SCRIPT, RENEW_TIMEOUT, STILL_ASKING, PasstBackend, dhcp_interfaces
+from smolvmm.monitor.usernet import PasstBackend
 from smolvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from smolvmm.monitor.vm import VirtualMachine
 
@@ -273,14 +274,8 @@ class Machine:
             return
         # A lease not taken in 5 s (passt slow to answer on a loaded host) is asked for again in
         # the background: the guest must not stay without an address and route for good.
-        script = "; ".join(
-            f"ip link set {name} down && ip link set {name} up && "
-            f"{{ udhcpc -i {name} -s {DHCP_SCRIPT} -n -q -t 5 -T 1 >/dev/null 2>&1 || "
-            f"{{ udhcpc -i {name} -s {DHCP_SCRIPT} -b -q -T 1 -A 2 >/dev/null 2>&1; exit {STILL_ASKING}; }}; }}"
-            for name in interfaces
-        )
         try:
-            result = await self.exec(f"[ -x {DHCP_SCRIPT} ] || exit 0; {script}", timeout=RENEW_TIMEOUT)
+            result = await self.exec(renewal(self._cmdline, interfaces), timeout=RENEW_TIMEOUT)
         except GuestError as exc:
             self.timings.note("network", f"not renewed: {exc}")
             return

@@ -30,8 +30,9 @@ from smolvmm.errors import BundleError, ConfigError
 from smolvmm.host.memory import GuestMemory
 from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor.console import VirtioConsoleInput
+from smolvmm.monitor.dhcp import DHCP_ARG
 from smolvmm.monitor.exit import MachineExit
-from smolvmm.monitor.usernet import DHCP_ARG, open_backend, open_vhost
+from smolvmm.monitor.usernet import open_backend, open_vhost
 from smolvmm.monitor.vm import StartedVm, VirtualMachine
 
 ConsoleRole = Literal["main", "agent", "socket"]

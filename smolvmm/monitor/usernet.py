@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import pwd
-import re
 import shutil
 import socket
 import subprocess
@@ -39,12 +38,6 @@ from smolvmm.errors import ConfigError
 from smolvmm.host.vhost import VhostNet
 from smolvmm.monitor.handshakes import HEAD_BYTES, Handshakes
 
-# The guest's side (the demo guest honours it): smolvmm.dhcp=eth0,... on the kernel command line
-# names the user-mode interfaces, and udhcpc applies a lease with this hook.
-DHCP_ARG = "smolvmm.dhcp"
-DHCP_SCRIPT = "/etc/smolvmm/udhcpc.script"
-RENEW_TIMEOUT = 30.0
-STILL_ASKING = 75  # the renewal's exit status when its udhcpc went on in the background
 START_TIMEOUT = 30.0  # seconds for passt to bind its ports (the nested test machine is slow)
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>
@@ -52,12 +45,25 @@ _log = logging.getLogger(__name__)
 _NOISE = ("Failed to send", "Don't run as root")  # passt's syslog fallback and its uid drop
 
 
-def dhcp_interfaces(cmdline: str) -> tuple[str, ...]:
-    """The interfaces a guest booted with ``cmdline`` takes a DHCP lease on (from passt)."""
-    for word in cmdline.split():
-        if word.startswith(DHCP_ARG + "="):
-            return tuple(name for name in word.partition("=")[2].split(",") if re.fullmatch(r"eth\d{1,3}", name))
-    return ()
+def user_networking_unavailable() -> str | None:
+    """Why this host cannot give a machine user networking (passt is not installed, or no
+    interface has a default route, which passt takes its addresses from); None when it can."""
+    if shutil.which("passt") is None:
+        return "passt is not installed (apt-get install passt)"
+    ipv4 = [f for f in _route_table("route") if len(f) > 1 and f[1] == "00000000" and f[0] != "lo"]
+    ipv6 = [f for f in _route_table("ipv6_route") if len(f) > 9 and f[:2] == ["0" * 32, "00"] and f[9] != "lo"]
+    if not ipv4 and not ipv6:
+        return "this host has no default route, which passt needs"
+    return None
+
+
+def _route_table(name: str) -> list[list[str]]:
+    """The rows of ``/proc/net/NAME`` in this thread's network namespace, split (IPv4's ``route``:
+    interface, destination, ...; ``ipv6_route``: destination, prefix length, ..., interface tenth)."""
+    try:
+        return [line.split() for line in Path("/proc/thread-self/net", name).read_text().splitlines()]
+    except OSError:
+        return []
 
 
 def open_backend(net: NetConfig) -> NetBackend:

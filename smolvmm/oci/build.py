@@ -19,11 +19,12 @@ from typing import BinaryIO, Literal, get_args
 
 import anyio
 
-from smolvmm.config import MIB, DiskConfig, MachineConfig
+from smolvmm.config import IMAGE_NETWORKS, MIB, DiskConfig, MachineConfig, NetConfig
 from smolvmm.errors import ConfigError, GuestTimeout, ImageError
 from smolvmm.images.guestpaths import BUSYBOX
 from smolvmm.images.imageroot import image_guest
 from smolvmm.monitor.machine import Machine
+from smolvmm.monitor.usernet import user_networking_unavailable
 from smolvmm.monitor.workingset import record_working_set
 from smolvmm.oci.console_exec import command_script, console_run
 from smolvmm.oci.imageconfig import LABEL, ImageConfig
@@ -57,7 +58,9 @@ class ReadyCondition:
 class ImageRecipe:
     """What ``build --image`` or a Smolfile asks for. ``env`` adds to the image's Env; ``workdir``,
     ``user``, ``entrypoint`` and ``cmd`` replace the image's when not None; ``files`` are
-    (host path, guest path) pairs copied in before ``steps`` run (each a /bin/sh command line)."""
+    (host path, guest path) pairs copied in before ``steps`` run (each a /bin/sh command line).
+    ``networks`` None is the default: ``IMAGE_NETWORKS`` (user networking) where this host can
+    give it, else none, with a note; ``()`` is none."""
 
     image: str
     insecure: bool = False
@@ -75,10 +78,15 @@ class ImageRecipe:
     ready: ReadyCondition | None = None
     timeout: float = 600
     kernel: Literal["minimal"] | None = None  # the minimal guest kernel (smolvmm kernel build), not Debian's
+    networks: tuple[NetConfig, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "minimal"):
             raise ConfigError(f"ImageRecipe.kernel must be 'minimal' or None, not {self.kernel!r}")
+        if self.networks is not None and not (
+            isinstance(self.networks, tuple) and all(isinstance(n, NetConfig) for n in self.networks)
+        ):
+            raise ConfigError("ImageRecipe.networks must be None or a tuple of NetConfig")
 
 
 def _write_to(stream: BinaryIO) -> Callable[[bytes], None]:
@@ -146,15 +154,37 @@ def resolved_config(base: ImageConfig, recipe: ImageRecipe) -> ImageConfig:
     return base.with_changes(**changes)
 
 
+def recipe_networks(recipe: ImageRecipe, notes: list[str]) -> tuple[NetConfig, ...]:
+    """The networks ``recipe``'s machine is built with on this host (see ``ImageRecipe``); a
+    default this host cannot give adds a note to ``notes``."""
+    if recipe.networks is not None:
+        return recipe.networks
+    why = user_networking_unavailable()
+    if why is None:
+        return IMAGE_NETWORKS
+    notes.append(f"built without a network card: {why} (--net none says so; --net user requires one)")
+    return ()
+
+
 async def build_image(
-    recipe: ImageRecipe, output: Path, *, encoding: str = "raw", progress: Callable[[str], None] | None = None
+    recipe: ImageRecipe,
+    output: Path,
+    *,
+    encoding: str = "raw",
+    progress: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> bytes:
-    """Build bundle ``output`` from ``recipe``; returns its digest. On any error nothing is written."""
+    """Build bundle ``output`` from ``recipe``; returns its digest. On any error nothing is written.
+
+    ``progress`` is called with each step's description; ``note`` with what the build left out or
+    changed (the image's device nodes, owners it could not keep, a network this host cannot give).
+    """
     say = progress or (lambda text: None)
     show = _write_to(sys.stderr.buffer) if progress else None
     with tempfile.TemporaryDirectory(prefix="smolvmm-build-") as scratch:
         say(f"opening {recipe.image}")
         notes: list[str] = []
+        networks = recipe_networks(recipe, notes)
 
         def prepare() -> tuple[Path, ImageConfig]:
             with open_source(recipe.image, Path(scratch) / "blobs", insecure=recipe.insecure, progress=say) as image:
@@ -162,8 +192,9 @@ async def build_image(
                 return disk, image.config
 
         disk, base = await anyio.to_thread.run_sync(prepare)
-        for note in notes[:20]:
-            say(f"note: {note}")
+        if note is not None:
+            for text in notes[:20]:
+                note(text)
         config = resolved_config(base, recipe)
         guest = await anyio.to_thread.run_sync(lambda: image_guest(minimal=recipe.kernel == "minimal"))
         machine_config = MachineConfig(
@@ -173,6 +204,7 @@ async def build_image(
             vcpus=recipe.vcpus,
             memory=recipe.memory,
             disks=(DiskConfig(disk),),
+            networks=networks,
         )
         say("booting")
         async with Machine.boot(machine_config) as machine:

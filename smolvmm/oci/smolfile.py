@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from smolvmm.config import parse_size
+from smolvmm.config import NetConfig, parse_size
 from smolvmm.errors import ConfigError
 from smolvmm.oci.build import READY_KINDS, ImageRecipe, ReadyCondition
 
@@ -30,6 +30,7 @@ _KEYS = {
     "warm": "a list of strings",
     "ready": "a table with one of 'port', 'exec', 'marker'",
     "kernel": '"minimal" (the minimal guest kernel; default: the Debian cloud kernel)',
+    "net": 'a list of strings like "user,forward=8080:80" or "none", as --net (default: user networking)',
 }
 
 
@@ -54,6 +55,7 @@ def _check(where: str, key: str, value: Any) -> None:
         "copy": isinstance(value, list) and all(isinstance(item, dict) for item in value),
         "ready": isinstance(value, dict),
         "kernel": value == "minimal",
+        "net": _strings(value),
     }[key]
     if not ok:
         raise ConfigError(f"{where}: '{key}' must be {_KEYS[key]}")
@@ -136,5 +138,10 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
         fields["files"] = _copies(where, path.parent, document["copy"])
     if "ready" in document:
         fields["ready"] = _ready(where, document["ready"])
+    if "net" in document:
+        try:
+            fields["networks"] = NetConfig.parse_flags(document["net"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: 'net': {exc}") from None
     fields.update(overrides)
     return ImageRecipe(**fields)

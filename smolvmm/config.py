@@ -70,6 +70,19 @@ def _check_text(name: str, value: object, optional: bool = False) -> None:
         raise _invalid(name, "a str without NUL characters" + (" or None" if optional else ""), value)
 
 
+def check_environment(name: str, values: object) -> dict[str, str]:
+    """``values`` (env or secrets) as a new dict: names non-empty str without '=' or NUL, values
+    str without NUL. A value is never quoted: it may be a secret."""
+    if not isinstance(values, dict):
+        raise _invalid(name, "a dict of str to str", values)
+    for key, value in values.items():
+        if not (isinstance(key, str) and key and "=" not in key and "\0" not in key):
+            raise _invalid(f"{name} names", "non-empty str without '=' or NUL characters", key)
+        if not (isinstance(value, str) and "\0" not in value):
+            raise ConfigError(f"{name}[{key!r}] must be a str without NUL characters")
+    return dict(values)
+
+
 _T = TypeVar("_T")
 
 
@@ -329,6 +342,8 @@ class MachineConfig:
         object.__setattr__(self, "networks", _items("MachineConfig.networks", self.networks, NetConfig))
         _check_text("MachineConfig.cmdline", self.cmdline, optional=True)
         _check_text("MachineConfig.extra_cmdline", self.extra_cmdline)
+        object.__setattr__(self, "env", check_environment("MachineConfig.env", self.env))
+        object.__setattr__(self, "secrets", check_environment("MachineConfig.secrets", self.secrets))
         if not _is_int(self.vcpus) or not 1 <= self.vcpus <= MAX_VCPUS:
             raise _invalid("MachineConfig.vcpus", f"an int from 1 to {MAX_VCPUS}", self.vcpus)
         if not _is_int(self.memory) or self.memory % MEMORY_ALIGN or not MIN_MEMORY <= self.memory <= MAX_MEMORY:

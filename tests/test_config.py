@@ -67,6 +67,13 @@ def test_paths_and_sequences_are_normalised(tmp_path: Path) -> None:
         (lambda: MachineConfig(initrd=Path("/etc/hostname")), "MachineConfig.initrd"),
         (lambda: MachineConfig(cmdline=b"console=ttyS0"), "MachineConfig.cmdline"),
         (lambda: MachineConfig(extra_cmdline="quiet\0"), "MachineConfig.extra_cmdline"),
+        (lambda: MachineConfig(env={"A": 1}), "MachineConfig.env['A']"),
+        (lambda: MachineConfig(env={"A": "x\0"}), "MachineConfig.env['A']"),
+        (lambda: MachineConfig(env={"": "x"}), "MachineConfig.env names"),
+        (lambda: MachineConfig(env={1: "x"}), "MachineConfig.env names"),
+        (lambda: MachineConfig(env=[("A", "x")]), "MachineConfig.env"),
+        (lambda: MachineConfig(secrets={"A=B": "x"}), "MachineConfig.secrets names"),
+        (lambda: MachineConfig(secrets={"A\0": "x"}), "MachineConfig.secrets names"),
         (lambda: MachineConfig(disks="a.img"), "MachineConfig.disks"),
         (lambda: MachineConfig(disks=["/etc/hostname"]), "MachineConfig.disks[0]"),
         (lambda: MachineConfig(disks=(DiskConfig("/nonexistent.img"),)), "MachineConfig.disks[0].path"),
@@ -97,6 +104,12 @@ def test_bad_values_are_refused_with_one_line_naming_the_field(make, field: str)
     with pytest.raises(ConfigError, match=re.escape(field)) as caught:
         make()
     assert "\n" not in str(caught.value)
+
+
+def test_a_secret_value_is_not_quoted_when_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^MachineConfig.secrets\['TOKEN'\] must be a str") as caught:
+        MachineConfig(secrets={"TOKEN": "hunter2\0"})
+    assert "hunter2" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

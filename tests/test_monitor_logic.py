@@ -36,7 +36,7 @@ from hypervisor_double import (
 
 import smolformat
 from smolformat.layout import SectionKind
-from smolvmm import BundleError, ExitReason, HypervisorError, Machine, MachineConfig, SmolvmmError
+from smolvmm import BundleError, ConfigError, ExitReason, HypervisorError, Machine, MachineConfig, SmolvmmError
 from smolvmm.arch.x86_64 import acpi, layout
 from smolvmm.config import cache_root
 from smolvmm.devices.virtio.mmio import MmioTransport
@@ -201,6 +201,21 @@ async def test_boot_wires_everything_before_any_vcpu_runs(double: DoubleHost, ke
         assert double.vm.vcpus[0].state["regs"]["rip"] == layout.KERNEL_LOAD_ADDR + 0x200
         assert double.vm.vcpus[0].state["regs"]["rsi"] == layout.ZERO_PAGE_ADDR
     assert (await machine.wait()).reason == ExitReason.STOPPED
+    before.assert_released(double)
+
+
+async def test_env_the_agent_cannot_take_fails_a_boot_or_restore_before_anything_is_created(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    before = Resources()
+    too_big = MachineConfig(kernel=kernel, memory=64 * MIB, env={"A": "x" * 70_000})  # over one frame
+    with pytest.raises(ConfigError, match="env and secrets take"):
+        async with Machine.boot(too_big):
+            pytest.fail("booted")
+    with pytest.raises(ConfigError, match=r"^env\['A'\] must be a str"):
+        async with Machine.restore(tmp_path / "none.smolmachine", env={"A": 1}):  # type: ignore[dict-item]
+            pytest.fail("restored")
+    assert double.names() == []
     before.assert_released(double)
 
 

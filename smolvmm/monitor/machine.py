@@ -24,7 +24,7 @@ import anyio.abc
 from smolvmm.agent.channel import AGENT_LABEL, LABEL_V2, TOO_OLD, AgentPort, Identity
 from smolvmm.agent.files import GuestFiles
 from smolvmm.agent.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, open_process, run
-from smolvmm.config import MachineConfig, NetConfig, PortForward
+from smolvmm.config import MachineConfig, NetConfig, PortForward, check_environment
 from smolvmm.devices.virtio.net import VirtioNet
 from smolvmm.errors import AgentError, AgentTooOld, ConfigError, GuestError, UsageError, unwrapped_errors
 from smolvmm.host.eventfd import EventFd
@@ -123,6 +123,7 @@ class Machine:
         """
         from smolvmm.monitor.coldboot import prepare_boot
 
+        identity = _identity(config.env, config.secrets, None)  # before the VM, which a failure would leak
         timings = Timings()
         holder: list[Machine] = []
         booting = prepare_boot(config, lambda exit: holder[0]._record_exit(exit) if holder else None, timings)
@@ -140,7 +141,7 @@ class Machine:
         holder.append(machine)
         machine._jail = (jail, bool(config.networks)) if jail else None
         if machine._agent is not None:
-            machine._agent.identity = _identity(config.env, config.secrets, None)
+            machine._agent.identity = identity
         async with machine._running():
             await machine._networks_started()
             yield machine
@@ -566,8 +567,12 @@ def _identity(env: dict[str, str] | None, secrets: dict[str, str] | None, hostna
     """A clone's identity, checked now so a bad name fails the restore, not a later exec."""
     from smolvmm.agent.protocol import setup_payload
 
-    hostname = hostname or f"smolvmm-{os.urandom(4).hex()}"
-    identity = Identity(dict(env or {}), dict(secrets or {}), hostname, os.urandom(16).hex())
+    identity = Identity(
+        check_environment("env", {} if env is None else env),
+        check_environment("secrets", {} if secrets is None else secrets),
+        hostname or f"smolvmm-{os.urandom(4).hex()}",
+        os.urandom(16).hex(),
+    )
     if not 0 < len(identity.hostname.encode()) <= 64 or any(c.isspace() for c in identity.hostname):
         raise ConfigError(f"hostname {identity.hostname!r}: 1 to 64 bytes, no spaces")
     try:

@@ -254,6 +254,17 @@ async def test_a_console_wait_that_times_out_quotes_the_end_of_what_the_guest_pr
 
 
 @pytest.mark.anyio
+async def test_a_console_wait_takes_a_compiled_regex_of_str_or_bytes() -> None:
+    console = Console(len)
+    console.write_output("[    1.0] Guest eth0 up\r\nguest été ready\r\n".encode())
+    assert await console.wait_for(re.compile(r"guest (\w+) up", re.I)) == b"[    1.0] Guest eth0 up"
+    assert await console.wait_for(re.compile("été")) == "\r\nguest été".encode()
+    assert await console.wait_for(re.compile(rb"ready\r\n")) == b" ready\r\n"
+    with pytest.raises(smolvmm.ConfigError, match=r"console pattern '\\\\u00e9' has no bytes equivalent"):
+        await console.wait_for(re.compile(r"\u00e9"))
+
+
+@pytest.mark.anyio
 async def test_recent_console_output_stays_whether_read_or_not() -> None:
     console = Console(len)
     console.write_output(b"[    1.0] first line\r\n")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
-from smolvmm.errors import GuestError, GuestTimeout
+from smolvmm.errors import ConfigError, GuestError, GuestTimeout
 from smolvmm.host.eventfd import EventFd
 
 MAX_BUFFERED = 16 << 20  # unread output beyond this is dropped, oldest first
@@ -96,16 +96,19 @@ class Console(ByteStream):
             if data:
                 await self.input_space.wait()
 
-    async def wait_for(self, pattern: bytes | str | re.Pattern[bytes], timeout: float | None = None) -> bytes:
+    async def wait_for(
+        self, pattern: bytes | str | re.Pattern[bytes] | re.Pattern[str], timeout: float | None = None
+    ) -> bytes:
         """Consume output up to and including the first match of ``pattern``; returns those bytes.
 
-        Raises GuestTimeout (a TimeoutError, quoting the end of the output seen meanwhile) after
-        ``timeout`` seconds and GuestError if the machine stops first; in both cases the output
-        read so far stays unread.
+        ``pattern`` is bytes or str (matched as written) or a compiled regex; a str regex matches
+        the console's bytes as its UTF-8 encoding. Raises GuestTimeout (a TimeoutError, quoting
+        the end of the output seen meanwhile) after ``timeout`` seconds and GuestError if the
+        machine stops first; in both cases the output read so far stays unread.
         """
         if isinstance(pattern, str):
             pattern = pattern.encode()
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        regex = _bytes_regex(pattern) if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
         seen = bytearray()
         try:
             with anyio.fail_after(timeout):
@@ -135,6 +138,16 @@ class Console(ByteStream):
     def close_fds(self) -> None:
         self._ready.close()
         self.input_space.close()
+
+
+def _bytes_regex(pattern: re.Pattern[bytes] | re.Pattern[str]) -> re.Pattern[bytes]:
+    """``pattern`` for bytes: a str regex's source compiled as UTF-8 (bytes patterns take no re.UNICODE)."""
+    if isinstance(pattern.pattern, bytes):
+        return pattern
+    try:
+        return re.compile(pattern.pattern.encode(), pattern.flags & ~re.UNICODE)
+    except re.error as exc:
+        raise ConfigError(f"console pattern {pattern.pattern!r} has no bytes equivalent: {exc}") from None
 
 
 class VirtioConsoleInput:

@@ -1,8 +1,10 @@
 """Agent protocol 2, natively: frame parsing (with a hypothesis fuzz), payloads, and the host
 port's handling of untrusted guest bytes (budgets, unknown ids, garbage failing only its calls)."""
 
+import re
 import struct
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -188,3 +190,16 @@ async def test_frames_for_a_call_that_gave_up_are_dropped(anyio_backend: str) ->
         await port.send(protocol.encode(Type.STDOUT, call.id, b"late"))  # must not raise into the device
         with pytest.raises(smolvmm.AgentError, match="abandoned"):
             await call.receive()
+
+
+@pytest.mark.anyio
+async def test_a_host_file_that_cannot_be_read_or_written_is_a_smolvmm_error_naming_it(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    files = smolvmm.GuestFiles(lambda: pytest.fail("the guest was asked"))
+    missing = tmp_path / "gone" / "out"
+    with pytest.raises(smolvmm.SmolvmmError, match=f"^cannot write {re.escape(str(missing))}: No such file"):
+        await files.download("/etc/hostname", missing)
+    with pytest.raises(smolvmm.SmolvmmError, match=f"^cannot read {re.escape(str(tmp_path))}/in: No such file"):
+        await files.upload(tmp_path / "in", "/tmp/in")
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ by neither side's memory.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,7 +18,7 @@ import anyio
 from smolvmm.agent import protocol
 from smolvmm.agent.channel import AgentPort
 from smolvmm.agent.protocol import Type
-from smolvmm.errors import AgentError, ConfigError, GuestFileError, OutputLimitError
+from smolvmm.errors import AgentError, ConfigError, GuestFileError, OutputLimitError, SmolvmmError
 
 DEFAULT_MAX_READ = 16 * 1024 * 1024
 HOST_BLOCK = 1024 * 1024  # host file I/O per worker-thread call
@@ -25,6 +26,15 @@ HOST_BLOCK = 1024 * 1024  # host file I/O per worker-thread call
 
 def _guest_error(frame_payload: bytes) -> GuestFileError:
     return GuestFileError(f"in the guest: {protocol.decode_message(frame_payload)}")
+
+
+@contextmanager
+def _host_file(doing: str, path: object) -> Iterator[None]:
+    """An OSError of host file ``path`` as a SmolvmmError naming it (the host's failure, not the guest's)."""
+    try:
+        yield
+    except OSError as exc:
+        raise SmolvmmError(f"cannot {doing} {path}: {exc.strerror or exc}") from exc
 
 
 def _checked(encode: Callable[..., bytes], *args: object) -> bytes:
@@ -57,7 +67,8 @@ class GuestFiles:
         the host's files; it is closed) to ``guest_path``, streaming (any size).
 
         ``mode`` defaults to the host file's permission bits."""
-        opened = open(host_path, "rb") if isinstance(host_path, str | os.PathLike) else host_path
+        with _host_file("read", host_path):
+            opened = open(host_path, "rb") if isinstance(host_path, str | os.PathLike) else host_path
         source = anyio.wrap_file(opened)
         async with source:
             if mode is None:
@@ -108,23 +119,24 @@ class GuestFiles:
         import tempfile  # here: a restore's start-up does not wait for it
 
         target = Path(host_path)
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                pending = bytearray()
+        with _host_file("write", target):
+            fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    pending = bytearray()
 
-                async def keep(chunk: bytes) -> None:
-                    pending.extend(chunk)
-                    if len(pending) >= HOST_BLOCK:
-                        await anyio.to_thread.run_sync(out.write, bytes(pending))
-                        pending.clear()
+                    async def keep(chunk: bytes) -> None:
+                        pending.extend(chunk)
+                        if len(pending) >= HOST_BLOCK:
+                            await anyio.to_thread.run_sync(out.write, bytes(pending))
+                            pending.clear()
 
-                await self._read(guest_path, keep)
-                await anyio.to_thread.run_sync(out.write, bytes(pending))
-            os.replace(temp, target)
-        except BaseException:
-            os.unlink(temp)
-            raise
+                    await self._read(guest_path, keep)
+                    await anyio.to_thread.run_sync(out.write, bytes(pending))
+                os.replace(temp, target)
+            except BaseException:
+                os.unlink(temp)
+                raise
         from smolvmm.host.jail import publish
 
         await anyio.to_thread.run_sync(publish, target)  # out of a jail's staging directory, if jailed

@@ -72,6 +72,13 @@ def test_usage_errors_exit_2_before_anything_starts(args: list[str], tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] * cache.exists()
 
 
+@pytest.mark.parametrize("host", ["missing/out.txt", "."])
+def test_a_copy_out_target_that_cannot_be_written_is_refused_before_the_clone_starts(host: str, tmp_path: Path) -> None:
+    done = smolvmm("run", str(VALID), "--copy-out", f"/tmp/out.txt:{host}", "--", "true", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"smolvmm: error: --copy-out {host}: "), done.stderr
+
+
 def test_a_missing_bundle_is_one_line_without_the_pvm_note(tmp_path: Path) -> None:
     done = smolvmm("run", str(tmp_path / "gone.smolmachine"))
     assert done.returncode == 3 and done.stderr.count("\n") == 1 and "No such file" in done.stderr, done.stderr

@@ -162,6 +162,14 @@ async def run_command(
 
 def copy_out_files(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The ``--copy-out GUEST:HOST`` pairs, each host path where the file will be written
-    (``cli_args.output_file``: what a jail stages and publishes)."""
-    pairs = (_pair(spec, "--copy-out") for spec in args.copy_out)
-    return [(guest, cli_args.output_file(host)) for guest, host in pairs]
+    (``cli_args.output_file``: what a jail stages and publishes), checked before the clone
+    starts: a download that cannot be written would fail only after CMD ran."""
+    files = []
+    for guest, host in (_pair(spec, "--copy-out") for spec in args.copy_out):
+        target = cli_args.output_file(host)
+        if os.path.isdir(target):
+            raise ConfigError(f"--copy-out {host}: is a directory (name the file to write)")
+        if not os.path.isdir(os.path.dirname(target)):
+            raise ConfigError(f"--copy-out {host}: no such directory {os.path.dirname(target)}")
+        files.append((guest, target))
+    return files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -29,7 +30,7 @@ def test_version() -> None:
     assert done.returncode == 0 and done.stdout == f"smolvmm {version('smolvmm')}\n"
 
 
-def test_help_documents_the_exit_statuses() -> None:
+def test_help_and_the_readme_document_the_same_exit_statuses() -> None:
     done = smolvmm("--help")
     assert done.returncode == 0
     table = done.stdout.split("exit status:")[1]
@@ -39,10 +40,13 @@ def test_help_documents_the_exit_statuses() -> None:
         ("2", "usage"),
         ("3", "bad bundle"),
         ("4", "crashed"),
+        ("141", "stdout closed early"),
         ("128+N", "signal"),
     ):
         assert any(line.split()[0] == status.split("+")[0] or status in line for line in table.splitlines()[1:])
         assert meaning in table
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert re.findall(r"^  \| (\d+|N) \|", readme, re.M) == [line.split()[0] for line in table.splitlines()[1:]]
 
 
 @pytest.mark.parametrize(

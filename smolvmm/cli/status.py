@@ -23,6 +23,7 @@ exit status:
   {BAD_BUNDLE}    bad bundle: missing, unreadable or invalid, or it lacks what the command needs
   {GUEST_CRASHED}    the guest crashed (triple fault, a failed vCPU or device)
   {INTERRUPTED}  interrupted (Ctrl-C)
+  {BROKEN_PIPE}  stdout closed early (| head), as other tools end then
   N    run BUNDLE -- CMD: CMD's own exit status; 128+N when signal N killed it"""
 
 

@@ -83,6 +83,12 @@ def test_a_copy_out_target_that_cannot_be_written_is_refused_before_the_clone_st
     assert done.stderr.startswith(f"smolvmm: error: --copy-out {host}: "), done.stderr
 
 
+def test_run_without_arguments_asks_only_for_the_bundle() -> None:
+    done = smolvmm("run")
+    assert done.returncode == 2 and "the following arguments are required: bundle (" in done.stderr, done.stderr
+    assert "CMD" not in done.stderr  # the command is optional
+
+
 def test_a_missing_bundle_is_one_line_without_the_pvm_note(tmp_path: Path) -> None:
     done = smolvmm("run", str(tmp_path / "gone.smolmachine"))
     assert done.returncode == 3 and done.stderr.count("\n") == 1 and "No such file" in done.stderr, done.stderr

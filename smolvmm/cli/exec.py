@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "command",
         nargs="*",
+        default=[],  # else argparse lists it as required
         metavar="-- CMD [ARGS...]",
         help="run CMD in the clone instead of attaching the console; exit with its status",
     )

@@ -63,6 +63,9 @@ def test_help_and_the_readme_document_the_same_exit_statuses() -> None:
         ["boot", "--bundle", "b.smolmachine", "--cpus", "2"],
         ["pack", "--raw", "--threads", "0", str(VALID), "out.smolmachine"],
         ["pack", "--zstd", "--threads", "-3", str(VALID), "out.smolmachine"],
+        ["run", "--copy-in", "/etc/hostname:/x", str(VALID)],  # copies go with a command
+        ["run", "--save", "s.smolmachine", str(VALID), "--", "true"],  # --save is the console's
+        ["run", "--secret-env", "TOKEN=hunter2", str(VALID), "--", "true"],
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args: list[str], tmp_path: Path) -> None:
@@ -71,7 +74,7 @@ def test_usage_errors_exit_2_before_anything_starts(args: list[str], tmp_path: P
     done = smolvmm(*args, cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": str(cache)})
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "error:" in done.stderr and done.stdout == ""
-    assert "PVM" not in done.stderr
+    assert "PVM" not in done.stderr and "hunter2" not in done.stderr  # a value typed by mistake stays unsaid
     assert not (cache / "smolvmm" / "images").exists() and not (cache / "smolvmm" / "debs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] * cache.exists()
 

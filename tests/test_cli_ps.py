@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -141,6 +142,31 @@ def test_a_restored_machine_is_listed_and_stopped(bundle: Path, tmp_path: Path) 
         stopped = smolvmm(env, "stop", listed["id"])
         assert stopped.returncode == 0, stopped.stderr
         assert machine.wait(GUEST_TIMEOUT) == 0
+    finally:
+        machine.kill()
+    assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+
+
+@pytest.mark.kvm
+def test_a_command_in_a_clone_is_listed_and_stopped(bundle: Path, tmp_path: Path) -> None:
+    """``run BUNDLE -- CMD`` too: stopped before CMD ends, it exits 128+SIGTERM, as a killed command."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    machine = subprocess.Popen(
+        [sys.executable, "-m", "smolvmm", "run", str(bundle), "--", "sh", "-c", "echo up; sleep 600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert machine.stdout is not None
+        assert machine.stdout.readline() == b"up\n"
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert (listed["pid"], listed["command"], listed["what"]) == (machine.pid, "run", str(bundle))
+        stopped = smolvmm(env, "stop", listed["id"])
+        assert stopped.returncode == 0, stopped.stderr
+        assert machine.wait(GUEST_TIMEOUT) == 128 + signal.SIGTERM
     finally:
         machine.kill()
     assert json.loads(smolvmm(env, "ps", "--json").stdout) == []

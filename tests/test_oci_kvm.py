@@ -6,6 +6,7 @@ One bundle per session: ``build --image oci:DIR:app --warm 'python3 -m http.serv
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -130,12 +131,15 @@ def test_an_image_machine_has_user_networking_by_default(netns: str, tmp_path: P
     (www / "index.html").write_text("page from the host\n")
     in_netns = ["ip", "netns", "exec", netns, sys.executable]
     built = subprocess.run(
-        [*in_netns, "-m", "smolvmm", "build", "--image", SOURCE.format(layout=oci_images.oci_layout()),
+        [*in_netns, "-m", "smolvmm", "build", "--json", "--image", SOURCE.format(layout=oci_images.oci_layout()),
          "-o", str(bundle), "--warm", "python3 -m http.server 8000 >/dev/null 2>&1 &", "--ready-port", "8000"],
         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     assert "network card" not in built.stderr
+    report = json.loads(built.stdout)  # build --json: path, digest, sizes and the phases' timings
+    assert report["path"] == str(bundle) and report["sizes"]["file"] == bundle.stat().st_size
+    assert 0 < report["timings"]["disk"] < report["timings"]["up"] < report["timings"]["saved"]
     guest = (
         "import os, time, urllib.request\n"
         f"get = lambda path: urllib.request.urlopen('http://{GATEWAY}:18000/' + path, timeout=30).read().decode()\n"

@@ -137,7 +137,7 @@ async def test_run_forwards_a_host_port_to_the_guest_and_the_guest_reaches_the_h
             stderr += chunk
         assert await process.wait() == 0
     assert "smolvmm: forwarding host port 18080/tcp to guest port 80" in stderr.decode()
-    assert "; forwards: 18080:80/tcp" in stderr.decode()  # the --timings line
+    assert '"forwards": "18080:80/tcp"' in stderr.decode()  # the --timings line
     assert passt_processes() == []
 
 

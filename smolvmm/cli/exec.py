@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import BinaryIO
 
 import anyio
 
@@ -22,9 +22,6 @@ import smolformat
 from smolvmm import BundleError, ConfigError, ImageConfig, Machine, Process, bundle_image_config
 from smolvmm.cli import args as cli_args
 from smolvmm.cli import output as cli_output
-
-if TYPE_CHECKING:
-    from smolvmm import Jail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +77,8 @@ def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     env = dict(args.env)
     secrets: dict[str, str] = {}
     for name in args.secret_env:
+        if "=" in name:  # a value typed by mistake: not repeated on stderr
+            raise ConfigError(f"--secret-env {name.partition('=')[0]}=...: give the NAME of a variable set here")
         if name not in os.environ:
             raise ConfigError(f"--secret-env {name}: {name} is not set in this environment")
         secrets[name] = os.environ[name]
@@ -127,37 +126,42 @@ async def attach(process: Process) -> int:
     return status
 
 
-async def run_command(
-    args: argparse.Namespace, restore_args: dict[str, Any], jail: Jail | None, image: ImageConfig | None = None
-) -> int:
-    """Resume a clone of ``args.bundle`` (with ``restore_args`` and ``jail`` as for
-    ``Machine.restore``), run ``args.command`` in it, or in a bundle built from ``image`` the
-    image's own command (with its Env, WorkingDir and User); returns the exit status."""
-    env, secrets = identity(args)
-    copy_out = copy_out_files(args)
-    with contextlib.ExitStack() as opened:
-        copy_in = []  # opened now: a jail hides the host's files once the machine is assembled
-        for host, guest in (_pair(spec, "--copy-in") for spec in args.copy_in):
-            if not Path(host).is_file():
-                raise ConfigError(f"--copy-in {host}: no such file")
-            try:
-                copy_in.append((opened.enter_context(open(host, "rb")), guest))
-            except OSError as exc:
-                raise ConfigError(f"--copy-in {host}: {exc.strerror}") from None
-        async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
-            cli_output.report_forwards(machine)
-            for source, guest in copy_in:
-                await machine.files.upload(source, guest)
-            if image is None:
-                process = machine.process(args.command)
-            else:
-                from smolvmm import image_process
+def copy_in_files(args: argparse.Namespace, opened: contextlib.ExitStack) -> list[tuple[BinaryIO, str]]:
+    """The ``--copy-in HOST:GUEST`` pairs, each host file opened now (into ``opened``): a jail
+    hides the host's files once the machine is assembled."""
+    files: list[tuple[BinaryIO, str]] = []
+    for host, guest in (_pair(spec, "--copy-in") for spec in args.copy_in):
+        if not Path(host).is_file():
+            raise ConfigError(f"--copy-in {host}: no such file")
+        try:
+            files.append((opened.enter_context(open(host, "rb")), guest))
+        except OSError as exc:
+            raise ConfigError(f"--copy-in {host}: {exc.strerror}") from None
+    return files
 
-                process = image_process(machine, image, args.command or None, env)
-            async with process as started:
-                status = await attach(started)
-            for guest, host in copy_out:
-                await machine.files.download(guest, host)
+
+async def run_command(
+    machine: Machine,
+    args: argparse.Namespace,
+    copy_in: list[tuple[BinaryIO, str]],
+    copy_out: list[tuple[str, str]],
+    image: ImageConfig | None = None,
+) -> int:
+    """In the clone ``machine``: upload ``copy_in``, run ``args.command``, or in a bundle built
+    from ``image`` the image's own command (with its Env, WorkingDir and User), download
+    ``copy_out``; returns the command's exit status."""
+    for source, guest in copy_in:
+        await machine.files.upload(source, guest)
+    if image is None:
+        process = machine.process(args.command)
+    else:
+        from smolvmm import image_process
+
+        process = image_process(machine, image, args.command or None, dict(args.env))
+    async with process as started:
+        status = await attach(started)
+    for guest, host in copy_out:
+        await machine.files.download(guest, host)
     return status
 
 

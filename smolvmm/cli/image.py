@@ -93,17 +93,29 @@ async def build_from_image(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
     encoding = "zstd" if args.zstd else "raw"
+    timings: dict[str, float] = {}
     digest = await smolvmm.build_image(
-        recipe, args.output, encoding=encoding, progress=progress, note=lambda text: cli_output.message(f"note: {text}")
+        recipe,
+        args.output,
+        encoding=encoding,
+        progress=progress,
+        note=lambda text: cli_output.message(f"note: {text}"),
+        timings=timings,
     )
     if args.json:
+        import smolformat
+        from smolvmm.cli.bundle import sizes
+
+        with smolformat.open_bundle(args.output) as bundle:
+            stored = sizes(bundle)
         cli_output.result_json(
             {
                 "path": str(args.output),
                 "digest": digest.hex(),
                 "encoding": encoding,
                 "image": recipe.image,
-                "sizes": {"file": args.output.stat().st_size},
+                "sizes": {"file": args.output.stat().st_size, **stored},
+                "timings": timings,
             }
         )
     else:

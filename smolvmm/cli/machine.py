@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import anyio
 
@@ -26,7 +26,7 @@ from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import output_file, positive_float, positive_int, size
 
 if TYPE_CHECKING:
-    from smolvmm import Jail
+    from smolvmm import ImageConfig, Jail
 
 # The CLI drives its machine on asyncio: anyio already pays for much of it, while importing trio
 # took ~40 % of a `run`'s imports. The library runs on both backends.
@@ -229,11 +229,15 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
         cli_exec.add_arguments(parser)
     if name in ("boot", "run"):
-        parser.add_argument("--timings", action="store_true", help="at exit, print how long each phase took (ms)")
+        parser.add_argument(
+            "--timings",
+            action="store_true",
+            help="at exit, print how long each phase took (ms) as one JSON line on stderr",
+        )
         parser.add_argument(
             "--json",
             action="store_true",
-            help="print --timings/--prepare-only as one JSON line on stdout (else a line on stderr)",
+            help="print --timings/--prepare-only as one JSON line on stdout (else on stderr)",
         )
         jail = parser.add_mutually_exclusive_group()
         jail.add_argument(
@@ -336,13 +340,12 @@ def _jail(
 
 
 def report_timings(timings: _Timings, as_json: bool) -> None:
-    """``--timings``: the phases as one JSON line on stdout with ``--json``, else one line on stderr."""
+    """``--timings``: the phases (ms since the start) and notes as one JSON line, on stdout with
+    ``--json`` (the machine-readable result), else on stderr (beside what the guest printed)."""
     if as_json:
         cli_output.result(timings.json())
     else:
-        phases = ", ".join(f"{phase} {ms:.1f}" for phase, ms in timings.phases.items())
-        notes = "".join(f"; {name}: {value}" for name, value in timings.notes.items())
-        cli_output.message(f"timings (ms since start): {phases}{notes}")
+        print(timings.json(), file=sys.stderr, flush=True)
 
 
 def listed(command: str, what: str, detached_as: str | None = None) -> AbstractContextManager[str]:
@@ -378,9 +381,12 @@ async def serve(
     return status
 
 
-async def _stop_on_signal(machine: Machine) -> None:
+async def _stop_on_signal(machine: Machine, received: list[int] | None = None) -> None:
+    """Stop ``machine`` on SIGTERM or SIGHUP (appended to ``received``)."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-        async for _ in signals:
+        async for signum in signals:
+            if received is not None:
+                received.append(signum)
             await machine.stop()
             return
 
@@ -448,7 +454,7 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
             "encoding": encoding,
             "bootable": args.bootable,
             "sizes": {"file": output.stat().st_size, **stored},
-            "timings_ms": {
+            "timings": {
                 "boot": machine.timings.phases,
                 "ready": ready_ms,
                 "save": machine.snapshot_timings.phases,
@@ -503,10 +509,15 @@ async def _run(args: argparse.Namespace) -> int:
     import smolvmm.cli.exec as cli_exec
 
     image = cli_exec.image_config(args.bundle)
-    if args.command or image is not None:
-        return await cli_exec.run_command(args, restore_args, _jail(args), image)
+    command = bool(args.command) or image is not None
+    if not command and (args.copy_in or args.copy_out):
+        raise ConfigError("--copy-in and --copy-out go with a command: run BUNDLE [flags] -- CMD [ARGS...]")
+    if command and args.save is not None:
+        raise ConfigError("--save is for a console session (SIGUSR1 saves it): a command's clone ends with the command")
     env, secrets = cli_exec.identity(args)
-    with listed("run", str(args.bundle), args.detached_as) as machine_id:
+    copy_out = cli_exec.copy_out_files(args)
+    with listed("run", str(args.bundle), args.detached_as) as machine_id, ExitStack() as opened:
+        copy_in = cli_exec.copy_in_files(args, opened)
         detached = await cli_detach.Sockets.open(machine_id) if args.detached_as else None
         status = cli_status.ERROR
         try:
@@ -514,13 +525,39 @@ async def _run(args: argparse.Namespace) -> int:
             async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
                 _note_pvm_host(on_pvm)
                 cli_output.report_forwards(machine)
-                status = await serve(machine, machine_id, None, args.save, detached)
+                if command:
+                    status = await _command_session(machine, args, copy_in, copy_out, image)
+                else:
+                    status = await serve(machine, machine_id, None, args.save, detached)
         finally:
             if detached is not None:  # its sockets go; its log stays when it explains a failure
                 detached.ended(clean=status == cli_status.OK)
     if args.timings:
         report_timings(machine.timings, args.json)
     return status
+
+
+async def _command_session(
+    machine: Machine,
+    args: argparse.Namespace,
+    copy_in: list[tuple[BinaryIO, str]],
+    copy_out: list[tuple[str, str]],
+    image: ImageConfig | None,
+) -> int:
+    """``run BUNDLE -- CMD``: the command's exit status, or 128+N when ``smolvmm stop`` (SIGTERM)
+    or a hangup (SIGHUP) ended its machine first."""
+    import smolvmm.cli.exec as cli_exec
+
+    stopped_by: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, machine, stopped_by)
+        try:
+            status = await cli_exec.run_command(machine, args, copy_in, copy_out, image)
+        except Exception:  # the machine stopped under the command: what failed is why
+            if not stopped_by:
+                raise
+        tg.cancel_scope.cancel()
+    return 128 + stopped_by[0] if stopped_by else status
 
 
 async def _save_on_signal(machine: Machine, output: Path) -> None:

@@ -24,6 +24,7 @@ from smolvmm.errors import ConfigError, GuestTimeout, ImageError
 from smolvmm.images.guestpaths import BUSYBOX
 from smolvmm.images.imageroot import image_guest
 from smolvmm.monitor.machine import Machine
+from smolvmm.monitor.timings import Timings
 from smolvmm.monitor.usernet import user_networking_unavailable
 from smolvmm.monitor.workingset import record_working_set
 from smolvmm.oci.console_exec import command_script, console_run
@@ -173,12 +174,17 @@ async def build_image(
     encoding: str = "raw",
     progress: Callable[[str], None] | None = None,
     note: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> bytes:
     """Build bundle ``output`` from ``recipe``; returns its digest. On any error nothing is written.
 
     ``progress`` is called with each step's description; ``note`` with what the build left out or
     changed (the image's device nodes, owners it could not keep, a network this host cannot give).
+    ``timings`` receives the ms since the build began at the end of each phase: ``disk`` (the
+    image unpacked), ``up`` (its guest booted), ``steps`` (files and build steps), ``ready``
+    (warm-up and ready condition), ``saved`` and ``working_set``.
     """
+    clock = Timings()
     say = progress or (lambda text: None)
     show = _write_to(sys.stderr.buffer) if progress else None
     with tempfile.TemporaryDirectory(prefix="smolvmm-build-") as scratch:
@@ -192,6 +198,7 @@ async def build_image(
                 return disk, image.config
 
         disk, base = await anyio.to_thread.run_sync(prepare)
+        clock.mark("disk")
         if note is not None:
             for text in notes[:20]:
                 note(text)
@@ -212,6 +219,7 @@ async def build_image(
                 await machine.console.wait_for(guest.ready_marker, recipe.timeout)
             except TimeoutError:
                 raise GuestTimeout(f"the image guest did not come up within {recipe.timeout:g} s") from None
+            clock.mark("up")
             env, cwd = config.environment(), config.workdir
             if cwd:  # as container runtimes do, the working directory exists
                 await _run_checked(
@@ -233,6 +241,7 @@ async def build_image(
                     recipe.timeout,
                     show,
                 )
+            clock.mark("steps")
             seen = bytearray()
 
             def keep(data: bytes) -> None:
@@ -262,9 +271,14 @@ async def build_image(
                         f"the machine was not ready ({recipe.ready.kind} {recipe.ready.value})"
                         f" within {recipe.timeout:g} s"
                     ) from None
+            clock.mark("ready")
             await _run_checked(machine, "sync", f"{BUSYBOX} sync", recipe.timeout, None)
             say(f"saving {output}")
             digest = await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})
+        clock.mark("saved")
         if encoding == "raw":
             digest = await record_working_set(output, say) or digest
+            clock.mark("working_set")
+        if timings is not None:
+            timings.update(clock.phases)
         return digest

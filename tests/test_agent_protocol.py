@@ -1,11 +1,14 @@
 """Agent protocol 2, natively: frame parsing (with a hypothesis fuzz), payloads, and the host
-port's handling of untrusted guest bytes (budgets, unknown ids, garbage failing only its calls)."""
+port's handling of untrusted guest bytes (budgets, unknown ids, garbage failing only its calls,
+output windows)."""
 
 import re
 import struct
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 import smolvmm
 from smolvmm.agent import protocol
 from smolvmm.agent.channel import CALL_BUDGET, AgentPort
+from smolvmm.agent.process import UNREAD_LIMIT, open_process, run
 from smolvmm.agent.protocol import Frame, FrameParser, ProtocolError, Type
 
 
@@ -203,3 +207,95 @@ async def test_a_host_file_that_cannot_be_read_or_written_is_a_smolvmm_error_nam
     with pytest.raises(smolvmm.SmolvmmError, match=f"^cannot read {re.escape(str(tmp_path))}/in: No such file"):
         await files.upload(tmp_path / "in", "/tmp/in")
     assert list(tmp_path.iterdir()) == []
+
+
+async def _play_agent(port: AgentPort, answer: Callable[[Frame], Awaitable[None]]) -> None:
+    """The guest agent's side of ``port``: ``answer`` each frame the host sends."""
+    parser = FrameParser()
+    while True:
+        for frame in parser.feed(await port.receive()):
+            await answer(frame)
+
+
+def _agent_held() -> int:
+    """What smolvmm's agent code holds of the memory traced so far."""
+    agent = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*/smolvmm/agent/*")])
+    return sum(stat.size for stat in agent.statistics("filename"))
+
+
+@pytest.mark.anyio
+async def test_an_agent_that_ignores_its_output_window_fails_its_process_in_bounded_memory(anyio_backend: str) -> None:
+    port = AgentPort()
+    await port.send(protocol.encode(Type.READY, 0, protocol.u32(2)))
+    port._delivered = True
+    flooded = anyio.Event()
+
+    async def flood(frame: Frame) -> None:
+        if frame.type == Type.EXEC:
+            await port.send(protocol.encode(Type.STARTED, frame.id, protocol.u32(7)))
+            for _ in range(1000):  # 64 MiB that nobody reads
+                await port.send(protocol.encode(Type.STDOUT, frame.id, bytes(protocol.MAX_PAYLOAD)))
+                await anyio.sleep(0)
+            flooded.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_play_agent, port, flood)
+        tracemalloc.start()
+        try:
+            async with open_process(port, "yes", None, None) as process:
+                await flooded.wait()
+                assert _agent_held() < UNREAD_LIMIT + CALL_BUDGET + 2 * protocol.MAX_PAYLOAD  # not 64 MiB
+                with pytest.raises(smolvmm.AgentError, match="ignored its output window"):
+                    await process.wait()
+                read = 0
+                with pytest.raises(smolvmm.AgentError, match="ignored its output window"):
+                    async for chunk in process.stdout:
+                        read += len(chunk)
+                assert read == UNREAD_LIMIT
+        finally:
+            tracemalloc.stop()
+        async with port.call() as call:  # the frames after the failure were dropped: the channel still works
+            await port.send(protocol.encode(Type.OK, call.id))
+            assert (await call.receive()).type == Type.OK
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_agent_that_keeps_its_output_window_streams_megabytes(anyio_backend: str) -> None:
+    port = AgentPort()
+    await port.send(protocol.encode(Type.READY, 0, protocol.u32(2)))
+    port._delivered = True
+    output = b""
+    sent = unacked = 0
+
+    async def honest(frame: Frame) -> None:
+        """Writes ``output`` while at most WINDOW bytes are unacknowledged (agent.c: while fewer), then exits."""
+        nonlocal sent, unacked
+        if frame.type == Type.EXEC:
+            sent = unacked = 0
+            await port.send(protocol.encode(Type.STARTED, frame.id, protocol.u32(7)))
+        elif frame.type == Type.OUTPUT_ACK:
+            unacked -= struct.unpack("<II", frame.payload)[1]
+        else:
+            return
+        while unacked <= protocol.WINDOW and sent < len(output):
+            chunk = output[sent : sent + protocol.MAX_PAYLOAD]
+            await port.send(protocol.encode(Type.STDOUT, frame.id, chunk))
+            sent += len(chunk)
+            unacked += len(chunk)
+            if sent == len(output):
+                await port.send(protocol.encode(Type.EXIT, frame.id, bytes(8)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_play_agent, port, honest)
+        output = bytes(range(256)) * 16384 + b"tail"  # 4 MiB and a bit, read as it comes
+        async with open_process(port, "cat big", None, None) as process:
+            assert b"".join([chunk async for chunk in process.stdout]) == output
+            assert await process.wait() == 0
+        output = bytes(UNREAD_LIMIT)  # all unread when it exits: its last frame came with WINDOW bytes unread
+        async with open_process(port, "cat window", None, None) as process:
+            assert await process.wait() == 0
+            assert b"".join([chunk async for chunk in process.stdout]) == output
+        output = bytes(range(256)) * 16384
+        assert (await run(port, "cat big", None, None, None, None, len(output))).stdout == output
+        tg.cancel_scope.cancel()

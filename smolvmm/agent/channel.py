@@ -72,13 +72,12 @@ class Call:
 
     def deliver(self, frame: Frame) -> None:
         """From the port, synchronously: queue ``frame`` or raise ProtocolError past the budget."""
+        if self._error is not None:
+            return  # the call has given up: dropped, whatever it still holds
         self._held += protocol.HEADER.size + len(frame.payload)
         if self._held > CALL_BUDGET:
             raise ProtocolError(f"request {self.id} was sent more than {CALL_BUDGET} unread bytes")
-        try:
-            self._frames.send_nowait(frame)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._held -= protocol.HEADER.size + len(frame.payload)  # the call has given up: dropped
+        self._frames.send_nowait(frame)
 
     def fail(self, reason: str) -> None:
         self._error = reason

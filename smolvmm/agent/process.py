@@ -23,6 +23,8 @@ from smolvmm.errors import AgentError, ConfigError, GuestTimeout, OutputLimitErr
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 KILL_GRACE = 30.0  # how long a killed process may take to report its end
+# The agent sends output while at most WINDOW bytes of a stream are unacknowledged: one frame may go past.
+UNREAD_LIMIT = protocol.WINDOW + protocol.MAX_PAYLOAD
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,26 @@ class ProcessInput:
 
 
 class ProcessOutput:
-    """A process's stdout or stderr: iterate to get its chunks of bytes until it ends."""
+    """A process's stdout or stderr: iterate to get its chunks of bytes until it ends.
+
+    It holds at most ``UNREAD_LIMIT`` unread bytes: an agent that sends more ignored its window.
+    """
 
     def __init__(self, call: Call, stream: int) -> None:
         self._call = call
         self._stream = stream
         self._chunks, self._reader = anyio.create_memory_object_stream[bytes](math.inf)
+        self._unread = 0
         self._failure: Exception | None = None
+
+    def _deliver(self, chunk: bytes) -> None:
+        """From ``_route``: queue ``chunk``; AgentError if it takes the unread bytes past the limit."""
+        self._unread += len(chunk)
+        if self._unread > UNREAD_LIMIT:
+            name = ("stdout", "stderr")[self._stream]
+            raise AgentError(f"the guest agent ignored its output window: {name} held over {UNREAD_LIMIT} unread bytes")
+        if chunk:  # the window does not bound how many empty ones come: dropped, not held
+            self._chunks.send_nowait(chunk)
 
     def _end(self, failure: Exception | None = None) -> None:
         self._failure = self._failure or failure
@@ -110,6 +125,7 @@ class ProcessOutput:
             if self._failure is not None:
                 raise self._failure from None
             raise StopAsyncIteration from None
+        self._unread -= len(chunk)
         try:
             await self._call.send(Type.OUTPUT_ACK, protocol.u32(self._stream) + protocol.u32(len(chunk)))
         except AgentError:
@@ -137,7 +153,7 @@ class Process:
             while True:
                 frame = await self._call.receive()
                 if frame.type in (Type.STDOUT, Type.STDERR):
-                    (self.stdout if frame.type == Type.STDOUT else self.stderr)._chunks.send_nowait(frame.payload)
+                    (self.stdout if frame.type == Type.STDOUT else self.stderr)._deliver(frame.payload)
                 elif frame.type == Type.STDIN_ACK:
                     self.stdin._acknowledged(protocol.decode_u32(frame.payload))
                 elif frame.type == Type.EXIT:
@@ -145,6 +161,7 @@ class Process:
                     break
         except (AgentError, ProtocolError) as exc:
             self._failure = exc if isinstance(exc, AgentError) else AgentError(f"the guest agent: {exc}")
+            self._call.fail(str(self._failure))  # nothing reads the call now: the guest's further frames are dropped
         finally:
             self.stdout._end(self._failure)
             self.stderr._end(self._failure)

@@ -197,6 +197,7 @@ class NetConfig:
 
     @property
     def mode(self) -> Literal["tap", "user"]:
+        """ "tap" for a TAP device, "user" for user networking."""
         return "user" if self.tap is None else "tap"
 
     def __post_init__(self) -> None:

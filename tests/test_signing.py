@@ -105,6 +105,14 @@ def test_another_key_and_an_unsigned_bundle_are_refused(
     assert "is not signed" in _one_line_error(capsys)
 
 
+def test_signing_into_a_missing_directory_names_the_output(
+    keys: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "missing" / "out.smolmachine"
+    assert main(["sign", "--key", str(keys[0] / "me"), "-o", str(output), str(UNSIGNED)]) == 1  # not a bad bundle
+    assert f"cannot write {output}: No such file or directory" in _one_line_error(capsys)
+
+
 def _sections(path: Path) -> list[dict]:
     return parse_frame(path.read_bytes())[1]
 

@@ -69,6 +69,8 @@ class ProcessInput:
         self._taken.set()
 
     async def send(self, data: bytes) -> None:
+        """Write ``data`` to the process's stdin, waiting while the agent holds a window's worth
+        unread; BrokenResourceError once the process is gone."""
         if self._closed:
             raise anyio.ClosedResourceError
         view = memoryview(data)
@@ -84,6 +86,7 @@ class ProcessInput:
             await self._call.send(Type.STDIN, chunk)
 
     async def aclose(self) -> None:
+        """Close the process's stdin (it reads end of file)."""
         if not self._closed and not self._gone:
             self._closed = True
             await self._call.send(Type.STDIN)

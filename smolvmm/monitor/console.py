@@ -42,6 +42,7 @@ class Console(ByteStream):
 
     # Producer side, called from vCPU threads.
     def write_output(self, data: bytes) -> None:
+        """Append what the guest printed (past MAX_BUFFERED unread bytes, the oldest are dropped)."""
         if self._first_output is not None:
             callback, self._first_output = self._first_output, None
             callback()
@@ -77,6 +78,8 @@ class Console(ByteStream):
             self._buffer[:0] = data
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` of what the guest printed, waiting for some; EndOfStream once the
+        machine has ended and all of it was read."""
         while True:
             data = self._take(max_bytes)
             if data:
@@ -133,9 +136,11 @@ class Console(ByteStream):
         """The console has no end-of-input: the guest keeps running."""
 
     async def aclose(self) -> None:
+        """End the output: readers get what is left, then EndOfStream."""
         self.end_output()
 
     def close_fds(self) -> None:
+        """Close the eventfds behind the stream (once nothing writes or reads it)."""
         self._ready.close()
         self.input_space.close()
 

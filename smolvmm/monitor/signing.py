@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 import smolformat
 from smolformat import signature
 from smolformat.payloads import MAX_SIGNATURES
-from smolvmm.errors import BundleError, ConfigError
+from smolvmm.errors import BundleError, ConfigError, SmolvmmError
 
 TrustedKeys = dict[bytes, str]  # raw 32-byte public key -> the file it came from
 
@@ -128,12 +128,18 @@ def sign_bundle(
             ]
         if len(kept) >= MAX_SIGNATURES:
             raise BundleError(f"{bundle} already carries {len(kept)} signatures, the most a bundle holds")
-        record = {"algorithm": signature.ED25519, "public_key": public, "signature": private.sign(message)}
-        signature.write_signed(bundle, output or bundle, [*kept, record])
     except smolformat.FormatError as exc:
         raise BundleError(f"{bundle}: {exc}") from exc
     except OSError as exc:
         raise BundleError(f"cannot sign {bundle}: {exc.strerror}") from exc
+    record = {"algorithm": signature.ED25519, "public_key": public, "signature": private.sign(message)}
+    target = output or bundle
+    try:
+        signature.write_signed(bundle, target, [*kept, record])
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{bundle}: {exc}") from exc
+    except OSError as exc:
+        raise SmolvmmError(f"cannot write {target}: {exc.strerror}") from exc
     return fingerprint(public)
 
 

@@ -83,6 +83,7 @@ class ImageConfig:
         return ImageConfig(**values)
 
     def to_json(self) -> str:
+        """This config as the JSON a bundle's label holds (``bundle_image_config`` reads it back)."""
         return json.dumps(
             {
                 "Env": list(self.env),

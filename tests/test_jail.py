@@ -251,7 +251,7 @@ def test_run_as_root_is_jailed_and_saves_from_the_jail_into_roots_own_directory(
     finally:
         monitor.kill()
     stderr = monitor.stderr.read().decode(errors="replace")
-    assert re.search(r"jail: jailed: uid \d+", stderr), stderr
+    assert re.search(r"\"jail\": \"jailed: uid \d+", stderr), stderr  # the --timings JSON line
     assert [p.name for p in out.iterdir()] == ["saved.smolmachine"]  # published; no staging directory left
     assert saved.stat().st_uid == 0
     again = subprocess.run(

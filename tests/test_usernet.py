@@ -11,15 +11,18 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 from network import GATEWAY, HOST_ADDRESS, checksum, in_netns, named_netns, tcp_frame
 
+from smolvmm import Machine, MachineConfig
 from smolvmm.config import NetConfig, PortForward
 from smolvmm.errors import ConfigError
 from smolvmm.monitor.handshakes import ACK, RST, SYN, Segment, tcp_segment
 from smolvmm.monitor.usernet import PasstBackend, open_vhost, user_networking_unavailable
+from smolvmm.monitor.vcpu import install_kick_handler
 from smolvmm.oci.build import ImageRecipe, recipe_networks
 
 GUEST_MAC = bytes.fromhex("020000c0ffee")
@@ -272,6 +275,33 @@ async def test_a_retransmitted_syn_reaches_the_host_as_one_connection_without_a_
     finally:
         backend.close()
         listener.close()
+
+
+@pytest.mark.kvm(linux_guest=False)
+def test_a_bundles_user_network_stays_unplugged_where_the_host_has_none(netns: str, tmp_path: Path) -> None:
+    """Restored without --net on a host that cannot give user networking, the card is there
+    without a wire (as a container runs on a host without a network); asked for, it is an error."""
+    bundle = tmp_path / "net.smolmachine"
+
+    async def save() -> None:
+        async with Machine.boot(MachineConfig(vcpus=1, memory=128 << 20, networks=(NetConfig(),))) as machine:
+            await machine.snapshot(bundle)
+            await machine.stop()
+
+    async def restore(networks: tuple[NetConfig, ...]) -> dict[str, int | str]:
+        async with Machine.restore(bundle, networks=networks) as machine:
+            assert machine.forwards == () and passt_children() == []
+            await machine.stop()
+        return machine.timings.notes
+
+    install_kick_handler()  # here, on the main thread: the machines start on others
+    in_netns(netns, lambda: anyio.run(save))
+    with named_netns(f"smolvmm-offline-{os.getpid()}", ("link set lo up",)) as offline:
+        notes = in_netns(offline, lambda: anyio.run(restore, ()))
+        assert notes["unplugged"] == "the network cards have no wire: this host has no default route, which passt needs"
+        with pytest.raises(ConfigError, match="^passt failed: "):
+            in_netns(offline, lambda: anyio.run(restore, (NetConfig(),)))
+    assert passt_children() == []
 
 
 @pytest.mark.anyio

@@ -397,7 +397,7 @@ async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namesp
         jail, on_pvm = _jail(args, machine_id), _on_pvm_host()
         async with Machine.boot(config, jail=jail) as machine:
             _note_pvm_host(on_pvm)
-            cli_output.report_forwards(machine)
+            cli_output.report_network(machine)
             status = await serve(machine, machine_id, marker)
     if args.timings:
         report_timings(machine.timings, args.json)
@@ -430,7 +430,7 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
         _note_pvm_host(_on_pvm_host())
-        cli_output.report_forwards(machine)
+        cli_output.report_network(machine)
         ready_ms = await wait_ready(machine, marker, args.timeout)
         encoding = "zstd" if args.zstd else "raw"
         labels = {READY_MARKER_LABEL: marker}
@@ -524,7 +524,7 @@ async def _run(args: argparse.Namespace) -> int:
             jail, on_pvm = _jail(args, machine_id, detached), _on_pvm_host()
             async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
                 _note_pvm_host(on_pvm)
-                cli_output.report_forwards(machine)
+                cli_output.report_network(machine)
                 if command:
                     status = await _command_session(machine, args, copy_in, copy_out, image)
                 else:

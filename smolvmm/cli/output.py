@@ -69,10 +69,13 @@ def message(text: str) -> None:
     print(f"smolvmm: {text}", file=sys.stderr, flush=True)
 
 
-def report_forwards(machine: Machine) -> None:
-    """One line on stderr per port forward, with the host port actually bound."""
+def report_network(machine: Machine) -> None:
+    """One line on stderr per port forward, with the host port actually bound; a note when the
+    machine's network cards were left without a wire (a host without user networking)."""
     for forward in machine.forwards:
         message(f"forwarding host port {forward.host}/{forward.protocol} to guest port {forward.guest}")
+    if "unplugged" in machine.timings.notes:
+        message(f"note: {machine.timings.notes['unplugged']}")
 
 
 def error(text: str) -> None:

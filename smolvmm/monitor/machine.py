@@ -214,7 +214,10 @@ class Machine:
             raise AgentTooOld(f"env, secrets and hostname need protocol 2: {TOO_OLD}")
         machine._new_macs = restored.new_macs
         machine._working_set = restored.working_set
-        machine._renew_dhcp = dhcp_interfaces(restored.plan.cmdline)
+        if restored.plan.unplugged is None:
+            machine._renew_dhcp = dhcp_interfaces(restored.plan.cmdline)
+        else:
+            machine.timings.note("unplugged", f"the network cards have no wire: {restored.plan.unplugged}")
         async with machine._running(paused):
             async with anyio.create_task_group() as tg:  # passt starts while the agent syncs
                 tg.start_soon(machine._networks_started)

@@ -32,7 +32,7 @@ from smolvmm.hypervisor.interface import Hypervisor
 from smolvmm.monitor.console import VirtioConsoleInput
 from smolvmm.monitor.dhcp import DHCP_ARG
 from smolvmm.monitor.exit import MachineExit
-from smolvmm.monitor.usernet import open_backend, open_vhost
+from smolvmm.monitor.usernet import UnpluggedBackend, open_backend, open_vhost, user_networking_unavailable
 from smolvmm.monitor.vm import StartedVm, VirtualMachine
 
 ConsoleRole = Literal["main", "agent", "socket"]
@@ -58,10 +58,12 @@ class Disk:
 
 @dataclass(frozen=True)
 class Network:
-    """A virtio-net card on ``net``'s wire with MAC ``mac`` (random if None)."""
+    """A virtio-net card on ``net``'s wire with MAC ``mac`` (random if None); ``unplugged`` says
+    why it has no wire (a card saved on user networking, restored where the host cannot give it)."""
 
     net: NetConfig
     mac: bytes | None
+    unplugged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,11 @@ class MachinePlan:
     cmdline: str
     devices: tuple[Device, ...]
     config: MachineConfig
+
+    @property
+    def unplugged(self) -> str | None:
+        """Why the restore left its network cards without a wire, if it did."""
+        return next((d.unplugged for d in self.devices if isinstance(d, Network) and d.unplugged), None)
 
     @property
     def has_agent(self) -> bool:
@@ -133,6 +140,9 @@ class MachinePlan:
         roles = [r for r in bundle.labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
         saved_nets = sum(1 for d in config.devices if d.kind == "virtio-net")
         networks = list(networks_for(bundle.labels, saved_nets, overrides.networks))
+        # Cards nobody asked for by name (the bundle's own user networks) do without a wire here,
+        # as a container runs on a host without a network; one asked for fails if it cannot have one.
+        unplugged = None if overrides.networks or not networks else user_networking_unavailable()
         devices: list[Device] = []
         for entry in config.devices:
             if entry.bus != "mmio":
@@ -143,7 +153,7 @@ class MachinePlan:
                 devices.append(Disk(bundle_disk(bundle, index), entry.params.read_only, overlay, entry.params.serial))
             elif entry.kind == "virtio-net":
                 net = networks.pop(0)
-                devices.append(Network(net, net.mac or entry.params.mac))
+                devices.append(Network(net, net.mac or entry.params.mac, unplugged))
             elif entry.kind == "virtio-console":
                 role = roles.pop(0) if roles else "socket"
                 if role in ("main", "agent"):
@@ -234,6 +244,8 @@ def _device(device: Device, main: VirtioConsoleInput | None, agent: AgentPort) -
     if isinstance(device, Disk):
         return VirtioBlock(device.base, device.read_only, device.overlay, serial=device.serial), None
     if isinstance(device, Network):
+        if device.unplugged is not None:
+            return VirtioNet(UnpluggedBackend(), device.mac), None
         backend = open_backend(device.net)
         try:
             vhost = open_vhost(device.net)

@@ -87,6 +87,25 @@ def open_vhost(net: NetConfig) -> VhostNet | None:
         return None
 
 
+class UnpluggedBackend(NetBackend):
+    """The wire of a card saved on user networking, restored on a host that cannot give it: as
+    a pulled cable, nothing arrives and what the guest sends is dropped. Saved again as "user"."""
+
+    mode = "user"
+
+    async def wait_readable(self) -> None:
+        await anyio.sleep_forever()
+
+    def read_into(self, views: Sequence[memoryview]) -> int | None:
+        return None
+
+    def write_from(self, views: Sequence[memoryview]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class PasstBackend(StreamBackend):
     """A stream backend whose peer is a passt started for it, with ``forwards`` bound on the host;
     a guest's retransmitted SYN that passt would answer with a reset never reaches it (``Handshakes``)."""

@@ -115,7 +115,10 @@ async def write_all(fd: int, data: bytes) -> None:
 
     view = memoryview(data)
     while view:
-        await anyio.wait_writable(fd)
+        try:
+            await anyio.wait_writable(fd)
+        except PermissionError:
+            pass  # a regular file (`run ... -- CMD > out.txt`): epoll refuses it, and writing it never blocks
         view = view[os.write(fd, view) :]
 
 

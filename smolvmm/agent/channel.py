@@ -145,7 +145,7 @@ class AgentPort:
             for frame in self._parser.feed(data):
                 self._dispatch(frame)
         except ProtocolError as exc:
-            self._fail(f"the guest agent broke protocol 2 ({exc}): its calls fail until the machine restarts")
+            self.fail(f"the guest agent broke protocol 2 ({exc}): its calls fail until the machine restarts")
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.type == Type.READY:
@@ -158,14 +158,15 @@ class AgentPort:
             return
         call.deliver(frame)
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Fail every call, waiting or to come, with AgentError ``reason``."""
         self._broken = reason
         for call in self._calls.values():
             call.fail(reason)
         self._ready.set()  # wakes wait_ready, which then reports the failure
 
     def close(self) -> None:
-        self._fail("the machine has stopped")
+        self.fail("the machine has stopped")
         for stream in (self._outgoing, self._pending, self._answers, self._answer_reader):
             stream.close()
 

@@ -383,6 +383,8 @@ class Machine:
             self._devices_scope.cancel()
             self._devices_restart.set()
             self.console.end_output()
+            if self._agent is not None:  # an exec or process waiting on the guest ends with it
+                self._agent.fail("the machine has stopped")
             self._finished.set()
 
     async def wait(self) -> MachineExit:

@@ -68,7 +68,9 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initrd", type=Path, help="initramfs to pass to the kernel")
     parser.add_argument("--cmdline", help="kernel command line (default: the demo guest's)")
     parser.add_argument("--cpus", type=positive_int, help="number of vCPUs (default 1)")
-    parser.add_argument("--mem", type=size, help="guest RAM, e.g. 256M or 1G (default 256M; 512M for build --image or -f)")
+    parser.add_argument(
+        "--mem", type=size, help="guest RAM, e.g. 256M or 1G (default 256M; 512M for build --image or -f)"
+    )
     parser.add_argument(
         "--disk",
         action="append",

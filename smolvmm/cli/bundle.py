@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import smolvmm
@@ -185,18 +186,19 @@ def describe(bundle: Any) -> dict[str, Any]:
     }
 
 
-def sizes(bundle: Any) -> dict[str, Any]:
-    """Guest RAM and each disk: bytes held (logical) and bytes stored in the file."""
+def sizes(path: Path) -> dict[str, Any]:
+    """The bundle at ``path`` as ``build --json`` reports it: the file's size, and for guest RAM
+    and each disk the bytes held (logical) and stored in the file."""
+    import smolformat
+
+    with smolformat.open_bundle(path) as bundle:
+        sections = describe(bundle)["sections"]
 
     def held(kind: str) -> list[dict[str, int]]:
-        return [
-            {"logical": s["logical_length"], "stored": s["length"]}
-            for s in describe(bundle)["sections"]
-            if s["kind"] == kind
-        ]
+        return [{"logical": s["logical_length"], "stored": s["length"]} for s in sections if s["kind"] == kind]
 
     ram = held("memory_data")
-    return {"ram": ram[0] if ram else None, "disks": held("disk_data")}
+    return {"file": path.stat().st_size, "ram": ram[0] if ram else None, "disks": held("disk_data")}
 
 
 def _table(summary: dict[str, Any]) -> str:

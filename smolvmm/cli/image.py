@@ -103,18 +103,15 @@ async def build_from_image(args: argparse.Namespace) -> int:
         timings=timings,
     )
     if args.json:
-        import smolformat
         from smolvmm.cli.bundle import sizes
 
-        with smolformat.open_bundle(args.output) as bundle:
-            stored = sizes(bundle)
         cli_output.result_json(
             {
                 "path": str(args.output),
                 "digest": digest.hex(),
                 "encoding": encoding,
                 "image": recipe.image,
-                "sizes": {"file": args.output.stat().st_size, **stored},
+                "sizes": sizes(args.output),
                 "timings": timings,
             }
         )

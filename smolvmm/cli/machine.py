@@ -444,18 +444,15 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
     if not args.json:
         cli_output.result(f"{output}: {digest.hex()[:16]}")
         return cli_status.OK
-    import smolformat
     from smolvmm.cli.bundle import sizes
 
-    with smolformat.open_bundle(output) as bundle:
-        stored = sizes(bundle)
     cli_output.result_json(
         {
             "path": str(output),
             "digest": digest.hex(),
             "encoding": encoding,
             "bootable": args.bootable,
-            "sizes": {"file": output.stat().st_size, **stored},
+            "sizes": sizes(output),
             "timings": {
                 "boot": machine.timings.phases,
                 "ready": ready_ms,

@@ -37,7 +37,7 @@ from nested_plugin import (
     next_tests,
 )
 
-from smolvmm import ExecResult, GuestTimeout
+from smolvmm import ExecResult, GuestTimeout, OutputLimitError
 from smolvmm.host.kvmprobe import probe
 from smolvmm.nested.harness import (
     APPEND_ENV,
@@ -562,8 +562,18 @@ async def test_a_ring_the_guest_says_is_broken_ends_a_bounded_test_at_once(anyio
         f"a guest found a virtio ring broken, at: 1 MiB of output; the guest kernels said: [{said[15:]!r}]"
     )
     assert BROKEN_RING.search(str(failed.value))  # so the plugin runs it again in a fresh machine
+    printed[:] = [said.encode()]
+    with pytest.raises(pytest.fail.Exception) as failed, anyio.fail_after(30):
+        async with bounded(machine, seconds=600) as step:  # type: ignore[arg-type]
+            step.now = "the output limit"
+            try:  # a call the watcher's cancel tore down half-way ends in an error of its own
+                await anyio.sleep(600)
+            except anyio.get_cancelled_exc_class():
+                raise OutputLimitError("the command wrote more than 65536 bytes to stdout") from None
+    assert str(failed.value).startswith("a guest found a virtio ring broken, at: the output limit;")
+    healthy = type("Machine", (), {"console": ShellConsole(said)})()
     with pytest.raises(AssertionError, match="the test's own"):  # not wrapped in an exception group
-        async with bounded(machine, seconds=5):  # type: ignore[arg-type]
+        async with bounded(healthy, seconds=5):  # type: ignore[arg-type]
             raise AssertionError("the test's own failure")
 
 

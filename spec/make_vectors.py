@@ -31,6 +31,7 @@ from smolformat.crafting import (
     replace_section,
     reseal,
     rewrite_section,
+    section_digest,
 )
 from smolformat.layout import MAX_SECTIONS, SectionFlag, SectionKind
 from smolformat.pages import MAX_CHUNK_SIZE, PageIndex, zstd_bound
@@ -325,6 +326,7 @@ def _frame_vectors(x86_raw: bytes) -> list[Vector]:
     """The header and the section table."""
     table = parse_frame(x86_raw)[0]["table_offset"]
     moved = x86_raw[:table] + bytes(4) + x86_raw[table:]
+    inside = x86_raw[:56] + x86_raw[table:]  # the table moved to byte 56, over the header's end
     return [
         ("bad-header", _header_field(x86_raw, 12, "<I", 64), "bad-header", "header_size is not 128"),
         (
@@ -344,6 +346,20 @@ def _frame_vectors(x86_raw: bytes) -> list[Vector]:
             _header_field(_header_field(moved, 32, "<Q", table + 4), 24, "<Q", len(moved)),
             "misaligned",
             "the table starts 4 bytes past a multiple of 8",
+        ),
+        (
+            "table-inside-header",
+            _header_field(_header_field(inside, 32, "<Q", 56), 24, "<Q", len(inside)),
+            "misaligned",
+            "the table ends the file but starts at byte 56, inside the header",
+        ),
+        (
+            "valid-empty-section-inside-another",
+            edit_table(
+                x86_raw, lambda h, es: es.append(_empty_entry(find_entry(es, SectionKind.CONFIG)["offset"] + 8))
+            ),
+            "valid",
+            "an empty unknown optional section whose offset lies inside the config: it holds no byte",
         ),
         (
             "config-index",
@@ -374,6 +390,42 @@ def _frame_vectors(x86_raw: bytes) -> list[Vector]:
             "two metadata sections",
         ),
     ]
+
+
+def _empty_entry(offset: int) -> dict[str, Any]:
+    """A table entry for an unknown optional section of no bytes at ``offset``."""
+    fields = {"kind": 200, "flags": 0, "encoding": 1, "reserved0": 0, "index": 0, "reserved1": 0}
+    return {**fields, "offset": offset, "length": 0, "logical_length": 0, "digest": section_digest(b"")}
+
+
+def _first_virtio_record_at(data: bytes) -> int:
+    """Offset in the DEVICES payload of the first virtio device's record."""
+    _, entries = parse_frame(data)
+    entry = find_entry(entries, SectionKind.DEVICES)
+    payload, at = data[entry["offset"] : entry["offset"] + entry["length"]], 4
+    while struct.unpack_from("<H", payload, at)[0] not in (4, 5, 6, 7):  # the virtio kinds' codes
+        at += 8 + struct.unpack_from("<I", payload, at + 4)[0]
+    return at
+
+
+def _two_frame_chunk(data: bytes) -> bytes:
+    """The zstd bundle with a zstd skippable frame after its one RAM frame, in the chunk's ``stored``:
+    the chunk still decodes to its bytes, but is not one frame."""
+    _, entries = parse_frame(data)
+    memory = find_entry(entries, SectionKind.MEMORY_DATA)
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"skip"
+    frame = data[memory["offset"] : memory["offset"] + memory["length"]]
+    data = replace_section(data, SectionKind.MEMORY_DATA, frame + skippable)
+    data = edit_table(
+        data, lambda h, es: find_entry(es, SectionKind.MEMORY_DATA).update(logical_length=memory["logical_length"])
+    )
+    return _edit_index(data, lambda v: v["extents"][0].update(stored=len(frame) + len(skippable)))
+
+
+def _twice_labelled() -> bytes:
+    """A METADATA payload whose two labels have the same key (the writer refuses to build one)."""
+    label = struct.pack("<H", 7) + b"purpose" + struct.pack("<H", 11) + b"conformance"
+    return Metadata.build({**METADATA, "labels": []})[:-2] + struct.pack("<H", 2) + label + label
 
 
 def _first_device_at(data: bytes) -> int:
@@ -455,6 +507,20 @@ def _content_vectors(x86_raw: bytes, x86_zstd: bytes, arm_raw: bytes) -> list[Ve
             "the uart's state says instance 1",
         ),
         (
+            "virtio-id-mismatch",
+            rewrite_section(
+                x86_raw, SectionKind.DEVICES, _put(_first_virtio_record_at(x86_raw) + 8, struct.pack("<I", 9))
+            ),
+            "device-mismatch",
+            "the virtio-blk's saved transport says virtio device 9",
+        ),
+        (
+            "duplicate-label",
+            replace_section(x86_raw, SectionKind.METADATA, _twice_labelled()),
+            "bad-section",
+            "two labels with the same key",
+        ),
+        (
             "device-bool",
             # count u32, then the uart: kind u16, instance u16, length u32, 10 registers, thre_pending
             rewrite_section(x86_raw, SectionKind.DEVICES, _put(22, b"\x02")),
@@ -497,6 +563,7 @@ def _content_vectors(x86_raw: bytes, x86_zstd: bytes, arm_raw: bytes) -> list[Ve
             "8 MiB zstd chunks, above the cap of 4 MiB",
         ),
         ("zstd-wide-window", _wide_window(x86_zstd), "bad-chunk", "a zstd frame whose window exceeds the chunk size"),
+        ("zstd-two-frames", _two_frame_chunk(x86_zstd), "bad-chunk", "a zstd chunk of a frame and a skippable frame"),
         (
             "zstd-chunk-over-bound",
             _oversized_chunk(x86_zstd),

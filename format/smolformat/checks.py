@@ -80,6 +80,12 @@ def check_devices(config: Container, records: Sequence[Container]) -> list[int]:
                 "device-mismatch",
                 f"device state {record.kind}#{record.instance} does not match configured {device.kind}#{instance}",
             )
+        virtio_id = DEVICE_KINDS[device.kind].virtio_id
+        if virtio_id is not None and record.state.transport.device_id != virtio_id:
+            raise FormatError(
+                "device-mismatch",
+                f"{device.kind}#{instance}'s saved transport is virtio device {record.state.transport.device_id}",
+            )
         if device.kind == "virtio-blk":
             disks.append(device.params.disk)
     if sorted(disks) != list(range(len(disks))):

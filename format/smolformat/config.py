@@ -45,5 +45,10 @@ Metadata = Struct(
     "hypervisor" / _Text,
     # a bundle digest, or empty when there is no parent
     "parent_digest" / ExprValidator(Prefixed(Int8ul, GreedyBytes), lambda value, _ctx: len(value) in (0, DIGEST_SIZE)),
-    "labels" / PrefixedArray(Int16ul, Struct("key" / _Text, "value" / _Text)),
+    # a map: each key once
+    "labels"
+    / ExprValidator(
+        PrefixedArray(Int16ul, Struct("key" / _Text, "value" / _Text)),
+        lambda labels, _ctx: len({label["key"] for label in labels}) == len(labels),
+    ),
 )

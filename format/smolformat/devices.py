@@ -78,13 +78,14 @@ class DeviceKind:
     code: int
     params: Construct
     state: Construct
+    virtio_id: int | None = None  # the virtio device id its saved transport must carry
 
 
 DEVICE_KINDS: dict[str, DeviceKind] = {}
 
 
-def _kind(name: str, code: int, params: Construct, state: Construct) -> None:
-    DEVICE_KINDS[name] = DeviceKind(code, params, state)
+def _kind(name: str, code: int, params: Construct, state: Construct, virtio_id: int | None = None) -> None:
+    DEVICE_KINDS[name] = DeviceKind(code, params, state, virtio_id)
 
 
 _kind(
@@ -115,10 +116,11 @@ _kind(
     4,
     Struct("disk" / Int32ul, "read_only" / Bool, "serial" / _Serial),
     _virtio(Struct("capacity_sectors" / Int64ul, "read_only" / Bool, "serial" / _Serial)),
+    virtio_id=2,
 )
-_kind("virtio-net", 5, Struct("mac" / _Mac), _virtio(Struct("mac" / _Mac)))
-_kind("virtio-console", 6, Pass, _virtio(Struct("ports" / Int32ul)))
-_kind("virtio-rng", 7, Pass, _virtio(Pass))
+_kind("virtio-net", 5, Struct("mac" / _Mac), _virtio(Struct("mac" / _Mac)), virtio_id=1)
+_kind("virtio-console", 6, Pass, _virtio(Struct("ports" / Int32ul)), virtio_id=3)
+_kind("virtio-rng", 7, Pass, _virtio(Pass), virtio_id=4)
 
 DeviceKindCode = Enum(Int16ul, **{name: kind.code for name, kind in DEVICE_KINDS.items()})
 

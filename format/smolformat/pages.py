@@ -402,12 +402,39 @@ def split_extents(image: ImageMap, block: int) -> Iterator[Extent]:
             yield Extent(extent.address + start, length, extent.offset + start, _round_up(length, PAGE_SIZE))
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_FIELD_SIZES = (0, 1, 2, 4)  # a Dictionary_ID's bytes by its flag (RFC 8878 §3.1.1.1.1)
+
+
+def zstd_frame_size(frame: bytes) -> int:
+    """How many bytes the zstd frame at the start of ``frame`` takes, by its header and block
+    headers (RFC 8878 §3.1.1); 0 if it is not a whole frame (a skippable frame is not one)."""
+    if frame[:4] != _ZSTD_MAGIC or len(frame) < 5:
+        return 0
+    descriptor = frame[4]
+    single_segment, checksum = descriptor >> 5 & 1, descriptor >> 2 & 1
+    content_size = (single_segment, 2, 4, 8)[descriptor >> 6]
+    at = 5 + (not single_segment) + _ZSTD_FIELD_SIZES[descriptor & 3] + content_size
+    while at + 3 <= len(frame):
+        header = int.from_bytes(frame[at : at + 3], "little")
+        kind, size = header >> 1 & 3, header >> 3
+        if kind == 3:  # reserved
+            return 0
+        at += 3 + (1 if kind == 1 else size)
+        if header & 1:  # the last block
+            at += 4 * checksum
+            return at if at <= len(frame) else 0
+    return 0
+
+
 def _decode_frame(
     dctx: zstandard.ZstdDecompressor, frame: bytes, extent: Extent, sink: Callable[[int], memoryview]
 ) -> None:
     """Decode one chunk's frame into ``sink(bytes done so far)``, piece by piece: exactly its length."""
     import zstandard
 
+    if zstd_frame_size(frame) != len(frame):
+        raise FormatError("bad-chunk", f"zstd chunk at {extent.address:#x} is not one complete zstd frame")
     done = 0
     try:
         with dctx.stream_reader(frame, read_across_frames=False) as reader:

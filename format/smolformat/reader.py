@@ -138,11 +138,12 @@ def _read_table(fd: int) -> tuple[Any, bytes, list[SectionInfo]]:
     if size > header.file_size:
         raise FormatError("trailing-data", f"file has {size - header.file_size} bytes after its end")
     table_length = header.section_count * header.entry_size
-    if header.table_offset < HEADER_SIZE or header.table_offset + table_length != size:
+    if header.table_offset + table_length != size:
         raise FormatError("section-table-outside-file", "the section table does not end the file")
-    if header.table_offset % SECTION_ALIGN:
+    if header.table_offset < HEADER_SIZE or header.table_offset % SECTION_ALIGN:
         raise FormatError(
-            "misaligned", f"the section table at {header.table_offset:#x} is not {SECTION_ALIGN}-byte aligned"
+            "misaligned",
+            f"the section table at {header.table_offset:#x} is not {SECTION_ALIGN}-byte aligned past the header",
         )
     table = _pread(fd, table_length, header.table_offset)
     checksum = hashlib.blake2b(head[:CHECKSUMMED_HEADER] + table, digest_size=DIGEST_SIZE).digest()
@@ -178,11 +179,14 @@ def _check_placement(sections: Sequence[SectionInfo], table_offset: int) -> None
         align = PAGE_SIZE if s.kind in _IMAGE_DATA and s.encoding == Encoding.RAW_PAGES else SECTION_ALIGN
         if s.offset % align:
             raise FormatError("misaligned", f"section {_name(s)} at {s.offset:#x} is not {align}-byte aligned")
-    previous: SectionInfo | None = None
+    previous: SectionInfo | None = None  # of the sections before, the one that ends last
     for s in sorted(sections, key=lambda s: s.offset):
+        if not s.length:
+            continue  # an empty section holds no byte: it overlaps nothing
         if previous and s.offset < previous.offset + previous.length:
             raise FormatError("section-overlap", f"sections {_name(previous)} and {_name(s)} overlap")
-        previous = s
+        if not previous or s.offset + s.length > previous.offset + previous.length:
+            previous = s
 
 
 def _check_known(s: SectionInfo) -> None:
@@ -487,7 +491,7 @@ class Bundle:
         ranges = []
         for s in sorted(self.sections, key=lambda s: s.offset):
             ranges.append((end, s.offset))
-            end = s.offset + s.length
+            end = max(end, s.offset + s.length)  # an empty section may lie inside another
         ranges.append((end, self._table_offset))
         for start, stop in ranges:
             for at in range(start, stop, _HASH_BLOCK):

@@ -5,6 +5,7 @@ table; the header keeps its fields but those that locate the table, and its chec
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .files import check_replaceable
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
@@ -25,6 +27,8 @@ from .layout import (
 )
 from .reader import Bundle, SectionInfo
 
+_COPY_BLOCK = 1 << 20
+
 
 def replace_section(
     source: str | os.PathLike[str], target: str | os.PathLike[str], kind: SectionKind, payload: bytes
@@ -33,6 +37,7 @@ def replace_section(
     ``payload`` to ``target``, atomically (a new file renamed over ``target``, which may be
     ``source``); returns the new bundle digest. The old section's bytes become zero padding."""
     target = Path(target)
+    check_replaceable(target)
     with Bundle(source) as bundle:
         table_offset = bundle._table_offset
         kept = [s for s in bundle.sections if s.kind != kind]
@@ -66,7 +71,13 @@ def replace_section(
 def _copy(source: int, target: int, length: int) -> None:
     copied = 0
     while copied < length:
-        done = os.copy_file_range(source, target, length - copied, copied, copied)
+        try:
+            done = os.copy_file_range(source, target, length - copied, copied, copied)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # another filesystem, or one that cannot copy ranges: through this process, a block at a time
+            done = os.pwrite(target, os.pread(source, min(length - copied, _COPY_BLOCK), copied), copied)
         if done == 0:
             raise FormatError("truncated", f"file ends at {copied}")
         copied += done

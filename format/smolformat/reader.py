@@ -18,6 +18,7 @@ from construct import ConstructError
 
 from . import checks
 from .errors import FormatError, brief
+from .files import open_regular
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
@@ -280,7 +281,7 @@ class Bundle:
 
     def __init__(self, path: str | os.PathLike[str], on_config: Callable[[Any], None] | None = None) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = open_regular(self.path)
         try:
             self._open(on_config)
         except BaseException:

@@ -21,6 +21,7 @@ from construct import ConstructError
 
 from . import checks
 from .errors import FormatError
+from .files import check_replaceable
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
@@ -319,6 +320,7 @@ def write_bundle(
     memory_enc = ENCODINGS[memory_encoding]
     disk_enc = ENCODINGS[disk_encoding or memory_encoding]
     target = Path(path)
+    check_replaceable(target)
     remove_stale(target.parent, f".{target.name}")  # what a killed writer of this bundle left
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=owned_prefix(f".{target.name}"), suffix=".tmp")
     tmp = Path(tmp_name)

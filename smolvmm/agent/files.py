@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import anyio
 
+from smolformat.files import check_replaceable
 from smolvmm.agent import protocol
 from smolvmm.agent.channel import AgentPort
 from smolvmm.agent.protocol import Type
@@ -120,6 +121,7 @@ class GuestFiles:
 
         target = Path(host_path)
         with _host_file("write", target):
+            check_replaceable(target)
             fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as out:

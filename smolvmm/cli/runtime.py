@@ -38,7 +38,12 @@ def runtime_dir() -> Path:
     from pathlib import Path  # the hand-off client, which every ``run`` starts as, does without
 
     path = Path(runtime_location())
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise smolvmm.SmolvmmError(
+            f"cannot make the runtime directory {path}: {exc.strerror}; set XDG_RUNTIME_DIR"
+        ) from None
     if not is_private(path):
         raise smolvmm.SmolvmmError(f"{path} is not a private directory of yours: remove it, or set XDG_RUNTIME_DIR")
     return path

@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 import smolformat
 from smolformat import signature
+from smolformat.files import read_regular
 from smolformat.payloads import MAX_SIGNATURES
 from smolvmm.errors import BundleError, ConfigError, SmolvmmError
 
 TrustedKeys = dict[bytes, str]  # raw 32-byte public key -> the file it came from
+MAX_KEY_FILE = 64 << 10  # an Ed25519 key's PEM is ~120 bytes: a key file is read whole, never more
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -78,11 +80,11 @@ def generate_signing_key(path: str | os.PathLike[str]) -> str:
 
 def _load_private(path: Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_regular(path, MAX_KEY_FILE), password=None)
     except OSError as exc:
         raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+    except (ValueError, TypeError):  # cryptography's text ends in a URL: the file's name says enough
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 key")
     return key
@@ -99,9 +101,11 @@ def load_trusted_keys(directory: str | os.PathLike[str]) -> TrustedKeys:
     keys: TrustedKeys = {}
     for file in files:
         try:
-            key = serialization.load_pem_public_key(file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"trusted key {file} is not a PEM public key: {exc}") from None
+            key = serialization.load_pem_public_key(read_regular(file, MAX_KEY_FILE))
+        except OSError as exc:
+            raise ConfigError(f"cannot read trusted key {file}: {exc.strerror}") from None
+        except ValueError:  # cryptography's text ends in a URL: the file's name says enough
+            raise ConfigError(f"trusted key {file} is not a PEM public key") from None
         if not isinstance(key, Ed25519PublicKey):
             raise ConfigError(f"trusted key {file} is not an Ed25519 key")
         keys[_raw(key)] = file.name

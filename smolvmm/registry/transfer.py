@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 import smolformat
+from smolformat.files import check_replaceable
 from smolvmm.errors import BundleError, RegistryError
 from smolvmm.registry import artifact
 from smolvmm.registry.client import Counters, RegistryClient
@@ -306,6 +307,11 @@ async def pull(
     assembled file against the bundle digest before it takes its name.
     """
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
+    if output is not None:
+        try:
+            check_replaceable(output)  # before any transfer
+        except OSError as exc:
+            raise disk_error(exc, Path(output)) from None
     store = store or BlobStore()
     counters = Counters()
     transfer = Transfer()

@@ -101,6 +101,8 @@ def _options(spec: str, what: str) -> tuple[str, dict[str, str]]:
     options: dict[str, str] = {}
     for item in rest:
         key, _, value = item.partition("=")
+        if not key.strip():
+            raise ConfigError(f"empty {what} option in {spec!r}")
         if key.strip() in options:
             raise ConfigError(f"repeated {what} option {key.strip()!r} in {spec!r}")
         options[key.strip()] = value.strip()

@@ -69,6 +69,9 @@ def test_help_and_the_readme_document_the_same_exit_statuses() -> None:
         ["run", "--copy-in", "/etc/hostname:/x", str(VALID)],  # copies go with a command
         ["run", "--save", "s.smolmachine", str(VALID), "--", "true"],  # --save is the console's
         ["run", "--secret-env", "TOKEN=hunter2", str(VALID), "--", "true"],
+        ["run", "--secret-env", "", str(VALID), "--", "true"],
+        ["run", "--net", "user,,forward=8080:80", str(VALID)],
+        ["run", "--copy-in", "/dev/null:/x", str(VALID), "--", "true"],  # not a regular file
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args: list[str], tmp_path: Path) -> None:
@@ -80,6 +83,19 @@ def test_usage_errors_exit_2_before_anything_starts(args: list[str], tmp_path: P
     assert "PVM" not in done.stderr and "hunter2" not in done.stderr  # a value typed by mistake stays unsaid
     assert not (cache / "smolvmm" / "images").exists() and not (cache / "smolvmm" / "debs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] * cache.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--net", ",,,"], "empty network option in"),
+        (["--secret-env", ""], "--secret-env needs the NAME of a variable set here"),
+        (["--copy-in", "/dev/null:/x"], "--copy-in /dev/null: not a regular file"),
+    ],
+)
+def test_an_empty_or_odd_value_is_named_as_such(args: list[str], said: str) -> None:
+    done = smolvmm("run", *args, str(VALID), "--", "true")
+    assert done.returncode == 2 and said in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("host", ["missing/out.txt", "."])

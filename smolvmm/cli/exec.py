@@ -77,6 +77,8 @@ def identity(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     env = dict(args.env)
     secrets: dict[str, str] = {}
     for name in args.secret_env:
+        if not name:
+            raise ConfigError("--secret-env needs the NAME of a variable set here")
         if "=" in name:  # a value typed by mistake: not repeated on stderr
             raise ConfigError(f"--secret-env {name.partition('=')[0]}=...: give the NAME of a variable set here")
         if name not in os.environ:
@@ -132,7 +134,8 @@ def copy_in_files(args: argparse.Namespace, opened: contextlib.ExitStack) -> lis
     files: list[tuple[BinaryIO, str]] = []
     for host, guest in (_pair(spec, "--copy-in") for spec in args.copy_in):
         if not Path(host).is_file():
-            raise ConfigError(f"--copy-in {host}: no such file")
+            said = "not a regular file" if Path(host).exists() else "no such file"
+            raise ConfigError(f"--copy-in {host}: {said}")
         try:
             files.append((opened.enter_context(open(host, "rb")), guest))
         except OSError as exc:

@@ -168,3 +168,12 @@ def test_xsave_larger_than_4096_is_kept() -> None:
     value["xsave"] = bytes(range(256)) * 44  # 11264 bytes: an AMX-sized KVM_GET_XSAVE2 area
     parsed = payload(SectionKind.VCPU_STATE, "x86_64").parse(payload(SectionKind.VCPU_STATE, "x86_64").build(value))
     assert parsed.xsave == value["xsave"]
+
+
+def test_a_value_past_its_cap_is_named_with_the_cap_both_ways() -> None:
+    capped = bounded(Int32ul, 64)
+    assert capped.parse((64).to_bytes(4, "little")) == 64
+    with pytest.raises(ValidationError, match="65 is more than the cap of 64"):
+        capped.parse((65).to_bytes(4, "little"))
+    with pytest.raises(ValidationError, match="65 is more than the cap of 64"):
+        capped.build(65)

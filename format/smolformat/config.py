@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from construct import (
     Enum,
-    ExprValidator,
     GreedyBytes,
     Int8ul,
     Int16ul,
@@ -18,7 +17,7 @@ from construct import (
 
 from .devices import DeviceConfig
 from .layout import DIGEST_SIZE
-from .limits import bounded
+from .limits import Checked, bounded
 
 MAX_VCPUS = 1024
 MAX_RAM_REGIONS = 64
@@ -44,11 +43,16 @@ Metadata = Struct(
     "created_unix_ns" / Int64ul,
     "hypervisor" / _Text,
     # a bundle digest, or empty when there is no parent
-    "parent_digest" / ExprValidator(Prefixed(Int8ul, GreedyBytes), lambda value, _ctx: len(value) in (0, DIGEST_SIZE)),
-    # a map: each key once
+    "parent_digest"
+    / Checked(
+        Prefixed(Int8ul, GreedyBytes),
+        lambda value: len(value) in (0, DIGEST_SIZE),
+        lambda value: f"a parent digest of {len(value)} bytes (0 or {DIGEST_SIZE})",
+    ),
     "labels"
-    / ExprValidator(
+    / Checked(
         PrefixedArray(Int16ul, Struct("key" / _Text, "value" / _Text)),
-        lambda labels, _ctx: len({label["key"] for label in labels}) == len(labels),
+        lambda labels: len({label["key"] for label in labels}) == len(labels),
+        lambda _labels: "a label key appears twice (labels are a map)",
     ),
 )

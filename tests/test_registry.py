@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -368,6 +370,102 @@ class _CuttingProxy:
                 except OSError:
                     pass
                 sock.close()
+
+
+class _FakeRegistry:
+    """A hostile registry on 127.0.0.1: ``GET /v2/`` answers 200, every other request ``answer(handler)``."""
+
+    def __init__(self, answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/v2/":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                try:
+                    answer(self)
+                except OSError:
+                    pass  # the client hung up: what a hostile registry expects
+
+            do_HEAD = do_POST = do_PUT = do_PATCH = do_GET  # noqa: N815
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _FakeRegistry:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _status(
+    code: int, body: bytes | None = b"", endless: bool = False
+) -> Callable[[http.server.BaseHTTPRequestHandler], None]:
+    """An answer of ``code`` with ``body`` (None: no body, the connection closed), or one that never ends."""
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(code)
+        if endless:
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            while True:
+                handler.wfile.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        if body is None:
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            return
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        (_status(500, None), r"answered 500 \(Internal Server Error\) while fetching the manifest of \S+app:v1$"),
+        (_status(500, endless=True), r"answered 500 \(Internal Server Error\) while fetching the manifest of"),
+        (
+            _status(429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow\\ndown"}]}'),
+            r"answered 429 \(Too Many Requests\) while fetching the manifest of \S+/team/app:v1: TOOMANYREQUESTS: slow down$",
+        ),
+    ],
+    ids=["500-without-body", "500-endless-body", "429-with-errors"],
+)
+def test_a_registry_error_is_one_line_whatever_its_body(
+    answer: Callable[[http.server.BaseHTTPRequestHandler], None], shown: str, cache: Path, tmp_path: Path
+) -> None:
+    with _FakeRegistry(answer) as fake:
+        pulled = cli("pull", f"{fake.address}/team/app:v1", "-o", str(tmp_path / "out.smolmachine"))
+    assert pulled.returncode == 1, pulled.stderr
+    assert len(pulled.stderr.strip().splitlines()) == 1 and re.search(shown, pulled.stderr.strip()), pulled.stderr
+
+
+def test_a_push_that_a_registry_refuses_with_an_endless_body(bundles: tuple[Path, Path], cache: Path) -> None:
+    first, _ = bundles
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.command == "HEAD":
+            return _status(404)(handler)
+        return _status(503, endless=True)(handler)
+
+    with _FakeRegistry(answer) as fake:
+        pushed = cli("push", str(first), f"{fake.address}/team/app:v1")
+    assert pushed.returncode == 1, pushed.stderr
+    assert len(pushed.stderr.strip().splitlines()) == 1, pushed.stderr
+    assert "answered 503 (Service Unavailable) while starting the upload of sha256:" in pushed.stderr
 
 
 def test_a_registry_that_disappears_mid_pull(

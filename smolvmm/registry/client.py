@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,12 +44,34 @@ class Counters:
             self.on_change()
 
 
-def _error_text(response: httpx.Response) -> str:
+async def _head(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of an answer's body as they came (a hostile registry's may never end),
+    then the answer closed; what arrived before the connection failed, if it did."""
+    body = b""
     try:
-        errors = json.loads(response.content[:MAX_ERROR_BODY]).get("errors") or []
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))[:300]
-    except (ValueError, AttributeError):
+        if not (response.is_closed or response.is_stream_consumed):
+            async for piece in response.aiter_raw():
+                body += piece
+                if len(body) >= limit:
+                    break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+    return body[:limit]
+
+
+async def _error_text(response: httpx.Response) -> str:
+    """The codes and messages of the registry's error answer (its first MAX_ERROR_BODY bytes), on one line."""
+    body = await _head(response, MAX_ERROR_BODY)
+    if response.headers.get("Content-Encoding", "identity") != "identity":
+        return ""  # compressed: the bytes read are not JSON
+    try:
+        errors = json.loads(body).get("errors") or []
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
+    except (ValueError, AttributeError, TypeError):
         return ""
+    return " ".join(text.split())[:300]
 
 
 class RegistryClient:
@@ -85,10 +108,11 @@ class RegistryClient:
         if self._base:
             return self._base
         schemes = ("https", "http") if self.plain_http_allowed else ("https",)
-        last: Exception | None = None
+        last: httpx.TransportError | None = None
         for scheme in schemes:
             try:
-                await self._http.get(f"{scheme}://{self.registry}/v2/")
+                async with self._http.stream("GET", f"{scheme}://{self.registry}/v2/"):
+                    pass  # any answer will do, its body unread
             except httpx.TransportError as exc:
                 last = exc
                 continue
@@ -154,7 +178,11 @@ class RegistryClient:
         params: dict[str, str] | None = None,
         stream: bool = False,
     ) -> httpx.Response:
-        """Send a request with authentication (answering one 401 challenge); ``url`` may be a path."""
+        """Send a request with authentication (answering one 401 challenge); ``url`` may be a path.
+
+        A ``stream`` answer is the caller's to read and close. Otherwise a successful answer comes
+        read (at most MAX_ERROR_BODY bytes of its body) and closed; a failed one is left for
+        ``_check`` to read the registry's error from and close."""
         base = await self._base_url()
         target = url if url.startswith(("http://", "https://")) else base + url
         for attempt in range(2):
@@ -162,10 +190,12 @@ class RegistryClient:
                 method, target, headers={**(headers or {}), **self._auth_header(scopes)}, content=content, params=params
             )
             try:
-                response = await self._http.send(request, stream=stream)
+                response = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise self._lost(exc, doing) from None
             if response.status_code != 401:
+                if not stream and response.status_code < 400:
+                    await _head(response, MAX_ERROR_BODY)
                 return response
             await response.aclose()
             challenge = response.headers.get("WWW-Authenticate", "")
@@ -183,15 +213,18 @@ class RegistryClient:
                 raise RegistryError(f"{self.registry} asks for authentication of an unknown kind: {challenge[:100]!r}")
         raise RegistryError(f"{self.registry} refused the credentials while {doing}")
 
-    def _check(self, response: httpx.Response, expected: tuple[int, ...], doing: str) -> None:
+    async def _check(self, response: httpx.Response, expected: tuple[int, ...], doing: str) -> None:
+        """Nothing when the answer's status is ``expected``; else a RegistryError (the answer closed)."""
         if response.status_code in expected:
             return
+        detail = await _error_text(response)
         if response.status_code == 403:
             raise RegistryError(f"{self.registry} denied access while {doing}")
-        detail = _error_text(response)
-        raise RegistryError(
-            f"{self.registry} answered {response.status_code} while {doing}{': ' + detail if detail else ''}"
-        )
+        try:
+            status = f"{response.status_code} ({http.HTTPStatus(response.status_code).phrase})"
+        except ValueError:
+            status = str(response.status_code)
+        raise RegistryError(f"{self.registry} answered {status} while {doing}{': ' + detail if detail else ''}")
 
     # Blobs
 
@@ -200,8 +233,9 @@ class RegistryClient:
         doing = f"checking for blob {digest}"
         response = await self.request("HEAD", f"/v2/{repository}/blobs/{digest}", _pull(repository), doing=doing)
         if response.status_code == 404:
+            await response.aclose()
             return False
-        self._check(response, (200,), doing)
+        await self._check(response, (200,), doing)
         return True
 
     async def start_upload(self, repository: str, digest: str, mount_from: str | None) -> str | None:
@@ -213,7 +247,7 @@ class RegistryClient:
         response = await self.request("POST", f"/v2/{repository}/blobs/uploads/", scopes, doing=doing, params=params)
         if mount_from and response.status_code == 201:
             return None
-        self._check(response, (202,), doing)
+        await self._check(response, (202,), doing)
         return str(response.url.join(response.headers.get("Location", "")))
 
     async def upload(self, repository: str, digest: str, data: bytes, session: str) -> None:
@@ -230,14 +264,14 @@ class RegistryClient:
                     "Content-Range": f"{start}-{start + len(piece) - 1}",
                 }
                 response = await self.request("PATCH", location, scopes, doing=doing, headers=headers, content=piece)
-                self._check(response, (202,), doing)
+                await self._check(response, (202,), doing)
                 self.counters.add(sent=len(piece))
                 location = str(response.url.join(response.headers.get("Location", location)))
             body = b""
         url = httpx.URL(location).copy_merge_params({"digest": digest})
         headers = {"Content-Type": "application/octet-stream"}
         response = await self.request("PUT", str(url), scopes, doing=doing, headers=headers, content=body)
-        self._check(response, (201, 204), doing)
+        await self._check(response, (201, 204), doing)
         self.counters.add(sent=len(body))
 
     async def fetch_blob(self, repository: str, digest: str, size: int, write: Callable[[bytes], object]) -> None:
@@ -249,7 +283,7 @@ class RegistryClient:
         try:
             if response.status_code == 404:
                 raise RegistryError(f"{self.registry}/{repository} lacks blob {digest} that its manifest lists")
-            self._check(response, (200,), doing)
+            await self._check(response, (200,), doing)
             hasher = hashlib.sha256()
             got = 0
             try:
@@ -295,7 +329,7 @@ class RegistryClient:
         try:
             if response.status_code == 404:
                 raise RegistryError(f"{ref}: not in the registry (HTTP 404, unknown reference)")
-            self._check(response, (200,), doing)
+            await self._check(response, (200,), doing)
             data = b""
             try:
                 async for piece in response.aiter_raw():
@@ -324,7 +358,7 @@ class RegistryClient:
             headers={"Content-Type": MANIFEST_ACCEPT},
             content=data,
         )
-        self._check(response, (201, 200), doing)
+        await self._check(response, (201, 200), doing)
 
 
 def _pull(repository: str) -> tuple[str, ...]:

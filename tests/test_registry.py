@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
 
@@ -432,6 +433,17 @@ def _status(
     return answer
 
 
+def _stalled(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A 200 whose body stops after 10 of its 1000 bytes."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", artifact.MANIFEST_TYPE)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.write(b'{"schemaVe')
+    handler.wfile.flush()
+    time.sleep(30)
+
+
 @pytest.mark.parametrize(
     ("answer", "shown"),
     [
@@ -466,6 +478,34 @@ def test_a_push_that_a_registry_refuses_with_an_endless_body(bundles: tuple[Path
     assert pushed.returncode == 1, pushed.stderr
     assert len(pushed.stderr.strip().splitlines()) == 1, pushed.stderr
     assert "answered 503 (Service Unavailable) while starting the upload of sha256:" in pushed.stderr
+
+
+@pytest.mark.anyio
+async def test_a_stalled_registry_says_it_timed_out(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "TIMEOUT", 0.5)
+    with _FakeRegistry(_stalled) as fake:
+        with pytest.raises(smolvmm.RegistryError) as caught:
+            await smolvmm.pull(f"{fake.address}/team/app:v1")
+    assert str(caught.value) == (
+        f"lost the connection to {fake.address} while fetching the manifest of {fake.address}/team/app:v1:"
+        " timed out after 0.5 s"
+    )
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_registry_says_why() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("", request=request)
+
+    async with client.RegistryClient("10.255.255.1") as remote:
+        remote._http = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+        with pytest.raises(smolvmm.RegistryError) as caught:
+            await remote.has_blob("team/app", "sha256:" + "0" * 64)
+    assert str(caught.value) == (
+        "cannot reach registry 10.255.255.1: timed out after 10 s while connecting"
+        " (plain HTTP is used only for loopback registries or with --insecure)"
+    )
+    assert client._failure(httpx.RemoteProtocolError("")) == "remote protocol error"
 
 
 def test_a_registry_that_disappears_mid_pull(

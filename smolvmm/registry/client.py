@@ -27,6 +27,8 @@ MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 MAX_TOKEN_ANSWER = 1 << 20
 MAX_ERROR_BODY = 4096
 UPLOAD_CHUNK = 8 << 20  # blobs above this go up in PATCH chunks of this size
+TIMEOUT = 60.0  # seconds a read or write may stall
+CONNECT_TIMEOUT = 10.0  # seconds to connect
 
 
 @dataclass
@@ -74,6 +76,16 @@ async def _error_text(response: httpx.Response) -> str:
     return " ".join(text.split())[:300]
 
 
+def _failure(exc: httpx.HTTPError) -> str:
+    """What went wrong, in words: httpx's timeouts have no text of their own, nor do some other errors."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"timed out after {CONNECT_TIMEOUT:g} s while connecting"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out after {TIMEOUT:g} s"
+    text = " ".join(str(exc).split())
+    return text or "".join(f" {c.lower()}" if c.isupper() else c for c in type(exc).__name__).strip()
+
+
 class RegistryClient:
     """One registry, as an async context manager. ``repository`` arguments are repository names."""
 
@@ -84,7 +96,7 @@ class RegistryClient:
         self.plain_http_allowed = insecure or loopback
         self.counters = counters or Counters()
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=10.0),
+            timeout=httpx.Timeout(TIMEOUT, connect=CONNECT_TIMEOUT),
             follow_redirects=True,
             verify=not insecure,
             limits=httpx.Limits(max_connections=16),
@@ -101,7 +113,7 @@ class RegistryClient:
         await self._http.aclose()
 
     def _lost(self, exc: httpx.HTTPError, doing: str) -> RegistryError:
-        return RegistryError(f"lost the connection to {self.registry} while {doing}: {exc or type(exc).__name__}")
+        return RegistryError(f"lost the connection to {self.registry} while {doing}: {_failure(exc)}")
 
     async def _base_url(self) -> str:
         """https, or plain http where allowed and the registry does not speak TLS."""
@@ -121,7 +133,7 @@ class RegistryClient:
         hint = (
             "" if self.plain_http_allowed else " (plain HTTP is used only for loopback registries or with --insecure)"
         )
-        raise RegistryError(f"cannot reach registry {self.registry}: {last}{hint}")
+        raise RegistryError(f"cannot reach registry {self.registry}: {_failure(last) if last else ''}{hint}")
 
     def _login(self) -> tuple[str, str] | None:
         if self._credentials is False:

@@ -10,7 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from smolformat import BundleContents, make_metadata, samples
+from smolformat import BundleContents, make_metadata, open_bundle, repack_bundle, samples
+from smolformat.crafting import edit_table, find_entry, parse_frame, section_digest
+from smolformat.layout import SectionKind
 
 MIB = 1 << 20
 
@@ -71,3 +73,21 @@ def _size(path: Path) -> int:
 def digest(path: Path) -> str:
     """The SHA-256 of a file's bytes (to show a file was not changed)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_broken_zstd_chunk(source: Path, target: Path, kind: SectionKind = SectionKind.MEMORY_DATA) -> Path:
+    """``source`` repacked with zstd RAM and disks into ``target``, one byte in the first frame of
+    section ``kind`` flipped and the digests re-sealed: a bundle whose frame and digests check out
+    but whose chunk does not decode (``verify`` says bad-chunk)."""
+    repack_bundle(source, target, memory_encoding="zstd", disk_encoding="zstd")
+    data = bytearray(target.read_bytes())
+    entry = find_entry(parse_frame(bytes(data))[1], kind)
+    with open_bundle(target) as bundle:
+        image = next(image for section, image in bundle.images() if section.kind == kind)
+    extent = image.extents[0]
+    data[entry["offset"] + extent.offset] ^= 0x5A  # its zstd magic number
+    section = bytes(data[entry["offset"] : entry["offset"] + entry["length"]])
+    target.write_bytes(
+        edit_table(bytes(data), lambda _, entries: find_entry(entries, kind).update(digest=section_digest(section)))
+    )
+    return target

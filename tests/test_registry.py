@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from bundles import with_broken_zstd_chunk
 from registry_server import REGISTRY_BINARY, RegistryServer, registry_server, token_registry_server
 
 import smolvmm
@@ -246,6 +247,18 @@ def _check_tampered_pull(registry: RegistryServer, first: Path, tmp_path: Path) 
     assert len(pulled.stderr.strip().splitlines()) == 1 and victim in pulled.stderr, pulled.stderr
     assert "does not match its digest" in pulled.stderr
     assert not out.exists() and not list(tmp_path.glob(".tampered*"))
+
+
+def test_a_bundle_that_does_not_verify_is_not_pushed(registry: RegistryServer, cache: Path, tmp_path: Path) -> None:
+    make_bundle(tmp_path / "good.smolmachine", samples.realistic_memory(8 * MIB, seed=5))
+    broken = with_broken_zstd_chunk(tmp_path / "good.smolmachine", tmp_path / "broken.smolmachine")
+    ref = f"{registry.address}/broken/app:v1"
+    pushed = cli("push", str(broken), ref)
+    assert pushed.returncode == 3, pushed.stderr
+    assert pushed.stderr.strip().splitlines() == [
+        f"smolvmm: error: {broken}: zstd chunk at 0x0 is not one complete zstd frame [bad-chunk]"
+    ]
+    assert "unknown reference" in cli("pull", ref, "-o", str(tmp_path / "x.smolmachine")).stderr
 
 
 def _chunk_digests(registry: RegistryServer, ref: str, digest: str) -> list[str]:

@@ -108,8 +108,10 @@ def _chunk_digest(fd: int, chunk: artifact.Chunk) -> tuple[str, list[bytes] | No
 
 
 def _plan(path: Path) -> artifact.Plan:
+    """How the bundle at ``path`` is cut, once it passed ``verify``'s checks: what does not verify is not published."""
     try:
         with smolformat.open_bundle(path) as bundle:
+            bundle.verify()
             return artifact.plan(bundle, os.fstat(bundle.fileno()).st_size)
     except smolformat.FormatError as exc:
         raise BundleError(f"{path}: {exc}") from None

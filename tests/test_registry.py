@@ -478,6 +478,29 @@ def test_a_registry_error_is_one_line_whatever_its_body(
     assert len(pulled.stderr.strip().splitlines()) == 1 and re.search(shown, pulled.stderr.strip()), pulled.stderr
 
 
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        ("application/vnd.oci.image.index.v1+json", "/team/app:v1 is an image index (a list of manifests)"),
+        ("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8", "is of media type 'application/vnd"),
+        ("application/json", "/team/app:v1 is an image index (a list of manifests)"),  # generic: the body tells
+    ],
+)
+@pytest.mark.anyio
+async def test_a_pull_refuses_what_is_not_an_image_manifest(content_type: str, shown: str, cache: Path) -> None:
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        body = json.dumps({"schemaVersion": 2, "manifests": []}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with _FakeRegistry(answer) as fake, pytest.raises(smolvmm.RegistryError) as caught:
+        await smolvmm.pull(f"{fake.address}/team/app:v1")
+    assert shown in str(caught.value)
+
+
 def test_a_push_that_a_registry_refuses_with_an_endless_body(bundles: tuple[Path, Path], cache: Path) -> None:
     first, _ = bundles
 
@@ -653,6 +676,14 @@ def test_cuts_follow_guest_addresses_not_file_offsets(tmp_path: Path) -> None:
         (lambda m: m["layers"].insert(1, m["layers"].pop()), "not a chunk or patch in its place"),
         (lambda m: m["layers"][0].update(size=artifact.MAX_STATE + 1), "bad size"),
         (lambda m: m.update(layers=[]), "1 to"),
+        (lambda m: m.update(schemaVersion=1), "the manifest's schemaVersion is 1, not 2"),
+        (lambda m: m.pop("schemaVersion"), "the manifest's schemaVersion is None, not 2"),
+        (lambda m: m.update(mediaType="application/vnd.oci.image.index.v1+json"), "r is an image index"),
+        (lambda m: (m.pop("mediaType"), m.update(manifests=[])), "r is an image index"),
+        (
+            lambda m: m.update(mediaType="application/vnd.docker.distribution.manifest.v2+json"),
+            "r is of media type 'application/vnd.docker.distribution.manifest.v2\\+json', not application",
+        ),
     ],
 )
 def test_manifests_are_checked_before_anything_is_fetched(change, message: str) -> None:  # noqa: ANN001
@@ -668,6 +699,9 @@ def test_manifests_are_checked_before_anything_is_fetched(change, message: str) 
         {digest[6]: 4096},
     )
     parsed = artifact.parse_manifest(good, "r")
+    without_media_type = json.loads(good)
+    del without_media_type["mediaType"]  # the image-spec's SHOULD: it may be absent
+    assert artifact.parse_manifest(json.dumps(without_media_type).encode(), "r") == parsed
     assert [(p.digest, p.size, p.offset, p.base) for p in parsed.pieces] == [
         (digest[1], 10, 0, None),
         (digest[2], 8192, 10, digest[6]),

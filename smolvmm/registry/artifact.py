@@ -18,10 +18,12 @@ from typing import Any
 import smolformat
 from smolformat.layout import Encoding, SectionKind
 from smolvmm.errors import RegistryError
+from smolvmm.registry.client import wrong_manifest
 from smolvmm.registry.reference import is_digest
 
 ARTIFACT_TYPE = "application/vnd.smolvmm.machine.v1"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_TYPE = "application/vnd.smolvmm.machine.config.v1+json"
 STATE_TYPE = "application/vnd.smolvmm.machine.state.v1"
 CHUNK_TYPE = "application/vnd.smolvmm.machine.chunk.v1"
@@ -330,8 +332,16 @@ def parse_manifest(data: bytes, reference: str) -> Artifact:
         raise RegistryError(f"{reference}: the manifest is not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise RegistryError(f"{reference}: the manifest is not a JSON object")
+    if value.get("schemaVersion") != 2:
+        raise RegistryError(
+            f"{reference}: the manifest's schemaVersion is {str(value.get('schemaVersion'))[:20]}, not 2"
+        )
+    # The image-spec says mediaType SHOULD be there (our push sets it); without it, a list of manifests is an index.
+    media_type = value.get("mediaType") or (INDEX_TYPE if "manifests" in value else MANIFEST_TYPE)
+    if media_type != MANIFEST_TYPE:
+        raise wrong_manifest(reference, str(media_type), MANIFEST_TYPE)
     kind = value.get("artifactType")
-    if value.get("mediaType", MANIFEST_TYPE) != MANIFEST_TYPE or kind != ARTIFACT_TYPE:
+    if kind != ARTIFACT_TYPE:
         raise RegistryError(
             f"{reference} is not a smolvmm machine (artifact type {str(kind)[:100]!r}, not {ARTIFACT_TYPE})"
         )

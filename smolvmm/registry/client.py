@@ -20,6 +20,7 @@ from typing import Literal
 import httpx
 
 from smolvmm.errors import RegistryError
+from smolvmm.oci.manifest import INDEX_TYPES
 from smolvmm.registry.auth import credentials, parse_challenge
 from smolvmm.registry.reference import Reference
 
@@ -84,6 +85,15 @@ def _failure(exc: httpx.HTTPError) -> str:
         return f"timed out after {TIMEOUT:g} s"
     text = " ".join(str(exc).split())
     return text or "".join(f" {c.lower()}" if c.isupper() else c for c in type(exc).__name__).strip()
+
+
+def wrong_manifest(reference: object, media_type: str, expected: str) -> RegistryError:
+    """A manifest of another media type than ``expected``; an index (a list of manifests) is said to be one."""
+    if media_type in INDEX_TYPES:
+        return RegistryError(
+            f"{reference} is an image index (a list of manifests), not one image manifest ({expected})"
+        )
+    return RegistryError(f"{reference} is of media type {media_type[:100]!r}, not {expected}")
 
 
 class RegistryClient:
@@ -327,8 +337,9 @@ class RegistryClient:
     # Manifests
 
     async def get_manifest(self, ref: Reference, limit: int, accept: str = MANIFEST_ACCEPT) -> tuple[bytes, str]:
-        """The manifest ``ref`` names (of a media type ``accept`` lists) and its sha256 digest
-        (checked against ``ref``'s digest, if any)."""
+        """The manifest ``ref`` names and its sha256 digest (checked against ``ref``'s digest, if
+        any); an answer whose Content-Type is a media type ``accept`` does not list is refused
+        (a generic one, such as ``application/json``, is left to the caller's check of the body)."""
         doing = f"fetching the manifest of {ref}"
         response = await self.request(
             "GET",
@@ -342,6 +353,9 @@ class RegistryClient:
             if response.status_code == 404:
                 raise RegistryError(f"{ref}: not in the registry (HTTP 404, unknown reference)")
             await self._check(response, (200,), doing)
+            media_type = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if media_type.startswith("application/vnd.") and media_type not in accept.replace(" ", "").split(","):
+                raise wrong_manifest(ref, media_type, accept)
             data = b""
             try:
                 async for piece in response.aiter_raw():

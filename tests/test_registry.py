@@ -261,6 +261,23 @@ def test_a_bundle_that_does_not_verify_is_not_pushed(registry: RegistryServer, c
     assert "unknown reference" in cli("pull", ref, "-o", str(tmp_path / "x.smolmachine")).stderr
 
 
+def test_a_machine_is_not_built_as_a_container_image(
+    registry: RegistryServer, bundles: tuple[Path, Path], cache: Path, tmp_path: Path
+) -> None:
+    from smolvmm.oci.source import open_source
+
+    first, _ = bundles
+    ref = f"{registry.address}/machines/app:v1"
+    anyio.run(smolvmm.push, first, ref)
+    with pytest.raises(smolvmm.ImageError) as caught, open_source(f"docker://{ref}", tmp_path / "work"):
+        pytest.fail("opened as an image")
+    assert str(caught.value) == (
+        f"docker://{ref} is a smolvmm machine, not a container image:"
+        f" run it with `smolvmm run {ref}`, or fetch it with `smolvmm pull {ref} -o FILE`"
+    )
+    assert not (tmp_path / "work").exists()  # refused before any layer was fetched
+
+
 def _chunk_digests(registry: RegistryServer, ref: str, digest: str) -> list[str]:
     manifest = json.loads(registry.blob_file(digest).read_bytes())
     return [layer["digest"] for layer in manifest["layers"][1:]]

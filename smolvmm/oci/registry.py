@@ -28,6 +28,7 @@ from smolvmm.oci.manifest import (
     parse_manifest,
     pick_manifest,
 )
+from smolvmm.registry import artifact
 from smolvmm.registry.client import RegistryClient
 from smolvmm.registry.reference import Reference
 
@@ -69,6 +70,7 @@ async def _pull(reference: Reference, work: Path, insecure: bool, progress: Call
         if isinstance(document, dict) and (document.get("mediaType") in INDEX_TYPES or "manifests" in document):
             chosen = pick_manifest(f"{where}: manifest list", document)
             document, digest = await _manifest(client, where, reference.with_digest(chosen.digest))
+        _not_a_machine(reference, document)
         config_descriptor, descriptors = parse_manifest(f"{where}: manifest {digest}", document)
         if config_descriptor.size > MAX_DOCUMENT:
             raise ImageError(f"{where}: config is larger than {MAX_DOCUMENT >> 20} MiB")
@@ -83,6 +85,19 @@ async def _pull(reference: Reference, work: Path, insecure: bool, progress: Call
             await _download(client, where, reference.repository, descriptor, path)
             layers.append(Layer(f"{number} ({descriptor.digest[:19]})", descriptor.size, file_opener(path)))
     return Image(digest, ImageConfig.from_image(config), tuple(layers))
+
+
+def _not_a_machine(reference: Reference, manifest: Any) -> None:
+    """Refuse a smolvmm machine (one that ``smolvmm push`` made): its layers are bundle pieces, not tars."""
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if isinstance(manifest, dict) and (
+        manifest.get("artifactType") == artifact.ARTIFACT_TYPE
+        or (isinstance(config, dict) and config.get("mediaType") == artifact.CONFIG_TYPE)
+    ):
+        raise ImageError(
+            f"docker://{reference} is a smolvmm machine, not a container image:"
+            f" run it with `smolvmm run {reference}`, or fetch it with `smolvmm pull {reference} -o FILE`"
+        )
 
 
 async def _manifest(client: RegistryClient, where: str, reference: Reference) -> tuple[Any, str]:

@@ -314,7 +314,7 @@ class MachineConfig:
             if kernel is None:
                 raise BundleError(f"{path} has no kernel to cold-boot (save it with `build --bootable`)")
             labels = bundle.labels
-            roles = labels.get(CONSOLE_ROLES_LABEL, "").split(",")
+            roles = console_roles(bundle)
             devices = bundle.config.devices
             networks = networks_for(labels, sum(1 for d in devices if d.kind == "virtio-net"), networks)
             if "socket" in roles and console_socket is None:
@@ -376,6 +376,7 @@ class MachineConfig:
 
 CONSOLE_ROLES_LABEL = "smolvmm.virtio-console-roles"
 """A bundle's label: the host side of each virtio console in slot order (main, agent, socket)."""
+CONSOLE_ROLES = ("main", "agent", "socket")
 NET_MODES_LABEL = "smolvmm.net-modes"
 """A bundle's label: each network card's wire ("tap", "user"), in slot order."""
 BUNDLE_BOOT_DIR = "bundle-boot"  # a bootable bundle's kernel and initrd, under the cache, by digest
@@ -392,6 +393,24 @@ def open_bundle(path: str | os.PathLike[str], *, on_config: Callable[[Any], None
         raise BundleError(f"{path}: {exc}") from exc
     except OSError as exc:
         raise BundleError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def console_roles(bundle: smolformat.Bundle) -> list[str]:
+    """The role of each of the bundle's virtio consoles, in CONFIG order, from its CONSOLE_ROLES_LABEL
+    (a bundle without the label has socket consoles only). BundleError for a role that is not main,
+    agent or socket, or a count that is not the consoles'."""
+    consoles = sum(1 for d in bundle.config.devices if d.kind == "virtio-console")
+    value = bundle.labels.get(CONSOLE_ROLES_LABEL)
+    if value is None:
+        return ["socket"] * consoles
+    roles = value.split(",") if value else []
+    where = f"{bundle.path}: its {CONSOLE_ROLES_LABEL} label"
+    for role in roles:
+        if role not in CONSOLE_ROLES:
+            raise BundleError(f"{where} has {role[:40]!r}, which is not main, agent or socket")
+    if len(roles) != consoles:
+        raise BundleError(f"{where} names {len(roles)} role(s) for the bundle's {consoles} virtio console(s)")
+    return roles
 
 
 def networks_for(labels: dict[str, str], saved: int, given: tuple[NetConfig, ...]) -> tuple[NetConfig, ...]:

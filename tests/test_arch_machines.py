@@ -7,6 +7,7 @@ import platform
 import struct
 from pathlib import Path
 
+import bundles
 import pytest
 
 import smolformat
@@ -155,6 +156,31 @@ def test_a_bundle_plans_the_machine_it_saved_with_the_host_sides_a_restore_gives
     assert (plan.arch, plan.vcpus, plan.ram, plan.console) == ("x86_64", 2, ((0, 64 * MIB),), "serial")
     assert not plan.has_agent and plan.config == MachineConfig(vcpus=2, memory=64 * MIB)
     assert plan.cmdline == "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+@pytest.mark.parametrize(
+    ("roles", "shown"),
+    [
+        ("main,agenX", "label has 'agenX', which is not main, agent or socket"),
+        ("", "label names 0 role(s) for the bundle's 1 virtio console(s)"),
+        ("agent,main", "label names 2 role(s) for the bundle's 1 virtio console(s)"),
+    ],
+)
+def test_a_garbled_console_roles_label_is_a_bad_bundle(
+    roles: str, shown: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    contents = bundles.contents(tmp_path)
+    contents.metadata = smolformat.make_metadata("kvm-hardware", labels={CONSOLE_ROLES_LABEL: roles})
+    path = tmp_path / "garbled.smolmachine"
+    smolformat.write_bundle(path, contents)
+    where = f"{path}: its {CONSOLE_ROLES_LABEL} "
+    with smolformat.open_bundle(path) as bundle, pytest.raises(BundleError) as caught:
+        MachinePlan.from_bundle(bundle, RestoreOverrides(console_socket=tmp_path / "console.sock"))
+    assert str(caught.value) == where + shown
+    with pytest.raises(BundleError) as caught:  # a cold boot reads the label too
+        MachineConfig.from_bundle(path, console_socket=tmp_path / "console.sock")
+    assert str(caught.value) == where + shown
 
 
 def test_saved_arm64_state_is_admitted_register_by_register() -> None:

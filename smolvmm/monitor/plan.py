@@ -18,7 +18,7 @@ from typing import Literal, cast
 import smolformat
 from smolvmm.agent.channel import AgentPort
 from smolvmm.arch.machines import arch_named, host_arch
-from smolvmm.config import CONSOLE_ROLES_LABEL, MachineConfig, NetConfig, bundle_disk, networks_for
+from smolvmm.config import MachineConfig, NetConfig, bundle_disk, console_roles, networks_for
 from smolvmm.devices.uart import UartState
 from smolvmm.devices.virtio.block import VirtioBlock
 from smolvmm.devices.virtio.console import VirtioConsole
@@ -137,7 +137,7 @@ class MachinePlan:
         """The machine saved in ``bundle``, its host sides from ``overrides``; ConfigError when the
         bundle needs a host resource not given, BundleError for a device this monitor lacks."""
         config = bundle.config
-        roles = [r for r in bundle.labels.get(CONSOLE_ROLES_LABEL, "").split(",") if r]
+        roles = console_roles(bundle)
         saved_nets = sum(1 for d in config.devices if d.kind == "virtio-net")
         networks = list(networks_for(bundle.labels, saved_nets, overrides.networks))
         # Cards nobody asked for by name (the bundle's own user networks) do without a wire here,
@@ -155,7 +155,7 @@ class MachinePlan:
                 net = networks.pop(0)
                 devices.append(Network(net, net.mac or entry.params.mac, unplugged))
             elif entry.kind == "virtio-console":
-                role = roles.pop(0) if roles else "socket"
+                role = roles.pop(0)
                 if role in ("main", "agent"):
                     devices.append(ConsolePort(cast(ConsoleRole, role)))
                 elif role == "socket" and overrides.console_socket is not None:

@@ -6,9 +6,10 @@ field (``MachineConfig.vcpus must be ...``); path fields accept str or os.PathLi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -307,7 +308,7 @@ class MachineConfig:
 
         The kernel, initrd and disks are written once into the cache, keyed by the bundle's digest.
         """
-        with open_bundle(path) as bundle:
+        with open_bundle(path) as bundle, format_errors(path):  # a disk decoded, the kernel's digest checked
             if bundle.config.arch != "x86_64":
                 raise BundleError(f"the bundle is for {bundle.config.arch}; this monitor runs x86_64 guests")
             kernel, initrd = bundle.kernel, bundle.initrd
@@ -388,11 +389,22 @@ def open_bundle(path: str | os.PathLike[str], *, on_config: Callable[[Any], None
     import smolformat
 
     try:
-        return smolformat.open_bundle(path, on_config=on_config)
-    except smolformat.FormatError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
+        with format_errors(path):
+            return smolformat.open_bundle(path, on_config=on_config)
     except OSError as exc:
         raise BundleError(f"cannot open {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def format_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A ``smolformat.FormatError`` raised in the block as the one-line BundleError naming ``path``:
+    for what an open bundle reads later (zstd RAM decoded, a disk materialised, a section's digest)."""
+    import smolformat
+
+    try:
+        yield
+    except smolformat.FormatError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
 
 
 def console_roles(bundle: smolformat.Bundle) -> list[str]:

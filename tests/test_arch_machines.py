@@ -183,6 +183,17 @@ def test_a_garbled_console_roles_label_is_a_bad_bundle(
     assert str(caught.value) == where + shown
 
 
+def test_a_disk_that_does_not_decode_fails_a_cold_boot_as_a_bad_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    smolformat.write_bundle(tmp_path / "saved.smolmachine", bundles.contents(tmp_path))
+    broken = tmp_path / "broken.smolmachine"
+    bundles.with_broken_zstd_chunk(tmp_path / "saved.smolmachine", broken, smolformat.layout.SectionKind.DISK_DATA)
+    with pytest.raises(BundleError, match=r"broken.smolmachine: zstd chunk at 0x0 .*\[bad-chunk\]$"):
+        MachineConfig.from_bundle(broken, networks=(NetConfig(),), console_socket=tmp_path / "console.sock")
+
+
 def test_saved_arm64_state_is_admitted_register_by_register() -> None:
     from smolvmm.arch.arm64 import gic, regs, state
     from smolvmm.monitor.boundary import admit_state

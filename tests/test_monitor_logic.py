@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from bundles import with_broken_zstd_chunk
 from guests import broken_ring_in_ram
 from hypervisor_double import (
     Busy,
@@ -510,6 +511,18 @@ async def test_a_bundle_failing_its_checks_after_its_ram_layout_releases_the_vm_
     calls = since(double, mark)
     assert "hypervisor.create_vm" in calls  # RAM was being registered while the sections were read
     assert not any(n.endswith(".restore_state") for n in calls)
+    before.assert_released(double)
+
+
+async def test_zstd_ram_that_does_not_decode_fails_the_restore_as_a_bad_bundle(
+    double: DoubleHost, kernel: Path, tmp_path: Path
+) -> None:
+    await save_bundle(double, kernel, tmp_path / "saved.smolmachine")
+    broken = with_broken_zstd_chunk(tmp_path / "saved.smolmachine", tmp_path / "broken.smolmachine")
+    before = Resources()
+    with pytest.raises(BundleError, match=r"^\S+/broken.smolmachine: zstd chunk at 0x\w+ .*\[bad-chunk\]$"):
+        async with Machine.restore(broken):
+            pytest.fail("restored")
     before.assert_released(double)
 
 

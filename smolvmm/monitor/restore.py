@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from smolvmm.agent.channel import AgentPort
 from smolvmm.arch.machines import arch_named, host_arch_name
-from smolvmm.config import open_bundle
+from smolvmm.config import format_errors, open_bundle
 from smolvmm.devices.virtio.net import NetState, VirtioNet
 from smolvmm.errors import BundleError, HypervisorError
 from smolvmm.host.memory import PAGE_SIZE, GuestMemory
@@ -85,7 +85,7 @@ def restore_vm_from(
     except BaseException:
         early.close()
         raise
-    with bundle:
+    with bundle, format_errors(path):  # zstd RAM is decoded and base disks materialised in here
         try:
             if trusted_keys is not None:
                 from smolvmm.monitor.signing import check_signature  # cryptography: signed restores only

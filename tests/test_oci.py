@@ -148,6 +148,23 @@ def test_hostile_layers_are_refused_in_one_line_and_nothing_escapes(root: Path, 
     assert outside_is_untouched(root)
 
 
+@pytest.mark.parametrize("name", [".wh.", ".wh..", ".wh...", "etc/.wh.", "etc/.wh..", "etc/.wh..."])
+def test_a_whiteout_of_the_root_or_its_parent_is_refused_and_removes_nothing(root: Path, name: str) -> None:
+    lower = make_tar(info("etc", tarfile.DIRTYPE), ("etc/kept", b"kept"), ("top", b"top"))
+    with pytest.raises(ImageError) as raised:
+        apply(root, lower, make_tar(info(name, tarfile.REGTYPE)))
+    message = str(raised.value)
+    assert message.startswith(f"layer 1: entry {name!r} has an invalid name") and "\n" not in message
+    assert (root / "etc/kept").read_bytes() == b"kept" and (root / "top").read_bytes() == b"top"
+    assert outside_is_untouched(root)
+
+
+def test_an_opaque_whiteout_at_the_top_empties_the_root_of_the_layers_below(root: Path) -> None:
+    lower = make_tar(info("etc", tarfile.DIRTYPE), ("etc/gone", b"gone"), ("top", b"top"))
+    apply(root, lower, make_tar(("new", b"new"), info(".wh..wh..opq", tarfile.REGTYPE)))
+    assert sorted(os.listdir(root)) == ["new"] and outside_is_untouched(root)
+
+
 def test_a_layer_past_the_budget_stops_before_writing_it(root: Path) -> None:
     with pytest.raises(ImageError, match="tar bomb"):
         apply(root, make_tar(("small", b"x" * 10), ("big", b"y" * 100)), budget=50)

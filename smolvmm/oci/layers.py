@@ -2,9 +2,9 @@
 
 ``.wh.NAME`` deletes NAME from the layers below, ``.wh..wh..opq`` empties its directory of them;
 modes, owners (numeric), times, symlinks, hard links and xattrs are kept. Layers are untrusted:
-a path with ``..`` or an absolute path, a write through a symlink that leaves the root, a hard
-link to outside it, a layer larger than the space allowed: each raises ImageError naming the
-layer and the entry. Nothing is ever created outside ``root``: every parent is resolved within
+a path with ``..`` or an absolute path, a whiteout of ``""``, ``.`` or ``..``, a write through
+a symlink that leaves the root, a hard link to outside it, a layer larger than the space allowed:
+each raises ImageError naming the layer and the entry. Nothing is ever created outside ``root``: every parent is resolved within
 the root by hand (symlinks followed relative to the root, never by the host's kernel).
 Device nodes are skipped with a note (the guest's devtmpfs provides them).
 """
@@ -189,7 +189,10 @@ class _Applier:
                     _remove(child)
             return
         if leaf.startswith(WHITEOUT):
-            _remove(parent / leaf[len(WHITEOUT) :])
+            hidden = leaf[len(WHITEOUT) :]
+            if hidden in ("", ".", ".."):  # would remove the root itself, or the directory above it
+                raise ImageError(f"{where}: entry {member.name[:200]!r} has an invalid name (a whiteout of {hidden!r})")
+            _remove(parent / hidden)
             return
         path = parent / leaf
         if member.ischr() or member.isblk():

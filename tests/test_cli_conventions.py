@@ -63,6 +63,8 @@ def test_help_and_the_readme_document_the_same_exit_statuses() -> None:
         ["boot", "--mem", "3M"],  # a size, but no machine has 3 MiB of RAM
         ["build", "-o", "x.smolmachine", "--timeout", "0"],
         ["build", "-o", "x.smolmachine", "--cpus", "0"],
+        ["build", "-o", "x.smolmachine", "--image", ""],  # not the demo guest, as no --image would be
+        ["build", "-o", "x.smolmachine", "-f", ""],
         ["boot", "--bundle", "b.smolmachine", "--cpus", "2"],
         ["pack", "--raw", "--threads", "0", str(VALID), "out.smolmachine"],
         ["pack", "--zstd", "--threads", "-3", str(VALID), "out.smolmachine"],

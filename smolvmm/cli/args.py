@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import smolvmm
 
@@ -38,6 +39,18 @@ def size(text: str) -> int:
         return parse_size(text)
     except smolvmm.ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def non_empty(text: str) -> str:
+    """Any text but the empty string (which would read as the flag's absence)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def path(text: str) -> Path:
+    """A path; not empty (``Path("")`` is the current directory)."""
+    return Path(non_empty(text))
 
 
 def assignment(text: str) -> tuple[str, str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 import smolvmm
 from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, NetConfig, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
+from smolvmm.cli.args import non_empty, path
 from smolvmm.config import parse_size
 
 
@@ -19,11 +19,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--image",
+        type=non_empty,
         metavar="SOURCE",
         help="build from a container image: oci:DIR[:TAG],"
         " docker-archive:FILE, docker://REGISTRY/REPO[:TAG|@DIGEST] or rootfs:PATH",
     )
-    source.add_argument("-f", "--file", type=Path, metavar="SMOLFILE", help="build from a Smolfile (TOML recipe)")
+    source.add_argument("-f", "--file", type=path, metavar="SMOLFILE", help="build from a Smolfile (TOML recipe)")
     parser.add_argument(
         "--disk-size", metavar="SIZE", help="free space on the image's disk beyond its content (default 256M)"
     )
@@ -42,7 +43,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def image_build_requested(args: argparse.Namespace) -> bool:
-    return bool(args.image or args.file)
+    return args.image is not None or args.file is not None
 
 
 def _recipe(args: argparse.Namespace) -> ImageRecipe:

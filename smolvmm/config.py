@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar
 
 from smolvmm.errors import BundleError, ConfigError
 
@@ -53,7 +53,7 @@ def _invalid(name: str, expected: str, value: object) -> ConfigError:
     return ConfigError(f"{name} must be {expected}, not {value!r}")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -82,6 +82,26 @@ def check_environment(name: str, values: object) -> dict[str, str]:
         if not (isinstance(value, str) and "\0" not in value):
             raise ConfigError(f"{name}[{key!r}] must be a str without NUL characters")
     return dict(values)
+
+
+def check_vcpus(name: str, value: object) -> None:
+    """``value`` is a vCPU count a machine can have."""
+    if not _is_int(value) or not 1 <= value <= MAX_VCPUS:
+        raise _invalid(name, f"an int from 1 to {MAX_VCPUS}", value)
+
+
+def check_memory(name: str, value: object) -> None:
+    """``value`` is a size of guest RAM a machine can have."""
+    if not _is_int(value) or value % MEMORY_ALIGN or not MIN_MEMORY <= value <= MAX_MEMORY:
+        limits = f"from {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // GIB} GiB"
+        raise _invalid(name, f"a number of bytes, a multiple of 2 MiB {limits}", value)
+
+
+def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
+    """``error`` with the fields it names (``MachineConfig.vcpus``, ``MachineConfig.disks[0].path``,
+    ``ImageRecipe.env``) called as ``names`` says: the flag or the key the user wrote."""
+    field_name = re.compile(r"\b(?:\w+Config|ImageRecipe)\.\w+(?:\[\d+\]\.path)?")
+    return ConfigError(field_name.sub(lambda m: names.get(m[0].split("[")[0], m[0]), str(error)))
 
 
 _T = TypeVar("_T")
@@ -348,11 +368,8 @@ class MachineConfig:
         _check_text("MachineConfig.extra_cmdline", self.extra_cmdline)
         object.__setattr__(self, "env", check_environment("MachineConfig.env", self.env))
         object.__setattr__(self, "secrets", check_environment("MachineConfig.secrets", self.secrets))
-        if not _is_int(self.vcpus) or not 1 <= self.vcpus <= MAX_VCPUS:
-            raise _invalid("MachineConfig.vcpus", f"an int from 1 to {MAX_VCPUS}", self.vcpus)
-        if not _is_int(self.memory) or self.memory % MEMORY_ALIGN or not MIN_MEMORY <= self.memory <= MAX_MEMORY:
-            limits = f"from {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // GIB} GiB"
-            raise _invalid("MachineConfig.memory", f"a number of bytes, a multiple of 2 MiB {limits}", self.memory)
+        check_vcpus("MachineConfig.vcpus", self.vcpus)
+        check_memory("MachineConfig.memory", self.memory)
         if self.console not in ("serial", "virtio"):
             raise _invalid("MachineConfig.console", "'serial' (ttyS0) or 'virtio' (hvc0)", self.console)
         if self.console_socket is not None and len(os.fsencode(self.console_socket)) >= SUN_PATH_SIZE:

@@ -281,6 +281,48 @@ def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(
     assert not output.exists()
 
 
+def _as_nobody_when_root() -> list[str]:
+    """A command prefix that drops root (who may write anywhere) but still reads the checkout."""
+    reader = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *reader] if os.geteuid() == 0 else []
+
+
+@pytest.mark.parametrize("recipe", ["--image", "-f"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-o", "missing/app.smolmachine"], "-o missing/app.smolmachine: missing is not a directory"),
+        (["-o", "."], "-o . is a directory"),
+        (["-o", "read-only/app.smolmachine"], "-o read-only/app.smolmachine: read-only is not writable"),
+        (["-o", "app.smolmachine", "--cpus", "65"], "--cpus must be an int from 1 to 64, not 65"),
+        (["-o", "app.smolmachine", "--mem", "99999G"], "--mem must be a number of bytes, a multiple of 2 MiB"),
+    ],
+)
+def test_build_from_an_image_refuses_bad_flags_before_opening_the_image(
+    tmp_path: Path, recipe: str, flags: list[str], message: str
+) -> None:
+    work = tmp_path / "work"
+    for directory in (work, work / "layout", work / "read-only", work / "tmp", work / "cache"):
+        directory.mkdir()
+    make_layout(work / "layout", [make_tar(("hello", b"hi"))], {"Cmd": ["sh"]})
+    (work / "Smolfile").write_text(f'image = "oci:{work / "layout"}:v1"\n')
+    (work / "read-only").chmod(0o555)
+    source = [recipe, f"oci:{work / 'layout'}:v1" if recipe == "--image" else "Smolfile"]
+    as_nobody = _as_nobody_when_root() if "read-only" in flags[1] else []
+    result = subprocess.run(
+        [*as_nobody, sys.executable, "-m", "smolvmm", "build", *source, *flags],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env={**os.environ, "TMPDIR": str(work / "tmp"), "XDG_CACHE_HOME": str(work / "cache")},
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"smolvmm: error: {message}"), result.stderr
+    assert list((work / "tmp").iterdir()) == []  # no build's scratch directory: nothing fetched or unpacked
+    assert not (work / "cache/smolvmm/image-disks").exists() and not (work / "app.smolmachine").exists()
+
+
 def _owner(disk: Path, path: str) -> tuple[int, int]:
     shown = subprocess.run(["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True, check=True)
     found = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", shown.stdout)
@@ -308,11 +350,8 @@ def test_a_disk_built_by_a_user_who_is_not_root_keeps_the_layers_owners() -> Non
             "with open_source(sys.argv[1], Path(sys.argv[2])) as image: print(root_disk(image, Path(sys.argv[2])))\n"
         )
         # Without CAP_CHOWN, but able to read the checkout wherever it lies (a 0700 directory, say).
-        reader = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
-        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *reader]
-        as_nobody = as_nobody if os.geteuid() == 0 else []
         built = subprocess.run(
-            [*as_nobody, sys.executable, "-c", script, f"oci:{work / 'layout'}:v1", str(work)],
+            [*_as_nobody_when_root(), sys.executable, "-c", script, f"oci:{work / 'layout'}:v1", str(work)],
             capture_output=True,
             text=True,
             env={**os.environ, "XDG_CACHE_HOME": str(work / "cache")},

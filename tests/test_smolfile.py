@@ -31,6 +31,12 @@ def test_the_example_smolfile_gives_its_recipe() -> None:
         ('image = "oci:x"\nenv = { A = 1 }', "'env' must be a table of strings"),
         ('image = "oci:x"\nrun = "make"', "'run' must be a list of strings"),
         ('image = "oci:x"\nmemory = "lots"', "'memory': invalid size"),
+        # checked as --cpus, --mem and MachineConfig check them: before the image is fetched
+        ('image = "oci:x"\ncpus = -3', "'cpus' must be an int from 1 to 64, not -3"),
+        ('image = "oci:x"\ncpus = 65', "'cpus' must be an int from 1 to 64, not 65"),
+        ('image = "oci:x"\nmemory = "99999G"', "'memory' must be a number of bytes, a multiple of 2 MiB"),
+        ('image = "oci:x"\nmemory = "3M"', "'memory' must be a number of bytes, a multiple of 2 MiB"),
+        ('image = "oci:x"\nenv = { "A=B" = "x" }', "'env' names must be non-empty str without '='"),
         ('image = "oci:x"\n[ready]\nport = 1\nexec = "true"', "exactly one of"),
         ('image = "oci:x"\n[ready]\nport = 70000', "'ready.port'"),
         ('image = "oci:x"\n[ready]\nwhen = "now"', "unknown key 'ready.when'"),

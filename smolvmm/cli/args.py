@@ -66,3 +66,43 @@ def output_file(path: str | os.PathLike[str]) -> str:
     monitor's root is empty, and the jail stages the file in that directory (smolvmm.host.keeper)."""
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(os.path.realpath(directory), name)
+
+
+# The fields of MachineConfig (and what it holds) and ImageRecipe as the flags that set them.
+_FLAGS = {
+    "MachineConfig.kernel": "--kernel",
+    "MachineConfig.initrd": "--initrd",
+    "MachineConfig.cmdline": "--cmdline",
+    "MachineConfig.vcpus": "--cpus",
+    "MachineConfig.memory": "--mem",
+    "MachineConfig.disks": "--disk",
+    "MachineConfig.console_socket": "--console-socket",
+    "MachineConfig.console": "--console",
+    "DiskConfig.path": "--disk",
+    "DiskConfig.overlay": "--disk overlay",
+    "DiskConfig.read_only": "--disk ro",
+    "NetConfig.tap": "--net tap",
+    "NetConfig.mac": "--net mac",
+    "NetConfig.forwards": "--net forward",
+    "ImageRecipe.vcpus": "--cpus",
+    "ImageRecipe.memory": "--mem",
+}
+
+
+def as_flags(error: smolvmm.ConfigError) -> smolvmm.ConfigError:
+    """A configuration's ``error`` naming the flags, as the user wrote them, not the fields."""
+    from smolvmm.config import renamed
+
+    return renamed(error, _FLAGS)
+
+
+def new_file(path: Path) -> None:
+    """Check, before any work, that the file ``path`` (``-o``) can be written: not a directory, in
+    an existing directory that this user may write (ConfigError, a usage error, if not)."""
+    if path.is_dir():
+        raise smolvmm.ConfigError(f"-o {path} is a directory: name the .smolmachine file to write")
+    directory = path.parent
+    if not directory.is_dir():
+        raise smolvmm.ConfigError(f"-o {path}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise smolvmm.ConfigError(f"-o {path}: {directory} is not writable")

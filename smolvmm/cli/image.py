@@ -10,7 +10,7 @@ import smolvmm
 from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, NetConfig, ReadyCondition
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
-from smolvmm.cli.args import non_empty, path
+from smolvmm.cli.args import as_flags, non_empty, path
 from smolvmm.config import parse_size
 
 
@@ -84,9 +84,12 @@ def _recipe(args: argparse.Namespace) -> ImageRecipe:
         flags["ready"] = ReadyCondition(*readies[0])
     if args.net:
         flags["networks"] = NetConfig.parse_flags(args.net)
-    if args.file:
-        return smolvmm.load_smolfile(args.file, **flags)
-    return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]  # flags hold each field's own type
+    try:
+        if args.file:
+            return smolvmm.load_smolfile(args.file, **flags)
+        return ImageRecipe(args.image, **flags)  # type: ignore[arg-type]  # flags hold each field's own type
+    except ConfigError as exc:  # say which flag, as the user wrote it
+        raise as_flags(exc) from None
 
 
 async def build_from_image(args: argparse.Namespace) -> int:

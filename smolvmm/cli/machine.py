@@ -23,7 +23,7 @@ from smolvmm.cli import output as cli_output
 from smolvmm.cli import progress as cli_progress
 from smolvmm.cli import ps as cli_ps
 from smolvmm.cli import status as cli_status
-from smolvmm.cli.args import output_file, positive_float, positive_int, size
+from smolvmm.cli.args import as_flags, new_file, output_file, positive_float, positive_int, size
 
 if TYPE_CHECKING:
     from smolvmm import ImageConfig, Jail
@@ -32,25 +32,6 @@ if TYPE_CHECKING:
 # took ~40 % of a `run`'s imports. The library runs on both backends.
 BACKEND = "asyncio"
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
-# MachineConfig fields as the flags that set them, for error messages.
-_FLAGS = {
-    "MachineConfig.kernel": "--kernel",
-    "MachineConfig.initrd": "--initrd",
-    "MachineConfig.cmdline": "--cmdline",
-    "MachineConfig.vcpus": "--cpus",
-    "MachineConfig.memory": "--mem",
-    "MachineConfig.disks": "--disk",
-    "MachineConfig.console_socket": "--console-socket",
-    "MachineConfig.console": "--console",
-    "DiskConfig.path": "--disk",
-    "DiskConfig.overlay": "--disk overlay",
-    "DiskConfig.read_only": "--disk ro",
-    "NetConfig.tap": "--net tap",
-    "NetConfig.mac": "--net mac",
-    "NetConfig.forwards": "--net forward",
-}
-
-
 _NET_HELP = (
     "a network card: user networking through a passt of its own (no root), forwarding host ports to"
     " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address"
@@ -143,8 +124,7 @@ def _config(args: argparse.Namespace) -> MachineConfig:
             console=args.console,
         )
     except ConfigError as exc:  # say which flag, as the user wrote it
-        flag = re.sub(r"\w+Config\.\w+(?:\[\d+\]\.path)?", lambda m: _FLAGS.get(m[0].split("[")[0], m[0]), str(exc))
-        raise ConfigError(flag) from None
+        raise as_flags(exc) from None
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -426,10 +406,6 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         marker = _guest_marker(config.kernel)
         if marker is None:
             raise ConfigError("--ready-marker is needed with --kernel: say what the guest prints when it is ready")
-    if output.is_dir():
-        raise ConfigError(f"-o {output} is a directory: name the .smolmachine file to write")
-    if not output.parent.is_dir():
-        raise ConfigError(f"-o {output}: {output.parent} is not a directory")
     async with Machine.boot(config) as machine:
         _note_pvm_host(_on_pvm_host())
         cli_output.report_network(machine)
@@ -588,6 +564,7 @@ def run(name: str, args: argparse.Namespace) -> int:
     if name == "build":
         from smolvmm.cli.image import build_from_image, image_build_requested
 
+        new_file(args.output)  # before an image is fetched or a guest booted
         if image_build_requested(args):
             return anyio.run(build_from_image, args, backend=BACKEND)
         return anyio.run(_build, _config(args), args, backend=BACKEND)

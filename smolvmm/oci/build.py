@@ -19,7 +19,16 @@ from typing import BinaryIO, Literal, get_args
 
 import anyio
 
-from smolvmm.config import IMAGE_NETWORKS, MIB, DiskConfig, MachineConfig, NetConfig
+from smolvmm.config import (
+    IMAGE_NETWORKS,
+    MIB,
+    DiskConfig,
+    MachineConfig,
+    NetConfig,
+    check_environment,
+    check_memory,
+    check_vcpus,
+)
 from smolvmm.errors import ConfigError, GuestTimeout, ImageError
 from smolvmm.images.guestpaths import BUSYBOX
 from smolvmm.images.imageroot import image_guest
@@ -82,6 +91,10 @@ class ImageRecipe:
     networks: tuple[NetConfig, ...] | None = None
 
     def __post_init__(self) -> None:
+        # As MachineConfig will check them, but before the image is fetched and unpacked.
+        check_vcpus("ImageRecipe.vcpus", self.vcpus)
+        check_memory("ImageRecipe.memory", self.memory)
+        object.__setattr__(self, "env", check_environment("ImageRecipe.env", self.env))
         if self.kernel not in (None, "minimal"):
             raise ConfigError(f"ImageRecipe.kernel must be 'minimal' or None, not {self.kernel!r}")
         if self.networks is not None and not (

@@ -6,11 +6,12 @@ naming the file and the key. Relative ``copy`` sources are relative to the Smolf
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from smolvmm.config import NetConfig, parse_size
+from smolvmm.config import NetConfig, parse_size, renamed
 from smolvmm.errors import ConfigError
 from smolvmm.oci.build import READY_KINDS, ImageRecipe, ReadyCondition
 
@@ -31,6 +32,17 @@ _KEYS = {
     "ready": "a table with one of 'port', 'exec', 'marker'",
     "kernel": '"minimal" (the minimal guest kernel; default: the Debian cloud kernel)',
     "net": 'a list of strings like "user,forward=8080:80" or "none", as --net (default: user networking)',
+}
+
+
+# ImageRecipe's fields as the keys that set them, for error messages.
+_FIELDS = {
+    "ImageRecipe.vcpus": "'cpus'",
+    "ImageRecipe.memory": "'memory'",
+    "ImageRecipe.disk_headroom": "'disk_size'",
+    "ImageRecipe.env": "'env'",
+    "ImageRecipe.kernel": "'kernel'",
+    "ImageRecipe.networks": "'net'",
 }
 
 
@@ -143,5 +155,8 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
             fields["networks"] = NetConfig.parse_flags(document["net"])
         except ConfigError as exc:
             raise ConfigError(f"{where}: 'net': {exc}") from None
-    fields.update(overrides)
-    return ImageRecipe(**fields)
+    try:  # the file's values, checked as the API checks them (a vCPU count, a size of RAM, env names)
+        recipe = ImageRecipe(**fields)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {renamed(exc, _FIELDS)}") from None
+    return dataclasses.replace(recipe, **overrides)

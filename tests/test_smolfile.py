@@ -82,3 +82,37 @@ def test_a_recipe_may_ask_for_the_minimal_kernel_and_nothing_else(tmp_path: Path
     assert load_smolfile(smolfile).kernel == "minimal"
     with pytest.raises(ConfigError, match="ImageRecipe.kernel must be 'minimal' or None"):
         ImageRecipe("oci:x", kernel="bzImage")  # type: ignore[arg-type]
+
+
+def _copying(smolfile: Path, source: str) -> Path:
+    """The host file a Smolfile copying ``source`` copies."""
+    smolfile.write_text(f'image = "oci:x"\n[[copy]]\nfrom = "{source}"\nto = "/x"\n')
+    ((path, _),) = load_smolfile(smolfile).files
+    return path
+
+
+def test_copies_come_from_the_smolfiles_directory_only(tmp_path: Path) -> None:
+    """A Smolfile may be someone else's: it must not copy the host's files (/etc/shadow) into an image."""
+    context = tmp_path / "context"
+    (context / "sub").mkdir(parents=True)
+    (context / "sub" / "app.conf").write_text("conf")
+    (context / "inside").symlink_to("sub/app.conf")
+    (tmp_path / "secret").write_text("secret")
+    (context / "outside").symlink_to(tmp_path / "secret")
+    (context / "up").symlink_to("..")
+    smolfile = context / "Smolfile"
+    assert _copying(smolfile, "sub/app.conf") == context / "sub" / "app.conf"
+    assert _copying(smolfile, "inside") == context / "sub" / "app.conf"  # a symlink that stays inside
+    assert _copying(smolfile, "sub/../sub/app.conf") == context / "sub" / "app.conf"
+    for source, message in [
+        ("/etc/shadow", "is an absolute path"),
+        (str(tmp_path / "secret"), "is an absolute path"),
+        ("../secret", "leads outside"),
+        ("../../../../../../../../etc/shadow", "leads outside"),
+        ("outside", "leads outside"),
+        ("up/secret", "leads outside"),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            _copying(smolfile, source)
+        expected = f"Smolfile {smolfile}: 'copy[0].from' {source!r} {message}"
+        assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)

@@ -1,7 +1,8 @@
 """The Smolfile: a TOML recipe for ``smolvmm build -f Smolfile`` (see examples/Smolfile).
 
 Every key is checked: an unknown key or a value of the wrong type is one ConfigError line
-naming the file and the key. Relative ``copy`` sources are relative to the Smolfile.
+naming the file and the key. ``copy`` sources are files in the Smolfile's directory (its build
+context, as Docker's): an absolute path, or one that leads outside it (``..``, a symlink), is refused.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _size(where: str, key: str, text: str) -> int:
 
 
 def _copies(where: str, base: Path, items: list[dict[str, Any]]) -> tuple[tuple[Path, str], ...]:
+    """The files to copy: each in ``base`` (the Smolfile's directory, its build context) or below."""
+    context = base.resolve()
     copies = []
     for number, item in enumerate(items):
         name = f"copy[{number}]"
@@ -88,11 +91,15 @@ def _copies(where: str, base: Path, items: list[dict[str, Any]]) -> tuple[tuple[
         if unknown:
             raise ConfigError(f"{where}: unknown key '{name}.{sorted(unknown)[0]}' (known: from, to)")
         source, target = item.get("from"), item.get("to")
-        if not isinstance(source, str) or not source:
-            raise ConfigError(f"{where}: '{name}.from' must be a host path (a string)")
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise ConfigError(f"{where}: '{name}.from' must be a host path (a string without NUL characters)")
         if not isinstance(target, str) or not target.startswith("/"):
             raise ConfigError(f"{where}: '{name}.to' must be an absolute guest path (a string)")
-        path = base / source
+        if Path(source).is_absolute():
+            raise ConfigError(f"{where}: '{name}.from' {source!r} is an absolute path: name a file in {context}")
+        path = (context / source).resolve()
+        if not path.is_relative_to(context):  # through '..' or a symlink: the Smolfile's author may not be you
+            raise ConfigError(f"{where}: '{name}.from' {source!r} leads outside {context}, the Smolfile's directory")
         if not path.is_file():
             raise ConfigError(f"{where}: '{name}.from' {source!r} is not a file")
         copies.append((path, target))

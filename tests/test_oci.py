@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -178,12 +179,18 @@ def _blob(layout: Path, data: bytes, media: str) -> dict[str, object]:
     return {"mediaType": media, "digest": f"sha256:{digest}", "size": len(data)}
 
 
-def make_layout(layout: Path, layers: list[bytes], config: dict, platform: str | None = None) -> None:
+def make_layout(
+    layout: Path, layers: list[bytes], config: dict, platform: str | None = None, rootfs: dict | None = None
+) -> None:
+    """An OCI layout of ``layers`` tagged v1; its config's ``rootfs`` lists the layers' diff_ids
+    (the digests of their uncompressed tars) unless given."""
+    uncompressed = [gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data for data in layers]
+    diff_ids = [f"sha256:{hashlib.sha256(data).hexdigest()}" for data in uncompressed]
     config_doc = {
         "architecture": "amd64",
         "os": "linux",
         "config": config,
-        "rootfs": {"type": "layers", "diff_ids": []},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids} if rootfs is None else rootfs,
     }
     manifest = {
         "schemaVersion": 2,
@@ -219,6 +226,27 @@ def test_a_damaged_blob_is_refused(tmp_path: Path, damage: str) -> None:
     with pytest.raises(ImageError, match=expected):
         with open_source(f"oci:{tmp_path}", tmp_path):
             pass
+
+
+def _unpack(layout: Path, root: Path) -> None:
+    with open_source(f"oci:{layout}:v1", layout) as image:
+        apply_layers(root, image.layers, Budget(1 << 30))
+
+
+def test_an_oci_layouts_layers_are_checked_against_the_configs_diff_ids(tmp_path: Path, root: Path) -> None:
+    plain, other = make_tar(("hello", b"hi")), make_tar(("other", b"x"))
+    layout = tmp_path / "layout"
+    make_layout(layout, [gzip.compress(plain), plain], {})  # the diff_id of a compressed layer: its tar's
+    _unpack(layout, root)
+    assert (root / "hello").read_bytes() == b"hi"
+    wrong = f"sha256:{hashlib.sha256(other).hexdigest()}"
+    make_layout(layout, [gzip.compress(plain)], {}, rootfs={"type": "layers", "diff_ids": [wrong]})
+    with pytest.raises(ImageError, match=rf"^layer 0 \(sha256:[0-9a-f]{{12}}\) does not match its digest {wrong}$"):
+        _unpack(layout, root)
+    for rootfs in ({"type": "layers", "diff_ids": []}, {"type": "layers", "diff_ids": [wrong, wrong]}, {}):
+        make_layout(layout, [plain], {}, rootfs=rootfs)
+        with pytest.raises(ImageError, match="rootfs.diff_ids do not list one sha256 digest per layer"):
+            _unpack(layout, root)
 
 
 def test_a_manifest_list_without_linux_amd64_says_what_it_has(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ class Budget:
 
 
 class _Hashing(io.RawIOBase):
-    """A read-through stream that hashes what passes (for a docker archive's diff_ids)."""
+    """A read-through stream that hashes what passes (a layer's uncompressed tar, for its diff_id)."""
 
     def __init__(self, inner: IO[bytes]) -> None:
         self.inner, self.digest = inner, hashlib.sha256()
@@ -147,8 +147,10 @@ class _Applier:
     def apply(self, layer: Layer) -> None:
         where = f"layer {layer.name}"
         raw = layer.open()
-        hashing = _Hashing(raw) if layer.diff_id else None
-        stream = _decompressed(hashing or raw)
+        stream = _decompressed(raw)
+        hashing = _Hashing(stream) if layer.diff_id else None
+        if hashing is not None:  # the diff_id is the uncompressed tar's: hashed as it is read, once
+            stream = io.BufferedReader(hashing, _CHUNK)
         created: set[str] = set()
         directories: list[tuple[Path, tarfile.TarInfo]] = []
         try:

@@ -53,8 +53,9 @@ class Descriptor:
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer: ``open()`` gives its tar stream (maybe compressed); ``diff_id`` checks the
-    uncompressed stream when the blob itself had no digest to check (old docker archives)."""
+    """One layer: ``open()`` gives its tar stream (maybe compressed); ``diff_id``, the image
+    config's digest of the uncompressed stream, is checked as the layer is unpacked (for a docker
+    archive, whose blobs have no other digest, it is the only check)."""
 
     name: str
     size: int
@@ -124,3 +125,17 @@ def parse_manifest(where: str, manifest: Any) -> tuple[Descriptor, list[Descript
         raise ImageError(f"{where} has no list of layers (or more than {MAX_LAYERS})")
     config = Descriptor.parse(f"{where} config", manifest.get("config"))
     return config, [Descriptor.parse(f"{where} layer {number}", layer) for number, layer in enumerate(layers)]
+
+
+def diff_ids(where: str, config: Any, count: int) -> list[str]:
+    """The image config's ``rootfs.diff_ids``: one sha256 digest for each of the ``count`` layers
+    (the digest of its uncompressed tar, checked as the layer is unpacked)."""
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if (
+        not isinstance(ids, list)
+        or len(ids) != count
+        or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids)
+    ):
+        raise ImageError(f"{where}: the config's rootfs.diff_ids do not list one sha256 digest per layer")
+    return list(ids)

@@ -23,6 +23,7 @@ from smolvmm.oci.manifest import (
     Descriptor,
     Image,
     Layer,
+    diff_ids,
     file_opener,
     load_json,
     parse_manifest,
@@ -76,14 +77,15 @@ async def _pull(reference: Reference, work: Path, insecure: bool, progress: Call
             raise ImageError(f"{where}: config is larger than {MAX_DOCUMENT >> 20} MiB")
         data = await client.fetch_small(reference.repository, config_descriptor.digest, config_descriptor.size)
         config = load_json(f"{where}: config {config_descriptor.digest}", data)
+        ids = diff_ids(where, config, len(descriptors))
         work.mkdir(parents=True, exist_ok=True)
         layers = []
-        for number, descriptor in enumerate(descriptors):
+        for number, (descriptor, diff_id) in enumerate(zip(descriptors, ids)):
             path = work / descriptor.digest.removeprefix("sha256:")
             if progress:
                 progress(f"pulling layer {number + 1}/{len(descriptors)} ({descriptor.size / (1 << 20):.1f} MiB)")
             await _download(client, where, reference.repository, descriptor, path)
-            layers.append(Layer(f"{number} ({descriptor.digest[:19]})", descriptor.size, file_opener(path)))
+            layers.append(Layer(f"{number} ({descriptor.digest[:19]})", descriptor.size, file_opener(path), diff_id))
     return Image(digest, ImageConfig.from_image(config), tuple(layers))
 
 

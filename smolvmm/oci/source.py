@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import ImageConfig
@@ -27,6 +27,7 @@ from smolvmm.oci.manifest import (
     Image,
     Layer,
     check_digest,
+    diff_ids,
     file_opener,
     load_json,
     parse_manifest,
@@ -135,24 +136,13 @@ def _oci_layout(directory: str, tag: str | None) -> Image:
     config = load_json(
         f"{where}: config", _read_verified(f"{where}: config", _blob_path(layout, config_descriptor), config_descriptor)
     )
+    ids = diff_ids(where, config, len(layers))
     checked = []
-    for number, layer in enumerate(layers):
+    for number, (layer, diff_id) in enumerate(zip(layers, ids)):
         path = _blob_path(layout, layer)
         verify_file(f"{where}: layer {number} ({layer.digest})", path, layer)
-        checked.append(Layer(f"{number} ({layer.digest[:19]})", layer.size, file_opener(path)))
+        checked.append(Layer(f"{number} ({layer.digest[:19]})", layer.size, file_opener(path), diff_id))
     return Image(descriptor.digest, ImageConfig.from_image(config), tuple(checked))
-
-
-def _diff_ids(where: str, config: Any, count: int) -> list[str | None]:
-    rootfs = config.get("rootfs") if isinstance(config, dict) else None
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if (
-        not isinstance(ids, list)
-        or len(ids) != count
-        or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids)
-    ):
-        raise ImageError(f"{where}: the config's rootfs.diff_ids do not list one sha256 digest per layer")
-    return list(ids)
 
 
 @contextmanager
@@ -198,7 +188,7 @@ def _docker_archive(path: Path) -> Iterator[Image]:
             raise ImageError(f"{where}: config {config_name!r} is not named by its digest")
         check_digest(f"{where}: config", config_data, config_digest)
         config = load_json(f"{where}: config", config_data)
-        ids = _diff_ids(where, config, len(layer_names))
+        ids = diff_ids(where, config, len(layer_names))
         layers = []
         for number, (name, diff_id) in enumerate(zip(layer_names, ids)):
             layer_file = members.get(name)

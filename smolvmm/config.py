@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,20 @@ MAX_VCPUS = 64
 IFNAMSIZ = 16  # Linux interface names, including the NUL
 SUN_PATH_SIZE = 108  # AF_UNIX socket paths, including the NUL
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def special_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is if it is neither a regular file nor a directory ("a FIFO", "a character
+    device"...): reading it could wait, or go on, for ever. None otherwise, a missing path too
+    (its reader says so)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+    return kinds.get(stat.S_IFMT(mode), "a socket")
 
 
 def parse_size(text: str) -> int:

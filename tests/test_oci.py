@@ -351,6 +351,37 @@ def test_build_from_an_image_refuses_bad_flags_before_opening_the_image(
     assert not (work / "cache/smolvmm/image-disks").exists() and not (work / "app.smolmachine").exists()
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (["--image", "docker-archive:fifo"], "docker archive fifo is a FIFO, not a regular file"),
+        (["--image", "docker-archive:/dev/zero"], "docker archive /dev/zero is a character device, not a regular file"),
+        (["--image", "rootfs:fifo"], "rootfs fifo is a FIFO, not a directory or a tar archive"),
+        (["--image", "rootfs:/dev/zero"], "rootfs /dev/zero is a character device, not a directory or a tar archive"),
+        (["--image", "oci:layout:v1"], "OCI layout layout: index.json is a FIFO, not a regular file"),
+        (["-f", "fifo"], "Smolfile fifo is a FIFO, not a file"),
+        (["-f", "/dev/zero"], "Smolfile /dev/zero is a character device, not a file"),
+    ],
+)
+def test_a_fifo_or_a_device_is_refused_before_it_is_read(tmp_path: Path, source: list[str], message: str) -> None:
+    """Reading one would wait for a writer, or never end (/dev/zero)."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "layout").mkdir()
+    make_layout(tmp_path / "layout", [make_tar(("hello", b"hi"))], {})
+    (tmp_path / "layout/index.json").unlink()
+    os.mkfifo(tmp_path / "layout/index.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "build", *source, "-o", "app.smolmachine"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        timeout=60,
+    )
+    assert result.returncode == (2 if source[0] == "-f" else 1), result.stderr
+    assert result.stderr == f"smolvmm: error: {message}\n"
+
+
 def _owner(disk: Path, path: str) -> tuple[int, int]:
     shown = subprocess.run(["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True, check=True)
     found = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", shown.stdout)

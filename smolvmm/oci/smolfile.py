@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from smolvmm.config import NetConfig, parse_size, renamed
+from smolvmm.config import NetConfig, parse_size, renamed, special_file
 from smolvmm.errors import ConfigError
 from smolvmm.oci.build import READY_KINDS, ImageRecipe, ReadyCondition
 
@@ -129,6 +129,9 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
     flags) win over the file's values."""
     path = Path(path)
     where = f"Smolfile {path}"
+    kind = special_file(path)
+    if kind is not None:
+        raise ConfigError(f"{where} is {kind}, not a file")
     try:
         document = tomllib.loads(path.read_text())
     except OSError as exc:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from smolvmm.config import special_file
 from smolvmm.errors import ImageError
 from smolvmm.oci.imageconfig import ImageConfig
 from smolvmm.oci.manifest import (
@@ -48,8 +49,17 @@ def _member_opener(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Callabl
     return open_member
 
 
+def _readable(where: str, path: Path, wanted: str = "a regular file") -> None:
+    """Refuse ``path`` before reading it if it is a FIFO, a device or a socket (``rootfs:/dev/zero``):
+    reading it could wait, or go on, for ever."""
+    kind = special_file(path)
+    if kind is not None:
+        raise ImageError(f"{where} is {kind}, not {wanted}")
+
+
 def verify_file(where: str, path: Path, descriptor: Descriptor) -> None:
     """Check that blob file ``path`` has exactly the descriptor's size and digest."""
+    _readable(where, path)
     try:
         size = path.stat().st_size
         if size != descriptor.size:
@@ -102,6 +112,7 @@ def _blob_path(layout: Path, descriptor: Descriptor) -> Path:
 def _read_verified(where: str, path: Path, descriptor: Descriptor) -> bytes:
     if descriptor.size > MAX_DOCUMENT:
         raise ImageError(f"{where} is larger than {MAX_DOCUMENT >> 20} MiB")
+    _readable(f"{where} ({path})", path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -112,12 +123,19 @@ def _read_verified(where: str, path: Path, descriptor: Descriptor) -> bytes:
     return data
 
 
+def _read_document(where: str, path: Path) -> bytes:
+    """The start of file ``path``: enough for load_json to tell a document too large."""
+    _readable(where, path)
+    with open(path, "rb") as document:
+        return document.read(MAX_DOCUMENT + 1)
+
+
 def _oci_layout(directory: str, tag: str | None) -> Image:
     layout = Path(directory)
     where = f"OCI layout {layout}"
     try:
-        marker = load_json(f"{where}: oci-layout", (layout / "oci-layout").read_bytes()[: MAX_DOCUMENT + 1])
-        index = load_json(f"{where}: index.json", (layout / "index.json").read_bytes()[: MAX_DOCUMENT + 1])
+        marker = load_json(f"{where}: oci-layout", _read_document(f"{where}: oci-layout", layout / "oci-layout"))
+        index = load_json(f"{where}: index.json", _read_document(f"{where}: index.json", layout / "index.json"))
     except OSError as exc:
         raise ImageError(f"{where} is not an OCI image layout: {exc.strerror or exc}") from None
     if not isinstance(marker, dict) or not isinstance(marker.get("imageLayoutVersion"), str):
@@ -148,6 +166,7 @@ def _oci_layout(directory: str, tag: str | None) -> Image:
 @contextmanager
 def _docker_archive(path: Path) -> Iterator[Image]:
     where = f"docker archive {path}"
+    _readable(where, path)
     try:
         archive = tarfile.open(path, "r:")
     except (OSError, tarfile.TarError) as exc:
@@ -204,6 +223,7 @@ def _rootfs(path: Path) -> Image:
         info = path.stat()
     except OSError as exc:
         raise ImageError(f"{where}: {exc.strerror or exc}") from None
+    _readable(where, path, "a directory or a tar archive")
     key = f"rootfs:{path.resolve()}:{info.st_mtime_ns}:{info.st_size}"
     if path.is_dir():
         return Image(key, ImageConfig(), directory=path)

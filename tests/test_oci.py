@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -380,6 +381,48 @@ def test_a_fifo_or_a_device_is_refused_before_it_is_read(tmp_path: Path, source:
     )
     assert result.returncode == (2 if source[0] == "-f" else 1), result.stderr
     assert result.stderr == f"smolvmm: error: {message}\n"
+
+
+_STALLED_BOOT = """
+import contextlib, sys, types
+import anyio
+import smolvmm.oci.build as build
+
+@contextlib.asynccontextmanager
+async def boot(config):
+    print("booting", flush=True)  # the image is unpacked, its scratch directory full
+    await anyio.sleep_forever()
+    yield
+
+build.image_guest = lambda minimal: types.SimpleNamespace(kernel=None, initrd=None, cmdline=None, ready_marker="up")
+build.Machine = types.SimpleNamespace(boot=boot)
+from smolvmm.cli.dispatch import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_ends_a_build_from_an_image_and_removes_its_scratch_directory(tmp_path: Path) -> None:
+    """(The boot, which needs KVM, is stood in for by one that never ends.)"""
+    make_layout(tmp_path / "layout", [make_tar(("hello", b"hi"))], {"Cmd": ["sh"]})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    build = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_BOOT, "build", "--image", f"oci:{tmp_path / 'layout'}:v1", "--net", "none"]
+        + ["-o", str(tmp_path / "app.smolmachine")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    try:
+        assert build.stdout is not None and build.stdout.readline() == "booting\n"
+        assert [p.name[:14] for p in scratch.iterdir()] == ["smolvmm-build-"]
+        build.send_signal(signal.SIGTERM)
+        _, errors = build.communicate(timeout=60)
+    finally:
+        build.kill()
+    assert build.returncode == 128 + signal.SIGTERM and errors == ""
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "app.smolmachine").exists()
 
 
 def _owner(disk: Path, path: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, NetConfig, ReadyCo
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import as_flags, non_empty, path
+from smolvmm.cli.machine import cancelled_by_signal
 from smolvmm.config import parse_size
 
 
@@ -98,14 +99,18 @@ async def build_from_image(args: argparse.Namespace) -> int:
     progress = cli_output.message if cli_output.is_terminal(sys.stderr) else None
     encoding = "zstd" if args.zstd else "raw"
     timings: dict[str, float] = {}
-    digest = await smolvmm.build_image(
-        recipe,
-        args.output,
-        encoding=encoding,
-        progress=progress,
-        note=lambda text: cli_output.message(f"note: {text}"),
-        timings=timings,
-    )
+    digest = b""
+    async with cancelled_by_signal() as received:
+        digest = await smolvmm.build_image(
+            recipe,
+            args.output,
+            encoding=encoding,
+            progress=progress,
+            note=lambda text: cli_output.message(f"note: {text}"),
+            timings=timings,
+        )
+    if received:  # the build was cancelled: nothing was written, its scratch directory is gone
+        return cli_status.SIGNAL_BASE + received[0]
     if args.json:
         from smolvmm.cli.bundle import sizes
 

@@ -205,9 +205,13 @@ async def build_image(
         notes: list[str] = []
         networks = recipe_networks(recipe, notes)
 
+        def unpacking(text: str) -> None:  # in the worker thread: a cancelled build stops at the next layer
+            anyio.from_thread.check_cancelled()
+            say(text)
+
         def prepare() -> tuple[Path, ImageConfig]:
             with open_source(recipe.image, Path(scratch) / "blobs", insecure=recipe.insecure, progress=say) as image:
-                disk = root_disk(image, Path(scratch), recipe.disk_headroom, progress=say, notes=notes)
+                disk = root_disk(image, Path(scratch), recipe.disk_headroom, progress=unpacking, notes=notes)
                 return disk, image.config
 
         disk, base = await anyio.to_thread.run_sync(prepare)

@@ -282,6 +282,10 @@ def test_image_config_defaults_and_commands() -> None:
         ImageConfig().command()
     with pytest.raises(ImageError, match="Env"):
         ImageConfig.from_image({"config": {"Env": "PATH=/x"}})
+    assert ImageConfig.from_image({"os": "linux", "architecture": "amd64", "config": {"Cmd": ["c"]}}).cmd == ("c",)
+    for other in ({"architecture": "arm64"}, {"os": "windows", "architecture": "amd64"}):
+        with pytest.raises(ImageError, match=f"the image is for .*{other['architecture']}; the guest runs linux/amd64"):
+            ImageConfig.from_image({**other, "config": {"Cmd": ["c"]}})
 
 
 @pytest.mark.parametrize(

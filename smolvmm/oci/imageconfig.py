@@ -10,6 +10,7 @@ from smolvmm.errors import ImageError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL = "smolvmm.image-config"  # the bundle label that holds it (JSON)
+PLATFORM = ("linux", "amd64")  # the guest's, as an image config names it
 _MAX_JSON = 256 << 10
 
 
@@ -44,6 +45,9 @@ class ImageConfig:
         """From an OCI/Docker image config document (its ``config`` object); unknown fields are ignored."""
         if not isinstance(document, dict):
             raise ImageError("the image config is not a JSON object")
+        platform = tuple(str(document.get(key, want))[:40] for key, want in zip(("os", "architecture"), PLATFORM))
+        if platform != PLATFORM:  # its programs could not run in the guest
+            raise ImageError(f"the image is for {'/'.join(platform)}; the guest runs {'/'.join(PLATFORM)} programs")
         config = document.get("config") or {}
         if not isinstance(config, dict):
             raise ImageError("the image config's 'config' is not a JSON object")

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from smolvmm.errors import ImageError
-from smolvmm.oci.imageconfig import ImageConfig
+from smolvmm.oci.imageconfig import PLATFORM, ImageConfig
 
 MAX_DOCUMENT = 4 << 20  # manifests, indexes and configs
 MAX_LAYERS = 256
-PLATFORM = ("linux", "amd64")  # the guest's
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"}
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")

@@ -495,6 +495,21 @@ def test_a_registry_error_is_one_line_whatever_its_body(
     assert len(pulled.stderr.strip().splitlines()) == 1 and re.search(shown, pulled.stderr.strip()), pulled.stderr
 
 
+@pytest.mark.anyio
+async def test_a_token_service_whose_answer_never_ends_is_read_no_further_than_a_token_can_be(cache: Path) -> None:
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.path.startswith("/token"):
+            _status(200, endless=True)(handler)
+        realm = f"http://{handler.headers['Host']}/token"
+        handler.send_response(401)
+        handler.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="fake"')
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _FakeRegistry(answer) as fake, pytest.raises(smolvmm.RegistryError, match="token service answered 200"):
+        await smolvmm.pull(f"{fake.address}/team/app:v1")
+
+
 @pytest.mark.parametrize(
     ("content_type", "shown"),
     [

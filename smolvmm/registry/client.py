@@ -165,18 +165,27 @@ class RegistryClient:
             params.append(("service", challenge["service"]))
         login = self._login()
         auth = httpx.BasicAuth(*login) if login else None
+        request = self._http.build_request("GET", realm, params=tuple(params))  # httpx types lists invariantly
+        body = b""
         try:
-            response = await self._http.get(realm, params=tuple(params), auth=auth)  # httpx types lists invariantly
+            response = await self._http.send(request, auth=auth, stream=True)
+            try:
+                async for piece in response.aiter_bytes():  # decoded; a hostile service's may never end
+                    body += piece
+                    if len(body) > MAX_TOKEN_ANSWER:
+                        break
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise self._lost(exc, "asking for a token") from None
         if response.status_code in (401, 403):
             raise RegistryError(
                 f"{self.registry} refused the credentials{' from the docker config' if login else ' (none in the docker config)'} for {' '.join(scopes)}"
             )
-        if response.status_code != 200 or len(response.content) > MAX_TOKEN_ANSWER:
+        if response.status_code != 200 or len(body) > MAX_TOKEN_ANSWER:
             raise RegistryError(f"{self.registry}'s token service answered {response.status_code}")
         try:
-            answer = response.json()
+            answer = json.loads(body)
             return str(answer.get("token") or answer["access_token"])
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"{self.registry}'s token service sent no token") from None

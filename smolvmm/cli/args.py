@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import smolvmm
@@ -89,11 +90,12 @@ _FLAGS = {
 }
 
 
+_FIELD = re.compile(r"\b(?:\w+Config|ImageRecipe)\.\w+(?:\[\d+\]\.path)?")
+
+
 def as_flags(error: smolvmm.ConfigError) -> smolvmm.ConfigError:
     """A configuration's ``error`` naming the flags, as the user wrote them, not the fields."""
-    from smolvmm.config import renamed
-
-    return renamed(error, _FLAGS)
+    return smolvmm.ConfigError(_FIELD.sub(lambda m: _FLAGS.get(m[0].split("[")[0], m[0]), str(error)))
 
 
 def new_file(path: Path) -> None:

@@ -11,7 +11,7 @@ from smolvmm import MINIMAL_KERNEL, ConfigError, ImageRecipe, NetConfig, ReadyCo
 from smolvmm.cli import output as cli_output
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import as_flags, non_empty, path
-from smolvmm.cli.machine import cancelled_by_signal
+from smolvmm.cli.signals import cancelled_by_signal
 from smolvmm.config import parse_size
 
 

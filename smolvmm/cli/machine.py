@@ -9,8 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, ExitStack, asynccontextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -25,6 +24,7 @@ from smolvmm.cli import progress as cli_progress
 from smolvmm.cli import ps as cli_ps
 from smolvmm.cli import status as cli_status
 from smolvmm.cli.args import as_flags, new_file, output_file, positive_float, positive_int, size
+from smolvmm.cli.signals import until_signal
 
 if TYPE_CHECKING:
     from smolvmm import ImageConfig, Jail
@@ -364,36 +364,10 @@ async def serve(
     return status
 
 
-async def _until_signal(received: list[int] | None = None) -> None:
-    """Return once SIGTERM (``smolvmm stop``, a service manager) or SIGHUP arrives (appended to ``received``)."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if received is not None:
-                received.append(signum)
-            return
-
-
 async def _stop_on_signal(machine: Machine, received: list[int] | None = None) -> None:
     """Stop ``machine`` on SIGTERM or SIGHUP (appended to ``received``)."""
-    await _until_signal(received)
+    await until_signal(received)
     await machine.stop()
-
-
-@asynccontextmanager
-async def cancelled_by_signal() -> AsyncIterator[list[int]]:
-    """Run the block until it ends or SIGTERM or SIGHUP cancels it (its ``with`` blocks clean up,
-    a build's scratch directory goes); yields the list the signal is appended to: 128 + it is the
-    command's exit status. Work in a worker thread ends its step first (it cannot be interrupted)."""
-    received: list[int] = []
-    async with anyio.create_task_group() as tg:
-
-        async def cancel_on_signal() -> None:
-            await _until_signal(received)
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(cancel_on_signal)
-        yield received
-        tg.cancel_scope.cancel()
 
 
 async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namespace) -> int:

@@ -112,13 +112,6 @@ def check_memory(name: str, value: object) -> None:
         raise _invalid(name, f"a number of bytes, a multiple of 2 MiB {limits}", value)
 
 
-def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
-    """``error`` with the fields it names (``MachineConfig.vcpus``, ``MachineConfig.disks[0].path``,
-    ``ImageRecipe.env``) called as ``names`` says: the flag or the key the user wrote."""
-    field_name = re.compile(r"\b(?:\w+Config|ImageRecipe)\.\w+(?:\[\d+\]\.path)?")
-    return ConfigError(field_name.sub(lambda m: names.get(m[0].split("[")[0], m[0]), str(error)))
-
-
 _T = TypeVar("_T")
 
 

@@ -3,6 +3,9 @@
 A user sees ``str(exc)`` as one line; a developer sees the chain (``raise ... from``).
 """
 
+from __future__ import annotations
+
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +29,15 @@ class SmolvmmError(Exception):
 
 class ConfigError(SmolvmmError):
     """A machine configuration, an argument or a command-line value is invalid, or asks for what cannot be."""
+
+    def naming(self, names: dict[str, str]) -> ConfigError:
+        """This error with the configuration fields it names (``MachineConfig.vcpus``,
+        ``MachineConfig.disks[0].path``, ``ImageRecipe.env``) called as ``names`` says: the flag or
+        the key the user wrote."""
+        return ConfigError(_FIELD.sub(lambda m: names.get(m[0].split("[")[0], m[0]), str(self)))
+
+
+_FIELD = re.compile(r"\b(?:\w+Config|ImageRecipe)\.\w+(?:\[\d+\]\.path)?")
 
 
 class UsageError(SmolvmmError, RuntimeError):

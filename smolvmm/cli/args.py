@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
 import smolvmm
@@ -90,12 +89,9 @@ _FLAGS = {
 }
 
 
-_FIELD = re.compile(r"\b(?:\w+Config|ImageRecipe)\.\w+(?:\[\d+\]\.path)?")
-
-
 def as_flags(error: smolvmm.ConfigError) -> smolvmm.ConfigError:
     """A configuration's ``error`` naming the flags, as the user wrote them, not the fields."""
-    return smolvmm.ConfigError(_FIELD.sub(lambda m: _FLAGS.get(m[0].split("[")[0], m[0]), str(error)))
+    return error.naming(_FLAGS)
 
 
 def new_file(path: Path) -> None:

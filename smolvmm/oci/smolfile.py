@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from smolvmm.config import NetConfig, parse_size, renamed, special_file
+from smolvmm.config import NetConfig, parse_size, special_file
 from smolvmm.errors import ConfigError
 from smolvmm.oci.build import READY_KINDS, ImageRecipe, ReadyCondition
 
@@ -168,5 +168,5 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
     try:  # the file's values, checked as the API checks them (a vCPU count, a size of RAM, env names)
         recipe = ImageRecipe(**fields)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {renamed(exc, _FIELDS)}") from None
+        raise ConfigError(f"{where}: {exc.naming(_FIELDS)}") from None
     return dataclasses.replace(recipe, **overrides)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from smolvmm import ConfigError, ImageRecipe, NetConfig, PortForward, ReadyCondition, load_smolfile
+from smolvmm import ConfigError, ImageError, ImageRecipe, NetConfig, PortForward, ReadyCondition, load_smolfile
+from smolvmm.oci import build
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smolfile" / "Smolfile"
 
@@ -116,3 +118,31 @@ def test_copies_come_from_the_smolfiles_directory_only(tmp_path: Path) -> None:
             _copying(smolfile, source)
         expected = f"Smolfile {smolfile}: 'copy[0].from' {source!r} {message}"
         assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+
+
+def test_a_copy_source_swapped_after_the_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Smolfile's directory may be someone else's too: a source they swap between the check and the
+    copy, for a symlink out of it or a FIFO (whose read would wait for ever), is refused when opened."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "app.conf").write_text("conf")
+    (tmp_path / "secret").write_text("secret")
+    smolfile = context / "Smolfile"
+    smolfile.write_text('image = "oci:x"\n[[copy]]\nfrom = "app.conf"\nto = "/x"\n')
+    recipe = load_smolfile(smolfile)
+    assert recipe.context == context.resolve()
+    ((source, _),) = recipe.files
+    assert build._read_source(source, recipe.context) == (b"conf", source.stat().st_mode & 0o777)
+    source.unlink()
+    source.symlink_to(tmp_path / "secret")
+    with pytest.raises(ImageError, match="now leads outside"):
+        build._read_source(source, recipe.context)
+    source.unlink()
+    os.mkfifo(source)
+    with pytest.raises(ImageError, match="not a regular file"):
+        build._read_source(source, recipe.context)
+    source.unlink()
+    source.write_bytes(bytes(11))
+    monkeypatch.setattr(build, "MAX_COPIED_FILE", 10)
+    with pytest.raises(ImageError, match="is larger than"):
+        build._read_source(source, recipe.context)

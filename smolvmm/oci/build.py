@@ -9,6 +9,7 @@ The image's Env, WorkingDir, User, Entrypoint and Cmd go into the bundle as a la
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from typing import BinaryIO, Literal, get_args
 
 import anyio
 
+from smolformat.files import open_regular
 from smolvmm.config import (
     IMAGE_NETWORKS,
     MIB,
@@ -68,7 +70,8 @@ class ReadyCondition:
 class ImageRecipe:
     """What ``build --image`` or a Smolfile asks for. ``env`` adds to the image's Env; ``workdir``,
     ``user``, ``entrypoint`` and ``cmd`` replace the image's when not None; ``files`` are
-    (host path, guest path) pairs copied in before ``steps`` run (each a /bin/sh command line).
+    (host path, guest path) pairs copied in before ``steps`` run (each a /bin/sh command line),
+    each inside ``context`` when that is set (a Smolfile's directory), checked on the opened file.
     ``networks`` None is the default: ``IMAGE_NETWORKS`` (user networking) where this host can
     give it, else none, with a note; ``()`` is none."""
 
@@ -83,6 +86,7 @@ class ImageRecipe:
     entrypoint: tuple[str, ...] | None = None
     cmd: tuple[str, ...] | None = None
     files: tuple[tuple[Path, str], ...] = ()
+    context: Path | None = None
     steps: tuple[str, ...] = ()
     warm: tuple[str, ...] = ()
     ready: ReadyCondition | None = None
@@ -119,14 +123,29 @@ async def _run_checked(
         raise ImageError(f"{what} failed with exit status {status}")
 
 
-async def _copy_file(machine: Machine, source: Path, target: str, timeout: float) -> None:
+def _read_source(source: Path, context: Path | None) -> tuple[bytes, int]:
+    """The bytes and permission bits of copy source ``source``, from one open: a file swapped since
+    it was checked for a FIFO, a larger file or a symlink out of ``context`` is refused."""
     try:
-        data = source.read_bytes()
-        mode = source.stat().st_mode & 0o777
+        fd = open_regular(source)
     except OSError as exc:
         raise ImageError(f"cannot copy {source}: {exc.strerror}") from None
+    try:
+        if context is not None and not Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(context):
+            raise ImageError(f"cannot copy {source}: it now leads outside {context}, the Smolfile's directory")
+        mode = os.fstat(fd).st_mode & 0o777
+        data = os.read(fd, MAX_COPIED_FILE + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot copy {source}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_COPIED_FILE:
         raise ImageError(f"{source} is larger than {MAX_COPIED_FILE >> 20} MiB: add it to the image instead")
+    return data, mode
+
+
+async def _copy_file(machine: Machine, source: Path, target: str, context: Path | None, timeout: float) -> None:
+    data, mode = _read_source(source, context)
     if not target.startswith("/"):
         raise ImageError(f"the guest path for {source} must be absolute, not {target!r}")
     quoted = f"'{target}'" if "'" not in target else None
@@ -248,7 +267,7 @@ async def build_image(
                 )
             for source, target in recipe.files:
                 say(f"copying {source} to {target}")
-                await _copy_file(machine, source, target, recipe.timeout)
+                await _copy_file(machine, source, target, recipe.context, recipe.timeout)
             for number, step in enumerate(recipe.steps, 1):
                 say(f"step {number}/{len(recipe.steps)}: {step}")
                 await _run_checked(

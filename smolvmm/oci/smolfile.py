@@ -81,9 +81,8 @@ def _size(where: str, key: str, text: str) -> int:
         raise ConfigError(f"{where}: '{key}': {exc}") from None
 
 
-def _copies(where: str, base: Path, items: list[dict[str, Any]]) -> tuple[tuple[Path, str], ...]:
-    """The files to copy: each in ``base`` (the Smolfile's directory, its build context) or below."""
-    context = base.resolve()
+def _copies(where: str, context: Path, items: list[dict[str, Any]]) -> tuple[tuple[Path, str], ...]:
+    """The files to copy: each in ``context`` (the Smolfile's directory, resolved) or below."""
     copies = []
     for number, item in enumerate(items):
         name = f"copy[{number}]"
@@ -157,7 +156,8 @@ def load_smolfile(path: str | Path, **overrides: Any) -> ImageRecipe:
     if "env" in document:
         fields["env"] = dict(document["env"])
     if "copy" in document:
-        fields["files"] = _copies(where, path.parent, document["copy"])
+        fields["context"] = path.parent.resolve()
+        fields["files"] = _copies(where, fields["context"], document["copy"])
     if "ready" in document:
         fields["ready"] = _ready(where, document["ready"])
     if "net" in document:

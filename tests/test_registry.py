@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -852,3 +853,78 @@ def test_progress_on_a_terminal(
         last = shown.decode().replace("\r", "\n").strip().splitlines()[-1]
         assert "MiB already there" in last and ("sent" in last or "fetched" in last), shown
     assert last.startswith("smolvmm: fetched ")
+
+
+_ANNOUNCED_PULL = """
+import sys
+import smolvmm.oci.registry as registry
+download = registry._download
+async def announced(*args):
+    print("downloading", flush=True)
+    await download(*args)
+registry._download = announced
+from smolvmm.cli.dispatch import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+
+
+def test_sigterm_ends_a_build_whose_image_layer_stalls(tmp_path: Path) -> None:
+    """A registry that stops sending in the middle of a layer: SIGTERM still ends the build (a stalled
+    read would wait a minute for its timeout) with 143, and its scratch directory goes."""
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}
+    ).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": "sha256:" + "1" * 64, "size": MIB}],
+        }
+    ).encode()
+
+    stalled = threading.Event()
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if "/blobs/sha256:1111" in handler.path:  # the layer: 10 bytes of its MiB, then nothing
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(MIB))
+            handler.end_headers()
+            handler.wfile.write(bytes(10))
+            handler.wfile.flush()
+            stalled.set()
+            time.sleep(90)
+            return
+        body, kind = (manifest, MANIFEST_MEDIA_TYPE) if "/manifests/" in handler.path else (config, CONFIG_MEDIA_TYPE)
+        handler.send_response(200)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with _FakeRegistry(answer) as fake:
+        build = subprocess.Popen(
+            [sys.executable, "-c", _ANNOUNCED_PULL, "build", "--image", f"docker://{fake.address}/app:v1"]
+            + ["--net", "none", "-o", str(tmp_path / "app.smolmachine")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )
+        try:
+            assert build.stdout is not None and build.stdout.readline() == "downloading\n"
+            assert stalled.wait(30)
+            build.send_signal(signal.SIGTERM)
+            _, errors = build.communicate(timeout=30)
+        finally:
+            build.kill()
+    assert build.returncode == 128 + signal.SIGTERM and errors == ""
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "app.smolmachine").exists()

@@ -229,7 +229,11 @@ async def build_image(
             say(text)
 
         def prepare() -> tuple[Path, ImageConfig]:
-            with open_source(recipe.image, Path(scratch) / "blobs", insecure=recipe.insecure, progress=say) as image:
+            blobs = Path(scratch) / "blobs"
+            checkpoint = anyio.from_thread.check_cancelled  # a pull stops within a piece of its layer
+            with open_source(
+                recipe.image, blobs, insecure=recipe.insecure, progress=say, checkpoint=checkpoint
+            ) as image:
                 disk = root_disk(image, Path(scratch), recipe.disk_headroom, progress=unpacking, notes=notes)
                 return disk, image.config
 

@@ -8,7 +8,8 @@ Here: the image's media types, a manifest list's linux/amd64 image, the config a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,58 @@ def parse_reference(text: str) -> Reference:
         raise ImageError(f"docker:{text}: {exc}") from None
 
 
-def pull(text: str, work: Path, *, insecure: bool = False, progress: Callable[[str], None] | None = None) -> Image:
+def pull(
+    text: str,
+    work: Path,
+    *,
+    insecure: bool = False,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
+) -> Image:
     """Download ``//REGISTRY/REPO[:TAG|@DIGEST]``'s linux/amd64 image into ``work``, verified.
+    ``checkpoint`` is called every tenth of a second as it goes: what it raises stops the pull.
 
     Synchronous, like the other sources: it runs its own event loop, so call it where none runs
     (a worker thread)."""
     reference = parse_reference(text)
     try:
-        return anyio.run(_pull, reference, work, insecure, progress)
+        return anyio.run(_pull_until, checkpoint, partial(_pull, reference, work, insecure, progress))
     except RegistryError as exc:
         raise ImageError(str(exc)) from exc
+
+
+async def _pull_until(checkpoint: Callable[[], None] | None, pulling: Callable[[], Awaitable[Image]]) -> Image:
+    """``pulling()`` awaited while ``checkpoint`` is called every tenth of a second: the first exception it
+    raises stops the pull (mid-layer, or stalled on a registry that sends nothing) and is raised."""
+    if checkpoint is None:
+        return await pulling()
+    stopped: list[BaseException] = []
+    image: Image | None = None
+    failure: Exception | None = None  # raised as itself, not in the task group's exception group
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while True:
+                await anyio.sleep(0.1)
+                try:
+                    checkpoint()
+                except BaseException as exc:  # the caller's cancellation, of the caller's event loop
+                    stopped.append(exc)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        try:
+            image = await pulling()
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if stopped:
+        raise stopped[0]
+    if failure is not None:
+        raise failure
+    assert image is not None
+    return image
 
 
 async def _pull(reference: Reference, work: Path, insecure: bool, progress: Callable[[str], None] | None) -> Image:

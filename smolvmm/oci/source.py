@@ -84,9 +84,15 @@ def split_reference(text: str) -> tuple[str, str | None]:
 
 @contextmanager
 def open_source(
-    spec: str, work: Path, *, insecure: bool = False, progress: Callable[[str], None] | None = None
+    spec: str,
+    work: Path,
+    *,
+    insecure: bool = False,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> Iterator[Image]:
-    """The image named ``spec``; ``work`` is a scratch directory (pulled blobs go there)."""
+    """The image named ``spec``; ``work`` is a scratch directory (pulled blobs go there, and
+    ``checkpoint`` is called as they arrive: what it raises stops the pull)."""
     kind, colon, rest = spec.partition(":")
     if not colon or not rest or kind not in ("oci", "docker-archive", "docker", "rootfs"):
         raise ImageError(
@@ -100,7 +106,7 @@ def open_source(
     elif kind == "docker":
         from smolvmm.oci.registry import pull
 
-        yield pull(rest, work, insecure=insecure, progress=progress)
+        yield pull(rest, work, insecure=insecure, progress=progress, checkpoint=checkpoint)
     else:
         yield _rootfs(Path(rest))
 

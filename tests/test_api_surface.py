@@ -246,11 +246,17 @@ async def test_a_console_wait_that_times_out_quotes_the_end_of_what_the_guest_pr
     with pytest.raises(smolvmm.GuestTimeout) as timed_out:
         await console.wait_for("guest ready", timeout=0.01)
     message = str(timed_out.value)
-    assert message.startswith("the console did not show b'guest\\\\ ready' within 0.01 s (its last output: '")
+    assert message.startswith("the console did not show 'guest ready' within 0.01 s (its last output: '")
     assert message.endswith("x[    4.2] Run /init as init process\\r\\n')") and len(message) < 400
     assert (await console.receive()).endswith(b"init process\r\n")  # still unread
     with pytest.raises(smolvmm.GuestTimeout, match=r"within 0.01 s \(no output\)$"):
         await Console(len).wait_for("guest ready", timeout=0.01)
+    with pytest.raises(smolvmm.GuestTimeout, match=r"^the console did not show a match of /ready\|\\n/ within"):
+        await Console(len).wait_for(re.compile(rb"ready|\n"), timeout=0.01)
+    stopped = Console(len)
+    stopped.end_output()
+    with pytest.raises(smolvmm.GuestError, match="^the machine stopped before its console showed 'image ready'$"):
+        await stopped.wait_for("image ready")
 
 
 @pytest.mark.anyio

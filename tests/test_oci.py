@@ -297,6 +297,12 @@ def test_image_config_defaults_and_commands() -> None:
         (["--image", "podman:x"], "unknown image source 'podman:x'", 1),
         (["--image", "oci:/x", "--ready-port", "1", "--ready-exec", "true"], "give one of --ready-port", 2),
         (["--image", "oci:/x", "--kernel", "/boot/vmlinuz"], "--kernel BZIMAGE does not go with --image", 2),
+        # the flags of an image build, on a build of the built-in guest: refused, not ignored
+        (["--warm", "echo warmed > /tmp/w"], "--warm goes with --image or -f", 2),
+        (["--ready-port", "80"], "--ready-port goes with --image or -f", 2),
+        (["--ready-exec", "true"], "--ready-exec goes with --image or -f", 2),
+        (["--disk-size", "1G"], "--disk-size goes with --image or -f", 2),
+        (["--insecure"], "--insecure goes with --image or -f", 2),
     ],
 )
 def test_build_refuses_a_bad_image_in_one_line_and_writes_nothing(

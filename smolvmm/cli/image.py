@@ -44,7 +44,19 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def image_build_requested(args: argparse.Namespace) -> bool:
-    return args.image is not None or args.file is not None
+    """Whether ``build`` builds from an image; if not, a flag only an image build uses is a usage error."""
+    if args.image is not None or args.file is not None:
+        return True
+    for flag, value in (
+        ("--disk-size", args.disk_size),
+        ("--warm", args.warm),
+        ("--ready-port", args.ready_port),
+        ("--ready-exec", args.ready_exec),
+        ("--insecure", args.insecure),
+    ):
+        if value:
+            raise ConfigError(f"{flag} goes with --image or -f: the built-in guest and --kernel have no image")
+    return False
 
 
 def _recipe(args: argparse.Namespace) -> ImageRecipe:

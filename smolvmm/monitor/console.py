@@ -111,7 +111,12 @@ class Console(ByteStream):
         """
         if isinstance(pattern, str):
             pattern = pattern.encode()
-        regex = _bytes_regex(pattern) if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        if isinstance(pattern, re.Pattern):
+            regex = _bytes_regex(pattern)
+            wanted = f"a match of /{regex.pattern.decode(errors='replace')}/"
+        else:
+            regex = re.compile(re.escape(pattern))
+            wanted = repr(pattern.decode(errors="replace"))
         seen = bytearray()
         try:
             with anyio.fail_after(timeout):
@@ -123,11 +128,11 @@ class Console(ByteStream):
                     try:
                         seen += await self.receive()
                     except anyio.EndOfStream:
-                        raise GuestError(f"the machine stopped before its console showed {regex.pattern!r}") from None
+                        raise GuestError(f"the machine stopped before its console showed {wanted}") from None
         except TimeoutError:
             self._unread(bytes(seen))
             shown = f"its last output: {seen[-LAST_OUTPUT:].decode(errors='replace')!r}" if seen else "no output"
-            raise GuestTimeout(f"the console did not show {regex.pattern!r} within {timeout:g} s ({shown})") from None
+            raise GuestTimeout(f"the console did not show {wanted} within {timeout:g} s ({shown})") from None
         except BaseException:
             self._unread(bytes(seen))
             raise

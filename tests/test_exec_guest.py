@@ -7,6 +7,7 @@ their own machines (clones at once, secrets, a hostile agent) restore them thems
 import hashlib
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -116,6 +117,7 @@ async def test_files(bundle: Path, anyio_backend: str, tmp_path: Path) -> None:
         made = await machine.exec("head -c 524288 /tmp/big > /tmp/part && sha256sum /tmp/part")
         await machine.files.download("/tmp/part", tmp_path / "back")
         assert hashlib.sha256((tmp_path / "back").read_bytes()).hexdigest() == made.stdout.split()[0].decode()
+        assert stat.S_IMODE((tmp_path / "back").stat().st_mode) == _mode_of_new_files()  # as cp's, not 0600
         await machine.exec(["rm", "/tmp/big"])
 
 
@@ -277,6 +279,7 @@ def test_cli_runs_a_command_in_a_clone(bundle: Path, tmp_path: Path) -> None:
     )
     assert (result.returncode, result.stdout) == (128 + signal.SIGTERM, b"tok\nfrom stdin\n"), result.stderr
     assert (tmp_path / "out.txt").read_bytes() == b"LOWER CASE\n"
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == _mode_of_new_files()
 
     missing = subprocess.run(
         [sys.executable, "-m", "smolvmm", "run", "--secret-env", "NOT_SET_ANYWHERE", str(bundle), "--", "true"],
@@ -285,3 +288,10 @@ def test_cli_runs_a_command_in_a_clone(bundle: Path, tmp_path: Path) -> None:
         timeout=600,
     )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "NOT_SET_ANYWHERE" in missing.stderr
+
+
+def _mode_of_new_files() -> int:
+    """0666 less this process's umask: what ``open`` gives a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -8,6 +8,8 @@ import errno
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from test_cli_conventions import VALID, smolvmm
 
 import smolformat
 from smolformat import amend
-from smolformat.files import read_regular
+from smolformat.files import new_file_mode, read_regular
 from smolformat.layout import SectionKind
 from smolformat.payloads import WorkingSet
 
@@ -105,3 +107,26 @@ def test_a_runtime_directory_that_cannot_be_one_is_one_line(tmp_path: Path) -> N
     assert done.stderr.strip().splitlines() == [
         f"smolvmm: error: cannot make the runtime directory {file}/smolvmm: Not a directory; set XDG_RUNTIME_DIR"
     ]
+
+
+def test_a_new_file_gets_the_mode_open_would_give_it_not_mkstemps() -> None:
+    """Bundles written, pulled and downloaded are shared as other files are: 0666 less the umask."""
+    before = os.umask(0o027)
+    try:
+        assert new_file_mode() == 0o640
+        os.umask(0o002)
+        assert new_file_mode() == 0o664
+    finally:
+        os.umask(before)
+
+
+def test_a_written_bundle_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    packed = tmp_path / "b.smolmachine"
+    result = subprocess.run(
+        ["sh", "-c", 'umask 027 && exec "$0" -m smolvmm pack --zstd "$1" "$2"', sys.executable, VALID, packed],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(packed.stat().st_mode) == 0o640

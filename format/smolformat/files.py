@@ -48,3 +48,15 @@ def check_replaceable(target: str | os.PathLike[str]) -> None:
         return
     if not stat.S_ISREG(mode):
         raise OSError(errno.EEXIST, f"it exists and is {NOT_REGULAR}", os.fspath(target))
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets from ``open`` (0666 less the umask): ``mkstemp`` gives 0600, which
+    would keep a written bundle or a copied file from being shared as a user expects."""
+    try:
+        with open("/proc/self/status", "rb") as status:  # no umask(0) round trip, which other threads would see
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith(b"Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask

@@ -21,7 +21,7 @@ from construct import ConstructError
 
 from . import checks
 from .errors import FormatError
-from .files import check_replaceable
+from .files import check_replaceable, new_file_mode
 from .layout import (
     CHECKSUMMED_HEADER,
     DIGEST_SIZE,
@@ -326,7 +326,7 @@ def write_bundle(
     tmp = Path(tmp_name)
     out = _Output(fd, progress)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a bundle from being shared
+        os.fchmod(fd, new_file_mode())
         config = out.struct(SectionKind.CONFIG, contents.config)
         regions = checks.ram_regions(config)
         if contents.metadata is not None:
@@ -436,12 +436,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range = call or False
     if _sync_file_range:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import anyio
 
-from smolformat.files import check_replaceable
+from smolformat.files import check_replaceable, new_file_mode
 from smolvmm.agent import protocol
 from smolvmm.agent.channel import AgentPort
 from smolvmm.agent.protocol import Type
@@ -124,6 +124,7 @@ class GuestFiles:
             check_replaceable(target)
             fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
             try:
+                os.fchmod(fd, new_file_mode())
                 with os.fdopen(fd, "wb") as out:
                     pending = bytearray()
 

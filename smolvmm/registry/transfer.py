@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 import smolformat
-from smolformat.files import check_replaceable
+from smolformat.files import check_replaceable, new_file_mode
 from smolvmm.errors import BundleError, RegistryError
 from smolvmm.registry import artifact
 from smolvmm.registry.client import Counters, RegistryClient
@@ -264,7 +264,7 @@ def _assemble(store: BlobStore, art: artifact.Artifact, facts: dict[str, Any], t
                     _copy(stored, out, piece.size)
             _copy(state, out, facts["fileSize"] - out.tell())
             out.flush()
-            os.fchmod(out.fileno(), 0o644)
+            os.fchmod(out.fileno(), new_file_mode())
             os.fsync(out.fileno())
         try:
             with smolformat.open_bundle(tmp) as bundle:

@@ -115,6 +115,8 @@ def test_cli_push_then_pull_gives_the_same_bytes(
     pushed = cli("push", str(first), ref)
     assert pushed.returncode == 0, pushed.stderr
     assert pushed.stdout.startswith(f"{ref}@sha256:") and pushed.stderr == ""  # quiet off a terminal
+    again = cli("push", str(first), ref)  # the same bundle, the same manifest: its time is the bundle's
+    assert (again.returncode, again.stdout) == (0, pushed.stdout), again.stderr
     out = tmp_path / "pulled.smolmachine"
     pulled = cli("pull", ref, "-o", str(out))
     assert pulled.returncode == 0, pulled.stderr
@@ -730,6 +732,7 @@ def test_manifests_are_checked_before_anything_is_fetched(change, message: str) 
         artifact.descriptor(artifact.STATE_TYPE, digest[4], 7),
         layers,
         {digest[6]: 4096},
+        "2026-12-07T09:30:00Z",
     )
     parsed = artifact.parse_manifest(good, "r")
     without_media_type = json.loads(good)

@@ -70,6 +70,7 @@ class Plan:
     file_size: int
     chunks: tuple[Chunk, ...]
     facts: dict[str, Any]
+    created: str  # RFC 3339: when the bundle was made (its METADATA), else now
 
     def state_ranges(self) -> list[tuple[int, int]]:
         """The ``(offset, size)`` ranges of the file that form the state layer, in file order."""
@@ -156,7 +157,8 @@ def plan(bundle: smolformat.Bundle, file_size: int) -> Plan:
         "disks": [data.logical_length for data, _ in images[1:]],
         "bootable": any(s.kind == SectionKind.KERNEL for s in bundle.sections),
     }
-    return Plan(file_size, tuple(chunks), facts)
+    made = metadata.created_unix_ns / 1e9 if metadata else time.time()
+    return Plan(file_size, tuple(chunks), facts, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made)))
 
 
 def descriptor(media_type: str, digest: str, size: int, annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -194,17 +196,22 @@ def patch_layer(chunk: Chunk, digest: str, patch_digest: str, patch_size: int, b
 
 
 def manifest_blob(
-    config: dict[str, Any], state: dict[str, Any], layers: Sequence[dict[str, Any]], bases: dict[str, int]
+    config: dict[str, Any],
+    state: dict[str, Any],
+    layers: Sequence[dict[str, Any]],
+    bases: dict[str, int],
+    created: str,
 ) -> bytes:
     """The image manifest: the config, the state layer, the chunk and patch layers in file order,
-    then the base layers the patches need."""
+    then the base layers the patches need; ``created`` the bundle's time (RFC 3339), so that one
+    bundle pushed twice gives one manifest."""
     value = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "artifactType": ARTIFACT_TYPE,
         "config": config,
         "layers": [state, *layers, *(descriptor(BASE_TYPE, d, size) for d, size in sorted(bases.items()))],
-        "annotations": {"org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "annotations": {"org.opencontainers.image.created": created},
     }
     return json.dumps(value, separators=(",", ":")).encode()
 

@@ -238,6 +238,7 @@ async def push(
                 artifact.descriptor(artifact.STATE_TYPE, state_digest, state_size),
                 layers,
                 bases,
+                plan.created,
             )
             digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
             if ref.digest and ref.digest != digest:

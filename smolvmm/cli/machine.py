@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 BACKEND = "asyncio"
 READY_MARKER_LABEL = "smolvmm.ready-marker"  # the line `build` waited for, kept for `boot --bundle`
 _NET_HELP = (
-    "a network card: user networking through a passt of its own (no root), forwarding host ports to"
+    "user networking through a passt of its own (no root), forwarding host ports to"
     " guest ports (HOST 0 picks a free port), or an existing TAP device; [,mac=MAC] sets its address"
 )
 
@@ -65,7 +65,7 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="user[,forward=HOST:GUEST[/udp]]...|tap=NAME[,vhost=on|off]|none",
-        help=_NET_HELP + " (repeatable; default: none for the demo guest)",
+        help="a network card: " + _NET_HELP + " (repeatable; default: none for the demo guest)",
     )
     parser.add_argument(
         "--console-socket", type=Path, metavar="PATH", help="a virtio-console port reachable as a Unix socket at PATH"

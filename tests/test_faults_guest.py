@@ -93,6 +93,9 @@ def test_kill_9_during_build_save_and_restore_leaves_nothing_broken(
     running(rerun, b"echo still-$((6*7))", b"still-42")  # the machine runs on after its save
     rerun.send_signal(signal.SIGTERM)
     assert rerun.wait(GUEST_TIMEOUT) == 0
+    assert rerun.stderr is not None
+    said = rerun.stderr.read()  # plain lines off a terminal: no carriage returns for a raw one
+    assert f"smolvmm: saved {saved} (".encode() in said and b"\r" not in said, said
     verify_bundle(saved)
     assert leftovers(tmp_path, saved.name) == []
     # jailed (the default as root), the save went through a staging directory: the keeper removed

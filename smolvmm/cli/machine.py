@@ -533,14 +533,17 @@ async def _command_session(
 
 
 async def _save_on_signal(machine: Machine, output: Path) -> None:
+    # On a terminal the console holds in raw mode, a line needs its carriage return, and a new line
+    # of its own after the guest's unfinished one; stderr to a file gets plain lines.
+    raw = os.isatty(0)
     with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
         async for _ in signals:
             try:
                 digest = await machine.snapshot(output)
             except smolvmm.SmolvmmError as exc:  # e.g. a full disk: this save failed, the machine is fine
-                cli_output.error(f"{exc}; the machine runs on\r")
+                cli_output.error(f"{exc}; the machine runs on" + "\r" * raw)
                 continue
-            print(f"\r\nsmolvmm: saved {output} ({digest.hex()[:16]})\r", file=sys.stderr)
+            print("\r\n" * raw + f"smolvmm: saved {output} ({digest.hex()[:16]})" + "\r" * raw, file=sys.stderr)
 
 
 def _resolved(args: argparse.Namespace) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import platform
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import bundles
@@ -19,6 +21,8 @@ from smolvmm.config import CONSOLE_ROLES_LABEL, NET_MODES_LABEL, DiskConfig, Mac
 from smolvmm.errors import BundleError, ConfigError
 from smolvmm.host.memory import GuestMemory
 from smolvmm.monitor.plan import ConsolePort, Disk, Entropy, MachinePlan, Network, RestoreOverrides
+from smolvmm.oci.imageconfig import LABEL as IMAGE_CONFIG_LABEL
+from smolvmm.oci.imageconfig import ImageConfig
 
 MIB = 1 << 20
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
@@ -216,3 +220,22 @@ def test_saved_arm64_state_is_admitted_register_by_register() -> None:
         BundleError, match=r"VCPU_STATE#0 sys_regs: the arm64 system register 0x60300000001\w+ is not one"
     ):
         admit_state(arch_named("arm64"), vm.to_record(), [unknown], offer, strict=True)
+
+
+def test_run_of_an_image_without_a_command_is_a_usage_error_before_any_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image that sets neither Entrypoint nor Cmd needs a command after --: said before the clone starts."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    contents = bundles.contents(tmp_path)
+    label = ImageConfig().to_json()
+    contents.metadata = smolformat.make_metadata("kvm-hardware", labels={IMAGE_CONFIG_LABEL: label})
+    path = tmp_path / "tiny.smolmachine"
+    smolformat.write_bundle(path, contents)
+    done = subprocess.run(
+        [sys.executable, "-m", "smolvmm", "run", "--no-jail", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stderr) == (
+        2,
+        "smolvmm: error: the image sets no Entrypoint or Cmd: give a command after --\n",
+    )

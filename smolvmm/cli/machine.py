@@ -481,6 +481,8 @@ async def _run(args: argparse.Namespace) -> int:
     import smolvmm.cli.exec as cli_exec
 
     image = cli_exec.image_config(args.bundle)
+    if image is not None and not args.command and not (image.entrypoint or image.cmd):
+        raise ConfigError("the image sets no Entrypoint or Cmd: give a command after --")  # before a resume
     command = bool(args.command) or image is not None
     if not command and (args.copy_in or args.copy_out):
         raise ConfigError("--copy-in and --copy-out go with a command: run BUNDLE [flags] -- CMD [ARGS...]")

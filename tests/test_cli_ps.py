@@ -51,15 +51,116 @@ def test_ps_lists_a_running_machine_and_stop_ends_it(env: dict[str, str], tmp_pa
         assert [(e["id"], e["pid"], e["command"], e["what"]) for e in listed] == [
             (machine_id, process.pid, "run", "app.smolmachine")
         ]
+        assert listed[0]["forwards"] == []  # an entry without them (a machine starting, an older smolvmm)
         table = smolvmm(env, "ps").stdout.splitlines()
-        assert table[0].split() == ["ID", "PID", "COMMAND", "UP", "WHAT"]
+        assert table[0].split() == ["ID", "PID", "COMMAND", "UP", "FORWARDS", "WHAT"]
         assert table[1].split()[:3] == [machine_id, str(process.pid), "run"]
+        assert table[1].split()[4:] == ["-", "app.smolmachine"]
         stopped = smolvmm(env, "stop", machine_id[:5])  # a unique prefix will do
         assert stopped.returncode == 0 and stopped.stdout == f"{machine_id}: stopped\n", stopped.stderr
         assert process.wait(10) == 0
     finally:
         process.kill()
     assert list((tmp_path / "run" / "smolvmm").iterdir()) == []  # the entry went with its machine
+    assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
+
+
+# A stand-in for a machine that runs with two forwards (bound host ports), as `run` lists it once restored.
+STARTED = """
+import signal, sys, time
+from smolvmm import PortForward
+from smolvmm.cli.ps import registered, started
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+with registered("run", "web.smolmachine") as machine_id:
+    started(machine_id, (PortForward(41234, 80), PortForward(41235, 53, "udp")))
+    print(machine_id, flush=True)
+    while not stopping:
+        time.sleep(0.05)
+"""
+
+FORWARDS = [
+    {"host_address": "0.0.0.0", "host_port": 41234, "guest_port": 80, "protocol": "tcp"},
+    {"host_address": "0.0.0.0", "host_port": 41235, "guest_port": 53, "protocol": "udp"},
+]
+
+
+def test_ps_shows_the_forwards_of_a_running_machine(env: dict[str, str]) -> None:
+    process = subprocess.Popen([sys.executable, "-c", STARTED], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        machine_id = process.stdout.readline().strip()
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert (listed["id"], listed["forwards"]) == (machine_id, FORWARDS)
+        table = smolvmm(env, "ps").stdout.splitlines()
+        assert table[1].split()[4:] == ["41234->80/tcp,41235->53/udp", "web.smolmachine"]
+        assert table[0].index("FORWARDS") == table[1].index("41234")  # a column
+    finally:
+        process.kill()
+
+
+# A stand-in for the process `run --detach` starts (sys.executable -m smolvmm run --detached-as=ID
+# ... BUNDLE): lists itself as that id, then, as a restored machine, its forwards; BUNDLE "broken"
+# fails before the machine runs instead, "slow" takes a while.
+DETACHED = """#!{python}
+import signal, sys, time
+from smolvmm import PortForward
+from smolvmm.cli.ps import registered, started
+machine_id = next(a for a in sys.argv if a.startswith("--detached-as=")).split("=", 1)[1]
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+with registered("run", sys.argv[-1], machine_id):
+    time.sleep(1 if sys.argv[-1] == "slow" else 0)
+    if sys.argv[-1] == "broken":
+        sys.exit("smolvmm: error: passt failed: no route")
+    started(machine_id, (PortForward(41234, 80), PortForward(41235, 53, "udp")))
+    while not stopping:
+        time.sleep(0.05)
+"""
+
+START = """
+import argparse, sys
+from pathlib import Path
+from smolvmm.cli import detach
+sys.executable = sys.argv[1]
+none = dict(console_socket=None, save=None, trusted_keys=None, insecure=False, jail=False, no_jail=True, jail_user=None)
+args = argparse.Namespace(net=["user,forward=0:80"], env=[], secret_env=[], bundle=Path(sys.argv[2]), **none)
+sys.exit(detach.start(args))
+"""
+
+
+@pytest.mark.parametrize("bundle", ["web.smolmachine", "slow"])
+def test_a_detached_run_says_its_forwards_before_its_id(env: dict[str, str], tmp_path: Path, bundle: str) -> None:
+    """``run --detach`` returns once the machine runs, with its forwards on stderr as ``run`` says
+    them (``forward=0:80`` binds a port only the machine knows); ``ps`` lists them."""
+    child = tmp_path / "python"
+    child.write_text(DETACHED.format(python=sys.executable))
+    child.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, "-c", START, str(child), bundle], capture_output=True, text=True, env=env, timeout=60
+    )
+    machine_id = done.stdout.strip()
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines() == [
+            "smolvmm: forwarding host port 41234/tcp to guest port 80",
+            "smolvmm: forwarding host port 41235/udp to guest port 53",
+        ]
+        (listed,) = json.loads(smolvmm(env, "ps", "--json").stdout)
+        assert (listed["id"], listed["forwards"]) == (machine_id, FORWARDS)
+    finally:
+        assert not machine_id or smolvmm(env, "stop", machine_id).returncode == 0
+
+
+def test_a_detached_run_that_fails_before_its_machine_runs_says_why(env: dict[str, str], tmp_path: Path) -> None:
+    child = tmp_path / "python"
+    child.write_text(DETACHED.format(python=sys.executable))
+    child.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, "-c", START, str(child), "broken"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "smolvmm: error: passt failed: no route\n"
     assert json.loads(smolvmm(env, "ps", "--json").stdout) == []
 
 

@@ -32,7 +32,8 @@ START_TIMEOUT = 300  # seconds for a detached restore to list itself (restores i
 
 
 def start(args: argparse.Namespace) -> int:
-    """Start ``run`` of ``args.bundle`` in the background; prints its id once its machine runs."""
+    """Start ``run`` of ``args.bundle`` in the background; once its machine runs, says its forwards
+    on stderr (as ``run`` does) and prints its id."""
     machine_id = cli_ps.new_id()
     directory = cli_runtime.runtime_dir()
     log = log_path(machine_id)
@@ -54,20 +55,34 @@ def start(args: argparse.Namespace) -> int:
         child = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
         )
-    entry = directory / f"{machine_id}.json"
+    entry_path = directory / f"{machine_id}.json"
     deadline = time.monotonic() + START_TIMEOUT
-    while not entry.exists():
+    while (entry := _started_entry(entry_path)) is None:
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
-            said = log.read_text(errors="replace").strip().splitlines()
+            try:
+                said = log.read_text(errors="replace").strip().splitlines()
+            except FileNotFoundError:  # a machine that ended cleanly at once removed it
+                said = []
             log.unlink(missing_ok=True)
             sys.stderr.write(
                 (said[-1] if said else f"smolvmm: error: the detached run ended ({child.returncode})") + "\n"
             )
             return child.wait() or cli_status.ERROR
         time.sleep(0.05)
+    for forward in cli_ps.forwards(entry):  # as `run` in the foreground says them, with the ports bound
+        cli_output.message(cli_ps.describe_forward(forward))
     cli_output.result(machine_id)
     return cli_status.OK
+
+
+def _started_entry(path: Path) -> dict[str, Any] | None:
+    """The ps entry at ``path`` once its machine runs (``ps.started`` added its forwards), else None."""
+    try:
+        entry = cli_ps.read_entry(path)
+    except (OSError, ValueError):
+        return None
+    return entry if "forwards" in entry else None
 
 
 def console_path(machine_id: str) -> Path:

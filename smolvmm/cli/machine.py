@@ -377,6 +377,7 @@ async def _boot(config: MachineConfig, marker: str | None, args: argparse.Namesp
         async with Machine.boot(config, jail=jail) as machine:
             _note_pvm_host(on_pvm)
             cli_output.report_network(machine)
+            cli_ps.started(machine_id, machine.forwards)
             status = await serve(machine, machine_id, marker)
     if args.timings:
         report_timings(machine.timings, args.json)
@@ -499,6 +500,7 @@ async def _run(args: argparse.Namespace) -> int:
             async with Machine.restore(args.bundle, **restore_args, env=env, secrets=secrets, jail=jail) as machine:
                 _note_pvm_host(on_pvm)
                 cli_output.report_network(machine)
+                cli_ps.started(machine_id, machine.forwards)  # what `run --detach` waits for
                 if command:
                     status = await _command_session(machine, args, copy_in, copy_out, image)
                 else:

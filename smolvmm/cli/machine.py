@@ -414,7 +414,7 @@ async def _build(config: MachineConfig, args: argparse.Namespace) -> int:
         if args.ready_marker is None:  # the demo guest, which runs the agent: a bundle must answer exec
             _check_agent_saved(output, machine)
     if encoding == "raw":
-        digest = await smolvmm.record_working_set(output, cli_output.message) or digest
+        digest = await smolvmm.record_working_set(output, cli_output.message, networks=config.networks) or digest
     if not args.json:
         cli_output.result(f"{output}: {digest.hex()[:16]}")
         return cli_status.OK

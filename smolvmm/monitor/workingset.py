@@ -16,13 +16,14 @@ cannot be dropped and the set is that superset.)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 
 import anyio
 
 import smolformat
-from smolvmm.config import open_bundle
+from smolvmm.config import NetConfig, open_bundle
 from smolvmm.errors import AgentError, SmolvmmError
 from smolvmm.monitor.machine import Machine
 
@@ -30,10 +31,10 @@ TRIAL_TIMEOUT = 120.0
 """Seconds the trial clone's agent has to answer (a nested machine is slow)."""
 
 
-async def record(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
-    """The (gpa, pages) runs of stored guest RAM that a clone of raw bundle ``path`` touches until
-    its agent answers one command. SmolvmmError if the bundle's RAM is not mapped (zstd) or
-    the clone has no agent to answer."""
+async def record(path: str | os.PathLike[str], networks: tuple[NetConfig, ...] = ()) -> list[tuple[int, int]]:
+    """The (gpa, pages) runs of stored guest RAM that a clone of raw bundle ``path`` (its network
+    cards on ``networks``, their forwards left out) touches until its agent answers one command.
+    SmolvmmError if the bundle's RAM is not mapped (zstd) or the clone has no agent to answer."""
     with open_bundle(path) as bundle:
         if bundle.memory_encoding != "raw":
             raise SmolvmmError("its RAM is zstd-compressed: a restore decodes all of it, and reads nothing ahead")
@@ -41,7 +42,8 @@ async def record(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
     with open(path, "rb") as file, contextlib.suppress(OSError):  # best effort: tmpfs keeps its pages
         os.fsync(file.fileno())
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    async with Machine.restore(path, paused=True) as machine:
+    wires = tuple(dataclasses.replace(network, forwards=()) for network in networks)
+    async with Machine.restore(path, paused=True, networks=wires) as machine:
         machine._read_at_random()
         await machine.resume()
         try:
@@ -53,16 +55,20 @@ async def record(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
 
 
 async def record_working_set(
-    path: str | os.PathLike[str], progress: Callable[[str], None] | None = None
+    path: str | os.PathLike[str],
+    progress: Callable[[str], None] | None = None,
+    *,
+    networks: tuple[NetConfig, ...] = (),
 ) -> bytes | None:
     """Record raw bundle ``path``'s restore working set with a trial resume and write the bundle
     again with it (atomically); returns the new bundle digest, or None, having said why through
     ``progress``, when none could be recorded (the bundle is then as it was: a working set only
-    speeds restores up)."""
+    speeds restores up). ``networks``: the wires the machine was built with (a TAP card needs its
+    device again; forwards are left out)."""
     say = progress or (lambda text: None)
     say("recording the working set of a restore (a trial resume)")
     try:
-        runs = await record(path)
+        runs = await record(path, networks)
     except SmolvmmError as exc:
         say(f"note: no working set recorded: {exc}")
         return None

@@ -317,7 +317,7 @@ async def build_image(
             digest = await machine.snapshot(output, encoding=encoding, labels={LABEL: config.to_json()})
         clock.mark("saved")
         if encoding == "raw":
-            digest = await record_working_set(output, say) or digest
+            digest = await record_working_set(output, say, networks=networks) or digest
             clock.mark("working_set")
         if timings is not None:
             timings.update(clock.phases)

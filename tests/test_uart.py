@@ -60,3 +60,26 @@ def test_typed_ahead_input_waits_until_the_driver_listens_and_survives_its_fifo_
     assert bytes(uart.read(RBR_THR_DLL, 1) for _ in range(6)) == b"nproc\n"
     uart.write(IER_DLM, 1, 0x00)  # throttled (or closed): input waits again
     assert uart.feed(b"more") == 0
+
+
+def test_input_taken_during_the_drivers_probe_is_held_through_its_fifo_reset() -> None:
+    """Linux's autoconfig turns every interrupt on for a moment (IER 0x0F) to check the register,
+    then puts IER back and resets the FIFO: input offered in that moment reaches the program that
+    opens the port (a user's kernel with no ready marker sends stdin from the start)."""
+    uart, events, _ = _uart()
+    assert uart.feed(b"echo hi\n") == 0
+    uart.write(IER_DLM, 1, 0x0F)  # autoconfig's IER test
+    assert events == ["irq", "drained"]
+    assert uart.feed(b"echo hi\n") == 8  # the console task offered its input at once
+    uart.write(IER_DLM, 1, 0x00)  # IER put back
+    uart.write(IIR_FCR, 1, 0x07)  # the probe resets the FIFOs...
+    assert not uart.read(LSR, 1) & 1 and uart.read(RBR_THR_DLL, 1) == 0  # ...and startup drains RBR
+    assert uart.state().rx == b"echo hi\n"  # a snapshot keeps it
+    events.clear()
+    uart.write(IER_DLM, 1, 0x05)  # a program opened the port
+    assert events == ["irq", "drained"]
+    assert bytes(uart.read(RBR_THR_DLL, 1) for _ in range(8)) == b"echo hi\n"
+    uart.write(IIR_FCR, 1, 0x07)  # a reset while the driver listens discards, as on hardware
+    uart.write(IER_DLM, 1, 0x00)
+    uart.write(IER_DLM, 1, 0x05)
+    assert not uart.read(LSR, 1) & 1

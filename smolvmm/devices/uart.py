@@ -67,17 +67,22 @@ class Uart16550:
         self._regs: dict[str, int] = {k: getattr(state, k) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "scr")}
         self._thre_pending = state.thre_pending
         self._rx: deque[int] = deque(state.rx)
+        # Host input a FIFO reset took while the driver was not listening: the guest never saw it.
+        self._held: deque[int] = deque()
 
     def state(self) -> UartState:
-        with self._lock:
-            return UartState(**self._regs, thre_pending=self._thre_pending, rx=bytes(self._rx))
+        with self._lock:  # held input is saved as FIFO content: the driver's next reset holds it again
+            rx = bytes(self._held) + bytes(self._rx)
+            return UartState(**self._regs, thre_pending=self._thre_pending, rx=rx[:RX_FIFO_SIZE])
 
     def feed(self, data: bytes) -> int:
         """Queue host input for the guest; returns how many bytes fit in the FIFO.
 
         Nothing fits while the guest's driver has receive interrupts off: until a program opens the
         port (Linux's 8250 startup clears the FIFO and reads RBR, which would discard typed-ahead
-        input) or while the driver throttles. ``rx_drained`` says when to offer it again."""
+        input) or while the driver throttles. ``rx_drained`` says when to offer it again. Input that
+        got in while the driver only probed the port (Linux's autoconfig sets IER to 0x0F for a moment,
+        then resets the FIFO) is held, not discarded, and put back when receive interrupts come on."""
         with self._lock:
             listening = self._regs["ier"] & IER_RDA
             accepted = data[: RX_FIFO_SIZE - len(self._rx)] if listening else b""
@@ -152,10 +157,19 @@ class Uart16550:
                     if enabled & IER_THRE:
                         self._thre_pending = True
                     listening = bool(enabled & IER_RDA)
+                    if listening and self._held:
+                        self._rx.extendleft(reversed(self._held))
+                        self._held.clear()
+                        while len(self._rx) > RX_FIFO_SIZE:
+                            self._rx.pop()
                     raise_irq = self._iir() & 0x0F != IIR_NONE
             elif offset == IIR_FCR:
                 self._regs["fcr"] = value & 0xC9
                 if value & 0x02:
+                    if not self._regs["ier"] & IER_RDA and not self._regs["mcr"] & MCR_LOOP:
+                        self._held.extend(self._rx)  # the host's input, never read by a listening driver
+                        while len(self._held) > RX_FIFO_SIZE:
+                            self._held.pop()
                     self._rx.clear()
             elif offset in _PLAIN:
                 self._regs[_PLAIN[offset]] = value

@@ -230,7 +230,7 @@ async def build_image(
 
         def prepare() -> tuple[Path, ImageConfig]:
             blobs = Path(scratch) / "blobs"
-            checkpoint = anyio.from_thread.check_cancelled  # a pull stops within a piece of its layer
+            checkpoint = anyio.from_thread.check_cancelled  # polled as a pull runs: a cancel stops it mid-layer
             with open_source(
                 recipe.image, blobs, insecure=recipe.insecure, progress=say, checkpoint=checkpoint
             ) as image:

@@ -92,7 +92,7 @@ def open_source(
     checkpoint: Callable[[], None] | None = None,
 ) -> Iterator[Image]:
     """The image named ``spec``; ``work`` is a scratch directory (pulled blobs go there, and
-    ``checkpoint`` is called as they arrive: what it raises stops the pull)."""
+    ``checkpoint`` is polled every tenth of a second while they do: what it raises stops the pull)."""
     kind, colon, rest = spec.partition(":")
     if not colon or not rest or kind not in ("oci", "docker-archive", "docker", "rootfs"):
         raise ImageError(
